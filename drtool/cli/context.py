@@ -1,0 +1,93 @@
+"""The root command group and what every command shares: config, logging, output mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from drtool.config import Config, default_home, load_config
+from drtool.errors import EXIT_CODES
+from drtool.logs import setup_logging
+
+EXIT_TABLE = "\n".join(f"{code:>5}  {text}" for code, text in EXIT_CODES.items())
+
+
+@dataclass
+class CliState:
+    """What the root group parsed, handed to every command through click's context."""
+
+    config_path: str | None
+    debug: bool
+    home: Path
+
+    def config(self, flags: dict[str, dict[str, Any]] | None = None) -> Config:
+        """Load the configuration once for this command and set up logging with its secrets."""
+        cfg = load_config(self.config_path, os.environ, flags)
+        setup_logging(debug=self.debug, secrets=secrets_of(cfg))
+        return cfg
+
+
+def secrets_of(cfg: Config) -> list[str]:
+    """Every secret value in ``cfg`` (for log redaction)."""
+    values = [
+        cfg.repository.access_key,
+        cfg.repository.secret_key,
+        cfg.keys.identity_passphrase,
+        cfg.postgres.password,
+        cfg.redis.password,
+        cfg.minio.access_key,
+        cfg.minio.secret_key,
+    ]
+    return [v for v in values if v]
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=f"\b\nExit codes:\n{EXIT_TABLE}",
+)
+@click.option(
+    "--config",
+    "config_path",
+    envvar="DRTOOL_CONFIG",
+    metavar="PATH",
+    help="TOML config file (env DRTOOL_CONFIG). Settings: flag > DRTOOL_* env > file > default.",
+)
+@click.option(
+    "--home",
+    envvar="DRTOOL_HOME",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Local state dir for stacks, the demo repository and keys (env DRTOOL_HOME; "
+    "default /var/lib/drtool as root, else ~/.local/share/drtool).",
+)
+@click.option("--debug", is_flag=True, help="Verbose logs and a traceback on errors.")
+@click.version_option(package_name="drtool")
+@click.pass_context
+def root(ctx: click.Context, config_path: str | None, home: Path | None, debug: bool) -> None:
+    """drtool: backup, restore and disaster-recovery drills for the co-talk chat stack.
+
+    \b
+    Backups of PostgreSQL, Redis and MinIO, encrypted (age) and signed,
+    stored off the NAS on S3-compatible storage or a local directory;
+    restores that verify before they touch anything; weekly drills that
+    prove the messages are intact.
+
+    \b
+    Start here:
+      drtool demo                 the whole loop on a local throw-away stack
+      drtool stack up             run the included co-talk stack as local processes
+    """
+    setup_logging(debug=debug)
+    ctx.obj = CliState(config_path=config_path, debug=debug, home=home or default_home())
+
+
+def emit_json(data: Any) -> None:
+    """Print ``data`` as JSON on stdout (for ``--json``)."""
+    json.dump(data, sys.stdout, indent=2, default=str, ensure_ascii=False)
+    sys.stdout.write("\n")

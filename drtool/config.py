@@ -1,0 +1,284 @@
+"""The one frozen configuration object, built once and passed explicitly.
+
+Precedence: command-line flag > ``DRTOOL_<SECTION>_<FIELD>`` environment variable > TOML file >
+default. Secrets are never literal in the TOML file: a secret field ``password`` is read from
+``DRTOOL_POSTGRES_PASSWORD``, or from a file named by ``password_file`` (TOML) or
+``DRTOOL_POSTGRES_PASSWORD_FILE`` (env). Errors read ``field: problem (got value)``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from drtool.errors import ConfigError
+from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
+
+SECRET = {"secret": True}
+
+
+def default_home() -> Path:
+    """Where drtool keeps local state (stacks, the demo repository, keys) by default.
+
+    As root it is /var/lib/drtool: a local PostgreSQL runs as the ``postgres`` user, which
+    cannot enter /root.
+    """
+    if os.geteuid() == 0:
+        return Path("/var/lib/drtool")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return Path(xdg) / "drtool" if xdg else Path.home() / ".local" / "share" / "drtool"
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    """Where snapshots are stored and how to reach it."""
+
+    url: str = ""
+    endpoint_url: str = ""
+    region: str = "us-east-1"
+    access_key: str | None = field(default=None, repr=False, metadata=SECRET)
+    secret_key: str | None = field(default=None, repr=False, metadata=SECRET)
+    path_style: bool = True
+    part_size_mb: int = 16
+    object_lock_mode: str = ""
+    retain_days: int = 0
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """Recipients and signing key (backup side); identity and verify key (restore side)."""
+
+    recipients: tuple[str, ...] = ()
+    signing_key_file: str = ""
+    verify_key: str = ""
+    identity_file: str = ""
+    identity_passphrase: str | None = field(default=None, repr=False, metadata=SECRET)
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    """How backups are produced."""
+
+    components: tuple[str, ...] = ("postgres", "redis", "minio")
+    compression_level: int = 3
+    compression_threads: int = 0
+    scratch_dir: str = ""
+    state_dir: str = ""
+    timeout_s: int = 6 * 3600
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    """The PostgreSQL server of the stack."""
+
+    host: str = "127.0.0.1"
+    port: int = 5432
+    user: str = "postgres"
+    dbname: str = "cotalk"
+    password: str | None = field(default=None, repr=False, metadata=SECRET)
+    bin_dir: str = ""
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """The Redis server of the stack."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    username: str = ""
+    password: str | None = field(default=None, repr=False, metadata=SECRET)
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class MinioConfig:
+    """The S3-compatible attachment store of the stack."""
+
+    endpoint_url: str = "http://127.0.0.1:9000"
+    region: str = "us-east-1"
+    access_key: str | None = field(default=None, repr=False, metadata=SECRET)
+    secret_key: str | None = field(default=None, repr=False, metadata=SECRET)
+    buckets: tuple[str, ...] = ("attachments",)
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The three stores of one co-talk stack: a backup source or a restore target."""
+
+    postgres: PostgresConfig = PostgresConfig()
+    redis: RedisConfig = RedisConfig()
+    minio: MinioConfig = MinioConfig()
+
+    def endpoints(self) -> StackEndpoints:
+        """The stack as endpoints."""
+        pg, rd, mn = self.postgres, self.redis, self.minio
+        return StackEndpoints(
+            postgres=PostgresEndpoint(pg.host, pg.port, pg.user, pg.dbname, pg.password),
+            redis=RedisEndpoint(rd.host, rd.port, rd.username or None, rd.password, rd.tls),
+            minio=S3Endpoint(mn.endpoint_url, mn.access_key or "", mn.secret_key or "", mn.region),
+            buckets=mn.buckets,
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything drtool needs, resolved once."""
+
+    repository: RepositoryConfig = RepositoryConfig()
+    keys: KeysConfig = KeysConfig()
+    backup: BackupConfig = BackupConfig()
+    postgres: PostgresConfig = PostgresConfig()
+    redis: RedisConfig = RedisConfig()
+    minio: MinioConfig = MinioConfig()
+    targets: Mapping[str, StackConfig] = field(default_factory=dict)
+    source: str = ""  # the config file it came from, for messages
+
+    def stack(self) -> StackEndpoints:
+        """The configured (production) co-talk stack as endpoints."""
+        return StackConfig(self.postgres, self.redis, self.minio).endpoints()
+
+
+SECTIONS: dict[str, type] = {
+    f.name: type(f.default) for f in fields(Config) if f.name not in ("source", "targets")
+}
+STACK_SECTIONS: dict[str, type] = {f.name: type(f.default) for f in fields(StackConfig)}
+
+
+def _coerce(where: str, value: Any, hint: Any, *, from_env: bool) -> Any:
+    """Turn a TOML or env value into the field's type, or raise ``field: problem (got value)``."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(hint) if a is not type(None)]
+        return _coerce(where, value, inner[0], from_env=from_env)
+    if origin is tuple:
+        if from_env and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings (got {value!r})")
+        return tuple(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected true or false (got {value!r})")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a whole number (got {value!r})")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a whole number (got {value!r})") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string (got {value!r})")
+    return value
+
+
+def _read_secret_file(where: str, path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"{where}: cannot read the secret file ({exc.strerror}: {path})"
+        ) from None
+
+
+def _section_values(
+    name: str,
+    cls: type,
+    table: Mapping[str, Any],
+    env: Mapping[str, str],
+    flags: Mapping[str, Any],
+) -> Any:
+    hints = get_type_hints(cls)
+    secret_names = {f.name for f in fields(cls) if f.metadata.get("secret")}
+    allowed = {f.name for f in fields(cls)} - secret_names | {f"{s}_file" for s in secret_names}
+    for key in table:
+        if key in secret_names:
+            env_hint = "" if "." in name else f" or DRTOOL_{name.upper()}_{key.upper()}"
+            raise ConfigError(
+                f"{name}.{key}: secrets are not allowed in the config file; use {key}_file"
+                f"{env_hint} (got a literal value)"
+            )
+        if key not in allowed:
+            raise ConfigError(
+                f"{name}.{key}: unknown setting (known: {', '.join(sorted(allowed))})"
+            )
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        where = f"{name}.{f.name}"
+        env_name = f"DRTOOL_{name.upper()}_{f.name.upper()}"
+        if f.name in flags and flags[f.name] is not None:
+            values[f.name] = _coerce(where, flags[f.name], hints[f.name], from_env=True)
+        elif env_name in env:
+            values[f.name] = _coerce(where, env[env_name], hints[f.name], from_env=True)
+        elif f.name in secret_names and f"{env_name}_FILE" in env:
+            values[f.name] = _read_secret_file(f"{env_name}_FILE", env[f"{env_name}_FILE"])
+        elif f.name in secret_names and f"{f.name}_file" in table:
+            path = _coerce(f"{where}_file", table[f"{f.name}_file"], str, from_env=False)
+            values[f.name] = _read_secret_file(f"{where}_file", path)
+        elif f.name in table:
+            values[f.name] = _coerce(where, table[f.name], hints[f.name], from_env=False)
+        elif f.default is MISSING:  # pragma: no cover - every field has a default
+            raise ConfigError(f"{where}: required")
+    return replace(cls(), **values)
+
+
+def load_config(
+    path: str | Path | None,
+    env: Mapping[str, str],
+    flags: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the configuration from a TOML file, the environment and flag overrides.
+
+    ``path`` falls back to ``DRTOOL_CONFIG``; ``flags`` maps section -> field -> value for
+    options given on the command line (``None`` values mean "not given").
+    """
+    path = path or env.get("DRTOOL_CONFIG") or None
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config: file not found (got {path})") from None
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read ({exc.strerror}: {path})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: not valid TOML: {exc} (in {path})") from None
+    known = [*SECTIONS, "targets"]
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(known)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a [{key}] table (got {value!r})")
+    flags = flags or {}
+    sections = {
+        name: _section_values(name, cls, data.get(name, {}), env, flags.get(name, {}))
+        for name, cls in SECTIONS.items()
+    }
+    targets = {name: _target(name, table) for name, table in data.get("targets", {}).items()}
+    return Config(**sections, targets=targets, source=str(path or ""))
+
+
+def _target(name: str, table: Any) -> StackConfig:
+    """One ``[targets.NAME.*]`` restore target; its secrets come from ``*_file`` paths only."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"targets.{name}: expected a table (got {table!r})")
+    for key in table:
+        if key not in STACK_SECTIONS:
+            raise ConfigError(
+                f"targets.{name}.{key}: unknown section (known: {', '.join(STACK_SECTIONS)})"
+            )
+    return StackConfig(
+        **{
+            section: _section_values(
+                f"targets.{name}.{section}", cls, table.get(section, {}), {}, {}
+            )
+            for section, cls in STACK_SECTIONS.items()
+        }
+    )
