@@ -1,0 +1,1 @@
+"""Where a stack runs: endpoints, and the local runtime (servers as processes on loopback)."""

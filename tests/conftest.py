@@ -1,0 +1,122 @@
+"""Shared fixtures: real PostgreSQL, Redis and SeaweedFS (S3) servers on loopback ports.
+
+A missing server binary skips the tests that need it, unless ``DRTOOL_REQUIRE_SERVERS=1``
+(set in CI), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+
+from drtool.runtime.binaries import MissingBinary
+from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+from drtool.runtime.pgserver import PostgresServer
+from drtool.runtime.redisserver import RedisServer
+from drtool.runtime.s3server import SeaweedServer, s3_client
+
+REQUIRE_SERVERS_ENV = "DRTOOL_REQUIRE_SERVERS"
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the test, or fail it when ``DRTOOL_REQUIRE_SERVERS=1``."""
+    if os.environ.get(REQUIRE_SERVERS_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_SERVERS_ENV}=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@contextmanager
+def servers_required() -> Iterator[None]:
+    """Turn a missing server binary inside the block into :func:`skip_or_fail`."""
+    try:
+        yield
+    except MissingBinary as exc:
+        skip_or_fail(str(exc))
+
+
+@pytest.fixture(scope="session")
+def runtime_root() -> Iterator[Path]:
+    """A directory for local servers that the postgres user can enter (0711)."""
+    root = Path(tempfile.mkdtemp(prefix="drtool-test-"))
+    root.chmod(0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server(runtime_root: Path) -> Iterator[PostgresEndpoint]:
+    """One PostgreSQL server for the session (superuser endpoint, database ``cotalk``)."""
+    with servers_required():
+        # a throw-away test server: durability off makes CREATE/DROP DATABASE fast
+        server = PostgresServer(
+            runtime_root / "pg",
+            settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
+        )
+    server.start()
+    yield server.endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(runtime_root: Path) -> Iterator[RedisEndpoint]:
+    """One redis-server for the session."""
+    with servers_required():
+        server = RedisServer(runtime_root / "redis")
+    server.start()
+    yield server.endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(runtime_root: Path) -> Iterator[S3Endpoint]:
+    """One SeaweedFS S3 server for the session."""
+    with servers_required():
+        server = SeaweedServer(runtime_root / "s3")
+    server.start()
+    yield server.endpoint
+    server.stop()
+
+
+@pytest.fixture
+def pg_database(pg_server: PostgresEndpoint) -> Iterator[PostgresEndpoint]:
+    """A fresh empty database for one test, dropped afterwards."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(
+        pg_server.conninfo("postgres"), password=pg_server.password, autocommit=True
+    ) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield dataclasses.replace(pg_server, dbname=name)
+    with psycopg.connect(
+        pg_server.conninfo("postgres"), password=pg_server.password, autocommit=True
+    ) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def redis_db(redis_server: RedisEndpoint) -> RedisEndpoint:
+    """The session's Redis with every database flushed before the test."""
+    with redis.Redis(
+        host=redis_server.host, port=redis_server.port, password=redis_server.password
+    ) as client:
+        client.flushall()
+    return redis_server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Endpoint) -> str:
+    """The name of a fresh, empty bucket on the session's S3 server."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client(s3_server).create_bucket(Bucket=name)
+    return name
