@@ -1,0 +1,136 @@
+"""The storage interface every backend implements, and the value types it returns.
+
+Keys are ``/``-separated paths relative to the repository root; the backend adds its bucket
+and prefix (S3) or base directory (file). See docs/decisions/0002-storage-interface.md.
+"""
+
+from __future__ import annotations
+
+import builtins
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from drtool.errors import NotFound
+
+#: File names with this prefix are in-progress writes of the file backend; no key may use it.
+TEMP_PREFIX = ".tmp-"
+
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach and write to a store; built once from the config. ``repr`` hides secrets."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    path_style: bool = True
+    part_size: int = 16 * MiB  # S3 grows it to stay within 10,000 parts
+    max_concurrency: int = 2  # parts in flight per upload
+    retries: int = 6  # attempts per request, the first included
+    object_lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    list_page_size: int = 1000
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a backend knows about one stored object."""
+
+    key: str
+    size: int
+    etag: str | None = None
+    version_id: str | None = None
+    last_modified: datetime | None = None  # tz-aware UTC
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a clean relative key, else raise ``ValueError`` (a caller bug)."""
+    parts = key.split("/")
+    if (
+        not key
+        or "\\" in key
+        or "\x00" in key
+        or any(p in ("", ".", "..") or p.startswith(TEMP_PREFIX) for p in parts)
+    ):
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+class Storage(ABC):
+    """A repository's object store: streaming, atomic puts; listing that never hides errors."""
+
+    url: str  # display URL, no secrets: "s3://bucket/prefix" or "file:///path"
+
+    @abstractmethod
+    def put(
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        *,
+        retain_until: datetime | None = None,
+        expected_size: int | None = None,
+    ) -> ObjectInfo:
+        """Store the concatenated ``chunks`` under ``key``, confirmed by a HEAD.
+
+        Memory stays bounded whatever the size. On any exception the object is absent (a
+        multipart upload is aborted, a temp file removed). ``expected_size`` is a hint that lets
+        S3 pick a part size; ``retain_until`` sets Object Lock retention where configured.
+        Raises ``IntegrityError`` when the stored size differs from the bytes sent.
+        """
+
+    def put_bytes(
+        self, key: str, data: bytes, *, retain_until: datetime | None = None
+    ) -> ObjectInfo:
+        """Store ``data`` under ``key`` (see :meth:`put`)."""
+        return self.put(key, [data], retain_until=retain_until, expected_size=len(data))
+
+    @abstractmethod
+    def get(self, key: str, *, version_id: str | None = None) -> Iterator[bytes]:
+        """Stream an object in bounded pieces; ``NotFound`` (raised by the call) when absent."""
+
+    def get_bytes(self, key: str) -> bytes:
+        """Read a whole (small) object into memory."""
+        return b"".join(self.get(key))
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo:
+        """Describe an object; ``NotFound`` when absent."""
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` exists (errors other than absence raise)."""
+        try:
+            self.head(key)
+        except NotFound:
+            return False
+        return True
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``; errors raise, never "empty".
+
+        The order is unspecified (AWS sorts keys, SeaweedFS walks directories): sort if it matters.
+        """
+
+    @abstractmethod
+    def delete(self, key: str, *, version_id: str | None = None) -> None:
+        """Delete ``key`` (or one version of it); an absent object is fine."""
+
+    @abstractmethod
+    def stale_uploads(self, older_than: datetime) -> builtins.list[str]:
+        """Keys of unfinished writes (multipart uploads, temp files) begun before ``older_than``."""
+
+    @abstractmethod
+    def abort_stale_uploads(self, older_than: datetime) -> int:
+        """Remove the unfinished writes :meth:`stale_uploads` reports; return how many."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise ``StorageError``/``NotFound`` with a clear message unless the store is usable."""
