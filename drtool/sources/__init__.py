@@ -1,0 +1,1 @@
+"""Data sources: producers and consumers of byte streams; they know nothing of storage."""

@@ -1,0 +1,158 @@
+"""The MinIO (S3-compatible) attachment store as a source and a restore target.
+
+Listing pages through the whole bucket and raises on any error: a partial listing is never
+taken for the bucket. Objects are read and written as streams with their content type and
+user metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+from boto3.exceptions import S3UploadFailedError
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from drtool.errors import DrtoolError, NotFound, SourceError
+from drtool.runtime.endpoints import S3Endpoint
+
+READ_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """One object as listed: key, size and ETag identify a version for incremental backups."""
+
+    key: str
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """What must survive a round trip besides the bytes."""
+
+    content_type: str = "binary/octet-stream"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class MinioStore:
+    """A client of one S3-compatible endpoint."""
+
+    def __init__(self, endpoint: S3Endpoint, *, max_pool: int = 8) -> None:
+        self.endpoint = endpoint
+        self._s3: Any = boto3.client(
+            "s3",
+            endpoint_url=endpoint.endpoint_url,
+            aws_access_key_id=endpoint.access_key,
+            aws_secret_access_key=endpoint.secret_key,
+            region_name=endpoint.region,
+            config=BotoConfig(
+                s3={"addressing_style": "path"},
+                retries={"mode": "standard", "max_attempts": 5},
+                connect_timeout=5,
+                read_timeout=60,
+                max_pool_connections=max_pool,
+            ),
+        )
+
+    def _error(self, action: str, bucket: str, exc: Exception, key: str = "") -> DrtoolError:
+        where = f"minio {self.endpoint.endpoint_url} {bucket}/{key}".rstrip("/")
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+            if code in ("NoSuchBucket",):
+                return NotFound(f"{where}: bucket does not exist")
+            if code in ("NoSuchKey", "404"):
+                return NotFound(f"{where}: object does not exist")
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                return SourceError(f"{where}: {action} denied ({code}); check the credentials")
+            return SourceError(f"{where}: {action} failed ({code or status})")
+        return SourceError(
+            f"{where}: {action} failed: cannot reach the server ({type(exc).__name__})"
+        )
+
+    def list_objects(self, bucket: str) -> Iterator[SourceObject]:
+        """Every object in ``bucket`` (all pages), in key order."""
+        try:
+            pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield SourceObject(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("listing", bucket, exc) from None
+
+    def read(self, bucket: str, key: str) -> tuple[ObjectMeta, Iterator[bytes]]:
+        """The object's metadata and a stream of its bytes."""
+        try:
+            response = self._s3.get_object(Bucket=bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("read", bucket, exc, key) from None
+        meta = ObjectMeta(response.get("ContentType") or "", dict(response.get("Metadata", {})))
+        return meta, self._body(response["Body"], bucket, key)
+
+    def _body(self, body: Any, bucket: str, key: str) -> Iterator[bytes]:
+        try:
+            while chunk := body.read(READ_SIZE):
+                yield chunk
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("read", bucket, exc, key) from None
+        finally:
+            body.close()
+
+    def upload(self, bucket: str, key: str, path: Path, meta: ObjectMeta) -> None:
+        """Put the file at ``path`` as an object with its content type and metadata."""
+        try:
+            self._s3.upload_file(
+                str(path),
+                bucket,
+                key,
+                ExtraArgs={"ContentType": meta.content_type, "Metadata": meta.metadata},
+            )
+        except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+            raise self._error("write", bucket, exc, key) from None
+
+    def head(self, bucket: str, key: str) -> tuple[int, ObjectMeta] | None:
+        """Size and metadata of an object, or None when it does not exist."""
+        try:
+            r = self._s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._error("head", bucket, exc, key) from None
+        except BotoCoreError as exc:
+            raise self._error("head", bucket, exc, key) from None
+        return int(r["ContentLength"]), ObjectMeta(
+            r.get("ContentType") or "", r.get("Metadata", {})
+        )
+
+    def ensure_bucket(self, bucket: str) -> None:
+        """Create ``bucket`` when it does not exist."""
+        try:
+            self._s3.head_bucket(Bucket=bucket)
+            return
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise self._error("head bucket", bucket, exc) from None
+        except BotoCoreError as exc:
+            raise self._error("head bucket", bucket, exc) from None
+        try:
+            self._s3.create_bucket(Bucket=bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("create bucket", bucket, exc) from None
+
+    def bucket_exists(self, bucket: str) -> bool:
+        """Whether ``bucket`` exists."""
+        try:
+            self._s3.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            raise self._error("head bucket", bucket, exc) from None
+        except BotoCoreError as exc:
+            raise self._error("head bucket", bucket, exc) from None
+        return True

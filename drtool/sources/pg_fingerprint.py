@@ -1,0 +1,206 @@
+"""Integrity fingerprints of a PostgreSQL database, for the source and a restored copy alike.
+
+Per user table (ordinary tables and partitioned parents; partitions are counted through
+their parent only): the row count and an order-independent digest, the sum modulo 2**64 of
+``hashtextextended`` (the server's 64-bit text hash) of each row's text form, taken in one
+sequential scan. Hash partitioning routes rows by that hash, so PostgreSQL keeps it stable
+across versions; it is about 3x cheaper than ``md5`` (1 M rows of ~290 MB: 1.9 s vs
+5.9 s here) and like the row text it assumes the same byte order and encoding. For a
+``messages`` table with a ``room_id`` column, the same per room plus ``max(id)``; there the
+table figures are derived from the per-room ones (still one scan).
+
+Row text depends on a few settings (time zone, date and interval style, float digits, bytea
+output); they are pinned for the scan, so the figures match across servers of the same major
+version after pg_dump/pg_restore. The digest detects accidents (lost, duplicated or altered
+rows), not a forger: it is an additive hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from drtool.errors import SourceError
+
+FORMAT = 1
+_MOD = 1 << 64
+_MAX_ROOM_DIFFS = 10
+_PINNED_SETTINGS = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, MDY",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+}
+_ROW_HASH = sql.SQL("hashtextextended(ROW(r.*)::text, 0)")
+_NULL_ROOM = "<null>"
+
+_TABLES_SQL = """
+SELECT format('%I.%I', n.nspname, c.relname), n.nspname, c.relname, c.relkind = 'p',
+       EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'room_id'
+               AND NOT a.attisdropped),
+       EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'id'
+               AND NOT a.attisdropped AND a.atttypid IN ('int2'::regtype, 'int4'::regtype,
+                                                          'int8'::regtype))
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence <> 't'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1
+"""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Row count, order-independent digest (16 hex digits) and, where known, ``max(id)``."""
+
+    rows: int
+    digest: str
+    max_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form."""
+        return {"rows": self.rows, "digest": self.digest, "max_id": self.max_id}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Fingerprint:
+        """Inverse of ``to_dict``."""
+        max_id = data.get("max_id")
+        return cls(int(data["rows"]), str(data["digest"]), None if max_id is None else int(max_id))
+
+
+@dataclass(frozen=True)
+class PgFingerprints:
+    """Fingerprints of one database: per table, and per room of each ``messages`` table."""
+
+    tables: dict[str, Fingerprint]
+    rooms: dict[str, dict[str, Fingerprint]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form."""
+        return {
+            "format": FORMAT,
+            "tables": {name: fp.to_dict() for name, fp in self.tables.items()},
+            "rooms": {
+                name: {room: fp.to_dict() for room, fp in rooms.items()}
+                for name, rooms in self.rooms.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PgFingerprints:
+        """Inverse of ``to_dict``; ``ValueError`` on an unknown format or a malformed dict."""
+        if data.get("format") != FORMAT:
+            raise ValueError(f"unsupported fingerprint format {data.get('format')!r}")
+        try:
+            return cls(
+                tables={n: Fingerprint.from_dict(fp) for n, fp in data["tables"].items()},
+                rooms={
+                    n: {r: Fingerprint.from_dict(fp) for r, fp in rooms.items()}
+                    for n, rooms in data["rooms"].items()
+                },
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"malformed fingerprints: {exc!r}") from None
+
+
+def _hex(total: Any) -> str:
+    return f"{int(total or 0) % _MOD:016x}"
+
+
+def compute_fingerprints(
+    conn: psycopg.Connection[Any], *, tables: Iterable[str] | None = None
+) -> PgFingerprints:
+    """Fingerprint every user table (or only ``tables``, named ``schema.table``) of ``conn``.
+
+    Runs in ``conn``'s open transaction (as a savepoint) or in a new one; for figures that
+    match a dump, call it inside the REPEATABLE READ transaction whose snapshot the dump uses.
+    """
+    result: dict[str, Fingerprint] = {}
+    rooms: dict[str, dict[str, Fingerprint]] = {}
+    with conn.transaction(), conn.cursor() as cur:
+        for setting, value in _PINNED_SETTINGS.items():
+            cur.execute("SELECT set_config(%s, %s, true)", (setting, value))
+        catalog = {row[0]: row[1:] for row in cur.execute(_TABLES_SQL).fetchall()}
+        wanted = sorted(catalog) if tables is None else list(tables)
+        for name in wanted:
+            if name not in catalog:
+                raise SourceError(f"fingerprints: table {name} not found")
+            schema, table, partitioned, has_room, has_id = catalog[name]
+            source = sql.SQL("{only}{table} AS r").format(
+                only=sql.SQL("" if partitioned else "ONLY "), table=sql.Identifier(schema, table)
+            )
+            if table == "messages" and has_room:
+                max_id = sql.SQL("max(r.id)" if has_id else "NULL::bigint")
+                query = sql.SQL(
+                    "SELECT r.room_id::text, count(*), sum({h}), {max_id} FROM {src} "
+                    "GROUP BY r.room_id"
+                ).format(h=_ROW_HASH, max_id=max_id, src=source)
+                per_room = {
+                    _NULL_ROOM if room is None else room: (n, total, top)
+                    for room, n, total, top in cur.execute(query).fetchall()
+                }
+                rooms[name] = {
+                    room: Fingerprint(n, _hex(total), top)
+                    for room, (n, total, top) in per_room.items()
+                }
+                ids = [top for _, _, top in per_room.values() if top is not None]
+                result[name] = Fingerprint(
+                    sum(n for n, _, _ in per_room.values()),
+                    _hex(sum(int(total) for _, total, _ in per_room.values())),
+                    max(ids) if ids else None,
+                )
+            else:
+                query = sql.SQL("SELECT count(*), sum({h}) FROM {src}").format(
+                    h=_ROW_HASH, src=source
+                )
+                row = cur.execute(query).fetchone()
+                assert row is not None
+                result[name] = Fingerprint(row[0], _hex(row[1]))
+    return PgFingerprints(tables=result, rooms=rooms)
+
+
+def _diff(label: str, expected: Fingerprint, actual: Fingerprint) -> list[str]:
+    out = []
+    if actual.rows != expected.rows:
+        out.append(f"{label}: {actual.rows} rows, expected {expected.rows}")
+    elif actual.digest != expected.digest:
+        out.append(f"{label}: content digest differs ({actual.rows} rows)")
+    if actual.max_id != expected.max_id:
+        out.append(f"{label}: max(id) {actual.max_id}, expected {expected.max_id}")
+    return out
+
+
+def compare(expected: PgFingerprints, actual: PgFingerprints) -> list[str]:
+    """Human-readable differences between two fingerprint sets; empty means equal."""
+    out: list[str] = []
+    for name in sorted(expected.tables.keys() | actual.tables.keys()):
+        exp, act = expected.tables.get(name), actual.tables.get(name)
+        if act is None:
+            out.append(f"{name}: table missing (expected {exp.rows if exp else 0} rows)")
+        elif exp is None:
+            out.append(f"{name}: unexpected table ({act.rows} rows)")
+        else:
+            out += _diff(name, exp, act)
+    for name in sorted(expected.rooms.keys() | actual.rooms.keys()):
+        exp_rooms, act_rooms = expected.rooms.get(name, {}), actual.rooms.get(name, {})
+        room_diffs: list[str] = []
+        for room in sorted(exp_rooms.keys() | act_rooms.keys()):
+            label = f"{name} room {room}"
+            exp_fp, act_fp = exp_rooms.get(room), act_rooms.get(room)
+            if act_fp is None:
+                expected_rows = exp_fp.rows if exp_fp else 0
+                room_diffs.append(f"{label}: missing (expected {expected_rows} rows)")
+            elif exp_fp is None:
+                room_diffs.append(f"{label}: unexpected ({act_fp.rows} rows)")
+            else:
+                room_diffs += _diff(label, exp_fp, act_fp)
+        out += room_diffs[:_MAX_ROOM_DIFFS]
+        if len(room_diffs) > _MAX_ROOM_DIFFS:
+            out.append(f"{name}: ... and {len(room_diffs) - _MAX_ROOM_DIFFS} more room differences")
+    return out

@@ -1,0 +1,443 @@
+"""PostgreSQL: a snapshot-consistent streaming dump with fingerprints, and restore primitives.
+
+Dump: a REPEATABLE READ, READ ONLY transaction exports its snapshot; the fingerprints are
+computed in that transaction and ``pg_dump -Fc -Z0 --snapshot=ID`` dumps the same snapshot,
+so the recorded figures describe exactly the rows in the archive, whatever writers do
+meanwhile. The password reaches child processes only through ``PGPASSWORD``.
+
+Restore: ``pg_restore --exit-on-error`` into a database the caller created (restore beside
+the live one, switch by renaming last). Owners and privileges are kept by default (restore the
+globals first so the roles exist); ``keep_owners=False`` gives a bare copy owned by the
+restoring user, for drills into a server without the production roles.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Generator, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from inspect import GEN_CREATED, getgeneratorstate
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from drtool.errors import SourceError
+from drtool.runtime.endpoints import PostgresEndpoint
+from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
+from drtool.sources.process import CommandFailed, child_env, command_stream, run_checked, scrub
+
+log = logging.getLogger(__name__)
+
+DUMP_MAGIC = b"PGDMP"
+_CONNECT_TIMEOUT = 10
+_VERSION_TIMEOUT = 30.0
+_SESSION_OPTIONS = "-c statement_timeout=0 -c idle_in_transaction_session_timeout=0"
+_GLOBALS_MARK = b"PostgreSQL database cluster dump"
+_HEADER_READ = 64 * 1024
+_ARCH_CUSTOM = 1
+_USER_NS = (
+    "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp)'"
+)
+_EMPTY_SQL = f"""
+SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE {_USER_NS})
+     + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE {_USER_NS})
+     + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE {_USER_NS})
+     + (SELECT count(*) FROM pg_namespace n WHERE {_USER_NS} AND n.nspname <> 'public')
+     + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')
+"""
+
+
+# --- connections and versions -------------------------------------------------------------
+
+
+def _secrets(endpoint: PostgresEndpoint) -> tuple[str, ...]:
+    return (endpoint.password,) if endpoint.password else ()
+
+
+def _one_line(exc: BaseException, endpoint: PostgresEndpoint) -> str:
+    return scrub(" ".join(str(exc).split()), _secrets(endpoint))
+
+
+def _connect(
+    endpoint: PostgresEndpoint, dbname: str | None = None, *, autocommit: bool = False
+) -> psycopg.Connection[Any]:
+    """A connection, or ``SourceError`` naming the server and the cause."""
+    try:
+        return psycopg.connect(
+            **endpoint.connect_kwargs(dbname),  # type: ignore[arg-type]
+            autocommit=autocommit,
+            connect_timeout=_CONNECT_TIMEOUT,
+            application_name="drtool",
+            options=_SESSION_OPTIONS,
+        )
+    except psycopg.Error as exc:
+        where = f"{endpoint.host}:{endpoint.port}/{dbname or endpoint.dbname}"
+        raise SourceError(
+            f"cannot connect to PostgreSQL {where} as {endpoint.user}: {_one_line(exc, endpoint)}"
+        ) from None
+
+
+def _binary(name: str, pg_bin_dir: Path | None) -> str:
+    if pg_bin_dir is not None:
+        path = Path(pg_bin_dir) / name
+        if not path.is_file():
+            raise SourceError(f"{name} not found in {pg_bin_dir}")
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise SourceError(f"{name} not found on PATH; install a PostgreSQL client")
+    return found
+
+
+def _major(version: str) -> int:
+    match = re.match(r"(\d+)", version)
+    if match is None:
+        raise SourceError(f"cannot parse PostgreSQL version {version!r}")
+    return int(match.group(1))
+
+
+def _tool_version(binary: str) -> str:
+    out = run_checked(
+        [binary, "--version"], env=child_env({}), timeout=_VERSION_TIMEOUT, name=Path(binary).name
+    )
+    match = re.search(r"\(PostgreSQL\) (\d+(?:\.\d+)*)", out)
+    if match is None:
+        raise SourceError(f"{binary} --version printed no PostgreSQL version: {out.strip()[:100]}")
+    return match.group(1)
+
+
+def _server_version(conn: psycopg.Connection[Any]) -> str:
+    return conn.info.parameter_status("server_version") or str(conn.info.server_version)
+
+
+def server_version(endpoint: PostgresEndpoint) -> int:
+    """The server's major version (e.g. 16)."""
+    with _connect(endpoint) as conn:
+        return _major(_server_version(conn))
+
+
+def client_version(binary: str | Path) -> int:
+    """The major version a PostgreSQL client binary reports with ``--version``."""
+    return _major(_tool_version(str(binary)))
+
+
+def _require_client(tool: str, client: int, server: int) -> None:
+    if client < server:
+        raise SourceError(
+            f"{tool} {client} is older than the server ({server}); "
+            f"install a PostgreSQL {server} client"
+        )
+
+
+def preflight(endpoint: PostgresEndpoint, pg_bin_dir: Path | None = None) -> None:
+    """Refuse (``SourceError``) an unreachable server or a ``pg_dump`` older than it."""
+    _require_client(
+        "pg_dump", client_version(_binary("pg_dump", pg_bin_dir)), server_version(endpoint)
+    )
+
+
+def _dbname_arg(dbname: str) -> str:
+    """``--dbname`` as a conninfo string, so a name containing ``=`` is not misparsed."""
+    quoted = dbname.replace("\\", "\\\\").replace("'", "\\'")
+    return f"--dbname=dbname='{quoted}'"
+
+
+def _tool_env(endpoint: PostgresEndpoint, app: str) -> dict[str, str]:
+    extra = endpoint.libpq_env()
+    extra.update(PGAPPNAME=app, PGCONNECT_TIMEOUT=str(_CONNECT_TIMEOUT))
+    return child_env(extra)
+
+
+# --- dump ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PgDump:
+    """One snapshot-consistent dump: its fingerprints and its ``-Fc`` archive stream.
+
+    ``fingerprints`` is ready on entry and stays valid after the stream. ``stream`` must be
+    consumed inside the ``dump()`` block; it raises ``SourceError`` at its end if pg_dump
+    failed, timed out or wrote no archive.
+    """
+
+    fingerprints: PgFingerprints
+    stream: Generator[bytes, None, None]
+    snapshot: str
+    server_version: str
+    pg_dump_version: str
+
+
+def _archive_stream(
+    conn: psycopg.Connection[Any],
+    argv: list[str],
+    endpoint: PostgresEndpoint,
+    *,
+    timeout: float,
+    read_size: int,
+) -> Generator[bytes, None, None]:
+    """pg_dump's stream, refused unless it starts with the custom-format magic."""
+    if conn.closed:
+        raise SourceError("pg_dump stream read after its dump() block: the snapshot is gone")
+    chunks = command_stream(
+        argv,
+        env=_tool_env(endpoint, "drtool-pg_dump"),
+        timeout=timeout,
+        name="pg_dump",
+        min_bytes=len(DUMP_MAGIC),
+        read_size=read_size,
+        secrets=_secrets(endpoint),
+    )
+    with closing(chunks):
+        first = True
+        for chunk in chunks:
+            if first and not chunk.startswith(DUMP_MAGIC):
+                raise SourceError("pg_dump output is not a custom-format archive (no PGDMP header)")
+            first = False
+            yield chunk
+
+
+@contextmanager
+def dump(
+    endpoint: PostgresEndpoint,
+    *,
+    pg_bin_dir: Path | None = None,
+    timeout: float,
+    read_size: int = 1 << 20,
+) -> Iterator[PgDump]:
+    """Open a snapshot, fingerprint it, and yield a ``PgDump`` streaming ``pg_dump`` of it.
+
+    Order: on entry the exporting transaction opens and the fingerprints are computed (one
+    scan per table); pg_dump starts on the first read of ``stream``. The transaction stays
+    open until the block ends, so fingerprints and stream may be used in either order. On
+    exit an unfinished pg_dump is killed. ``timeout`` bounds the stream (pg_dump's run time).
+    """
+    pg_dump = _binary("pg_dump", pg_bin_dir)
+    pg_dump_version = _tool_version(pg_dump)
+    with _connect(endpoint) as conn:
+        version = _server_version(conn)
+        _require_client("pg_dump", _major(pg_dump_version), _major(version))
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        try:
+            row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+            assert row is not None
+            fingerprints = compute_fingerprints(conn)
+        except psycopg.Error as exc:
+            raise SourceError(f"PostgreSQL snapshot: {_one_line(exc, endpoint)}") from None
+        argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={row[0]}"]
+        argv += ["--no-password", _dbname_arg(endpoint.dbname)]
+        stream = _archive_stream(conn, argv, endpoint, timeout=timeout, read_size=read_size)
+        try:
+            yield PgDump(fingerprints, stream, row[0], version, pg_dump_version)
+        finally:
+            if getgeneratorstate(stream) != GEN_CREATED:
+                stream.close()
+
+
+def dump_globals(
+    endpoint: PostgresEndpoint, *, pg_bin_dir: Path | None = None, timeout: float
+) -> bytes | None:
+    """``pg_dumpall --globals-only`` (roles, tablespaces) as SQL bytes, or None if not permitted.
+
+    Role password hashes are kept (the dump is stored encrypted; never log it). A role that
+    may not read them gets the roles without passwords and a warning; one that may not read
+    the roles at all gets None and a warning.
+    """
+    base = [_binary("pg_dumpall", pg_bin_dir), "--globals-only", "--no-password"]
+    _connect(endpoint).close()  # pg_dumpall -l hides why a connection failed; psycopg says
+    base.append(f"--database={endpoint.dbname}")
+    for extra in ([], ["--no-role-passwords"]):
+        try:
+            out = b"".join(
+                command_stream(
+                    base + extra,
+                    env=_tool_env(endpoint, "drtool-pg_dumpall"),
+                    timeout=timeout,
+                    name="pg_dumpall",
+                    secrets=_secrets(endpoint),
+                )
+            )
+        except CommandFailed as exc:
+            if "permission denied" not in exc.stderr_tail:
+                raise
+            log.warning("pg_dumpall %s: %s", " ".join(extra) or "--globals-only", exc.stderr_tail)
+            continue
+        if _GLOBALS_MARK not in out[:4096]:
+            raise SourceError("pg_dumpall output is not a globals dump (no cluster dump header)")
+        if extra:
+            log.warning("globals dumped without role passwords: reset them after a restore")
+        return out
+    log.warning("globals not dumped: %s may not read the roles", endpoint.user)
+    return None
+
+
+# --- archives and restore -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchiveHeader:
+    """What a ``pg_dump -Fc`` archive says about itself."""
+
+    format_version: tuple[int, int, int]
+    dbname: str
+    server_version: str
+    dump_version: str
+
+
+class _HeaderReader:
+    def __init__(self, data: bytes, path: Path) -> None:
+        self._data, self._pos, self._path = data, 0, path
+        self.int_size = 4
+
+    def byte(self) -> int:
+        if self._pos >= len(self._data):
+            raise SourceError(f"{self._path}: truncated pg_dump archive header")
+        self._pos += 1
+        return self._data[self._pos - 1]
+
+    def int(self) -> int:
+        negative = self.byte()
+        value = sum(self.byte() << (8 * i) for i in range(self.int_size))
+        return -value if negative else value
+
+    def str(self) -> str:
+        raw = bytes(self.byte() for _ in range(max(self.int(), 0)))
+        return raw.decode("utf-8", "replace")
+
+
+def read_archive_header(path: Path) -> ArchiveHeader:
+    """Parse the header of a custom-format archive (``SourceError`` if it is not one)."""
+    with open(path, "rb") as fh:
+        data = fh.read(_HEADER_READ)
+    if not data.startswith(DUMP_MAGIC):
+        raise SourceError(f"{path} is not a pg_dump custom-format archive (no PGDMP header)")
+    rd = _HeaderReader(data[len(DUMP_MAGIC) :], path)
+    version = (rd.byte(), rd.byte(), rd.byte())
+    rd.int_size = rd.byte()
+    rd.byte()  # offset size
+    if version < (1, 10, 0) or rd.byte() != _ARCH_CUSTOM:
+        raise SourceError(f"{path}: unsupported archive (format {version}, not custom or too old)")
+    if version >= (1, 15, 0):
+        rd.byte()  # compression algorithm
+    else:
+        rd.int()  # compression level
+    for _ in range(7):
+        rd.int()  # creation time fields
+    return ArchiveHeader(version, rd.str(), rd.str(), rd.str())
+
+
+def pg_restore_version_check(archive_path: Path, pg_bin_dir: Path | None = None) -> ArchiveHeader:
+    """Refuse a ``pg_restore`` older than the ``pg_dump`` that wrote the archive (R5)."""
+    header = read_archive_header(archive_path)
+    restore_version = client_version(_binary("pg_restore", pg_bin_dir))
+    dump_major = _major(header.dump_version)
+    if restore_version < dump_major:
+        raise SourceError(
+            f"pg_restore {restore_version} is older than the dump (pg_dump "
+            f"{header.dump_version}); install a PostgreSQL {dump_major} client"
+        )
+    return header
+
+
+def restore_dump(
+    archive_path: Path,
+    endpoint: PostgresEndpoint,
+    dbname: str,
+    *,
+    jobs: int = 1,
+    pg_bin_dir: Path | None = None,
+    timeout: float,
+    keep_owners: bool = True,
+) -> None:
+    """``pg_restore --exit-on-error -j jobs`` of a seekable archive file into ``dbname``.
+
+    Checks the versions first. Failures raise ``SourceError`` with pg_restore's stderr tail;
+    warnings of a successful run are logged.
+    """
+    pg_restore_version_check(archive_path, pg_bin_dir)
+    argv = [_binary("pg_restore", pg_bin_dir), "--exit-on-error", f"--jobs={jobs}"]
+    argv += ["--no-password", _dbname_arg(dbname)]
+    if not keep_owners:
+        argv += ["--no-owner", "--no-privileges"]
+    run_checked(
+        [*argv, str(archive_path)],
+        env=_tool_env(endpoint, "drtool-pg_restore"),
+        timeout=timeout,
+        name="pg_restore",
+        secrets=_secrets(endpoint),
+    )
+
+
+# --- databases ----------------------------------------------------------------------------
+
+
+@contextmanager
+def _admin_conn(
+    endpoint: PostgresEndpoint, action: str, *names: str
+) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection to a database other than ``names``; errors as SourceError."""
+    maintenance = next(db for db in (endpoint.dbname, "postgres", "template1") if db not in names)
+    conn = _connect(endpoint, maintenance, autocommit=True)
+    try:
+        with conn:
+            yield conn
+    except psycopg.Error as exc:
+        raise SourceError(f"{action}: {_one_line(exc, endpoint)}") from None
+
+
+def database_exists(endpoint: PostgresEndpoint, name: str) -> bool:
+    """Whether database ``name`` exists on the server."""
+    with _admin_conn(endpoint, f"look up database {name}") as conn:
+        row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        return row is not None
+
+
+def database_is_empty(endpoint: PostgresEndpoint, name: str) -> bool:
+    """Whether ``name`` holds no user objects (relations, functions, types, schemas, extensions)."""
+    with _connect(endpoint, name) as conn:
+        row = conn.execute(_EMPTY_SQL).fetchone()
+        assert row is not None
+        return int(row[0]) == 0
+
+
+def create_database(endpoint: PostgresEndpoint, name: str) -> None:
+    """``CREATE DATABASE name TEMPLATE template0`` (a clean target for pg_restore)."""
+    with _admin_conn(endpoint, f"create database {name}", name) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+
+
+def rename_database(endpoint: PostgresEndpoint, old: str, new: str) -> None:
+    """Rename ``old`` to ``new``: refuse new connections, end the others, rename, reopen."""
+    with _admin_conn(endpoint, f"rename database {old} to {new}", old, new) as conn:
+        allow = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}")
+        conn.execute(allow.format(sql.Identifier(old), sql.SQL("false")))
+        try:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (old,),
+            )
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(old), sql.Identifier(new)
+                )
+            )
+        except psycopg.Error:
+            conn.execute(allow.format(sql.Identifier(old), sql.SQL("true")))
+            raise
+        conn.execute(allow.format(sql.Identifier(new), sql.SQL("true")))
+
+
+def drop_database(endpoint: PostgresEndpoint, name: str) -> None:
+    """``DROP DATABASE IF EXISTS name WITH (FORCE)``: other connections are terminated."""
+    with _admin_conn(endpoint, f"drop database {name}", name) as conn:
+        drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+        conn.execute(drop.format(sql.Identifier(name)))

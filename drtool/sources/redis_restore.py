@@ -1,0 +1,144 @@
+"""Restore-side Redis primitives: an ephemeral server holding an RDB, and a key copier.
+
+``ephemeral_redis`` loads an RDB into a private ``redis-server`` (loopback, random password,
+temp dir, no persistence) and always stops it. ``copy_keys`` moves every key of every db to
+any reachable Redis with pipelined DUMP/RESTORE, keeping TTLs. The ephemeral server's
+version must not be newer than the target's: RESTORE rejects a newer DUMP format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import cast
+
+import redis
+
+from drtool.errors import SourceError
+from drtool.runtime.endpoints import RedisEndpoint
+from drtool.runtime.redisserver import RedisServer
+
+POLL_SECONDS = 0.05
+
+
+def connect(endpoint: RedisEndpoint) -> redis.Redis:
+    """A client (bytes replies) for ``endpoint``."""
+    return redis.Redis(
+        host=endpoint.host,
+        port=endpoint.port,
+        db=endpoint.db,
+        username=endpoint.username,
+        password=endpoint.password,
+        ssl=endpoint.tls,
+    )
+
+
+def keyspace_dbs(client: redis.Redis) -> dict[int, int]:
+    """Keys per db index, for every db that has keys (from INFO keyspace)."""
+    info = client.info("keyspace")
+    return {int(name[2:]): int(stats["keys"]) for name, stats in info.items() if stats["keys"]}
+
+
+@contextmanager
+def client_for_db(client: redis.Redis, db: int) -> Iterator[redis.Redis]:
+    """A client on the same server and credentials as ``client``, bound to ``db``, bytes replies."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "db": db, "decode_responses": False}
+    own = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    try:
+        yield redis.Redis(connection_pool=own)
+    finally:
+        own.disconnect()
+
+
+def target_is_empty(client: redis.Redis) -> bool:
+    """True when no db of the server holds a key."""
+    return not keyspace_dbs(client)
+
+
+def _wait_loaded(client: redis.Redis, timeout: float) -> None:
+    """Wait until INFO persistence says ``loading:0`` (the exact field, not async_loading)."""
+    deadline = time.monotonic() + timeout
+    while client.info("persistence")["loading"] != 0:
+        if time.monotonic() > deadline:
+            raise SourceError(f"ephemeral redis-server still loading after {timeout:g}s")
+        time.sleep(POLL_SECONDS)
+
+
+@contextmanager
+def ephemeral_redis(
+    rdb_path: Path, *, binary: Path | None = None, start_timeout: float = 600.0
+) -> Iterator[redis.Redis]:
+    """Load ``rdb_path`` into a private redis-server and yield a client; always stop it.
+
+    The server (:class:`RedisServer`: a free 127.0.0.1 port, a random password in its config
+    file, no persistence, the current user) lives in a temp dir removed afterwards. A server
+    that cannot load the RDB exits: that raises SourceError with its log tail.
+    """
+    rdb = Path(rdb_path).resolve()
+    if not rdb.is_file():
+        raise SourceError(f"RDB file {rdb_path} not found")
+    workdir = Path(tempfile.mkdtemp(prefix="drtool-redis-"))
+    try:
+        server = RedisServer(workdir / "server", binary=binary)
+        server.rdb_path.parent.mkdir(mode=0o700, parents=True)
+        server.rdb_path.symlink_to(rdb)
+        server.start(timeout=start_timeout)  # stops the server again if it fails
+        try:
+            with contextlib.closing(connect(server.endpoint)) as client:
+                _wait_loaded(client, start_timeout)
+                yield client
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def scan_batches(client: redis.Redis, count: int) -> Iterator[list[bytes]]:
+    """The keys of the client's db, a SCAN reply at a time (SCAN may repeat a key)."""
+    cursor = 0
+    while True:
+        cursor, keys = client.scan(cursor, count=count)
+        if keys:
+            yield cast(list[bytes], keys)
+        if cursor == 0:
+            return
+
+
+def _copy_db(source: redis.Redis, target: redis.Redis, replace: bool, batch: int) -> int:
+    copied = 0
+    for keys in scan_batches(source, batch):
+        read = source.pipeline(transaction=False)
+        for key in keys:
+            read.dump(key)
+            read.pttl(key)
+        replies = read.execute()
+        write = target.pipeline(transaction=False)
+        for key, payload, pttl in zip(keys, replies[::2], replies[1::2], strict=True):
+            if payload is None or pttl in (0, -2):  # gone or expiring right now
+                continue
+            write.restore(key, 0 if pttl == -1 else pttl, payload, replace=replace)
+            copied += 1
+        write.execute()
+    return copied
+
+
+def copy_keys(src: redis.Redis, dst: redis.Redis, *, replace: bool, batch: int = 500) -> int:
+    """Copy every key of every db from ``src`` to ``dst`` keeping TTLs; return keys copied.
+
+    Pipelined DUMP + PTTL on the source, RESTORE [REPLACE] on the target. Keys that expire
+    meanwhile are skipped. Without ``replace`` an existing target key fails the copy.
+    """
+    copied = 0
+    for db in keyspace_dbs(src):
+        with client_for_db(src, db) as source, client_for_db(dst, db) as target:
+            try:
+                copied += _copy_db(source, target, replace, batch)
+            except (redis.ResponseError, redis.ConnectionError) as exc:
+                raise SourceError(f"copying Redis keys of db {db} failed: {exc}") from None
+    return copied

@@ -1,0 +1,351 @@
+"""PostgreSQL source against a real server: consistent dumps, fingerprints, restore primitives."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from drtool.errors import SourceError
+from drtool.runtime.endpoints import PostgresEndpoint
+from drtool.sources.pg_fingerprint import Fingerprint, PgFingerprints, compare, compute_fingerprints
+from drtool.sources.postgres import (
+    create_database,
+    database_exists,
+    database_is_empty,
+    drop_database,
+    dump,
+    dump_globals,
+    pg_restore_version_check,
+    preflight,
+    read_archive_header,
+    rename_database,
+    restore_dump,
+    server_version,
+)
+from drtool.sources.process import CommandFailed
+
+SCHEMA = """
+CREATE TABLE rooms (id bigint PRIMARY KEY, name text NOT NULL, r int, created timestamptz,
+                    meta jsonb, avatar bytea, ttl interval, score double precision);
+CREATE TABLE messages (id bigserial, room_id bigint NOT NULL, body text,
+                       sent_at timestamptz NOT NULL, PRIMARY KEY (room_id, id))
+    PARTITION BY HASH (room_id);
+CREATE TABLE messages_p0 PARTITION OF messages FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+CREATE TABLE messages_p1 PARTITION OF messages FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+INSERT INTO rooms SELECT i, 'room ' || i, i % 3,
+    '2026-01-01 12:00+02'::timestamptz + i * interval '1 h',
+    jsonb_build_object('k', i, 'tags', jsonb_build_array('a', i)), decode(md5(i::text), 'hex'),
+    i * interval '90 min', i / 7.0 FROM generate_series(1, 20) i;
+INSERT INTO messages (room_id, body, sent_at)
+    SELECT 1 + i % 20, repeat('msg ' || i || ' ', 1 + i % 5),
+           '2026-01-02'::timestamptz + i * interval '1 s'
+    FROM generate_series(1, 3000) i;
+"""
+
+
+def seed(endpoint: PostgresEndpoint) -> None:
+    """Create the test schema: a hash-partitioned messages table and a plain table."""
+    with psycopg.connect(**endpoint.connect_kwargs()) as conn:  # type: ignore[arg-type]
+        conn.execute(SCHEMA)
+
+
+def fingerprints_of(endpoint: PostgresEndpoint, dbname: str | None = None) -> PgFingerprints:
+    """Fingerprints recomputed on a (restored) database."""
+    with psycopg.connect(**endpoint.connect_kwargs(dbname)) as conn:  # type: ignore[arg-type]
+        return compute_fingerprints(conn)
+
+
+def execute(endpoint: PostgresEndpoint, query: str, dbname: str | None = None) -> Any:
+    """Run one autocommit statement and return its first row, if any."""
+    kwargs = endpoint.connect_kwargs(dbname)
+    with psycopg.connect(**kwargs, autocommit=True) as conn:  # type: ignore[arg-type]
+        cur = conn.execute(query)
+        return cur.fetchone() if cur.description else None
+
+
+def stub(tmp_path: Path, name: str, body: str) -> Path:
+    """A bin dir holding a shell script ``name``; ``--version`` prints version 99.0."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    script = bindir / name
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = --version ]; then echo "{name} (PostgreSQL) 99.0"; exit 0; fi\n{body}\n'
+    )
+    script.chmod(0o755)
+    return bindir
+
+
+@pytest.fixture
+def seeded(pg_database: PostgresEndpoint) -> PostgresEndpoint:
+    """A fresh database holding the test schema."""
+    seed(pg_database)
+    return pg_database
+
+
+@pytest.fixture
+def target(pg_server: PostgresEndpoint, pg_database: PostgresEndpoint) -> Iterator[str]:
+    """The name of an empty database to restore into (dropped afterwards)."""
+    name = pg_database.dbname + "_restored"
+    create_database(pg_server, name)
+    yield name
+    drop_database(pg_server, name)
+
+
+def dump_to_file(endpoint: PostgresEndpoint, path: Path) -> PgFingerprints:
+    """Stream a dump into ``path`` (as a backup writes it through a pipe)."""
+    with dump(endpoint, timeout=120) as pgd, open(path, "wb") as fh:
+        for chunk in pgd.stream:
+            fh.write(chunk)
+        return pgd.fingerprints
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_dump_restores_with_equal_fingerprints(
+    seeded: PostgresEndpoint, target: str, tmp_path: Path, jobs: int
+) -> None:
+    archive = tmp_path / "db.dump"
+    recorded = dump_to_file(seeded, archive)
+    assert sorted(recorded.tables) == ["public.messages", "public.rooms"]
+    assert recorded.tables["public.messages"].rows == 3000
+    assert recorded.tables["public.messages"].max_id == 3000
+    assert len(recorded.rooms["public.messages"]) == 20
+    assert recorded.rooms["public.messages"]["7"].rows == 150
+    assert read_archive_header(archive).dbname == seeded.dbname
+
+    assert database_is_empty(seeded, target)
+    restore_dump(archive, seeded, target, jobs=jobs, timeout=120)
+    assert not database_is_empty(seeded, target)
+    restored = fingerprints_of(seeded, target)
+    assert compare(recorded, restored) == []
+    assert PgFingerprints.from_dict(json.loads(json.dumps(recorded.to_dict()))) == recorded
+
+
+def test_dump_is_consistent_under_concurrent_writes(
+    seeded: PostgresEndpoint, target: str, tmp_path: Path
+) -> None:
+    stop = threading.Event()
+
+    def writer() -> None:
+        with psycopg.connect(**seeded.connect_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+            while not stop.is_set():
+                conn.execute("INSERT INTO messages (room_id, body, sent_at) VALUES (3, 'x', now())")
+                conn.execute("UPDATE rooms SET score = score + 1 WHERE id = 5")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    archive = tmp_path / "db.dump"
+    try:
+        with dump(seeded, timeout=120) as pgd, open(archive, "wb") as fh:
+            execute(
+                seeded, "INSERT INTO messages (room_id, body, sent_at) VALUES (4, 'late', now())"
+            )
+            for chunk in pgd.stream:
+                execute(seeded, "DELETE FROM messages WHERE id = 1")
+                fh.write(chunk)
+            recorded = pgd.fingerprints
+    finally:
+        stop.set()
+        thread.join()
+    restore_dump(archive, seeded, target, timeout=120)
+    assert compare(recorded, fingerprints_of(seeded, target)) == []
+    live = compare(recorded, fingerprints_of(seeded))
+    assert any(line.startswith("public.messages room 4:") for line in live)
+    assert any(line.startswith("public.messages room 2:") for line in live)
+
+
+def test_fingerprints_detect_a_changed_row(seeded: PostgresEndpoint) -> None:
+    before = fingerprints_of(seeded)
+    execute(seeded, "UPDATE messages SET body = body || '!' WHERE id = 42")
+    assert compare(before, fingerprints_of(seeded)) == [
+        "public.messages: content digest differs (3000 rows)",
+        "public.messages room 3: content digest differs (150 rows)",
+    ]
+
+
+def test_compare_reports_missing_extra_and_capped_rooms() -> None:
+    fp = Fingerprint(1, "00000000000000aa", 9)
+    rooms = {str(i): fp for i in range(15)}
+    expected = PgFingerprints({"public.a": fp, "public.messages": fp}, {"public.messages": rooms})
+    actual = PgFingerprints({"public.b": fp, "public.messages": replace(fp, rows=2, max_id=8)})
+    diffs = compare(expected, actual)
+    assert diffs[:5] == [
+        "public.a: table missing (expected 1 rows)",
+        "public.b: unexpected table (1 rows)",
+        "public.messages: 2 rows, expected 1",
+        "public.messages: max(id) 8, expected 9",
+        "public.messages room 0: missing (expected 1 rows)",
+    ]
+    assert diffs[-1] == "public.messages: ... and 5 more room differences"
+    with pytest.raises(ValueError, match="unsupported fingerprint format"):
+        PgFingerprints.from_dict({"tables": {}})
+
+
+def test_pg_dump_dying_mid_stream_fails(seeded: PostgresEndpoint, tmp_path: Path) -> None:
+    bindir = stub(
+        tmp_path,
+        "pg_dump",
+        "printf PGDMP; head -c 5000000 /dev/urandom\n"
+        'echo "pg_dump: error: query failed: server closed the connection" >&2; exit 1',
+    )
+    received = 0
+    failure = r"^pg_dump exited 1: .*server closed the connection"
+    with (
+        pytest.raises(CommandFailed, match=failure),
+        dump(seeded, pg_bin_dir=bindir, timeout=60) as pgd,
+    ):
+        for chunk in pgd.stream:
+            received += len(chunk)
+    assert received == 5_000_005
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("exit 0", "pg_dump produced 0 bytes: implausibly small output"),
+        ("head -c 100000 /dev/zero", "not a custom-format archive"),
+    ],
+)
+def test_empty_or_garbage_dump_is_refused(
+    seeded: PostgresEndpoint, tmp_path: Path, body: str, message: str
+) -> None:
+    bindir = stub(tmp_path, "pg_dump", body)
+    with (
+        pytest.raises(SourceError, match=message),
+        dump(seeded, pg_bin_dir=bindir, timeout=60) as pgd,
+    ):
+        list(pgd.stream)
+
+
+def test_stream_outside_the_block_is_refused(seeded: PostgresEndpoint) -> None:
+    with dump(seeded, timeout=60) as pgd:
+        stream = pgd.stream
+    with pytest.raises(SourceError, match="read after its dump\\(\\) block"):
+        next(stream)
+
+
+def test_leaving_the_block_early_stops_pg_dump(seeded: PostgresEndpoint) -> None:
+    with dump(seeded, timeout=60, read_size=16) as pgd:
+        assert next(pgd.stream).startswith(b"PGDMP")
+    with pytest.raises(StopIteration):
+        next(pgd.stream)
+
+
+def test_wrong_password_is_not_revealed(seeded: PostgresEndpoint, tmp_path: Path) -> None:
+    wrong = replace(seeded, password="Wrong-Canary-91f2")
+    for call in (
+        lambda: server_version(wrong),
+        lambda: dump(wrong, timeout=30).__enter__(),
+        lambda: dump_globals(wrong, timeout=30),
+    ):
+        with pytest.raises(SourceError, match="password authentication failed") as info:
+            call()
+        assert "Wrong-Canary-91f2" not in str(info.value)
+    archive = tmp_path / "db.dump"
+    dump_to_file(seeded, archive)
+    with pytest.raises(
+        SourceError, match=r"^pg_restore exited 1: .*password authentication"
+    ) as info:
+        restore_dump(archive, wrong, seeded.dbname, timeout=60)
+    assert "Wrong-Canary-91f2" not in str(info.value)
+
+
+def test_old_pg_dump_is_refused(seeded: PostgresEndpoint, tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "pg_dump").write_text("#!/bin/sh\necho 'pg_dump (PostgreSQL) 14.0'\n")
+    (bindir / "pg_dump").chmod(0o755)
+    major = server_version(seeded)
+    refusal = (
+        f"^pg_dump 14 is older than the server \\({major}\\); install a PostgreSQL {major} client$"
+    )
+    with pytest.raises(SourceError, match=refusal):
+        preflight(seeded, bindir)
+    with pytest.raises(SourceError, match=refusal):
+        dump(seeded, pg_bin_dir=bindir, timeout=30).__enter__()
+    preflight(seeded)
+
+
+def test_old_pg_restore_is_refused(seeded: PostgresEndpoint, tmp_path: Path) -> None:
+    archive = tmp_path / "db.dump"
+    dump_to_file(seeded, archive)
+    header = pg_restore_version_check(archive)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "pg_restore").write_text("#!/bin/sh\necho 'pg_restore (PostgreSQL) 14.2'\n")
+    (bindir / "pg_restore").chmod(0o755)
+    major = header.dump_version.split(".")[0]
+    with pytest.raises(SourceError) as info:
+        pg_restore_version_check(archive, bindir)
+    assert str(info.value) == (
+        f"pg_restore 14 is older than the dump (pg_dump {header.dump_version}); "
+        f"install a PostgreSQL {major} client"
+    )
+
+
+def test_corrupt_archive_fails_with_pg_restore_stderr(
+    seeded: PostgresEndpoint, target: str, tmp_path: Path
+) -> None:
+    archive = tmp_path / "db.dump"
+    dump_to_file(seeded, archive)
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError, match=r"^pg_restore exited 1: pg_restore: error: .+"):
+        restore_dump(archive, seeded, target, timeout=60)
+    archive.write_bytes(b"not an archive")
+    with pytest.raises(SourceError, match="not a pg_dump custom-format archive"):
+        restore_dump(archive, seeded, target, timeout=60)
+
+
+def test_globals(
+    pg_server: PostgresEndpoint, pg_database: PostgresEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = dump_globals(pg_server, timeout=60)
+    assert out is not None and b"CREATE ROLE postgres;" in out and b"SCRAM-SHA-256$" in out
+    execute(pg_server, "DROP ROLE IF EXISTS drtool_lowly")
+    execute(pg_server, "CREATE ROLE drtool_lowly LOGIN PASSWORD 'lowly-pw'")
+    try:
+        lowly = replace(pg_server, user="drtool_lowly", password="lowly-pw")
+        with caplog.at_level(logging.WARNING):
+            out = dump_globals(lowly, timeout=60)
+        assert out is not None and b"CREATE ROLE drtool_lowly;" in out
+        assert b"SCRAM-SHA-256$" not in out
+        assert "without role passwords" in caplog.text
+        assert "lowly-pw" not in caplog.text
+        execute(pg_server, "REVOKE SELECT ON pg_catalog.pg_roles FROM PUBLIC", pg_database.dbname)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert dump_globals(replace(lowly, dbname=pg_database.dbname), timeout=60) is None
+        assert "globals not dumped: drtool_lowly may not read the roles" in caplog.text
+    finally:
+        execute(pg_server, "DROP ROLE drtool_lowly")
+
+
+def test_database_admin(pg_server: PostgresEndpoint, pg_database: PostgresEndpoint) -> None:
+    old, new = pg_database.dbname, pg_database.dbname + "_moved"
+    assert database_exists(pg_server, old) and not database_exists(pg_server, new)
+    assert database_is_empty(pg_server, old)
+    execute(pg_server, "CREATE TYPE mood AS ENUM ('ok')", old)
+    assert not database_is_empty(pg_server, old)
+    with psycopg.connect(**pg_database.connect_kwargs()) as held:  # type: ignore[arg-type]
+        rename_database(pg_server, old, new)
+        with pytest.raises(psycopg.OperationalError):
+            held.execute("SELECT 1")
+    assert database_exists(pg_server, new) and not database_exists(pg_server, old)
+    assert execute(pg_server, "SELECT 1", new) == (1,)
+    with pytest.raises(SourceError, match=f"create database {new}: .*already exists"):
+        create_database(pg_server, new)
+    rename_database(pg_server, new, old)
+    spare = old + "_spare"
+    create_database(pg_server, spare)
+    assert database_is_empty(pg_server, spare)
+    drop_database(pg_server, spare)
+    assert not database_exists(pg_server, spare)
