@@ -1,0 +1,217 @@
+"""Repository commands: init, list, show, verify, prune, unlock."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import click
+
+from drtool.cli.context import CliState, emit_json
+from drtool.cli.render import human_bytes, print_table
+from drtool.errors import IntegrityError
+from drtool.repository.retention import Policy
+from drtool.services import repo as svc
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@click.command()
+@click.pass_obj
+def init(state: CliState) -> None:
+    """Create a repository at repository.url for the configured recipients and signing key.
+
+    Refuses a location that already holds a repository.
+    """
+    info = svc.init_repo(state.config())
+    click.echo(f"initialised repository {info.repo_id} (format {info.format_version})")
+
+
+@click.command(name="list")
+@json_option
+@click.pass_obj
+def list_(state: CliState, as_json: bool) -> None:
+    """List snapshots, oldest first, with their status (VALID or INVALID and why).
+
+    Listing reads signed manifests only and checks that every object they name exists
+    with its recorded size. INVALID snapshots are never restored or counted by prune.
+    """
+    rows = [svc.record_summary(r) for r in svc.list_records(state.config())]
+    if as_json:
+        emit_json(rows)
+        return
+    print_table(
+        "snapshots",
+        ["id", "status", "components", "plain", "stored", "problem"],
+        [
+            [
+                r["id"],
+                r["status"],
+                ",".join(r["components"]),
+                human_bytes(r["plain_bytes"]) if r["plain_bytes"] is not None else "",
+                human_bytes(r["stored_bytes"]) if r["stored_bytes"] is not None else "",
+                r["problem"] or "",
+            ]
+            for r in rows
+        ],
+    )
+
+
+@click.command()
+@click.argument("snapshot", default="latest")
+@json_option
+@click.pass_obj
+def show(state: CliState, snapshot: str, as_json: bool) -> None:
+    """Show one snapshot (an id or `latest`): objects, sizes and, with an identity, fingerprints."""
+    result = svc.show_snapshot(state.config(), snapshot)
+    summary = svc.record_summary(result.record)
+    m = result.record.manifest
+    if as_json:
+        emit_json(
+            {
+                **summary,
+                "manifest": m.to_dict() if m else None,
+                "fingerprints": result.fingerprints,
+            }
+        )
+        return
+    click.echo(f"snapshot {summary['id']}: {summary['status']} {summary['problem'] or ''}")
+    if m is None:
+        return
+    click.echo(
+        f"host {m.host}, started {m.started}, finished {m.finished}, previous {m.previous_id}"
+    )
+    print_table(
+        "components",
+        ["component", "objects", "plain", "stored", "seconds", "source version"],
+        [
+            [
+                c.name,
+                len(c.objects),
+                human_bytes(c.plain_bytes),
+                human_bytes(sum(o.size for o in c.objects)),
+                f"{c.duration_s:.1f}",
+                c.source_version,
+            ]
+            for c in m.components
+        ],
+    )
+    for component, prints in result.fingerprints.items():
+        figures = prints.get("fingerprints", {})
+        tables = figures.get("tables", {})
+        if tables:
+            print_table(
+                f"{component} fingerprints",
+                ["table", "rows", "digest"],
+                [[t, v["rows"], v["digest"]] for t, v in sorted(tables.items())],
+            )
+        elif figures:
+            click.echo(f"{component} fingerprints: {figures}")
+    if not result.fingerprints:
+        click.echo("(fingerprints are encrypted; configure keys.identity_file to see them)")
+
+
+@click.command()
+@click.argument("snapshot", required=False)
+@click.option("--all", "all_", is_flag=True, help="Verify every snapshot.")
+@click.option(
+    "--read-data",
+    is_flag=True,
+    help="Also decrypt every object and check inner headers (needs keys.identity_file).",
+)
+@json_option
+@click.pass_obj
+def verify(
+    state: CliState, snapshot: str | None, all_: bool, read_data: bool, as_json: bool
+) -> None:
+    """Verify a snapshot (default: latest) or --all.
+
+    \b
+    Without a key: signature, every object present, stored size and sha256.
+    With --read-data: every object authenticated and decrypted too.
+    Exits 5 when anything fails.
+    """
+    ref = None if all_ else (snapshot or "latest")
+    outcomes = svc.verify(state.config(), ref, read_data=read_data)
+    if as_json:
+        emit_json([asdict(o) for o in outcomes])
+    else:
+        print_table(
+            "verify" + (" (data read)" if read_data else " (stored bytes)"),
+            ["snapshot", "objects", "result"],
+            [
+                [o.snapshot_id, o.objects, "ok" if not o.problems else "; ".join(o.problems)]
+                for o in outcomes
+            ],
+        )
+    bad = [o for o in outcomes if o.problems]
+    if bad:
+        raise IntegrityError(
+            f"verify: {len(bad)} of {len(outcomes)} snapshots failed: {bad[0].problems[0]}"
+        )
+
+
+@click.command()
+@click.option("--keep-last", default=0, type=int, help="Keep the N newest snapshots.")
+@click.option(
+    "--keep-hourly", default=0, type=int, help="Keep the newest of each of the last N hours."
+)
+@click.option(
+    "--keep-daily", default=0, type=int, help="Keep the newest of each of the last N days."
+)
+@click.option(
+    "--keep-weekly", default=0, type=int, help="Keep the newest of each of the last N weeks."
+)
+@click.option(
+    "--keep-monthly", default=0, type=int, help="Keep the newest of each of the last N months."
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print what would be kept and removed; change nothing."
+)
+@json_option
+@click.pass_obj
+def prune(
+    state: CliState,
+    keep_last: int,
+    keep_hourly: int,
+    keep_daily: int,
+    keep_weekly: int,
+    keep_monthly: int,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Forget snapshots outside a GFS policy, then delete data nothing references.
+
+    Manifests go first, then their data; unreferenced objects and stale uploads are swept
+    only after a 24 h grace period. Refuses a policy that keeps nothing.
+    """
+    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
+    plan = svc.prune(state.config(), policy, dry_run=dry_run)
+    if as_json:
+        emit_json(asdict(plan))
+        return
+    print_table(
+        "prune plan" + (" (dry run)" if dry_run else ""),
+        ["snapshot", "action", "why"],
+        [[sid, "keep", ", ".join(why)] for sid, why in sorted(plan.keep.items())]
+        + [[sid, "forget", "outside the policy"] for sid in plan.forget],
+    )
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(
+        f"{verb} {len(plan.forget)} snapshots, {len(plan.garbage)} objects, "
+        f"{plan.stale_uploads} stale uploads"
+    )
+
+
+@click.command()
+@click.option("--all", "everything", is_flag=True, help="Remove every lock, not only stale ones.")
+@click.pass_obj
+def unlock(state: CliState, everything: bool) -> None:
+    """Remove stale repository locks (a holder that died); --all removes every lock."""
+    removed = svc.unlock_repo(state.config(), everything=everything)
+    for lock in removed:
+        click.echo(f"removed lock of {lock.host}/{lock.pid} ({lock.operation}) since {lock.since}")
+    if not removed:
+        click.echo("no stale locks")
+
+
+COMMANDS = [init, list_, show, verify, prune, unlock]

@@ -1,0 +1,1 @@
+"""The repository: format, signed manifests, the catalog of snapshots, locks and retention."""

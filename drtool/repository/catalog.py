@@ -1,0 +1,149 @@
+"""The catalog: which snapshots exist and whether each is complete and authentic.
+
+Listing reads manifests only. A snapshot is VALID when its manifest verifies against a trusted
+key and every object it names exists with the recorded size; anything else is INVALID with the
+reason, and is never restorable or counted by retention.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from drtool.errors import IntegrityError, NotFound
+from drtool.repository import layout
+from drtool.repository.ids import id_time, is_id
+from drtool.repository.manifest import Manifest, manifest_sha256, open_manifest
+from drtool.storage.base import ObjectInfo, Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """One listed snapshot: its id, the manifest when readable, and its status."""
+
+    snapshot_id: str
+    manifest: Manifest | None
+    manifest_sha256: str | None
+    problem: str | None
+
+    @property
+    def valid(self) -> bool:
+        """Complete, authentic and restorable."""
+        return self.problem is None and self.manifest is not None
+
+    @property
+    def time(self) -> datetime:
+        """When the snapshot was started (from its id)."""
+        return id_time(self.snapshot_id)
+
+
+def trusted_verify_keys(info: layout.RepoInfo, pinned: str) -> list[str]:
+    """The keys manifests must be signed with: the pinned one from config, else the repo's."""
+    if pinned:
+        if pinned not in info.verify_keys:
+            log.warning("the configured verify key is not listed in the repository header")
+        return [pinned]
+    log.warning(
+        "manifest signatures are checked against the key in %s only; set keys.verify_key to pin it",
+        layout.REPO_FILE,
+    )
+    return list(info.verify_keys)
+
+
+def snapshot_ids(storage: Storage) -> list[str]:
+    """Ids of every snapshot that has a manifest object, oldest first."""
+    ids = set()
+    for obj in storage.list(layout.SNAPSHOTS):
+        parts = obj.key.split("/")
+        if len(parts) == 3 and parts[2] == "manifest.json" and is_id(parts[1]):
+            ids.add(parts[1])
+    return sorted(ids)
+
+
+def check_objects(manifest: Manifest, present: dict[str, ObjectInfo]) -> str | None:
+    """The first problem with the objects a manifest names, or None when all are there."""
+    for obj in manifest.objects():
+        found = present.get(obj.key)
+        if found is None:
+            return f"missing object {obj.key}"
+        if found.size != obj.size:
+            return f"object {obj.key} is {found.size} bytes, manifest says {obj.size}"
+    return None
+
+
+def load_snapshot(
+    storage: Storage, snapshot_id: str, verify_keys: list[str], repo_id: str
+) -> tuple[Manifest | None, str | None, str | None]:
+    """Read and verify one manifest: (manifest, its stored sha256, problem)."""
+    name = layout.manifest_key(snapshot_id)
+    try:
+        stored = storage.get_bytes(name)
+    except NotFound:
+        return None, None, "manifest missing"
+    try:
+        manifest = open_manifest(stored, verify_keys, name=name)
+    except IntegrityError as exc:
+        return None, manifest_sha256(stored), str(exc)
+    if manifest.snapshot_id != snapshot_id or manifest.repo_id != repo_id:
+        return None, manifest_sha256(stored), f"{name}: belongs to another snapshot or repository"
+    return manifest, manifest_sha256(stored), None
+
+
+def list_snapshots(
+    storage: Storage, verify_keys: list[str], repo_id: str, *, check_data: bool = True
+) -> list[SnapshotRecord]:
+    """Every snapshot with its status, oldest first.
+
+    With ``check_data`` the objects named by each manifest are checked against one listing of
+    the repository (existence and size). A listing error raises; it never reads as "empty".
+    """
+    present: dict[str, ObjectInfo] = {}
+    if check_data:
+        for prefix in (layout.SNAPSHOTS, layout.BLOBS):
+            present.update((o.key, o) for o in storage.list(prefix))
+    records = []
+    for snapshot_id in snapshot_ids(storage):
+        manifest, digest, problem = load_snapshot(storage, snapshot_id, verify_keys, repo_id)
+        if manifest is not None and check_data:
+            problem = check_objects(manifest, present)
+        records.append(SnapshotRecord(snapshot_id, manifest, digest, problem))
+    _check_chain(records)
+    return records
+
+
+def _check_chain(records: list[SnapshotRecord]) -> None:
+    """Log a warning where the hash chain shows a deleted or rolled-back snapshot."""
+    by_id = {r.snapshot_id: r for r in records}
+    for record in records:
+        m = record.manifest
+        if m is None or m.previous_id is None:
+            continue
+        prev = by_id.get(m.previous_id)
+        if prev is not None and prev.manifest_sha256 != m.previous_sha256:
+            log.warning(
+                "hash chain: %s records a different manifest for %s than the one stored",
+                record.snapshot_id,
+                m.previous_id,
+            )
+
+
+def resolve(
+    records: list[SnapshotRecord], ref: str, *, at: datetime | None = None
+) -> SnapshotRecord:
+    """Pick a snapshot by id, ``latest``, or the newest valid one not after ``at``."""
+    valid = [r for r in records if r.valid]
+    if ref == "latest":
+        candidates = [r for r in valid if at is None or r.time <= at]
+        if not candidates:
+            when = f" at or before {at.isoformat()}" if at else ""
+            raise NotFound(f"snapshot: no valid snapshot{when} in the repository")
+        return candidates[-1]
+    for record in records:
+        if record.snapshot_id == ref:
+            if not record.valid:
+                raise IntegrityError(f"snapshot {ref} is INVALID: {record.problem}")
+            return record
+    raise NotFound(f"snapshot {ref}: not found (see `drtool list`)")

@@ -1,0 +1,63 @@
+"""Grandfather-father-son retention: which valid snapshots to keep, and why.
+
+Only valid snapshots are considered (invalid ones are never counted as kept copies). Walking
+from newest to oldest, each rule keeps the newest snapshot of each of its last N periods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from drtool.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How many snapshots each rule keeps (0 = rule off)."""
+
+    last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+
+    def check(self) -> None:
+        """Refuse a policy that would keep nothing, or negative counts."""
+        counts = (self.last, self.hourly, self.daily, self.weekly, self.monthly)
+        if any(c < 0 for c in counts):
+            raise UsageError("prune: --keep-* counts cannot be negative")
+        if not any(counts):
+            raise UsageError(
+                "prune: this policy keeps nothing; give at least one --keep-* option "
+                "(e.g. --keep-daily 7)"
+            )
+
+
+PERIODS: dict[str, Callable[[datetime], object]] = {
+    "hourly": lambda t: (t.year, t.month, t.day, t.hour),
+    "daily": lambda t: (t.year, t.month, t.day),
+    "weekly": lambda t: t.isocalendar()[:2],
+    "monthly": lambda t: (t.year, t.month),
+}
+
+
+def select(snapshots: list[tuple[str, datetime]], policy: Policy) -> dict[str, list[str]]:
+    """Map each kept snapshot id to the rules that keep it; ids not in the map go."""
+    policy.check()
+    newest_first = sorted(snapshots, key=lambda s: s[1], reverse=True)
+    keep: dict[str, list[str]] = {}
+    for snapshot_id, _ in newest_first[: policy.last]:
+        keep.setdefault(snapshot_id, []).append("last")
+    for rule, period_of in PERIODS.items():
+        count = getattr(policy, rule)
+        seen: set[object] = set()
+        for snapshot_id, when in newest_first:
+            if len(seen) >= count:
+                break
+            period = period_of(when)
+            if period not in seen:
+                seen.add(period)
+                keep.setdefault(snapshot_id, []).append(rule)
+    return keep

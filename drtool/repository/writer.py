@@ -1,0 +1,89 @@
+"""Writing one snapshot: data objects first, each confirmed; the signed manifest last.
+
+Nothing is listed until ``commit`` writes the manifest, so a failure or a kill at any earlier
+point leaves only unreferenced objects, which ``prune`` sweeps after a grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from drtool.errors import IntegrityError
+from drtool.pipeline.header import InnerHeader
+from drtool.pipeline.seal import seal
+from drtool.repository import layout
+from drtool.repository.manifest import Manifest, ObjectEntry, sign_manifest
+from drtool.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Written:
+    """An object as stored, and the plaintext that went into it."""
+
+    entry: ObjectEntry
+    plain_bytes: int
+    plain_sha256: str
+
+
+@dataclass
+class SnapshotWriter:
+    """Puts the objects of one snapshot and commits it with a signed manifest."""
+
+    storage: Storage
+    repo: layout.RepoInfo
+    snapshot_id: str
+    signing_key: Ed25519PrivateKey
+    recipients: tuple[str, ...]
+    compression_level: int = 3
+    compression_threads: int = 0
+    retain_until: datetime | None = None
+
+    def _put(self, key: str, chunks: Iterable[bytes], header: InnerHeader) -> Written:
+        """Seal ``chunks`` into the object ``key`` and confirm its stored size."""
+        sealed = seal(
+            chunks,
+            header=header,
+            recipients=list(self.recipients),
+            level=self.compression_level,
+            threads=self.compression_threads,
+        )
+        info = self.storage.put(key, sealed.stream, retain_until=self.retain_until)
+        if info.size != sealed.stored.size:
+            raise IntegrityError(f"{key}: stored {info.size} bytes, sent {sealed.stored.size}")
+        entry = ObjectEntry(key, header.kind, info.size, sealed.stored.sha256, info.version_id)
+        log.debug("stored %s (%d bytes)", key, info.size)
+        return Written(entry, sealed.plain.size, sealed.plain.sha256)
+
+    def put_snapshot_object(
+        self, component: str, name: str, chunks: Iterable[bytes], *, kind: str
+    ) -> Written:
+        """Put an object that belongs to this snapshot only, bound to its slot by its header."""
+        key = f"{layout.snapshot_prefix(self.snapshot_id)}{component}/{name}.zst.age"
+        header = InnerHeader(self.repo.repo_id, self.snapshot_id, component, kind)
+        return self._put(key, chunks, header)
+
+    def put_blob(self, blob_id: str, chunks: Iterable[bytes]) -> Written:
+        """Put a shared content blob; its header binds it to its blob id instead of a snapshot."""
+        header = InnerHeader(self.repo.repo_id, blob_id, "minio", "blob")
+        return self._put(layout.blob_key(blob_id), chunks, header)
+
+    def commit(self, manifest: Manifest) -> bytes:
+        """HEAD every named object, then write the signed manifest: the commit point."""
+        for obj in manifest.objects():
+            info = self.storage.head(obj.key)
+            if info.size != obj.size:
+                raise IntegrityError(
+                    f"{obj.key}: {info.size} bytes in storage, {obj.size} expected; not committed"
+                )
+        stored = sign_manifest(manifest, self.signing_key)
+        self.storage.put_bytes(
+            layout.manifest_key(self.snapshot_id), stored, retain_until=self.retain_until
+        )
+        return stored

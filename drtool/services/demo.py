@@ -1,0 +1,135 @@
+"""``drtool demo``: the main job end to end on embedded defaults, no set-up needed.
+
+A throw-away local stack is started and seeded, keys are generated, a local ``file://``
+repository is created, a snapshot is taken and listed, then the stack is torn down (always).
+The repository, keys and configs stay in ``<home>/demo/`` for a look afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from chat_stack.seed import SeedResult
+from drtool import keys
+from drtool.config import load_config
+from drtool.errors import IntegrityError, NotFound
+from drtool.repository.catalog import SnapshotRecord
+from drtool.services import repo as repo_svc
+from drtool.services import stack as stack_svc
+from drtool.services.backup import COMPONENTS, BackupResult, Progress, run_backup
+
+log = logging.getLogger(__name__)
+
+STACK = "demo"
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """How much chat data the demo seeds."""
+
+    users: int = 200
+    rooms: int = 40
+    messages: int = 20_000
+    attachments: int = 200
+
+
+@dataclass
+class DemoResult:
+    """What the demo did, step by step."""
+
+    directory: Path
+    backup_config: Path
+    operator_config: Path
+    seeded: SeedResult | None = None
+    backup: BackupResult | None = None
+    snapshots: list[SnapshotRecord] | None = None
+
+
+def run_demo(
+    home: Path,
+    env: Mapping[str, str],
+    sizes: DemoSizes,
+    *,
+    step: Callable[[str], None] = lambda text: None,
+    progress: Progress = lambda component, n: None,
+) -> DemoResult:
+    """Stack up, seed, keys, init, backup, list; the stack goes down whatever happens."""
+    directory = home / "demo"
+    try:
+        stack_svc.stack_down(home, STACK)  # a stack left by an interrupted demo
+    except NotFound:
+        log.debug("no earlier demo stack to stop")
+    shutil.rmtree(directory, ignore_errors=True)
+    (directory / "keys").mkdir(parents=True, mode=0o700)
+    (directory / "repository").mkdir()
+    result = DemoResult(directory, directory / "backup.toml", directory / "operator.toml")
+
+    step("generating keys: an operator identity (off the NAS) and a signing key (on it)")
+    recipient = keys.write_identity(directory / "keys" / "operator.key", passphrase=None)
+    verify_key = keys.write_signing_key(directory / "keys" / "signing.key")
+
+    step("starting the included co-talk stack as local processes")
+    started = stack_svc.stack_up(home, STACK)
+    try:
+        sections = stack_svc.stack_config(started.stack)
+        repository = {"url": (directory / "repository").as_uri()}
+        stack_svc.write_config(
+            result.backup_config,
+            {
+                **sections,
+                "repository": repository,
+                "keys": {
+                    "recipients": [recipient],
+                    "signing_key_file": str(directory / "keys" / "signing.key"),
+                    "verify_key": verify_key,
+                },
+                "backup": {"state_dir": str(directory / "state")},
+            },
+            "the demo backup host (recipients and signing key only)",
+        )
+        stack_svc.write_config(
+            result.operator_config,
+            {
+                # no stack sections: the demo stack (and its secret files) is gone afterwards,
+                # and the operator config must keep working for list, show and verify
+                "repository": repository,
+                "keys": {
+                    "identity_file": str(directory / "keys" / "operator.key"),
+                    "verify_key": verify_key,
+                },
+            },
+            "the demo operator (holds the identity; restores and drills)",
+        )
+        step(f"seeding {sizes.messages:,} messages and {sizes.attachments} attachments")
+        result.seeded = stack_svc.stack_seed(
+            home,
+            STACK,
+            users=sizes.users,
+            rooms=sizes.rooms,
+            messages=sizes.messages,
+            attachments=sizes.attachments,
+            seed=1,
+            progress=False,
+        )
+        backup_cfg = load_config(result.backup_config, {})
+        step(f"creating the repository {repository['url']}")
+        repo_svc.init_repo(backup_cfg)
+        step("backing up PostgreSQL, Redis and MinIO")
+        result.backup = run_backup(
+            backup_cfg, home=home, env=env, components=COMPONENTS, progress=progress
+        )
+        step("verifying every object with the operator's identity")
+        operator_cfg = load_config(result.operator_config, {})
+        outcomes = repo_svc.verify(operator_cfg, result.backup.snapshot_id, read_data=True)
+        for outcome in outcomes:
+            if outcome.problems:
+                raise IntegrityError(f"demo: verify failed: {outcome.problems[0]}")
+        result.snapshots = repo_svc.list_records(operator_cfg)
+    finally:
+        step("stopping the stack")
+        started.stack.down()
+    return result

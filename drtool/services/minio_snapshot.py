@@ -1,0 +1,193 @@
+"""Incremental MinIO bucket snapshots: content blobs shared across snapshots, one index each.
+
+Every object becomes an encrypted blob ``blobs/<xx>/<blob-id>.zst.age`` (a random id, so blob
+names reveal nothing of the content). A snapshot's encrypted index maps each key to its blob,
+size, sha256, content type and metadata. An object whose key, size and ETag equal the previous
+snapshot's, and whose blob is still stored, reuses that blob. The backup host keeps the last
+committed index in plaintext in its state dir (it holds the plaintext objects anyway), because
+it has no identity to read the encrypted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from drtool.errors import SourceError
+from drtool.repository import layout
+from drtool.repository.manifest import ObjectEntry
+from drtool.repository.writer import SnapshotWriter
+from drtool.sources.minio import MinioStore, SourceObject
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One object of a bucket snapshot."""
+
+    key: str
+    size: int
+    etag: str
+    sha256: str
+    content_type: str
+    metadata: dict[str, str]
+    blob: str
+    blob_size: int
+    blob_sha256: str
+
+    def blob_entry(self) -> ObjectEntry:
+        """The manifest entry of this object's blob."""
+        return ObjectEntry(layout.blob_key(self.blob), "blob", self.blob_size, self.blob_sha256)
+
+
+def encode_index(entries: list[IndexEntry]) -> Iterator[bytes]:
+    """JSON lines, sorted by key."""
+    for entry in sorted(entries, key=lambda e: e.key):
+        yield json.dumps(asdict(entry), ensure_ascii=False, sort_keys=True).encode() + b"\n"
+
+
+def decode_index(data: bytes) -> list[IndexEntry]:
+    """Parse an index written by ``encode_index``."""
+    return [IndexEntry(**json.loads(line)) for line in data.splitlines() if line.strip()]
+
+
+@dataclass
+class BucketResult:
+    """What one bucket snapshot stored."""
+
+    bucket: str
+    entries: list[IndexEntry]
+    index: ObjectEntry
+    uploaded: int = 0
+    uploaded_bytes: int = 0
+    reused: int = 0
+    plain_bytes: int = 0
+
+
+def cache_path(state_dir: Path, repo_id: str, bucket: str) -> Path:
+    """Where the backup host keeps the last committed index of ``bucket``."""
+    return state_dir / "minio-index" / repo_id / f"{bucket}.jsonl"
+
+
+def read_cache(path: Path) -> dict[str, IndexEntry]:
+    """The cached index by key (empty when there is none or it is unreadable)."""
+    try:
+        return {e.key: e for e in decode_index(path.read_bytes())}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def write_cache(path: Path, entries: list[IndexEntry]) -> None:
+    """Replace the cached index atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(b"".join(encode_index(entries)))
+    tmp.replace(path)
+
+
+def snapshot_bucket(
+    store: MinioStore,
+    bucket: str,
+    writer: SnapshotWriter,
+    *,
+    previous: dict[str, IndexEntry],
+    stored_blobs: dict[str, int],
+    workers: int = 4,
+    on_object: Callable[[int], None] = lambda n: None,
+) -> BucketResult:
+    """Snapshot one bucket: upload new or changed objects as blobs, reuse the rest, store the index.
+
+    A listing or read error raises; no index is written for a partial bucket.
+    """
+    entries: list[IndexEntry] = []
+    todo: list[SourceObject] = []
+    for obj in store.list_objects(bucket):
+        old = previous.get(obj.key)
+        if (
+            old is not None
+            and old.size == obj.size
+            and old.etag == obj.etag
+            and stored_blobs.get(layout.blob_key(old.blob)) == old.blob_size
+        ):
+            entries.append(old)
+            on_object(obj.size)
+        else:
+            todo.append(obj)
+    reused = len(entries)
+
+    def upload(obj: SourceObject) -> IndexEntry:
+        meta, stream = store.read(bucket, obj.key)
+        blob_id = secrets.token_hex(16)
+        written = writer.put_blob(blob_id, stream)
+        if written.plain_bytes != obj.size:
+            raise_changed(bucket, obj, written.plain_bytes)
+        on_object(obj.size)
+        return IndexEntry(
+            key=obj.key,
+            size=obj.size,
+            etag=obj.etag,
+            sha256=written.plain_sha256,
+            content_type=meta.content_type,
+            metadata=meta.metadata,
+            blob=blob_id,
+            blob_size=written.entry.size,
+            blob_sha256=written.entry.sha256,
+        )
+
+    entries.extend(_run_parallel(upload, todo, workers))
+    index = writer.put_snapshot_object(
+        "minio", f"{bucket}.index", encode_index(entries), kind="minio_index"
+    )
+    uploaded = entries[reused:]
+    return BucketResult(
+        bucket=bucket,
+        entries=entries,
+        index=index.entry,
+        uploaded=len(uploaded),
+        uploaded_bytes=sum(e.size for e in uploaded),
+        reused=reused,
+        plain_bytes=sum(e.size for e in entries),
+    )
+
+
+def raise_changed(bucket: str, obj: SourceObject, got: int) -> None:
+    """An object changed between listing and reading: fail rather than record a mismatch."""
+    raise SourceError(
+        f"minio {bucket}/{obj.key}: listed as {obj.size} bytes but read {got}; "
+        "it changed during the backup, run it again"
+    )
+
+
+def _run_parallel(
+    fn: Callable[[SourceObject], IndexEntry], items: list[SourceObject], workers: int
+) -> list[IndexEntry]:
+    """Apply ``fn`` with at most ``workers`` in flight; the first failure cancels the rest."""
+    results: list[IndexEntry] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: set[Future[IndexEntry]] = set()
+        for item in items:
+            if len(pending) >= workers * 2:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                _collect(done, results, pending)
+            pending.add(pool.submit(fn, item))
+        done, _ = wait(pending)
+        _collect(done, results, set())
+    return results
+
+
+def _collect(
+    done: set[Future[IndexEntry]], results: list[IndexEntry], pending: set[Future[IndexEntry]]
+) -> None:
+    for future in done:
+        exc = future.exception()
+        if exc is not None:
+            for other in pending:
+                other.cancel()
+            raise exc
+        results.append(future.result())
