@@ -45,10 +45,10 @@ from chat_stack.stores import (
     endpoints_from,
     ensure_bucket,
     run_cli,
-    s3_client,
 )
 from drtool.errors import UsageError
 from drtool.runtime.endpoints import StackEndpoints
+from drtool.sources.minio import s3_client
 
 SEED_START = date(2025, 1, 1)
 SEED_MONTHS = 6

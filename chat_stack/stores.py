@@ -13,10 +13,8 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
-import boto3
 import psycopg
 import redis
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from drtool.errors import ConfigError, DrtoolError, SourceError
@@ -158,24 +156,6 @@ def connect_redis(endpoint: RedisEndpoint) -> redis.Redis:
             f"cannot connect to Redis at {endpoint.host}:{endpoint.port}: {first_line(exc)}"
         ) from None
     return client
-
-
-def s3_client(endpoint: S3Endpoint, pool_size: int = 8) -> Any:
-    """A boto3 S3 client (SigV4, path-style) for the endpoint."""
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint.endpoint_url,
-        aws_access_key_id=endpoint.access_key,
-        aws_secret_access_key=endpoint.secret_key,
-        region_name=endpoint.region,
-        config=Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            max_pool_connections=pool_size,
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=10,
-        ),
-    )
 
 
 def ensure_bucket(client: Any, endpoint: S3Endpoint, bucket: str) -> None:

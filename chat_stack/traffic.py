@@ -38,10 +38,10 @@ from chat_stack.stores import (
     endpoints_from,
     ensure_bucket,
     run_cli,
-    s3_client,
 )
 from drtool.errors import UsageError
 from drtool.runtime.endpoints import StackEndpoints
+from drtool.sources.minio import s3_client
 
 ATTACHMENT_SHARE = 0.05
 READ_SHARE = 0.2

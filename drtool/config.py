@@ -215,8 +215,8 @@ def _section_values(
         env_name = f"DRTOOL_{name.upper()}_{f.name.upper()}"
         if f.name in flags and flags[f.name] is not None:
             values[f.name] = _coerce(where, flags[f.name], hints[f.name], from_env=True)
-        elif env_name in env:
-            values[f.name] = _coerce(where, env[env_name], hints[f.name], from_env=True)
+        elif env_name in env:  # name the variable: the file may not mention the field at all
+            values[f.name] = _coerce(env_name, env[env_name], hints[f.name], from_env=True)
         elif f.name in secret_names and f"{env_name}_FILE" in env:
             values[f.name] = _read_secret_file(f"{env_name}_FILE", env[f"{env_name}_FILE"])
         elif f.name in secret_names and f"{f.name}_file" in table:
@@ -269,10 +269,14 @@ def _target(name: str, table: Any) -> StackConfig:
     """One ``[targets.NAME.*]`` restore target; its secrets come from ``*_file`` paths only."""
     if not isinstance(table, dict):
         raise ConfigError(f"targets.{name}: expected a table (got {table!r})")
-    for key in table:
+    for key, value in table.items():
         if key not in STACK_SECTIONS:
             raise ConfigError(
                 f"targets.{name}.{key}: unknown section (known: {', '.join(STACK_SECTIONS)})"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"targets.{name}.{key}: expected a [targets.{name}.{key}] table (got {value!r})"
             )
     return StackConfig(
         **{

@@ -25,7 +25,8 @@ from drtool.runtime.binaries import MissingBinary
 from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.runtime.pgserver import PostgresServer
 from drtool.runtime.redisserver import RedisServer
-from drtool.runtime.s3server import SeaweedServer, s3_client
+from drtool.runtime.s3server import SeaweedServer
+from drtool.sources.minio import s3_client
 
 REQUIRE_SERVERS_ENV = "DRTOOL_REQUIRE_SERVERS"
 

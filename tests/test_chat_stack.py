@@ -22,7 +22,7 @@ from psycopg import sql
 from chat_stack import redis_layout
 from chat_stack.schema import TABLES, apply_schema
 from chat_stack.seed import SEED_MONTHS, SEED_START, SeedResult, SeedSizes, seed
-from chat_stack.stores import connect_redis, s3_client
+from chat_stack.stores import connect_redis
 from chat_stack.traffic import run_traffic
 from drtool.errors import UsageError
 from drtool.runtime.endpoints import (
@@ -31,6 +31,7 @@ from drtool.runtime.endpoints import (
     S3Endpoint,
     StackEndpoints,
 )
+from drtool.sources.minio import s3_client
 
 SMALL = SeedSizes(users=50, rooms=10, messages=2000, attachments=30)
 

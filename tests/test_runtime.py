@@ -23,7 +23,8 @@ from drtool.runtime import binaries
 from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.runtime.local import LocalStack, StackPorts
 from drtool.runtime.pgserver import PostgresServer
-from drtool.runtime.s3server import PORT_OFFSETS, s3_client
+from drtool.runtime.s3server import PORT_OFFSETS
+from drtool.sources.minio import s3_client
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ import pytest
 
 from drtool.errors import ConfigError, NotFound, StorageError
 from drtool.runtime.endpoints import S3Endpoint
-from drtool.runtime.s3server import s3_client
+from drtool.sources.minio import s3_client
 from drtool.storage import Storage, StorageOptions, open_storage
 from drtool.storage.base import TEMP_PREFIX, MiB
 from drtool.storage.retry import Backoff, retry_call

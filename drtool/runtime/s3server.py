@@ -9,14 +9,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from drtool.runtime.binaries import weed_binary
 from drtool.runtime.endpoints import S3Endpoint
 from drtool.runtime.procs import HOST, Daemon, check_socket_path, free_port_block
 from drtool.runtime.server import Launch, LocalServer
+from drtool.sources.minio import s3_client
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -24,24 +23,6 @@ if TYPE_CHECKING:
 # master, volume, filer, s3, admin on base+0..4; their gRPC ports are each +10000.
 PORT_OFFSETS = (0, 1, 2, 3, 4, 10000, 10001, 10002, 10003, 10004)
 _SERVICES = ("master", "volume", "filer", "s3", "admin")
-
-
-def s3_client(endpoint: S3Endpoint, *, timeout: float = 10.0, attempts: int = 3) -> S3Client:
-    """A boto3 S3 client for ``endpoint``: SigV4, path-style addressing."""
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint.endpoint_url,
-        aws_access_key_id=endpoint.access_key,
-        aws_secret_access_key=endpoint.secret_key,
-        region_name=endpoint.region,
-        config=Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            connect_timeout=timeout,
-            read_timeout=timeout,
-            retries={"max_attempts": attempts, "mode": "standard"},
-        ),
-    )
 
 
 class SeaweedServer(LocalServer):
@@ -149,7 +130,7 @@ class SeaweedServer(LocalServer):
 
     def _probe(self) -> bool:
         if self._probe_client is None:
-            self._probe_client = s3_client(self.endpoint, timeout=2, attempts=1)
+            self._probe_client = s3_client(self.endpoint, timeout=2.0, attempts=1)
         try:
             self._probe_client.list_buckets()
         except (BotoCoreError, ClientError):

@@ -40,25 +40,33 @@ class ObjectMeta:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+def s3_client(
+    endpoint: S3Endpoint, *, timeout: float = 10.0, attempts: int = 3, pool_size: int = 8
+) -> Any:
+    """A boto3 S3 client for ``endpoint``: SigV4, path-style addressing, standard retries."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint.endpoint_url,
+        aws_access_key_id=endpoint.access_key,
+        aws_secret_access_key=endpoint.secret_key,
+        region_name=endpoint.region,
+        config=BotoConfig(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            connect_timeout=timeout,
+            read_timeout=max(timeout, 60.0),
+            retries={"max_attempts": attempts, "mode": "standard"},
+            max_pool_connections=pool_size,
+        ),
+    )
+
+
 class MinioStore:
     """A client of one S3-compatible endpoint."""
 
     def __init__(self, endpoint: S3Endpoint, *, max_pool: int = 8) -> None:
         self.endpoint = endpoint
-        self._s3: Any = boto3.client(
-            "s3",
-            endpoint_url=endpoint.endpoint_url,
-            aws_access_key_id=endpoint.access_key,
-            aws_secret_access_key=endpoint.secret_key,
-            region_name=endpoint.region,
-            config=BotoConfig(
-                s3={"addressing_style": "path"},
-                retries={"mode": "standard", "max_attempts": 5},
-                connect_timeout=5,
-                read_timeout=60,
-                max_pool_connections=max_pool,
-            ),
-        )
+        self._s3: Any = s3_client(endpoint, timeout=5.0, attempts=5, pool_size=max_pool)
 
     def _error(self, action: str, bucket: str, exc: Exception, key: str = "") -> DrtoolError:
         where = f"minio {self.endpoint.endpoint_url} {bucket}/{key}".rstrip("/")
