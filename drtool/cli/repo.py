@@ -193,7 +193,11 @@ def prune(
         "prune plan" + (" (dry run)" if dry_run else ""),
         ["snapshot", "action", "why"],
         [[sid, "keep", ", ".join(why)] for sid, why in sorted(plan.keep.items())]
-        + [[sid, "forget", "outside the policy"] for sid in plan.forget],
+        + [[sid, "forget", "outside the policy"] for sid in plan.forget]
+        + [
+            [sid, "keep", "INVALID: never pruned; investigate (drtool list)"]
+            for sid in plan.invalid
+        ],
     )
     verb = "would delete" if dry_run else "deleted"
     click.echo(

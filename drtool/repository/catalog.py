@@ -7,6 +7,7 @@ reason, and is never restorable or counted by retention.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -72,6 +73,15 @@ def check_objects(manifest: Manifest, present: dict[str, ObjectInfo]) -> str | N
         if found.size != obj.size:
             return f"object {obj.key} is {found.size} bytes, manifest says {obj.size}"
     return None
+
+
+def unverified_object_keys(storage: Storage, snapshot_id: str) -> set[str]:
+    """Object keys an INVALID manifest names, read without trusting it (to protect them)."""
+    try:
+        body = json.loads(storage.get_bytes(layout.manifest_key(snapshot_id)))["body"]
+        return {o["key"] for c in body["components"] for o in c["objects"]}
+    except (NotFound, ValueError, KeyError, TypeError):
+        return set()
 
 
 def load_snapshot(

@@ -31,6 +31,14 @@ class ObjectEntry:
     sha256: str
     version_id: str | None = None
 
+    def mismatch(self, size: int, sha256: str) -> str | None:
+        """Why stored bytes of ``size``/``sha256`` are not this object, or None when they are."""
+        if size != self.size:
+            return f"{self.key}: stored size {size} differs from the manifest ({self.size})"
+        if sha256 != self.sha256:
+            return f"{self.key}: stored sha256 differs from the manifest"
+        return None
+
 
 @dataclass(frozen=True)
 class ComponentEntry:

@@ -118,8 +118,9 @@ def read_object(
 ) -> bytes:
     """Read a small object whole: stored hash checked, decrypted, header checked."""
     raw = repo.storage.get_bytes(entry.key)
-    if len(raw) != entry.size or hashlib.sha256(raw).hexdigest() != entry.sha256:
-        raise IntegrityError(f"{entry.key}: stored bytes differ from the manifest")
+    problem = entry.mismatch(len(raw), hashlib.sha256(raw).hexdigest())
+    if problem:
+        raise IntegrityError(problem)
     return b"".join(
         unseal(
             [raw],
@@ -242,11 +243,7 @@ def _verify_object(
                 pass
     except (IntegrityError, NotFound) as exc:
         return str(exc)
-    if size != obj.size or digest.hexdigest() != obj.sha256:
-        return (
-            f"{obj.key}: stored bytes differ from the manifest (size {size}, expected {obj.size})"
-        )
-    return None
+    return obj.mismatch(size, digest.hexdigest())
 
 
 @dataclass
@@ -290,10 +287,15 @@ def prune(
             if r.snapshot_id in keep and r.manifest is not None
             for o in r.manifest.objects()
         } | {layout.manifest_key(sid) for sid in keep}
+        # INVALID snapshots are never deleted by prune: after a key rotation or tampering
+        # they are evidence for an operator to look at, so their data stays too.
+        for sid in invalid:
+            referenced |= catalog.unverified_object_keys(repo.storage, sid)
+        protected = tuple(layout.snapshot_prefix(sid) for sid in invalid)
         cutoff = now - grace
         for prefix in (layout.SNAPSHOTS, layout.BLOBS):
             for obj in repo.storage.list(prefix):
-                if obj.key in referenced:
+                if obj.key in referenced or obj.key.startswith(protected):
                     continue
                 in_forgotten = any(obj.key.startswith(layout.snapshot_prefix(s)) for s in forget)
                 old = obj.last_modified is not None and obj.last_modified < cutoff

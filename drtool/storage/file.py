@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from drtool.errors import IntegrityError, NotFound, StorageError
+from drtool.faults import crash_point
 from drtool.storage.base import TEMP_PREFIX, ObjectInfo, Storage, check_key
 
 READ_SIZE = 1024 * 1024
@@ -85,6 +86,8 @@ class FileStorage(Storage):
                 with open(tmp, "xb") as f:
                     for chunk in chunks:
                         f.write(chunk)
+                        if not sent:
+                            crash_point("upload-part")
                         sent += len(chunk)
                     f.flush()
                     os.fsync(f.fileno())
@@ -145,9 +148,15 @@ class FileStorage(Storage):
         """Walk the directory under ``prefix`` (sorted by key), ignoring temp files."""
         self._require_root()
         top = self.root.joinpath(*prefix.split("/")[:-1])
+        try:  # not Path.is_dir()/exists(): they read errors (a symlink loop) as "absent"
+            present = stat.S_ISDIR(top.stat().st_mode)
+        except FileNotFoundError:
+            present = False
+        except OSError as exc:
+            raise self._error(prefix or ".", "list", exc) from None
         keys = sorted(
             key
-            for _p, key in (self._walk(top) if top.is_dir() else ())
+            for _p, key in (self._walk(top) if present else ())
             if key.startswith(prefix) and not key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
         )
         for key in keys:

@@ -1,0 +1,287 @@
+"""Retention: GFS selection, and prune applying it to a real repository (file and S3)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from test_repository import (  # noqa: F401 (fixtures: any_kit, kit, looping_blobs)
+    T0,
+    RepoKit,
+    Snap,
+    blob_id,
+    fixture_any_kit,
+    fixture_kit,
+    fixture_looping_blobs,
+)
+
+from drtool.errors import Locked, StorageError, UsageError
+from drtool.repository import layout
+from drtool.repository.ids import new_id
+from drtool.repository.locks import read_locks, repository_lock
+from drtool.repository.retention import Policy, select
+from drtool.runtime.s3server import s3_client
+from drtool.services import repo as svc
+from drtool.storage.base import TEMP_PREFIX
+
+# -- selection --------------------------------------------------------------------------------
+
+
+def sid(t: datetime) -> str:
+    return f"{t:%Y%m%dT%H%M%SZ}-0000"
+
+
+def hourly_timeline() -> list[tuple[str, datetime]]:
+    """One snapshot an hour from 2026-01-01 00:00 to 2026-03-01 23:00 (60 days)."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    times = [start + timedelta(hours=h) for h in range(60 * 24)]
+    return [(sid(t), t) for t in times]
+
+
+def at(month: int, day: int, hour: int = 23) -> str:
+    return sid(datetime(2026, month, day, hour, tzinfo=UTC))
+
+
+def test_gfs_selection_on_an_hourly_timeline() -> None:
+    policy = Policy(last=3, daily=7, weekly=4, monthly=3)
+    keep = select(hourly_timeline(), policy)
+    # 2026-03-01 is a Sunday: ISO weeks end on Sundays 23:00
+    assert keep == {
+        at(3, 1): ["last", "daily", "weekly", "monthly"],
+        at(3, 1, 22): ["last"],
+        at(3, 1, 21): ["last"],
+        at(2, 28): ["daily", "monthly"],
+        at(2, 27): ["daily"],
+        at(2, 26): ["daily"],
+        at(2, 25): ["daily"],
+        at(2, 24): ["daily"],
+        at(2, 23): ["daily"],
+        at(2, 22): ["weekly"],
+        at(2, 15): ["weekly"],
+        at(2, 8): ["weekly"],
+        at(1, 31): ["monthly"],
+    }
+
+
+def test_hourly_rule_keeps_the_newest_of_each_hour() -> None:
+    base = datetime(2026, 5, 4, 10, tzinfo=UTC)
+    snaps = [
+        (sid(base + timedelta(minutes=m)), base + timedelta(minutes=m)) for m in range(0, 180, 20)
+    ]
+    keep = select(snaps, Policy(hourly=2))
+    assert keep == {
+        sid(base + timedelta(minutes=160)): ["hourly"],
+        sid(base + timedelta(minutes=100)): ["hourly"],
+    }
+
+
+def test_periods_without_snapshots_are_not_counted() -> None:
+    """keep-monthly 3 keeps the newest of the last three months that *have* snapshots."""
+    times = [datetime(2025, m, 10, tzinfo=UTC) for m in (1, 4, 9, 11)]
+    keep = select([(sid(t), t) for t in times], Policy(monthly=3))
+    assert sorted(keep) == [sid(times[1]), sid(times[2]), sid(times[3])]
+
+
+def test_selection_does_not_depend_on_input_order() -> None:
+    timeline = hourly_timeline()
+    policy = Policy(last=2, daily=3, monthly=2)
+    assert select(list(reversed(timeline)), policy) == select(timeline, policy)
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        (Policy(), "this policy keeps nothing; give at least one --keep-\\* option"),
+        (Policy(daily=-1, last=3), "--keep-\\* counts cannot be negative"),
+    ],
+)
+def test_bad_policies_are_refused(policy: Policy, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as caught:
+        select(hourly_timeline(), policy)
+    assert caught.value.exit_code == 2
+
+
+def test_bad_policy_refused_before_touching_a_repository(kit: RepoKit) -> None:
+    kit.snapshot(T0)
+    before = kit.keys_in_storage()
+    with pytest.raises(UsageError, match="keeps nothing"):
+        svc.prune(kit.config(), Policy(), dry_run=False)
+    assert kit.keys_in_storage() == before
+
+
+# -- prune ------------------------------------------------------------------------------------
+
+
+@dataclass
+class History:
+    snaps: list[Snap]
+    shared: str  # a blob every snapshot uses
+    old_only: str  # a blob only the two oldest use
+    orphans: set[str]  # a crashed backup's objects (no manifest)
+
+
+def build_history(kit: RepoKit) -> History:
+    """Five daily snapshots; a blob shared by all, one only in the two oldest; garbage."""
+    shared, old_only = blob_id(), blob_id()
+    snaps = [
+        kit.snapshot(T0 + timedelta(days=d), blobs=(shared, old_only) if d < 2 else (shared,))
+        for d in range(5)
+    ]
+    # a crashed backup's leftovers: an object of a snapshot without a manifest, and a blob
+    crashed = kit.writer(new_id(T0 + timedelta(days=5)))
+    orphan_obj = crashed.put_snapshot_object("redis", "dump.rdb", [b"x"], kind="redis_rdb")
+    orphan_blob = crashed.put_blob(blob_id(), [b"y"])
+    return History(
+        snaps,
+        layout.blob_key(shared),
+        layout.blob_key(old_only),
+        {orphan_obj.entry.key, orphan_blob.entry.key},
+    )
+
+
+def test_prune_dry_run_then_real_run(any_kit: RepoKit) -> None:
+    kit = any_kit
+    history = build_history(kit)
+    ids = [s.snapshot_id for s in history.snaps]
+    policy = Policy(last=2)
+    before = kit.keys_in_storage()
+    later = datetime.now(UTC) + timedelta(days=2)  # everything unreferenced is past the grace
+
+    plan = svc.prune(kit.config(), policy, dry_run=True, now=later)
+    assert plan.keep == {ids[4]: ["last"], ids[3]: ["last"]}
+    assert plan.forget == ids[:3]
+    assert plan.invalid == []
+    assert not plan.done
+    assert kit.keys_in_storage() == before  # a dry run changes nothing
+    assert read_locks(kit.storage) == []
+
+    plan = svc.prune(kit.config(), policy, dry_run=False, now=later)
+    assert plan.done
+    forgotten = {k for sid in ids[:3] for k in own_keys_of(before, sid)}
+    assert len(forgotten) == 6  # a manifest and a dump each
+    expected_gone = forgotten | {history.old_only} | history.orphans
+    assert set(plan.garbage) == expected_gone
+    after = kit.keys_in_storage()
+    assert after == before - expected_gone
+    assert history.shared in after  # still used by the kept snapshots
+    assert read_locks(kit.storage) == []
+    # what is kept still lists and verifies, with the data read
+    rows = [svc.record_summary(r) for r in svc.list_records(kit.config())]
+    assert [(r["id"], r["status"]) for r in rows] == [(ids[3], "VALID"), (ids[4], "VALID")]
+    outcomes = svc.verify(kit.config(), None, read_data=True)
+    assert [(o.snapshot_id, o.problems) for o in outcomes] == [(ids[3], []), (ids[4], [])]
+    # a second run has nothing left to do
+    again = svc.prune(kit.config(), policy, dry_run=False, now=later)
+    assert (again.forget, again.garbage) == ([], [])
+    assert kit.keys_in_storage() == after
+
+
+def own_keys_of(keys: set[str], snapshot_id: str) -> set[str]:
+    prefix = layout.snapshot_prefix(snapshot_id)
+    return {k for k in keys if k.startswith(prefix)}
+
+
+def test_prune_leaves_young_unreferenced_data_alone(kit: RepoKit) -> None:
+    """A backup running elsewhere has written objects but no manifest yet: they stay."""
+    history = build_history(kit)
+    root = Path(kit.url.removeprefix("file://"))
+    # one leftover blob is three days old: it goes; the rest were written just now
+    [aged] = [k for k in history.orphans if k.startswith("blobs/")]
+    old = time.time() - 3 * 86400
+    os.utime(root / aged, (old, old))
+    plan = svc.prune(kit.config(), Policy(last=2), dry_run=False)
+    after = kit.keys_in_storage()
+    assert aged not in after
+    assert history.orphans - {aged} <= after
+    # the blob only the forgotten snapshots used is young too: it waits for the grace period
+    assert history.old_only in after
+    assert {layout.manifest_key(s.snapshot_id) for s in history.snaps[:3]}.isdisjoint(after)
+    assert aged in plan.garbage
+
+
+def test_invalid_snapshots_are_not_counted_as_kept(kit: RepoKit) -> None:
+    """M2: keep-last 1 keeps the newest *valid* snapshot, not a newer broken one."""
+    older = kit.snapshot(T0)
+    good = kit.snapshot(T0 + timedelta(days=1))
+    broken = kit.snapshot(T0 + timedelta(days=2))
+    kit.storage.delete(broken.dump_key)
+    plan = svc.prune(kit.config(), Policy(last=1), dry_run=False)
+    assert plan.keep == {good.snapshot_id: ["last"]}
+    assert plan.forget == [older.snapshot_id]
+    assert plan.invalid == [broken.snapshot_id]
+    records = kit.records()
+    assert list(records) == [good.snapshot_id, broken.snapshot_id]
+    assert records[good.snapshot_id].valid
+
+
+def test_prune_never_sweeps_an_invalid_snapshot(kit: RepoKit) -> None:
+    """An INVALID snapshot (tampered, or signed by a rotated key) is evidence: prune keeps it."""
+    good = kit.snapshot(T0)
+    broken = kit.snapshot(T0 + timedelta(days=1))
+    kit.storage.delete(broken.dump_key)
+    before = {k for k in kit.keys_in_storage() if broken.snapshot_id in k}
+    later = datetime.now(UTC) + timedelta(days=30)  # far past the grace period
+    plan = svc.prune(kit.config(), Policy(last=1), dry_run=False, now=later)
+    assert plan.invalid == [broken.snapshot_id]
+    assert before <= kit.keys_in_storage()
+    assert kit.records()[good.snapshot_id].valid
+
+
+def plant_stale_upload(kit: RepoKit, request: pytest.FixtureRequest) -> None:
+    """An unfinished write from a crashed backup (temp file / multipart upload)."""
+    key = f"{layout.snapshot_prefix(new_id(T0))}postgres/dump.pgdump.zst.age"
+    if kit.url.startswith("file://"):
+        path = Path(kit.url.removeprefix("file://")) / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(6)}-{path.name}")
+        tmp.write_bytes(b"partial")
+    else:
+        bucket, prefix = kit.url.removeprefix("s3://").split("/", 1)
+        client = s3_client(request.getfixturevalue("s3_server"))
+        client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/{key}")
+
+
+def test_prune_aborts_stale_uploads(any_kit: RepoKit, request: pytest.FixtureRequest) -> None:
+    any_kit.snapshot(T0)
+    plant_stale_upload(any_kit, request)
+    cutoff_now = datetime.now(UTC)
+    assert len(any_kit.storage.stale_uploads(cutoff_now + timedelta(minutes=1))) == 1
+    # within the grace period an unfinished upload may be a running backup: it stays
+    fresh = svc.prune(any_kit.config(), Policy(last=1), dry_run=False)
+    assert fresh.stale_uploads == 0
+    assert len(any_kit.storage.stale_uploads(cutoff_now + timedelta(minutes=1))) == 1
+    later = datetime.now(UTC) + timedelta(days=2)
+    dry = svc.prune(any_kit.config(), Policy(last=1), dry_run=True, now=later)
+    assert dry.stale_uploads == 1
+    assert len(any_kit.storage.stale_uploads(later)) == 1
+    done = svc.prune(any_kit.config(), Policy(last=1), dry_run=False, now=later)
+    assert done.stale_uploads == 1
+    assert any_kit.storage.stale_uploads(later) == []
+
+
+def test_prune_listing_error_deletes_nothing(looping_blobs: RepoKit) -> None:
+    """U5: a listing that fails is an error, never "no objects"; nothing is deleted."""
+    kit = looping_blobs
+    kit.snapshot(T0 + timedelta(days=1))
+    kit.snapshot(T0 + timedelta(days=2))
+    root = Path(kit.url.removeprefix("file://"))
+    before = {p for p in root.rglob("*")}
+    later = datetime.now(UTC) + timedelta(days=2)
+    with pytest.raises(StorageError, match="cannot stat"):
+        svc.prune(kit.config(), Policy(last=1), dry_run=False, now=later)
+    assert {p for p in root.rglob("*")} == before
+    assert read_locks(kit.storage) == []
+
+
+def test_prune_waits_for_a_running_writer(kit: RepoKit) -> None:
+    kit.snapshot(T0)
+    kit.snapshot(T0 + timedelta(days=1))
+    before = kit.keys_in_storage()
+    with repository_lock(kit.storage, "backup"), pytest.raises(Locked, match="locked by"):
+        svc.prune(kit.config(), Policy(last=1), dry_run=False)
+    assert kit.keys_in_storage() == before
