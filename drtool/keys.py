@@ -54,6 +54,8 @@ def _create_private(path: Path, content: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise ConfigError(f"{path}: already exists; refusing to overwrite a key file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create the key file ({exc.strerror})") from None
     with os.fdopen(fd, "wb") as handle:
         handle.write(content)
         handle.flush()

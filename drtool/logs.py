@@ -47,16 +47,25 @@ class RedactFilter(logging.Filter):
         """Rewrite the record's message and extra fields with secrets replaced."""
         if not self.secrets:
             return True
-        message = record.getMessage()
-        for secret in self.secrets:
-            message = message.replace(secret, REDACTED)
-        record.msg, record.args = message, None
+        record.msg, record.args = self.redact(record.getMessage()), None
         for key, value in list(record.__dict__.items()):
-            if isinstance(value, str) and key not in ("msg", "name", "levelname"):
-                for secret in self.secrets:
-                    value = value.replace(secret, REDACTED)
-                record.__dict__[key] = value
+            if key in ("msg", "args", "exc_info", "name", "levelname"):
+                continue
+            if isinstance(value, str):
+                record.__dict__[key] = self.redact(value)
+            elif not isinstance(value, int | float | type(None)):
+                # an extra field holding an object (a dict, a list, an endpoint...) is logged
+                # as its text; replace it by the redacted text when that shows a secret
+                text = str(value)
+                if self.redact(text) != text:
+                    record.__dict__[key] = self.redact(text)
         return True
+
+    def redact(self, text: str) -> str:
+        """``text`` with every known secret replaced by ``***``."""
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
 
 
 def setup_logging(

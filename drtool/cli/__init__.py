@@ -17,11 +17,14 @@ from drtool.cli import repo
 from drtool.cli.backup import backup
 from drtool.cli.context import root
 from drtool.cli.demo import demo
+from drtool.cli.drill import drill
 from drtool.cli.keys import keys
+from drtool.cli.restore import restore
+from drtool.cli.schedule import schedule
 from drtool.cli.stack import stack
 from drtool.errors import DrtoolError
 
-for command in (demo, stack, keys, backup, *repo.COMMANDS):
+for command in (demo, stack, keys, backup, restore, drill, schedule, *repo.COMMANDS):
     root.add_command(command)
 
 log = logging.getLogger("drtool")
@@ -44,8 +47,10 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C and SIGTERM (a KeyboardInterrupt here) into Abort
+        interrupted = isinstance(exc.__cause__, KeyboardInterrupt)
+        click.echo(f"error: {'interrupted' if interrupted else 'aborted'}", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)

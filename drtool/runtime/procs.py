@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -187,17 +188,26 @@ def ensure_ports_free(what: str, ports: Iterable[int]) -> None:
             )
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_block(offsets: Sequence[int], taken: set[int]) -> int:
     """A base port B such that B+o is free for every o in ``offsets``, and none is in ``taken``.
 
-    Candidates come from the kernel (binding port 0), so they avoid ports in use.
+    Candidates are drawn below the kernel's ephemeral range: a port picked from that range
+    can be taken by any outgoing connection before the server binds it.
     """
+    high = _ephemeral_low() - 1 - max(offsets)
+    rng = random.SystemRandom()
     for _ in range(500):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((HOST, 0))
-            base = int(sock.getsockname()[1])
+        base = rng.randint(min(10000, high), high)
         ports = [base + o for o in offsets]
-        if max(ports) <= 65535 and not taken.intersection(ports) and all(map(port_is_free, ports)):
+        if not taken.intersection(ports) and all(map(port_is_free, ports)):
             return base
     raise SourceError(f"found no free ports on {HOST}; free some ports and retry")
 

@@ -85,6 +85,7 @@ class RedisServer(LocalServer):
                     "daemonize no",
                     'save ""',
                     "appendonly no",
+                    "repl-diskless-sync-delay 0",  # a backup fetch need not wait 5 s here
                     f'dir "{self.rdb_path.parent}"',
                     f"dbfilename {self.rdb_path.name}",
                     'logfile ""',
