@@ -441,3 +441,28 @@ def drop_database(endpoint: PostgresEndpoint, name: str) -> None:
     with _admin_conn(endpoint, f"drop database {name}", name) as conn:
         drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
         conn.execute(drop.format(sql.Identifier(name)))
+
+
+def role_names(endpoint: PostgresEndpoint) -> set[str]:
+    """The names of every role on the server."""
+    with _admin_conn(endpoint, "list roles") as conn:
+        return {row[0] for row in conn.execute("SELECT rolname FROM pg_roles").fetchall()}
+
+
+def run_sql_file(
+    path: Path,
+    endpoint: PostgresEndpoint,
+    dbname: str,
+    *,
+    pg_bin_dir: Path | None = None,
+    timeout: float,
+) -> None:
+    """``psql -v ON_ERROR_STOP=1 -f path``: the first failing statement fails the run."""
+    argv = [_binary("psql", pg_bin_dir), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password"]
+    run_checked(
+        [*argv, _dbname_arg(dbname), "-f", str(path)],
+        env=_tool_env(endpoint, "drtool-psql"),
+        timeout=timeout,
+        name="psql",
+        secrets=_secrets(endpoint),
+    )

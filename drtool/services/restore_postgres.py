@@ -1,0 +1,230 @@
+"""PostgreSQL restore: into a new database beside the live one, verified there, switched last.
+
+``pg_restore --exit-on-error -j N`` fills ``<db>_restore_<time>``; its fingerprints must equal
+the snapshot's; only then is the live database renamed to ``<db>_pre_restore_<time>`` (dropped
+with ``drop_old``, or when it held nothing) and the copy renamed into its place. Any failure
+before the switch drops the copy and leaves the live database as it was (promise 5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import psycopg
+
+from drtool.errors import ConfigError, IntegrityError, SourceError
+from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
+from drtool.runtime.endpoints import PostgresEndpoint
+from drtool.services.repo import Repo, read_object, snapshot_header
+from drtool.services.restore_stage import Plain, stage
+from drtool.sources import postgres as pg
+from drtool.sources.pg_fingerprint import PgFingerprints, compare, compute_fingerprints
+
+log = logging.getLogger(__name__)
+
+MAX_NAME = 63
+_ROLE_LINE = re.compile(r'^(CREATE|ALTER) ROLE ("(?:[^"]|"")*"|[^\s;]+)')
+
+
+@dataclass(frozen=True)
+class PgSnapshot:
+    """What a snapshot holds for PostgreSQL."""
+
+    dump: ObjectEntry
+    globals_sql: ObjectEntry | None
+    fingerprints: PgFingerprints
+    dump_plain: Plain
+
+
+@dataclass(frozen=True)
+class PgTarget:
+    """The target database and what it holds now."""
+
+    endpoint: PostgresEndpoint
+    exists: bool
+    empty: bool
+
+    @property
+    def where(self) -> str:
+        """host:port/db."""
+        e = self.endpoint
+        return f"{e.host}:{e.port}/{e.dbname}"
+
+
+@dataclass(frozen=True)
+class PgOutcome:
+    """What the switch left behind."""
+
+    database: str
+    old_database: str | None
+
+
+def load(repo: Repo, m: Manifest, comp: ComponentEntry, identities: list[str]) -> PgSnapshot:
+    """Read the component's small objects (fingerprints) and find its dump."""
+    by_kind = {o.kind: o for o in comp.objects}
+    if "pg_dump" not in by_kind or "fingerprints" not in by_kind:
+        raise IntegrityError(f"snapshot {m.snapshot_id}: postgres has no dump or fingerprints")
+    fp = by_kind["fingerprints"]
+    doc = json.loads(read_object(repo, fp, snapshot_header(m, "postgres", fp.kind), identities))
+    return PgSnapshot(
+        dump=by_kind["pg_dump"],
+        globals_sql=by_kind.get("pg_globals"),
+        fingerprints=PgFingerprints.from_dict(doc["fingerprints"]),
+        dump_plain=Plain(int(doc["dump"]["size"]), str(doc["dump"]["sha256"])),
+    )
+
+
+def inspect(endpoint: PostgresEndpoint) -> PgTarget:
+    """Whether the target database exists and holds anything."""
+    exists = pg.database_exists(admin(endpoint), endpoint.dbname)
+    empty = not exists or pg.database_is_empty(endpoint, endpoint.dbname)
+    return PgTarget(endpoint, exists, empty)
+
+
+def admin(endpoint: PostgresEndpoint) -> PostgresEndpoint:
+    """The same server and login on the ``postgres`` database (the target may not exist yet)."""
+    return replace(endpoint, dbname="postgres")
+
+
+def names(dbname: str, stamp: str) -> tuple[str, str]:
+    """The restore copy's and the kept old database's names (ConfigError when too long)."""
+    copy, old = f"{dbname}_restore_{stamp}", f"{dbname}_pre_restore_{stamp}"
+    if len(old.encode()) > MAX_NAME:
+        raise ConfigError(
+            f"postgres.dbname: too long to restore beside ({old} exceeds {MAX_NAME} bytes)"
+        )
+    return copy, old
+
+
+@dataclass(frozen=True)
+class PgStaged:
+    """The checked scratch files of one PostgreSQL restore."""
+
+    dump: Path
+    globals_sql: Path | None
+
+
+def stage_files(
+    repo: Repo,
+    m: Manifest,
+    snap: PgSnapshot,
+    identities: list[str],
+    workdir: Path,
+    pg_bin_dir: Path | None,
+) -> PgStaged:
+    """Decrypt the dump (and globals) to scratch, fully checked; refuse an old pg_restore (R5)."""
+    dump = stage(
+        repo,
+        snap.dump,
+        snapshot_header(m, "postgres", snap.dump.kind),
+        identities,
+        workdir / "dump.pgdump",
+        snap.dump_plain,
+    )
+    pg.pg_restore_version_check(dump, pg_bin_dir)
+    globals_path = None
+    if snap.globals_sql is not None:
+        header = snapshot_header(m, "postgres", snap.globals_sql.kind)
+        globals_path = stage(repo, snap.globals_sql, header, identities, workdir / "globals.sql")
+    return PgStaged(dump, globals_path)
+
+
+def filter_globals(text: str, existing: set[str], login_user: str) -> str:
+    """The globals script without ``CREATE ROLE`` of existing roles or any line about our login.
+
+    Existing roles are kept (their ``ALTER ROLE`` still restores attributes and passwords); the
+    role drtool logs in with is never altered, so the restore keeps its own credentials.
+    """
+    kept = []
+    for line in text.splitlines(keepends=True):
+        match = _ROLE_LINE.match(line)
+        if match:
+            role = match.group(2)
+            role = role[1:-1].replace('""', '"') if role.startswith('"') else role
+            if role == login_user or (match.group(1) == "CREATE" and role in existing):
+                continue
+        kept.append(line)
+    return "".join(kept)
+
+
+def apply_globals(
+    path: Path, endpoint: PostgresEndpoint, pg_bin_dir: Path | None, timeout: float
+) -> None:
+    """Create the snapshot's roles on the target server; any failing statement fails the run."""
+    script = filter_globals(
+        path.read_text(encoding="utf-8"), pg.role_names(endpoint), endpoint.user
+    )
+    filtered = path.with_name("globals.filtered.sql")
+    filtered.write_text(script, encoding="utf-8")
+    pg.run_sql_file(filtered, endpoint, "postgres", pg_bin_dir=pg_bin_dir, timeout=timeout)
+
+
+def fingerprints_of(endpoint: PostgresEndpoint, dbname: str) -> PgFingerprints:
+    """Fingerprints recomputed on database ``dbname`` of the target server."""
+    try:
+        with psycopg.connect(**endpoint.connect_kwargs(dbname)) as conn:  # type: ignore[arg-type]
+            return compute_fingerprints(conn)
+    except psycopg.Error as exc:
+        raise SourceError(f"fingerprints of {dbname}: {' '.join(str(exc).split())}") from None
+
+
+def restore(
+    staged: PgStaged,
+    snap: PgSnapshot,
+    target: PgTarget,
+    *,
+    stamp: str,
+    jobs: int,
+    drop_old: bool,
+    pg_bin_dir: Path | None,
+    timeout: float,
+) -> PgOutcome:
+    """Restore beside the live database, verify the copy, then switch names."""
+    endpoint, name = admin(target.endpoint), target.endpoint.dbname
+    copy, old = names(name, stamp)
+    if staged.globals_sql is not None:
+        apply_globals(staged.globals_sql, endpoint, pg_bin_dir, timeout)
+    pg.create_database(endpoint, copy)
+    try:
+        pg.restore_dump(
+            staged.dump, endpoint, copy, jobs=jobs, pg_bin_dir=pg_bin_dir, timeout=timeout
+        )
+        problems = compare(snap.fingerprints, fingerprints_of(endpoint, copy))
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise IntegrityError(
+                f"postgres: the restored copy differs from the snapshot: {problems[0]}{more}; "
+                f"the live database {name} is unchanged"
+            )
+        _switch(endpoint, copy, name, old if target.exists else None)
+    except BaseException:
+        _drop_quietly(endpoint, copy)
+        raise
+    if target.exists and (drop_old or target.empty):
+        pg.drop_database(endpoint, old)
+        return PgOutcome(name, None)
+    return PgOutcome(name, old if target.exists else None)
+
+
+def _switch(endpoint: PostgresEndpoint, copy: str, name: str, old: str | None) -> None:
+    """Rename live -> old, copy -> live; put the live one back if the second rename fails."""
+    if old is not None:
+        pg.rename_database(endpoint, name, old)
+    try:
+        pg.rename_database(endpoint, copy, name)
+    except BaseException:
+        if old is not None:
+            pg.rename_database(endpoint, old, name)
+        raise
+    log.info("postgres: %s switched in%s", name, f" (the previous one is {old})" if old else "")
+
+
+def _drop_quietly(endpoint: PostgresEndpoint, name: str) -> None:
+    try:
+        pg.drop_database(endpoint, name)
+    except SourceError as exc:
+        log.warning("could not drop the unfinished restore copy %s: %s", name, exc)

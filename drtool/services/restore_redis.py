@@ -1,0 +1,149 @@
+"""Redis restore, online: the checked RDB is loaded into an ephemeral server, keys copied over.
+
+Works for any reachable Redis. Into an empty target the copy uses plain RESTORE; with
+``force`` it uses RESTORE REPLACE and then removes the target keys the snapshot does not have,
+so the target ends equal to the snapshot (while it runs, clients see a mix: a live Redis cannot
+be switched atomically; replacing the RDB of a stopped server is not implemented).
+
+Verification is a chain: the RDB's sha256 equals the one recorded (and fingerprinted) at
+backup time; the target's fingerprints equal those of the ephemeral server holding that RDB,
+taken after the copy. The backup-time fingerprints cannot be compared directly: keys with a
+TTL (presence, rate limits) expire between the backup and the restore. When the two scans
+differ only by keys with a TTL (a burst expired between them), they are taken once more.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from drtool.errors import IntegrityError, SourceError, UsageError
+from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
+from drtool.runtime.endpoints import RedisEndpoint
+from drtool.services.repo import Repo, read_object, snapshot_header
+from drtool.services.restore_stage import Plain, stage
+from drtool.sources.redis_fingerprint import RedisFingerprints, compare, fingerprint_redis
+from drtool.sources.redis_restore import (
+    client_for_db,
+    connect,
+    copy_keys,
+    ephemeral_redis,
+    keyspace_dbs,
+    scan_batches,
+)
+
+BATCH = 1000
+
+
+@dataclass(frozen=True)
+class RedisSnapshot:
+    """What a snapshot holds for Redis."""
+
+    rdb: ObjectEntry
+    fingerprints: RedisFingerprints
+    rdb_plain: Plain
+
+    @property
+    def keys(self) -> int:
+        """Keys in the snapshot, all dbs."""
+        return sum(db.keys for db in self.fingerprints.dbs.values())
+
+
+@dataclass(frozen=True)
+class RedisOutcome:
+    """Keys written and removed, the loaded snapshot's fingerprints, and the differences."""
+
+    copied: int
+    removed: int
+    loaded: RedisFingerprints
+    problems: list[str]
+
+
+def load(repo: Repo, m: Manifest, comp: ComponentEntry, identities: list[str]) -> RedisSnapshot:
+    """Read the component's fingerprints and find its RDB."""
+    by_kind = {o.kind: o for o in comp.objects}
+    if "redis_rdb" not in by_kind or "fingerprints" not in by_kind:
+        raise IntegrityError(f"snapshot {m.snapshot_id}: redis has no RDB or fingerprints")
+    fp = by_kind["fingerprints"]
+    doc = json.loads(read_object(repo, fp, snapshot_header(m, "redis", fp.kind), identities))
+    return RedisSnapshot(
+        by_kind["redis_rdb"],
+        RedisFingerprints.from_dict(doc["fingerprints"]),
+        Plain(int(doc["rdb"]["size"]), str(doc["rdb"]["sha256"])),
+    )
+
+
+def target_keys(endpoint: RedisEndpoint) -> int:
+    """Keys the target holds now, all dbs."""
+    try:
+        with closing(connect(endpoint)) as client:
+            return sum(keyspace_dbs(client).values())
+    except redis.RedisError as exc:
+        raise SourceError(f"redis {endpoint.host}:{endpoint.port}: {exc}") from None
+
+
+def stage_rdb(
+    repo: Repo, m: Manifest, snap: RedisSnapshot, identities: list[str], workdir: Path
+) -> Path:
+    """Decrypt the RDB to scratch, fully checked against the snapshot's record."""
+    header = snapshot_header(m, "redis", snap.rdb.kind)
+    return stage(repo, snap.rdb, header, identities, workdir / "dump.rdb", snap.rdb_plain)
+
+
+def restore(rdb: Path, endpoint: RedisEndpoint, *, force: bool) -> RedisOutcome:
+    """Copy every key of the RDB to the target (see the module docstring)."""
+    with ephemeral_redis(rdb) as source, closing(connect(endpoint)) as target:
+        try:
+            held = sum(keyspace_dbs(target).values())
+            if held and not force:
+                raise UsageError(
+                    f"redis {endpoint.host}:{endpoint.port}: holds {held} keys now; "
+                    "nothing changed, use --force to replace them"
+                )
+            copied = copy_keys(source, target, replace=force)
+            removed = _remove_extra(source, target) if force else 0
+        except redis.RedisError as exc:
+            raise SourceError(f"redis {endpoint.host}:{endpoint.port}: {exc}") from None
+        loaded, restored = fingerprint_redis(source), fingerprint_redis(target)
+        if _only_expired(loaded, restored):
+            loaded, restored = fingerprint_redis(source), fingerprint_redis(target)
+    return RedisOutcome(copied, removed, loaded, compare(loaded, restored))
+
+
+def _only_expired(loaded: RedisFingerprints, restored: RedisFingerprints) -> bool:
+    """The target lacks keys, and exactly as many keys with a TTL: they expired meanwhile."""
+    dbs = loaded.dbs.keys() | restored.dbs.keys()
+    gone = {
+        db: (
+            (loaded.dbs[db].keys if db in loaded.dbs else 0)
+            - (restored.dbs[db].keys if db in restored.dbs else 0),
+            (loaded.dbs[db].with_ttl if db in loaded.dbs else 0)
+            - (restored.dbs[db].with_ttl if db in restored.dbs else 0),
+        )
+        for db in dbs
+    }
+    return any(n > 0 for n, _ in gone.values()) and all(n == t for n, t in gone.values())
+
+
+def _remove_extra(source: redis.Redis, target: redis.Redis) -> int:
+    """Unlink the target's keys that the source does not have; return how many."""
+    removed = 0
+    for db in keyspace_dbs(target):
+        with client_for_db(source, db) as src, client_for_db(target, db) as dst:
+            for keys in scan_batches(dst, BATCH):
+                check = src.pipeline(transaction=False)
+                for key in keys:
+                    check.exists(key)
+                extra = [k for k, found in zip(keys, check.execute(), strict=True) if not found]
+                if extra:
+                    removed += int(dst.unlink(*extra))
+    return removed
+
+
+def expired_since_backup(snap: RedisSnapshot, outcome: RedisOutcome) -> int:
+    """Keys the snapshot recorded that had expired (TTL) by the time it was loaded."""
+    return snap.keys - sum(db.keys for db in outcome.loaded.dbs.values())
