@@ -23,11 +23,12 @@ from typing import Any
 from drtool import keys
 from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError
+from drtool.faults import crash_point
 from drtool.repository import catalog, layout
 from drtool.repository.ids import new_id
 from drtool.repository.locks import repository_lock
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
-from drtool.repository.writer import SnapshotWriter
+from drtool.repository.writer import SnapshotWriter, stored_objects
 from drtool.services import minio_snapshot
 from drtool.services.repo import open_repo
 from drtool.sources import postgres as pg
@@ -168,6 +169,7 @@ def run_backup(
                     seconds,
                 )
             )
+            crash_point(f"after-{component}")
         manifest = Manifest(
             repo_id=repo.info.repo_id,
             snapshot_id=snapshot_id,
@@ -180,7 +182,9 @@ def run_backup(
             previous_id=previous.snapshot_id if previous else None,
             previous_sha256=previous.manifest_sha256 if previous else None,
         )
+        crash_point("before-manifest")
         writer.commit(manifest)
+        crash_point("after-manifest")
         _verify_committed(repo, snapshot_id)
         for path, cache_entries in caches:
             minio_snapshot.write_cache(path, cache_entries)
@@ -194,7 +198,7 @@ def _verify_committed(repo: Any, snapshot_id: str) -> None:
         repo.storage, snapshot_id, repo.verify_keys, repo.info.repo_id
     )
     if manifest is not None:
-        present = {o.key: repo.storage.head(o.key) for o in manifest.objects()}
+        present = stored_objects(repo.storage, manifest)
         problem = catalog.check_objects(manifest, present)
     if problem:
         raise IntegrityError(f"snapshot {snapshot_id}: committed but does not verify: {problem}")

@@ -41,6 +41,7 @@ from botocore.exceptions import (
 )
 
 from drtool.errors import ConfigError, DrtoolError, IntegrityError, NotFound, StorageError
+from drtool.faults import crash_point
 from drtool.storage.base import MiB, ObjectInfo, Storage, StorageOptions, check_key
 from drtool.storage.retry import Backoff, retry_call
 
@@ -355,7 +356,10 @@ class S3Storage(Storage):
             PartNumber=number,
             Body=_blob(body),
         )
-        return {"PartNumber": number, "ETag": self._call(full, send, stop)["ETag"]}
+        etag = self._call(full, send, stop)["ETag"]
+        if number == 1:
+            crash_point("upload-part")
+        return {"PartNumber": number, "ETag": etag}
 
     def _complete(
         self, full: str, upload_id: str, parts: builtins.list[dict[str, Any]]

@@ -1,0 +1,33 @@
+"""Crash points: a TEST-ONLY hook that simulates ``kill -9`` at a precise step of a backup.
+
+When the environment variable ``DRTOOL_CRASH_AT`` names a crash point, the process calls
+``os._exit(137)`` the moment it reaches that point: no ``finally`` block, no lock release, no
+multipart abort runs, exactly as after a SIGKILL. The fault tests (tests/test_backup_faults.py)
+use it to prove promise 3 of RELIABILITY.md ("interruptible anywhere"). Production never sets
+the variable; drtool only reads it (at call time) and never writes it.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "DRTOOL_CRASH_AT"
+EXIT_CODE = 137  # what a shell reports for a process killed by SIGKILL (128 + 9)
+
+#: Every crash point, in the order a full backup reaches them.
+CRASH_POINTS = (
+    "after-postgres",  # the PostgreSQL objects are stored, nothing else
+    "after-redis",  # the Redis objects are stored
+    "upload-part",  # the first part of a multipart upload (S3) / chunk of a temp file (file)
+    "after-minio",  # the MinIO blobs and indexes are stored
+    "before-manifest",  # every data object stored and confirmed, the manifest not yet written
+    "after-manifest",  # the manifest is written (committed), not yet read back
+)
+
+
+def crash_point(name: str) -> None:
+    """Exit at once with 137 when ``DRTOOL_CRASH_AT`` equals ``name`` (test hook; see above)."""
+    if name not in CRASH_POINTS:
+        raise ValueError(f"unknown crash point {name!r}")
+    if os.environ.get(ENV) == name:
+        os._exit(EXIT_CODE)
