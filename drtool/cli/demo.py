@@ -10,6 +10,7 @@ import click
 from drtool.cli.backup import progress_reporter
 from drtool.cli.context import CliState
 from drtool.cli.render import human_bytes, print_table
+from drtool.errors import DrillFailed
 from drtool.services.demo import DemoSizes, run_demo
 
 
@@ -24,8 +25,9 @@ def demo(state: CliState, messages: int, attachments: int) -> None:
 
     \b
     stack up -> seed -> keys -> init a local repository -> backup
-    -> verify with the identity -> list -> stack down (always).
-    Keys, configs and the repository stay in <home>/demo/ afterwards.
+    -> verify with the identity -> list -> restore drill into a scratch
+    stack -> report -> stack down (always). Exit 6 when the drill fails.
+    Keys, configs, the repository and the report stay in <home>/demo/.
     """
     sizes = DemoSizes(messages=messages, attachments=attachments)
     with progress_reporter(sys.stderr.isatty()) as report:
@@ -59,5 +61,12 @@ def demo(state: CliState, messages: int, attachments: int) -> None:
         )
     for record in result.snapshots or []:
         click.echo(f"snapshot {record.snapshot_id}: {'VALID' if record.valid else 'INVALID'}")
+    if result.drill:
+        click.echo(result.drill.to_markdown())
     click.echo(f"demo files: {result.directory}")
     click.echo(f"  drtool --config {result.operator_config} list")
+    click.echo(f"  drtool --config {result.operator_config} verify --read-data")
+    if result.drill and not result.drill.passed:
+        raise DrillFailed(
+            f"demo: the restore drill failed: {result.drill.error or 'see the report'}"
+        )

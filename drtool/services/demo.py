@@ -1,8 +1,10 @@
 """``drtool demo``: the main job end to end on embedded defaults, no set-up needed.
 
 A throw-away local stack is started and seeded, keys are generated, a local ``file://``
-repository is created, a snapshot is taken and listed, then the stack is torn down (always).
-The repository, keys and configs stay in ``<home>/demo/`` for a look afterwards.
+repository is created, a snapshot is taken, verified with the operator's key and listed, a
+restore drill restores it into a second scratch stack and proves the messages intact, then
+the stacks are torn down (always). Repository, keys, configs and the drill report stay in
+``<home>/demo/`` for a look afterwards.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from pathlib import Path
 from chat_stack.seed import SeedResult
 from drtool import keys
 from drtool.config import load_config
+from drtool.drills.definition import DrillDefinition, ReportSettings
+from drtool.drills.report import DrillReport
 from drtool.errors import IntegrityError, NotFound
 from drtool.repository.catalog import SnapshotRecord
 from drtool.services import repo as repo_svc
 from drtool.services import stack as stack_svc
 from drtool.services.backup import COMPONENTS, BackupResult, Progress, run_backup
+from drtool.services.drill import run_drill
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,7 @@ class DemoResult:
     seeded: SeedResult | None = None
     backup: BackupResult | None = None
     snapshots: list[SnapshotRecord] | None = None
+    drill: DrillReport | None = None
 
 
 def run_demo(
@@ -57,7 +63,7 @@ def run_demo(
     step: Callable[[str], None] = lambda text: None,
     progress: Progress = lambda component, n: None,
 ) -> DemoResult:
-    """Stack up, seed, keys, init, backup, list; the stack goes down whatever happens."""
+    """Stack up, seed, keys, init, backup, verify, list, drill; stacks go down whatever happens."""
     directory = home / "demo"
     try:
         stack_svc.stack_down(home, STACK)  # a stack left by an interrupted demo
@@ -129,6 +135,9 @@ def run_demo(
             if outcome.problems:
                 raise IntegrityError(f"demo: verify failed: {outcome.problems[0]}")
         result.snapshots = repo_svc.list_records(operator_cfg)
+        step("restore drill: restoring the snapshot into a scratch stack and checking it")
+        spec = DrillDefinition(name="demo", report=ReportSettings(dir=str(directory / "reports")))
+        result.drill = run_drill(operator_cfg, home=home, spec=spec)
     finally:
         step("stopping the stack")
         started.stack.down()

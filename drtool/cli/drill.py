@@ -1,0 +1,85 @@
+"""``drtool drill``: restore drills that prove the newest snapshot restores intact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from drtool.cli.context import CliState, emit_json
+from drtool.cli.render import print_table
+from drtool.drills.definition import load_definition
+from drtool.errors import DrillFailed
+from drtool.services import drill as svc
+
+
+@click.group()
+def drill() -> None:
+    """Restore a snapshot into a throw-away stack and prove the messages are intact.
+
+    \b
+    A drill brings up a scratch stack (local processes or Docker containers),
+    restores the snapshot, checks fingerprints, attachment files, Redis
+    references and the latest messages of sampled rooms, measures RTO and RPO
+    against the definition's thresholds, writes a report and tears down.
+    It needs the operators' identity (keys.identity_file): run it on a
+    machine that may hold it, never in the backup-cron container.
+    """
+
+
+@drill.command()
+@click.option(
+    "--definition",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Drill definition TOML (e.g. restore_drills/weekly.toml); defaults without one.",
+)
+@click.option("--snapshot", default=None, help="latest, an id, or random-within:7d.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.pass_obj
+def run(state: CliState, definition: Path | None, snapshot: str | None, as_json: bool) -> None:
+    """Run one drill now. Exit 0 when every check passed, 6 when one failed."""
+    report = svc.run_drill(
+        state.config(), home=state.home, spec=load_definition(definition), snapshot=snapshot
+    )
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        click.echo(report.to_markdown())
+    if not report.passed:
+        failed = [c.name for c in report.checks if not c.passed]
+        raise DrillFailed(f"drill {report.drill_id} failed: {report.error or ', '.join(failed)}")
+
+
+@drill.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def history(state: CliState, as_json: bool) -> None:
+    """Past drills stored in the repository: result, snapshot, RTO and RPO."""
+    rows = svc.drill_history(state.config())
+    if as_json:
+        emit_json(rows)
+        return
+    print_table(
+        "drills",
+        ["drill", "result", "snapshot", "RTO s", "RPO h", "failed checks"],
+        [
+            [
+                r["drill_id"],
+                "pass" if r["passed"] else "FAIL",
+                r["snapshot_id"],
+                f"{sum(r['rto_s'].values()):.1f}",
+                f"{r['rpo_s'] / 3600:.1f}",
+                ", ".join(map(str, r.get("failed_checks") or [])),
+            ]
+            for r in rows
+        ],
+    )
+
+
+@drill.command()
+@click.pass_obj
+def cleanup(state: CliState) -> None:
+    """Remove what killed drills left behind (local stacks; containers labelled drtool.drill)."""
+    for name in svc.cleanup(state.home):
+        click.echo(f"removed {name}")

@@ -1,0 +1,1 @@
+"""Restore drills: scratch stacks, checks on the restored data, reports."""

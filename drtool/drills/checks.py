@@ -1,0 +1,193 @@
+"""Drill checks on a restored co-talk stack: the links between messages, rooms and files.
+
+Each check returns a named :class:`CheckResult`. ``fail`` means the restored data is wrong;
+``skew`` marks differences explained by the stores being snapshotted one after another
+(Redis and MinIO are taken after PostgreSQL, so they may know newer rooms, users or
+messages): reported with figures, never a failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from chat_stack import redis_layout
+from drtool.runtime.endpoints import StackEndpoints
+from drtool.sources.minio import MinioStore
+from drtool.sources.redis_restore import connect as connect_redis
+
+MAX_EXAMPLES = 5
+LATEST_PAGE = 50
+
+
+@dataclass
+class CheckResult:
+    """One named check: passed or not, a one-line detail, figures and failing examples."""
+
+    name: str
+    passed: bool
+    detail: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+
+def _connect_pg(endpoints: StackEndpoints) -> psycopg.Connection[Any]:
+    return psycopg.connect(**endpoints.postgres.connect_kwargs())  # type: ignore[arg-type]
+
+
+def _object_sha256(store: MinioStore, bucket: str, key: str) -> tuple[int, str] | None:
+    """Size and sha256 of an object as read back, or None when it is missing."""
+    if store.head(bucket, key) is None:
+        return None
+    _, stream = store.read(bucket, key)
+    digest, size = hashlib.sha256(), 0
+    for chunk in stream:
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def attachments_have_objects(endpoints: StackEndpoints, *, workers: int = 4) -> CheckResult:
+    """Every attachment row has its object, with the row's size and sha256."""
+    bucket = endpoints.buckets[0]
+    with _connect_pg(endpoints) as conn:
+        rows = conn.execute("SELECT object_key, size_bytes, sha256 FROM attachments").fetchall()
+    store = MinioStore(endpoints.minio, max_pool=workers * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = list(pool.map(lambda r: _object_sha256(store, bucket, r[0]), rows))
+    missing, different = [], []
+    for (key, size, sha), got in zip(rows, found, strict=True):
+        if got is None:
+            missing.append(key)
+        elif got != (size, sha):
+            different.append(
+                f"{key}: {got[0]} bytes sha256 {got[1][:12]}, row says {size} {sha[:12]}"
+            )
+    problems = [f"missing object {k}" for k in missing] + different
+    return CheckResult(
+        "attachments have their objects",
+        not problems,
+        f"{len(rows)} attachment rows; {len(missing)} objects missing, {len(different)} differ",
+        {"rows": len(rows), "missing": len(missing), "different": len(different)},
+        problems[:MAX_EXAMPLES],
+    )
+
+
+def _scan(client: Any, pattern: str) -> Iterator[str]:
+    for key in client.scan_iter(match=pattern, count=1000):
+        yield key.decode() if isinstance(key, bytes) else key
+
+
+def redis_points_to_existing_rows(endpoints: StackEndpoints) -> CheckResult:
+    """Unread counters and recent lists name users, rooms and messages that exist.
+
+    A reference to an id above the largest one in PostgreSQL was created after the
+    PostgreSQL snapshot: counted as skew. A missing id below it is a failure.
+    """
+    with _connect_pg(endpoints) as conn:
+        users = {r[0] for r in conn.execute("SELECT id FROM users")}
+        rooms = {r[0] for r in conn.execute("SELECT id FROM chat_rooms")}
+        message_ids = {r[0] for r in conn.execute("SELECT id FROM messages")}
+    max_user, max_room = max(users, default=0), max(rooms, default=0)
+    max_message = max(message_ids, default=0)
+    client = connect_redis(endpoints.redis)
+    problems: list[str] = []
+    skew = {"users": 0, "rooms": 0, "messages": 0}
+    counters = 0
+    try:
+        for key in _scan(client, redis_layout.UNREAD_PATTERN):
+            user_id = redis_layout.user_id_of_unread(key)
+            if user_id not in users:
+                if user_id > max_user:
+                    skew["users"] += 1
+                else:
+                    problems.append(f"{key}: user {user_id} does not exist")
+            for room in client.hkeys(key):
+                counters += 1
+                room_id = int(room)
+                if room_id not in rooms:
+                    if room_id > max_room:
+                        skew["rooms"] += 1
+                    else:
+                        problems.append(f"{key}: room {room_id} does not exist")
+        recent_ids = 0
+        for key in _scan(client, redis_layout.RECENT_PATTERN):
+            room_id = redis_layout.room_id_of_recent(key)
+            if room_id not in rooms and room_id <= max_room:
+                problems.append(f"{key}: room {room_id} does not exist")
+            for raw in client.lrange(key, 0, -1):
+                recent_ids += 1
+                message_id = int(raw)
+                if message_id not in message_ids:
+                    if message_id > max_message:
+                        skew["messages"] += 1
+                    else:
+                        problems.append(f"{key}: message {message_id} does not exist")
+    finally:
+        client.close()
+    return CheckResult(
+        "redis points to existing rows",
+        not problems,
+        f"{counters} unread counters, {recent_ids} recent-list ids; "
+        f"{len(problems)} dangling; newer than the PostgreSQL snapshot (skew): "
+        f"{skew['users']} users, {skew['rooms']} rooms, {skew['messages']} messages",
+        {"counters": counters, "recent_ids": recent_ids, "dangling": len(problems), "skew": skew},
+        problems[:MAX_EXAMPLES],
+    )
+
+
+LATEST_SQL = """
+SELECT m.id, m.sender_id, m.kind, m.content, m.created_at,
+       a.object_key, a.size_bytes, a.sha256
+FROM (SELECT * FROM messages WHERE room_id = %s
+      ORDER BY created_at DESC, id DESC LIMIT %s) m
+LEFT JOIN attachments a ON a.message_id = m.id AND a.message_created_at = m.created_at
+ORDER BY m.created_at DESC, m.id DESC
+"""
+
+
+def latest_messages_readable(
+    endpoints: StackEndpoints, *, sample: int = 10, seed: int = 0
+) -> CheckResult:
+    """The latest 50 messages of sampled rooms, read as the app reads them, with their files."""
+    bucket = endpoints.buckets[0]
+    store = MinioStore(endpoints.minio)
+    with _connect_pg(endpoints) as conn:
+        room_ids = [r[0] for r in conn.execute("SELECT id FROM chat_rooms ORDER BY id")]
+        busiest = conn.execute(
+            "SELECT room_id FROM messages GROUP BY room_id ORDER BY count(*) DESC LIMIT 1"
+        ).fetchone()
+        chosen = random.Random(seed).sample(room_ids, min(sample, len(room_ids)))
+        if busiest and busiest[0] not in chosen:
+            chosen.append(busiest[0])
+        problems: list[str] = []
+        messages = files = 0
+        for room_id in chosen:
+            rows = conn.execute(LATEST_SQL, (room_id, LATEST_PAGE)).fetchall()
+            messages += len(rows)
+            times = [r[4] for r in rows]
+            if times != sorted(times, reverse=True):
+                problems.append(f"room {room_id}: latest messages out of order")
+            for row in rows:
+                if row[3] is None or row[1] is None:
+                    problems.append(f"room {room_id} message {row[0]}: unreadable row")
+                if row[5] is not None:
+                    files += 1
+                    got = _object_sha256(store, bucket, row[5])
+                    if got != (row[6], row[7]):
+                        problems.append(
+                            f"room {room_id} message {row[0]}: file {row[5]} not intact"
+                        )
+    return CheckResult(
+        "latest messages readable",
+        not problems,
+        f"{len(chosen)} rooms sampled, {messages} messages and {files} files read",
+        {"rooms": len(chosen), "messages": messages, "files": files},
+        problems[:MAX_EXAMPLES],
+    )

@@ -1,0 +1,148 @@
+"""Drill reports: JSON for machines, Markdown for people, alerts when a drill fails.
+
+The full report (with figures that describe the data: row counts, examples) is kept locally
+and stored encrypted in the repository; a small clear summary (pass/fail, snapshot, RTO,
+RPO) beside it lets ``drtool drill history`` work without a key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drtool.drills.checks import CheckResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DrillReport:
+    """What one drill did and found."""
+
+    drill_id: str
+    definition: str
+    runtime: str
+    snapshot_id: str
+    snapshot_time: str
+    started: str
+    finished: str = ""
+    passed: bool = False
+    error: str = ""
+    rto_s: dict[str, float] = field(default_factory=dict)
+    rpo_s: float = 0.0
+    phases_s: dict[str, float] = field(default_factory=dict)
+    checks: list[CheckResult] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The key-less summary kept in the clear: no figure that describes the data."""
+        return {
+            "drill_id": self.drill_id,
+            "definition": self.definition,
+            "runtime": self.runtime,
+            "snapshot_id": self.snapshot_id,
+            "started": self.started,
+            "finished": self.finished,
+            "passed": self.passed,
+            "failed_checks": [c.name for c in self.checks if not c.passed],
+            "rto_s": self.rto_s,
+            "rpo_s": self.rpo_s,
+        }
+
+    def to_json(self) -> str:
+        """The full report as JSON."""
+        return json.dumps(asdict(self), indent=2, default=str, ensure_ascii=False)
+
+    def to_markdown(self) -> str:
+        """The full report for people."""
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [
+            f"# Restore drill {self.drill_id}: {verdict}",
+            "",
+            f"- definition: `{self.definition}`, runtime: `{self.runtime}`",
+            f"- snapshot: `{self.snapshot_id}` taken {self.snapshot_time}",
+            f"- started {self.started}, finished {self.finished}",
+            f"- RPO (snapshot age at drill time): {self.rpo_s / 3600:.1f} h",
+            f"- RTO (restore time): {sum(self.rto_s.values()):.1f} s "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in self.rto_s.items()),
+        ]
+        if self.error:
+            lines += ["", f"**Error:** {self.error}"]
+        lines += ["", "| check | result | detail |", "|---|---|---|"]
+        for check in self.checks:
+            lines.append(
+                f"| {check.name} | {'pass' if check.passed else '**FAIL**'} | {check.detail} |"
+            )
+        failing = [c for c in self.checks if not c.passed and c.examples]
+        for check in failing:
+            lines += ["", f"## {check.name}", ""] + [f"- {e}" for e in check.examples]
+        if self.phases_s:
+            lines += ["", "| phase | seconds |", "|---|---|"]
+            lines += [f"| {k} | {v:.1f} |" for k, v in self.phases_s.items()]
+        return "\n".join(lines) + "\n"
+
+
+def write_local(report: DrillReport, directory: Path) -> tuple[Path, Path]:
+    """Write ``<id>.json`` and ``<id>.md`` into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path = directory / f"{report.drill_id}.json"
+    md_path = directory / f"{report.drill_id}.md"
+    json_path.write_text(report.to_json())
+    md_path.write_text(report.to_markdown())
+    return json_path, md_path
+
+
+def alert_payload(report: DrillReport, fmt: str) -> Any:
+    """A Slack incoming-webhook message or an Alertmanager v2 alert list."""
+    failed = [c.name for c in report.checks if not c.passed]
+    text = f"drtool restore drill {report.drill_id} FAILED on snapshot {report.snapshot_id}: " + (
+        report.error or ", ".join(failed) or "thresholds exceeded"
+    )
+    if fmt == "alertmanager":
+        return [
+            {
+                "labels": {"alertname": "DrillFailed", "severity": "critical", "service": "drtool"},
+                "annotations": {"summary": text, "drill_id": report.drill_id},
+                "startsAt": report.finished or report.started,
+            }
+        ]
+    return {"text": text}
+
+
+def send_webhook(url: str, payload: Any, *, timeout: float = 10.0) -> None:
+    """POST ``payload`` as JSON; a failure is logged, never raised (the drill result stands)."""
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+    except OSError as exc:
+        log.warning("drill alert webhook failed: %s", type(exc).__name__)
+
+
+def prometheus_textfile(report: DrillReport, path: Path) -> None:
+    """Write the drill's metrics for node-exporter's textfile collector (atomically)."""
+    lines = [
+        "# HELP drtool_drill_result 1 when the last drill passed, 0 when it failed.",
+        "# TYPE drtool_drill_result gauge",
+        f'drtool_drill_result{{definition="{report.definition}"}} {int(report.passed)}',
+        "# HELP drtool_drill_rpo_seconds Age of the drilled snapshot at drill time.",
+        "# TYPE drtool_drill_rpo_seconds gauge",
+        f'drtool_drill_rpo_seconds{{definition="{report.definition}"}} {report.rpo_s:.0f}',
+        "# HELP drtool_drill_rto_seconds Restore time per component in the last drill.",
+        "# TYPE drtool_drill_rto_seconds gauge",
+    ]
+    lines += [
+        f'drtool_drill_rto_seconds{{definition="{report.definition}",component="{k}"}} {v:.3f}'
+        for k, v in report.rto_s.items()
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
