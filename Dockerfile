@@ -1,0 +1,61 @@
+# drtool: the backup-cron / one-shot backup / drill image for co-talk.
+#
+#   docker build -t drtool:latest .
+#
+# Build-time network: the PostgreSQL 16 client comes from the PGDG apt repository
+# (apt.postgresql.org), Debian bookworm's own is 15 and pg_dump must be at least the server's
+# major version. Set PG_APT_REPO="" to skip PGDG and use the distribution's client instead
+# (e.g. when building from a local base image without network; the server must then be <= 15).
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
+
+ARG PG_MAJOR=16
+ARG PG_APT_REPO=http://apt.postgresql.org/pub/repos/apt
+ARG PG_APT_KEY=https://www.postgresql.org/media/keys/ACCC4CF8.asc
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DRTOOL_HOME=/var/lib/drtool \
+    DRTOOL_SCHEDULE_DIR=/etc/drtool/schedules \
+    DRTOOL_METRICS_ADDRESS=0.0.0.0 \
+    DRTOOL_METRICS_PORT=9465
+
+RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends ca-certificates curl gnupg redis-tools zstd age; \
+    if [ -n "$PG_APT_REPO" ]; then \
+        install -d /usr/share/postgresql-common/pgdg; \
+        curl -fsSL "$PG_APT_KEY" | gpg --dearmor -o /usr/share/postgresql-common/pgdg/apt.gpg; \
+        echo "deb [signed-by=/usr/share/postgresql-common/pgdg/apt.gpg] $PG_APT_REPO bookworm-pgdg main" \
+            > /etc/apt/sources.list.d/pgdg.list; \
+        apt-get update; \
+        apt-get install -y --no-install-recommends "postgresql-client-$PG_MAJOR"; \
+    else \
+        apt-get install -y --no-install-recommends postgresql-client; \
+    fi; \
+    apt-get purge -y --auto-remove curl gnupg; \
+    rm -rf /var/lib/apt/lists/*; \
+    pg_dump --version; redis-cli --version; zstd --version; age --version
+
+RUN groupadd --system --gid 10001 drtool \
+    && useradd --system --uid 10001 --gid drtool --home-dir /var/lib/drtool --create-home drtool \
+    && install -d -o drtool -g drtool -m 0700 /var/lib/drtool/state \
+    && install -d -m 0755 /etc/drtool/schedules
+
+COPY . /src
+RUN pip install /src && rm -rf /src
+
+USER drtool
+WORKDIR /var/lib/drtool
+VOLUME ["/var/lib/drtool"]
+EXPOSE 9465
+
+# backup-cron overrides nothing here; the one-shot `backup` service has no schedule files
+# and disables the check in docker-compose.backup.yml.
+HEALTHCHECK --interval=5m --timeout=30s --start-period=2h --retries=1 \
+    CMD ["drtool", "schedule", "health"]
+
+ENTRYPOINT ["drtool"]
+CMD ["schedule", "run"]
