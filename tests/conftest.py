@@ -28,6 +28,8 @@ from drtool.runtime.redisserver import RedisServer
 from drtool.runtime.s3server import SeaweedServer
 from drtool.sources.minio import s3_client
 
+pytest_plugins = ["docker_support"]  # the Docker tier's fixtures
+
 REQUIRE_SERVERS_ENV = "DRTOOL_REQUIRE_SERVERS"
 
 
