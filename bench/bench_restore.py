@@ -1,0 +1,147 @@
+"""Benchmark ``drtool restore`` against a plain ``pg_restore -j 2`` of a local, unencrypted dump.
+
+Usage: python bench/bench_restore.py [--messages 1000000] [--attachments 500]
+
+Two local stacks (source and target) are started under a temp home; the source is seeded and
+backed up into a repository on its SeaweedFS (a separate bucket). Then each variant runs in
+its own subprocess: wall time and the peak RSS of its largest process (ru_maxrss of the
+children). The PostgreSQL baseline is ``pg_dump -Fc`` to a local file (not timed) restored
+with ``pg_restore -j 2`` into an empty database of the target server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from chat_stack.seed import SeedSizes, seed
+from drtool import keys
+from drtool.config import load_config
+from drtool.runtime.s3server import s3_client
+from drtool.services import repo as repo_svc
+from drtool.services.backup import COMPONENTS, run_backup
+from drtool.services.stack import stack_config, stack_up, write_config
+
+MEASURE = """
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+done = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE)
+seconds = time.perf_counter() - t
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"rc": done.returncode, "seconds": seconds, "rss_kb": rss,
+                  "out": done.stdout.decode(errors="replace")}))
+"""
+
+
+def measure(argv: list[str], env: dict[str, str] | None = None) -> dict[str, object]:
+    """Run ``argv`` in a fresh wrapper process: exit code, seconds, peak RSS (KiB), stdout."""
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, env=env, check=True
+    )
+    result: dict[str, object] = json.loads(out.stdout)
+    if result["rc"] != 0:
+        raise SystemExit(f"{argv[0]} failed ({result['rc']}): {out.stderr[-2000:]}")
+    return result
+
+
+def main() -> None:
+    """Seed, back up, restore each way, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--attachments", type=int, default=500)
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="drtool-bench-"))
+    home.chmod(0o711)
+    drtool = str(Path(sys.executable).with_name("drtool"))
+    src = stack_up(home, "benchsrc").stack
+    dst = stack_up(home, "benchdst").stack
+    try:
+        users = max(100, args.messages // 100)
+        sizes = SeedSizes(users, max(10, users // 10), args.messages, args.attachments)
+        t = time.perf_counter()
+        seed(src.endpoints, sizes, 1, progress=False)
+        print(f"seeded {args.messages:,} messages in {time.perf_counter() - t:.1f} s")
+        s3_client(src.endpoints.minio).create_bucket(Bucket="drtool-repo")
+        sections = stack_config(src)
+        secrets = src.state_dir / "secrets"
+        identity = home / "operator.key"
+        recipient = keys.write_identity(identity, passphrase=None)
+        verify_key = keys.write_signing_key(home / "signing.key")
+        repository = {
+            "url": "s3://drtool-repo/bench",
+            "endpoint_url": src.endpoints.minio.endpoint_url,
+            "access_key_file": str(secrets / "s3_access_key"),
+            "secret_key_file": str(secrets / "s3_secret_key"),
+        }
+        backup_cfg = write_config(
+            home / "backup.toml",
+            {
+                **sections,
+                "repository": repository,
+                "keys": {
+                    "recipients": [recipient],
+                    "signing_key_file": str(home / "signing.key"),
+                    "verify_key": verify_key,
+                },
+                "backup": {"state_dir": str(home / "state")},
+            },
+            "bench backup",
+        )
+        operator_cfg = write_config(
+            home / "operator.toml",
+            {
+                **sections,
+                "repository": repository,
+                "keys": {"identity_file": str(identity), "verify_key": verify_key},
+                "backup": {"scratch_dir": str(home)},
+            },
+            "bench operator",
+        )
+        cfg = load_config(backup_cfg, {})
+        repo_svc.init_repo(cfg)
+        t = time.perf_counter()
+        run_backup(cfg, home=home, env={}, components=COMPONENTS)
+        print(f"backup in {time.perf_counter() - t:.1f} s")
+
+        pg_src, pg_dst = src.endpoints.postgres, dst.endpoints.postgres
+        env = {"PATH": "/usr/bin:/bin", **pg_src.libpq_env()}
+        dump = home / "plain.pgdump"
+        subprocess.run(
+            ["pg_dump", "-Fc", "-f", str(dump), "-d", pg_src.dbname], check=True, env=env
+        )
+        dst_env = {"PATH": "/usr/bin:/bin", **pg_dst.libpq_env()}
+        subprocess.run(["createdb", "--maintenance-db=postgres", "plain"], check=True, env=dst_env)
+        rows = []
+        plain = measure(["pg_restore", "-j", "2", "--exit-on-error", "-d", "plain", str(dump)],
+                        dst_env)  # fmt: skip
+        rows.append(("pg_restore -j 2 (local -Fc file)", plain, ""))
+        base = [drtool, "--config", str(operator_cfg), "--home", str(home), "restore"]
+        for component in ("postgres", "redis", "minio"):
+            run = measure([*base, "--target", "benchdst", "--yes", "--json", "--force",
+                           "--drop-old", "--component", component])  # fmt: skip
+            result = json.loads(str(run["out"]))
+            inner = result["components"][0]
+            note = (
+                "PASS" if inner["problems"] == [] else "FAIL"
+            ) + f", RTO {inner['seconds']:.1f} s"
+            rows.append((f"drtool restore --component {component}", run, note))
+        print(f"\n{'variant':<42}{'seconds':>9}{'peak RSS MiB':>14}  fingerprints")
+        for name, run, note in rows:
+            rss = int(str(run["rss_kb"])) / 1024
+            print(f"{name:<42}{float(str(run['seconds'])):>9.1f}{rss:>14.0f}  {note}")
+        ratio = float(str(rows[1][1]["seconds"])) / float(str(plain["seconds"]))
+        print(f"\ndrtool PostgreSQL restore / plain pg_restore = {ratio:.2f} (target <= 1.2)")
+    finally:
+        dst.down()
+        src.down()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

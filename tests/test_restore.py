@@ -1,0 +1,275 @@
+"""``drtool restore`` against real servers: round trips, refusals, the swap, damaged objects."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import redis
+from helpers import (
+    Repository,
+    assert_same_redis,
+    bucket_objects,
+    databases,
+    execute,
+    make_repository,
+    run_drtool,
+    source_stack,
+    table_rows,
+)
+
+from drtool import keys
+from drtool.config import load_config
+from drtool.errors import IntegrityError
+from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
+from drtool.runtime.s3server import s3_client
+from drtool.services.restore import RestoreOptions, RestoreResult, run_restore
+
+OLD = datetime(2025, 6, 1, 2, 0, tzinfo=UTC)
+NEW = datetime(2025, 6, 2, 2, 0, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class World:
+    """A seeded source stack and a repository with two snapshots of it."""
+
+    repo: Repository
+    old_id: str
+    new_id: str
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresEndpoint, s3_server: S3Endpoint
+) -> Iterator[World]:
+    """Seed, snapshot (OLD), add a marker user, snapshot again (NEW)."""
+    directory = tmp_path_factory.mktemp("restore")
+    with source_stack(directory, pg_server, s3_server) as source:
+        repo = make_repository(directory / "repo", source)
+        old_id = repo.backup(now=OLD)
+        execute(
+            source.postgres,
+            "INSERT INTO users (username, display_name, email, created_at) "
+            "VALUES ('marker', 'Marker', 'marker@example.com', now())",
+        )
+        new_id = repo.backup(now=NEW)
+        yield World(repo, old_id, new_id)
+
+
+@pytest.fixture
+def target(
+    pg_database: PostgresEndpoint, redis_db: RedisEndpoint, s3_server: S3Endpoint, s3_bucket: str
+) -> StackEndpoints:
+    """An empty target stack: a fresh database, the flushed session Redis, a new bucket."""
+    return StackEndpoints(pg_database, redis_db, s3_server, (s3_bucket,))
+
+
+def restore(world: World, config: Path, **options: object) -> RestoreResult:
+    """Run the restore service into target ``t`` with ``--yes``."""
+    opts = RestoreOptions(target="t", yes=True, **options)  # type: ignore[arg-type]
+    return run_restore(
+        load_config(config, {}), home=config.parent, options=opts, confirm=lambda r: False
+    )
+
+
+def test_round_trip_equals_the_source(world: World, target: StackEndpoints, tmp_path: Path) -> None:
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    run = run_drtool("restore", "latest", "--target", "t", "--yes", "--json", config=config)
+    assert run.code == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["snapshot_id"] == world.new_id and result["ok"]
+    assert [c["name"] for c in result["components"]] == ["postgres", "redis", "minio"]
+    assert all(c["problems"] == [] and c["seconds"] > 0 for c in result["components"])
+    source = world.repo.source
+    assert table_rows(target.postgres) == table_rows(source.postgres)
+    assert_same_redis(source.redis, target.redis)
+    restored = bucket_objects(target.minio, target.buckets[0])
+    assert restored == bucket_objects(source.minio, source.buckets[0])
+    assert len(restored) == 20
+    assert databases(target.postgres, target.postgres.dbname + "_%") == []  # empty one dropped
+
+
+def test_at_picks_the_snapshot_of_that_time(
+    world: World, target: StackEndpoints, tmp_path: Path
+) -> None:
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    at = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    result = restore(world, config, at=at, components=("postgres",))
+    assert result.snapshot_id == world.old_id and result.ok
+    assert execute(target.postgres, "SELECT count(*) FROM users WHERE username = 'marker'") == (0,)
+    result = restore(world, config, ref=world.new_id, components=("postgres",), force=True,
+                     drop_old=True)  # fmt: skip
+    assert execute(target.postgres, "SELECT count(*) FROM users WHERE username = 'marker'") == (1,)
+
+
+def test_dry_run_changes_nothing(world: World, target: StackEndpoints, tmp_path: Path) -> None:
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    run = run_drtool("restore", "--target", "t", "--dry-run", "--json", config=config)
+    assert run.code == 0, run.stderr
+    plan = {p["component"]: p for p in json.loads(run.stdout)["plan"]}
+    assert plan["postgres"]["holds"] == "an empty database" and not plan["postgres"]["replaces"]
+    assert plan["minio"]["holds"] == "0 objects"
+    assert table_rows(target.postgres) == {}
+    assert bucket_objects(target.minio, target.buckets[0]) == {}
+
+
+def _fill(target: StackEndpoints) -> None:
+    execute(target.postgres, "CREATE TABLE keepme (v text)")
+    execute(target.postgres, "INSERT INTO keepme VALUES ('live')")
+    with redis.Redis(host=target.redis.host, port=target.redis.port,
+                     password=target.redis.password) as client:  # fmt: skip
+        client.set("live-key", "1")
+    s3_client(target.minio).put_object(Bucket=target.buckets[0], Key="live.txt", Body=b"live")
+
+
+def _untouched(target: StackEndpoints) -> None:
+    assert table_rows(target.postgres) == {"public.keepme": ["(live)"]}
+    assert databases(target.postgres, target.postgres.dbname + "_%") == []
+    with redis.Redis(host=target.redis.host, port=target.redis.port,
+                     password=target.redis.password) as client:  # fmt: skip
+        assert client.keys("*") == [b"live-key"]
+    assert list(bucket_objects(target.minio, target.buckets[0])) == ["live.txt"]
+
+
+def test_non_empty_target_is_refused_untouched(
+    world: World, target: StackEndpoints, tmp_path: Path
+) -> None:
+    _fill(target)
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    run = run_drtool("restore", "--target", "t", "--yes", config=config)
+    assert run.code == 2
+    assert run.stderr.startswith("error: restore: the target is not empty (postgres ")
+    assert "use --force" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    _untouched(target)
+
+
+def test_without_a_terminal_or_yes_nothing_happens(
+    world: World, target: StackEndpoints, tmp_path: Path
+) -> None:
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    run = run_drtool("restore", "--target", "t", config=config)
+    assert run.code == 2
+    assert "error: restore: not a terminal, so nothing to confirm with; pass --yes" in run.stderr
+    assert table_rows(target.postgres) == {}
+
+
+def test_force_restores_beside_and_keeps_the_old_database(
+    world: World, target: StackEndpoints, tmp_path: Path
+) -> None:
+    _fill(target)
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    opts = RestoreOptions(target="t", yes=True, force=True)
+    result = run_restore(load_config(config, {}), home=tmp_path, options=opts,
+                         confirm=lambda r: False, now=now)  # fmt: skip
+    assert result.ok, result.components
+    name = target.postgres.dbname
+    old = f"{name}_pre_restore_20260102_030405"
+    try:
+        assert databases(target.postgres, name + "_%") == [old]
+        assert table_rows(target.postgres) == table_rows(world.repo.source.postgres)
+        kept = PostgresEndpoint(**{**target.postgres.__dict__, "dbname": old})
+        assert table_rows(kept) == {"public.keepme": ["(live)"]}
+        assert_same_redis(world.repo.source.redis, target.redis)  # live-key removed
+        objects = bucket_objects(target.minio, target.buckets[0])
+        assert objects.pop("live.txt")[0] == b"live"  # kept: not in the snapshot
+        assert objects == bucket_objects(world.repo.source.minio, world.repo.source.buckets[0])
+        again = restore(world, config, components=("minio",), force=True)
+        assert again.components[0].detail.endswith("0 put, 20 identical skipped")
+    finally:
+        execute(
+            PostgresEndpoint(**{**target.postgres.__dict__, "dbname": "postgres"}),
+            f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)',
+        )
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_objects_leave_the_target_untouched(
+    world: World, target: StackEndpoints, tmp_path: Path
+) -> None:
+    copy = tmp_path / "repository"
+    shutil.copytree(world.repo.directory / "repository", copy)
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target}, url=copy.as_uri())
+    snap = copy / "snapshots" / world.new_id
+    dump = snap / "postgres" / "dump.pgdump.zst.age"
+    _flip(dump, dump.stat().st_size // 2)
+    run = run_drtool("restore", "--target", "t", "--yes", config=config)
+    assert run.code == 5, run.stderr
+    assert run.stderr.startswith(f"error: snapshots/{world.new_id}/postgres/dump.pgdump.zst.age: ")
+    assert "authentication failed at offset" in run.stderr
+    assert table_rows(target.postgres) == {}
+    assert databases(target.postgres, target.postgres.dbname + "_%") == []
+    blob = sorted((copy / "blobs").rglob("*.zst.age"))[3]
+    _flip(blob, blob.stat().st_size - 100)
+    run = run_drtool("restore", "--target", "t", "--yes", "--component", "minio", config=config)
+    assert run.code == 5, run.stderr
+    assert f"error: blobs/{blob.parent.name}/{blob.name}: authentication failed at offset" in (
+        run.stderr
+    )
+    assert bucket_objects(target.minio, target.buckets[0]) == {}
+    with redis.Redis(host=target.redis.host, port=target.redis.port,
+                     password=target.redis.password) as client:  # fmt: skip
+        assert client.dbsize() == 0
+
+
+def test_wrong_identity_exits_12(world: World, target: StackEndpoints, tmp_path: Path) -> None:
+    other = tmp_path / "other.key"
+    keys.write_identity(other, passphrase=None)
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target}, identity=other)
+    run = run_drtool("restore", "--target", "t", "--yes", config=config)
+    assert run.code == 12
+    assert "no identity matches; encrypted to" in run.stderr
+    assert table_rows(target.postgres) == {}
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (skipped where mounting is not permitted)."""
+    mount = tmp_path / f"tiny-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_scratch_dir_is_a_clear_error(
+    world: World, target: StackEndpoints, tmp_path: Path, tiny_disk: Path
+) -> None:
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target}, scratch=tiny_disk)
+    run = run_drtool("restore", "--target", "t", "--yes", config=config)
+    assert run.code == 2
+    assert run.stderr.startswith(f"error: backup.scratch_dir: {tiny_disk} has ")
+    assert "bytes free but the restore stages" in run.stderr
+    assert table_rows(target.postgres) == {}
+    assert list(tiny_disk.iterdir()) == []
+
+
+def test_restore_refuses_a_snapshot_with_a_wrong_signature(
+    world: World, target: StackEndpoints, tmp_path: Path
+) -> None:
+    copy = tmp_path / "repository"
+    shutil.copytree(world.repo.directory / "repository", copy)
+    manifest = copy / "snapshots" / world.new_id / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["body"]["host"] = "forged"
+    manifest.write_text(json.dumps(doc))
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target}, url=copy.as_uri())
+    run = run_drtool("restore", world.new_id, "--target", "t", "--yes", config=config)
+    assert run.code == IntegrityError.exit_code
+    assert run.stderr.startswith(f"error: snapshot {world.new_id} is INVALID: ")
+    assert table_rows(target.postgres) == {}
