@@ -5,7 +5,8 @@ The digest of a db is order-independent: the sum (mod 2**256) of one sha256 per 
 set members, hash field/value pairs and zset member/score pairs (score as ``repr(float)``) as
 an order-independent sum; stream entries in id order. Raw DUMP bytes are not canonical (set
 member order changes after a reload), so they are used only for types this module does not
-know. TTLs change by the second: only the number of keys with a TTL is recorded.
+know. TTLs change by the second: only the number of keys with a TTL is recorded (INFO keyspace's
+``expires``).
 """
 
 from __future__ import annotations
@@ -218,26 +219,43 @@ def _first_reads(client: redis.Redis, keys: list[bytes], kinds: list[str]) -> li
     ]
 
 
-def _fingerprint_db(client: redis.Redis, db: int) -> DbFingerprint:
+KINDS = ("string", "list", "set", "zset", "hash", "stream")
+
+
+def _fingerprint_db(client: redis.Redis, db: int, with_ttl: int, modules: bool) -> DbFingerprint:
+    """One SCAN per type (SCAN's TYPE filter), so no per-key TYPE round trip is needed.
+
+    Keys of module types (only when modules are loaded) are found by a last untyped pass.
+    """
     types: dict[str, int] = {}
-    total = with_ttl = count = 0
+    total = count = 0
     tag = str(db).encode()
-    for keys in scan_batches(client, SCAN_COUNT):
-        pipe = client.pipeline(transaction=False)
-        for key in keys:
-            pipe.type(key)
-            pipe.pttl(key)
-        meta = pipe.execute()
-        kinds = [kind.decode() for kind in meta[::2]]
+
+    def add(keys: list[bytes], kinds: list[str]) -> None:
+        nonlocal total, count
         replies = _first_reads(client, keys, kinds)
-        for key, kind, pttl, reply in zip(keys, kinds, meta[1::2], replies, strict=True):
+        for key, kind, reply in zip(keys, kinds, replies, strict=True):
             value = _value_digest(client, kind, key, reply)
             if value is None:
                 continue
             count += 1
             types[kind] = types.get(kind, 0) + 1
-            with_ttl += pttl >= 0
             total = (total + int.from_bytes(_hash(tag, key, kind.encode(), value), "big")) % MOD
+
+    for kind in KINDS:
+        for keys in scan_batches(client, SCAN_COUNT, kind):
+            add(keys, [kind] * len(keys))
+    if modules:
+        for keys in scan_batches(client, SCAN_COUNT):
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.type(key)
+            found = [k.decode() for k in pipe.execute()]
+            other = [
+                (key, kind) for key, kind in zip(keys, found, strict=True) if kind not in KINDS
+            ]
+            if other:
+                add([key for key, _ in other], [kind for _, kind in other])
     return DbFingerprint(count, dict(sorted(types.items())), with_ttl, f"{total:064x}")
 
 
@@ -246,9 +264,12 @@ def fingerprint_redis(target: redis.Redis | RedisEndpoint) -> RedisFingerprints:
     client = target if isinstance(target, redis.Redis) else connect(target)
     try:
         dbs: dict[int, DbFingerprint] = {}
+        keyspace = cast(dict[str, dict[str, int]], client.info("keyspace"))
+        modules = bool(client.execute_command("MODULE", "LIST"))
         for db in keyspace_dbs(client):
+            expires = int(keyspace.get(f"db{db}", {}).get("expires", 0))
             with client_for_db(client, db) as bound:
-                dbs[db] = _fingerprint_db(bound, db)
+                dbs[db] = _fingerprint_db(bound, db, expires, modules)
         return RedisFingerprints(dbs)
     except (redis.ResponseError, redis.ConnectionError) as exc:
         raise SourceError(f"fingerprinting Redis failed: {exc}") from None

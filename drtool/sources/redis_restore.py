@@ -99,11 +99,14 @@ def ephemeral_redis(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def scan_batches(client: redis.Redis, count: int) -> Iterator[list[bytes]]:
-    """The keys of the client's db, a SCAN reply at a time (SCAN may repeat a key)."""
+def scan_batches(client: redis.Redis, count: int, kind: str | None = None) -> Iterator[list[bytes]]:
+    """The keys (of type ``kind``, if given) of the client's db, a SCAN reply at a time.
+
+    SCAN may repeat a key.
+    """
     cursor = 0
     while True:
-        cursor, keys = client.scan(cursor, count=count)
+        cursor, keys = client.scan(cursor, count=count, _type=kind)
         if keys:
             yield cast(list[bytes], keys)
         if cursor == 0:
