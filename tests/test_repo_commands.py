@@ -178,8 +178,7 @@ def test_verify_flipped_byte_exits_5_naming_the_object(kit: RepoKit) -> None:
     keyless = kit.write_config("keyless", identity_file=None)
     message = failed(drtool(keyless, "verify"), 5)
     assert message == (
-        f"verify: 1 of 1 snapshots failed: {snap.dump_key}: stored sha256 differs from the "
-        "manifest"
+        f"verify: 1 of 1 snapshots failed: {snap.dump_key}: stored sha256 differs from the manifest"
     )
     message = failed(drtool(kit.config_file, "verify", "--read-data", snap.snapshot_id), 5)
     assert message.startswith(f"verify: 1 of 1 snapshots failed: {snap.dump_key}")
