@@ -57,6 +57,12 @@ class DrillFailed(DrtoolError):
     exit_code = 6
 
 
+class CheckFailed(DrtoolError):
+    """``drtool doctor``: at least one check of the deployment failed."""
+
+    exit_code = 7
+
+
 class NotFound(DrtoolError):
     """A snapshot, object or repository does not exist."""
 
@@ -89,6 +95,7 @@ EXIT_CODES: dict[int, str] = {
     4: "storage failed or unreachable",
     5: "integrity check failed (authentication, hash, size, signature)",
     6: "restore drill failed",
+    7: "doctor: a check of the deployment failed",
     10: "not found",
     11: "repository locked by another run",
     12: "wrong or missing key",

@@ -17,6 +17,7 @@ from drtool.cli import repo
 from drtool.cli.backup import backup
 from drtool.cli.context import root
 from drtool.cli.demo import demo
+from drtool.cli.doctor import doctor
 from drtool.cli.drill import drill
 from drtool.cli.keys import keys
 from drtool.cli.restore import restore
@@ -24,7 +25,7 @@ from drtool.cli.schedule import schedule
 from drtool.cli.stack import stack
 from drtool.errors import DrtoolError
 
-for command in (demo, stack, keys, backup, restore, drill, schedule, *repo.COMMANDS):
+for command in (demo, stack, keys, backup, restore, drill, schedule, doctor, *repo.COMMANDS):
     root.add_command(command)
 
 log = logging.getLogger("drtool")

@@ -512,6 +512,24 @@ class S3Storage(Storage):
             self._abort_upload(key, upload_id)
         return len(stale)
 
+    def object_lock_enabled(self) -> bool:
+        """Whether the bucket has Object Lock enabled (``drtool doctor``)."""
+        request = partial(self._client.get_object_lock_configuration, Bucket=self.bucket)
+        missing = {"ObjectLockConfigurationNotFoundError"}
+        conf = self._call(None, partial(_tolerate, missing, request))
+        return conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+
+    def server_time(self) -> datetime | None:
+        """The server's clock: the ``Date`` header of one small listing (``drtool doctor``)."""
+        request = partial(
+            self._client.list_objects_v2, Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1
+        )
+        headers = self._call(None, request).get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        try:
+            return parsedate_to_datetime(headers["date"]).astimezone(UTC)
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def check(self) -> None:
         """One ListObjectsV2 (it has an error body, unlike HeadBucket): reachable, bucket, creds."""
         request = partial(

@@ -1,0 +1,213 @@
+"""``drtool doctor``: check a configured deployment the way an operator would before trusting it.
+
+Each check is a named row — pass, warn or fail — with a one-line detail. Nothing is changed
+except one probe object under ``doctor/`` in the repository (put, then a delete attempt that
+must be refused: promise 6, the backup credential cannot delete backups).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from drtool.config import Config
+from drtool.errors import DrtoolError, SourceError, StorageError
+from drtool.repository import layout
+from drtool.services.backup import refuse_identity
+from drtool.services.repo import storage_for
+from drtool.sources import postgres as pg
+from drtool.sources.minio import MinioStore
+from drtool.sources.redis_restore import connect as redis_connect
+from drtool.storage import Storage
+
+Status = Literal["pass", "warn", "fail"]
+
+PROBE_KEY = "doctor/delete-probe"
+MAX_SKEW = timedelta(minutes=5)
+MIN_FREE = 1 << 30  # bytes free in the scratch dir below which the check fails
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the doctor's table."""
+
+    name: str
+    status: Status
+    detail: str
+
+
+def _run(name: str, probe: Callable[[], tuple[Status, str]]) -> Check:
+    """Run one probe; a drtool error is a failure with its one-line message."""
+    try:
+        status, detail = probe()
+    except DrtoolError as exc:
+        return Check(name, "fail", exc.message)
+    except OSError as exc:
+        return Check(name, "fail", f"{type(exc).__name__}: {exc.strerror or exc}")
+    return Check(name, status, detail)
+
+
+def run_doctor(
+    cfg: Config, *, env: Mapping[str, str], now: Callable[[], datetime] | None = None
+) -> list[Check]:
+    """Every check, in the order an operator would look (sources, tools, repository, host)."""
+    clock = now or (lambda: datetime.now(UTC))
+    checks = [
+        _run("no identity on the backup host", lambda: _no_identity(cfg, env)),
+        _run("postgres reachable", lambda: _postgres(cfg)),
+        _run("pg_dump version", lambda: _pg_dump(cfg)),
+        _run("pg_restore present", lambda: _pg_restore(cfg)),
+        _run("redis reachable", lambda: _redis(cfg)),
+        _run("minio reachable", lambda: _minio(cfg)),
+        _run("repository format", lambda: _repository(cfg)),
+    ]
+    storage: Storage | None = None
+    with contextlib.suppress(DrtoolError):  # reported by the repository row
+        storage = storage_for(cfg)
+    s3 = storage is not None and hasattr(storage, "object_lock_enabled")
+    if storage is not None and s3:
+        checks.append(_run("object lock", lambda: _object_lock(cfg, storage)))
+        checks.append(_run("credential cannot delete", lambda: _delete_probe(storage)))
+        checks.append(_run("clock skew", lambda: _clock(storage, clock)))
+    else:
+        why = "not an S3 repository" if storage is not None else "no repository"
+        for name in ("object lock", "credential cannot delete", "clock skew"):
+            checks.append(Check(name, "warn", f"skipped: {why}"))
+    checks.append(_run("scratch free space", lambda: _scratch(cfg)))
+    checks.append(_run("key file permissions", lambda: _key_files(cfg)))
+    return checks
+
+
+def _no_identity(cfg: Config, env: Mapping[str, str]) -> tuple[Status, str]:
+    refuse_identity(cfg, env)
+    return "pass", "no AGE-SECRET-KEY in the config or environment"
+
+
+def _postgres(cfg: Config) -> tuple[Status, str]:
+    endpoint = cfg.stack().postgres
+    version = pg.server_version(endpoint)
+    return "pass", f"{endpoint.host}:{endpoint.port} as {endpoint.user}: PostgreSQL {version}"
+
+
+def _bin_dir(cfg: Config) -> Path | None:
+    return Path(cfg.postgres.bin_dir) if cfg.postgres.bin_dir else None
+
+
+def _tool(cfg: Config, name: str) -> str:
+    bin_dir = _bin_dir(cfg)
+    path = bin_dir / name if bin_dir else shutil.which(name)
+    if path is None or not Path(path).is_file():
+        where = str(bin_dir) if bin_dir else "PATH"
+        raise SourceError(f"{name} not found in {where}; install a PostgreSQL client")
+    return str(path)
+
+
+def _pg_dump(cfg: Config) -> tuple[Status, str]:
+    binary = _tool(cfg, "pg_dump")
+    client = pg.client_version(binary)
+    server = pg.server_version(cfg.stack().postgres)
+    if client < server:
+        return "fail", f"pg_dump {client} is older than the server ({server})"
+    return "pass", f"pg_dump {client} >= server {server}"
+
+
+def _pg_restore(cfg: Config) -> tuple[Status, str]:
+    binary = _tool(cfg, "pg_restore")
+    return "pass", f"pg_restore {pg.client_version(binary)} at {binary}"
+
+
+def _redis(cfg: Config) -> tuple[Status, str]:
+    import redis
+
+    endpoint = cfg.stack().redis
+    try:
+        with redis_connect(endpoint) as client:
+            version = client.info("server").get("redis_version", "?")
+    except redis.AuthenticationError:
+        return "fail", f"{endpoint.host}:{endpoint.port}: authentication failed"
+    except redis.RedisError as exc:
+        return "fail", f"{endpoint.host}:{endpoint.port}: {type(exc).__name__}"
+    return "pass", f"{endpoint.host}:{endpoint.port}: Redis {version}"
+
+
+def _minio(cfg: Config) -> tuple[Status, str]:
+    endpoints = cfg.stack()
+    store = MinioStore(endpoints.minio)
+    for bucket in endpoints.buckets:
+        next(iter(store.list_objects(bucket)), None)
+    return "pass", f"{endpoints.minio.endpoint_url}: buckets {', '.join(endpoints.buckets)} listed"
+
+
+def _repository(cfg: Config) -> tuple[Status, str]:
+    storage = storage_for(cfg)
+    info = layout.read_repo_info(storage)
+    return (
+        "pass",
+        f"{storage.url}: format {info.format_version} (supported: {layout.FORMAT_VERSION})",
+    )
+
+
+def _object_lock(cfg: Config, storage: Storage) -> tuple[Status, str]:
+    enabled = storage.object_lock_enabled()  # type: ignore[attr-defined]
+    if not enabled:
+        return "fail", "Object Lock is not enabled on the bucket; backups can be deleted"
+    if not cfg.repository.object_lock_mode or not cfg.repository.retain_days:
+        return "warn", "Object Lock enabled, but repository.object_lock_mode/retain_days unset"
+    mode, days = cfg.repository.object_lock_mode.upper(), cfg.repository.retain_days
+    return "pass", f"Object Lock enabled; objects retained {days} days ({mode})"
+
+
+def _delete_probe(storage: Storage) -> tuple[Status, str]:
+    """Put a probe object, try to delete it: a refusal passes, success fails."""
+    info = storage.put_bytes(PROBE_KEY, b"drtool doctor: this credential must not delete\n")
+    try:
+        storage.delete(PROBE_KEY)
+    except StorageError as exc:
+        if "access denied" in exc.message:
+            return "pass", "a delete was refused (access denied)"
+        raise
+    if info.version_id:  # best effort: remove the version too (a delete marker was added)
+        with contextlib.suppress(StorageError):
+            storage.delete(PROBE_KEY, version_id=info.version_id)
+    return "fail", "this credential can delete backups; give it no delete right (Object Lock)"
+
+
+def _clock(storage: Storage, clock: Callable[[], datetime]) -> tuple[Status, str]:
+    server = storage.server_time()  # type: ignore[attr-defined]
+    if server is None:
+        return "warn", "the S3 server sent no Date header"
+    skew = server - clock()
+    minutes = abs(skew.total_seconds()) / 60
+    if abs(skew) >= MAX_SKEW:
+        return "fail", f"clock skew {minutes:.0f} min against the S3 server; check NTP"
+    return "pass", f"{abs(skew.total_seconds()):.0f} s off the S3 server's clock"
+
+
+def _scratch(cfg: Config) -> tuple[Status, str]:
+    directory = Path(cfg.backup.scratch_dir or tempfile.gettempdir())
+    free = shutil.disk_usage(directory).free
+    if free < MIN_FREE:
+        return "fail", f"{directory}: {free:,} bytes free (less than 1 GiB)"
+    return "pass", f"{directory}: {free / (1 << 30):.1f} GiB free"
+
+
+def _key_files(cfg: Config) -> tuple[Status, str]:
+    paths = [p for p in (cfg.keys.signing_key_file, cfg.keys.identity_file) if p]
+    if not paths:
+        return "warn", "no key file configured"
+    loose = []
+    for path in paths:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            loose.append(f"{path} is {mode:o}")
+    if loose:
+        return "fail", f"{'; '.join(loose)}: chmod 600"
+    return "pass", f"{', '.join(paths)}: 600"
