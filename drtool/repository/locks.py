@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
-from drtool.errors import Locked, NotFound
+from drtool.errors import DrtoolError, Locked, NotFound
 from drtool.repository import layout
 from drtool.storage.base import Storage
 
@@ -109,8 +109,14 @@ def repository_lock(
         if rivals:
             raise _locked(rivals[0])
         yield mine
-    finally:
-        storage.delete(mine.key)
+    except BaseException:
+        # the run's own error is the one to report; a lock we cannot delete is stale anyway
+        try:
+            storage.delete(mine.key)
+        except DrtoolError as exc:
+            log.warning("could not release the repository lock: %s", exc.message)
+        raise
+    storage.delete(mine.key)
 
 
 def _locked(holder: LockInfo) -> Locked:
