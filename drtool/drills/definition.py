@@ -17,6 +17,8 @@ sample_rooms = 10
 postgres_image = "postgres:16-alpine"
 redis_image = "redis:7-alpine"
 minio_image = "minio/minio"
+postgres_memory = "512m"       # the production limits by default
+data = "disk"                  # or "tmpfs": faster, but the data then counts against the limits
 
 [report]
 dir = "restore_drills/reports"
@@ -59,6 +61,7 @@ class DockerImages:
     postgres_memory: str = "512m"
     redis_memory: str = "128m"
     minio_memory: str = "256m"
+    data: str = "disk"  # "disk": the container's own layer, removed with it; "tmpfs": in memory
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ def parse_definition(text: str, *, source: str = "definition") -> DrillDefinitio
         raise ConfigError(
             f"snapshot: expected latest, an id or random-within:<N>d (got {definition.snapshot!r})"
         )
+    if definition.docker.data not in ("disk", "tmpfs"):
+        raise ConfigError(f"docker.data: expected disk or tmpfs (got {definition.docker.data!r})")
     if definition.report.webhook_format not in ("slack", "alertmanager"):
         raise ConfigError(
             f"report.webhook_format: expected slack or alertmanager "

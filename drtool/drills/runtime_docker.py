@@ -1,0 +1,449 @@
+"""The ``docker`` drill runtime: a scratch stack of containers on an internal network.
+
+One drill gets one ``internal=True`` bridge network and three containers on it (PostgreSQL,
+Redis, MinIO), all labelled ``drtool.drill=<drill id>``, with the definition's memory limits
+(the production ones by default) and their data in the containers' own writable layers,
+removed with them (``data = "tmpfs"`` keeps it in memory instead: faster, but tmpfs pages
+count against the memory limit, so a production-sized limit cannot hold a large database).
+Nothing is published: drtool reaches the containers at their
+addresses on that network (the host routes to an internal network's bridge; see ADR 0004).
+Publishing a port would attach the container to the default bridge too, which has a route
+out. When drtool itself runs in a container of the same engine, that container joins the
+network for the drill's duration.
+
+Teardown removes by label, not by remembered ids, so that it also catches a container whose
+creation was interrupted after the engine made it. It runs on success, failure, exception
+and Ctrl-C (the CLI turns SIGTERM into Ctrl-C), with interrupts held until it is done.
+A drill killed outright (SIGKILL) leaves labelled containers: ``drtool drill cleanup``.
+
+Credentials are generated per drill and reach the containers as environment variables,
+which is how the official images take them (``docker inspect`` shows them to whoever can
+drive the engine, who could read the tmpfs anyway). They never appear on drtool's argv or in
+its logs. Per image:
+
+- PostgreSQL: ``POSTGRES_USER`` (``postgres``), ``POSTGRES_PASSWORD``, ``POSTGRES_DB``
+  (``cotalk``), ``PGDATA`` pinned to the tmpfs, leading ``-c`` options for a fast
+  throw-away server, stop signal SIGINT (PostgreSQL's fast shutdown).
+- Redis: the official image has no password variable, the test image
+  (``drtool-test/redis``) reads ``REDIS_PASSWORD``. One convention serves both without
+  sniffing image names: ``REDIS_PASSWORD`` is set and the command is
+  ``sh -c 'exec redis-server --requirepass "$REDIS_PASSWORD" …'``, run as the image's
+  ``redis`` user. The container's config (``docker inspect``) holds the literal
+  ``$REDIS_PASSWORD``; the expanded value sits only on redis-server's argv inside the
+  container, which redis-server overwrites with its process title. No persistence.
+- MinIO: ``MINIO_ROOT_USER`` / ``MINIO_ROOT_PASSWORD``, command ``server /data``.
+
+With ``data = "tmpfs"`` the ``*_memory`` settings must hold the restored data as well as the
+server's working memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import docker
+import psycopg
+import redis
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+
+from drtool.drills.definition import DockerImages
+from drtool.errors import DrtoolError, SourceError
+from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
+from drtool.runtime.procs import deferred_interrupts
+from drtool.sources.minio import s3_client
+
+log = logging.getLogger(__name__)
+
+LABEL = "drtool.drill"
+BUCKETS = ("attachments",)
+PG_USER = "postgres"
+PG_DBNAME = "cotalk"
+PG_PORT = 5432
+PG_DATA = "/var/lib/postgresql/data"
+# A throw-away server: durability buys nothing on tmpfs, WAL is kept small (it is in memory).
+PG_OPTIONS = ("fsync=off", "full_page_writes=off", "synchronous_commit=off", "max_wal_size=256MB")
+REDIS_PORT = 6379
+REDIS_COMMAND = (
+    'exec redis-server --requirepass "$REDIS_PASSWORD" --save "" --appendonly no --dir /data'
+)
+S3_PORT = 9000
+READY_TIMEOUT = 120.0
+POLL_SECONDS = 0.25
+LOG_TAIL = 20
+_CONTAINER_ID = re.compile(r"(?:docker[-/]|containers/)([0-9a-f]{64})")
+_SHORT_ID = re.compile(r"[0-9a-f]{12,64}")
+
+
+def _engine(timeout: int = 60) -> Any:
+    """A client of the engine named by the environment (``DOCKER_HOST`` or the socket)."""
+    try:
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+    except (DockerException, OSError) as exc:
+        raise SourceError(
+            f"docker: no engine answers ({type(exc).__name__}); start dockerd or set DOCKER_HOST"
+        ) from None
+    return client
+
+
+@dataclass(frozen=True)
+class _Service:
+    """One container of the scratch stack."""
+
+    role: str
+    image: str
+    memory: str
+    environment: dict[str, str]
+    command: list[str]
+    tmpfs: str | None  # the data dir, mounted as tmpfs; None: on the container's own layer
+    user: str | None = None
+    stop_signal: str | None = None
+
+
+def _services(images: DockerImages, pg: str, rd: str, s3: tuple[str, str]) -> list[_Service]:
+    options = [arg for opt in PG_OPTIONS for arg in ("-c", opt)]
+    in_memory = images.data == "tmpfs"
+    return [
+        _Service(
+            "postgres",
+            images.postgres_image,
+            images.postgres_memory,
+            {
+                "POSTGRES_USER": PG_USER,
+                "POSTGRES_PASSWORD": pg,
+                "POSTGRES_DB": PG_DBNAME,
+                "PGDATA": PG_DATA,
+            },
+            options,
+            PG_DATA if in_memory else None,
+            stop_signal="SIGINT",
+        ),
+        _Service(
+            "redis",
+            images.redis_image,
+            images.redis_memory,
+            {"REDIS_PASSWORD": rd},
+            ["sh", "-c", REDIS_COMMAND],
+            "/data" if in_memory else None,
+            user="redis",
+        ),
+        _Service(
+            "minio",
+            images.minio_image,
+            images.minio_memory,
+            {"MINIO_ROOT_USER": s3[0], "MINIO_ROOT_PASSWORD": s3[1]},
+            ["server", "/data"],
+            "/data" if in_memory else None,
+        ),
+    ]
+
+
+def _ensure_image(client: Any, image: str) -> None:
+    """The image exists locally, or is pulled (the SDK's create does not pull)."""
+    try:
+        client.images.get(image)
+        return
+    except ImageNotFound:
+        log.info("docker: pulling %s", image)
+    try:
+        client.images.pull(image)
+    except DockerException as exc:
+        raise SourceError(
+            f"docker: image {image} is not on this engine and cannot be pulled "
+            f"({type(exc).__name__}); pull or build it first"
+        ) from None
+
+
+def _logs_tail(container: Any) -> str:
+    try:
+        return bytes(container.logs(tail=LOG_TAIL)).decode(errors="replace").strip()
+    except DockerException:
+        return "(logs unavailable)"
+
+
+def _wait_ready(role: str, container: Any, probe: Callable[[], object], deadline: float) -> None:
+    """Call ``probe`` until it succeeds; SourceError with the logs' tail if it never does."""
+    last = ""
+    while True:
+        try:
+            probe()
+            return
+        except Exception as exc:  # any failure of the probe means "not yet"
+            last = type(exc).__name__
+        container.reload()
+        if container.status in ("exited", "dead") or time.monotonic() > deadline:
+            state = container.status
+            raise SourceError(
+                f"docker: the drill's {role} container ({container.name}, {state}) did not get "
+                f"ready (last probe: {last}); its log ends:\n{_logs_tail(container)}"
+            )
+        time.sleep(POLL_SECONDS)
+
+
+def _probe_postgres(endpoint: PostgresEndpoint) -> Callable[[], object]:
+    def probe() -> None:
+        kwargs = endpoint.connect_kwargs()
+        with psycopg.connect(**kwargs, connect_timeout=2) as conn:  # type: ignore[arg-type]
+            conn.execute("SELECT 1")
+
+    return probe
+
+
+def _probe_redis(endpoint: RedisEndpoint) -> Callable[[], object]:
+    def probe() -> None:
+        with redis.Redis(
+            host=endpoint.host,
+            port=endpoint.port,
+            password=endpoint.password,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+        ) as client:
+            client.ping()
+
+    return probe
+
+
+def _own_container(client: Any) -> Any | None:
+    """The container drtool runs in, when it is one of this engine's; else None."""
+    if not Path("/.dockerenv").exists():
+        return None
+    candidates: list[str] = []
+    hostname = socket.gethostname()
+    if _SHORT_ID.fullmatch(hostname):  # a container's default hostname is its short id
+        candidates.append(hostname)
+    for path in ("/proc/self/cgroup", "/proc/self/mountinfo"):
+        try:
+            candidates += _CONTAINER_ID.findall(Path(path).read_text())
+        except OSError:
+            continue
+    for candidate in dict.fromkeys(candidates):
+        try:
+            container = client.containers.get(candidate)
+        except NotFound:
+            continue
+        if str(container.id).startswith(candidate):
+            return container
+    log.debug("docker: running in a container this engine does not know; not joining")
+    return None
+
+
+class _Scratch:
+    """The containers and network of one drill, on one engine."""
+
+    def __init__(self, client: Any, drill_id: str) -> None:
+        self.client = client
+        self.drill_id = drill_id
+        self.name = f"drtool-drill-{drill_id.lower()}"
+        self.labels = {LABEL: drill_id}
+
+    def up(self, images: DockerImages, timeout: float) -> StackEndpoints:
+        pg_password = secrets.token_urlsafe(24)
+        redis_password = secrets.token_urlsafe(24)
+        s3_keys = (f"drtool{secrets.token_hex(6)}", secrets.token_urlsafe(24))
+        services = _services(images, pg_password, redis_password, s3_keys)
+        for service in services:
+            _ensure_image(self.client, service.image)
+        network = self.client.networks.create(
+            self.name, driver="bridge", internal=True, labels=dict(self.labels)
+        )
+        containers = {s.role: self._start(s, network.name) for s in services}
+        own = _own_container(self.client)
+        if own is not None:
+            network.connect(own)
+            log.info("docker: joined container %s to the drill network", own.short_id)
+        address = {role: self._address(c, network.name) for role, c in containers.items()}
+        endpoints = StackEndpoints(
+            PostgresEndpoint(address["postgres"], PG_PORT, PG_USER, PG_DBNAME, pg_password),
+            RedisEndpoint(address["redis"], REDIS_PORT, password=redis_password),
+            S3Endpoint(f"http://{address['minio']}:{S3_PORT}", *s3_keys),
+            BUCKETS,
+        )
+        deadline = time.monotonic() + timeout
+        s3 = s3_client(endpoints.minio, timeout=2.0, attempts=1)
+        probes = {
+            "postgres": _probe_postgres(endpoints.postgres),
+            "redis": _probe_redis(endpoints.redis),
+            "minio": s3.list_buckets,
+        }
+        for role, probe in probes.items():
+            _wait_ready(role, containers[role], probe, deadline)
+        for bucket in BUCKETS:
+            _wait_ready("minio", containers["minio"], partial(_create, s3, bucket), deadline)
+        log.info(
+            "docker: drill %s stack up on network %s (postgres %s, redis %s, minio %s)",
+            self.drill_id,
+            self.name,
+            address["postgres"],
+            address["redis"],
+            address["minio"],
+        )
+        return endpoints
+
+    def _start(self, service: _Service, network: str) -> Any:
+        container = self.client.containers.create(
+            service.image,
+            service.command,
+            name=f"{self.name}-{service.role}",
+            labels={**self.labels, f"{LABEL}.role": service.role},
+            environment=service.environment,
+            network=network,
+            tmpfs={service.tmpfs: "rw"} if service.tmpfs else None,
+            mem_limit=service.memory,
+            user=service.user,
+            stop_signal=service.stop_signal,
+            detach=True,
+        )
+        container.start()
+        return container
+
+    @staticmethod
+    def _address(container: Any, network: str) -> str:
+        container.reload()
+        address = container.attrs["NetworkSettings"]["Networks"][network]["IPAddress"]
+        if not address:
+            raise SourceError(f"docker: {container.name} got no address on {network}")
+        return str(address)
+
+
+def _create(s3: Any, bucket: str) -> None:
+    existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+    if bucket not in existing:
+        s3.create_bucket(Bucket=bucket)
+
+
+def _remove(client: Any, label: str) -> list[str]:
+    """Force-remove the containers, then the networks, carrying ``label`` (key or key=value).
+
+    Raises the first failure after trying everything.
+    """
+    removed: list[str] = []
+    failures: list[str] = []
+    for container in client.containers.list(
+        all=True, filters={"label": label}, ignore_removed=True
+    ):
+        try:
+            container.remove(force=True, v=True)
+            removed.append(f"container {container.name}")
+        except NotFound:
+            continue
+        except APIError as exc:
+            failures.append(f"container {container.name}: {exc.explanation or exc}")
+    for network in client.networks.list(filters={"label": label}):
+        try:
+            network.reload()
+            for attached in network.containers:
+                network.disconnect(attached, force=True)
+            network.remove()
+            removed.append(f"network {network.name}")
+        except NotFound:
+            continue
+        except APIError as exc:
+            failures.append(f"network {network.name}: {exc.explanation or exc}")
+    if failures:
+        raise SourceError(f"docker: teardown incomplete: {'; '.join(failures)}")
+    return removed
+
+
+def _out_of_memory(client: Any, label: str) -> list[str]:
+    """The roles of the labelled containers the kernel killed for their memory limit."""
+    killed = []
+    for container in client.containers.list(
+        all=True, filters={"label": label}, ignore_removed=True
+    ):
+        if container.attrs.get("State", {}).get("OOMKilled"):
+            killed.append(str(container.labels.get(f"{LABEL}.role", container.name)))
+    return sorted(killed)
+
+
+def _teardown(drill_id: str) -> list[str]:
+    """Remove the drill's containers and network, with Ctrl-C held until done.
+
+    Returns the roles of containers that had been killed for lack of memory.
+    """
+    label = f"{LABEL}={drill_id}"
+    with deferred_interrupts():
+        client = _engine()
+        try:
+            oom = _out_of_memory(client, label)
+            removed = _remove(client, label)
+        except DockerException as exc:
+            raise SourceError(f"docker: teardown failed ({type(exc).__name__})") from None
+        finally:
+            client.close()
+    for role in oom:
+        log.warning("docker: the drill's %s container ran out of memory", role)
+    log.info("docker: drill %s torn down (%s)", drill_id, ", ".join(removed) or "nothing left")
+    return oom
+
+
+@contextmanager
+def docker_scratch(
+    drill_id: str, images: DockerImages, *, timeout: float = READY_TIMEOUT
+) -> Iterator[StackEndpoints]:
+    """A fresh container stack for one drill, always torn down (also when startup fails)."""
+    client = _engine()
+    try:
+        endpoints = _Scratch(client, drill_id).up(images, timeout)
+    except DockerException as exc:
+        exc_type = type(exc).__name__
+        detail = exc.explanation if isinstance(exc, APIError) else exc_type
+        failure: BaseException = SourceError(f"docker: drill stack did not start: {detail}")
+        _teardown_after(drill_id, failure, client)
+        raise failure from None
+    except BaseException as exc:
+        _teardown_after(drill_id, exc, client)
+        raise
+    client.close()
+    try:
+        yield endpoints
+    except BaseException as exc:
+        _teardown_after(drill_id, exc, None)
+        raise
+    _teardown(drill_id)
+
+
+def _teardown_after(drill_id: str, exc: BaseException, client: Any | None) -> None:
+    """Tear down while ``exc`` propagates; a teardown failure becomes a note on it."""
+    if client is not None:
+        client.close()
+    try:
+        oom = _teardown(drill_id)
+    except DrtoolError as cleanup:
+        exc.add_note(f"teardown after the failure also failed: {cleanup.message}")
+        log.warning("%s", cleanup.message)
+        return
+    if oom and isinstance(exc, DrtoolError):
+        # the failure's message goes into the report: name the cause the operator can fix
+        exc.message += (
+            f" (docker: the {', '.join(oom)} container ran out of memory: raise [docker] "
+            f'{oom[0]}_memory, or use data = "disk" if it is "tmpfs")'
+        )
+
+
+def cleanup_docker() -> list[str]:
+    """Remove every container and network labelled ``drtool.drill`` (killed drills' leftovers).
+
+    Returns what was removed; [] when no engine answers. Do not run it while a drill runs:
+    it cannot tell a leftover from a live drill's stack.
+    """
+    try:
+        client = _engine(timeout=10)
+    except SourceError as exc:
+        log.info("%s; no containers to clean up", exc.message)
+        return []
+    try:
+        return _remove(client, LABEL)
+    except DockerException as exc:
+        raise SourceError(f"docker: cleanup failed ({type(exc).__name__})") from None
+    finally:
+        client.close()

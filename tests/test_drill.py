@@ -1,0 +1,370 @@
+"""Restore drills on the ``local`` runtime against real servers: a passing drill, damaged and
+inconsistent snapshots, thresholds, alerts, the production guard, and drills that are killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from helpers import DRTOOL, Repository, execute, make_repository, run_drtool, source_stack
+
+from drtool.config import load_config
+from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
+from drtool.drills.report import DrillReport
+from drtool.errors import UsageError
+from drtool.runtime.endpoints import PostgresEndpoint, S3Endpoint
+from drtool.runtime.local import LocalStack
+from drtool.runtime.s3server import s3_client
+from drtool.services.drill import guard_production, run_drill
+
+CHECKS = [
+    "postgres fingerprints equal the snapshot's",
+    "redis fingerprints equal the snapshot's",
+    "minio fingerprints equal the snapshot's",
+    "attachments have their objects",
+    "latest messages readable",
+    "redis points to existing rows",
+    "RTO within threshold",
+    "RPO within threshold",
+]
+# Long enough for any drill of the small snapshot here; a drill that hangs fails the test.
+PATIENCE = 300.0
+
+
+@dataclass(frozen=True)
+class World:
+    """A seeded source stack and a repository holding one snapshot of it."""
+
+    repo: Repository
+    snapshot_id: str
+    config: Path
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresEndpoint, s3_server: S3Endpoint
+) -> Iterator[World]:
+    """2,000 messages and 20 attachments, one snapshot, and an operator config."""
+    directory = tmp_path_factory.mktemp("drill")
+    with source_stack(directory, pg_server, s3_server) as source:
+        repo = make_repository(directory / "repo", source)
+        snapshot_id = repo.backup()
+        yield World(repo, snapshot_id, repo.operator_config(directory / "operator.toml"))
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    """A short drtool home (PostgreSQL's socket path has a 107-byte limit) that the postgres
+    user can enter (the local stack drops to it when we are root)."""
+    directory = Path(tempfile.mkdtemp(prefix="drill-"))
+    directory.chmod(0o711)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def definition_file(path: Path, reports: Path, extra: str = "") -> Path:
+    """A drill definition TOML with its reports under ``reports``."""
+    path.write_text(f'name = "test"\n{extra}\n[report]\ndir = "{reports}"\n')
+    return path
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie only waits to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def processes_in(directory: Path) -> list[str]:
+    """Live processes that run in ``directory`` or name it on their command line."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or not alive(int(proc.name)):
+            continue
+        try:
+            cwd = os.readlink(proc / "cwd")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if cwd.startswith(str(directory)) or str(directory) in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def check(report: dict[str, Any] | DrillReport, name: str) -> dict[str, Any]:
+    """The named check of a report (JSON document or object)."""
+    doc = json.loads(report.to_json()) if isinstance(report, DrillReport) else report
+    matches = [c for c in doc["checks"] if c["name"] == name]
+    assert matches, f"no check {name!r} in {[c['name'] for c in doc['checks']]}"
+    return matches[0]
+
+
+def test_a_passing_drill_is_reported_stored_and_listed(
+    world: World, tmp_path: Path, home: Path
+) -> None:
+    reports = tmp_path / "reports"
+    definition = definition_file(tmp_path / "drill.toml", reports)
+    run = run_drtool("drill", "run", "--definition", str(definition), "--json",
+                     config=world.config, home=home)  # fmt: skip
+    assert run.code == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["passed"] is True and report["error"] == ""
+    assert report["snapshot_id"] == world.snapshot_id
+    assert [c["name"] for c in report["checks"]] == CHECKS
+    assert all(c["passed"] for c in report["checks"]), report["checks"]
+    assert set(report["rto_s"]) == {"postgres", "redis", "minio"}
+    assert set(report["phases_s"]) == {"up", "restore", "checks", "down"}
+    drill_id = report["drill_id"]
+    assert json.loads((reports / f"{drill_id}.json").read_text())["passed"] is True
+    assert "PASSED" in (reports / f"{drill_id}.md").read_text()
+    stored = world.repo.directory / "repository" / "drills" / drill_id
+    assert json.loads((stored / "summary.json").read_text())["passed"] is True
+    assert (stored / "report.json.zst.age").stat().st_size > 0
+    history = run_drtool("drill", "history", "--json", config=world.config, home=home)
+    assert history.code == 0, history.stderr
+    listed = {d["drill_id"]: d for d in json.loads(history.stdout)}
+    assert listed[drill_id]["passed"] is True
+    assert listed[drill_id]["failed_checks"] == []
+    assert not (home / "drills" / drill_id).exists()
+    assert processes_in(home) == []
+
+
+def test_a_corrupted_blob_fails_the_drill_naming_the_object(
+    world: World, tmp_path: Path, home: Path
+) -> None:
+    copy = tmp_path / "repository"
+    shutil.copytree(world.repo.directory / "repository", copy)
+    blob = sorted((copy / "blobs").rglob("*.zst.age"))[0]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    config = world.repo.operator_config(tmp_path / "op.toml", url=copy.as_uri())
+    reports = tmp_path / "reports"
+    definition = definition_file(tmp_path / "drill.toml", reports)
+    run = run_drtool("drill", "run", "--definition", str(definition), config=config, home=home)
+    assert run.code == 6, run.stderr
+    name = f"blobs/{blob.parent.name}/{blob.name}"
+    assert name in run.stderr.strip().splitlines()[-1]
+    (json_report,) = reports.glob("*.json")
+    report = json.loads(json_report.read_text())
+    assert report["passed"] is False
+    failed = check(report, "snapshot restores")
+    assert failed["passed"] is False
+    assert name in failed["detail"] and name in failed["examples"][0]
+    markdown = json_report.with_suffix(".md").read_text()
+    assert "| snapshot restores | **FAIL** |" in markdown and name in markdown
+    assert processes_in(home) == []
+
+
+def test_a_missing_attachment_object_is_caught(
+    tmp_path: Path, home: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint
+) -> None:
+    """The object went missing before the backup: the snapshot agrees with itself, the
+    attachment row does not."""
+    with source_stack(tmp_path / "source", pg_server, s3_server) as source:
+        row = execute(source.postgres, "SELECT object_key FROM attachments ORDER BY id LIMIT 1")
+        key = row[0]
+        s3_client(source.minio).delete_object(Bucket=source.buckets[0], Key=key)
+        repo = make_repository(tmp_path / "repo", source)
+        repo.backup()
+        cfg = load_config(repo.operator_config(tmp_path / "operator.toml"), {})
+        spec = DrillDefinition(report=ReportSettings(dir=str(tmp_path / "reports")))
+        report = run_drill(cfg, home=home, spec=spec)
+    assert report.passed is False
+    failed = check(report, "attachments have their objects")
+    assert failed["passed"] is False
+    assert failed["figures"]["missing"] == 1
+    assert failed["examples"] == [f"missing object {key}"]
+    for name in CHECKS[:3]:
+        assert check(report, name)["passed"] is True, name
+
+
+@contextmanager
+def webhook_receiver() -> Iterator[tuple[str, list[Any]]]:
+    """An HTTP server on 127.0.0.1 collecting the JSON bodies POSTed to it."""
+    received: list[Any] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_exceeded_rto_fails_alerts_and_writes_metrics(
+    world: World, tmp_path: Path, home: Path
+) -> None:
+    textfile = tmp_path / "drtool.prom"
+    with webhook_receiver() as (url, received):
+        (tmp_path / "hook").write_text(url + "\n")
+        spec = DrillDefinition(
+            name="weekly",
+            thresholds=Thresholds(max_rto_s=0.001),
+            report=ReportSettings(
+                dir=str(tmp_path / "reports"),
+                webhook_url_file=str(tmp_path / "hook"),
+                textfile=str(textfile),
+            ),
+        )
+        report = run_drill(load_config(world.config, {}), home=home, spec=spec)
+    assert report.passed is False
+    assert [c.name for c in report.checks if not c.passed] == ["RTO within threshold"]
+    assert check(report, "RTO within threshold")["figures"]["max_rto_s"] == 0.001
+    assert len(received) == 1
+    text = received[0]["text"]
+    assert text.startswith(f"drtool restore drill {report.drill_id} FAILED on snapshot ")
+    assert "RTO within threshold" in text
+    metrics = textfile.read_text()
+    assert 'drtool_drill_result{definition="weekly"} 0\n' in metrics
+    assert 'drtool_drill_rto_seconds{definition="weekly",component="postgres"}' in metrics
+
+
+def test_exceeded_rpo_fails_with_an_alertmanager_alert(
+    world: World, tmp_path: Path, home: Path
+) -> None:
+    with webhook_receiver() as (url, received):
+        (tmp_path / "hook").write_text(url)
+        spec = DrillDefinition(
+            thresholds=Thresholds(max_rpo_s=3600),
+            report=ReportSettings(
+                dir=str(tmp_path / "reports"),
+                webhook_url_file=str(tmp_path / "hook"),
+                webhook_format="alertmanager",
+            ),
+        )
+        cfg = load_config(world.config, {})
+        later = datetime.now(UTC) + timedelta(hours=2)  # the snapshot is minutes old
+        report = run_drill(cfg, home=home, spec=spec, now=later)
+    assert [c.name for c in report.checks if not c.passed] == ["RPO within threshold"]
+    assert report.rpo_s >= 7200
+    (alerts,) = received
+    assert alerts[0]["labels"] == {
+        "alertname": "DrillFailed",
+        "severity": "critical",
+        "service": "drtool",
+    }
+    assert alerts[0]["annotations"]["drill_id"] == report.drill_id
+    assert "RPO within threshold" in alerts[0]["annotations"]["summary"]
+
+
+def test_guard_refuses_the_production_endpoints(world: World, tmp_path: Path, home: Path) -> None:
+    cfg = load_config(world.config, {})
+    production = cfg.stack()
+    with pytest.raises(UsageError, match=r"scratch postgres endpoint .* is the production one"):
+        guard_production(production, production)
+    before = execute(world.repo.source.postgres, "SELECT count(*) FROM messages")
+    # a runtime that hands back the production stack: the drill refuses before restoring
+    report = run_drill(
+        cfg,
+        home=home,
+        spec=DrillDefinition(report=ReportSettings(dir=str(tmp_path / "reports"))),
+        scratch=lambda home, drill_id, spec: nullcontext(production),
+    )
+    assert report.passed is False
+    assert "is the production one; refusing" in report.error
+    assert report.checks == []
+    assert execute(world.repo.source.postgres, "SELECT count(*) FROM messages") == before
+
+
+def start_drill(world: World, tmp_path: Path, home: Path) -> subprocess.Popen[str]:
+    """``drtool drill run`` in the background."""
+    definition = definition_file(tmp_path / "drill.toml", tmp_path / "reports")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
+    argv = [DRTOOL, "--config", str(world.config), "--home", str(home),
+            "drill", "run", "--definition", str(definition)]  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    return proc
+
+
+def restoring(home: Path) -> bool:
+    """Whether a drill under ``home`` is restoring: its PostgreSQL holds a staging database."""
+    for state in (home / "drills").glob("*/stack.json"):
+        try:
+            endpoint = LocalStack.load(state.parent).endpoints.postgres
+            with psycopg.connect(**endpoint.connect_kwargs("postgres"), connect_timeout=1) as conn:  # type: ignore[arg-type]
+                names = [r[0] for r in conn.execute("SELECT datname FROM pg_database")]
+        except Exception:  # not up yet, or already gone
+            continue
+        known = {"postgres", "cotalk", "template0", "template1"}
+        if any(name not in known for name in names):
+            return True
+    return False
+
+
+def wait_until_restoring(proc: subprocess.Popen[str], home: Path) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not restoring(home):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"the drill never was seen restoring (exit {proc.returncode}):\n{err}")
+        time.sleep(0.05)
+
+
+def test_sigterm_mid_restore_tears_the_stack_down(world: World, tmp_path: Path, home: Path) -> None:
+    proc = start_drill(world, tmp_path, home)
+    wait_until_restoring(proc, home)
+    stacks = list((home / "drills").iterdir())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=PATIENCE)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "error: interrupted"
+    assert stacks and not any(s.exists() for s in stacks)
+    assert processes_in(home) == []
+
+
+def test_sigkill_leaves_a_stack_that_cleanup_stops(
+    world: World, tmp_path: Path, home: Path
+) -> None:
+    proc = start_drill(world, tmp_path, home)
+    wait_until_restoring(proc, home)
+    proc.kill()
+    proc.communicate(timeout=PATIENCE)
+    (stack,) = (home / "drills").iterdir()
+    assert processes_in(stack) != []
+    run = run_drtool("drill", "cleanup", config=world.config, home=home)
+    assert run.code == 0, run.stderr
+    assert f"removed local stack {stack.name}" in run.stdout.splitlines()
+    assert not stack.exists()
+    assert processes_in(stack) == []
+    again = run_drtool("drill", "cleanup", config=world.config, home=home)
+    assert again.code == 0 and "local stack" not in again.stdout

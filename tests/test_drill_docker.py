@@ -1,0 +1,226 @@
+"""Restore drills on the ``docker`` runtime, with the test images of ``.ci/docker-images``.
+
+The scratch stack is three labelled containers on an internal network, reached at their
+addresses; it is always removed: after a pass, a failed start, an exception, SIGTERM. A drill
+killed outright leaves containers that ``drtool drill cleanup`` removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import docker
+import psycopg
+import pytest
+from docker_support import BASE_IMAGE, POSTGRES_IMAGE, REDIS_IMAGE, S3_IMAGE, require_image
+from helpers import DRTOOL, Repository, make_repository, run_drtool, source_stack
+
+from drtool.config import load_config
+from drtool.drills.definition import DockerImages, DrillDefinition, ReportSettings
+from drtool.drills.runtime_docker import LABEL, cleanup_docker, docker_scratch
+from drtool.errors import SourceError
+from drtool.runtime.endpoints import PostgresEndpoint, S3Endpoint
+from drtool.services.drill import run_drill
+
+IMAGES = DockerImages(postgres_image=POSTGRES_IMAGE, redis_image=REDIS_IMAGE, minio_image=S3_IMAGE)
+PATIENCE = 300.0
+
+
+@dataclass(frozen=True)
+class World:
+    """A seeded source stack and a repository holding one snapshot of it."""
+
+    repo: Repository
+    snapshot_id: str
+    config: Path
+
+
+@pytest.fixture(scope="module")
+def images(docker_client: docker.DockerClient) -> DockerImages:
+    """The test images, which must exist (nothing can be pulled here)."""
+    for image in (POSTGRES_IMAGE, REDIS_IMAGE, S3_IMAGE):
+        require_image(docker_client, image)
+    return IMAGES
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory,
+    images: DockerImages,
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+) -> Iterator[World]:
+    """2,000 messages and 20 attachments, one snapshot, and an operator config."""
+    directory = tmp_path_factory.mktemp("drill-docker")
+    with source_stack(directory, pg_server, s3_server) as source:
+        repo = make_repository(directory / "repo", source)
+        snapshot_id = repo.backup()
+        yield World(repo, snapshot_id, repo.operator_config(directory / "operator.toml"))
+
+
+def leftovers(client: docker.DockerClient, label: str = LABEL) -> list[str]:
+    """Containers (running or not) and networks carrying ``label``."""
+    containers = client.containers.list(all=True, filters={"label": label}, ignore_removed=True)
+    networks = client.networks.list(filters={"label": label})
+    return [f"container {c.name}" for c in containers] + [f"network {n.name}" for n in networks]
+
+
+@pytest.fixture
+def clean_engine(docker_client: docker.DockerClient) -> Iterator[docker.DockerClient]:
+    """No drill containers before the test; none left behind by a failing one."""
+    assert leftovers(docker_client) == [], "drill containers from elsewhere: run drill cleanup"
+    yield docker_client
+    cleanup_docker()
+
+
+@pytest.mark.docker
+def test_a_drill_on_docker_passes_and_leaves_nothing(
+    world: World, clean_engine: docker.DockerClient, tmp_path: Path
+) -> None:
+    reports = tmp_path / "reports"
+    spec = DrillDefinition(runtime="docker", docker=IMAGES, report=ReportSettings(dir=str(reports)))
+    report = run_drill(load_config(world.config, {}), home=tmp_path / "home", spec=spec)
+    assert report.error == ""
+    assert report.passed, [(c.name, c.detail) for c in report.checks if not c.passed]
+    assert report.runtime == "docker" and report.snapshot_id == world.snapshot_id
+    assert len(report.checks) == 8 and all(c.passed for c in report.checks)
+    assert set(report.phases_s) == {"up", "restore", "checks", "down"}
+    assert json.loads((reports / f"{report.drill_id}.json").read_text())["passed"] is True
+    assert (reports / f"{report.drill_id}.md").exists()
+    assert leftovers(clean_engine, f"{LABEL}={report.drill_id}") == []
+
+
+@pytest.mark.docker
+def test_the_scratch_stack_is_internal_labelled_tmpfs_and_limited(
+    images: DockerImages, clean_engine: docker.DockerClient
+) -> None:
+    drill_id = "20250101T000000Z-0001"
+    with docker_scratch(drill_id, replace(images, data="tmpfs")) as endpoints:
+        (network,) = clean_engine.networks.list(filters={"label": f"{LABEL}={drill_id}"})
+        assert network.attrs["Internal"] is True
+        containers = clean_engine.containers.list(filters={"label": f"{LABEL}={drill_id}"})
+        roles = {c.labels[f"{LABEL}.role"]: c for c in containers}
+        assert sorted(roles) == ["minio", "postgres", "redis"]
+        for role, container in roles.items():
+            host = container.attrs["HostConfig"]
+            assert list(container.attrs["NetworkSettings"]["Networks"]) == [network.name], role
+            assert not host.get("PortBindings") and not host.get("PublishAllPorts"), role
+            assert host["Tmpfs"], role  # data = "tmpfs"; the default keeps it on disk
+            assert host["Memory"] > 0, role
+        assert roles["postgres"].attrs["HostConfig"]["Memory"] == 512 * 1024 * 1024
+        assert roles["postgres"].attrs["Config"]["StopSignal"] == "SIGINT"
+        # the Redis password is in the environment only, never on a command line
+        redis_cmd = " ".join(roles["redis"].attrs["Config"]["Cmd"])
+        assert endpoints.redis.password and endpoints.redis.password not in redis_cmd
+        top = roles["redis"].top()
+        assert all(endpoints.redis.password not in " ".join(p) for p in top["Processes"])
+        with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:  # type: ignore[arg-type]
+            fs = conn.execute("SELECT setting FROM pg_settings WHERE name = 'fsync'").fetchone()
+        assert fs == ("off",)
+    assert leftovers(clean_engine) == []
+
+
+@pytest.mark.docker
+def test_an_exception_inside_tears_the_stack_down(
+    images: DockerImages, clean_engine: docker.DockerClient
+) -> None:
+    with (
+        pytest.raises(RuntimeError, match="check blew up"),
+        docker_scratch("20250101T000000Z-0002", images),
+    ):
+        assert leftovers(clean_engine) != []
+        raise RuntimeError("check blew up")
+    assert leftovers(clean_engine) == []
+
+
+@pytest.mark.docker
+def test_a_start_failing_midway_leaves_nothing(
+    images: DockerImages, clean_engine: docker.DockerClient
+) -> None:
+    require_image(clean_engine, BASE_IMAGE)
+    # the base image has no MinIO: its container fails to start after the other two did
+    broken = DockerImages(
+        postgres_image=images.postgres_image,
+        redis_image=images.redis_image,
+        minio_image=BASE_IMAGE,
+    )
+    with (
+        pytest.raises(SourceError, match="docker: drill stack did not start"),
+        docker_scratch("20250101T000000Z-0003", broken),
+    ):
+        pytest.fail("the stack must not come up")
+    assert leftovers(clean_engine) == []
+
+
+def start_drill(world: World, tmp_path: Path) -> subprocess.Popen[str]:
+    """``drtool drill run`` of a docker definition, in the background."""
+    definition = tmp_path / "docker.toml"
+    definition.write_text(
+        f'name = "docker"\nruntime = "docker"\n'
+        f'[docker]\npostgres_image = "{IMAGES.postgres_image}"\n'
+        f'redis_image = "{IMAGES.redis_image}"\nminio_image = "{IMAGES.minio_image}"\n'
+        f'[report]\ndir = "{tmp_path / "reports"}"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
+    argv = [DRTOOL, "--config", str(world.config), "--home", str(tmp_path / "home"),
+            "drill", "run", "--definition", str(definition)]  # fmt: skip
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def wait_for_containers(proc: subprocess.Popen[str], client: docker.DockerClient) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not client.containers.list(all=True, filters={"label": LABEL}, ignore_removed=True):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"no drill container ever appeared (exit {proc.returncode}):\n{err}")
+        time.sleep(0.05)
+
+
+@pytest.mark.docker
+def test_sigterm_tears_the_containers_down(
+    world: World, clean_engine: docker.DockerClient, tmp_path: Path
+) -> None:
+    proc = start_drill(world, tmp_path)
+    wait_for_containers(proc, clean_engine)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=PATIENCE)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "error: interrupted"
+    assert leftovers(clean_engine) == []
+
+
+@pytest.mark.docker
+def test_sigkill_leaves_containers_that_cleanup_removes(
+    world: World, clean_engine: docker.DockerClient, tmp_path: Path
+) -> None:
+    proc = start_drill(world, tmp_path)
+    wait_for_containers(proc, clean_engine)
+    proc.kill()
+    proc.communicate(timeout=PATIENCE)
+    left = leftovers(clean_engine)
+    assert left != []
+    run = run_drtool("drill", "cleanup", config=world.config, home=tmp_path / "home")
+    assert run.code == 0, run.stderr
+    removed = {line.removeprefix("removed ") for line in run.stdout.splitlines()}
+    assert set(left) <= removed
+    assert leftovers(clean_engine) == []
+
+
+def test_cleanup_without_an_engine_removes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    assert cleanup_docker() == []
