@@ -6,6 +6,9 @@
 # (apt.postgresql.org), Debian bookworm's own is 15 and pg_dump must be at least the server's
 # major version. Set PG_APT_REPO="" to skip PGDG and use the distribution's client instead
 # (e.g. when building from a local base image without network; the server must then be <= 15).
+# Set PIP_WHEELHOUSE=DIR (a directory of wheels inside the build context) to install drtool's
+# Python dependencies from it only, without an index (the default: PyPI). .ci/docker-images
+# builds drtool:ci that way, FROM a locally built Python base.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
@@ -44,8 +47,10 @@ RUN groupadd --system --gid 10001 drtool \
     && install -d -o drtool -g drtool -m 0700 /var/lib/drtool/state \
     && install -d -m 0755 /etc/drtool/schedules
 
+ARG PIP_WHEELHOUSE=
 COPY . /src
-RUN pip install /src && rm -rf /src
+RUN if [ -n "$PIP_WHEELHOUSE" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS="/src/$PIP_WHEELHOUSE"; fi; \
+    pip install /src && rm -rf /src
 
 USER drtool
 WORKDIR /var/lib/drtool
