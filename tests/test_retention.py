@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -21,12 +22,12 @@ from test_repository import (  # noqa: F401 (fixtures: any_kit, kit, looping_blo
 )
 
 from drtool.errors import Locked, StorageError, UsageError
-from drtool.repository import layout
+from drtool.repository import drill_log, layout
 from drtool.repository.ids import new_id
 from drtool.repository.locks import read_locks, repository_lock
 from drtool.repository.retention import Policy, select
-from drtool.runtime.s3server import s3_client
 from drtool.services import repo as svc
+from drtool.sources.minio import s3_client
 from drtool.storage.base import TEMP_PREFIX
 
 # -- selection --------------------------------------------------------------------------------
@@ -285,3 +286,21 @@ def test_prune_waits_for_a_running_writer(kit: RepoKit) -> None:
     with repository_lock(kit.storage, "backup"), pytest.raises(Locked, match="locked by"):
         svc.prune(kit.config(), Policy(last=1), dry_run=False)
     assert kit.keys_in_storage() == before
+
+
+def test_prune_keeps_the_newest_drilled_snapshot(kit: RepoKit) -> None:
+    """M2: keep-last 1 still keeps the newest snapshot a drill proved, not only the newest."""
+    older = kit.snapshot(T0)
+    drilled = kit.snapshot(T0 + timedelta(days=1))
+    failed_drill = kit.snapshot(T0 + timedelta(days=2))
+    newest = kit.snapshot(T0 + timedelta(days=3))
+    for drill_id, snap, passed in (
+        ("20261101T040000Z-0001", drilled, True),
+        ("20261102T040000Z-0002", failed_drill, False),
+    ):
+        summary = {"drill_id": drill_id, "snapshot_id": snap.snapshot_id, "passed": passed}
+        kit.storage.put_bytes(drill_log.summary_key(drill_id), json.dumps(summary).encode())
+    plan = svc.prune(kit.config(), Policy(last=1), dry_run=False)
+    assert plan.keep == {newest.snapshot_id: ["last"], drilled.snapshot_id: ["newest drilled"]}
+    assert sorted(plan.forget) == sorted([older.snapshot_id, failed_drill.snapshot_id])
+    assert kit.records()[drilled.snapshot_id].valid

@@ -33,7 +33,7 @@ from drtool.drills.runtime_local import cleanup_local, local_scratch
 from drtool.errors import ConfigError, DrtoolError, NotFound, UsageError
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import seal
-from drtool.repository import catalog, layout
+from drtool.repository import catalog, drill_log, layout
 from drtool.repository.ids import new_id
 from drtool.runtime.endpoints import StackEndpoints
 from drtool.services.repo import Repo, open_repo
@@ -239,7 +239,8 @@ def _publish(repo: Repo, spec: DrillDefinition, report: DrillReport) -> None:
     log.info("drill report written to %s", json_path)
     try:
         prefix = f"{layout.DRILLS}{report.drill_id}/"
-        repo.storage.put_bytes(prefix + "summary.json", json.dumps(report.summary()).encode())
+        summary = json.dumps(report.summary()).encode()
+        repo.storage.put_bytes(drill_log.summary_key(report.drill_id), summary)
         header = InnerHeader(repo.info.repo_id, report.drill_id, "drill", "drill_report")
         sealed = seal(
             [report.to_json().encode()], header=header, recipients=list(repo.info.recipients)
@@ -256,15 +257,7 @@ def _publish(repo: Repo, spec: DrillDefinition, report: DrillReport) -> None:
 
 def drill_history(cfg: Config) -> list[dict[str, Any]]:
     """The clear summaries of past drills stored in the repository, oldest first."""
-    repo = open_repo(cfg)
-    summaries = []
-    for obj in repo.storage.list(layout.DRILLS):
-        if obj.key.endswith("/summary.json"):
-            try:
-                summaries.append(json.loads(repo.storage.get_bytes(obj.key)))
-            except (ValueError, NotFound):
-                log.warning("unreadable drill summary %s", obj.key)
-    return sorted(summaries, key=lambda s: str(s.get("drill_id")))
+    return drill_log.read_summaries(open_repo(cfg).storage)
 
 
 def cleanup(home: Path) -> list[str]:

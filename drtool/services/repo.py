@@ -15,7 +15,7 @@ from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import unseal
-from drtool.repository import catalog, layout, retention
+from drtool.repository import catalog, drill_log, layout, retention
 from drtool.repository.locks import LockInfo, repository_lock, unlock
 from drtool.repository.manifest import Manifest, ObjectEntry
 from drtool.storage import Storage, StorageOptions, open_storage
@@ -278,6 +278,9 @@ def prune(
         records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
         valid = [(r.snapshot_id, r.time) for r in records if r.valid]
         keep = retention.select(valid, policy)
+        drilled = drill_log.newest_drilled(repo.storage, {sid for sid, _ in valid})
+        if drilled is not None:  # M2: the newest proof of a restorable snapshot stays
+            keep.setdefault(drilled, []).append("newest drilled")
         forget = [sid for sid, _ in valid if sid not in keep]
         invalid = [r.snapshot_id for r in records if not r.valid]
         plan = PrunePlan(keep, forget, invalid, [])
