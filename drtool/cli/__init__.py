@@ -13,20 +13,8 @@ from types import FrameType
 
 import click
 
-from drtool.cli import repo
-from drtool.cli.backup import backup
 from drtool.cli.context import root
-from drtool.cli.demo import demo
-from drtool.cli.doctor import doctor
-from drtool.cli.drill import drill
-from drtool.cli.keys import keys
-from drtool.cli.restore import restore
-from drtool.cli.schedule import schedule
-from drtool.cli.stack import stack
 from drtool.errors import DrtoolError
-
-for command in (demo, stack, keys, backup, restore, drill, schedule, doctor, *repo.COMMANDS):
-    root.add_command(command)
 
 log = logging.getLogger("drtool")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -47,7 +48,52 @@ def secrets_of(cfg: Config) -> list[str]:
     return [v for v in values if v]
 
 
+class LazyGroup(click.Group):
+    """A group whose commands are imported only when used (click's documented pattern).
+
+    ``drtool list`` then loads the repository code, not boto3, psycopg and every service:
+    start-up time counts in every scheduled job and every scripted call.
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command name, in the order of ``lazy``."""
+        return list(self.lazy)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """Import the command's module on first use."""
+        if cmd_name not in self.lazy:
+            return None
+        module, _, attr = self.lazy[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+COMMANDS = {
+    "demo": "drtool.cli.demo:demo",
+    "stack": "drtool.cli.stack:stack",
+    "keys": "drtool.cli.keys:keys",
+    "init": "drtool.cli.repo:init",
+    "backup": "drtool.cli.backup:backup",
+    "list": "drtool.cli.repo:list_",
+    "show": "drtool.cli.repo:show",
+    "verify": "drtool.cli.repo:verify",
+    "restore": "drtool.cli.restore:restore",
+    "drill": "drtool.cli.drill:drill",
+    "prune": "drtool.cli.repo:prune",
+    "unlock": "drtool.cli.repo:unlock",
+    "schedule": "drtool.cli.schedule:schedule",
+    "doctor": "drtool.cli.doctor:doctor",
+}
+
+
 @click.group(
+    cls=LazyGroup,
+    lazy=COMMANDS,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=f"\b\nExit codes:\n{EXIT_TABLE}",
 )

@@ -216,6 +216,3 @@ def unlock(state: CliState, everything: bool) -> None:
         click.echo(f"removed lock of {lock.host}/{lock.pid} ({lock.operation}) since {lock.since}")
     if not removed:
         click.echo("no stale locks")
-
-
-COMMANDS = [init, list_, show, verify, prune, unlock]
