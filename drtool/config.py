@@ -44,7 +44,7 @@ class RepositoryConfig:
     access_key: str | None = field(default=None, repr=False, metadata=SECRET)
     secret_key: str | None = field(default=None, repr=False, metadata=SECRET)
     path_style: bool = True
-    part_size_mb: int = 16
+    part_size_mb: int = 8  # x (2 in flight + 1) is the upload buffer; S3 minimum is 5
     object_lock_mode: str = ""
     retain_days: int = 0
 

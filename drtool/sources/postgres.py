@@ -20,6 +20,7 @@ import re
 import shutil
 import struct
 from collections.abc import Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from inspect import GEN_CREATED, getgeneratorstate
@@ -166,16 +167,22 @@ def _tool_env(endpoint: PostgresEndpoint, app: str) -> dict[str, str]:
 class PgDump:
     """One snapshot-consistent dump: its fingerprints and its ``-Fc`` archive stream.
 
-    ``fingerprints`` is ready on entry and stays valid after the stream. ``stream`` must be
-    consumed inside the ``dump()`` block; it raises ``SourceError`` at its end if pg_dump
-    failed, timed out or wrote no archive.
+    The fingerprint scan runs in a thread on the exporting transaction while pg_dump streams
+    (two server backends, one pass each): ``fingerprints`` waits for it and stays valid after
+    the block. ``stream`` must be consumed inside the ``dump()`` block; it raises
+    ``SourceError`` at its end if pg_dump failed, timed out or wrote no archive.
     """
 
-    fingerprints: PgFingerprints
+    scan: Future[PgFingerprints]
     stream: Generator[bytes, None, None]
     snapshot: str
     server_version: str
     pg_dump_version: str
+
+    @property
+    def fingerprints(self) -> PgFingerprints:
+        """The snapshot's fingerprints (waits for the scan; raises its SourceError)."""
+        return self.scan.result()
 
 
 def _archive_stream(
@@ -215,11 +222,11 @@ def dump(
     timeout: float,
     read_size: int = 1 << 20,
 ) -> Iterator[PgDump]:
-    """Open a snapshot, fingerprint it, and yield a ``PgDump`` streaming ``pg_dump`` of it.
+    """Open a snapshot and yield a ``PgDump`` streaming ``pg_dump`` of it, fingerprinted.
 
-    Order: on entry the exporting transaction opens and the fingerprints are computed (one
-    scan per table); pg_dump starts on the first read of ``stream``. The transaction stays
-    open until the block ends, so fingerprints and stream may be used in either order. On
+    On entry the exporting transaction opens; its fingerprint scan (one pass per table) starts
+    in a thread at once and pg_dump starts on the first read of ``stream``, so the two run
+    side by side. The transaction stays open until the block ends and the scan is done. On
     exit an unfinished pg_dump is killed. ``timeout`` bounds the stream (pg_dump's run time).
     """
     pg_dump = _binary("pg_dump", pg_bin_dir)
@@ -231,18 +238,30 @@ def dump(
         conn.read_only = True
         try:
             row = conn.execute("SELECT pg_export_snapshot()").fetchone()
-            assert row is not None
-            fingerprints = compute_fingerprints(conn)
         except psycopg.Error as exc:
             raise SourceError(f"PostgreSQL snapshot: {_one_line(exc, endpoint)}") from None
+        assert row is not None
         argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={row[0]}"]
         argv += ["--no-password", _dbname_arg(endpoint.dbname)]
         stream = _archive_stream(conn, argv, endpoint, timeout=timeout, read_size=read_size)
-        try:
-            yield PgDump(fingerprints, stream, row[0], version, pg_dump_version)
-        finally:
-            if getgeneratorstate(stream) != GEN_CREATED:
-                stream.close()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="drtool-fingerprint") as pool:
+            scan = pool.submit(_fingerprints_in_snapshot, conn, endpoint)
+            try:
+                yield PgDump(scan, stream, row[0], version, pg_dump_version)
+            finally:
+                if getgeneratorstate(stream) != GEN_CREATED:
+                    stream.close()
+                scan.cancel()
+                wait([scan])  # the transaction must outlive the scan that runs in it
+
+
+def _fingerprints_in_snapshot(
+    conn: psycopg.Connection[Any], endpoint: PostgresEndpoint
+) -> PgFingerprints:
+    try:
+        return compute_fingerprints(conn)
+    except psycopg.Error as exc:
+        raise SourceError(f"PostgreSQL fingerprints: {_one_line(exc, endpoint)}") from None
 
 
 def dump_globals(
