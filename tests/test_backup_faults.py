@@ -354,3 +354,35 @@ def test_l1_second_backup_while_locked_exits_11(base: Baseline) -> None:
         assert base.kit.listed() == {base.snapshot_id: "VALID"}
     assert read_locks(storage) == []
     assert_next_backup_succeeds(base)
+
+
+@pytest.fixture
+def tiny_scratch(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs for the backup's scratch dir (skipped where mounting is not permitted)."""
+    mount = tmp_path / "tiny-scratch"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_p6_full_scratch_dir_names_the_dir_and_uploads_nothing(
+    base: Baseline, redis_db: RedisEndpoint, tiny_scratch: Path
+) -> None:
+    """The Redis RDB is staged in the scratch dir: 3 MiB of keys cannot fit in 1 MiB."""
+    with redis.Redis(host=redis_db.host, port=redis_db.port, password=redis_db.password) as r:
+        for i in range(3):
+            r.set(f"p6:big:{i}", secrets.token_bytes(1 << 20))  # incompressible
+    before = base.kit.stored_keys()
+    config = base.kit.write_config("tiny", backup={"scratch_dir": str(tiny_scratch)})
+    message = one_error(base.kit.backup("redis", config=config), 3)
+    assert str(tiny_scratch) in message and "no space" in message.lower()
+    assert base.kit.stored_keys() == before  # nothing uploaded
+    assert list(tiny_scratch.iterdir()) == []
+    assert_nothing_lost(base)
