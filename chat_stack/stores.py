@@ -24,6 +24,7 @@ from drtool.runtime.endpoints import (
     S3Endpoint,
     StackEndpoints,
 )
+from drtool.sources.redis_restore import connect
 
 STORE_ERRORS = (psycopg.Error, redis.RedisError, BotoCoreError, ClientError, OSError)
 
@@ -138,16 +139,7 @@ def connect_postgres(endpoint: PostgresEndpoint) -> psycopg.Connection:
 
 def connect_redis(endpoint: RedisEndpoint) -> redis.Redis:
     """Open a client (strings decoded) and ping it, or raise a SourceError naming the server."""
-    client = redis.Redis(
-        host=endpoint.host,
-        port=endpoint.port,
-        db=endpoint.db,
-        username=endpoint.username,
-        password=endpoint.password,
-        ssl=endpoint.tls,
-        decode_responses=True,
-        socket_connect_timeout=10,
-    )
+    client = connect(endpoint, decode=True)
     try:
         client.ping()
     except redis.RedisError as exc:

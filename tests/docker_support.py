@@ -20,12 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, NoReturn, TypeVar
 
-import boto3
 import docker
 import psycopg
 import pytest
 import redis
-from botocore.config import Config
 from docker.errors import DockerException, ImageNotFound
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -33,6 +31,7 @@ from testcontainers.core.config import ConnectionMode, testcontainers_config
 from testcontainers.core.container import DockerContainer
 
 from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+from drtool.sources.minio import s3_client
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -248,20 +247,8 @@ def redis_container(
 
 def boto3_s3(endpoint: S3Endpoint, *, timeout: float = 5.0) -> S3Client:
     """A boto3 S3 client for ``endpoint`` (SigV4, path-style), without retries."""
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint.endpoint_url,
-        aws_access_key_id=endpoint.access_key,
-        aws_secret_access_key=endpoint.secret_key,
-        region_name=endpoint.region,
-        config=Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            connect_timeout=timeout,
-            read_timeout=timeout,
-            retries={"max_attempts": 1, "mode": "standard"},
-        ),
-    )
+    client: S3Client = s3_client(endpoint, timeout=timeout, attempts=1)
+    return client
 
 
 @contextmanager

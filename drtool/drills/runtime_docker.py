@@ -53,7 +53,6 @@ from typing import Any
 
 import docker
 import psycopg
-import redis
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from drtool.drills.definition import DockerImages
@@ -61,6 +60,7 @@ from drtool.errors import DrtoolError, SourceError
 from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.runtime.procs import deferred_interrupts
 from drtool.sources.minio import s3_client
+from drtool.sources.redis_restore import connect as connect_redis
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +201,7 @@ def _probe_postgres(endpoint: PostgresEndpoint) -> Callable[[], object]:
 
 def _probe_redis(endpoint: RedisEndpoint) -> Callable[[], object]:
     def probe() -> None:
-        with redis.Redis(
-            host=endpoint.host,
-            port=endpoint.port,
-            password=endpoint.password,
-            socket_timeout=2,
-            socket_connect_timeout=2,
-        ) as client:
+        with connect_redis(endpoint, timeout=2.0) as client:
             client.ping()
 
     return probe

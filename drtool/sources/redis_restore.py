@@ -26,8 +26,10 @@ from drtool.runtime.redisserver import RedisServer
 POLL_SECONDS = 0.05
 
 
-def connect(endpoint: RedisEndpoint) -> redis.Redis:
-    """A client (bytes replies) for ``endpoint``."""
+def connect(
+    endpoint: RedisEndpoint, *, timeout: float | None = None, decode: bool = False
+) -> redis.Redis:
+    """A client for ``endpoint`` (bytes replies unless ``decode``; socket ``timeout`` in s)."""
     return redis.Redis(
         host=endpoint.host,
         port=endpoint.port,
@@ -35,6 +37,9 @@ def connect(endpoint: RedisEndpoint) -> redis.Redis:
         username=endpoint.username,
         password=endpoint.password,
         ssl=endpoint.tls,
+        decode_responses=decode,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
     )
 
 
