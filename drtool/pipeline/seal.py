@@ -14,7 +14,6 @@ from drtool.pipeline.age import decrypt, encrypt
 from drtool.pipeline.compress import compress, decompress
 from drtool.pipeline.header import InnerHeader, check_header, read_header
 from drtool.pipeline.meter import Meter
-from drtool.pipeline.prefetch import prefetch
 
 
 @dataclass
@@ -52,10 +51,7 @@ def seal(
 ) -> Sealed:
     """Compress and encrypt a stream, the inner header leading the plaintext."""
     plain, stored = Meter(), Meter()
-    # reading+hashing the source and compressing run in their own threads (both release the
-    # GIL), so the stream moves at the pace of its slowest stage, not the sum of all stages
-    compressed = compress(prefetch(plain.wrap(chunks)), level, threads)
-    body = itertools.chain([header.to_frame()], prefetch(compressed))
+    body = itertools.chain([header.to_frame()], compress(plain.wrap(chunks), level, threads))
     return Sealed(stored.wrap(encrypt(body, recipients)), plain, stored)
 
 

@@ -123,6 +123,7 @@ class SeaweedServer(LocalServer):
             "-admin.ui=false",
             "-s3.autoCreateBucket=false",  # like MinIO: a missing bucket is an error
             "-volume.preStopSeconds=0",
+            "-volume.max=5000",  # a volume per bucket: the auto limit stops near 76 buckets
             f"-s3.localSocket={self.base_dir / 's3.sock'}",
             f"-filer.localSocket={self.base_dir / 'filer.sock'}",
         ]
