@@ -248,10 +248,13 @@ def dump(
             scan = pool.submit(_fingerprints_in_snapshot, conn, endpoint)
             try:
                 yield PgDump(scan, stream, row[0], version, pg_dump_version)
+            except BaseException:
+                if not scan.cancel() and not scan.done():
+                    conn.cancel_safe(timeout=5)  # an aborted backup need not finish the scan
+                raise
             finally:
                 if getgeneratorstate(stream) != GEN_CREATED:
                     stream.close()
-                scan.cancel()
                 wait([scan])  # the transaction must outlive the scan that runs in it
 
 
