@@ -22,7 +22,15 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import DRTOOL, Repository, execute, make_repository, run_drtool, source_stack
+from helpers import (
+    DRTOOL,
+    Repository,
+    execute,
+    make_repository,
+    processes_in,
+    run_drtool,
+    source_stack,
+)
 
 from drtool.config import load_config
 from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
@@ -82,31 +90,6 @@ def definition_file(path: Path, reports: Path, extra: str = "") -> Path:
     """A drill definition TOML with its reports under ``reports``."""
     path.write_text(f'name = "test"\n{extra}\n[report]\ndir = "{reports}"\n')
     return path
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie only waits to be reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def processes_in(directory: Path) -> list[str]:
-    """Live processes that run in ``directory`` or name it on their command line."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or not alive(int(proc.name)):
-            continue
-        try:
-            cwd = os.readlink(proc / "cwd")
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if cwd.startswith(str(directory)) or str(directory) in cmdline:
-            found.append(f"{proc.name}: {cmdline}")
-    return found
 
 
 def check(report: dict[str, Any] | DrillReport, name: str) -> dict[str, Any]:

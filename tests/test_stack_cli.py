@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import servers_required
+from helpers import alive, processes_in
 
 from drtool.config import load_config
 from drtool.runtime import binaries
@@ -39,31 +40,6 @@ def drtool(home: Path, *args: str, timeout: float = 300) -> subprocess.Completed
 
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie is dead: it only waits to be reaped)."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat_line.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def processes_in(directory: Path) -> list[str]:
-    """Live processes that run in ``directory`` or name it on their command line."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or not alive(int(proc.name)):
-            continue
-        try:
-            cwd = os.readlink(proc / "cwd")
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if cwd.startswith(str(directory)) or str(directory) in cmdline:
-            found.append(f"{proc.name}: {cmdline}")
-    return found
 
 
 def last_error(result: subprocess.CompletedProcess[str]) -> str:
