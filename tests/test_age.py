@@ -20,7 +20,11 @@ from drtool import keys
 from drtool.errors import ConfigError, IntegrityError, WrongKey
 from drtool.pipeline import age
 
-pytestmark = pytest.mark.skipif(shutil.which("age") is None, reason="needs the age CLI")
+# locally a missing CLI skips; in CI (DRTOOL_REQUIRE_SERVERS=1) the tests run and fail
+pytestmark = pytest.mark.skipif(
+    shutil.which("age") is None and os.environ.get("DRTOOL_REQUIRE_SERVERS") != "1",
+    reason="needs the age CLI",
+)
 
 CHUNK = age.CHUNK_SIZE
 ENC = age.CHUNK_SIZE + age.TAG_SIZE

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import skip_or_fail
 from test_backup import BackupKit, make_kit, one_error
 
 from drtool.config import load_config
@@ -367,7 +368,7 @@ def tiny_scratch(tmp_path: Path) -> Iterator[Path]:
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+        skip_or_fail(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
 
