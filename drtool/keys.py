@@ -131,7 +131,9 @@ def load_recipients(values: Iterable[str]) -> list[str]:
         if value not in recipients:
             recipients.append(value)
     if not recipients:
-        raise ConfigError("no age recipients configured")
+        raise ConfigError(
+            "keys.recipients: no age recipient configured (got none); add the operators' keys"
+        )
     return recipients
 
 

@@ -84,7 +84,9 @@ def test_load_recipients_validates() -> None:
         keys.load_recipients([first, first[:-1] + "x"])
     with pytest.raises(ConfigError, match="not an age1"):
         keys.load_recipients(["hunter2-password"])
-    with pytest.raises(ConfigError, match="no age recipients"):
+    with pytest.raises(
+        ConfigError, match=r"keys\.recipients: no age recipient configured \(got none\)"
+    ):
         keys.load_recipients([])
 
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
@@ -102,10 +102,6 @@ def run_backup(
     now = now or datetime.now(UTC)
     repo = open_repo(cfg)
     recipients = keys.load_recipients(cfg.keys.recipients)
-    if not recipients:
-        raise ConfigError(
-            "keys.recipients: no recipient configured (got none); add the operators' age1... keys"
-        )
     if set(recipients) != set(repo.info.recipients):
         log.warning("the configured recipients differ from those recorded in the repository header")
     if not cfg.keys.signing_key_file:
@@ -152,14 +148,7 @@ def run_backup(
                     cfg, writer, state_dir(cfg, home), repo.storage, progress
                 )
             seconds = time.monotonic() - t0
-            entry = ComponentEntry(
-                name=entry.name,
-                objects=entry.objects,
-                plain_bytes=entry.plain_bytes,
-                duration_s=round(seconds, 3),
-                source_version=entry.source_version,
-                details=entry.details,
-            )
+            entry = replace(entry, duration_s=round(seconds, 3))
             entries.append(entry)
             result.components.append(
                 ComponentSummary(
