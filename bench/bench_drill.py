@@ -24,12 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chat_stack.seed import SeedSizes, seed
-from drtool import keys
-from drtool.config import load_config
-from drtool.services import repo as repo_svc
-from drtool.services.backup import COMPONENTS, run_backup
-from drtool.services.stack import stack_config, stack_up, write_config
+from repo_setup import seed_and_back_up
+
+from drtool.services.stack import stack_up
 
 TARGET_S = 300.0
 
@@ -84,45 +81,11 @@ def main() -> None:
     drtool = str(Path(sys.executable).with_name("drtool"))
     src = stack_up(home, "benchsrc").stack
     try:
-        users = max(100, args.messages // 100)
-        sizes = SeedSizes(users, max(10, users // 10), args.messages, args.attachments)
-        t = time.perf_counter()
-        seed(src.endpoints, sizes, 1, progress=False)
-        print(f"seeded {args.messages:,} messages in {time.perf_counter() - t:.1f} s")
         (home / "repository").mkdir()
         repository = {"url": (home / "repository").as_uri()}
-        identity = home / "operator.key"
-        recipient = keys.write_identity(identity, passphrase=None)
-        verify_key = keys.write_signing_key(home / "signing.key")
-        sections = stack_config(src)
-        backup_cfg = write_config(
-            home / "backup.toml",
-            {
-                **sections,
-                "repository": repository,
-                "keys": {
-                    "recipients": [recipient],
-                    "signing_key_file": str(home / "signing.key"),
-                    "verify_key": verify_key,
-                },
-                "backup": {"state_dir": str(home / "state")},
-            },
-            "bench backup",
-        )
-        operator_cfg = write_config(
-            home / "operator.toml",
-            {
-                **sections,
-                "repository": repository,
-                "keys": {"identity_file": str(identity), "verify_key": verify_key},
-            },
-            "bench operator",
-        )
-        cfg = load_config(backup_cfg, {})
-        repo_svc.init_repo(cfg)
-        t = time.perf_counter()
-        run_backup(cfg, home=home, env={}, components=COMPONENTS)
-        print(f"backup in {time.perf_counter() - t:.1f} s")
+        operator_cfg = seed_and_back_up(
+            home, src, repository, messages=args.messages, attachments=args.attachments
+        ).operator_config
         head = ["runtime", "result", "wall", "up", "pg", "redis", "minio", "restore",
                 "checks", "down"]  # fmt: skip
         rows = []

@@ -21,16 +21,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from chat_stack.seed import SeedSizes, seed
-from drtool import keys
-from drtool.config import load_config
-from drtool.runtime.s3server import s3_client
-from drtool.services import repo as repo_svc
-from drtool.services.backup import COMPONENTS, run_backup
-from drtool.services.stack import stack_config, stack_up, write_config
+from repo_setup import seed_and_back_up
+
+from drtool.services.stack import stack_up
+from drtool.sources.minio import s3_client
 
 MEASURE = """
 import json, resource, subprocess, sys, time
@@ -78,52 +74,22 @@ def main() -> None:
     src = stack_up(home, "benchsrc").stack
     dst = stack_up(home, "benchdst").stack
     try:
-        users = max(100, args.messages // 100)
-        sizes = SeedSizes(users, max(10, users // 10), args.messages, args.attachments)
-        t = time.perf_counter()
-        seed(src.endpoints, sizes, 1, progress=False)
-        print(f"seeded {args.messages:,} messages in {time.perf_counter() - t:.1f} s")
         s3_client(src.endpoints.minio).create_bucket(Bucket="drtool-repo")
-        sections = stack_config(src)
         secrets = src.state_dir / "secrets"
-        identity = home / "operator.key"
-        recipient = keys.write_identity(identity, passphrase=None)
-        verify_key = keys.write_signing_key(home / "signing.key")
         repository = {
             "url": "s3://drtool-repo/bench",
             "endpoint_url": src.endpoints.minio.endpoint_url,
             "access_key_file": str(secrets / "s3_access_key"),
             "secret_key_file": str(secrets / "s3_secret_key"),
         }
-        backup_cfg = write_config(
-            home / "backup.toml",
-            {
-                **sections,
-                "repository": repository,
-                "keys": {
-                    "recipients": [recipient],
-                    "signing_key_file": str(home / "signing.key"),
-                    "verify_key": verify_key,
-                },
-                "backup": {"state_dir": str(home / "state")},
-            },
-            "bench backup",
-        )
-        operator_cfg = write_config(
-            home / "operator.toml",
-            {
-                **sections,
-                "repository": repository,
-                "keys": {"identity_file": str(identity), "verify_key": verify_key},
-                "backup": {"scratch_dir": str(home)},
-            },
-            "bench operator",
-        )
-        cfg = load_config(backup_cfg, {})
-        repo_svc.init_repo(cfg)
-        t = time.perf_counter()
-        run_backup(cfg, home=home, env={}, components=COMPONENTS)
-        print(f"backup in {time.perf_counter() - t:.1f} s")
+        operator_cfg = seed_and_back_up(
+            home,
+            src,
+            repository,
+            messages=args.messages,
+            attachments=args.attachments,
+            operator_extra={"backup": {"scratch_dir": str(home)}},
+        ).operator_config
 
         pg_src, pg_dst = src.endpoints.postgres, dst.endpoints.postgres
         env = {"PATH": "/usr/bin:/bin", **pg_src.libpq_env()}
