@@ -395,6 +395,15 @@ def test_uncommitted_snapshot_is_not_committed_when_an_object_is_short(kit: Repo
     assert kit.records() == {}
 
 
+def test_ids_of_runs_within_one_second_sort_in_start_order() -> None:
+    """`latest` and the hash chain follow id order, so one second must not scramble it."""
+    starts = [T0 + timedelta(milliseconds=ms) for ms in (0, 1, 2, 500, 998, 999)]
+    for _ in range(50):
+        ids = [new_id(when) for when in starts]
+        assert sorted(ids) == ids
+        assert all(re.fullmatch(r"20261120T020000Z-[0-9a-f]{4}", i) for i in ids)
+
+
 def test_hash_chain_records_the_previous_manifest(kit: RepoKit) -> None:
     first = kit.snapshot(T0)
     second = kit.snapshot(T0 + timedelta(hours=1))

@@ -10,8 +10,14 @@ ID_RE = re.compile(r"^(\d{8}T\d{6}Z)-[0-9a-f]{4}$")
 
 
 def new_id(now: datetime) -> str:
-    """A fresh id for an event at ``now`` (UTC), with 16 random bits against collisions."""
-    return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+    """A fresh id for an event at ``now`` (UTC) that sorts after earlier events.
+
+    The four hex digits are the millisecond (top 10 bits), so two runs within one
+    second still sort in start order, and 6 random bits against collisions.
+    """
+    utc = now.astimezone(UTC)
+    suffix = (utc.microsecond // 1000) << 6 | secrets.randbits(6)
+    return f"{utc:%Y%m%dT%H%M%SZ}-{suffix:04x}"
 
 
 def is_id(text: str) -> bool:
