@@ -371,13 +371,15 @@ def test_listing_reads_manifests_only_and_sorts_by_time(kit: RepoKit) -> None:
     )
     records = catalog.list_snapshots(kit.storage, [kit.verify_key], kit.info.repo_id)
     assert [r.snapshot_id for r in records] == [earlier.snapshot_id, later.snapshot_id]
-    # the manifest-only listing does not notice a missing object; the full one does
+    # the chain's previous is the newest authentic manifest; its objects are not checked
     kit.storage.delete(later.dump_key)
-    quick = catalog.list_snapshots(
-        kit.storage, [kit.verify_key], kit.info.repo_id, check_data=False
-    )
-    assert all(r.valid for r in quick)
+    newest = catalog.newest_authentic(kit.storage, [kit.verify_key], kit.info.repo_id)
+    assert newest is not None and newest.snapshot_id == later.snapshot_id
     assert not kit.records()[later.snapshot_id].valid
+    # a manifest that does not verify is passed over for the one before it
+    kit.storage.put_bytes(layout.manifest_key(later.snapshot_id), b"{}")
+    newest = catalog.newest_authentic(kit.storage, [kit.verify_key], kit.info.repo_id)
+    assert newest is not None and newest.snapshot_id == earlier.snapshot_id
 
 
 def test_uncommitted_snapshot_is_not_committed_when_an_object_is_short(kit: RepoKit) -> None:

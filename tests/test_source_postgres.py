@@ -60,10 +60,12 @@ def seed(endpoint: PostgresEndpoint) -> None:
         conn.execute(SCHEMA)
 
 
-def fingerprints_of(endpoint: PostgresEndpoint, dbname: str | None = None) -> PgFingerprints:
+def fingerprints_of(
+    endpoint: PostgresEndpoint, dbname: str | None = None, like: PgFingerprints | None = None
+) -> PgFingerprints:
     """Fingerprints recomputed on a (restored) database."""
     with psycopg.connect(**endpoint.connect_kwargs(dbname)) as conn:  # type: ignore[arg-type]
-        return compute_fingerprints(conn)
+        return compute_fingerprints(conn, like=like)
 
 
 def execute(endpoint: PostgresEndpoint, query: str, dbname: str | None = None) -> Any:
@@ -171,6 +173,52 @@ def test_fingerprints_detect_a_changed_row(seeded: PostgresEndpoint) -> None:
     assert compare(before, fingerprints_of(seeded)) == [
         "public.messages: content digest differs (3000 rows)",
         "public.messages room 3: content digest differs (150 rows)",
+    ]
+
+
+def test_record_hash_binds_columns_to_their_row(seeded: PostgresEndpoint) -> None:
+    """Swapping two rows' bodies keeps every column's multiset; the digest still changes."""
+    before = fingerprints_of(seeded)
+    assert {fp.row_hash for fp in before.tables.values()} == {"record"}
+    execute(
+        seeded,
+        "UPDATE messages m SET body = o.body FROM messages o "
+        "WHERE m.room_id = 1 AND o.room_id = 1 AND {m.id, o.id} <@ ARRAY[20, 40]::bigint[] "
+        "AND m.id <> o.id".replace("{m.id, o.id}", "ARRAY[m.id, o.id]"),
+    )
+    assert compare(before, fingerprints_of(seeded)) == [
+        "public.messages: content digest differs (3000 rows)",
+        "public.messages room 1: content digest differs (150 rows)",
+    ]
+
+
+def test_unhashable_column_types_fall_back_to_the_row_text(seeded: PostgresEndpoint) -> None:
+    execute(seeded, "CREATE TABLE docs (id int PRIMARY KEY, body json, at point)")
+    execute(seeded, """INSERT INTO docs VALUES (1, '{"a": 1}', '(1,2)'), (2, '[]', '(3,4)')""")
+    before = fingerprints_of(seeded)
+    assert before.tables["public.docs"].row_hash == "text"
+    assert before.tables["public.rooms"].row_hash == "record"
+    execute(seeded, """UPDATE docs SET body = '{"a": 2}' WHERE id = 1""")
+    assert compare(before, fingerprints_of(seeded)) == [
+        "public.docs: content digest differs (2 rows)"
+    ]
+
+
+def test_format_1_fingerprints_are_checked_with_the_row_text(seeded: PostgresEndpoint) -> None:
+    """A snapshot taken before format 2 recorded text hashes only; a copy is hashed the same."""
+    current = fingerprints_of(seeded)
+    as_text = PgFingerprints({n: replace(fp, row_hash="text") for n, fp in current.tables.items()})
+    old = json.loads(json.dumps(fingerprints_of(seeded, like=as_text).to_dict()))
+    old["format"] = 1
+    for fp in [*old["tables"].values(), *old["rooms"]["public.messages"].values()]:
+        del fp["row_hash"]
+    loaded = PgFingerprints.from_dict(old)
+    assert {fp.row_hash for fp in loaded.tables.values()} == {"text"}
+    assert loaded.tables["public.messages"].digest != current.tables["public.messages"].digest
+    assert compare(loaded, fingerprints_of(seeded, like=loaded)) == []
+    assert compare(loaded, current)[:2] == [
+        "public.messages: hashed by record, the snapshot by text",
+        "public.rooms: hashed by record, the snapshot by text",
     ]
 
 

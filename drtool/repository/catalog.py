@@ -102,26 +102,39 @@ def load_snapshot(
     return manifest, manifest_sha256(stored), None
 
 
-def list_snapshots(
-    storage: Storage, verify_keys: list[str], repo_id: str, *, check_data: bool = True
-) -> list[SnapshotRecord]:
+def list_snapshots(storage: Storage, verify_keys: list[str], repo_id: str) -> list[SnapshotRecord]:
     """Every snapshot with its status, oldest first.
 
-    With ``check_data`` the objects named by each manifest are checked against one listing of
-    the repository (existence and size). A listing error raises; it never reads as "empty".
+    The objects named by each manifest are checked against one listing of the repository
+    (existence and size). A listing error raises; it never reads as "empty".
     """
     present: dict[str, ObjectInfo] = {}
-    if check_data:
-        for prefix in (layout.SNAPSHOTS, layout.BLOBS):
-            present.update((o.key, o) for o in storage.list(prefix))
+    for prefix in (layout.SNAPSHOTS, layout.BLOBS):
+        present.update((o.key, o) for o in storage.list(prefix))
     records = []
     for snapshot_id in snapshot_ids(storage):
         manifest, digest, problem = load_snapshot(storage, snapshot_id, verify_keys, repo_id)
-        if manifest is not None and check_data:
+        if manifest is not None:
             problem = check_objects(manifest, present)
         records.append(SnapshotRecord(snapshot_id, manifest, digest, problem))
     _check_chain(records)
     return records
+
+
+def newest_authentic(
+    storage: Storage, verify_keys: list[str], repo_id: str
+) -> SnapshotRecord | None:
+    """The newest snapshot whose manifest verifies (objects not checked), or None.
+
+    Reads manifests newest first and stops at the first authentic one, so a backup's start
+    does not grow with the number of snapshots kept.
+    """
+    for snapshot_id in reversed(snapshot_ids(storage)):
+        manifest, digest, problem = load_snapshot(storage, snapshot_id, verify_keys, repo_id)
+        if manifest is not None:
+            return SnapshotRecord(snapshot_id, manifest, digest, problem)
+        log.warning("snapshot %s skipped as the chain's previous: %s", snapshot_id, problem)
+    return None
 
 
 def _check_chain(records: list[SnapshotRecord]) -> None:

@@ -113,10 +113,7 @@ def run_backup(
         now + timedelta(days=cfg.repository.retain_days) if cfg.repository.retain_days else None
     )
     with repository_lock(repo.storage, "backup"):
-        records = catalog.list_snapshots(
-            repo.storage, repo.verify_keys, repo.info.repo_id, check_data=False
-        )
-        previous = next((r for r in reversed(records) if r.valid), None)
+        previous = catalog.newest_authentic(repo.storage, repo.verify_keys, repo.info.repo_id)
         snapshot_id = new_id(now)
         writer = SnapshotWriter(
             storage=repo.storage,

@@ -166,11 +166,13 @@ def apply_globals(
     pg.run_sql_file(filtered, endpoint, "postgres", pg_bin_dir=pg_bin_dir, timeout=timeout)
 
 
-def fingerprints_of(endpoint: PostgresEndpoint, dbname: str) -> PgFingerprints:
-    """Fingerprints recomputed on database ``dbname`` of the target server."""
+def fingerprints_of(
+    endpoint: PostgresEndpoint, dbname: str, like: PgFingerprints
+) -> PgFingerprints:
+    """Fingerprints recomputed on database ``dbname`` of the target server, hashed as ``like``."""
     try:
         with psycopg.connect(**endpoint.connect_kwargs(dbname)) as conn:  # type: ignore[arg-type]
-            return compute_fingerprints(conn)
+            return compute_fingerprints(conn, like=like)
     except psycopg.Error as exc:
         raise SourceError(f"fingerprints of {dbname}: {' '.join(str(exc).split())}") from None
 
@@ -210,7 +212,7 @@ def restore(
         )
         if will_drop:
             flusher.submit(pg.checkpoint, endpoint)
-        problems = compare(snap.fingerprints, fingerprints_of(endpoint, copy))
+        problems = compare(snap.fingerprints, fingerprints_of(endpoint, copy, snap.fingerprints))
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise IntegrityError(

@@ -1,13 +1,19 @@
 """Integrity fingerprints of a PostgreSQL database, for the source and a restored copy alike.
 
 Per user table (ordinary tables and partitioned parents; partitions are counted through
-their parent only): the row count and an order-independent digest, the sum modulo 2**64 of
-``hashtextextended`` (the server's 64-bit text hash) of each row's text form, taken in one
-sequential scan. Hash partitioning routes rows by that hash, so PostgreSQL keeps it stable
-across versions; it is about 3x cheaper than ``md5`` (1 M rows of ~290 MB: 1.9 s vs
-5.9 s here) and like the row text it assumes the same byte order and encoding. For a
-``messages`` table with a ``room_id`` column, the same per room plus ``max(id)``; there the
-table figures are derived from the per-room ones (still one scan).
+their parent only): the row count and an order-independent digest, the sum modulo 2**64 of a
+64-bit hash of each row, taken in one sequential scan. For a ``messages`` table with a
+``room_id`` column, the same per room plus ``max(id)``; there the table figures are derived
+from the per-room ones (still one scan).
+
+The row hash (format 2) is ``hash_record_extended`` (PostgreSQL 14+: each column's own
+extended hash function, combined in column order) hashed once more with ``hashint8extended``.
+Hash partitioning routes rows by these functions, so PostgreSQL keeps them stable across
+versions; they need no text conversion and cost about 60 % of hashing the row's text
+(1 M messages grouped by room: 1.2 s vs 1.9 s here). A table with a column type that has
+no hash function (json, point, ...) falls back to ``hashtextextended`` of the row's text
+form, which was format 1's only method; each table records which one it used, and a
+restored copy is fingerprinted with the same one.
 
 Row text depends on a few settings (time zone, date and interval style, float digits, bytea
 output); they are pinned for the scan, so the figures match across servers of the same major
@@ -26,7 +32,8 @@ from psycopg import sql
 
 from drtool.errors import SourceError
 
-FORMAT = 1
+FORMAT = 2
+RECORD, TEXT = "record", "text"  # the row hashes, see the module docstring
 _MOD = 1 << 64
 _MAX_ROOM_DIFFS = 10
 _PINNED_SETTINGS = {
@@ -36,7 +43,13 @@ _PINNED_SETTINGS = {
     "extra_float_digits": "1",
     "bytea_output": "hex",
 }
-_ROW_HASH = sql.SQL("hashtextextended(ROW(r.*)::text, 0)")
+_ROW_HASHES = {
+    # r.*: a column may be named r. hash_record_extended combines the column hashes linearly
+    # (h * 31 + next), so a plain sum over rows would not notice values swapped between rows;
+    # hashing its result once more makes each row's term depend on the whole row.
+    RECORD: sql.SQL("hashint8extended(hash_record_extended(r.*, 0), 0)"),
+    TEXT: sql.SQL("hashtextextended(ROW(r.*)::text, 0)"),
+}
 _NULL_ROOM = "<null>"
 
 _TABLES_SQL = """
@@ -57,21 +70,35 @@ ORDER BY 1
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """Row count, order-independent digest (16 hex digits) and, where known, ``max(id)``."""
+    """Row count, order-independent digest (16 hex digits), where known ``max(id)``, row hash."""
 
     rows: int
     digest: str
     max_id: int | None = None
+    row_hash: str = RECORD
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form."""
-        return {"rows": self.rows, "digest": self.digest, "max_id": self.max_id}
+        return {
+            "rows": self.rows,
+            "digest": self.digest,
+            "max_id": self.max_id,
+            "row_hash": self.row_hash,
+        }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Fingerprint:
+    def from_dict(cls, data: Mapping[str, Any], *, default_hash: str = RECORD) -> Fingerprint:
         """Inverse of ``to_dict``."""
         max_id = data.get("max_id")
-        return cls(int(data["rows"]), str(data["digest"]), None if max_id is None else int(max_id))
+        row_hash = str(data.get("row_hash", default_hash))
+        if row_hash not in _ROW_HASHES:
+            raise ValueError(f"unknown row hash {row_hash!r}")
+        return cls(
+            int(data["rows"]),
+            str(data["digest"]),
+            None if max_id is None else int(max_id),
+            row_hash,
+        )
 
 
 @dataclass(frozen=True)
@@ -94,15 +121,19 @@ class PgFingerprints:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PgFingerprints:
-        """Inverse of ``to_dict``; ``ValueError`` on an unknown format or a malformed dict."""
-        if data.get("format") != FORMAT:
+        """Inverse of ``to_dict`` (format 1 hashed every row's text); ``ValueError`` if unknown."""
+        if data.get("format") not in (1, FORMAT):
             raise ValueError(f"unsupported fingerprint format {data.get('format')!r}")
+        default = TEXT if data["format"] == 1 else RECORD
         try:
             return cls(
-                tables={n: Fingerprint.from_dict(fp) for n, fp in data["tables"].items()},
+                tables={
+                    n: Fingerprint.from_dict(fp, default_hash=default)
+                    for n, fp in data["tables"].items()
+                },
                 rooms={
-                    n: {r: Fingerprint.from_dict(fp) for r, fp in rooms.items()}
-                    for n, rooms in data["rooms"].items()
+                    n: {r: Fingerprint.from_dict(fp, default_hash=default) for r, fp in rs.items()}
+                    for n, rs in data["rooms"].items()
                 },
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -114,12 +145,17 @@ def _hex(total: Any) -> str:
 
 
 def compute_fingerprints(
-    conn: psycopg.Connection[Any], *, tables: Iterable[str] | None = None
+    conn: psycopg.Connection[Any],
+    *,
+    tables: Iterable[str] | None = None,
+    like: PgFingerprints | None = None,
 ) -> PgFingerprints:
     """Fingerprint every user table (or only ``tables``, named ``schema.table``) of ``conn``.
 
     Runs in ``conn``'s open transaction (as a savepoint) or in a new one; for figures that
     match a dump, call it inside the REPEATABLE READ transaction whose snapshot the dump uses.
+    Each table is hashed the way ``like`` (a snapshot's fingerprints) recorded for it, else
+    with ``hash_record_extended`` where its column types allow, else with its text form.
     """
     result: dict[str, Fingerprint] = {}
     rooms: dict[str, dict[str, Fingerprint]] = {}
@@ -135,18 +171,21 @@ def compute_fingerprints(
             source = sql.SQL("{only}{table} AS r").format(
                 only=sql.SQL("" if partitioned else "ONLY "), table=sql.Identifier(schema, table)
             )
+            recorded = like.tables.get(name) if like else None
+            hashes = [recorded.row_hash] if recorded else [RECORD, TEXT]
             if table == "messages" and has_room:
                 max_id = sql.SQL("max(r.id)" if has_id else "NULL::bigint")
                 query = sql.SQL(
                     "SELECT r.room_id::text, count(*), sum({h}), {max_id} FROM {src} "
                     "GROUP BY r.room_id"
-                ).format(h=_ROW_HASH, max_id=max_id, src=source)
+                )
+                row_hash, found = _scan(cur, query, hashes, max_id=max_id, src=source)
                 per_room = {
                     _NULL_ROOM if room is None else room: (n, total, top)
-                    for room, n, total, top in cur.execute(query).fetchall()
+                    for room, n, total, top in found
                 }
                 rooms[name] = {
-                    room: Fingerprint(n, _hex(total), top)
+                    room: Fingerprint(n, _hex(total), top, row_hash)
                     for room, (n, total, top) in per_room.items()
                 }
                 ids = [top for _, _, top in per_room.values() if top is not None]
@@ -154,19 +193,35 @@ def compute_fingerprints(
                     sum(n for n, _, _ in per_room.values()),
                     _hex(sum(int(total) for _, total, _ in per_room.values())),
                     max(ids) if ids else None,
+                    row_hash,
                 )
             else:
-                query = sql.SQL("SELECT count(*), sum({h}) FROM {src}").format(
-                    h=_ROW_HASH, src=source
-                )
-                row = cur.execute(query).fetchone()
-                assert row is not None
-                result[name] = Fingerprint(row[0], _hex(row[1]))
+                query = sql.SQL("SELECT count(*), sum({h}) FROM {src}")
+                row_hash, found = _scan(cur, query, hashes, src=source)
+                result[name] = Fingerprint(found[0][0], _hex(found[0][1]), row_hash=row_hash)
     return PgFingerprints(tables=result, rooms=rooms)
+
+
+def _scan(
+    cur: psycopg.Cursor[Any], query: sql.SQL, hashes: list[str], **parts: sql.Composable
+) -> tuple[str, list[Any]]:
+    """Run ``query`` with the first row hash of ``hashes`` the table's column types allow."""
+    for row_hash in hashes[:-1]:
+        try:
+            with cur.connection.transaction():
+                return row_hash, cur.execute(
+                    query.format(h=_ROW_HASHES[row_hash], **parts)
+                ).fetchall()
+        except psycopg.errors.UndefinedFunction:
+            continue  # "could not identify an extended hash function for type ..."
+    last = hashes[-1]
+    return last, cur.execute(query.format(h=_ROW_HASHES[last], **parts)).fetchall()
 
 
 def _diff(label: str, expected: Fingerprint, actual: Fingerprint) -> list[str]:
     out = []
+    if actual.row_hash != expected.row_hash:
+        return [f"{label}: hashed by {actual.row_hash}, the snapshot by {expected.row_hash}"]
     if actual.rows != expected.rows:
         out.append(f"{label}: {actual.rows} rows, expected {expected.rows}")
     elif actual.digest != expected.digest:

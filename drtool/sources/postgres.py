@@ -262,6 +262,8 @@ def _fingerprints_in_snapshot(
     conn: psycopg.Connection[Any], endpoint: PostgresEndpoint
 ) -> PgFingerprints:
     try:
+        # it runs beside pg_dump: parallel workers would only take the dump's cores
+        conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
         return compute_fingerprints(conn)
     except psycopg.Error as exc:
         raise SourceError(f"PostgreSQL fingerprints: {_one_line(exc, endpoint)}") from None
