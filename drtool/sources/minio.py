@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
 from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from drtool import s3session
 from drtool.errors import DrtoolError, NotFound, SourceError
 from drtool.runtime.endpoints import S3Endpoint
 
@@ -44,8 +44,7 @@ def s3_client(
     endpoint: S3Endpoint, *, timeout: float = 10.0, attempts: int = 3, pool_size: int = 8
 ) -> Any:
     """A boto3 S3 client for ``endpoint``: SigV4, path-style addressing, standard retries."""
-    return boto3.client(
-        "s3",
+    return s3session.s3_client(
         endpoint_url=endpoint.endpoint_url,
         aws_access_key_id=endpoint.access_key,
         aws_secret_access_key=endpoint.secret_key,

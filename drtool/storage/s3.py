@@ -1,8 +1,8 @@
 """A repository in an S3 bucket (AWS, MinIO, SeaweedFS, Backblaze B2): ``s3://bucket/prefix``.
 
-The only module that imports boto3. botocore's own retries are off; every request goes through
-:func:`drtool.storage.retry.retry_call`, so one policy covers 5xx, 429, SlowDown, resets and
-timeouts, including part uploads (a retried part re-sends the same bytes) and interrupted reads
+Clients come from :mod:`drtool.s3session`. botocore's own retries are off; every request goes
+through :func:`drtool.storage.retry.retry_call`, so one policy covers 5xx, 429, SlowDown, resets
+and timeouts, including part uploads (a retried part re-sends the same bytes) and interrupted reads
 (resumed with a Range request pinned to the ETag or version). Errors become one-line
 ``StorageError``/``NotFound`` messages built from the endpoint, bucket, key, HTTP status and
 error code only, never from botocore's text.
@@ -25,7 +25,6 @@ from functools import partial
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
@@ -40,6 +39,7 @@ from botocore.exceptions import (
     SSLError,
 )
 
+from drtool import s3session
 from drtool.errors import ConfigError, DrtoolError, IntegrityError, NotFound, StorageError
 from drtool.faults import crash_point
 from drtool.storage.base import MiB, ObjectInfo, Storage, StorageOptions, check_key
@@ -166,8 +166,7 @@ class S3Storage(Storage):
             max_pool_connections=max(10, options.max_concurrency + 2),
             tcp_keepalive=True,
         )
-        self._client = boto3.session.Session().client(
-            "s3",
+        self._client = s3session.s3_client(
             endpoint_url=options.endpoint_url,
             aws_access_key_id=options.access_key,
             aws_secret_access_key=options.secret_key,
