@@ -80,10 +80,10 @@ class Repository:
         """The repository URL."""
         return (self.directory / "repository").as_uri()
 
-    def backup(self, now: datetime | None = None) -> str:
-        """Take one snapshot of the source stack; return its id."""
+    def backup(self, now: datetime | None = None, components: tuple[str, ...] = COMPONENTS) -> str:
+        """Take one snapshot of the source stack (``components`` of it); return its id."""
         cfg = load_config(self.backup_config, {})
-        result = run_backup(cfg, home=self.directory, env={}, components=COMPONENTS, now=now)
+        result = run_backup(cfg, home=self.directory, env={}, components=components, now=now)
         return result.snapshot_id
 
     def operator_config(

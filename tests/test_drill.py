@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,11 +35,13 @@ from helpers import (
 from drtool.config import load_config
 from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
 from drtool.drills.report import DrillReport
-from drtool.errors import UsageError
+from drtool.errors import NotFound, UsageError
+from drtool.repository.catalog import SnapshotRecord
+from drtool.repository.manifest import ComponentEntry, Manifest
 from drtool.runtime.endpoints import PostgresEndpoint, S3Endpoint
 from drtool.runtime.local import LocalStack
 from drtool.runtime.s3server import s3_client
-from drtool.services.drill import guard_production, run_drill
+from drtool.services.drill import choose_snapshot, guard_production, run_drill
 
 CHECKS = [
     "postgres fingerprints equal the snapshot's",
@@ -351,3 +353,30 @@ def test_sigkill_leaves_a_stack_that_cleanup_stops(
     assert processes_in(stack) == []
     again = run_drtool("drill", "cleanup", config=world.config, home=home)
     assert again.code == 0 and "local stack" not in again.stdout
+
+
+def _record(snapshot_id: str, *stores: str) -> SnapshotRecord:
+    entries = tuple(ComponentEntry(store, (), 0, 0.0) for store in stores)
+    manifest = Manifest("repo", snapshot_id, "s", "f", "nas", "co-talk", "0.1.0", entries)
+    return SnapshotRecord(snapshot_id, manifest, "0" * 64, None)
+
+
+def test_drill_picks_a_snapshot_holding_every_store_it_drills() -> None:
+    """With the shipped schedule the newest snapshots hold Redis only; the drill skips them."""
+    now = datetime(2026, 11, 22, 4, 0, tzinfo=UTC)
+    full = _record("20261122T030000Z-0001", "postgres", "redis", "minio")
+    records = [
+        _record("20261121T210000Z-0001", "postgres"),
+        full,
+        _record("20261122T033000Z-0001", "redis"),
+    ]
+    assert choose_snapshot(records, DrillDefinition(), None, now) is full
+    for _ in range(20):
+        assert (
+            choose_snapshot(records, DrillDefinition(snapshot="random-within:7d"), None, now)
+            is full
+        )
+    pg = DrillDefinition(components=("postgres",))
+    assert choose_snapshot(records, pg, None, now) is full
+    with pytest.raises(NotFound, match="no valid snapshot holding postgres within the last"):
+        choose_snapshot(records[2:], replace(pg, snapshot="random-within:1d"), None, now)

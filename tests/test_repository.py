@@ -362,6 +362,23 @@ def test_resolve_at_picks_the_newest_valid_snapshot_not_after_the_time(kit: Repo
         catalog.resolve(records, "latest", at=T0 - timedelta(days=1))
 
 
+def test_latest_is_the_newest_snapshot_holding_every_asked_store(kit: RepoKit) -> None:
+    """Schedules back stores up separately: `latest` skips snapshots missing a store."""
+    full = kit.snapshot(T0, blobs=(blob_id(),))  # postgres + minio
+    pg_only = kit.snapshot(T0 + timedelta(hours=6))
+    records = list(kit.records().values())
+    assert catalog.resolve(records, "latest").snapshot_id == pg_only.snapshot_id
+    pick = catalog.resolve(records, "latest", components=("postgres",))
+    assert pick.snapshot_id == pg_only.snapshot_id
+    pick = catalog.resolve(records, "latest", components=("postgres", "minio"))
+    assert pick.snapshot_id == full.snapshot_id
+    with pytest.raises(
+        NotFound,
+        match=r"no valid snapshot holding redis in the repository \(the newest holds postgres\)",
+    ):
+        catalog.resolve(records, "latest", components=("redis",))
+
+
 def test_listing_reads_manifests_only_and_sorts_by_time(kit: RepoKit) -> None:
     later = kit.snapshot(T0 + timedelta(days=1))
     earlier = kit.snapshot(T0)

@@ -8,7 +8,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -39,18 +39,19 @@ NEW = datetime(2025, 6, 2, 2, 0, tzinfo=UTC)
 
 @dataclass(frozen=True)
 class World:
-    """A seeded source stack and a repository with two snapshots of it."""
+    """A seeded source stack and a repository with two snapshots of it and a Redis-only one."""
 
     repo: Repository
     old_id: str
     new_id: str
+    redis_id: str
 
 
 @pytest.fixture(scope="module")
 def world(
     tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresEndpoint, s3_server: S3Endpoint
 ) -> Iterator[World]:
-    """Seed, snapshot (OLD), add a marker user, snapshot again (NEW)."""
+    """Seed, snapshot (OLD), add a marker user, snapshot again (NEW), then Redis alone."""
     directory = tmp_path_factory.mktemp("restore")
     with source_stack(directory, pg_server, s3_server) as source:
         repo = make_repository(directory / "repo", source)
@@ -61,7 +62,8 @@ def world(
             "VALUES ('marker', 'Marker', 'marker@example.com', now())",
         )
         new_id = repo.backup(now=NEW)
-        yield World(repo, old_id, new_id)
+        redis_id = repo.backup(now=NEW + timedelta(hours=1), components=("redis",))
+        yield World(repo, old_id, new_id, redis_id)
 
 
 @pytest.fixture
@@ -95,6 +97,17 @@ def test_round_trip_equals_the_source(world: World, target: StackEndpoints, tmp_
     assert restored == bucket_objects(source.minio, source.buckets[0])
     assert len(restored) == 20
     assert databases(target.postgres, target.postgres.dbname + "_%") == []  # empty one dropped
+
+
+def test_latest_of_one_store_is_its_newest_snapshot(
+    world: World, target: StackEndpoints, tmp_path: Path
+) -> None:
+    """`latest` of all stores above was NEW (the Redis-only snapshot lacks two); of Redis, not."""
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    result = restore(world, config, components=("redis",))
+    assert result.snapshot_id == world.redis_id and result.ok
+    assert [c.name for c in result.components] == ["redis"]
+    assert_same_redis(world.repo.source.redis, target.redis)
 
 
 def test_at_picks_the_snapshot_of_that_time(
@@ -272,5 +285,8 @@ def test_restore_refuses_a_snapshot_with_a_wrong_signature(
     config = world.repo.operator_config(tmp_path / "op.toml", {"t": target}, url=copy.as_uri())
     run = run_drtool("restore", world.new_id, "--target", "t", "--yes", config=config)
     assert run.code == IntegrityError.exit_code
-    assert run.stderr.startswith(f"error: snapshot {world.new_id} is INVALID: ")
+    *warnings, error = run.stderr.strip().splitlines()
+    assert error.startswith(f"error: snapshot {world.new_id} is INVALID: ")
+    # the next snapshot's manifest recorded the original: the hash chain notices the change
+    assert any("hash chain" in w and world.redis_id in w for w in warnings), warnings
     assert table_rows(target.postgres) == {}

@@ -61,10 +61,11 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) 
 
 def test_shipped_schedules_load() -> None:
     specs = {s.name: s for s in jobs_svc.load_schedules(ROOT / "schedules")}
-    assert list(specs) == ["postgres", "redis", "minio", "prune", "verify", "drill"]
+    assert list(specs) == ["postgres", "redis", "full", "prune", "verify", "drill"]
     assert specs["postgres"].every_s == 6 * 3600 and specs["postgres"].components == ("postgres",)
     assert specs["redis"].every_s == 3600 and specs["redis"].threshold_s == 2 * 3600
-    assert (specs["minio"].at, specs["minio"].timezone) == ("03:00", "Asia/Seoul")
+    assert (specs["full"].at, specs["full"].timezone) == ("03:00", "Asia/Seoul")
+    assert specs["full"].components == ("postgres", "redis", "minio")
     assert specs["prune"].keep.daily == 7
     assert specs["verify"].kind == "verify" and specs["verify"].snapshot == "latest"
     assert (specs["drill"].kind, specs["drill"].on, specs["drill"].at) == (

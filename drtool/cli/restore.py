@@ -107,6 +107,8 @@ def restore(
     """Restore a snapshot (an id or `latest`) into the stack or a named target.
 
     \b
+    `latest` is the newest valid snapshot holding every chosen store: the
+    nightly full one for all three, an hourly one for `--component redis`.
     Nothing is touched before the snapshot verifies: signature, every object's
     stored sha256, authenticated decryption into the scratch dir. A non-empty
     target needs --force; a terminal asks you to type the target's name.

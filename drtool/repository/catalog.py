@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -39,6 +40,16 @@ class SnapshotRecord:
     def time(self) -> datetime:
         """When the snapshot was started (from its id)."""
         return id_time(self.snapshot_id)
+
+
+def stores(record: SnapshotRecord) -> list[str]:
+    """The components a snapshot holds, in backup order."""
+    return [c.name for c in record.manifest.components] if record.manifest else []
+
+
+def holds(record: SnapshotRecord, components: Collection[str]) -> bool:
+    """Whether a snapshot holds every one of ``components``."""
+    return set(components) <= set(stores(record))
 
 
 def trusted_verify_keys(info: layout.RepoInfo, pinned: str) -> list[str]:
@@ -154,15 +165,25 @@ def _check_chain(records: list[SnapshotRecord]) -> None:
 
 
 def resolve(
-    records: list[SnapshotRecord], ref: str, *, at: datetime | None = None
+    records: list[SnapshotRecord],
+    ref: str,
+    *,
+    at: datetime | None = None,
+    components: Collection[str] = (),
 ) -> SnapshotRecord:
-    """Pick a snapshot by id, ``latest``, or the newest valid one not after ``at``."""
+    """Pick a snapshot by id or ``latest``.
+
+    ``latest`` is the newest valid snapshot not after ``at`` that holds every one of
+    ``components`` (schedules back the stores up separately: the newest may hold Redis only).
+    """
     valid = [r for r in records if r.valid]
     if ref == "latest":
-        candidates = [r for r in valid if at is None or r.time <= at]
+        candidates = [r for r in valid if (at is None or r.time <= at) and holds(r, components)]
         if not candidates:
             when = f" at or before {at.isoformat()}" if at else ""
-            raise NotFound(f"snapshot: no valid snapshot{when} in the repository")
+            what = f" holding {', '.join(components)}" if components else ""
+            newest = f" (the newest holds {', '.join(stores(valid[-1]))})" if valid and what else ""
+            raise NotFound(f"snapshot: no valid snapshot{what}{when} in the repository{newest}")
         return candidates[-1]
     for record in records:
         if record.snapshot_id == ref:

@@ -64,11 +64,17 @@ def choose_snapshot(
     """The snapshot to drill: an id, ``latest``, or a random valid one within a window."""
     choice = override or definition.snapshot
     window = replace(definition, snapshot=choice).window()
+    wanted = definition.components
     if window is None:
-        return catalog.resolve(records, choice)
-    candidates = [r for r in records if r.valid and now - r.time <= window]
+        return catalog.resolve(records, choice, components=wanted)
+    candidates = [
+        r for r in records if r.valid and now - r.time <= window and catalog.holds(r, wanted)
+    ]
     if not candidates:
-        raise NotFound(f"drill: no valid snapshot within the last {window} ({choice})")
+        raise NotFound(
+            f"drill: no valid snapshot holding {', '.join(wanted)} within the last {window} "
+            f"({choice})"
+        )
     return random.SystemRandom().choice(candidates)
 
 

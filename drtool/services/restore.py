@@ -136,7 +136,8 @@ def run_restore(
         raise ConfigError("keys.identity_file: restore needs the operators' identity (got none)")
     repo = open_repo(cfg)
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
-    record = catalog.resolve(records, options.ref, at=options.at)
+    wanted = options.components or COMPONENTS  # `latest` of nothing named: of every store
+    record = catalog.resolve(records, options.ref, at=options.at, components=wanted)
     m = record.manifest
     assert m is not None  # resolve returns VALID records only
     chosen = _components(m, options.components)
