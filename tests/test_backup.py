@@ -16,6 +16,8 @@ import os
 import secrets
 import subprocess
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from drtool.repository.manifest import Manifest
 from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.runtime.s3server import s3_client
 from drtool.services import repo as svc
-from drtool.services.minio_snapshot import decode_index
+from drtool.services.minio_snapshot import _Budget, decode_index
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
 from drtool.sources.redis_fingerprint import RedisFingerprints, fingerprint_rdb
@@ -388,6 +390,25 @@ def _blob_keys(m: Manifest) -> set[str]:
 def _minio_details(m: Manifest, bucket: str) -> dict[str, int]:
     comp = next(c for c in m.components if c.name == "minio")
     return dict(comp.details[bucket])
+
+
+def test_upload_budget_bounds_the_bytes_held_at_once() -> None:
+    """Workers hold at most the budget together; a request above it runs alone, not forever."""
+    budget = _Budget(10)
+    held, peak, lock = [0], [0], threading.Lock()
+
+    def work(size: int) -> None:
+        with budget.hold(size):
+            with lock:
+                held[0] += min(size, 10)
+                peak[0] = max(peak[0], held[0])
+            time.sleep(0.002)
+            with lock:
+                held[0] -= min(size, 10)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, [3, 4, 25, 2, 6, 10, 1] * 10))
+    assert held[0] == 0 and 0 < peak[0] <= 10
 
 
 def test_minio_incremental_uploads_only_new_and_changed_objects(kit: BackupKit) -> None:

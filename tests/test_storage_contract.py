@@ -23,7 +23,7 @@ from drtool.sources.minio import s3_client
 from drtool.storage import Storage, StorageOptions, open_storage
 from drtool.storage.base import TEMP_PREFIX, MiB
 from drtool.storage.retry import Backoff, retry_call
-from drtool.storage.s3 import MAX_PARTS, part_size_for
+from drtool.storage.s3 import MAX_PARTS, S3Storage, part_size_for
 
 PART = 5 * MiB
 
@@ -331,6 +331,15 @@ def test_part_sizes_reach_s3_limits() -> None:
     assert size % MiB == 0 and hint / size <= MAX_PARTS // 2
     assert part_size_for(base, hint, MAX_PARTS // 2) == size
     assert part_size_for(base, 10 * MiB, 1) == base
+
+
+def test_put_buffer_is_what_one_upload_holds_in_memory() -> None:
+    """The MinIO backup budgets its workers with it; no request is made."""
+    options = StorageOptions(endpoint_url="http://127.0.0.1:9", part_size=8 * MiB)
+    s3 = S3Storage("bucket", "", options)
+    assert s3.put_buffer(3 * MiB) == 3 * MiB  # one PutObject of the whole object
+    assert s3.put_buffer(100 * MiB) == 3 * 8 * MiB  # 2 parts in flight and 1 being filled
+    assert s3.put_buffer(9 * 1024 * MiB) == 3 * 16 * MiB  # beyond 1,000 parts they double
 
 
 def test_retry_call_retries_transient_errors_only() -> None:

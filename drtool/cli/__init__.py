@@ -15,6 +15,7 @@ import click
 
 from drtool.cli.context import root
 from drtool.errors import DrtoolError
+from drtool.memory import pin_mmap_threshold
 
 log = logging.getLogger("drtool")
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     signal.signal(signal.SIGTERM, _terminate)
+    pin_mmap_threshold()
     try:
         root.main(args=args, prog_name="drtool", standalone_mode=False)
     except DrtoolError as exc:

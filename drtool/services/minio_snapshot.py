@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +27,11 @@ from drtool.repository.writer import SnapshotWriter
 from drtool.sources.minio import MinioStore, SourceObject
 
 log = logging.getLogger(__name__)
+
+# Upload buffers of all workers together. With ~80 MB of code and libraries this keeps a
+# backup under 128 MB whatever the objects' sizes: many small objects run side by side, an
+# object of more than a part (S3: 3 parts of 8 MiB in memory) runs alone.
+BUFFER_BUDGET = 24 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,13 @@ def snapshot_bucket(
             todo.append(obj)
     reused = len(entries)
 
+    budget = _Budget(BUFFER_BUDGET)
+
     def upload(obj: SourceObject) -> IndexEntry:
+        with budget.hold(writer.storage.put_buffer(obj.size)):
+            return upload_one(obj)
+
+    def upload_one(obj: SourceObject) -> IndexEntry:
         meta, stream = store.read(bucket, obj.key)
         blob_id = secrets.token_hex(16)
         written = writer.put_blob(blob_id, stream)
@@ -162,6 +175,29 @@ def raise_changed(bucket: str, obj: SourceObject, got: int) -> None:
         f"minio {bucket}/{obj.key}: listed as {obj.size} bytes but read {got}; "
         "it changed during the backup, run it again"
     )
+
+
+class _Budget:
+    """Bytes that may be held at once; a request of more than all of it waits for all of it."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = self._free = limit
+        self._turn = threading.Lock()  # one waiter at a time: small requests do not overtake
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, size: int) -> Iterator[None]:
+        """Hold ``size`` bytes (at most the whole budget) for the block."""
+        size = min(size, self._limit)
+        with self._turn, self._changed:
+            self._changed.wait_for(lambda: self._free >= size)
+            self._free -= size
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._free += size
+                self._changed.notify_all()
 
 
 def _run_parallel(

@@ -86,6 +86,10 @@ class Storage(ABC):
         Raises ``IntegrityError`` when the stored size differs from the bytes sent.
         """
 
+    def put_buffer(self, size: int) -> int:
+        """The most bytes one :meth:`put` of ``size`` bytes holds in memory at once."""
+        return min(size, MiB)
+
     def put_bytes(
         self, key: str, data: bytes, *, retain_until: datetime | None = None
     ) -> ObjectInfo:

@@ -253,6 +253,17 @@ class S3Storage(Storage):
 
     # -- writing --------------------------------------------------------------------------
 
+    def put_buffer(self, size: int) -> int:
+        """Below a part the whole object; else the parts in flight plus the one being filled."""
+        base = self.options.part_size
+        if size <= base:
+            return size
+        number, covered = 1, base  # parts grow beyond 1,000 of them (objects over ~8 GiB)
+        while covered < size:
+            number += 1
+            covered += part_size_for(base, None, number)
+        return (self.options.max_concurrency + 1) * part_size_for(base, None, number)
+
     def put(
         self,
         key: str,
