@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -44,6 +44,7 @@ class SnapshotWriter:
     compression_level: int = 3
     compression_threads: int = 0
     retain_until: datetime | None = None
+    confirmed: dict[str, ObjectInfo] = field(default_factory=dict)  # by commit, key -> stored
 
     def _put(self, key: str, chunks: Iterable[bytes], header: InnerHeader) -> Written:
         """Seal ``chunks`` into the object ``key`` and confirm its stored size."""
@@ -75,8 +76,11 @@ class SnapshotWriter:
         return self._put(layout.blob_key(blob_id), chunks, header)
 
     def commit(self, manifest: Manifest) -> bytes:
-        """Confirm every named object's stored size, then write the signed manifest (commit)."""
-        stored_now = stored_objects(self.storage, manifest)
+        """Confirm every named object's stored size, then write the signed manifest (commit).
+
+        What the confirming listing found stays in ``confirmed``.
+        """
+        stored_now = self.confirmed = stored_objects(self.storage, manifest)
         for obj in manifest.objects():
             info = stored_now[obj.key]
             if info.size != obj.size:

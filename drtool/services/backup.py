@@ -2,7 +2,8 @@
 
 Order: PostgreSQL, then Redis, then MinIO (every attachment the database references exists
 before the bucket is listed). Data objects first, each confirmed; the signed manifest last;
-then the committed snapshot is read back and verified. Only then is the run a success.
+then the committed manifest is read back and verified against the objects the commit's listing
+confirmed. Only then is the run a success.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from drtool.repository import catalog, layout
 from drtool.repository.ids import new_id
 from drtool.repository.locks import repository_lock
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
-from drtool.repository.writer import SnapshotWriter, stored_objects
+from drtool.repository.writer import SnapshotWriter
 from drtool.services import minio_snapshot
 from drtool.services.repo import open_repo
 from drtool.sources import postgres as pg
 from drtool.sources.minio import MinioStore
 from drtool.sources.redis_fingerprint import fingerprint_rdb
 from drtool.sources.redis_rdb import fetch_rdb, validate_rdb
+from drtool.storage.base import ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +173,7 @@ def run_backup(
         crash_point("before-manifest")
         writer.commit(manifest)
         crash_point("after-manifest")
-        _verify_committed(repo, snapshot_id)
+        _verify_committed(repo, snapshot_id, writer.confirmed)
         for path, cache_entries in caches:
             minio_snapshot.write_cache(path, cache_entries)
     result.seconds = time.monotonic() - started
@@ -179,13 +181,13 @@ def run_backup(
     return result
 
 
-def _verify_committed(repo: Any, snapshot_id: str) -> None:
+def _verify_committed(repo: Any, snapshot_id: str, confirmed: dict[str, ObjectInfo]) -> None:
+    """The manifest as stored reads back, verifies, and names what the commit confirmed."""
     manifest, _, problem = catalog.load_snapshot(
         repo.storage, snapshot_id, repo.verify_keys, repo.info.repo_id
     )
     if manifest is not None:
-        present = stored_objects(repo.storage, manifest)
-        problem = catalog.check_objects(manifest, present)
+        problem = catalog.check_objects(manifest, confirmed)
     if problem:
         raise IntegrityError(f"snapshot {snapshot_id}: committed but does not verify: {problem}")
 
