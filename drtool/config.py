@@ -93,6 +93,7 @@ class RedisConfig:
     username: str = ""
     password: str | None = field(default=None, repr=False, metadata=SECRET)
     tls: bool = False
+    container: str = ""  # its Docker container: lets `restore --redis-mode offline` restart it
 
 
 @dataclass(frozen=True)

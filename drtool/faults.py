@@ -1,4 +1,4 @@
-"""Crash points: a TEST-ONLY hook that simulates ``kill -9`` at a precise step of a backup.
+"""Crash points: a TEST-ONLY hook that simulates ``kill -9`` at a precise step of a run.
 
 When the environment variable ``DRTOOL_CRASH_AT`` names a crash point, the process calls
 ``os._exit(137)`` the moment it reaches that point: no ``finally`` block, no lock release, no
@@ -22,6 +22,7 @@ CRASH_POINTS = (
     "after-minio",  # the MinIO blobs and indexes are stored
     "before-manifest",  # every data object stored and confirmed, the manifest not yet written
     "after-manifest",  # the manifest is written (committed), not yet read back
+    "restore-before-switch",  # restore: the copy is loaded and verified, not yet switched in
 )
 
 

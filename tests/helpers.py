@@ -264,9 +264,12 @@ class CliRun:
     stderr: str
 
 
-def run_drtool(*args: str, config: Path, home: Path | None = None) -> CliRun:
+def run_drtool(
+    *args: str, config: Path, home: Path | None = None, extra_env: dict[str, str] | None = None
+) -> CliRun:
     """Run the ``drtool`` CLI (stdin not a terminal); its exit code and output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
+    env.update(extra_env or {})
     argv = [DRTOOL, "--config", str(config), *(["--home", str(home)] if home else []), *args]
     done = subprocess.run(
         argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=600

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -271,6 +271,28 @@ def test_full_scratch_dir_is_a_clear_error(
     assert "bytes free but the restore stages" in run.stderr
     assert table_rows(target.postgres) == {}
     assert list(tiny_disk.iterdir()) == []
+
+
+def test_kill_9_before_the_switch_leaves_the_live_database_and_a_rerun_succeeds(
+    world: World, target: StackEndpoints, tmp_path: Path
+) -> None:
+    """R3: killed with the verified copy loaded beside the live database, not yet switched."""
+    _fill(target)
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    args = ("restore", "--target", "t", "--component", "postgres", "--yes", "--force")
+    crash = {"DRTOOL_CRASH_AT": "restore-before-switch"}
+    killed = run_drtool(*args, config=config, extra_env=crash)
+    assert killed.code == 137, killed.stderr
+    name = target.postgres.dbname
+    assert table_rows(target.postgres) == {"public.keepme": ["(live)"]}  # the service's data
+    (leftover,) = databases(target.postgres, name + "\\_restore\\_%")
+    try:
+        rerun = run_drtool(*args, "--drop-old", config=config)
+        assert rerun.code == 0, rerun.stderr
+        assert f"interrupted restore: {leftover} (drop them" in rerun.stderr
+        assert table_rows(target.postgres) == table_rows(world.repo.source.postgres)
+    finally:
+        execute(replace(target.postgres, dbname="postgres"), f'DROP DATABASE "{leftover}"')
 
 
 def test_restore_refuses_a_snapshot_with_a_wrong_signature(

@@ -29,9 +29,10 @@ from drtool.sources.postgres import (
     pg_restore_version_check,
     preflight,
     read_archive_header,
-    rename_database,
+    restore_copies,
     restore_dump,
     server_version,
+    switch_databases,
 )
 from drtool.sources.process import CommandFailed
 
@@ -387,14 +388,22 @@ def test_database_admin(pg_server: PostgresEndpoint, pg_database: PostgresEndpoi
     execute(pg_server, "CREATE TYPE mood AS ENUM ('ok')", old)
     assert not database_is_empty(pg_server, old)
     with psycopg.connect(**pg_database.connect_kwargs()) as held:  # type: ignore[arg-type]
-        rename_database(pg_server, old, new)
+        switch_databases(pg_server, old, new, None)  # a plain rename: no database `new` yet
         with pytest.raises(psycopg.OperationalError):
             held.execute("SELECT 1")
     assert database_exists(pg_server, new) and not database_exists(pg_server, old)
     assert execute(pg_server, "SELECT 1", new) == (1,)
     with pytest.raises(SourceError, match=f"create database {new}: .*already exists"):
         create_database(pg_server, new)
-    rename_database(pg_server, new, old)
+    copy = f"{new}_restore_1"
+    create_database(pg_server, copy)
+    assert restore_copies(pg_server, new) == [copy]
+    execute(pg_server, "CREATE TABLE marker (v int)", copy)
+    switch_databases(pg_server, copy, new, old)  # both renames in one transaction
+    assert execute(pg_server, "SELECT count(*) FROM marker", new) == (0,)
+    assert not database_is_empty(pg_server, old)  # the previous one, with its type
+    assert restore_copies(pg_server, new) == []
+    drop_database(pg_server, new)  # the fixture's database is `old` again
     spare = old + "_spare"
     create_database(pg_server, spare)
     assert database_is_empty(pg_server, spare)

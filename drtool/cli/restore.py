@@ -86,6 +86,14 @@ def _confirm(result: RestoreResult) -> bool:
 )
 @click.option("--jobs", default=2, show_default=True, help="pg_restore parallel jobs.")
 @click.option(
+    "--redis-mode",
+    type=click.Choice(["online", "offline"]),
+    default="online",
+    show_default=True,
+    help="online: copy keys into the running Redis (any server). offline: stop it, replace "
+    "its RDB, start it (a local stack, or redis.container of the target; exact, no mix).",
+)
+@click.option(
     "--prefix", default="", metavar="P", help="MinIO: only objects whose key starts with P."
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
@@ -101,6 +109,7 @@ def restore(
     yes: bool,
     drop_old: bool,
     jobs: int,
+    redis_mode: str,
     prefix: str,
     as_json: bool,
 ) -> None:
@@ -125,6 +134,7 @@ def restore(
         yes=yes,
         drop_old=drop_old,
         jobs=jobs,
+        redis_mode=redis_mode,
         prefix=prefix,
     )
     result = run_restore(state.config(), home=state.home, options=options, confirm=_confirm)

@@ -208,14 +208,15 @@ class LocalStack:
         )
         for key, value in zip(_SECRET_NAMES, values, strict=True):
             write_secret(self.state_dir / "secrets" / key, value)
-        self._save()
+        self.save()
         for server in self.servers:
             server.start(timeout)
-            self._save()
+            self.save()
         for bucket in BUCKETS:
             self.minio.create_bucket(bucket)
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Record the servers' state (ports, pids) in ``stack.json``."""
         state = {
             "format": STATE_FORMAT,
             "name": self.name,

@@ -7,7 +7,8 @@ target needs ``force``; the caller confirms (``yes`` skips it). Then, before any
 touched, every object the restore reads is hashed and authenticated: the PostgreSQL dump and
 the Redis RDB are decrypted into the scratch dir, the MinIO blobs read through. Only then are
 PostgreSQL, Redis and MinIO restored, each verified against the snapshot's fingerprints, each
-timed (the RTO). See docs/decisions/0003-restore-staging-and-swap.md.
+timed (the RTO); Redis online (keys copied) or offline (the server restarted with the RDB).
+See docs/decisions/0003-restore-staging-and-swap.md.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from drtool.config import Config
 from drtool.errors import ConfigError, NotFound, UsageError
 from drtool.repository import catalog
 from drtool.repository.manifest import Manifest
-from drtool.runtime.endpoints import StackEndpoints
-from drtool.services import restore_minio, restore_postgres, restore_redis
+from drtool.runtime.endpoints import RedisEndpoint, StackEndpoints
+from drtool.services import restore_minio, restore_postgres, restore_redis, restore_redis_offline
 from drtool.services.repo import Repo, identities_of, open_repo
+from drtool.services.restore_redis_offline import LocalPlacer, Placer, container_placer
 from drtool.services.restore_stage import check_free_space, scratch_dir, scratch_error
 from drtool.services.stack import stack_load
 from drtool.sources.minio import MinioStore
@@ -48,6 +50,7 @@ class RestoreOptions:
     yes: bool = False
     drop_old: bool = False
     jobs: int = 2
+    redis_mode: str = "online"  # or "offline": restart the server with the RDB
     prefix: str = ""
 
 
@@ -143,8 +146,11 @@ def run_restore(
     chosen = _components(m, options.components)
     endpoints = target_endpoints(cfg, home, options.target)
     loaded = _load(repo, m, chosen, identities, endpoints, options.prefix)
+    placer = None
+    if loaded.redis is not None and options.redis_mode == "offline":
+        placer = redis_placer(cfg, home, options.target, endpoints.redis)
     result = RestoreResult(m.snapshot_id, options.target or PRODUCTION, options.dry_run, [])
-    targets = _inspect(loaded, endpoints, options)
+    targets = _inspect(loaded, endpoints, options, placer)
     result.plan = [item for item, _ in targets]
     if options.dry_run:
         return result
@@ -163,7 +169,7 @@ def run_restore(
     pg_inspected = next((t for _, t in targets if isinstance(t, restore_postgres.PgTarget)), None)
     try:
         with tempfile.TemporaryDirectory(dir=scratch, prefix="drtool-restore-") as work:
-            _Run(cfg, repo, m, identities, Path(work), options, result).all(
+            _Run(cfg, repo, m, identities, Path(work), options, result, placer).all(
                 loaded, endpoints, pg_inspected, stamp
             )
     except OSError as exc:
@@ -215,8 +221,22 @@ def _load(
     return loaded
 
 
+def redis_placer(cfg: Config, home: Path, name: str, endpoint: RedisEndpoint) -> Placer:
+    """How to restart the target's Redis for an offline restore: a local stack or a container."""
+    if name and name not in cfg.targets:
+        return LocalPlacer(stack_load(home, name))
+    container = (cfg.targets[name].redis if name else cfg.redis).container
+    if not container:
+        section = f"targets.{name}.redis" if name else "redis"
+        raise UsageError(
+            f"--redis-mode offline: drtool can only restart the Redis of a local stack or a "
+            f"Docker container; set {section}.container (nothing changed)"
+        )
+    return container_placer(container, endpoint)
+
+
 def _inspect(
-    loaded: _Loaded, endpoints: StackEndpoints, options: RestoreOptions
+    loaded: _Loaded, endpoints: StackEndpoints, options: RestoreOptions, placer: Placer | None
 ) -> list[tuple[PlanItem, object]]:
     """Plan items (and the PostgreSQL inspection, reused by the restore)."""
     items: list[tuple[PlanItem, object]] = []
@@ -243,6 +263,8 @@ def _inspect(
         r = endpoints.redis
         held = restore_redis.target_keys(r)
         action = "copy keys (RESTORE REPLACE), remove keys not in the snapshot" if held else ""
+        if placer is not None:
+            action = f"stop {placer.where}, replace its RDB (the current one kept), start it"
         items.append(
             (
                 PlanItem(
@@ -303,6 +325,7 @@ class _Run:
     work: Path
     options: RestoreOptions
     result: RestoreResult
+    redis_placer: Placer | None = None
 
     def all(
         self,
@@ -350,9 +373,21 @@ class _Run:
             self._done("postgres", stage_s["postgres"] + time.monotonic() - t0, [], detail)
         if loaded.redis is not None and staged_rdb is not None:
             t0 = time.monotonic()
-            r = restore_redis.restore(staged_rdb, endpoints.redis, force=self.options.force)
+            if self.redis_placer is None:
+                r = restore_redis.restore(staged_rdb, endpoints.redis, force=self.options.force)
+                done = f"{r.copied:,} keys copied, {r.removed:,} removed"
+            else:
+                r = restore_redis_offline.restore(
+                    staged_rdb,
+                    endpoints.redis,
+                    self.redis_placer,
+                    force=self.options.force,
+                    stamp=stamp,
+                    workdir=self.work,
+                )
+                done = f"RDB of {r.copied:,} keys placed, {r.removed:,} keys replaced"
             expired = restore_redis.expired_since_backup(loaded.redis, r)
-            detail = f"{r.copied:,} keys copied, {r.removed:,} removed, {expired:,} expired (TTL)"
+            detail = f"{done}, {expired:,} expired (TTL)"
             self._done("redis", stage_s["redis"] + time.monotonic() - t0, r.problems, detail)
         if loaded.buckets:
             t0 = time.monotonic()

@@ -18,6 +18,7 @@ from pathlib import Path
 import psycopg
 
 from drtool.errors import ConfigError, IntegrityError, SourceError
+from drtool.faults import crash_point
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
 from drtool.runtime.endpoints import PostgresEndpoint
 from drtool.services.repo import Repo, read_object, snapshot_header
@@ -80,7 +81,14 @@ def load(repo: Repo, m: Manifest, comp: ComponentEntry, identities: list[str]) -
 
 
 def inspect(endpoint: PostgresEndpoint) -> PgTarget:
-    """Whether the target database exists and holds anything."""
+    """Whether the target database exists and holds anything; warns of leftover copies."""
+    leftovers = pg.restore_copies(admin(endpoint), endpoint.dbname)
+    if leftovers:
+        log.warning(
+            "restore copies from another or an interrupted restore: %s (drop them with "
+            "DROP DATABASE once no restore runs)",
+            ", ".join(leftovers),
+        )
     exists = pg.database_exists(admin(endpoint), endpoint.dbname)
     empty = not exists or pg.database_is_empty(endpoint, endpoint.dbname)
     return PgTarget(endpoint, exists, empty)
@@ -232,15 +240,9 @@ def restore(
 
 
 def _switch(endpoint: PostgresEndpoint, copy: str, name: str, old: str | None) -> None:
-    """Rename live -> old, copy -> live; put the live one back if the second rename fails."""
-    if old is not None:
-        pg.rename_database(endpoint, name, old)
-    try:
-        pg.rename_database(endpoint, copy, name)
-    except BaseException:
-        if old is not None:
-            pg.rename_database(endpoint, old, name)
-        raise
+    """Rename live -> old and copy -> live in one transaction."""
+    crash_point("restore-before-switch")
+    pg.switch_databases(endpoint, copy, name, old)
     log.info("postgres: %s switched in%s", name, f" (the previous one is {old})" if old else "")
 
 

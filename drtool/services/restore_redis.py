@@ -3,7 +3,8 @@
 Works for any reachable Redis. Into an empty target the copy uses plain RESTORE; with
 ``force`` it uses RESTORE REPLACE and then removes the target keys the snapshot does not have,
 so the target ends equal to the snapshot (while it runs, clients see a mix: a live Redis cannot
-be switched atomically; replacing the RDB of a stopped server is not implemented).
+be switched atomically; :mod:`drtool.services.restore_redis_offline` replaces the data file of
+a server drtool can stop instead).
 
 Verification is a chain: the RDB's sha256 equals the one recorded (and fingerprinted) at
 backup time; the target's fingerprints equal those of the ephemeral server holding that RDB,
@@ -109,12 +110,12 @@ def restore(rdb: Path, endpoint: RedisEndpoint, *, force: bool) -> RedisOutcome:
         except redis.RedisError as exc:
             raise SourceError(f"redis {endpoint.host}:{endpoint.port}: {exc}") from None
         loaded, restored = fingerprint_redis(source), fingerprint_redis(target)
-        if _only_expired(loaded, restored):
+        if only_expired(loaded, restored):
             loaded, restored = fingerprint_redis(source), fingerprint_redis(target)
     return RedisOutcome(copied, removed, loaded, compare(loaded, restored))
 
 
-def _only_expired(loaded: RedisFingerprints, restored: RedisFingerprints) -> bool:
+def only_expired(loaded: RedisFingerprints, restored: RedisFingerprints) -> bool:
     """The target lacks keys, and exactly as many keys with a TTL: they expired meanwhile."""
     dbs = loaded.dbs.keys() | restored.dbs.keys()
     gone = {

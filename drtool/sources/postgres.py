@@ -607,26 +607,44 @@ def create_database(endpoint: PostgresEndpoint, name: str) -> None:
         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
 
 
-def rename_database(endpoint: PostgresEndpoint, old: str, new: str) -> None:
-    """Rename ``old`` to ``new``: refuse new connections, end the others, rename, reopen."""
-    with _admin_conn(endpoint, f"rename database {old} to {new}", old, new) as conn:
+def switch_databases(endpoint: PostgresEndpoint, copy: str, name: str, old: str | None) -> None:
+    """Make database ``copy`` the database ``name``, the current one (if ``old``) renamed ``old``.
+
+    New connections to ``name`` are refused and the open ones to both ended; then both renames
+    commit in one transaction, so there is never a moment without a database ``name``.
+    """
+    moving = [name, copy] if old is not None else [copy]
+    with _admin_conn(endpoint, f"switch {copy} in as {name}", *moving) as conn:
         allow = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}")
-        conn.execute(allow.format(sql.Identifier(old), sql.SQL("false")))
+        for db in moving:
+            conn.execute(allow.format(sql.Identifier(db), sql.SQL("false")))
         try:
             conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
-                (old,),
+                "WHERE datname = ANY(%s) AND pid <> pg_backend_pid()",
+                (moving,),
             )
-            conn.execute(
-                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                    sql.Identifier(old), sql.Identifier(new)
-                )
-            )
+            rename = sql.SQL("ALTER DATABASE {} RENAME TO {}")
+            with conn.transaction():
+                if old is not None:
+                    conn.execute(rename.format(sql.Identifier(name), sql.Identifier(old)))
+                conn.execute(rename.format(sql.Identifier(copy), sql.Identifier(name)))
         except psycopg.Error:
-            conn.execute(allow.format(sql.Identifier(old), sql.SQL("true")))
+            for db in moving:
+                conn.execute(allow.format(sql.Identifier(db), sql.SQL("true")))
             raise
-        conn.execute(allow.format(sql.Identifier(new), sql.SQL("true")))
+        for db in [name] if old is None else [name, old]:
+            conn.execute(allow.format(sql.Identifier(db), sql.SQL("true")))
+
+
+def restore_copies(endpoint: PostgresEndpoint, name: str) -> list[str]:
+    """Databases ``<name>_restore_*``: restore copies (a running or an interrupted restore)."""
+    with _admin_conn(endpoint, "list databases", name) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s) ORDER BY 1",
+            (f"{name}_restore_",),
+        ).fetchall()
+    return [str(r[0]) for r in rows]
 
 
 def checkpoint(endpoint: PostgresEndpoint) -> bool:
