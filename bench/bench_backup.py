@@ -227,7 +227,8 @@ def run_bench(
         "c = psycopg.connect(''); c.execute('SET max_parallel_workers_per_gather = 0'); "
         "compute_fingerprints(c)"
     )
-    fp_run, _ = measure("fingerprint scan (SQL, alone)", [sys.executable, "-c", scan], env=pg_env)
+    fp_env = {**pg_env, "PGDATABASE": ep.postgres.dbname}
+    fp_run, _ = measure("fingerprint scan (SQL, alone)", [sys.executable, "-c", scan], env=fp_env)
     runs.append(fp_run)
     dr = drtool_backup("drtool backup --component postgres", "postgres")
     runs.append(dr)

@@ -5,8 +5,9 @@ The digest of a db is order-independent: the sum (mod 2**256) of one sha256 per 
 set members, hash field/value pairs and zset member/score pairs (score as ``repr(float)``) as
 an order-independent sum; stream entries in id order. Raw DUMP bytes are not canonical (set
 member order changes after a reload), so they are used only for types this module does not
-know. TTLs change by the second: only the number of keys with a TTL is recorded (INFO keyspace's
-``expires``).
+know. TTLs change by the second: only the number of keys with a TTL is recorded, counted like
+the keys (PTTL of each key read; INFO keyspace's ``expires`` also counts expired keys a server
+has not reclaimed yet, and two servers reclaim at their own pace).
 """
 
 from __future__ import annotations
@@ -222,23 +223,28 @@ def _first_reads(client: redis.Redis, keys: list[bytes], kinds: list[str]) -> li
 KINDS = ("string", "list", "set", "zset", "hash", "stream")
 
 
-def _fingerprint_db(client: redis.Redis, db: int, with_ttl: int, modules: bool) -> DbFingerprint:
+def _fingerprint_db(client: redis.Redis, db: int, modules: bool) -> DbFingerprint:
     """One SCAN per type (SCAN's TYPE filter), so no per-key TYPE round trip is needed.
 
     Keys of module types (only when modules are loaded) are found by a last untyped pass.
     """
     types: dict[str, int] = {}
-    total = count = 0
+    total = count = with_ttl = 0
     tag = str(db).encode()
 
     def add(keys: list[bytes], kinds: list[str]) -> None:
-        nonlocal total, count
+        nonlocal total, count, with_ttl
         replies = _first_reads(client, keys, kinds)
-        for key, kind, reply in zip(keys, kinds, replies, strict=True):
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.pttl(key)
+        ttls = pipe.execute()
+        for key, kind, reply, ttl in zip(keys, kinds, replies, ttls, strict=True):
             value = _value_digest(client, kind, key, reply)
             if value is None:
                 continue
             count += 1
+            with_ttl += int(ttl) >= 0
             types[kind] = types.get(kind, 0) + 1
             total = (total + int.from_bytes(_hash(tag, key, kind.encode(), value), "big")) % MOD
 
@@ -264,12 +270,10 @@ def fingerprint_redis(target: redis.Redis | RedisEndpoint) -> RedisFingerprints:
     client = target if isinstance(target, redis.Redis) else connect(target)
     try:
         dbs: dict[int, DbFingerprint] = {}
-        keyspace = cast(dict[str, dict[str, int]], client.info("keyspace"))
         modules = bool(client.execute_command("MODULE", "LIST"))
         for db in keyspace_dbs(client):
-            expires = int(keyspace.get(f"db{db}", {}).get("expires", 0))
             with client_for_db(client, db) as bound:
-                dbs[db] = _fingerprint_db(bound, db, expires, modules)
+                dbs[db] = _fingerprint_db(bound, db, modules)
         return RedisFingerprints(dbs)
     except (redis.ResponseError, redis.ConnectionError) as exc:
         raise SourceError(f"fingerprinting Redis failed: {exc}") from None
