@@ -514,6 +514,9 @@ def _offset_patches(data: mmap.mmap, path: Path) -> list[tuple[int, bytes]]:
         else:
             raise ValueError(f"unknown block type {kind} at {start}")
         found[dump_id] = start
+        # the pages walked so far would stay in this process's resident size (a 117 MB dump
+        # showed as a 204 MiB restore): they are page cache, let them go
+        data.madvise(mmap.MADV_DONTNEED, 0, cur.pos - cur.pos % mmap.PAGESIZE)
     if cur.pos != len(data):
         raise ValueError("the last data block runs past the end of the file")
     patches = []
