@@ -14,15 +14,19 @@ import os
 ENV = "DRTOOL_CRASH_AT"
 EXIT_CODE = 137  # what a shell reports for a process killed by SIGKILL (128 + 9)
 
-#: Every crash point, in the order a full backup reaches them.
-CRASH_POINTS = (
+#: The crash points of a backup, in the order a full backup reaches them.
+BACKUP_CRASH_POINTS = (
     "after-postgres",  # the PostgreSQL objects are stored, nothing else
     "after-redis",  # the Redis objects are stored
     "upload-part",  # the first part of a multipart upload (S3) / chunk of a temp file (file)
     "after-minio",  # the MinIO blobs and indexes are stored
     "before-manifest",  # every data object stored and confirmed, the manifest not yet written
     "after-manifest",  # the manifest is written (committed), not yet read back
-    "restore-before-switch",  # restore: the copy is loaded and verified, not yet switched in
+)
+#: Every crash point: a restore's too.
+CRASH_POINTS = (
+    *BACKUP_CRASH_POINTS,
+    "restore-before-switch",  # the PostgreSQL copy is loaded and verified, not yet switched in
 )
 
 

@@ -29,7 +29,7 @@ from conftest import skip_or_fail
 from test_backup import BackupKit, make_kit, one_error
 
 from drtool.config import load_config
-from drtool.faults import CRASH_POINTS, ENV, EXIT_CODE
+from drtool.faults import BACKUP_CRASH_POINTS, ENV, EXIT_CODE
 from drtool.repository import layout
 from drtool.repository.locks import is_stale, read_locks, repository_lock
 from drtool.repository.retention import Policy
@@ -291,7 +291,7 @@ def big_object(base: Baseline) -> Baseline:
     return base
 
 
-@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if p != "after-minio"])
+@pytest.mark.parametrize("point", [p for p in BACKUP_CRASH_POINTS if p != "after-minio"])
 def test_p7_kill_at_each_step_lists_only_committed_snapshots(
     big_object: Baseline, point: str
 ) -> None:
