@@ -11,19 +11,15 @@ instead of 125 MB. Pinning the threshold at 4 MiB keeps parts mapped and release
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 MMAP_THRESHOLD = 4 * 1024 * 1024
 
 
 def pin_mmap_threshold() -> bool:
-    """Pin glibc's mmap threshold; False where the C library is not glibc (nothing changes)."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
+    """Pin glibc's mmap threshold; False where the C library has no such setting."""
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded: no lookup at start
     except (OSError, AttributeError):
-        return False  # musl and others: no mallopt
+        return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
