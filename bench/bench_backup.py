@@ -48,7 +48,8 @@ from drtool import keys  # noqa: E402
 from drtool.config import load_config  # noqa: E402
 from drtool.runtime import binaries  # noqa: E402
 from drtool.runtime.local import LocalStack  # noqa: E402
-from drtool.runtime.s3server import SeaweedServer, s3_client  # noqa: E402
+from drtool.runtime.s3server import SeaweedServer  # noqa: E402
+from drtool.s3session import s3_client  # noqa: E402
 from drtool.services import repo as svc  # noqa: E402
 from drtool.services.stack import stack_config  # noqa: E402
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from repo_setup import seed_and_back_up
 
+from drtool.s3session import s3_client
 from drtool.services.stack import stack_up
-from drtool.sources.minio import s3_client
 
 MEASURE = """
 import json, resource, subprocess, sys, time

@@ -46,9 +46,9 @@ from chat_stack.stores import (
     ensure_bucket,
     run_cli,
 )
+from drtool.endpoints import StackEndpoints
 from drtool.errors import UsageError
-from drtool.runtime.endpoints import StackEndpoints
-from drtool.sources.minio import s3_client
+from drtool.s3session import s3_client
 
 SEED_START = date(2025, 1, 1)
 SEED_MONTHS = 6

@@ -17,14 +17,14 @@ import psycopg
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 
-from drtool.errors import ConfigError, DrtoolError, SourceError
-from drtool.runtime.endpoints import (
+from drtool.endpoints import (
     PostgresEndpoint,
     RedisEndpoint,
     S3Endpoint,
     StackEndpoints,
 )
-from drtool.sources.redis_restore import connect
+from drtool.errors import ConfigError, DrtoolError, SourceError
+from drtool.sources.redis_client import connect
 
 STORE_ERRORS = (psycopg.Error, redis.RedisError, BotoCoreError, ClientError, OSError)
 

@@ -39,9 +39,9 @@ from chat_stack.stores import (
     ensure_bucket,
     run_cli,
 )
+from drtool.endpoints import StackEndpoints
 from drtool.errors import UsageError
-from drtool.runtime.endpoints import StackEndpoints
-from drtool.sources.minio import s3_client
+from drtool.s3session import s3_client
 
 ATTACHMENT_SHARE = 0.05
 READ_SHARE = 0.2

@@ -16,8 +16,8 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import ConfigError
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 
 SECRET = {"secret": True}
 

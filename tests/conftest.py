@@ -21,12 +21,12 @@ import pytest
 import redis
 from psycopg import sql
 
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.runtime.binaries import MissingBinary
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.runtime.pgserver import PostgresServer
 from drtool.runtime.redisserver import RedisServer
 from drtool.runtime.s3server import SeaweedServer
-from drtool.sources.minio import s3_client
+from drtool.s3session import s3_client
 
 pytest_plugins = ["docker_support"]  # the Docker tier's fixtures
 

@@ -30,8 +30,8 @@ from redis.retry import Retry
 from testcontainers.core.config import ConnectionMode, testcontainers_config
 from testcontainers.core.container import DockerContainer
 
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
-from drtool.sources.minio import s3_client
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+from drtool.s3session import s3_client
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -23,9 +23,9 @@ from psycopg import sql
 from chat_stack.seed import SeedSizes, seed
 from drtool import keys
 from drtool.config import load_config
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.runtime.redisserver import RedisServer
-from drtool.runtime.s3server import s3_client
+from drtool.s3session import s3_client
 from drtool.services import repo as repo_svc
 from drtool.services.backup import COMPONENTS, run_backup
 from drtool.services.stack import write_config

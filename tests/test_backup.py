@@ -31,12 +31,14 @@ from chat_stack.seed import SeedSizes, seed
 from chat_stack.traffic import run_traffic
 from drtool import keys
 from drtool.config import Config, load_config
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
+from drtool.repository import access
 from drtool.repository.catalog import SnapshotRecord
 from drtool.repository.manifest import Manifest
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
-from drtool.runtime.s3server import s3_client
+from drtool.repository.minio_index import decode_index
+from drtool.s3session import s3_client
 from drtool.services import repo as svc
-from drtool.services.minio_snapshot import _Budget, decode_index
+from drtool.services.minio_snapshot import _Budget
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
 from drtool.sources.redis_fingerprint import RedisFingerprints, fingerprint_rdb
@@ -123,7 +125,7 @@ class BackupKit:
         return load_config(self.operator_config, {})
 
     def storage(self) -> Storage:
-        return svc.storage_for(self.operator())
+        return access.storage_for(self.operator())
 
     def record(self, snapshot_id: str) -> SnapshotRecord:
         return svc.show_snapshot(self.operator(), snapshot_id).record
@@ -140,12 +142,12 @@ class BackupKit:
     def decrypt(self, snapshot_id: str, component: str, kind: str) -> bytes:
         """The plaintext of the snapshot's object of ``kind`` (stored hash, header checked)."""
         cfg = self.operator()
-        repo = svc.open_repo(cfg)
+        repo = access.open_repo(cfg)
         m = self.manifest(snapshot_id)
         comp = next(c for c in m.components if c.name == component)
         obj = next(o for o in comp.objects if o.kind == kind)
-        header = svc.snapshot_header(m, component, kind)
-        return svc.read_object(repo, obj, header, svc.identities_of(cfg))
+        header = access.snapshot_header(m, component, kind)
+        return access.read_object(repo, obj, header, access.identities_of(cfg))
 
     def index(self, snapshot_id: str) -> dict[str, Any]:
         """The decrypted MinIO bucket index, by key."""

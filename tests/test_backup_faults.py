@@ -29,15 +29,16 @@ from conftest import skip_or_fail
 from test_backup import BackupKit, make_kit, one_error
 
 from drtool.config import load_config
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.faults import BACKUP_CRASH_POINTS, ENV, EXIT_CODE
-from drtool.repository import layout
+from drtool.repository import access, layout
 from drtool.repository.locks import is_stale, read_locks, repository_lock
 from drtool.repository.retention import Policy
 from drtool.runtime import binaries
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.runtime.procs import HOST, free_port_block
-from drtool.runtime.s3server import SeaweedServer, s3_client
-from drtool.services import repo as svc
+from drtool.runtime.s3server import SeaweedServer
+from drtool.s3session import s3_client
+from drtool.services import prune as prune_svc
 
 
 @dataclass
@@ -330,7 +331,7 @@ def test_p7_kill_at_each_step_lists_only_committed_snapshots(
     plan = json.loads(dry.stdout)
     assert plan["garbage"] == [] and plan["stale_uploads"] == 0 and plan["forget"] == []
     # once the grace period has passed, exactly the dead run's leftovers are swept
-    later = svc.prune(
+    later = prune_svc.prune(
         load_config(kit.backup_config, {}),
         Policy(last=10),
         dry_run=True,
@@ -347,7 +348,7 @@ def test_p7_kill_at_each_step_lists_only_committed_snapshots(
 
 
 def test_l1_second_backup_while_locked_exits_11(base: Baseline) -> None:
-    storage = svc.storage_for(load_config(base.kit.backup_config, {}))
+    storage = access.storage_for(load_config(base.kit.backup_config, {}))
     with repository_lock(storage, "backup") as held:
         message = one_error(base.kit.backup(), 11)
         assert f"locked by {held.host}/{os.getpid()}" in message

@@ -24,14 +24,14 @@ from chat_stack.schema import TABLES, apply_schema
 from chat_stack.seed import SEED_MONTHS, SEED_START, SeedResult, SeedSizes, seed
 from chat_stack.stores import connect_redis
 from chat_stack.traffic import run_traffic
-from drtool.errors import UsageError
-from drtool.runtime.endpoints import (
+from drtool.endpoints import (
     PostgresEndpoint,
     RedisEndpoint,
     S3Endpoint,
     StackEndpoints,
 )
-from drtool.sources.minio import s3_client
+from drtool.errors import UsageError
+from drtool.s3session import s3_client
 
 SMALL = SeedSizes(users=50, rooms=10, messages=2000, attachments=30)
 

@@ -43,7 +43,7 @@ from docker_support import (
 
 from chat_stack.seed import SeedSizes, seed
 from drtool import keys
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 
 pytestmark = pytest.mark.docker
 

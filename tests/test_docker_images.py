@@ -30,7 +30,7 @@ from docker_support import (
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 
 pytestmark = pytest.mark.docker
 

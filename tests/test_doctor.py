@@ -13,7 +13,7 @@ import pytest
 from test_backup import BackupKit, make_kit, one_error
 
 from drtool import keys
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 
 NAMES = [
     "no identity on the backup host",

@@ -35,12 +35,12 @@ from helpers import (
 from drtool.config import load_config
 from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
 from drtool.drills.report import DrillReport
+from drtool.endpoints import PostgresEndpoint, S3Endpoint
 from drtool.errors import NotFound, UsageError
 from drtool.repository.catalog import SnapshotRecord
 from drtool.repository.manifest import ComponentEntry, Manifest
-from drtool.runtime.endpoints import PostgresEndpoint, S3Endpoint
 from drtool.runtime.local import LocalStack
-from drtool.runtime.s3server import s3_client
+from drtool.s3session import s3_client
 from drtool.services.drill import choose_snapshot, guard_production, run_drill
 
 CHECKS = [

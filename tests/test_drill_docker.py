@@ -25,8 +25,8 @@ from helpers import DRTOOL, Repository, make_repository, run_drtool, source_stac
 from drtool.config import load_config
 from drtool.drills.definition import DockerImages, DrillDefinition, ReportSettings
 from drtool.drills.runtime_docker import LABEL, cleanup_docker, docker_scratch
+from drtool.endpoints import PostgresEndpoint, S3Endpoint
 from drtool.errors import SourceError
-from drtool.runtime.endpoints import PostgresEndpoint, S3Endpoint
 from drtool.services.drill import run_drill
 
 IMAGES = DockerImages(postgres_image=POSTGRES_IMAGE, redis_image=REDIS_IMAGE, minio_image=S3_IMAGE)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import Repository, bucket_objects, make_repository, source_stack, table_rows
 
-from drtool.runtime.endpoints import PostgresEndpoint, S3Endpoint
+from drtool.endpoints import PostgresEndpoint, S3Endpoint
 
 
 @pytest.fixture(scope="module")

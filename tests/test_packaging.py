@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from drtool.services.metrics import Metrics
+from drtool.services.scheduling.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 

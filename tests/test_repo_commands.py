@@ -28,9 +28,9 @@ from test_repository import (  # noqa: F401 (fixtures: any_kit, kit, looping_blo
     s3_kit,
 )
 
+from drtool.endpoints import S3Endpoint
 from drtool.repository import layout
 from drtool.repository.locks import read_locks, repository_lock
-from drtool.runtime.endpoints import S3Endpoint
 
 
 @pytest.fixture(autouse=True)

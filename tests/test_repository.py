@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drtool import keys
 from drtool.config import Config, load_config
+from drtool.endpoints import RedisEndpoint, S3Endpoint
 from drtool.errors import ConfigError, IntegrityError, Locked, NotFound
-from drtool.repository import catalog, layout
+from drtool.repository import access, catalog, layout
 from drtool.repository.ids import new_id
 from drtool.repository.locks import LockInfo, read_locks, repository_lock, unlock
 from drtool.repository.manifest import (
@@ -40,7 +41,6 @@ from drtool.repository.manifest import (
     sign_manifest,
 )
 from drtool.repository.writer import SnapshotWriter
-from drtool.runtime.endpoints import RedisEndpoint, S3Endpoint
 from drtool.services import repo as svc
 from drtool.services.backup import run_backup
 from drtool.storage import Storage
@@ -192,7 +192,7 @@ def make_kit(tmp: Path, url: str, s3: S3Endpoint | None = None) -> RepoKit:
         tmp=tmp,
         url=url,
         config_file=config_file,
-        storage=svc.storage_for(cfg),
+        storage=access.storage_for(cfg),
         info=info,
         signing_key=keys.load_signing_key(key_dir / "signing.key"),
         verify_key=verify_key,

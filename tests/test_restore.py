@@ -28,10 +28,10 @@ from helpers import (
 
 from drtool import keys
 from drtool.config import load_config
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import IntegrityError
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
-from drtool.runtime.s3server import s3_client
-from drtool.services.restore import RestoreOptions, RestoreResult, run_restore
+from drtool.s3session import s3_client
+from drtool.services.restore.run import RestoreOptions, RestoreResult, run_restore
 
 OLD = datetime(2025, 6, 1, 2, 0, tzinfo=UTC)
 NEW = datetime(2025, 6, 2, 2, 0, tzinfo=UTC)

@@ -26,8 +26,9 @@ from drtool.repository import drill_log, layout
 from drtool.repository.ids import new_id
 from drtool.repository.locks import read_locks, repository_lock
 from drtool.repository.retention import Policy, select
+from drtool.s3session import s3_client
+from drtool.services import prune as prune_svc
 from drtool.services import repo as svc
-from drtool.sources.minio import s3_client
 from drtool.storage.base import TEMP_PREFIX
 
 # -- selection --------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def test_bad_policy_refused_before_touching_a_repository(kit: RepoKit) -> None:
     kit.snapshot(T0)
     before = kit.keys_in_storage()
     with pytest.raises(UsageError, match="keeps nothing"):
-        svc.prune(kit.config(), Policy(), dry_run=False)
+        prune_svc.prune(kit.config(), Policy(), dry_run=False)
     assert kit.keys_in_storage() == before
 
 
@@ -153,7 +154,7 @@ def test_prune_dry_run_then_real_run(any_kit: RepoKit) -> None:
     before = kit.keys_in_storage()
     later = datetime.now(UTC) + timedelta(days=2)  # everything unreferenced is past the grace
 
-    plan = svc.prune(kit.config(), policy, dry_run=True, now=later)
+    plan = prune_svc.prune(kit.config(), policy, dry_run=True, now=later)
     assert plan.keep == {ids[4]: ["last"], ids[3]: ["last"]}
     assert plan.forget == ids[:3]
     assert plan.invalid == []
@@ -161,7 +162,7 @@ def test_prune_dry_run_then_real_run(any_kit: RepoKit) -> None:
     assert kit.keys_in_storage() == before  # a dry run changes nothing
     assert read_locks(kit.storage) == []
 
-    plan = svc.prune(kit.config(), policy, dry_run=False, now=later)
+    plan = prune_svc.prune(kit.config(), policy, dry_run=False, now=later)
     assert plan.done
     forgotten = {k for sid in ids[:3] for k in own_keys_of(before, sid)}
     assert len(forgotten) == 6  # a manifest and a dump each
@@ -177,7 +178,7 @@ def test_prune_dry_run_then_real_run(any_kit: RepoKit) -> None:
     outcomes = svc.verify(kit.config(), None, read_data=True)
     assert [(o.snapshot_id, o.problems) for o in outcomes] == [(ids[3], []), (ids[4], [])]
     # a second run has nothing left to do
-    again = svc.prune(kit.config(), policy, dry_run=False, now=later)
+    again = prune_svc.prune(kit.config(), policy, dry_run=False, now=later)
     assert (again.forget, again.garbage) == ([], [])
     assert kit.keys_in_storage() == after
 
@@ -195,7 +196,7 @@ def test_prune_leaves_young_unreferenced_data_alone(kit: RepoKit) -> None:
     [aged] = [k for k in history.orphans if k.startswith("blobs/")]
     old = time.time() - 3 * 86400
     os.utime(root / aged, (old, old))
-    plan = svc.prune(kit.config(), Policy(last=2), dry_run=False)
+    plan = prune_svc.prune(kit.config(), Policy(last=2), dry_run=False)
     after = kit.keys_in_storage()
     assert aged not in after
     assert history.orphans - {aged} <= after
@@ -211,7 +212,7 @@ def test_invalid_snapshots_are_not_counted_as_kept(kit: RepoKit) -> None:
     good = kit.snapshot(T0 + timedelta(days=1))
     broken = kit.snapshot(T0 + timedelta(days=2))
     kit.storage.delete(broken.dump_key)
-    plan = svc.prune(kit.config(), Policy(last=1), dry_run=False)
+    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False)
     assert plan.keep == {good.snapshot_id: ["last"]}
     assert plan.forget == [older.snapshot_id]
     assert plan.invalid == [broken.snapshot_id]
@@ -227,7 +228,7 @@ def test_prune_never_sweeps_an_invalid_snapshot(kit: RepoKit) -> None:
     kit.storage.delete(broken.dump_key)
     before = {k for k in kit.keys_in_storage() if broken.snapshot_id in k}
     later = datetime.now(UTC) + timedelta(days=30)  # far past the grace period
-    plan = svc.prune(kit.config(), Policy(last=1), dry_run=False, now=later)
+    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False, now=later)
     assert plan.invalid == [broken.snapshot_id]
     assert before <= kit.keys_in_storage()
     assert kit.records()[good.snapshot_id].valid
@@ -253,14 +254,14 @@ def test_prune_aborts_stale_uploads(any_kit: RepoKit, request: pytest.FixtureReq
     cutoff_now = datetime.now(UTC)
     assert len(any_kit.storage.stale_uploads(cutoff_now + timedelta(minutes=1))) == 1
     # within the grace period an unfinished upload may be a running backup: it stays
-    fresh = svc.prune(any_kit.config(), Policy(last=1), dry_run=False)
+    fresh = prune_svc.prune(any_kit.config(), Policy(last=1), dry_run=False)
     assert fresh.stale_uploads == 0
     assert len(any_kit.storage.stale_uploads(cutoff_now + timedelta(minutes=1))) == 1
     later = datetime.now(UTC) + timedelta(days=2)
-    dry = svc.prune(any_kit.config(), Policy(last=1), dry_run=True, now=later)
+    dry = prune_svc.prune(any_kit.config(), Policy(last=1), dry_run=True, now=later)
     assert dry.stale_uploads == 1
     assert len(any_kit.storage.stale_uploads(later)) == 1
-    done = svc.prune(any_kit.config(), Policy(last=1), dry_run=False, now=later)
+    done = prune_svc.prune(any_kit.config(), Policy(last=1), dry_run=False, now=later)
     assert done.stale_uploads == 1
     assert any_kit.storage.stale_uploads(later) == []
 
@@ -274,7 +275,7 @@ def test_prune_listing_error_deletes_nothing(looping_blobs: RepoKit) -> None:
     before = {p for p in root.rglob("*")}
     later = datetime.now(UTC) + timedelta(days=2)
     with pytest.raises(StorageError, match="cannot stat"):
-        svc.prune(kit.config(), Policy(last=1), dry_run=False, now=later)
+        prune_svc.prune(kit.config(), Policy(last=1), dry_run=False, now=later)
     assert {p for p in root.rglob("*")} == before
     assert read_locks(kit.storage) == []
 
@@ -284,7 +285,7 @@ def test_prune_waits_for_a_running_writer(kit: RepoKit) -> None:
     kit.snapshot(T0 + timedelta(days=1))
     before = kit.keys_in_storage()
     with repository_lock(kit.storage, "backup"), pytest.raises(Locked, match="locked by"):
-        svc.prune(kit.config(), Policy(last=1), dry_run=False)
+        prune_svc.prune(kit.config(), Policy(last=1), dry_run=False)
     assert kit.keys_in_storage() == before
 
 
@@ -300,7 +301,7 @@ def test_prune_keeps_the_newest_drilled_snapshot(kit: RepoKit) -> None:
     ):
         summary = {"drill_id": drill_id, "snapshot_id": snap.snapshot_id, "passed": passed}
         kit.storage.put_bytes(drill_log.summary_key(drill_id), json.dumps(summary).encode())
-    plan = svc.prune(kit.config(), Policy(last=1), dry_run=False)
+    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False)
     assert plan.keep == {newest.snapshot_id: ["last"], drilled.snapshot_id: ["newest drilled"]}
     assert sorted(plan.forget) == sorted([older.snapshot_id, failed_drill.snapshot_id])
     assert kit.records()[drilled.snapshot_id].valid

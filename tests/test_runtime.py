@@ -18,13 +18,13 @@ import redis
 from botocore.exceptions import ClientError
 from conftest import servers_required
 
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.errors import NotFound, SourceError
 from drtool.runtime import binaries
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.runtime.local import LocalStack, StackPorts
 from drtool.runtime.pgserver import PostgresServer
 from drtool.runtime.s3server import PORT_OFFSETS
-from drtool.sources.minio import s3_client
+from drtool.s3session import s3_client
 
 REPO = Path(__file__).resolve().parent.parent
 

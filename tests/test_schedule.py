@@ -32,15 +32,16 @@ from chat_stack.seed import seed as seed_chat_data
 from drtool import keys
 from drtool.config import Config, load_config
 from drtool.errors import ConfigError
+from drtool.repository import access
 from drtool.repository.locks import read_locks, repository_lock
 from drtool.runtime import binaries
 from drtool.runtime.local import LocalStack
-from drtool.services import jobs as jobs_svc
 from drtool.services import repo as repo_svc
-from drtool.services import schedule as svc
 from drtool.services import stack as stack_svc
-from drtool.services.jobs import JobSpec, JobState
-from drtool.services.metrics import Metrics, MetricsServer
+from drtool.services.scheduling import jobs as jobs_svc
+from drtool.services.scheduling import scheduler as svc
+from drtool.services.scheduling.jobs import JobSpec, JobState
+from drtool.services.scheduling.metrics import Metrics, MetricsServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DRTOOL = [str(Path(sys.executable).parent / "drtool")]
@@ -343,7 +344,7 @@ def test_once_exits_with_the_jobs_code_and_health_flags_stale_jobs(
     assert jobs_svc.read_state(state_dir, "redis").exit_code == 0
 
     # the repository is locked by a live holder (this process): prune fails with exit 11
-    storage = repo_svc.storage_for(load_config(config, {}))
+    storage = access.storage_for(load_config(config, {}))
     with repository_lock(storage, "test"):
         failed = run_cli(*common, "run", "--schedule-dir", str(schedules), "--once", "broken")
     assert failed.returncode == 11, failed.stderr
@@ -419,7 +420,7 @@ def test_sigterm_mid_backup_aborts_after_grace_and_lists_nothing_new(
     assert [
         r.snapshot_id for r in repo_svc.list_records(cfg)
     ] == before  # nothing, not even INVALID
-    assert not read_locks(repo_svc.storage_for(cfg))
+    assert not read_locks(access.storage_for(cfg))
     state = jobs_svc.read_state(Path(cfg.backup.state_dir), "pg")
     assert state.exit_code == 130 and state.last_success is None
 

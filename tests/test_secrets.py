@@ -32,14 +32,15 @@ import tomli_w
 from psycopg import sql
 from test_backup import BackupKit, make_kit, one_error
 
+from drtool.endpoints import PostgresEndpoint
 from drtool.pipeline.age import encrypt_with_passphrase
+from drtool.repository import access
 from drtool.repository.locks import repository_lock
 from drtool.runtime import binaries
-from drtool.runtime.endpoints import PostgresEndpoint
 from drtool.runtime.procs import HOST, free_port_block
 from drtool.runtime.redisserver import RedisServer
-from drtool.runtime.s3server import SeaweedServer, s3_client
-from drtool.services import repo as svc
+from drtool.runtime.s3server import SeaweedServer
+from drtool.s3session import s3_client
 
 S3_SECRET = f"CanaryS3{secrets.token_hex(10)}"
 PG_PASSWORD = f"CanaryPg{secrets.token_hex(10)}"
@@ -214,7 +215,7 @@ def test_s1_canaries_appear_nowhere(world: World, tmp_path: Path) -> None:
     failed = world.run("verify", "--all", "--read-data", config=bad_operator)
     assert failed.returncode in (5, 12), failed.stderr[-2000:]
 
-    storage = svc.storage_for(kit.operator())
+    storage = access.storage_for(kit.operator())
     with repository_lock(storage, "backup"):
         one_error(world.run("backup", config=config), 11)
 

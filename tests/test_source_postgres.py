@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from drtool.endpoints import PostgresEndpoint
 from drtool.errors import SourceError
-from drtool.runtime.endpoints import PostgresEndpoint
 from drtool.sources.pg_fingerprint import Fingerprint, PgFingerprints, compare, compute_fingerprints
 from drtool.sources.postgres import (
     create_database,

@@ -12,9 +12,16 @@ from pathlib import Path
 import pytest
 import redis
 
+from drtool.endpoints import RedisEndpoint
 from drtool.errors import SourceError
-from drtool.runtime.endpoints import RedisEndpoint
 from drtool.runtime.redisserver import RedisServer
+from drtool.sources.redis_client import (
+    client_for_db,
+    connect,
+    copy_keys,
+    ephemeral_redis,
+    target_is_empty,
+)
 from drtool.sources.redis_fingerprint import (
     RedisFingerprints,
     compare,
@@ -22,13 +29,6 @@ from drtool.sources.redis_fingerprint import (
     fingerprint_redis,
 )
 from drtool.sources.redis_rdb import fetch_rdb, validate_rdb
-from drtool.sources.redis_restore import (
-    client_for_db,
-    connect,
-    copy_keys,
-    ephemeral_redis,
-    target_is_empty,
-)
 
 TTL_MS = 3_600_000
 

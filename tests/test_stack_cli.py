@@ -22,7 +22,7 @@ from helpers import alive, processes_in
 
 from drtool.config import load_config
 from drtool.runtime import binaries
-from drtool.sources.redis_restore import connect as connect_redis
+from drtool.sources.redis_client import connect as connect_redis
 
 DRTOOL = Path(sys.executable).parent / "drtool"
 SIZES = ["--messages", "500", "--attachments", "5", "--users", "20", "--rooms", "5"]

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from drtool.endpoints import S3Endpoint
 from drtool.errors import ConfigError, NotFound, StorageError
-from drtool.runtime.endpoints import S3Endpoint
-from drtool.sources.minio import s3_client
+from drtool.s3session import s3_client
 from drtool.storage import Storage, StorageOptions, open_storage
 from drtool.storage.base import TEMP_PREFIX, MiB
 from drtool.storage.retry import Backoff, retry_call

@@ -27,10 +27,11 @@ from fault_proxy import COMPLETE, UPLOAD_PART, FaultProxy, Rule, fault_proxy
 from test_backup import make_kit, one_error
 from test_backup_faults import Baseline, assert_next_backup_succeeds, assert_nothing_lost
 
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.errors import IntegrityError, StorageError
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
-from drtool.runtime.s3server import SeaweedServer, s3_client
+from drtool.runtime.s3server import SeaweedServer
 from drtool.runtime.server import Launch
+from drtool.s3session import s3_client
 from drtool.services.doctor import PROBE_KEY
 from drtool.storage import Storage, StorageOptions, open_storage
 

@@ -10,6 +10,7 @@ from drtool.cli.context import CliState, emit_json
 from drtool.cli.render import human_bytes, print_table
 from drtool.errors import IntegrityError
 from drtool.repository.retention import Policy
+from drtool.services import prune as prune_svc
 from drtool.services import repo as svc
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -185,7 +186,7 @@ def prune(
     only after a 24 h grace period. Refuses a policy that keeps nothing.
     """
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
-    plan = svc.prune(state.config(), policy, dry_run=dry_run)
+    plan = prune_svc.prune(state.config(), policy, dry_run=dry_run)
     if as_json:
         emit_json(asdict(plan))
         return

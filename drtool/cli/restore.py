@@ -11,7 +11,7 @@ import click
 from drtool.cli.context import CliState, emit_json
 from drtool.cli.render import human_bytes, print_table
 from drtool.errors import IntegrityError, UsageError
-from drtool.services.restore import COMPONENTS, RestoreOptions, RestoreResult, run_restore
+from drtool.services.restore.run import COMPONENTS, RestoreOptions, RestoreResult, run_restore
 
 
 def _parse_at(value: str | None) -> datetime | None:

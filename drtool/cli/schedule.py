@@ -11,9 +11,9 @@ import click
 
 from drtool.cli.context import CliState, emit_json
 from drtool.cli.render import print_table
-from drtool.services import schedule as svc
-from drtool.services.jobs import load_schedules
-from drtool.services.metrics import DEFAULT_PORT, Metrics, MetricsServer
+from drtool.services.scheduling import scheduler as svc
+from drtool.services.scheduling.jobs import load_schedules
+from drtool.services.scheduling.metrics import DEFAULT_PORT, Metrics, MetricsServer
 
 schedule_dir_option = click.option(
     "--schedule-dir",

@@ -18,9 +18,9 @@ from typing import Any
 import psycopg
 
 from chat_stack import redis_layout
-from drtool.runtime.endpoints import StackEndpoints
+from drtool.endpoints import StackEndpoints
 from drtool.sources.minio import MinioStore
-from drtool.sources.redis_restore import connect as connect_redis
+from drtool.sources.redis_client import connect as connect_redis
 
 MAX_EXAMPLES = 5
 LATEST_PAGE = 50

@@ -56,11 +56,11 @@ import psycopg
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from drtool.drills.definition import DockerImages
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import DrtoolError, SourceError
-from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.runtime.procs import deferred_interrupts
-from drtool.sources.minio import s3_client
-from drtool.sources.redis_restore import connect as connect_redis
+from drtool.s3session import s3_client
+from drtool.sources.redis_client import connect as connect_redis
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from drtool.endpoints import StackEndpoints
 from drtool.errors import DrtoolError
-from drtool.runtime.endpoints import StackEndpoints
 from drtool.runtime.local import LocalStack
 
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from drtool.endpoints import StackEndpoints
 from drtool.errors import ConfigError, DrtoolError, NotFound, UsageError
 from drtool.runtime import binaries
-from drtool.runtime.endpoints import StackEndpoints
 from drtool.runtime.pgserver import PostgresServer
 from drtool.runtime.procs import ensure_ports_free, free_port_block, write_secret
 from drtool.runtime.redisserver import RedisServer

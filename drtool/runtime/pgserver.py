@@ -15,9 +15,9 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from drtool.endpoints import PostgresEndpoint
 from drtool.errors import SourceError
 from drtool.runtime.binaries import pg_bin_dir
-from drtool.runtime.endpoints import PostgresEndpoint
 from drtool.runtime.procs import HOST, Daemon, check_socket_path, free_port_block, write_secret
 from drtool.runtime.server import Launch, LocalServer
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import redis
 
+from drtool.endpoints import RedisEndpoint
 from drtool.runtime.binaries import redis_server_binary
-from drtool.runtime.endpoints import RedisEndpoint
 from drtool.runtime.procs import HOST, Daemon, free_port_block, write_secret
 from drtool.runtime.server import Launch, LocalServer
 

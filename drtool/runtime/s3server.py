@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from drtool.endpoints import S3Endpoint
 from drtool.runtime.binaries import weed_binary
-from drtool.runtime.endpoints import S3Endpoint
 from drtool.runtime.procs import HOST, Daemon, check_socket_path, free_port_block
 from drtool.runtime.server import Launch, LocalServer
-from drtool.sources.minio import s3_client
+from drtool.s3session import s3_client
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

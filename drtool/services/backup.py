@@ -26,12 +26,13 @@ from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError
 from drtool.faults import crash_point
 from drtool.repository import catalog, layout
+from drtool.repository.access import open_repo
 from drtool.repository.ids import new_id
 from drtool.repository.locks import repository_lock
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
+from drtool.repository.minio_index import IndexEntry
 from drtool.repository.writer import SnapshotWriter
 from drtool.services import minio_snapshot
-from drtool.services.repo import open_repo
 from drtool.sources import postgres as pg
 from drtool.sources.minio import MinioStore
 from drtool.sources.redis_fingerprint import fingerprint_rdb
@@ -129,7 +130,7 @@ def run_backup(
         )
         result = BackupResult(snapshot_id)
         entries: list[ComponentEntry] = []
-        caches: list[tuple[Path, list[minio_snapshot.IndexEntry]]] = []
+        caches: list[tuple[Path, list[IndexEntry]]] = []
         scratch = Path(cfg.backup.scratch_dir or tempfile.gettempdir())
         for component in COMPONENTS:
             if component not in components:
@@ -254,7 +255,7 @@ def _backup_redis(
 
 def _backup_minio(
     cfg: Config, writer: SnapshotWriter, state: Path, storage: Any, progress: Progress
-) -> tuple[ComponentEntry, list[tuple[Path, list[minio_snapshot.IndexEntry]]]]:
+) -> tuple[ComponentEntry, list[tuple[Path, list[IndexEntry]]]]:
     endpoints = cfg.stack()
     store = MinioStore(endpoints.minio)
     stored_blobs = {o.key: o.size for o in storage.list(layout.BLOBS)}

@@ -21,11 +21,11 @@ from typing import Literal
 from drtool.config import Config
 from drtool.errors import DrtoolError, SourceError, StorageError
 from drtool.repository import layout
+from drtool.repository.access import storage_for
 from drtool.services.backup import refuse_identity
-from drtool.services.repo import storage_for
 from drtool.sources import postgres as pg
 from drtool.sources.minio import MinioStore
-from drtool.sources.redis_restore import connect as redis_connect
+from drtool.sources.redis_client import connect as redis_connect
 from drtool.storage import Storage
 
 Status = Literal["pass", "warn", "fail"]

@@ -30,14 +30,14 @@ from drtool.drills.report import (
     write_local,
 )
 from drtool.drills.runtime_local import cleanup_local, local_scratch
+from drtool.endpoints import StackEndpoints
 from drtool.errors import ConfigError, DrtoolError, NotFound, UsageError
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import seal
 from drtool.repository import catalog, drill_log, layout
+from drtool.repository.access import Repo, open_repo
 from drtool.repository.ids import new_id
-from drtool.runtime.endpoints import StackEndpoints
-from drtool.services.repo import Repo, open_repo
-from drtool.services.restore import RestoreOptions, run_restore
+from drtool.services.restore.run import RestoreOptions, run_restore
 
 log = logging.getLogger(__name__)
 

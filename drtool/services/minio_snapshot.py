@@ -10,19 +10,19 @@ it has no identity to read the encrypted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from drtool.errors import SourceError
 from drtool.repository import layout
 from drtool.repository.manifest import ObjectEntry
+from drtool.repository.minio_index import IndexEntry, decode_index, encode_index
 from drtool.repository.writer import SnapshotWriter
 from drtool.sources.minio import MinioStore, SourceObject
 
@@ -32,36 +32,6 @@ log = logging.getLogger(__name__)
 # backup under 128 MB whatever the objects' sizes: many small objects run side by side, an
 # object of more than a part (S3: 3 parts of 8 MiB in memory) runs alone.
 BUFFER_BUDGET = 24 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    """One object of a bucket snapshot."""
-
-    key: str
-    size: int
-    etag: str
-    sha256: str
-    content_type: str
-    metadata: dict[str, str]
-    blob: str
-    blob_size: int
-    blob_sha256: str
-
-    def blob_entry(self) -> ObjectEntry:
-        """The manifest entry of this object's blob."""
-        return ObjectEntry(layout.blob_key(self.blob), "blob", self.blob_size, self.blob_sha256)
-
-
-def encode_index(entries: list[IndexEntry]) -> Iterator[bytes]:
-    """JSON lines, sorted by key."""
-    for entry in sorted(entries, key=lambda e: e.key):
-        yield json.dumps(asdict(entry), ensure_ascii=False, sort_keys=True).encode() + b"\n"
-
-
-def decode_index(data: bytes) -> list[IndexEntry]:
-    """Parse an index written by ``encode_index``."""
-    return [IndexEntry(**json.loads(line)) for line in data.splitlines() if line.strip()]
 
 
 @dataclass

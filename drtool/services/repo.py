@@ -1,4 +1,4 @@
-"""Repository services: init, list, show, verify, prune, unlock."""
+"""Repository command handlers: init, list, show, verify, unlock (prune: ``services.prune``)."""
 
 from __future__ import annotations
 
@@ -6,63 +6,26 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 from drtool import keys
 from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import unseal
-from drtool.repository import catalog, drill_log, layout, retention
-from drtool.repository.locks import LockInfo, repository_lock, unlock
+from drtool.repository import catalog, layout
+from drtool.repository.access import (
+    Repo,
+    identities_of,
+    open_repo,
+    read_object,
+    snapshot_header,
+    storage_for,
+)
+from drtool.repository.locks import LockInfo, unlock
 from drtool.repository.manifest import Manifest, ObjectEntry
-from drtool.storage import Storage, StorageOptions, open_storage
 
 log = logging.getLogger(__name__)
-
-MiB = 1 << 20
-
-
-@dataclass(frozen=True)
-class Repo:
-    """An opened repository: its storage, header and the keys trusted for its manifests."""
-
-    storage: Storage
-    info: layout.RepoInfo
-    verify_keys: list[str]
-
-
-def storage_for(cfg: Config) -> Storage:
-    """The storage backend named by ``repository.url``."""
-    r = cfg.repository
-    if not r.url:
-        raise ConfigError(
-            "repository.url: not set (got nothing); e.g. s3://bucket/drtool or file:///srv/drtool"
-        )
-    mode = r.object_lock_mode.upper() or None
-    if mode not in (None, "GOVERNANCE", "COMPLIANCE"):
-        raise ConfigError(
-            f"repository.object_lock_mode: expected GOVERNANCE or COMPLIANCE (got {mode})"
-        )
-    options = StorageOptions(
-        endpoint_url=r.endpoint_url or None,
-        region=r.region,
-        access_key=r.access_key,
-        secret_key=r.secret_key,
-        path_style=r.path_style,
-        part_size=r.part_size_mb * MiB,
-        object_lock_mode=cast(Literal["GOVERNANCE", "COMPLIANCE"] | None, mode),
-    )
-    return open_storage(r.url, options)
-
-
-def open_repo(cfg: Config) -> Repo:
-    """Open the configured repository and decide which verify keys to trust."""
-    storage = storage_for(cfg)
-    info = layout.read_repo_info(storage)
-    return Repo(storage, info, catalog.trusted_verify_keys(info, cfg.keys.verify_key))
 
 
 def init_repo(cfg: Config) -> layout.RepoInfo:
@@ -104,37 +67,6 @@ class ShowResult:
 
     record: catalog.SnapshotRecord
     fingerprints: dict[str, Any] = field(default_factory=dict)
-
-
-def identities_of(cfg: Config) -> list[str]:
-    """The identities configured for reading (restore/drill side); empty when none."""
-    if not cfg.keys.identity_file:
-        return []
-    return keys.load_identities(Path(cfg.keys.identity_file), cfg.keys.identity_passphrase)
-
-
-def read_object(
-    repo: Repo, entry: ObjectEntry, header: InnerHeader, identities: list[str]
-) -> bytes:
-    """Read a small object whole: stored hash checked, decrypted, header checked."""
-    raw = repo.storage.get_bytes(entry.key)
-    problem = entry.mismatch(len(raw), hashlib.sha256(raw).hexdigest())
-    if problem:
-        raise IntegrityError(problem)
-    return b"".join(
-        unseal(
-            [raw],
-            identities=identities,
-            expected=header,
-            name=entry.key,
-            recipients_hint=list(repo.info.recipients),
-        )
-    )
-
-
-def snapshot_header(m: Manifest, component: str, kind: str) -> InnerHeader:
-    """The inner header an object of snapshot ``m`` must carry."""
-    return InnerHeader(m.repo_id, m.snapshot_id, component, kind)
 
 
 def show_snapshot(cfg: Config, ref: str) -> ShowResult:
@@ -244,76 +176,6 @@ def _verify_object(
     except (IntegrityError, NotFound) as exc:
         return str(exc)
     return obj.mismatch(size, digest.hexdigest())
-
-
-@dataclass
-class PrunePlan:
-    """What prune keeps (and why) and removes."""
-
-    keep: dict[str, list[str]]
-    forget: list[str]
-    invalid: list[str]
-    garbage: list[str]
-    stale_uploads: int = 0
-    done: bool = False
-
-
-def prune(
-    cfg: Config,
-    policy: retention.Policy,
-    *,
-    dry_run: bool,
-    grace: timedelta = timedelta(hours=24),
-    now: datetime | None = None,
-) -> PrunePlan:
-    """Apply a GFS policy: forget manifests first, then delete unreferenced data.
-
-    Data not referenced by any remaining manifest is deleted only when older than ``grace``, so
-    a backup running elsewhere never loses objects it has written but not yet committed.
-    """
-    policy.check()
-    now = now or datetime.now(UTC)
-    repo = open_repo(cfg)
-    with repository_lock(repo.storage, "prune"):
-        records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
-        valid = [(r.snapshot_id, r.time) for r in records if r.valid]
-        keep = retention.select(valid, policy)
-        drilled = drill_log.newest_drilled(repo.storage, {sid for sid, _ in valid})
-        if drilled is not None:  # M2: the newest proof of a restorable snapshot stays
-            keep.setdefault(drilled, []).append("newest drilled")
-        forget = [sid for sid, _ in valid if sid not in keep]
-        invalid = [r.snapshot_id for r in records if not r.valid]
-        plan = PrunePlan(keep, forget, invalid, [])
-        referenced = {
-            o.key
-            for r in records
-            if r.snapshot_id in keep and r.manifest is not None
-            for o in r.manifest.objects()
-        } | {layout.manifest_key(sid) for sid in keep}
-        # INVALID snapshots are never deleted by prune: after a key rotation or tampering
-        # they are evidence for an operator to look at, so their data stays too.
-        for sid in invalid:
-            referenced |= catalog.unverified_object_keys(repo.storage, sid)
-        protected = tuple(layout.snapshot_prefix(sid) for sid in invalid)
-        cutoff = now - grace
-        for prefix in (layout.SNAPSHOTS, layout.BLOBS):
-            for obj in repo.storage.list(prefix):
-                if obj.key in referenced or obj.key.startswith(protected):
-                    continue
-                in_forgotten = any(obj.key.startswith(layout.snapshot_prefix(s)) for s in forget)
-                old = obj.last_modified is not None and obj.last_modified < cutoff
-                if in_forgotten or old:
-                    plan.garbage.append(obj.key)
-        plan.stale_uploads = len(repo.storage.stale_uploads(cutoff))
-        if dry_run:
-            return plan
-        for sid in forget:
-            repo.storage.delete(layout.manifest_key(sid))
-        for key in plan.garbage:
-            repo.storage.delete(key)
-        repo.storage.abort_stale_uploads(cutoff)
-        plan.done = True
-    return plan
 
 
 def unlock_repo(cfg: Config, *, everything: bool) -> list[LockInfo]:

@@ -16,13 +16,13 @@ import tomli_w
 
 from chat_stack.seed import SeedResult, SeedSizes
 from chat_stack.seed import seed as seed_chat_data
+from drtool.endpoints import StackEndpoints
 from drtool.errors import UsageError
-from drtool.runtime.endpoints import StackEndpoints
 from drtool.runtime.local import LocalStack
 from drtool.sources.minio import MinioStore
 from drtool.sources.pg_fingerprint import compute_fingerprints
-from drtool.sources.redis_restore import connect as connect_redis
-from drtool.sources.redis_restore import keyspace_dbs
+from drtool.sources.redis_client import connect as connect_redis
+from drtool.sources.redis_client import keyspace_dbs
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
 

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from boto3.exceptions import S3UploadFailedError
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from drtool import s3session
+from drtool.endpoints import S3Endpoint
 from drtool.errors import DrtoolError, NotFound, SourceError
-from drtool.runtime.endpoints import S3Endpoint
+from drtool.s3session import s3_client
 
 READ_SIZE = 1 << 20
 
@@ -38,26 +37,6 @@ class ObjectMeta:
 
     content_type: str = "binary/octet-stream"
     metadata: dict[str, str] = field(default_factory=dict)
-
-
-def s3_client(
-    endpoint: S3Endpoint, *, timeout: float = 10.0, attempts: int = 3, pool_size: int = 8
-) -> Any:
-    """A boto3 S3 client for ``endpoint``: SigV4, path-style addressing, standard retries."""
-    return s3session.s3_client(
-        endpoint_url=endpoint.endpoint_url,
-        aws_access_key_id=endpoint.access_key,
-        aws_secret_access_key=endpoint.secret_key,
-        region_name=endpoint.region,
-        config=BotoConfig(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            connect_timeout=timeout,
-            read_timeout=max(timeout, 60.0),
-            retries={"max_attempts": attempts, "mode": "standard"},
-            max_pool_connections=pool_size,
-        ),
-    )
 
 
 class MinioStore:

@@ -30,8 +30,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from drtool.endpoints import PostgresEndpoint
 from drtool.errors import SourceError
-from drtool.runtime.endpoints import PostgresEndpoint
 from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
 from drtool.sources.process import CommandFailed, child_env, command_stream, run_checked, scrub
 

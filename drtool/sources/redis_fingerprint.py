@@ -20,9 +20,9 @@ from typing import Any, cast
 
 import redis
 
+from drtool.endpoints import RedisEndpoint
 from drtool.errors import SourceError
-from drtool.runtime.endpoints import RedisEndpoint
-from drtool.sources.redis_restore import (
+from drtool.sources.redis_client import (
     client_for_db,
     connect,
     ephemeral_redis,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from drtool.endpoints import RedisEndpoint
 from drtool.errors import SourceError
-from drtool.runtime.endpoints import RedisEndpoint
 
 PIECE = 1 << 20
 """Bytes read from the socket at a time: memory stays bounded whatever the RDB size."""

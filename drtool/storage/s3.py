@@ -166,7 +166,7 @@ class S3Storage(Storage):
             max_pool_connections=max(10, options.max_concurrency + 2),
             tcp_keepalive=True,
         )
-        self._client = s3session.s3_client(
+        self._client = s3session.new_client(
             endpoint_url=options.endpoint_url,
             aws_access_key_id=options.access_key,
             aws_secret_access_key=options.secret_key,

@@ -3,7 +3,7 @@
 Works for any reachable Redis. Into an empty target the copy uses plain RESTORE; with
 ``force`` it uses RESTORE REPLACE and then removes the target keys the snapshot does not have,
 so the target ends equal to the snapshot (while it runs, clients see a mix: a live Redis cannot
-be switched atomically; :mod:`drtool.services.restore_redis_offline` replaces the data file of
+be switched atomically; :mod:`drtool.services.restore.redis_offline` replaces the data file of
 a server drtool can stop instead).
 
 Verification is a chain: the RDB's sha256 equals the one recorded (and fingerprinted) at
@@ -22,13 +22,12 @@ from pathlib import Path
 
 import redis
 
+from drtool.endpoints import RedisEndpoint
 from drtool.errors import IntegrityError, SourceError, UsageError
+from drtool.repository.access import Repo, read_object, snapshot_header
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
-from drtool.runtime.endpoints import RedisEndpoint
-from drtool.services.repo import Repo, read_object, snapshot_header
-from drtool.services.restore_stage import Plain, stage
-from drtool.sources.redis_fingerprint import RedisFingerprints, compare, fingerprint_redis
-from drtool.sources.redis_restore import (
+from drtool.services.restore.stage import Plain, stage
+from drtool.sources.redis_client import (
     client_for_db,
     connect,
     copy_keys,
@@ -36,6 +35,7 @@ from drtool.sources.redis_restore import (
     keyspace_dbs,
     scan_batches,
 )
+from drtool.sources.redis_fingerprint import RedisFingerprints, compare, fingerprint_redis
 
 BATCH = 1000
 

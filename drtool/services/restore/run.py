@@ -21,14 +21,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from drtool.config import Config
+from drtool.endpoints import RedisEndpoint, StackEndpoints
 from drtool.errors import ConfigError, NotFound, UsageError
 from drtool.repository import catalog
+from drtool.repository.access import Repo, identities_of, open_repo
 from drtool.repository.manifest import Manifest
-from drtool.runtime.endpoints import RedisEndpoint, StackEndpoints
-from drtool.services import restore_minio, restore_postgres, restore_redis, restore_redis_offline
-from drtool.services.repo import Repo, identities_of, open_repo
-from drtool.services.restore_redis_offline import LocalPlacer, Placer, container_placer
-from drtool.services.restore_stage import check_free_space, scratch_dir, scratch_error
+from drtool.services.restore import minio as restore_minio
+from drtool.services.restore import postgres as restore_postgres
+from drtool.services.restore import redis as restore_redis
+from drtool.services.restore import redis_offline as restore_redis_offline
+from drtool.services.restore.redis_offline import LocalPlacer, Placer, container_placer
+from drtool.services.restore.stage import check_free_space, scratch_dir, scratch_error
 from drtool.services.stack import stack_load
 from drtool.sources.minio import MinioStore
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import psycopg
 
+from drtool.endpoints import PostgresEndpoint
 from drtool.errors import ConfigError, IntegrityError, SourceError
 from drtool.faults import crash_point
+from drtool.repository.access import Repo, read_object, snapshot_header
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
-from drtool.runtime.endpoints import PostgresEndpoint
-from drtool.services.repo import Repo, read_object, snapshot_header
-from drtool.services.restore_stage import Plain, stage
+from drtool.services.restore.stage import Plain, stage
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import PgFingerprints, compare, compute_fingerprints
 

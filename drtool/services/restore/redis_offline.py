@@ -27,12 +27,12 @@ from typing import Any, Protocol
 
 import redis
 
+from drtool.endpoints import RedisEndpoint
 from drtool.errors import SourceError, UsageError
-from drtool.runtime.endpoints import RedisEndpoint
 from drtool.runtime.local import LocalStack
-from drtool.services.restore_redis import RedisOutcome, only_expired
+from drtool.services.restore.redis import RedisOutcome, only_expired
+from drtool.sources.redis_client import connect, ephemeral_redis, keyspace_dbs
 from drtool.sources.redis_fingerprint import compare, fingerprint_redis
-from drtool.sources.redis_restore import connect, ephemeral_redis, keyspace_dbs
 
 log = logging.getLogger(__name__)
 

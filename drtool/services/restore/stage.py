@@ -20,8 +20,8 @@ from drtool.errors import ConfigError, IntegrityError
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.meter import Meter
 from drtool.pipeline.seal import unseal
+from drtool.repository.access import Repo
 from drtool.repository.manifest import ObjectEntry
-from drtool.services.repo import Repo
 
 
 @dataclass(frozen=True)

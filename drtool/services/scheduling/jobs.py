@@ -4,7 +4,7 @@ A schedule file holds ``[defaults]`` and ``[jobs.NAME]`` tables (the format is d
 ``schedules/default.toml``). A job is one of four kinds:
 
 - ``backup``  — :func:`drtool.services.backup.run_backup` of ``components``;
-- ``prune``   — :func:`drtool.services.repo.prune` with the ``keep`` policy;
+- ``prune``   — :func:`drtool.services.prune.prune` with the ``keep`` policy;
 - ``verify``  — the key-less :func:`drtool.services.repo.verify` of the latest (or every)
   snapshot;
 - ``drill``   — ``drtool.services.drill.run_drill`` with the job's ``definition`` file.
@@ -40,6 +40,7 @@ from drtool.errors import (
     StorageError,
 )
 from drtool.repository.retention import Policy
+from drtool.services import prune as prune_svc
 from drtool.services import repo as repo_svc
 from drtool.services.backup import COMPONENTS, run_backup
 
@@ -344,7 +345,7 @@ def execute(spec: JobSpec, cfg: Config, *, home: Path, env: Mapping[str, str]) -
             stored_bytes={c.name: c.stored_bytes for c in backup.components},
         )
     if spec.kind == "prune":
-        plan = repo_svc.prune(cfg, spec.keep, dry_run=False)
+        plan = prune_svc.prune(cfg, spec.keep, dry_run=False)
         return JobResult(
             message=f"kept {len(plan.keep)}, forgot {len(plan.forget)} snapshots, "
             f"deleted {len(plan.garbage)} objects"

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from drtool.errors import IntegrityError, UsageError
+from drtool.repository.access import Repo, read_object, snapshot_header
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
-from drtool.services.minio_snapshot import IndexEntry, decode_index
-from drtool.services.repo import Repo, read_object, snapshot_header
-from drtool.services.restore_stage import Plain, blob_header, check_all, stage
+from drtool.repository.minio_index import IndexEntry, decode_index
+from drtool.services.restore.stage import Plain, blob_header, check_all, stage
 from drtool.sources.minio import MinioStore, ObjectMeta
 
 INDEX_SUFFIX = ".index.zst.age"

@@ -19,8 +19,8 @@ from typing import cast
 
 import redis
 
+from drtool.endpoints import RedisEndpoint
 from drtool.errors import SourceError
-from drtool.runtime.endpoints import RedisEndpoint
 from drtool.runtime.redisserver import RedisServer
 
 POLL_SECONDS = 0.05

@@ -24,7 +24,7 @@ Stopping (SIGTERM or Ctrl-C)
     aborts at once. The exit code is 0 after a clean stop, 130 after an abort.
 
 State
-    ``<state_dir>/schedule/<job>.json`` per job (see :mod:`drtool.services.jobs`) and
+    ``<state_dir>/schedule/<job>.json`` per job (see :mod:`drtool.services.scheduling.jobs`) and
     ``<state_dir>/schedule/_runner.json`` (pid and start time, read by ``schedule health``).
 """
 
@@ -52,11 +52,11 @@ import schedule
 
 from drtool.config import Config
 from drtool.errors import DrtoolError, Interrupted, NotFound, UsageError
-from drtool.services import jobs as jobs_svc
 from drtool.services import repo as repo_svc
 from drtool.services.backup import state_dir as backup_state_dir
-from drtool.services.jobs import JobSpec, JobState
-from drtool.services.metrics import Metrics
+from drtool.services.scheduling import jobs as jobs_svc
+from drtool.services.scheduling.jobs import JobSpec, JobState
+from drtool.services.scheduling.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
