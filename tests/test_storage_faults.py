@@ -404,12 +404,109 @@ def _deny_delete_outside_locks(endpoint: S3Endpoint, bucket: str, prefix: str) -
             {
                 "Effect": "Allow",
                 "Principal": principal,
-                "Action": ["s3:GetBucketObjectLockConfiguration", "s3:PutObjectRetention"],
+                "Action": [  # as docs/OPERATIONS.md §2 grants
+                    "s3:GetBucketObjectLockConfiguration",
+                    "s3:PutObjectRetention",
+                    "s3:GetObjectRetention",
+                ],
                 "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
             },
         ],
     }
     s3_client(endpoint).put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+
+
+def test_u8_reused_blobs_are_locked_as_long_as_the_snapshot_that_needs_them(
+    tmp_path: Path,
+    pg_database: PostgresEndpoint,
+    redis_db: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+) -> None:
+    """Issue 19 item 1: a backup retained 30 days extends the blobs it reuses to 30 days.
+
+    Without it, blobs written by a 1-day backup stay locked for a day while a later snapshot
+    that needs them is locked for a month. `verify` reads the real dates and names an object
+    locked for less than its snapshot (shortened here with the admin's governance bypass).
+    """
+    server = PolicyServer(tmp_path / "lock-s3")
+    server.start()
+    try:
+        kit = make_kit(
+            tmp_path, pg_database, redis_db, s3_server, s3_bucket, repo_s3=server.endpoint
+        )
+        admin = s3_client(server.endpoint)
+        bucket = f"locked-{secrets.token_hex(5)}"
+        admin.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+        _deny_delete_outside_locks(server.endpoint, bucket, "drtool")
+        keydir = kit.tmp / "keys"
+        (keydir / "backup-ak").write_text(server.backup_key)
+        (keydir / "backup-sk").write_text(server.backup_secret)
+        repository = {
+            "url": f"s3://{bucket}/drtool",
+            "access_key_file": str(keydir / "backup-ak"),
+            "secret_key_file": str(keydir / "backup-sk"),
+            "object_lock_mode": "GOVERNANCE",
+            "retain_days": 1,
+        }
+        short = kit.write_config("short", repository=repository)
+        assert kit.drtool("init", config=short).returncode == 0
+        first = kit.backup("minio", config=short)
+        assert first.returncode == 0, first.stderr
+        blobs = [
+            o["Key"]
+            for o in admin.list_objects_v2(Bucket=bucket, Prefix="drtool/blobs/")["Contents"]
+        ]
+        assert blobs
+
+        def retained(key: str) -> timedelta:
+            found = admin.get_object_retention(Bucket=bucket, Key=key)["Retention"]
+            return found["RetainUntilDate"] - datetime.now(UTC)
+
+        assert all(retained(k) <= timedelta(days=1) for k in blobs)
+
+        long = kit.write_config("long", repository={**repository, "retain_days": 30})
+        second = kit.backup("minio", config=long)
+        assert second.returncode == 0, second.stderr
+        snapshot_id = json.loads(second.stdout)["snapshot_id"]
+        manifest_key = f"drtool/snapshots/{snapshot_id}/manifest.json"
+        assert timedelta(days=29) < retained(manifest_key) <= timedelta(days=30)
+        assert not set(blobs) - {
+            o["Key"]
+            for o in admin.list_objects_v2(Bucket=bucket, Prefix="drtool/blobs/")["Contents"]
+        }
+        for key in blobs:  # reused, not re-uploaded: now locked past the new snapshot's date
+            assert retained(key) >= retained(manifest_key), key
+        assert "object lock:" in second.stderr
+
+        # a third backup finds every date in the host's cache: no retention request at all
+        third = kit.backup("minio", config=long)
+        assert third.returncode == 0, third.stderr
+        assert "0 extended, 0 requests" in third.stderr, third.stderr[-2000:]
+
+        # key-less verify reads the real dates: an object locked for less than its snapshot
+        verified = kit.drtool("verify", snapshot_id, "--json", config=long)
+        assert verified.returncode == 0, verified.stderr
+        admin.put_object_retention(
+            Bucket=bucket,
+            Key=blobs[0],
+            Retention={
+                "Mode": "GOVERNANCE",
+                "RetainUntilDate": datetime.now(UTC) + timedelta(hours=2),
+            },
+            BypassGovernanceRetention=True,
+        )
+        verified = kit.drtool("verify", snapshot_id, "--json", config=long)
+        assert verified.returncode == 5, verified.stderr[-2000:]
+        assert blobs[0].removeprefix("drtool/") in verified.stdout + verified.stderr
+        assert "locked for less than" in verified.stdout + verified.stderr
+        doctor = kit.drtool("doctor", "--json", config=long)
+        rows = {r["name"]: r for r in json.loads(doctor.stdout)}
+        assert rows["snapshots locked whole"]["status"] == "fail", rows
+        assert snapshot_id in rows["snapshots locked whole"]["detail"]
+        assert doctor.returncode == 7
+    finally:
+        server.stop()
 
 
 def test_u7_object_lock_backups_carry_retention_and_cannot_be_deleted(

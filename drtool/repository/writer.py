@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -18,6 +18,7 @@ from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import seal
 from drtool.repository import layout
 from drtool.repository.manifest import Manifest, ObjectEntry, sign_manifest
+from drtool.repository.object_lock import RetentionCache, protect
 from drtool.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,11 @@ class SnapshotWriter:
     compression_level: int = 3
     compression_threads: int = 0
     retain_until: datetime | None = None
+    #: dates of reused objects, to extend their Object Lock to ``retain_until`` (None: no lock)
+    retention_cache: RetentionCache | None = None
+    retention_margin: timedelta = timedelta(days=1)
     confirmed: dict[str, ObjectInfo] = field(default_factory=dict)  # by commit, key -> stored
+    written: set[str] = field(default_factory=set)  # keys this writer put (locked by the put)
 
     def _put(self, key: str, chunks: Iterable[bytes], header: InnerHeader) -> Written:
         """Seal ``chunks`` into the object ``key`` and confirm its stored size."""
@@ -59,6 +64,7 @@ class SnapshotWriter:
         if info.size != sealed.stored.size:
             raise IntegrityError(f"{key}: stored {info.size} bytes, sent {sealed.stored.size}")
         entry = ObjectEntry(key, header.kind, info.size, sealed.stored.sha256, info.version_id)
+        self.written.add(key)
         log.debug("stored %s (%d bytes)", key, info.size)
         return Written(entry, sealed.plain.size, sealed.plain.sha256)
 
@@ -87,11 +93,41 @@ class SnapshotWriter:
                 raise IntegrityError(
                     f"{obj.key}: {info.size} bytes in storage, {obj.size} expected; not committed"
                 )
+        self._protect_reused(manifest)
         stored = sign_manifest(manifest, self.signing_key)
         self.storage.put_bytes(
             layout.manifest_key(self.snapshot_id), stored, retain_until=self.retain_until
         )
         return stored
+
+    def _protect_reused(self, manifest: Manifest) -> None:
+        """Extend the Object Lock of objects this snapshot reuses to its own retain-until.
+
+        Before the manifest: a committed snapshot never names an object that may be deleted
+        before the snapshot's own retention ends (see drtool/repository/object_lock.py).
+        """
+        if self.retain_until is None or self.retention_cache is None:
+            return
+        keys = [o.key for o in manifest.objects()]
+        for key in self.written:
+            self.retention_cache.dates[key] = self.retain_until
+        reused = [k for k in keys if k not in self.written]
+        stats = protect(
+            self.storage,
+            reused,
+            self.retain_until,
+            margin=self.retention_margin,
+            cache=self.retention_cache,
+        )
+        log.info(
+            "object lock: %d reused objects retained until at least %s (%d extended, "
+            "%d requests, %.2f s)",
+            stats.objects,
+            self.retain_until.isoformat(timespec="seconds"),
+            stats.extended,
+            stats.requests,
+            stats.seconds,
+        )
 
 
 def stored_objects(storage: Storage, manifest: Manifest) -> dict[str, ObjectInfo]:

@@ -25,7 +25,7 @@ from drtool import keys
 from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError
 from drtool.faults import crash_point
-from drtool.repository import catalog, layout
+from drtool.repository import catalog, layout, object_lock
 from drtool.repository.access import open_repo
 from drtool.repository.ids import new_id
 from drtool.repository.locks import repository_lock
@@ -115,6 +115,13 @@ def run_backup(
     retain_until = (
         now + timedelta(days=cfg.repository.retain_days) if cfg.repository.retain_days else None
     )
+    retention_cache = (
+        object_lock.RetentionCache.load(
+            state_dir(cfg, home) / f"retention-{repo.info.repo_id}.json"
+        )
+        if retain_until is not None and cfg.repository.object_lock_mode
+        else None
+    )
     with repository_lock(repo.storage, "backup"):
         previous = catalog.newest_authentic(repo.storage, repo.verify_keys, repo.info.repo_id)
         snapshot_id = new_id(now)
@@ -127,6 +134,8 @@ def run_backup(
             compression_level=cfg.backup.compression_level,
             compression_threads=cfg.backup.compression_threads,
             retain_until=retain_until,
+            retention_cache=retention_cache,
+            retention_margin=object_lock.default_margin(cfg.repository.retain_days),
         )
         result = BackupResult(snapshot_id)
         entries: list[ComponentEntry] = []
@@ -177,6 +186,8 @@ def run_backup(
         _verify_committed(repo, snapshot_id, writer.confirmed)
         for path, cache_entries in caches:
             minio_snapshot.write_cache(path, cache_entries)
+        if retention_cache is not None:
+            retention_cache.save(now)
     result.seconds = time.monotonic() - started
     log.info("snapshot %s committed and verified", snapshot_id, extra={"snapshot": snapshot_id})
     return result

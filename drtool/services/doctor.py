@@ -20,8 +20,8 @@ from typing import Literal
 
 from drtool.config import Config
 from drtool.errors import DrtoolError, SourceError, StorageError
-from drtool.repository import layout
-from drtool.repository.access import storage_for
+from drtool.repository import catalog, layout, object_lock
+from drtool.repository.access import open_repo, storage_for
 from drtool.services.backup import refuse_identity
 from drtool.sources import postgres as pg
 from drtool.sources.minio import MinioStore
@@ -75,11 +75,17 @@ def run_doctor(
     s3 = storage is not None and hasattr(storage, "object_lock_enabled")
     if storage is not None and s3:
         checks.append(_run("object lock", lambda: _object_lock(cfg, storage)))
+        checks.append(_run("snapshots locked whole", lambda: _locked_whole(cfg, storage)))
         checks.append(_run("credential cannot delete", lambda: _delete_probe(storage)))
         checks.append(_run("clock skew", lambda: _clock(storage, clock)))
     else:
         why = "not an S3 repository" if storage is not None else "no repository"
-        for name in ("object lock", "credential cannot delete", "clock skew"):
+        for name in (
+            "object lock",
+            "snapshots locked whole",
+            "credential cannot delete",
+            "clock skew",
+        ):
             checks.append(Check(name, "warn", f"skipped: {why}"))
     checks.append(_run("scratch free space", lambda: _scratch(cfg)))
     checks.append(_run("key file permissions", lambda: _key_files(cfg)))
@@ -163,6 +169,34 @@ def _object_lock(cfg: Config, storage: Storage) -> tuple[Status, str]:
         return "warn", "Object Lock enabled, but repository.object_lock_mode/retain_days unset"
     mode, days = cfg.repository.object_lock_mode.upper(), cfg.repository.retain_days
     return "pass", f"Object Lock enabled; objects retained {days} days ({mode})"
+
+
+#: How many of the newest valid snapshots doctor checks object by object (a request each).
+LOCK_CHECKED_SNAPSHOTS = 3
+
+
+def _locked_whole(cfg: Config, storage: Storage) -> tuple[Status, str]:
+    """The newest snapshots: is every object locked at least as long as the snapshot itself?
+
+    A reused blob locked for less can be deleted while a snapshot still needs it.
+    """
+    repo = open_repo(cfg)
+    records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+    newest = [r for r in records if r.valid and r.manifest][-LOCK_CHECKED_SNAPSHOTS:]
+    short = {
+        r.snapshot_id: object_lock.short_locked(storage, r.manifest)
+        for r in newest
+        if r.manifest is not None
+    }
+    if newest and all(keys is None for keys in short.values()):
+        return "warn", "the newest snapshots carry no Object Lock retention"
+    bad = {sid: keys for sid, keys in short.items() if keys}
+    if bad:
+        named = "; ".join(f"{sid}: {len(keys)} (e.g. {keys[0]})" for sid, keys in bad.items())
+        return "fail", f"objects locked for less than their snapshot: {named}"
+    if not newest:
+        return "warn", "no valid snapshot to check yet"
+    return "pass", f"the newest {len(newest)} snapshots: every object locked as long as they are"
 
 
 def _delete_probe(storage: Storage) -> tuple[Status, str]:

@@ -13,7 +13,7 @@ from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import unseal
-from drtool.repository import catalog, layout
+from drtool.repository import catalog, layout, object_lock
 from drtool.repository.access import (
     Repo,
     identities_of,
@@ -136,6 +136,10 @@ def verify(cfg: Config, ref: str | None, *, read_data: bool) -> list[VerifyOutco
                     problem = _verify_object(repo, m, comp.name, obj, identities)
                     if problem:
                         problems.append(problem)
+            problems += [
+                f"{key}: locked for less than the snapshot's own retention (Object Lock)"
+                for key in object_lock.short_locked(repo.storage, m) or []
+            ]
         outcomes.append(VerifyOutcome(record.snapshot_id, problems, count, read_data))
     return outcomes
 

@@ -127,6 +127,17 @@ class Storage(ABC):
     def delete(self, key: str, *, version_id: str | None = None) -> None:
         """Delete ``key`` (or one version of it); an absent object is fine."""
 
+    def retention(self, key: str) -> datetime | None:
+        """The Object Lock retain-until date of ``key``; None where the backend has no lock.
+
+        Backends without Object Lock (a directory) have nothing to extend or check.
+        """
+        return None
+
+    def extend_retention(self, key: str, until: datetime) -> None:
+        """Raise ``key``'s Object Lock retention to ``until`` (never lowers it); a no-op here."""
+        return None
+
     @abstractmethod
     def stale_uploads(self, older_than: datetime) -> builtins.list[str]:
         """Keys of unfinished writes (multipart uploads, temp files) begun before ``older_than``."""

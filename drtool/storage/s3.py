@@ -522,6 +522,32 @@ class S3Storage(Storage):
             self._abort_upload(key, upload_id)
         return len(stale)
 
+    def retention(self, key: str) -> datetime | None:
+        """GetObjectRetention: the retain-until date, or None when the object has none."""
+        full = self._key(key)
+        request = partial(self._client.get_object_retention, Bucket=self.bucket, Key=full)
+        none = {"NoSuchObjectLockConfiguration", "ObjectLockConfigurationNotFoundError"}
+        found = self._call(full, partial(_tolerate, none, request))
+        until = found.get("Retention", {}).get("RetainUntilDate")
+        return until.astimezone(UTC) if until else None
+
+    def extend_retention(self, key: str, until: datetime) -> None:
+        """PutObjectRetention in the repository's mode; a no-op without a configured mode.
+
+        Only ever called with a date later than the current one: lowering needs a bypass right
+        the backup credential must not have, and COMPLIANCE forbids it outright.
+        """
+        if not self.options.object_lock_mode:
+            return
+        full = self._key(key)
+        request = partial(
+            self._client.put_object_retention,
+            Bucket=self.bucket,
+            Key=full,
+            Retention={"Mode": self.options.object_lock_mode, "RetainUntilDate": until},
+        )
+        self._call(full, request)
+
     def object_lock_enabled(self) -> bool:
         """Whether the bucket has Object Lock enabled (``drtool doctor``)."""
         request = partial(self._client.get_object_lock_configuration, Bucket=self.bucket)
