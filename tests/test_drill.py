@@ -331,7 +331,7 @@ def test_sigterm_mid_restore_tears_the_stack_down(world: World, tmp_path: Path, 
     stacks = list((home / "drills").iterdir())
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=PATIENCE)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "error: interrupted"
     assert stacks and not any(s.exists() for s in stacks)
     assert processes_in(home) == []

@@ -199,7 +199,7 @@ def test_sigterm_tears_the_containers_down(
     wait_for_containers(proc, clean_engine)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=PATIENCE)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "error: interrupted"
     assert leftovers(clean_engine) == []
 

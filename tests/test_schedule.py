@@ -412,7 +412,7 @@ def test_sigterm_mid_backup_aborts_after_grace_and_lists_nothing_new(
             proc.wait()
         log_file.close()
     stderr = (tmp_path / "stderr.log").read_text()
-    assert rc == 130, stderr
+    assert rc == 143, stderr
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any("aborting job pg" in entry["message"] for entry in lines), stderr
     assert valid_ids(cfg) == before
@@ -421,7 +421,7 @@ def test_sigterm_mid_backup_aborts_after_grace_and_lists_nothing_new(
     ] == before  # nothing, not even INVALID
     assert not read_locks(repo_svc.storage_for(cfg))
     state = jobs_svc.read_state(Path(cfg.backup.state_dir), "pg")
-    assert state.exit_code == 130 and state.last_success is None
+    assert state.exit_code == 143 and state.last_success is None
 
 
 def test_sigterm_while_idle_stops_cleanly(kit: Kit, tmp_path: Path) -> None:
