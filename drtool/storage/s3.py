@@ -42,7 +42,14 @@ from botocore.exceptions import (
 from drtool import s3session
 from drtool.errors import ConfigError, DrtoolError, IntegrityError, NotFound, StorageError
 from drtool.faults import crash_point
-from drtool.storage.base import MiB, ObjectInfo, Storage, StorageOptions, check_key
+from drtool.storage.base import (
+    Capabilities,
+    MiB,
+    ObjectInfo,
+    Storage,
+    StorageOptions,
+    check_key,
+)
 from drtool.storage.retry import Backoff, retry_call
 
 log = logging.getLogger(__name__)
@@ -142,6 +149,8 @@ def _display_endpoint(endpoint_url: str | None, region: str) -> str:
 
 class S3Storage(Storage):
     """Objects under ``prefix`` in ``bucket``; see the module docstring for the policies."""
+
+    capabilities = Capabilities(object_lock=True, server_clock=True, access_control=True)
 
     def __init__(self, bucket: str, prefix: str, options: StorageOptions) -> None:
         if options.part_size < MIN_PART:
