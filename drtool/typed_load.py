@@ -67,11 +67,7 @@ def coerce(where: str, value: Any, hint: Any, *, from_env: bool = False) -> Any:
             raise problem(where, f"expected {_describe(hint)}", value)
         return value
     if origin is tuple:
-        if from_env and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise problem(where, "expected a list of strings", value)
-        return tuple(value)
+        return _strings(where, value, from_env)
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         return build(hint, value, where)
     if hint is bool:
@@ -81,6 +77,15 @@ def coerce(where: str, value: Any, hint: Any, *, from_env: bool = False) -> Any:
     if hint is str and not isinstance(value, str):
         raise problem(where, "expected a string", value)
     return value
+
+
+def _strings(where: str, value: Any, from_env: bool) -> tuple[str, ...]:
+    """A TOML list of strings, or ``"a, b"`` from the environment."""
+    if from_env and isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise problem(where, "expected a list of strings", value)
+    return tuple(value)
 
 
 def _bool(where: str, value: Any, from_env: bool) -> bool:

@@ -305,7 +305,7 @@ def restoring(home: Path) -> bool:
     for state in (home / "drills").glob("*/stack.json"):
         try:
             endpoint = LocalStack.load(state.parent).endpoints.postgres
-            with psycopg.connect(**endpoint.connect_kwargs("postgres"), connect_timeout=1) as conn:  # type: ignore[arg-type]
+            with psycopg.connect(**endpoint.connect_kwargs("postgres"), connect_timeout=1) as conn:
                 names = [r[0] for r in conn.execute("SELECT datname FROM pg_database")]
         except Exception:  # not up yet, or already gone
             continue

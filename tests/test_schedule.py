@@ -224,17 +224,18 @@ def test_loop_no_overlap_isolates_failures_tags_logs_and_serves_metrics(
     kit: Kit, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = kit.config("loop", pg_bin_dir=kit.slow_pg_bin(pause_s=2))
+    (tmp_path / "drill.toml").write_text('name = "broken"\n')  # loads; fails: no identity
     specs = jobs_svc.load_schedules(
         write_schedule(
             tmp_path / "schedules",
             {
                 # slower than its interval: triggers while it runs must not start it twice
                 "pg": {"kind": "backup", "components": ["postgres"], "every": "1s"},
-                # always fails (no drill service, or no such definition): isolated, recorded
+                # always fails (the backup config holds no identity): isolated, recorded
                 "broken": {
                     "kind": "drill",
                     "every": "1s",
-                    "definition": str(tmp_path / "missing.toml"),
+                    "definition": str(tmp_path / "drill.toml"),
                     "retries": 0,
                 },
                 "check": {"kind": "verify", "every": "1s"},
@@ -482,6 +483,7 @@ def test_heartbeat_only_after_success(kit: Kit, tmp_path: Path) -> None:
     try:
         url_file = tmp_path / "hc_url"
         url_file.write_text(f"http://127.0.0.1:{server.server_address[1]}/ping/secret-token\n")
+        (tmp_path / "drill.toml").write_text('name = "bad"\n')  # loads; fails: no identity
         specs = jobs_svc.load_schedules(
             write_schedule(
                 tmp_path / "schedules",
@@ -495,7 +497,7 @@ def test_heartbeat_only_after_success(kit: Kit, tmp_path: Path) -> None:
                     "bad": {
                         "kind": "drill",
                         "every": "1h",
-                        "definition": str(tmp_path / "missing.toml"),
+                        "definition": str(tmp_path / "drill.toml"),
                         "heartbeat_url_file": str(url_file),
                     },
                 },

@@ -104,7 +104,7 @@ def test_up_prints_a_config_that_works(
         cfg = load_config(config, {})
         endpoints = cfg.stack()
         ports.add(endpoints.postgres.port)
-        with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:
             assert conn.execute("SELECT 1 + 1").fetchone() == (2,)
         client = connect_redis(endpoints.redis)
         try:
@@ -323,7 +323,7 @@ def test_sigterm_during_seed_keeps_the_stack(runtime_root: Path, servers_availab
             env=clean_env(),
         )
         try:
-            with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:  # type: ignore[arg-type]
+            with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:
                 conn.autocommit = True
                 # wait until the seeder is connected and working (its handlers are installed)
                 while process.poll() is None and not other_clients(conn):

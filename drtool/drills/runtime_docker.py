@@ -193,7 +193,7 @@ def _wait_ready(role: str, container: Any, probe: Callable[[], object], deadline
 def _probe_postgres(endpoint: PostgresEndpoint) -> Callable[[], object]:
     def probe() -> None:
         kwargs = endpoint.connect_kwargs()
-        with psycopg.connect(**kwargs, connect_timeout=2) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(**kwargs, connect_timeout=2) as conn:
             conn.execute("SELECT 1")
 
     return probe

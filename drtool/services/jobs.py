@@ -259,6 +259,19 @@ def _job(name: str, table: Any, defaults: Mapping[str, Any], source: str) -> Job
     )
 
 
+def _read_schedule_file(path: Path) -> dict[str, Any]:
+    """One schedule file's tables, its ``[defaults]`` already checked."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the schedule: {exc}") from None
+    for key in data:
+        if key not in ("defaults", "jobs"):
+            raise ConfigError(f"{path}: {key}: unknown table (known: defaults, jobs)")
+    build(_Defaults, data.get("defaults", {}), f"{path}: defaults")
+    return data
+
+
 def load_schedules(directory: Path) -> list[JobSpec]:
     """Every enabled job of every ``*.toml`` in ``directory``, in file then table order."""
     if not directory.is_dir():
@@ -268,15 +281,8 @@ def load_schedules(directory: Path) -> list[JobSpec]:
         raise ConfigError(f"schedule-dir: no *.toml schedule files (got {directory})")
     jobs: dict[str, JobSpec] = {}
     for path in files:
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read the schedule: {exc}") from None
-        for key in data:
-            if key not in ("defaults", "jobs"):
-                raise ConfigError(f"{path}: {key}: unknown table (known: defaults, jobs)")
+        data = _read_schedule_file(path)
         defaults = data.get("defaults", {})
-        build(_Defaults, defaults, f"{path}: defaults")
         for name, table in data.get("jobs", {}).items():
             if name in jobs:
                 raise ConfigError(f"{path}: jobs.{name}: already defined in {jobs[name].source}")

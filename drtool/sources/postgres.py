@@ -76,7 +76,7 @@ def _connect(
     """A connection, or ``SourceError`` naming the server and the cause."""
     try:
         return psycopg.connect(
-            **endpoint.connect_kwargs(dbname),  # type: ignore[arg-type]
+            **endpoint.connect_kwargs(dbname),
             autocommit=autocommit,
             connect_timeout=_CONNECT_TIMEOUT,
             application_name="drtool",
