@@ -129,6 +129,7 @@ def _pg_restore(cfg: Config) -> tuple[Status, str]:
 
 
 def _redis(cfg: Config) -> tuple[Status, str]:
+    """Log in as the configured user and read the server version."""
     import redis
 
     endpoint = cfg.stack().redis
@@ -204,6 +205,7 @@ def _scratch(cfg: Config) -> tuple[Status, str]:
 
 
 def _key_files(cfg: Config) -> tuple[Status, str]:
+    """Key files must be 0600: others who read them could forge snapshots or decrypt them."""
     paths = [p for p in (cfg.keys.signing_key_file, cfg.keys.identity_file) if p]
     if not paths:
         return "warn", "no key file configured"

@@ -481,6 +481,12 @@ def index_archive(path: Path) -> int:
 
 
 def _offset_patches(data: mmap.mmap, path: Path) -> list[tuple[int, bytes]]:
+    """The (position, bytes) writes that fill in each data block's offset in the TOC.
+
+    Reads the archive header and TOC, then walks the data blocks once to find where each
+    starts. Empty when the archive already has its offsets or predates them; ValueError on
+    anything this parser does not understand (the caller then leaves the file alone).
+    """
     version = read_archive_header(path).format_version
     if version < _INDEXED_SINCE:
         return []

@@ -367,6 +367,7 @@ class S3Storage(Storage):
     def _upload_part(
         self, full: str, upload_id: str, number: int, body: bytearray, stop: threading.Event
     ) -> dict[str, Any]:
+        """Upload one part, retried by ``_call``; ``stop`` (another part failed) ends retries."""
         send = partial(
             self._client.upload_part,
             Bucket=self.bucket,
@@ -436,6 +437,11 @@ class S3Storage(Storage):
     def _stream(
         self, full: str, fetch: Callable[..., Any], resp: dict[str, Any]
     ) -> Iterator[bytes]:
+        """Yield the body, resuming a broken read with a Range request pinned to the same object.
+
+        The pin (ETag, or the version id) makes a resume fail rather than splice bytes of an object
+        that was replaced in between.
+        """
         size = int(resp["ContentLength"])
         pin: dict[str, str] = {} if resp.get("VersionId") else {"IfMatch": resp.get("ETag", "*")}
         if resp.get("VersionId"):
