@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command and turn every failure into one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    _stopped_by.clear()
     signal.signal(signal.SIGTERM, _terminate)
     pin_mmap_threshold()
     try:
