@@ -130,7 +130,7 @@ def endpoints_from(
 def connect_postgres(endpoint: PostgresEndpoint) -> psycopg.Connection:
     """Open a connection or raise a SourceError naming the server."""
     try:
-        return psycopg.connect(**endpoint.connect_kwargs(), connect_timeout=10)  # type: ignore[arg-type]
+        return psycopg.connect(**endpoint.connect_kwargs(), connect_timeout=10)
     except psycopg.Error as exc:
         raise SourceError(
             f"cannot connect to PostgreSQL at {endpoint.host}:{endpoint.port}: {first_line(exc)}"

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import tomllib
-import types
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import ConfigError
+from drtool.typed_load import check_keys, coerce
 
 SECRET = {"secret": True}
 
@@ -150,37 +150,8 @@ SECTIONS: dict[str, type] = {
 STACK_SECTIONS: dict[str, type] = {f.name: type(f.default) for f in fields(StackConfig)}
 
 
-def _coerce(where: str, value: Any, hint: Any, *, from_env: bool) -> Any:
-    """Turn a TOML or env value into the field's type, or raise ``field: problem (got value)``."""
-    origin = get_origin(hint)
-    if origin in (Union, types.UnionType):
-        inner = [a for a in get_args(hint) if a is not type(None)]
-        return _coerce(where, value, inner[0], from_env=from_env)
-    if origin is tuple:
-        if from_env and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings (got {value!r})")
-        return tuple(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if from_env and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return str(value).lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{where}: expected true or false (got {value!r})")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a whole number (got {value!r})")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a whole number (got {value!r})") from None
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a string (got {value!r})")
-    return value
-
-
 def _read_secret_file(where: str, path: str) -> str:
+    """The stripped content of a secret file; the error names the file, never its content."""
     try:
         return Path(path).read_text().strip()
     except OSError as exc:
@@ -196,6 +167,7 @@ def _section_values(
     env: Mapping[str, str],
     flags: Mapping[str, Any],
 ) -> Any:
+    """One section's values: flag, then env, then secret file, then TOML, then the default."""
     hints = get_type_hints(cls)
     secret_names = {f.name for f in fields(cls) if f.metadata.get("secret")}
     allowed = {f.name for f in fields(cls)} - secret_names | {f"{s}_file" for s in secret_names}
@@ -206,25 +178,22 @@ def _section_values(
                 f"{name}.{key}: secrets are not allowed in the config file; use {key}_file"
                 f"{env_hint} (got a literal value)"
             )
-        if key not in allowed:
-            raise ConfigError(
-                f"{name}.{key}: unknown setting (known: {', '.join(sorted(allowed))})"
-            )
+    check_keys(name, table, allowed)
     values: dict[str, Any] = {}
     for f in fields(cls):
         where = f"{name}.{f.name}"
         env_name = f"DRTOOL_{name.upper()}_{f.name.upper()}"
         if f.name in flags and flags[f.name] is not None:
-            values[f.name] = _coerce(where, flags[f.name], hints[f.name], from_env=True)
+            values[f.name] = coerce(where, flags[f.name], hints[f.name], from_env=True)
         elif env_name in env:  # name the variable: the file may not mention the field at all
-            values[f.name] = _coerce(env_name, env[env_name], hints[f.name], from_env=True)
+            values[f.name] = coerce(env_name, env[env_name], hints[f.name], from_env=True)
         elif f.name in secret_names and f"{env_name}_FILE" in env:
             values[f.name] = _read_secret_file(f"{env_name}_FILE", env[f"{env_name}_FILE"])
         elif f.name in secret_names and f"{f.name}_file" in table:
-            path = _coerce(f"{where}_file", table[f"{f.name}_file"], str, from_env=False)
+            path = coerce(f"{where}_file", table[f"{f.name}_file"], str, from_env=False)
             values[f.name] = _read_secret_file(f"{where}_file", path)
         elif f.name in table:
-            values[f.name] = _coerce(where, table[f.name], hints[f.name], from_env=False)
+            values[f.name] = coerce(where, table[f.name], hints[f.name], from_env=False)
         elif f.default is MISSING:  # pragma: no cover - every field has a default
             raise ConfigError(f"{where}: required")
     return replace(cls(), **values)
@@ -257,6 +226,7 @@ def load_config(
             raise ConfigError(f"{key}: unknown section (known: {', '.join(known)})")
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a [{key}] table (got {value!r})")
+    _check_env_names(env)
     flags = flags or {}
     sections = {
         name: _section_values(name, cls, data.get(name, {}), env, flags.get(name, {}))
@@ -264,6 +234,33 @@ def load_config(
     }
     targets = {name: _target(name, table) for name, table in data.get("targets", {}).items()}
     return Config(**sections, targets=targets, source=str(path or ""))
+
+
+# Variables with a section's prefix that are not settings: the compose file's own.
+NOT_SETTINGS = frozenset({"DRTOOL_BACKUP_CONFIG"})
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """Refuse ``DRTOOL_<SECTION>_<X>`` where X is no setting (a typo would be ignored silently).
+
+    Variables without a section prefix (``DRTOOL_CONFIG``, ``DRTOOL_HOME``, the image and test
+    variables) are not drtool settings and are left alone.
+    """
+    for name in sorted(env):
+        section = next((s for s in SECTIONS if name.startswith(f"DRTOOL_{s.upper()}_")), None)
+        if section is None or name in NOT_SETTINGS:
+            continue
+        cls = SECTIONS[section]
+        prefix = f"DRTOOL_{section.upper()}_"
+        known = set()
+        for f in fields(cls):
+            known.add(prefix + f.name.upper())
+            if f.metadata.get("secret"):
+                known.add(f"{prefix}{f.name.upper()}_FILE")
+        if name not in known:
+            raise ConfigError(
+                f"{name}: unknown setting of [{section}] (known: {', '.join(sorted(known))})"
+            )
 
 
 def _target(name: str, table: Any) -> StackConfig:

@@ -7,6 +7,17 @@ the restore targets read them. ``__repr__`` hides the secrets so that an endpoin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NotRequired, TypedDict
+
+
+class PgConnectKwargs(TypedDict):
+    """What :meth:`PostgresEndpoint.connect_kwargs` gives ``psycopg.connect(**...)``."""
+
+    host: str
+    port: int
+    user: str
+    dbname: str
+    password: NotRequired[str]
 
 
 @dataclass(frozen=True)
@@ -30,9 +41,9 @@ class PostgresEndpoint:
             env["PGPASSWORD"] = self.password
         return env
 
-    def connect_kwargs(self, dbname: str | None = None) -> dict[str, object]:
-        """Keyword arguments for ``psycopg.connect``."""
-        kwargs: dict[str, object] = {
+    def connect_kwargs(self, dbname: str | None = None) -> PgConnectKwargs:
+        """Keyword arguments for ``psycopg.connect`` (typed, so no caller needs a cast)."""
+        kwargs: PgConnectKwargs = {
             "host": self.host,
             "port": self.port,
             "user": self.user,

@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from drtool.errors import ConfigError, IntegrityError
+from drtool.errors import ConfigError, IntegrityError, WrongKey
 from drtool.pipeline.age import (
     VERSION_LINE,
     decrypt_with_passphrase,
@@ -66,8 +66,8 @@ def _read_private(path: Path) -> bytes:
     """Read a key file, refusing one that group or others can access."""
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: key file not found") from None
+    except FileNotFoundError:  # a missing key: exit 12, as the README's table says
+        raise WrongKey(f"{path}: key file not found") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             f"{path}: key file is accessible by group or others; run: chmod 600 {path}"

@@ -205,7 +205,7 @@ def postgres_container(
         )
 
         def probe() -> None:
-            with psycopg.connect(**endpoint.connect_kwargs(), connect_timeout=2) as conn:  # type: ignore[arg-type]
+            with psycopg.connect(**endpoint.connect_kwargs(), connect_timeout=2) as conn:
                 conn.execute("SELECT 1")
 
         wait_until("PostgreSQL", container, probe, timeout)

@@ -165,7 +165,7 @@ def source_stack(
 
 def execute(endpoint: PostgresEndpoint, statement: Any, params: tuple[Any, ...] = ()) -> Any:
     """Run one statement (autocommit) on ``endpoint``; the first row or None."""
-    with psycopg.connect(**endpoint.connect_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**endpoint.connect_kwargs(), autocommit=True) as conn:
         cur = conn.execute(statement, params)
         return cur.fetchone() if cur.description else None
 
@@ -173,7 +173,7 @@ def execute(endpoint: PostgresEndpoint, statement: Any, params: tuple[Any, ...] 
 def databases(endpoint: PostgresEndpoint, like: str) -> list[str]:
     """Names of the server's databases matching the LIKE pattern."""
     admin = dataclasses.replace(endpoint, dbname="postgres")
-    with psycopg.connect(**admin.connect_kwargs()) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**admin.connect_kwargs()) as conn:
         rows = conn.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1", (like,)
         ).fetchall()
@@ -182,7 +182,7 @@ def databases(endpoint: PostgresEndpoint, like: str) -> list[str]:
 
 def table_rows(endpoint: PostgresEndpoint) -> dict[str, list[str]]:
     """Every user table's rows as text, sorted: a direct comparison of two databases."""
-    with psycopg.connect(**endpoint.connect_kwargs()) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**endpoint.connect_kwargs()) as conn:
         conn.execute("SET TimeZone = 'UTC'")
         tables = conn.execute(
             "SELECT schemaname, tablename FROM pg_tables "

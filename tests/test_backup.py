@@ -283,7 +283,7 @@ def kit(
 
 
 def pg_fingerprints(endpoint: PostgresEndpoint, dbname: str | None = None) -> PgFingerprints:
-    with psycopg.connect(**endpoint.connect_kwargs(dbname)) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**endpoint.connect_kwargs(dbname)) as conn:
         return compute_fingerprints(conn)
 
 
@@ -334,7 +334,7 @@ def test_postgres_snapshot_is_consistent_under_writes(kit: BackupKit, tmp_path: 
             errors.append(exc)
 
     def messages_now() -> int:
-        with psycopg.connect(**ep.connect_kwargs()) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(**ep.connect_kwargs()) as conn:
             row = conn.execute("SELECT count(*) FROM messages").fetchone()
             assert row is not None
             return int(row[0])

@@ -51,7 +51,7 @@ def other_stack(
     """A second fresh stack: another database, Redis db 1, another bucket."""
     name = f"test_{uuid.uuid4().hex[:12]}"
     admin = dataclasses.replace(pg_server, dbname="postgres")
-    with psycopg.connect(**admin.connect_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**admin.connect_kwargs(), autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     other_redis = dataclasses.replace(redis_server, db=1)
     with connect_redis(other_redis) as client:
@@ -62,7 +62,7 @@ def other_stack(
         s3_server,
         (name.replace("_", "-"),),
     )
-    with psycopg.connect(**admin.connect_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**admin.connect_kwargs(), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
@@ -74,7 +74,7 @@ def seeded(stack: StackEndpoints) -> SeedResult:
 
 def connect(endpoint: PostgresEndpoint) -> psycopg.Connection:
     """A connection to the stack's database."""
-    return psycopg.connect(**endpoint.connect_kwargs())  # type: ignore[arg-type]
+    return psycopg.connect(**endpoint.connect_kwargs())
 
 
 def table_digests(endpoint: PostgresEndpoint) -> dict[str, tuple[int, str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -44,6 +45,66 @@ def test_help_lists_the_commands_and_the_exit_codes() -> None:
     table = result.stdout.split("Exit codes:")[1]
     for code, meaning in EXIT_CODES.items():
         assert re.search(rf"^\s+{code}\s+{re.escape(meaning[:30])}", table, re.MULTILINE), code
+
+
+def test_the_readme_exit_code_table_is_the_classes_table() -> None:
+    """README, ``--help`` and the exception classes say the same (the classes are the source)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| (\d+) \| (.+) \|$", section, re.MULTILINE)
+    assert {int(code): meaning for code, meaning in rows} == EXIT_CODES
+
+
+def test_every_error_class_anywhere_has_a_code_in_the_table() -> None:
+    import importlib
+    import pkgutil
+
+    import drtool
+    from drtool.errors import DrtoolError
+
+    for module in pkgutil.walk_packages(drtool.__path__, "drtool."):
+        importlib.import_module(module.name)
+    pending: list[type[DrtoolError]] = [DrtoolError]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        assert EXIT_CODES.get(cls.exit_code) == cls.meaning, cls
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_an_interruption_exits_128_plus_the_signal(
+    tmp_path: Path, signum: signal.Signals, code: int
+) -> None:
+    """ADR 0008: SIGTERM (docker stop) exits 143, Ctrl-C 130; both one line, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
+    proc = subprocess.Popen(  # waits at the passphrase prompt (no terminal: it reads stdin)
+        [str(DRTOOL), "keys", "generate", "--passphrase", str(tmp_path / "id")],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stderr is not None
+        prompt = ""
+        while not prompt.endswith("passphrase: "):
+            char = proc.stderr.read(1)
+            assert char, prompt
+            prompt += char
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in err
+    assert not (tmp_path / "id").exists()
 
 
 @pytest.mark.parametrize("command", [[c] for c in COMMANDS] + SUBCOMMANDS, ids=" ".join)

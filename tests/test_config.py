@@ -276,6 +276,11 @@ def test_missing_config_file_and_bad_env_value_exit_2(tmp_path: Path) -> None:
         ('[minio]\nbuckets = "attachments"\n', "minio.buckets: expected a list of strings"),
         ("[backup]\ncompression_level = true\n", "backup.compression_level: expected a whole"),
         ("postgres = 5\n", "postgres: expected a [postgres] table (got 5)"),
+        # a number as a string was accepted (int("5432")): TOML says what type a value has
+        ('[postgres]\nport = "5432"\n', "postgres.port: expected a whole number (got '5432')"),
+        ("[repository]\npart_size_mb = 8.5\n", "repository.part_size_mb: expected a whole"),
+        ('[redis]\ntls = "false"\n', "redis.tls: expected true or false (got 'false')"),
+        ("[keys]\nrecipients = [1, 2]\n", "keys.recipients: expected a list of strings"),
     ],
 )
 def test_load_config_raises_config_error(tmp_path: Path, toml: str, problem: str) -> None:
@@ -285,3 +290,33 @@ def test_load_config_raises_config_error(tmp_path: Path, toml: str, problem: str
         load_config(path, {})
     assert problem in str(info.value)
     assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("DRTOOL_POSTGRES_HOTS", "DRTOOL_POSTGRES_HOTS: unknown setting of [postgres] (known: "),
+        ("DRTOOL_REDIS_PASWORD", "DRTOOL_REDIS_PASWORD: unknown setting of [redis]"),
+        ("DRTOOL_KEYS_IDENTITY", "DRTOOL_KEYS_IDENTITY: unknown setting of [keys]"),
+        ("DRTOOL_POSTGRES_PORT_FILE", "DRTOOL_POSTGRES_PORT_FILE: unknown setting"),
+    ],
+)
+def test_a_misspelt_env_variable_fails_like_an_unknown_key(name: str, problem: str) -> None:
+    """``DRTOOL_<SECTION>_<TYPO>`` was silently ignored; it fails like ``hots`` in the file."""
+    result = run_drtool("list", env={name: "x"})
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {problem}")
+    assert "DRTOOL_POSTGRES_HOST" in line or "postgres" not in name.lower()
+
+
+def test_env_variables_that_are_not_settings_are_left_alone(tmp_path: Path) -> None:
+    env = {
+        "DRTOOL_BACKUP_CONFIG": "./drtool/backup.toml",  # the compose file's variable
+        "DRTOOL_IMAGE": "drtool:x",
+        "DRTOOL_POSTGRES_PASSWORD_FILE": str(tmp_path / "pw"),
+        "DRTOOL_KEYS_SIGNING_KEY_FILE": "/run/secrets/k",
+    }
+    (tmp_path / "pw").write_text("pw\n")
+    cfg = load_config(None, env)
+    assert cfg.postgres.password == "pw" and cfg.keys.signing_key_file == "/run/secrets/k"

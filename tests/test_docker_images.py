@@ -8,6 +8,7 @@ network, while containers on it reach each other by alias and the host reaches t
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 import uuid
@@ -101,7 +102,7 @@ def internal_network(docker_client: docker.DockerClient) -> Iterator[Network]:
 def test_postgres_accepts_its_password_only(docker_postgres: PostgresEndpoint) -> None:
     ep = docker_postgres
     assert ep.host == "127.0.0.1"
-    with psycopg.connect(**ep.connect_kwargs()) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**ep.connect_kwargs()) as conn:
         row = conn.execute(
             "SELECT current_user, current_database(), current_setting('server_version_num')::int,"
             " (SELECT usesuper FROM pg_user WHERE usename = current_user)"
@@ -114,7 +115,7 @@ def test_postgres_accepts_its_password_only(docker_postgres: PostgresEndpoint) -
         ).fetchone()
         assert rolpassword is not None and rolpassword[0].startswith("SCRAM-SHA-256$")
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
-        psycopg.connect(**{**ep.connect_kwargs(), "password": "wrong"})  # type: ignore[arg-type]
+        psycopg.connect(**dataclasses.replace(ep, password="wrong").connect_kwargs())
 
 
 def test_redis_requires_its_password(docker_redis: RedisEndpoint) -> None:

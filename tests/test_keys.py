@@ -137,8 +137,9 @@ def test_signing_key_file_checks(tmp_path: Path) -> None:
     path.write_text("drtool-sign-1:short\n")
     with pytest.raises(ConfigError, match="malformed signing key"):
         keys.load_signing_key(path)
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(WrongKey, match="not found") as missing:  # a missing key: exit 12
         keys.load_signing_key(tmp_path / "missing.key")
+    assert missing.value.exit_code == 12
 
 
 @pytest.mark.parametrize(

@@ -225,17 +225,18 @@ def test_loop_no_overlap_isolates_failures_tags_logs_and_serves_metrics(
     kit: Kit, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = kit.config("loop", pg_bin_dir=kit.slow_pg_bin(pause_s=2))
+    (tmp_path / "drill.toml").write_text('name = "broken"\n')  # loads; fails: no identity
     specs = jobs_svc.load_schedules(
         write_schedule(
             tmp_path / "schedules",
             {
                 # slower than its interval: triggers while it runs must not start it twice
                 "pg": {"kind": "backup", "components": ["postgres"], "every": "1s"},
-                # always fails (no drill service, or no such definition): isolated, recorded
+                # always fails (the backup config holds no identity): isolated, recorded
                 "broken": {
                     "kind": "drill",
                     "every": "1s",
-                    "definition": str(tmp_path / "missing.toml"),
+                    "definition": str(tmp_path / "drill.toml"),
                     "retries": 0,
                 },
                 "check": {"kind": "verify", "every": "1s"},
@@ -413,7 +414,7 @@ def test_sigterm_mid_backup_aborts_after_grace_and_lists_nothing_new(
             proc.wait()
         log_file.close()
     stderr = (tmp_path / "stderr.log").read_text()
-    assert rc == 130, stderr
+    assert rc == 143, stderr
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any("aborting job pg" in entry["message"] for entry in lines), stderr
     assert valid_ids(cfg) == before
@@ -422,7 +423,7 @@ def test_sigterm_mid_backup_aborts_after_grace_and_lists_nothing_new(
     ] == before  # nothing, not even INVALID
     assert not read_locks(access.storage_for(cfg))
     state = jobs_svc.read_state(Path(cfg.backup.state_dir), "pg")
-    assert state.exit_code == 130 and state.last_success is None
+    assert state.exit_code == 143 and state.last_success is None
 
 
 def test_sigterm_while_idle_stops_cleanly(kit: Kit, tmp_path: Path) -> None:
@@ -483,6 +484,7 @@ def test_heartbeat_only_after_success(kit: Kit, tmp_path: Path) -> None:
     try:
         url_file = tmp_path / "hc_url"
         url_file.write_text(f"http://127.0.0.1:{server.server_address[1]}/ping/secret-token\n")
+        (tmp_path / "drill.toml").write_text('name = "bad"\n')  # loads; fails: no identity
         specs = jobs_svc.load_schedules(
             write_schedule(
                 tmp_path / "schedules",
@@ -496,7 +498,7 @@ def test_heartbeat_only_after_success(kit: Kit, tmp_path: Path) -> None:
                     "bad": {
                         "kind": "drill",
                         "every": "1h",
-                        "definition": str(tmp_path / "missing.toml"),
+                        "definition": str(tmp_path / "drill.toml"),
                         "heartbeat_url_file": str(url_file),
                     },
                 },

@@ -79,7 +79,7 @@ def world(tmp_path: Path, pg_server: PostgresEndpoint) -> Iterator[World]:
     role = f"canary_{secrets.token_hex(4)}"
     dbname = f"canary_{secrets.token_hex(4)}"
     admin = dataclasses.replace(pg_server, dbname="postgres")
-    with psycopg.connect(**admin.connect_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**admin.connect_kwargs(), autocommit=True) as conn:
         conn.execute(
             sql.SQL("CREATE ROLE {} LOGIN SUPERUSER PASSWORD {}").format(
                 sql.Identifier(role), sql.Literal(PG_PASSWORD)
@@ -121,7 +121,7 @@ def world(tmp_path: Path, pg_server: PostgresEndpoint) -> Iterator[World]:
     finally:
         s3.stop()
         rd_server.stop()
-        with psycopg.connect(**admin.connect_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(**admin.connect_kwargs(), autocommit=True) as conn:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
             )

@@ -57,7 +57,7 @@ INSERT INTO messages (room_id, body, sent_at)
 
 def seed(endpoint: PostgresEndpoint) -> None:
     """Create the test schema: a hash-partitioned messages table and a plain table."""
-    with psycopg.connect(**endpoint.connect_kwargs()) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**endpoint.connect_kwargs()) as conn:
         conn.execute(SCHEMA)
 
 
@@ -65,14 +65,14 @@ def fingerprints_of(
     endpoint: PostgresEndpoint, dbname: str | None = None, like: PgFingerprints | None = None
 ) -> PgFingerprints:
     """Fingerprints recomputed on a (restored) database."""
-    with psycopg.connect(**endpoint.connect_kwargs(dbname)) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**endpoint.connect_kwargs(dbname)) as conn:
         return compute_fingerprints(conn, like=like)
 
 
 def execute(endpoint: PostgresEndpoint, query: str, dbname: str | None = None) -> Any:
     """Run one autocommit statement and return its first row, if any."""
     kwargs = endpoint.connect_kwargs(dbname)
-    with psycopg.connect(**kwargs, autocommit=True) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**kwargs, autocommit=True) as conn:
         cur = conn.execute(query)
         return cur.fetchone() if cur.description else None
 
@@ -141,7 +141,7 @@ def test_dump_is_consistent_under_concurrent_writes(
     stop = threading.Event()
 
     def writer() -> None:
-        with psycopg.connect(**seeded.connect_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(**seeded.connect_kwargs(), autocommit=True) as conn:
             while not stop.is_set():
                 conn.execute("INSERT INTO messages (room_id, body, sent_at) VALUES (3, 'x', now())")
                 conn.execute("UPDATE rooms SET score = score + 1 WHERE id = 5")
@@ -387,7 +387,7 @@ def test_database_admin(pg_server: PostgresEndpoint, pg_database: PostgresEndpoi
     assert database_is_empty(pg_server, old)
     execute(pg_server, "CREATE TYPE mood AS ENUM ('ok')", old)
     assert not database_is_empty(pg_server, old)
-    with psycopg.connect(**pg_database.connect_kwargs()) as held:  # type: ignore[arg-type]
+    with psycopg.connect(**pg_database.connect_kwargs()) as held:
         switch_databases(pg_server, old, new, None)  # a plain rename: no database `new` yet
         with pytest.raises(psycopg.OperationalError):
             held.execute("SELECT 1")

@@ -104,7 +104,7 @@ def test_up_prints_a_config_that_works(
         cfg = load_config(config, {})
         endpoints = cfg.stack()
         ports.add(endpoints.postgres.port)
-        with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:
             assert conn.execute("SELECT 1 + 1").fetchone() == (2,)
         client = connect_redis(endpoints.redis)
         try:
@@ -287,7 +287,7 @@ def test_sigterm_stops_the_demo_and_its_servers(
         assert all(alive(pid) for pid in pids)
         process.send_signal(signal.SIGTERM)
         rest = process.stderr.read()
-        assert process.wait(timeout=120) == 130
+        assert process.wait(timeout=120) == 143  # SIGTERM: 128 + 15 (ADR 0008)
     finally:
         if process.poll() is None:
             process.kill()
@@ -323,7 +323,7 @@ def test_sigterm_during_seed_keeps_the_stack(runtime_root: Path, servers_availab
             env=clean_env(),
         )
         try:
-            with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:  # type: ignore[arg-type]
+            with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:
                 conn.autocommit = True
                 # wait until the seeder is connected and working (its handlers are installed)
                 while process.poll() is None and not other_clients(conn):
@@ -335,7 +335,7 @@ def test_sigterm_during_seed_keeps_the_stack(runtime_root: Path, servers_availab
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        assert process.returncode == 130
+        assert process.returncode == 143
         assert stderr.strip().splitlines()[-1] == "error: interrupted"
         # Ctrl-C on a seed stops the seed, not the stack
         servers = status_json(home, "busy")["servers"]

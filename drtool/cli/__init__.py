@@ -14,21 +14,31 @@ from types import FrameType
 import click
 
 from drtool.cli.context import root
-from drtool.errors import DrtoolError
+from drtool.errors import DrtoolError, interrupted
 from drtool.memory import pin_mmap_threshold
 
 log = logging.getLogger("drtool")
+_stopped_by: list[int] = []  # SIGTERM once it arrived: it decides the exit code (ADR 0008)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
     """SIGTERM unwinds like Ctrl-C, so every cleanup (servers, uploads, locks) runs."""
+    _stopped_by.append(signum)
     raise KeyboardInterrupt
+
+
+def _interrupted(message: str) -> None:
+    """Exit as an interruption: 143 after SIGTERM, 130 after Ctrl-C (ADR 0008)."""
+    error = interrupted(_stopped_by[0] if _stopped_by else None, message)
+    click.echo(f"error: {error.message}", err=True)
+    sys.exit(error.exit_code)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command and turn every failure into one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    _stopped_by.clear()
     signal.signal(signal.SIGTERM, _terminate)
     pin_mmap_threshold()
     try:
@@ -40,12 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort as exc:
         # click turns Ctrl-C and SIGTERM (a KeyboardInterrupt here) into Abort
-        interrupted = isinstance(exc.__cause__, KeyboardInterrupt)
-        click.echo(f"error: {'interrupted' if interrupted else 'aborted'}", err=True)
-        sys.exit(130)
+        _interrupted("interrupted" if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted")
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        _interrupted("interrupted")
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
 
+# Off a terminal (cron logs, pipes, scripts) rich assumes 80 columns and cuts cells with "…";
+# there a table takes the width it needs instead.
+UNBOUNDED_WIDTH = 10_000
+# Columns whose cells are copied into other commands: never cut or wrapped, even on a terminal.
+ID_COLUMNS = ("id", "snapshot", "job", "drill")
+
+
+def _is_id_column(name: str) -> bool:
+    """Whether ``name`` heads a column of identifiers (``id``, ``snapshot``, ``drill id``)."""
+    return any(word in ID_COLUMNS for word in name.lower().replace("_", " ").split())
+
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """Print a titled table to stdout."""
+    """Print a titled table to stdout; identifiers are printed whole whatever the width."""
+    cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
     table = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if cell is None else str(cell) for cell in row))
-    Console(soft_wrap=True).print(table)
+    for index, column in enumerate(columns):
+        if _is_id_column(column):
+            widest = max([len(column), *(len(row[index]) for row in cells if index < len(row))])
+            table.add_column(column, no_wrap=True, min_width=widest, overflow="ignore")
+        else:
+            table.add_column(column)
+    for row in cells:
+        table.add_row(*row)
+    width = None if sys.stdout.isatty() else UNBOUNDED_WIDTH
+    Console(soft_wrap=True, width=width).print(table)
 
 
 def human_bytes(n: float) -> str:

@@ -38,7 +38,7 @@ class CheckResult:
 
 
 def _connect_pg(endpoints: StackEndpoints) -> psycopg.Connection[Any]:
-    return psycopg.connect(**endpoints.postgres.connect_kwargs())  # type: ignore[arg-type]
+    return psycopg.connect(**endpoints.postgres.connect_kwargs())
 
 
 def _object_sha256(store: MinioStore, bucket: str, key: str) -> tuple[int, str] | None:

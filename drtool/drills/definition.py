@@ -32,23 +32,45 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drtool.errors import ConfigError
+from drtool.typed_load import build, problem
 
 COMPONENTS = ("postgres", "redis", "minio")
 _WINDOW = re.compile(r"^random-within:(\d+)([hd])$")
+
+
+def _components(where: str, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Some of the known stores, at least one."""
+    if not value or any(c not in COMPONENTS for c in value):
+        raise problem(where, f"expected some of {', '.join(COMPONENTS)}", list(value))
+    return value
+
+
+def _snapshot(where: str, value: str) -> str:
+    """``latest``, an id, or ``random-within:<N>d|h``."""
+    if value.startswith("random") and not _WINDOW.match(value):
+        raise problem(where, "expected latest, an id or random-within:<N>d", value)
+    return value
+
+
+def _positive(where: str, value: float) -> float:
+    """A limit above zero (0 would fail every drill)."""
+    if value <= 0:
+        raise problem(where, "expected a number above 0", value)
+    return value
 
 
 @dataclass(frozen=True)
 class Thresholds:
     """Limits a drill must meet."""
 
-    max_rto_s: float = 900.0
-    max_rpo_s: float = 26 * 3600.0
+    max_rto_s: float = field(default=900.0, metadata={"check": _positive})
+    max_rpo_s: float = field(default=26 * 3600.0, metadata={"check": _positive})
 
 
 @dataclass(frozen=True)
@@ -61,7 +83,9 @@ class DockerImages:
     postgres_memory: str = "512m"
     redis_memory: str = "128m"
     minio_memory: str = "256m"
-    data: str = "disk"  # "disk": the container's own layer, removed with it; "tmpfs": in memory
+    data: Literal["disk", "tmpfs"] = (
+        "disk"  # "disk": the container's own layer, removed with it; "tmpfs": in memory
+    )
 
 
 @dataclass(frozen=True)
@@ -70,7 +94,7 @@ class ReportSettings:
 
     dir: str = "restore_drills/reports"
     webhook_url_file: str = ""
-    webhook_format: str = "slack"
+    webhook_format: Literal["slack", "alertmanager"] = "slack"
     textfile: str = ""
 
 
@@ -79,9 +103,9 @@ class DrillDefinition:
     """One drill: which snapshot, where to restore it, what to check, what is acceptable."""
 
     name: str = "adhoc"
-    snapshot: str = "latest"
-    runtime: str = "local"
-    components: tuple[str, ...] = COMPONENTS
+    snapshot: str = field(default="latest", metadata={"check": _snapshot})
+    runtime: Literal["local", "docker"] = "local"
+    components: tuple[str, ...] = field(default=COMPONENTS, metadata={"check": _components})
     sample_rooms: int = 10
     thresholds: Thresholds = field(default_factory=Thresholds)
     docker: DockerImages = field(default_factory=DockerImages)
@@ -96,52 +120,24 @@ class DrillDefinition:
         return timedelta(hours=amount) if match.group(2) == "h" else timedelta(days=amount)
 
 
-def _table(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a table (got {data!r})")
-    known = {f.name for f in fields(cls)}
-    for key in data:
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(sorted(known))})")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+@dataclass(frozen=True)
+class _Checks:
+    """The ``[checks]`` table (its values live on :class:`DrillDefinition`)."""
+
+    sample_rooms: int = 10
 
 
 def parse_definition(text: str, *, source: str = "definition") -> DrillDefinition:
-    """Parse and check a drill definition."""
+    """Parse and check a drill definition: every key known, every value of its type."""
     try:
-        data = tomllib.loads(text)
+        data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    tables = {"thresholds": Thresholds, "docker": DockerImages, "report": ReportSettings}
-    nested = {k: _table(cls, data.pop(k, {}), k) for k, cls in tables.items()}
-    checks = data.pop("checks", {})
-    if not isinstance(checks, dict) or set(checks) - {"sample_rooms"}:
-        raise ConfigError(f"checks: unknown setting (known: sample_rooms) (got {checks!r})")
-    if "sample_rooms" in checks:
-        data["sample_rooms"] = checks["sample_rooms"]
-    if "components" in data:
-        data["components"] = tuple(data["components"])
-    definition: DrillDefinition = _table(DrillDefinition, {**data, **nested}, source)
-    if definition.runtime not in ("local", "docker"):
-        raise ConfigError(f"runtime: expected local or docker (got {definition.runtime!r})")
-    unknown = [c for c in definition.components if c not in COMPONENTS]
-    if unknown or not definition.components:
-        raise ConfigError(f"components: expected some of {', '.join(COMPONENTS)} (got {unknown})")
-    if definition.snapshot.startswith("random") and definition.window() is None:
-        raise ConfigError(
-            f"snapshot: expected latest, an id or random-within:<N>d (got {definition.snapshot!r})"
-        )
-    if definition.docker.data not in ("disk", "tmpfs"):
-        raise ConfigError(f"docker.data: expected disk or tmpfs (got {definition.docker.data!r})")
-    if definition.report.webhook_format not in ("slack", "alertmanager"):
-        raise ConfigError(
-            f"report.webhook_format: expected slack or alertmanager "
-            f"(got {definition.report.webhook_format!r})"
-        )
-    return definition
+    try:
+        checks = build(_Checks, data.pop("checks", {}), "checks")
+        return build(DrillDefinition, data, "", sample_rooms=checks.sample_rooms)
+    except ConfigError as exc:  # name the file: a schedule may load several definitions
+        raise ConfigError(f"{source}: {exc.message}") from None
 
 
 def load_definition(path: Path | None) -> DrillDefinition:

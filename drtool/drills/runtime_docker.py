@@ -111,6 +111,11 @@ class _Service:
 
 
 def _services(images: DockerImages, pg: str, rd: str, s3: tuple[str, str]) -> list[_Service]:
+    """The three scratch containers of a drill, sized and configured like production.
+
+    PostgreSQL stops on SIGINT (a fast shutdown: nothing to keep); with ``data = "tmpfs"`` each
+    store's data directory is in memory and counts against the container's limit.
+    """
     options = [arg for opt in PG_OPTIONS for arg in ("-c", opt)]
     in_memory = images.data == "tmpfs"
     return [
@@ -193,7 +198,7 @@ def _wait_ready(role: str, container: Any, probe: Callable[[], object], deadline
 def _probe_postgres(endpoint: PostgresEndpoint) -> Callable[[], object]:
     def probe() -> None:
         kwargs = endpoint.connect_kwargs()
-        with psycopg.connect(**kwargs, connect_timeout=2) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(**kwargs, connect_timeout=2) as conn:
             conn.execute("SELECT 1")
 
     return probe
@@ -284,6 +289,7 @@ class _Scratch:
         return endpoints
 
     def _start(self, service: _Service, network: str) -> Any:
+        """Create and start one labelled container: the label is how cleanup finds it again."""
         container = self.client.containers.create(
             service.image,
             service.command,

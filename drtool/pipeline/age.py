@@ -368,6 +368,10 @@ def decrypt_with_passphrase(
 
 
 def _describe(header: _Header, hint: Sequence[str]) -> str:
+    """Who a file was encrypted to, for the "no identity matches" message.
+
+    age stanzas do not name their recipient, so without a hint only the kinds can be counted.
+    """
     if hint:
         return ", ".join(_shorten(r) for r in hint)
     kinds = [s.args[0] for s in header.stanzas]
@@ -398,6 +402,12 @@ def _decrypt_payload(
 def _open_chunks(
     aead: ChaCha20Poly1305, chunks: Iterable[bytes], start: int, name: str
 ) -> Iterator[bytes]:
+    """Decrypt the STREAM chunks, proving the end is the real end.
+
+    Each chunk's nonce says whether it is the last one: a last-flagged chunk followed by more
+    data, a stream that stops without one (truncation) and an empty final chunk after others
+    are all refused, with the byte offset of the damage.
+    """
     enc_size = CHUNK_SIZE + TAG_SIZE
 
     def attempt(index: int, block: bytes, last: bool) -> bytes | None:

@@ -76,7 +76,7 @@ def init_repository(storage: Storage, recipients: list[str], verify_key: str) ->
         raise ConfigError("keys.recipients: at least one recipient is needed (got none)")
     if not verify_key:
         raise ConfigError("keys.signing_key_file: a signing key is needed to init (got none)")
-    storage.check()
+    storage.create_root()
     if storage.exists(REPO_FILE):
         raise ConfigError(f"repository: {storage.url} is already a drtool repository; not touched")
     info = new_repo_info(recipients, verify_key)
@@ -89,6 +89,7 @@ def read_repo_info(storage: Storage) -> RepoInfo:
     try:
         raw = storage.get_bytes(REPO_FILE)
     except NotFound:
+        storage.check()  # a missing bucket or directory says so, rather than "run init"
         raise NotFound(
             f"repository: no drtool repository at {storage.url} (run `drtool init` first)"
         ) from None

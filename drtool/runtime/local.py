@@ -197,6 +197,10 @@ class LocalStack:
         self.down()
 
     def _create(self, timeout: float) -> None:
+        """First start: secrets, servers and buckets, saving the state after each step.
+
+        Saving as it goes lets ``stack down`` stop whatever did start when a later step fails.
+        """
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # 0711 lets the postgres user (when we are root) reach postgres/ without listing the rest
         self.state_dir.chmod(0o711 if os.geteuid() == 0 else 0o700)

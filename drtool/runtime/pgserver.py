@@ -122,6 +122,11 @@ class PostgresServer(LocalServer):
         return [sock, sock.with_name(sock.name + ".lock")]
 
     def _prepare(self) -> Launch:
+        """Directories, initdb on first use, and the postmaster's command line.
+
+        As root the server runs as ``postgres`` (it refuses root), so the directories are handed to
+        it and every parent must be searchable by it.
+        """
         run_as = _run_as()
         pg_bin_dir(self.bin_dir)  # still there, with initdb and postgres
         check_socket_path(self._socket_files()[1])
@@ -140,6 +145,7 @@ class PostgresServer(LocalServer):
         return Launch(argv, cwd=self.base_dir, run_as=run_as)
 
     def _initdb(self, run_as: str | None) -> None:
+        """Create the cluster (SCRAM, UTF8, C locale); the password in a 0600 file, not argv."""
         pwfile = self.base_dir / ".initdb-pwfile"
         write_secret(pwfile, self.password)
         try:

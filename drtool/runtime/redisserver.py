@@ -73,6 +73,10 @@ class RedisServer(LocalServer):
         return (self.password,)
 
     def _prepare(self) -> Launch:
+        """Write redis.conf (0600: it holds the password) and the command line.
+
+        No save points and no AOF: the local stack is scratch; the RDB is written only on request.
+        """
         self.rdb_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         conf = self.base_dir / "redis.conf"
         write_secret(
@@ -97,6 +101,7 @@ class RedisServer(LocalServer):
         return Launch([str(self.binary), str(conf)], cwd=self.base_dir)
 
     def _probe(self) -> bool:
+        """Whether the server answers PING with our password (short timeouts: called in a loop)."""
         client = redis.Redis(
             host=HOST,
             port=self._port,

@@ -106,6 +106,11 @@ class SeaweedServer(LocalServer):
         return [self.base_dir / "s3.sock", self.base_dir / "filer.sock", *grpc]
 
     def _prepare(self) -> Launch:
+        """The ``weed mini`` command line: every port ours, loopback only, no auto-created buckets.
+
+        The credentials go through the environment (never argv, visible in ps); the caller's own
+        ``AWS_*`` variables are dropped so they cannot leak into the server.
+        """
         data = self.base_dir / "data"
         data.mkdir(mode=0o700, parents=True, exist_ok=True)
         for sock in self._socket_files()[:2]:

@@ -97,6 +97,7 @@ class LocalServer(ABC):
         return self.daemon.to_state() if self.daemon else {}
 
     def _wait_ready(self, daemon: Daemon, timeout: float) -> None:
+        """Poll until the server answers; fail with its log tail if it exits or times out."""
         deadline = time.monotonic() + timeout
         while not self._probe():
             if not daemon.alive():

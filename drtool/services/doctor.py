@@ -8,6 +8,7 @@ must be refused: promise 6, the backup credential cannot delete backups).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import stat
@@ -27,6 +28,7 @@ from drtool.sources import postgres as pg
 from drtool.sources.minio import MinioStore
 from drtool.sources.redis_client import connect as redis_connect
 from drtool.storage import Storage
+from drtool.storage.base import Capabilities
 
 Status = Literal["pass", "warn", "fail"]
 
@@ -72,20 +74,17 @@ def run_doctor(
     storage: Storage | None = None
     with contextlib.suppress(DrtoolError):  # reported by the repository row
         storage = storage_for(cfg)
-    s3 = storage is not None and hasattr(storage, "object_lock_enabled")
-    if storage is not None and s3:
-        checks.append(_run("object lock", lambda: _object_lock(cfg, storage)))
-        checks.append(_run("snapshots locked whole", lambda: _locked_whole(cfg, storage)))
-        checks.append(_run("credential cannot delete", lambda: _delete_probe(storage)))
-        checks.append(_run("clock skew", lambda: _clock(storage, clock)))
-    else:
-        why = "not an S3 repository" if storage is not None else "no repository"
-        for name in (
-            "object lock",
-            "snapshots locked whole",
-            "credential cannot delete",
-            "clock skew",
-        ):
+    why = "not an S3 repository" if storage is not None else "no repository"
+    caps = storage.capabilities if storage is not None else Capabilities()
+    for name, able, check in (
+        ("object lock", caps.object_lock, lambda s: _object_lock(cfg, s)),
+        ("snapshots locked whole", caps.object_lock, lambda s: _locked_whole(cfg, s)),
+        ("credential cannot delete", caps.access_control, _delete_probe),
+        ("clock skew", caps.server_clock, lambda s: _clock(s, clock)),
+    ):
+        if storage is not None and able:
+            checks.append(_run(name, functools.partial(check, storage)))
+        else:
             checks.append(Check(name, "warn", f"skipped: {why}"))
     checks.append(_run("scratch free space", lambda: _scratch(cfg)))
     checks.append(_run("key file permissions", lambda: _key_files(cfg)))
@@ -131,6 +130,7 @@ def _pg_restore(cfg: Config) -> tuple[Status, str]:
 
 
 def _redis(cfg: Config) -> tuple[Status, str]:
+    """Log in as the configured user and read the server version."""
     import redis
 
     endpoint = cfg.stack().redis
@@ -162,7 +162,7 @@ def _repository(cfg: Config) -> tuple[Status, str]:
 
 
 def _object_lock(cfg: Config, storage: Storage) -> tuple[Status, str]:
-    enabled = storage.object_lock_enabled()  # type: ignore[attr-defined]
+    enabled = storage.object_lock_enabled()
     if not enabled:
         return "fail", "Object Lock is not enabled on the bucket; backups can be deleted"
     if not cfg.repository.object_lock_mode or not cfg.repository.retain_days:
@@ -215,7 +215,7 @@ def _delete_probe(storage: Storage) -> tuple[Status, str]:
 
 
 def _clock(storage: Storage, clock: Callable[[], datetime]) -> tuple[Status, str]:
-    server = storage.server_time()  # type: ignore[attr-defined]
+    server = storage.server_time()
     if server is None:
         return "warn", "the S3 server sent no Date header"
     skew = server - clock()
@@ -234,6 +234,7 @@ def _scratch(cfg: Config) -> tuple[Status, str]:
 
 
 def _key_files(cfg: Config) -> tuple[Status, str]:
+    """Key files must be 0600: others who read them could forge snapshots or decrypt them."""
     paths = [p for p in (cfg.keys.signing_key_file, cfg.keys.identity_file) if p]
     if not paths:
         return "warn", "no key file configured"

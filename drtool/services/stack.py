@@ -124,7 +124,7 @@ def stack_seed(
 def store_counts(endpoints: StackEndpoints) -> list[list[object]]:
     """What each store holds: rows per table, Redis keys, objects and bytes per bucket."""
     rows: list[list[object]] = []
-    with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:
         prints = compute_fingerprints(conn)
     rows += [["postgres", f"rows in {t}", fp.rows] for t, fp in sorted(prints.tables.items())]
     client = connect_redis(endpoints.redis)

@@ -47,6 +47,7 @@ class MinioStore:
         self._s3: Any = s3_client(endpoint, timeout=5.0, attempts=5, pool_size=max_pool)
 
     def _error(self, action: str, bucket: str, exc: Exception, key: str = "") -> DrtoolError:
+        """A one-line error naming endpoint, bucket and key; no server text, no credentials."""
         where = f"minio {self.endpoint.endpoint_url} {bucket}/{key}".rstrip("/")
         if isinstance(exc, ClientError):
             code = exc.response.get("Error", {}).get("Code", "")

@@ -76,7 +76,7 @@ def _connect(
     """A connection, or ``SourceError`` naming the server and the cause."""
     try:
         return psycopg.connect(
-            **endpoint.connect_kwargs(dbname),  # type: ignore[arg-type]
+            **endpoint.connect_kwargs(dbname),
             autocommit=autocommit,
             connect_timeout=_CONNECT_TIMEOUT,
             application_name="drtool",
@@ -481,6 +481,12 @@ def index_archive(path: Path) -> int:
 
 
 def _offset_patches(data: mmap.mmap, path: Path) -> list[tuple[int, bytes]]:
+    """The (position, bytes) writes that fill in each data block's offset in the TOC.
+
+    Reads the archive header and TOC, then walks the data blocks once to find where each
+    starts. Empty when the archive already has its offsets or predates them; ValueError on
+    anything this parser does not understand (the caller then leaves the file alone).
+    """
     version = read_archive_header(path).format_version
     if version < _INDEXED_SINCE:
         return []

@@ -119,6 +119,11 @@ def scan_batches(client: redis.Redis, count: int, kind: str | None = None) -> It
 
 
 def _copy_db(source: redis.Redis, target: redis.Redis, replace: bool, batch: int) -> int:
+    """DUMP + PTTL from the source, RESTORE into the target, one pipelined batch at a time.
+
+    Keys that vanished or are expiring at this instant are skipped (their absence is what a
+    client would see); the TTL carries over.
+    """
     copied = 0
     for keys in scan_batches(source, batch):
         read = source.pipeline(transaction=False)

@@ -169,6 +169,11 @@ def _stream_digest(client: redis.Redis, key: bytes, entries: list[Any]) -> bytes
 
 
 def _scanned_digest(client: redis.Redis, kind: str, key: bytes, reply: Any) -> bytes:
+    """An order-independent digest of a big set, sorted set or hash, read page by page.
+
+    SCAN returns members in no fixed order (and may repeat one), so the digest combines
+    per-member hashes instead of hashing a sorted list that would have to fit in memory.
+    """
     acc = _Unordered()
     scans: dict[str, Callable[..., Any]] = {
         "set": client.sscan,

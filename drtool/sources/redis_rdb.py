@@ -69,6 +69,7 @@ class _Wire:
         self._sock.settimeout(min(left, self._idle))
 
     def _recv(self) -> bytes:
+        """One read: an idle timeout and the overall deadline are both errors that say which."""
         self._arm()
         try:
             data = self._sock.recv(PIECE)
@@ -142,6 +143,7 @@ def _error_text(line: bytes) -> str | None:
 
 
 def _connect(endpoint: RedisEndpoint, timeout: float, idle: float) -> _Wire:
+    """A raw socket (TLS when configured) for the replication protocol, with our timeouts."""
     where = f"{endpoint.host}:{endpoint.port}"
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=min(timeout, idle))
@@ -204,6 +206,11 @@ def _start_transfer(wire: _Wire) -> bytes:
 
 
 def _stream_payload(wire: _Wire, header: bytes, out: _Sink) -> None:
+    """Copy the RDB after its header to ``out``, in bounded pieces.
+
+    Redis sends either ``$<length>`` or, for a diskless sync, ``$EOF:<40-byte mark>`` and the mark
+    again at the end; the last 39 bytes are held back so a mark split across reads is found.
+    """
     if header.startswith(b"$EOF:"):
         mark = header[5:]
         if len(mark) != EOF_MARK_LEN:

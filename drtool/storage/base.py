@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import ClassVar, Literal
 
 from drtool.errors import NotFound
 
@@ -64,10 +64,25 @@ def check_key(key: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond the common interface, so callers ask instead of probing.
+
+    ``object_lock``: :meth:`Storage.object_lock_enabled` reports the store's Object Lock.
+    ``server_clock``: :meth:`Storage.server_time` reads the server's clock.
+    ``access_control``: a credential may lack rights (a delete probe means something).
+    """
+
+    object_lock: bool = False
+    server_clock: bool = False
+    access_control: bool = False
+
+
 class Storage(ABC):
     """A repository's object store: streaming, atomic puts; listing that never hides errors."""
 
     url: str  # display URL, no secrets: "s3://bucket/prefix" or "file:///path"
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     @abstractmethod
     def put(
@@ -149,3 +164,19 @@ class Storage(ABC):
     @abstractmethod
     def check(self) -> None:
         """Raise ``StorageError``/``NotFound`` with a clear message unless the store is usable."""
+
+    def create_root(self) -> None:
+        """Make the store ready for a new repository (``drtool init``); by default only check.
+
+        A backend whose root is a plain directory creates it; a bucket is never created (its
+        Object Lock and policy are the operator's decision, docs/OPERATIONS.md).
+        """
+        self.check()
+
+    def object_lock_enabled(self) -> bool:
+        """Whether the store has Object Lock on (only when ``capabilities.object_lock``)."""
+        return False
+
+    def server_time(self) -> datetime | None:
+        """The server's clock (only when ``capabilities.server_clock``); None: unknown."""
+        return None

@@ -57,6 +57,23 @@ class FileStorage(Storage):
         if not self.root.is_dir():
             raise NotFound(f"{self.url}: directory does not exist")
 
+    def create_root(self) -> None:
+        """Create the repository directory (and its parents) if missing; the leaf is 0700.
+
+        ``drtool init file:///srv/drtool-repo`` on a new disk should not need a mkdir first,
+        and the repository holds nothing others need to read.
+        """
+        if not self.root.is_dir():
+            try:
+                self.root.mkdir(parents=True, mode=0o700)
+                self.root.chmod(0o700)  # whatever the umask
+            except OSError as exc:
+                raise StorageError(
+                    f"{self.url}: cannot create the directory ({exc.strerror})"
+                ) from None
+            _fsync_dir(self.root.parent)
+        self.check()
+
     def _makedirs(self, path: Path) -> None:
         """Create ``path`` and missing parents below the root, fsyncing each new entry's dir."""
         missing = []

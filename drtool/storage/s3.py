@@ -42,7 +42,14 @@ from botocore.exceptions import (
 from drtool import s3session
 from drtool.errors import ConfigError, DrtoolError, IntegrityError, NotFound, StorageError
 from drtool.faults import crash_point
-from drtool.storage.base import MiB, ObjectInfo, Storage, StorageOptions, check_key
+from drtool.storage.base import (
+    Capabilities,
+    MiB,
+    ObjectInfo,
+    Storage,
+    StorageOptions,
+    check_key,
+)
 from drtool.storage.retry import Backoff, retry_call
 
 log = logging.getLogger(__name__)
@@ -142,6 +149,8 @@ def _display_endpoint(endpoint_url: str | None, region: str) -> str:
 
 class S3Storage(Storage):
     """Objects under ``prefix`` in ``bucket``; see the module docstring for the policies."""
+
+    capabilities = Capabilities(object_lock=True, server_clock=True, access_control=True)
 
     def __init__(self, bucket: str, prefix: str, options: StorageOptions) -> None:
         if options.part_size < MIN_PART:
@@ -358,6 +367,7 @@ class S3Storage(Storage):
     def _upload_part(
         self, full: str, upload_id: str, number: int, body: bytearray, stop: threading.Event
     ) -> dict[str, Any]:
+        """Upload one part, retried by ``_call``; ``stop`` (another part failed) ends retries."""
         send = partial(
             self._client.upload_part,
             Bucket=self.bucket,
@@ -427,6 +437,11 @@ class S3Storage(Storage):
     def _stream(
         self, full: str, fetch: Callable[..., Any], resp: dict[str, Any]
     ) -> Iterator[bytes]:
+        """Yield the body, resuming a broken read with a Range request pinned to the same object.
+
+        The pin (ETag, or the version id) makes a resume fail rather than splice bytes of an object
+        that was replaced in between.
+        """
         size = int(resp["ContentLength"])
         pin: dict[str, str] = {} if resp.get("VersionId") else {"IfMatch": resp.get("ETag", "*")}
         if resp.get("VersionId"):

@@ -179,7 +179,7 @@ def fingerprints_of(
 ) -> PgFingerprints:
     """Fingerprints recomputed on database ``dbname`` of the target server, hashed as ``like``."""
     try:
-        with psycopg.connect(**endpoint.connect_kwargs(dbname)) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(**endpoint.connect_kwargs(dbname)) as conn:
             return compute_fingerprints(conn, like=like)
     except psycopg.Error as exc:
         raise SourceError(f"fingerprints of {dbname}: {' '.join(str(exc).split())}") from None

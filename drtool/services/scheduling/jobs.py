@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drtool.config import Config
 from drtool.drills.definition import load_definition
@@ -43,6 +43,7 @@ from drtool.repository.retention import Policy
 from drtool.services import prune as prune_svc
 from drtool.services import repo as repo_svc
 from drtool.services.backup import COMPONENTS, run_backup
+from drtool.typed_load import build
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +56,6 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
 # errors worth another attempt: a lock held by another run, a storage or source hiccup
 RETRYABLE: tuple[type[DrtoolError], ...] = (Locked, StorageError, SourceError)
 HEARTBEAT_TIMEOUT_S = 10.0
-
-_JOB_KEYS = {
-    "kind",
-    "every",
-    "at",
-    "on",
-    "timezone",
-    "jitter_s",
-    "retries",
-    "retry_backoff_s",
-    "max_age",
-    "catch_up",
-    "enabled",
-    "heartbeat_url_file",
-    "components",
-    "keep",
-    "snapshot",
-    "definition",
-}
-_DEFAULT_KEYS = {"timezone", "jitter_s", "retries", "retry_backoff_s", "catch_up"}
 
 
 def parse_duration(where: str, text: object) -> int:
@@ -137,15 +118,8 @@ def human_seconds(seconds: int) -> str:
     return f"{seconds}s"
 
 
-def _expect(where: str, value: Any, kind: type) -> Any:
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ConfigError(f"{where}: expected a whole number >= 0 (got {value!r})")
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where}: expected {kind.__name__} (got {value!r})")
-    return value
-
-
 def _timezone(where: str, name: str) -> str:
+    """An IANA time zone name pytz knows ('' = local time)."""
     if not name:
         return ""
     try:
@@ -159,14 +133,78 @@ def _timezone(where: str, name: str) -> str:
     return name
 
 
-def _policy(where: str, table: Any) -> Policy:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: expected a table like {{ daily = 7 }} (got {table!r})")
-    known = ("last", "hourly", "daily", "weekly", "monthly")
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown rule (known: {', '.join(known)})")
-    policy = Policy(**{k: _expect(f"{where}.{k}", v, int) for k, v in table.items()})
+def _at_least_0(where: str, value: int) -> int:
+    """Counts and seconds of a schedule are never negative."""
+    if value < 0:
+        raise ConfigError(f"{where}: expected a whole number >= 0 (got {value!r})")
+    return value
+
+
+def _time_of_day(where: str, value: str) -> str:
+    """``HH:MM``, 24-hour."""
+    if not AT_RE.match(value):
+        raise ConfigError(f"{where}: expected HH:MM (got {value!r})")
+    return value
+
+
+def _weekday(where: str, value: str) -> str:
+    """A weekday name, any case."""
+    if value.lower() not in DAYS:
+        raise ConfigError(f"{where}: expected a weekday with `at` (got {value!r})")
+    return value.lower()
+
+
+def _components(where: str, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Some of the stores, at least one."""
+    unknown = [c for c in value if c not in COMPONENTS]
+    if unknown or not value:
+        raise ConfigError(f"{where}: expected some of {', '.join(COMPONENTS)} (got {value})")
+    return value
+
+
+def _duration(where: str, value: str) -> str:
+    """Refuse a value :func:`parse_duration` cannot read (keeping the text)."""
+    parse_duration(where, value)
+    return value
+
+
+_NONNEG = {"check": _at_least_0}
+
+
+@dataclass(frozen=True)
+class _Defaults:
+    """``[defaults]``: what every job of the file inherits unless it sets its own."""
+
+    timezone: str = field(default="", metadata={"check": _timezone})
+    jitter_s: int = field(default=0, metadata=_NONNEG)
+    retries: int = field(default=2, metadata=_NONNEG)
+    retry_backoff_s: int = field(default=60, metadata=_NONNEG)
+    catch_up: bool = True
+
+
+@dataclass(frozen=True)
+class _JobTable(_Defaults):
+    """``[jobs.NAME]`` as written: every key typed; :func:`_job` derives the :class:`JobSpec`."""
+
+    kind: Literal["backup", "prune", "verify", "drill"] | None = None
+    every: str = field(default="", metadata={"check": _duration})
+    at: str = field(default="", metadata={"check": _time_of_day})
+    on: str = field(default="", metadata={"check": _weekday})
+    max_age: str = field(default="", metadata={"check": _duration})
+    enabled: bool = True
+    heartbeat_url_file: str = ""
+    components: tuple[str, ...] = field(default=COMPONENTS, metadata={"check": _components})
+    keep: Policy | None = None
+    snapshot: Literal["latest", "all"] = "latest"
+    definition: str = ""
+
+
+def _policy(where: str, policy: Policy | None) -> Policy:
+    """A prune job's ``keep``: required, and keeping something."""
+    if policy is None:
+        raise ConfigError(
+            f"{where}: required for a prune job, e.g. keep = {{ daily = 7, weekly = 4 }}"
+        )
     try:
         policy.check()
     except DrtoolError as exc:
@@ -174,63 +212,65 @@ def _policy(where: str, table: Any) -> Policy:
     return policy
 
 
-def _job(name: str, table: Any, defaults: Mapping[str, Any], source: str) -> JobSpec:
+def _definition(where: str, path: str) -> str:
+    """A drill job's definition file: it must exist and parse now, not at Sunday 04:00."""
+    if not path:
+        return ""
+    try:
+        load_definition(Path(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc.message}") from None
+    return path
+
+
+def _job(name: str, table: Any, defaults: Mapping[str, Any], source: str) -> JobSpec | None:
+    """The JobSpec of ``[jobs.NAME]`` (None when it is disabled), every value checked."""
     where = f"{source}: jobs.{name}"
     if not NAME_RE.match(name):
         raise ConfigError(f"{where}: a job name is 1-41 lowercase letters, digits, '-' or '_'")
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a [jobs.{name}] table (got {table!r})")
-    for key in table:
-        if key not in _JOB_KEYS:
-            raise ConfigError(
-                f"{where}.{key}: unknown setting (known: {', '.join(sorted(_JOB_KEYS))})"
-            )
-    t = {**defaults, **table}
-    kind = t.get("kind")
-    if kind not in KINDS:
-        raise ConfigError(f"{where}.kind: expected one of {', '.join(KINDS)} (got {kind!r})")
-    has_every, has_at = "every" in t, "at" in t
-    if has_every == has_at:
-        raise ConfigError(f"{where}: give exactly one of `every` or `at` (got {sorted(t)})")
-    every = parse_duration(f"{where}.every", t["every"]) if has_every else 0
-    at = str(_expect(f"{where}.at", t["at"], str)) if has_at else ""
-    if at and not AT_RE.match(at):
-        raise ConfigError(f"{where}.at: expected HH:MM (got {at!r})")
-    on = str(_expect(f"{where}.on", t.get("on", ""), str)).lower()
-    if on and (on not in DAYS or not at):
-        raise ConfigError(f"{where}.on: expected a weekday with `at` (got {on!r})")
-    components = tuple(_expect(f"{where}.components", t.get("components", list(COMPONENTS)), list))
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown or not components:
-        raise ConfigError(
-            f"{where}.components: expected some of {', '.join(COMPONENTS)} (got {components})"
-        )
-    snapshot = _expect(f"{where}.snapshot", t.get("snapshot", "latest"), str)
-    if snapshot not in ("latest", "all"):
-        raise ConfigError(f"{where}.snapshot: expected latest or all (got {snapshot!r})")
+    t = build(_JobTable, {**defaults, **table}, where)
+    if not t.enabled:
+        return None
+    if t.kind is None:
+        raise ConfigError(f"{where}.kind: expected one of {', '.join(KINDS)} (got None)")
+    if bool(t.every) == bool(t.at):
+        raise ConfigError(f"{where}: give exactly one of `every` or `at` (got {sorted(table)})")
+    if t.on and not t.at:
+        raise ConfigError(f"{where}.on: expected a weekday with `at` (got {t.on!r})")
     return JobSpec(
         name=name,
-        kind=kind,
-        every_s=every,
-        at=at,
-        on=on,
-        timezone=_timezone(
-            f"{where}.timezone", _expect(f"{where}.timezone", t.get("timezone", ""), str)
-        ),
-        jitter_s=_expect(f"{where}.jitter_s", t.get("jitter_s", 0), int),
-        retries=_expect(f"{where}.retries", t.get("retries", 2), int),
-        retry_backoff_s=_expect(f"{where}.retry_backoff_s", t.get("retry_backoff_s", 60), int),
-        max_age_s=parse_duration(f"{where}.max_age", t["max_age"]) if "max_age" in t else 0,
-        catch_up=_expect(f"{where}.catch_up", t.get("catch_up", True), bool),
-        heartbeat_url_file=_expect(
-            f"{where}.heartbeat_url_file", t.get("heartbeat_url_file", ""), str
-        ),
-        components=components,
-        keep=_policy(f"{where}.keep", t["keep"]) if kind == "prune" else Policy(),
-        snapshot=snapshot,
-        definition=_expect(f"{where}.definition", t.get("definition", ""), str),
+        kind=t.kind,
+        every_s=parse_duration(f"{where}.every", t.every) if t.every else 0,
+        at=t.at,
+        on=t.on,
+        timezone=t.timezone,
+        jitter_s=t.jitter_s,
+        retries=t.retries,
+        retry_backoff_s=t.retry_backoff_s,
+        max_age_s=parse_duration(f"{where}.max_age", t.max_age) if t.max_age else 0,
+        catch_up=t.catch_up,
+        heartbeat_url_file=t.heartbeat_url_file,
+        components=t.components,
+        keep=_policy(f"{where}.keep", t.keep) if t.kind == "prune" else Policy(),
+        snapshot=t.snapshot,
+        definition=_definition(f"{where}.definition", t.definition) if t.kind == "drill" else "",
         source=source,
     )
+
+
+def _read_schedule_file(path: Path) -> dict[str, Any]:
+    """One schedule file's tables, its ``[defaults]`` already checked."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the schedule: {exc}") from None
+    for key in data:
+        if key not in ("defaults", "jobs"):
+            raise ConfigError(f"{path}: {key}: unknown table (known: defaults, jobs)")
+    build(_Defaults, data.get("defaults", {}), f"{path}: defaults")
+    return data
 
 
 def load_schedules(directory: Path) -> list[JobSpec]:
@@ -242,26 +282,14 @@ def load_schedules(directory: Path) -> list[JobSpec]:
         raise ConfigError(f"schedule-dir: no *.toml schedule files (got {directory})")
     jobs: dict[str, JobSpec] = {}
     for path in files:
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read the schedule: {exc}") from None
-        for key in data:
-            if key not in ("defaults", "jobs"):
-                raise ConfigError(f"{path}: {key}: unknown table (known: defaults, jobs)")
+        data = _read_schedule_file(path)
         defaults = data.get("defaults", {})
-        for key in defaults:
-            if key not in _DEFAULT_KEYS:
-                raise ConfigError(
-                    f"{path}: defaults.{key}: unknown setting "
-                    f"(known: {', '.join(sorted(_DEFAULT_KEYS))})"
-                )
         for name, table in data.get("jobs", {}).items():
-            if isinstance(table, dict) and table.get("enabled", True) is False:
-                continue
             if name in jobs:
                 raise ConfigError(f"{path}: jobs.{name}: already defined in {jobs[name].source}")
-            jobs[name] = _job(name, table, defaults, str(path))
+            spec = _job(name, table, defaults, str(path))
+            if spec is not None:
+                jobs[name] = spec
     if not jobs:
         raise ConfigError(f"schedule-dir: no enabled jobs in {directory}")
     return list(jobs.values())
@@ -294,16 +322,38 @@ def state_path(state_dir: Path, job: str) -> Path:
 
 
 def read_state(state_dir: Path, job: str) -> JobState:
-    """The persisted state of ``job`` (an empty one if it never ran or the file is unreadable)."""
+    """The persisted state of ``job`` (an empty one if it never ran).
+
+    A state file that is unreadable, of the wrong shape or with a time that does not parse is
+    set aside with a warning and rewritten empty: refusing to start would be a crash loop in a
+    container, and the worst an empty state does is run a job once more.
+    """
     path = state_path(state_dir, job)
     try:
         data = json.loads(path.read_text())
-        return JobState(**{k: v for k, v in data.items() if k in JobState.__dataclass_fields__})
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object (got {type(data).__name__})")
+        known = {k: v for k, v in data.items() if k in JobState.__dataclass_fields__}
+        state = build(JobState, {**known, "job": job}, "state")
+        for when in (state.last_attempt, state.last_success):
+            if when is not None and datetime.fromisoformat(when).tzinfo is None:
+                raise ValueError(f"time without a zone (got {when!r})")
+        return state
     except FileNotFoundError:
         return JobState(job)
-    except (OSError, ValueError, TypeError) as exc:
-        log.warning("job state %s unreadable (%s); treating the job as never run", path, exc)
-        return JobState(job)
+    except (OSError, ValueError, TypeError, ConfigError) as exc:
+        log.warning(
+            "job state %s unreadable (%s); treating the job as never run and rewriting it",
+            path,
+            exc,
+            extra={"job": job},
+        )
+        fresh = JobState(job)
+        try:
+            write_state(state_dir, fresh)
+        except OSError as write_exc:
+            log.warning("job state %s: cannot rewrite it (%s)", path, write_exc.strerror)
+        return fresh
 
 
 def write_state(state_dir: Path, state: JobState) -> None:

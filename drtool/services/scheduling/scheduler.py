@@ -21,7 +21,7 @@ Stopping (SIGTERM or Ctrl-C)
     socket) there, while an exception posted to a worker thread would wait for the read to
     return. The backup unwinds as on Ctrl-C: the multipart upload is aborted, no manifest is
     written, the lock is released, so no partial snapshot is ever listed. A second signal
-    aborts at once. The exit code is 0 after a clean stop, 130 after an abort.
+    aborts at once. The exit code is 0 after a clean stop, 143 after an abort (130 after Ctrl-C).
 
 State
     ``<state_dir>/schedule/<job>.json`` per job (see :mod:`drtool.services.scheduling.jobs`) and
@@ -51,7 +51,7 @@ from typing import Any
 import schedule
 
 from drtool.config import Config
-from drtool.errors import DrtoolError, Interrupted, NotFound, UsageError
+from drtool.errors import DrtoolError, NotFound, UsageError, interrupted
 from drtool.services import repo as repo_svc
 from drtool.services.backup import state_dir as backup_state_dir
 from drtool.services.scheduling import jobs as jobs_svc
@@ -179,6 +179,7 @@ class Runner:
         self._running: str | None = None
         self._stopping = False
         self._aborted = False
+        self._signal: int | None = None  # the stop signal: SIGTERM exits 143 (ADR 0008)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -234,9 +235,10 @@ class Runner:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if self._aborted:
-            raise Interrupted(
+            raise interrupted(
+                self._signal,
                 f"schedule: stopped; a job was aborted after the {self.grace_s:g} s grace period "
-                "(no partial snapshot is listed)"
+                "(no partial snapshot is listed)",
             )
         log.info("schedule: stopped")
 
@@ -319,7 +321,9 @@ class Runner:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except KeyboardInterrupt:
             self._stopping = True
-            error = Interrupted(f"job {spec.name}: interrupted; nothing was committed")
+            error = interrupted(
+                self._signal, f"job {spec.name}: interrupted; nothing was committed"
+            )
         except Exception as exc:  # one job's failure never stops the loop
             error = exc
         finally:
@@ -403,6 +407,7 @@ class Runner:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         running = self._running
+        self._signal = self._signal or signum
         if self._stopping and running:
             self._abort(running, f"a second {signal.Signals(signum).name}")
         self._stopping = True
