@@ -274,7 +274,7 @@ def prune(
     policy.check()
     now = now or datetime.now(UTC)
     repo = open_repo(cfg)
-    with repository_lock(repo.storage, "prune"):
+    with repository_lock(repo.storage, "prune") as held:
         records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
         valid = [(r.snapshot_id, r.time) for r in records if r.valid]
         keep = retention.select(valid, policy)
@@ -307,6 +307,7 @@ def prune(
         plan.stale_uploads = len(repo.storage.stale_uploads(cutoff))
         if dry_run:
             return plan
+        held.ensure_held()
         for sid in forget:
             repo.storage.delete(layout.manifest_key(sid))
         for key in plan.garbage:
@@ -316,6 +317,8 @@ def prune(
     return plan
 
 
-def unlock_repo(cfg: Config, *, everything: bool) -> list[LockInfo]:
-    """Remove stale locks (or all locks with ``everything``)."""
-    return unlock(storage_for(cfg), everything=everything)
+def unlock_repo(
+    cfg: Config, *, everything: bool, lock_id: str | None = None
+) -> list[tuple[LockInfo, str]]:
+    """Remove the locks of dead holders (or the lock ``lock_id``, or every lock), with why."""
+    return unlock(storage_for(cfg), everything=everything, lock_id=lock_id)
