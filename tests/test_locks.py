@@ -8,6 +8,8 @@ tests/test_container_backup.py.
 
 from __future__ import annotations
 
+import json
+import secrets
 import shutil
 import subprocess
 import time
@@ -16,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from test_backup import make_kit
 from test_repo_commands import drtool, failed, ok
 from test_repository import (  # noqa: F401 (fixtures: any_kit, kit)
     RepoKit,
@@ -24,11 +27,17 @@ from test_repository import (  # noqa: F401 (fixtures: any_kit, kit)
     fixture_kit,
     plant_lock,
 )
+from test_storage_faults import PolicyServer
 
 from drtool import liveness
+from drtool.config import load_config
 from drtool.errors import Locked
 from drtool.repository import layout
 from drtool.repository.locks import LAPSE, read_locks, repository_lock, verdict
+from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+from drtool.runtime.s3server import s3_client
+from drtool.services import repo as repo_svc
+from drtool.services.backup import run_backup
 
 
 @pytest.fixture
@@ -183,3 +192,77 @@ def test_the_holder_refreshes_its_heartbeat_and_stops_when_it_cannot(kit: RepoKi
                 held.ensure_held()
                 time.sleep(0.1)
         locks_dir.unlink()
+
+
+# -- 19.2: a lock that cannot be removed after the commit ------------------------------------
+
+
+def _deny_every_delete(endpoint: S3Endpoint, bucket: str) -> None:
+    """A bucket policy: the backup identity may not delete anything, its locks included."""
+    principal = {"AWS": "arn:aws:iam::000000000000:user/backup"}
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Deny",
+                "Principal": principal,
+                "Action": ["s3:DeleteObject", "s3:DeleteObjectVersion"],
+                "Resource": [f"arn:aws:s3:::{bucket}/*"],
+            }
+        ],
+    }
+    s3_client(endpoint).put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+
+
+def test_a_committed_backup_whose_lock_cannot_be_removed_exits_0_and_says_so(
+    tmp_path: Path,
+    pg_database: PostgresEndpoint,
+    redis_db: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+) -> None:
+    server = PolicyServer(tmp_path / "nodelete-s3")
+    server.start()
+    try:
+        kit = make_kit(
+            tmp_path, pg_database, redis_db, s3_server, s3_bucket, repo_s3=server.endpoint
+        )
+        bucket = f"nodelete-{secrets.token_hex(5)}"
+        s3_client(server.endpoint).create_bucket(Bucket=bucket)
+        _deny_every_delete(server.endpoint, bucket)
+        keydir = kit.tmp / "keys"
+        (keydir / "backup-ak").write_text(server.backup_key)
+        (keydir / "backup-sk").write_text(server.backup_secret)
+        repository = {
+            "url": f"s3://{bucket}/drtool",
+            "access_key_file": str(keydir / "backup-ak"),
+            "secret_key_file": str(keydir / "backup-sk"),
+        }
+        config = kit.write_config("nodelete", repository=repository)
+        assert kit.drtool("init", config=config).returncode == 0
+
+        first = kit.backup(config=config)
+        assert first.returncode == 0, first.stderr
+        snapshot_id = json.loads(first.stdout)["snapshot_id"]
+        [warning] = json.loads(first.stdout)["warnings"]
+        assert warning.startswith("the repository lock locks/")
+        assert "could not be removed" in warning and "it is marked released" in warning
+        assert "`drtool unlock` removes it" in warning
+        assert "warning: the repository lock locks/" in first.stderr
+        storage = repo_svc.storage_for(load_config(config, {}))
+        [left] = read_locks(storage)
+        assert left.released and verdict(left)[0] is False
+
+        # the next run (another process, or this one) is not blocked by it
+        second = kit.backup(config=config)
+        assert second.returncode == 0, second.stderr
+        again = run_backup(
+            load_config(config, {}), home=kit.tmp / "home", env={}, components=("redis",)
+        )
+        assert again.warnings and again.warnings[0].startswith("the repository lock locks/")
+        listed = kit.drtool("list", "--json", config=config)
+        assert listed.returncode == 0, listed.stderr
+        valid = {r["id"] for r in json.loads(listed.stdout) if r["status"] == "VALID"}
+        assert {snapshot_id, json.loads(second.stdout)["snapshot_id"], again.snapshot_id} <= valid
+    finally:
+        server.stop()
