@@ -1,8 +1,8 @@
 """Typed loading of TOML tables into frozen dataclasses: the one way drtool reads its files.
 
 The config (:mod:`drtool.config`), the drill definitions (:mod:`drtool.drills.definition`) and
-the schedule files (:mod:`drtool.services.jobs`) declare their settings as dataclasses with
-type hints; this module turns a parsed TOML table into one, so that an unknown key or a value
+the schedule files (:mod:`drtool.services.scheduling.jobs`) declare their settings as dataclasses
+with type hints; this module turns a parsed TOML table into one, so that an unknown key or a value
 of the wrong type stops at load with ``field: problem (got value)`` instead of failing later,
 deep inside a backup or a drill (ADR 0009). Building with ``cls(**data)`` checks neither.
 

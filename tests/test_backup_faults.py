@@ -321,9 +321,10 @@ def test_p7_kill_at_each_step_lists_only_committed_snapshots(
     verified = kit.verify_all()
     assert verified.returncode == 0, verified.stderr
 
-    # the next run proceeds past the stale lock
+    # the next run proceeds past the stale lock, and sweeps it (ADR 0011)
     after = kit.backup_ok()
     assert kit.listed()[after] == "VALID"
+    assert read_locks(kit.storage()) == []
 
     # prune within the grace period removes nothing of the dead run
     dry = kit.drtool("prune", "--keep-last", "10", "--dry-run", "--json")

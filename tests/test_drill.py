@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -342,9 +343,14 @@ def test_sigkill_leaves_a_stack_that_cleanup_stops(
 ) -> None:
     proc = start_drill(world, tmp_path, home)
     wait_until_restoring(proc, home)
+    # 19.13: while the drill runs, cleanup leaves its stack alone
+    running = run_drtool("drill", "cleanup", config=world.config, home=home)
+    assert running.code == 0, running.stderr
+    assert "removed" not in running.stdout
+    assert f"its drill runs ({socket.gethostname()}/{proc.pid}" in running.stdout
     proc.kill()
     proc.communicate(timeout=PATIENCE)
-    (stack,) = (home / "drills").iterdir()
+    (stack,) = (p for p in (home / "drills").iterdir() if p.is_dir())
     assert processes_in(stack) != []
     run = run_drtool("drill", "cleanup", config=world.config, home=home)
     assert run.code == 0, run.stderr

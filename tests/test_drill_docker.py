@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,9 +23,10 @@ import pytest
 from docker_support import BASE_IMAGE, POSTGRES_IMAGE, REDIS_IMAGE, S3_IMAGE, require_image
 from helpers import DRTOOL, Repository, make_repository, run_drtool, source_stack
 
+from drtool import liveness
 from drtool.config import load_config
 from drtool.drills.definition import DockerImages, DrillDefinition, ReportSettings
-from drtool.drills.runtime_docker import LABEL, cleanup_docker, docker_scratch
+from drtool.drills.runtime_docker import LABEL, cleanup_docker, docker_scratch, owner_labels
 from drtool.endpoints import PostgresEndpoint, S3Endpoint
 from drtool.errors import SourceError
 from drtool.services.drill import run_drill
@@ -77,7 +79,13 @@ def clean_engine(docker_client: docker.DockerClient) -> Iterator[docker.DockerCl
     """No drill containers before the test; none left behind by a failing one."""
     assert leftovers(docker_client) == [], "drill containers from elsewhere: run drill cleanup"
     yield docker_client
-    cleanup_docker()
+    # whatever a failing test left, this test process's drills included (cleanup keeps those)
+    for container in docker_client.containers.list(
+        all=True, filters={"label": LABEL}, ignore_removed=True
+    ):
+        container.remove(force=True, v=True)
+    for network in docker_client.networks.list(filters={"label": LABEL}):
+        network.remove()
 
 
 @pytest.mark.docker
@@ -210,6 +218,12 @@ def test_sigkill_leaves_containers_that_cleanup_removes(
 ) -> None:
     proc = start_drill(world, tmp_path)
     wait_for_containers(proc, clean_engine)
+    # 19.13: while the drill runs, cleanup leaves its containers alone
+    running = run_drtool("drill", "cleanup", config=world.config, home=tmp_path / "other-home")
+    assert running.code == 0, running.stderr
+    assert "removed" not in running.stdout
+    assert f"its drill runs ({socket.gethostname()}/{proc.pid}" in running.stdout
+    assert leftovers(clean_engine) != []
     proc.kill()
     proc.communicate(timeout=PATIENCE)
     left = leftovers(clean_engine)
@@ -223,4 +237,56 @@ def test_sigkill_leaves_containers_that_cleanup_removes(
 
 def test_cleanup_without_an_engine_removes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-    assert cleanup_docker() == []
+    assert cleanup_docker() == ([], [])
+
+
+def dead_pid() -> int:
+    """A pid that existed and is gone (reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _planted(client: docker.DockerClient, drill_id: str, owner: dict[str, str]) -> None:
+    """A stopped container of drill ``drill_id`` whose owner labels are ``owner``."""
+    client.containers.create(
+        BASE_IMAGE, ["true"], labels={LABEL: drill_id, **owner}, name=f"drtool-drill-{drill_id}"
+    )
+
+
+@pytest.mark.docker
+def test_cleanup_judges_owners_it_cannot_see_by_their_container(
+    clean_engine: docker.DockerClient,
+) -> None:
+    """19.13: a drill started in another container, or on another host, is not ours to judge
+    by pid: its container's fate tells (gone, stopped or restarted: dead; running: kept)."""
+    require_image(clean_engine, BASE_IMAGE)
+    other = liveness.Owner("elsewhere", "other-boot", "", 7, 100)
+    runner = clean_engine.containers.run(
+        BASE_IMAGE, ["sleep", "600"], labels={"drtool.test": "1"}, detach=True
+    )
+    try:
+        runner.reload()
+        started = runner.attrs["State"]["StartedAt"]
+        in_runner = replace(other, container=runner.id)
+        _planted(clean_engine, "t-gone", owner_labels(replace(other, container="0" * 64)))
+        _planted(clean_engine, "t-runs", owner_labels(in_runner, started))
+        _planted(clean_engine, "t-restarted", owner_labels(in_runner, "2001-01-01T00:00:00Z"))
+        _planted(clean_engine, "t-host", owner_labels(other))
+        _planted(clean_engine, "t-legacy", {})
+        _planted(clean_engine, "t-dead", owner_labels(liveness.current(dead_pid())))
+        removed, kept = cleanup_docker()
+        assert sorted(removed) == [
+            "container drtool-drill-t-dead",
+            "container drtool-drill-t-gone",
+            "container drtool-drill-t-restarted",
+        ]
+        assert [k.split(":")[0] for k in kept] == ["drill t-host", "drill t-legacy", "drill t-runs"]
+        assert "run `drtool drill cleanup` there" in kept[0]
+        assert "older drtool" in kept[1]
+        assert "which runs" in kept[2]
+        runner.stop(timeout=1)
+        removed, kept = cleanup_docker()
+        assert removed == ["container drtool-drill-t-runs"]
+    finally:
+        runner.remove(force=True)

@@ -12,8 +12,8 @@ import tomli_w
 from helpers import CliRun, run_drtool
 from test_repository import T0, blob_id, file_kit, s3_kit
 
+from drtool.endpoints import S3Endpoint
 from drtool.repository import layout
-from drtool.runtime.endpoints import S3Endpoint
 
 
 def one_error(code: int, run: CliRun) -> str:

@@ -295,13 +295,14 @@ def test_unlock_removes_stale_locks_and_all_with_all(kit: RepoKit) -> None:
     plant_lock(kit, host="other-nas", pid=1, since=since, op="prune")
     out = ok(drtool(kit.config_file, "unlock"))
     assert out.strip() == (
-        f"removed lock of {socket.gethostname()}/{pid} (backup) since {since.isoformat()}"
+        f"removed lock of {socket.gethostname()}/{pid} (backup) since {since.isoformat()}: "
+        f"process {pid} is gone"
     )
     assert [(lk.host, lk.pid) for lk in read_locks(kit.storage)] == [("other-nas", 1)]
     # the live lock still blocks a writer, until --all
     failed(drtool(kit.config_file, "prune", "--keep-last", "1"), 11)
     out = ok(drtool(kit.config_file, "unlock", "--all"))
-    assert out.strip() == f"removed lock of other-nas/1 (prune) since {since.isoformat()}"
+    assert out.strip() == f"removed lock of other-nas/1 (prune) since {since.isoformat()}: --all"
     assert read_locks(kit.storage) == []
 
 

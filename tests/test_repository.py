@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomli_w
@@ -611,9 +612,12 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def plant_lock(kit: RepoKit, *, host: str, pid: int, since: datetime, op: str = "backup") -> str:
+def plant_lock(
+    kit: RepoKit, *, host: str, pid: int, since: datetime, op: str = "backup", **holder: Any
+) -> str:
+    """A lock object as a holder would write it; ``holder``: boot_id, pid_start, heartbeat..."""
     lock = LockInfo(
-        f"{since:%Y%m%dT%H%M%S}-{secrets.token_hex(4)}", host, pid, op, since.isoformat()
+        f"{since:%Y%m%dT%H%M%S}-{secrets.token_hex(4)}", host, pid, op, since.isoformat(), **holder
     )
     kit.storage.put_bytes(lock.key, json.dumps(asdict(lock)).encode())
     return lock.key
@@ -653,20 +657,22 @@ def test_live_lock_of_another_host_blocks(kit: RepoKit) -> None:
 def test_stale_locks_are_ignored_and_removed_by_unlock(kit: RepoKit) -> None:
     dead = plant_lock(kit, host=socket.gethostname(), pid=dead_pid(), since=datetime.now(UTC))
     old = plant_lock(kit, host="other-nas", pid=1, since=datetime.now(UTC) - timedelta(days=2))
+    assert {lk.key for lk, _ in svc.unlock_repo(kit.config(), everything=False)} == {dead, old}
+    assert read_locks(kit.storage) == []
+    dead = plant_lock(kit, host=socket.gethostname(), pid=dead_pid(), since=datetime.now(UTC))
+    old = plant_lock(kit, host="other-nas", pid=1, since=datetime.now(UTC) - timedelta(days=2))
     with repository_lock(kit.storage, "backup") as mine:
-        pass
+        # the writer sweeps dead holders' locks (ADR 0011)
+        assert [lk.lock_id for lk in read_locks(kit.storage)] == [mine.lock_id]
     assert mine.operation == "backup"
-    assert {lk.key for lk in read_locks(kit.storage)} == {dead, old}  # ignored, not deleted
-    removed = svc.unlock_repo(kit.config(), everything=False)
-    assert {lk.key for lk in removed} == {dead, old}
     assert read_locks(kit.storage) == []
 
 
 def test_unlock_all_removes_live_locks_too(kit: RepoKit) -> None:
     plant_lock(kit, host="other-nas", pid=1, since=datetime.now(UTC))
     assert svc.unlock_repo(kit.config(), everything=False) == []
-    [removed] = svc.unlock_repo(kit.config(), everything=True)
-    assert (removed.host, removed.pid) == ("other-nas", 1)
+    [(removed, why)] = svc.unlock_repo(kit.config(), everything=True)
+    assert (removed.host, removed.pid, why) == ("other-nas", 1, "--all")
     assert read_locks(kit.storage) == []
 
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -424,6 +425,63 @@ def test_sigterm_mid_backup_aborts_after_grace_and_lists_nothing_new(
     assert not read_locks(access.storage_for(cfg))
     state = jobs_svc.read_state(Path(cfg.backup.state_dir), "pg")
     assert state.exit_code == 143 and state.last_success is None
+
+
+def test_after_kill_9_health_is_not_ok_and_the_next_run_sweeps_the_lock(
+    kit: Kit, tmp_path: Path
+) -> None:
+    """19.7: a scheduler killed outright (kill -9, OOM) is not reported as "started recently"."""
+    slow = kit.slow_pg_bin(pause_s=600)
+    config = kit.config_file("kill9", pg_bin_dir=slow)
+    doc = tomllib.loads(config.read_text())
+    del doc["postgres"]["bin_dir"]
+    normal = tmp_path / "kill9-normal.toml"  # same repository and state dir, the real pg_dump
+    normal.write_text(tomli_w.dumps(doc))
+    cfg = load_config(normal, {})
+    schedules = write_schedule(
+        tmp_path / "schedules",
+        {"pg": {"kind": "backup", "components": ["postgres"], "every": "1h"}},
+    )
+    (slow / "streaming").unlink(missing_ok=True)
+    common = ["--config", str(config), "--home", str(tmp_path), "schedule"]
+    health = [*common, "health", "--schedule-dir", str(schedules)]
+    proc = subprocess.Popen(
+        [*DRTOOL, *common, "run", "--schedule-dir", str(schedules), "--metrics-port", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: killed with its pg_dump, as in a container
+    )
+    try:
+        wait_for(lambda: (slow / "streaming").exists(), "the backup to stream pg_dump output")
+        running = run_cli(*health)
+        assert running.returncode == 0 and "the scheduler started recently" in running.stdout
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    dead = run_cli(*health)
+    assert dead.returncode == 1, dead.stdout
+    assert "started recently" not in dead.stdout
+    assert f"no longer runs (process {proc.pid} is gone)" in dead.stdout
+    [left] = read_locks(repo_svc.storage_for(cfg))
+    assert left.pid == proc.pid  # the killed run could not release its lock
+
+    once = run_cli(
+        "--config",
+        str(normal),
+        "--home",
+        str(tmp_path),
+        "schedule",
+        "run",
+        "--schedule-dir",
+        str(schedules),
+        "--once",
+        "pg",
+    )
+    assert once.returncode == 0, once.stderr
+    assert read_locks(repo_svc.storage_for(cfg)) == []  # swept by the next successful run
 
 
 def test_sigterm_while_idle_stops_cleanly(kit: Kit, tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ import pytest
 
 from drtool.config import BackupConfig, Config
 from drtool.errors import ConfigError
-from drtool.services import jobs as jobs_svc
-from drtool.services import schedule as svc
+from drtool.services.scheduling import jobs as jobs_svc
+from drtool.services.scheduling import scheduler as svc
 
 ROOT = Path(__file__).resolve().parent.parent
 DRTOOL = str(Path(sys.executable).parent / "drtool")

@@ -72,6 +72,8 @@ def backup(state: CliState, components: str, as_json: bool) -> None:
         result = run_backup(
             cfg, home=state.home, env=os.environ, components=chosen, progress=report
         )
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         emit_json(asdict(result))
         return

@@ -80,6 +80,16 @@ def history(state: CliState, as_json: bool) -> None:
 @drill.command()
 @click.pass_obj
 def cleanup(state: CliState) -> None:
-    """Remove what killed drills left behind (local stacks; containers labelled drtool.drill)."""
-    for name in svc.cleanup(state.home):
+    """Remove what killed drills left behind (local stacks; containers labelled drtool.drill).
+
+    \b
+    Only dead drills' leftovers go: a drill whose process still runs keeps its
+    stack, so this is safe while drills run. A drill started in another
+    container counts as dead once that container is gone, stopped or
+    restarted; one started on another host is left for that host to clean.
+    """
+    result = svc.cleanup(state.home)
+    for name in result.removed:
         click.echo(f"removed {name}")
+    for why in result.kept:
+        click.echo(f"kept {why}")

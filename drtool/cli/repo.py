@@ -208,12 +208,24 @@ def prune(
 
 
 @click.command()
-@click.option("--all", "everything", is_flag=True, help="Remove every lock, not only stale ones.")
+@click.option("--all", "everything", is_flag=True, help="Remove every lock, live ones too.")
+@click.option(
+    "--id",
+    "lock_id",
+    metavar="LOCK-ID",
+    help="Remove this one lock (as named in the locked error).",
+)
 @click.pass_obj
-def unlock(state: CliState, everything: bool) -> None:
-    """Remove stale repository locks (a holder that died); --all removes every lock."""
-    removed = svc.unlock_repo(state.config(), everything=everything)
-    for lock in removed:
-        click.echo(f"removed lock of {lock.host}/{lock.pid} ({lock.operation}) since {lock.since}")
+def unlock(state: CliState, everything: bool, lock_id: str | None) -> None:
+    """Remove the locks of dead holders, from any host.
+
+    \b
+    A holder is dead when its process is gone or its pid was reused (same host,
+    boot and container), or its heartbeat stopped (anywhere). A live holder's
+    lock stays: --id removes one lock by its id, --all removes every lock.
+    """
+    removed = svc.unlock_repo(state.config(), everything=everything, lock_id=lock_id)
+    for lock, why in removed:
+        click.echo(f"removed lock of {lock.describe()}: {why}")
     if not removed:
         click.echo("no stale locks")

@@ -15,6 +15,9 @@ Teardown removes by label, not by remembered ids, so that it also catches a cont
 creation was interrupted after the engine made it. It runs on success, failure, exception
 and Ctrl-C (the CLI turns SIGTERM into Ctrl-C), with interrupts held until it is done.
 A drill killed outright (SIGKILL) leaves labelled containers: ``drtool drill cleanup``.
+Every container and the network also carry ``drtool.drill.owner.*`` labels naming the drill's
+process (host, boot id, container, pid, pid start time; see :mod:`drtool.liveness`), so that
+cleanup removes only what belongs to dead drills, never a running drill's stack.
 
 Credentials are generated per drill and reach the containers as environment variables,
 which is how the official images take them (``docker inspect`` shows them to whoever can
@@ -47,6 +50,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,7 @@ import docker
 import psycopg
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
+from drtool import liveness
 from drtool.drills.definition import DockerImages
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import DrtoolError, SourceError
@@ -65,6 +70,8 @@ from drtool.sources.redis_client import connect as connect_redis
 log = logging.getLogger(__name__)
 
 LABEL = "drtool.drill"
+OWNER = f"{LABEL}.owner"  # label prefix: the process that runs the drill
+LEGACY_AFTER = timedelta(hours=12)  # leftovers without owner labels (older drtool) count as dead
 BUCKETS = ("attachments",)
 PG_USER = "postgres"
 PG_DBNAME = "cotalk"
@@ -244,6 +251,9 @@ class _Scratch:
         self.drill_id = drill_id
         self.name = f"drtool-drill-{drill_id.lower()}"
         self.labels = {LABEL: drill_id}
+        self.own = _own_container(client)
+        started = str(self.own.attrs.get("State", {}).get("StartedAt", "")) if self.own else ""
+        self.labels |= owner_labels(liveness.current(), started)
 
     def up(self, images: DockerImages, timeout: float) -> StackEndpoints:
         pg_password = secrets.token_urlsafe(24)
@@ -256,7 +266,7 @@ class _Scratch:
             self.name, driver="bridge", internal=True, labels=dict(self.labels)
         )
         containers = {s.role: self._start(s, network.name) for s in services}
-        own = _own_container(self.client)
+        own = self.own
         if own is not None:
             network.connect(own)
             log.info("docker: joined container %s to the drill network", own.short_id)
@@ -430,19 +440,104 @@ def _teardown_after(drill_id: str, exc: BaseException, client: Any | None) -> No
         )
 
 
-def cleanup_docker() -> list[str]:
-    """Remove every container and network labelled ``drtool.drill`` (killed drills' leftovers).
+def owner_labels(owner: liveness.Owner, container_started: str = "") -> dict[str, str]:
+    """The labels naming a drill's process (and the start of the container it runs in)."""
+    return {
+        f"{OWNER}.host": owner.host,
+        f"{OWNER}.boot": owner.boot_id,
+        f"{OWNER}.container": owner.container,
+        f"{OWNER}.container-started": container_started,
+        f"{OWNER}.pid": str(owner.pid),
+        f"{OWNER}.start": "" if owner.started is None else str(owner.started),
+    }
 
-    Returns what was removed; [] when no engine answers. Do not run it while a drill runs:
-    it cannot tell a leftover from a live drill's stack.
+
+def _created(attrs: dict[str, Any]) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(attrs.get("Created", ""))[:19]).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def drill_is_dead(
+    client: Any, labels: dict[str, str], created: datetime | None, now: datetime
+) -> tuple[bool, str]:
+    """(dead, why) for the drill whose resources carry ``labels``.
+
+    Its process is looked up when it ran in this pid namespace; from elsewhere, the container
+    it ran in tells: gone, stopped or restarted since means dead. Otherwise it is kept.
+    """
+    if f"{OWNER}.pid" not in labels:
+        age = now - created if created else None
+        if age is not None and age > LEGACY_AFTER:
+            return (
+                True,
+                f"no owner recorded (an older drtool), {age.total_seconds() / 3600:.0f} h old",
+            )
+        return False, (
+            "no owner recorded (an older drtool) and less than 12 h old; if no drill runs, "
+            f"`docker rm -f` its containers (label {LABEL}={labels.get(LABEL, '')})"
+        )
+    start = labels.get(f"{OWNER}.start", "")
+    owner = liveness.Owner(
+        labels.get(f"{OWNER}.host", ""),
+        labels.get(f"{OWNER}.boot", ""),
+        labels.get(f"{OWNER}.container", ""),
+        int(labels[f"{OWNER}.pid"]),
+        int(start) if start.isdigit() else None,
+    )
+    alive, why = liveness.process_verdict(owner)
+    if alive is not None:
+        return (not alive), (f"its drill runs ({owner.describe()})" if alive else why)
+    if owner.container:
+        try:
+            holder = client.containers.get(owner.container)
+        except NotFound:
+            return True, f"the container {owner.container[:12]} that ran it is gone"
+        state = holder.attrs.get("State", {})
+        if not state.get("Running"):
+            return True, f"the container {owner.container[:12]} that ran it is stopped"
+        recorded = labels.get(f"{OWNER}.container-started", "")
+        if recorded and state.get("StartedAt") != recorded:
+            return True, f"the container {owner.container[:12]} that ran it has restarted since"
+        return False, (
+            f"its drill may run in container {owner.container[:12]}, which runs: run "
+            "`drtool drill cleanup` in that container to check its process"
+        )
+    return False, f"its drill ran on {owner.describe()}: run `drtool drill cleanup` there"
+
+
+def cleanup_docker() -> tuple[list[str], list[str]]:
+    """Remove the containers and networks of dead drills; keep every running drill's.
+
+    Returns (what was removed, each kept drill with why); ([], []) when no engine answers.
     """
     try:
         client = _engine(timeout=10)
     except SourceError as exc:
         log.info("%s; no containers to clean up", exc.message)
-        return []
+        return [], []
+    removed: list[str] = []
+    kept: list[str] = []
+    now = datetime.now(UTC)
     try:
-        return _remove(client, LABEL)
+        drills: dict[str, tuple[dict[str, str], datetime | None]] = {}
+        for container in client.containers.list(
+            all=True, filters={"label": LABEL}, ignore_removed=True
+        ):
+            labels = dict(container.labels)
+            drills.setdefault(labels.get(LABEL, ""), (labels, _created(container.attrs)))
+        for network in client.networks.list(filters={"label": LABEL}):
+            labels = dict(network.attrs.get("Labels") or {})
+            drills.setdefault(labels.get(LABEL, ""), (labels, _created(network.attrs)))
+        for drill_id, (labels, created) in sorted(drills.items()):
+            dead, why = drill_is_dead(client, labels, created, now)
+            if not dead:
+                kept.append(f"drill {drill_id}: {why}")
+                continue
+            log.info("docker: drill %s is dead (%s); removing its containers", drill_id, why)
+            removed += _remove(client, f"{LABEL}={drill_id}")
+        return removed, kept
     except DockerException as exc:
         raise SourceError(f"docker: cleanup failed ({type(exc).__name__})") from None
     finally:

@@ -63,6 +63,8 @@ class BackupResult:
     snapshot_id: str
     components: list[ComponentSummary] = field(default_factory=list)
     seconds: float = 0.0
+    #: what went wrong after the commit without touching the snapshot (a lock left behind)
+    warnings: list[str] = field(default_factory=list)
 
 
 def refuse_identity(cfg: Config, env: Mapping[str, str]) -> None:
@@ -122,7 +124,7 @@ def run_backup(
         if retain_until is not None and cfg.repository.object_lock_mode
         else None
     )
-    with repository_lock(repo.storage, "backup"):
+    with repository_lock(repo.storage, "backup") as lock:
         previous = catalog.newest_authentic(repo.storage, repo.verify_keys, repo.info.repo_id)
         snapshot_id = new_id(now)
         writer = SnapshotWriter(
@@ -181,6 +183,7 @@ def run_backup(
             previous_sha256=previous.manifest_sha256 if previous else None,
         )
         crash_point("before-manifest")
+        lock.ensure_held()
         writer.commit(manifest)
         crash_point("after-manifest")
         _verify_committed(repo, snapshot_id, writer.confirmed)
@@ -189,6 +192,10 @@ def run_backup(
         if retention_cache is not None:
             retention_cache.save(now)
     result.seconds = time.monotonic() - started
+    if lock.left_behind:
+        # ADR 0011: the snapshot is committed and verified, so the run succeeded (exit 0); the
+        # lock left behind is a warning: no run waits for it, `drtool unlock` clears it
+        result.warnings.append(lock.left_behind)
     log.info("snapshot %s committed and verified", snapshot_id, extra={"snapshot": snapshot_id})
     return result
 

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -266,11 +266,24 @@ def drill_history(cfg: Config) -> list[dict[str, Any]]:
     return drill_log.read_summaries(open_repo(cfg).storage)
 
 
-def cleanup(home: Path) -> list[str]:
-    """Remove leftovers of killed drills: local stacks, and labelled containers and networks."""
-    removed = [f"local stack {d}" for d in cleanup_local(home)]
+@dataclass(frozen=True)
+class Cleanup:
+    """What ``drill cleanup`` removed, and which drills it left alone (with why)."""
+
+    removed: list[str]
+    kept: list[str]
+
+
+def cleanup(home: Path) -> Cleanup:
+    """Remove what dead drills left: local stacks, labelled containers and networks.
+
+    A drill whose process still runs (or cannot be checked from here) keeps its stack.
+    """
+    cleaned, kept = cleanup_local(home)
+    removed = [f"local stack {d}" for d in cleaned]
     try:
         from drtool.drills.runtime_docker import cleanup_docker  # imports docker: only here
     except ImportError:
-        return removed
-    return removed + cleanup_docker()
+        return Cleanup(removed, kept)
+    gone, kept_docker = cleanup_docker()
+    return Cleanup(removed + gone, kept + kept_docker)

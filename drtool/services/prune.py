@@ -44,9 +44,10 @@ def prune(
     policy.check()
     cutoff = (now or datetime.now(UTC)) - grace
     repo = open_repo(cfg)
-    with repository_lock(repo.storage, "prune"):
+    with repository_lock(repo.storage, "prune") as held:
         plan = plan_prune(repo, policy, cutoff)
         if not dry_run:
+            held.ensure_held()  # a lost lock (heartbeat failed) must not delete
             execute_prune(repo, plan, cutoff)
     return plan
 

@@ -182,6 +182,8 @@ def _verify_object(
     return obj.mismatch(size, digest.hexdigest())
 
 
-def unlock_repo(cfg: Config, *, everything: bool) -> list[LockInfo]:
-    """Remove stale locks (or all locks with ``everything``)."""
-    return unlock(storage_for(cfg), everything=everything)
+def unlock_repo(
+    cfg: Config, *, everything: bool, lock_id: str | None = None
+) -> list[tuple[LockInfo, str]]:
+    """Remove the locks of dead holders (or the lock ``lock_id``, or every lock), with why."""
+    return unlock(storage_for(cfg), everything=everything, lock_id=lock_id)

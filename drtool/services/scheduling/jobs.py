@@ -390,7 +390,8 @@ def execute(spec: JobSpec, cfg: Config, *, home: Path, env: Mapping[str, str]) -
         backup = run_backup(cfg, home=home, env=env, components=spec.components)
         return JobResult(
             snapshot=backup.snapshot_id,
-            message=f"snapshot {backup.snapshot_id} committed and verified",
+            message=f"snapshot {backup.snapshot_id} committed and verified"
+            + "".join(f"; warning: {w}" for w in backup.warnings),
             plain_bytes={c.name: c.plain_bytes for c in backup.components},
             stored_bytes={c.name: c.stored_bytes for c in backup.components},
         )

@@ -35,7 +35,6 @@ import functools
 import heapq
 import json
 import logging
-import os
 import random
 import signal
 import threading
@@ -50,6 +49,7 @@ from typing import Any
 
 import schedule
 
+from drtool import liveness
 from drtool.config import Config
 from drtool.errors import DrtoolError, NotFound, UsageError, interrupted
 from drtool.services import repo as repo_svc
@@ -436,8 +436,18 @@ class Runner:
     def _write_runner(self, now: datetime) -> None:
         path = self.state_dir / "schedule" / RUNNER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
+        owner = liveness.current()  # so that health can tell whether this scheduler still runs
         path.write_text(
-            json.dumps({"pid": os.getpid(), "started": now.isoformat(timespec="seconds")})
+            json.dumps(
+                {
+                    "pid": owner.pid,
+                    "started": now.isoformat(timespec="seconds"),
+                    "host": owner.host,
+                    "boot_id": owner.boot_id,
+                    "container": owner.container,
+                    "pid_start": owner.started,
+                }
+            )
         )
 
 
@@ -460,22 +470,42 @@ class JobRow:
     why: str
 
 
-def _runner_started(state_dir: Path) -> datetime | None:
+def _runner_started(state_dir: Path) -> tuple[datetime | None, str]:
+    """When the scheduler started, if it still runs; else (None, why none runs, or "").
+
+    After ``kill -9`` the runner file stays; its pid (and the pid's start time, boot id and
+    container: :mod:`drtool.liveness`) tell that its process is gone, so "the scheduler
+    started recently" is not said for a scheduler that no longer runs.
+    """
     try:
         data = json.loads((state_dir / "schedule" / RUNNER_FILE).read_text())
-        return datetime.fromisoformat(data["started"])
+        started = datetime.fromisoformat(data["started"])
+        owner = liveness.Owner(
+            str(data.get("host", "")),
+            str(data.get("boot_id", "")),
+            str(data.get("container", "")),
+            int(data["pid"]),
+            data.get("pid_start"),
+        )
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return None, ""
+    alive, why = liveness.process_verdict(owner)
+    if alive is False:
+        return None, f"the scheduler started {data['started']} no longer runs ({why})"
+    return started, ""
 
 
 def _health(
-    spec: JobSpec, state: JobState, runner_started: datetime | None, now: datetime
+    spec: JobSpec, state: JobState, runner: tuple[datetime | None, str], now: datetime
 ) -> tuple[bool, str]:
     threshold = timedelta(seconds=spec.threshold_s)
     last = state.success_time()
+    runner_started, gone = runner
     if last is None:
         if runner_started is not None and now - runner_started < threshold:
             return True, "no success yet; the scheduler started recently"
+        if gone:
+            return False, f"never succeeded, and {gone}"
         return False, f"never succeeded (threshold {jobs_svc.human_seconds(spec.threshold_s)})"
     age = now - last
     if age > threshold:
