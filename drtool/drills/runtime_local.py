@@ -21,9 +21,14 @@ def drills_dir(home: Path) -> Path:
 
 
 @contextmanager
-def local_scratch(home: Path, drill_id: str) -> Iterator[StackEndpoints]:
-    """A fresh local stack for one drill, always torn down."""
-    with LocalStack.up(drills_dir(home) / drill_id, f"drill-{drill_id.lower()}") as stack:
+def local_scratch(home: Path, drill_id: str, pg_major: int | None) -> Iterator[StackEndpoints]:
+    """A fresh local stack for one drill, always torn down.
+
+    Its PostgreSQL is of ``pg_major`` (the snapshot's): MissingBinary when that major is not
+    installed, never a server of another major.
+    """
+    state_dir = drills_dir(home) / drill_id
+    with LocalStack.up(state_dir, f"drill-{drill_id.lower()}", pg_major=pg_major) as stack:
         yield stack.endpoints
 
 

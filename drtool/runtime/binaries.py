@@ -13,8 +13,15 @@ from drtool.errors import SourceError
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 # Where .ci/bootstrap unpacks the PostgreSQL majors Debian does not ship (PyPI wheels; see
-# docs/decisions/0010-postgres-majors.md): <venv>/pg/<major>/bin.
-PG_WHEEL_ROOT = Path(sys.prefix) / "pg"
+# docs/decisions/0010-postgres-majors.md): <venv>/pg/<major>/bin, or $DRTOOL_PG_ROOT/<major>/bin.
+PG_ROOT_ENV = "DRTOOL_PG_ROOT"
+
+
+def pg_wheel_root() -> Path:
+    """The directory holding ``<major>/bin`` trees: $DRTOOL_PG_ROOT, else ``<venv>/pg``."""
+    return Path(os.environ.get(PG_ROOT_ENV) or Path(sys.prefix) / "pg")
+
+
 _PG_TOOLS = ("initdb", "postgres")
 
 
@@ -34,7 +41,7 @@ def pg_major_of(version: str) -> int | None:
 
 def pg_major_dirs(major: int) -> list[Path]:
     """Where a major's server bin dir may be, in order: Debian's package, then the wheel's."""
-    return [Path(PG_BIN_GLOB.replace("*", str(major))), PG_WHEEL_ROOT / str(major) / "bin"]
+    return [Path(PG_BIN_GLOB.replace("*", str(major))), pg_wheel_root() / str(major) / "bin"]
 
 
 def _runnable(bin_dir: Path) -> bool:
@@ -44,8 +51,9 @@ def _runnable(bin_dir: Path) -> bool:
 def pg_majors_available() -> list[int]:
     """The PostgreSQL majors this machine can run a server of, oldest first."""
     found = {int(d.parent.name) for d in Path("/").glob(PG_BIN_GLOB.lstrip("/"))}
-    if PG_WHEEL_ROOT.is_dir():
-        found |= {int(d.name) for d in PG_WHEEL_ROOT.iterdir() if d.name.isdigit()}
+    root = pg_wheel_root()
+    if root.is_dir():
+        found |= {int(d.name) for d in root.iterdir() if d.name.isdigit()}
     return sorted(m for m in found if any(_runnable(d) for d in pg_major_dirs(m)))
 
 
