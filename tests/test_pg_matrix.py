@@ -254,7 +254,8 @@ def test_a_drill_without_the_snapshot_major_fails_saying_so(
 ) -> None:
     """A 16 snapshot on a machine without PostgreSQL 16: exit 6 with one line naming the
     missing major, nothing started, never a drill on another major."""
-    if any(binaries._runnable(d) for d in binaries.pg_major_dirs(16)[:1]):
+    debian = binaries.pg_major_dirs(16)[0]
+    if (debian / "postgres").exists():
         pytest.skip("Debian's PostgreSQL 16 is installed here: cannot hide it")
     world = worlds(16)
     config = operator_config(world, tmp_path / "op.toml", {})
@@ -312,6 +313,33 @@ def test_a_16_snapshot_is_refused_by_a_15_target_and_a_15_scratch(
         "docker.postgres_image to a PostgreSQL 16 image)"
     )
     assert not any((home / "drills").iterdir())  # the scratch stack was torn down
+
+
+def test_stack_up_takes_a_major_and_refuses_a_missing_one(
+    pg_servers: Callable[[int], PgUnderTest], home: Path
+) -> None:
+    """`drtool stack up --pg-major 16` runs 16 and names its pg_dump in the config; a major
+    that is not installed is exit 3 with one line, and nothing is left behind."""
+    pg_servers(16)  # skips (or fails) when 16 is not installed
+    run = run_drtool("stack", "up", "--name", "m16", "--pg-major", "16", config=home / "none",
+                     home=home)  # fmt: skip
+    try:
+        assert run.code == 0, run.stderr
+        assert "(PostgreSQL 16)" in run.stdout
+        config = load_config(home / "stacks" / "m16" / "drtool.toml", {})
+        assert Path(config.postgres.bin_dir) == binaries.pg_bin_dir(major=16)
+        endpoint = config.stack().postgres
+        with psycopg.connect(**endpoint.connect_kwargs()) as conn:  # type: ignore[arg-type]
+            assert conn.info.server_version // 10000 == 16
+    finally:
+        assert run_drtool("stack", "down", "--name", "m16", config=home / "none",
+                          home=home).code == 0  # fmt: skip
+    missing = run_drtool("stack", "up", "--name", "m17", "--pg-major", "17", config=home / "none",
+                         home=home)  # fmt: skip
+    assert missing.code == 3, missing.stderr
+    (line,) = [x for x in missing.stderr.splitlines() if not x.startswith("{")]
+    assert line.startswith("error: PostgreSQL 17 server binaries not found (looked in ")
+    assert not (home / "stacks" / "m17").exists()
 
 
 @pytest.mark.docker

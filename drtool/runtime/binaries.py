@@ -50,10 +50,11 @@ def _runnable(bin_dir: Path) -> bool:
 
 def pg_majors_available() -> list[int]:
     """The PostgreSQL majors this machine can run a server of, oldest first."""
-    found = {int(d.parent.name) for d in Path("/").glob(PG_BIN_GLOB.lstrip("/"))}
+    names = {d.parent.name for d in Path("/").glob(PG_BIN_GLOB.lstrip("/"))}
     root = pg_wheel_root()
     if root.is_dir():
-        found |= {int(d.name) for d in root.iterdir() if d.name.isdigit()}
+        names |= {d.name for d in root.iterdir()}
+    found = {int(name) for name in names if name.isdigit()}  # not 9.6: too old to matter
     return sorted(m for m in found if any(_runnable(d) for d in pg_major_dirs(m)))
 
 
