@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
@@ -70,6 +70,43 @@ def pg_server(runtime_root: Path) -> Iterator[PostgresEndpoint]:
     server.start()
     yield server.endpoint
     server.stop()
+
+
+# The PostgreSQL majors CI runs the matrix tests on (tests/test_pg_matrix.py): Debian's 15,
+# production's 16 and the newest, 18 (both from PyPI wheels, see .ci/bootstrap).
+PG_MAJORS = (15, 16, 18)
+
+
+@dataclasses.dataclass(frozen=True)
+class PgUnderTest:
+    """A session server of one PostgreSQL major, with that major's client tools."""
+
+    major: int
+    bin_dir: Path
+    endpoint: PostgresEndpoint
+
+
+@pytest.fixture(scope="session")
+def pg_servers(runtime_root: Path) -> Iterator[Callable[[int], PgUnderTest]]:
+    """A server per PostgreSQL major, started on first use; a missing major skips (or fails
+    under ``DRTOOL_REQUIRE_SERVERS=1``), never runs on another major."""
+    started: dict[int, tuple[PostgresServer, PgUnderTest]] = {}
+
+    def server_of(major: int) -> PgUnderTest:
+        if major not in started:
+            with servers_required():
+                server = PostgresServer(
+                    runtime_root / f"pg{major}",
+                    major=major,
+                    settings={"fsync": "off", "synchronous_commit": "off"},
+                )
+            server.start()
+            started[major] = (server, PgUnderTest(major, server.bin_dir, server.endpoint))
+        return started[major][1]
+
+    yield server_of
+    for server, _ in started.values():
+        server.stop()
 
 
 @pytest.fixture(scope="session")

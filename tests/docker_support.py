@@ -42,6 +42,8 @@ LABELS = {TEST_LABEL: "1"}
 LOOPBACK = "127.0.0.1"
 
 POSTGRES_IMAGE = os.environ.get("DRTOOL_TEST_POSTGRES_IMAGE", "drtool-test/postgres:15")
+# the production major, from the PyPI wheel's binaries (tests/docker/postgres16)
+POSTGRES16_IMAGE = os.environ.get("DRTOOL_TEST_POSTGRES16_IMAGE", "drtool-test/postgres:16")
 REDIS_IMAGE = os.environ.get("DRTOOL_TEST_REDIS_IMAGE", "drtool-test/redis:7")
 S3_IMAGE = os.environ.get("DRTOOL_TEST_S3_IMAGE", "drtool-test/s3:latest")
 BASE_IMAGE = os.environ.get("DRTOOL_TEST_BASE_IMAGE", "drtool-test/base:bookworm")

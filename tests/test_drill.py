@@ -276,7 +276,7 @@ def test_guard_refuses_the_production_endpoints(world: World, tmp_path: Path, ho
         cfg,
         home=home,
         spec=DrillDefinition(report=ReportSettings(dir=str(tmp_path / "reports"))),
-        scratch=lambda home, drill_id, spec: nullcontext(production),
+        scratch=lambda home, drill_id, spec, pg_major: nullcontext(production),
     )
     assert report.passed is False
     assert "is the production one; refusing" in report.error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -34,16 +35,33 @@ def stack() -> None:
 
 @stack.command()
 @name_option
+@click.option(
+    "--pg-major",
+    type=click.IntRange(min=9),
+    default=None,
+    help="PostgreSQL major to run (e.g. 16); an error when it is not installed. "
+    "Default: the newest Debian package's.",
+)
+@click.option(
+    "--pg-bin-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="PostgreSQL bin dir (initdb, postgres, pg_dump) to run instead.",
+)
 @click.pass_obj
-def up(state: CliState, name: str) -> None:
+def up(state: CliState, name: str, pg_major: int | None, pg_bin_dir: Path | None) -> None:
     """Start PostgreSQL, Redis and SeaweedFS (the MinIO stand-in) and write a config."""
-    started = svc.stack_up(state.home, name)
+    started = svc.stack_up(state.home, name, pg_major=pg_major, pg_bin_dir=pg_bin_dir)
     ep = started.stack.endpoints
     print_table(
         f"stack {name!r} is up",
         ["store", "endpoint"],
         [
-            ["postgres", f"{ep.postgres.host}:{ep.postgres.port}/{ep.postgres.dbname}"],
+            [
+                "postgres",
+                f"{ep.postgres.host}:{ep.postgres.port}/{ep.postgres.dbname} "
+                f"(PostgreSQL {started.stack.postgres.major})",
+            ],
             ["redis", f"{ep.redis.host}:{ep.redis.port}"],
             ["minio (s3)", f"{ep.minio.endpoint_url} buckets: {', '.join(ep.buckets)}"],
         ],

@@ -36,6 +36,7 @@ class DrillReport:
     rpo_s: float = 0.0
     phases_s: dict[str, float] = field(default_factory=dict)
     checks: list[CheckResult] = field(default_factory=list)
+    pg_major: int | None = None  # the scratch PostgreSQL's major, checked equal to the snapshot's
 
     def summary(self) -> dict[str, Any]:
         """The key-less summary kept in the clear: no figure that describes the data."""

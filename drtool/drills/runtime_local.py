@@ -34,14 +34,18 @@ def _owner_file(directory: Path) -> Path:
 
 
 @contextmanager
-def local_scratch(home: Path, drill_id: str) -> Iterator[StackEndpoints]:
-    """A fresh local stack for one drill, always torn down."""
+def local_scratch(home: Path, drill_id: str, pg_major: int | None) -> Iterator[StackEndpoints]:
+    """A fresh local stack for one drill, always torn down.
+
+    Its PostgreSQL is of ``pg_major`` (the snapshot's): MissingBinary when that major is not
+    installed, never a server of another major.
+    """
     directory = drills_dir(home) / drill_id
     owner = _owner_file(directory)
     owner.parent.mkdir(parents=True, exist_ok=True)
     owner.write_text(json.dumps(asdict(liveness.current())))
     try:
-        with LocalStack.up(directory, f"drill-{drill_id.lower()}") as stack:
+        with LocalStack.up(directory, f"drill-{drill_id.lower()}", pg_major=pg_major) as stack:
             yield stack.endpoints
     finally:
         owner.unlink(missing_ok=True)

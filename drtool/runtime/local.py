@@ -77,13 +77,16 @@ class LocalStack:
         name: str,
         *,
         pg_bin_dir: Path | None = None,
+        pg_major: int | None = None,
         ports: StackPorts | None = None,
         timeout: float = 30.0,
     ) -> LocalStack:
         """Start a stack in a new (or empty) ``state_dir`` and create its buckets.
 
-        On any failure, Ctrl-C included, whatever was started is stopped and ``state_dir``
-        removed before the error propagates.
+        ``pg_major`` (or ``pg_bin_dir``) picks the PostgreSQL server: a major that is not
+        installed is MissingBinary, never a server of another major. On any failure, Ctrl-C
+        included, whatever was started is stopped and ``state_dir`` removed before the error
+        propagates.
         """
         if not _NAME.fullmatch(name):
             raise UsageError(f"stack name {name!r} is invalid; use 1-40 of a-z, 0-9, _ and -")
@@ -100,7 +103,7 @@ class LocalStack:
             PostgresServer(
                 state_dir / "postgres",
                 port=ports.postgres,
-                bin_dir=binaries.pg_bin_dir(pg_bin_dir),
+                bin_dir=binaries.pg_bin_dir(pg_bin_dir, major=pg_major),
             ),
             RedisServer(state_dir / "redis", port=ports.redis),
             SeaweedServer(state_dir / "minio", base_port=ports.s3_base),

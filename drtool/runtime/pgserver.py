@@ -17,7 +17,7 @@ from psycopg import sql
 
 from drtool.endpoints import PostgresEndpoint
 from drtool.errors import SourceError
-from drtool.runtime.binaries import pg_bin_dir
+from drtool.runtime.binaries import pg_bin_dir, server_major
 from drtool.runtime.procs import HOST, Daemon, check_socket_path, free_port_block, write_secret
 from drtool.runtime.server import Launch, LocalServer
 
@@ -62,15 +62,20 @@ class PostgresServer(LocalServer):
         password: str | None = None,
         dbname: str = "cotalk",
         bin_dir: Path | None = None,
+        major: int | None = None,
         daemon: Daemon | None = None,
         settings: Mapping[str, str] | None = None,
     ) -> None:
+        """``major`` picks that PostgreSQL major's binaries (MissingBinary when absent, never
+        another major's); ``bin_dir`` names them directly; neither: Debian's newest."""
         super().__init__(base_dir, daemon)
         self.settings = dict(settings or {})
         self._port = port if port is not None else free_port_block((0,), set())
         self.password = password or secrets.token_urlsafe(24)
         self.dbname = dbname
-        self.bin_dir = bin_dir if bin_dir is not None else pg_bin_dir()
+        if bin_dir is None or major is not None:
+            bin_dir = pg_bin_dir(bin_dir, major=major)
+        self.bin_dir = bin_dir
 
     @classmethod
     def from_state(cls, state: Mapping[str, object], password: str) -> PostgresServer:
@@ -93,6 +98,11 @@ class PostgresServer(LocalServer):
             "bin_dir": str(self.bin_dir),
             **self._daemon_state(),
         }
+
+    @property
+    def major(self) -> int:
+        """The PostgreSQL major of this server's binaries."""
+        return server_major(self.bin_dir)
 
     @property
     def port(self) -> int:

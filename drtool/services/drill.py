@@ -37,22 +37,52 @@ from drtool.pipeline.seal import seal
 from drtool.repository import catalog, drill_log, layout
 from drtool.repository.access import Repo, open_repo
 from drtool.repository.ids import new_id
+from drtool.runtime.binaries import pg_bin_dir, pg_major_of
 from drtool.services.restore.run import RestoreOptions, run_restore
+from drtool.sources import postgres as pg
 
 log = logging.getLogger(__name__)
 
-Scratch = Callable[[Path, str, DrillDefinition], AbstractContextManager[StackEndpoints]]
+# (home, drill id, definition, the snapshot's PostgreSQL major) -> the scratch stack
+Scratch = Callable[[Path, str, DrillDefinition, int | None], AbstractContextManager[StackEndpoints]]
 
 
 def _scratch(
-    home: Path, drill_id: str, definition: DrillDefinition
+    home: Path, drill_id: str, definition: DrillDefinition, pg_major: int | None
 ) -> AbstractContextManager[StackEndpoints]:
-    """The scratch stack of the definition's runtime."""
+    """The scratch stack of the definition's runtime (local: of the snapshot's major)."""
     if definition.runtime == "docker":
         from drtool.drills.runtime_docker import docker_scratch  # imports docker: only here
 
         return docker_scratch(drill_id, definition.docker)
-    return local_scratch(home, drill_id)
+    return local_scratch(home, drill_id, pg_major)
+
+
+def snapshot_pg_major(record: catalog.SnapshotRecord, spec: DrillDefinition) -> int | None:
+    """The PostgreSQL major the drill must restore into: the snapshot's, if it drills postgres."""
+    comp = record.manifest.component("postgres") if record.manifest else None
+    if comp is None or "postgres" not in spec.components:
+        return None
+    return pg_major_of(comp.source_version)
+
+
+def check_scratch_major(scratch: StackEndpoints, pg_major: int | None) -> None:
+    """Refuse a scratch PostgreSQL of another major than the snapshot's.
+
+    A drill proves that the snapshot restores as production would restore it; a restore
+    into another major proves something else (a docker runtime's ``postgres_image`` of the
+    wrong major is the usual cause).
+    """
+    if pg_major is None:
+        return
+    running = pg.server_version(replace(scratch.postgres, dbname="postgres"))
+    if running != pg_major:
+        raise UsageError(
+            f"drill: the snapshot holds PostgreSQL {pg_major} data but the scratch server runs "
+            f"PostgreSQL {running}; a drill restores into the snapshot's major "
+            "(for the docker runtime set docker.postgres_image to a PostgreSQL "
+            f"{pg_major} image)"
+        )
 
 
 def choose_snapshot(
@@ -168,11 +198,18 @@ def _drill(
 ) -> None:
     phases = report.phases_s
     started = time.monotonic()
-    with scratch(home, report.drill_id, spec) as endpoints:
+    pg_major = snapshot_pg_major(record, spec)
+    with scratch(home, report.drill_id, spec, pg_major) as endpoints:
         phases["up"] = round(time.monotonic() - started, 3)
         guard_production(endpoints, cfg.stack())
+        check_scratch_major(endpoints, pg_major)
+        report.pg_major = pg_major
         target = f"drill-{report.drill_id}"
         drill_cfg = replace(cfg, targets={**cfg.targets, target: scratch_target(endpoints)})
+        if spec.runtime == "local" and pg_major is not None:
+            # the local scratch's own client tools: pg_restore of the dump's major
+            bin_dir = str(pg_bin_dir(major=pg_major))
+            drill_cfg = replace(drill_cfg, postgres=replace(cfg.postgres, bin_dir=bin_dir))
         t0 = time.monotonic()
         try:
             restored = run_restore(

@@ -49,9 +49,12 @@ class StackUp:
     config_path: Path
 
 
-def stack_up(home: Path, name: str) -> StackUp:
-    """Start the stack's servers and write a config for it."""
-    stack = LocalStack.up(stack_dir(home, name), name)
+def stack_up(
+    home: Path, name: str, *, pg_major: int | None = None, pg_bin_dir: Path | None = None
+) -> StackUp:
+    """Start the stack's servers (PostgreSQL of ``pg_major`` or from ``pg_bin_dir``, else
+    Debian's newest) and write a config for it."""
+    stack = LocalStack.up(stack_dir(home, name), name, pg_major=pg_major, pg_bin_dir=pg_bin_dir)
     try:
         path = write_config(stack.state_dir / "drtool.toml", stack_config(stack), stack.name)
     except BaseException:
@@ -71,6 +74,8 @@ def stack_config(stack: LocalStack) -> dict[str, Any]:
             "user": ep.postgres.user,
             "dbname": ep.postgres.dbname,
             "password_file": str(secrets / "pg_password"),
+            # the server's own client tools: pg_dump must not be older than the server
+            "bin_dir": str(stack.postgres.bin_dir),
         },
         "redis": {
             "host": ep.redis.host,

@@ -18,10 +18,11 @@ from pathlib import Path
 import psycopg
 
 from drtool.endpoints import PostgresEndpoint
-from drtool.errors import ConfigError, IntegrityError, SourceError
+from drtool.errors import ConfigError, IntegrityError, SourceError, UsageError
 from drtool.faults import crash_point
 from drtool.repository.access import Repo, read_object, snapshot_header
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
+from drtool.runtime.binaries import pg_major_of
 from drtool.services.restore.stage import Plain, stage
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import PgFingerprints, compare, compute_fingerprints
@@ -40,6 +41,12 @@ class PgSnapshot:
     globals_sql: ObjectEntry | None
     fingerprints: PgFingerprints
     dump_plain: Plain
+    server_version: str = ""  # the source server's, as the manifest records it
+
+    @property
+    def major(self) -> int | None:
+        """The source server's PostgreSQL major (None for a manifest that lacks it)."""
+        return pg_major_of(self.server_version)
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class PgTarget:
     endpoint: PostgresEndpoint
     exists: bool
     empty: bool
+    server_major: int = 0
 
     @property
     def where(self) -> str:
@@ -77,11 +85,41 @@ def load(repo: Repo, m: Manifest, comp: ComponentEntry, identities: list[str]) -
         globals_sql=by_kind.get("pg_globals"),
         fingerprints=PgFingerprints.from_dict(doc["fingerprints"]),
         dump_plain=Plain(int(doc["dump"]["size"]), str(doc["dump"]["sha256"])),
+        server_version=comp.source_version,
     )
 
 
-def inspect(endpoint: PostgresEndpoint) -> PgTarget:
-    """Whether the target database exists and holds anything; warns of leftover copies."""
+def check_major(snap: PgSnapshot, target_major: int, where: str) -> None:
+    """Refuse a target server of an older major than the snapshot's; say so of a newer one.
+
+    A dump restores into the same or a newer major (the documented upgrade path), never
+    reliably into an older one. A newer target is allowed but logged: never a silent
+    restore into another major. (A drill wants the same major: services/drill.py checks it.)
+    """
+    if snap.major is None or snap.major == target_major:
+        return
+    if target_major < snap.major:
+        raise UsageError(
+            f"restore: the snapshot holds PostgreSQL {snap.major} data but {where} runs "
+            f"PostgreSQL {target_major}; a dump restores only into the same or a newer major "
+            "(nothing changed)"
+        )
+    log.warning(
+        "postgres: restoring a PostgreSQL %d snapshot into PostgreSQL %d at %s (a major upgrade)",
+        snap.major,
+        target_major,
+        where,
+    )
+
+
+def inspect(endpoint: PostgresEndpoint, snap: PgSnapshot | None = None) -> PgTarget:
+    """Whether the target database exists and holds anything; warns of leftover copies.
+
+    With ``snap``, refuses a target server too old for it (:func:`check_major`).
+    """
+    target = PgTarget(endpoint, False, True, pg.server_version(admin(endpoint)))
+    if snap is not None:
+        check_major(snap, target.server_major, target.where)
     leftovers = pg.restore_copies(admin(endpoint), endpoint.dbname)
     if leftovers:
         log.warning(
@@ -91,7 +129,7 @@ def inspect(endpoint: PostgresEndpoint) -> PgTarget:
         )
     exists = pg.database_exists(admin(endpoint), endpoint.dbname)
     empty = not exists or pg.database_is_empty(endpoint, endpoint.dbname)
-    return PgTarget(endpoint, exists, empty)
+    return replace(target, exists=exists, empty=empty)
 
 
 def admin(endpoint: PostgresEndpoint) -> PostgresEndpoint:

@@ -244,7 +244,7 @@ def _inspect(
     """Plan items (and the PostgreSQL inspection, reused by the restore)."""
     items: list[tuple[PlanItem, object]] = []
     if loaded.pg is not None:
-        t = restore_postgres.inspect(endpoints.postgres)
+        t = restore_postgres.inspect(endpoints.postgres, loaded.pg)
         copy, old = restore_postgres.names(endpoints.postgres.dbname, "<time>")
         tables = len(loaded.pg.fingerprints.tables)
         rows = sum(fp.rows for fp in loaded.pg.fingerprints.tables.values())
