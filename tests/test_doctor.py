@@ -24,6 +24,7 @@ NAMES = [
     "minio reachable",
     "repository format",
     "object lock",
+    "snapshots locked whole",
     "credential cannot delete",
     "clock skew",
     "scratch free space",

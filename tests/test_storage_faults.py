@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -505,6 +506,73 @@ def test_u8_reused_blobs_are_locked_as_long_as_the_snapshot_that_needs_them(
         assert rows["snapshots locked whole"]["status"] == "fail", rows
         assert snapshot_id in rows["snapshots locked whole"]["detail"]
         assert doctor.returncode == 7
+    finally:
+        server.stop()
+
+
+def test_u9_prune_on_a_locked_bucket_defers_what_it_cannot_delete_and_says_so(
+    tmp_path: Path,
+    pg_database: PostgresEndpoint,
+    redis_db: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+) -> None:
+    """Issue 19 item 3: prune never claims deletions Object Lock did not let it make.
+
+    Before, a credential that may delete "deleted" the retained snapshot: its manifest went
+    behind a delete marker (the snapshot vanished from the list) while every locked version
+    stayed, and prune printed the count as deleted. Now the retained snapshot is deferred
+    whole and stays listed; once its retention has passed, prune removes it and says that a
+    versioned bucket frees the space only through its noncurrent-version expiry.
+    """
+    server = PolicyServer(tmp_path / "lock-s3")
+    server.start()
+    try:
+        kit = make_kit(
+            tmp_path, pg_database, redis_db, s3_server, s3_bucket, repo_s3=server.endpoint
+        )
+        admin = s3_client(server.endpoint)
+        bucket = f"locked-{secrets.token_hex(5)}"
+        admin.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+        repository = {
+            "url": f"s3://{bucket}/drtool",
+            "access_key_file": kit.sections["repository"]["access_key_file"],
+            "secret_key_file": kit.sections["repository"]["secret_key_file"],
+            "object_lock_mode": "GOVERNANCE",
+            "retain_days": 1,
+        }
+        config = kit.write_config("locked-admin", repository=repository)
+        assert kit.drtool("init", config=config).returncode == 0
+        ids = []
+        for _ in range(2):
+            done = kit.backup("postgres", config=config)
+            assert done.returncode == 0, done.stderr
+            ids.append(json.loads(done.stdout)["snapshot_id"])
+
+        pruned = kit.drtool("prune", "--keep-last", "1", config=config)
+        assert pruned.returncode == 0, pruned.stderr
+        assert "deleted 0 snapshots, 0 objects" in pruned.stdout, pruned.stdout
+        assert "deferred 1 snapshots and 0 objects that Object Lock retains" in pruned.stdout
+        listed = kit.drtool("list", "--json", config=config)
+        assert [r["id"] for r in json.loads(listed.stdout)] == ids  # still there, whole
+
+        # once the retention has passed (shortened with the admin's governance bypass)
+        soon = datetime.now(UTC) + timedelta(seconds=2)
+        old = admin.list_objects_v2(Bucket=bucket, Prefix=f"drtool/snapshots/{ids[0]}/")
+        for obj in old["Contents"]:
+            admin.put_object_retention(
+                Bucket=bucket,
+                Key=obj["Key"],
+                Retention={"Mode": "GOVERNANCE", "RetainUntilDate": soon},
+                BypassGovernanceRetention=True,
+            )
+        time.sleep(3)
+        pruned = kit.drtool("prune", "--keep-last", "1", config=config)
+        assert pruned.returncode == 0, pruned.stderr
+        assert "deleted 1 snapshots, " in pruned.stdout, pruned.stdout[-600:]
+        assert "versioned bucket: deleted objects stay as noncurrent versions" in pruned.stdout
+        listed = kit.drtool("list", "--json", config=config)
+        assert [r["id"] for r in json.loads(listed.stdout)] == ids[1:]
     finally:
         server.stop()
 

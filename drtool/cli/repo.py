@@ -9,6 +9,7 @@ import click
 from drtool.cli.context import CliState, emit_json
 from drtool.cli.render import human_bytes, print_table
 from drtool.errors import IntegrityError
+from drtool.repository import layout
 from drtool.repository.retention import Policy
 from drtool.services import prune as prune_svc
 from drtool.services import repo as svc
@@ -201,10 +202,31 @@ def prune(
         ],
     )
     verb = "would delete" if dry_run else "deleted"
+    survived = set(plan.survived)
+    deleted = sum(1 for key in plan.garbage if key not in survived)
+    forgotten = sum(1 for sid in plan.forget if layout.manifest_key(sid) not in survived)
     click.echo(
-        f"{verb} {len(plan.forget)} snapshots, {len(plan.garbage)} objects, "
-        f"{plan.stale_uploads} stale uploads"
+        f"{verb} {forgotten} snapshots, {deleted} objects, {plan.stale_uploads} stale uploads"
     )
+    if plan.survived:
+        click.echo(
+            f"warning: {len(plan.survived)} objects are still stored after their delete "
+            f"(e.g. {plan.survived[0]}); no space was freed for them",
+            err=True,
+        )
+    if plan.deferred:
+        until = max(plan.deferred.values())
+        snapshots = sum(1 for k in plan.deferred if "/" not in k)
+        click.echo(
+            f"deferred {snapshots} snapshots and {len(plan.deferred) - snapshots} objects that "
+            f"Object Lock retains (the latest until {until}); a prune after that removes them"
+        )
+    if plan.versioned and (plan.forget or deleted):
+        click.echo(
+            "versioned bucket: deleted objects stay as noncurrent versions until the bucket's "
+            "NoncurrentVersionExpiration rule removes them (space is freed then; see "
+            "docs/OPERATIONS.md §2)"
+        )
 
 
 @click.command()

@@ -7,7 +7,8 @@ exactly what a real run would do and an interrupted run has deleted only planned
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from drtool.config import Config
@@ -26,6 +27,13 @@ class PrunePlan:
     garbage: list[str]
     stale_uploads: int = 0
     done: bool = False
+    #: snapshot id or object key -> Object Lock retain-until (ISO): cannot be deleted yet,
+    #: so left alone (a later prune removes it); a snapshot is deferred whole
+    deferred: dict[str, str] = field(default_factory=dict)
+    #: a versioned bucket keeps deleted objects as noncurrent versions: no space freed yet
+    versioned: bool = False
+    #: keys the storage still lists after their delete (reported, never claimed deleted)
+    survived: list[str] = field(default_factory=list)
 
 
 def prune(
@@ -46,6 +54,7 @@ def prune(
     repo = open_repo(cfg)
     with repository_lock(repo.storage, "prune") as held:
         plan = plan_prune(repo, policy, cutoff)
+        defer_retained(repo, plan, now or datetime.now(UTC))
         if not dry_run:
             held.ensure_held()  # a lost lock (heartbeat failed) must not delete
             execute_prune(repo, plan, cutoff)
@@ -89,11 +98,55 @@ def plan_prune(repo: Repo, policy: retention.Policy, cutoff: datetime) -> PruneP
     return plan
 
 
+def defer_retained(repo: Repo, plan: PrunePlan, now: datetime) -> None:
+    """Take out of ``plan`` what Object Lock still retains, so prune claims only real deletes.
+
+    A delete of a retained object on a versioned bucket "succeeds" by adding a delete marker
+    while the locked version stays: nothing is freed, and a snapshot whose manifest is hidden
+    that way vanishes from the list while its data remains. So a forgotten snapshot whose
+    manifest is still retained is deferred whole (its own objects with it), and so is every
+    retained piece of garbage; a later prune, after the date, removes them. One
+    GetObjectRetention per planned object, on a store with Object Lock only.
+    """
+    storage = repo.storage
+    if not storage.capabilities.object_lock or not storage.object_lock_enabled():
+        return
+    plan.versioned = storage.versioned()
+    manifests = [layout.manifest_key(sid) for sid in plan.forget]
+    keys = manifests + plan.garbage
+    with ThreadPoolExecutor(8) as pool:
+        dates = dict(zip(keys, pool.map(storage.retention, keys), strict=True))
+    retained = {k: d for k, d in dates.items() if d is not None and d > now}
+    for sid, key in zip(list(plan.forget), manifests, strict=True):
+        if key in retained:
+            plan.forget.remove(sid)
+            plan.deferred[sid] = retained[key].isoformat(timespec="seconds")
+    own = tuple(layout.snapshot_prefix(sid) for sid in plan.deferred)
+    kept = []
+    for key in plan.garbage:
+        if own and key.startswith(own):
+            continue  # deferred with its snapshot
+        if key in retained:
+            plan.deferred[key] = retained[key].isoformat(timespec="seconds")
+        else:
+            kept.append(key)
+    plan.garbage = kept
+
+
 def execute_prune(repo: Repo, plan: PrunePlan, cutoff: datetime) -> None:
-    """Delete what ``plan`` names: manifests first (a snapshot disappears whole), then data."""
+    """Delete what ``plan`` names: manifests first (a snapshot disappears whole), then data.
+
+    Then one listing checks what is really gone: a key still listed is reported in
+    ``survived``, never counted as deleted.
+    """
     for sid in plan.forget:
         repo.storage.delete(layout.manifest_key(sid))
     for key in plan.garbage:
         repo.storage.delete(key)
     repo.storage.abort_stale_uploads(cutoff)
+    gone = {layout.manifest_key(sid) for sid in plan.forget} | set(plan.garbage)
+    listed = {
+        o.key for prefix in (layout.SNAPSHOTS, layout.BLOBS) for o in repo.storage.list(prefix)
+    }
+    plan.survived = sorted(gone & listed)
     plan.done = True

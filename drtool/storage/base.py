@@ -149,6 +149,10 @@ class Storage(ABC):
         """
         return None
 
+    def versioned(self) -> bool:
+        """Whether a delete keeps the data as an older version (S3 versioning, Object Lock)."""
+        return False
+
     def extend_retention(self, key: str, until: datetime) -> None:
         """Raise ``key``'s Object Lock retention to ``until`` (never lowers it); a no-op here."""
         return None

@@ -541,10 +541,20 @@ class S3Storage(Storage):
         """GetObjectRetention: the retain-until date, or None when the object has none."""
         full = self._key(key)
         request = partial(self._client.get_object_retention, Bucket=self.bucket, Key=full)
-        none = {"NoSuchObjectLockConfiguration", "ObjectLockConfigurationNotFoundError"}
+        # no retention on the object, or no Object Lock on the bucket (AWS: InvalidRequest)
+        none = {
+            "NoSuchObjectLockConfiguration",
+            "ObjectLockConfigurationNotFoundError",
+            "InvalidRequest",
+        }
         found = self._call(full, partial(_tolerate, none, request))
         until = found.get("Retention", {}).get("RetainUntilDate")
         return until.astimezone(UTC) if until else None
+
+    def versioned(self) -> bool:
+        """GetBucketVersioning: Enabled or Suspended both keep versions made while enabled."""
+        request = partial(self._client.get_bucket_versioning, Bucket=self.bucket)
+        return self._call(None, request).get("Status") in ("Enabled", "Suspended")
 
     def extend_retention(self, key: str, until: datetime) -> None:
         """PutObjectRetention in the repository's mode; a no-op without a configured mode.
