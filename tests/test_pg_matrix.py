@@ -246,6 +246,7 @@ def test_local_drill_runs_on_the_snapshot_major(
     assert report.error == "" and report.passed, [c for c in report.checks if not c.passed]
     assert report.snapshot_id == world.snapshot_id
     assert report.pg_major == pg_major
+    assert f"runtime: `local`, PostgreSQL {pg_major}\n" in report.to_markdown()
     assert not any((home / "drills").iterdir())
 
 

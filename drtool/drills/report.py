@@ -63,7 +63,8 @@ class DrillReport:
         lines = [
             f"# Restore drill {self.drill_id}: {verdict}",
             "",
-            f"- definition: `{self.definition}`, runtime: `{self.runtime}`",
+            f"- definition: `{self.definition}`, runtime: `{self.runtime}`"
+            + (f", PostgreSQL {self.pg_major}" if self.pg_major else ""),
             f"- snapshot: `{self.snapshot_id}` taken {self.snapshot_time}",
             f"- started {self.started}, finished {self.finished}",
             f"- RPO (snapshot age at drill time): {self.rpo_s / 3600:.1f} h",
