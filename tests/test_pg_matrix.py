@@ -36,7 +36,7 @@ from drtool.repository.access import open_repo
 from drtool.runtime import binaries
 from drtool.runtime.local import LocalStack
 from drtool.services.drill import run_drill
-from drtool.services.restore import RestoreOptions, run_restore
+from drtool.services.restore.run import RestoreOptions, run_restore
 from drtool.sources.pg_fingerprint import PgFingerprints, compare, compute_fingerprints
 from drtool.sources.postgres import (
     create_database,
