@@ -45,6 +45,8 @@ RUN set -eux; \
 RUN groupadd --system --gid 10001 drtool \
     && useradd --system --uid 10001 --gid drtool --home-dir /var/lib/drtool --create-home drtool \
     && install -d -o drtool -g drtool -m 0700 /var/lib/drtool/state \
+    && install -d -o drtool -g drtool -m 0750 /var/lib/drtool/restore_drills \
+        /var/lib/drtool/restore_drills/reports \
     && install -d -m 0755 /etc/drtool/schedules
 
 ARG PIP_WHEELHOUSE=

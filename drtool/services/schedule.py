@@ -179,6 +179,7 @@ class Runner:
         self._running: str | None = None
         self._stopping = False
         self._aborted = False
+        self._abort_reason = ""
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -193,9 +194,10 @@ class Runner:
         self._write_runner(now)
         for spec in self.specs.values():
             state = jobs_svc.read_state(self.state_dir, spec.name)
-            last = state.success_time()
-            if self.metrics is not None and last is not None:
-                self.metrics.last_success.labels(spec.name).set(last.timestamp())
+            if state.scheduled_since is None:
+                state.scheduled_since = now.isoformat(timespec="seconds")
+                jobs_svc.write_state(self.state_dir, state)
+            self._metrics_from_state(spec, state)
             job = add_job(self.scheduler, spec, functools.partial(self._trigger, spec.name))
             start = first_run(spec, job, state, now)
             if start is None:
@@ -235,7 +237,7 @@ class Runner:
                 signal.signal(sig, handler)
         if self._aborted:
             raise Interrupted(
-                f"schedule: stopped; a job was aborted after the {self.grace_s:g} s grace period "
+                f"schedule: stopped; a job was aborted: {self._abort_reason} "
                 "(no partial snapshot is listed)"
             )
         log.info("schedule: stopped")
@@ -345,6 +347,9 @@ class Runner:
             state.last_success = started.isoformat(timespec="seconds")
             state.exit_code, state.message, state.snapshot = 0, result.message, result.snapshot
             state.failures_in_a_row = 0
+            if result.drill_passed is not None:
+                state.drill_passed = result.drill_passed
+                state.drill_rto_s, state.drill_rpo_s = result.drill_rto_s, result.drill_rpo_s
             jobs_svc.write_state(self.state_dir, state)
             log.info(
                 "job %s succeeded: %s",
@@ -367,6 +372,11 @@ class Runner:
         cause = type(error).__name__
         state.exit_code, state.message = code, message
         state.failures_in_a_row += 1
+        # a drill job that failed did not prove the backup restores; one stopped by a signal
+        # reached no verdict and keeps the previous one
+        drill_verdict = spec.kind == "drill" and not isinstance(error, Interrupted)
+        if drill_verdict:
+            state.drill_passed = False
         jobs_svc.write_state(self.state_dir, state)
         log.error(
             "job %s failed (exit %d): %s",
@@ -378,8 +388,8 @@ class Runner:
         )
         if self.metrics is not None:
             self.metrics.record_failure(spec.name, cause, seconds)
-            if spec.kind == "drill":
-                self.metrics.record_drill(False)
+            if drill_verdict:
+                self.metrics.record_drill(spec.name, False)
         return Outcome(spec.name, code, message, seconds, None, error)
 
     def _metrics_success(
@@ -388,9 +398,14 @@ class Runner:
         if self.metrics is None:
             return
         self.metrics.record_success(spec.name, started, seconds)
+        self.metrics.record_deadline(
+            spec.name, spec.kind, started + timedelta(seconds=spec.threshold_s)
+        )
         self.metrics.record_sizes(result.plain_bytes, result.stored_bytes)
         if result.drill_passed is not None:
-            self.metrics.record_drill(result.drill_passed, result.drill_rto_s, result.drill_rpo_s)
+            self.metrics.record_drill(
+                spec.name, result.drill_passed, result.drill_rto_s, result.drill_rpo_s
+            )
         if spec.kind != "drill":
             try:
                 records = repo_svc.list_records(self.cfg)
@@ -399,12 +414,32 @@ class Runner:
                 return
             self.metrics.record_snapshots("VALID" if r.valid else "INVALID" for r in records)
 
+    def _metrics_from_state(self, spec: JobSpec, state: JobState) -> None:
+        """What the persisted state knows, exported at start (nothing is guessed: a job that
+        never ran a drill has no drill series)."""
+        if self.metrics is None:
+            return
+        last = state.success_time()
+        if last is not None:
+            self.metrics.last_success.labels(spec.name).set(last.timestamp())
+        since = last or _parse_time(state.scheduled_since) or datetime.now(UTC)
+        self.metrics.record_deadline(
+            spec.name, spec.kind, since + timedelta(seconds=spec.threshold_s)
+        )
+        if spec.kind == "drill" and state.drill_passed is not None:
+            self.metrics.record_drill(
+                spec.name,
+                state.drill_passed,
+                state.drill_rto_s if state.drill_passed else None,
+                state.drill_rpo_s if state.drill_passed else None,
+            )
+
     # -- signals -----------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         running = self._running
         if self._stopping and running:
-            self._abort(running, f"a second {signal.Signals(signum).name}")
+            self._abort(running, f"a second {signal.Signals(signum).name} arrived")
         self._stopping = True
         if running:
             log.warning(
@@ -424,6 +459,7 @@ class Runner:
 
     def _abort(self, job: str, why: str) -> None:
         self._aborted = True
+        self._abort_reason = why
         self._running = None
         log.error("aborting job %s: %s", job, why)
         raise KeyboardInterrupt
@@ -434,6 +470,13 @@ class Runner:
         path.write_text(
             json.dumps({"pid": os.getpid(), "started": now.isoformat(timespec="seconds")})
         )
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
 
 
 # -- list and health -------------------------------------------------------------------------
