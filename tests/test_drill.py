@@ -380,3 +380,89 @@ def test_drill_picks_a_snapshot_holding_every_store_it_drills() -> None:
     assert choose_snapshot(records, pg, None, now) is full
     with pytest.raises(NotFound, match="no valid snapshot holding postgres within the last"):
         choose_snapshot(records[2:], replace(pg, snapshot="random-within:1d"), None, now)
+
+
+# -- report paths (issue 19.11) -----------------------------------------------------------------
+
+
+HOOK = "report.webhook_url_file {d}/"
+BROKEN_REPORT_PATHS = [
+    ('webhook_url_file = "{d}/no-such-hook"', HOOK + "no-such-hook: file not found"),
+    ('webhook_url_file = "{d}/not-a-url"', HOOK + "not-a-url: does not hold an http(s) URL"),
+    (
+        'textfile = "{d}/no-such-dir/drtool.prom"',
+        "report.textfile {d}/no-such-dir/drtool.prom: the directory {d}/no-such-dir does not exist",
+    ),
+    ('dir = "{d}/a-file/reports"', "report.dir {d}/a-file/reports: {d}/a-file is not a directory"),
+]
+
+
+@pytest.mark.parametrize(("report", "problem"), BROKEN_REPORT_PATHS)
+def test_broken_report_paths_are_refused_when_the_definition_loads(
+    world: World, tmp_path: Path, home: Path, report: str, problem: str
+) -> None:
+    """A passing drill never reads them: checked at load, the mistake shows before it matters."""
+    (tmp_path / "not-a-url").write_text("hooks.example/T0/secret-token\n")
+    (tmp_path / "a-file").write_text("")
+    definition = tmp_path / "drill.toml"
+    definition.write_text(f'name = "test"\n[report]\n{report.format(d=tmp_path)}\n')
+    run = run_drtool(
+        "drill", "run", "--definition", str(definition), config=world.config, home=home
+    )
+    assert run.code == 2, run.stderr
+    assert (
+        run.stderr.strip().splitlines()[-1] == f"error: {definition}: {problem.format(d=tmp_path)}"
+    )
+    assert "Traceback" not in run.stderr and "secret-token" not in run.stderr
+    assert not (home / "drills").exists() or not any((home / "drills").iterdir())
+
+
+def test_a_broken_channel_never_stops_the_alert(
+    world: World, tmp_path: Path, home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The local report directory and the textfile's directory break after the definition
+    loaded (a full or unmounted disk): the failed drill still alerts and is stored."""
+    (tmp_path / "a-file").write_text("")
+    with webhook_receiver() as (url, received):
+        (tmp_path / "hook").write_text(url)
+        spec = DrillDefinition(
+            thresholds=Thresholds(max_rto_s=0.001),
+            report=ReportSettings(
+                dir=str(tmp_path / "a-file" / "reports"),
+                webhook_url_file=str(tmp_path / "hook"),
+                textfile=str(tmp_path / "gone" / "drtool.prom"),
+            ),
+        )
+        report = run_drill(load_config(world.config, {}), home=home, spec=spec)
+    assert report.passed is False
+    (alert,) = received
+    assert alert["text"].startswith(f"drtool restore drill {report.drill_id} FAILED")
+    stored = world.repo.directory / "repository" / "drills" / report.drill_id
+    assert json.loads((stored / "summary.json").read_text())["passed"] is False
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(f"drill {report.drill_id}: local report not delivered" in e for e in errors), errors
+    assert any(f"drill {report.drill_id}: textfile not delivered" in e for e in errors), errors
+
+
+def test_an_unreachable_webhook_is_an_error_in_the_log_and_the_rest_is_delivered(
+    world: World, tmp_path: Path, home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with webhook_receiver() as (url, _):
+        pass  # the port is closed again: nothing listens there
+    (tmp_path / "hook").write_text(url)
+    textfile = tmp_path / "drtool.prom"
+    spec = DrillDefinition(
+        thresholds=Thresholds(max_rto_s=0.001),
+        report=ReportSettings(
+            dir=str(tmp_path / "reports"),
+            webhook_url_file=str(tmp_path / "hook"),
+            textfile=str(textfile),
+        ),
+    )
+    report = run_drill(load_config(world.config, {}), home=home, spec=spec)
+    assert report.passed is False
+    assert "drtool_drill_result" in textfile.read_text()
+    assert (tmp_path / "reports" / f"{report.drill_id}.json").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    (error,) = [e for e in errors if "webhook not delivered" in e]
+    assert "cannot be reached" in error and url not in error

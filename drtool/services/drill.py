@@ -26,6 +26,7 @@ from drtool.drills.report import (
     DrillReport,
     alert_payload,
     prometheus_textfile,
+    read_webhook_url,
     send_webhook,
     write_local,
 )
@@ -153,6 +154,10 @@ def run_drill(
     except DrtoolError as exc:
         report.error = exc.message
         report.passed = False
+    except Exception as exc:  # a bug or an unexpected library error: still a reported failure
+        log.exception("drill %s: unexpected error", drill_id)
+        report.error = f"internal error: {type(exc).__name__}: {exc}"
+        report.passed = False
     report.finished = datetime.now(UTC).isoformat(timespec="seconds")
     _publish(repo, spec, report)
     return report
@@ -240,25 +245,48 @@ def _threshold_checks(spec: DrillDefinition, report: DrillReport) -> list[checks
 
 
 def _publish(repo: Repo, spec: DrillDefinition, report: DrillReport) -> None:
-    """Local JSON + Markdown, the repository copy, metrics, and the alert on failure."""
-    json_path, _ = write_local(report, Path(spec.report.dir))
-    log.info("drill report written to %s", json_path)
-    try:
-        prefix = f"{layout.DRILLS}{report.drill_id}/"
-        summary = json.dumps(report.summary()).encode()
-        repo.storage.put_bytes(drill_log.summary_key(report.drill_id), summary)
-        header = InnerHeader(repo.info.repo_id, report.drill_id, "drill", "drill_report")
-        sealed = seal(
-            [report.to_json().encode()], header=header, recipients=list(repo.info.recipients)
-        )
-        repo.storage.put(prefix + "report.json.zst.age", sealed.stream)
-    except DrtoolError as exc:
-        log.warning("drill report not stored in the repository: %s", exc.message)
+    """Local JSON + Markdown, the Prometheus textfile, the alert on failure, the repository copy.
+
+    Each channel is delivered on its own: one that fails (a full disk, a deleted webhook file,
+    an unreachable repository) is logged as an error and never stops the others, above all
+    not the alert of a failed drill. Metrics of scheduled drills come from the job's result.
+    """
+    channels: list[tuple[str, Callable[[], None]]] = [
+        ("local report", lambda: _write_local(report, Path(spec.report.dir))),
+    ]
     if spec.report.textfile:
-        prometheus_textfile(report, Path(spec.report.textfile))
+        channels.append(
+            ("textfile", lambda: prometheus_textfile(report, Path(spec.report.textfile)))
+        )
     if not report.passed and spec.report.webhook_url_file:
-        url = Path(spec.report.webhook_url_file).read_text().strip()
-        send_webhook(url, alert_payload(report, spec.report.webhook_format))
+        channels.append(("webhook", lambda: _alert(spec, report)))
+    channels.append(("repository copy", lambda: _store(repo, report)))
+    for name, deliver in channels:
+        try:
+            deliver()
+        except Exception as exc:  # one broken channel never stops the next
+            detail = exc.message if isinstance(exc, DrtoolError) else f"{type(exc).__name__}: {exc}"
+            log.error("drill %s: %s not delivered: %s", report.drill_id, name, detail)
+
+
+def _write_local(report: DrillReport, directory: Path) -> None:
+    json_path, _ = write_local(report, directory)
+    log.info("drill report written to %s", json_path)
+
+
+def _alert(spec: DrillDefinition, report: DrillReport) -> None:
+    url = read_webhook_url(Path(spec.report.webhook_url_file))
+    send_webhook(url, alert_payload(report, spec.report.webhook_format))
+
+
+def _store(repo: Repo, report: DrillReport) -> None:
+    """The clear summary and the encrypted full report, in the repository."""
+    prefix = f"{layout.DRILLS}{report.drill_id}/"
+    summary = json.dumps(report.summary()).encode()
+    repo.storage.put_bytes(drill_log.summary_key(report.drill_id), summary)
+    header = InnerHeader(repo.info.repo_id, report.drill_id, "drill", "drill_report")
+    sealed = seal([report.to_json().encode()], header=header, recipients=list(repo.info.recipients))
+    repo.storage.put(prefix + "report.json.zst.age", sealed.stream)
 
 
 def drill_history(cfg: Config) -> list[dict[str, Any]]:
