@@ -5,6 +5,7 @@ inconsistent snapshots, thresholds, alerts, the production guard, and drills tha
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -33,11 +34,13 @@ from helpers import (
 )
 
 from drtool.config import load_config
+from drtool.drills import watchdog as watchdog_module
 from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
 from drtool.drills.report import DrillReport
 from drtool.errors import NotFound, UsageError
 from drtool.repository.catalog import SnapshotRecord
 from drtool.repository.manifest import ComponentEntry, Manifest
+from drtool.runtime import binaries
 from drtool.runtime.endpoints import PostgresEndpoint, S3Endpoint
 from drtool.runtime.local import LocalStack
 from drtool.runtime.s3server import s3_client
@@ -466,3 +469,56 @@ def test_an_unreachable_webhook_is_an_error_in_the_log_and_the_rest_is_delivered
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     (error,) = [e for e in errors if "webhook not delivered" in e]
     assert "cannot be reached" in error and url not in error
+
+
+# -- a drill that stalls (issue 19.12, part) ----------------------------------------------------
+
+
+def stalling_pg_bin(directory: Path) -> Path:
+    """PostgreSQL client tools whose pg_restore never finishes (answers --version)."""
+    real = binaries.pg_bin_dir()
+    directory.mkdir()
+    for tool in real.iterdir():
+        if tool.name != "pg_restore":
+            (directory / tool.name).symlink_to(tool)
+    script = directory / "pg_restore"
+    script.write_text(
+        "#!/bin/bash\n"
+        f'if [ "$1" = "--version" ]; then exec {real}/pg_restore "$@"; fi\n'
+        "while :; do sleep 0.2; done\n"
+    )
+    script.chmod(0o755)
+    return directory
+
+
+def test_a_stalled_drill_is_stopped_at_its_deadline_naming_the_phase(
+    world: World,
+    tmp_path: Path,
+    home: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The restore hangs: progress is logged, the deadline stops the drill, the stack goes,
+    and the report (locally and in history) says where it was stuck; the RTO counts the
+    whole restore up to then."""
+    monkeypatch.setattr(watchdog_module, "PROGRESS_S", 2.0)
+    caplog.set_level(logging.INFO)
+    slow = stalling_pg_bin(tmp_path / "slow-pg")
+    cfg = load_config(world.config, {})
+    cfg = replace(cfg, postgres=replace(cfg.postgres, bin_dir=str(slow)))
+    spec = DrillDefinition(report=ReportSettings(dir=str(tmp_path / "reports")))
+    # long enough for the scratch stack to come up: the restore, which never ends, is hit
+    report = run_drill(cfg, home=home, spec=spec, deadline_s=30)
+    assert report.passed is False
+    assert report.error == (
+        f"the drill's deadline of 30 s passed while restoring snapshot {report.snapshot_id}"
+    )
+    assert report.restore_s > 0 and report.phases_s["restore"] == report.restore_s
+    progress = [r.getMessage() for r in caplog.records if "restoring snapshot" in r.getMessage()]
+    assert any(" for " in m and "deadline in" in m for m in progress), progress
+    saved = json.loads((tmp_path / "reports" / f"{report.drill_id}.json").read_text())
+    assert saved["error"] == report.error
+    history = run_drtool("drill", "history", "--json", config=world.config)
+    (entry,) = [d for d in json.loads(history.stdout) if d["drill_id"] == report.drill_id]
+    assert entry["error"] == report.error and entry["passed"] is False
+    assert processes_in(home) == [] and processes_in(slow) == []

@@ -68,7 +68,7 @@ def history(state: CliState, as_json: bool) -> None:
                 r["drill_id"],
                 "pass" if r["passed"] else "FAIL",
                 r["snapshot_id"],
-                f"{sum(r['rto_s'].values()):.1f}",
+                f"{r.get('restore_s') or sum(r['rto_s'].values()):.1f}",
                 f"{r['rpo_s'] / 3600:.1f}",
                 ", ".join(map(str, r.get("failed_checks") or [])) or str(r.get("error") or ""),
             ]
