@@ -42,9 +42,15 @@ RUN set -eux; \
     rm -rf /var/lib/apt/lists/*; \
     pg_dump --version; redis-cli --version; zstd --version; age --version
 
+# restore_drills/reports exists in the image, owned by drtool: the `drill` service bind-mounts
+# weekly.toml into restore_drills/ of its state volume, and a directory Docker creates for a
+# mount point is root's, so the drill (uid 10001) could not create its reports there. A new
+# volume is filled from the image, ownership included.
 RUN groupadd --system --gid 10001 drtool \
     && useradd --system --uid 10001 --gid drtool --home-dir /var/lib/drtool --create-home drtool \
     && install -d -o drtool -g drtool -m 0700 /var/lib/drtool/state \
+    && install -d -o drtool -g drtool -m 0750 /var/lib/drtool/restore_drills \
+        /var/lib/drtool/restore_drills/reports \
     && install -d -m 0755 /etc/drtool/schedules
 
 ARG PIP_WHEELHOUSE=

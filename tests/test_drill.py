@@ -5,6 +5,7 @@ inconsistent snapshots, thresholds, alerts, the production guard, and drills tha
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -34,12 +35,14 @@ from helpers import (
 )
 
 from drtool.config import load_config
+from drtool.drills import watchdog as watchdog_module
 from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
 from drtool.drills.report import DrillReport
 from drtool.endpoints import PostgresEndpoint, S3Endpoint
 from drtool.errors import NotFound, UsageError
 from drtool.repository.catalog import SnapshotRecord
 from drtool.repository.manifest import ComponentEntry, Manifest
+from drtool.runtime import binaries
 from drtool.runtime.local import LocalStack
 from drtool.s3session import s3_client
 from drtool.services.drill import choose_snapshot, guard_production, run_drill
@@ -386,3 +389,142 @@ def test_drill_picks_a_snapshot_holding_every_store_it_drills() -> None:
     assert choose_snapshot(records, pg, None, now) is full
     with pytest.raises(NotFound, match="no valid snapshot holding postgres within the last"):
         choose_snapshot(records[2:], replace(pg, snapshot="random-within:1d"), None, now)
+
+
+# -- report paths (issue 19.11) -----------------------------------------------------------------
+
+
+HOOK = "report.webhook_url_file {d}/"
+BROKEN_REPORT_PATHS = [
+    ('webhook_url_file = "{d}/no-such-hook"', HOOK + "no-such-hook: file not found"),
+    ('webhook_url_file = "{d}/not-a-url"', HOOK + "not-a-url: does not hold an http(s) URL"),
+    (
+        'textfile = "{d}/no-such-dir/drtool.prom"',
+        "report.textfile {d}/no-such-dir/drtool.prom: the directory {d}/no-such-dir does not exist",
+    ),
+    ('dir = "{d}/a-file/reports"', "report.dir {d}/a-file/reports: {d}/a-file is not a directory"),
+]
+
+
+@pytest.mark.parametrize(("report", "problem"), BROKEN_REPORT_PATHS)
+def test_broken_report_paths_are_refused_when_the_definition_loads(
+    world: World, tmp_path: Path, home: Path, report: str, problem: str
+) -> None:
+    """A passing drill never reads them: checked at load, the mistake shows before it matters."""
+    (tmp_path / "not-a-url").write_text("hooks.example/T0/secret-token\n")
+    (tmp_path / "a-file").write_text("")
+    definition = tmp_path / "drill.toml"
+    definition.write_text(f'name = "test"\n[report]\n{report.format(d=tmp_path)}\n')
+    run = run_drtool(
+        "drill", "run", "--definition", str(definition), config=world.config, home=home
+    )
+    assert run.code == 2, run.stderr
+    assert (
+        run.stderr.strip().splitlines()[-1] == f"error: {definition}: {problem.format(d=tmp_path)}"
+    )
+    assert "Traceback" not in run.stderr and "secret-token" not in run.stderr
+    assert not (home / "drills").exists() or not any((home / "drills").iterdir())
+
+
+def test_a_broken_channel_never_stops_the_alert(
+    world: World, tmp_path: Path, home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The local report directory and the textfile's directory break after the definition
+    loaded (a full or unmounted disk): the failed drill still alerts and is stored."""
+    (tmp_path / "a-file").write_text("")
+    with webhook_receiver() as (url, received):
+        (tmp_path / "hook").write_text(url)
+        spec = DrillDefinition(
+            thresholds=Thresholds(max_rto_s=0.001),
+            report=ReportSettings(
+                dir=str(tmp_path / "a-file" / "reports"),
+                webhook_url_file=str(tmp_path / "hook"),
+                textfile=str(tmp_path / "gone" / "drtool.prom"),
+            ),
+        )
+        report = run_drill(load_config(world.config, {}), home=home, spec=spec)
+    assert report.passed is False
+    (alert,) = received
+    assert alert["text"].startswith(f"drtool restore drill {report.drill_id} FAILED")
+    stored = world.repo.directory / "repository" / "drills" / report.drill_id
+    assert json.loads((stored / "summary.json").read_text())["passed"] is False
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(f"drill {report.drill_id}: local report not delivered" in e for e in errors), errors
+    assert any(f"drill {report.drill_id}: textfile not delivered" in e for e in errors), errors
+
+
+def test_an_unreachable_webhook_is_an_error_in_the_log_and_the_rest_is_delivered(
+    world: World, tmp_path: Path, home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with webhook_receiver() as (url, _):
+        pass  # the port is closed again: nothing listens there
+    (tmp_path / "hook").write_text(url)
+    textfile = tmp_path / "drtool.prom"
+    spec = DrillDefinition(
+        thresholds=Thresholds(max_rto_s=0.001),
+        report=ReportSettings(
+            dir=str(tmp_path / "reports"),
+            webhook_url_file=str(tmp_path / "hook"),
+            textfile=str(textfile),
+        ),
+    )
+    report = run_drill(load_config(world.config, {}), home=home, spec=spec)
+    assert report.passed is False
+    assert "drtool_drill_result" in textfile.read_text()
+    assert (tmp_path / "reports" / f"{report.drill_id}.json").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    (error,) = [e for e in errors if "webhook not delivered" in e]
+    assert "cannot be reached" in error and url not in error
+
+
+# -- a drill that stalls (issue 19.12, part) ----------------------------------------------------
+
+
+def stalling_pg_bin(directory: Path) -> Path:
+    """PostgreSQL client tools whose pg_restore never finishes (answers --version)."""
+    real = binaries.pg_bin_dir()
+    directory.mkdir()
+    for tool in real.iterdir():
+        if tool.name != "pg_restore":
+            (directory / tool.name).symlink_to(tool)
+    script = directory / "pg_restore"
+    script.write_text(
+        "#!/bin/bash\n"
+        f'if [ "$1" = "--version" ]; then exec {real}/pg_restore "$@"; fi\n'
+        "while :; do sleep 0.2; done\n"
+    )
+    script.chmod(0o755)
+    return directory
+
+
+def test_a_stalled_drill_is_stopped_at_its_deadline_naming_the_phase(
+    world: World,
+    tmp_path: Path,
+    home: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The restore hangs: progress is logged, the deadline stops the drill, the stack goes,
+    and the report (locally and in history) says where it was stuck; the RTO counts the
+    whole restore up to then."""
+    monkeypatch.setattr(watchdog_module, "PROGRESS_S", 2.0)
+    caplog.set_level(logging.INFO)
+    slow = stalling_pg_bin(tmp_path / "slow-pg")
+    cfg = load_config(world.config, {})
+    cfg = replace(cfg, postgres=replace(cfg.postgres, bin_dir=str(slow)))
+    spec = DrillDefinition(report=ReportSettings(dir=str(tmp_path / "reports")))
+    # long enough for the scratch stack to come up: the restore, which never ends, is hit
+    report = run_drill(cfg, home=home, spec=spec, deadline_s=30)
+    assert report.passed is False
+    assert report.error == (
+        f"the drill's deadline of 30 s passed while restoring snapshot {report.snapshot_id}"
+    )
+    assert report.restore_s > 0 and report.phases_s["restore"] == report.restore_s
+    progress = [r.getMessage() for r in caplog.records if "restoring snapshot" in r.getMessage()]
+    assert any(" for " in m and "deadline in" in m for m in progress), progress
+    saved = json.loads((tmp_path / "reports" / f"{report.drill_id}.json").read_text())
+    assert saved["error"] == report.error
+    history = run_drtool("drill", "history", "--json", config=world.config)
+    (entry,) = [d for d in json.loads(history.stdout) if d["drill_id"] == report.drill_id]
+    assert entry["error"] == report.error and entry["passed"] is False
+    assert processes_in(home) == [] and processes_in(slow) == []

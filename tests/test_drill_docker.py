@@ -290,3 +290,30 @@ def test_cleanup_judges_owners_it_cannot_see_by_their_container(
         assert removed == ["container drtool-drill-t-runs"]
     finally:
         runner.remove(force=True)
+
+
+@pytest.mark.docker
+def test_history_names_the_cause_of_a_drill_that_failed_with_an_error(
+    world: World, clean_engine: docker.DockerClient, tmp_path: Path
+) -> None:
+    """No check failed (the stack never came up): ``drill history`` still says why."""
+    missing = "127.0.0.1:1/drtool-test/no-such-image:none"  # a registry that refuses at once
+    definition = tmp_path / "missing.toml"
+    definition.write_text(
+        f'name = "missing"\nruntime = "docker"\n[docker]\npostgres_image = "{missing}"\n'
+        f'[report]\ndir = "{tmp_path / "reports"}"\n'
+    )
+    run = run_drtool("drill", "run", "--definition", str(definition), "--json",
+                     config=world.config, home=tmp_path / "home")  # fmt: skip
+    assert run.code == 6, run.stderr
+    drill_id = json.loads(run.stdout)["drill_id"]
+    history = run_drtool("drill", "history", "--json", config=world.config)
+    assert history.code == 0, history.stderr
+    (entry,) = [d for d in json.loads(history.stdout) if d["drill_id"] == drill_id]
+    assert entry["passed"] is False and entry["failed_checks"] == []
+    assert f"docker: image {missing} is not on this engine" in entry["error"]
+    # wide enough for the row (a table on a pipe is cut to 80 columns: another issue)
+    table = run_drtool("drill", "history", config=world.config, extra_env={"COLUMNS": "400"})
+    (row,) = [line for line in table.stdout.splitlines() if drill_id in line]
+    assert "FAIL" in row and "not on this engine" in row
+    assert leftovers(clean_engine) == []

@@ -288,7 +288,10 @@ def test_loop_no_overlap_isolates_failures_tags_logs_and_serves_metrics(
     assert re.search(r'drtool_backup_plain_bytes\{component="postgres"\} [1-9]', text)
     assert re.search(r'drtool_snapshots\{status="VALID"\} [1-9]', text)
     assert re.search(r'drtool_job_failures_total\{cause="\w+",job="broken"\} [3-9]', text)
-    assert "drtool_drill_result 0.0" in text
+    # the failing drill job's verdict carries its name; no other job has one
+    assert re.findall(r"^drtool_drill_result\{.*$", text, re.M) == [
+        'drtool_drill_result{job="broken"} 0.0'
+    ]
 
 
 def test_missed_run_runs_once_at_start(kit: Kit, tmp_path: Path) -> None:
@@ -482,6 +485,43 @@ def test_after_kill_9_health_is_not_ok_and_the_next_run_sweeps_the_lock(
     )
     assert once.returncode == 0, once.stderr
     assert read_locks(repo_svc.storage_for(cfg)) == []  # swept by the next successful run
+
+
+def test_a_second_sigterm_aborts_at_once_and_says_so(kit: Kit, tmp_path: Path) -> None:
+    """The message names the second signal, not a grace period that had not run out."""
+    slow = kit.slow_pg_bin(pause_s=600)
+    config = kit.config_file("second-sigterm", pg_bin_dir=slow)
+    schedules = write_schedule(
+        tmp_path / "schedules",
+        {"pg": {"kind": "backup", "components": ["postgres"], "every": "1h"}},
+    )
+    (slow / "streaming").unlink(missing_ok=True)
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [*DRTOOL, "--config", str(config), "--home", str(tmp_path), "schedule", "run",
+             "--schedule-dir", str(schedules), "--metrics-port", "0", "--grace", "600"],
+            stdout=subprocess.DEVNULL, stderr=log_file,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: (slow / "streaming").exists(), "the backup to stream")
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: "letting job pg finish" in log_path.read_text(), "the first SIGTERM")
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=WAIT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = log_path.read_text()
+    assert rc == 130, stderr
+    messages = [json.loads(line)["message"] for line in stderr.splitlines() if line.startswith("{")]
+    assert "aborting job pg: a second SIGTERM arrived" in messages, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "error: schedule: stopped; a job was aborted: a second SIGTERM arrived "
+        "(no partial snapshot is listed)"
+    )
+    assert "grace period" not in stderr.replace("(up to 600 s)", "")
 
 
 def test_sigterm_while_idle_stops_cleanly(kit: Kit, tmp_path: Path) -> None:

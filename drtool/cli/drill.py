@@ -62,15 +62,15 @@ def history(state: CliState, as_json: bool) -> None:
         return
     print_table(
         "drills",
-        ["drill", "result", "snapshot", "RTO s", "RPO h", "failed checks"],
+        ["drill", "result", "snapshot", "RTO s", "RPO h", "failed checks / error"],
         [
             [
                 r["drill_id"],
                 "pass" if r["passed"] else "FAIL",
                 r["snapshot_id"],
-                f"{sum(r['rto_s'].values()):.1f}",
+                f"{r.get('restore_s') or sum(r['rto_s'].values()):.1f}",
                 f"{r['rpo_s'] / 3600:.1f}",
-                ", ".join(map(str, r.get("failed_checks") or [])),
+                ", ".join(map(str, r.get("failed_checks") or [])) or str(r.get("error") or ""),
             ]
             for r in rows
         ],

@@ -37,6 +37,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from drtool.drills.report import check_report_paths
 from drtool.errors import ConfigError
 from drtool.typed_load import build, problem
 
@@ -145,6 +146,8 @@ def load_definition(path: Path | None) -> DrillDefinition:
     if path is None:
         return DrillDefinition()
     try:
-        return parse_definition(path.read_text(), source=str(path))
+        definition = parse_definition(path.read_text(), source=str(path))
     except FileNotFoundError:
         raise ConfigError(f"drill definition: file not found (got {path})") from None
+    check_report_paths(definition.report, str(path))
+    return definition

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drtool.drills.checks import CheckResult
+from drtool.errors import ConfigError
+
+if TYPE_CHECKING:
+    from drtool.drills.definition import ReportSettings
 
 log = logging.getLogger(__name__)
+
+
+MAX_ERROR_CHARS = 500
 
 
 @dataclass
@@ -33,6 +42,9 @@ class DrillReport:
     passed: bool = False
     error: str = ""
     rto_s: dict[str, float] = field(default_factory=dict)
+    # the whole restore, wall time: staging, decryption and checks included, and up to the
+    # failure when it failed (the components' own times leave those out)
+    restore_s: float = 0.0
     rpo_s: float = 0.0
     phases_s: dict[str, float] = field(default_factory=dict)
     checks: list[CheckResult] = field(default_factory=list)
@@ -49,7 +61,11 @@ class DrillReport:
             "finished": self.finished,
             "passed": self.passed,
             "failed_checks": [c.name for c in self.checks if not c.passed],
+            # why a drill that failed with an error (no image, a stall, no snapshot) failed:
+            # drtool's own one-line message, which names objects and endpoints, never data
+            "error": self.error[:MAX_ERROR_CHARS],
             "rto_s": self.rto_s,
+            "restore_s": self.restore_s,
             "rpo_s": self.rpo_s,
         }
 
@@ -68,8 +84,9 @@ class DrillReport:
             f"- snapshot: `{self.snapshot_id}` taken {self.snapshot_time}",
             f"- started {self.started}, finished {self.finished}",
             f"- RPO (snapshot age at drill time): {self.rpo_s / 3600:.1f} h",
-            f"- RTO (restore time): {sum(self.rto_s.values()):.1f} s "
-            + ", ".join(f"{k} {v:.1f} s" for k, v in self.rto_s.items()),
+            f"- RTO (the whole restore): {self.restore_s:.1f} s"
+            + (" (" + ", ".join(f"{k} {v:.1f} s" for k, v in self.rto_s.items()) + ")")
+            * bool(self.rto_s),
         ]
         if self.error:
             lines += ["", f"**Error:** {self.error}"]
@@ -115,7 +132,10 @@ def alert_payload(report: DrillReport, fmt: str) -> Any:
 
 
 def send_webhook(url: str, payload: Any, *, timeout: float = 10.0) -> None:
-    """POST ``payload`` as JSON; a failure is logged, never raised (the drill result stands)."""
+    """POST ``payload`` as JSON; raises OSError (HTTPError included) when it is not accepted.
+
+    The URL is a secret (it may embed a token): it is never part of a message.
+    """
     request = urllib.request.Request(
         url,
         data=json.dumps(payload).encode(),
@@ -125,8 +145,11 @@ def send_webhook(url: str, payload: Any, *, timeout: float = 10.0) -> None:
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read()
+    except urllib.error.HTTPError as exc:
+        raise OSError(f"the webhook answered HTTP {exc.code}") from None
     except OSError as exc:
-        log.warning("drill alert webhook failed: %s", type(exc).__name__)
+        reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+        raise OSError(f"the webhook cannot be reached ({reason})") from None
 
 
 def prometheus_textfile(report: DrillReport, path: Path) -> None:
@@ -148,3 +171,59 @@ def prometheus_textfile(report: DrillReport, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
+
+
+# -- report paths, checked when a definition is loaded ----------------------------------------
+
+
+def check_report_paths(settings: ReportSettings, source: str) -> None:
+    """Refuse report paths a drill could not use, before any drill runs.
+
+    A passing drill never reads the webhook file and a broken path showed only when a drill
+    failed, i.e. exactly when the alert mattered. Checked without side effects: the report
+    directory need not exist yet, but the nearest existing directory above it must be
+    writable by this process (the Compose drill service runs as uid 10001).
+    """
+    if settings.dir:
+        _writable_dir(Path(settings.dir), f"{source}: report.dir")
+    if settings.textfile:
+        path = Path(settings.textfile)
+        where = f"{source}: report.textfile {path}"
+        if not path.parent.is_dir():
+            raise ConfigError(f"{where}: the directory {path.parent} does not exist")
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"{where}: the directory {path.parent} is not writable{_uid()}")
+    if settings.webhook_url_file:
+        read_webhook_url(Path(settings.webhook_url_file), f"{source}: report.webhook_url_file")
+
+
+def read_webhook_url(path: Path, where: str = "report.webhook_url_file") -> str:
+    """The URL in the webhook file (a secret: never logged, never quoted in an error)."""
+    try:
+        url = path.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{where} {path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{where} {path}: cannot read ({exc.strerror or exc})") from None
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where} {path}: does not hold an http(s) URL")
+    return url
+
+
+def _writable_dir(path: Path, where: str) -> None:
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{where} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = (
+            "is not writable"
+            if existing == path
+            else f"cannot be created: {existing} is not writable"
+        )
+        raise ConfigError(f"{where} {path}: {what}{_uid()}")
+
+
+def _uid() -> str:
+    return f" by uid {os.getuid()}"

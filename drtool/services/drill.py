@@ -26,10 +26,12 @@ from drtool.drills.report import (
     DrillReport,
     alert_payload,
     prometheus_textfile,
+    read_webhook_url,
     send_webhook,
     write_local,
 )
 from drtool.drills.runtime_local import cleanup_local, local_scratch
+from drtool.drills.watchdog import DrillDeadline, Watchdog, watchdog
 from drtool.endpoints import StackEndpoints
 from drtool.errors import ConfigError, DrtoolError, NotFound, UsageError
 from drtool.pipeline.header import InnerHeader
@@ -42,6 +44,9 @@ from drtool.services.restore.run import RestoreOptions, run_restore
 from drtool.sources import postgres as pg
 
 log = logging.getLogger(__name__)
+
+# beyond twice the RTO limit: the scratch stack's start and teardown and the data checks
+DEADLINE_MARGIN_S = 600.0
 
 # (home, drill id, definition, the snapshot's PostgreSQL major) -> the scratch stack
 Scratch = Callable[[Path, str, DrillDefinition, int | None], AbstractContextManager[StackEndpoints]]
@@ -149,6 +154,11 @@ def scratch_target(endpoints: StackEndpoints) -> StackConfig:
     )
 
 
+def default_deadline(spec: DrillDefinition) -> float:
+    """The whole drill may take twice its RTO limit plus a margin for the scratch stack."""
+    return 2 * spec.thresholds.max_rto_s + DEADLINE_MARGIN_S
+
+
 def run_drill(
     cfg: Config,
     *,
@@ -157,8 +167,13 @@ def run_drill(
     snapshot: str | None = None,
     now: datetime | None = None,
     scratch: Scratch = _scratch,
+    deadline_s: float | None = None,
 ) -> DrillReport:
-    """Run one drill and return its report (``passed`` says how it went)."""
+    """Run one drill and return its report (``passed`` says how it went).
+
+    The drill is stopped and reported failed once it has run ``deadline_s`` seconds (default:
+    :func:`default_deadline`); its phase is logged every 30 s meanwhile.
+    """
     if not cfg.keys.identity_file:
         raise ConfigError("keys.identity_file: a drill decrypts, it needs the operators' identity")
     now = now or datetime.now(UTC)
@@ -179,9 +194,17 @@ def run_drill(
         "drill %s of snapshot %s on the %s runtime", drill_id, record.snapshot_id, spec.runtime
     )
     try:
-        _drill(cfg, home, spec, record, report, scratch)
+        with watchdog(drill_id, deadline_s or default_deadline(spec)) as dog:
+            _drill(cfg, home, spec, record, report, scratch, dog)
+    except DrillDeadline as exc:
+        report.error = str(exc)
+        report.passed = False
     except DrtoolError as exc:
         report.error = exc.message
+        report.passed = False
+    except Exception as exc:  # a bug or an unexpected library error: still a reported failure
+        log.exception("drill %s: unexpected error", drill_id)
+        report.error = f"internal error: {type(exc).__name__}: {exc}"
         report.passed = False
     report.finished = datetime.now(UTC).isoformat(timespec="seconds")
     _publish(repo, spec, report)
@@ -195,10 +218,12 @@ def _drill(
     record: catalog.SnapshotRecord,
     report: DrillReport,
     scratch: Scratch,
+    dog: Watchdog,
 ) -> None:
     phases = report.phases_s
     started = time.monotonic()
     pg_major = snapshot_pg_major(record, spec)
+    dog.enter(f"starting the {spec.runtime} scratch stack")
     with scratch(home, report.drill_id, spec, pg_major) as endpoints:
         phases["up"] = round(time.monotonic() - started, 3)
         guard_production(endpoints, cfg.stack())
@@ -206,6 +231,7 @@ def _drill(
         report.pg_major = pg_major
         target = f"drill-{report.drill_id}"
         drill_cfg = replace(cfg, targets={**cfg.targets, target: scratch_target(endpoints)})
+        dog.enter(f"restoring snapshot {record.snapshot_id}")
         if spec.runtime == "local" and pg_major is not None:
             # the local scratch's own client tools: pg_restore of the dump's major
             bin_dir = str(pg_bin_dir(major=pg_major))
@@ -226,7 +252,8 @@ def _drill(
                 checks.CheckResult("snapshot restores", False, exc.message, examples=[exc.message])
             )
             raise
-        phases["restore"] = round(time.monotonic() - t0, 3)
+        finally:  # the whole restore, up to a failure too
+            report.restore_s = phases["restore"] = round(time.monotonic() - t0, 3)
         for comp in restored.components:
             report.rto_s[comp.name] = round(comp.seconds, 3)
             report.checks.append(
@@ -237,9 +264,11 @@ def _drill(
                     examples=comp.problems[: checks.MAX_EXAMPLES],
                 )
             )
+        dog.enter("checking the restored data")
         t0 = time.monotonic()
         report.checks += _data_checks(endpoints, spec)
         phases["checks"] = round(time.monotonic() - t0, 3)
+        dog.enter("tearing the scratch stack down")
         t0 = time.monotonic()
     phases["down"] = round(time.monotonic() - t0, 3)
     report.checks += _threshold_checks(spec, report)
@@ -258,7 +287,7 @@ def _data_checks(endpoints: StackEndpoints, spec: DrillDefinition) -> list[check
 
 
 def _threshold_checks(spec: DrillDefinition, report: DrillReport) -> list[checks.CheckResult]:
-    rto = sum(report.rto_s.values())
+    rto = report.restore_s  # the whole restore, not only the components' own times
     limits = spec.thresholds
     return [
         checks.CheckResult(
@@ -277,25 +306,48 @@ def _threshold_checks(spec: DrillDefinition, report: DrillReport) -> list[checks
 
 
 def _publish(repo: Repo, spec: DrillDefinition, report: DrillReport) -> None:
-    """Local JSON + Markdown, the repository copy, metrics, and the alert on failure."""
-    json_path, _ = write_local(report, Path(spec.report.dir))
-    log.info("drill report written to %s", json_path)
-    try:
-        prefix = f"{layout.DRILLS}{report.drill_id}/"
-        summary = json.dumps(report.summary()).encode()
-        repo.storage.put_bytes(drill_log.summary_key(report.drill_id), summary)
-        header = InnerHeader(repo.info.repo_id, report.drill_id, "drill", "drill_report")
-        sealed = seal(
-            [report.to_json().encode()], header=header, recipients=list(repo.info.recipients)
-        )
-        repo.storage.put(prefix + "report.json.zst.age", sealed.stream)
-    except DrtoolError as exc:
-        log.warning("drill report not stored in the repository: %s", exc.message)
+    """Local JSON + Markdown, the Prometheus textfile, the alert on failure, the repository copy.
+
+    Each channel is delivered on its own: one that fails (a full disk, a deleted webhook file,
+    an unreachable repository) is logged as an error and never stops the others, above all
+    not the alert of a failed drill. Metrics of scheduled drills come from the job's result.
+    """
+    channels: list[tuple[str, Callable[[], None]]] = [
+        ("local report", lambda: _write_local(report, Path(spec.report.dir))),
+    ]
     if spec.report.textfile:
-        prometheus_textfile(report, Path(spec.report.textfile))
+        channels.append(
+            ("textfile", lambda: prometheus_textfile(report, Path(spec.report.textfile)))
+        )
     if not report.passed and spec.report.webhook_url_file:
-        url = Path(spec.report.webhook_url_file).read_text().strip()
-        send_webhook(url, alert_payload(report, spec.report.webhook_format))
+        channels.append(("webhook", lambda: _alert(spec, report)))
+    channels.append(("repository copy", lambda: _store(repo, report)))
+    for name, deliver in channels:
+        try:
+            deliver()
+        except Exception as exc:  # one broken channel never stops the next
+            detail = exc.message if isinstance(exc, DrtoolError) else f"{type(exc).__name__}: {exc}"
+            log.error("drill %s: %s not delivered: %s", report.drill_id, name, detail)
+
+
+def _write_local(report: DrillReport, directory: Path) -> None:
+    json_path, _ = write_local(report, directory)
+    log.info("drill report written to %s", json_path)
+
+
+def _alert(spec: DrillDefinition, report: DrillReport) -> None:
+    url = read_webhook_url(Path(spec.report.webhook_url_file))
+    send_webhook(url, alert_payload(report, spec.report.webhook_format))
+
+
+def _store(repo: Repo, report: DrillReport) -> None:
+    """The clear summary and the encrypted full report, in the repository."""
+    prefix = f"{layout.DRILLS}{report.drill_id}/"
+    summary = json.dumps(report.summary()).encode()
+    repo.storage.put_bytes(drill_log.summary_key(report.drill_id), summary)
+    header = InnerHeader(repo.info.repo_id, report.drill_id, "drill", "drill_report")
+    sealed = seal([report.to_json().encode()], header=header, recipients=list(repo.info.recipients))
+    repo.storage.put(prefix + "report.json.zst.age", sealed.stream)
 
 
 def drill_history(cfg: Config) -> list[dict[str, Any]]:

@@ -310,6 +310,13 @@ class JobState:
     duration_s: float = 0.0
     snapshot: str | None = None
     failures_in_a_row: int = 0
+    # when a scheduler first ran with this job: before its first success, the job's deadline
+    # (metrics) counts from here, so a job that never succeeds alerts instead of staying silent
+    scheduled_since: str | None = None
+    # drill jobs: the last verdict and figures, so the metrics survive a restart
+    drill_passed: bool | None = None
+    drill_rto_s: dict[str, float] = field(default_factory=dict)
+    drill_rpo_s: float | None = None
 
     def success_time(self) -> datetime | None:
         """``last_success`` as an aware datetime."""

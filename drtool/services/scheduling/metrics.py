@@ -60,20 +60,32 @@ class Metrics:
             ["job", "cause"],
             registry=r,
         )
+        # Series that mean "the last X was ..." carry the job and exist only once X happened:
+        # an unlabelled Gauge would export 0 from start, i.e. "the last drill failed" on every
+        # process, including backup-cron, which never runs one.
         self.drill_result = Gauge(
             "drtool_drill_result",
-            "1 when the last restore drill passed, 0 when it failed.",
+            "1 when the job's last restore drill passed, 0 when it failed (absent: none yet).",
+            ["job"],
             registry=r,
         )
         self.drill_rto = Gauge(
             "drtool_drill_rto_seconds",
-            "Restore time of the component in the last drill.",
-            ["component"],
+            "Restore time of the component in the job's last passing drill.",
+            ["job", "component"],
             registry=r,
         )
         self.drill_rpo = Gauge(
             "drtool_drill_rpo_seconds",
-            "Age of the drilled snapshot when the last drill ran.",
+            "Age of the drilled snapshot when the job's last passing drill ran.",
+            ["job"],
+            registry=r,
+        )
+        self.deadline = Gauge(
+            "drtool_job_deadline_timestamp_seconds",
+            "Unix time by which the job must succeed (its last success, or since when it has "
+            "been scheduled, plus its max_age); exported from start for every scheduled job.",
+            ["job", "kind"],
             registry=r,
         )
 
@@ -102,15 +114,23 @@ class Metrics:
         for status, n in counts.items():
             self.snapshots.labels(status).set(n)
 
+    def record_deadline(self, job: str, kind: str, when: datetime) -> None:
+        """``job`` (of ``kind``) must next succeed by ``when``."""
+        self.deadline.labels(job, kind).set(when.timestamp())
+
     def record_drill(
-        self, passed: bool, rto: dict[str, float] | None = None, rpo: float | None = None
+        self,
+        job: str,
+        passed: bool,
+        rto: dict[str, float] | None = None,
+        rpo: float | None = None,
     ) -> None:
-        """The last drill's outcome and, when it passed, its RTO per component and RPO."""
-        self.drill_result.set(1 if passed else 0)
+        """Job ``job``'s last drill outcome and, when it passed, its RTO per component and RPO."""
+        self.drill_result.labels(job).set(1 if passed else 0)
         for component, seconds in (rto or {}).items():
-            self.drill_rto.labels(component).set(seconds)
+            self.drill_rto.labels(job, component).set(seconds)
         if rpo is not None:
-            self.drill_rpo.set(rpo)
+            self.drill_rpo.labels(job).set(rpo)
 
 
 class MetricsServer:

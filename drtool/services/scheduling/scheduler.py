@@ -51,7 +51,7 @@ import schedule
 
 from drtool import liveness
 from drtool.config import Config
-from drtool.errors import DrtoolError, NotFound, UsageError, interrupted
+from drtool.errors import DrtoolError, Interrupted, NotFound, UsageError, interrupted
 from drtool.services import repo as repo_svc
 from drtool.services.backup import state_dir as backup_state_dir
 from drtool.services.scheduling import jobs as jobs_svc
@@ -180,6 +180,7 @@ class Runner:
         self._stopping = False
         self._aborted = False
         self._signal: int | None = None  # the stop signal: SIGTERM exits 143 (ADR 0008)
+        self._abort_reason = ""
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -194,9 +195,10 @@ class Runner:
         self._write_runner(now)
         for spec in self.specs.values():
             state = jobs_svc.read_state(self.state_dir, spec.name)
-            last = state.success_time()
-            if self.metrics is not None and last is not None:
-                self.metrics.last_success.labels(spec.name).set(last.timestamp())
+            if state.scheduled_since is None:
+                state.scheduled_since = now.isoformat(timespec="seconds")
+                jobs_svc.write_state(self.state_dir, state)
+            self._metrics_from_state(spec, state)
             job = add_job(self.scheduler, spec, functools.partial(self._trigger, spec.name))
             start = first_run(spec, job, state, now)
             if start is None:
@@ -237,7 +239,7 @@ class Runner:
         if self._aborted:
             raise interrupted(
                 self._signal,
-                f"schedule: stopped; a job was aborted after the {self.grace_s:g} s grace period "
+                f"schedule: stopped; a job was aborted: {self._abort_reason} "
                 "(no partial snapshot is listed)",
             )
         log.info("schedule: stopped")
@@ -349,6 +351,9 @@ class Runner:
             state.last_success = started.isoformat(timespec="seconds")
             state.exit_code, state.message, state.snapshot = 0, result.message, result.snapshot
             state.failures_in_a_row = 0
+            if result.drill_passed is not None:
+                state.drill_passed = result.drill_passed
+                state.drill_rto_s, state.drill_rpo_s = result.drill_rto_s, result.drill_rpo_s
             jobs_svc.write_state(self.state_dir, state)
             log.info(
                 "job %s succeeded: %s",
@@ -371,6 +376,11 @@ class Runner:
         cause = type(error).__name__
         state.exit_code, state.message = code, message
         state.failures_in_a_row += 1
+        # a drill job that failed did not prove the backup restores; one stopped by a signal
+        # reached no verdict and keeps the previous one
+        drill_verdict = spec.kind == "drill" and not isinstance(error, Interrupted)
+        if drill_verdict:
+            state.drill_passed = False
         jobs_svc.write_state(self.state_dir, state)
         log.error(
             "job %s failed (exit %d): %s",
@@ -382,8 +392,8 @@ class Runner:
         )
         if self.metrics is not None:
             self.metrics.record_failure(spec.name, cause, seconds)
-            if spec.kind == "drill":
-                self.metrics.record_drill(False)
+            if drill_verdict:
+                self.metrics.record_drill(spec.name, False)
         return Outcome(spec.name, code, message, seconds, None, error)
 
     def _metrics_success(
@@ -392,9 +402,14 @@ class Runner:
         if self.metrics is None:
             return
         self.metrics.record_success(spec.name, started, seconds)
+        self.metrics.record_deadline(
+            spec.name, spec.kind, started + timedelta(seconds=spec.threshold_s)
+        )
         self.metrics.record_sizes(result.plain_bytes, result.stored_bytes)
         if result.drill_passed is not None:
-            self.metrics.record_drill(result.drill_passed, result.drill_rto_s, result.drill_rpo_s)
+            self.metrics.record_drill(
+                spec.name, result.drill_passed, result.drill_rto_s, result.drill_rpo_s
+            )
         if spec.kind != "drill":
             try:
                 records = repo_svc.list_records(self.cfg)
@@ -403,13 +418,33 @@ class Runner:
                 return
             self.metrics.record_snapshots("VALID" if r.valid else "INVALID" for r in records)
 
+    def _metrics_from_state(self, spec: JobSpec, state: JobState) -> None:
+        """What the persisted state knows, exported at start (nothing is guessed: a job that
+        never ran a drill has no drill series)."""
+        if self.metrics is None:
+            return
+        last = state.success_time()
+        if last is not None:
+            self.metrics.last_success.labels(spec.name).set(last.timestamp())
+        since = last or _parse_time(state.scheduled_since) or datetime.now(UTC)
+        self.metrics.record_deadline(
+            spec.name, spec.kind, since + timedelta(seconds=spec.threshold_s)
+        )
+        if spec.kind == "drill" and state.drill_passed is not None:
+            self.metrics.record_drill(
+                spec.name,
+                state.drill_passed,
+                state.drill_rto_s if state.drill_passed else None,
+                state.drill_rpo_s if state.drill_passed else None,
+            )
+
     # -- signals -----------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         running = self._running
         self._signal = self._signal or signum
         if self._stopping and running:
-            self._abort(running, f"a second {signal.Signals(signum).name}")
+            self._abort(running, f"a second {signal.Signals(signum).name} arrived")
         self._stopping = True
         if running:
             log.warning(
@@ -429,6 +464,7 @@ class Runner:
 
     def _abort(self, job: str, why: str) -> None:
         self._aborted = True
+        self._abort_reason = why
         self._running = None
         log.error("aborting job %s: %s", job, why)
         raise KeyboardInterrupt
@@ -449,6 +485,13 @@ class Runner:
                 }
             )
         )
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
 
 
 # -- list and health -------------------------------------------------------------------------
