@@ -18,6 +18,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ import pytest
 import schedule
 import tomli_w
 from conftest import servers_required
+from support.clock import FakeClock
 
 from chat_stack.seed import SeedSizes
 from chat_stack.seed import seed as seed_chat_data
@@ -313,6 +315,47 @@ def test_missed_run_runs_once_at_start(kit: Kit, tmp_path: Path) -> None:
     assert late.exit_code == 0 and late.last_success != long_ago
     assert jobs_svc.read_state(state_dir, "fresh").last_success == just_now
     assert len(valid_ids(cfg)) == len(before) + 1
+
+
+def test_retries_back_off_exponentially_on_the_runners_clock(
+    kit: Kit, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job that meets a held lock is retried after 60 s, then 120 s; the lock is freed
+    during the second wait and the third attempt succeeds. The fake clock makes the three
+    minutes of backoff pass at once."""
+    cfg = kit.config("retry")
+    specs = jobs_svc.load_schedules(
+        write_schedule(
+            tmp_path / "schedules",
+            {
+                "redis": {
+                    "kind": "backup",
+                    "components": ["redis"],
+                    "every": "1h",
+                    "retries": 3,
+                    "retry_backoff_s": 60,
+                }
+            },
+        )
+    )
+    held = ExitStack()
+    held.enter_context(repository_lock(repo_svc.storage_for(cfg), "test"))
+    clock = FakeClock(on_sleep=lambda now: held.close() if now >= 60 + 120 else None)
+    caplog.set_level(logging.INFO)
+    try:
+        runner = svc.Runner(specs, cfg, home=tmp_path, env={}, clock=clock, sleep=clock.sleep)
+        runner.run(until=lambda r: r.completed["redis"] >= 1)
+    finally:
+        held.close()
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert retries == [
+        "job redis: attempt 1 failed; retrying in 60 s (1 of 3)",
+        "job redis: attempt 2 failed; retrying in 120 s (2 of 3)",
+    ]
+    assert clock.now == 180.0 and runner.completed == {"redis": 1}
+    state = jobs_svc.read_state(Path(cfg.backup.state_dir), "redis")
+    assert state.exit_code == 0 and state.failures_in_a_row == 0
+    assert not read_locks(repo_svc.storage_for(cfg))
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
