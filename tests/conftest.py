@@ -1,4 +1,5 @@
-"""Shared fixtures: real PostgreSQL, Redis and SeaweedFS (S3) servers on loopback ports.
+"""Shared fixtures: real PostgreSQL, Redis and SeaweedFS (S3) servers on loopback ports, and
+the repositories built on them. Helpers the fixtures use live in tests/support/.
 
 A missing server binary skips the tests that need it, unless ``DRTOOL_REQUIRE_SERVERS=1``
 (set in CI), which turns the skip into a failure.
@@ -20,6 +21,7 @@ import psycopg
 import pytest
 import redis
 from psycopg import sql
+from support.repo_kit import T0, RepoKit, blob_id, file_kit, s3_kit
 
 from drtool.runtime.binaries import MissingBinary
 from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
@@ -28,7 +30,7 @@ from drtool.runtime.redisserver import RedisServer
 from drtool.runtime.s3server import SeaweedServer
 from drtool.sources.minio import s3_client
 
-pytest_plugins = ["docker_support"]  # the Docker tier's fixtures
+pytest_plugins = ["support.docker_tier"]  # the Docker tier's fixtures
 
 REQUIRE_SERVERS_ENV = "DRTOOL_REQUIRE_SERVERS"
 
@@ -123,3 +125,34 @@ def s3_bucket(s3_server: S3Endpoint) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client(s3_server).create_bucket(Bucket=name)
     return name
+
+
+# -- repositories of synthetic snapshots (tests/support/repo_kit.py) -------------------------
+
+
+@pytest.fixture
+def repo_kit(tmp_path: Path) -> RepoKit:
+    """A repository in a local directory."""
+    return file_kit(tmp_path)
+
+
+@pytest.fixture(params=["file", "s3"])
+def any_repo_kit(request: pytest.FixtureRequest, tmp_path: Path) -> RepoKit:
+    """A repository on each storage backend (a directory; a SeaweedFS bucket)."""
+    if request.param == "file":
+        return file_kit(tmp_path)
+    return s3_kit(
+        tmp_path, request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+    )
+
+
+@pytest.fixture
+def looping_blobs(repo_kit: RepoKit) -> Iterator[RepoKit]:
+    """A file repository whose blobs/ listing fails (a symlink loop where a blob dir was)."""
+    repo_kit.snapshot(T0, blobs=(blob_id(),))
+    root = Path(repo_kit.url.removeprefix("file://"))
+    loop = root / "blobs" / "zz"
+    os.symlink("zz", loop)
+    yield repo_kit
+    loop.unlink()
+    shutil.rmtree(root / "blobs" / "zz", ignore_errors=True)

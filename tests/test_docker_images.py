@@ -19,7 +19,9 @@ import pytest
 import redis
 from botocore.exceptions import ClientError
 from docker.models.networks import Network
-from docker_support import (
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from support.docker_tier import (
     BASE_IMAGE,
     LABELS,
     REDIS_IMAGE,
@@ -27,8 +29,6 @@ from docker_support import (
     redis_container,
     require_image,
 )
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 

@@ -5,7 +5,6 @@ inconsistent snapshots, thresholds, alerts, the production guard, and drills tha
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -22,15 +21,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import (
-    DRTOOL,
-    Repository,
-    execute,
-    make_repository,
-    processes_in,
-    run_drtool,
-    source_stack,
-)
+from support.cli import run_drtool, start_drtool
+from support.compare import execute
+from support.processes import processes_in
+from support.stacks import Repository, make_repository, source_stack
 
 from drtool.config import load_config
 from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
@@ -109,7 +103,7 @@ def test_a_passing_drill_is_reported_stored_and_listed(
     definition = definition_file(tmp_path / "drill.toml", reports)
     run = run_drtool("drill", "run", "--definition", str(definition), "--json",
                      config=world.config, home=home)  # fmt: skip
-    assert run.code == 0, run.stderr
+    assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["passed"] is True and report["error"] == ""
     assert report["snapshot_id"] == world.snapshot_id
@@ -124,7 +118,7 @@ def test_a_passing_drill_is_reported_stored_and_listed(
     assert json.loads((stored / "summary.json").read_text())["passed"] is True
     assert (stored / "report.json.zst.age").stat().st_size > 0
     history = run_drtool("drill", "history", "--json", config=world.config, home=home)
-    assert history.code == 0, history.stderr
+    assert history.returncode == 0, history.stderr
     listed = {d["drill_id"]: d for d in json.loads(history.stdout)}
     assert listed[drill_id]["passed"] is True
     assert listed[drill_id]["failed_checks"] == []
@@ -145,7 +139,7 @@ def test_a_corrupted_blob_fails_the_drill_naming_the_object(
     reports = tmp_path / "reports"
     definition = definition_file(tmp_path / "drill.toml", reports)
     run = run_drtool("drill", "run", "--definition", str(definition), config=config, home=home)
-    assert run.code == 6, run.stderr
+    assert run.returncode == 6, run.stderr
     name = f"blobs/{blob.parent.name}/{blob.name}"
     assert name in run.stderr.strip().splitlines()[-1]
     (json_report,) = reports.glob("*.json")
@@ -286,18 +280,9 @@ def test_guard_refuses_the_production_endpoints(world: World, tmp_path: Path, ho
 def start_drill(world: World, tmp_path: Path, home: Path) -> subprocess.Popen[str]:
     """``drtool drill run`` in the background."""
     definition = definition_file(tmp_path / "drill.toml", tmp_path / "reports")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
-    argv = [DRTOOL, "--config", str(world.config), "--home", str(home),
-            "drill", "run", "--definition", str(definition)]  # fmt: skip
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    return start_drtool(
+        "drill", "run", "--definition", str(definition), config=world.config, home=home
     )
-    return proc
 
 
 def restoring(home: Path) -> bool:
@@ -347,12 +332,12 @@ def test_sigkill_leaves_a_stack_that_cleanup_stops(
     (stack,) = (home / "drills").iterdir()
     assert processes_in(stack) != []
     run = run_drtool("drill", "cleanup", config=world.config, home=home)
-    assert run.code == 0, run.stderr
+    assert run.returncode == 0, run.stderr
     assert f"removed local stack {stack.name}" in run.stdout.splitlines()
     assert not stack.exists()
     assert processes_in(stack) == []
     again = run_drtool("drill", "cleanup", config=world.config, home=home)
-    assert again.code == 0 and "local stack" not in again.stdout
+    assert again.returncode == 0 and "local stack" not in again.stdout
 
 
 def _record(snapshot_id: str, *stores: str) -> SnapshotRecord:

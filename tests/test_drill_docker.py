@@ -8,7 +8,6 @@ killed outright leaves containers that ``drtool drill cleanup`` removes.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -19,8 +18,9 @@ from pathlib import Path
 import docker
 import psycopg
 import pytest
-from docker_support import BASE_IMAGE, POSTGRES_IMAGE, REDIS_IMAGE, S3_IMAGE, require_image
-from helpers import DRTOOL, Repository, make_repository, run_drtool, source_stack
+from support.cli import run_drtool, start_drtool
+from support.docker_tier import BASE_IMAGE, POSTGRES_IMAGE, REDIS_IMAGE, S3_IMAGE, require_image
+from support.stacks import Repository, make_repository, source_stack
 
 from drtool.config import load_config
 from drtool.drills.definition import DockerImages, DrillDefinition, ReportSettings
@@ -168,16 +168,13 @@ def start_drill(world: World, tmp_path: Path) -> subprocess.Popen[str]:
         f'redis_image = "{IMAGES.redis_image}"\nminio_image = "{IMAGES.minio_image}"\n'
         f'[report]\ndir = "{tmp_path / "reports"}"\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
-    argv = [DRTOOL, "--config", str(world.config), "--home", str(tmp_path / "home"),
-            "drill", "run", "--definition", str(definition)]  # fmt: skip
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    return start_drtool(
+        "drill",
+        "run",
+        "--definition",
+        str(definition),
+        config=world.config,
+        home=tmp_path / "home",
     )
 
 
@@ -215,7 +212,7 @@ def test_sigkill_leaves_containers_that_cleanup_removes(
     left = leftovers(clean_engine)
     assert left != []
     run = run_drtool("drill", "cleanup", config=world.config, home=tmp_path / "home")
-    assert run.code == 0, run.stderr
+    assert run.returncode == 0, run.stderr
     removed = {line.removeprefix("removed ") for line in run.stdout.splitlines()}
     assert set(left) <= removed
     assert leftovers(clean_engine) == []

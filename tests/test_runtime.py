@@ -80,7 +80,7 @@ def _pg_query(ep: PostgresEndpoint, query: str) -> list[tuple[object, ...]]:
         return cur.fetchall() if cur.description else []
 
 
-def _redis(ep: RedisEndpoint) -> redis.Redis[bytes]:
+def _redis(ep: RedisEndpoint) -> redis.Redis:
     return redis.Redis(host=ep.host, port=ep.port, password=ep.password)
 
 

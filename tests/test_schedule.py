@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -27,11 +25,11 @@ import pytest
 import schedule
 import tomli_w
 from conftest import servers_required
+from support.cli import run_drtool, start_drtool
 from support.clock import FakeClock
 
 from chat_stack.seed import SeedSizes
 from chat_stack.seed import seed as seed_chat_data
-from drtool import keys
 from drtool.config import Config, load_config
 from drtool.errors import ConfigError
 from drtool.repository.locks import read_locks, repository_lock
@@ -43,9 +41,9 @@ from drtool.services import schedule as svc
 from drtool.services import stack as stack_svc
 from drtool.services.jobs import JobSpec, JobState
 from drtool.services.metrics import Metrics, MetricsServer
+from drtool.services.repo_setup import set_up_repository
 
 ROOT = Path(__file__).resolve().parent.parent
-DRTOOL = [str(Path(sys.executable).parent / "drtool")]
 WAIT_S = 180.0  # generous: conditions are waited for, never timed
 
 
@@ -187,21 +185,11 @@ def kit(runtime_root: Path) -> Iterator[Kit]:
         seed_chat_data(
             stack.endpoints, SeedSizes(users=10, rooms=3, messages=300, attachments=4), 1, False
         )
-        (base / "keys").mkdir(mode=0o700)
-        recipient = keys.write_identity(base / "keys" / "operator.key", passphrase=None)
-        verify_key = keys.write_signing_key(base / "keys" / "signing.key")
-        sections: dict[str, object] = {
-            **stack_svc.stack_config(stack),
-            "repository": {"url": (base / "repository").as_uri()},
-            "keys": {
-                "recipients": [recipient],
-                "signing_key_file": str(base / "keys" / "signing.key"),
-                "verify_key": verify_key,
-            },
-        }
         (base / "repository").mkdir()
-        k = Kit(base, stack, sections)
-        repo_svc.init_repo(k.config("init"))
+        setup = set_up_repository(
+            base, {"url": (base / "repository").as_uri()}, stores=stack_svc.stack_config(stack)
+        )
+        k = Kit(base, stack, setup.backup_doc)
         yield k
     finally:
         stack.down()
@@ -358,16 +346,6 @@ def test_retries_back_off_exponentially_on_the_runners_clock(
     assert not read_locks(repo_svc.storage_for(cfg))
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*DRTOOL, *args],
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def test_once_exits_with_the_jobs_code_and_health_flags_stale_jobs(
     kit: Kit, tmp_path: Path
 ) -> None:
@@ -381,34 +359,34 @@ def test_once_exits_with_the_jobs_code_and_health_flags_stale_jobs(
         },
     )
     common = ["--config", str(config), "--home", str(tmp_path), "schedule"]
-    ok = run_cli(*common, "run", "--schedule-dir", str(schedules), "--once", "redis")
+    ok = run_drtool(*common, "run", "--schedule-dir", str(schedules), "--once", "redis")
     assert ok.returncode == 0, ok.stderr
     assert jobs_svc.read_state(state_dir, "redis").exit_code == 0
 
     # the repository is locked by a live holder (this process): prune fails with exit 11
     storage = repo_svc.storage_for(load_config(config, {}))
     with repository_lock(storage, "test"):
-        failed = run_cli(*common, "run", "--schedule-dir", str(schedules), "--once", "broken")
+        failed = run_drtool(*common, "run", "--schedule-dir", str(schedules), "--once", "broken")
     assert failed.returncode == 11, failed.stderr
     assert "error:" in failed.stderr
     assert jobs_svc.read_state(state_dir, "broken").exit_code == 11
 
-    unknown = run_cli(*common, "run", "--schedule-dir", str(schedules), "--once", "nope")
+    unknown = run_drtool(*common, "run", "--schedule-dir", str(schedules), "--once", "nope")
     assert unknown.returncode == 10 and "not in the schedule" in unknown.stderr
 
-    stale = run_cli(*common, "health", "--schedule-dir", str(schedules))
+    stale = run_drtool(*common, "health", "--schedule-dir", str(schedules))
     assert stale.returncode == 1
     assert "ok    redis" in stale.stdout and "STALE broken: never succeeded" in stale.stdout
     old = (datetime.now(UTC) - timedelta(days=3)).isoformat()
     jobs_svc.write_state(
         state_dir, JobState("broken", last_success=old, exit_code=11, message="locked")
     )
-    stale = run_cli(*common, "health", "--schedule-dir", str(schedules))
+    stale = run_drtool(*common, "health", "--schedule-dir", str(schedules))
     assert stale.returncode == 1 and "older than 2d" in stale.stdout
     jobs_svc.write_state(state_dir, JobState("broken", last_success=datetime.now(UTC).isoformat()))
-    healthy = run_cli(*common, "health", "--schedule-dir", str(schedules))
+    healthy = run_drtool(*common, "health", "--schedule-dir", str(schedules))
     assert healthy.returncode == 0, healthy.stdout
-    listed = run_cli(*common, "list", "--schedule-dir", str(schedules), "--json")
+    listed = run_drtool(*common, "list", "--schedule-dir", str(schedules), "--json")
     rows = {r["job"]: r for r in json.loads(listed.stdout)}
     assert rows["redis"]["last_success"] and rows["redis"]["next_run"] != "now (due)"
 
@@ -426,22 +404,11 @@ def test_sigterm_mid_backup_aborts_after_grace_and_lists_nothing_new(
     )
     (slow / "streaming").unlink(missing_ok=True)
     log_file = (tmp_path / "stderr.log").open("w")
-    proc = subprocess.Popen(
-        [
-            *DRTOOL,
-            "--config",
-            str(config),
-            "--home",
-            str(tmp_path),
-            "schedule",
-            "run",
-            "--schedule-dir",
-            str(schedules),
-            "--metrics-port",
-            "0",
-            "--grace",
-            "2",
-        ],
+    proc = start_drtool(
+        *("schedule", "run", "--schedule-dir", str(schedules), "--metrics-port", "0"),
+        *("--grace", "2"),
+        config=config,
+        home=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=log_file,
     )
@@ -474,23 +441,11 @@ def test_sigterm_while_idle_stops_cleanly(kit: Kit, tmp_path: Path) -> None:
         tmp_path / "schedules",
         {"redis": {"kind": "backup", "components": ["redis"], "every": "1h"}},
     )
-    proc = subprocess.Popen(
-        [
-            *DRTOOL,
-            "--config",
-            str(config),
-            "--home",
-            str(tmp_path),
-            "schedule",
-            "run",
-            "--schedule-dir",
-            str(schedules),
-            "--metrics-port",
-            "0",
-        ],
+    proc = start_drtool(
+        *("schedule", "run", "--schedule-dir", str(schedules), "--metrics-port", "0"),
+        config=config,
+        home=tmp_path,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         wait_for(

@@ -1,12 +1,12 @@
 """Storage faults U1-U7 (RELIABILITY.md): a real SeaweedFS behind the fault proxy.
 
-The proxy (tests/fault_proxy.py) forwards the raw requests, so signatures stay valid; it injects
-resets, error statuses, 200-with-``<Error>`` bodies, skewed ``Date`` headers, and can make the
-server lose bytes right after a write. Storage-level cases check the stored bytes directly
-(through a client that bypasses the proxy); the ``drtool backup``/``verify``/``prune`` cases
-check what an operator sees — the exit code, one ``error:`` line naming the cause — and
-"nothing lost" (test_backup_faults.assert_nothing_lost: only earlier snapshots listed, they
-verify with the identity, no multipart upload left, the lock released).
+The proxy (tests/support/fault_proxy.py) forwards the raw requests, so signatures stay valid;
+it injects resets, error statuses, 200-with-``<Error>`` bodies, skewed ``Date`` headers, and
+can make the server lose bytes right after a write. Storage-level cases check the stored
+bytes directly (through a client that bypasses the proxy); the ``drtool backup``/``verify``/
+``prune`` cases check what an operator sees — the exit code, one ``error:`` line naming the
+cause — and "nothing lost" (support/backup_kit.assert_nothing_lost: only earlier snapshots
+listed, they verify with the identity, no multipart upload left, the lock released).
 """
 
 from __future__ import annotations
@@ -23,9 +23,14 @@ from urllib.parse import unquote
 
 import pytest
 import tomli_w
-from fault_proxy import COMPLETE, UPLOAD_PART, FaultProxy, Rule, fault_proxy
-from test_backup import make_kit, one_error
-from test_backup_faults import Baseline, assert_next_backup_succeeds, assert_nothing_lost
+from support.backup_kit import (
+    Baseline,
+    assert_next_backup_succeeds,
+    assert_nothing_lost,
+    make_backup_kit,
+)
+from support.cli import one_error
+from support.fault_proxy import COMPLETE, UPLOAD_PART, FaultProxy, Rule, fault_proxy
 
 from drtool.errors import IntegrityError, StorageError
 from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
@@ -148,7 +153,7 @@ def base(
     s3_bucket: str,
 ) -> Baseline:
     """A seeded stack with one committed snapshot."""
-    kit = make_kit(tmp_path, pg_database, redis_db, s3_server, s3_bucket)
+    kit = make_backup_kit(tmp_path, pg_database, redis_db, s3_server, s3_bucket)
     return Baseline(kit, kit.backup_ok())
 
 
@@ -421,7 +426,7 @@ def test_u7_object_lock_backups_carry_retention_and_cannot_be_deleted(
     server = PolicyServer(tmp_path / "lock-s3")
     server.start()
     try:
-        kit = make_kit(
+        kit = make_backup_kit(
             tmp_path, pg_database, redis_db, s3_server, s3_bucket, repo_s3=server.endpoint
         )
         admin = s3_client(server.endpoint)
