@@ -42,6 +42,17 @@ def skip_or_fail(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the Docker engine belongs to the Docker tier, and that tier is slow:
+    ``-m "not slow"`` (the fast tier) leaves it out."""
+    for item in items:
+        if "docker_client" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.docker)
+        if item.get_closest_marker("docker") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @contextmanager
 def servers_required() -> Iterator[None]:
     """Turn a missing server binary inside the block into :func:`skip_or_fail`."""

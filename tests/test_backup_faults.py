@@ -44,6 +44,8 @@ from drtool.runtime.procs import HOST, free_port_block
 from drtool.runtime.s3server import SeaweedServer, s3_client
 from drtool.services import repo as svc
 
+pytestmark = pytest.mark.slow  # every test backs up a seeded stack, then breaks something
+
 
 @pytest.fixture
 def base(

@@ -37,6 +37,8 @@ from drtool.runtime.local import LocalStack
 from drtool.runtime.s3server import s3_client
 from drtool.services.drill import choose_snapshot, guard_production, run_drill
 
+pytestmark = pytest.mark.slow  # every test runs a restore drill into scratch stacks
+
 CHECKS = [
     "postgres fingerprints equal the snapshot's",
     "redis fingerprints equal the snapshot's",

@@ -202,6 +202,7 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_damaged_objects_leave_the_target_untouched(
     world: World, target: StackEndpoints, tmp_path: Path
 ) -> None:

@@ -146,6 +146,7 @@ def test_secrets_stay_out_of_state_argv_and_status(stack_dir: Path) -> None:
         assert len(modes) == 4
 
 
+@pytest.mark.slow
 def test_stack_loaded_in_another_process_reports_and_goes_down(stack_dir: Path) -> None:
     # `drtool stack up` and `stack down` are separate processes: the servers must outlive the first
     with servers_required():
@@ -162,6 +163,7 @@ def test_stack_loaded_in_another_process_reports_and_goes_down(stack_dir: Path) 
     assert not stack_dir.exists()
 
 
+@pytest.mark.slow
 def test_exception_inside_with_block_tears_the_stack_down(stack_dir: Path) -> None:
     with pytest.raises(RuntimeError, match="drill check failed"), _up(stack_dir) as stack:
         status = stack.status()
@@ -207,6 +209,7 @@ def test_taken_port_gives_a_clear_error_and_starts_nothing(stack_dir: Path, whic
     assert not _port_answers(ports.redis)
 
 
+@pytest.mark.slow
 def test_two_named_stacks_run_side_by_side(runtime_root: Path) -> None:
     a_dir = runtime_root / f"a-{uuid.uuid4().hex[:6]}"
     b_dir = runtime_root / f"b-{uuid.uuid4().hex[:6]}"

@@ -210,6 +210,7 @@ def scrape(port: int) -> str:
         return str(response.read().decode())
 
 
+@pytest.mark.slow
 def test_loop_no_overlap_isolates_failures_tags_logs_and_serves_metrics(
     kit: Kit, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -346,6 +347,7 @@ def test_retries_back_off_exponentially_on_the_runners_clock(
     assert not read_locks(repo_svc.storage_for(cfg))
 
 
+@pytest.mark.slow
 def test_once_exits_with_the_jobs_code_and_health_flags_stale_jobs(
     kit: Kit, tmp_path: Path
 ) -> None:

@@ -42,6 +42,8 @@ from drtool.runtime.redisserver import RedisServer
 from drtool.runtime.s3server import SeaweedServer, s3_client
 from drtool.services import repo as svc
 
+pytestmark = pytest.mark.slow  # one long scan of everything a backup and restore leave behind
+
 S3_SECRET = f"CanaryS3{secrets.token_hex(10)}"
 PG_PASSWORD = f"CanaryPg{secrets.token_hex(10)}"
 REDIS_PASSWORD = f"CanaryRedis{secrets.token_hex(10)}"

@@ -23,6 +23,8 @@ from drtool.config import load_config
 from drtool.runtime import binaries
 from drtool.sources.redis_restore import connect as connect_redis
 
+pytestmark = pytest.mark.slow  # every test starts local stacks and runs the CLI on them
+
 SIZES = ["--messages", "500", "--attachments", "5", "--users", "20", "--rooms", "5"]
 
 

@@ -162,6 +162,7 @@ def _via(b: Baseline, proxy: FaultProxy, name: str) -> Path:
     return b.kit.write_config(name, repository={"endpoint_url": proxy.endpoint_url})
 
 
+@pytest.mark.slow
 def test_u2_backup_beyond_the_budget_exits_4_and_loses_nothing(
     base: Baseline, proxy: FaultProxy
 ) -> None:
@@ -202,6 +203,7 @@ def test_u3_complete_done_but_answered_with_error_is_confirmed_by_head(
     assert _stored(s3_server, s3_bucket, "big") == DATA
 
 
+@pytest.mark.slow
 def test_u3_backup_whose_complete_always_errors_exits_4_and_loses_nothing(
     base: Baseline, proxy: FaultProxy
 ) -> None:
@@ -255,6 +257,7 @@ def test_u4_stored_object_differing_from_what_was_sent_fails_the_put(
     assert _stored(s3_server, s3_bucket, "obj") is None  # the bad object was removed
 
 
+@pytest.mark.slow
 def test_u4_backup_whose_dump_is_stored_short_exits_5_without_manifest(
     base: Baseline, proxy: FaultProxy, s3_server: S3Endpoint
 ) -> None:
@@ -282,6 +285,7 @@ def test_u4_backup_whose_dump_is_stored_short_exits_5_without_manifest(
 LIST = r"[?&]list-type=2"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "rule",
     [
@@ -336,6 +340,7 @@ def test_u6_bare_403_with_a_far_date_is_named_clock_skew(
         st.head("k")
 
 
+@pytest.mark.slow
 def test_u6_doctor_reports_a_skewed_server_clock(base: Baseline, proxy: FaultProxy) -> None:
     proxy.add(Rule("GET", LIST, times=None, date_offset=SKEW))
     done = base.kit.drtool("doctor", "--json", config=_via(base, proxy, "u6-doctor"))
@@ -416,6 +421,7 @@ def _deny_delete_outside_locks(endpoint: S3Endpoint, bucket: str, prefix: str) -
     s3_client(endpoint).put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
 
 
+@pytest.mark.slow
 def test_u7_object_lock_backups_carry_retention_and_cannot_be_deleted(
     tmp_path: Path,
     pg_database: PostgresEndpoint,
