@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import skip_or_fail
 from support.backup_kit import (
     Baseline,
     assert_next_backup_succeeds,
@@ -32,6 +31,7 @@ from support.backup_kit import (
     make_backup_kit,
 )
 from support.cli import one_error
+from support.servers import skip_or_fail
 
 from drtool.config import load_config
 from drtool.faults import BACKUP_CRASH_POINTS, ENV, EXIT_CODE

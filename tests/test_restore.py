@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import skip_or_fail
 from support.cli import run_drtool
 from support.compare import assert_same_redis, bucket_objects, databases, execute, table_rows
+from support.servers import skip_or_fail
 from support.stacks import Repository, make_repository, source_stack
 
 from drtool import keys

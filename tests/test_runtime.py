@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import redis
 from botocore.exceptions import ClientError
-from conftest import servers_required
+from support.servers import servers_required
 
 from drtool.errors import NotFound, SourceError
 from drtool.runtime import binaries

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import schedule
 import tomli_w
-from conftest import servers_required
 from support.cli import run_drtool, start_drtool
 from support.clock import FakeClock
+from support.servers import servers_required
 
 from chat_stack.seed import SeedSizes
 from chat_stack.seed import seed as seed_chat_data

@@ -15,9 +15,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import servers_required
 from support.cli import run_drtool, start_drtool
 from support.processes import alive, processes_in
+from support.servers import servers_required
 
 from drtool.config import load_config
 from drtool.runtime import binaries
