@@ -41,6 +41,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from repo_setup import DRTOOL  # noqa: E402
+
 from chat_stack.seed import SeedSizes, seed  # noqa: E402
 from drtool.runtime import binaries  # noqa: E402
 from drtool.runtime.local import LocalStack  # noqa: E402
@@ -48,7 +50,6 @@ from drtool.runtime.s3server import SeaweedServer, s3_client  # noqa: E402
 from drtool.services.repo_setup import set_up_repository  # noqa: E402
 from drtool.services.stack import stack_config  # noqa: E402
 
-DRTOOL = Path(sys.executable).with_name("drtool")  # the venv running the benchmark
 MB = 1e6
 
 

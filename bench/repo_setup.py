@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,9 @@ from drtool.runtime.local import LocalStack
 from drtool.services.backup import COMPONENTS, run_backup
 from drtool.services.repo_setup import set_up_repository
 from drtool.services.stack import stack_config
+
+# the drtool of the venv running the benchmark
+DRTOOL = Path(sys.executable).with_name("drtool")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
 from drtool.sources.redis_fingerprint import RedisFingerprints, fingerprint_rdb
 
+pytestmark = pytest.mark.slow  # every test seeds a stack and backs it up through the CLI
+
 
 @pytest.fixture
 def kit(

@@ -37,6 +37,7 @@ def test_help_lists_the_commands_and_the_exit_codes() -> None:
         assert re.search(rf"^\s+{code}\s+{re.escape(meaning[:30])}", table, re.MULTILINE), code
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [[c] for c in COMMANDS] + SUBCOMMANDS, ids=" ".join)
 def test_every_command_has_help(command: list[str]) -> None:
     result = run_drtool(*command, "--help")

@@ -16,6 +16,8 @@ from support.cli import one_error
 from drtool import keys
 from drtool.runtime.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 
+pytestmark = pytest.mark.slow  # every test seeds a stack and an S3 repository, then runs doctor
+
 NAMES = [
     "no identity on the backup host",
     "postgres reachable",

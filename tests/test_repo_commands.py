@@ -220,6 +220,7 @@ def test_missing_repository_exits_10_saying_run_init(repo_kit: RepoKit, tmp_path
 # -- prune ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prune_dry_run_then_real_run(any_repo_kit: RepoKit) -> None:
     snaps = [any_repo_kit.snapshot(T0 + timedelta(days=d)) for d in range(3)]
     before = any_repo_kit.keys_in_storage()

@@ -74,6 +74,7 @@ def restore(world: World, config: Path, **options: object) -> RestoreResult:
     )
 
 
+@pytest.mark.slow
 def test_round_trip_equals_the_source(world: World, target: StackEndpoints, tmp_path: Path) -> None:
     config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
     run = run_drtool("restore", "latest", "--target", "t", "--yes", "--json", config=config)
@@ -166,6 +167,7 @@ def test_without_a_terminal_or_yes_nothing_happens(
     assert table_rows(target.postgres) == {}
 
 
+@pytest.mark.slow
 def test_force_restores_beside_and_keeps_the_old_database(
     world: World, target: StackEndpoints, tmp_path: Path
 ) -> None:
@@ -266,6 +268,7 @@ def test_full_scratch_dir_is_a_clear_error(
     assert list(tiny_disk.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_kill_9_before_the_switch_leaves_the_live_database_and_a_rerun_succeeds(
     world: World, target: StackEndpoints, tmp_path: Path
 ) -> None:

@@ -32,6 +32,8 @@ from drtool.services.restore import RestoreOptions, run_restore
 from drtool.services.restore_redis_offline import LocalPlacer
 from drtool.services.stack import stack_load, stack_up
 
+pytestmark = pytest.mark.slow  # every test stops and restarts redis-servers around a restore
+
 
 @pytest.fixture(scope="module")
 def repo(

@@ -108,6 +108,7 @@ def stack_dir(runtime_root: Path) -> Iterator[Path]:
         LocalStack.load(path).down()
 
 
+@pytest.mark.slow
 def test_stack_serves_sql_redis_and_s3_then_down_leaves_nothing(stack_dir: Path) -> None:
     stack = _up(stack_dir, "main")
     eps = stack.endpoints
@@ -132,6 +133,7 @@ def test_stack_serves_sql_redis_and_s3_then_down_leaves_nothing(stack_dir: Path)
     assert not stack_dir.exists()
 
 
+@pytest.mark.slow
 def test_secrets_stay_out_of_state_argv_and_status(stack_dir: Path) -> None:
     with _up(stack_dir) as stack:
         eps = stack.endpoints
@@ -172,6 +174,7 @@ def test_exception_inside_with_block_tears_the_stack_down(stack_dir: Path) -> No
     assert not stack_dir.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_up_stops_what_already_started(stack_dir: Path) -> None:
     with servers_required():
         _up_binaries()

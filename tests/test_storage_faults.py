@@ -321,6 +321,7 @@ def test_u5_listing_errors_in_verify_and_prune_delete_nothing(
 # -- U6: clock skew --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_u6_request_time_too_skewed_names_the_clock(base: Baseline, proxy: FaultProxy) -> None:
     proxy.add(Rule("GET", r".", times=None, status=403, code="RequestTimeTooSkewed"))
     message = one_error(base.kit.backup(config=_via(base, proxy, "u6")), 4)
