@@ -92,6 +92,7 @@ def test_round_trip_equals_the_source(world: World, target: StackEndpoints, tmp_
     assert databases(target.postgres, target.postgres.dbname + "_%") == []  # empty one dropped
 
 
+@pytest.mark.slow
 def test_latest_of_one_store_is_its_newest_snapshot(
     world: World, target: StackEndpoints, tmp_path: Path
 ) -> None:

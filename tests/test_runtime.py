@@ -243,6 +243,7 @@ def test_missing_postgres_binaries_name_the_package(stack_dir: Path, tmp_path: P
     assert not stack_dir.exists()
 
 
+@pytest.mark.slow
 def test_server_that_dies_at_startup_reports_its_log(runtime_root: Path) -> None:
     with servers_required():
         server = PostgresServer(runtime_root / f"broken-{uuid.uuid4().hex[:6]}")
@@ -256,6 +257,7 @@ def test_server_that_dies_at_startup_reports_its_log(runtime_root: Path) -> None
     assert not server.running
 
 
+@pytest.mark.slow
 def test_servers_refuse_clients_without_the_password(
     pg_server: PostgresEndpoint, redis_server: RedisEndpoint, s3_server: S3Endpoint
 ) -> None:

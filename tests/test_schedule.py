@@ -393,6 +393,7 @@ def test_once_exits_with_the_jobs_code_and_health_flags_stale_jobs(
     assert rows["redis"]["last_success"] and rows["redis"]["next_run"] != "now (due)"
 
 
+@pytest.mark.slow
 def test_sigterm_mid_backup_aborts_after_grace_and_lists_nothing_new(
     kit: Kit, tmp_path: Path
 ) -> None:

@@ -237,6 +237,7 @@ def _overwrite(s3: S3Endpoint, change: Any) -> Any:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("size", "change"),
     [
@@ -330,6 +331,7 @@ def test_u6_request_time_too_skewed_names_the_clock(base: Baseline, proxy: Fault
     assert_nothing_lost(base)
 
 
+@pytest.mark.slow
 def test_u6_bare_403_with_a_far_date_is_named_clock_skew(
     proxy: FaultProxy, s3_server: S3Endpoint, s3_bucket: str
 ) -> None:
