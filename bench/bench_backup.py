@@ -38,22 +38,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from repo_setup import DRTOOL  # noqa: E402
+
 from chat_stack.seed import SeedSizes, seed  # noqa: E402
-from drtool import keys  # noqa: E402
-from drtool.config import load_config  # noqa: E402
 from drtool.runtime import binaries  # noqa: E402
 from drtool.runtime.local import LocalStack  # noqa: E402
 from drtool.runtime.s3server import SeaweedServer  # noqa: E402
 from drtool.s3session import s3_client  # noqa: E402
-from drtool.services import repo as svc  # noqa: E402
+from drtool.services.repo_setup import set_up_repository  # noqa: E402
 from drtool.services.stack import stack_config  # noqa: E402
 
-DRTOOL = ROOT / ".venv" / "bin" / "drtool"
 MB = 1e6
 
 
@@ -158,32 +155,22 @@ def run_bench(
 
     key_dir = work / "keys"
     key_dir.mkdir(mode=0o700)
-    recipient = keys.write_identity(key_dir / "operator.key", passphrase=None)
-    verify_key = keys.write_signing_key(key_dir / "signing.key")
     (key_dir / "ak").write_text(repo_server.endpoint.access_key)
     (key_dir / "sk").write_text(repo_server.endpoint.secret_key)
     s3_client(repo_server.endpoint).create_bucket(Bucket="offsite")
-    config = work / "backup.toml"
-    config.write_text(
-        tomli_w.dumps(
-            {
-                **stack_config(stack),
-                "repository": {
-                    "url": "s3://offsite/drtool",
-                    "endpoint_url": repo_server.endpoint.endpoint_url,
-                    "access_key_file": str(key_dir / "ak"),
-                    "secret_key_file": str(key_dir / "sk"),
-                },
-                "keys": {
-                    "recipients": [recipient],
-                    "signing_key_file": str(key_dir / "signing.key"),
-                    "verify_key": verify_key,
-                },
-                "backup": {"state_dir": str(work / "state")},
-            }
-        )
+    setup = set_up_repository(
+        work,
+        {
+            "url": "s3://offsite/drtool",
+            "endpoint_url": repo_server.endpoint.endpoint_url,
+            "access_key_file": str(key_dir / "ak"),
+            "secret_key_file": str(key_dir / "sk"),
+        },
+        stores=stack_config(stack),
+        state_dir=work / "state",
+        label="bench",
     )
-    svc.init_repo(load_config(config, {}))
+    config, recipient = setup.backup_config, setup.keys.recipient
     drtool_env = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
     drtool_env["DRTOOL_HOME"] = str(work / "home")
 

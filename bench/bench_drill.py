@@ -18,13 +18,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from repo_setup import seed_and_back_up
+from repo_setup import DRTOOL, seed_and_back_up
 
 from drtool.services.stack import stack_up
 
@@ -78,7 +77,7 @@ def main() -> None:
     # short: PostgreSQL's socket path in <home>/drills/<id>/ has a 107-byte limit
     home = Path(tempfile.mkdtemp(prefix="dbench-"))
     home.chmod(0o711)
-    drtool = str(Path(sys.executable).with_name("drtool"))
+    drtool = str(DRTOOL)
     src = stack_up(home, "benchsrc").stack
     try:
         (home / "repository").mkdir()

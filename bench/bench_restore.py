@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from repo_setup import seed_and_back_up
+from repo_setup import DRTOOL, seed_and_back_up
 
 from drtool.s3session import s3_client
 from drtool.services.stack import stack_up
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="drtool-bench-"))
     home.chmod(0o711)
-    drtool = str(Path(sys.executable).with_name("drtool"))
+    drtool = str(DRTOOL)
     src = stack_up(home, "benchsrc").stack
     dst = stack_up(home, "benchdst").stack
     try:

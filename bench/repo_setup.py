@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from chat_stack.seed import SeedSizes, seed
-from drtool import keys
 from drtool.config import load_config
 from drtool.runtime.local import LocalStack
-from drtool.services import repo as repo_svc
 from drtool.services.backup import COMPONENTS, run_backup
-from drtool.services.stack import stack_config, write_config
+from drtool.services.repo_setup import set_up_repository
+from drtool.services.stack import stack_config
+
+# the drtool of the venv running the benchmark
+DRTOOL = Path(sys.executable).with_name("drtool")
 
 
 @dataclass(frozen=True)
@@ -39,37 +42,17 @@ def seed_and_back_up(
     t = time.perf_counter()
     seed(src.endpoints, sizes, 1, progress=False)
     print(f"seeded {messages:,} messages in {time.perf_counter() - t:.1f} s")
-    identity = home / "operator.key"
-    recipient = keys.write_identity(identity, passphrase=None)
-    verify_key = keys.write_signing_key(home / "signing.key")
-    sections = stack_config(src)
-    backup_cfg = write_config(
-        home / "backup.toml",
-        {
-            **sections,
-            "repository": repository,
-            "keys": {
-                "recipients": [recipient],
-                "signing_key_file": str(home / "signing.key"),
-                "verify_key": verify_key,
-            },
-            "backup": {"state_dir": str(home / "state")},
-        },
-        "bench backup",
+    setup = set_up_repository(
+        home,
+        repository,
+        stores=stack_config(src),
+        state_dir=home / "state",
+        operator_stores=True,
+        operator_extra=operator_extra,
+        label="bench",
     )
-    operator_cfg = write_config(
-        home / "operator.toml",
-        {
-            **sections,
-            "repository": repository,
-            "keys": {"identity_file": str(identity), "verify_key": verify_key},
-            **(operator_extra or {}),
-        },
-        "bench operator",
-    )
-    cfg = load_config(backup_cfg, {})
-    repo_svc.init_repo(cfg)
+    cfg = load_config(setup.backup_config, {})
     t = time.perf_counter()
     run_backup(cfg, home=home, env={}, components=COMPONENTS)
     print(f"backup in {time.perf_counter() - t:.1f} s")
-    return Prepared(backup_cfg, operator_cfg)
+    return Prepared(setup.backup_config, setup.operator_config)

@@ -1,4 +1,5 @@
-"""Shared fixtures: real PostgreSQL, Redis and SeaweedFS (S3) servers on loopback ports.
+"""Shared fixtures: real PostgreSQL, Redis and SeaweedFS (S3) servers on loopback ports, and
+the repositories built on them. Helpers the fixtures use live in tests/support/.
 
 A missing server binary skips the tests that need it, unless ``DRTOOL_REQUIRE_SERVERS=1``
 (set in CI), which turns the skip into a failure.
@@ -12,41 +13,36 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
 
 import psycopg
 import pytest
 import redis
 from psycopg import sql
+from support.repo_kit import T0, RepoKit, blob_id, file_kit, s3_kit
+from support.servers import servers_required, skip_or_fail  # noqa: F401 (see below)
 
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
-from drtool.runtime.binaries import MissingBinary
 from drtool.runtime.pgserver import PostgresServer
 from drtool.runtime.redisserver import RedisServer
 from drtool.runtime.s3server import SeaweedServer
 from drtool.s3session import s3_client
 
-pytest_plugins = ["docker_support"]  # the Docker tier's fixtures
+pytest_plugins = ["support.docker_tier"]  # the Docker tier's fixtures
 
-REQUIRE_SERVERS_ENV = "DRTOOL_REQUIRE_SERVERS"
-
-
-def skip_or_fail(reason: str) -> NoReturn:
-    """Skip the test, or fail it when ``DRTOOL_REQUIRE_SERVERS=1``."""
-    if os.environ.get(REQUIRE_SERVERS_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_SERVERS_ENV}=1)", pytrace=False)
-    pytest.skip(reason)
+# skip_or_fail and servers_required moved to tests/support/servers.py; they stay importable from
+# here until the branches written against the old conftest are merged
 
 
-@contextmanager
-def servers_required() -> Iterator[None]:
-    """Turn a missing server binary inside the block into :func:`skip_or_fail`."""
-    try:
-        yield
-    except MissingBinary as exc:
-        skip_or_fail(str(exc))
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the Docker engine belongs to the Docker tier, and that tier is slow:
+    ``-m "not slow"`` (the fast tier) leaves it out."""
+    for item in items:
+        if "docker_client" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.docker)
+        if item.get_closest_marker("docker") is not None:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -160,3 +156,34 @@ def s3_bucket(s3_server: S3Endpoint) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client(s3_server).create_bucket(Bucket=name)
     return name
+
+
+# -- repositories of synthetic snapshots (tests/support/repo_kit.py) -------------------------
+
+
+@pytest.fixture
+def repo_kit(tmp_path: Path) -> RepoKit:
+    """A repository in a local directory."""
+    return file_kit(tmp_path)
+
+
+@pytest.fixture(params=["file", "s3"])
+def any_repo_kit(request: pytest.FixtureRequest, tmp_path: Path) -> RepoKit:
+    """A repository on each storage backend (a directory; a SeaweedFS bucket)."""
+    if request.param == "file":
+        return file_kit(tmp_path)
+    return s3_kit(
+        tmp_path, request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+    )
+
+
+@pytest.fixture
+def looping_blobs(repo_kit: RepoKit) -> Iterator[RepoKit]:
+    """A file repository whose blobs/ listing fails (a symlink loop where a blob dir was)."""
+    repo_kit.snapshot(T0, blobs=(blob_id(),))
+    root = Path(repo_kit.url.removeprefix("file://"))
+    loop = root / "blobs" / "zz"
+    os.symlink("zz", loop)
+    yield repo_kit
+    loop.unlink()
+    shutil.rmtree(root / "blobs" / "zz", ignore_errors=True)

@@ -189,6 +189,7 @@ def test_drtool_passphrase_file_decrypts_with_age(tmp_path: Path) -> None:
     assert (tmp_path / "out").read_bytes() == data
 
 
+@pytest.mark.slow
 def test_age_passphrase_file_decrypts_with_drtool(tmp_path: Path) -> None:
     data = data_of(70_000)
     (tmp_path / "in").write_bytes(data)
@@ -213,6 +214,7 @@ def test_age_p_identity_file_loads_in_drtool(tmp_path: Path) -> None:
     assert keys.load_identities(protected, "s3cret") == [identity]
 
 
+@pytest.mark.slow
 def test_drtool_protected_identity_file_works_with_age(tmp_path: Path) -> None:
     key_file = tmp_path / "key.age"
     recipient = keys.write_identity(key_file, passphrase="s3cret")

@@ -19,14 +19,19 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import skip_or_fail
-from test_backup import BackupKit, make_kit, one_error
+from support.backup_kit import (
+    Baseline,
+    assert_next_backup_succeeds,
+    assert_nothing_lost,
+    make_backup_kit,
+)
+from support.cli import one_error
+from support.servers import skip_or_fail
 
 from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
@@ -40,13 +45,7 @@ from drtool.runtime.s3server import SeaweedServer
 from drtool.s3session import s3_client
 from drtool.services import prune as prune_svc
 
-
-@dataclass
-class Baseline:
-    """A kit with one committed snapshot taken before the fault."""
-
-    kit: BackupKit
-    snapshot_id: str
+pytestmark = pytest.mark.slow  # every test backs up a seeded stack, then breaks something
 
 
 @pytest.fixture
@@ -57,31 +56,8 @@ def base(
     s3_server: S3Endpoint,
     s3_bucket: str,
 ) -> Baseline:
-    kit = make_kit(tmp_path, pg_database, redis_db, s3_server, s3_bucket)
+    kit = make_backup_kit(tmp_path, pg_database, redis_db, s3_server, s3_bucket)
     return Baseline(kit, kit.backup_ok())
-
-
-def assert_nothing_lost(b: Baseline, *, repository_died: bool = False) -> None:
-    """Only the earlier snapshot is listed, it verifies, no upload is left, the lock is free.
-
-    When the repository itself died, the run could not delete its lock: it must be stale.
-    """
-    kit = b.kit
-    assert kit.listed() == {b.snapshot_id: "VALID"}
-    verified = kit.verify_all()
-    assert verified.returncode == 0, verified.stderr
-    assert kit.multipart_uploads() == []
-    locks = read_locks(kit.storage())
-    if repository_died:
-        assert all(is_stale(lk, datetime.now(UTC), timedelta(hours=12)) for lk in locks)
-    else:
-        assert locks == []  # released
-
-
-def assert_next_backup_succeeds(b: Baseline) -> str:
-    snapshot_id = b.kit.backup_ok()
-    assert b.kit.listed() == {b.snapshot_id: "VALID", snapshot_id: "VALID"}
-    return snapshot_id
 
 
 def _stub_bin_dir(tmp: Path, body: str) -> Path:
@@ -212,6 +188,7 @@ def test_redis_refusing_sync_fails_the_run(
 def test_minio_bucket_missing_or_denied_fails_the_run(
     base: Baseline, change: str, code: int, cause: str
 ) -> None:
+    minio: dict[str, object]
     if change == "missing-bucket":
         minio = {"buckets": [base.kit.bucket, "no-such-bucket"]}
     else:
@@ -253,7 +230,7 @@ def test_repository_going_down_mid_run_fails_and_loses_nothing(
     repo_server = SeaweedServer(tmp_path / "repo-s3")
     repo_server.start()
     try:
-        kit = make_kit(
+        kit = make_backup_kit(
             tmp_path, pg_database, redis_db, s3_server, s3_bucket, repo_s3=repo_server.endpoint
         )
         b = Baseline(kit, kit.backup_ok())

@@ -184,6 +184,7 @@ def test_seed_keeps_the_stores_consistent(stack: StackEndpoints, seeded: SeedRes
     assert_cross_store_integrity(stack)
 
 
+@pytest.mark.slow
 def test_seed_is_deterministic(stack: StackEndpoints, other_stack: StackEndpoints) -> None:
     seed(stack, SMALL, seed=1, progress=False)
     seed(other_stack, SMALL, seed=1, progress=False)
@@ -228,6 +229,7 @@ def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> An
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [
@@ -246,6 +248,7 @@ def test_seed_rejects_nonsense_sizes(args: list[str]) -> None:
     assert done.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args", [["--rate", "0"], ["--rate", "nan"], ["--duration", "-1"], ["--duration", "inf"]]
 )
@@ -322,6 +325,7 @@ def stack_env(stack: StackEndpoints) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_traffic_stops_cleanly_on_sigterm(stack: StackEndpoints, seeded: SeedResult) -> None:
     clean = {key: value for key, value in os.environ.items() if not key.startswith("CHAT_")}
     process = subprocess.Popen(

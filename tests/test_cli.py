@@ -7,15 +7,14 @@ import re
 import signal
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support.cli import DRTOOL, run_drtool
 
 from drtool.cli.context import COMMANDS as REGISTERED
 from drtool.errors import EXIT_CODES
 
-DRTOOL = Path(sys.executable).parent / "drtool"
 # the commands of issues 1-3; later issues add more, and `--help` must list them all
 KNOWN = ["backup", "demo", "init", "keys", "list", "prune", "show", "stack", "unlock", "verify"]
 COMMANDS = list(REGISTERED)  # loaded lazily: the registry, in --help order
@@ -29,15 +28,8 @@ SUBCOMMANDS = [
 ]
 
 
-def drtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
-    return subprocess.run(
-        [str(DRTOOL), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60
-    )
-
-
 def test_help_lists_the_commands_and_the_exit_codes() -> None:
-    result = drtool("--help")
+    result = run_drtool("--help")
     assert result.returncode == 0
     listed = re.findall(r"^  (\w[\w-]*)  ", result.stdout.split("Commands:")[1], re.MULTILINE)
     assert listed == COMMANDS
@@ -107,29 +99,30 @@ def test_an_interruption_exits_128_plus_the_signal(
     assert not (tmp_path / "id").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [[c] for c in COMMANDS] + SUBCOMMANDS, ids=" ".join)
 def test_every_command_has_help(command: list[str]) -> None:
-    result = drtool(*command, "--help")
+    result = run_drtool(*command, "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"Usage: drtool {' '.join(command)} ")
     assert result.stderr == ""
 
 
 def test_unknown_command_is_a_usage_error() -> None:
-    result = drtool("bakcup")
+    result = run_drtool("bakcup")
     assert result.returncode == 2
     assert "No such command 'bakcup'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_unknown_option_is_a_usage_error() -> None:
-    result = drtool("stack", "status", "--nmae", "x")
+    result = run_drtool("stack", "status", "--nmae", "x")
     assert result.returncode == 2
     assert "No such option '--nmae'. Did you mean '--name'?" in result.stderr
 
 
 def test_an_error_is_one_line_without_traceback(tmp_path: Path) -> None:
-    result = drtool("--config", str(tmp_path / "missing.toml"), "list")
+    result = run_drtool("--config", str(tmp_path / "missing.toml"), "list")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: config: file not found (got {tmp_path / 'missing.toml'})"
@@ -138,7 +131,7 @@ def test_an_error_is_one_line_without_traceback(tmp_path: Path) -> None:
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = drtool("--debug", "--config", str(tmp_path / "missing.toml"), "list")
+    result = run_drtool("--debug", "--config", str(tmp_path / "missing.toml"), "list")
     assert result.returncode == 2
     assert "Traceback (most recent call last)" in result.stderr
     assert "drtool.errors.ConfigError" in result.stderr
@@ -148,7 +141,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 def test_a_command_without_a_repository_says_what_is_missing(tmp_path: Path) -> None:
     config = tmp_path / "drtool.toml"
     config.write_text("[postgres]\nport = 5433\n")
-    result = drtool("--config", str(config), "list")
+    result = run_drtool("--config", str(config), "list")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: repository.url: not set")
 
@@ -159,7 +152,7 @@ def mode(path: Path) -> int:
 
 def test_keys_generate_works_with_the_stock_age_tool(tmp_path: Path) -> None:
     key = tmp_path / "ops.key"
-    result = drtool("keys", "generate", str(key))
+    result = run_drtool("keys", "generate", str(key))
     assert result.returncode == 0, result.stderr
     recipient = result.stdout.strip()
     assert re.fullmatch(r"age1[02-9ac-hj-np-z]{58}", recipient)
@@ -183,9 +176,9 @@ def test_keys_generate_works_with_the_stock_age_tool(tmp_path: Path) -> None:
 def test_keys_are_never_overwritten(tmp_path: Path) -> None:
     for command in ("generate", "signing-key"):
         key = tmp_path / f"{command}.key"
-        assert drtool("keys", command, str(key)).returncode == 0
+        assert run_drtool("keys", command, str(key)).returncode == 0
         before = key.read_bytes()
-        again = drtool("keys", command, str(key))
+        again = run_drtool("keys", command, str(key))
         assert again.returncode == 2
         assert again.stderr.strip().splitlines() == [
             f"error: {key}: already exists; refusing to overwrite a key file"
@@ -196,19 +189,19 @@ def test_keys_are_never_overwritten(tmp_path: Path) -> None:
 
 def test_keys_signing_key_prints_the_verify_key(tmp_path: Path) -> None:
     key = tmp_path / "signing.key"
-    result = drtool("keys", "signing-key", str(key))
+    result = run_drtool("keys", "signing-key", str(key))
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"drtool-verify-1:[A-Za-z0-9+/]{43}\n", result.stdout)
     assert mode(key) == 0o600
     assert key.read_text().startswith("drtool-sign-1:")
     # a second key is a different key
-    other = drtool("keys", "signing-key", str(tmp_path / "other.key"))
+    other = run_drtool("keys", "signing-key", str(tmp_path / "other.key"))
     assert other.stdout != result.stdout
 
 
 def test_keys_generate_into_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
     path = tmp_path / "no" / "such" / "dir" / "ops.key"
-    result = drtool("keys", "generate", str(path))
+    result = run_drtool("keys", "generate", str(path))
     assert "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {path}: ")

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.cli import run_drtool
 
 from drtool.config import Config, load_config
 from drtool.errors import ConfigError
 
-DRTOOL = Path(sys.executable).parent / "drtool"
 CANARY = "s3cr3t-canary"
 
 # (section, field, TOML literal, env text, flag value, default, file value, env value, flag)
@@ -167,17 +164,6 @@ def test_repr_never_shows_a_secret(tmp_path: Path) -> None:
         assert CANARY not in text
 
 
-def run_drtool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
-    return subprocess.run(
-        [str(DRTOOL), *args],
-        capture_output=True,
-        text=True,
-        env={**full_env, **(env or {})},
-        timeout=60,
-    )
-
-
 BAD_CONFIGS = [
     pytest.param(
         '[databse]\nhost = "x"\n',
@@ -259,11 +245,11 @@ def test_missing_config_file_and_bad_env_value_exit_2(tmp_path: Path) -> None:
         f"error: config: file not found (got {tmp_path / 'nope.toml'})"
     )
     # DRTOOL_CONFIG is read by the command line too
-    by_env = run_drtool("list", env={"DRTOOL_CONFIG": str(tmp_path / "env.toml")})
+    by_env = run_drtool("list", extra_env={"DRTOOL_CONFIG": str(tmp_path / "env.toml")})
     assert by_env.stderr.splitlines()[-1] == (
         f"error: config: file not found (got {tmp_path / 'env.toml'})"
     )
-    bad_env = run_drtool("list", env={"DRTOOL_POSTGRES_PORT": "abc"})
+    bad_env = run_drtool("list", extra_env={"DRTOOL_POSTGRES_PORT": "abc"})
     assert bad_env.returncode == 2
     assert bad_env.stderr.splitlines()[-1] == (
         "error: DRTOOL_POSTGRES_PORT: expected a whole number (got 'abc')"

@@ -30,7 +30,8 @@ import docker
 import pytest
 import tomli_w
 from docker.models.containers import Container
-from docker_support import (
+from support.cli import run_drtool
+from support.docker_tier import (
     LABELS,
     LOOPBACK,
     POSTGRES_IMAGE,
@@ -48,7 +49,6 @@ from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackE
 pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parent.parent
-DRTOOL = ROOT / ".venv" / "bin" / "drtool"
 DRTOOL_IMAGE = os.environ.get("DRTOOL_TEST_IMAGE", "drtool:ci")
 DRTOOL_UID = 10001  # the image's `drtool` user (Dockerfile)
 CHAT_COMPOSE = ROOT / "chat_stack" / "docker-compose.yml"
@@ -295,17 +295,6 @@ def chat_stack(
         project.down(docker_client)
 
 
-def drtool_host(*args: str) -> subprocess.CompletedProcess[str]:
-    """The drtool CLI on the host (the operator's side)."""
-    return subprocess.run(
-        [str(DRTOOL), *args],
-        capture_output=True,
-        text=True,
-        env=base_env(),
-        timeout=COMMAND_TIMEOUT,
-    )
-
-
 def test_backup_service_runs_as_a_container(
     docker_client: docker.DockerClient, drtool_image: str, chat_stack: ChatStack, tmp_path: Path
 ) -> None:
@@ -400,7 +389,9 @@ def test_backup_service_runs_as_a_container(
             }
         )
     )
-    listed = drtool_host("--config", str(operator_config), "list", "--json")
+    listed = run_drtool(
+        "list", "--json", config=operator_config, env=base_env(), timeout=COMMAND_TIMEOUT
+    )
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
     assert len(rows) == 1, rows
@@ -408,13 +399,27 @@ def test_backup_service_runs_as_a_container(
     assert sorted(rows[0]["components"]) == ["minio", "postgres", "redis"]
 
     # the seeded rows are in it (fingerprints decrypt with the operator's identity)
-    shown = drtool_host("--config", str(operator_config), "show", rows[0]["id"], "--json")
+    shown = run_drtool(
+        "show",
+        rows[0]["id"],
+        "--json",
+        config=operator_config,
+        env=base_env(),
+        timeout=COMMAND_TIMEOUT,
+    )
     assert shown.returncode == 0, shown.stderr
     tables = json.loads(shown.stdout)["fingerprints"]["postgres"]["fingerprints"]["tables"]
     assert tables["public.messages"]["rows"] == seeded.counts["messages"] == 500, tables
     assert tables["public.attachments"]["rows"] == 5, tables
 
-    verified = drtool_host("--config", str(operator_config), "verify", "--read-data", "--json")
+    verified = run_drtool(
+        "verify",
+        "--read-data",
+        "--json",
+        config=operator_config,
+        env=base_env(),
+        timeout=COMMAND_TIMEOUT,
+    )
     assert verified.returncode == 0, verified.stdout + verified.stderr
     outcomes = json.loads(verified.stdout)
     assert [(o["snapshot_id"], o["problems"]) for o in outcomes] == [(rows[0]["id"], [])]

@@ -25,8 +25,9 @@ from pathlib import Path
 import docker
 import pytest
 import tomli_w
-from docker_support import LABELS, POSTGRES_IMAGE, REDIS_IMAGE, S3_IMAGE, boto3_s3
-from helpers import stack_sections
+from support.cli import run_drtool
+from support.docker_tier import LABELS, POSTGRES_IMAGE, REDIS_IMAGE, S3_IMAGE, boto3_s3
+from support.stacks import stack_sections
 from test_container_backup import (
     BACKUP_COMPOSE,
     DRTOOL_UID,
@@ -37,7 +38,6 @@ from test_container_backup import (
     Compose,
     base_env,
     chat_stack,  # noqa: F401 - the fixture
-    drtool_host,
     drtool_image,  # noqa: F401 - the fixture
     service_container,
     write_override,
@@ -127,7 +127,9 @@ def test_the_shipped_drill_service_runs_a_full_drill_and_reports(  # noqa: PLR09
         tomli_w.dumps({"repository": host_repo, "keys": {"verify_key": verify_key}})
     )
     for args in (("init",), ("backup",)):
-        done = drtool_host("--config", str(host_config), "--home", str(tmp_path), *args)
+        done = run_drtool(
+            "--config", str(host_config), "--home", str(tmp_path), *args, env=base_env()
+        )
         assert done.returncode == 0, done.stderr
 
     # the drill service's config: no secret in it (they come as Docker secrets)
@@ -195,7 +197,9 @@ def test_the_shipped_drill_service_runs_a_full_drill_and_reports(  # noqa: PLR09
     finally:
         drill.down(docker_client)
 
-    history = drtool_host("--config", str(operator_config), "drill", "history", "--json")
+    history = run_drtool(
+        "--config", str(operator_config), "drill", "history", "--json", env=base_env()
+    )
     assert history.returncode == 0, history.stderr
     (entry,) = json.loads(history.stdout)
     assert entry["passed"] is True, entry

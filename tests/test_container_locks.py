@@ -21,7 +21,7 @@ from pathlib import Path
 import docker
 import pytest
 import tomli_w
-from docker_support import LABELS, REDIS_IMAGE, require_image
+from support.docker_tier import LABELS, REDIS_IMAGE, require_image
 from test_container_backup import DRTOOL_IMAGE, DRTOOL_UID
 
 from drtool import keys

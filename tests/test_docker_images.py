@@ -20,7 +20,9 @@ import pytest
 import redis
 from botocore.exceptions import ClientError
 from docker.models.networks import Network
-from docker_support import (
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from support.docker_tier import (
     BASE_IMAGE,
     LABELS,
     REDIS_IMAGE,
@@ -28,8 +30,6 @@ from docker_support import (
     redis_container,
     require_image,
 )
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 

@@ -10,10 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
-from test_backup import BackupKit, make_kit, one_error
+from support.backup_kit import BackupKit, make_backup_kit
+from support.cli import one_error
 
 from drtool import keys
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+
+pytestmark = pytest.mark.slow  # every test seeds a stack and an S3 repository, then runs doctor
 
 NAMES = [
     "no identity on the backup host",
@@ -40,7 +43,7 @@ def kit(
     s3_server: S3Endpoint,
     s3_bucket: str,
 ) -> BackupKit:
-    return make_kit(tmp_path, pg_database, redis_db, s3_server, s3_bucket)
+    return make_backup_kit(tmp_path, pg_database, redis_db, s3_server, s3_bucket)
 
 
 def _rows(done: object) -> dict[str, dict[str, str]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -24,15 +23,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import (
-    DRTOOL,
-    Repository,
-    execute,
-    make_repository,
-    processes_in,
-    run_drtool,
-    source_stack,
-)
+from support.cli import run_drtool, start_drtool
+from support.compare import execute
+from support.processes import processes_in
+from support.stacks import Repository, make_repository, source_stack
 
 from drtool.config import load_config
 from drtool.drills import watchdog as watchdog_module
@@ -46,6 +40,8 @@ from drtool.runtime import binaries
 from drtool.runtime.local import LocalStack
 from drtool.s3session import s3_client
 from drtool.services.drill import choose_snapshot, guard_production, run_drill
+
+pytestmark = pytest.mark.slow  # every test runs a restore drill into scratch stacks
 
 CHECKS = [
     "postgres fingerprints equal the snapshot's",
@@ -113,7 +109,7 @@ def test_a_passing_drill_is_reported_stored_and_listed(
     definition = definition_file(tmp_path / "drill.toml", reports)
     run = run_drtool("drill", "run", "--definition", str(definition), "--json",
                      config=world.config, home=home)  # fmt: skip
-    assert run.code == 0, run.stderr
+    assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["passed"] is True and report["error"] == ""
     assert report["snapshot_id"] == world.snapshot_id
@@ -128,7 +124,7 @@ def test_a_passing_drill_is_reported_stored_and_listed(
     assert json.loads((stored / "summary.json").read_text())["passed"] is True
     assert (stored / "report.json.zst.age").stat().st_size > 0
     history = run_drtool("drill", "history", "--json", config=world.config, home=home)
-    assert history.code == 0, history.stderr
+    assert history.returncode == 0, history.stderr
     listed = {d["drill_id"]: d for d in json.loads(history.stdout)}
     assert listed[drill_id]["passed"] is True
     assert listed[drill_id]["failed_checks"] == []
@@ -149,7 +145,7 @@ def test_a_corrupted_blob_fails_the_drill_naming_the_object(
     reports = tmp_path / "reports"
     definition = definition_file(tmp_path / "drill.toml", reports)
     run = run_drtool("drill", "run", "--definition", str(definition), config=config, home=home)
-    assert run.code == 6, run.stderr
+    assert run.returncode == 6, run.stderr
     name = f"blobs/{blob.parent.name}/{blob.name}"
     assert name in run.stderr.strip().splitlines()[-1]
     (json_report,) = reports.glob("*.json")
@@ -290,18 +286,9 @@ def test_guard_refuses_the_production_endpoints(world: World, tmp_path: Path, ho
 def start_drill(world: World, tmp_path: Path, home: Path) -> subprocess.Popen[str]:
     """``drtool drill run`` in the background."""
     definition = definition_file(tmp_path / "drill.toml", tmp_path / "reports")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
-    argv = [DRTOOL, "--config", str(world.config), "--home", str(home),
-            "drill", "run", "--definition", str(definition)]  # fmt: skip
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    return start_drtool(
+        "drill", "run", "--definition", str(definition), config=world.config, home=home
     )
-    return proc
 
 
 def restoring(home: Path) -> bool:
@@ -348,7 +335,7 @@ def test_sigkill_leaves_a_stack_that_cleanup_stops(
     wait_until_restoring(proc, home)
     # 19.13: while the drill runs, cleanup leaves its stack alone
     running = run_drtool("drill", "cleanup", config=world.config, home=home)
-    assert running.code == 0, running.stderr
+    assert running.returncode == 0, running.stderr
     assert "removed" not in running.stdout
     assert f"its drill runs ({socket.gethostname()}/{proc.pid}" in running.stdout
     proc.kill()
@@ -356,12 +343,12 @@ def test_sigkill_leaves_a_stack_that_cleanup_stops(
     (stack,) = (p for p in (home / "drills").iterdir() if p.is_dir())
     assert processes_in(stack) != []
     run = run_drtool("drill", "cleanup", config=world.config, home=home)
-    assert run.code == 0, run.stderr
+    assert run.returncode == 0, run.stderr
     assert f"removed local stack {stack.name}" in run.stdout.splitlines()
     assert not stack.exists()
     assert processes_in(stack) == []
     again = run_drtool("drill", "cleanup", config=world.config, home=home)
-    assert again.code == 0 and "local stack" not in again.stdout
+    assert again.returncode == 0 and "local stack" not in again.stdout
 
 
 def _record(snapshot_id: str, *stores: str) -> SnapshotRecord:
@@ -418,7 +405,7 @@ def test_broken_report_paths_are_refused_when_the_definition_loads(
     run = run_drtool(
         "drill", "run", "--definition", str(definition), config=world.config, home=home
     )
-    assert run.code == 2, run.stderr
+    assert run.returncode == 2, run.stderr
     assert (
         run.stderr.strip().splitlines()[-1] == f"error: {definition}: {problem.format(d=tmp_path)}"
     )

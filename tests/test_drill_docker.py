@@ -8,7 +8,6 @@ killed outright leaves containers that ``drtool drill cleanup`` removes.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -20,8 +19,9 @@ from pathlib import Path
 import docker
 import psycopg
 import pytest
-from docker_support import BASE_IMAGE, POSTGRES_IMAGE, REDIS_IMAGE, S3_IMAGE, require_image
-from helpers import DRTOOL, Repository, make_repository, run_drtool, source_stack
+from support.cli import run_drtool, start_drtool
+from support.docker_tier import BASE_IMAGE, POSTGRES_IMAGE, REDIS_IMAGE, S3_IMAGE, require_image
+from support.stacks import Repository, make_repository, source_stack
 
 from drtool import liveness
 from drtool.config import load_config
@@ -176,16 +176,13 @@ def start_drill(world: World, tmp_path: Path) -> subprocess.Popen[str]:
         f'redis_image = "{IMAGES.redis_image}"\nminio_image = "{IMAGES.minio_image}"\n'
         f'[report]\ndir = "{tmp_path / "reports"}"\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
-    argv = [DRTOOL, "--config", str(world.config), "--home", str(tmp_path / "home"),
-            "drill", "run", "--definition", str(definition)]  # fmt: skip
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    return start_drtool(
+        "drill",
+        "run",
+        "--definition",
+        str(definition),
+        config=world.config,
+        home=tmp_path / "home",
     )
 
 
@@ -220,7 +217,7 @@ def test_sigkill_leaves_containers_that_cleanup_removes(
     wait_for_containers(proc, clean_engine)
     # 19.13: while the drill runs, cleanup leaves its containers alone
     running = run_drtool("drill", "cleanup", config=world.config, home=tmp_path / "other-home")
-    assert running.code == 0, running.stderr
+    assert running.returncode == 0, running.stderr
     assert "removed" not in running.stdout
     assert f"its drill runs ({socket.gethostname()}/{proc.pid}" in running.stdout
     assert leftovers(clean_engine) != []
@@ -229,7 +226,7 @@ def test_sigkill_leaves_containers_that_cleanup_removes(
     left = leftovers(clean_engine)
     assert left != []
     run = run_drtool("drill", "cleanup", config=world.config, home=tmp_path / "home")
-    assert run.code == 0, run.stderr
+    assert run.returncode == 0, run.stderr
     removed = {line.removeprefix("removed ") for line in run.stdout.splitlines()}
     assert set(left) <= removed
     assert leftovers(clean_engine) == []
@@ -305,10 +302,10 @@ def test_history_names_the_cause_of_a_drill_that_failed_with_an_error(
     )
     run = run_drtool("drill", "run", "--definition", str(definition), "--json",
                      config=world.config, home=tmp_path / "home")  # fmt: skip
-    assert run.code == 6, run.stderr
+    assert run.returncode == 6, run.stderr
     drill_id = json.loads(run.stdout)["drill_id"]
     history = run_drtool("drill", "history", "--json", config=world.config)
-    assert history.code == 0, history.stderr
+    assert history.returncode == 0, history.stderr
     (entry,) = [d for d in json.loads(history.stdout) if d["drill_id"] == drill_id]
     assert entry["passed"] is False and entry["failed_checks"] == []
     assert f"docker: image {missing} is not on this engine" in entry["error"]

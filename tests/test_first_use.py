@@ -5,20 +5,21 @@ table in a cron log. Real storage (a directory, a SeaweedFS bucket) and the real
 from __future__ import annotations
 
 import stat
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 
 import tomli_w
-from helpers import CliRun, run_drtool
-from test_repository import T0, blob_id, file_kit, s3_kit
+from support.cli import run_drtool
+from support.repo_kit import T0, blob_id, file_kit, s3_kit
 
 from drtool.endpoints import S3Endpoint
 from drtool.repository import layout
 
 
-def one_error(code: int, run: CliRun) -> str:
+def one_error(code: int, run: subprocess.CompletedProcess[str]) -> str:
     """The single ``error:`` line of a failed run with exit ``code``."""
-    assert run.code == code, (run.code, run.stdout, run.stderr)
+    assert run.returncode == code, (run.returncode, run.stdout, run.stderr)
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0].removeprefix("error: ")
@@ -30,7 +31,7 @@ def test_init_creates_a_missing_directory_0700(tmp_path: Path) -> None:
     config = tmp_path / "fresh.toml"
     config.write_text(tomli_w.dumps({**kit.sections, "repository": {"url": fresh.as_uri()}}))
     run = run_drtool("init", config=config, home=tmp_path / "home")
-    assert run.code == 0, run.stderr
+    assert run.returncode == 0, run.stderr
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
     assert (fresh / layout.REPO_FILE).is_file()
 
@@ -76,7 +77,7 @@ def test_list_into_a_pipe_prints_whole_snapshot_ids(tmp_path: Path) -> None:
     snaps = [kit.snapshot(T0 + timedelta(hours=h), blobs=(blob_id(),)) for h in range(2)]
     kit.storage.delete(snaps[1].dump_key)  # INVALID: its long problem text widens the table
     run = run_drtool("list", config=kit.config_file, home=tmp_path / "home")  # stdout: a pipe
-    assert run.code == 0, run.stderr
+    assert run.returncode == 0, run.stderr
     for snap in snaps:
         assert snap.snapshot_id in run.stdout
     assert f"missing object {snaps[1].dump_key}" in run.stdout

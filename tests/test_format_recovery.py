@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Repository, bucket_objects, make_repository, source_stack, table_rows
+from support.compare import bucket_objects, table_rows
+from support.stacks import Repository, make_repository, source_stack
 
 from drtool.endpoints import PostgresEndpoint, S3Endpoint
 

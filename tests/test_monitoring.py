@@ -29,8 +29,9 @@ from typing import Any
 
 import pytest
 import tomli_w
-from helpers import DRTOOL, make_repository, source_stack
 from prometheus_client.parser import text_string_to_metric_families
+from support.cli import DRTOOL
+from support.stacks import make_repository, source_stack
 from test_drill import webhook_receiver
 
 from drtool.endpoints import PostgresEndpoint, S3Endpoint

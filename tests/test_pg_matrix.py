@@ -25,8 +25,10 @@ import psycopg
 import pytest
 import tomli_w
 from conftest import PG_MAJORS, PgUnderTest
-from docker_support import POSTGRES16_IMAGE, REDIS_IMAGE, S3_IMAGE, require_image
-from helpers import Repository, make_repository, run_drtool, source_stack, table_rows
+from support.cli import run_drtool
+from support.compare import table_rows
+from support.docker_tier import POSTGRES16_IMAGE, REDIS_IMAGE, S3_IMAGE, require_image
+from support.stacks import Repository, make_repository, source_stack
 
 from drtool.config import load_config
 from drtool.drills.definition import DockerImages, DrillDefinition, ReportSettings
@@ -76,7 +78,7 @@ def with_bin_dir(config: Path, bin_dir: Path) -> Path:
 
 def fingerprints_of(endpoint: PostgresEndpoint, dbname: str) -> PgFingerprints:
     """Fingerprints computed on database ``dbname`` of the server."""
-    with psycopg.connect(**endpoint.connect_kwargs(dbname)) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**endpoint.connect_kwargs(dbname)) as conn:
         return compute_fingerprints(conn)
 
 
@@ -160,7 +162,7 @@ def test_dump_restores_with_equal_fingerprints(
     """pg_dump of the major, streamed as a backup does; pg_restore -j2; equal fingerprints."""
     pg = pg_servers(pg_major)
     source = replace(pg.endpoint, dbname=database(pg))
-    with psycopg.connect(**source.connect_kwargs()) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**source.connect_kwargs()) as conn:
         conn.execute(SCHEMA)
     archive = tmp_path / "db.dump"
     with dump(source, pg_bin_dir=pg.bin_dir, timeout=120) as pgd, open(archive, "wb") as fh:
@@ -185,12 +187,12 @@ def test_fingerprints_catch_one_changed_row(
     """The record hash (fingerprint format 2) is computed by the server: check it per major."""
     pg = pg_servers(pg_major)
     source = replace(pg.endpoint, dbname=database(pg))
-    with psycopg.connect(**source.connect_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**source.connect_kwargs(), autocommit=True) as conn:
         conn.execute(SCHEMA)
     before = fingerprints_of(source, source.dbname)
     assert {fp.row_hash for fp in before.tables.values()} == {"record"}
     assert compare(before, fingerprints_of(source, source.dbname)) == []
-    with psycopg.connect(**source.connect_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(**source.connect_kwargs(), autocommit=True) as conn:
         conn.execute("UPDATE rooms SET meta = meta || '{\"x\": 1}' WHERE id = 5")
     assert compare(before, fingerprints_of(source, source.dbname)) == [
         "public.rooms: content digest differs (20 rows)"
@@ -268,7 +270,7 @@ def test_a_drill_without_the_snapshot_major_fails_saying_so(
         "drill", "run", "--definition", str(definition), config=config, home=home,
         extra_env={binaries.PG_ROOT_ENV: str(empty)},
     )  # fmt: skip
-    assert run.code == 6, run.stderr
+    assert run.returncode == 6, run.stderr
     (line,) = [x for x in run.stderr.splitlines() if not x.startswith("{")]  # JSON: the logs
     assert line.startswith("error: drill ")
     assert "failed: PostgreSQL 16 server binaries not found" in line
@@ -293,7 +295,7 @@ def test_a_16_snapshot_is_refused_by_a_15_target_and_a_15_scratch(
     )
     config = operator_config(world, tmp_path / "op.toml", {"t": older})
     run = run_drtool("restore", "latest", "--target", "t", "--yes", config=config)
-    assert run.code == 2, run.stderr
+    assert run.returncode == 2, run.stderr
     (line,) = [x for x in run.stderr.splitlines() if not x.startswith("{")]  # JSON: the logs
     assert line.startswith("error: restore: the snapshot holds PostgreSQL 16 data")
     where = f"{older.postgres.host}:{older.postgres.port}/{older.postgres.dbname}"
@@ -325,19 +327,19 @@ def test_stack_up_takes_a_major_and_refuses_a_missing_one(
     run = run_drtool("stack", "up", "--name", "m16", "--pg-major", "16", config=home / "none",
                      home=home)  # fmt: skip
     try:
-        assert run.code == 0, run.stderr
+        assert run.returncode == 0, run.stderr
         assert "(PostgreSQL 16)" in run.stdout
         config = load_config(home / "stacks" / "m16" / "drtool.toml", {})
         assert Path(config.postgres.bin_dir) == binaries.pg_bin_dir(major=16)
         endpoint = config.stack().postgres
-        with psycopg.connect(**endpoint.connect_kwargs()) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(**endpoint.connect_kwargs()) as conn:
             assert conn.info.server_version // 10000 == 16
     finally:
         assert run_drtool("stack", "down", "--name", "m16", config=home / "none",
-                          home=home).code == 0  # fmt: skip
+                          home=home).returncode == 0  # fmt: skip
     missing = run_drtool("stack", "up", "--name", "m17", "--pg-major", "17", config=home / "none",
                          home=home)  # fmt: skip
-    assert missing.code == 3, missing.stderr
+    assert missing.returncode == 3, missing.stderr
     (line,) = [x for x in missing.stderr.splitlines() if not x.startswith("{")]
     assert line.startswith("error: PostgreSQL 17 server binaries not found (looked in ")
     assert not (home / "stacks" / "m17").exists()

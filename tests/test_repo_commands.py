@@ -9,24 +9,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import tomli_w
-from helpers import CliRun, run_drtool
-from test_repository import (  # noqa: F401 (fixtures: any_kit, kit, looping_blobs)
-    T0,
-    RepoKit,
-    blob_id,
-    dead_pid,
-    file_kit,
-    fixture_any_kit,
-    fixture_kit,
-    fixture_looping_blobs,
-    plant_lock,
-    s3_kit,
-)
+from support.cli import run_drtool
+from support.repo_kit import T0, RepoKit, blob_id, dead_pid, file_kit, plant_lock, s3_kit
 
 from drtool.endpoints import S3Endpoint
 from drtool.repository import layout
@@ -39,22 +29,22 @@ def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "250")
 
 
-def drtool(config: Path, *args: str) -> CliRun:
+def drtool(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``drtool --config CONFIG ARGS...`` (no ``DRTOOL_*`` variables from the caller)."""
     return run_drtool(*args, config=config, home=config.parent / "home")
 
 
-def failed(result: CliRun, code: int) -> str:
+def failed(result: subprocess.CompletedProcess[str], code: int) -> str:
     """Assert a clean failure with ``code``; return the error message (after ``error: ``)."""
-    assert result.code == code, (result.code, result.stdout, result.stderr)
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
     return errors[0].removeprefix("error: ")
 
 
-def ok(result: CliRun) -> str:
-    assert result.code == 0, (result.stdout, result.stderr)
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.stdout, result.stderr)
     return result.stdout
 
 
@@ -67,9 +57,9 @@ def table_rows(out: str) -> list[list[str]]:
 
 
 def test_init_creates_once_and_refuses_a_second_time(tmp_path: Path) -> None:
-    kit = file_kit(tmp_path)  # its repository exists already; make a fresh one beside it
+    repo_kit = file_kit(tmp_path)  # its repository exists already; make a fresh one beside it
     (tmp_path / "fresh").mkdir()
-    doc = {**kit.sections, "repository": {"url": (tmp_path / "fresh").as_uri()}}
+    doc = {**repo_kit.sections, "repository": {"url": (tmp_path / "fresh").as_uri()}}
     config = tmp_path / "fresh.toml"
     config.write_text(tomli_w.dumps(doc))
     out = ok(drtool(config, "init"))
@@ -86,11 +76,11 @@ def test_init_creates_once_and_refuses_a_second_time(tmp_path: Path) -> None:
 # -- list ------------------------------------------------------------------------------------
 
 
-def test_list_json_shows_valid_and_invalid_snapshots(any_kit: RepoKit) -> None:
-    good = any_kit.snapshot(T0, blobs=(blob_id(),))
-    broken = any_kit.snapshot(T0 + timedelta(hours=1))
-    any_kit.storage.delete(broken.dump_key)
-    rows = json.loads(ok(drtool(any_kit.config_file, "list", "--json")))
+def test_list_json_shows_valid_and_invalid_snapshots(any_repo_kit: RepoKit) -> None:
+    good = any_repo_kit.snapshot(T0, blobs=(blob_id(),))
+    broken = any_repo_kit.snapshot(T0 + timedelta(hours=1))
+    any_repo_kit.storage.delete(broken.dump_key)
+    rows = json.loads(ok(drtool(any_repo_kit.config_file, "list", "--json")))
     assert [(r["id"], r["status"], r["problem"]) for r in rows] == [
         (good.snapshot_id, "VALID", None),
         (broken.snapshot_id, "INVALID", f"missing object {broken.dump_key}"),
@@ -98,15 +88,15 @@ def test_list_json_shows_valid_and_invalid_snapshots(any_kit: RepoKit) -> None:
     assert rows[0]["components"] == ["postgres", "minio"]
     assert rows[0]["stored_bytes"] == good.manifest.stored_bytes
     assert rows[0]["time"] == "2026-11-20T02:00:00+00:00"
-    table = ok(drtool(any_kit.config_file, "list"))
+    table = ok(drtool(any_repo_kit.config_file, "list"))
     rows_shown = {r[0]: r for r in table_rows(table)}
     assert rows_shown[good.snapshot_id][1:3] == ["VALID", "postgres,minio"]
     assert rows_shown[broken.snapshot_id][1] == "INVALID"
     assert rows_shown[broken.snapshot_id][-1] == f"missing object {broken.dump_key}"
 
 
-def test_list_of_an_empty_repository_is_empty(kit: RepoKit) -> None:
-    assert json.loads(ok(drtool(kit.config_file, "list", "--json"))) == []
+def test_list_of_an_empty_repository_is_empty(repo_kit: RepoKit) -> None:
+    assert json.loads(ok(drtool(repo_kit.config_file, "list", "--json"))) == []
 
 
 def test_list_fails_loudly_when_the_listing_fails(looping_blobs: RepoKit) -> None:
@@ -117,9 +107,9 @@ def test_list_fails_loudly_when_the_listing_fails(looping_blobs: RepoKit) -> Non
 def test_list_of_a_bucket_that_does_not_exist_is_an_error(
     tmp_path: Path, s3_server: S3Endpoint, s3_bucket: str
 ) -> None:
-    kit = s3_kit(tmp_path, s3_server, s3_bucket)
-    kit.snapshot(T0)
-    doc = {**kit.sections}
+    repo_kit = s3_kit(tmp_path, s3_server, s3_bucket)
+    repo_kit.snapshot(T0)
+    doc = {**repo_kit.sections}
     doc["repository"] = {**doc["repository"], "url": "s3://no-such-bucket-drtool/drtool"}
     config = tmp_path / "gone.toml"
     config.write_text(tomli_w.dumps(doc))
@@ -132,21 +122,21 @@ def test_list_of_a_bucket_that_does_not_exist_is_an_error(
 # -- show -------------------------------------------------------------------------------------
 
 
-def test_show_missing_snapshot_exits_10(kit: RepoKit) -> None:
-    kit.snapshot(T0)
-    message = failed(drtool(kit.config_file, "show", "20250101T000000Z-abcd"), 10)
+def test_show_missing_snapshot_exits_10(repo_kit: RepoKit) -> None:
+    repo_kit.snapshot(T0)
+    message = failed(drtool(repo_kit.config_file, "show", "20250101T000000Z-abcd"), 10)
     assert message == "snapshot 20250101T000000Z-abcd: not found (see `drtool list`)"
-    message = failed(drtool(kit.config_file, "verify", "20250101T000000Z-abcd"), 10)
+    message = failed(drtool(repo_kit.config_file, "verify", "20250101T000000Z-abcd"), 10)
     assert "20250101T000000Z-abcd: not found" in message
 
 
-def test_show_prints_the_snapshot(kit: RepoKit) -> None:
-    snap = kit.snapshot(T0)
-    shown = json.loads(ok(drtool(kit.config_file, "show", "latest", "--json")))
+def test_show_prints_the_snapshot(repo_kit: RepoKit) -> None:
+    snap = repo_kit.snapshot(T0)
+    shown = json.loads(ok(drtool(repo_kit.config_file, "show", "latest", "--json")))
     assert shown["id"] == snap.snapshot_id
     assert shown["status"] == "VALID"
     assert shown["manifest"]["components"][0]["objects"][0]["key"] == snap.dump_key
-    text = ok(drtool(kit.config_file, "show", snap.snapshot_id))
+    text = ok(drtool(repo_kit.config_file, "show", snap.snapshot_id))
     assert f"snapshot {snap.snapshot_id}: VALID" in text
     assert "host nas" in text
 
@@ -154,39 +144,39 @@ def test_show_prints_the_snapshot(kit: RepoKit) -> None:
 # -- verify -----------------------------------------------------------------------------------
 
 
-def test_verify_good_data_exits_0(any_kit: RepoKit) -> None:
+def test_verify_good_data_exits_0(any_repo_kit: RepoKit) -> None:
     shared = blob_id()
-    a = any_kit.snapshot(T0, blobs=(shared,))
-    b = any_kit.snapshot(T0 + timedelta(hours=1), blobs=(shared,))
-    keyless = any_kit.write_config("keyless", identity_file=None)
+    a = any_repo_kit.snapshot(T0, blobs=(shared,))
+    b = any_repo_kit.snapshot(T0 + timedelta(hours=1), blobs=(shared,))
+    keyless = any_repo_kit.write_config("keyless", identity_file=None)
     outcomes = json.loads(ok(drtool(keyless, "verify", "--all", "--json")))
     assert [(o["snapshot_id"], o["problems"]) for o in outcomes] == [
         (a.snapshot_id, []),
         (b.snapshot_id, []),
     ]
-    table = ok(drtool(any_kit.config_file, "verify", "--read-data"))
+    table = ok(drtool(any_repo_kit.config_file, "verify", "--read-data"))
     assert table_rows(table) == [[b.snapshot_id, "2", "ok"]]
     assert a.snapshot_id not in table  # default: the latest only
 
 
-def test_verify_flipped_byte_exits_5_naming_the_object(kit: RepoKit) -> None:
-    snap = kit.snapshot(T0)
-    path = Path(kit.url.removeprefix("file://")) / snap.dump_key
+def test_verify_flipped_byte_exits_5_naming_the_object(repo_kit: RepoKit) -> None:
+    snap = repo_kit.snapshot(T0)
+    path = Path(repo_kit.url.removeprefix("file://")) / snap.dump_key
     data = bytearray(path.read_bytes())
     data[100] ^= 0x80
     path.write_bytes(bytes(data))
-    keyless = kit.write_config("keyless", identity_file=None)
+    keyless = repo_kit.write_config("keyless", identity_file=None)
     message = failed(drtool(keyless, "verify"), 5)
     assert message == (
         f"verify: 1 of 1 snapshots failed: {snap.dump_key}: stored sha256 differs from the manifest"
     )
-    message = failed(drtool(kit.config_file, "verify", "--read-data", snap.snapshot_id), 5)
+    message = failed(drtool(repo_kit.config_file, "verify", "--read-data", snap.snapshot_id), 5)
     assert message.startswith(f"verify: 1 of 1 snapshots failed: {snap.dump_key}")
 
 
-def test_verify_read_data_without_identity_exits_2(kit: RepoKit) -> None:
-    kit.snapshot(T0)
-    keyless = kit.write_config("keyless", identity_file=None)
+def test_verify_read_data_without_identity_exits_2(repo_kit: RepoKit) -> None:
+    repo_kit.snapshot(T0)
+    keyless = repo_kit.write_config("keyless", identity_file=None)
     message = failed(drtool(keyless, "verify", "--read-data"), 2)
     assert message == "keys.identity_file: --read-data needs an identity (got none)"
 
@@ -194,9 +184,9 @@ def test_verify_read_data_without_identity_exits_2(kit: RepoKit) -> None:
 # -- configuration and repository-header errors -----------------------------------------------
 
 
-def test_typo_in_config_exits_2_listing_known_settings(kit: RepoKit, tmp_path: Path) -> None:
+def test_typo_in_config_exits_2_listing_known_settings(repo_kit: RepoKit, tmp_path: Path) -> None:
     config = tmp_path / "typo.toml"
-    config.write_text(kit.config_file.read_text().replace("url =", "urll =", 1))
+    config.write_text(repo_kit.config_file.read_text().replace("url =", "urll =", 1))
     message = failed(drtool(config, "list"), 2)
     assert message.startswith("repository.urll: unknown setting (known: ")
     known = message.removeprefix("repository.urll: unknown setting (known: ").rstrip(")")
@@ -204,20 +194,22 @@ def test_typo_in_config_exits_2_listing_known_settings(kit: RepoKit, tmp_path: P
     assert "access_key_file" in known.split(", ")
 
 
-def test_newer_repository_format_exits_2_naming_both_versions(kit: RepoKit) -> None:
-    doc = json.loads(kit.storage.get_bytes(layout.REPO_FILE))
+def test_newer_repository_format_exits_2_naming_both_versions(repo_kit: RepoKit) -> None:
+    doc = json.loads(repo_kit.storage.get_bytes(layout.REPO_FILE))
     doc["format_version"] = 99
-    kit.storage.put_bytes(layout.REPO_FILE, json.dumps(doc).encode())
-    message = failed(drtool(kit.config_file, "list"), 2)
+    repo_kit.storage.put_bytes(layout.REPO_FILE, json.dumps(doc).encode())
+    message = failed(drtool(repo_kit.config_file, "list"), 2)
     assert message == (
         "repository: format version 99 is newer than this drtool supports (1); upgrade drtool"
     )
 
 
-def test_missing_repository_exits_10_saying_run_init(kit: RepoKit, tmp_path: Path) -> None:
+def test_missing_repository_exits_10_saying_run_init(repo_kit: RepoKit, tmp_path: Path) -> None:
     (tmp_path / "nothing").mkdir()
     config = tmp_path / "nothing.toml"
-    config.write_text(kit.config_file.read_text().replace(kit.url, (tmp_path / "nothing").as_uri()))
+    config.write_text(
+        repo_kit.config_file.read_text().replace(repo_kit.url, (tmp_path / "nothing").as_uri())
+    )
     message = failed(drtool(config, "list"), 10)
     assert message == (
         f"repository: no drtool repository at {(tmp_path / 'nothing').as_uri()} "
@@ -228,51 +220,52 @@ def test_missing_repository_exits_10_saying_run_init(kit: RepoKit, tmp_path: Pat
 # -- prune ------------------------------------------------------------------------------------
 
 
-def test_prune_dry_run_then_real_run(any_kit: RepoKit) -> None:
-    snaps = [any_kit.snapshot(T0 + timedelta(days=d)) for d in range(3)]
-    before = any_kit.keys_in_storage()
-    out = ok(drtool(any_kit.config_file, "prune", "--keep-last", "2", "--dry-run"))
+@pytest.mark.slow
+def test_prune_dry_run_then_real_run(any_repo_kit: RepoKit) -> None:
+    snaps = [any_repo_kit.snapshot(T0 + timedelta(days=d)) for d in range(3)]
+    before = any_repo_kit.keys_in_storage()
+    out = ok(drtool(any_repo_kit.config_file, "prune", "--keep-last", "2", "--dry-run"))
     assert "would delete 1 snapshots, 2 objects, 0 stale uploads" in out
     assert table_rows(out) == [
         [snaps[1].snapshot_id, "keep", "last"],
         [snaps[2].snapshot_id, "keep", "last"],
         [snaps[0].snapshot_id, "forget", "outside the policy"],
     ]
-    assert any_kit.keys_in_storage() == before
-    out = ok(drtool(any_kit.config_file, "prune", "--keep-last", "2"))
+    assert any_repo_kit.keys_in_storage() == before
+    out = ok(drtool(any_repo_kit.config_file, "prune", "--keep-last", "2"))
     assert "deleted 1 snapshots, 2 objects, 0 stale uploads" in out
-    assert any_kit.keys_in_storage() == before - {
+    assert any_repo_kit.keys_in_storage() == before - {
         layout.manifest_key(snaps[0].snapshot_id),
         snaps[0].dump_key,
     }
-    rows = json.loads(ok(drtool(any_kit.config_file, "list", "--json")))
+    rows = json.loads(ok(drtool(any_repo_kit.config_file, "list", "--json")))
     assert [(r["id"], r["status"]) for r in rows] == [
         (snaps[1].snapshot_id, "VALID"),
         (snaps[2].snapshot_id, "VALID"),
     ]
-    ok(drtool(any_kit.config_file, "verify", "--all", "--read-data"))
+    ok(drtool(any_repo_kit.config_file, "verify", "--all", "--read-data"))
 
 
-def test_prune_without_a_policy_exits_2(kit: RepoKit) -> None:
-    kit.snapshot(T0)
-    before = kit.keys_in_storage()
-    message = failed(drtool(kit.config_file, "prune"), 2)
+def test_prune_without_a_policy_exits_2(repo_kit: RepoKit) -> None:
+    repo_kit.snapshot(T0)
+    before = repo_kit.keys_in_storage()
+    message = failed(drtool(repo_kit.config_file, "prune"), 2)
     assert message.startswith("prune: this policy keeps nothing")
-    message = failed(drtool(kit.config_file, "prune", "--keep-last", "-1"), 2)
+    message = failed(drtool(repo_kit.config_file, "prune", "--keep-last", "-1"), 2)
     assert message == "prune: --keep-* counts cannot be negative"
-    assert kit.keys_in_storage() == before
+    assert repo_kit.keys_in_storage() == before
 
 
-def test_prune_while_locked_exits_11_and_deletes_nothing(kit: RepoKit) -> None:
-    kit.snapshot(T0)
-    kit.snapshot(T0 + timedelta(days=1))
-    before = kit.keys_in_storage()
-    with repository_lock(kit.storage, "backup") as held:
-        message = failed(drtool(kit.config_file, "prune", "--keep-last", "1"), 11)
+def test_prune_while_locked_exits_11_and_deletes_nothing(repo_kit: RepoKit) -> None:
+    repo_kit.snapshot(T0)
+    repo_kit.snapshot(T0 + timedelta(days=1))
+    before = repo_kit.keys_in_storage()
+    with repository_lock(repo_kit.storage, "backup") as held:
+        message = failed(drtool(repo_kit.config_file, "prune", "--keep-last", "1"), 11)
         assert message.startswith(
             f"repository locked by {socket.gethostname()}/{os.getpid()} (backup) since {held.since}"
         )
-    assert kit.keys_in_storage() == before
+    assert repo_kit.keys_in_storage() == before
 
 
 def test_prune_listing_error_exits_4_and_deletes_nothing(looping_blobs: RepoKit) -> None:
@@ -287,23 +280,23 @@ def test_prune_listing_error_exits_4_and_deletes_nothing(looping_blobs: RepoKit)
 # -- unlock -----------------------------------------------------------------------------------
 
 
-def test_unlock_removes_stale_locks_and_all_with_all(kit: RepoKit) -> None:
-    assert ok(drtool(kit.config_file, "unlock")).strip() == "no stale locks"
+def test_unlock_removes_stale_locks_and_all_with_all(repo_kit: RepoKit) -> None:
+    assert ok(drtool(repo_kit.config_file, "unlock")).strip() == "no stale locks"
     since = datetime.now(UTC)
     pid = dead_pid()
-    plant_lock(kit, host=socket.gethostname(), pid=pid, since=since)
-    plant_lock(kit, host="other-nas", pid=1, since=since, op="prune")
-    out = ok(drtool(kit.config_file, "unlock"))
+    plant_lock(repo_kit, host=socket.gethostname(), pid=pid, since=since)
+    plant_lock(repo_kit, host="other-nas", pid=1, since=since, op="prune")
+    out = ok(drtool(repo_kit.config_file, "unlock"))
     assert out.strip() == (
         f"removed lock of {socket.gethostname()}/{pid} (backup) since {since.isoformat()}: "
         f"process {pid} is gone"
     )
-    assert [(lk.host, lk.pid) for lk in read_locks(kit.storage)] == [("other-nas", 1)]
+    assert [(lk.host, lk.pid) for lk in read_locks(repo_kit.storage)] == [("other-nas", 1)]
     # the live lock still blocks a writer, until --all
-    failed(drtool(kit.config_file, "prune", "--keep-last", "1"), 11)
-    out = ok(drtool(kit.config_file, "unlock", "--all"))
+    failed(drtool(repo_kit.config_file, "prune", "--keep-last", "1"), 11)
+    out = ok(drtool(repo_kit.config_file, "unlock", "--all"))
     assert out.strip() == f"removed lock of other-nas/1 (prune) since {since.isoformat()}: --all"
-    assert read_locks(kit.storage) == []
+    assert read_locks(repo_kit.storage) == []
 
 
 @pytest.mark.parametrize("command", [["list"], ["verify"], ["prune", "--keep-last", "1"]])

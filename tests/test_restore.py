@@ -13,18 +13,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import skip_or_fail
-from helpers import (
-    Repository,
-    assert_same_redis,
-    bucket_objects,
-    databases,
-    execute,
-    make_repository,
-    run_drtool,
-    source_stack,
-    table_rows,
-)
+from support.cli import run_drtool
+from support.compare import assert_same_redis, bucket_objects, databases, execute, table_rows
+from support.servers import skip_or_fail
+from support.stacks import Repository, make_repository, source_stack
 
 from drtool import keys
 from drtool.config import load_config
@@ -82,10 +74,11 @@ def restore(world: World, config: Path, **options: object) -> RestoreResult:
     )
 
 
+@pytest.mark.slow
 def test_round_trip_equals_the_source(world: World, target: StackEndpoints, tmp_path: Path) -> None:
     config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
     run = run_drtool("restore", "latest", "--target", "t", "--yes", "--json", config=config)
-    assert run.code == 0, run.stderr
+    assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["snapshot_id"] == world.new_id and result["ok"]
     assert [c["name"] for c in result["components"]] == ["postgres", "redis", "minio"]
@@ -99,6 +92,7 @@ def test_round_trip_equals_the_source(world: World, target: StackEndpoints, tmp_
     assert databases(target.postgres, target.postgres.dbname + "_%") == []  # empty one dropped
 
 
+@pytest.mark.slow
 def test_latest_of_one_store_is_its_newest_snapshot(
     world: World, target: StackEndpoints, tmp_path: Path
 ) -> None:
@@ -126,7 +120,7 @@ def test_at_picks_the_snapshot_of_that_time(
 def test_dry_run_changes_nothing(world: World, target: StackEndpoints, tmp_path: Path) -> None:
     config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
     run = run_drtool("restore", "--target", "t", "--dry-run", "--json", config=config)
-    assert run.code == 0, run.stderr
+    assert run.returncode == 0, run.stderr
     plan = {p["component"]: p for p in json.loads(run.stdout)["plan"]}
     assert plan["postgres"]["holds"] == "an empty database" and not plan["postgres"]["replaces"]
     assert plan["minio"]["holds"] == "0 objects"
@@ -158,7 +152,7 @@ def test_non_empty_target_is_refused_untouched(
     _fill(target)
     config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
     run = run_drtool("restore", "--target", "t", "--yes", config=config)
-    assert run.code == 2
+    assert run.returncode == 2
     assert run.stderr.startswith("error: restore: the target is not empty (postgres ")
     assert "use --force" in run.stderr and len(run.stderr.strip().splitlines()) == 1
     _untouched(target)
@@ -169,11 +163,12 @@ def test_without_a_terminal_or_yes_nothing_happens(
 ) -> None:
     config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
     run = run_drtool("restore", "--target", "t", config=config)
-    assert run.code == 2
+    assert run.returncode == 2
     assert "error: restore: not a terminal, so nothing to confirm with; pass --yes" in run.stderr
     assert table_rows(target.postgres) == {}
 
 
+@pytest.mark.slow
 def test_force_restores_beside_and_keeps_the_old_database(
     world: World, target: StackEndpoints, tmp_path: Path
 ) -> None:
@@ -210,6 +205,7 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_damaged_objects_leave_the_target_untouched(
     world: World, target: StackEndpoints, tmp_path: Path
 ) -> None:
@@ -220,7 +216,7 @@ def test_damaged_objects_leave_the_target_untouched(
     dump = snap / "postgres" / "dump.pgdump.zst.age"
     _flip(dump, dump.stat().st_size // 2)
     run = run_drtool("restore", "--target", "t", "--yes", config=config)
-    assert run.code == 5, run.stderr
+    assert run.returncode == 5, run.stderr
     assert run.stderr.startswith(f"error: snapshots/{world.new_id}/postgres/dump.pgdump.zst.age: ")
     assert "authentication failed at offset" in run.stderr
     assert table_rows(target.postgres) == {}
@@ -228,7 +224,7 @@ def test_damaged_objects_leave_the_target_untouched(
     blob = sorted((copy / "blobs").rglob("*.zst.age"))[3]
     _flip(blob, blob.stat().st_size - 100)
     run = run_drtool("restore", "--target", "t", "--yes", "--component", "minio", config=config)
-    assert run.code == 5, run.stderr
+    assert run.returncode == 5, run.stderr
     assert f"error: blobs/{blob.parent.name}/{blob.name}: authentication failed at offset" in (
         run.stderr
     )
@@ -243,7 +239,7 @@ def test_wrong_identity_exits_12(world: World, target: StackEndpoints, tmp_path:
     keys.write_identity(other, passphrase=None)
     config = world.repo.operator_config(tmp_path / "op.toml", {"t": target}, identity=other)
     run = run_drtool("restore", "--target", "t", "--yes", config=config)
-    assert run.code == 12
+    assert run.returncode == 12
     assert "no identity matches; encrypted to" in run.stderr
     assert table_rows(target.postgres) == {}
 
@@ -266,13 +262,14 @@ def test_full_scratch_dir_is_a_clear_error(
 ) -> None:
     config = world.repo.operator_config(tmp_path / "op.toml", {"t": target}, scratch=tiny_disk)
     run = run_drtool("restore", "--target", "t", "--yes", config=config)
-    assert run.code == 2
+    assert run.returncode == 2
     assert run.stderr.startswith(f"error: backup.scratch_dir: {tiny_disk} has ")
     assert "bytes free but the restore stages" in run.stderr
     assert table_rows(target.postgres) == {}
     assert list(tiny_disk.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_kill_9_before_the_switch_leaves_the_live_database_and_a_rerun_succeeds(
     world: World, target: StackEndpoints, tmp_path: Path
 ) -> None:
@@ -282,13 +279,13 @@ def test_kill_9_before_the_switch_leaves_the_live_database_and_a_rerun_succeeds(
     args = ("restore", "--target", "t", "--component", "postgres", "--yes", "--force")
     crash = {"DRTOOL_CRASH_AT": "restore-before-switch"}
     killed = run_drtool(*args, config=config, extra_env=crash)
-    assert killed.code == 137, killed.stderr
+    assert killed.returncode == 137, killed.stderr
     name = target.postgres.dbname
     assert table_rows(target.postgres) == {"public.keepme": ["(live)"]}  # the service's data
     (leftover,) = databases(target.postgres, name + "\\_restore\\_%")
     try:
         rerun = run_drtool(*args, "--drop-old", config=config)
-        assert rerun.code == 0, rerun.stderr
+        assert rerun.returncode == 0, rerun.stderr
         assert f"interrupted restore: {leftover} (drop them" in rerun.stderr
         assert table_rows(target.postgres) == table_rows(world.repo.source.postgres)
     finally:
@@ -306,7 +303,7 @@ def test_restore_refuses_a_snapshot_with_a_wrong_signature(
     manifest.write_text(json.dumps(doc))
     config = world.repo.operator_config(tmp_path / "op.toml", {"t": target}, url=copy.as_uri())
     run = run_drtool("restore", world.new_id, "--target", "t", "--yes", config=config)
-    assert run.code == IntegrityError.exit_code
+    assert run.returncode == IntegrityError.exit_code
     *warnings, error = run.stderr.strip().splitlines()
     assert error.startswith(f"error: snapshot {world.new_id} is INVALID: ")
     # the next snapshot's manifest recorded the original: the hash chain notices the change

@@ -12,20 +12,16 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import docker
 import pytest
 import redis
 import tomli_w
-from docker_support import LABELS, REDIS_IMAGE, require_image
-from helpers import (
-    Repository,
-    assert_same_redis,
-    make_repository,
-    redis_contents,
-    run_drtool,
-    source_stack,
-)
+from support.cli import run_drtool
+from support.compare import assert_same_redis, redis_contents
+from support.docker_tier import LABELS, REDIS_IMAGE, require_image
+from support.stacks import Repository, make_repository, source_stack
 
 from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
@@ -35,6 +31,8 @@ from drtool.services.restore import redis_offline as restore_redis_offline
 from drtool.services.restore.redis_offline import LocalPlacer
 from drtool.services.restore.run import RestoreOptions, run_restore
 from drtool.services.stack import stack_load, stack_up
+
+pytestmark = pytest.mark.slow  # every test stops and restarts redis-servers around a restore
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +65,22 @@ def target(runtime_root: Path) -> Iterator[Target]:
     """A local stack under a short home (socket paths), its Redis holding one live key."""
     stack = stack_up(runtime_root, "offline").stack
     try:
-        with redis.Redis(**_kwargs(stack.endpoints.redis)) as client:
+        with _client(stack.endpoints.redis) as client:
             client.set("live-key", "1")
         yield Target(runtime_root, stack)
     finally:
         stack_load(runtime_root, "offline").down()
 
 
-def _kwargs(endpoint: RedisEndpoint) -> dict[str, object]:
-    return {"host": endpoint.host, "port": endpoint.port, "password": endpoint.password}
+def _client(endpoint: RedisEndpoint) -> redis.Redis:
+    return redis.Redis(host=endpoint.host, port=endpoint.port, password=endpoint.password)
 
 
-def _restore(repo: Repository, home: Path, target: str, **options: object) -> object:
+def _restore(repo: Repository, home: Path, target: str, *, force: bool = False) -> object:
     config = repo.operator_config(home / "op.toml")
     opts = RestoreOptions(
-        target=target, components=("redis",), redis_mode="offline", yes=True, **options
-    )  # type: ignore[arg-type]
+        target=target, components=("redis",), redis_mode="offline", yes=True, force=force
+    )
     return run_restore(load_config(config, {}), home=home, options=opts, confirm=lambda r: False)
 
 
@@ -93,7 +91,9 @@ def test_offline_restore_replaces_a_local_stacks_data(repo: Repository, target: 
     assert comp.detail.startswith("RDB of ") and "1 keys replaced" in comp.detail
     assert_same_redis(repo.source.redis, target.redis)  # the live key is gone
     reloaded = stack_load(target.home, "offline")
-    assert reloaded.redis.running and reloaded.redis.daemon.pid != target.stack.redis.daemon.pid
+    before, after = target.stack.redis.daemon, reloaded.redis.daemon
+    assert before is not None and after is not None
+    assert reloaded.redis.running and after.pid != before.pid
     kept = list(reloaded.redis.rdb_path.parent.glob("dump.rdb.pre_restore_*"))
     assert len(kept) == 1  # the replaced data, saved before the stop
 
@@ -107,7 +107,7 @@ def test_offline_restore_needs_force_for_a_non_empty_target(
 
 
 def test_offline_restore_refuses_an_aof_server(repo: Repository, target: Target) -> None:
-    with redis.Redis(**_kwargs(target.redis)) as client:
+    with _client(target.redis) as client:
         client.config_set("appendonly", "yes")
     with pytest.raises(UsageError, match=r"appendonly is on, so it would load its AOF"):
         _restore(repo, target.home, "offline", force=True)
@@ -126,7 +126,7 @@ def test_a_server_that_does_not_come_up_gets_its_data_back(
     repo: Repository, target: Target, tmp_path: Path
 ) -> None:
     staged = tmp_path / "snapshot.rdb"  # a good RDB passes the pre-check load: the source's
-    with redis.Redis(**_kwargs(repo.source.redis)) as client:
+    with _client(repo.source.redis) as client:
         client.save()
         rdb_dir = client.config_get("dir")["dir"]
     staged.write_bytes((Path(rdb_dir) / "dump.rdb").read_bytes())
@@ -153,7 +153,7 @@ def test_offline_needs_a_server_drtool_can_restart(
         "restore", "--target", "t", "--component", "redis", "--redis-mode", "offline",
         "--yes", "--force", config=config,
     )  # fmt: skip
-    assert run.code == 2, run.stderr
+    assert run.returncode == 2, run.stderr
     assert run.stderr.strip().endswith("set targets.t.redis.container (nothing changed)")
 
 
@@ -178,8 +178,10 @@ def test_offline_restore_into_a_docker_container(
     )
     try:
         endpoint = RedisEndpoint("127.0.0.1", port, password=password)
-        restore_redis_offline._wait_ready(endpoint, "test container", _Running(container))
-        with redis.Redis(**_kwargs(endpoint)) as client:
+        # _wait_ready asks its placer only whether the server still runs
+        running = cast(restore_redis_offline.Placer, _Running(container))
+        restore_redis_offline._wait_ready(endpoint, "test container", running)
+        with _client(endpoint) as client:
             client.set("live-key", "1")
         source = repo.source
         there = StackEndpoints(source.postgres, endpoint, source.minio, source.buckets)
@@ -191,7 +193,7 @@ def test_offline_restore_into_a_docker_container(
             "restore", "--target", "c", "--component", "redis", "--redis-mode", "offline",
             "--yes", "--force", "--json", config=config,
         )  # fmt: skip
-        assert run.code == 0, run.stderr
+        assert run.returncode == 0, run.stderr
         assert_same_redis(source.redis, endpoint)
         container.reload()
         assert container.status == "running"

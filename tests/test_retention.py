@@ -11,15 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from test_repository import (  # noqa: F401 (fixtures: any_kit, kit, looping_blobs)
-    T0,
-    RepoKit,
-    Snap,
-    blob_id,
-    fixture_any_kit,
-    fixture_kit,
-    fixture_looping_blobs,
-)
+from support.repo_kit import T0, RepoKit, Snap, blob_id
 
 from drtool.errors import Locked, StorageError, UsageError
 from drtool.repository import drill_log, layout
@@ -108,12 +100,12 @@ def test_bad_policies_are_refused(policy: Policy, message: str) -> None:
     assert caught.value.exit_code == 2
 
 
-def test_bad_policy_refused_before_touching_a_repository(kit: RepoKit) -> None:
-    kit.snapshot(T0)
-    before = kit.keys_in_storage()
+def test_bad_policy_refused_before_touching_a_repository(repo_kit: RepoKit) -> None:
+    repo_kit.snapshot(T0)
+    before = repo_kit.keys_in_storage()
     with pytest.raises(UsageError, match="keeps nothing"):
-        prune_svc.prune(kit.config(), Policy(), dry_run=False)
-    assert kit.keys_in_storage() == before
+        prune_svc.prune(repo_kit.config(), Policy(), dry_run=False)
+    assert repo_kit.keys_in_storage() == before
 
 
 # -- prune ------------------------------------------------------------------------------------
@@ -127,15 +119,15 @@ class History:
     orphans: set[str]  # a crashed backup's objects (no manifest)
 
 
-def build_history(kit: RepoKit) -> History:
+def build_history(repo_kit: RepoKit) -> History:
     """Five daily snapshots; a blob shared by all, one only in the two oldest; garbage."""
     shared, old_only = blob_id(), blob_id()
     snaps = [
-        kit.snapshot(T0 + timedelta(days=d), blobs=(shared, old_only) if d < 2 else (shared,))
+        repo_kit.snapshot(T0 + timedelta(days=d), blobs=(shared, old_only) if d < 2 else (shared,))
         for d in range(5)
     ]
     # a crashed backup's leftovers: an object of a snapshot without a manifest, and a blob
-    crashed = kit.writer(new_id(T0 + timedelta(days=5)))
+    crashed = repo_kit.writer(new_id(T0 + timedelta(days=5)))
     orphan_obj = crashed.put_snapshot_object("redis", "dump.rdb", [b"x"], kind="redis_rdb")
     orphan_blob = crashed.put_blob(blob_id(), [b"y"])
     return History(
@@ -146,41 +138,41 @@ def build_history(kit: RepoKit) -> History:
     )
 
 
-def test_prune_dry_run_then_real_run(any_kit: RepoKit) -> None:
-    kit = any_kit
-    history = build_history(kit)
+def test_prune_dry_run_then_real_run(any_repo_kit: RepoKit) -> None:
+    repo_kit = any_repo_kit
+    history = build_history(repo_kit)
     ids = [s.snapshot_id for s in history.snaps]
     policy = Policy(last=2)
-    before = kit.keys_in_storage()
+    before = repo_kit.keys_in_storage()
     later = datetime.now(UTC) + timedelta(days=2)  # everything unreferenced is past the grace
 
-    plan = prune_svc.prune(kit.config(), policy, dry_run=True, now=later)
+    plan = prune_svc.prune(repo_kit.config(), policy, dry_run=True, now=later)
     assert plan.keep == {ids[4]: ["last"], ids[3]: ["last"]}
     assert plan.forget == ids[:3]
     assert plan.invalid == []
     assert not plan.done
-    assert kit.keys_in_storage() == before  # a dry run changes nothing
-    assert read_locks(kit.storage) == []
+    assert repo_kit.keys_in_storage() == before  # a dry run changes nothing
+    assert read_locks(repo_kit.storage) == []
 
-    plan = prune_svc.prune(kit.config(), policy, dry_run=False, now=later)
+    plan = prune_svc.prune(repo_kit.config(), policy, dry_run=False, now=later)
     assert plan.done
     forgotten = {k for sid in ids[:3] for k in own_keys_of(before, sid)}
     assert len(forgotten) == 6  # a manifest and a dump each
     expected_gone = forgotten | {history.old_only} | history.orphans
     assert set(plan.garbage) == expected_gone
-    after = kit.keys_in_storage()
+    after = repo_kit.keys_in_storage()
     assert after == before - expected_gone
     assert history.shared in after  # still used by the kept snapshots
-    assert read_locks(kit.storage) == []
+    assert read_locks(repo_kit.storage) == []
     # what is kept still lists and verifies, with the data read
-    rows = [svc.record_summary(r) for r in svc.list_records(kit.config())]
+    rows = [svc.record_summary(r) for r in svc.list_records(repo_kit.config())]
     assert [(r["id"], r["status"]) for r in rows] == [(ids[3], "VALID"), (ids[4], "VALID")]
-    outcomes = svc.verify(kit.config(), None, read_data=True)
+    outcomes = svc.verify(repo_kit.config(), None, read_data=True)
     assert [(o.snapshot_id, o.problems) for o in outcomes] == [(ids[3], []), (ids[4], [])]
     # a second run has nothing left to do
-    again = prune_svc.prune(kit.config(), policy, dry_run=False, now=later)
+    again = prune_svc.prune(repo_kit.config(), policy, dry_run=False, now=later)
     assert (again.forget, again.garbage) == ([], [])
-    assert kit.keys_in_storage() == after
+    assert repo_kit.keys_in_storage() == after
 
 
 def own_keys_of(keys: set[str], snapshot_id: str) -> set[str]:
@@ -188,16 +180,16 @@ def own_keys_of(keys: set[str], snapshot_id: str) -> set[str]:
     return {k for k in keys if k.startswith(prefix)}
 
 
-def test_prune_leaves_young_unreferenced_data_alone(kit: RepoKit) -> None:
+def test_prune_leaves_young_unreferenced_data_alone(repo_kit: RepoKit) -> None:
     """A backup running elsewhere has written objects but no manifest yet: they stay."""
-    history = build_history(kit)
-    root = Path(kit.url.removeprefix("file://"))
+    history = build_history(repo_kit)
+    root = Path(repo_kit.url.removeprefix("file://"))
     # one leftover blob is three days old: it goes; the rest were written just now
     [aged] = [k for k in history.orphans if k.startswith("blobs/")]
     old = time.time() - 3 * 86400
     os.utime(root / aged, (old, old))
-    plan = prune_svc.prune(kit.config(), Policy(last=2), dry_run=False)
-    after = kit.keys_in_storage()
+    plan = prune_svc.prune(repo_kit.config(), Policy(last=2), dry_run=False)
+    after = repo_kit.keys_in_storage()
     assert aged not in after
     assert history.orphans - {aged} <= after
     # the blob only the forgotten snapshots used is young too: it waits for the grace period
@@ -206,102 +198,102 @@ def test_prune_leaves_young_unreferenced_data_alone(kit: RepoKit) -> None:
     assert aged in plan.garbage
 
 
-def test_invalid_snapshots_are_not_counted_as_kept(kit: RepoKit) -> None:
+def test_invalid_snapshots_are_not_counted_as_kept(repo_kit: RepoKit) -> None:
     """M2: keep-last 1 keeps the newest *valid* snapshot, not a newer broken one."""
-    older = kit.snapshot(T0)
-    good = kit.snapshot(T0 + timedelta(days=1))
-    broken = kit.snapshot(T0 + timedelta(days=2))
-    kit.storage.delete(broken.dump_key)
-    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False)
+    older = repo_kit.snapshot(T0)
+    good = repo_kit.snapshot(T0 + timedelta(days=1))
+    broken = repo_kit.snapshot(T0 + timedelta(days=2))
+    repo_kit.storage.delete(broken.dump_key)
+    plan = prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=False)
     assert plan.keep == {good.snapshot_id: ["last"]}
     assert plan.forget == [older.snapshot_id]
     assert plan.invalid == [broken.snapshot_id]
-    records = kit.records()
+    records = repo_kit.records()
     assert list(records) == [good.snapshot_id, broken.snapshot_id]
     assert records[good.snapshot_id].valid
 
 
-def test_prune_never_sweeps_an_invalid_snapshot(kit: RepoKit) -> None:
+def test_prune_never_sweeps_an_invalid_snapshot(repo_kit: RepoKit) -> None:
     """An INVALID snapshot (tampered, or signed by a rotated key) is evidence: prune keeps it."""
-    good = kit.snapshot(T0)
-    broken = kit.snapshot(T0 + timedelta(days=1))
-    kit.storage.delete(broken.dump_key)
-    before = {k for k in kit.keys_in_storage() if broken.snapshot_id in k}
+    good = repo_kit.snapshot(T0)
+    broken = repo_kit.snapshot(T0 + timedelta(days=1))
+    repo_kit.storage.delete(broken.dump_key)
+    before = {k for k in repo_kit.keys_in_storage() if broken.snapshot_id in k}
     later = datetime.now(UTC) + timedelta(days=30)  # far past the grace period
-    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False, now=later)
+    plan = prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=False, now=later)
     assert plan.invalid == [broken.snapshot_id]
-    assert before <= kit.keys_in_storage()
-    assert kit.records()[good.snapshot_id].valid
+    assert before <= repo_kit.keys_in_storage()
+    assert repo_kit.records()[good.snapshot_id].valid
 
 
-def plant_stale_upload(kit: RepoKit, request: pytest.FixtureRequest) -> None:
+def plant_stale_upload(repo_kit: RepoKit, request: pytest.FixtureRequest) -> None:
     """An unfinished write from a crashed backup (temp file / multipart upload)."""
     key = f"{layout.snapshot_prefix(new_id(T0))}postgres/dump.pgdump.zst.age"
-    if kit.url.startswith("file://"):
-        path = Path(kit.url.removeprefix("file://")) / key
+    if repo_kit.url.startswith("file://"):
+        path = Path(repo_kit.url.removeprefix("file://")) / key
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(6)}-{path.name}")
         tmp.write_bytes(b"partial")
     else:
-        bucket, prefix = kit.url.removeprefix("s3://").split("/", 1)
+        bucket, prefix = repo_kit.url.removeprefix("s3://").split("/", 1)
         client = s3_client(request.getfixturevalue("s3_server"))
         client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/{key}")
 
 
-def test_prune_aborts_stale_uploads(any_kit: RepoKit, request: pytest.FixtureRequest) -> None:
-    any_kit.snapshot(T0)
-    plant_stale_upload(any_kit, request)
+def test_prune_aborts_stale_uploads(any_repo_kit: RepoKit, request: pytest.FixtureRequest) -> None:
+    any_repo_kit.snapshot(T0)
+    plant_stale_upload(any_repo_kit, request)
     cutoff_now = datetime.now(UTC)
-    assert len(any_kit.storage.stale_uploads(cutoff_now + timedelta(minutes=1))) == 1
+    assert len(any_repo_kit.storage.stale_uploads(cutoff_now + timedelta(minutes=1))) == 1
     # within the grace period an unfinished upload may be a running backup: it stays
-    fresh = prune_svc.prune(any_kit.config(), Policy(last=1), dry_run=False)
+    fresh = prune_svc.prune(any_repo_kit.config(), Policy(last=1), dry_run=False)
     assert fresh.stale_uploads == 0
-    assert len(any_kit.storage.stale_uploads(cutoff_now + timedelta(minutes=1))) == 1
+    assert len(any_repo_kit.storage.stale_uploads(cutoff_now + timedelta(minutes=1))) == 1
     later = datetime.now(UTC) + timedelta(days=2)
-    dry = prune_svc.prune(any_kit.config(), Policy(last=1), dry_run=True, now=later)
+    dry = prune_svc.prune(any_repo_kit.config(), Policy(last=1), dry_run=True, now=later)
     assert dry.stale_uploads == 1
-    assert len(any_kit.storage.stale_uploads(later)) == 1
-    done = prune_svc.prune(any_kit.config(), Policy(last=1), dry_run=False, now=later)
+    assert len(any_repo_kit.storage.stale_uploads(later)) == 1
+    done = prune_svc.prune(any_repo_kit.config(), Policy(last=1), dry_run=False, now=later)
     assert done.stale_uploads == 1
-    assert any_kit.storage.stale_uploads(later) == []
+    assert any_repo_kit.storage.stale_uploads(later) == []
 
 
 def test_prune_listing_error_deletes_nothing(looping_blobs: RepoKit) -> None:
     """U5: a listing that fails is an error, never "no objects"; nothing is deleted."""
-    kit = looping_blobs
-    kit.snapshot(T0 + timedelta(days=1))
-    kit.snapshot(T0 + timedelta(days=2))
-    root = Path(kit.url.removeprefix("file://"))
+    repo_kit = looping_blobs
+    repo_kit.snapshot(T0 + timedelta(days=1))
+    repo_kit.snapshot(T0 + timedelta(days=2))
+    root = Path(repo_kit.url.removeprefix("file://"))
     before = {p for p in root.rglob("*")}
     later = datetime.now(UTC) + timedelta(days=2)
     with pytest.raises(StorageError, match="cannot stat"):
-        prune_svc.prune(kit.config(), Policy(last=1), dry_run=False, now=later)
+        prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=False, now=later)
     assert {p for p in root.rglob("*")} == before
-    assert read_locks(kit.storage) == []
+    assert read_locks(repo_kit.storage) == []
 
 
-def test_prune_waits_for_a_running_writer(kit: RepoKit) -> None:
-    kit.snapshot(T0)
-    kit.snapshot(T0 + timedelta(days=1))
-    before = kit.keys_in_storage()
-    with repository_lock(kit.storage, "backup"), pytest.raises(Locked, match="locked by"):
-        prune_svc.prune(kit.config(), Policy(last=1), dry_run=False)
-    assert kit.keys_in_storage() == before
+def test_prune_waits_for_a_running_writer(repo_kit: RepoKit) -> None:
+    repo_kit.snapshot(T0)
+    repo_kit.snapshot(T0 + timedelta(days=1))
+    before = repo_kit.keys_in_storage()
+    with repository_lock(repo_kit.storage, "backup"), pytest.raises(Locked, match="locked by"):
+        prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=False)
+    assert repo_kit.keys_in_storage() == before
 
 
-def test_prune_keeps_the_newest_drilled_snapshot(kit: RepoKit) -> None:
+def test_prune_keeps_the_newest_drilled_snapshot(repo_kit: RepoKit) -> None:
     """M2: keep-last 1 still keeps the newest snapshot a drill proved, not only the newest."""
-    older = kit.snapshot(T0)
-    drilled = kit.snapshot(T0 + timedelta(days=1))
-    failed_drill = kit.snapshot(T0 + timedelta(days=2))
-    newest = kit.snapshot(T0 + timedelta(days=3))
+    older = repo_kit.snapshot(T0)
+    drilled = repo_kit.snapshot(T0 + timedelta(days=1))
+    failed_drill = repo_kit.snapshot(T0 + timedelta(days=2))
+    newest = repo_kit.snapshot(T0 + timedelta(days=3))
     for drill_id, snap, passed in (
         ("20261101T040000Z-0001", drilled, True),
         ("20261102T040000Z-0002", failed_drill, False),
     ):
         summary = {"drill_id": drill_id, "snapshot_id": snap.snapshot_id, "passed": passed}
-        kit.storage.put_bytes(drill_log.summary_key(drill_id), json.dumps(summary).encode())
-    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False)
+        repo_kit.storage.put_bytes(drill_log.summary_key(drill_id), json.dumps(summary).encode())
+    plan = prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=False)
     assert plan.keep == {newest.snapshot_id: ["last"], drilled.snapshot_id: ["newest drilled"]}
     assert sorted(plan.forget) == sorted([older.snapshot_id, failed_drill.snapshot_id])
-    assert kit.records()[drilled.snapshot_id].valid
+    assert repo_kit.records()[drilled.snapshot_id].valid

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import redis
 from botocore.exceptions import ClientError
-from conftest import servers_required
+from support.servers import servers_required
 
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.errors import NotFound, SourceError
@@ -80,7 +80,7 @@ def _pg_query(ep: PostgresEndpoint, query: str) -> list[tuple[object, ...]]:
         return cur.fetchall() if cur.description else []
 
 
-def _redis(ep: RedisEndpoint) -> redis.Redis[bytes]:
+def _redis(ep: RedisEndpoint) -> redis.Redis:
     return redis.Redis(host=ep.host, port=ep.port, password=ep.password)
 
 
@@ -108,6 +108,7 @@ def stack_dir(runtime_root: Path) -> Iterator[Path]:
         LocalStack.load(path).down()
 
 
+@pytest.mark.slow
 def test_stack_serves_sql_redis_and_s3_then_down_leaves_nothing(stack_dir: Path) -> None:
     stack = _up(stack_dir, "main")
     eps = stack.endpoints
@@ -132,6 +133,7 @@ def test_stack_serves_sql_redis_and_s3_then_down_leaves_nothing(stack_dir: Path)
     assert not stack_dir.exists()
 
 
+@pytest.mark.slow
 def test_secrets_stay_out_of_state_argv_and_status(stack_dir: Path) -> None:
     with _up(stack_dir) as stack:
         eps = stack.endpoints
@@ -146,6 +148,7 @@ def test_secrets_stay_out_of_state_argv_and_status(stack_dir: Path) -> None:
         assert len(modes) == 4
 
 
+@pytest.mark.slow
 def test_stack_loaded_in_another_process_reports_and_goes_down(stack_dir: Path) -> None:
     # `drtool stack up` and `stack down` are separate processes: the servers must outlive the first
     with servers_required():
@@ -162,6 +165,7 @@ def test_stack_loaded_in_another_process_reports_and_goes_down(stack_dir: Path) 
     assert not stack_dir.exists()
 
 
+@pytest.mark.slow
 def test_exception_inside_with_block_tears_the_stack_down(stack_dir: Path) -> None:
     with pytest.raises(RuntimeError, match="drill check failed"), _up(stack_dir) as stack:
         status = stack.status()
@@ -170,6 +174,7 @@ def test_exception_inside_with_block_tears_the_stack_down(stack_dir: Path) -> No
     assert not stack_dir.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_up_stops_what_already_started(stack_dir: Path) -> None:
     with servers_required():
         _up_binaries()
@@ -207,6 +212,7 @@ def test_taken_port_gives_a_clear_error_and_starts_nothing(stack_dir: Path, whic
     assert not _port_answers(ports.redis)
 
 
+@pytest.mark.slow
 def test_two_named_stacks_run_side_by_side(runtime_root: Path) -> None:
     a_dir = runtime_root / f"a-{uuid.uuid4().hex[:6]}"
     b_dir = runtime_root / f"b-{uuid.uuid4().hex[:6]}"
@@ -237,6 +243,7 @@ def test_missing_postgres_binaries_name_the_package(stack_dir: Path, tmp_path: P
     assert not stack_dir.exists()
 
 
+@pytest.mark.slow
 def test_server_that_dies_at_startup_reports_its_log(runtime_root: Path) -> None:
     with servers_required():
         server = PostgresServer(runtime_root / f"broken-{uuid.uuid4().hex[:6]}")
@@ -250,6 +257,7 @@ def test_server_that_dies_at_startup_reports_its_log(runtime_root: Path) -> None
     assert not server.running
 
 
+@pytest.mark.slow
 def test_servers_refuse_clients_without_the_password(
     pg_server: PostgresEndpoint, redis_server: RedisEndpoint, s3_server: S3Endpoint
 ) -> None:

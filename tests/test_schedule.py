@@ -13,12 +13,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import tomllib
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,11 +26,12 @@ from pathlib import Path
 import pytest
 import schedule
 import tomli_w
-from conftest import servers_required
+from support.cli import DRTOOL, run_drtool, start_drtool
+from support.clock import FakeClock
+from support.servers import servers_required
 
 from chat_stack.seed import SeedSizes
 from chat_stack.seed import seed as seed_chat_data
-from drtool import keys
 from drtool.config import Config, load_config
 from drtool.errors import ConfigError
 from drtool.repository import access
@@ -39,13 +40,13 @@ from drtool.runtime import binaries
 from drtool.runtime.local import LocalStack
 from drtool.services import repo as repo_svc
 from drtool.services import stack as stack_svc
+from drtool.services.repo_setup import set_up_repository
 from drtool.services.scheduling import jobs as jobs_svc
 from drtool.services.scheduling import scheduler as svc
 from drtool.services.scheduling.jobs import JobSpec, JobState
 from drtool.services.scheduling.metrics import Metrics, MetricsServer
 
 ROOT = Path(__file__).resolve().parent.parent
-DRTOOL = [str(Path(sys.executable).parent / "drtool")]
 WAIT_S = 180.0  # generous: conditions are waited for, never timed
 
 
@@ -187,21 +188,11 @@ def kit(runtime_root: Path) -> Iterator[Kit]:
         seed_chat_data(
             stack.endpoints, SeedSizes(users=10, rooms=3, messages=300, attachments=4), 1, False
         )
-        (base / "keys").mkdir(mode=0o700)
-        recipient = keys.write_identity(base / "keys" / "operator.key", passphrase=None)
-        verify_key = keys.write_signing_key(base / "keys" / "signing.key")
-        sections: dict[str, object] = {
-            **stack_svc.stack_config(stack),
-            "repository": {"url": (base / "repository").as_uri()},
-            "keys": {
-                "recipients": [recipient],
-                "signing_key_file": str(base / "keys" / "signing.key"),
-                "verify_key": verify_key,
-            },
-        }
         (base / "repository").mkdir()
-        k = Kit(base, stack, sections)
-        repo_svc.init_repo(k.config("init"))
+        setup = set_up_repository(
+            base, {"url": (base / "repository").as_uri()}, stores=stack_svc.stack_config(stack)
+        )
+        k = Kit(base, stack, setup.backup_doc)
         yield k
     finally:
         stack.down()
@@ -222,6 +213,7 @@ def scrape(port: int) -> str:
         return str(response.read().decode())
 
 
+@pytest.mark.slow
 def test_loop_no_overlap_isolates_failures_tags_logs_and_serves_metrics(
     kit: Kit, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -321,16 +313,48 @@ def test_missed_run_runs_once_at_start(kit: Kit, tmp_path: Path) -> None:
     assert len(valid_ids(cfg)) == len(before) + 1
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*DRTOOL, *args],
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S,
-        env={**os.environ, **(env or {})},
+def test_retries_back_off_exponentially_on_the_runners_clock(
+    kit: Kit, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job that meets a held lock is retried after 60 s, then 120 s; the lock is freed
+    during the second wait and the third attempt succeeds. The fake clock makes the three
+    minutes of backoff pass at once."""
+    cfg = kit.config("retry")
+    specs = jobs_svc.load_schedules(
+        write_schedule(
+            tmp_path / "schedules",
+            {
+                "redis": {
+                    "kind": "backup",
+                    "components": ["redis"],
+                    "every": "1h",
+                    "retries": 3,
+                    "retry_backoff_s": 60,
+                }
+            },
+        )
     )
+    held = ExitStack()
+    held.enter_context(repository_lock(access.storage_for(cfg), "test"))
+    clock = FakeClock(on_sleep=lambda now: held.close() if now >= 60 + 120 else None)
+    caplog.set_level(logging.INFO)
+    try:
+        runner = svc.Runner(specs, cfg, home=tmp_path, env={}, clock=clock, sleep=clock.sleep)
+        runner.run(until=lambda r: r.completed["redis"] >= 1)
+    finally:
+        held.close()
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert retries == [
+        "job redis: attempt 1 failed; retrying in 60 s (1 of 3)",
+        "job redis: attempt 2 failed; retrying in 120 s (2 of 3)",
+    ]
+    assert clock.now == 180.0 and runner.completed == {"redis": 1}
+    state = jobs_svc.read_state(Path(cfg.backup.state_dir), "redis")
+    assert state.exit_code == 0 and state.failures_in_a_row == 0
+    assert not read_locks(access.storage_for(cfg))
 
 
+@pytest.mark.slow
 def test_once_exits_with_the_jobs_code_and_health_flags_stale_jobs(
     kit: Kit, tmp_path: Path
 ) -> None:
@@ -344,38 +368,39 @@ def test_once_exits_with_the_jobs_code_and_health_flags_stale_jobs(
         },
     )
     common = ["--config", str(config), "--home", str(tmp_path), "schedule"]
-    ok = run_cli(*common, "run", "--schedule-dir", str(schedules), "--once", "redis")
+    ok = run_drtool(*common, "run", "--schedule-dir", str(schedules), "--once", "redis")
     assert ok.returncode == 0, ok.stderr
     assert jobs_svc.read_state(state_dir, "redis").exit_code == 0
 
     # the repository is locked by a live holder (this process): prune fails with exit 11
     storage = access.storage_for(load_config(config, {}))
     with repository_lock(storage, "test"):
-        failed = run_cli(*common, "run", "--schedule-dir", str(schedules), "--once", "broken")
+        failed = run_drtool(*common, "run", "--schedule-dir", str(schedules), "--once", "broken")
     assert failed.returncode == 11, failed.stderr
     assert "error:" in failed.stderr
     assert jobs_svc.read_state(state_dir, "broken").exit_code == 11
 
-    unknown = run_cli(*common, "run", "--schedule-dir", str(schedules), "--once", "nope")
+    unknown = run_drtool(*common, "run", "--schedule-dir", str(schedules), "--once", "nope")
     assert unknown.returncode == 10 and "not in the schedule" in unknown.stderr
 
-    stale = run_cli(*common, "health", "--schedule-dir", str(schedules))
+    stale = run_drtool(*common, "health", "--schedule-dir", str(schedules))
     assert stale.returncode == 1
     assert "ok    redis" in stale.stdout and "STALE broken: never succeeded" in stale.stdout
     old = (datetime.now(UTC) - timedelta(days=3)).isoformat()
     jobs_svc.write_state(
         state_dir, JobState("broken", last_success=old, exit_code=11, message="locked")
     )
-    stale = run_cli(*common, "health", "--schedule-dir", str(schedules))
+    stale = run_drtool(*common, "health", "--schedule-dir", str(schedules))
     assert stale.returncode == 1 and "older than 2d" in stale.stdout
     jobs_svc.write_state(state_dir, JobState("broken", last_success=datetime.now(UTC).isoformat()))
-    healthy = run_cli(*common, "health", "--schedule-dir", str(schedules))
+    healthy = run_drtool(*common, "health", "--schedule-dir", str(schedules))
     assert healthy.returncode == 0, healthy.stdout
-    listed = run_cli(*common, "list", "--schedule-dir", str(schedules), "--json")
+    listed = run_drtool(*common, "list", "--schedule-dir", str(schedules), "--json")
     rows = {r["job"]: r for r in json.loads(listed.stdout)}
     assert rows["redis"]["last_success"] and rows["redis"]["next_run"] != "now (due)"
 
 
+@pytest.mark.slow
 def test_sigterm_mid_backup_aborts_after_grace_and_lists_nothing_new(
     kit: Kit, tmp_path: Path
 ) -> None:
@@ -389,22 +414,11 @@ def test_sigterm_mid_backup_aborts_after_grace_and_lists_nothing_new(
     )
     (slow / "streaming").unlink(missing_ok=True)
     log_file = (tmp_path / "stderr.log").open("w")
-    proc = subprocess.Popen(
-        [
-            *DRTOOL,
-            "--config",
-            str(config),
-            "--home",
-            str(tmp_path),
-            "schedule",
-            "run",
-            "--schedule-dir",
-            str(schedules),
-            "--metrics-port",
-            "0",
-            "--grace",
-            "2",
-        ],
+    proc = start_drtool(
+        *("schedule", "run", "--schedule-dir", str(schedules), "--metrics-port", "0"),
+        *("--grace", "2"),
+        config=config,
+        home=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=log_file,
     )
@@ -449,14 +463,14 @@ def test_after_kill_9_health_is_not_ok_and_the_next_run_sweeps_the_lock(
     common = ["--config", str(config), "--home", str(tmp_path), "schedule"]
     health = [*common, "health", "--schedule-dir", str(schedules)]
     proc = subprocess.Popen(
-        [*DRTOOL, *common, "run", "--schedule-dir", str(schedules), "--metrics-port", "0"],
+        [str(DRTOOL), *common, "run", "--schedule-dir", str(schedules), "--metrics-port", "0"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: killed with its pg_dump, as in a container
     )
     try:
         wait_for(lambda: (slow / "streaming").exists(), "the backup to stream pg_dump output")
-        running = run_cli(*health)
+        running = run_drtool(*health)
         assert running.returncode == 0 and "the scheduler started recently" in running.stdout
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=WAIT_S)
@@ -464,14 +478,14 @@ def test_after_kill_9_health_is_not_ok_and_the_next_run_sweeps_the_lock(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    dead = run_cli(*health)
+    dead = run_drtool(*health)
     assert dead.returncode == 1, dead.stdout
     assert "started recently" not in dead.stdout
     assert f"no longer runs (process {proc.pid} is gone)" in dead.stdout
-    [left] = read_locks(repo_svc.storage_for(cfg))
+    [left] = read_locks(access.storage_for(cfg))
     assert left.pid == proc.pid  # the killed run could not release its lock
 
-    once = run_cli(
+    once = run_drtool(
         "--config",
         str(normal),
         "--home",
@@ -484,7 +498,7 @@ def test_after_kill_9_health_is_not_ok_and_the_next_run_sweeps_the_lock(
         "pg",
     )
     assert once.returncode == 0, once.stderr
-    assert read_locks(repo_svc.storage_for(cfg)) == []  # swept by the next successful run
+    assert read_locks(access.storage_for(cfg)) == []  # swept by the next successful run
 
 
 def test_a_second_sigterm_aborts_at_once_and_says_so(kit: Kit, tmp_path: Path) -> None:
@@ -499,7 +513,7 @@ def test_a_second_sigterm_aborts_at_once_and_says_so(kit: Kit, tmp_path: Path) -
     log_path = tmp_path / "stderr.log"
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
-            [*DRTOOL, "--config", str(config), "--home", str(tmp_path), "schedule", "run",
+            [str(DRTOOL), "--config", str(config), "--home", str(tmp_path), "schedule", "run",
              "--schedule-dir", str(schedules), "--metrics-port", "0", "--grace", "600"],
             stdout=subprocess.DEVNULL, stderr=log_file,
         )  # fmt: skip
@@ -531,23 +545,11 @@ def test_sigterm_while_idle_stops_cleanly(kit: Kit, tmp_path: Path) -> None:
         tmp_path / "schedules",
         {"redis": {"kind": "backup", "components": ["redis"], "every": "1h"}},
     )
-    proc = subprocess.Popen(
-        [
-            *DRTOOL,
-            "--config",
-            str(config),
-            "--home",
-            str(tmp_path),
-            "schedule",
-            "run",
-            "--schedule-dir",
-            str(schedules),
-            "--metrics-port",
-            "0",
-        ],
+    proc = start_drtool(
+        *("schedule", "run", "--schedule-dir", str(schedules), "--metrics-port", "0"),
+        config=config,
+        home=tmp_path,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         wait_for(

@@ -30,7 +30,8 @@ import psycopg
 import pytest
 import tomli_w
 from psycopg import sql
-from test_backup import BackupKit, make_kit, one_error
+from support.backup_kit import BackupKit, make_backup_kit
+from support.cli import one_error
 
 from drtool.endpoints import PostgresEndpoint
 from drtool.pipeline.age import encrypt_with_passphrase
@@ -41,6 +42,8 @@ from drtool.runtime.procs import HOST, free_port_block
 from drtool.runtime.redisserver import RedisServer
 from drtool.runtime.s3server import SeaweedServer
 from drtool.s3session import s3_client
+
+pytestmark = pytest.mark.slow  # one long scan of everything a backup and restore leave behind
 
 S3_SECRET = f"CanaryS3{secrets.token_hex(10)}"
 PG_PASSWORD = f"CanaryPg{secrets.token_hex(10)}"
@@ -100,7 +103,7 @@ def world(tmp_path: Path, pg_server: PostgresEndpoint) -> Iterator[World]:
     try:
         bucket = f"src-{secrets.token_hex(5)}"
         s3_client(s3.endpoint).create_bucket(Bucket=bucket)
-        kit = make_kit(tmp_path, pg, rd_server.endpoint, s3.endpoint, bucket)
+        kit = make_backup_kit(tmp_path, pg, rd_server.endpoint, s3.endpoint, bucket)
         # the operator's identity, protected by a passphrase (read from a 0600 file)
         protected = kit.tmp / "keys" / "operator-protected.key"
         protected.write_bytes(

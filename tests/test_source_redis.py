@@ -200,6 +200,7 @@ def test_a_transfer_cut_short_leaves_no_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_one_flipped_byte_fails_the_rdb_checks(
     own_server: RedisServer, source: redis.Redis, tmp_path: Path
 ) -> None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import stat
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,29 +15,17 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import servers_required
-from helpers import alive, processes_in
+from support.cli import run_drtool, start_drtool
+from support.processes import alive, processes_in
+from support.servers import servers_required
 
 from drtool.config import load_config
 from drtool.runtime import binaries
 from drtool.sources.redis_client import connect as connect_redis
 
-DRTOOL = Path(sys.executable).parent / "drtool"
+pytestmark = pytest.mark.slow  # every test starts local stacks and runs the CLI on them
+
 SIZES = ["--messages", "500", "--attachments", "5", "--users", "20", "--rooms", "5"]
-
-
-def drtool(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(DRTOOL), "--home", str(home), *args],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=timeout,
-    )
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
 
 
 def last_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -68,18 +54,18 @@ def home(runtime_root: Path, servers_available: None) -> Iterator[Path]:
     home = new_home(runtime_root)
     yield home
     for name in ("src", "dst"):
-        drtool(home, "stack", "down", "--name", name)
+        run_drtool("stack", "down", "--name", name, home=home)
     assert processes_in(home) == []
 
 
 @pytest.fixture(scope="module")
 def stacks(home: Path) -> dict[str, subprocess.CompletedProcess[str]]:
     """Two named stacks, side by side: `src` and `dst`."""
-    return {name: drtool(home, "stack", "up", "--name", name) for name in ("src", "dst")}
+    return {name: run_drtool("stack", "up", "--name", name, home=home) for name in ("src", "dst")}
 
 
 def status_json(home: Path, name: str) -> dict[str, object]:
-    result = drtool(home, "stack", "status", "--name", name, "--json")
+    result = run_drtool("stack", "status", "--name", name, "--json", home=home)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert isinstance(data, dict)
@@ -130,7 +116,7 @@ def test_up_prints_a_config_that_works(
 def test_seed_then_status_json_shows_the_counts(
     home: Path, stacks: dict[str, subprocess.CompletedProcess[str]]
 ) -> None:
-    result = drtool(home, "stack", "seed", "--name", "src", *SIZES)
+    result = run_drtool("stack", "seed", "--name", "src", *SIZES, home=home)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("seeded stack 'src' in ")
     assert "messages 500" in result.stdout
@@ -147,7 +133,7 @@ def test_seed_then_status_json_shows_the_counts(
     assert "postgres rows in public.messages" not in other
     assert other["minio objects in attachments"] == 0
     # seeding again without --force refuses instead of doubling the data
-    again = drtool(home, "stack", "seed", "--name", "src", *SIZES)
+    again = run_drtool("stack", "seed", "--name", "src", *SIZES, home=home)
     assert again.returncode == 2
     assert "--force" in last_error(again)
     assert counts(status_json(home, "src"))["postgres rows in public.messages"] == 500
@@ -156,7 +142,7 @@ def test_seed_then_status_json_shows_the_counts(
 def test_status_table_shows_each_server(
     home: Path, stacks: dict[str, subprocess.CompletedProcess[str]]
 ) -> None:
-    result = drtool(home, "stack", "status", "--name", "dst")
+    result = run_drtool("stack", "status", "--name", "dst", home=home)
     assert result.returncode == 0, result.stderr
     for server in ("postgres", "redis", "minio"):
         assert re.search(rf"{server}\s+│ yes\s+│ \d+", result.stdout), result.stdout
@@ -177,7 +163,7 @@ def test_seed_rejects_nonsense_sizes(
     args: list[str],
     message: str,
 ) -> None:
-    result = drtool(home, "stack", "seed", "--name", "dst", *args)
+    result = run_drtool("stack", "seed", "--name", "dst", *args, home=home)
     assert result.returncode == 2
     assert last_error(result).startswith(message)
     assert "postgres rows in public.messages" not in counts(status_json(home, "dst"))
@@ -187,7 +173,7 @@ def test_up_refuses_a_stack_that_is_up(
     home: Path, stacks: dict[str, subprocess.CompletedProcess[str]]
 ) -> None:
     before = status_json(home, "dst")
-    result = drtool(home, "stack", "up", "--name", "dst")
+    result = run_drtool("stack", "up", "--name", "dst", home=home)
     assert result.returncode == 2
     assert "`drtool stack down`" in last_error(result)
     assert status_json(home, "dst")["servers"] == before["servers"]
@@ -195,29 +181,29 @@ def test_up_refuses_a_stack_that_is_up(
 
 def test_down_leaves_no_process(runtime_root: Path, servers_available: None) -> None:
     home = new_home(runtime_root)
-    assert drtool(home, "stack", "up", "--name", "gone").returncode == 0
+    assert run_drtool("stack", "up", "--name", "gone", home=home).returncode == 0
     servers = status_json(home, "gone")["servers"]
     assert isinstance(servers, dict)
     pids = [server["pid"] for server in servers.values()]
     assert all(alive(pid) for pid in pids)
-    result = drtool(home, "stack", "down", "--name", "gone")
+    result = run_drtool("stack", "down", "--name", "gone", home=home)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "stack 'gone' is down"
     assert [pid for pid in pids if alive(pid)] == []
     assert processes_in(home) == []
     assert not (home / "stacks" / "gone").exists()
-    assert drtool(home, "stack", "down", "--name", "gone").returncode == 10
+    assert run_drtool("stack", "down", "--name", "gone", home=home).returncode == 10
 
 
 def test_status_of_a_stack_that_is_not_up(tmp_path: Path) -> None:
-    result = drtool(tmp_path, "stack", "status", "--name", "nothing")
+    result = run_drtool("stack", "status", "--name", "nothing", home=tmp_path)
     assert result.returncode == 10
     assert last_error(result).endswith("start one with `drtool stack up`")
     assert result.stdout == ""
 
 
 def test_a_bad_stack_name_is_a_usage_error(tmp_path: Path) -> None:
-    result = drtool(tmp_path, "stack", "up", "--name", "../etc")
+    result = run_drtool("stack", "up", "--name", "../etc", home=tmp_path)
     assert result.returncode == 2
     assert last_error(result).startswith("error: stack name '../etc': use 1-31 lowercase")
     assert not (tmp_path / "etc").exists()
@@ -225,7 +211,7 @@ def test_a_bad_stack_name_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_demo_runs_the_whole_loop(runtime_root: Path, servers_available: None) -> None:
     home = new_home(runtime_root)
-    result = drtool(home, "demo", "--messages", "2000", "--attachments", "20", timeout=600)
+    result = run_drtool("demo", "--messages", "2000", "--attachments", "20", timeout=600, home=home)
     assert result.returncode == 0, result.stderr
     [snapshot] = re.findall(r"^snapshot (\S+): VALID$", result.stdout, re.MULTILINE)
     assert re.search(r"^ messages\s+│ 2000", result.stdout, re.MULTILINE)
@@ -242,21 +228,9 @@ def test_demo_runs_the_whole_loop(runtime_root: Path, servers_available: None) -
         else:
             assert line.startswith("-> "), line
     # what the demo tells the user to run next works
-    verify = subprocess.run(
-        [str(DRTOOL), "--config", str(operator), "verify", "--read-data"],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=300,
-    )
+    verify = run_drtool("verify", "--read-data", config=operator)
     assert verify.returncode == 0, verify.stderr
-    listed = subprocess.run(
-        [str(DRTOOL), "--config", str(operator), "list", "--json"],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=300,
-    )
+    listed = run_drtool("list", "--json", config=operator)
     assert listed.returncode == 0, listed.stderr
     [record] = json.loads(listed.stdout)
     assert (record["id"], record["status"]) == (snapshot, "VALID")
@@ -268,13 +242,7 @@ def test_sigterm_stops_the_demo_and_its_servers(
     runtime_root: Path, servers_available: None
 ) -> None:
     home = new_home(runtime_root)
-    process = subprocess.Popen(
-        [str(DRTOOL), "--home", str(home), "demo", "--messages", "50000000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-    )
+    process = start_drtool("demo", "--messages", "50000000", home=home)
     try:
         assert process.stderr is not None
         for line in process.stderr:  # wait until the stack is up and seeding has begun
@@ -312,16 +280,10 @@ def other_clients(conn: psycopg.Connection[Any]) -> int:
 
 def test_sigterm_during_seed_keeps_the_stack(runtime_root: Path, servers_available: None) -> None:
     home = new_home(runtime_root)
-    assert drtool(home, "stack", "up", "--name", "busy").returncode == 0
+    assert run_drtool("stack", "up", "--name", "busy", home=home).returncode == 0
     try:
         endpoints = load_config(home / "stacks" / "busy" / "drtool.toml", {}).stack()
-        process = subprocess.Popen(
-            [str(DRTOOL), "--home", str(home), "stack", "seed", "--name", "busy", *BIG],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=clean_env(),
-        )
+        process = start_drtool("stack", "seed", "--name", "busy", *BIG, home=home)
         try:
             with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:
                 conn.autocommit = True
@@ -342,5 +304,5 @@ def test_sigterm_during_seed_keeps_the_stack(runtime_root: Path, servers_availab
         assert isinstance(servers, dict)
         assert all(server["running"] for server in servers.values())
     finally:
-        assert drtool(home, "stack", "down", "--name", "busy").returncode == 0
+        assert run_drtool("stack", "down", "--name", "busy", home=home).returncode == 0
     assert processes_in(home) == []

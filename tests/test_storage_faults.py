@@ -1,12 +1,12 @@
 """Storage faults U1-U7 (RELIABILITY.md): a real SeaweedFS behind the fault proxy.
 
-The proxy (tests/fault_proxy.py) forwards the raw requests, so signatures stay valid; it injects
-resets, error statuses, 200-with-``<Error>`` bodies, skewed ``Date`` headers, and can make the
-server lose bytes right after a write. Storage-level cases check the stored bytes directly
-(through a client that bypasses the proxy); the ``drtool backup``/``verify``/``prune`` cases
-check what an operator sees — the exit code, one ``error:`` line naming the cause — and
-"nothing lost" (test_backup_faults.assert_nothing_lost: only earlier snapshots listed, they
-verify with the identity, no multipart upload left, the lock released).
+The proxy (tests/support/fault_proxy.py) forwards the raw requests, so signatures stay valid;
+it injects resets, error statuses, 200-with-``<Error>`` bodies, skewed ``Date`` headers, and
+can make the server lose bytes right after a write. Storage-level cases check the stored
+bytes directly (through a client that bypasses the proxy); the ``drtool backup``/``verify``/
+``prune`` cases check what an operator sees — the exit code, one ``error:`` line naming the
+cause — and "nothing lost" (support/backup_kit.assert_nothing_lost: only earlier snapshots
+listed, they verify with the identity, no multipart upload left, the lock released).
 """
 
 from __future__ import annotations
@@ -24,9 +24,14 @@ from urllib.parse import unquote
 
 import pytest
 import tomli_w
-from fault_proxy import COMPLETE, UPLOAD_PART, FaultProxy, Rule, fault_proxy
-from test_backup import make_kit, one_error
-from test_backup_faults import Baseline, assert_next_backup_succeeds, assert_nothing_lost
+from support.backup_kit import (
+    Baseline,
+    assert_next_backup_succeeds,
+    assert_nothing_lost,
+    make_backup_kit,
+)
+from support.cli import one_error
+from support.fault_proxy import COMPLETE, UPLOAD_PART, FaultProxy, Rule, fault_proxy
 
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.errors import IntegrityError, StorageError
@@ -150,7 +155,7 @@ def base(
     s3_bucket: str,
 ) -> Baseline:
     """A seeded stack with one committed snapshot."""
-    kit = make_kit(tmp_path, pg_database, redis_db, s3_server, s3_bucket)
+    kit = make_backup_kit(tmp_path, pg_database, redis_db, s3_server, s3_bucket)
     return Baseline(kit, kit.backup_ok())
 
 
@@ -159,6 +164,7 @@ def _via(b: Baseline, proxy: FaultProxy, name: str) -> Path:
     return b.kit.write_config(name, repository={"endpoint_url": proxy.endpoint_url})
 
 
+@pytest.mark.slow
 def test_u2_backup_beyond_the_budget_exits_4_and_loses_nothing(
     base: Baseline, proxy: FaultProxy
 ) -> None:
@@ -199,6 +205,7 @@ def test_u3_complete_done_but_answered_with_error_is_confirmed_by_head(
     assert _stored(s3_server, s3_bucket, "big") == DATA
 
 
+@pytest.mark.slow
 def test_u3_backup_whose_complete_always_errors_exits_4_and_loses_nothing(
     base: Baseline, proxy: FaultProxy
 ) -> None:
@@ -232,6 +239,7 @@ def _overwrite(s3: S3Endpoint, change: Any) -> Any:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("size", "change"),
     [
@@ -252,6 +260,7 @@ def test_u4_stored_object_differing_from_what_was_sent_fails_the_put(
     assert _stored(s3_server, s3_bucket, "obj") is None  # the bad object was removed
 
 
+@pytest.mark.slow
 def test_u4_backup_whose_dump_is_stored_short_exits_5_without_manifest(
     base: Baseline, proxy: FaultProxy, s3_server: S3Endpoint
 ) -> None:
@@ -279,6 +288,7 @@ def test_u4_backup_whose_dump_is_stored_short_exits_5_without_manifest(
 LIST = r"[?&]list-type=2"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "rule",
     [
@@ -314,6 +324,7 @@ def test_u5_listing_errors_in_verify_and_prune_delete_nothing(
 # -- U6: clock skew --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_u6_request_time_too_skewed_names_the_clock(base: Baseline, proxy: FaultProxy) -> None:
     proxy.add(Rule("GET", r".", times=None, status=403, code="RequestTimeTooSkewed"))
     message = one_error(base.kit.backup(config=_via(base, proxy, "u6")), 4)
@@ -322,6 +333,7 @@ def test_u6_request_time_too_skewed_names_the_clock(base: Baseline, proxy: Fault
     assert_nothing_lost(base)
 
 
+@pytest.mark.slow
 def test_u6_bare_403_with_a_far_date_is_named_clock_skew(
     proxy: FaultProxy, s3_server: S3Endpoint, s3_bucket: str
 ) -> None:
@@ -333,6 +345,7 @@ def test_u6_bare_403_with_a_far_date_is_named_clock_skew(
         st.head("k")
 
 
+@pytest.mark.slow
 def test_u6_doctor_reports_a_skewed_server_clock(base: Baseline, proxy: FaultProxy) -> None:
     proxy.add(Rule("GET", LIST, times=None, date_offset=SKEW))
     done = base.kit.drtool("doctor", "--json", config=_via(base, proxy, "u6-doctor"))
@@ -417,6 +430,7 @@ def _deny_delete_outside_locks(endpoint: S3Endpoint, bucket: str, prefix: str) -
     s3_client(endpoint).put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
 
 
+@pytest.mark.slow
 def test_u8_reused_blobs_are_locked_as_long_as_the_snapshot_that_needs_them(
     tmp_path: Path,
     pg_database: PostgresEndpoint,
@@ -433,7 +447,7 @@ def test_u8_reused_blobs_are_locked_as_long_as_the_snapshot_that_needs_them(
     server = PolicyServer(tmp_path / "lock-s3")
     server.start()
     try:
-        kit = make_kit(
+        kit = make_backup_kit(
             tmp_path, pg_database, redis_db, s3_server, s3_bucket, repo_s3=server.endpoint
         )
         admin = s3_client(server.endpoint)
@@ -510,6 +524,7 @@ def test_u8_reused_blobs_are_locked_as_long_as_the_snapshot_that_needs_them(
         server.stop()
 
 
+@pytest.mark.slow
 def test_u9_prune_on_a_locked_bucket_defers_what_it_cannot_delete_and_says_so(
     tmp_path: Path,
     pg_database: PostgresEndpoint,
@@ -528,7 +543,7 @@ def test_u9_prune_on_a_locked_bucket_defers_what_it_cannot_delete_and_says_so(
     server = PolicyServer(tmp_path / "lock-s3")
     server.start()
     try:
-        kit = make_kit(
+        kit = make_backup_kit(
             tmp_path, pg_database, redis_db, s3_server, s3_bucket, repo_s3=server.endpoint
         )
         admin = s3_client(server.endpoint)
@@ -577,6 +592,7 @@ def test_u9_prune_on_a_locked_bucket_defers_what_it_cannot_delete_and_says_so(
         server.stop()
 
 
+@pytest.mark.slow
 def test_u7_object_lock_backups_carry_retention_and_cannot_be_deleted(
     tmp_path: Path,
     pg_database: PostgresEndpoint,
@@ -587,7 +603,7 @@ def test_u7_object_lock_backups_carry_retention_and_cannot_be_deleted(
     server = PolicyServer(tmp_path / "lock-s3")
     server.start()
     try:
-        kit = make_kit(
+        kit = make_backup_kit(
             tmp_path, pg_database, redis_db, s3_server, s3_bucket, repo_s3=server.endpoint
         )
         admin = s3_client(server.endpoint)

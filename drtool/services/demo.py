@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chat_stack.seed import SeedResult
-from drtool import keys
 from drtool.config import load_config
 from drtool.drills.definition import DrillDefinition, ReportSettings
 from drtool.drills.report import DrillReport
 from drtool.errors import IntegrityError, NotFound
 from drtool.repository.catalog import SnapshotRecord
 from drtool.services import repo as repo_svc
+from drtool.services import repo_setup as setup_svc
 from drtool.services import stack as stack_svc
 from drtool.services.backup import COMPONENTS, BackupResult, Progress, run_backup
 from drtool.services.drill import run_drill
@@ -70,45 +70,25 @@ def run_demo(
     except NotFound:
         log.debug("no earlier demo stack to stop")
     shutil.rmtree(directory, ignore_errors=True)
-    (directory / "keys").mkdir(parents=True, mode=0o700)
-    (directory / "repository").mkdir()
+    (directory / "repository").mkdir(parents=True)
     result = DemoResult(directory, directory / "backup.toml", directory / "operator.toml")
 
     step("generating keys: an operator identity (off the NAS) and a signing key (on it)")
-    recipient = keys.write_identity(directory / "keys" / "operator.key", passphrase=None)
-    verify_key = keys.write_signing_key(directory / "keys" / "signing.key")
+    demo_keys = setup_svc.generate_keys(directory / "keys")
 
     step("starting the included co-talk stack as local processes")
     started = stack_svc.stack_up(home, STACK)
     try:
-        sections = stack_svc.stack_config(started.stack)
         repository = {"url": (directory / "repository").as_uri()}
-        stack_svc.write_config(
-            result.backup_config,
-            {
-                **sections,
-                "repository": repository,
-                "keys": {
-                    "recipients": [recipient],
-                    "signing_key_file": str(directory / "keys" / "signing.key"),
-                    "verify_key": verify_key,
-                },
-                "backup": {"state_dir": str(directory / "state")},
-            },
-            "the demo backup host (recipients and signing key only)",
-        )
-        stack_svc.write_config(
-            result.operator_config,
-            {
-                # no stack sections: the demo stack (and its secret files) is gone afterwards,
-                # and the operator config must keep working for list, show and verify
-                "repository": repository,
-                "keys": {
-                    "identity_file": str(directory / "keys" / "operator.key"),
-                    "verify_key": verify_key,
-                },
-            },
-            "the demo operator (holds the identity; restores and drills)",
+        # no stack sections for the operator: the demo stack (and its secret files) is gone
+        # afterwards, and the operator config must keep working for list, show and verify
+        setup_svc.write_configs(
+            directory,
+            demo_keys,
+            repository,
+            stores=stack_svc.stack_config(started.stack),
+            state_dir=directory / "state",
+            label="the demo",
         )
         step(f"seeding {sizes.messages:,} messages and {sizes.attachments} attachments")
         result.seeded = stack_svc.stack_seed(

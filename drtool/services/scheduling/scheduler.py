@@ -162,7 +162,13 @@ class Runner:
         metrics: Metrics | None = None,
         grace_s: float = DEFAULT_GRACE_S,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        # the time source of the queue, jitter, retry backoff and job durations; tests pass
+        # a fake pair so backoff and jitter are checked without waiting for them
+        self._clock = clock
+        self._pause = sleep
         self.specs = {s.name: s for s in specs}
         self.cfg = cfg
         self.home = home
@@ -228,7 +234,7 @@ class Runner:
                     self.scheduler.run_pending()
                     name = self._next_due()
                     if name is None:
-                        time.sleep(TICK_S)
+                        self._pause(TICK_S)
                     else:
                         self._run_with_retries(self.specs[name])
         finally:
@@ -265,19 +271,19 @@ class Runner:
             return
         self._seq += 1
         self._queued.add(name)
-        heapq.heappush(self._queue, (time.monotonic() + delay, self._seq, name))
+        heapq.heappush(self._queue, (self._clock() + delay, self._seq, name))
 
     def _next_due(self) -> str | None:
-        if not self._queue or self._queue[0][0] > time.monotonic():
+        if not self._queue or self._queue[0][0] > self._clock():
             return None
         _, _, name = heapq.heappop(self._queue)
         self._queued.discard(name)
         return name
 
     def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self._stopping and time.monotonic() < deadline:
-            time.sleep(min(TICK_S, max(0.0, deadline - time.monotonic())))
+        deadline = self._clock() + seconds
+        while not self._stopping and self._clock() < deadline:
+            self._pause(min(TICK_S, max(0.0, deadline - self._clock())))
 
     def _run_with_retries(self, spec: JobSpec) -> Outcome:
         attempt = 0
@@ -308,7 +314,7 @@ class Runner:
     def _attempt(self, spec: JobSpec) -> Outcome:
         token = CURRENT_JOB.set(spec.name)
         started = datetime.now(UTC)
-        t0 = time.monotonic()
+        t0 = self._clock()
         state = jobs_svc.read_state(self.state_dir, spec.name)
         state.last_attempt = started.isoformat(timespec="seconds")
         log.info("job %s started", spec.name, extra={"event": "job_started"})
@@ -330,7 +336,7 @@ class Runner:
             error = exc
         finally:
             CURRENT_JOB.reset(token)
-        seconds = time.monotonic() - t0
+        seconds = self._clock() - t0
         outcome = self._record(spec, state, started, seconds, result, error)
         if result is not None:
             jobs_svc.send_heartbeat(spec)

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime, parsedate_to_datetime
-from typing import BinaryIO
+from typing import Protocol
 from urllib.parse import urlsplit
 
 Headers = list[tuple[str, str]]
@@ -85,7 +85,20 @@ class _Message:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
 
 
-def _read_head(reader: BinaryIO) -> tuple[str, Headers, bytes] | None:
+class _Reader(Protocol):
+    """A buffered binary stream: a socket's file or a request handler's ``rfile``."""
+
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def _status(start_line: str) -> int:
+    """The status code of an HTTP response's start line."""
+    return int(start_line.split(" ")[1])
+
+
+def _read_head(reader: _Reader) -> tuple[str, Headers, bytes] | None:
     """The start line and headers (None at a clean EOF)."""
     raw = b""
     while True:
@@ -104,7 +117,7 @@ def _read_head(reader: BinaryIO) -> tuple[str, Headers, bytes] | None:
     return lines[0], headers, raw
 
 
-def _read_chunked(reader: BinaryIO) -> bytes:
+def _read_chunked(reader: _Reader) -> bytes:
     """A chunked body, decoded."""
     out = b""
     while True:
@@ -302,15 +315,13 @@ class FaultProxy:
             with socket.create_connection(self.upstream, timeout=60) as up:
                 up.sendall(raw)
                 reader = up.makefile("rb")
-                while True:
-                    head = _read_head(reader)
-                    if head is None:
-                        return None
-                    start, headers, raw_head = head
-                    status = int(start.split(" ")[1])
-                    if 100 <= status < 200:
-                        continue
-                    break
+                head = _read_head(reader)
+                while head is not None and 100 <= _status(head[0]) < 200:
+                    head = _read_head(reader)  # skip 1xx answers
+                if head is None:
+                    return None
+                start, headers, raw_head = head
+                status = _status(start)
                 if method == "HEAD" or status in (204, 304):
                     body = b""
                 elif _header(headers, "Transfer-Encoding", "").lower() == "chunked":

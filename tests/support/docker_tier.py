@@ -4,7 +4,7 @@ The images come from ``.ci/docker-images`` (no registry is reachable: they are b
 debootstrap'ed base). A missing engine or image skips the tests that need them, unless
 ``DRTOOL_REQUIRE_DOCKER=1`` (set in CI), which turns the skip into a failure.
 
-Load the fixtures with ``pytest_plugins = ["docker_support"]`` (in ``tests/conftest.py`` or a
+Load the fixtures with ``pytest_plugins = ["support.docker_tier"]`` (in ``tests/conftest.py`` or a
 test module). Every container and network gets the label ``drtool.test=1``; published ports
 are bound to 127.0.0.1 only. testcontainers is told not to start Ryuk (its image cannot be
 pulled) and to connect to the Docker host, only while a fixture runs.
