@@ -6,10 +6,10 @@ with type hints; this module turns a parsed TOML table into one, so that an unkn
 of the wrong type stops at load with ``field: problem (got value)`` instead of failing later,
 deep inside a backup or a drill (ADR 0009). Building with ``cls(**data)`` checks neither.
 
-Supported hints: ``str``, ``int``, ``float``, ``bool``, ``tuple[str, ...]``, ``Literal[...]``
-of strings, ``X | None`` and nested dataclasses (a TOML table). A field's
-``metadata["check"]`` may name a function ``(where, value) -> value`` for rules a type cannot
-say (a duration, a time of day); it raises :class:`ConfigError` itself.
+Supported hints: ``str``, ``int``, ``float``, ``bool``, ``tuple[str, ...]`` (a list of strings),
+``dict[str, X]`` (a table), ``Literal[...]``, ``X | None`` and nested dataclasses (a TOML table).
+A field's ``metadata["check"]`` may name a function ``(where, value) -> value`` for rules a
+type cannot say (a duration, a time of day); it raises :class:`ConfigError` itself.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(str(a) for a in get_args(hint))
     if get_origin(hint) is tuple:
         return "a list of strings"
+    if get_origin(hint) is dict:
+        return "a table"
     names = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
@@ -68,6 +70,13 @@ def coerce(where: str, value: Any, hint: Any, *, from_env: bool = False) -> Any:
         return value
     if origin is tuple:
         return _strings(where, value, from_env)
+    if origin is dict:  # a table of str keys (state files: per-component figures)
+        if not isinstance(value, dict):
+            raise problem(where, "expected a table", value)
+        key_hint, value_hint = get_args(hint)
+        if key_hint is not str:
+            raise TypeError(f"typed_load: unsupported type {hint!r} (field {where})")
+        return {str(k): coerce(join(where, str(k)), v, value_hint) for k, v in value.items()}
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         return build(hint, value, where)
     if hint is bool:

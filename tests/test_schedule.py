@@ -528,7 +528,7 @@ def test_a_second_sigterm_aborts_at_once_and_says_so(kit: Kit, tmp_path: Path) -
                 proc.kill()
                 proc.wait()
     stderr = log_path.read_text()
-    assert rc == 130, stderr
+    assert rc == 143, stderr  # SIGTERM (ADR 0008)
     messages = [json.loads(line)["message"] for line in stderr.splitlines() if line.startswith("{")]
     assert "aborting job pg: a second SIGTERM arrived" in messages, stderr
     assert stderr.strip().splitlines()[-1] == (

@@ -113,6 +113,18 @@ def choose_snapshot(
     return random.SystemRandom().choice(candidates)
 
 
+def restore_tools(configured: str, pg_major: int) -> str:
+    """The client tools a local drill restores with: the configured ones when their
+    pg_restore is of the snapshot's major or newer, else the scratch major's own.
+
+    An operator's explicit ``postgres.bin_dir`` is kept where it can read the dump (it may be
+    the only client of that major, or a wrapper); one too old would refuse the dump.
+    """
+    if configured and pg.client_version(Path(configured) / "pg_restore") >= pg_major:
+        return configured
+    return str(pg_bin_dir(major=pg_major))
+
+
 def guard_production(scratch: StackEndpoints, production: StackEndpoints) -> None:
     """Refuse a scratch endpoint that is a configured production endpoint."""
     pairs = [
@@ -233,8 +245,7 @@ def _drill(
         drill_cfg = replace(cfg, targets={**cfg.targets, target: scratch_target(endpoints)})
         dog.enter(f"restoring snapshot {record.snapshot_id}")
         if spec.runtime == "local" and pg_major is not None:
-            # the local scratch's own client tools: pg_restore of the dump's major
-            bin_dir = str(pg_bin_dir(major=pg_major))
+            bin_dir = restore_tools(cfg.postgres.bin_dir, pg_major)
             drill_cfg = replace(drill_cfg, postgres=replace(cfg.postgres, bin_dir=bin_dir))
         t0 = time.monotonic()
         try:
