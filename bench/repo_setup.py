@@ -12,8 +12,9 @@ from drtool import keys
 from drtool.config import load_config
 from drtool.runtime.local import LocalStack
 from drtool.services import repo as repo_svc
-from drtool.services.backup import COMPONENTS, run_backup
+from drtool.services.backup import run_backup
 from drtool.services.stack import stack_config, write_config
+from drtool.stores.registry import COMPONENTS
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,9 @@ from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackE
 from drtool.runtime.redisserver import RedisServer
 from drtool.s3session import s3_client
 from drtool.services import repo as repo_svc
-from drtool.services.backup import COMPONENTS, run_backup
+from drtool.services.backup import run_backup
 from drtool.services.stack import write_config
+from drtool.stores.registry import COMPONENTS
 
 SMALL = SeedSizes(users=50, rooms=10, messages=2000, attachments=20)
 DRTOOL = str(Path(sys.executable).with_name("drtool"))

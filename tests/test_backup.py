@@ -38,11 +38,11 @@ from drtool.repository.manifest import Manifest
 from drtool.repository.minio_index import decode_index
 from drtool.s3session import s3_client
 from drtool.services import repo as svc
-from drtool.services.minio_snapshot import _Budget
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
 from drtool.sources.redis_fingerprint import RedisFingerprints, fingerprint_rdb
 from drtool.storage import Storage
+from drtool.stores.minio.backup import _Budget
 
 ROOT = Path(__file__).resolve().parent.parent
 DRTOOL = ROOT / ".venv" / "bin" / "drtool"

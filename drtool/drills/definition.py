@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from drtool.errors import ConfigError
+from drtool.stores.registry import COMPONENTS
 
-COMPONENTS = ("postgres", "redis", "minio")
 _WINDOW = re.compile(r"^random-within:(\d+)([hd])$")
 
 

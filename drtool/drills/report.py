@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drtool.drills.checks import CheckResult
+from drtool.stores.checks import CheckResult
 
 log = logging.getLogger(__name__)
 

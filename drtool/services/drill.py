@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from drtool.config import Config, MinioConfig, PostgresConfig, RedisConfig, StackConfig
-from drtool.drills import checks
 from drtool.drills.definition import DrillDefinition
 from drtool.drills.report import (
     DrillReport,
@@ -38,6 +36,8 @@ from drtool.repository import catalog, drill_log, layout
 from drtool.repository.access import Repo, open_repo
 from drtool.repository.ids import new_id
 from drtool.services.restore.run import RestoreOptions, run_restore
+from drtool.stores import checks, registry
+from drtool.timing import Timer, timed
 
 log = logging.getLogger(__name__)
 
@@ -167,29 +167,31 @@ def _drill(
     scratch: Scratch,
 ) -> None:
     phases = report.phases_s
-    started = time.monotonic()
+    up = Timer()
     with scratch(home, report.drill_id, spec) as endpoints:
-        phases["up"] = round(time.monotonic() - started, 3)
+        phases["up"] = round(up.elapsed(), 3)
         guard_production(endpoints, cfg.stack())
         target = f"drill-{report.drill_id}"
         drill_cfg = replace(cfg, targets={**cfg.targets, target: scratch_target(endpoints)})
-        t0 = time.monotonic()
-        try:
-            restored = run_restore(
-                drill_cfg,
-                home=home,
-                options=RestoreOptions(
-                    ref=record.snapshot_id, components=spec.components, target=target, yes=True
-                ),
-                confirm=lambda result: True,
-            )
-        except DrtoolError as exc:
-            # a damaged or missing object stops the restore: the report names it as a check
-            report.checks.append(
-                checks.CheckResult("snapshot restores", False, exc.message, examples=[exc.message])
-            )
-            raise
-        phases["restore"] = round(time.monotonic() - t0, 3)
+        with timed() as restoring:
+            try:
+                restored = run_restore(
+                    drill_cfg,
+                    home=home,
+                    options=RestoreOptions(
+                        ref=record.snapshot_id, components=spec.components, target=target, yes=True
+                    ),
+                    confirm=lambda result: True,
+                )
+            except DrtoolError as exc:
+                # a damaged or missing object stops the restore: the report names it as a check
+                report.checks.append(
+                    checks.CheckResult(
+                        "snapshot restores", False, exc.message, examples=[exc.message]
+                    )
+                )
+                raise
+        phases["restore"] = round(restoring.seconds, 3)
         for comp in restored.components:
             report.rto_s[comp.name] = round(comp.seconds, 3)
             report.checks.append(
@@ -200,24 +202,24 @@ def _drill(
                     examples=comp.problems[: checks.MAX_EXAMPLES],
                 )
             )
-        t0 = time.monotonic()
-        report.checks += _data_checks(endpoints, spec)
-        phases["checks"] = round(time.monotonic() - t0, 3)
-        t0 = time.monotonic()
-    phases["down"] = round(time.monotonic() - t0, 3)
+        with timed() as checking:
+            report.checks += _data_checks(endpoints, spec)
+        phases["checks"] = round(checking.seconds, 3)
+        down = Timer()
+    phases["down"] = round(down.elapsed(), 3)
     report.checks += _threshold_checks(spec, report)
     report.passed = all(c.passed for c in report.checks)
 
 
 def _data_checks(endpoints: StackEndpoints, spec: DrillDefinition) -> list[checks.CheckResult]:
+    """The stores' application checks whose stores were all restored, in the registry's order."""
     chosen = set(spec.components)
-    results = []
-    if {"postgres", "minio"} <= chosen:
-        results.append(checks.attachments_have_objects(endpoints))
-        results.append(checks.latest_messages_readable(endpoints, sample=spec.sample_rooms))
-    if {"postgres", "redis"} <= chosen:
-        results.append(checks.redis_points_to_existing_rows(endpoints))
-    return results
+    return [
+        check.run(endpoints, spec.sample_rooms)
+        for store in registry.STORES
+        for check in store.drill_checks()
+        if check.needs <= chosen
+    ]
 
 
 def _threshold_checks(spec: DrillDefinition, report: DrillReport) -> list[checks.CheckResult]:
