@@ -11,9 +11,10 @@ from typing import Any
 from chat_stack.seed import SeedSizes, seed
 from drtool.config import load_config
 from drtool.runtime.local import LocalStack
-from drtool.services.backup import COMPONENTS, run_backup
+from drtool.services.backup import run_backup
 from drtool.services.repo_setup import set_up_repository
 from drtool.services.stack import stack_config
+from drtool.stores.registry import COMPONENTS
 
 # the drtool of the venv running the benchmark
 DRTOOL = Path(sys.executable).with_name("drtool")

@@ -36,3 +36,12 @@ def crash_point(name: str) -> None:
         raise ValueError(f"unknown crash point {name!r}")
     if os.environ.get(ENV) == name:
         os._exit(EXIT_CODE)
+
+
+def store_crash_point(component: str) -> None:
+    """The crash point ``after-<component>``: that store's objects are stored, the next not.
+
+    Named after the store, so a store added to the registry has one without an edit here.
+    """
+    if os.environ.get(ENV) == f"after-{component}":
+        os._exit(EXIT_CODE)

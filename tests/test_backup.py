@@ -28,10 +28,10 @@ from chat_stack.traffic import run_traffic
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.repository.manifest import Manifest
 from drtool.s3session import s3_client
-from drtool.services.minio_snapshot import _Budget
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
 from drtool.sources.redis_fingerprint import RedisFingerprints, fingerprint_rdb
+from drtool.stores.minio.backup import _Budget
 
 pytestmark = pytest.mark.slow  # every test seeds a stack and backs it up through the CLI
 

@@ -27,10 +27,10 @@ from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import SourceError, UsageError
 from drtool.runtime.local import LocalStack
-from drtool.services.restore import redis_offline as restore_redis_offline
-from drtool.services.restore.redis_offline import LocalPlacer
 from drtool.services.restore.run import RestoreOptions, run_restore
 from drtool.services.stack import stack_load, stack_up
+from drtool.stores.redis import offline as restore_redis_offline
+from drtool.stores.redis.offline import LocalPlacer
 
 pytestmark = pytest.mark.slow  # every test stops and restarts redis-servers around a restore
 

@@ -20,8 +20,9 @@ from rich.progress import (
 
 from drtool.cli.context import CliState, emit_json
 from drtool.cli.render import human_bytes, print_table
-from drtool.services.backup import COMPONENTS, run_backup
 from drtool.services.backup import Progress as ProgressFn
+from drtool.services.backup import run_backup
+from drtool.stores.registry import COMPONENTS
 
 
 @contextmanager

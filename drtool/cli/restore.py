@@ -11,7 +11,8 @@ import click
 from drtool.cli.context import CliState, emit_json
 from drtool.cli.render import human_bytes, print_table
 from drtool.errors import IntegrityError, UsageError
-from drtool.services.restore.run import COMPONENTS, RestoreOptions, RestoreResult, run_restore
+from drtool.services.restore.run import RestoreOptions, RestoreResult, run_restore
+from drtool.stores.registry import COMPONENTS
 
 
 def _parse_at(value: str | None) -> datetime | None:

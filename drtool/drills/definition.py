@@ -39,9 +39,9 @@ from typing import Any, Literal
 
 from drtool.drills.report import check_report_paths
 from drtool.errors import ConfigError
+from drtool.stores.registry import COMPONENTS
 from drtool.typed_load import build, problem
 
-COMPONENTS = ("postgres", "redis", "minio")
 _WINDOW = re.compile(r"^random-within:(\d+)([hd])$")
 
 

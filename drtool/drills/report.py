@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drtool.drills.checks import CheckResult
 from drtool.errors import ConfigError
+from drtool.stores.checks import CheckResult
 
 if TYPE_CHECKING:
     from drtool.drills.definition import ReportSettings

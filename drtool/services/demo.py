@@ -24,8 +24,10 @@ from drtool.repository.catalog import SnapshotRecord
 from drtool.services import repo as repo_svc
 from drtool.services import repo_setup as setup_svc
 from drtool.services import stack as stack_svc
-from drtool.services.backup import COMPONENTS, BackupResult, Progress, run_backup
+from drtool.services.backup import BackupResult, run_backup
 from drtool.services.drill import run_drill
+from drtool.stores.base import Progress
+from drtool.stores.registry import COMPONENTS
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from drtool.config import Config, MinioConfig, PostgresConfig, RedisConfig, StackConfig
-from drtool.drills import checks
 from drtool.drills.definition import DrillDefinition
 from drtool.drills.report import (
     DrillReport,
@@ -42,6 +40,8 @@ from drtool.repository.ids import new_id
 from drtool.runtime.binaries import pg_bin_dir, pg_major_of
 from drtool.services.restore.run import RestoreOptions, run_restore
 from drtool.sources import postgres as pg
+from drtool.stores import checks, registry
+from drtool.timing import Timer, timed
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +233,11 @@ def _drill(
     dog: Watchdog,
 ) -> None:
     phases = report.phases_s
-    started = time.monotonic()
+    up = Timer()
     pg_major = snapshot_pg_major(record, spec)
     dog.enter(f"starting the {spec.runtime} scratch stack")
     with scratch(home, report.drill_id, spec, pg_major) as endpoints:
-        phases["up"] = round(time.monotonic() - started, 3)
+        phases["up"] = round(up.elapsed(), 3)
         guard_production(endpoints, cfg.stack())
         check_scratch_major(endpoints, pg_major)
         report.pg_major = pg_major
@@ -247,7 +247,7 @@ def _drill(
         if spec.runtime == "local" and pg_major is not None:
             bin_dir = restore_tools(cfg.postgres.bin_dir, pg_major)
             drill_cfg = replace(drill_cfg, postgres=replace(cfg.postgres, bin_dir=bin_dir))
-        t0 = time.monotonic()
+        restoring = Timer()
         try:
             restored = run_restore(
                 drill_cfg,
@@ -264,7 +264,7 @@ def _drill(
             )
             raise
         finally:  # the whole restore, up to a failure too
-            report.restore_s = phases["restore"] = round(time.monotonic() - t0, 3)
+            report.restore_s = phases["restore"] = round(restoring.elapsed(), 3)
         for comp in restored.components:
             report.rto_s[comp.name] = round(comp.seconds, 3)
             report.checks.append(
@@ -276,25 +276,25 @@ def _drill(
                 )
             )
         dog.enter("checking the restored data")
-        t0 = time.monotonic()
-        report.checks += _data_checks(endpoints, spec)
-        phases["checks"] = round(time.monotonic() - t0, 3)
+        with timed() as checking:
+            report.checks += _data_checks(endpoints, spec)
+        phases["checks"] = round(checking.seconds, 3)
         dog.enter("tearing the scratch stack down")
-        t0 = time.monotonic()
-    phases["down"] = round(time.monotonic() - t0, 3)
+        down = Timer()
+    phases["down"] = round(down.elapsed(), 3)
     report.checks += _threshold_checks(spec, report)
     report.passed = all(c.passed for c in report.checks)
 
 
 def _data_checks(endpoints: StackEndpoints, spec: DrillDefinition) -> list[checks.CheckResult]:
+    """The stores' application checks whose stores were all restored, in the registry's order."""
     chosen = set(spec.components)
-    results = []
-    if {"postgres", "minio"} <= chosen:
-        results.append(checks.attachments_have_objects(endpoints))
-        results.append(checks.latest_messages_readable(endpoints, sample=spec.sample_rooms))
-    if {"postgres", "redis"} <= chosen:
-        results.append(checks.redis_points_to_existing_rows(endpoints))
-    return results
+    return [
+        check.run(endpoints, spec.sample_rooms)
+        for store in registry.STORES
+        for check in store.drill_checks()
+        if check.needs <= chosen
+    ]
 
 
 def _threshold_checks(spec: DrillDefinition, report: DrillReport) -> list[checks.CheckResult]:

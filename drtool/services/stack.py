@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import tomli_w
 
 from chat_stack.seed import SeedResult, SeedSizes
@@ -19,10 +18,7 @@ from chat_stack.seed import seed as seed_chat_data
 from drtool.endpoints import StackEndpoints
 from drtool.errors import UsageError
 from drtool.runtime.local import LocalStack
-from drtool.sources.minio import MinioStore
-from drtool.sources.pg_fingerprint import compute_fingerprints
-from drtool.sources.redis_client import connect as connect_redis
-from drtool.sources.redis_client import keyspace_dbs
+from drtool.stores import registry
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
 
@@ -128,22 +124,7 @@ def stack_seed(
 
 def store_counts(endpoints: StackEndpoints) -> list[list[object]]:
     """What each store holds: rows per table, Redis keys, objects and bytes per bucket."""
-    rows: list[list[object]] = []
-    with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:
-        prints = compute_fingerprints(conn)
-    rows += [["postgres", f"rows in {t}", fp.rows] for t, fp in sorted(prints.tables.items())]
-    client = connect_redis(endpoints.redis)
-    try:
-        for db, keys in sorted(keyspace_dbs(client).items()):
-            rows.append(["redis", f"keys in db{db}", keys])
-    finally:
-        client.close()
-    store = MinioStore(endpoints.minio)
-    for bucket in endpoints.buckets:
-        objects = list(store.list_objects(bucket))
-        rows.append(["minio", f"objects in {bucket}", len(objects)])
-        rows.append(["minio", f"bytes in {bucket}", sum(o.size for o in objects)])
-    return rows
+    return [row for store in registry.STORES for row in store.counts(endpoints)]
 
 
 def stack_status(home: Path, name: str) -> dict[str, Any]:

@@ -23,9 +23,9 @@ from drtool.repository import access
 from drtool.repository.catalog import SnapshotRecord
 from drtool.repository.locks import is_stale, read_locks
 from drtool.repository.manifest import Manifest
+from drtool.repository.minio_index import decode_index
 from drtool.s3session import s3_client
 from drtool.services import repo as svc
-from drtool.services.minio_snapshot import decode_index
 from drtool.services.repo_setup import set_up_repository
 from drtool.storage import Storage
 from support.cli import drtool_env, run_drtool

@@ -20,9 +20,10 @@ from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint, S3Endpoint, StackEndpoints
 from drtool.runtime.redisserver import RedisServer
 from drtool.s3session import s3_client
-from drtool.services.backup import COMPONENTS, run_backup
+from drtool.services.backup import run_backup
 from drtool.services.repo_setup import set_up_repository
 from drtool.services.stack import write_config
+from drtool.stores.registry import COMPONENTS
 from support.compare import execute
 
 SMALL = SeedSizes(users=50, rooms=10, messages=2000, attachments=20)

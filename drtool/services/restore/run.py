@@ -8,15 +8,15 @@ touched, every object the restore reads is hashed and authenticated: the Postgre
 the Redis RDB are decrypted into the scratch dir, the MinIO blobs read through. Only then are
 PostgreSQL, Redis and MinIO restored, each verified against the snapshot's fingerprints, each
 timed (the RTO); Redis online (keys copied) or offline (the server restarted with the RDB).
-See docs/decisions/0003-restore-staging-and-swap.md.
+Each store does its part behind the store protocol (drtool.stores); this module orders them.
+See docs/decisions/0003-restore-staging-and-swap.md and 0006-store-protocol.md.
 """
 
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,18 +24,15 @@ from drtool.config import Config
 from drtool.endpoints import RedisEndpoint, StackEndpoints
 from drtool.errors import ConfigError, NotFound, UsageError
 from drtool.repository import catalog
-from drtool.repository.access import Repo, identities_of, open_repo
+from drtool.repository.access import identities_of, open_repo
 from drtool.repository.manifest import Manifest
-from drtool.services.restore import minio as restore_minio
-from drtool.services.restore import postgres as restore_postgres
-from drtool.services.restore import redis as restore_redis
-from drtool.services.restore import redis_offline as restore_redis_offline
-from drtool.services.restore.redis_offline import LocalPlacer, Placer, container_placer
-from drtool.services.restore.stage import check_free_space, scratch_dir, scratch_error
 from drtool.services.stack import stack_load
-from drtool.sources.minio import MinioStore
+from drtool.stores import registry
+from drtool.stores.base import Placer, PlanItem, Restoring, SnapshotSource, Target
+from drtool.stores.redis.offline import LocalPlacer, container_placer
+from drtool.stores.stage import check_free_space, scratch_dir, scratch_error
+from drtool.timing import Timer, timed
 
-COMPONENTS = ("postgres", "redis", "minio")
 PRODUCTION = "production"
 WORKERS = 4
 
@@ -55,19 +52,6 @@ class RestoreOptions:
     jobs: int = 2
     redis_mode: str = "online"  # or "offline": restart the server with the RDB
     prefix: str = ""
-
-
-@dataclass(frozen=True)
-class PlanItem:
-    """One component: where it goes, how much, and what it would replace."""
-
-    component: str
-    source: str
-    target: str
-    plain_bytes: int
-    holds: str
-    replaces: bool
-    action: str
 
 
 @dataclass
@@ -102,15 +86,6 @@ class RestoreResult:
         return all(c.passed for c in self.components)
 
 
-@dataclass
-class _Loaded:
-    """What the snapshot holds for each chosen component (small objects already read)."""
-
-    pg: restore_postgres.PgSnapshot | None = None
-    redis: restore_redis.RedisSnapshot | None = None
-    buckets: list[restore_minio.BucketSnapshot] = field(default_factory=list)
-
-
 def target_endpoints(cfg: Config, home: Path, name: str) -> StackEndpoints:
     """``[targets.NAME]`` from the config, else the running local stack NAME; '' = production."""
     if not name:
@@ -135,26 +110,35 @@ def run_restore(
     now: datetime | None = None,
 ) -> RestoreResult:
     """Restore one snapshot into the target; see the module docstring for the order."""
-    started = time.monotonic()
+    clock = Timer()
     _check_options(options)
     identities = identities_of(cfg)
     if not identities:
         raise ConfigError("keys.identity_file: restore needs the operators' identity (got none)")
     repo = open_repo(cfg)
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
-    wanted = options.components or COMPONENTS  # `latest` of nothing named: of every store
+    # `latest` of nothing named: of every store
+    wanted = options.components or registry.COMPONENTS
     record = catalog.resolve(records, options.ref, at=options.at, components=wanted)
     m = record.manifest
     assert m is not None  # resolve returns VALID records only
     chosen = _components(m, options.components)
-    endpoints = target_endpoints(cfg, home, options.target)
-    loaded = _load(repo, m, chosen, identities, endpoints, options.prefix)
-    placer = None
-    if loaded.redis is not None and options.redis_mode == "offline":
-        placer = redis_placer(cfg, home, options.target, endpoints.redis)
+    target = Target(
+        target_endpoints(cfg, home, options.target),
+        force=options.force,
+        jobs=options.jobs,
+        drop_old=options.drop_old,
+        prefix=options.prefix,
+        workers=WORKERS,
+        pg_bin_dir=Path(cfg.postgres.bin_dir) if cfg.postgres.bin_dir else None,
+        timeout=float(cfg.backup.timeout_s),
+    )
+    restoring = _load(SnapshotSource(repo, m, identities), chosen, target)
+    if "redis" in restoring and options.redis_mode == "offline":
+        placer = redis_placer(cfg, home, options.target, target.endpoints.redis)
+        target = replace(target, placer=placer)
     result = RestoreResult(m.snapshot_id, options.target or PRODUCTION, options.dry_run, [])
-    targets = _inspect(loaded, endpoints, options, placer)
-    result.plan = [item for item, _ in targets]
+    result.plan = [item for r in restoring.values() for item in r.plan(target)]
     if options.dry_run:
         return result
     busy = [item for item in result.plan if item.replaces]
@@ -168,24 +152,21 @@ def run_restore(
         raise UsageError("restore: not confirmed; nothing changed")
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%d_%H%M%S")
     scratch = scratch_dir(cfg)
-    check_free_space(scratch, _staged_bytes(loaded, WORKERS))
-    pg_inspected = next((t for _, t in targets if isinstance(t, restore_postgres.PgTarget)), None)
+    check_free_space(scratch, sum(r.staged_bytes(WORKERS) for r in restoring.values()))
     try:
         with tempfile.TemporaryDirectory(dir=scratch, prefix="drtool-restore-") as work:
-            _Run(cfg, repo, m, identities, Path(work), options, result, placer).all(
-                loaded, endpoints, pg_inspected, stamp
-            )
+            result.components = _stage_then_restore(restoring, target, Path(work), stamp)
     except OSError as exc:
         raise scratch_error(scratch, exc) from None
-    result.seconds = time.monotonic() - started
+    result.seconds = clock.elapsed()
     return result
 
 
 def _check_options(options: RestoreOptions) -> None:
-    unknown = [c for c in options.components if c not in COMPONENTS]
+    unknown = [c for c in options.components if c not in registry.COMPONENTS]
     if unknown:
         raise UsageError(
-            f"--component: unknown {', '.join(unknown)} (known: postgres, redis, minio)"
+            f"--component: unknown {', '.join(unknown)} (known: {', '.join(registry.COMPONENTS)})"
         )
     if options.jobs < 1:
         raise UsageError(f"--jobs: must be at least 1 (got {options.jobs})")
@@ -198,30 +179,19 @@ def _components(m: Manifest, wanted: tuple[str, ...]) -> tuple[str, ...]:
     missing = [c for c in wanted if c not in present]
     if missing:
         raise NotFound(f"snapshot {m.snapshot_id}: has no {', '.join(missing)} component")
-    return tuple(c for c in COMPONENTS if c in present and (not wanted or c in wanted))
+    return tuple(c for c in registry.COMPONENTS if c in present and (not wanted or c in wanted))
 
 
-def _load(
-    repo: Repo,
-    m: Manifest,
-    chosen: tuple[str, ...],
-    identities: list[str],
-    endpoints: StackEndpoints,
-    prefix: str,
-) -> _Loaded:
-    loaded = _Loaded()
-    for comp in m.components:
-        if comp.name not in chosen:
-            continue
-        if comp.name == "postgres":
-            loaded.pg = restore_postgres.load(repo, m, comp, identities)
-        elif comp.name == "redis":
-            loaded.redis = restore_redis.load(repo, m, comp, identities)
-        else:
-            loaded.buckets = restore_minio.load(
-                repo, m, comp, identities, target_buckets=endpoints.buckets, prefix=prefix
-            )
-    return loaded
+def _load(source: SnapshotSource, chosen: tuple[str, ...], target: Target) -> dict[str, Restoring]:
+    """Each chosen store's small objects read (in the registry's order), ready to plan."""
+    entries = {c.name: c for c in source.manifest.components}
+    restoring: dict[str, Restoring] = {}
+    for store in registry.STORES:
+        if store.name in chosen:
+            r = store.load(source, entries[store.name], target)
+            if r is not None:
+                restoring[store.name] = r
+    return restoring
 
 
 def redis_placer(cfg: Config, home: Path, name: str, endpoint: RedisEndpoint) -> Placer:
@@ -238,180 +208,22 @@ def redis_placer(cfg: Config, home: Path, name: str, endpoint: RedisEndpoint) ->
     return container_placer(container, endpoint)
 
 
-def _inspect(
-    loaded: _Loaded, endpoints: StackEndpoints, options: RestoreOptions, placer: Placer | None
-) -> list[tuple[PlanItem, object]]:
-    """Plan items (and the PostgreSQL inspection, reused by the restore)."""
-    items: list[tuple[PlanItem, object]] = []
-    if loaded.pg is not None:
-        t = restore_postgres.inspect(endpoints.postgres, loaded.pg)
-        copy, old = restore_postgres.names(endpoints.postgres.dbname, "<time>")
-        tables = len(loaded.pg.fingerprints.tables)
-        rows = sum(fp.rows for fp in loaded.pg.fingerprints.tables.values())
-        holds = "nothing" if not t.exists else "an empty database" if t.empty else "data"
-        keep = "dropped (--drop-old)" if options.drop_old or t.empty else f"kept as {old}"
-        action = f"pg_restore -j {options.jobs} into {copy}, verify, switch"
-        action += f"; the current database {keep}" if t.exists else ""
-        item = PlanItem(
-            "postgres",
-            f"{tables} tables, {rows:,} rows",
-            t.where,
-            loaded.pg.dump_plain.size or 0,
-            holds,
-            not t.empty,
-            action,
-        )
-        items.append((item, t))
-    if loaded.redis is not None:
-        r = endpoints.redis
-        held = restore_redis.target_keys(r)
-        action = "copy keys (RESTORE REPLACE), remove keys not in the snapshot" if held else ""
-        if placer is not None:
-            action = f"stop {placer.where}, replace its RDB (the current one kept), start it"
-        items.append(
-            (
-                PlanItem(
-                    "redis",
-                    f"{loaded.redis.keys:,} keys",
-                    f"{r.host}:{r.port}",
-                    loaded.redis.rdb_plain.size or 0,
-                    f"{held:,} keys",
-                    held > 0,
-                    action or "copy keys (DUMP/RESTORE with TTLs)",
-                ),
-                None,
-            )
-        )
-    store = MinioStore(endpoints.minio) if loaded.buckets else None
-    for b in loaded.buckets:
-        assert store is not None
-        held_objects = restore_minio.held_objects(store, b.target)
-        holds = "no bucket" if held_objects is None else f"{held_objects:,} objects"
-        action = "create the bucket, put objects" if held_objects is None else "put objects"
-        if held_objects:
-            action += " (identical ones skipped, others kept)"
-        item = PlanItem(
-            "minio",
-            f"bucket {b.bucket}: {len(b.entries):,} objects"
-            + (f" under {options.prefix!r}" if options.prefix else ""),
-            f"{endpoints.minio.endpoint_url} bucket {b.target}",
-            b.size,
-            holds,
-            bool(held_objects),
-            action,
-        )
-        items.append((item, None))
-    return items
+def _stage_then_restore(
+    restoring: dict[str, Restoring], target: Target, work: Path, stamp: str
+) -> list[ComponentResult]:
+    """Stage every store before touching any target; then restore and verify each in turn.
 
-
-def _staged_bytes(loaded: _Loaded, workers: int) -> int:
-    """Scratch space the restore needs: dump + globals + RDB, and one blob per worker."""
-    total = 0
-    if loaded.pg is not None:
-        total += (loaded.pg.dump_plain.size or 0) + (
-            loaded.pg.globals_sql.size if loaded.pg.globals_sql else 0
-        )
-    if loaded.redis is not None:
-        total += loaded.redis.rdb_plain.size or 0
-    largest = max((e.size for b in loaded.buckets for e in b.entries), default=0)
-    return total + workers * largest
-
-
-@dataclass
-class _Run:
-    """One restore in progress: stage everything, then restore and verify each component."""
-
-    cfg: Config
-    repo: Repo
-    m: Manifest
-    identities: list[str]
-    work: Path
-    options: RestoreOptions
-    result: RestoreResult
-    redis_placer: Placer | None = None
-
-    def all(
-        self,
-        loaded: _Loaded,
-        endpoints: StackEndpoints,
-        pg_target: restore_postgres.PgTarget | None,
-        stamp: str,
-    ) -> None:
-        bin_dir = Path(self.cfg.postgres.bin_dir) if self.cfg.postgres.bin_dir else None
-        timeout = float(self.cfg.backup.timeout_s)
-        staged_pg, staged_rdb = None, None
-        stage_s: dict[str, float] = {}
-        t0 = time.monotonic()
-        if loaded.pg is not None:
-            staged_pg = restore_postgres.stage_files(
-                self.repo, self.m, loaded.pg, self.identities, self.work, bin_dir
-            )
-            stage_s["postgres"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        if loaded.redis is not None:
-            staged_rdb = restore_redis.stage_rdb(
-                self.repo, self.m, loaded.redis, self.identities, self.work
-            )
-            stage_s["redis"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        if loaded.buckets:
-            restore_minio.check_blobs(self.repo, loaded.buckets, self.identities, WORKERS)
-            stage_s["minio"] = time.monotonic() - t0
-        if loaded.pg is not None and staged_pg is not None and pg_target is not None:
-            t0 = time.monotonic()
-            outcome = restore_postgres.restore(
-                staged_pg,
-                loaded.pg,
-                pg_target,
-                stamp=stamp,
-                jobs=self.options.jobs,
-                drop_old=self.options.drop_old,
-                pg_bin_dir=bin_dir,
-                timeout=timeout,
-            )
-            staged_pg.dump.unlink()
-            detail = f"database {outcome.database}" + (
-                f"; previous kept as {outcome.old_database}" if outcome.old_database else ""
-            )
-            self._done("postgres", stage_s["postgres"] + time.monotonic() - t0, [], detail)
-        if loaded.redis is not None and staged_rdb is not None:
-            t0 = time.monotonic()
-            if self.redis_placer is None:
-                r = restore_redis.restore(staged_rdb, endpoints.redis, force=self.options.force)
-                done = f"{r.copied:,} keys copied, {r.removed:,} removed"
-            else:
-                r = restore_redis_offline.restore(
-                    staged_rdb,
-                    endpoints.redis,
-                    self.redis_placer,
-                    force=self.options.force,
-                    stamp=stamp,
-                    workdir=self.work,
-                )
-                done = f"RDB of {r.copied:,} keys placed, {r.removed:,} keys replaced"
-            expired = restore_redis.expired_since_backup(loaded.redis, r)
-            detail = f"{done}, {expired:,} expired (TTL)"
-            self._done("redis", stage_s["redis"] + time.monotonic() - t0, r.problems, detail)
-        if loaded.buckets:
-            t0 = time.monotonic()
-            store = MinioStore(endpoints.minio, max_pool=WORKERS * 2)
-            problems: list[str] = []
-            parts: list[str] = []
-            for b in loaded.buckets:
-                o = restore_minio.restore(
-                    self.repo,
-                    store,
-                    b,
-                    self.identities,
-                    self.work,
-                    force=self.options.force,
-                    workers=WORKERS,
-                )
-                problems += restore_minio.verify(store, b, WORKERS)
-                parts.append(f"{o.bucket}: {o.uploaded:,} put, {o.skipped:,} identical skipped")
-            self._done(
-                "minio", stage_s["minio"] + time.monotonic() - t0, problems, "; ".join(parts)
-            )
-
-    def _done(self, name: str, seconds: float, problems: list[str], detail: str) -> None:
-        self.result.components.append(ComponentResult(name, round(seconds, 3), problems, detail))
+    A store's time (its RTO) is its staging plus its restore.
+    """
+    staged_s: dict[str, float] = {}
+    for name, r in restoring.items():
+        with timed() as t:
+            r.stage(target, work)
+        staged_s[name] = t.seconds
+    results = []
+    for name, r in restoring.items():
+        with timed() as t:
+            done = r.restore(target, work, stamp)
+        seconds = round(staged_s[name] + t.seconds, 3)
+        results.append(ComponentResult(name, seconds, done.problems, done.detail))
+    return results

@@ -42,7 +42,8 @@ from drtool.errors import (
 from drtool.repository.retention import Policy
 from drtool.services import prune as prune_svc
 from drtool.services import repo as repo_svc
-from drtool.services.backup import COMPONENTS, run_backup
+from drtool.services.backup import run_backup
+from drtool.stores.registry import COMPONENTS
 from drtool.typed_load import build
 
 log = logging.getLogger(__name__)

@@ -23,47 +23,22 @@ import time
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any
 
 import redis
 
 from drtool.endpoints import RedisEndpoint
 from drtool.errors import SourceError, UsageError
 from drtool.runtime.local import LocalStack
-from drtool.services.restore.redis import RedisOutcome, only_expired
 from drtool.sources.redis_client import connect, ephemeral_redis, keyspace_dbs
 from drtool.sources.redis_fingerprint import compare, fingerprint_redis
+from drtool.stores.base import Placer
+from drtool.stores.redis.restore import RedisOutcome, only_expired
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 600.0  # a large RDB takes a while to load
 POLL = 0.2
-
-
-class Placer(Protocol):
-    """Stops a Redis server, swaps its data file, starts it again."""
-
-    @property
-    def where(self) -> str:
-        """How to name the server in messages."""
-
-    def stop(self) -> None:
-        """Stop the server (it has just saved its data)."""
-
-    def keep_current(self, stamp: str, workdir: Path) -> None:
-        """Set the server's current data file aside (if it has one)."""
-
-    def place(self, rdb: Path) -> None:
-        """Make ``rdb`` the server's data file, atomically."""
-
-    def put_back(self) -> None:
-        """Make the data file set aside by :meth:`keep_current` current again."""
-
-    def start(self) -> None:
-        """Start the server (it loads its data file)."""
-
-    def alive(self) -> bool:
-        """Whether the server process (container) still runs."""
 
 
 @dataclass

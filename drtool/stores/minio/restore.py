@@ -21,8 +21,8 @@ from drtool.errors import IntegrityError, UsageError
 from drtool.repository.access import Repo, read_object, snapshot_header
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
 from drtool.repository.minio_index import IndexEntry, decode_index
-from drtool.services.restore.stage import Plain, blob_header, check_all, stage
 from drtool.sources.minio import MinioStore, ObjectMeta
+from drtool.stores.stage import Plain, blob_header, check_all, stage
 
 INDEX_SUFFIX = ".index.zst.age"
 MAX_PROBLEMS = 10

@@ -3,7 +3,7 @@
 Works for any reachable Redis. Into an empty target the copy uses plain RESTORE; with
 ``force`` it uses RESTORE REPLACE and then removes the target keys the snapshot does not have,
 so the target ends equal to the snapshot (while it runs, clients see a mix: a live Redis cannot
-be switched atomically; :mod:`drtool.services.restore.redis_offline` replaces the data file of
+be switched atomically; :mod:`drtool.stores.redis.offline` replaces the data file of
 a server drtool can stop instead).
 
 Verification is a chain: the RDB's sha256 equals the one recorded (and fingerprinted) at
@@ -26,7 +26,6 @@ from drtool.endpoints import RedisEndpoint
 from drtool.errors import IntegrityError, SourceError, UsageError
 from drtool.repository.access import Repo, read_object, snapshot_header
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
-from drtool.services.restore.stage import Plain, stage
 from drtool.sources.redis_client import (
     client_for_db,
     connect,
@@ -36,6 +35,7 @@ from drtool.sources.redis_client import (
     scan_batches,
 )
 from drtool.sources.redis_fingerprint import RedisFingerprints, compare, fingerprint_redis
+from drtool.stores.stage import Plain, stage
 
 BATCH = 1000
 

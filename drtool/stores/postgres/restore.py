@@ -23,9 +23,9 @@ from drtool.faults import crash_point
 from drtool.repository.access import Repo, read_object, snapshot_header
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
 from drtool.runtime.binaries import pg_major_of
-from drtool.services.restore.stage import Plain, stage
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import PgFingerprints, compare, compute_fingerprints
+from drtool.stores.stage import Plain, stage
 
 log = logging.getLogger(__name__)
 

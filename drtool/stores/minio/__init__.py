@@ -1,0 +1,1 @@
+"""MinIO (S3) as a store: ``store`` (the protocol), ``backup`` (incremental), ``restore``."""

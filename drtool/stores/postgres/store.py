@@ -1,0 +1,152 @@
+"""PostgreSQL in a snapshot: a custom-format dump, the globals, and fingerprints of every table.
+
+Backup streams ``pg_dump`` into the writer and fingerprints the same snapshot of the database
+(one transaction); restore goes through :mod:`drtool.stores.postgres.restore`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from drtool.endpoints import StackEndpoints
+from drtool.repository.manifest import ComponentEntry, ObjectEntry
+from drtool.sources import postgres as pg
+from drtool.sources.pg_fingerprint import compute_fingerprints
+from drtool.stores import checks
+from drtool.stores.base import (
+    BackedUp,
+    BackupContext,
+    DrillCheck,
+    PlanItem,
+    Restored,
+    SnapshotSource,
+    Target,
+)
+from drtool.stores.postgres import restore as pg_restore
+from drtool.stores.streams import counting, json_chunks
+
+NAME = "postgres"
+
+
+class PostgresStore:
+    """The chat database."""
+
+    name = NAME
+
+    def backup(self, ctx: BackupContext) -> BackedUp:
+        """Dump, globals (when the login may read them), then the fingerprints object."""
+        cfg, writer = ctx.cfg, ctx.writer
+        endpoint = cfg.stack().postgres
+        bin_dir = Path(cfg.postgres.bin_dir) if cfg.postgres.bin_dir else None
+        objects: list[ObjectEntry] = []
+        with pg.dump(endpoint, pg_bin_dir=bin_dir, timeout=cfg.backup.timeout_s) as dump:
+            written = writer.put_snapshot_object(
+                NAME, "dump.pgdump", counting(dump.stream, NAME, ctx.progress), kind="pg_dump"
+            )
+            fingerprints = dump.fingerprints
+            server_version = dump.server_version
+        objects.append(written.entry)
+        plain = written.plain_bytes
+        globals_sql = pg.dump_globals(endpoint, pg_bin_dir=bin_dir, timeout=cfg.backup.timeout_s)
+        if globals_sql is not None:
+            g = writer.put_snapshot_object(NAME, "globals.sql", [globals_sql], kind="pg_globals")
+            objects.append(g.entry)
+        prints = {
+            "fingerprints": fingerprints.to_dict(),
+            "dump": {"size": written.plain_bytes, "sha256": written.plain_sha256},
+        }
+        fp = writer.put_snapshot_object(
+            NAME, "fingerprints.json", json_chunks(prints), kind="fingerprints"
+        )
+        objects.append(fp.entry)
+        return BackedUp(ComponentEntry(NAME, tuple(objects), plain, 0.0, server_version))
+
+    def load(
+        self, source: SnapshotSource, entry: ComponentEntry, target: Target
+    ) -> PostgresRestoring:
+        """Read the fingerprints; find the dump."""
+        snap = pg_restore.load(source.repo, source.manifest, entry, source.identities)
+        return PostgresRestoring(source, snap)
+
+    def counts(self, endpoints: StackEndpoints) -> list[list[object]]:
+        """Rows per table."""
+        kwargs = endpoints.postgres.connect_kwargs()
+        with psycopg.connect(**kwargs) as conn:
+            prints = compute_fingerprints(conn)
+        return [[NAME, f"rows in {t}", fp.rows] for t, fp in sorted(prints.tables.items())]
+
+    def drill_checks(self) -> tuple[DrillCheck, ...]:
+        """Attachment rows have their objects; the latest messages read as the app reads them."""
+        with_files = frozenset({NAME, "minio"})
+        return (
+            DrillCheck(with_files, lambda eps, _rooms: checks.attachments_have_objects(eps)),
+            DrillCheck(
+                with_files, lambda eps, rooms: checks.latest_messages_readable(eps, sample=rooms)
+            ),
+        )
+
+
+@dataclass
+class PostgresRestoring:
+    """One PostgreSQL restore: the target inspected by the plan is the one restored."""
+
+    source: SnapshotSource
+    snap: pg_restore.PgSnapshot
+    inspected: pg_restore.PgTarget | None = None
+    staged: pg_restore.PgStaged | None = None
+
+    def plan(self, target: Target) -> list[PlanItem]:
+        """The target database, what it holds, and what happens to it."""
+        t = self.inspected = pg_restore.inspect(target.endpoints.postgres, self.snap)
+        copy, old = pg_restore.names(target.endpoints.postgres.dbname, "<time>")
+        tables = len(self.snap.fingerprints.tables)
+        rows = sum(fp.rows for fp in self.snap.fingerprints.tables.values())
+        holds = "nothing" if not t.exists else "an empty database" if t.empty else "data"
+        keep = "dropped (--drop-old)" if target.drop_old or t.empty else f"kept as {old}"
+        action = f"pg_restore -j {target.jobs} into {copy}, verify, switch"
+        action += f"; the current database {keep}" if t.exists else ""
+        return [
+            PlanItem(
+                NAME,
+                f"{tables} tables, {rows:,} rows",
+                t.where,
+                self.snap.dump_plain.size or 0,
+                holds,
+                not t.empty,
+                action,
+            )
+        ]
+
+    def staged_bytes(self, workers: int) -> int:
+        """The dump and the globals."""
+        globals_size = self.snap.globals_sql.size if self.snap.globals_sql else 0
+        return (self.snap.dump_plain.size or 0) + globals_size
+
+    def stage(self, target: Target, work: Path) -> None:
+        """Decrypt the dump (and globals), checked; refuse a pg_restore too old for it."""
+        s = self.source
+        self.staged = pg_restore.stage_files(
+            s.repo, s.manifest, self.snap, s.identities, work, target.pg_bin_dir
+        )
+
+    def restore(self, target: Target, work: Path, stamp: str) -> Restored:
+        """Restore beside the live database, verify the copy's fingerprints, then switch."""
+        assert self.staged is not None and self.inspected is not None  # plan, stage came first
+        outcome = pg_restore.restore(
+            self.staged,
+            self.snap,
+            self.inspected,
+            stamp=stamp,
+            jobs=target.jobs,
+            drop_old=target.drop_old,
+            pg_bin_dir=target.pg_bin_dir,
+            timeout=target.timeout,
+        )
+        self.staged.dump.unlink()
+        detail = f"database {outcome.database}" + (
+            f"; previous kept as {outcome.old_database}" if outcome.old_database else ""
+        )
+        return Restored([], detail)

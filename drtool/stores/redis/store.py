@@ -1,0 +1,139 @@
+"""Redis in a snapshot: the server's RDB (as a replica would receive it) and its fingerprints.
+
+Backup fetches the RDB to the scratch dir, validates and fingerprints it, then uploads it;
+restore copies its keys online (:mod:`drtool.stores.redis.restore`) or, given a placer, swaps
+the server's data file offline (:mod:`drtool.stores.redis.offline`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+from drtool.endpoints import StackEndpoints
+from drtool.errors import IntegrityError
+from drtool.repository.manifest import ComponentEntry
+from drtool.sources.redis_client import connect, keyspace_dbs
+from drtool.sources.redis_fingerprint import fingerprint_rdb
+from drtool.sources.redis_rdb import fetch_rdb, validate_rdb
+from drtool.stores import checks
+from drtool.stores.base import (
+    BackedUp,
+    BackupContext,
+    DrillCheck,
+    PlanItem,
+    Restored,
+    SnapshotSource,
+    Target,
+)
+from drtool.stores.redis import offline
+from drtool.stores.redis import restore as redis_restore
+from drtool.stores.streams import counting, file_chunks, json_chunks
+
+NAME = "redis"
+
+
+class RedisStore:
+    """Unread counters, recent lists, presence and rate limits."""
+
+    name = NAME
+
+    def backup(self, ctx: BackupContext) -> BackedUp:
+        """The RDB via the replication protocol, checked, fingerprinted, uploaded."""
+        cfg, writer = ctx.cfg, ctx.writer
+        endpoint = cfg.stack().redis
+        with tempfile.TemporaryDirectory(dir=ctx.scratch, prefix="drtool-redis-") as tmp:
+            rdb = Path(tmp) / "dump.rdb"
+            info = fetch_rdb(endpoint, rdb, timeout=cfg.backup.timeout_s)
+            validate_rdb(rdb)
+            fingerprints = fingerprint_rdb(rdb)
+            written = writer.put_snapshot_object(
+                NAME, "dump.rdb", counting(file_chunks(rdb), NAME, ctx.progress), kind="redis_rdb"
+            )
+            if written.plain_sha256 != info.sha256:
+                raise IntegrityError(
+                    "redis: the RDB changed on the scratch disk between fetch and upload"
+                )
+            prints = {
+                "fingerprints": fingerprints.to_dict(),
+                "rdb": {"size": info.size, "sha256": info.sha256},
+            }
+            fp = writer.put_snapshot_object(
+                NAME, "fingerprints.json", json_chunks(prints), kind="fingerprints"
+            )
+        entry = ComponentEntry(NAME, (written.entry, fp.entry), info.size, 0.0, info.redis_version)
+        return BackedUp(entry)
+
+    def load(self, source: SnapshotSource, entry: ComponentEntry, target: Target) -> RedisRestoring:
+        """Read the fingerprints; find the RDB."""
+        snap = redis_restore.load(source.repo, source.manifest, entry, source.identities)
+        return RedisRestoring(source, snap)
+
+    def counts(self, endpoints: StackEndpoints) -> list[list[object]]:
+        """Keys per db."""
+        with closing(connect(endpoints.redis)) as client:
+            dbs = keyspace_dbs(client)
+        return [[NAME, f"keys in db{db}", keys] for db, keys in sorted(dbs.items())]
+
+    def drill_checks(self) -> tuple[DrillCheck, ...]:
+        """Counters and recent lists name users, rooms and messages that exist."""
+        return (
+            DrillCheck(
+                frozenset({"postgres", NAME}),
+                lambda eps, _rooms: checks.redis_points_to_existing_rows(eps),
+            ),
+        )
+
+
+@dataclass
+class RedisRestoring:
+    """One Redis restore, online (keys copied) or offline (``target.placer`` set)."""
+
+    source: SnapshotSource
+    snap: redis_restore.RedisSnapshot
+    rdb: Path | None = None
+
+    def plan(self, target: Target) -> list[PlanItem]:
+        """The target server, the keys it holds, and how they are replaced."""
+        r = target.endpoints.redis
+        held = redis_restore.target_keys(r)
+        action = "copy keys (RESTORE REPLACE), remove keys not in the snapshot" if held else ""
+        if target.placer is not None:
+            action = f"stop {target.placer.where}, replace its RDB (the current one kept), start it"
+        return [
+            PlanItem(
+                NAME,
+                f"{self.snap.keys:,} keys",
+                f"{r.host}:{r.port}",
+                self.snap.rdb_plain.size or 0,
+                f"{held:,} keys",
+                held > 0,
+                action or "copy keys (DUMP/RESTORE with TTLs)",
+            )
+        ]
+
+    def staged_bytes(self, workers: int) -> int:
+        """The RDB."""
+        return self.snap.rdb_plain.size or 0
+
+    def stage(self, target: Target, work: Path) -> None:
+        """Decrypt the RDB, checked against the snapshot's record."""
+        s = self.source
+        self.rdb = redis_restore.stage_rdb(s.repo, s.manifest, self.snap, s.identities, work)
+
+    def restore(self, target: Target, work: Path, stamp: str) -> Restored:
+        """Copy the keys (or swap the data file), then compare fingerprints with the RDB's."""
+        assert self.rdb is not None  # stage came first
+        endpoint = target.endpoints.redis
+        if target.placer is None:
+            r = redis_restore.restore(self.rdb, endpoint, force=target.force)
+            done = f"{r.copied:,} keys copied, {r.removed:,} removed"
+        else:
+            r = offline.restore(
+                self.rdb, endpoint, target.placer, force=target.force, stamp=stamp, workdir=work
+            )
+            done = f"RDB of {r.copied:,} keys placed, {r.removed:,} keys replaced"
+        expired = redis_restore.expired_since_backup(self.snap, r)
+        return Restored(r.problems, f"{done}, {expired:,} expired (TTL)")
