@@ -31,10 +31,14 @@ def init(state: CliState) -> None:
 @json_option
 @click.pass_obj
 def list_(state: CliState, as_json: bool) -> None:
-    """List snapshots, oldest first, with their status (VALID or INVALID and why).
+    """List snapshots, oldest first, with their status and their last verification.
 
-    Listing reads signed manifests only and checks that every object they name exists
-    with its recorded size. INVALID snapshots are never restored or counted by prune.
+    \b
+    Listing reads signed manifests and verification records, not the data: it checks that
+    every object exists with its recorded size. Whether the bytes are intact is known only
+    from `drtool verify` (signed records): "verified <when> (read-data|hashes)",
+    "never verified" or "DAMAGED: <object>". INVALID and DAMAGED snapshots are never
+    restored by `latest` or counted by prune.
     """
     rows = [svc.record_summary(r) for r in svc.list_records(state.config())]
     if as_json:
@@ -42,7 +46,7 @@ def list_(state: CliState, as_json: bool) -> None:
         return
     print_table(
         "snapshots",
-        ["id", "status", "components", "plain", "stored", "problem"],
+        ["id", "status", "components", "plain", "stored", "verified", "problem"],
         [
             [
                 r["id"],
@@ -50,6 +54,7 @@ def list_(state: CliState, as_json: bool) -> None:
                 ",".join(r["components"]),
                 human_bytes(r["plain_bytes"]) if r["plain_bytes"] is not None else "",
                 human_bytes(r["stored_bytes"]) if r["stored_bytes"] is not None else "",
+                r["verified"] if r["status"] != "INVALID" else "",
                 r["problem"] or "",
             ]
             for r in rows
@@ -76,6 +81,7 @@ def show(state: CliState, snapshot: str, as_json: bool) -> None:
         )
         return
     click.echo(f"snapshot {summary['id']}: {summary['status']} {summary['problem'] or ''}")
+    click.echo(f"data: {summary['verified']}")
     if m is None:
         return
     click.echo(
@@ -129,6 +135,9 @@ def verify(
     \b
     Without a key: signature, every object present, stored size and sha256.
     With --read-data: every object authenticated and decrypted too.
+    A damaged object shared by several snapshots fails every one of them.
+    With keys.signing_key_file configured, the result is kept as a signed
+    verification record (shown by `drtool list`, used by prune).
     Exits 5 when anything fails.
     """
     ref = None if all_ else (snapshot or "latest")
@@ -146,8 +155,9 @@ def verify(
         )
     bad = [o for o in outcomes if o.problems]
     if bad:
+        distinct = list(dict.fromkeys(p for o in bad for p in o.problems))  # each object once
         raise IntegrityError(
-            f"verify: {len(bad)} of {len(outcomes)} snapshots failed: {bad[0].problems[0]}"
+            f"verify: {len(bad)} of {len(outcomes)} snapshots failed: {'; '.join(distinct)}"
         )
 
 

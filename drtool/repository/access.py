@@ -15,7 +15,7 @@ from typing import Literal, cast
 
 from drtool import keys
 from drtool.config import Config
-from drtool.errors import ConfigError, IntegrityError
+from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import unseal
 from drtool.repository import catalog, layout
@@ -89,6 +89,22 @@ def read_object(
             recipients_hint=list(repo.info.recipients),
         )
     )
+
+
+def stored_problem(repo: Repo, entry: ObjectEntry) -> str | None:
+    """Stream one object and compare its stored size and sha256 with the manifest (no key).
+
+    None when they match; else what differs (or that it is missing).
+    """
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        for chunk in repo.storage.get(entry.key):
+            digest.update(chunk)
+            size += len(chunk)
+    except NotFound as exc:
+        return str(exc)
+    return entry.mismatch(size, digest.hexdigest())
 
 
 def snapshot_header(m: Manifest, component: str, kind: str) -> InnerHeader:

@@ -1,8 +1,11 @@
 """The catalog: which snapshots exist and whether each is complete and authentic.
 
-Listing reads manifests only. A snapshot is VALID when its manifest verifies against a trusted
-key and every object it names exists with the recorded size; anything else is INVALID with the
-reason, and is never restorable or counted by retention.
+Listing reads manifests and verification records, never the data. A snapshot is VALID when its
+manifest verifies against a trusted key, every object it names exists with the recorded size,
+and no authentic verification record found one of its objects damaged; anything else is
+INVALID (or DAMAGED) with the reason, and is never restorable or counted by retention. What
+listing cannot see (a flipped byte) it does not claim: each record carries the last
+verification of its snapshot, or none ("never verified").
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from drtool.errors import IntegrityError, NotFound
-from drtool.repository import layout
+from drtool.repository import layout, verifications
 from drtool.repository.ids import id_time, is_id
 from drtool.repository.manifest import Manifest, manifest_sha256, open_manifest
 from drtool.storage.base import ObjectInfo, Storage
@@ -30,11 +33,42 @@ class SnapshotRecord:
     manifest: Manifest | None
     manifest_sha256: str | None
     problem: str | None
+    verification: verifications.Verification | None = None  # the last authentic one
+    damaged: tuple[str, ...] = ()  # its objects a verification found damaged
 
     @property
     def valid(self) -> bool:
-        """Complete, authentic and restorable."""
-        return self.problem is None and self.manifest is not None
+        """Complete, authentic, not known damaged: restorable."""
+        return self.problem is None and self.manifest is not None and not self.damaged
+
+    @property
+    def reason(self) -> str | None:
+        """Why it is not valid (None when it is)."""
+        if self.problem is not None:
+            return self.problem
+        if self.damaged:
+            return f"DAMAGED: {self.damaged[0]}"
+        return None if self.manifest is not None else "manifest unreadable"
+
+    @property
+    def status(self) -> str:
+        """VALID, DAMAGED (a verification found bad data) or INVALID."""
+        if self.valid:
+            return "VALID"
+        return "DAMAGED" if self.problem is None and self.damaged else "INVALID"
+
+    @property
+    def verified(self) -> bool:
+        """Its data passed the last verification (stored hashes at least)."""
+        return self.valid and self.verification is not None and self.verification.ok
+
+    def verification_text(self) -> str:
+        """What ``list`` shows: the last verification, or ``never verified``."""
+        if self.damaged:
+            return f"DAMAGED: {', '.join(self.damaged)}"
+        if self.verification is None:
+            return "never verified"
+        return self.verification.describe()
 
     @property
     def time(self) -> datetime:
@@ -122,12 +156,19 @@ def list_snapshots(storage: Storage, verify_keys: list[str], repo_id: str) -> li
     present: dict[str, ObjectInfo] = {}
     for prefix in (layout.SNAPSHOTS, layout.BLOBS):
         present.update((o.key, o) for o in storage.list(prefix))
-    records = []
+    loaded = []
     for snapshot_id in snapshot_ids(storage):
         manifest, digest, problem = load_snapshot(storage, snapshot_id, verify_keys, repo_id)
         if manifest is not None:
             problem = check_objects(manifest, present)
-        records.append(SnapshotRecord(snapshot_id, manifest, digest, problem))
+        loaded.append((snapshot_id, manifest, digest, problem))
+    manifests = {sid: m for sid, m, _, _ in loaded if m is not None}
+    checked = verifications.latest_records(storage, verify_keys, repo_id, manifests)
+    bad = verifications.damaged_objects(manifests, checked)
+    records = []
+    for sid, manifest, digest, problem in loaded:
+        damaged = tuple(o.key for o in manifest.objects() if o.key in bad) if manifest else ()
+        records.append(SnapshotRecord(sid, manifest, digest, problem, checked.get(sid), damaged))
     _check_chain(records)
     return records
 
@@ -188,6 +229,6 @@ def resolve(
     for record in records:
         if record.snapshot_id == ref:
             if not record.valid:
-                raise IntegrityError(f"snapshot {ref} is INVALID: {record.problem}")
+                raise IntegrityError(f"snapshot {ref} is {record.status}: {record.reason}")
             return record
     raise NotFound(f"snapshot {ref}: not found (see `drtool list`)")

@@ -5,15 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+import socket
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drtool import keys
 from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import unseal
-from drtool.repository import catalog, layout
+from drtool.repository import catalog, layout, verifications
 from drtool.repository.access import (
     Repo,
     identities_of,
@@ -51,8 +55,10 @@ def record_summary(record: catalog.SnapshotRecord) -> dict[str, Any]:
     m = record.manifest
     return {
         "id": record.snapshot_id,
-        "status": "VALID" if record.valid else "INVALID",
-        "problem": record.problem,
+        "status": record.status,
+        "problem": record.reason,
+        "verified": record.verification_text(),
+        "verification": asdict(record.verification) if record.verification else None,
         "time": record.time.isoformat(),
         "components": [c.name for c in m.components] if m else [],
         "plain_bytes": m.plain_bytes if m else None,
@@ -104,40 +110,80 @@ class VerifyOutcome:
     problems: list[str]
     objects: int
     read_data: bool
+    damaged: list[str] = field(default_factory=list)  # object keys found damaged
+    recorded: str | None = None  # the key of the signed verification record, if written
 
 
-def verify(cfg: Config, ref: str | None, *, read_data: bool) -> list[VerifyOutcome]:
+def verify(
+    cfg: Config, ref: str | None, *, read_data: bool, now: datetime | None = None
+) -> list[VerifyOutcome]:
     """Check snapshots: signature, every object present with its size and stored sha256.
 
     ``read_data`` also decrypts every object and checks inner headers and plaintext (needs an
-    identity). ``ref`` None means every snapshot.
+    identity). ``ref`` None means every snapshot. Each object is read once per run, and its
+    result counts for every snapshot that names it: a damaged shared blob makes every one of
+    them damaged. With a signing key configured, each checked snapshot gets a signed
+    verification record (what ``list`` and ``prune`` go by).
     """
     repo = open_repo(cfg)
     identities = identities_of(cfg) if read_data else []
     if read_data and not identities:
         raise ConfigError("keys.identity_file: --read-data needs an identity (got none)")
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
-    chosen = records if ref is None else [_find(records, ref)]
+    chosen = records if ref is None else [_find_any(records, ref)]
     if not chosen:
         raise NotFound("verify: the repository has no snapshots")
-    checked_blobs: set[str] = set()
+    signer = _record_signer(cfg)
+    when = now or datetime.now(UTC)
+    mode = verifications.READ_DATA if read_data else verifications.HASHES
+    results: dict[str, str | None] = {}  # object key -> its problem, read once per run
     outcomes = []
     for record in chosen:
         problems = [record.problem] if record.problem else []
         m = record.manifest
-        count = 0
-        if m is not None and not problems:
-            for comp in m.components:
-                for obj in comp.objects:
-                    if obj.kind == "blob" and obj.key in checked_blobs:
-                        continue
-                    checked_blobs.add(obj.key)
-                    count += 1
-                    problem = _verify_object(repo, m, comp.name, obj, identities)
-                    if problem:
-                        problems.append(problem)
-        outcomes.append(VerifyOutcome(record.snapshot_id, problems, count, read_data))
+        outcome = VerifyOutcome(record.snapshot_id, problems, 0, read_data)
+        outcomes.append(outcome)
+        if m is None or problems:
+            continue
+        for comp in m.components:
+            for obj in comp.objects:
+                if obj.key not in results:  # objects counts reads: a shared blob once
+                    results[obj.key] = _verify_object(repo, m, comp.name, obj, identities)
+                    outcome.objects += 1
+                problem = results[obj.key]
+                if problem:
+                    outcome.damaged.append(obj.key)
+                    problems.append(problem)
+        if signer is not None:
+            checked = verifications.Verification(
+                repo.info.repo_id,
+                record.snapshot_id,
+                verifications.now_text(when),
+                mode,
+                len(m.objects()),
+                tuple(outcome.damaged),
+                socket.gethostname(),
+            )
+            outcome.recorded = verifications.write_record(repo.storage, signer, checked, when)
+    if signer is None:
+        log.info("verification not recorded: no keys.signing_key_file configured to sign it")
     return outcomes
+
+
+def _record_signer(cfg: Config) -> Ed25519PrivateKey | None:
+    """The key verification records are signed with: the configured signing key, if any."""
+    if not cfg.keys.signing_key_file:
+        return None
+    return keys.load_signing_key(cfg.keys.signing_key_file)
+
+
+def _find_any(records: list[catalog.SnapshotRecord], ref: str) -> catalog.SnapshotRecord:
+    """Like ``_find``, but ``latest`` may be a snapshot known damaged: verify looks again."""
+    if ref == "latest":
+        usable = [r for r in records if r.manifest is not None and r.problem is None]
+        if usable:
+            return usable[-1]
+    return _find(records, ref)
 
 
 def _verify_object(
