@@ -231,7 +231,9 @@ def test_missing_repository_exits_10_saying_run_init(kit: RepoKit, tmp_path: Pat
 def test_prune_dry_run_then_real_run(any_kit: RepoKit) -> None:
     snaps = [any_kit.snapshot(T0 + timedelta(days=d)) for d in range(3)]
     before = any_kit.keys_in_storage()
-    out = ok(drtool(any_kit.config_file, "prune", "--keep-last", "2", "--dry-run"))
+    out = ok(
+        drtool(any_kit.config_file, "prune", "--keep-last", "2", "--dry-run", "--count-unverified")
+    )
     assert "would delete 1 snapshots, 2 objects, 0 stale uploads" in out
     assert table_rows(out) == [
         [snaps[1].snapshot_id, "keep", "last"],
@@ -239,7 +241,7 @@ def test_prune_dry_run_then_real_run(any_kit: RepoKit) -> None:
         [snaps[0].snapshot_id, "forget", "outside the policy"],
     ]
     assert any_kit.keys_in_storage() == before
-    out = ok(drtool(any_kit.config_file, "prune", "--keep-last", "2"))
+    out = ok(drtool(any_kit.config_file, "prune", "--keep-last", "2", "--count-unverified"))
     assert "deleted 1 snapshots, 2 objects, 0 stale uploads" in out
     assert any_kit.keys_in_storage() == before - {
         layout.manifest_key(snaps[0].snapshot_id),

@@ -25,7 +25,7 @@ from drtool.errors import Locked, StorageError, UsageError
 from drtool.repository import drill_log, layout
 from drtool.repository.ids import new_id
 from drtool.repository.locks import read_locks, repository_lock
-from drtool.repository.retention import Policy, select
+from drtool.repository.retention import UNVERIFIED, Policy, select
 from drtool.s3session import s3_client
 from drtool.services import prune as prune_svc
 from drtool.services import repo as svc
@@ -154,7 +154,7 @@ def test_prune_dry_run_then_real_run(any_kit: RepoKit) -> None:
     before = kit.keys_in_storage()
     later = datetime.now(UTC) + timedelta(days=2)  # everything unreferenced is past the grace
 
-    plan = prune_svc.prune(kit.config(), policy, dry_run=True, now=later)
+    plan = prune_svc.prune(kit.config(), policy, dry_run=True, now=later, count_unverified=True)
     assert plan.keep == {ids[4]: ["last"], ids[3]: ["last"]}
     assert plan.forget == ids[:3]
     assert plan.invalid == []
@@ -162,7 +162,7 @@ def test_prune_dry_run_then_real_run(any_kit: RepoKit) -> None:
     assert kit.keys_in_storage() == before  # a dry run changes nothing
     assert read_locks(kit.storage) == []
 
-    plan = prune_svc.prune(kit.config(), policy, dry_run=False, now=later)
+    plan = prune_svc.prune(kit.config(), policy, dry_run=False, now=later, count_unverified=True)
     assert plan.done
     forgotten = {k for sid in ids[:3] for k in own_keys_of(before, sid)}
     assert len(forgotten) == 6  # a manifest and a dump each
@@ -178,7 +178,7 @@ def test_prune_dry_run_then_real_run(any_kit: RepoKit) -> None:
     outcomes = svc.verify(kit.config(), None, read_data=True)
     assert [(o.snapshot_id, o.problems) for o in outcomes] == [(ids[3], []), (ids[4], [])]
     # a second run has nothing left to do
-    again = prune_svc.prune(kit.config(), policy, dry_run=False, now=later)
+    again = prune_svc.prune(kit.config(), policy, dry_run=False, now=later, count_unverified=True)
     assert (again.forget, again.garbage) == ([], [])
     records = {k for k in kit.keys_in_storage() if k.startswith("verifications/")}
     assert kit.keys_in_storage() - records == after  # verify added its signed records only
@@ -197,7 +197,7 @@ def test_prune_leaves_young_unreferenced_data_alone(kit: RepoKit) -> None:
     [aged] = [k for k in history.orphans if k.startswith("blobs/")]
     old = time.time() - 3 * 86400
     os.utime(root / aged, (old, old))
-    plan = prune_svc.prune(kit.config(), Policy(last=2), dry_run=False)
+    plan = prune_svc.prune(kit.config(), Policy(last=2), dry_run=False, count_unverified=True)
     after = kit.keys_in_storage()
     assert aged not in after
     assert history.orphans - {aged} <= after
@@ -213,7 +213,7 @@ def test_invalid_snapshots_are_not_counted_as_kept(kit: RepoKit) -> None:
     good = kit.snapshot(T0 + timedelta(days=1))
     broken = kit.snapshot(T0 + timedelta(days=2))
     kit.storage.delete(broken.dump_key)
-    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False)
+    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False, count_unverified=True)
     assert plan.keep == {good.snapshot_id: ["last"]}
     assert plan.forget == [older.snapshot_id]
     assert plan.invalid == [broken.snapshot_id]
@@ -302,7 +302,85 @@ def test_prune_keeps_the_newest_drilled_snapshot(kit: RepoKit) -> None:
     ):
         summary = {"drill_id": drill_id, "snapshot_id": snap.snapshot_id, "passed": passed}
         kit.storage.put_bytes(drill_log.summary_key(drill_id), json.dumps(summary).encode())
-    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False)
-    assert plan.keep == {newest.snapshot_id: ["last"], drilled.snapshot_id: ["newest drilled"]}
+    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False, count_unverified=True)
+    assert plan.keep == {
+        newest.snapshot_id: ["last"],
+        drilled.snapshot_id: ["newest drilled", "newest verified postgres"],
+    }
     assert sorted(plan.forget) == sorted([older.snapshot_id, failed_drill.snapshot_id])
     assert kit.records()[drilled.snapshot_id].valid
+
+
+# -- issue 18.10: retention never deletes the last good copy --------------------------------
+
+
+def flip(kit: RepoKit, key: str) -> None:
+    """A flipped byte: same size, so only a hash check can tell."""
+    data = bytearray(kit.storage.get_bytes(key))
+    data[len(data) // 2] ^= 0x01
+    kit.storage.put_bytes(key, bytes(data))
+
+
+def test_prune_never_deletes_the_last_good_copy(any_kit: RepoKit) -> None:
+    """keep-last 1 with the newest snapshot damaged used to keep only it: nothing restorable.
+
+    Only verified snapshots count toward the rules; the newest read-data verified one stays
+    whatever the policy; with nothing verified, nothing is forgotten.
+    """
+    kit = any_kit
+    snaps = [kit.snapshot(T0 + timedelta(days=d)) for d in range(4)]
+    ids = [s.snapshot_id for s in snaps]
+    later = datetime.now(UTC) + timedelta(days=2)
+    # nothing verified yet: no rule is satisfied, nothing goes
+    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=True, now=later)
+    assert plan.forget == [] and plan.verified == []
+    assert plan.keep[ids[3]] == ["last" + UNVERIFIED]
+    # the two oldest verified with the data read; then the newest's dump rots unseen
+    svc.verify(kit.config(), ids[0], read_data=True)
+    svc.verify(kit.config(), ids[1], read_data=True)
+    flip(kit, snaps[3].dump_key)
+    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False, now=later)
+    assert plan.keep == {
+        ids[3]: ["last" + UNVERIFIED],
+        ids[2]: ["last" + UNVERIFIED],
+        ids[1]: ["last", "newest read-data verified", "newest verified postgres"],
+    }
+    assert plan.forget == [ids[0]]
+    # the good copy is still there and restorable; the damaged one never was good
+    outcomes = {o.snapshot_id: o for o in svc.verify(kit.config(), None, read_data=True)}
+    assert outcomes[ids[1]].problems == []
+    assert outcomes[ids[3]].damaged == [snaps[3].dump_key]
+    # once verify has recorded the damage, the damaged one is not counted (nor pruned: evidence)
+    svc.verify(kit.config(), ids[2], read_data=False)
+    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False, now=later)
+    assert plan.invalid == [ids[3]]
+    assert plan.keep == {
+        ids[2]: ["last", "newest verified postgres"],
+        ids[1]: ["newest read-data verified"],
+    }
+    # --count-unverified restores the old counting, the anchors still hold
+    kit.snapshot(T0 + timedelta(days=5))
+    plan = prune_svc.prune(
+        kit.config(), Policy(last=1), dry_run=True, now=later, count_unverified=True
+    )
+    assert plan.keep[kit.snaps[-1].snapshot_id] == ["last"]
+    assert plan.keep[ids[1]] == ["newest read-data verified"]
+    assert plan.keep[ids[2]] == ["newest verified postgres"]
+
+
+def test_prune_keeps_the_newest_verified_snapshot_of_every_store(kit: RepoKit) -> None:
+    """Redis-only snapshots satisfying keep-last must not take the last verified PostgreSQL."""
+    full = kit.snapshot(T0, blobs=(blob_id(),))  # postgres + minio
+    svc.verify(kit.config(), None, read_data=False)
+    # three newer snapshots holding postgres only... and verified: then minio has one copy
+    newer = [kit.snapshot(T0 + timedelta(hours=h)) for h in (1, 2, 3)]
+    # the scheduled verify: only snapshots never verified, only objects never found intact
+    outcomes = svc.verify(kit.config(), svc.UNVERIFIED, read_data=False)
+    assert [(o.snapshot_id, o.objects) for o in outcomes] == [(s.snapshot_id, 1) for s in newer]
+    assert svc.verify(kit.config(), svc.UNVERIFIED, read_data=False) == []
+    plan = prune_svc.prune(kit.config(), Policy(last=1), dry_run=False)
+    assert plan.keep == {
+        newer[-1].snapshot_id: ["last", "newest verified postgres"],
+        full.snapshot_id: ["newest verified minio"],
+    }
+    assert kit.records()[full.snapshot_id].valid

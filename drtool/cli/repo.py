@@ -121,6 +121,11 @@ def show(state: CliState, snapshot: str, as_json: bool) -> None:
 @click.argument("snapshot", required=False)
 @click.option("--all", "all_", is_flag=True, help="Verify every snapshot.")
 @click.option(
+    "--unverified",
+    is_flag=True,
+    help="Verify every snapshot never verified yet (objects already found intact are skipped).",
+)
+@click.option(
     "--read-data",
     is_flag=True,
     help="Also decrypt every object and check inner headers (needs keys.identity_file).",
@@ -128,7 +133,12 @@ def show(state: CliState, snapshot: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def verify(
-    state: CliState, snapshot: str | None, all_: bool, read_data: bool, as_json: bool
+    state: CliState,
+    snapshot: str | None,
+    all_: bool,
+    unverified: bool,
+    read_data: bool,
+    as_json: bool,
 ) -> None:
     """Verify a snapshot (default: latest) or --all.
 
@@ -140,7 +150,7 @@ def verify(
     verification record (shown by `drtool list`, used by prune).
     Exits 5 when anything fails.
     """
-    ref = None if all_ else (snapshot or "latest")
+    ref = None if all_ else svc.UNVERIFIED if unverified else (snapshot or "latest")
     outcomes = svc.verify(state.config(), ref, read_data=read_data)
     if as_json:
         emit_json([asdict(o) for o in outcomes])
@@ -176,6 +186,11 @@ def verify(
     "--keep-monthly", default=0, type=int, help="Keep the newest of each of the last N months."
 )
 @click.option(
+    "--count-unverified",
+    is_flag=True,
+    help="Count snapshots never verified toward the keep rules (default: only verified ones).",
+)
+@click.option(
     "--dry-run", is_flag=True, help="Print what would be kept and removed; change nothing."
 )
 @json_option
@@ -187,16 +202,26 @@ def prune(
     keep_daily: int,
     keep_weekly: int,
     keep_monthly: int,
+    count_unverified: bool,
     dry_run: bool,
     as_json: bool,
 ) -> None:
     """Forget snapshots outside a GFS policy, then delete data nothing references.
 
-    Manifests go first, then their data; unreferenced objects and stale uploads are swept
-    only after a 24 h grace period. Refuses a policy that keeps nothing.
+    \b
+    Only snapshots a signed verification record (`drtool verify`) or a passed
+    drill found intact count toward the rules: a rule keeps unverified ones in
+    its way and goes on until it has N verified ones (--count-unverified: count
+    every valid snapshot). Whatever the policy, the newest snapshot proven by a
+    read-data verification or a drill, and the newest verified snapshot of each
+    store, stay. Manifests go first, then their data; unreferenced objects and
+    stale uploads are swept only after a 24 h grace period. Refuses a policy
+    that keeps nothing.
     """
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
-    plan = prune_svc.prune(state.config(), policy, dry_run=dry_run)
+    plan = prune_svc.prune(
+        state.config(), policy, dry_run=dry_run, count_unverified=count_unverified
+    )
     if as_json:
         emit_json(asdict(plan))
         return
@@ -210,6 +235,11 @@ def prune(
             for sid in plan.invalid
         ],
     )
+    if not count_unverified and not plan.verified:
+        click.echo(
+            "no snapshot is verified, so no rule is satisfied and nothing is forgotten; "
+            "run `drtool verify --all` with the signing key (or prune --count-unverified)"
+        )
     verb = "would delete" if dry_run else "deleted"
     click.echo(
         f"{verb} {len(plan.forget)} snapshots, {len(plan.garbage)} objects, "

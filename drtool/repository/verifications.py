@@ -147,23 +147,31 @@ def latest_records(
     return result
 
 
+def object_states(
+    manifests: dict[str, Manifest], records: dict[str, Verification]
+) -> dict[str, Verification]:
+    """Object key -> the record that last spoke about it (the newest of any snapshot naming it).
+
+    Blobs are shared: a record of one snapshot speaks for every snapshot naming the object.
+    """
+    state: dict[str, Verification] = {}
+    for sid, rec in sorted(records.items(), key=lambda kv: kv[1].time):
+        m = manifests.get(sid)
+        if m is not None:
+            for obj in m.objects():
+                state[obj.key] = rec
+    return state
+
+
 def damaged_objects(
     manifests: dict[str, Manifest], records: dict[str, Verification]
 ) -> dict[str, str]:
-    """Object key -> the snapshot whose record found it damaged, by the newest word on it.
-
-    Blobs are shared: a record of one snapshot speaks for every snapshot naming the same object.
-    For each object the newest record of any snapshot that names it decides.
-    """
-    state: dict[str, tuple[str, bool, str]] = {}  # key -> (time, damaged, by snapshot)
-    for sid, rec in sorted(records.items(), key=lambda kv: kv[1].time):
-        m = manifests.get(sid)
-        if m is None:
-            continue
-        bad = set(rec.damaged)
-        for obj in m.objects():
-            state[obj.key] = (rec.time, obj.key in bad, sid)
-    return {key: by for key, (_, bad, by) in state.items() if bad}
+    """Object key -> the snapshot whose record found it damaged, by the newest word on it."""
+    return {
+        key: rec.snapshot_id
+        for key, rec in object_states(manifests, records).items()
+        if key in rec.damaged
+    }
 
 
 def now_text(when: datetime | None = None) -> str:

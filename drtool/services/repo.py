@@ -120,23 +120,28 @@ def verify(
     """Check snapshots: signature, every object present with its size and stored sha256.
 
     ``read_data`` also decrypts every object and checks inner headers and plaintext (needs an
-    identity). ``ref`` None means every snapshot. Each object is read once per run, and its
-    result counts for every snapshot that names it: a damaged shared blob makes every one of
-    them damaged. With a signing key configured, each checked snapshot gets a signed
-    verification record (what ``list`` and ``prune`` go by).
+    identity). ``ref`` None means every snapshot; ``unverified`` every valid snapshot without a
+    verification record, skipping objects a record already found intact. Each object is read
+    once per run, and its result counts for every snapshot that names it: a damaged shared
+    blob makes every one of them damaged. With a signing key configured, each checked snapshot
+    gets a signed verification record (what ``list`` and ``prune`` go by).
     """
     repo = open_repo(cfg)
     identities = identities_of(cfg) if read_data else []
     if read_data and not identities:
         raise ConfigError("keys.identity_file: --read-data needs an identity (got none)")
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
-    chosen = records if ref is None else [_find_any(records, ref)]
-    if not chosen:
+    if not records:
         raise NotFound("verify: the repository has no snapshots")
-    signer = _record_signer(cfg)
-    when = now or datetime.now(UTC)
     mode = verifications.READ_DATA if read_data else verifications.HASHES
     results: dict[str, str | None] = {}  # object key -> its problem, read once per run
+    if ref == UNVERIFIED:
+        chosen = [r for r in records if r.valid and r.verification is None]
+        results = _known_intact(records, mode)
+    else:
+        chosen = records if ref is None else [_find_any(records, ref)]
+    signer = _record_signer(cfg)
+    when = now or datetime.now(UTC)
     outcomes = []
     for record in chosen:
         problems = [record.problem] if record.problem else []
@@ -168,6 +173,25 @@ def verify(
     if signer is None:
         log.info("verification not recorded: no keys.signing_key_file configured to sign it")
     return outcomes
+
+
+UNVERIFIED = "unverified"
+
+
+def _known_intact(records: list[catalog.SnapshotRecord], mode: str) -> dict[str, str | None]:
+    """Objects whose last record (of any snapshot) found them intact, at least as deeply.
+
+    ``verify --unverified`` skips them: each object is read once in its life, not once per
+    snapshot naming it (an incremental MinIO snapshot names every blob of the bucket).
+    """
+    manifests = {r.snapshot_id: r.manifest for r in records if r.manifest is not None}
+    checked = {r.snapshot_id: r.verification for r in records if r.verification is not None}
+    deep_enough = {verifications.READ_DATA, mode}
+    return {
+        key: None
+        for key, rec in verifications.object_states(manifests, checked).items()
+        if rec.ok and rec.mode in deep_enough
+    }
 
 
 def _record_signer(cfg: Config) -> Ed25519PrivateKey | None:
