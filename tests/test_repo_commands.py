@@ -184,6 +184,31 @@ def test_verify_flipped_byte_exits_5_naming_the_object(kit: RepoKit) -> None:
     assert message.startswith(f"verify: 1 of 1 snapshots failed: {snap.dump_key}")
 
 
+def test_verify_all_blames_a_shared_damaged_blob_on_every_snapshot(any_kit: RepoKit) -> None:
+    """Issue 18.6: a blob shared by three snapshots is read once, and all three fail."""
+    shared = blob_id()
+    snaps = [any_kit.snapshot(T0 + timedelta(hours=h), blobs=(shared,)) for h in range(3)]
+    own = any_kit.snapshot(T0 + timedelta(hours=3))  # does not name the blob
+    key = layout.blob_key(shared)
+    data = bytearray(any_kit.storage.get_bytes(key))
+    data[len(data) // 2] ^= 0x01
+    any_kit.storage.put_bytes(key, bytes(data))
+    keyless = any_kit.write_config("keyless", identity_file=None)
+    for args in (["--json"], ["--read-data", "--json"]):
+        config = keyless if "--read-data" not in args else any_kit.config_file
+        run = drtool(config, "verify", "--all", *args)
+        message = failed(run, 5)
+        outcomes = {o["snapshot_id"]: o for o in json.loads(run.stdout)}
+        assert [outcomes[s.snapshot_id]["damaged"] for s in snaps] == [[key]] * 3
+        assert outcomes[own.snapshot_id]["problems"] == []
+        assert message.startswith(f"verify: 3 of 4 snapshots failed: {key}: ")
+        assert message.count(key) == 1  # named once
+    # the signed records make every one of them DAMAGED in `list`
+    rows = {r["id"]: r for r in json.loads(ok(drtool(any_kit.config_file, "list", "--json")))}
+    assert [rows[s.snapshot_id]["status"] for s in snaps] == ["DAMAGED"] * 3
+    assert rows[own.snapshot_id]["status"] == "VALID"
+
+
 def test_verify_read_data_without_identity_exits_2(kit: RepoKit) -> None:
     kit.snapshot(T0)
     keyless = kit.write_config("keyless", identity_file=None)
