@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from test_repository import (  # noqa: F401 (fixtures: any_kit, kit, looping_blo
 from drtool.endpoints import S3Endpoint
 from drtool.repository import layout
 from drtool.repository.locks import read_locks, repository_lock
+from drtool.repository.manifest import sign_manifest
 
 
 @pytest.fixture(autouse=True)
@@ -207,6 +209,39 @@ def test_verify_all_blames_a_shared_damaged_blob_on_every_snapshot(any_kit: Repo
     rows = {r["id"]: r for r in json.loads(ok(drtool(any_kit.config_file, "list", "--json")))}
     assert [rows[s.snapshot_id]["status"] for s in snaps] == ["DAMAGED"] * 3
     assert rows[own.snapshot_id]["status"] == "VALID"
+
+
+def test_verify_walks_the_chain_and_names_every_broken_link(any_kit: RepoKit) -> None:
+    """Issue 18.7: a manifest deleted in the middle, or replaced, breaks the next one's link.
+
+    Prune forgets snapshots on purpose and leaves tombstones: those links are not broken.
+    """
+    kit = any_kit
+    snaps = [kit.snapshot(T0 + timedelta(days=d)) for d in range(6)]
+    ids = [s.snapshot_id for s in snaps]
+    ok(drtool(kit.config_file, "prune", "--keep-last", "4", "--count-unverified"))
+    ok(drtool(kit.config_file, "verify"))  # ids[2]'s link to the pruned ids[1] holds
+    kit.storage.delete(layout.manifest_key(ids[3]))  # deleted, not pruned
+    # ids[2]'s manifest replaced by another one (re-signed: the backup host's key was stolen)
+    forged = replace(snaps[2].manifest, host="elsewhere")
+    kit.storage.put_bytes(layout.manifest_key(ids[2]), sign_manifest(forged, kit.signing_key))
+    run = drtool(kit.config_file, "verify", "--json")  # the latest only: the walk is whole
+    message = failed(run, 5)
+    outcomes = {o["snapshot_id"]: o["problems"] for o in json.loads(run.stdout)}
+    assert outcomes == {
+        ids[4]: [f"chain: the previous snapshot {ids[3]} is missing (deleted, not pruned)"],
+        ids[5]: [],
+    }
+    assert message.startswith("verify: 1 of 2 snapshots failed: chain: ")
+    kit.storage.put_bytes(layout.manifest_key(ids[3]), snaps[3].stored)  # put back
+    run = drtool(kit.config_file, "verify", "--all", "--json")
+    failed(run, 5)
+    outcomes = {o["snapshot_id"]: o["problems"] for o in json.loads(run.stdout)}
+    assert outcomes[ids[3]] == [
+        f"chain: the manifest of the previous snapshot {ids[2]} is not the one this snapshot "
+        "recorded (replaced)"
+    ]
+    assert [outcomes[i] for i in (ids[2], ids[4], ids[5])] == [[], [], []]
 
 
 def test_verify_read_data_without_identity_exits_2(kit: RepoKit) -> None:

@@ -25,11 +25,11 @@ from drtool import keys
 from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError
 from drtool.faults import crash_point
-from drtool.repository import catalog, layout
+from drtool.repository import catalog, chain, layout
 from drtool.repository.access import open_repo
 from drtool.repository.ids import new_id
 from drtool.repository.locks import repository_lock
-from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
+from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry, manifest_sha256
 from drtool.repository.minio_index import IndexEntry
 from drtool.repository.writer import SnapshotWriter
 from drtool.services import minio_snapshot
@@ -93,6 +93,7 @@ def run_backup(
     components: tuple[str, ...],
     progress: Progress = lambda component, n: None,
     now: datetime | None = None,
+    accept_rollback: str | None = None,
 ) -> BackupResult:
     """Take, commit and verify one snapshot of ``components``."""
     unknown = [c for c in components if c not in COMPONENTS]
@@ -117,6 +118,7 @@ def run_backup(
     )
     with repository_lock(repo.storage, "backup"):
         previous = catalog.newest_authentic(repo.storage, repo.verify_keys, repo.info.repo_id)
+        chain.check_rollback(state_dir(cfg, home), repo.info.repo_id, previous, accept_rollback)
         snapshot_id = new_id(now)
         writer = SnapshotWriter(
             storage=repo.storage,
@@ -172,9 +174,11 @@ def run_backup(
             previous_sha256=previous.manifest_sha256 if previous else None,
         )
         crash_point("before-manifest")
-        writer.commit(manifest)
+        stored = writer.commit(manifest)
         crash_point("after-manifest")
         _verify_committed(repo, snapshot_id, writer.confirmed)
+        last = chain.LastCommit(repo.info.repo_id, snapshot_id, manifest_sha256(stored))
+        chain.remember_commit(state_dir(cfg, home), last)
         for path, cache_entries in caches:
             minio_snapshot.write_cache(path, cache_entries)
     result.seconds = time.monotonic() - started

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from drtool.config import Config
-from drtool.repository import catalog, drill_log, layout, retention, verifications
+from drtool.repository import catalog, chain, drill_log, layout, retention, verifications
 from drtool.repository.access import Repo, open_repo
 from drtool.repository.locks import repository_lock
+from drtool.repository.manifest import manifest_sha256
 
 
 @dataclass
@@ -130,8 +131,14 @@ def _anchors(verified: list[catalog.SnapshotRecord], drilled: str | None) -> lis
 
 
 def execute_prune(repo: Repo, plan: PrunePlan, cutoff: datetime) -> None:
-    """Delete what ``plan`` names: manifests first (a snapshot disappears whole), then data."""
+    """Delete what ``plan`` names: manifests first (a snapshot disappears whole), then data.
+
+    Each forgotten manifest leaves a tombstone first, so ``verify``'s chain walk can tell a
+    pruned snapshot from a deleted one.
+    """
     for sid in plan.forget:
+        stored = repo.storage.get_bytes(layout.manifest_key(sid))
+        repo.storage.put_bytes(chain.tombstone_key(sid, manifest_sha256(stored)), b"")
         repo.storage.delete(layout.manifest_key(sid))
     for key in plan.garbage:
         repo.storage.delete(key)

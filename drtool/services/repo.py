@@ -17,7 +17,7 @@ from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import unseal
-from drtool.repository import catalog, layout, verifications
+from drtool.repository import catalog, chain, layout, verifications
 from drtool.repository.access import (
     Repo,
     identities_of,
@@ -172,7 +172,29 @@ def verify(
             outcome.recorded = verifications.write_record(repo.storage, signer, checked, when)
     if signer is None:
         log.info("verification not recorded: no keys.signing_key_file configured to sign it")
+    _add_chain_problems(repo, records, outcomes)
     return outcomes
+
+
+def _add_chain_problems(
+    repo: Repo, records: list[catalog.SnapshotRecord], outcomes: list[VerifyOutcome]
+) -> None:
+    """Walk the whole hash chain, whatever was chosen: a deleted or replaced manifest fails.
+
+    A broken link is reported on the snapshot that names the missing or replaced one; when
+    that snapshot was not among those checked, it is added to the outcomes.
+    """
+    broken = chain.link_problems(records, chain.tombstones(repo.storage))
+    by_id = {o.snapshot_id: o for o in outcomes}
+    for snapshot_id in sorted(broken):
+        outcome = by_id.get(snapshot_id)
+        if outcome is None:
+            outcome = VerifyOutcome(
+                snapshot_id, [], 0, outcomes[0].read_data if outcomes else False
+            )
+            outcomes.append(outcome)
+        outcome.problems.extend(broken[snapshot_id])
+    outcomes.sort(key=lambda o: o.snapshot_id)
 
 
 UNVERIFIED = "unverified"
