@@ -59,10 +59,17 @@ def storage_for(cfg: Config) -> Storage:
 
 
 def open_repo(cfg: Config) -> Repo:
-    """Open the configured repository and decide which verify keys to trust."""
+    """Open the configured repository and decide which verify keys to trust (never the header's).
+
+    The pinned ``keys.verify_key``, else the backup host's own signing key's; neither is a
+    ConfigError (ADR 0014).
+    """
     storage = storage_for(cfg)
     info = layout.read_repo_info(storage)
-    return Repo(storage, info, catalog.trusted_verify_keys(info, cfg.keys.verify_key))
+    own = ""
+    if not cfg.keys.verify_key and cfg.keys.signing_key_file:
+        own = keys.verify_key_text(keys.load_signing_key(cfg.keys.signing_key_file).public_key())
+    return Repo(storage, info, catalog.trusted_verify_keys(info, cfg.keys.verify_key, own))
 
 
 def identities_of(cfg: Config) -> list[str]:

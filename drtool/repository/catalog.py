@@ -16,7 +16,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from drtool.errors import IntegrityError, NotFound
+from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.repository import layout, verifications
 from drtool.repository.ids import id_time, is_id
 from drtool.repository.manifest import Manifest, manifest_sha256, open_manifest
@@ -86,17 +86,28 @@ def holds(record: SnapshotRecord, components: Collection[str]) -> bool:
     return set(components) <= set(stores(record))
 
 
-def trusted_verify_keys(info: layout.RepoInfo, pinned: str) -> list[str]:
-    """The keys manifests must be signed with: the pinned one from config, else the repo's."""
+def trusted_verify_keys(info: layout.RepoInfo, pinned: str, own: str = "") -> list[str]:
+    """The keys manifests (and verification records) must be signed with.
+
+    The pinned ``keys.verify_key``; else, on the backup host, the verify key of its own
+    signing key (``own``). Never the keys listed in the repository header: anyone who can
+    write the repository can add one there and sign a forged snapshot with it (issue 18.8,
+    docs/decisions/0014-verify-key-pinning.md). Without either, reading fails closed.
+    """
     if pinned:
         if pinned not in info.verify_keys:
             log.warning("the configured verify key is not listed in the repository header")
         return [pinned]
-    log.warning(
-        "manifest signatures are checked against the key in %s only; set keys.verify_key to pin it",
-        layout.REPO_FILE,
+    if own:
+        return [own]
+    header = ", ".join(info.verify_keys) or "none"
+    raise ConfigError(
+        "keys.verify_key: not set; drtool does not trust the keys in the repository header "
+        "(anyone who can write the repository can add one). Pin the backup host's key: run "
+        "`drtool keys verify-key SIGNING_KEY_FILE` on the backup host (or take it from its "
+        "config) and set keys.verify_key to it; the header lists "
+        f"{header}, which must include it"
     )
-    return list(info.verify_keys)
 
 
 def snapshot_ids(storage: Storage) -> list[str]:
