@@ -31,9 +31,9 @@ from test_repository import (  # noqa: F401 (fixtures: any_kit, kit, looping_blo
 
 from drtool import keys
 from drtool.endpoints import S3Endpoint
-from drtool.repository import layout
+from drtool.repository import chain, layout
 from drtool.repository.locks import read_locks, repository_lock
-from drtool.repository.manifest import sign_manifest
+from drtool.repository.manifest import manifest_sha256, sign_manifest
 
 
 @pytest.fixture(autouse=True)
@@ -337,10 +337,11 @@ def test_prune_dry_run_then_real_run(any_kit: RepoKit) -> None:
     assert any_kit.keys_in_storage() == before
     out = ok(drtool(any_kit.config_file, "prune", "--keep-last", "2", "--count-unverified"))
     assert "deleted 1 snapshots, 2 objects, 0 stale uploads" in out
+    tombstone = chain.tombstone_key(snaps[0].snapshot_id, manifest_sha256(snaps[0].stored))
     assert any_kit.keys_in_storage() == before - {
         layout.manifest_key(snaps[0].snapshot_id),
         snaps[0].dump_key,
-    }
+    } | {tombstone}  # what verify's chain walk tells a pruned snapshot from a deleted one by
     rows = json.loads(ok(drtool(any_kit.config_file, "list", "--json")))
     assert [(r["id"], r["status"]) for r in rows] == [
         (snaps[1].snapshot_id, "VALID"),

@@ -359,7 +359,9 @@ def test_flipped_byte_is_never_shown_or_restored_as_good(
     assert json.loads(run.stdout)["snapshot_id"] == world.old_id
     run = run_drtool("restore", world.new_id, "--target", "t", "--dry-run", config=config)
     assert run.code == 5
-    assert f"snapshot {world.new_id} is DAMAGED: DAMAGED: {dump_key}" in run.stderr
+    assert f"snapshot {world.new_id} is DAMAGED: {dump_key} failed its last verification" in (
+        run.stderr
+    )
 
     # a record signed by another key (anyone who can write the repository) is ignored
     keys.write_signing_key(tmp_path / "forger.key")

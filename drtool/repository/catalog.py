@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from drtool.errors import ConfigError, IntegrityError, NotFound
-from drtool.repository import layout, verifications
+from drtool.repository import chain, layout, verifications
 from drtool.repository.ids import id_time, is_id
 from drtool.repository.manifest import Manifest, manifest_sha256, open_manifest
 from drtool.storage.base import ObjectInfo, Storage
@@ -47,7 +47,7 @@ class SnapshotRecord:
         if self.problem is not None:
             return self.problem
         if self.damaged:
-            return f"DAMAGED: {self.damaged[0]}"
+            return f"{self.damaged[0]} failed its last verification"
         return None if self.manifest is not None else "manifest unreadable"
 
     @property
@@ -180,7 +180,9 @@ def list_snapshots(storage: Storage, verify_keys: list[str], repo_id: str) -> li
     for sid, manifest, digest, problem in loaded:
         damaged = tuple(o.key for o in manifest.objects() if o.key in bad) if manifest else ()
         records.append(SnapshotRecord(sid, manifest, digest, problem, checked.get(sid), damaged))
-    _check_chain(records)
+    for sid, problems in chain.link_problems(records, chain.tombstones(storage)).items():
+        for text in problems:
+            log.warning("hash chain: snapshot %s: %s (drtool verify fails on it)", sid, text)
     return records
 
 
@@ -198,22 +200,6 @@ def newest_authentic(
             return SnapshotRecord(snapshot_id, manifest, digest, problem)
         log.warning("snapshot %s skipped as the chain's previous: %s", snapshot_id, problem)
     return None
-
-
-def _check_chain(records: list[SnapshotRecord]) -> None:
-    """Log a warning where the hash chain shows a deleted or rolled-back snapshot."""
-    by_id = {r.snapshot_id: r for r in records}
-    for record in records:
-        m = record.manifest
-        if m is None or m.previous_id is None:
-            continue
-        prev = by_id.get(m.previous_id)
-        if prev is not None and prev.manifest_sha256 != m.previous_sha256:
-            log.warning(
-                "hash chain: %s records a different manifest for %s than the one stored",
-                record.snapshot_id,
-                m.previous_id,
-            )
 
 
 def resolve(

@@ -23,11 +23,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from drtool.errors import IntegrityError
-from drtool.repository.catalog import SnapshotRecord
 from drtool.repository.ids import is_id
 from drtool.storage.base import Storage
+
+if TYPE_CHECKING:  # the catalog logs the links it lists: no import cycle at run time
+    from drtool.repository.catalog import SnapshotRecord
 
 log = logging.getLogger(__name__)
 

@@ -45,9 +45,18 @@ def init_repo(cfg: Config) -> layout.RepoInfo:
 
 
 def list_records(cfg: Config) -> list[catalog.SnapshotRecord]:
-    """Every snapshot with its status (VALID or INVALID and why), oldest first."""
+    """Every snapshot with its status (VALID, INVALID or DAMAGED and why), oldest first.
+
+    A broken link of the hash chain is logged (``verify`` fails on it).
+    """
     repo = open_repo(cfg)
-    return catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+    records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+    for snapshot_id, problems in chain.link_problems(
+        records, chain.tombstones(repo.storage)
+    ).items():
+        for problem in problems:
+            log.warning("snapshot %s: %s (see drtool verify)", snapshot_id, problem)
+    return records
 
 
 def record_summary(record: catalog.SnapshotRecord) -> dict[str, Any]:
