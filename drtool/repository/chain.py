@@ -107,8 +107,11 @@ def read_last_commit(state_dir: Path) -> LastCommit | None:
 
 
 def remember_commit(state_dir: Path, commit: LastCommit) -> None:
-    """Record the commit atomically (a crash leaves the old or the new record, never half)."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Record the commit atomically (a crash leaves the old or the new record, never half).
+
+    The snapshot is committed already: a state dir that cannot be written is logged loudly
+    (the rollback check then compares with an older commit), not a failed backup.
+    """
     path = state_dir / LAST_COMMIT
     tmp = path.with_name(f".{LAST_COMMIT}.tmp")
     doc = {
@@ -116,8 +119,12 @@ def remember_commit(state_dir: Path, commit: LastCommit) -> None:
         "snapshot_id": commit.snapshot_id,
         "sha256": commit.manifest_sha256,
     }
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.error("cannot record the last commit in %s (%s); fix the state dir", path, exc.strerror)
 
 
 def check_rollback(
