@@ -84,6 +84,14 @@ def link_problems(records: list[SnapshotRecord], forgotten: dict[str, str]) -> d
     return problems
 
 
+class RollbackDetected(IntegrityError):
+    """The repository is behind this host's last commit (exit 5).
+
+    Its own class so the schedule's ``drtool_job_failures{cause="RollbackDetected"}`` tells
+    it from a damaged object.
+    """
+
+
 @dataclass(frozen=True)
 class LastCommit:
     """What the backup host committed last."""
@@ -160,7 +168,7 @@ def check_rollback(
     if accept_reason:
         log.warning("%s; accepted (--accept-rollback): %s", what, accept_reason)
         return
-    raise IntegrityError(
+    raise RollbackDetected(
         f"{what}; a manifest was deleted or the repository restored from an older copy. "
         "Nothing was backed up. Investigate (drtool verify --all), then rerun with "
         '--accept-rollback "REASON" if it is expected'
