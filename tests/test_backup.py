@@ -258,3 +258,27 @@ def test_identity_file_in_the_backup_config_is_refused(kit: BackupKit) -> None:
     assert "keys.identity_file" in message
     assert kit.stored_keys() == before
     assert kit.listed() == {}
+
+
+def test_deleted_newest_manifest_stops_the_next_backup(kit: BackupKit) -> None:
+    """Issue 18.7: the backup host remembers its last commit; a repository behind it (the
+    newest manifest deleted, or an older copy restored) is refused, unless accepted."""
+    first = kit.backup_ok("redis")
+    second = kit.backup_ok("redis")
+    state = json.loads((kit.tmp / "state" / "last-commit.json").read_text())
+    assert state["snapshot_id"] == second
+    kit.storage().delete(f"snapshots/{second}/manifest.json")
+    done = kit.backup("redis")
+    message = one_error(done, 5)
+    assert f"repository rolled back: this host last committed snapshot {second}" in message
+    assert f"the newest authentic one now is snapshot {first}" in message
+    assert "--accept-rollback" in message
+    assert list(kit.listed()) == [first]  # nothing chained past it
+    done = kit.drtool(
+        "backup", "--component", "redis", "--json", "--accept-rollback", "test: manifest removed"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "accepted (--accept-rollback): test: manifest removed" in done.stderr
+    third = json.loads(done.stdout)["snapshot_id"]
+    assert kit.manifest(third).previous_id == first
+    assert list(kit.listed()) == [first, third]

@@ -33,8 +33,9 @@ from drtool.drills import watchdog as watchdog_module
 from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
 from drtool.drills.report import DrillReport
 from drtool.endpoints import PostgresEndpoint, S3Endpoint
-from drtool.errors import NotFound, UsageError
+from drtool.errors import UsageError
 from drtool.repository.catalog import SnapshotRecord
+from drtool.repository.ids import new_id
 from drtool.repository.manifest import ComponentEntry, Manifest
 from drtool.runtime import binaries
 from drtool.runtime.local import LocalStack
@@ -366,16 +367,17 @@ def test_drill_picks_a_snapshot_holding_every_store_it_drills() -> None:
         full,
         _record("20261122T033000Z-0001", "redis"),
     ]
-    assert choose_snapshot(records, DrillDefinition(), None, now) is full
+    assert choose_snapshot(records, DrillDefinition(), None, now).record is full
     for _ in range(20):
         assert (
-            choose_snapshot(records, DrillDefinition(snapshot="random-within:7d"), None, now)
+            choose_snapshot(records, DrillDefinition(snapshot="random-within:7d"), None, now).record
             is full
         )
     pg = DrillDefinition(components=("postgres",))
-    assert choose_snapshot(records, pg, None, now) is full
-    with pytest.raises(NotFound, match="no valid snapshot holding postgres within the last"):
-        choose_snapshot(records[2:], replace(pg, snapshot="random-within:1d"), None, now)
+    assert choose_snapshot(records, pg, None, now).record is full
+    none = choose_snapshot(records[2:], replace(pg, snapshot="random-within:1d"), None, now)
+    assert none.record is None
+    assert none.skipped[0].startswith("no valid snapshot holding postgres within the last")
 
 
 # -- report paths (issue 19.11) -----------------------------------------------------------------
@@ -515,3 +517,62 @@ def test_a_stalled_drill_is_stopped_at_its_deadline_naming_the_phase(
     (entry,) = [d for d in json.loads(history.stdout) if d["drill_id"] == report.drill_id]
     assert entry["error"] == report.error and entry["passed"] is False
     assert processes_in(home) == [] and processes_in(slow) == []
+
+
+def test_a_drill_that_skips_what_it_should_prove_fails_with_a_report(
+    world: World, tmp_path: Path, home: Path
+) -> None:
+    """Issue 18.11: a newer INVALID snapshot passed over, an invalid snapshot named, no valid
+    snapshot at all: each is a failed drill (exit 6) with a report, a history entry, the
+    webhook and the metric, naming what was skipped and why."""
+    copy = tmp_path / "repository"
+    shutil.copytree(world.repo.directory / "repository", copy)
+    # a newer snapshot whose manifest is another snapshot's: INVALID
+    newer = new_id(datetime.now(UTC) + timedelta(minutes=1))
+    shutil.copytree(copy / "snapshots" / world.snapshot_id, copy / "snapshots" / newer)
+    config = world.repo.operator_config(tmp_path / "op.toml", url=copy.as_uri())
+    reports, textfile = tmp_path / "reports", tmp_path / "drtool.prom"
+    with webhook_receiver() as (url, received):
+        (tmp_path / "hook").write_text(url + "\n")
+        definition = tmp_path / "drill.toml"
+        definition.write_text(
+            'name = "weekly"\n[report]\n'
+            f'dir = "{reports}"\nwebhook_url_file = "{tmp_path / "hook"}"\n'
+            f'textfile = "{textfile}"\n'
+        )
+
+        def drill(*args: str) -> dict[str, Any]:
+            run = run_drtool("drill", "run", "--definition", str(definition), "--json", *args,
+                             config=config, home=home)  # fmt: skip
+            assert run.returncode == 6, (run.returncode, run.stderr)
+            assert "Traceback" not in run.stderr
+            report: dict[str, Any] = json.loads(run.stdout)
+            assert report["passed"] is False
+            assert (reports / f"{report['drill_id']}.json").exists()
+            assert 'drtool_drill_result{definition="weekly"} 0' in textfile.read_text()
+            textfile.unlink()
+            return report
+
+        # 1. latest: the newer INVALID one is passed over; the older one is drilled (and
+        #    restores), but the drill fails naming what it skipped and why
+        report = drill()
+        assert report["snapshot_id"] == world.snapshot_id
+        skipped = check(report, "newest snapshot drilled")
+        assert skipped["passed"] is False
+        assert skipped["detail"].startswith(f"passed over {newer}: INVALID: ")
+        assert "belongs to another snapshot" in skipped["detail"]
+        assert all(check(report, name)["passed"] for name in CHECKS[:3])
+        # 2. the invalid snapshot named explicitly (used to exit 5 without a report)
+        report = drill("--snapshot", newer)
+        assert report["snapshot_id"] == newer
+        assert report["error"].startswith(f"snapshot {newer} is INVALID: ")
+        # 3. no valid snapshot at all (used to exit 10 without a report)
+        (copy / "snapshots" / world.snapshot_id / "postgres" / "dump.pgdump.zst.age").unlink()
+        report = drill()
+        assert report["snapshot_id"] == ""
+        assert f"passed over {world.snapshot_id}: INVALID: missing object" in report["error"]
+        assert "no valid snapshot holding postgres, redis, minio" in report["error"]
+        assert len(received) == 3  # the webhook of each failed drill
+    history = run_drtool("drill", "history", "--json", config=config, home=home)
+    assert [d["passed"] for d in json.loads(history.stdout)][-3:] == [False, False, False]
+    assert processes_in(home) == []

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,9 +19,11 @@ import tomli_w
 from support.cli import run_drtool
 from support.repo_kit import T0, RepoKit, blob_id, dead_pid, file_kit, plant_lock, s3_kit
 
+from drtool import keys
 from drtool.endpoints import S3Endpoint
-from drtool.repository import layout
+from drtool.repository import chain, layout
 from drtool.repository.locks import read_locks, repository_lock
+from drtool.repository.manifest import manifest_sha256, sign_manifest
 
 
 @pytest.fixture(autouse=True)
@@ -174,6 +177,66 @@ def test_verify_flipped_byte_exits_5_naming_the_object(repo_kit: RepoKit) -> Non
     assert message.startswith(f"verify: 1 of 1 snapshots failed: {snap.dump_key}")
 
 
+def test_verify_all_blames_a_shared_damaged_blob_on_every_snapshot(any_repo_kit: RepoKit) -> None:
+    """Issue 18.6: a blob shared by three snapshots is read once, and all three fail."""
+    shared = blob_id()
+    snaps = [any_repo_kit.snapshot(T0 + timedelta(hours=h), blobs=(shared,)) for h in range(3)]
+    own = any_repo_kit.snapshot(T0 + timedelta(hours=3))  # does not name the blob
+    key = layout.blob_key(shared)
+    data = bytearray(any_repo_kit.storage.get_bytes(key))
+    data[len(data) // 2] ^= 0x01
+    any_repo_kit.storage.put_bytes(key, bytes(data))
+    keyless = any_repo_kit.write_config("keyless", identity_file=None)
+    for args in (["--json"], ["--read-data", "--json"]):
+        config = keyless if "--read-data" not in args else any_repo_kit.config_file
+        run = drtool(config, "verify", "--all", *args)
+        message = failed(run, 5)
+        outcomes = {o["snapshot_id"]: o for o in json.loads(run.stdout)}
+        assert [outcomes[s.snapshot_id]["damaged"] for s in snaps] == [[key]] * 3
+        assert outcomes[own.snapshot_id]["problems"] == []
+        assert message.startswith(f"verify: 3 of 4 snapshots failed: {key}: ")
+        assert message.count(key) == 1  # named once
+    # the signed records make every one of them DAMAGED in `list`
+    rows = {r["id"]: r for r in json.loads(ok(drtool(any_repo_kit.config_file, "list", "--json")))}
+    assert [rows[s.snapshot_id]["status"] for s in snaps] == ["DAMAGED"] * 3
+    assert rows[own.snapshot_id]["status"] == "VALID"
+
+
+def test_verify_walks_the_chain_and_names_every_broken_link(any_repo_kit: RepoKit) -> None:
+    """Issue 18.7: a manifest deleted in the middle, or replaced, breaks the next one's link.
+
+    Prune forgets snapshots on purpose and leaves tombstones: those links are not broken.
+    """
+    repo_kit = any_repo_kit
+    snaps = [repo_kit.snapshot(T0 + timedelta(days=d)) for d in range(6)]
+    ids = [s.snapshot_id for s in snaps]
+    ok(drtool(repo_kit.config_file, "prune", "--keep-last", "4", "--count-unverified"))
+    ok(drtool(repo_kit.config_file, "verify"))  # ids[2]'s link to the pruned ids[1] holds
+    repo_kit.storage.delete(layout.manifest_key(ids[3]))  # deleted, not pruned
+    # ids[2]'s manifest replaced by another one (re-signed: the backup host's key was stolen)
+    forged = replace(snaps[2].manifest, host="elsewhere")
+    repo_kit.storage.put_bytes(
+        layout.manifest_key(ids[2]), sign_manifest(forged, repo_kit.signing_key)
+    )
+    run = drtool(repo_kit.config_file, "verify", "--json")  # the latest only: the walk is whole
+    message = failed(run, 5)
+    outcomes = {o["snapshot_id"]: o["problems"] for o in json.loads(run.stdout)}
+    assert outcomes == {
+        ids[4]: [f"chain: the previous snapshot {ids[3]} is missing (deleted, not pruned)"],
+        ids[5]: [],
+    }
+    assert message.startswith("verify: 1 of 2 snapshots failed: chain: ")
+    repo_kit.storage.put_bytes(layout.manifest_key(ids[3]), snaps[3].stored)  # put back
+    run = drtool(repo_kit.config_file, "verify", "--all", "--json")
+    failed(run, 5)
+    outcomes = {o["snapshot_id"]: o["problems"] for o in json.loads(run.stdout)}
+    assert outcomes[ids[3]] == [
+        f"chain: the manifest of the previous snapshot {ids[2]} is not the one this snapshot "
+        "recorded (replaced)"
+    ]
+    assert [outcomes[i] for i in (ids[2], ids[4], ids[5])] == [[], [], []]
+
+
 def test_verify_read_data_without_identity_exits_2(repo_kit: RepoKit) -> None:
     repo_kit.snapshot(T0)
     keyless = repo_kit.write_config("keyless", identity_file=None)
@@ -217,6 +280,39 @@ def test_missing_repository_exits_10_saying_run_init(repo_kit: RepoKit, tmp_path
     )
 
 
+def test_no_pinned_verify_key_fails_closed_never_trusting_the_header(any_kit: RepoKit) -> None:
+    """Issue 18.8: a writer of the repository adds its own key to the header and signs a
+    forged snapshot. A config without keys.verify_key used to trust it (VALID, restorable)."""
+    kit = any_kit
+    good = kit.snapshot(T0)
+    forger_key = kit.tmp / "forger.key"
+    forger_verify = keys.write_signing_key(forger_key)
+    header = json.loads(kit.storage.get_bytes(layout.REPO_FILE))
+    header["verify_keys"].append(forger_verify)
+    kit.storage.put_bytes(layout.REPO_FILE, json.dumps(header).encode())
+    kit.signing_key = keys.load_signing_key(forger_key)
+    forged = kit.snapshot(T0 + timedelta(hours=1))
+    # the operator side without a pinned key: refused, saying how to pin it
+    unpinned = kit.write_config("unpinned", verify_key=None, signing_key_file=None)
+    for command in (["list"], ["verify"], ["show", "latest"], ["restore", "--dry-run"]):
+        message = failed(drtool(unpinned, *command), 2)
+        assert message.startswith("keys.verify_key: not set; drtool does not trust the keys in")
+        assert "drtool keys verify-key SIGNING_KEY_FILE" in message
+        assert forger_verify in message  # what the header lists, to compare
+    # pinned: the forged snapshot is INVALID
+    rows = {r["id"]: r for r in json.loads(ok(drtool(kit.config_file, "list", "--json")))}
+    assert rows[good.snapshot_id]["status"] == "VALID"
+    assert rows[forged.snapshot_id]["status"] == "INVALID"
+    # the backup host (its signing key, no pinned key) trusts its own key only
+    host = kit.write_config("host", verify_key=None, identity_file=None)
+    rows = {r["id"]: r for r in json.loads(ok(drtool(host, "list", "--json")))}
+    assert rows[forged.snapshot_id]["status"] == "INVALID"
+    # the key to pin is printed from the signing key
+    signing_key_file = str(kit.sections["keys"]["signing_key_file"])
+    out = ok(run_drtool("keys", "verify-key", signing_key_file, config=kit.config_file))
+    assert out.strip() == kit.verify_key
+
+
 # -- prune ------------------------------------------------------------------------------------
 
 
@@ -224,7 +320,11 @@ def test_missing_repository_exits_10_saying_run_init(repo_kit: RepoKit, tmp_path
 def test_prune_dry_run_then_real_run(any_repo_kit: RepoKit) -> None:
     snaps = [any_repo_kit.snapshot(T0 + timedelta(days=d)) for d in range(3)]
     before = any_repo_kit.keys_in_storage()
-    out = ok(drtool(any_repo_kit.config_file, "prune", "--keep-last", "2", "--dry-run"))
+    out = ok(
+        drtool(
+            any_repo_kit.config_file, "prune", "--keep-last", "2", "--dry-run", "--count-unverified"
+        )
+    )
     assert "would delete 1 snapshots, 2 objects, 0 stale uploads" in out
     assert table_rows(out) == [
         [snaps[1].snapshot_id, "keep", "last"],
@@ -232,12 +332,13 @@ def test_prune_dry_run_then_real_run(any_repo_kit: RepoKit) -> None:
         [snaps[0].snapshot_id, "forget", "outside the policy"],
     ]
     assert any_repo_kit.keys_in_storage() == before
-    out = ok(drtool(any_repo_kit.config_file, "prune", "--keep-last", "2"))
+    out = ok(drtool(any_repo_kit.config_file, "prune", "--keep-last", "2", "--count-unverified"))
     assert "deleted 1 snapshots, 2 objects, 0 stale uploads" in out
+    tombstone = chain.tombstone_key(snaps[0].snapshot_id, manifest_sha256(snaps[0].stored))
     assert any_repo_kit.keys_in_storage() == before - {
         layout.manifest_key(snaps[0].snapshot_id),
         snaps[0].dump_key,
-    }
+    } | {tombstone}  # what verify's chain walk tells a pruned snapshot from a deleted one by
     rows = json.loads(ok(drtool(any_repo_kit.config_file, "list", "--json")))
     assert [(r["id"], r["status"]) for r in rows] == [
         (snaps[1].snapshot_id, "VALID"),

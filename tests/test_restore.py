@@ -22,6 +22,7 @@ from drtool import keys
 from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import IntegrityError
+from drtool.repository.manifest import canonical
 from drtool.s3session import s3_client
 from drtool.services.restore.run import RestoreOptions, RestoreResult, run_restore
 
@@ -308,4 +309,65 @@ def test_restore_refuses_a_snapshot_with_a_wrong_signature(
     assert error.startswith(f"error: snapshot {world.new_id} is INVALID: ")
     # the next snapshot's manifest recorded the original: the hash chain notices the change
     assert any("hash chain" in w and world.redis_id in w for w in warnings), warnings
+    assert table_rows(target.postgres) == {}
+
+
+def test_flipped_byte_is_never_shown_or_restored_as_good(
+    world: World, target: StackEndpoints, tmp_path: Path
+) -> None:
+    """Issue 18.5: a flipped byte keeps the size, so listing cannot see it. ``list`` says so
+    ("never verified"); ``--dry-run`` hash-checks what it would read and fails; once a signed
+    ``verify`` found it, ``list`` says DAMAGED and ``restore latest`` passes over it."""
+    copy = tmp_path / "repository"
+    shutil.copytree(world.repo.directory / "repository", copy)
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target}, url=copy.as_uri())
+    backup_side = tmp_path / "backup.toml"
+    backup_side.write_text(
+        world.repo.backup_config.read_text().replace(world.repo.url, copy.as_uri())
+    )
+    backup_side.chmod(0o600)
+    dump_key = f"snapshots/{world.new_id}/postgres/dump.pgdump.zst.age"
+    _flip(copy / dump_key, (copy / dump_key).stat().st_size // 2)
+
+    rows = {r["id"]: r for r in json.loads(run_drtool("list", "--json", config=config).stdout)}
+    assert rows[world.new_id]["verified"] == "never verified"  # no claim about the bytes
+    run = run_drtool("restore", "--target", "t", "--dry-run", config=config)
+    assert run.returncode == 5, (run.stdout, run.stderr)
+    assert run.stderr.endswith(
+        f"error: restore --dry-run: 1 of {run.stderr.split(' of ')[1].split()[0]} objects "
+        f"damaged: {dump_key}: stored sha256 differs from the manifest\n"
+    )
+    run = run_drtool("restore", world.old_id, "--target", "t", "--dry-run", config=config)
+    assert run.returncode == 0, run.stderr
+    assert "objects the restore reads: stored size and sha256 match" in run.stdout
+
+    # the backup host verifies (key-less, signed record): found, recorded, named
+    run = run_drtool("verify", "--all", config=backup_side)
+    assert run.returncode == 5, run.stderr
+    rows = {r["id"]: r for r in json.loads(run_drtool("list", "--json", config=config).stdout)}
+    assert rows[world.new_id]["status"] == "DAMAGED"
+    assert rows[world.new_id]["verified"] == f"DAMAGED: {dump_key}"
+    assert rows[world.old_id]["status"] == "VALID"
+    assert rows[world.old_id]["verified"].startswith("verified ")
+    assert rows[world.old_id]["verified"].endswith(" (hashes)")
+    # `latest` of every store passes over the damaged snapshot; naming it is refused
+    run = run_drtool("restore", "--target", "t", "--dry-run", "--json", config=config)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["snapshot_id"] == world.old_id
+    run = run_drtool("restore", world.new_id, "--target", "t", "--dry-run", config=config)
+    assert run.returncode == 5
+    assert f"snapshot {world.new_id} is DAMAGED: {dump_key} failed its last verification" in (
+        run.stderr
+    )
+
+    # a record signed by another key (anyone who can write the repository) is ignored
+    keys.write_signing_key(tmp_path / "forger.key")
+    forger = keys.load_signing_key(tmp_path / "forger.key")
+    for record in (copy / "verifications" / world.new_id).glob("*.json"):
+        doc = json.loads(record.read_text())
+        doc["body"]["damaged"] = []
+        doc["signature"] = keys.sign(forger, canonical(doc["body"]))
+        record.write_text(json.dumps(doc))
+    rows = {r["id"]: r for r in json.loads(run_drtool("list", "--json", config=config).stdout)}
+    assert rows[world.new_id]["verified"] == "never verified"
     assert table_rows(target.postgres) == {}

@@ -14,10 +14,11 @@ import pytest
 from support.repo_kit import T0, RepoKit, Snap, blob_id
 
 from drtool.errors import Locked, StorageError, UsageError
-from drtool.repository import drill_log, layout
+from drtool.repository import chain, drill_log, layout
 from drtool.repository.ids import new_id
 from drtool.repository.locks import read_locks, repository_lock
-from drtool.repository.retention import Policy, select
+from drtool.repository.manifest import manifest_sha256
+from drtool.repository.retention import UNVERIFIED, Policy, select
 from drtool.s3session import s3_client
 from drtool.services import prune as prune_svc
 from drtool.services import repo as svc
@@ -146,7 +147,9 @@ def test_prune_dry_run_then_real_run(any_repo_kit: RepoKit) -> None:
     before = repo_kit.keys_in_storage()
     later = datetime.now(UTC) + timedelta(days=2)  # everything unreferenced is past the grace
 
-    plan = prune_svc.prune(repo_kit.config(), policy, dry_run=True, now=later)
+    plan = prune_svc.prune(
+        repo_kit.config(), policy, dry_run=True, now=later, count_unverified=True
+    )
     assert plan.keep == {ids[4]: ["last"], ids[3]: ["last"]}
     assert plan.forget == ids[:3]
     assert plan.invalid == []
@@ -154,14 +157,19 @@ def test_prune_dry_run_then_real_run(any_repo_kit: RepoKit) -> None:
     assert repo_kit.keys_in_storage() == before  # a dry run changes nothing
     assert read_locks(repo_kit.storage) == []
 
-    plan = prune_svc.prune(repo_kit.config(), policy, dry_run=False, now=later)
+    plan = prune_svc.prune(
+        repo_kit.config(), policy, dry_run=False, now=later, count_unverified=True
+    )
     assert plan.done
     forgotten = {k for sid in ids[:3] for k in own_keys_of(before, sid)}
     assert len(forgotten) == 6  # a manifest and a dump each
     expected_gone = forgotten | {history.old_only} | history.orphans
     assert set(plan.garbage) == expected_gone
     after = repo_kit.keys_in_storage()
-    assert after == before - expected_gone
+    tombstones = {
+        chain.tombstone_key(s.snapshot_id, manifest_sha256(s.stored)) for s in history.snaps[:3]
+    }
+    assert after == (before - expected_gone) | tombstones
     assert history.shared in after  # still used by the kept snapshots
     assert read_locks(repo_kit.storage) == []
     # what is kept still lists and verifies, with the data read
@@ -170,9 +178,12 @@ def test_prune_dry_run_then_real_run(any_repo_kit: RepoKit) -> None:
     outcomes = svc.verify(repo_kit.config(), None, read_data=True)
     assert [(o.snapshot_id, o.problems) for o in outcomes] == [(ids[3], []), (ids[4], [])]
     # a second run has nothing left to do
-    again = prune_svc.prune(repo_kit.config(), policy, dry_run=False, now=later)
+    again = prune_svc.prune(
+        repo_kit.config(), policy, dry_run=False, now=later, count_unverified=True
+    )
     assert (again.forget, again.garbage) == ([], [])
-    assert repo_kit.keys_in_storage() == after
+    records = {k for k in repo_kit.keys_in_storage() if k.startswith("verifications/")}
+    assert repo_kit.keys_in_storage() - records == after  # verify added its signed records only
 
 
 def own_keys_of(keys: set[str], snapshot_id: str) -> set[str]:
@@ -188,7 +199,7 @@ def test_prune_leaves_young_unreferenced_data_alone(repo_kit: RepoKit) -> None:
     [aged] = [k for k in history.orphans if k.startswith("blobs/")]
     old = time.time() - 3 * 86400
     os.utime(root / aged, (old, old))
-    plan = prune_svc.prune(repo_kit.config(), Policy(last=2), dry_run=False)
+    plan = prune_svc.prune(repo_kit.config(), Policy(last=2), dry_run=False, count_unverified=True)
     after = repo_kit.keys_in_storage()
     assert aged not in after
     assert history.orphans - {aged} <= after
@@ -204,7 +215,7 @@ def test_invalid_snapshots_are_not_counted_as_kept(repo_kit: RepoKit) -> None:
     good = repo_kit.snapshot(T0 + timedelta(days=1))
     broken = repo_kit.snapshot(T0 + timedelta(days=2))
     repo_kit.storage.delete(broken.dump_key)
-    plan = prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=False)
+    plan = prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=False, count_unverified=True)
     assert plan.keep == {good.snapshot_id: ["last"]}
     assert plan.forget == [older.snapshot_id]
     assert plan.invalid == [broken.snapshot_id]
@@ -293,7 +304,85 @@ def test_prune_keeps_the_newest_drilled_snapshot(repo_kit: RepoKit) -> None:
     ):
         summary = {"drill_id": drill_id, "snapshot_id": snap.snapshot_id, "passed": passed}
         repo_kit.storage.put_bytes(drill_log.summary_key(drill_id), json.dumps(summary).encode())
-    plan = prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=False)
-    assert plan.keep == {newest.snapshot_id: ["last"], drilled.snapshot_id: ["newest drilled"]}
+    plan = prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=False, count_unverified=True)
+    assert plan.keep == {
+        newest.snapshot_id: ["last"],
+        drilled.snapshot_id: ["newest drilled", "newest verified postgres"],
+    }
     assert sorted(plan.forget) == sorted([older.snapshot_id, failed_drill.snapshot_id])
     assert repo_kit.records()[drilled.snapshot_id].valid
+
+
+# -- issue 18.10: retention never deletes the last good copy --------------------------------
+
+
+def flip(repo_kit: RepoKit, key: str) -> None:
+    """A flipped byte: same size, so only a hash check can tell."""
+    data = bytearray(repo_kit.storage.get_bytes(key))
+    data[len(data) // 2] ^= 0x01
+    repo_kit.storage.put_bytes(key, bytes(data))
+
+
+def test_prune_never_deletes_the_last_good_copy(any_repo_kit: RepoKit) -> None:
+    """keep-last 1 with the newest snapshot damaged used to keep only it: nothing restorable.
+
+    Only verified snapshots count toward the rules; the newest read-data verified one stays
+    whatever the policy; with nothing verified, nothing is forgotten.
+    """
+    repo_kit = any_repo_kit
+    snaps = [repo_kit.snapshot(T0 + timedelta(days=d)) for d in range(4)]
+    ids = [s.snapshot_id for s in snaps]
+    later = datetime.now(UTC) + timedelta(days=2)
+    # nothing verified yet: no rule is satisfied, nothing goes
+    plan = prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=True, now=later)
+    assert plan.forget == [] and plan.verified == []
+    assert plan.keep[ids[3]] == ["last" + UNVERIFIED]
+    # the two oldest verified with the data read; then the newest's dump rots unseen
+    svc.verify(repo_kit.config(), ids[0], read_data=True)
+    svc.verify(repo_kit.config(), ids[1], read_data=True)
+    flip(repo_kit, snaps[3].dump_key)
+    plan = prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=False, now=later)
+    assert plan.keep == {
+        ids[3]: ["last" + UNVERIFIED],
+        ids[2]: ["last" + UNVERIFIED],
+        ids[1]: ["last", "newest read-data verified", "newest verified postgres"],
+    }
+    assert plan.forget == [ids[0]]
+    # the good copy is still there and restorable; the damaged one never was good
+    outcomes = {o.snapshot_id: o for o in svc.verify(repo_kit.config(), None, read_data=True)}
+    assert outcomes[ids[1]].problems == []
+    assert outcomes[ids[3]].damaged == [snaps[3].dump_key]
+    # once verify has recorded the damage, the damaged one is not counted (nor pruned: evidence)
+    svc.verify(repo_kit.config(), ids[2], read_data=False)
+    plan = prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=False, now=later)
+    assert plan.invalid == [ids[3]]
+    assert plan.keep == {
+        ids[2]: ["last", "newest verified postgres"],
+        ids[1]: ["newest read-data verified"],
+    }
+    # --count-unverified restores the old counting, the anchors still hold
+    repo_kit.snapshot(T0 + timedelta(days=5))
+    plan = prune_svc.prune(
+        repo_kit.config(), Policy(last=1), dry_run=True, now=later, count_unverified=True
+    )
+    assert plan.keep[repo_kit.snaps[-1].snapshot_id] == ["last"]
+    assert plan.keep[ids[1]] == ["newest read-data verified"]
+    assert plan.keep[ids[2]] == ["newest verified postgres"]
+
+
+def test_prune_keeps_the_newest_verified_snapshot_of_every_store(repo_kit: RepoKit) -> None:
+    """Redis-only snapshots satisfying keep-last must not take the last verified PostgreSQL."""
+    full = repo_kit.snapshot(T0, blobs=(blob_id(),))  # postgres + minio
+    svc.verify(repo_kit.config(), None, read_data=False)
+    # three newer snapshots holding postgres only... and verified: then minio has one copy
+    newer = [repo_kit.snapshot(T0 + timedelta(hours=h)) for h in (1, 2, 3)]
+    # the scheduled verify: only snapshots never verified, only objects never found intact
+    outcomes = svc.verify(repo_kit.config(), svc.UNVERIFIED, read_data=False)
+    assert [(o.snapshot_id, o.objects) for o in outcomes] == [(s.snapshot_id, 1) for s in newer]
+    assert svc.verify(repo_kit.config(), svc.UNVERIFIED, read_data=False) == []
+    plan = prune_svc.prune(repo_kit.config(), Policy(last=1), dry_run=False)
+    assert plan.keep == {
+        newer[-1].snapshot_id: ["last", "newest verified postgres"],
+        full.snapshot_id: ["newest verified minio"],
+    }
+    assert repo_kit.records()[full.snapshot_id].valid

@@ -70,7 +70,7 @@ def test_shipped_schedules_load() -> None:
     assert (specs["full"].at, specs["full"].timezone) == ("03:00", "Asia/Seoul")
     assert specs["full"].components == ("postgres", "redis", "minio")
     assert specs["prune"].keep.daily == 7
-    assert specs["verify"].kind == "verify" and specs["verify"].snapshot == "latest"
+    assert specs["verify"].kind == "verify" and specs["verify"].snapshot == "unverified"
     assert (specs["drill"].kind, specs["drill"].on, specs["drill"].at) == (
         "drill",
         "sunday",

@@ -17,7 +17,7 @@ from drtool.config import load_config
 from drtool.drills import definition
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.repository.access import read_object, snapshot_header
-from drtool.repository.manifest import ComponentEntry
+from drtool.repository.manifest import ComponentEntry, ObjectEntry
 from drtool.services.restore.run import RestoreOptions, run_restore
 from drtool.stores import registry
 from drtool.stores.base import (
@@ -46,6 +46,9 @@ class NotesRestoring:
 
     target: Path
     data: bytes
+
+    def reads(self) -> list[ObjectEntry]:
+        return []  # its only object is read whole by load
 
     def plan(self, target: Target) -> list[PlanItem]:
         holds = "a file" if self.target.exists() else "nothing"

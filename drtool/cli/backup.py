@@ -57,21 +57,34 @@ def progress_reporter(enabled: bool) -> Iterator[ProgressFn]:
     help="Comma-separated stores to back up.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@click.option(
+    "--accept-rollback",
+    metavar="REASON",
+    default=None,
+    help="Chain on although the repository is behind this host's last commit (logged).",
+)
 @click.pass_obj
-def backup(state: CliState, components: str, as_json: bool) -> None:
+def backup(state: CliState, components: str, as_json: bool, accept_rollback: str | None) -> None:
     """Take one snapshot of the stack: PostgreSQL, then Redis, then MinIO.
 
     \b
     Each store is streamed through zstd and age into the repository; the
     signed manifest is written last and the snapshot read back and verified.
     Exit 0 only for a committed and verified snapshot; on any failure no
-    snapshot is listed and earlier ones are untouched.
+    snapshot is listed and earlier ones are untouched. Refuses (exit 5) a
+    repository whose newest authentic snapshot is older than the one this
+    host committed last (deleted or rolled back), unless --accept-rollback.
     """
     cfg = state.config()
     chosen = tuple(c.strip() for c in components.split(",") if c.strip())
     with progress_reporter(sys.stderr.isatty() and not as_json) as report:
         result = run_backup(
-            cfg, home=state.home, env=os.environ, components=chosen, progress=report
+            cfg,
+            home=state.home,
+            env=os.environ,
+            components=chosen,
+            progress=report,
+            accept_rollback=accept_rollback,
         )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)

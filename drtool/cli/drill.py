@@ -38,7 +38,12 @@ def drill() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.pass_obj
 def run(state: CliState, definition: Path | None, snapshot: str | None, as_json: bool) -> None:
-    """Run one drill now. Exit 0 when every check passed, 6 when one failed."""
+    """Run one drill now. Exit 0 when every check passed, 6 when one failed.
+
+    A drill that does not prove the snapshot it should have (a newer INVALID or DAMAGED
+    snapshot passed over, no valid snapshot, an invalid one named) is a failed drill too,
+    with its report; the check "newest snapshot drilled" says what was skipped and why.
+    """
     report = svc.run_drill(
         state.config(), home=state.home, spec=load_definition(definition), snapshot=snapshot
     )

@@ -17,7 +17,9 @@ def keys() -> None:
     The backup host (the NAS) holds only public recipients and a signing key:
       drtool keys generate ops.key          on an operator's machine; keep it OFF the NAS
       drtool keys signing-key signing.key   on the NAS
-    Put the printed recipient in keys.recipients and the verify key in keys.verify_key.
+    Put the printed recipient in keys.recipients and the verify key in keys.verify_key
+    (every config that reads the repository must pin it: the keys listed in the repository
+    header are never trusted; `drtool keys verify-key signing.key` prints it again).
     """
 
 
@@ -44,3 +46,10 @@ def generate(path: Path, passphrase: bool) -> None:
 def signing_key(path: Path) -> None:
     """Write a new Ed25519 manifest signing key to PATH and print its verify key."""
     click.echo(keyfiles.write_signing_key(path))
+
+
+@keys.command(name="verify-key")
+@click.argument("path", type=click.Path(path_type=Path))
+def verify_key(path: Path) -> None:
+    """Print the verify key of the signing key in PATH (to pin as keys.verify_key)."""
+    click.echo(keyfiles.verify_key_text(keyfiles.load_signing_key(path).public_key()))

@@ -32,10 +32,14 @@ def init(state: CliState) -> None:
 @json_option
 @click.pass_obj
 def list_(state: CliState, as_json: bool) -> None:
-    """List snapshots, oldest first, with their status (VALID or INVALID and why).
+    """List snapshots, oldest first, with their status and their last verification.
 
-    Listing reads signed manifests only and checks that every object they name exists
-    with its recorded size. INVALID snapshots are never restored or counted by prune.
+    \b
+    Listing reads signed manifests and verification records, not the data: it checks that
+    every object exists with its recorded size. Whether the bytes are intact is known only
+    from `drtool verify` (signed records): "verified <when> (read-data|hashes)",
+    "never verified" or "DAMAGED: <object>". INVALID and DAMAGED snapshots are never
+    restored by `latest` or counted by prune.
     """
     rows = [svc.record_summary(r) for r in svc.list_records(state.config())]
     if as_json:
@@ -43,7 +47,7 @@ def list_(state: CliState, as_json: bool) -> None:
         return
     print_table(
         "snapshots",
-        ["id", "status", "components", "plain", "stored", "problem"],
+        ["id", "status", "components", "plain", "stored", "verified", "problem"],
         [
             [
                 r["id"],
@@ -51,6 +55,7 @@ def list_(state: CliState, as_json: bool) -> None:
                 ",".join(r["components"]),
                 human_bytes(r["plain_bytes"]) if r["plain_bytes"] is not None else "",
                 human_bytes(r["stored_bytes"]) if r["stored_bytes"] is not None else "",
+                r["verified"] if r["status"] != "INVALID" else "",
                 r["problem"] or "",
             ]
             for r in rows
@@ -77,6 +82,7 @@ def show(state: CliState, snapshot: str, as_json: bool) -> None:
         )
         return
     click.echo(f"snapshot {summary['id']}: {summary['status']} {summary['problem'] or ''}")
+    click.echo(f"data: {summary['verified']}")
     if m is None:
         return
     click.echo(
@@ -116,6 +122,11 @@ def show(state: CliState, snapshot: str, as_json: bool) -> None:
 @click.argument("snapshot", required=False)
 @click.option("--all", "all_", is_flag=True, help="Verify every snapshot.")
 @click.option(
+    "--unverified",
+    is_flag=True,
+    help="Verify every snapshot never verified yet (objects already found intact are skipped).",
+)
+@click.option(
     "--read-data",
     is_flag=True,
     help="Also decrypt every object and check inner headers (needs keys.identity_file).",
@@ -123,16 +134,24 @@ def show(state: CliState, snapshot: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def verify(
-    state: CliState, snapshot: str | None, all_: bool, read_data: bool, as_json: bool
+    state: CliState,
+    snapshot: str | None,
+    all_: bool,
+    unverified: bool,
+    read_data: bool,
+    as_json: bool,
 ) -> None:
     """Verify a snapshot (default: latest) or --all.
 
     \b
     Without a key: signature, every object present, stored size and sha256.
     With --read-data: every object authenticated and decrypted too.
+    A damaged object shared by several snapshots fails every one of them.
+    With keys.signing_key_file configured, the result is kept as a signed
+    verification record (shown by `drtool list`, used by prune).
     Exits 5 when anything fails.
     """
-    ref = None if all_ else (snapshot or "latest")
+    ref = None if all_ else svc.UNVERIFIED if unverified else (snapshot or "latest")
     outcomes = svc.verify(state.config(), ref, read_data=read_data)
     if as_json:
         emit_json([asdict(o) for o in outcomes])
@@ -147,8 +166,9 @@ def verify(
         )
     bad = [o for o in outcomes if o.problems]
     if bad:
+        distinct = list(dict.fromkeys(p for o in bad for p in o.problems))  # each object once
         raise IntegrityError(
-            f"verify: {len(bad)} of {len(outcomes)} snapshots failed: {bad[0].problems[0]}"
+            f"verify: {len(bad)} of {len(outcomes)} snapshots failed: {'; '.join(distinct)}"
         )
 
 
@@ -167,6 +187,11 @@ def verify(
     "--keep-monthly", default=0, type=int, help="Keep the newest of each of the last N months."
 )
 @click.option(
+    "--count-unverified",
+    is_flag=True,
+    help="Count snapshots never verified toward the keep rules (default: only verified ones).",
+)
+@click.option(
     "--dry-run", is_flag=True, help="Print what would be kept and removed; change nothing."
 )
 @json_option
@@ -178,16 +203,26 @@ def prune(
     keep_daily: int,
     keep_weekly: int,
     keep_monthly: int,
+    count_unverified: bool,
     dry_run: bool,
     as_json: bool,
 ) -> None:
     """Forget snapshots outside a GFS policy, then delete data nothing references.
 
-    Manifests go first, then their data; unreferenced objects and stale uploads are swept
-    only after a 24 h grace period. Refuses a policy that keeps nothing.
+    \b
+    Only snapshots a signed verification record (`drtool verify`) or a passed
+    drill found intact count toward the rules: a rule keeps unverified ones in
+    its way and goes on until it has N verified ones (--count-unverified: count
+    every valid snapshot). Whatever the policy, the newest snapshot proven by a
+    read-data verification or a drill, and the newest verified snapshot of each
+    store, stay. Manifests go first, then their data; unreferenced objects and
+    stale uploads are swept only after a 24 h grace period. Refuses a policy
+    that keeps nothing.
     """
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
-    plan = prune_svc.prune(state.config(), policy, dry_run=dry_run)
+    plan = prune_svc.prune(
+        state.config(), policy, dry_run=dry_run, count_unverified=count_unverified
+    )
     if as_json:
         emit_json(asdict(plan))
         return
@@ -201,6 +236,11 @@ def prune(
             for sid in plan.invalid
         ],
     )
+    if not count_unverified and not plan.verified:
+        click.echo(
+            "no snapshot is verified, so no rule is satisfied and nothing is forgotten; "
+            "run `drtool verify --all` with the signing key (or prune --count-unverified)"
+        )
     verb = "would delete" if dry_run else "deleted"
     survived = set(plan.survived)
     deleted = sum(1 for key in plan.garbage if key not in survived)

@@ -74,7 +74,8 @@ def _confirm(result: RestoreResult) -> bool:
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Print the plan (what goes where, what it replaces); change nothing.",
+    help="Print the plan (what goes where, what it replaces) and check the stored sha256 of "
+    "every object the restore reads; change nothing.",
 )
 @click.option(
     "--force",
@@ -143,6 +144,10 @@ def restore(
         emit_json({**asdict(result), "ok": result.ok})
     elif dry_run:
         _show_plan(result)
+        click.echo(
+            f"{result.hash_checked} objects the restore reads: stored size and sha256 match "
+            "the signed manifest"
+        )
     else:
         print_table(
             f"snapshot {result.snapshot_id} restored into {result.target} "

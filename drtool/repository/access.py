@@ -15,7 +15,7 @@ from typing import Literal, cast
 
 from drtool import keys
 from drtool.config import Config
-from drtool.errors import ConfigError, IntegrityError
+from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import unseal
 from drtool.repository import catalog, layout
@@ -59,10 +59,17 @@ def storage_for(cfg: Config) -> Storage:
 
 
 def open_repo(cfg: Config) -> Repo:
-    """Open the configured repository and decide which verify keys to trust."""
+    """Open the configured repository and decide which verify keys to trust (never the header's).
+
+    The pinned ``keys.verify_key``, else the backup host's own signing key's; neither is a
+    ConfigError (ADR 0014).
+    """
     storage = storage_for(cfg)
     info = layout.read_repo_info(storage)
-    return Repo(storage, info, catalog.trusted_verify_keys(info, cfg.keys.verify_key))
+    own = ""
+    if not cfg.keys.verify_key and cfg.keys.signing_key_file:
+        own = keys.verify_key_text(keys.load_signing_key(cfg.keys.signing_key_file).public_key())
+    return Repo(storage, info, catalog.trusted_verify_keys(info, cfg.keys.verify_key, own))
 
 
 def identities_of(cfg: Config) -> list[str]:
@@ -89,6 +96,22 @@ def read_object(
             recipients_hint=list(repo.info.recipients),
         )
     )
+
+
+def stored_problem(repo: Repo, entry: ObjectEntry) -> str | None:
+    """Stream one object and compare its stored size and sha256 with the manifest (no key).
+
+    None when they match; else what differs (or that it is missing).
+    """
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        for chunk in repo.storage.get(entry.key):
+            digest.update(chunk)
+            size += len(chunk)
+    except NotFound as exc:
+        return str(exc)
+    return entry.mismatch(size, digest.hexdigest())
 
 
 def snapshot_header(m: Manifest, component: str, kind: str) -> InnerHeader:

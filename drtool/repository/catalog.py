@@ -1,8 +1,11 @@
 """The catalog: which snapshots exist and whether each is complete and authentic.
 
-Listing reads manifests only. A snapshot is VALID when its manifest verifies against a trusted
-key and every object it names exists with the recorded size; anything else is INVALID with the
-reason, and is never restorable or counted by retention.
+Listing reads manifests and verification records, never the data. A snapshot is VALID when its
+manifest verifies against a trusted key, every object it names exists with the recorded size,
+and no authentic verification record found one of its objects damaged; anything else is
+INVALID (or DAMAGED) with the reason, and is never restorable or counted by retention. What
+listing cannot see (a flipped byte) it does not claim: each record carries the last
+verification of its snapshot, or none ("never verified").
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from drtool.errors import IntegrityError, NotFound
-from drtool.repository import layout
+from drtool.errors import ConfigError, IntegrityError, NotFound
+from drtool.repository import chain, layout, verifications
 from drtool.repository.ids import id_time, is_id
 from drtool.repository.manifest import Manifest, manifest_sha256, open_manifest
 from drtool.storage.base import ObjectInfo, Storage
@@ -30,11 +33,42 @@ class SnapshotRecord:
     manifest: Manifest | None
     manifest_sha256: str | None
     problem: str | None
+    verification: verifications.Verification | None = None  # the last authentic one
+    damaged: tuple[str, ...] = ()  # its objects a verification found damaged
 
     @property
     def valid(self) -> bool:
-        """Complete, authentic and restorable."""
-        return self.problem is None and self.manifest is not None
+        """Complete, authentic, not known damaged: restorable."""
+        return self.problem is None and self.manifest is not None and not self.damaged
+
+    @property
+    def reason(self) -> str | None:
+        """Why it is not valid (None when it is)."""
+        if self.problem is not None:
+            return self.problem
+        if self.damaged:
+            return f"{self.damaged[0]} failed its last verification"
+        return None if self.manifest is not None else "manifest unreadable"
+
+    @property
+    def status(self) -> str:
+        """VALID, DAMAGED (a verification found bad data) or INVALID."""
+        if self.valid:
+            return "VALID"
+        return "DAMAGED" if self.problem is None and self.damaged else "INVALID"
+
+    @property
+    def verified(self) -> bool:
+        """Its data passed the last verification (stored hashes at least)."""
+        return self.valid and self.verification is not None and self.verification.ok
+
+    def verification_text(self) -> str:
+        """What ``list`` shows: the last verification, or ``never verified``."""
+        if self.damaged:
+            return f"DAMAGED: {', '.join(self.damaged)}"
+        if self.verification is None:
+            return "never verified"
+        return self.verification.describe()
 
     @property
     def time(self) -> datetime:
@@ -52,17 +86,28 @@ def holds(record: SnapshotRecord, components: Collection[str]) -> bool:
     return set(components) <= set(stores(record))
 
 
-def trusted_verify_keys(info: layout.RepoInfo, pinned: str) -> list[str]:
-    """The keys manifests must be signed with: the pinned one from config, else the repo's."""
+def trusted_verify_keys(info: layout.RepoInfo, pinned: str, own: str = "") -> list[str]:
+    """The keys manifests (and verification records) must be signed with.
+
+    The pinned ``keys.verify_key``; else, on the backup host, the verify key of its own
+    signing key (``own``). Never the keys listed in the repository header: anyone who can
+    write the repository can add one there and sign a forged snapshot with it (issue 18.8,
+    docs/decisions/0014-verify-key-pinning.md). Without either, reading fails closed.
+    """
     if pinned:
         if pinned not in info.verify_keys:
             log.warning("the configured verify key is not listed in the repository header")
         return [pinned]
-    log.warning(
-        "manifest signatures are checked against the key in %s only; set keys.verify_key to pin it",
-        layout.REPO_FILE,
+    if own:
+        return [own]
+    header = ", ".join(info.verify_keys) or "none"
+    raise ConfigError(
+        "keys.verify_key: not set; drtool does not trust the keys in the repository header "
+        "(anyone who can write the repository can add one). Pin the backup host's key: run "
+        "`drtool keys verify-key SIGNING_KEY_FILE` on the backup host (or take it from its "
+        "config) and set keys.verify_key to it; the header lists "
+        f"{header}, which must include it"
     )
-    return list(info.verify_keys)
 
 
 def snapshot_ids(storage: Storage) -> list[str]:
@@ -122,13 +167,22 @@ def list_snapshots(storage: Storage, verify_keys: list[str], repo_id: str) -> li
     present: dict[str, ObjectInfo] = {}
     for prefix in (layout.SNAPSHOTS, layout.BLOBS):
         present.update((o.key, o) for o in storage.list(prefix))
-    records = []
+    loaded = []
     for snapshot_id in snapshot_ids(storage):
         manifest, digest, problem = load_snapshot(storage, snapshot_id, verify_keys, repo_id)
         if manifest is not None:
             problem = check_objects(manifest, present)
-        records.append(SnapshotRecord(snapshot_id, manifest, digest, problem))
-    _check_chain(records)
+        loaded.append((snapshot_id, manifest, digest, problem))
+    manifests = {sid: m for sid, m, _, _ in loaded if m is not None}
+    checked = verifications.latest_records(storage, verify_keys, repo_id, manifests)
+    bad = verifications.damaged_objects(manifests, checked)
+    records = []
+    for sid, manifest, digest, problem in loaded:
+        damaged = tuple(o.key for o in manifest.objects() if o.key in bad) if manifest else ()
+        records.append(SnapshotRecord(sid, manifest, digest, problem, checked.get(sid), damaged))
+    for sid, problems in chain.link_problems(records, chain.tombstones(storage)).items():
+        for text in problems:
+            log.warning("hash chain: snapshot %s: %s (drtool verify fails on it)", sid, text)
     return records
 
 
@@ -146,22 +200,6 @@ def newest_authentic(
             return SnapshotRecord(snapshot_id, manifest, digest, problem)
         log.warning("snapshot %s skipped as the chain's previous: %s", snapshot_id, problem)
     return None
-
-
-def _check_chain(records: list[SnapshotRecord]) -> None:
-    """Log a warning where the hash chain shows a deleted or rolled-back snapshot."""
-    by_id = {r.snapshot_id: r for r in records}
-    for record in records:
-        m = record.manifest
-        if m is None or m.previous_id is None:
-            continue
-        prev = by_id.get(m.previous_id)
-        if prev is not None and prev.manifest_sha256 != m.previous_sha256:
-            log.warning(
-                "hash chain: %s records a different manifest for %s than the one stored",
-                record.snapshot_id,
-                m.previous_id,
-            )
 
 
 def resolve(
@@ -188,6 +226,6 @@ def resolve(
     for record in records:
         if record.snapshot_id == ref:
             if not record.valid:
-                raise IntegrityError(f"snapshot {ref} is INVALID: {record.problem}")
+                raise IntegrityError(f"snapshot {ref} is {record.status}: {record.reason}")
             return record
     raise NotFound(f"snapshot {ref}: not found (see `drtool list`)")

@@ -35,7 +35,11 @@ def read_summaries(storage: Storage) -> list[dict[str, Any]]:
     return sorted(summaries, key=lambda s: str(s.get("drill_id")))
 
 
+def drilled(storage: Storage) -> set[str]:
+    """Every snapshot a drill restored and passed."""
+    return {str(s.get("snapshot_id")) for s in read_summaries(storage) if s.get("passed")}
+
+
 def newest_drilled(storage: Storage, candidates: set[str]) -> str | None:
     """The newest of ``candidates`` that a drill restored and passed, if any."""
-    passed = {str(s.get("snapshot_id")) for s in read_summaries(storage) if s.get("passed")}
-    return max(passed & candidates, default=None)
+    return max(drilled(storage) & candidates, default=None)

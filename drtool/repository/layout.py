@@ -6,6 +6,8 @@ snapshots/<id>/manifest.json             written last, signed
 snapshots/<id>/<component>/<name>.age    age(zstd(data)) objects of one snapshot
 blobs/<xx>/<blob-id>.zst.age             MinIO objects, shared across snapshots
 drills/<id>/report.json                  drill history
+verifications/<id>/<time-id>.json        signed verification records (verifications.py)
+forgotten/<id>.<manifest-sha256>         tombstones of pruned snapshots (chain.py)
 locks/<lock-id>.json                     writer locks
 ```
 """

@@ -2,11 +2,17 @@
 
 Only valid snapshots are considered (invalid ones are never counted as kept copies). Walking
 from newest to oldest, each rule keeps the newest snapshot of each of its last N periods.
+
+A kept copy that was never verified may be damaged (a flipped byte keeps its size), so by
+default only verified snapshots count toward a rule: an unverified one in a rule's way is kept
+too, but the rule goes on until N verified ones are kept ("keep the last 1" keeps the newest
+snapshot and, when that is unverified, every one back to the newest verified one). With no
+verified snapshot at all nothing is forgotten. ``verified=None`` counts every valid snapshot.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -43,13 +49,32 @@ PERIODS: dict[str, Callable[[datetime], object]] = {
 }
 
 
-def select(snapshots: list[tuple[str, datetime]], policy: Policy) -> dict[str, list[str]]:
-    """Map each kept snapshot id to the rules that keep it; ids not in the map go."""
+UNVERIFIED = " (unverified: not counted)"
+
+
+def select(
+    snapshots: list[tuple[str, datetime]],
+    policy: Policy,
+    verified: Collection[str] | None = None,
+) -> dict[str, list[str]]:
+    """Map each kept snapshot id to the rules that keep it; ids not in the map go.
+
+    Only ids in ``verified`` count toward a rule's N (all of them when it is None).
+    """
     policy.check()
     newest_first = sorted(snapshots, key=lambda s: s[1], reverse=True)
     keep: dict[str, list[str]] = {}
-    for snapshot_id, _ in newest_first[: policy.last]:
-        keep.setdefault(snapshot_id, []).append("last")
+
+    def counts(snapshot_id: str, rule: str) -> bool:
+        counted = verified is None or snapshot_id in verified
+        keep.setdefault(snapshot_id, []).append(rule if counted else rule + UNVERIFIED)
+        return counted
+
+    kept = 0
+    for snapshot_id, _ in newest_first:
+        if kept >= policy.last:
+            break
+        kept += counts(snapshot_id, "last")
     for rule, period_of in PERIODS.items():
         count = getattr(policy, rule)
         seen: set[object] = set()
@@ -57,7 +82,6 @@ def select(snapshots: list[tuple[str, datetime]], policy: Policy) -> dict[str, l
             if len(seen) >= count:
                 break
             period = period_of(when)
-            if period not in seen:
+            if period not in seen and counts(snapshot_id, rule):
                 seen.add(period)
-                keep.setdefault(snapshot_id, []).append(rule)
     return keep

@@ -23,11 +23,11 @@ from drtool import keys
 from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError
 from drtool.faults import crash_point, store_crash_point
-from drtool.repository import catalog, object_lock
+from drtool.repository import catalog, chain, object_lock
 from drtool.repository.access import open_repo
 from drtool.repository.ids import new_id
 from drtool.repository.locks import repository_lock
-from drtool.repository.manifest import Manifest
+from drtool.repository.manifest import Manifest, manifest_sha256
 from drtool.repository.writer import SnapshotWriter
 from drtool.storage.base import ObjectInfo
 from drtool.stores import registry
@@ -87,6 +87,7 @@ def run_backup(
     components: tuple[str, ...],
     progress: Progress = lambda component, n: None,
     now: datetime | None = None,
+    accept_rollback: str | None = None,
 ) -> BackupResult:
     """Take, commit and verify one snapshot of ``components``."""
     unknown = [c for c in components if c not in registry.COMPONENTS]
@@ -119,6 +120,7 @@ def run_backup(
     )
     with repository_lock(repo.storage, "backup") as lock:
         previous = catalog.newest_authentic(repo.storage, repo.verify_keys, repo.info.repo_id)
+        chain.check_rollback(state_dir(cfg, home), repo.info.repo_id, previous, accept_rollback)
         snapshot_id = new_id(now)
         writer = SnapshotWriter(
             storage=repo.storage,
@@ -158,9 +160,11 @@ def run_backup(
         )
         crash_point("before-manifest")
         lock.ensure_held()
-        writer.commit(manifest)
+        stored = writer.commit(manifest)
         crash_point("after-manifest")
         _verify_committed(repo, snapshot_id, writer.confirmed)
+        last = chain.LastCommit(repo.info.repo_id, snapshot_id, manifest_sha256(stored))
+        chain.remember_commit(state_dir(cfg, home), last)
         for b in backed_up:
             if b.after_commit is not None:
                 b.after_commit()

@@ -90,27 +90,66 @@ def check_scratch_major(scratch: StackEndpoints, pg_major: int | None) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The snapshot a drill restores, and what it should have proven but cannot (and why).
+
+    A drill exists to prove the snapshot a restore would use. When it passes over a newer
+    snapshot that is INVALID or DAMAGED, finds no valid one, or is told to drill an invalid
+    one, it has not proven what it should: that is a failed drill (exit 6, report, history,
+    webhook, metric), not a pass on an older snapshot nor an error without a report.
+    """
+
+    record: catalog.SnapshotRecord | None
+    skipped: tuple[str, ...] = ()
+    named: str = ""  # the snapshot id asked for, when one was
+
+
 def choose_snapshot(
     records: list[catalog.SnapshotRecord],
     definition: DrillDefinition,
     override: str | None,
     now: datetime,
-) -> catalog.SnapshotRecord:
-    """The snapshot to drill: an id, ``latest``, or a random valid one within a window."""
+) -> Choice:
+    """The snapshot to drill: an id, ``latest``, or a random valid one within a window.
+
+    ``latest`` is the newest valid snapshot holding the drilled stores; every newer snapshot
+    that is not valid (and may hold them: an unreadable manifest may) is named as skipped.
+    An unknown id is NotFound (a typo, not a drill).
+    """
     choice = override or definition.snapshot
     window = replace(definition, snapshot=choice).window()
     wanted = definition.components
+    what = ", ".join(wanted)
+    if window is None and choice != "latest":
+        named = next((r for r in records if r.snapshot_id == choice), None)
+        if named is None:
+            raise NotFound(f"snapshot {choice}: not found (see `drtool list`)")
+        if not named.valid:
+            return Choice(None, (f"snapshot {choice} is {named.status}: {named.reason}",), choice)
+        return Choice(named, (), choice)
     if window is None:
-        return catalog.resolve(records, choice, components=wanted)
+        valid = [r for r in records if r.valid and catalog.holds(r, wanted)]
+        chosen = valid[-1] if valid else None
+        newer = [
+            r
+            for r in records
+            if not r.valid
+            and (chosen is None or r.snapshot_id > chosen.snapshot_id)
+            and (r.manifest is None or catalog.holds(r, wanted))
+        ]
+        skipped = tuple(f"passed over {r.snapshot_id}: {r.status}: {r.reason}" for r in newer)
+        if chosen is None:
+            skipped += (f"no valid snapshot holding {what} in the repository",)
+        return Choice(chosen, skipped)
     candidates = [
         r for r in records if r.valid and now - r.time <= window and catalog.holds(r, wanted)
     ]
     if not candidates:
-        raise NotFound(
-            f"drill: no valid snapshot holding {', '.join(wanted)} within the last {window} "
-            f"({choice})"
+        return Choice(
+            None, (f"no valid snapshot holding {what} within the last {window} ({choice})",)
         )
-    return random.SystemRandom().choice(candidates)
+    return Choice(random.SystemRandom().choice(candidates))
 
 
 def restore_tools(configured: str, pg_major: int) -> str:
@@ -191,33 +230,48 @@ def run_drill(
     now = now or datetime.now(UTC)
     repo = open_repo(cfg)
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
-    record = choose_snapshot(records, spec, snapshot, now)
+    choice = choose_snapshot(records, spec, snapshot, now)
+    record = choice.record
     drill_id = new_id(now)
     report = DrillReport(
         drill_id=drill_id,
         definition=spec.name,
         runtime=spec.runtime,
-        snapshot_id=record.snapshot_id,
-        snapshot_time=record.time.isoformat(),
+        snapshot_id=record.snapshot_id if record else choice.named,
+        snapshot_time=record.time.isoformat() if record else "",
         started=now.isoformat(timespec="seconds"),
-        rpo_s=round((now - record.time).total_seconds(), 1),
+        rpo_s=round((now - record.time).total_seconds(), 1) if record else 0.0,
     )
-    log.info(
-        "drill %s of snapshot %s on the %s runtime", drill_id, record.snapshot_id, spec.runtime
-    )
-    try:
-        with watchdog(drill_id, deadline_s or default_deadline(spec)) as dog:
-            _drill(cfg, home, spec, record, report, scratch, dog)
-    except DrillDeadline as exc:
-        report.error = str(exc)
-        report.passed = False
-    except DrtoolError as exc:
-        report.error = exc.message
-        report.passed = False
-    except Exception as exc:  # a bug or an unexpected library error: still a reported failure
-        log.exception("drill %s: unexpected error", drill_id)
-        report.error = f"internal error: {type(exc).__name__}: {exc}"
-        report.passed = False
+    if choice.skipped:
+        for why in choice.skipped:
+            log.warning("drill %s: %s", drill_id, why)
+        report.checks.append(
+            checks.CheckResult(
+                "newest snapshot drilled",
+                False,
+                "; ".join(choice.skipped),
+                examples=list(choice.skipped[: checks.MAX_EXAMPLES]),
+            )
+        )
+    if record is None:
+        report.error = "; ".join(choice.skipped)
+    else:
+        log.info(
+            "drill %s of snapshot %s on the %s runtime", drill_id, record.snapshot_id, spec.runtime
+        )
+        try:
+            with watchdog(drill_id, deadline_s or default_deadline(spec)) as dog:
+                _drill(cfg, home, spec, record, report, scratch, dog)
+        except DrillDeadline as exc:
+            report.error = str(exc)
+            report.passed = False
+        except DrtoolError as exc:
+            report.error = exc.message
+            report.passed = False
+        except Exception as exc:  # a bug or an unexpected library error: still a reported failure
+            log.exception("drill %s: unexpected error", drill_id)
+            report.error = f"internal error: {type(exc).__name__}: {exc}"
+            report.passed = False
     report.finished = datetime.now(UTC).isoformat(timespec="seconds")
     _publish(repo, spec, report)
     return report

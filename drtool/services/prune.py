@@ -3,6 +3,11 @@
 As restic's prune does, the whole plan (snapshots to forget, unreferenced data to delete) is
 computed before anything is deleted, under the repository's exclusive lock, so a dry run shows
 exactly what a real run would do and an interrupted run has deleted only planned objects.
+
+Retention must never delete the last good copy: a snapshot counts toward the keep rules only
+when a signed verification record (ADR 0013) or a passed drill says its data is intact (unless
+``count_unverified``), and whatever the policy, prune keeps the newest snapshot proven by a
+read-data verification or a drill, and the newest verified snapshot of every store.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from drtool.config import Config
-from drtool.repository import catalog, drill_log, layout, retention
+from drtool.repository import catalog, chain, drill_log, layout, retention, verifications
 from drtool.repository.access import Repo, open_repo
 from drtool.repository.locks import repository_lock
+from drtool.repository.manifest import manifest_sha256
 
 
 @dataclass
@@ -27,6 +33,7 @@ class PrunePlan:
     garbage: list[str]
     stale_uploads: int = 0
     done: bool = False
+    verified: list[str] = field(default_factory=list)  # counted toward the rules
     #: snapshot id or object key -> Object Lock retain-until (ISO): cannot be deleted yet,
     #: so left alone (a later prune removes it); a snapshot is deferred whole
     deferred: dict[str, str] = field(default_factory=dict)
@@ -43,6 +50,7 @@ def prune(
     dry_run: bool,
     grace: timedelta = timedelta(hours=24),
     now: datetime | None = None,
+    count_unverified: bool = False,
 ) -> PrunePlan:
     """Apply a GFS policy: plan under the exclusive lock, then (unless ``dry_run``) execute.
 
@@ -53,7 +61,7 @@ def prune(
     cutoff = (now or datetime.now(UTC)) - grace
     repo = open_repo(cfg)
     with repository_lock(repo.storage, "prune") as held:
-        plan = plan_prune(repo, policy, cutoff)
+        plan = plan_prune(repo, policy, cutoff, count_unverified=count_unverified)
         defer_retained(repo, plan, now or datetime.now(UTC))
         if not dry_run:
             held.ensure_held()  # a lost lock (heartbeat failed) must not delete
@@ -61,20 +69,26 @@ def prune(
     return plan
 
 
-def plan_prune(repo: Repo, policy: retention.Policy, cutoff: datetime) -> PrunePlan:
+def plan_prune(
+    repo: Repo, policy: retention.Policy, cutoff: datetime, *, count_unverified: bool = False
+) -> PrunePlan:
     """What ``policy`` keeps and forgets, and which data older than ``cutoff`` is garbage.
 
     Reads only: the caller holds the exclusive lock so the plan stays true until executed.
     """
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
-    valid = [(r.snapshot_id, r.time) for r in records if r.valid]
-    keep = retention.select(valid, policy)
-    drilled = drill_log.newest_drilled(repo.storage, {sid for sid, _ in valid})
-    if drilled is not None:  # M2: the newest proof of a restorable snapshot stays
-        keep.setdefault(drilled, []).append("newest drilled")
+    valid_records = [r for r in records if r.valid]
+    valid = [(r.snapshot_id, r.time) for r in valid_records]
+    passed_drills = drill_log.drilled(repo.storage)
+    drilled = max(passed_drills & {sid for sid, _ in valid}, default=None)
+    verified = [r for r in valid_records if r.verified or r.snapshot_id in passed_drills]
+    verified_ids = {r.snapshot_id for r in verified}
+    keep = retention.select(valid, policy, None if count_unverified else verified_ids)
+    for sid, why in _anchors(verified, drilled):
+        keep.setdefault(sid, []).append(why)
     forget = [sid for sid, _ in valid if sid not in keep]
     invalid = [r.snapshot_id for r in records if not r.valid]
-    plan = PrunePlan(keep, forget, invalid, [])
+    plan = PrunePlan(keep, forget, invalid, [], verified=sorted(verified_ids))
     referenced = {
         o.key
         for r in records
@@ -94,6 +108,13 @@ def plan_prune(repo: Repo, policy: retention.Policy, cutoff: datetime) -> PruneP
             old = obj.last_modified is not None and obj.last_modified < cutoff
             if in_forgotten or old:
                 plan.garbage.append(obj.key)
+    forgotten_records = tuple(verifications.snapshot_prefix(sid) for sid in forget)
+    if forgotten_records:
+        plan.garbage += [
+            o.key
+            for o in repo.storage.list(verifications.PREFIX)
+            if o.key.startswith(forgotten_records)
+        ]
     plan.stale_uploads = len(repo.storage.stale_uploads(cutoff))
     return plan
 
@@ -133,13 +154,38 @@ def defer_retained(repo: Repo, plan: PrunePlan, now: datetime) -> None:
     plan.garbage = kept
 
 
+def _anchors(verified: list[catalog.SnapshotRecord], drilled: str | None) -> list[tuple[str, str]]:
+    """Snapshots kept whatever the policy: the last proofs that a store can be restored.
+
+    The newest drilled (M2) and the newest read-data verified snapshot, and for each store the
+    newest verified snapshot holding it: schedules back stores up separately, and a rule
+    satisfied by Redis-only snapshots must not take the last verified PostgreSQL one.
+    """
+    anchors = [(drilled, "newest drilled")] if drilled is not None else []
+    read_data = [
+        r
+        for r in verified
+        if r.verification is not None and r.verification.mode == verifications.READ_DATA
+    ]
+    if read_data:
+        anchors.append((read_data[-1].snapshot_id, "newest read-data verified"))
+    for store in sorted({c for r in verified for c in catalog.stores(r)}):
+        newest = [r for r in verified if store in catalog.stores(r)][-1]
+        anchors.append((newest.snapshot_id, f"newest verified {store}"))
+    return anchors
+
+
 def execute_prune(repo: Repo, plan: PrunePlan, cutoff: datetime) -> None:
     """Delete what ``plan`` names: manifests first (a snapshot disappears whole), then data.
 
+    Each forgotten manifest leaves a tombstone first, so ``verify``'s chain walk can tell a
+    pruned snapshot from a deleted one.
     Then one listing checks what is really gone: a key still listed is reported in
     ``survived``, never counted as deleted.
     """
     for sid in plan.forget:
+        stored = repo.storage.get_bytes(layout.manifest_key(sid))
+        repo.storage.put_bytes(chain.tombstone_key(sid, manifest_sha256(stored)), b"")
         repo.storage.delete(layout.manifest_key(sid))
     for key in plan.garbage:
         repo.storage.delete(key)

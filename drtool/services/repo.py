@@ -5,15 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+import socket
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drtool import keys
 from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import unseal
-from drtool.repository import catalog, layout, object_lock
+from drtool.repository import catalog, chain, layout, object_lock, verifications
 from drtool.repository.access import (
     Repo,
     identities_of,
@@ -41,9 +45,18 @@ def init_repo(cfg: Config) -> layout.RepoInfo:
 
 
 def list_records(cfg: Config) -> list[catalog.SnapshotRecord]:
-    """Every snapshot with its status (VALID or INVALID and why), oldest first."""
+    """Every snapshot with its status (VALID, INVALID or DAMAGED and why), oldest first.
+
+    A broken link of the hash chain is logged (``verify`` fails on it).
+    """
     repo = open_repo(cfg)
-    return catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+    records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+    for snapshot_id, problems in chain.link_problems(
+        records, chain.tombstones(repo.storage)
+    ).items():
+        for problem in problems:
+            log.warning("snapshot %s: %s (see drtool verify)", snapshot_id, problem)
+    return records
 
 
 def record_summary(record: catalog.SnapshotRecord) -> dict[str, Any]:
@@ -51,8 +64,10 @@ def record_summary(record: catalog.SnapshotRecord) -> dict[str, Any]:
     m = record.manifest
     return {
         "id": record.snapshot_id,
-        "status": "VALID" if record.valid else "INVALID",
-        "problem": record.problem,
+        "status": record.status,
+        "problem": record.reason,
+        "verified": record.verification_text(),
+        "verification": asdict(record.verification) if record.verification else None,
         "time": record.time.isoformat(),
         "components": [c.name for c in m.components] if m else [],
         "plain_bytes": m.plain_bytes if m else None,
@@ -104,44 +119,130 @@ class VerifyOutcome:
     problems: list[str]
     objects: int
     read_data: bool
+    damaged: list[str] = field(default_factory=list)  # object keys found damaged
+    recorded: str | None = None  # the key of the signed verification record, if written
 
 
-def verify(cfg: Config, ref: str | None, *, read_data: bool) -> list[VerifyOutcome]:
+def verify(
+    cfg: Config, ref: str | None, *, read_data: bool, now: datetime | None = None
+) -> list[VerifyOutcome]:
     """Check snapshots: signature, every object present with its size and stored sha256.
 
     ``read_data`` also decrypts every object and checks inner headers and plaintext (needs an
-    identity). ``ref`` None means every snapshot.
+    identity). ``ref`` None means every snapshot; ``unverified`` every valid snapshot without a
+    verification record, skipping objects a record already found intact. Each object is read
+    once per run, and its result counts for every snapshot that names it: a damaged shared
+    blob makes every one of them damaged. With a signing key configured, each checked snapshot
+    gets a signed verification record (what ``list`` and ``prune`` go by).
     """
     repo = open_repo(cfg)
     identities = identities_of(cfg) if read_data else []
     if read_data and not identities:
         raise ConfigError("keys.identity_file: --read-data needs an identity (got none)")
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
-    chosen = records if ref is None else [_find(records, ref)]
-    if not chosen:
+    if not records:
         raise NotFound("verify: the repository has no snapshots")
-    checked_blobs: set[str] = set()
+    mode = verifications.READ_DATA if read_data else verifications.HASHES
+    results: dict[str, str | None] = {}  # object key -> its problem, read once per run
+    if ref == UNVERIFIED:
+        chosen = [r for r in records if r.valid and r.verification is None]
+        results = _known_intact(records, mode)
+    else:
+        chosen = records if ref is None else [_find_any(records, ref)]
+    signer = _record_signer(cfg)
+    when = now or datetime.now(UTC)
     outcomes = []
     for record in chosen:
         problems = [record.problem] if record.problem else []
         m = record.manifest
-        count = 0
-        if m is not None and not problems:
-            for comp in m.components:
-                for obj in comp.objects:
-                    if obj.kind == "blob" and obj.key in checked_blobs:
-                        continue
-                    checked_blobs.add(obj.key)
-                    count += 1
-                    problem = _verify_object(repo, m, comp.name, obj, identities)
-                    if problem:
-                        problems.append(problem)
-            problems += [
-                f"{key}: locked for less than the snapshot's own retention (Object Lock)"
-                for key in object_lock.short_locked(repo.storage, m) or []
-            ]
-        outcomes.append(VerifyOutcome(record.snapshot_id, problems, count, read_data))
+        outcome = VerifyOutcome(record.snapshot_id, problems, 0, read_data)
+        outcomes.append(outcome)
+        if m is None or problems:
+            continue
+        for comp in m.components:
+            for obj in comp.objects:
+                if obj.key not in results:  # objects counts reads: a shared blob once
+                    results[obj.key] = _verify_object(repo, m, comp.name, obj, identities)
+                    outcome.objects += 1
+                problem = results[obj.key]
+                if problem:
+                    outcome.damaged.append(obj.key)
+                    problems.append(problem)
+        problems += [
+            f"{key}: locked for less than the snapshot's own retention (Object Lock)"
+            for key in object_lock.short_locked(repo.storage, m) or []
+        ]
+        if signer is not None:
+            checked = verifications.Verification(
+                repo.info.repo_id,
+                record.snapshot_id,
+                verifications.now_text(when),
+                mode,
+                len(m.objects()),
+                tuple(outcome.damaged),
+                socket.gethostname(),
+            )
+            outcome.recorded = verifications.write_record(repo.storage, signer, checked, when)
+    if signer is None:
+        log.info("verification not recorded: no keys.signing_key_file configured to sign it")
+    _add_chain_problems(repo, records, outcomes)
     return outcomes
+
+
+def _add_chain_problems(
+    repo: Repo, records: list[catalog.SnapshotRecord], outcomes: list[VerifyOutcome]
+) -> None:
+    """Walk the whole hash chain, whatever was chosen: a deleted or replaced manifest fails.
+
+    A broken link is reported on the snapshot that names the missing or replaced one; when
+    that snapshot was not among those checked, it is added to the outcomes.
+    """
+    broken = chain.link_problems(records, chain.tombstones(repo.storage))
+    by_id = {o.snapshot_id: o for o in outcomes}
+    for snapshot_id in sorted(broken):
+        outcome = by_id.get(snapshot_id)
+        if outcome is None:
+            outcome = VerifyOutcome(
+                snapshot_id, [], 0, outcomes[0].read_data if outcomes else False
+            )
+            outcomes.append(outcome)
+        outcome.problems.extend(broken[snapshot_id])
+    outcomes.sort(key=lambda o: o.snapshot_id)
+
+
+UNVERIFIED = "unverified"
+
+
+def _known_intact(records: list[catalog.SnapshotRecord], mode: str) -> dict[str, str | None]:
+    """Objects whose last record (of any snapshot) found them intact, at least as deeply.
+
+    ``verify --unverified`` skips them: each object is read once in its life, not once per
+    snapshot naming it (an incremental MinIO snapshot names every blob of the bucket).
+    """
+    manifests = {r.snapshot_id: r.manifest for r in records if r.manifest is not None}
+    checked = {r.snapshot_id: r.verification for r in records if r.verification is not None}
+    deep_enough = {verifications.READ_DATA, mode}
+    return {
+        key: None
+        for key, rec in verifications.object_states(manifests, checked).items()
+        if rec.ok and rec.mode in deep_enough
+    }
+
+
+def _record_signer(cfg: Config) -> Ed25519PrivateKey | None:
+    """The key verification records are signed with: the configured signing key, if any."""
+    if not cfg.keys.signing_key_file:
+        return None
+    return keys.load_signing_key(cfg.keys.signing_key_file)
+
+
+def _find_any(records: list[catalog.SnapshotRecord], ref: str) -> catalog.SnapshotRecord:
+    """Like ``_find``, but ``latest`` may be a snapshot known damaged: verify looks again."""
+    if ref == "latest":
+        usable = [r for r in records if r.manifest is not None and r.problem is None]
+        if usable:
+            return usable[-1]
+    return _find(records, ref)
 
 
 def _verify_object(

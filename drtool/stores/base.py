@@ -31,7 +31,7 @@ from typing import Protocol
 from drtool.config import Config
 from drtool.endpoints import StackEndpoints
 from drtool.repository.access import Repo
-from drtool.repository.manifest import ComponentEntry, Manifest
+from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
 from drtool.repository.writer import SnapshotWriter
 from drtool.storage.base import Storage
 from drtool.stores.checks import CheckResult
@@ -138,6 +138,9 @@ class Restoring(Protocol):
 
     def staged_bytes(self, workers: int) -> int:
         """Scratch bytes that staging and restoring need at most."""
+
+    def reads(self) -> list[ObjectEntry]:
+        """The stored objects staging reads (a dry run hash-checks exactly these)."""
 
     def stage(self, target: Target, work: Path) -> None:
         """Decrypt and check every byte the restore reads, before any target is touched."""

@@ -1,15 +1,17 @@
 """``drtool restore``: verify, plan, stage, restore, and prove it with fingerprints.
 
-Order: the snapshot must be VALID (signed manifest, every object present with its size); an
-identity must be configured; the small encrypted objects (fingerprints, bucket indexes) are
-read, which proves the key. The plan inspects the target; ``dry_run`` stops there. A non-empty
-target needs ``force``; the caller confirms (``yes`` skips it). Then, before any target is
-touched, every object the restore reads is hashed and authenticated: the PostgreSQL dump and
-the Redis RDB are decrypted into the scratch dir, the MinIO blobs read through. Only then are
-PostgreSQL, Redis and MinIO restored, each verified against the snapshot's fingerprints, each
-timed (the RTO); Redis online (keys copied) or offline (the server restarted with the RDB).
-Each store does its part behind the store protocol (drtool.stores); this module orders them.
-See docs/decisions/0003-restore-staging-and-swap.md and 0006-store-protocol.md.
+Order: the snapshot must be VALID (signed manifest, every object present with its size, not
+found damaged by a verification); an identity must be configured; the small encrypted objects
+(fingerprints, bucket indexes) are read, which proves the key. The plan inspects the target;
+``dry_run`` stops there, after a key-less hash check of every object the restore would read.
+A non-empty target needs ``force``; the caller confirms (``yes`` skips it). Then, before any
+target is touched, every object the restore reads is hashed and authenticated: the PostgreSQL
+dump and the Redis RDB are decrypted into the scratch dir, the MinIO blobs read through. Only
+then are PostgreSQL, Redis and MinIO restored, each verified against the snapshot's
+fingerprints, each timed (the RTO); Redis online (keys copied) or offline (the server
+restarted with the RDB). Each store does its part behind the store protocol
+(drtool.stores); this module orders them. See docs/decisions/0003-restore-staging-and-swap.md
+and 0006-store-protocol.md.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from pathlib import Path
 
 from drtool.config import Config
 from drtool.endpoints import RedisEndpoint, StackEndpoints
-from drtool.errors import ConfigError, NotFound, UsageError
+from drtool.errors import ConfigError, IntegrityError, NotFound, UsageError
 from drtool.repository import catalog
-from drtool.repository.access import identities_of, open_repo
+from drtool.repository.access import Repo, identities_of, open_repo, stored_problem
 from drtool.repository.manifest import Manifest
 from drtool.services.stack import stack_load
 from drtool.stores import registry
@@ -79,6 +81,7 @@ class RestoreResult:
     plan: list[PlanItem]
     components: list[ComponentResult] = field(default_factory=list)
     seconds: float = 0.0
+    hash_checked: int = 0  # dry run: objects whose stored sha256 was checked
 
     @property
     def ok(self) -> bool:
@@ -140,6 +143,7 @@ def run_restore(
     result = RestoreResult(m.snapshot_id, options.target or PRODUCTION, options.dry_run, [])
     result.plan = [item for r in restoring.values() for item in r.plan(target)]
     if options.dry_run:
+        result.hash_checked = _hash_check(repo, restoring)
         return result
     busy = [item for item in result.plan if item.replaces]
     if busy and not options.force:
@@ -160,6 +164,24 @@ def run_restore(
         raise scratch_error(scratch, exc) from None
     result.seconds = clock.elapsed()
     return result
+
+
+def _hash_check(repo: Repo, restoring: dict[str, Restoring]) -> int:
+    """Dry run: the key-less check of exactly the objects the restore would read.
+
+    A size-only catalog cannot see a flipped byte; a dry run that exits 0 must mean the bytes
+    it would restore are the ones the manifest signed. The small objects (fingerprints,
+    indexes) were already read whole and checked by ``_load``. IntegrityError names each
+    damaged object.
+    """
+    wanted = [entry for r in restoring.values() for entry in r.reads()]
+    problems = [p for p in (stored_problem(repo, e) for e in wanted) if p]
+    if problems:
+        raise IntegrityError(
+            f"restore --dry-run: {len(problems)} of {len(wanted)} objects damaged: "
+            + "; ".join(problems)
+        )
+    return len(wanted)
 
 
 def _check_options(options: RestoreOptions) -> None:

@@ -87,7 +87,7 @@ class JobSpec:
     heartbeat_url_file: str = ""
     components: tuple[str, ...] = COMPONENTS
     keep: Policy = field(default_factory=Policy)
-    snapshot: str = "latest"  # verify: "latest" or "all"
+    snapshot: str = "latest"  # verify: "latest", "all" or "unverified"
     definition: str = ""  # drill: the drill definition file
     source: str = ""  # the schedule file it came from
 
@@ -196,7 +196,7 @@ class _JobTable(_Defaults):
     heartbeat_url_file: str = ""
     components: tuple[str, ...] = field(default=COMPONENTS, metadata={"check": _components})
     keep: Policy | None = None
-    snapshot: Literal["latest", "all"] = "latest"
+    snapshot: Literal["latest", "all", "unverified"] = "latest"
     definition: str = ""
 
 
@@ -410,16 +410,15 @@ def execute(spec: JobSpec, cfg: Config, *, home: Path, env: Mapping[str, str]) -
             f"deleted {len(plan.garbage)} objects"
         )
     if spec.kind == "verify":
-        outcomes = repo_svc.verify(
-            cfg, None if spec.snapshot == "all" else "latest", read_data=False
-        )
+        ref = {"all": None, "unverified": repo_svc.UNVERIFIED}.get(spec.snapshot, "latest")
+        outcomes = repo_svc.verify(cfg, ref, read_data=False)
         bad = [o for o in outcomes if o.problems]
         if bad:
             raise IntegrityError(
                 f"verify: {len(bad)} of {len(outcomes)} snapshots failed: {bad[0].problems[0]}"
             )
         return JobResult(
-            snapshot=outcomes[-1].snapshot_id,
+            snapshot=outcomes[-1].snapshot_id if outcomes else None,
             message=f"{len(outcomes)} snapshots verify (stored bytes)",
         )
     return _execute_drill(spec, cfg, home=home)

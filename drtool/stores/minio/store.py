@@ -119,6 +119,10 @@ class MinioRestoring:
     source: SnapshotSource
     buckets: list[bucket_restore.BucketSnapshot]
 
+    def reads(self) -> list[ObjectEntry]:
+        """Every distinct blob of the restored buckets."""
+        return bucket_restore.blobs_needed(self.buckets)
+
     def plan(self, target: Target) -> list[PlanItem]:
         """Per bucket: the objects restored and what the target bucket holds."""
         store = s3_source.MinioStore(target.endpoints.minio)

@@ -98,6 +98,10 @@ class PostgresRestoring:
     inspected: pg_restore.PgTarget | None = None
     staged: pg_restore.PgStaged | None = None
 
+    def reads(self) -> list[ObjectEntry]:
+        """The dump and, when the snapshot has them, the roles."""
+        return [self.snap.dump] + ([self.snap.globals_sql] if self.snap.globals_sql else [])
+
     def plan(self, target: Target) -> list[PlanItem]:
         """The target database, what it holds, and what happens to it."""
         t = self.inspected = pg_restore.inspect(target.endpoints.postgres, self.snap)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from drtool.endpoints import StackEndpoints
 from drtool.errors import IntegrityError
-from drtool.repository.manifest import ComponentEntry
+from drtool.repository.manifest import ComponentEntry, ObjectEntry
 from drtool.sources.redis_client import connect, keyspace_dbs
 from drtool.sources.redis_fingerprint import fingerprint_rdb
 from drtool.sources.redis_rdb import fetch_rdb, validate_rdb
@@ -94,6 +94,10 @@ class RedisRestoring:
     source: SnapshotSource
     snap: redis_restore.RedisSnapshot
     rdb: Path | None = None
+
+    def reads(self) -> list[ObjectEntry]:
+        """The RDB."""
+        return [self.snap.rdb]
 
     def plan(self, target: Target) -> list[PlanItem]:
         """The target server, the keys it holds, and how they are replaced."""

@@ -1,0 +1,179 @@
+"""Signed verification records: what ``verify`` found, kept in the repository.
+
+``list`` must say what is known about each snapshot's data, not only that its objects exist
+with the right size: a flipped byte keeps the size. Each ``verify`` run that can sign (a
+``keys.signing_key_file`` is configured) leaves one record per snapshot it checked::
+
+    verifications/<snapshot-id>/<time-id>.json   {"body": {...}, "signature": "..."}
+
+signed like a manifest (Ed25519 over the canonical body). Readers trust a record only when it
+verifies against the keys they trust for manifests: anyone who can write the repository could
+otherwise mark a damaged snapshot "verified". Unsigned or foreign records are ignored (logged).
+See docs/decisions/0013-verification-records.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from drtool import keys
+from drtool.errors import ConfigError, IntegrityError, NotFound
+from drtool.repository.ids import is_id, new_id
+from drtool.repository.manifest import Manifest, canonical
+from drtool.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+PREFIX = "verifications/"
+FORMAT = "drtool-verification/1"
+READ_DATA = "read-data"
+HASHES = "hashes"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """One verification of one snapshot: when, how deep, and the objects found damaged."""
+
+    repo_id: str
+    snapshot_id: str
+    time: str  # ISO 8601, UTC
+    mode: str  # READ_DATA (decrypted and authenticated) or HASHES (stored size and sha256)
+    objects: int  # objects this snapshot names that were checked
+    damaged: tuple[str, ...] = ()  # object keys that failed (each named once)
+    host: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Every object checked was intact."""
+        return not self.damaged
+
+    def describe(self) -> str:
+        """What ``list`` shows: ``verified <when> (<mode>)`` or ``DAMAGED: <object>``."""
+        if self.damaged:
+            more = f" (+{len(self.damaged) - 1} more)" if len(self.damaged) > 1 else ""
+            return f"DAMAGED: {self.damaged[0]}{more}"
+        return f"verified {self.time} ({self.mode})"
+
+
+def snapshot_prefix(snapshot_id: str) -> str:
+    """Where the records of one snapshot live."""
+    return f"{PREFIX}{snapshot_id}/"
+
+
+def record_key(snapshot_id: str, when: datetime) -> str:
+    """The key of a record written at ``when`` (ids sort by time)."""
+    return f"{snapshot_prefix(snapshot_id)}{new_id(when)}.json"
+
+
+def write_record(
+    storage: Storage, signing_key: Ed25519PrivateKey, record: Verification, when: datetime
+) -> str:
+    """Sign and store ``record``; return its key."""
+    body = {"format": FORMAT, **asdict(record), "damaged": list(record.damaged)}
+    stored = {"body": body, "signature": keys.sign(signing_key, canonical(body))}
+    key = record_key(record.snapshot_id, when)
+    storage.put_bytes(key, json.dumps(stored, indent=1, sort_keys=True).encode())
+    return key
+
+
+def open_record(stored: bytes, verify_keys: list[str], *, name: str) -> Verification:
+    """Parse a stored record and check its signature; IntegrityError when it is not authentic."""
+    try:
+        doc = json.loads(stored)
+        body, signature = doc["body"], doc["signature"]
+        if body.get("format") != FORMAT:
+            raise IntegrityError(f"{name}: unknown format {body.get('format')!r}")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise IntegrityError(f"{name}: not a drtool verification record") from None
+    for verify_key in verify_keys:
+        try:
+            keys.verify_signature(
+                keys.parse_verify_key(verify_key), canonical(body), signature, name=name
+            )
+            break
+        except (IntegrityError, ConfigError):
+            continue
+    else:
+        raise IntegrityError(f"{name}: signature does not verify against a trusted key")
+    try:
+        fields = {k: v for k, v in body.items() if k != "format"}
+        return Verification(**{**fields, "damaged": tuple(fields.get("damaged", ()))})
+    except TypeError:
+        raise IntegrityError(f"{name}: malformed verification record") from None
+
+
+def record_keys(storage: Storage) -> dict[str, list[str]]:
+    """Record keys by snapshot id, oldest first (one listing)."""
+    found: dict[str, list[str]] = {}
+    for obj in storage.list(PREFIX):
+        parts = obj.key.split("/")
+        if len(parts) == 3 and is_id(parts[1]) and parts[2].endswith(".json"):
+            found.setdefault(parts[1], []).append(obj.key)
+    return {sid: sorted(ks) for sid, ks in found.items()}
+
+
+def latest_records(
+    storage: Storage, verify_keys: list[str], repo_id: str, snapshot_ids: Iterable[str]
+) -> dict[str, Verification]:
+    """The newest authentic record of each of ``snapshot_ids`` that has one.
+
+    Reads newest first and stops at the first record that verifies, so the cost is one GET per
+    verified snapshot (prune removes superseded records).
+    """
+    wanted = set(snapshot_ids)
+    result: dict[str, Verification] = {}
+    for sid, ks in record_keys(storage).items():
+        if sid not in wanted:
+            continue
+        for key in reversed(ks):
+            try:
+                rec = open_record(storage.get_bytes(key), verify_keys, name=key)
+            except NotFound:
+                continue
+            except IntegrityError as exc:
+                log.warning("verification record ignored: %s", exc.message)
+                continue
+            if rec.snapshot_id != sid or rec.repo_id != repo_id:
+                log.warning("verification record ignored: %s names another snapshot", key)
+                continue
+            result[sid] = rec
+            break
+    return result
+
+
+def object_states(
+    manifests: dict[str, Manifest], records: dict[str, Verification]
+) -> dict[str, Verification]:
+    """Object key -> the record that last spoke about it (the newest of any snapshot naming it).
+
+    Blobs are shared: a record of one snapshot speaks for every snapshot naming the object.
+    """
+    state: dict[str, Verification] = {}
+    for sid, rec in sorted(records.items(), key=lambda kv: kv[1].time):
+        m = manifests.get(sid)
+        if m is not None:
+            for obj in m.objects():
+                state[obj.key] = rec
+    return state
+
+
+def damaged_objects(
+    manifests: dict[str, Manifest], records: dict[str, Verification]
+) -> dict[str, str]:
+    """Object key -> the snapshot whose record found it damaged, by the newest word on it."""
+    return {
+        key: rec.snapshot_id
+        for key, rec in object_states(manifests, records).items()
+        if key in rec.damaged
+    }
+
+
+def now_text(when: datetime | None = None) -> str:
+    """The record time format (seconds, UTC)."""
+    return (when or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
