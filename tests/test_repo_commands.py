@@ -280,37 +280,37 @@ def test_missing_repository_exits_10_saying_run_init(repo_kit: RepoKit, tmp_path
     )
 
 
-def test_no_pinned_verify_key_fails_closed_never_trusting_the_header(any_kit: RepoKit) -> None:
+def test_no_pinned_verify_key_fails_closed_never_trusting_the_header(any_repo_kit: RepoKit) -> None:
     """Issue 18.8: a writer of the repository adds its own key to the header and signs a
     forged snapshot. A config without keys.verify_key used to trust it (VALID, restorable)."""
-    kit = any_kit
-    good = kit.snapshot(T0)
-    forger_key = kit.tmp / "forger.key"
+    repo_kit = any_repo_kit
+    good = repo_kit.snapshot(T0)
+    forger_key = repo_kit.tmp / "forger.key"
     forger_verify = keys.write_signing_key(forger_key)
-    header = json.loads(kit.storage.get_bytes(layout.REPO_FILE))
+    header = json.loads(repo_kit.storage.get_bytes(layout.REPO_FILE))
     header["verify_keys"].append(forger_verify)
-    kit.storage.put_bytes(layout.REPO_FILE, json.dumps(header).encode())
-    kit.signing_key = keys.load_signing_key(forger_key)
-    forged = kit.snapshot(T0 + timedelta(hours=1))
+    repo_kit.storage.put_bytes(layout.REPO_FILE, json.dumps(header).encode())
+    repo_kit.signing_key = keys.load_signing_key(forger_key)
+    forged = repo_kit.snapshot(T0 + timedelta(hours=1))
     # the operator side without a pinned key: refused, saying how to pin it
-    unpinned = kit.write_config("unpinned", verify_key=None, signing_key_file=None)
+    unpinned = repo_kit.write_config("unpinned", verify_key=None, signing_key_file=None)
     for command in (["list"], ["verify"], ["show", "latest"], ["restore", "--dry-run"]):
         message = failed(drtool(unpinned, *command), 2)
         assert message.startswith("keys.verify_key: not set; drtool does not trust the keys in")
         assert "drtool keys verify-key SIGNING_KEY_FILE" in message
         assert forger_verify in message  # what the header lists, to compare
     # pinned: the forged snapshot is INVALID
-    rows = {r["id"]: r for r in json.loads(ok(drtool(kit.config_file, "list", "--json")))}
+    rows = {r["id"]: r for r in json.loads(ok(drtool(repo_kit.config_file, "list", "--json")))}
     assert rows[good.snapshot_id]["status"] == "VALID"
     assert rows[forged.snapshot_id]["status"] == "INVALID"
     # the backup host (its signing key, no pinned key) trusts its own key only
-    host = kit.write_config("host", verify_key=None, identity_file=None)
+    host = repo_kit.write_config("host", verify_key=None, identity_file=None)
     rows = {r["id"]: r for r in json.loads(ok(drtool(host, "list", "--json")))}
     assert rows[forged.snapshot_id]["status"] == "INVALID"
     # the key to pin is printed from the signing key
-    signing_key_file = str(kit.sections["keys"]["signing_key_file"])
-    out = ok(run_drtool("keys", "verify-key", signing_key_file, config=kit.config_file))
-    assert out.strip() == kit.verify_key
+    signing_key_file = str(repo_kit.sections["keys"]["signing_key_file"])
+    out = ok(run_drtool("keys", "verify-key", signing_key_file, config=repo_kit.config_file))
+    assert out.strip() == repo_kit.verify_key
 
 
 # -- prune ------------------------------------------------------------------------------------
