@@ -53,6 +53,11 @@ class Watchdog:
         return time.monotonic() - self._started
 
     def _watch(self, main_thread: int | None) -> None:
+        """Log the phase every ``progress_s``; at the deadline interrupt the main thread.
+
+        A signal to the main thread (not an exception in this one) is what makes a blocked
+        wait on a subprocess or a socket return, so the drill unwinds and tears down.
+        """
         deadline = self._started + self.deadline_s
         while not self._done.wait(min(self.progress_s, max(0.0, deadline - time.monotonic()))):
             now = time.monotonic()

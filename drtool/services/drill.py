@@ -286,6 +286,11 @@ def _drill(
     scratch: Scratch,
     dog: Watchdog,
 ) -> None:
+    """Scratch stack up, restore, data checks, stack down: each phase timed and announced.
+
+    The stack is torn down by its context manager whatever happens, and the restore's time
+    is recorded even when it fails, so the report's RTO counts the whole attempt.
+    """
     phases = report.phases_s
     up = Timer()
     pg_major = snapshot_pg_major(record, spec)

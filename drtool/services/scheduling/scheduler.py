@@ -286,6 +286,10 @@ class Runner:
             self._pause(min(TICK_S, max(0.0, deadline - self._clock())))
 
     def _run_with_retries(self, spec: JobSpec) -> Outcome:
+        """Retry what may pass next time (storage, locks) with backoff; never a config error.
+
+        A stop request ends the retries, so SIGTERM never waits out a backoff.
+        """
         attempt = 0
         while True:
             outcome = self._attempt(spec)
@@ -312,6 +316,10 @@ class Runner:
     # -- one attempt -------------------------------------------------------------------------
 
     def _attempt(self, spec: JobSpec) -> Outcome:
+        """Run the job once with its name in every log line; the state is written either way.
+
+        Errors are caught and recorded, not raised: one job failing never stops the others.
+        """
         token = CURRENT_JOB.set(spec.name)
         started = datetime.now(UTC)
         t0 = self._clock()
@@ -351,6 +359,11 @@ class Runner:
         result: jobs_svc.JobResult | None,
         error: BaseException | None,
     ) -> Outcome:
+        """Persist the attempt (state file first), then log and export it.
+
+        The state file is what `schedule health` and the metrics after a restart read, so it
+        is written before anything that could fail on the way out.
+        """
         state.duration_s = round(seconds, 3)
         extra: dict[str, Any] = {"job": spec.name, "duration_s": state.duration_s}
         if result is not None:
@@ -405,6 +418,10 @@ class Runner:
     def _metrics_success(
         self, spec: JobSpec, started: datetime, seconds: float, result: jobs_svc.JobResult
     ) -> None:
+        """Export a success: its time, the next deadline, sizes, and a drill's verdict.
+
+        The deadline series moves with each success so the alert rule needs no job list.
+        """
         if self.metrics is None:
             return
         self.metrics.record_success(spec.name, started, seconds)
@@ -547,6 +564,11 @@ def _runner_started(state_dir: Path) -> tuple[datetime | None, str]:
 def _health(
     spec: JobSpec, state: JobState, runner: tuple[datetime | None, str], now: datetime
 ) -> tuple[bool, str]:
+    """Healthy when the last success is younger than the job's threshold.
+
+    A job that never succeeded is given the threshold from the scheduler's start, but only
+    while that scheduler still runs: after a kill -9 "started recently" would be a lie.
+    """
     threshold = timedelta(seconds=spec.threshold_s)
     last = state.success_time()
     runner_started, gone = runner
