@@ -377,7 +377,13 @@ class _Run:
         if loaded.redis is not None and staged_rdb is not None:
             t0 = time.monotonic()
             if self.redis_placer is None:
-                r = restore_redis.restore(staged_rdb, endpoints.redis, force=self.options.force)
+                r = restore_redis.restore(
+                    staged_rdb,
+                    endpoints.redis,
+                    force=self.options.force,
+                    keep_dir=scratch_dir(self.cfg),
+                    stamp=stamp,
+                )
                 done = f"{r.copied:,} keys copied, {r.removed:,} removed"
             else:
                 r = restore_redis_offline.restore(
