@@ -24,11 +24,17 @@ READ_SIZE = 1 << 20
 
 @dataclass(frozen=True)
 class SourceObject:
-    """One object as listed: key, size and ETag identify a version for incremental backups."""
+    """One object as listed: key, size and ETag identify its bytes for incremental backups.
+
+    ``last_modified`` (ISO 8601, the listing's precision) changes also when only the content
+    type or metadata change (a copy onto itself with ``MetadataDirective=REPLACE`` keeps the
+    ETag); the listing does not carry those two themselves.
+    """
 
     key: str
     size: int
     etag: str
+    last_modified: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,13 @@ class MinioStore:
             pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
             for page in pages:
                 for item in page.get("Contents", []):
-                    yield SourceObject(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
+                    modified = item.get("LastModified")
+                    yield SourceObject(
+                        item["Key"],
+                        int(item["Size"]),
+                        item["ETag"].strip('"'),
+                        modified.isoformat() if modified is not None else "",
+                    )
         except (ClientError, BotoCoreError) as exc:
             raise self._error("listing", bucket, exc) from None
 
@@ -115,6 +127,25 @@ class MinioStore:
         return int(r["ContentLength"]), ObjectMeta(
             r.get("ContentType") or "", r.get("Metadata", {})
         )
+
+    def stat(self, bucket: str, key: str) -> tuple[SourceObject, ObjectMeta] | None:
+        """HEAD: the object as a listing would show it, with its metadata; None when gone."""
+        try:
+            r = self._s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._error("head", bucket, exc, key) from None
+        except BotoCoreError as exc:
+            raise self._error("head", bucket, exc, key) from None
+        modified = r.get("LastModified")
+        listed = SourceObject(
+            key,
+            int(r["ContentLength"]),
+            str(r.get("ETag", "")).strip('"'),
+            modified.isoformat() if modified is not None else "",
+        )
+        return listed, ObjectMeta(r.get("ContentType") or "", dict(r.get("Metadata", {})))
 
     def ensure_bucket(self, bucket: str) -> None:
         """Create ``bucket`` when it does not exist."""
