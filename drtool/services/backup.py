@@ -34,7 +34,7 @@ from drtool.repository.minio_index import IndexEntry
 from drtool.repository.writer import SnapshotWriter
 from drtool.services import minio_snapshot
 from drtool.sources import postgres as pg
-from drtool.sources.minio import MinioStore
+from drtool.sources.minio import MinioStore, bucket_coverage, repository_bucket
 from drtool.sources.redis_fingerprint import fingerprint_rdb
 from drtool.sources.redis_rdb import fetch_rdb, validate_rdb
 from drtool.storage.base import ObjectInfo
@@ -264,7 +264,16 @@ def _backup_minio(
     caches = []
     plain = 0
     details: dict[str, Any] = {}
-    for bucket in endpoints.buckets:
+    coverage = bucket_coverage(
+        store,
+        endpoints.buckets,
+        repository=repository_bucket(
+            cfg.repository.url, cfg.repository.endpoint_url, endpoints.minio.endpoint_url
+        ),
+    )
+    if (left_out := coverage.warning()) is not None:
+        log.warning("%s", left_out)
+    for bucket in coverage.protected:
         path = minio_snapshot.cache_path(state, writer.repo.repo_id, bucket)
         result = minio_snapshot.snapshot_bucket(
             store,

@@ -24,7 +24,7 @@ from drtool.repository import layout
 from drtool.repository.access import storage_for
 from drtool.services.backup import refuse_identity
 from drtool.sources import postgres as pg
-from drtool.sources.minio import MinioStore
+from drtool.sources.minio import MinioStore, bucket_coverage, repository_bucket
 from drtool.sources.redis_rdb import probe_replication
 from drtool.storage import Storage
 
@@ -140,11 +140,22 @@ def _redis(cfg: Config) -> tuple[Status, str]:
 
 
 def _minio(cfg: Config) -> tuple[Status, str]:
+    """Each protected bucket lists; a visible bucket left out of the backup is a warning."""
     endpoints = cfg.stack()
     store = MinioStore(endpoints.minio)
-    for bucket in endpoints.buckets:
+    coverage = bucket_coverage(
+        store,
+        endpoints.buckets,
+        repository=repository_bucket(
+            cfg.repository.url, cfg.repository.endpoint_url, endpoints.minio.endpoint_url
+        ),
+    )
+    for bucket in coverage.protected:
         next(iter(store.list_objects(bucket)), None)
-    return "pass", f"{endpoints.minio.endpoint_url}: buckets {', '.join(endpoints.buckets)} listed"
+    listed = f"{endpoints.minio.endpoint_url}: buckets {', '.join(coverage.protected)} listed"
+    if (left_out := coverage.warning()) is not None:
+        return "warn", f"{listed}; {left_out}"
+    return "pass", listed
 
 
 def _repository(cfg: Config) -> tuple[Status, str]:

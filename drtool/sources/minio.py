@@ -16,10 +16,12 @@ from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 
 from drtool.endpoints import S3Endpoint
-from drtool.errors import DrtoolError, NotFound, SourceError
+from drtool.errors import ConfigError, DrtoolError, NotFound, SourceError
 from drtool.s3session import s3_client
 
 READ_SIZE = 1 << 20
+ALL_BUCKETS = "*"
+"""``buckets = ["*"]``: every bucket the credential can see."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,19 @@ class MinioStore:
         except (ClientError, BotoCoreError) as exc:
             raise self._error("create bucket", bucket, exc) from None
 
+    def list_buckets(self) -> tuple[str, ...] | None:
+        """Every bucket the credential can see, sorted; None when ListBuckets is denied."""
+        try:
+            response = self._s3.list_buckets()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("AccessDenied", "403"):
+                return None
+            raise self._error("list buckets", "", exc) from None
+        except BotoCoreError as exc:
+            raise self._error("list buckets", "", exc) from None
+        return tuple(sorted(b["Name"] for b in response.get("Buckets", [])))
+
     def bucket_exists(self, bucket: str) -> bool:
         """Whether ``bucket`` exists."""
         try:
@@ -173,3 +188,59 @@ class MinioStore:
         except BotoCoreError as exc:
             raise self._error("head bucket", bucket, exc) from None
         return True
+
+
+@dataclass(frozen=True)
+class BucketCoverage:
+    """Which buckets a backup protects, and the visible ones it leaves out.
+
+    ``visible`` is None when the credential may not list buckets (ListBuckets denied): then
+    nobody can tell what is left out, and the warning says so.
+    """
+
+    protected: tuple[str, ...]
+    unprotected: tuple[str, ...]
+    visible: tuple[str, ...] | None
+
+    def warning(self) -> str | None:
+        """One line for the log and doctor, or None when every visible bucket is protected."""
+        if self.visible is None:
+            return (
+                "the MinIO credential may not list buckets (ListBuckets): cannot tell whether "
+                "a bucket is left out of the backup"
+            )
+        if not self.unprotected:
+            return None
+        return (
+            f"{len(self.unprotected)} MinIO bucket(s) not protected (not in minio.buckets): "
+            f'{", ".join(self.unprotected)}; add them, or set buckets = ["*"] for all'
+        )
+
+
+def repository_bucket(repo_url: str, repo_endpoint: str, minio_endpoint: str) -> str | None:
+    """The repository's own bucket when it lives on the MinIO being backed up, else None."""
+    if not repo_url.startswith("s3://") or repo_endpoint.rstrip("/") != minio_endpoint.rstrip("/"):
+        return None
+    return repo_url[len("s3://") :].split("/", 1)[0] or None
+
+
+def bucket_coverage(
+    store: MinioStore, configured: tuple[str, ...], *, repository: str | None = None
+) -> BucketCoverage:
+    """Expand ``["*"]`` to every visible bucket; name the visible buckets left out otherwise.
+
+    ``repository``: the backup repository's bucket on the same server, never a source.
+    """
+    if ALL_BUCKETS in configured and len(configured) > 1:
+        raise ConfigError('minio.buckets: "*" means every bucket and stands alone')
+    listed = store.list_buckets()
+    visible = None if listed is None else tuple(b for b in listed if b != repository)
+    if configured == (ALL_BUCKETS,):
+        if visible is None:
+            raise SourceError(
+                'minio.buckets = ["*"]: the credential may not list buckets (ListBuckets); '
+                "grant s3:ListAllMyBuckets or name the buckets"
+            )
+        return BucketCoverage(visible, (), visible)
+    left_out = () if visible is None else tuple(b for b in visible if b not in configured)
+    return BucketCoverage(configured, left_out, visible)
