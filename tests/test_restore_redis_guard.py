@@ -157,3 +157,31 @@ def test_copy_errors_name_the_key_never_the_value(
     assert "OOM" in message and "RESTORE of key b'k" in message
     assert 0 < caught.value.copied < 50
     assert "VALUE-NOT" not in message and "\\x00" not in message
+
+
+def test_when_putting_back_fails_too_the_message_says_the_target_changed_and_where_its_keys_are(
+    repo: Repository,
+    target_server: RedisServer,
+    pg_database: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    tmp_path: Path,
+) -> None:
+    """A restore user denied some keys and UNLINK: the copy fails part-way, the undo too."""
+    with _client(target_server.endpoint) as client:
+        client.acl_setuser(
+            "restorer",
+            enabled=True,
+            passwords=["+restorer-pw"],
+            keys=["big:*", "live*"],
+            commands=["+@all", "-unlink"],
+        )
+    target = RedisEndpoint(target_server.endpoint.host, target_server.endpoint.port,
+                           username="restorer", password="restorer-pw")  # fmt: skip
+    code, stderr = _restore(repo, tmp_path, target, pg_database, s3_server)
+    assert code == 3, stderr
+    assert "putting the previous keys back failed too" in stderr
+    assert "The target is CHANGED" in stderr
+    kept = list((tmp_path / "scratch").glob("redis-pre_restore_*.keys"))
+    assert len(kept) == 1 and f"its previous 2 keys are saved in {kept[0]}" in stderr
+    assert kept[0].stat().st_mode & 0o777 == 0o600
+    assert "VALUE-NOT-FOR-LOGS" not in stderr
