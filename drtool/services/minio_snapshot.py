@@ -125,12 +125,14 @@ def snapshot_bucket(
             found = store.stat(bucket, obj.key)
             if found is not None and (found[0].size, found[0].etag) == (old.size, old.etag):
                 on_object(obj.size)
-                listed, meta = found
+                meta = found[1]
                 entry = replace(
                     old,
                     content_type=meta.content_type,
                     metadata=meta.metadata,
-                    listed_mtime=_trusted(listed, listed_at),
+                    # the listing's, not the HEAD's: HTTP dates have whole seconds, MinIO's
+                    # listing milliseconds; the next listing is compared with this
+                    listed_mtime=_trusted(obj, listed_at),
                 )
                 return entry, False
             # changed since the listing: read it like a new object
