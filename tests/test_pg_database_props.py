@@ -114,3 +114,41 @@ def test_snapshots_of_format_2_still_verify(source_db: PostgresEndpoint) -> None
     old = PgFingerprints.from_dict(doc)
     assert old.database is None
     assert compare(old, _fingerprints(source_db)) == []
+
+
+def test_an_icu_database_comes_back_with_its_provider(
+    pg_server: PostgresEndpoint,
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    name = f"icu_{uuid.uuid4().hex[:10]}"
+    admin = replace(pg_server, dbname="postgres")
+    create = (
+        "CREATE DATABASE {} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'de-DE' "
+        "LOCALE 'C.utf8'"
+    )
+    execute(admin, sql.SQL(create).format(sql.Identifier(name)))
+    source_db = replace(pg_server, dbname=name)
+    try:
+        execute(source_db, "CREATE TABLE words (w text)")
+        execute(source_db, "INSERT INTO words VALUES ('a'), ('B'), ('ä')")
+        source = StackEndpoints(source_db, redis_server, s3_server, (s3_bucket,))
+        repo = make_repository(tmp_path / "repo", source)
+        repo.backup(components=("postgres",))
+        target = StackEndpoints(pg_database, redis_server, s3_server, (s3_bucket,))
+        config = repo.operator_config(tmp_path / "op.toml", {"t": target})
+        run = run_drtool("restore", "latest", "--target", "t", "--component", "postgres",
+                         "--yes", config=config)  # fmt: skip
+        assert run.code == 0, run.stderr
+        got = _fingerprints(pg_database).database
+        assert got is not None and got == _fingerprints(source_db).database
+        assert (got.locale_provider, got.icu_locale) == ("icu", "de-DE")
+        with psycopg.connect(**pg_database.connect_kwargs()) as conn:  # type: ignore[arg-type]
+            rows = conn.execute("SELECT w FROM words ORDER BY w").fetchall()
+        assert [r[0] for r in rows] == ["a", "ä", "B"]  # German order, not the byte order
+    finally:
+        execute(admin, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))  # fmt: skip
