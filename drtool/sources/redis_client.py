@@ -134,8 +134,12 @@ def redis_error(exc: BaseException) -> str:
     key 0 <payload> ...) of pipeline caused error: ..."), and a payload is user data: errors
     name keys, objects and offsets, never values.
     """
-    text = " ".join(str(exc).split())
-    return _ANNOTATION.sub("", text)[:300] or type(exc).__name__
+    text = _ANNOTATION.sub("", " ".join(str(exc).split()))[:300]
+    # redis-py strips the error code of the replies it maps to a class (OOM, NOPERM, ...)
+    kind = type(exc).__name__
+    if kind in ("ResponseError", "RedisError"):
+        return text or kind
+    return f"{kind}: {text}" if text else kind
 
 
 _ANNOTATION = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
