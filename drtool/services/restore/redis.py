@@ -147,6 +147,13 @@ def restore(
             removed = _remove_extra(source, target) if force else 0
         except (CopyFailed, redis.RedisError) as exc:
             _undo(where, source, target, pre, exc)
+        except BaseException:  # interrupted (SIGTERM, Ctrl-C): no undo, but say where things are
+            log.error(
+                "%s: restore interrupted part-way; the target holds part of the snapshot%s",
+                where,
+                f"; its previous keys are saved in {pre.path}" if pre else "",
+            )
+            raise
         try:
             evicted = target_memory(target).evicted - before.evicted
         except redis.RedisError:
@@ -154,12 +161,15 @@ def restore(
         loaded, restored = fingerprint_redis(source), fingerprint_redis(target)
         if only_expired(loaded, restored):
             loaded, restored = fingerprint_redis(source), fingerprint_redis(target)
-    _discard(pre)
     problems = compare(loaded, restored)
     if evicted > 0:
         problems.insert(
             0, f"the target evicted {evicted:,} keys meanwhile (maxmemory-policy {before.policy})"
         )
+    if problems and pre is not None:  # the target is changed and not as it should be
+        problems.append(f"the target's previous {pre.keys:,} keys are saved in {pre.path}")
+    else:
+        _discard(pre)
     return RedisOutcome(copied, removed, loaded, problems)
 
 
