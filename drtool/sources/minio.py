@@ -170,8 +170,8 @@ class MinioStore:
             response = self._s3.list_buckets()
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("AccessDenied", "403"):
-                return None
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                return None  # a credential that fails here fails (and is named) at the bucket
             raise self._error("list buckets", "", exc) from None
         except BotoCoreError as exc:
             raise self._error("list buckets", "", exc) from None
