@@ -20,6 +20,7 @@ from drtool.errors import ConfigError, DrtoolError, NotFound, SourceError
 from drtool.s3session import s3_client
 
 READ_SIZE = 1 << 20
+SHOWN = 20  # buckets named in the warning; the count covers all
 ALL_BUCKETS = "*"
 """``buckets = ["*"]``: every bucket the credential can see."""
 
@@ -211,9 +212,12 @@ class BucketCoverage:
             )
         if not self.unprotected:
             return None
+        shown = ", ".join(self.unprotected[:SHOWN])
+        if len(self.unprotected) > SHOWN:
+            shown += f" and {len(self.unprotected) - SHOWN} more"
         return (
             f"{len(self.unprotected)} MinIO bucket(s) not protected (not in minio.buckets): "
-            f'{", ".join(self.unprotected)}; add them, or set buckets = ["*"] for all'
+            f'{shown}; add them, or set buckets = ["*"] for all'
         )
 
 
