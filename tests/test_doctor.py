@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import redis
 from support.backup_kit import BackupKit, make_backup_kit
 from support.cli import one_error
 
@@ -97,3 +98,34 @@ def test_table_output_names_each_check(kit: BackupKit) -> None:
         assert name in done.stdout
     assert "FAIL" in done.stdout and "PASS" in done.stdout
     assert done.returncode == 7
+
+
+@pytest.mark.parametrize(
+    ("rules", "missing"),
+    [
+        (["+sync", "+psync", "+replconf"], None),
+        (["+sync", "+replconf"], None),  # the backup falls back to SYNC
+        (["+replconf"], "+psync (or +sync)"),
+        (["+sync", "+psync"], "+replconf"),
+    ],
+)
+def test_redis_check_runs_what_the_backup_runs_and_names_a_missing_acl_rule(
+    kit: BackupKit, rules: list[str], missing: str | None
+) -> None:
+    """19.6: the user docs/OPERATIONS.md recommends may not run INFO; doctor used to fail it."""
+    redis_ep = kit.endpoints.redis
+    user = f"backup-{len(rules)}-{abs(hash(tuple(rules))) % 1000}"
+    with redis.Redis(host=redis_ep.host, port=redis_ep.port, password=redis_ep.password) as r:
+        r.acl_setuser(user, enabled=True, passwords=["+backup-pw"], commands=rules, reset=True)
+    secret = kit.tmp / f"{user}-password"
+    secret.write_text("backup-pw")
+    secret.chmod(0o600)
+    config = kit.write_config(user, redis={"username": user, "password_file": str(secret)})
+    row = _rows(kit.drtool("doctor", "--json", config=config))["redis reachable"]
+    if missing is None:
+        assert row["status"] == "pass", row
+        assert row["detail"].endswith("replication (REPLCONF, PSYNC) permitted")
+        assert "INFO not permitted" in row["detail"]
+    else:
+        assert row["status"] == "fail", row
+        assert f"lacks the ACL rule {missing}" in row["detail"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from drtool.repository import layout
 from drtool.repository.manifest import ObjectEntry
@@ -27,18 +27,32 @@ class IndexEntry:
     blob: str
     blob_size: int
     blob_sha256: str
+    listed_mtime: str = ""
+    """The source listing's LastModified, when trusted for reuse. Not part of the repository
+    format: only the backup host's cache of the last index keeps it (see ``encode_index``)."""
 
     def blob_entry(self) -> ObjectEntry:
         """The manifest entry of this object's blob."""
         return ObjectEntry(layout.blob_key(self.blob), "blob", self.blob_size, self.blob_sha256)
 
 
-def encode_index(entries: list[IndexEntry]) -> Iterator[bytes]:
-    """JSON lines, sorted by key."""
+def encode_index(entries: list[IndexEntry], *, with_mtime: bool = False) -> Iterator[bytes]:
+    """JSON lines, sorted by key (``listed_mtime`` only ``with_mtime``: the host's cache)."""
     for entry in sorted(entries, key=lambda e: e.key):
-        yield json.dumps(asdict(entry), ensure_ascii=False, sort_keys=True).encode() + b"\n"
+        doc = asdict(entry)
+        if not with_mtime:
+            del doc["listed_mtime"]
+        yield json.dumps(doc, ensure_ascii=False, sort_keys=True).encode() + b"\n"
+
+
+_FIELDS = {f.name for f in fields(IndexEntry)}
 
 
 def decode_index(data: bytes) -> list[IndexEntry]:
-    """Parse an index written by ``encode_index``."""
-    return [IndexEntry(**json.loads(line)) for line in data.splitlines() if line.strip()]
+    """Parse an index written by ``encode_index`` (fields a newer writer added are ignored)."""
+    out = []
+    for line in data.splitlines():
+        if line.strip():
+            doc = json.loads(line)
+            out.append(IndexEntry(**{k: v for k, v in doc.items() if k in _FIELDS}))
+    return out

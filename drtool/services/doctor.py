@@ -25,8 +25,8 @@ from drtool.repository import catalog, layout, object_lock
 from drtool.repository.access import open_repo, storage_for
 from drtool.services.backup import refuse_identity
 from drtool.sources import postgres as pg
-from drtool.sources.minio import MinioStore
-from drtool.sources.redis_client import connect as redis_connect
+from drtool.sources.minio import MinioStore, bucket_coverage, repository_bucket
+from drtool.sources.redis_rdb import probe_replication
 from drtool.storage import Storage
 from drtool.storage.base import Capabilities
 
@@ -130,26 +130,37 @@ def _pg_restore(cfg: Config) -> tuple[Status, str]:
 
 
 def _redis(cfg: Config) -> tuple[Status, str]:
-    """Log in as the configured user and read the server version."""
-    import redis
-
+    """What the backup itself runs (AUTH, REPLCONF, PSYNC/SYNC), not INFO: the user
+    docs/OPERATIONS.md recommends (+sync +psync +replconf) may not run INFO."""
     endpoint = cfg.stack().redis
+    where = f"{endpoint.host}:{endpoint.port}"
     try:
-        with redis_connect(endpoint) as client:
-            version = client.info("server").get("redis_version", "?")
-    except redis.AuthenticationError:
-        return "fail", f"{endpoint.host}:{endpoint.port}: authentication failed"
-    except redis.RedisError as exc:
-        return "fail", f"{endpoint.host}:{endpoint.port}: {type(exc).__name__}"
-    return "pass", f"{endpoint.host}:{endpoint.port}: Redis {version}"
+        version = probe_replication(endpoint)
+    except SourceError as exc:
+        if "authentication" in exc.message and "failed" in exc.message:
+            return "fail", f"{where}: authentication failed"
+        return "fail", exc.message
+    shown = f"Redis {version}" if version else "Redis (version not shown: INFO not permitted)"
+    return "pass", f"{where}: {shown}; replication (REPLCONF, PSYNC) permitted"
 
 
 def _minio(cfg: Config) -> tuple[Status, str]:
+    """Each protected bucket lists; a visible bucket left out of the backup is a warning."""
     endpoints = cfg.stack()
     store = MinioStore(endpoints.minio)
-    for bucket in endpoints.buckets:
+    coverage = bucket_coverage(
+        store,
+        endpoints.buckets,
+        repository=repository_bucket(
+            cfg.repository.url, cfg.repository.endpoint_url, endpoints.minio.endpoint_url
+        ),
+    )
+    for bucket in coverage.protected:
         next(iter(store.list_objects(bucket)), None)
-    return "pass", f"{endpoints.minio.endpoint_url}: buckets {', '.join(endpoints.buckets)} listed"
+    listed = f"{endpoints.minio.endpoint_url}: buckets {', '.join(coverage.protected)} listed"
+    if (left_out := coverage.warning()) is not None:
+        return "warn", f"{listed}; {left_out}"
+    return "pass", listed
 
 
 def _repository(cfg: Config) -> tuple[Status, str]:

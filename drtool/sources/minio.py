@@ -16,19 +16,28 @@ from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 
 from drtool.endpoints import S3Endpoint
-from drtool.errors import DrtoolError, NotFound, SourceError
+from drtool.errors import ConfigError, DrtoolError, NotFound, SourceError
 from drtool.s3session import s3_client
 
 READ_SIZE = 1 << 20
+SHOWN = 20  # buckets named in the warning; the count covers all
+ALL_BUCKETS = "*"
+"""``buckets = ["*"]``: every bucket the credential can see."""
 
 
 @dataclass(frozen=True)
 class SourceObject:
-    """One object as listed: key, size and ETag identify a version for incremental backups."""
+    """One object as listed: key, size and ETag identify its bytes for incremental backups.
+
+    ``last_modified`` (ISO 8601, the listing's precision) changes also when only the content
+    type or metadata change (a copy onto itself with ``MetadataDirective=REPLACE`` keeps the
+    ETag); the listing does not carry those two themselves.
+    """
 
     key: str
     size: int
     etag: str
+    last_modified: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,13 @@ class MinioStore:
             pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
             for page in pages:
                 for item in page.get("Contents", []):
-                    yield SourceObject(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
+                    modified = item.get("LastModified")
+                    yield SourceObject(
+                        item["Key"],
+                        int(item["Size"]),
+                        item["ETag"].strip('"'),
+                        modified.isoformat() if modified is not None else "",
+                    )
         except (ClientError, BotoCoreError) as exc:
             raise self._error("listing", bucket, exc) from None
 
@@ -117,6 +132,25 @@ class MinioStore:
             r.get("ContentType") or "", r.get("Metadata", {})
         )
 
+    def stat(self, bucket: str, key: str) -> tuple[SourceObject, ObjectMeta] | None:
+        """HEAD: the object as a listing would show it, with its metadata; None when gone."""
+        try:
+            r = self._s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._error("head", bucket, exc, key) from None
+        except BotoCoreError as exc:
+            raise self._error("head", bucket, exc, key) from None
+        modified = r.get("LastModified")
+        listed = SourceObject(
+            key,
+            int(r["ContentLength"]),
+            str(r.get("ETag", "")).strip('"'),
+            modified.isoformat() if modified is not None else "",
+        )
+        return listed, ObjectMeta(r.get("ContentType") or "", dict(r.get("Metadata", {})))
+
     def ensure_bucket(self, bucket: str) -> None:
         """Create ``bucket`` when it does not exist."""
         try:
@@ -132,6 +166,19 @@ class MinioStore:
         except (ClientError, BotoCoreError) as exc:
             raise self._error("create bucket", bucket, exc) from None
 
+    def list_buckets(self) -> tuple[str, ...] | None:
+        """Every bucket the credential can see, sorted; None when ListBuckets is denied."""
+        try:
+            response = self._s3.list_buckets()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                return None  # a credential that fails here fails (and is named) at the bucket
+            raise self._error("list buckets", "", exc) from None
+        except BotoCoreError as exc:
+            raise self._error("list buckets", "", exc) from None
+        return tuple(sorted(b["Name"] for b in response.get("Buckets", [])))
+
     def bucket_exists(self, bucket: str) -> bool:
         """Whether ``bucket`` exists."""
         try:
@@ -143,3 +190,62 @@ class MinioStore:
         except BotoCoreError as exc:
             raise self._error("head bucket", bucket, exc) from None
         return True
+
+
+@dataclass(frozen=True)
+class BucketCoverage:
+    """Which buckets a backup protects, and the visible ones it leaves out.
+
+    ``visible`` is None when the credential may not list buckets (ListBuckets denied): then
+    nobody can tell what is left out, and the warning says so.
+    """
+
+    protected: tuple[str, ...]
+    unprotected: tuple[str, ...]
+    visible: tuple[str, ...] | None
+
+    def warning(self) -> str | None:
+        """One line for the log and doctor, or None when every visible bucket is protected."""
+        if self.visible is None:
+            return (
+                "the MinIO credential may not list buckets (ListBuckets): cannot tell whether "
+                "a bucket is left out of the backup"
+            )
+        if not self.unprotected:
+            return None
+        shown = ", ".join(self.unprotected[:SHOWN])
+        if len(self.unprotected) > SHOWN:
+            shown += f" and {len(self.unprotected) - SHOWN} more"
+        return (
+            f"{len(self.unprotected)} MinIO bucket(s) not protected (not in minio.buckets): "
+            f'{shown}; add them, or set buckets = ["*"] for all'
+        )
+
+
+def repository_bucket(repo_url: str, repo_endpoint: str, minio_endpoint: str) -> str | None:
+    """The repository's own bucket when it lives on the MinIO being backed up, else None."""
+    if not repo_url.startswith("s3://") or repo_endpoint.rstrip("/") != minio_endpoint.rstrip("/"):
+        return None
+    return repo_url[len("s3://") :].split("/", 1)[0] or None
+
+
+def bucket_coverage(
+    store: MinioStore, configured: tuple[str, ...], *, repository: str | None = None
+) -> BucketCoverage:
+    """Expand ``["*"]`` to every visible bucket; name the visible buckets left out otherwise.
+
+    ``repository``: the backup repository's bucket on the same server, never a source.
+    """
+    if ALL_BUCKETS in configured and len(configured) > 1:
+        raise ConfigError('minio.buckets: "*" means every bucket and stands alone')
+    listed = store.list_buckets()
+    visible = None if listed is None else tuple(b for b in listed if b != repository)
+    if configured == (ALL_BUCKETS,):
+        if visible is None:
+            raise SourceError(
+                'minio.buckets = ["*"]: the credential may not list buckets (ListBuckets); '
+                "grant s3:ListAllMyBuckets or name the buckets"
+            )
+        return BucketCoverage(visible, (), visible)
+    left_out = () if visible is None else tuple(b for b in visible if b not in configured)
+    return BucketCoverage(configured, left_out, visible)

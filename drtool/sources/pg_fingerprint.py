@@ -19,10 +19,18 @@ Row text depends on a few settings (time zone, date and interval style, float di
 output); they are pinned for the scan, so the figures match across servers of the same major
 version after pg_dump/pg_restore. The digest detects accidents (lost, duplicated or altered
 rows), not a forger: it is an additive hash.
+
+Format 3 adds the database's own properties, which a dump without ``--create`` does not
+carry: encoding, collation and ctype (and the locale provider), the connection limit, owner,
+comment, privileges (``datacl`` exploded; grantors left out: a restore grants as the owner)
+and the settings of ``ALTER DATABASE ... SET`` and ``ALTER ROLE ... IN DATABASE ... SET``
+(``pg_db_role_setting``). The restore re-creates them and a restored copy must show the same.
+Snapshots of formats 1 and 2 have none recorded; they are compared on their tables only.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +40,7 @@ from psycopg import sql
 
 from drtool.errors import SourceError
 
-FORMAT = 2
+FORMAT = 3
 RECORD, TEXT = "record", "text"  # the row hashes, see the module docstring
 _MOD = 1 << 64
 _MAX_ROOM_DIFFS = 10
@@ -102,15 +110,137 @@ class Fingerprint:
 
 
 @dataclass(frozen=True)
-class PgFingerprints:
-    """Fingerprints of one database: per table, and per room of each ``messages`` table."""
+class DatabaseProps:
+    """The properties of a database that live outside it (see the module docstring).
 
-    tables: dict[str, Fingerprint]
-    rooms: dict[str, dict[str, Fingerprint]] = field(default_factory=dict)
+    ``acl`` is None for the default privileges, else sorted ``(grantee, privilege,
+    grantable)`` with grantee ``PUBLIC`` for everyone; ``settings`` are sorted ``(role,
+    "name=value")`` with role ``""`` for the database-wide ones.
+    """
+
+    encoding: str
+    collate: str
+    ctype: str
+    locale_provider: str = "libc"
+    icu_locale: str | None = None
+    connlimit: int = -1
+    owner: str = ""
+    comment: str | None = None
+    acl: tuple[tuple[str, str, bool], ...] | None = None
+    settings: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form."""
         return {
+            "encoding": self.encoding,
+            "collate": self.collate,
+            "ctype": self.ctype,
+            "locale_provider": self.locale_provider,
+            "icu_locale": self.icu_locale,
+            "connlimit": self.connlimit,
+            "owner": self.owner,
+            "comment": self.comment,
+            "acl": None if self.acl is None else [list(a) for a in self.acl],
+            "settings": [list(s) for s in self.settings],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DatabaseProps:
+        """Inverse of ``to_dict``."""
+        acl = data.get("acl")
+        return cls(
+            str(data["encoding"]),
+            str(data["collate"]),
+            str(data["ctype"]),
+            str(data.get("locale_provider", "libc")),
+            None if data.get("icu_locale") is None else str(data["icu_locale"]),
+            int(data.get("connlimit", -1)),
+            str(data.get("owner", "")),
+            None if data.get("comment") is None else str(data["comment"]),
+            None if acl is None else tuple((str(g), str(p), bool(o)) for g, p, o in acl),
+            tuple((str(r), str(v)) for r, v in data.get("settings", [])),
+        )
+
+    def differences(self, actual: DatabaseProps) -> list[str]:
+        """What ``actual`` lacks or has otherwise, named (a setting by name and value)."""
+        out = []
+        for name in ("encoding", "collate", "ctype", "locale_provider", "icu_locale"):
+            if getattr(self, name) != getattr(actual, name):
+                out.append(f"database {name} {getattr(actual, name)!r}, "
+                           f"expected {getattr(self, name)!r}")  # fmt: skip
+        if self.connlimit != actual.connlimit:
+            out.append(f"database connection limit {actual.connlimit}, expected {self.connlimit}")
+        if self.owner != actual.owner:
+            out.append(f"database owner {actual.owner}, expected {self.owner}")
+        if self.comment != actual.comment:
+            out.append("database comment differs" if self.comment else "unexpected comment")
+        if (self.acl or ()) != (actual.acl or ()) or (self.acl is None) != (actual.acl is None):
+            out.append(f"database privileges {_acl(actual.acl)}, expected {_acl(self.acl)}")
+        for role, setting in sorted(set(self.settings) - set(actual.settings)):
+            out.append(f"database setting {setting}{f' for role {role}' if role else ''} missing")
+        for role, setting in sorted(set(actual.settings) - set(self.settings)):
+            out.append(
+                f"database setting {setting}{f' for role {role}' if role else ''} unexpected"
+            )
+        return out
+
+
+def _acl(acl: tuple[tuple[str, str, bool], ...] | None) -> str:
+    if acl is None:
+        return "default"
+    return ", ".join(f"{g}:{p}{'*' if o else ''}" for g, p, o in acl) or "none"
+
+
+_DATABASE_SQL = """
+SELECT to_jsonb(d) - 'datfrozenxid' - 'datminmxid', pg_encoding_to_char(d.encoding),
+       pg_get_userbyid(d.datdba), shobj_description(d.oid, 'pg_database'),
+       d.datacl IS NULL,
+       ARRAY(SELECT json_build_array(CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                                          ELSE pg_get_userbyid(a.grantee) END,
+                                     a.privilege_type, a.is_grantable)::text
+             FROM aclexplode(d.datacl) a),
+       ARRAY(SELECT json_build_array(COALESCE(r.rolname, ''), c)::text
+             FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole,
+                  unnest(s.setconfig) c
+             WHERE s.setdatabase = d.oid)
+FROM pg_database d WHERE d.datname = current_database()
+"""
+
+
+def database_props(cur: psycopg.Cursor[Any]) -> DatabaseProps:
+    """The properties of the cursor's database (PostgreSQL 14 to 17 column names)."""
+    row = cur.execute(_DATABASE_SQL).fetchone()
+    assert row is not None
+    raw, encoding, owner, comment, default_acl, acl, settings = row
+    provider = {"c": "libc", "i": "icu", "b": "builtin"}.get(raw.get("datlocprovider", "c"), "libc")
+    return DatabaseProps(
+        encoding=str(encoding),
+        collate=str(raw["datcollate"]),
+        ctype=str(raw["datctype"]),
+        locale_provider=provider,
+        icu_locale=raw.get("datlocale", raw.get("daticulocale")),
+        connlimit=int(raw["datconnlimit"]),
+        owner=str(owner),
+        comment=comment,
+        acl=None
+        if default_acl
+        else tuple(sorted((str(g), str(p), bool(o)) for g, p, o in map(json.loads, acl))),
+        settings=tuple(sorted((str(r), str(c)) for r, c in map(json.loads, settings))),
+    )
+
+
+@dataclass(frozen=True)
+class PgFingerprints:
+    """Fingerprints of one database: per table, per room of each ``messages`` table, and the
+    database's own properties (None in snapshots of formats 1 and 2)."""
+
+    tables: dict[str, Fingerprint]
+    rooms: dict[str, dict[str, Fingerprint]] = field(default_factory=dict)
+    database: DatabaseProps | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form."""
+        doc: dict[str, Any] = {
             "format": FORMAT,
             "tables": {name: fp.to_dict() for name, fp in self.tables.items()},
             "rooms": {
@@ -118,11 +248,14 @@ class PgFingerprints:
                 for name, rooms in self.rooms.items()
             },
         }
+        if self.database is not None:
+            doc["database"] = self.database.to_dict()
+        return doc
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PgFingerprints:
         """Inverse of ``to_dict`` (format 1 hashed every row's text); ``ValueError`` if unknown."""
-        if data.get("format") not in (1, FORMAT):
+        if data.get("format") not in (1, 2, FORMAT):
             raise ValueError(f"unsupported fingerprint format {data.get('format')!r}")
         default = TEXT if data["format"] == 1 else RECORD
         try:
@@ -135,6 +268,7 @@ class PgFingerprints:
                     n: {r: Fingerprint.from_dict(fp, default_hash=default) for r, fp in rs.items()}
                     for n, rs in data["rooms"].items()
                 },
+                database=DatabaseProps.from_dict(data["database"]) if "database" in data else None,
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"malformed fingerprints: {exc!r}") from None
@@ -199,7 +333,8 @@ def compute_fingerprints(
                 query = sql.SQL("SELECT count(*), sum({h}) FROM {src}")
                 row_hash, found = _scan(cur, query, hashes, src=source)
                 result[name] = Fingerprint(found[0][0], _hex(found[0][1]), row_hash=row_hash)
-    return PgFingerprints(tables=result, rooms=rooms)
+        database = database_props(cur)
+    return PgFingerprints(tables=result, rooms=rooms, database=database)
 
 
 def _scan(
@@ -232,8 +367,13 @@ def _diff(label: str, expected: Fingerprint, actual: Fingerprint) -> list[str]:
 
 
 def compare(expected: PgFingerprints, actual: PgFingerprints) -> list[str]:
-    """Human-readable differences between two fingerprint sets; empty means equal."""
+    """Human-readable differences between two fingerprint sets; empty means equal.
+
+    The database properties are compared when the expected set records them (format 3).
+    """
     out: list[str] = []
+    if expected.database is not None and actual.database is not None:
+        out += expected.database.differences(actual.database)
     for name in sorted(expected.tables.keys() | actual.tables.keys()):
         exp, act = expected.tables.get(name), actual.tables.get(name)
         if act is None:

@@ -32,7 +32,7 @@ from psycopg import sql
 
 from drtool.endpoints import PostgresEndpoint
 from drtool.errors import SourceError
-from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
+from drtool.sources.pg_fingerprint import DatabaseProps, PgFingerprints, compute_fingerprints
 from drtool.sources.process import CommandFailed, child_env, command_stream, run_checked, scrub
 
 log = logging.getLogger(__name__)
@@ -610,10 +610,93 @@ def database_is_empty(endpoint: PostgresEndpoint, name: str) -> bool:
         return int(row[0]) == 0
 
 
-def create_database(endpoint: PostgresEndpoint, name: str) -> None:
-    """``CREATE DATABASE name TEMPLATE template0`` (a clean target for pg_restore)."""
+def create_database(
+    endpoint: PostgresEndpoint, name: str, props: DatabaseProps | None = None
+) -> None:
+    """``CREATE DATABASE name TEMPLATE template0`` with the snapshot's encoding and locale.
+
+    ``props`` None (a snapshot that did not record them): the server's defaults.
+    """
+    options: list[sql.Composable] = [sql.SQL("TEMPLATE template0")]
+    if props is not None:
+        options += [
+            sql.SQL("ENCODING {}").format(sql.Literal(props.encoding)),
+            sql.SQL("LC_COLLATE {}").format(sql.Literal(props.collate)),
+            sql.SQL("LC_CTYPE {}").format(sql.Literal(props.ctype)),
+        ]
+        if props.locale_provider != "libc":
+            options.append(sql.SQL("LOCALE_PROVIDER {}").format(sql.SQL(props.locale_provider)))
+        if props.icu_locale:
+            options.append(sql.SQL("ICU_LOCALE {}").format(sql.Literal(props.icu_locale)))
+        options.append(sql.SQL("CONNECTION LIMIT {}").format(sql.Literal(props.connlimit)))
+    create = sql.SQL("CREATE DATABASE {} {}").format(
+        sql.Identifier(name), sql.SQL(" ").join(options)
+    )
     with _admin_conn(endpoint, f"create database {name}", name) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+        conn.execute(create)
+
+
+_LIST_QUOTED = {
+    "local_preload_libraries",
+    "search_path",
+    "session_preload_libraries",
+    "shared_preload_libraries",
+    "temp_tablespaces",
+    "unix_socket_directories",
+}
+"""Settings whose value is a list of quoted names: set element by element (as pg_dump does)."""
+
+
+def _setting_value(name: str, value: str) -> sql.Composable:
+    if name.lower() not in _LIST_QUOTED:
+        return sql.Literal(value)
+    items = [m.group(1).replace('""', '"') if m.group(1) is not None else m.group(2).strip()
+             for m in re.finditer(r'\s*(?:"((?:[^"]|"")*)"|([^,]+))\s*(?:,|$)', value)]  # fmt: skip
+    return sql.SQL(", ").join(sql.Literal(item) for item in items)
+
+
+def apply_database_props(endpoint: PostgresEndpoint, name: str, props: DatabaseProps) -> None:
+    """Give database ``name`` the snapshot's owner, comment, privileges and settings.
+
+    Run after pg_restore (a setting such as ``default_transaction_read_only`` would stop it).
+    A statement the login may not run fails the restore (the copy is dropped).
+    """
+    db = sql.Identifier(name)
+    statements: list[sql.Composed] = []
+    if props.owner:
+        statements.append(
+            sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, sql.Identifier(props.owner))
+        )
+    if props.comment is not None:
+        statements.append(
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(db, sql.Literal(props.comment))
+        )
+    if props.acl is not None:
+        statements.append(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
+        for grantee, privilege, grantable in props.acl:
+            statements.append(
+                sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                    sql.SQL(privilege),
+                    db,
+                    sql.SQL("PUBLIC") if grantee == "PUBLIC" else sql.Identifier(grantee),
+                    sql.SQL(" WITH GRANT OPTION" if grantable else ""),
+                )
+            )
+    for role, setting in props.settings:
+        key, _, value = setting.partition("=")
+        target = (
+            sql.SQL("ALTER ROLE {} IN DATABASE {}").format(sql.Identifier(role), db)
+            if role
+            else sql.SQL("ALTER DATABASE {}").format(db)
+        )
+        statements.append(
+            sql.SQL("{} SET {} TO {}").format(
+                target, sql.Identifier(key), _setting_value(key, value)
+            )
+        )
+    with _admin_conn(endpoint, f"set the properties of database {name}", name) as conn:
+        for statement in statements:
+            conn.execute(statement)
 
 
 def switch_databases(endpoint: PostgresEndpoint, copy: str, name: str, old: str | None) -> None:

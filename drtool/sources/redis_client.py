@@ -9,6 +9,7 @@ version must not be newer than the target's: RESTORE rejects a newer DUMP format
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 import time
@@ -118,6 +119,37 @@ def scan_batches(client: redis.Redis, count: int, kind: str | None = None) -> It
             return
 
 
+class CopyFailed(SourceError):
+    """Copying keys stopped part-way: the keys written so far stay written."""
+
+    def __init__(self, message: str, copied: int) -> None:
+        super().__init__(message)
+        self.copied = copied
+
+
+def redis_error(exc: BaseException) -> str:
+    """The server's (or client's) message of ``exc`` without the command that caused it.
+
+    redis-py annotates a failed pipeline command with its arguments ("Command # 3 (RESTORE
+    key 0 <payload> ...) of pipeline caused error: ..."), and a payload is user data: errors
+    name keys, objects and offsets, never values.
+    """
+    text = _ANNOTATION.sub("", " ".join(str(exc).split()))[:300]
+    # redis-py strips the error code of the replies it maps to a class (OOM, NOPERM, ...)
+    kind = type(exc).__name__
+    if kind in ("ResponseError", "RedisError"):
+        return text or kind
+    return f"{kind}: {text}" if text else kind
+
+
+_ANNOTATION = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
+
+
+def _name(key: bytes) -> str:
+    text = repr(key)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def _copy_db(source: redis.Redis, target: redis.Redis, replace: bool, batch: int) -> int:
     """DUMP + PTTL from the source, RESTORE into the target, one pipelined batch at a time.
 
@@ -132,12 +164,19 @@ def _copy_db(source: redis.Redis, target: redis.Redis, replace: bool, batch: int
             read.pttl(key)
         replies = read.execute()
         write = target.pipeline(transaction=False)
+        sent: list[bytes] = []
         for key, payload, pttl in zip(keys, replies[::2], replies[1::2], strict=True):
             if payload is None or pttl in (0, -2):  # gone or expiring right now
                 continue
             write.restore(key, 0 if pttl == -1 else pttl, payload, replace=replace)
-            copied += 1
-        write.execute()
+            sent.append(key)
+        results = write.execute(raise_on_error=False)
+        failed = [(k, r) for k, r in zip(sent, results, strict=True) if isinstance(r, Exception)]
+        copied += len(sent) - len(failed)
+        if failed:
+            key, exc = failed[0]
+            more = f" (and {len(failed) - 1} more keys of the batch)" if len(failed) > 1 else ""
+            raise CopyFailed(f"RESTORE of key {_name(key)}{more}: {redis_error(exc)}", copied)
     return copied
 
 
@@ -145,13 +184,21 @@ def copy_keys(src: redis.Redis, dst: redis.Redis, *, replace: bool, batch: int =
     """Copy every key of every db from ``src`` to ``dst`` keeping TTLs; return keys copied.
 
     Pipelined DUMP + PTTL on the source, RESTORE [REPLACE] on the target. Keys that expire
-    meanwhile are skipped. Without ``replace`` an existing target key fails the copy.
+    meanwhile are skipped. Without ``replace`` an existing target key fails the copy. A
+    failure raises :class:`CopyFailed` naming the key (never its value) and how many keys
+    were written before it.
     """
     copied = 0
     for db in keyspace_dbs(src):
         with client_for_db(src, db) as source, client_for_db(dst, db) as target:
             try:
                 copied += _copy_db(source, target, replace, batch)
-            except (redis.ResponseError, redis.ConnectionError) as exc:
-                raise SourceError(f"copying Redis keys of db {db} failed: {exc}") from None
+            except CopyFailed as exc:
+                raise CopyFailed(
+                    f"copying Redis keys of db {db} failed: {exc.message}", copied + exc.copied
+                ) from None
+            except redis.RedisError as exc:
+                raise CopyFailed(
+                    f"copying Redis keys of db {db} failed: {redis_error(exc)}", copied
+                ) from None
     return copied

@@ -27,6 +27,7 @@ from drtool.sources.redis_client import (
     connect,
     ephemeral_redis,
     keyspace_dbs,
+    redis_error,
     scan_batches,
 )
 
@@ -281,7 +282,7 @@ def fingerprint_redis(target: redis.Redis | RedisEndpoint) -> RedisFingerprints:
                 dbs[db] = _fingerprint_db(bound, db, modules)
         return RedisFingerprints(dbs)
     except (redis.ResponseError, redis.ConnectionError) as exc:
-        raise SourceError(f"fingerprinting Redis failed: {exc}") from None
+        raise SourceError(f"fingerprinting Redis failed: {redis_error(exc)}") from None
     finally:
         if client is not target:
             client.close()

@@ -32,6 +32,19 @@ EOF_MARK_LEN = 40
 MAX_LINE = 64 * 1024
 RDB_MAGIC = b"REDIS"
 REPL_PERMISSIONS = "the backup user needs the +replconf, +psync and +sync permissions"
+
+
+def _refused(command: str, msg: str) -> str:
+    """Why replication was refused, naming the missing ACL rule when the server says NOPERM."""
+    if msg.startswith("NOPERM"):
+        rule = "+psync (or +sync)" if command in ("PSYNC", "SYNC") else f"+{command.lower()}"
+        return (
+            f"Redis refused replication ({command}): {msg}; the backup user lacks the ACL "
+            f"rule {rule} (ACL SETUSER <user> {rule.split()[0]}); {REPL_PERMISSIONS}"
+        )
+    return f"Redis refused replication ({command}): {msg}; {REPL_PERMISSIONS}"
+
+
 _REDIS_VER_AUX = re.compile(rb"\xfa\x09redis-ver([\x00-\x3f])")
 
 
@@ -170,11 +183,11 @@ def _handshake(wire: _Wire, endpoint: RedisEndpoint) -> str:
     if (msg := _error_text(wire.line())) is not None:
         if msg.startswith("NOAUTH"):
             raise SourceError(f"Redis at {wire.where} requires a password: {msg}")
-        raise SourceError(f"Redis refused replication (REPLCONF): {msg}; {REPL_PERMISSIONS}")
+        raise SourceError(_refused("REPLCONF", msg))
     wire.command("REPLCONF", "rdb-only", "1")
     msg = _error_text(wire.line())
     if msg is not None and not msg.startswith("ERR"):  # Redis < 7 does not know rdb-only
-        raise SourceError(f"Redis refused replication (REPLCONF): {msg}; {REPL_PERMISSIONS}")
+        raise SourceError(_refused("REPLCONF", msg))
     return version
 
 
@@ -197,7 +210,7 @@ def _start_transfer(wire: _Wire) -> bytes:
         wire.command("SYNC")
         reply = wire.line()
     if (msg := _error_text(reply)) is not None:
-        raise SourceError(f"Redis refused replication (SYNC): {msg}; {REPL_PERMISSIONS}")
+        raise SourceError(_refused("SYNC", msg))
     if reply.startswith(b"+"):  # +FULLRESYNC <replid> <offset>
         reply = wire.line()
     if not reply.startswith(b"$"):
@@ -259,6 +272,26 @@ class _Sink:
         self.sha.update(data)
         self.size += len(data)
         self._fh.write(data)
+
+
+def probe_replication(endpoint: RedisEndpoint, *, timeout: float = 30.0) -> str:
+    """Check that the backup's own commands are permitted, without the transfer; the version.
+
+    What ``fetch_rdb`` sends first: AUTH, INFO server (optional), REPLCONF, then PSYNC (or
+    SYNC); the connection is closed as soon as the server answers PSYNC with +FULLRESYNC,
+    before any payload (a server whose ``repl-diskless-sync-delay`` is 0 may start, then
+    drop, one snapshot fork; so does the SYNC fallback of a user without +psync).
+    Raises SourceError naming the ACL rule that is missing. Returns "" when the user may not
+    run INFO (the backup does not need it).
+    """
+    with contextlib.closing(_connect(endpoint, timeout, timeout)) as wire:
+        version = _handshake(wire, endpoint)
+        wire.command("PSYNC", "?", "-1")
+        if (msg := _error_text(wire.line())) is not None:  # +FULLRESYNC: permitted, hang up
+            wire.command("SYNC")  # the fallback fetch_rdb takes; its first line is the payload's
+            if (sync_msg := _error_text(wire.line())) is not None:
+                raise SourceError(_refused("SYNC", f"{sync_msg} (PSYNC: {msg})"))
+    return version
 
 
 def fetch_rdb(

@@ -107,6 +107,7 @@ class Target:
     pg_bin_dir: Path | None = None
     timeout: float = 3600.0
     placer: Placer | None = None  # set for an offline Redis restore
+    keep_dir: Path | None = None  # where copies that outlive the restore are kept (scratch)
 
 
 @dataclass(frozen=True)

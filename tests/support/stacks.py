@@ -49,7 +49,12 @@ def stack_sections(stack: StackEndpoints, secrets: Path) -> dict[str, Any]:
             "dbname": pg.dbname,
             "password_file": secret("pg", pg.password),
         },
-        "redis": {"host": rd.host, "port": rd.port, "password_file": secret("redis", rd.password)},
+        "redis": {
+            "host": rd.host,
+            "port": rd.port,
+            "password_file": secret("redis", rd.password),
+            **({"username": rd.username} if rd.username else {}),
+        },
         "minio": {
             "endpoint_url": s3.endpoint_url,
             "region": s3.region,

@@ -135,6 +135,7 @@ def run_restore(
         workers=WORKERS,
         pg_bin_dir=Path(cfg.postgres.bin_dir) if cfg.postgres.bin_dir else None,
         timeout=float(cfg.backup.timeout_s),
+        keep_dir=scratch_dir(cfg),
     )
     restoring = _load(SnapshotSource(repo, m, identities), chosen, target)
     if "redis" in restoring and options.redis_mode == "offline":

@@ -6,6 +6,15 @@ size, sha256, content type and metadata. An object whose key, size and ETag equa
 snapshot's, and whose blob is still stored, reuses that blob. The backup host keeps the last
 committed index in plaintext in its state dir (it holds the plaintext objects anyway), because
 it has no identity to read the encrypted one.
+
+Size and ETag say the bytes are the same, not the content type and metadata: a copy onto
+itself with ``MetadataDirective=REPLACE`` changes those and keeps the ETag. The listing does
+not show them, but it shows ``LastModified``, which such a copy moves. So the whole previous
+entry is reused only when the listed LastModified equals the one the cache recorded; when it
+differs (or none was recorded: a cache written before, or a LastModified too close to the
+listing to trust at its one-second precision), one HEAD reads the content type and metadata
+and the entry keeps its blob with what the HEAD says. An unchanged bucket costs no request
+beyond the listing; each changed object one HEAD (measured in tests/test_minio_metadata.py).
 """
 
 from __future__ import annotations
@@ -16,8 +25,10 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from drtool.errors import SourceError
 from drtool.repository import layout
@@ -27,11 +38,14 @@ from drtool.repository.writer import SnapshotWriter
 from drtool.sources.minio import MinioStore, SourceObject
 
 log = logging.getLogger(__name__)
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 # Upload buffers of all workers together. With ~80 MB of code and libraries this keeps a
 # backup under 128 MB whatever the objects' sizes: many small objects run side by side, an
 # object of more than a part (S3: 3 parts of 8 MiB in memory) runs alone.
 BUFFER_BUDGET = 24 * 1024 * 1024
+MTIME_SLACK = timedelta(seconds=2)
 
 
 @dataclass
@@ -45,6 +59,8 @@ class BucketResult:
     uploaded_bytes: int = 0
     reused: int = 0
     plain_bytes: int = 0
+    headed: int = 0
+    """Objects whose metadata a HEAD read (LastModified moved with the same bytes)."""
 
 
 def cache_path(state_dir: Path, repo_id: str, bucket: str) -> Path:
@@ -64,7 +80,7 @@ def write_cache(path: Path, entries: list[IndexEntry]) -> None:
     """Replace the cached index atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(b"".join(encode_index(entries)))
+    tmp.write_bytes(b"".join(encode_index(entries, with_mtime=True)))
     tmp.replace(path)
 
 
@@ -83,7 +99,8 @@ def snapshot_bucket(
     A listing or read error raises; no index is written for a partial bucket.
     """
     entries: list[IndexEntry] = []
-    todo: list[SourceObject] = []
+    todo: list[tuple[SourceObject, IndexEntry | None]] = []
+    listed_at = datetime.now(UTC)
     for obj in store.list_objects(bucket):
         old = previous.get(obj.key)
         if (
@@ -92,17 +109,35 @@ def snapshot_bucket(
             and old.etag == obj.etag
             and stored_blobs.get(layout.blob_key(old.blob)) == old.blob_size
         ):
-            entries.append(old)
-            on_object(obj.size)
+            if old.listed_mtime and old.listed_mtime == obj.last_modified:
+                entries.append(replace(old, listed_mtime=_trusted(obj, listed_at)))
+                on_object(obj.size)
+            else:
+                todo.append((obj, old))  # same bytes; content type and metadata: one HEAD
         else:
-            todo.append(obj)
-    reused = len(entries)
+            todo.append((obj, None))
 
     budget = _Budget(BUFFER_BUDGET)
 
-    def upload(obj: SourceObject) -> IndexEntry:
+    def upload(item: tuple[SourceObject, IndexEntry | None]) -> tuple[IndexEntry, bool]:
+        obj, old = item
+        if old is not None:
+            found = store.stat(bucket, obj.key)
+            if found is not None and (found[0].size, found[0].etag) == (old.size, old.etag):
+                on_object(obj.size)
+                meta = found[1]
+                entry = replace(
+                    old,
+                    content_type=meta.content_type,
+                    metadata=meta.metadata,
+                    # the listing's, not the HEAD's: HTTP dates have whole seconds, MinIO's
+                    # listing milliseconds; the next listing is compared with this
+                    listed_mtime=_trusted(obj, listed_at),
+                )
+                return entry, False
+            # changed since the listing: read it like a new object
         with budget.hold(writer.storage.put_buffer(obj.size)):
-            return upload_one(obj)
+            return upload_one(obj), True
 
     def upload_one(obj: SourceObject) -> IndexEntry:
         meta, stream = store.read(bucket, obj.key)
@@ -121,22 +156,41 @@ def snapshot_bucket(
             blob=blob_id,
             blob_size=written.entry.size,
             blob_sha256=written.entry.sha256,
+            listed_mtime=_trusted(obj, listed_at),
         )
 
-    entries.extend(_run_parallel(upload, todo, workers))
+    done = _run_parallel(upload, todo, workers)
+    uploaded = [e for e, new in done if new]
+    entries.extend(e for e, new in done if not new)
+    entries.extend(uploaded)
     index = writer.put_snapshot_object(
         "minio", f"{bucket}.index", encode_index(entries), kind="minio_index"
     )
-    uploaded = entries[reused:]
     return BucketResult(
         bucket=bucket,
         entries=entries,
         index=index.entry,
         uploaded=len(uploaded),
         uploaded_bytes=sum(e.size for e in uploaded),
-        reused=reused,
+        reused=len(entries) - len(uploaded),
         plain_bytes=sum(e.size for e in entries),
+        headed=len(done) - len(uploaded),
     )
+
+
+def _trusted(obj: SourceObject, listed_at: datetime) -> str:
+    """``obj.last_modified`` if it may stand for "unchanged" next time, else "" (HEAD then).
+
+    At the listing's one-second precision a change in the same second as the previous write
+    would keep it: a LastModified within ``MTIME_SLACK`` of the listing is not trusted.
+    """
+    try:
+        modified = datetime.fromisoformat(obj.last_modified)
+    except ValueError:
+        return ""
+    if modified.tzinfo is None or listed_at - modified < MTIME_SLACK:
+        return ""
+    return obj.last_modified
 
 
 def raise_changed(bucket: str, obj: SourceObject, got: int) -> None:
@@ -170,13 +224,11 @@ class _Budget:
                 self._changed.notify_all()
 
 
-def _run_parallel(
-    fn: Callable[[SourceObject], IndexEntry], items: list[SourceObject], workers: int
-) -> list[IndexEntry]:
+def _run_parallel(fn: Callable[[_In], _Out], items: list[_In], workers: int) -> list[_Out]:
     """Apply ``fn`` with at most ``workers`` in flight; the first failure cancels the rest."""
-    results: list[IndexEntry] = []
+    results: list[_Out] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: set[Future[IndexEntry]] = set()
+        pending: set[Future[_Out]] = set()
         for item in items:
             if len(pending) >= workers * 2:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -187,9 +239,7 @@ def _run_parallel(
     return results
 
 
-def _collect(
-    done: set[Future[IndexEntry]], results: list[IndexEntry], pending: set[Future[IndexEntry]]
-) -> None:
+def _collect(done: set[Future[_Out]], results: list[_Out], pending: set[Future[_Out]]) -> None:
     for future in done:
         exc = future.exception()
         if exc is not None:

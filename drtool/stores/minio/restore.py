@@ -21,7 +21,7 @@ from drtool.errors import IntegrityError, UsageError
 from drtool.repository.access import Repo, read_object, snapshot_header
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
 from drtool.repository.minio_index import IndexEntry, decode_index
-from drtool.sources.minio import MinioStore, ObjectMeta
+from drtool.sources.minio import ALL_BUCKETS, MinioStore, ObjectMeta
 from drtool.stores.stage import Plain, blob_header, check_all, stage
 
 INDEX_SUFFIX = ".index.zst.age"
@@ -64,13 +64,14 @@ def load(
 ) -> list[BucketSnapshot]:
     """Read every bucket index of the snapshot; map the buckets onto the target's.
 
-    Buckets map by position when the target lists as many as the snapshot holds, else by name.
+    Buckets map by position when the target lists as many as the snapshot holds, else (and
+    for ``buckets = ["*"]``) by name.
     """
     indexes = [o for o in comp.objects if o.kind == "minio_index"]
     sources = [o.key.rsplit("/", 1)[-1].removesuffix(INDEX_SUFFIX) for o in indexes]
     mapping = (
         dict(zip(sources, target_buckets, strict=True))
-        if len(target_buckets) == len(sources)
+        if len(target_buckets) == len(sources) and target_buckets != (ALL_BUCKETS,)
         else {b: b for b in sources}
     )
     manifest_blobs = {o.key: o for o in comp.objects if o.kind == "blob"}

@@ -52,7 +52,18 @@ class MinioStore:
         caches: list[tuple[Path, list[IndexEntry]]] = []
         plain = 0
         details: dict[str, Any] = {}
-        for bucket in endpoints.buckets:
+        coverage = s3_source.bucket_coverage(
+            store,
+            endpoints.buckets,
+            repository=s3_source.repository_bucket(
+                ctx.cfg.repository.url,
+                ctx.cfg.repository.endpoint_url,
+                endpoints.minio.endpoint_url,
+            ),
+        )
+        if (left_out := coverage.warning()) is not None:
+            log.warning("%s", left_out)
+        for bucket in coverage.protected:
             path = bucket_backup.cache_path(ctx.state, ctx.writer.repo.repo_id, bucket)
             result = bucket_backup.snapshot_bucket(
                 store,

@@ -4,6 +4,10 @@
 the snapshot's; only then is the live database renamed to ``<db>_pre_restore_<time>`` (dropped
 with ``drop_old``, or when it held nothing) and the copy renamed into its place. Any failure
 before the switch drops the copy and leaves the live database as it was (promise 5).
+
+The copy is created with the snapshot's encoding and locale and, once filled, given its
+owner, comment, privileges and ``ALTER DATABASE ... SET`` settings (fingerprint format 3
+records them; a dump without ``--create`` does not carry them).
 """
 
 from __future__ import annotations
@@ -239,7 +243,7 @@ def restore(
     copy, old = names(name, stamp)
     if staged.globals_sql is not None:
         apply_globals(staged.globals_sql, endpoint, pg_bin_dir, timeout)
-    pg.create_database(endpoint, copy)
+    pg.create_database(endpoint, copy, snap.fingerprints.database)
     will_drop = target.exists and (drop_old or target.empty)
     # DROP DATABASE forces an immediate checkpoint, which would then write and fsync the whole
     # freshly restored copy while nothing else runs. A CHECKPOINT started beside the (CPU-bound)
@@ -256,6 +260,8 @@ def restore(
             timeout=timeout,
             version_checked=True,  # by stage_files, on this file
         )
+        if snap.fingerprints.database is not None:
+            pg.apply_database_props(endpoint, copy, snap.fingerprints.database)
         if will_drop:
             flusher.submit(pg.checkpoint, endpoint)
         problems = compare(snap.fingerprints, fingerprints_of(endpoint, copy, snap.fingerprints))

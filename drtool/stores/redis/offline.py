@@ -30,7 +30,7 @@ import redis
 from drtool.endpoints import RedisEndpoint
 from drtool.errors import SourceError, UsageError
 from drtool.runtime.local import LocalStack
-from drtool.sources.redis_client import connect, ephemeral_redis, keyspace_dbs
+from drtool.sources.redis_client import connect, ephemeral_redis, keyspace_dbs, redis_error
 from drtool.sources.redis_fingerprint import compare, fingerprint_redis
 from drtool.stores.base import Placer
 from drtool.stores.redis.restore import RedisOutcome, only_expired
@@ -166,7 +166,8 @@ def container_placer(name: str, endpoint: RedisEndpoint) -> ContainerPlacer:
             directory = str(client.config_get("dir")["dir"])
             filename = str(client.config_get("dbfilename")["dbfilename"])
         except (redis.RedisError, KeyError) as exc:
-            raise SourceError(f"redis {endpoint.host}:{endpoint.port}: CONFIG GET: {exc}") from None
+            why = redis_error(exc) if isinstance(exc, redis.RedisError) else f"no {exc}"
+            raise SourceError(f"redis {endpoint.host}:{endpoint.port}: CONFIG GET: {why}") from None
     return ContainerPlacer(name, PurePosixPath(directory) / filename)
 
 
@@ -197,7 +198,7 @@ def restore(
                 loaded = fingerprint_redis(source)
             client.save()  # the current data, to put back if the snapshot does not come up
         except redis.RedisError as exc:
-            raise SourceError(f"{where}: {exc}") from None
+            raise SourceError(f"{where}: {redis_error(exc)}") from None
     placer.stop()
     placer.keep_current(stamp, workdir)
     placer.place(rdb)

@@ -6,6 +6,11 @@ so the target ends equal to the snapshot (while it runs, clients see a mix: a li
 be switched atomically; :mod:`drtool.stores.redis.offline` replaces the data file of
 a server drtool can stop instead).
 
+Nothing is written before the snapshot is known to fit the target's ``maxmemory`` and the
+target's current keys are saved to a pre-restore copy on local disk; a copy that fails
+part-way is undone from it (:mod:`drtool.stores.redis.guard`). Errors name keys,
+never values.
+
 Verification is a chain: the RDB's sha256 equals the one recorded (and fingerprinted) at
 backup time; the target's fingerprints equal those of the ephemeral server holding that RDB,
 taken after the copy. The backup-time fingerprints cannot be compared directly: keys with a
@@ -16,9 +21,11 @@ differ only by keys with a TTL (a burst expired between them), they are taken on
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import redis
 
@@ -27,17 +34,29 @@ from drtool.errors import IntegrityError, SourceError, UsageError
 from drtool.repository.access import Repo, read_object, snapshot_header
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
 from drtool.sources.redis_client import (
+    CopyFailed,
     client_for_db,
     connect,
     copy_keys,
     ephemeral_redis,
     keyspace_dbs,
+    redis_error,
     scan_batches,
 )
 from drtool.sources.redis_fingerprint import RedisFingerprints, compare, fingerprint_redis
+from drtool.stores.redis.guard import (
+    PreRestoreCopy,
+    check_fit,
+    dataset_bytes,
+    measure_target,
+    put_back,
+    target_memory,
+)
 from drtool.stores.stage import Plain, stage
 
 BATCH = 1000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,7 +103,7 @@ def target_keys(endpoint: RedisEndpoint) -> int:
         with closing(connect(endpoint)) as client:
             return sum(keyspace_dbs(client).values())
     except redis.RedisError as exc:
-        raise SourceError(f"redis {endpoint.host}:{endpoint.port}: {exc}") from None
+        raise SourceError(f"redis {endpoint.host}:{endpoint.port}: {redis_error(exc)}") from None
 
 
 def stage_rdb(
@@ -95,24 +114,104 @@ def stage_rdb(
     return stage(repo, snap.rdb, header, identities, workdir / "dump.rdb", snap.rdb_plain)
 
 
-def restore(rdb: Path, endpoint: RedisEndpoint, *, force: bool) -> RedisOutcome:
-    """Copy every key of the RDB to the target (see the module docstring)."""
+def restore(
+    rdb: Path, endpoint: RedisEndpoint, *, force: bool, keep_dir: Path, stamp: str
+) -> RedisOutcome:
+    """Copy every key of the RDB to the target (see the module docstring).
+
+    Before the target is touched: its keys are saved to a pre-restore copy in ``keep_dir``
+    and the snapshot must fit its ``maxmemory`` (:mod:`drtool.stores.redis.guard`). A copy
+    that fails part-way is undone from that copy; the error says what the target holds.
+    """
+    where = f"redis {endpoint.host}:{endpoint.port}"
     with ephemeral_redis(rdb) as source, closing(connect(endpoint)) as target:
+        pre: PreRestoreCopy | None = None
         try:
             held = sum(keyspace_dbs(target).values())
             if held and not force:
                 raise UsageError(
-                    f"redis {endpoint.host}:{endpoint.port}: holds {held} keys now; "
-                    "nothing changed, use --force to replace them"
+                    f"{where}: holds {held} keys now; nothing changed, use --force to replace them"
                 )
+            before = target_memory(target)
+            if held:
+                pre = measure_target(source, target, keep_dir / f"redis-pre_restore_{stamp}.keys")
+            check_fit(where, before, dataset_bytes(source), pre)
+        except redis.RedisError as exc:
+            _discard(pre)
+            raise SourceError(f"{where}: {redis_error(exc)}; nothing changed") from None
+        except BaseException:
+            _discard(pre)
+            raise
+        try:
             copied = copy_keys(source, target, replace=force)
             removed = _remove_extra(source, target) if force else 0
-        except redis.RedisError as exc:
-            raise SourceError(f"redis {endpoint.host}:{endpoint.port}: {exc}") from None
+        except (CopyFailed, redis.RedisError) as exc:
+            _undo(where, source, target, pre, exc)
+        except BaseException:  # interrupted (SIGTERM, Ctrl-C): no undo, but say where things are
+            log.error(
+                "%s: restore interrupted part-way; the target holds part of the snapshot%s",
+                where,
+                f"; its previous keys are saved in {pre.path}" if pre else "",
+            )
+            raise
+        try:
+            evicted = target_memory(target).evicted - before.evicted
+        except redis.RedisError:
+            evicted = 0
         loaded, restored = fingerprint_redis(source), fingerprint_redis(target)
         if only_expired(loaded, restored):
             loaded, restored = fingerprint_redis(source), fingerprint_redis(target)
-    return RedisOutcome(copied, removed, loaded, compare(loaded, restored))
+    problems = compare(loaded, restored)
+    if evicted > 0:
+        problems.insert(
+            0, f"the target evicted {evicted:,} keys meanwhile (maxmemory-policy {before.policy})"
+        )
+    if problems and pre is not None:  # the target is changed and not as it should be
+        problems.append(f"the target's previous {pre.keys:,} keys are saved in {pre.path}")
+    else:
+        _discard(pre)
+    return RedisOutcome(copied, removed, loaded, problems)
+
+
+def _undo(
+    where: str,
+    source: redis.Redis,
+    target: redis.Redis,
+    pre: PreRestoreCopy | None,
+    exc: BaseException,
+) -> NoReturn:
+    """Put the target back after a part-way failure, and say exactly what it holds now."""
+    cause = exc.message if isinstance(exc, CopyFailed) else redis_error(exc)
+    written = f"{exc.copied:,}" if isinstance(exc, CopyFailed) else "some"
+    log.error("%s: restore failed part-way (%s); putting the previous keys back", where, cause)
+    try:
+        back = put_back(source, target, pre)
+    except (redis.RedisError, SourceError) as undo:
+        why = undo.message if isinstance(undo, SourceError) else redis_error(undo)
+        kept = (
+            f"its previous {pre.keys:,} keys are saved in {pre.path} (DUMP payloads; format "
+            "in drtool.stores.redis.guard.py)"
+            if pre
+            else "it held no keys before"
+        )
+        raise SourceError(
+            f"{where}: the restore failed part-way ({cause}) after writing {written} of the "
+            f"snapshot's keys, and putting the previous keys back failed too ({why}). The "
+            f"target is CHANGED: it holds part of the snapshot; {kept}. Fix the cause, then "
+            "restore again with --force"
+        ) from None
+    _discard(pre)
+    raise SourceError(
+        f"{where}: the restore failed part-way ({cause}) after writing {written} of the "
+        f"snapshot's keys; the target was put back: the snapshot's keys removed and its "
+        f"previous {back:,} keys restored (keys other clients wrote meanwhile are as they left "
+        "them)"
+    ) from None
+
+
+def _discard(pre: PreRestoreCopy | None) -> None:
+    if pre is not None:
+        pre.path.unlink(missing_ok=True)
 
 
 def only_expired(loaded: RedisFingerprints, restored: RedisFingerprints) -> bool:

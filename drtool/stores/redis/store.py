@@ -132,7 +132,13 @@ class RedisRestoring:
         assert self.rdb is not None  # stage came first
         endpoint = target.endpoints.redis
         if target.placer is None:
-            r = redis_restore.restore(self.rdb, endpoint, force=target.force)
+            r = redis_restore.restore(
+                self.rdb,
+                endpoint,
+                force=target.force,
+                keep_dir=target.keep_dir or work.parent,
+                stamp=stamp,
+            )
             done = f"{r.copied:,} keys copied, {r.removed:,} removed"
         else:
             r = offline.restore(
