@@ -27,6 +27,8 @@ BACKUP_CRASH_POINTS = (
 CRASH_POINTS = (
     *BACKUP_CRASH_POINTS,
     "restore-before-switch",  # the PostgreSQL copy is loaded and verified, not yet switched in
+    "wal-after-upload",  # a WAL file is stored, its index chunk not yet committed
+    "wal-after-index",  # the index chunk is committed, the files not yet removed from the spool
 )
 
 

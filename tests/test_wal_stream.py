@@ -1,0 +1,467 @@
+"""``drtool wal stream|status|verify`` against a real PostgreSQL 15 and a file repository.
+
+The streamer runs as the real CLI in a subprocess (signals, kill -9, exit codes are the
+point). A second, independent ``pg_receivewal`` on its own slot is the reference: every
+segment drtool sealed must decrypt to exactly the bytes that receiver wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import servers_required
+from helpers import DRTOOL, run_drtool
+
+from drtool import keys
+from drtool.config import load_config
+from drtool.endpoints import PostgresEndpoint
+from drtool.pipeline.seal import unseal
+from drtool.repository.access import open_repo
+from drtool.runtime.pgserver import PostgresServer
+from drtool.services import repo as repo_svc
+from drtool.services.stack import write_config
+from drtool.wal import continuity
+from drtool.wal.index import IndexChunk, WalEntry, WalIndex, load_index
+from drtool.wal.names import SegmentId, history_name
+from drtool.wal.sealer import wal_header
+from drtool.wal.spool import Spool
+
+WAIT_S = 120.0
+SEG = 16 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def wal_pg(runtime_root: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL 15 of this module's own: slots and restarts disturb no other test.
+
+    initdb's default pg_hba.conf already has ``host replication all 127.0.0.1/32``, and
+    wal_level=replica and max_wal_senders=10 are the defaults: nothing more is needed.
+    """
+    with servers_required():
+        server = PostgresServer(
+            runtime_root / f"pgwal-{uuid.uuid4().hex[:6]}",
+            major=15,
+            settings={"fsync": "off", "synchronous_commit": "off"},
+        )
+    server.start()
+    yield server
+    server.stop()
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+    """Poll ``predicate`` until truthy; fail naming ``what`` (a bound, not a timing check)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@dataclass
+class WalKit:
+    """A repository, a backup-host config streaming from ``wal_pg`` and an operator config."""
+
+    root: Path
+    server: PostgresServer
+    config: Path
+    operator: Path
+    identity: Path
+    slot: str
+
+    @property
+    def repo_dir(self) -> Path:
+        return self.root / "repository"
+
+    @property
+    def spool(self) -> Spool:
+        return Spool(self.root / "spool")
+
+    @property
+    def log(self) -> Path:
+        return self.root / "stream.log"
+
+    def index(self) -> WalIndex:
+        cfg = load_config(self.operator, {})
+        repo = open_repo(cfg)
+        return load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
+
+    def segments(self) -> list[str]:
+        return sorted(e.name for e in self.index().segments())
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
+        with self.log.open("ab") as log:
+            return subprocess.Popen(
+                [DRTOOL, "--config", str(self.config), "wal", "stream", *args],
+                env={**clean, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+
+    def decrypt(self, entry: WalEntry) -> bytes:
+        ids = keys.load_identities(self.identity, None)
+        raw = (self.repo_dir / entry.key).read_bytes()
+        return b"".join(
+            unseal([raw], identities=ids, expected=wal_header(self.repo_id(), entry.name), name="x")
+        )
+
+    def repo_id(self) -> str:
+        return open_repo(load_config(self.operator, {})).info.repo_id
+
+
+@pytest.fixture
+def kit(tmp_path: Path, wal_pg: PostgresServer) -> Iterator[WalKit]:
+    (tmp_path / "keys").mkdir(mode=0o700)
+    identity = tmp_path / "keys" / "operator.key"
+    recipient = keys.write_identity(identity, passphrase=None)
+    verify_key = keys.write_signing_key(tmp_path / "keys" / "signing.key")
+    password = tmp_path / "keys" / "pg-password"
+    password.write_text(wal_pg.password)
+    password.chmod(0o600)
+    slot = f"t_{uuid.uuid4().hex[:10]}"
+    ep = wal_pg.endpoint
+    url = (tmp_path / "repository").as_uri()
+    postgres = {"host": ep.host, "port": ep.port, "user": ep.user, "dbname": ep.dbname}
+    config = write_config(
+        tmp_path / "backup.toml",
+        {
+            "repository": {"url": url},
+            "keys": {
+                "recipients": [recipient],
+                "signing_key_file": str(tmp_path / "keys" / "signing.key"),
+                "verify_key": verify_key,
+            },
+            "postgres": {**postgres, "password_file": str(password)},
+            "wal": {
+                "spool_dir": str(tmp_path / "spool"),
+                "slot": slot,
+                "flush_interval": 1.0,
+                "restart_max_s": 2.0,
+            },
+        },
+        "a test WAL streamer",
+    )
+    operator = write_config(
+        tmp_path / "operator.toml",
+        {
+            "repository": {"url": url},
+            "keys": {"identity_file": str(identity), "verify_key": verify_key},
+            "wal": {"spool_dir": str(tmp_path / "spool")},
+        },
+        "a test operator",
+    )
+    repo_svc.init_repo(load_config(config, {}))
+    yield WalKit(tmp_path, wal_pg, config, operator, identity, slot)
+    with _admin(ep) as conn:  # a forgotten slot would pin WAL on the module's server
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE NOT active AND slot_name LIKE 't\\_%' OR slot_name LIKE 'ref\\_%'"
+        )
+
+
+def _admin(ep: PostgresEndpoint) -> psycopg.Connection[Any]:
+    return psycopg.connect(**ep.connect_kwargs(), autocommit=True)
+
+
+def write_rows(ep: PostgresEndpoint) -> None:
+    """Commit some rows: WAL for --until-idle to close and seal."""
+    with _admin(ep) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS walt (id bigserial, body text)")
+        conn.execute("INSERT INTO walt (body) SELECT md5(g::text) FROM generate_series(1, 1000) g")
+
+
+class Writer:
+    """Commits rows in a loop until stopped: WAL advancing while the streamer works."""
+
+    def __init__(self, ep: PostgresEndpoint) -> None:
+        self.ep = ep
+        self.stop = threading.Event()
+        self.rows = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with _admin(self.ep) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS walt (id bigserial, body text)")
+            while not self.stop.is_set():
+                conn.execute(
+                    "INSERT INTO walt (body) SELECT md5(g::text) FROM generate_series(1, 200) g"
+                )
+                self.rows += 200
+                time.sleep(0.02)
+
+    def __enter__(self) -> Writer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+class Reference:
+    """An independent pg_receivewal on its own slot: the bytes the server sent."""
+
+    def __init__(self, server: PostgresServer, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir()
+        self.slot = f"ref_{uuid.uuid4().hex[:8]}"
+        ep = server.endpoint
+        self.env = {**os.environ, **ep.libpq_env()}
+        self.binary = str(server.bin_dir / "pg_receivewal")
+        subprocess.run(
+            [self.binary, "--create-slot", f"--slot={self.slot}", "--no-password"],
+            env=self.env,
+            check=True,
+            capture_output=True,
+        )
+        self.proc = subprocess.Popen(
+            [self.binary, "-D", str(directory), f"--slot={self.slot}", "--no-password"],
+            env=self.env,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(30)
+        subprocess.run(
+            [self.binary, "--drop-slot", f"--slot={self.slot}", "--no-password"],
+            env=self.env,
+            check=False,
+            capture_output=True,
+        )
+
+
+def stop_streamer(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(60)
+
+
+def assert_byte_equal(kit: WalKit, reference: Path, minimum: int) -> int:
+    """Every sealed segment the reference also holds decrypts to the reference's bytes."""
+    compared = 0
+    for entry in kit.index().segments():
+        ref = reference / entry.name
+        if ref.exists():
+            assert kit.decrypt(entry) == ref.read_bytes(), entry.name
+            compared += 1
+    assert compared >= minimum, f"only {compared} segments compared"
+    return compared
+
+
+# --- streaming --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_stream_with_writes_seals_segments_byte_equal_and_sigterm_exits_0(kit: WalKit) -> None:
+    reference = Reference(kit.server, kit.root / "reference")
+    proc = kit.start()
+    try:
+        with Writer(kit.server.endpoint):
+            wait_for("4 sealed segments", lambda: len(kit.segments()) >= 4)
+        code = stop_streamer(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reference.stop()
+    assert code == 0, kit.log.read_text()
+    assert kit.spool.closed() == []  # SIGTERM sealed every closed segment before exiting
+    assert_byte_equal(kit, reference.dir, minimum=3)
+    assert run_drtool("wal", "verify", config=kit.operator).code == 0
+    read = run_drtool("wal", "verify", "--read-data", config=kit.operator)
+    assert read.code == 0, read.stderr
+    status = run_drtool("wal", "status", "--json", config=kit.operator)
+    assert status.code == 0, status.stderr
+    assert '"gaps": []' in status.stdout
+    assert kit.segments()[-1] in status.stdout
+
+
+@pytest.mark.slow
+def test_kill_9_mid_segment_and_crashes_around_the_commit_leave_no_gap_no_duplicate(
+    kit: WalKit,
+) -> None:
+    with Writer(kit.server.endpoint):
+        # killed right after an upload (index not committed), then right after a commit
+        # (files still in the spool): exactly what a kill -9 at those points leaves
+        for point in ("wal-after-upload", "wal-after-index"):
+            proc = kit.start(env={"DRTOOL_CRASH_AT": point})
+            assert proc.wait(WAIT_S) == 137, kit.log.read_text()
+        proc = kit.start()
+        before = len(kit.segments())
+        wait_for("new segments", lambda: len(kit.segments()) >= before + 2)
+        time.sleep(0.5)  # somewhere inside the next segment
+        proc.kill()  # kill -9: its pg_receivewal dies with it (PR_SET_PDEATHSIG)
+        proc.wait(30)
+        with _admin(kit.server.endpoint) as conn:
+            wait_for(
+                "the slot to be released",
+                lambda: (
+                    conn.execute(
+                        "SELECT NOT active FROM pg_replication_slots WHERE slot_name = %s",
+                        (kit.slot,),
+                    ).fetchone()
+                    == (True,)
+                ),
+            )
+        proc = kit.start()
+        after = len(kit.segments())
+        wait_for("segments after the restart", lambda: len(kit.segments()) >= after + 2)
+    assert stop_streamer(proc) == 0
+    index = kit.index()
+    assert index.problems == []
+    names = [e.name for e in index.entries.values()]
+    chunks = _all_entry_names(kit)
+    assert len(chunks) == len(set(chunks)) == len(names)  # nothing recorded twice
+    cont = continuity.check(index)
+    assert cont.gaps == [] and cont.first == cont.oldest
+    result = run_drtool("wal", "verify", "--read-data", config=kit.operator)
+    assert result.code == 0, result.stdout + result.stderr
+
+
+def _all_entry_names(kit: WalKit) -> list[str]:
+    import json
+
+    names = []
+    for path in sorted((kit.repo_dir / "wal" / "index").iterdir()):
+        body = json.loads(path.read_bytes())["body"]
+        names += [e.name for e in IndexChunk.from_dict(body, name=path.name).entries]
+    return names
+
+
+@pytest.mark.slow
+def test_a_spool_file_contradicting_the_index_is_refused_with_exit_5(kit: WalKit) -> None:
+    write_rows(kit.server.endpoint)
+    proc = kit.start("--until-idle")
+    assert proc.wait(WAIT_S) == 0, kit.log.read_text()
+    entry = kit.index().segments()[0]
+    forged = bytearray(kit.decrypt(entry))
+    forged[100] ^= 0xFF
+    (kit.spool.dir / entry.name).write_bytes(bytes(forged))
+    result = run_drtool("wal", "stream", "--once", config=kit.config)
+    assert result.code == 5, result.stderr
+    assert entry.name in result.stderr and "other bytes" in result.stderr
+    assert (kit.spool.dir / entry.name).exists()  # kept for the operator to look at
+    # the same bytes again are recognised as stored, not duplicated
+    (kit.spool.dir / entry.name).write_bytes(kit.decrypt(entry))
+    again = run_drtool("wal", "stream", "--once", config=kit.config)
+    assert again.code == 0, again.stderr
+    assert not (kit.spool.dir / entry.name).exists()
+    assert _all_entry_names(kit).count(entry.name) == 1
+
+
+# --- verify -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_verify_names_a_deleted_and_a_bit_flipped_segment(kit: WalKit) -> None:
+    for _ in range(3):
+        write_rows(kit.server.endpoint)
+        proc = kit.start("--until-idle")
+        assert proc.wait(WAIT_S) == 0, kit.log.read_text()
+    segments = kit.index().segments()
+    assert len(segments) >= 3
+    assert run_drtool("wal", "verify", config=kit.operator).code == 0
+    deleted, flipped = segments[1], segments[2]
+    moved = kit.root / "moved"
+    shutil.move(kit.repo_dir / deleted.key, moved)
+    result = run_drtool("wal", "verify", config=kit.operator)
+    assert result.code == 5
+    assert deleted.name in result.stderr and "missing" in result.stderr
+    shutil.move(moved, kit.repo_dir / deleted.key)
+    path = kit.repo_dir / flipped.key
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = run_drtool("wal", "verify", config=kit.operator)
+    assert result.code == 5
+    assert flipped.key in result.stderr and "sha256" in result.stderr
+
+
+def test_continuity_names_a_gap_and_a_missing_history_file() -> None:
+    def entry(name: str) -> WalEntry:
+        kind = "history" if name.endswith(".history") else "segment"
+        return WalEntry(name, kind, int(name[:8], 16), f"wal/{name}", 1, "", 1, "", "")
+
+    index = WalIndex("r", segment_size=SEG)
+    names = [SegmentId(n, 1).name(SEG) for n in (254, 255, 256, 259)]
+    names += [SegmentId(260, 2).name(SEG), SegmentId(261, 3).name(SEG), history_name(3)]
+    index.entries = {n: entry(n) for n in names}
+    cont = continuity.check(index)
+    assert names[2] == "000000010000000100000000"  # 256 = the next "log id" at 16 MiB
+    assert [g.describe() for g in cont.gaps] == [
+        "missing WAL segment 000000010000000100000001 and 1 more (after 000000010000000100000000)"
+    ]
+    assert cont.first is not None and cont.first.name == names[3]
+    assert cont.last is not None and cont.last.name == names[5]
+    assert cont.problems == [
+        "timeline 2: history file 00000002.history is not in the WAL index "
+        f"(needed to follow the switch at {names[4]})"
+    ]
+
+
+# --- outages ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_repository_outage_and_full_spool_lose_nothing(kit: WalKit) -> None:
+    cfg = kit.config.read_text() + ""
+    kit.config.write_text(
+        cfg.replace("restart_max_s = 2.0", f"restart_max_s = 2.0\nspool_max_bytes = {3 * SEG}")
+    )
+    reference = Reference(kit.server, kit.root / "reference")
+    proc = kit.start()
+    away = kit.root / "repository.away"
+    try:
+        with Writer(kit.server.endpoint):
+            wait_for("a sealed segment", lambda: len(kit.segments()) >= 1)
+            kit.repo_dir.rename(away)  # the repository becomes unreachable
+            wait_for("the spool to fill", lambda: "ALARM: the spool holds" in kit.log.read_text())
+            assert "ALARM: the repository is unreachable" in kit.log.read_text()
+            assert len(kit.spool.closed()) >= 2  # kept, not deleted
+            away.rename(kit.repo_dir)
+            wait_for("the spool to drain", lambda: "receiving resumes" in kit.log.read_text())
+            count = len(kit.segments())
+            wait_for("streaming after the outage", lambda: len(kit.segments()) >= count + 2)
+        assert stop_streamer(proc) == 0, kit.log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reference.stop()
+    cont = continuity.check(kit.index())
+    assert cont.gaps == [], [g.describe() for g in cont.gaps]
+    assert_byte_equal(kit, reference.dir, minimum=4)
+
+
+@pytest.mark.slow
+def test_server_restart_restarts_the_receiver_without_a_gap(kit: WalKit) -> None:
+    proc = kit.start()
+    try:
+        with Writer(kit.server.endpoint):
+            wait_for("a sealed segment", lambda: len(kit.segments()) >= 1)
+        kit.server.stop()
+        kit.server.start()
+        wait_for("the restart to be logged", lambda: "restarting in" in kit.log.read_text())
+        with Writer(kit.server.endpoint):
+            count = len(kit.segments())
+            wait_for("streaming after the restart", lambda: len(kit.segments()) >= count + 2)
+        assert stop_streamer(proc) == 0, kit.log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    cont = continuity.check(kit.index())
+    assert cont.gaps == [], [g.describe() for g in cont.gaps]
