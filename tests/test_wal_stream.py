@@ -282,6 +282,15 @@ def test_stream_with_writes_seals_segments_byte_equal_and_sigterm_exits_0(kit: W
     assert code == 0, kit.log.read_text()
     assert kit.spool.closed() == []  # SIGTERM sealed every closed segment before exiting
     assert_byte_equal(kit, reference.dir, minimum=3)
+    # docs/FORMAT.md: stock `age -d | zstd -d` gives exactly the bytes PostgreSQL sent
+    entry = next(e for e in kit.index().segments() if (reference.dir / e.name).exists())
+    stock = subprocess.run(
+        f"age -d -i {kit.identity} {kit.repo_dir / entry.key} | zstd -d",
+        shell=True,
+        capture_output=True,
+        check=True,
+    )
+    assert stock.stdout == (reference.dir / entry.name).read_bytes()
     assert run_drtool("wal", "verify", config=kit.operator).code == 0
     read = run_drtool("wal", "verify", "--read-data", config=kit.operator)
     assert read.code == 0, read.stderr
