@@ -474,3 +474,24 @@ def test_server_restart_restarts_the_receiver_without_a_gap(kit: WalKit) -> None
             proc.kill()
     cont = continuity.check(kit.index())
     assert cont.gaps == [], [g.describe() for g in cont.gaps]
+
+
+@pytest.mark.slow
+def test_a_dropped_slot_is_an_alarm_and_the_gap_is_named(kit: WalKit) -> None:
+    write_rows(kit.server.endpoint)
+    assert kit.start("--until-idle").wait(WAIT_S) == 0, kit.log.read_text()
+    last = kit.segments()[-1]
+    with _admin(kit.server.endpoint) as conn:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (kit.slot,))
+        for _ in range(2):  # WAL no slot retained and no receiver saw
+            conn.execute("INSERT INTO walt (body) SELECT 'lost' FROM generate_series(1, 100)")
+            conn.execute("SELECT pg_switch_wal()")
+    write_rows(kit.server.endpoint)
+    assert kit.start("--until-idle").wait(WAIT_S) == 0, kit.log.read_text()
+    assert f"ALARM: replication slot {kit.slot} is missing" in kit.log.read_text()
+    assert last in kit.log.read_text()
+    result = run_drtool("wal", "verify", config=kit.operator)
+    assert result.code == 5
+    assert "missing WAL segment" in result.stderr and last in result.stderr
+    status = run_drtool("wal", "status", config=kit.operator)
+    assert status.code == 0 and "gap: missing WAL segment" in status.stdout

@@ -252,11 +252,15 @@ class Streamer:
             exists = conn.execute(
                 "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)
             ).fetchone()
-        if exists is None and self._slot_seen:
+        stored = self.sealer.index.segments()
+        if exists is None and (self._slot_seen or stored):
+            newest = max((e.name[8:] + e.name[:8], e.name) for e in stored)[1] if stored else "?"
             log.error(
-                "ALARM: replication slot %s was dropped; it is re-created, WAL written "
-                "meanwhile may be missing (wal status shows the gap; take a base backup)",
+                "ALARM: replication slot %s is missing (dropped?) although WAL up to %s was "
+                "streamed through it; it is re-created, WAL written meanwhile may be missing "
+                "(`drtool wal status` shows the gap; take a base backup)",
                 self.slot,
+                newest,
             )
         self._slot_seen = True
 
