@@ -495,3 +495,95 @@ def test_a_dropped_slot_is_an_alarm_and_the_gap_is_named(kit: WalKit) -> None:
     assert "missing WAL segment" in result.stderr and last in result.stderr
     status = run_drtool("wal", "status", config=kit.operator)
     assert status.code == 0 and "gap: missing WAL segment" in status.stdout
+
+
+# --- the physical base backup (issue 12 item 2) -----------------------------------------
+
+
+def _base_backup(kit: WalKit) -> str:
+    from drtool.services.backup import run_backup
+
+    cfg = load_config(kit.config, {})
+    return run_backup(cfg, home=kit.root, env={}, components=("postgres-base",)).snapshot_id
+
+
+@pytest.mark.slow
+def test_base_backup_plus_streamed_wal_recovers_a_commit_made_after_the_base(
+    kit: WalKit, runtime_root: Path
+) -> None:
+    from drtool.repository import catalog
+    from drtool.wal.names import parse_lsn, segment_of_lsn
+
+    write_rows(kit.server.endpoint)
+    proc = kit.start()
+    try:
+        wait_for("the streamer to seal", lambda: len(kit.segments()) >= 1)
+        snapshot = _base_backup(kit)
+        with _admin(kit.server.endpoint) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS marker (note text)")
+            conn.execute("INSERT INTO marker VALUES ('after the base backup')")
+            lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+        needed = segment_of_lsn(parse_lsn(lsn), 1, SEG).name(SEG)
+        wait_for(f"{needed} sealed", lambda: any(n[8:] >= needed[8:] for n in kit.segments()))
+        assert stop_streamer(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    repo = open_repo(load_config(kit.operator, {}))
+    records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+    manifest = next(r.manifest for r in records if r.snapshot_id == snapshot)
+    assert manifest is not None
+    base = manifest.component("postgres-base")
+    assert base is not None and base.source_version.startswith("15")
+    details = base.details
+    assert details["timeline"] == 1 and parse_lsn(details["stop_lsn"]) >= parse_lsn(
+        details["start_lsn"]
+    )
+    assert details["start_segment"] in kit.segments()  # the streamed WAL covers the base
+    # recover with stock tools, as docs/FORMAT.md says: untar, decrypted WAL, restore_command
+    scratch = runtime_root / f"pitr-{uuid.uuid4().hex[:6]}"  # the postgres user can enter it
+    scratch.mkdir(mode=0o711)
+    target = scratch / "restored"
+    data, wal = target / "data", scratch / "wal-plain"
+    data.mkdir(parents=True, mode=0o700)
+    wal.mkdir()
+    obj = base.objects[0]
+    subprocess.run(
+        f"age -d -i {kit.identity} {kit.repo_dir / obj.key} | zstd -d | tar -x -C {data}",
+        shell=True,
+        check=True,
+    )
+    for entry in kit.index().entries.values():
+        (wal / entry.name).write_bytes(kit.decrypt(entry))
+    (data / "recovery.signal").touch()
+    with (data / "postgresql.auto.conf").open("a") as conf:
+        conf.write(f"restore_command = 'cp {wal}/%f %p'\nrecovery_target_action = 'promote'\n")
+    subprocess.run(["chown", "-R", "postgres:postgres", str(target), str(wal)], check=True)
+    restored = PostgresServer(target, password=kit.server.password, major=15)
+    restored.start(timeout=120)
+    try:
+        with _admin(restored.endpoint) as conn:
+            notes = conn.execute("SELECT note FROM marker").fetchall()
+        assert notes == [("after the base backup",)]
+    finally:
+        restored.stop()
+
+
+@pytest.mark.slow
+def test_base_backup_of_a_cluster_with_a_tablespace_is_refused(
+    kit: WalKit, runtime_root: Path
+) -> None:
+    space = runtime_root / f"space-{uuid.uuid4().hex[:6]}"
+    space.mkdir()
+    shutil.chown(space, "postgres", "postgres")
+    name = f"ts_{uuid.uuid4().hex[:6]}"
+    with _admin(kit.server.endpoint) as conn:
+        conn.execute(f"CREATE TABLESPACE {name} LOCATION '{space}'")
+    try:
+        result = run_drtool("backup", "--component", "postgres-base", config=kit.config)
+        assert result.code == 3, result.stderr
+        assert "tablespaces" in result.stderr and name in result.stderr
+        assert not list((kit.repo_dir / "snapshots").glob("*/manifest.json"))
+    finally:
+        with _admin(kit.server.endpoint) as conn:
+            conn.execute(f"DROP TABLESPACE {name}")

@@ -33,6 +33,7 @@ from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
 from drtool.repository.minio_index import IndexEntry
 from drtool.repository.writer import SnapshotWriter
 from drtool.services import minio_snapshot
+from drtool.services.pg_base import backup_pg_base
 from drtool.sources import postgres as pg
 from drtool.sources.minio import MinioStore
 from drtool.sources.redis_fingerprint import fingerprint_rdb
@@ -42,6 +43,9 @@ from drtool.storage.base import ObjectInfo
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("postgres", "redis", "minio")
+#: asked for by name only (`--component postgres-base`), never part of the default set
+OPTIONAL_COMPONENTS = ("postgres-base",)
+_ORDER = ("postgres", "postgres-base", "redis", "minio")
 Progress = Callable[[str, int], None]
 
 
@@ -87,6 +91,14 @@ def state_dir(cfg: Config, home: Path) -> Path:
     return Path(cfg.backup.state_dir) if cfg.backup.state_dir else home / "state"
 
 
+def _check_components(components: tuple[str, ...]) -> None:
+    unknown = [c for c in components if c not in COMPONENTS + OPTIONAL_COMPONENTS]
+    if unknown:
+        raise ConfigError(
+            f"backup.components: unknown {', '.join(unknown)} (known: {', '.join(_ORDER)})"
+        )
+
+
 def run_backup(
     cfg: Config,
     *,
@@ -97,11 +109,7 @@ def run_backup(
     now: datetime | None = None,
 ) -> BackupResult:
     """Take, commit and verify one snapshot of ``components``."""
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown:
-        raise ConfigError(
-            f"backup.components: unknown {', '.join(unknown)} (known: postgres, redis, minio)"
-        )
+    _check_components(components)
     refuse_identity(cfg, env)
     started = time.monotonic()
     now = now or datetime.now(UTC)
@@ -143,7 +151,7 @@ def run_backup(
         entries: list[ComponentEntry] = []
         caches: list[tuple[Path, list[IndexEntry]]] = []
         scratch = Path(cfg.backup.scratch_dir or tempfile.gettempdir())
-        for component in COMPONENTS:
+        for component in _ORDER:
             if component not in components:
                 continue
             t0 = time.monotonic()
@@ -152,6 +160,8 @@ def run_backup(
             )
             if component == "postgres":
                 entry = _backup_postgres(cfg, writer, progress)
+            elif component == "postgres-base":
+                entry = backup_pg_base(cfg, writer, progress)
             elif component == "redis":
                 entry = _backup_redis(cfg, writer, scratch, progress)
             else:

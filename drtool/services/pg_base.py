@@ -1,0 +1,44 @@
+"""The ``postgres-base`` backup component: a physical base backup for point-in-time recovery.
+
+One object, ``snapshots/<id>/postgres-base/base.tar.zst.age`` (kind ``pg_basebackup``: the
+tar ``pg_basebackup -Ft -X none`` writes, sealed like every object), and in the manifest's
+component details the WAL position it needs: ``start_lsn``, ``start_segment``, ``stop_lsn``,
+``timeline``, ``checkpoint_lsn`` and the cluster's ``system_identifier``. Recovery replays the
+WAL of ``drtool wal stream`` from ``start_segment`` at least to ``stop_lsn`` (the earliest
+consistent moment), then on to the target. The logical dump (``postgres``) stays: it crosses
+majors and carries the fingerprints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from drtool.config import Config
+from drtool.repository.manifest import ComponentEntry
+from drtool.repository.writer import SnapshotWriter
+from drtool.sources.pg_basebackup import base_backup
+
+NAME = "postgres-base"
+
+
+def _counting(chunks: Iterable[bytes], progress: Callable[[str, int], None]) -> Iterator[bytes]:
+    for chunk in chunks:
+        progress(NAME, len(chunk))
+        yield chunk
+
+
+def backup_pg_base(
+    cfg: Config, writer: SnapshotWriter, progress: Callable[[str, int], None]
+) -> ComponentEntry:
+    """Stream a base backup into the snapshot; the manifest entry records its WAL range."""
+    with base_backup(
+        cfg.stack().postgres, bin_dir=cfg.postgres.bin_dir, timeout=cfg.backup.timeout_s
+    ) as base:
+        written = writer.put_snapshot_object(
+            NAME, "base.tar", _counting(base.stream, progress), kind="pg_basebackup"
+        )
+        info = base.info()
+    details = {**info.to_dict(), "plain_sha256": written.plain_sha256}
+    return ComponentEntry(
+        NAME, (written.entry,), written.plain_bytes, 0.0, info.server_version, details
+    )
