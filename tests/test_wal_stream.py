@@ -587,3 +587,24 @@ def test_base_backup_of_a_cluster_with_a_tablespace_is_refused(
     finally:
         with _admin(kit.server.endpoint) as conn:
             conn.execute(f"DROP TABLESPACE {name}")
+
+
+def test_client_tools_are_found_in_a_client_only_install_of_the_major(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from drtool.runtime.binaries import MissingBinary, pg_client_tool
+
+    real = Path("/usr/lib/postgresql/15/bin/pg_receivewal")
+    if not real.exists():
+        pytest.skip("Debian's PostgreSQL 15 client is not installed")
+    # like the drtool image: postgresql-client-N has pg_receivewal but no postgres/initdb
+    client_only = tmp_path / "77" / "bin"
+    client_only.mkdir(parents=True)
+    (client_only / "pg_receivewal").symlink_to(real)
+    monkeypatch.setenv("DRTOOL_PG_ROOT", str(tmp_path))
+    assert pg_client_tool("pg_receivewal", 77) == client_only / "pg_receivewal"
+    assert pg_client_tool("pg_receivewal", 15) == real
+    with pytest.raises(MissingBinary, match="pg_basebackup of PostgreSQL 77 not found"):
+        pg_client_tool("pg_basebackup", 77)  # PATH has another major's only: not taken
+    with pytest.raises(MissingBinary, match=r"postgres\.bin_dir"):
+        pg_client_tool("pg_receivewal", 15, tmp_path)

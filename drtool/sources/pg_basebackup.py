@@ -17,14 +17,13 @@ import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from drtool.endpoints import PostgresEndpoint
 from drtool.errors import SourceError
-from drtool.runtime.binaries import pg_bin_dir
+from drtool.runtime.binaries import pg_client_tool
 from drtool.sources.process import child_env, command_stream, scrub
 
 BLOCK = 512
@@ -214,10 +213,7 @@ def base_backup(
     The role needs REPLICATION (and a ``replication`` line in pg_hba.conf).
     """
     major, version, system_id = _preflight(endpoint)
-    directory = Path(bin_dir) if bin_dir else pg_bin_dir(major=major)
-    binary = directory / "pg_basebackup"
-    if not binary.is_file():
-        raise SourceError(f"pg_basebackup not found in {directory}")
+    binary = pg_client_tool("pg_basebackup", major, bin_dir)
     argv = [str(binary), "--pgdata=-", "--format=tar", "--wal-method=none"]
     argv += ["--checkpoint=fast", "--no-password", "--label=drtool"]
     extra = endpoint.libpq_env()

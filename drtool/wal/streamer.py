@@ -27,7 +27,7 @@ import psycopg
 
 from drtool.endpoints import PostgresEndpoint
 from drtool.errors import NotFound, SourceError, StorageError
-from drtool.runtime.binaries import MissingBinary, pg_bin_dir
+from drtool.runtime.binaries import MissingBinary, pg_client_tool
 from drtool.sources.process import scrub
 from drtool.wal.names import parse_lsn
 from drtool.wal.receiver import Receiver, describe_exit
@@ -81,13 +81,7 @@ def server_facts(endpoint: PostgresEndpoint) -> ServerFacts:
 
 def receivewal_binary(bin_dir: str, major: int) -> Path:
     """``pg_receivewal`` of the server's major (``postgres.bin_dir`` when set)."""
-    directory = Path(bin_dir) if bin_dir else pg_bin_dir(major=major)
-    binary = directory / "pg_receivewal"
-    if not os.access(binary, os.X_OK):
-        raise MissingBinary(
-            f"pg_receivewal not found in {directory}; install the PostgreSQL client"
-        )
-    return binary
+    return pg_client_tool("pg_receivewal", major, bin_dir)
 
 
 @dataclass
@@ -280,6 +274,7 @@ class Streamer:
                 self._paused = True
             if running and self.receiver is not None:
                 self.receiver.stop()
+                self.receiver.proc = None  # stopped on purpose: no exit to report
             return
         if self._paused:
             log.warning("the spool is below its bound again; receiving resumes")
