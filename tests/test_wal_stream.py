@@ -608,3 +608,66 @@ def test_client_tools_are_found_in_a_client_only_install_of_the_major(
         pg_client_tool("pg_basebackup", 77)  # PATH has another major's only: not taken
     with pytest.raises(MissingBinary, match=r"postgres\.bin_dir"):
         pg_client_tool("pg_receivewal", 15, tmp_path)
+
+
+@pytest.mark.slow
+def test_promotion_of_the_streamed_server_follows_the_new_timeline(
+    kit: WalKit, runtime_root: Path
+) -> None:
+    """Streaming from a standby that is then promoted: its WAL moves to timeline 2; the
+    history file is sealed and the index stays continuous across the switch."""
+    primary = kit.server
+    base = runtime_root / f"standby-{uuid.uuid4().hex[:6]}"
+    base.mkdir(mode=0o700)
+    env = {**os.environ, **primary.endpoint.libpq_env()}
+    tool = str(primary.bin_dir / "pg_basebackup")
+    subprocess.run(
+        [tool, "-D", str(base / "data"), "-R", "-X", "stream", "-c", "fast", "--no-password"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(["chown", "-R", "postgres:postgres", str(base)], check=True)
+    standby = PostgresServer(base, password=primary.password, major=15)
+    standby.start(timeout=120)
+    text = kit.config.read_text().replace(f"port = {primary.port}", f"port = {standby.port}")
+    kit.config.write_text(text)
+    proc = kit.start()
+    try:
+        with _admin(standby.endpoint) as conn:  # a new slot reserves WAL once it is used
+            wait_for(
+                "the receiver to connect",
+                lambda: conn.execute(
+                    "SELECT 1 FROM pg_stat_replication WHERE application_name = %s",
+                    (f"drtool-wal-{kit.slot}",),
+                ).fetchone(),
+            )
+        with _admin(primary.endpoint) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS walt (id bigserial, body text)")
+            for _ in range(3):  # the standby's segments close when the primary switches
+                conn.execute("INSERT INTO walt (body) SELECT 'tl1' FROM generate_series(1, 100)")
+                conn.execute("SELECT pg_switch_wal()")
+        wait_for("timeline 1 segments", lambda: len(kit.segments()) >= 2)
+        with _admin(standby.endpoint) as conn:
+            conn.execute("SELECT pg_promote()")
+            wait_for(
+                "the promotion",
+                lambda: conn.execute("SELECT NOT pg_is_in_recovery()").fetchone() == (True,),
+            )
+            conn.execute("INSERT INTO walt (body) SELECT 'tl2' FROM generate_series(1, 100)")
+        wait_for(
+            "timeline 2 segments",
+            lambda: sum(n.startswith("00000002") for n in kit.segments()) >= 2,
+        )
+        assert stop_streamer(proc) == 0, kit.log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        standby.stop()
+    index = kit.index()
+    assert "00000002.history" in index.entries
+    cont = continuity.check(index)
+    assert cont.gaps == [] and cont.problems == [], [g.describe() for g in cont.gaps]
+    assert cont.last is not None and cont.last.timeline == 2
+    result = run_drtool("wal", "verify", "--read-data", config=kit.operator)
+    assert result.code == 0, result.stdout + result.stderr

@@ -101,8 +101,15 @@ class Switcher:
         return self._conn
 
     def insert_lsn(self) -> str:
-        """The server's current WAL insert position."""
-        row = self._conn_or_new().execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        """The server's current WAL insert position ("" on a standby: it inserts none)."""
+        row = (
+            self._conn_or_new()
+            .execute(
+                "SELECT CASE WHEN pg_is_in_recovery() THEN '' "
+                "ELSE pg_current_wal_insert_lsn()::text END"
+            )
+            .fetchone()
+        )
         assert row is not None
         return str(row[0])
 
@@ -140,6 +147,9 @@ class Switcher:
         except psycopg.Error as exc:
             log.warning("cannot read the WAL position: %s", _one_line(exc, self.endpoint))
             self.close()
+            self.last_switch = time.monotonic()
+            return
+        if current == "":  # a standby: segments close when its primary switches
             self.last_switch = time.monotonic()
             return
         if current != self.last_lsn:
