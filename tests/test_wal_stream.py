@@ -671,3 +671,51 @@ def test_promotion_of_the_streamed_server_follows_the_new_timeline(
     assert cont.last is not None and cont.last.timeline == 2
     result = run_drtool("wal", "verify", "--read-data", config=kit.operator)
     assert result.code == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "pax", "gnu"])
+def test_the_tar_watcher_reads_label_and_manifest_as_the_stream_passes(fmt: str) -> None:
+    import io
+    import tarfile
+
+    from drtool.errors import SourceError
+    from drtool.sources.pg_basebackup import TarWatcher, parse_label_and_manifest
+
+    label = (
+        b"START WAL LOCATION: 0/5000028 (file 000000010000000000000005)\n"
+        b"CHECKPOINT LOCATION: 0/5000060\nSTART TIMELINE: 1\n"
+    )
+    manifest = (
+        b'{"Files": [], "WAL-Ranges": [\n{ "Timeline": 1, "Start-LSN": "0/5000028", '
+        b'"End-LSN": "0/5000100" }\n], "Manifest-Checksum": "x"}'
+    )
+    members = [("backup_label", label), (f"base/{'x' * 90}/{'y' * 90}", os.urandom(5000))]
+    members += [("backup_manifest", manifest)]
+    buf = io.BytesIO()
+    tar_format = {"ustar": tarfile.USTAR_FORMAT, "pax": tarfile.PAX_FORMAT}.get(
+        fmt, tarfile.GNU_FORMAT
+    )
+    with tarfile.open(fileobj=buf, mode="w", format=tar_format) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    watcher = TarWatcher()
+    passed = b"".join(watcher.wrap(raw[i : i + 777] for i in range(0, len(raw), 777)))
+    assert passed == raw and watcher.ended
+    found = parse_label_and_manifest(
+        bytes(watcher.members["backup_label"]), bytes(watcher.members["backup_manifest"])
+    )
+    assert found == {
+        "start_lsn": "0/5000028",
+        "start_segment": "000000010000000000000005",
+        "checkpoint_lsn": "0/5000060",
+        "timeline": 1,
+        "stop_lsn": "0/5000100",
+    }
+    truncated = TarWatcher()
+    b"".join(truncated.wrap([raw[: len(raw) // 2]]))
+    assert not truncated.ended
+    with pytest.raises(SourceError, match="WAL-Ranges"):
+        parse_label_and_manifest(label, b"{}")
