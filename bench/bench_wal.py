@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -32,8 +33,12 @@ import tomli_w
 
 from drtool import keys
 from drtool.config import load_config
+from drtool.endpoints import PostgresEndpoint
+from drtool.repository.access import open_repo
 from drtool.runtime.pgserver import PostgresServer
 from drtool.services import repo as repo_svc
+from drtool.wal.index import load_index
+from drtool.wal.names import DEFAULT_SEGMENT_SIZE, parse_lsn, segment_of_lsn
 
 DRTOOL = str(Path(sys.executable).with_name("drtool"))
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -133,7 +138,7 @@ def steady(root: Path, config: Path, env: dict[str, str], args: argparse.Namespa
     )
     thread = threading.Thread(target=writer)
     thread.start()
-    time.sleep(args.seconds)
+    probes = commit_probes(ep, args.seconds)
     stream_cpu, stream_rss = cpu_s(proc.pid), hwm_mib(proc.pid)
     kids = children(proc.pid)
     recv_cpu = sum(cpu_s(k) for k in kids)
@@ -144,6 +149,7 @@ def steady(root: Path, config: Path, env: dict[str, str], args: argparse.Namespa
     code = proc.wait(60)
     sealed = sum(1 for _ in (root / "repo" / "wal").glob("0*/0*.zst.age"))
     print(f"steady: {args.seconds} s at {args.rate} rows/s, exit {code}, {sealed} segments sealed")
+    print_latency(config, probes)
     print("| process | CPU s | % of a core | peak RSS MiB |")
     print("|---|---|---|---|")
     print(
@@ -153,6 +159,43 @@ def steady(root: Path, config: Path, env: dict[str, str], args: argparse.Namespa
     print(
         f"| pg_receivewal | {recv_cpu:.2f} | {100 * recv_cpu / args.seconds:.1f} | {recv_rss:.0f} |"
     )
+
+
+def commit_probes(ep: PostgresEndpoint, seconds: int) -> list[tuple[datetime, int]]:
+    """Every 5 s a committed probe row: its commit time and WAL position."""
+    probes = []
+    end = time.monotonic() + seconds
+    with psycopg.connect(**ep.connect_kwargs(), autocommit=True) as conn:
+        while time.monotonic() < end:
+            conn.execute("INSERT INTO msgs (body) VALUES ('probe')")  # autocommit: committed
+            row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+            assert row is not None
+            probes.append((datetime.now(UTC), parse_lsn(str(row[0]))))
+            time.sleep(5)
+    return probes
+
+
+def print_latency(config: Path, probes: list[tuple[datetime, int]]) -> None:
+    """Commit-to-sealed: when the segment holding each probe was committed to the index."""
+    cfg = load_config(config, {})
+    repo = open_repo(cfg)
+    index = load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
+    size = index.segment_size or DEFAULT_SEGMENT_SIZE
+    waits, unsealed = [], 0
+    for committed, lsn in probes:
+        entry = index.entries.get(segment_of_lsn(lsn, 1, size).name(size))
+        if entry is None:
+            unsealed += 1  # its segment was still open when the streamer stopped
+            continue
+        waits.append((datetime.fromisoformat(entry.sealed) - committed).total_seconds())
+    waits.sort()
+    if waits:
+        p50, worst = waits[len(waits) // 2], waits[-1]
+        print(
+            f"commit-to-sealed (flush_interval {cfg.wal.flush_interval:g} s): "
+            f"p50 {p50:.0f} s, max {worst:.0f} s over {len(waits)} probes "
+            f"({unsealed} still open at the stop; sealed times have 1 s resolution)"
+        )
 
 
 def seal_rate(
