@@ -73,6 +73,17 @@ class BackupConfig:
 
 
 @dataclass(frozen=True)
+class WalConfig:
+    """``drtool wal stream``: continuous WAL capture (docs/decisions/0015-wal-streaming.md)."""
+
+    spool_dir: str = ""  # default: <backup.state_dir or home/state>/wal-spool
+    slot: str = "drtool_wal"
+    flush_interval: float = 30.0  # seconds: close the segment (pg_switch_wal) when WAL advanced
+    spool_max_bytes: int = 4 << 30  # past this the receiver pauses (the slot retains the WAL)
+    restart_max_s: float = 60.0  # longest wait between pg_receivewal restarts
+
+
+@dataclass(frozen=True)
 class PostgresConfig:
     """The PostgreSQL server of the stack."""
 
@@ -136,6 +147,7 @@ class Config:
     postgres: PostgresConfig = PostgresConfig()
     redis: RedisConfig = RedisConfig()
     minio: MinioConfig = MinioConfig()
+    wal: WalConfig = WalConfig()
     targets: Mapping[str, StackConfig] = field(default_factory=dict)
     source: str = ""  # the config file it came from, for messages
 

@@ -85,6 +85,7 @@ COMMANDS = {
     "restore": "drtool.cli.restore:restore",
     "drill": "drtool.cli.drill:drill",
     "prune": "drtool.cli.repo:prune",
+    "wal": "drtool.cli.wal:wal",
     "unlock": "drtool.cli.repo:unlock",
     "schedule": "drtool.cli.schedule:schedule",
     "doctor": "drtool.cli.doctor:doctor",

@@ -119,6 +119,39 @@ def pg_bin_dir(override: Path | None = None, *, major: int | None = None) -> Pat
     )
 
 
+def pg_client_tool(name: str, major: int, bin_dir: str | Path = "") -> Path:
+    """A PostgreSQL client tool (``pg_receivewal``, ``pg_basebackup``) of exactly ``major``.
+
+    ``bin_dir`` when given; else the major's bin dirs (a client-only install such as the
+    drtool image's ``postgresql-client-16`` has no ``postgres``/``initdb`` there, which
+    :func:`pg_bin_dir` requires); else PATH, if that tool reports ``major``.
+    """
+    if bin_dir:
+        tool = Path(bin_dir) / name
+        if not os.access(tool, os.X_OK):
+            raise MissingBinary(f"{name} not found in {bin_dir} (postgres.bin_dir)")
+        return tool
+    for directory in pg_major_dirs(major):
+        if os.access(directory / name, os.X_OK):
+            return directory / name
+    found = shutil.which(name)
+    if found is not None:
+        try:
+            out = subprocess.run(
+                [found, "--version"], capture_output=True, text=True, timeout=30, check=True
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        match = re.search(r"\(PostgreSQL\) (\d+)", out)
+        if match is not None and int(match.group(1)) == major:
+            return Path(found)
+    raise MissingBinary(
+        f"{name} of PostgreSQL {major} not found (looked in "
+        f"{' and '.join(str(d) for d in pg_major_dirs(major))} and PATH); install "
+        f"postgresql-client-{major} or set postgres.bin_dir"
+    )
+
+
 def redis_server_binary() -> Path:
     """``redis-server`` from PATH."""
     found = shutil.which("redis-server")

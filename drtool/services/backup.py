@@ -90,11 +90,11 @@ def run_backup(
     accept_rollback: str | None = None,
 ) -> BackupResult:
     """Take, commit and verify one snapshot of ``components``."""
-    unknown = [c for c in components if c not in registry.COMPONENTS]
+    unknown = [c for c in components if c not in registry.ALL_COMPONENTS]
     if unknown:
         raise ConfigError(
             f"backup.components: unknown {', '.join(unknown)} "
-            f"(known: {', '.join(registry.COMPONENTS)})"
+            f"(known: {', '.join(registry.ALL_COMPONENTS)})"
         )
     refuse_identity(cfg, env)
     clock = Timer()
@@ -144,7 +144,9 @@ def run_backup(
         )
         result = BackupResult(snapshot_id)
         backed_up = [
-            _backup_one(store, ctx, result) for store in registry.STORES if store.name in components
+            _backup_one(store, ctx, result)
+            for store in registry.BACKUP_ORDER
+            if store.name in components
         ]
         manifest = Manifest(
             repo_id=repo.info.repo_id,

@@ -1,0 +1,74 @@
+"""The ``postgres-base`` backup component: a physical base backup for point-in-time recovery.
+
+One object, ``snapshots/<id>/postgres-base/base.tar.zst.age`` (kind ``pg_basebackup``: the
+tar ``pg_basebackup -Ft -X none`` writes, sealed like every object), and in the manifest's
+component details the WAL position it needs: ``start_lsn``, ``start_segment``, ``stop_lsn``,
+``timeline``, ``checkpoint_lsn`` and the cluster's ``system_identifier``. Recovery replays the
+WAL of ``drtool wal stream`` from ``start_segment`` at least to ``stop_lsn`` (the earliest
+consistent moment), then on to the target. The logical dump (``postgres``) stays: it crosses
+majors and carries the fingerprints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from drtool.endpoints import StackEndpoints
+from drtool.repository.manifest import ComponentEntry
+from drtool.sources.pg_basebackup import base_backup
+from drtool.stores.base import (
+    BackedUp,
+    BackupContext,
+    DrillCheck,
+    Restoring,
+    SnapshotSource,
+    Target,
+)
+
+NAME = "postgres-base"
+
+
+def _counting(chunks: Iterable[bytes], progress: Callable[[str, int], None]) -> Iterator[bytes]:
+    for chunk in chunks:
+        progress(NAME, len(chunk))
+        yield chunk
+
+
+class PostgresBaseStore:
+    """Backed up only when asked for by name (registry.OPTIONAL); not restorable by itself.
+
+    Point-in-time restore (base + WAL) is the next step of issue 12; until then a logical
+    restore passes over this component, and drills do not check it.
+    """
+
+    name = NAME
+
+    def backup(self, ctx: BackupContext) -> BackedUp:
+        """Stream a base backup into the snapshot; the manifest entry records its WAL range."""
+        cfg = ctx.cfg
+        with base_backup(
+            cfg.stack().postgres, bin_dir=cfg.postgres.bin_dir, timeout=cfg.backup.timeout_s
+        ) as base:
+            written = ctx.writer.put_snapshot_object(
+                NAME, "base.tar", _counting(base.stream, ctx.progress), kind="pg_basebackup"
+            )
+            info = base.info()
+        details = {**info.to_dict(), "plain_sha256": written.plain_sha256}
+        entry = ComponentEntry(
+            NAME, (written.entry,), written.plain_bytes, 0.0, info.server_version, details
+        )
+        return BackedUp(entry)
+
+    def load(
+        self, source: SnapshotSource, entry: ComponentEntry, target: Target
+    ) -> Restoring | None:
+        """Nothing to restore logically (see the class docstring)."""
+        return None
+
+    def counts(self, endpoints: StackEndpoints) -> list[list[object]]:
+        """Counted by the PostgreSQL store."""
+        return []
+
+    def drill_checks(self) -> tuple[DrillCheck, ...]:
+        """None yet."""
+        return ()
