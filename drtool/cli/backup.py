@@ -92,7 +92,7 @@ def backup(state: CliState, components: str, as_json: bool, accept_rollback: str
         emit_json(asdict(result))
         return
     print_table(
-        f"snapshot {result.snapshot_id} committed and verified",
+        f"snapshot {result.snapshot_id} {result.verified}",
         ["component", "plain", "stored", "ratio", "seconds", "MB/s"],
         [
             [
