@@ -80,11 +80,9 @@ class MinioStore:
                 blobs.setdefault(e.blob, e.blob_entry())
             caches.append((path, result.entries))
             plain += result.plain_bytes
-            details[bucket] = {
-                "uploaded": result.uploaded,
-                "reused": result.reused,
-                "healed": result.healed,
-            }
+            details[bucket] = {"uploaded": result.uploaded, "reused": result.reused}
+            if result.healed:
+                details[bucket]["healed"] = result.healed
             log.info(
                 "minio bucket %s: %d objects uploaded (%d of them replacing a damaged blob), "
                 "%d reused",
