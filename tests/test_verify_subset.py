@@ -21,9 +21,11 @@ from support.cli import run_drtool
 from support.repo_kit import T0, RepoKit, blob_id
 
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+from drtool.errors import IntegrityError
 from drtool.repository import layout
 from drtool.repository.subset import parse_budget
 from drtool.services import repo as svc
+from drtool.services.scheduling import jobs as jobs_svc
 
 DAY0 = datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
 
@@ -153,3 +155,25 @@ def test_next_backup_heals_a_blob_the_subset_found_damaged(
     verified = kit.drtool("verify", "--read-data", second, config=kit.operator_config)
     assert verified.returncode == 0, verified.stderr
     assert kit.listed()[first] == "DAMAGED"
+
+
+def test_scheduled_verify_job_reads_the_subset_and_fails_naming_the_snapshots(
+    repo_kit: RepoKit, tmp_path: Path
+) -> None:
+    (tmp_path / "schedules").mkdir()
+    (tmp_path / "schedules" / "v.toml").write_text(
+        '[jobs.verify]\nkind = "verify"\nat = "06:00"\nsnapshot = "unverified"\n'
+        'read_data_subset = "100%"\n'
+    )
+    (spec,) = jobs_svc.load_schedules(tmp_path / "schedules")
+    shared = blob_id()
+    snaps = [repo_kit.snapshot(T0 + timedelta(hours=h), blobs=(shared,)) for h in range(2)]
+    cfg = repo_kit.config(identity_file=None)
+    done = jobs_svc.execute(spec, cfg, home=tmp_path, env={})
+    assert "; subset (hashes) read 3 of 3 objects" in done.message
+    key = layout.blob_key(shared)
+    flip(repo_kit.storage, key)
+    with pytest.raises(IntegrityError) as caught:
+        jobs_svc.execute(spec, cfg, home=tmp_path, env={})
+    ids = ", ".join(s.snapshot_id for s in snaps)
+    assert caught.value.message == f"verify subset: damaged: {key} (snapshots {ids})"
