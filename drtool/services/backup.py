@@ -135,7 +135,8 @@ def run_backup(
     with repository_lock(repo.storage, "backup") as lock:
         previous = catalog.newest_authentic(repo.storage, repo.verify_keys, repo.info.repo_id)
         chain.check_rollback(state_dir(cfg, home), repo.info.repo_id, previous, accept_rollback)
-        damaged = known_damaged(repo)
+        # only MinIO reuses stored objects (blobs); the other stores write everything anew
+        damaged = known_damaged(repo) if "minio" in components else {}
         snapshot_id = new_id(now)
         writer = SnapshotWriter(
             storage=repo.storage,
