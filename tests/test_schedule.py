@@ -71,6 +71,7 @@ def test_shipped_schedules_load() -> None:
     assert specs["full"].components == ("postgres", "redis", "minio")
     assert specs["prune"].keep.daily == 7
     assert specs["verify"].kind == "verify" and specs["verify"].snapshot == "unverified"
+    assert specs["verify"].read_data_subset == "4%"  # issue 18.9: every object within 25 days
     assert (specs["drill"].kind, specs["drill"].on, specs["drill"].at) == (
         "drill",
         "sunday",
@@ -92,6 +93,7 @@ def test_shipped_schedules_load() -> None:
         ('[jobs.a]\nkind = "backup"\nevery = "1h"\ncolour = 1\n', "colour: unknown setting"),
         ('[jobs.a]\nkind = "prune"\nevery = "1d"\nkeep = {}\n', "keeps nothing"),
         ('[jobs.a]\nkind = "backup"\nat = "25:00"\n', "expected HH:MM"),
+        ('[jobs.a]\nkind = "verify"\nat = "06:00"\nread_data_subset = "lots"\n', "a share like"),
         ('[jobs.a]\nkind = "backup"\nat = "03:00"\ntimezone = "Mars/Base"\n', "unknown time zone"),
     ],
 )

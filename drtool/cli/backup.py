@@ -89,10 +89,10 @@ def backup(state: CliState, components: str, as_json: bool, accept_rollback: str
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
-        emit_json(asdict(result))
+        emit_json({**asdict(result), "verified": result.verified})
         return
     print_table(
-        f"snapshot {result.snapshot_id} committed and verified",
+        f"snapshot {result.snapshot_id} {result.verified}",
         ["component", "plain", "stored", "ratio", "seconds", "MB/s"],
         [
             [

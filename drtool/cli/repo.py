@@ -8,9 +8,10 @@ import click
 
 from drtool.cli.context import CliState, emit_json
 from drtool.cli.render import human_bytes, print_table
-from drtool.errors import IntegrityError
+from drtool.errors import IntegrityError, UsageError
 from drtool.repository import layout
 from drtool.repository.retention import Policy
+from drtool.repository.subset import Budget, parse_budget
 from drtool.services import prune as prune_svc
 from drtool.services import repo as svc
 
@@ -131,6 +132,13 @@ def show(state: CliState, snapshot: str, as_json: bool) -> None:
     is_flag=True,
     help="Also decrypt every object and check inner headers (needs keys.identity_file).",
 )
+@click.option(
+    "--read-data-subset",
+    "subset_budget",
+    metavar="N%|SIZE",
+    help="Read only today's slice of all objects (rotating: every object within 100/N days, "
+    "or total/SIZE days); decrypted with keys.identity_file, else hash-checked key-less.",
+)
 @json_option
 @click.pass_obj
 def verify(
@@ -139,6 +147,7 @@ def verify(
     all_: bool,
     unverified: bool,
     read_data: bool,
+    subset_budget: str | None,
     as_json: bool,
 ) -> None:
     """Verify a snapshot (default: latest) or --all.
@@ -149,8 +158,19 @@ def verify(
     A damaged object shared by several snapshots fails every one of them.
     With keys.signing_key_file configured, the result is kept as a signed
     verification record (shown by `drtool list`, used by prune).
+    With --read-data-subset: today's slice of every object the snapshots
+    name; a damaged one is named with every snapshot referencing it, and
+    recorded (signing key configured) so the next backup uploads it again.
     Exits 5 when anything fails.
     """
+    if subset_budget is not None:
+        if snapshot or all_ or unverified or read_data:
+            raise UsageError(
+                "--read-data-subset: reads across all snapshots; "
+                "give no SNAPSHOT, --all, --unverified or --read-data with it"
+            )
+        _verify_subset(state, parse_budget(subset_budget), as_json)
+        return
     ref = None if all_ else svc.UNVERIFIED if unverified else (snapshot or "latest")
     outcomes = svc.verify(state.config(), ref, read_data=read_data)
     if as_json:
@@ -169,6 +189,30 @@ def verify(
         distinct = list(dict.fromkeys(p for o in bad for p in o.problems))  # each object once
         raise IntegrityError(
             f"verify: {len(bad)} of {len(outcomes)} snapshots failed: {'; '.join(distinct)}"
+        )
+
+
+def _verify_subset(state: CliState, budget: Budget, as_json: bool) -> None:
+    """Run and render one subset verification; exit 5 when an object is damaged."""
+    out = svc.verify_subset(state.config(), budget)
+    if as_json:
+        emit_json(asdict(out))
+    else:
+        read_data = out.mode == "read-data"
+        how = "decrypted and authenticated" if read_data else "stored sha256, key-less"
+        click.echo(
+            f"verify subset ({out.mode}: {how}): read {out.objects_read} of "
+            f"{out.total_objects} objects ({human_bytes(out.bytes_read)} of "
+            f"{human_bytes(out.total_bytes)}), budget {out.budget}, day {out.day}: every "
+            f"object within {out.period_days} days"
+        )
+        for key, problem in out.damaged.items():
+            click.echo(f"DAMAGED {key}: {problem}")
+            click.echo(f"  referenced by: {', '.join(out.referenced_by[key])}")
+    if out.damaged:
+        raise IntegrityError(
+            f"verify: {len(out.damaged)} damaged: "
+            + "; ".join(f"{k} (snapshots {', '.join(out.referenced_by[k])})" for k in out.damaged)
         )
 
 

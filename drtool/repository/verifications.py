@@ -47,6 +47,9 @@ class Verification:
     objects: int  # objects this snapshot names that were checked
     damaged: tuple[str, ...] = ()  # object keys that failed (each named once)
     host: str = ""
+    #: a ``--read-data-subset`` run: it read only some of the snapshot's objects and speaks
+    #: only about those it found damaged (it is written only when it found damage)
+    subset: bool = False
 
     @property
     def ok(self) -> bool:
@@ -153,13 +156,15 @@ def object_states(
     """Object key -> the record that last spoke about it (the newest of any snapshot naming it).
 
     Blobs are shared: a record of one snapshot speaks for every snapshot naming the object.
+    A subset record speaks only about the objects it names damaged: it did not read the rest.
     """
     state: dict[str, Verification] = {}
     for sid, rec in sorted(records.items(), key=lambda kv: kv[1].time):
         m = manifests.get(sid)
         if m is not None:
             for obj in m.objects():
-                state[obj.key] = rec
+                if not rec.subset or obj.key in rec.damaged:
+                    state[obj.key] = rec
     return state
 
 

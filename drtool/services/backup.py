@@ -23,8 +23,8 @@ from drtool import keys
 from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError
 from drtool.faults import crash_point, store_crash_point
-from drtool.repository import catalog, chain, object_lock
-from drtool.repository.access import open_repo
+from drtool.repository import catalog, chain, object_lock, verifications
+from drtool.repository.access import Repo, open_repo
 from drtool.repository.ids import new_id
 from drtool.repository.locks import repository_lock
 from drtool.repository.manifest import Manifest, manifest_sha256
@@ -57,6 +57,20 @@ class BackupResult:
     seconds: float = 0.0
     #: what went wrong after the commit without touching the snapshot (a lock left behind)
     warnings: list[str] = field(default_factory=list)
+    new_objects: int = 0  # written by this backup, hashed as they were sealed
+    reused_objects: int = 0  # blobs earlier snapshots stored, named again without a re-read
+    #: objects a verification found damaged (with the snapshots referencing them): this
+    #: backup did not reuse them and uploaded the source's copy again where it still had it
+    damaged_known: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def verified(self) -> str:
+        """Exactly what the commit checked (the summary's title says this, no more)."""
+        return (
+            "committed; manifest read back and its signature verified; every object's stored "
+            f"size confirmed; {self.new_objects} new objects hashed as written; "
+            f"{self.reused_objects} reused blobs not re-read"
+        )
 
 
 def refuse_identity(cfg: Config, env: Mapping[str, str]) -> None:
@@ -121,6 +135,8 @@ def run_backup(
     with repository_lock(repo.storage, "backup") as lock:
         previous = catalog.newest_authentic(repo.storage, repo.verify_keys, repo.info.repo_id)
         chain.check_rollback(state_dir(cfg, home), repo.info.repo_id, previous, accept_rollback)
+        # only MinIO reuses stored objects (blobs); the other stores write everything anew
+        damaged = known_damaged(repo) if "minio" in components else {}
         snapshot_id = new_id(now)
         writer = SnapshotWriter(
             storage=repo.storage,
@@ -141,8 +157,9 @@ def run_backup(
             scratch=Path(cfg.backup.scratch_dir or tempfile.gettempdir()),
             state=state_dir(cfg, home),
             progress=progress,
+            damaged=frozenset(damaged),
         )
-        result = BackupResult(snapshot_id)
+        result = BackupResult(snapshot_id, damaged_known=damaged)
         backed_up = [
             _backup_one(store, ctx, result)
             for store in registry.BACKUP_ORDER
@@ -165,6 +182,9 @@ def run_backup(
         stored = writer.commit(manifest)
         crash_point("after-manifest")
         _verify_committed(repo, snapshot_id, writer.confirmed)
+        named = {o.key for o in manifest.objects()}
+        result.new_objects = len(named & writer.written)
+        result.reused_objects = len(named) - result.new_objects
         last = chain.LastCommit(repo.info.repo_id, snapshot_id, manifest_sha256(stored))
         chain.remember_commit(state_dir(cfg, home), last)
         for b in backed_up:
@@ -177,8 +197,34 @@ def run_backup(
         # ADR 0011: the snapshot is committed and verified, so the run succeeded (exit 0); the
         # lock left behind is a warning: no run waits for it, `drtool unlock` clears it
         result.warnings.append(lock.left_behind)
-    log.info("snapshot %s committed and verified", snapshot_id, extra={"snapshot": snapshot_id})
+    log.info("snapshot %s %s", snapshot_id, result.verified, extra={"snapshot": snapshot_id})
     return result
+
+
+def known_damaged(repo: Repo) -> dict[str, list[str]]:
+    """Objects signed verification records found damaged -> every snapshot referencing them.
+
+    Issue 18.9: deduplication must not trust a stored blob a verification found bad, or every
+    new snapshot inherits the damage. Costs one listing and one GET per verified snapshot;
+    the manifests are read only when some record names damage.
+    """
+    ids = catalog.snapshot_ids(repo.storage)
+    latest = verifications.latest_records(repo.storage, repo.verify_keys, repo.info.repo_id, ids)
+    if not any(rec.damaged for rec in latest.values()):
+        return {}
+    records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+    damaged: dict[str, list[str]] = {}
+    for record in records:
+        for key in record.damaged:
+            damaged.setdefault(key, []).append(record.snapshot_id)
+    for key, snapshots in sorted(damaged.items()):
+        log.warning(
+            "%s was found damaged by a verification; snapshots referencing it: %s; this "
+            "backup does not reuse it (the object is uploaded again from the source)",
+            key,
+            ", ".join(snapshots),
+        )
+    return damaged
 
 
 def _backup_one(store: Store, ctx: BackupContext, result: BackupResult) -> BackedUp:

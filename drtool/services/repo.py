@@ -17,7 +17,7 @@ from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import unseal
-from drtool.repository import catalog, chain, layout, object_lock, verifications
+from drtool.repository import catalog, chain, layout, object_lock, subset, verifications
 from drtool.repository.access import (
     Repo,
     identities_of,
@@ -187,6 +187,100 @@ def verify(
         log.info("verification not recorded: no keys.signing_key_file configured to sign it")
     _add_chain_problems(repo, records, outcomes)
     return outcomes
+
+
+@dataclass
+class SubsetOutcome:
+    """What one ``verify --read-data-subset`` run read and found."""
+
+    mode: str  # verifications.READ_DATA (decrypted) or HASHES (stored sha256, key-less)
+    budget: str
+    day: int
+    period_days: int
+    objects_read: int
+    bytes_read: int
+    total_objects: int
+    total_bytes: int
+    #: object key -> its problem, and the snapshots naming it (all of them DAMAGED now)
+    damaged: dict[str, str] = field(default_factory=dict)
+    referenced_by: dict[str, list[str]] = field(default_factory=dict)
+    recorded: list[str] = field(default_factory=list)  # keys of the records written
+
+
+def verify_subset(
+    cfg: Config, budget: subset.Budget, *, now: datetime | None = None
+) -> SubsetOutcome:
+    """Read today's slice of every object the snapshots name (docs/decisions/0016).
+
+    Decrypts and authenticates with the configured identity (``read-data``), else checks the
+    stored sha256 key-less (``hashes``). Each damaged object is named with every snapshot that
+    references it; with a signing key, each of those snapshots gets a signed subset record
+    naming the damage, so ``list``, ``restore latest``, prune and the next backup (which then
+    uploads that object again instead of reusing the blob) know it. Finding nothing damaged
+    records nothing: a subset run does not make a snapshot "verified".
+    """
+    repo = open_repo(cfg)
+    identities = identities_of(cfg)
+    mode = verifications.READ_DATA if identities else verifications.HASHES
+    records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+    readable = [r for r in records if r.manifest is not None and r.problem is None]
+    if not readable:
+        raise NotFound("verify: the repository has no snapshots")
+    where: dict[str, tuple[Manifest, str, ObjectEntry]] = {}  # key -> the first naming it
+    naming: dict[str, list[str]] = {}
+    for record in readable:
+        assert record.manifest is not None
+        for comp in record.manifest.components:
+            for obj in comp.objects:
+                where.setdefault(obj.key, (record.manifest, comp.name, obj))
+                naming.setdefault(obj.key, []).append(record.snapshot_id)
+    when = now or datetime.now(UTC)
+    day = int(when.timestamp() // 86400)
+    today = subset.todays_slice([entry for _, _, entry in where.values()], budget, day)
+    outcome = SubsetOutcome(
+        mode,
+        str(budget),
+        day,
+        today.period_days,
+        len(today.objects),
+        today.bytes,
+        today.total_objects,
+        today.total_bytes,
+    )
+    for obj in today.objects:
+        m, component, entry = where[obj.key]
+        problem = _verify_object(repo, m, component, entry, identities)
+        if problem:
+            outcome.damaged[obj.key] = problem
+            outcome.referenced_by[obj.key] = naming[obj.key]
+            log.error(
+                "%s damaged (%s); snapshots referencing it: %s",
+                obj.key,
+                problem,
+                ", ".join(naming[obj.key]),
+            )
+    signer = _record_signer(cfg)
+    if outcome.damaged and signer is None:
+        log.info("damage not recorded: no keys.signing_key_file configured to sign it")
+    if outcome.damaged and signer is not None:
+        for record in readable:
+            assert record.manifest is not None
+            keys_of = {o.key for o in record.manifest.objects()}
+            bad = tuple(sorted(k for k in keys_of if k in outcome.damaged))
+            if not bad:
+                continue
+            checked = verifications.Verification(
+                repo.info.repo_id,
+                record.snapshot_id,
+                verifications.now_text(when),
+                mode,
+                sum(1 for o in today.objects if o.key in keys_of),
+                bad,
+                socket.gethostname(),
+                subset=True,
+            )
+            outcome.recorded.append(verifications.write_record(repo.storage, signer, checked, when))
+    return outcome
 
 
 def _add_chain_problems(

@@ -49,6 +49,8 @@ class BackupContext:
     scratch: Path  # the backup scratch dir (Redis spills its RDB there)
     state: Path  # the backup host's own state (MinIO's index cache)
     progress: Progress
+    #: objects a signed verification found damaged: never reused (issue 18.9, healing)
+    damaged: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from drtool.errors import (
     StorageError,
 )
 from drtool.repository.retention import Policy
+from drtool.repository.subset import parse_budget
 from drtool.services import prune as prune_svc
 from drtool.services import repo as repo_svc
 from drtool.services.backup import run_backup
@@ -88,6 +89,7 @@ class JobSpec:
     components: tuple[str, ...] = COMPONENTS
     keep: Policy = field(default_factory=Policy)
     snapshot: str = "latest"  # verify: "latest", "all" or "unverified"
+    read_data_subset: str = ""  # verify: then also today's rotating slice (N% or SIZE)
     definition: str = ""  # drill: the drill definition file
     source: str = ""  # the schedule file it came from
 
@@ -169,6 +171,13 @@ def _duration(where: str, value: str) -> str:
     return value
 
 
+def _subset(where: str, value: str) -> str:
+    """Refuse a ``read_data_subset`` :func:`parse_budget` cannot read (keeping the text)."""
+    if value:
+        parse_budget(value, where=where)
+    return value
+
+
 _NONNEG = {"check": _at_least_0}
 
 
@@ -197,6 +206,7 @@ class _JobTable(_Defaults):
     components: tuple[str, ...] = field(default=COMPONENTS, metadata={"check": _components})
     keep: Policy | None = None
     snapshot: Literal["latest", "all", "unverified"] = "latest"
+    read_data_subset: str = field(default="", metadata={"check": _subset})
     definition: str = ""
 
 
@@ -256,6 +266,7 @@ def _job(name: str, table: Any, defaults: Mapping[str, Any], source: str) -> Job
         components=t.components,
         keep=_policy(f"{where}.keep", t.keep) if t.kind == "prune" else Policy(),
         snapshot=t.snapshot,
+        read_data_subset=t.read_data_subset,
         definition=_definition(f"{where}.definition", t.definition) if t.kind == "drill" else "",
         source=source,
     )
@@ -398,7 +409,7 @@ def execute(spec: JobSpec, cfg: Config, *, home: Path, env: Mapping[str, str]) -
         backup = run_backup(cfg, home=home, env=env, components=spec.components)
         return JobResult(
             snapshot=backup.snapshot_id,
-            message=f"snapshot {backup.snapshot_id} committed and verified"
+            message=f"snapshot {backup.snapshot_id} {backup.verified}"
             + "".join(f"; warning: {w}" for w in backup.warnings),
             plain_bytes={c.name: c.plain_bytes for c in backup.components},
             stored_bytes={c.name: c.stored_bytes for c in backup.components},
@@ -417,11 +428,25 @@ def execute(spec: JobSpec, cfg: Config, *, home: Path, env: Mapping[str, str]) -
             raise IntegrityError(
                 f"verify: {len(bad)} of {len(outcomes)} snapshots failed: {bad[0].problems[0]}"
             )
-        return JobResult(
-            snapshot=outcomes[-1].snapshot_id if outcomes else None,
-            message=f"{len(outcomes)} snapshots verify (stored bytes)",
-        )
+        message = f"{len(outcomes)} snapshots verify (stored bytes)"
+        if spec.read_data_subset:
+            message += "; " + _verify_subset(cfg, spec.read_data_subset)
+        return JobResult(snapshot=outcomes[-1].snapshot_id if outcomes else None, message=message)
     return _execute_drill(spec, cfg, home=home)
+
+
+def _verify_subset(cfg: Config, budget: str) -> str:
+    """Today's rotating slice (ADR 0016); damage raises IntegrityError naming the snapshots."""
+    out = repo_svc.verify_subset(cfg, parse_budget(budget))
+    if out.damaged:
+        raise IntegrityError(
+            "verify subset: damaged: "
+            + "; ".join(f"{k} (snapshots {', '.join(out.referenced_by[k])})" for k in out.damaged)
+        )
+    return (
+        f"subset ({out.mode}) read {out.objects_read} of {out.total_objects} objects, "
+        f"every object within {out.period_days} days"
+    )
 
 
 def _execute_drill(spec: JobSpec, cfg: Config, *, home: Path) -> JobResult:

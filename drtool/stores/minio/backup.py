@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -61,6 +61,8 @@ class BucketResult:
     plain_bytes: int = 0
     headed: int = 0
     """Objects whose metadata a HEAD read (LastModified moved with the same bytes)."""
+    healed: list[str] = field(default_factory=list)
+    """Damaged blob keys whose objects were uploaded again from the source."""
 
 
 def cache_path(state_dir: Path, repo_id: str, bucket: str) -> Path:
@@ -91,19 +93,26 @@ def snapshot_bucket(
     *,
     previous: dict[str, IndexEntry],
     stored_blobs: dict[str, int],
+    damaged: frozenset[str] = frozenset(),
     workers: int = 4,
     on_object: Callable[[int], None] = lambda n: None,
 ) -> BucketResult:
     """Snapshot one bucket: upload new or changed objects as blobs, reuse the rest, store the index.
 
-    A listing or read error raises; no index is written for a partial bucket.
+    A blob in ``damaged`` (a signed verification found it bad) is never reused: its object
+    is read from the source again into a new blob (healing). A listing or read error raises;
+    no index is written for a partial bucket.
     """
     entries: list[IndexEntry] = []
     todo: list[tuple[SourceObject, IndexEntry | None]] = []
+    healed: list[str] = []
     listed_at = datetime.now(UTC)
     for obj in store.list_objects(bucket):
         old = previous.get(obj.key)
-        if (
+        if old is not None and layout.blob_key(old.blob) in damaged:
+            healed.append(layout.blob_key(old.blob))
+            todo.append((obj, None))
+        elif (
             old is not None
             and old.size == obj.size
             and old.etag == obj.etag
@@ -175,6 +184,7 @@ def snapshot_bucket(
         reused=len(entries) - len(uploaded),
         plain_bytes=sum(e.size for e in entries),
         headed=len(done) - len(uploaded),
+        healed=healed,
     )
 
 

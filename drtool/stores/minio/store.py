@@ -51,6 +51,7 @@ class MinioStore:
         blobs: dict[str, ObjectEntry] = {}
         caches: list[tuple[Path, list[IndexEntry]]] = []
         plain = 0
+        healed: set[str] = set()  # damaged blob keys whose objects this backup re-uploaded
         details: dict[str, Any] = {}
         coverage = s3_source.bucket_coverage(
             store,
@@ -71,6 +72,7 @@ class MinioStore:
                 ctx.writer,
                 previous=bucket_backup.read_cache(path),
                 stored_blobs=stored_blobs,
+                damaged=ctx.damaged,
                 on_object=lambda n: ctx.progress(NAME, n),
             )
             objects.append(result.index)
@@ -79,13 +81,25 @@ class MinioStore:
             caches.append((path, result.entries))
             plain += result.plain_bytes
             details[bucket] = {"uploaded": result.uploaded, "reused": result.reused}
+            if result.healed:
+                details[bucket]["healed"] = result.healed
             log.info(
-                "minio bucket %s: %d objects uploaded, %d reused",
+                "minio bucket %s: %d objects uploaded (%d of them replacing a damaged blob), "
+                "%d reused",
                 bucket,
                 result.uploaded,
+                len(result.healed),
                 result.reused,
             )
+            healed.update(result.healed)
         objects.extend(blobs[b] for b in sorted(blobs))
+        damaged_blobs = {k for k in ctx.damaged if k.startswith(layout.BLOBS)}
+        for key in sorted(damaged_blobs - healed):
+            log.warning(
+                "%s is damaged and was not uploaded again: its object is no longer in the "
+                "source (this snapshot does not reference it; older ones still do)",
+                key,
+            )
 
         def write_caches() -> None:
             for path, entries in caches:
