@@ -192,7 +192,9 @@ def test_force_restores_beside_and_keeps_the_old_database(
         assert objects.pop("live.txt")[0] == b"live"  # kept: not in the snapshot
         assert objects == bucket_objects(world.repo.source.minio, world.repo.source.buckets[0])
         again = restore(world, config, components=("minio",), force=True)
-        assert again.components[0].detail.endswith("0 put, 20 identical skipped")
+        assert again.components[0].detail.endswith(
+            "0 put, 20 identical skipped, extra objects kept: 1"
+        )
     finally:
         execute(
             PostgresEndpoint(**{**target.postgres.__dict__, "dbname": "postgres"}),
@@ -371,3 +373,46 @@ def test_flipped_byte_is_never_shown_or_restored_as_good(
     rows = {r["id"]: r for r in json.loads(run_drtool("list", "--json", config=config).stdout)}
     assert rows[world.new_id]["verified"] == "never verified"
     assert table_rows(target.postgres) == {}
+
+
+def test_force_into_a_bucket_says_what_it_kept_and_mirror_removes_it(
+    world: World, target: StackEndpoints, tmp_path: Path
+) -> None:
+    """Objects the snapshot lacks: counted and kept (merge), or planned and removed (mirror).
+
+    The old restore kept them silently and reported PASS, so the bucket was not the snapshot's.
+    """
+    source = world.repo.source
+    bucket = target.buckets[0]
+    s3 = s3_client(target.minio)
+    s3.put_object(Bucket=bucket, Key="live.txt", Body=b"live")
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    args = ("restore", "--target", "t", "--component", "minio", "--yes", "--json", "--force")
+    merged = run_drtool(*args, config=config)
+    assert merged.returncode == 0, merged.stderr
+    minio = json.loads(merged.stdout)["components"][0]
+    assert minio["detail"].endswith("extra objects kept: 1")
+    assert minio["counts"] == {"extra_objects_kept": 1, "extra_objects_removed": 0}
+    assert "live.txt" in bucket_objects(target.minio, bucket)
+
+    first = sorted(bucket_objects(source.minio, source.buckets[0]))[0]
+    s3.put_object(Bucket=bucket, Key=first + ".extra", Body=b"extra")  # under the prefix
+    dry = run_drtool(*args, "--dry-run", "--minio-mode", "mirror", "--prefix", first,
+                     config=config)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    action = json.loads(dry.stdout)["plan"][0]["action"]
+    assert f"1 objects under {first!r} not in the snapshot removed (--minio-mode mirror)" in action
+    assert first + ".extra" in bucket_objects(target.minio, bucket)  # a dry run
+
+    mirrored = run_drtool(*args, "--minio-mode", "mirror", "--prefix", first, config=config)
+    assert mirrored.returncode == 0, mirrored.stderr
+    minio = json.loads(mirrored.stdout)["components"][0]
+    assert minio["detail"].endswith("extra objects removed: 1")
+    assert minio["counts"] == {"extra_objects_kept": 0, "extra_objects_removed": 1}
+    objects = bucket_objects(target.minio, bucket)
+    assert first + ".extra" not in objects and "live.txt" in objects  # outside the prefix: kept
+
+    whole = run_drtool(*args, "--minio-mode", "mirror", config=config)
+    assert whole.returncode == 0, whole.stderr
+    assert json.loads(whole.stdout)["components"][0]["counts"]["extra_objects_removed"] == 1
+    assert bucket_objects(target.minio, bucket) == bucket_objects(source.minio, source.buckets[0])
