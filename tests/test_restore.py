@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import uuid
@@ -11,6 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 from support.cli import run_drtool
@@ -192,7 +194,9 @@ def test_force_restores_beside_and_keeps_the_old_database(
         assert objects.pop("live.txt")[0] == b"live"  # kept: not in the snapshot
         assert objects == bucket_objects(world.repo.source.minio, world.repo.source.buckets[0])
         again = restore(world, config, components=("minio",), force=True)
-        assert again.components[0].detail.endswith("0 put, 20 identical skipped")
+        assert again.components[0].detail.endswith(
+            "0 put, 20 identical skipped, extra objects kept: 1"
+        )
     finally:
         execute(
             PostgresEndpoint(**{**target.postgres.__dict__, "dbname": "postgres"}),
@@ -371,3 +375,147 @@ def test_flipped_byte_is_never_shown_or_restored_as_good(
     rows = {r["id"]: r for r in json.loads(run_drtool("list", "--json", config=config).stdout)}
     assert rows[world.new_id]["verified"] == "never verified"
     assert table_rows(target.postgres) == {}
+
+
+def test_force_into_a_bucket_says_what_it_kept_and_mirror_removes_it(
+    world: World, target: StackEndpoints, tmp_path: Path
+) -> None:
+    """Objects the snapshot lacks: counted and kept (merge), or planned and removed (mirror).
+
+    The old restore kept them silently and reported PASS, so the bucket was not the snapshot's.
+    """
+    source = world.repo.source
+    bucket = target.buckets[0]
+    s3 = s3_client(target.minio)
+    s3.put_object(Bucket=bucket, Key="live.txt", Body=b"live")
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    args = ("restore", "--target", "t", "--component", "minio", "--yes", "--json", "--force")
+    merged = run_drtool(*args, config=config)
+    assert merged.returncode == 0, merged.stderr
+    minio = json.loads(merged.stdout)["components"][0]
+    assert minio["detail"].endswith("extra objects kept: 1")
+    assert minio["counts"] == {"extra_objects_kept": 1, "extra_objects_removed": 0}
+    assert "live.txt" in bucket_objects(target.minio, bucket)
+
+    first = sorted(bucket_objects(source.minio, source.buckets[0]))[0]
+    s3.put_object(Bucket=bucket, Key=first + ".extra", Body=b"extra")  # under the prefix
+    dry = run_drtool(*args, "--dry-run", "--minio-mode", "mirror", "--prefix", first,
+                     config=config)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    action = json.loads(dry.stdout)["plan"][0]["action"]
+    assert f"1 objects under {first!r} not in the snapshot removed (--minio-mode mirror)" in action
+    assert first + ".extra" in bucket_objects(target.minio, bucket)  # a dry run
+
+    mirrored = run_drtool(*args, "--minio-mode", "mirror", "--prefix", first, config=config)
+    assert mirrored.returncode == 0, mirrored.stderr
+    minio = json.loads(mirrored.stdout)["components"][0]
+    assert minio["detail"].endswith("extra objects removed: 1")
+    assert minio["counts"] == {"extra_objects_kept": 0, "extra_objects_removed": 1}
+    objects = bucket_objects(target.minio, bucket)
+    assert first + ".extra" not in objects and "live.txt" in objects  # outside the prefix: kept
+
+    whole = run_drtool(*args, "--minio-mode", "mirror", config=config)
+    assert whole.returncode == 0, whole.stderr
+    assert json.loads(whole.stdout)["components"][0]["counts"]["extra_objects_removed"] == 1
+    assert bucket_objects(target.minio, bucket) == bucket_objects(source.minio, source.buckets[0])
+
+
+def test_the_switch_says_it_ends_the_apps_connections_and_where_their_writes_go(
+    world: World, target: StackEndpoints, tmp_path: Path
+) -> None:
+    """The plan (and --dry-run) count the apps' open connections; the result names the kept DB.
+
+    The switch ends them and what they write meanwhile stays in the kept old database: the old
+    restore said neither.
+    """
+    _fill(target)
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    name = target.postgres.dbname
+    args = ("restore", "--target", "t", "--component", "postgres", "--force")
+    with psycopg.connect(**target.postgres.connect_kwargs()) as app:
+        app.execute("SELECT 1")
+        dry = run_drtool(*args, "--dry-run", config=config)
+        assert dry.returncode == 0, dry.stderr
+        assert (
+            f"note (postgres): the switch ends every open connection to {name} (1 open now, "
+            "drtool's own not counted)" in " ".join(dry.stdout.split())
+        )
+        notes = json.loads(run_drtool(*args, "--dry-run", "--json", config=config).stdout)
+        assert notes["plan"][0]["notes"][1] == (
+            f"whatever is written to {name} between the start of the restore and the switch "
+            f"stays in the kept database {name}_pre_restore_<time>, not in the restored one"
+        )
+        now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+        opts = RestoreOptions(target="t", yes=True, force=True, components=("postgres",))
+        result = run_restore(load_config(config, {}), home=tmp_path, options=opts,
+                             confirm=lambda r: False, now=now)  # fmt: skip
+        with pytest.raises(psycopg.OperationalError):
+            app.execute("SELECT 1")  # ended by the switch
+    old = f"{name}_pre_restore_20260102_030405"
+    try:
+        pg = result.components[0]
+        assert pg.counts == {"connections_ended": 1}
+        assert f"previous kept as {old} (anything written to {name} between the start of " in (
+            pg.detail
+        )
+        assert pg.detail.endswith("1 open connections ended at the switch")
+    finally:
+        execute(
+            PostgresEndpoint(**{**target.postgres.__dict__, "dbname": "postgres"}),
+            f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)',
+        )
+
+
+def test_the_log_says_an_empty_previous_database_was_dropped(
+    world: World, target: StackEndpoints, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It said "the previous one is <db>_pre_restore_…" and then dropped it."""
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    caplog.set_level(logging.INFO, logger="drtool")
+    result = restore(world, config, components=("postgres",))
+    assert result.ok
+    name = target.postgres.dbname
+    assert databases(target.postgres, name + "_%") == []
+    said = [r.getMessage() for r in caplog.records if "switched in" in r.getMessage()]
+    assert said == [f"postgres: {name} switched in; the previous one dropped (it held nothing)"]
+    assert "previous kept as" not in result.components[0].detail
+
+
+def test_an_empty_database_written_during_the_restore_is_kept_not_dropped(
+    world: World,
+    target: StackEndpoints,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An app writes into the (empty) live database while the restore runs: its write is kept.
+
+    The old restore dropped the previous database because it had been empty at the start.
+    The app's write is made at the restore's last step before the switch (its crash point).
+    """
+    from drtool.stores.postgres import restore as pg_restore
+
+    def app_writes(name: str) -> None:
+        execute(target.postgres, "CREATE TABLE written_meanwhile (v text)")
+
+    monkeypatch.setattr(pg_restore, "crash_point", app_writes)
+    caplog.set_level(logging.INFO, logger="drtool")
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    opts = RestoreOptions(target="t", yes=True, components=("postgres",))
+    result = run_restore(load_config(config, {}), home=tmp_path, options=opts,
+                         confirm=lambda r: False, now=now)  # fmt: skip
+    name = target.postgres.dbname
+    old = f"{name}_pre_restore_20260102_030405"
+    try:
+        assert result.ok
+        assert databases(target.postgres, name + "_%") == [old]
+        kept = PostgresEndpoint(**{**target.postgres.__dict__, "dbname": old})
+        assert list(table_rows(kept)) == ["public.written_meanwhile"]
+        assert f"previous kept as {old}" in result.components[0].detail
+        assert f"{old} was empty when the restore started but holds data now" in caplog.text
+    finally:
+        execute(
+            PostgresEndpoint(**{**target.postgres.__dict__, "dbname": "postgres"}),
+            f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)',
+        )

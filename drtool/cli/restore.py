@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 
@@ -37,6 +38,9 @@ def _show_plan(result: RestoreResult) -> None:
             for p in result.plan
         ],
     )
+    for p in result.plan:
+        for note in p.notes:
+            click.echo(f"note ({p.component}): {note}")
 
 
 def _confirm(result: RestoreResult) -> bool:
@@ -98,6 +102,14 @@ def _confirm(result: RestoreResult) -> bool:
 @click.option(
     "--prefix", default="", metavar="P", help="MinIO: only objects whose key starts with P."
 )
+@click.option(
+    "--minio-mode",
+    type=click.Choice(["merge", "mirror"]),
+    default="merge",
+    show_default=True,
+    help="merge: objects the snapshot lacks stay in the bucket (counted in the result). "
+    "mirror: they are removed (only under --prefix), after every snapshot object is in place.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
 @click.pass_obj
 def restore(
@@ -109,11 +121,8 @@ def restore(
     dry_run: bool,
     force: bool,
     yes: bool,
-    drop_old: bool,
-    jobs: int,
-    redis_mode: str,
-    prefix: str,
     as_json: bool,
+    **how: Any,  # per-store options: drop_old, jobs, redis_mode, prefix, minio_mode
 ) -> None:
     """Restore a snapshot (an id or `latest`) into the stack or a named target.
 
@@ -124,7 +133,8 @@ def restore(
     stored sha256, authenticated decryption into the scratch dir. A non-empty
     target needs --force; a terminal asks you to type the target's name.
     Afterwards the target's fingerprints are compared with the snapshot's:
-    exit 0 only when all match, 5 on a mismatch.
+    exit 0 only when all match, 5 on a mismatch. Objects in a bucket that the
+    snapshot lacks are kept and counted, or removed with --minio-mode mirror.
     """
     options = RestoreOptions(
         ref=snapshot,
@@ -134,10 +144,7 @@ def restore(
         dry_run=dry_run,
         force=force,
         yes=yes,
-        drop_old=drop_old,
-        jobs=jobs,
-        redis_mode=redis_mode,
-        prefix=prefix,
+        **how,
     )
     result = run_restore(state.config(), home=state.home, options=options, confirm=_confirm)
     if as_json:

@@ -118,6 +118,13 @@ class MinioStore:
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             raise self._error("write", bucket, exc, key) from None
 
+    def delete(self, bucket: str, key: str) -> None:
+        """Remove one object (a restore in mirror mode removes what the snapshot lacks)."""
+        try:
+            self._s3.delete_object(Bucket=bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("delete", bucket, exc, key) from None
+
     def head(self, bucket: str, key: str) -> tuple[int, ObjectMeta] | None:
         """Size and metadata of an object, or None when it does not exist."""
         try:

@@ -699,11 +699,12 @@ def apply_database_props(endpoint: PostgresEndpoint, name: str, props: DatabaseP
             conn.execute(statement)
 
 
-def switch_databases(endpoint: PostgresEndpoint, copy: str, name: str, old: str | None) -> None:
+def switch_databases(endpoint: PostgresEndpoint, copy: str, name: str, old: str | None) -> int:
     """Make database ``copy`` the database ``name``, the current one (if ``old``) renamed ``old``.
 
     New connections to ``name`` are refused and the open ones to both ended; then both renames
-    commit in one transaction, so there is never a moment without a database ``name``.
+    commit in one transaction, so there is never a moment without a database ``name``. Returns
+    how many client connections to ``name`` were ended (the restore reports it).
     """
     moving = [name, copy] if old is not None else [copy]
     with _admin_conn(endpoint, f"switch {copy} in as {name}", *moving) as conn:
@@ -711,11 +712,11 @@ def switch_databases(endpoint: PostgresEndpoint, copy: str, name: str, old: str 
         for db in moving:
             conn.execute(allow.format(sql.Identifier(db), sql.SQL("false")))
         try:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            ended = conn.execute(
+                "SELECT datname, backend_type, pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = ANY(%s) AND pid <> pg_backend_pid()",
                 (moving,),
-            )
+            ).fetchall()
             rename = sql.SQL("ALTER DATABASE {} RENAME TO {}")
             with conn.transaction():
                 if old is not None:
@@ -727,6 +728,18 @@ def switch_databases(endpoint: PostgresEndpoint, copy: str, name: str, old: str 
             raise
         for db in [name] if old is None else [name, old]:
             conn.execute(allow.format(sql.Identifier(db), sql.SQL("true")))
+    return sum(1 for db, kind, done in ended if db == name and kind == "client backend" and done)
+
+
+def open_connections(endpoint: PostgresEndpoint, name: str) -> int:
+    """Client connections to database ``name`` now, not counting this one (the apps')."""
+    with _admin_conn(endpoint, f"count connections to {name}", name) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            (name,),
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def restore_copies(endpoint: PostgresEndpoint, name: str) -> list[str]:

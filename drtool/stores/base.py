@@ -24,7 +24,7 @@ See docs/decisions/0006-store-protocol.md.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -109,6 +109,7 @@ class Target:
     pg_bin_dir: Path | None = None
     timeout: float = 3600.0
     placer: Placer | None = None  # set for an offline Redis restore
+    minio_mode: str = "merge"  # or "mirror": remove objects under the prefix the snapshot lacks
     keep_dir: Path | None = None  # where copies that outlive the restore are kept (scratch)
 
 
@@ -123,6 +124,7 @@ class PlanItem:
     holds: str
     replaces: bool
     action: str
+    notes: tuple[str, ...] = ()  # what the operator must know before saying yes
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class Restored:
 
     problems: list[str]
     detail: str
+    counts: dict[str, int] = field(default_factory=dict)  # e.g. extra_objects_kept (JSON)
 
 
 class Restoring(Protocol):

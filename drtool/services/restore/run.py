@@ -54,6 +54,7 @@ class RestoreOptions:
     jobs: int = 2
     redis_mode: str = "online"  # or "offline": restart the server with the RDB
     prefix: str = ""
+    minio_mode: str = "merge"  # or "mirror": remove objects under the prefix the snapshot lacks
 
 
 @dataclass
@@ -64,6 +65,7 @@ class ComponentResult:
     seconds: float
     problems: list[str]
     detail: str
+    counts: dict[str, int] = field(default_factory=dict)  # e.g. extra_objects_kept
 
     @property
     def passed(self) -> bool:
@@ -132,6 +134,7 @@ def run_restore(
         jobs=options.jobs,
         drop_old=options.drop_old,
         prefix=options.prefix,
+        minio_mode=options.minio_mode,
         workers=WORKERS,
         pg_bin_dir=Path(cfg.postgres.bin_dir) if cfg.postgres.bin_dir else None,
         timeout=float(cfg.backup.timeout_s),
@@ -191,6 +194,8 @@ def _check_options(options: RestoreOptions) -> None:
         raise UsageError(
             f"--component: unknown {', '.join(unknown)} (known: {', '.join(registry.COMPONENTS)})"
         )
+    if options.minio_mode not in ("merge", "mirror"):
+        raise UsageError(f"--minio-mode: merge or mirror (got {options.minio_mode})")
     if options.jobs < 1:
         raise UsageError(f"--jobs: must be at least 1 (got {options.jobs})")
     if options.at is not None and options.ref != "latest":
@@ -248,5 +253,5 @@ def _stage_then_restore(
         with timed() as t:
             done = r.restore(target, work, stamp)
         seconds = round(staged_s[name] + t.seconds, 3)
-        results.append(ComponentResult(name, seconds, done.problems, done.detail))
+        results.append(ComponentResult(name, seconds, done.problems, done.detail, done.counts))
     return results

@@ -4,7 +4,10 @@ Before any upload every blob the restore needs is read, hashed and authenticated
 discarded), so a damaged blob fails the run with the target bucket untouched. Each upload then
 decrypts its blob again into a scratch file, checked against the index (size, sha256), and
 only then puts it. With ``force`` an object already in the bucket with the same size, content
-type, metadata and sha256 (read back) is skipped; objects the snapshot lacks are kept.
+type, metadata and sha256 (read back) is skipped. Objects under the restored prefix that the
+snapshot lacks ("extra" objects) are kept and counted (``merge``, the default), or removed after
+every snapshot object is in place (``mirror``): either way the result says how many, because a
+bucket that still holds objects the snapshot never had is not the snapshot's bucket.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class BucketSnapshot:
     bucket: str
     target: str
     entries: list[IndexEntry]
+    prefix: str = ""  # only keys under it were chosen, and only they are compared
 
     @property
     def size(self) -> int:
@@ -46,11 +50,13 @@ class BucketSnapshot:
 
 @dataclass(frozen=True)
 class BucketOutcome:
-    """Objects put and skipped (already identical) in one bucket."""
+    """Objects put, skipped (already identical), and extra (not in the snapshot) in one bucket."""
 
     bucket: str
     uploaded: int
     skipped: int
+    extra: int = 0  # objects under the prefix that the snapshot lacks, before any removal
+    removed: bool = False  # mirror mode: the extra objects were removed
 
 
 def load(
@@ -83,7 +89,7 @@ def load(
             if manifest_blobs.get(e.blob_entry().key) != e.blob_entry():
                 raise IntegrityError(f"{obj.key}: names a blob the manifest does not list")
         chosen = [e for e in entries if e.key.startswith(prefix)]
-        result.append(BucketSnapshot(bucket, mapping[bucket], chosen))
+        result.append(BucketSnapshot(bucket, mapping[bucket], chosen, prefix))
     return result
 
 
@@ -92,6 +98,18 @@ def held_objects(store: MinioStore, bucket: str) -> int | None:
     if not store.bucket_exists(bucket):
         return None
     return sum(1 for _ in store.list_objects(bucket))
+
+
+def extra_keys(store: MinioStore, snap: BucketSnapshot) -> list[str]:
+    """Keys under the snapshot's prefix in the target bucket that the snapshot lacks."""
+    if not store.bucket_exists(snap.target):
+        return []
+    wanted = {e.key for e in snap.entries}
+    return [
+        o.key
+        for o in store.list_objects(snap.target)
+        if o.key.startswith(snap.prefix) and o.key not in wanted
+    ]
 
 
 def blobs_needed(buckets: list[BucketSnapshot]) -> list[ObjectEntry]:
@@ -117,8 +135,14 @@ def restore(
     *,
     force: bool,
     workers: int,
+    mirror: bool = False,
 ) -> BucketOutcome:
-    """Put every object of ``snap`` into its target bucket (created if missing)."""
+    """Put every object of ``snap`` into its target bucket (created if missing).
+
+    Then the extra objects (under the prefix, not in the snapshot) are counted and, with
+    ``mirror``, removed: only after every snapshot object is in place, so a failed put never
+    leaves a bucket emptied.
+    """
     held = held_objects(store, snap.target)
     if held and not force:
         raise UsageError(
@@ -143,7 +167,10 @@ def restore(
 
     done = _parallel(one, snap.entries, workers)
     uploaded = sum(done)
-    return BucketOutcome(snap.target, uploaded, len(done) - uploaded)
+    extra = extra_keys(store, snap)
+    if mirror and extra:
+        _parallel(lambda key: store.delete(snap.target, key), extra, workers)
+    return BucketOutcome(snap.target, uploaded, len(done) - uploaded, len(extra), mirror)
 
 
 def _sha256_of(store: MinioStore, bucket: str, key: str) -> tuple[int, str, ObjectMeta]:

@@ -156,8 +156,17 @@ class MinioRestoring:
             held_objects = bucket_restore.held_objects(store, b.target)
             holds = "no bucket" if held_objects is None else f"{held_objects:,} objects"
             action = "create the bucket, put objects" if held_objects is None else "put objects"
+            extra = len(bucket_restore.extra_keys(store, b)) if held_objects else 0
             if held_objects:
-                action += " (identical ones skipped, others kept)"
+                action += " (identical ones skipped)"
+            if extra:
+                under = f" under {b.prefix!r}" if b.prefix else ""
+                fate = (
+                    "removed (--minio-mode mirror)"
+                    if target.minio_mode == "mirror"
+                    else "kept (--minio-mode mirror removes them)"
+                )
+                action += f"; {extra:,} objects{under} not in the snapshot {fate}"
             items.append(
                 PlanItem(
                     NAME,
@@ -183,11 +192,12 @@ class MinioRestoring:
         bucket_restore.check_blobs(s.repo, self.buckets, s.identities, target.workers)
 
     def restore(self, target: Target, work: Path, stamp: str) -> Restored:
-        """Put every object, then read every one back against the index."""
+        """Put every object, count (mirror: remove) the extra ones, read every one back."""
         s = self.source
         store = s3_source.MinioStore(target.endpoints.minio, max_pool=target.workers * 2)
         problems: list[str] = []
         parts: list[str] = []
+        extra = {"kept": 0, "removed": 0}
         for b in self.buckets:
             o = bucket_restore.restore(
                 s.repo,
@@ -197,7 +207,18 @@ class MinioRestoring:
                 work,
                 force=target.force,
                 workers=target.workers,
+                mirror=target.minio_mode == "mirror",
             )
             problems += bucket_restore.verify(store, b, target.workers)
-            parts.append(f"{o.bucket}: {o.uploaded:,} put, {o.skipped:,} identical skipped")
-        return Restored(problems, "; ".join(parts))
+            fate = "removed" if o.removed else "kept"
+            extra[fate] += o.extra
+            if o.removed and (left := bucket_restore.extra_keys(store, b)):
+                problems.append(
+                    f"minio {o.bucket}: {len(left):,} extra objects remain, e.g. {left[0]}"
+                )
+            parts.append(
+                f"{o.bucket}: {o.uploaded:,} put, {o.skipped:,} identical skipped, "
+                f"extra objects {fate}: {o.extra:,}"
+            )
+        counts = {f"extra_objects_{fate}": n for fate, n in extra.items()}
+        return Restored(problems, "; ".join(parts), counts)

@@ -2,8 +2,14 @@
 
 ``pg_restore --exit-on-error -j N`` fills ``<db>_restore_<time>``; its fingerprints must equal
 the snapshot's; only then is the live database renamed to ``<db>_pre_restore_<time>`` (dropped
-with ``drop_old``, or when it held nothing) and the copy renamed into its place. Any failure
-before the switch drops the copy and leaves the live database as it was (promise 5).
+with ``drop_old``, or when it held nothing and still holds nothing) and the copy renamed into its
+place. Any failure before the switch drops the copy and leaves the live database as it was
+(promise 5).
+
+The switch ends every open connection to the live database (the apps'), and whatever they write
+between the start of the restore and the switch lands in the database that becomes
+``<db>_pre_restore_<time>``, not in the restored one. The plan counts those connections and
+says so; the result names the kept database as where such writes are.
 
 The copy is created with the snapshot's encoding and locale and, once filled, given its
 owner, comment, privileges and ``ALTER DATABASE ... SET`` settings (fingerprint format 3
@@ -61,6 +67,7 @@ class PgTarget:
     exists: bool
     empty: bool
     server_major: int = 0
+    connections: int = 0  # open client connections to it when inspected (the apps')
 
     @property
     def where(self) -> str:
@@ -75,6 +82,7 @@ class PgOutcome:
 
     database: str
     old_database: str | None
+    connections_ended: int = 0  # client connections to the live database ended by the switch
 
 
 def load(repo: Repo, m: Manifest, comp: ComponentEntry, identities: list[str]) -> PgSnapshot:
@@ -133,7 +141,8 @@ def inspect(endpoint: PostgresEndpoint, snap: PgSnapshot | None = None) -> PgTar
         )
     exists = pg.database_exists(admin(endpoint), endpoint.dbname)
     empty = not exists or pg.database_is_empty(endpoint, endpoint.dbname)
-    return replace(target, exists=exists, empty=empty)
+    connections = pg.open_connections(admin(endpoint), endpoint.dbname) if exists else 0
+    return replace(target, exists=exists, empty=empty, connections=connections)
 
 
 def admin(endpoint: PostgresEndpoint) -> PostgresEndpoint:
@@ -271,23 +280,48 @@ def restore(
                 f"postgres: the restored copy differs from the snapshot: {problems[0]}{more}; "
                 f"the live database {name} is unchanged"
             )
-        _switch(endpoint, copy, name, old if target.exists else None)
+        ended = _switch(endpoint, copy, name, old if target.exists else None)
     except BaseException:
         _drop_quietly(endpoint, copy)
         raise
     finally:
         flusher.shutdown(wait=True)
-    if will_drop:
+    if not target.exists:
+        log.info("postgres: %s switched in (there was no database %s before)", name, name)
+        return PgOutcome(name, None, ended)
+    why = _drop_reason(endpoint, old, drop_old=drop_old, was_empty=target.empty)
+    if why:
         pg.drop_database(endpoint, old)
-        return PgOutcome(name, None)
-    return PgOutcome(name, old if target.exists else None)
+        log.info("postgres: %s switched in; the previous one dropped (%s)", name, why)
+        return PgOutcome(name, None, ended)
+    log.info("postgres: %s switched in; the previous one kept as %s", name, old)
+    return PgOutcome(name, old, ended)
 
 
-def _switch(endpoint: PostgresEndpoint, copy: str, name: str, old: str | None) -> None:
-    """Rename live -> old and copy -> live in one transaction."""
+def _drop_reason(endpoint: PostgresEndpoint, old: str, *, drop_old: bool, was_empty: bool) -> str:
+    """Why the previous database is dropped ('' = it is kept).
+
+    An empty one is dropped only if it is still empty after the switch: an app may have written
+    into it while the restore ran, and those writes are kept, never dropped unasked.
+    """
+    if drop_old:
+        return "--drop-old"
+    if not was_empty:
+        return ""
+    if pg.database_is_empty(endpoint, old):
+        return "it held nothing"
+    log.warning(
+        "postgres: %s was empty when the restore started but holds data now (written meanwhile); "
+        "kept",
+        old,
+    )
+    return ""
+
+
+def _switch(endpoint: PostgresEndpoint, copy: str, name: str, old: str | None) -> int:
+    """Rename live -> old and copy -> live in one transaction; the connections ended."""
     crash_point("restore-before-switch")
-    pg.switch_databases(endpoint, copy, name, old)
-    log.info("postgres: %s switched in%s", name, f" (the previous one is {old})" if old else "")
+    return pg.switch_databases(endpoint, copy, name, old)
 
 
 def _drop_quietly(endpoint: PostgresEndpoint, name: str) -> None:

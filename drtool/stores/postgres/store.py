@@ -109,7 +109,13 @@ class PostgresRestoring:
         tables = len(self.snap.fingerprints.tables)
         rows = sum(fp.rows for fp in self.snap.fingerprints.tables.values())
         holds = "nothing" if not t.exists else "an empty database" if t.empty else "data"
-        keep = "dropped (--drop-old)" if target.drop_old or t.empty else f"kept as {old}"
+        keep = (
+            "dropped (--drop-old)"
+            if target.drop_old
+            else f"dropped if still empty at the switch, else kept as {old}"
+            if t.empty
+            else f"kept as {old}"
+        )
         action = f"pg_restore -j {target.jobs} into {copy}, verify, switch"
         action += f"; the current database {keep}" if t.exists else ""
         return [
@@ -121,6 +127,7 @@ class PostgresRestoring:
                 holds,
                 not t.empty,
                 action,
+                _switch_notes(t, old, drop_old=target.drop_old),
             )
         ]
 
@@ -150,7 +157,30 @@ class PostgresRestoring:
             timeout=target.timeout,
         )
         self.staged.dump.unlink()
-        detail = f"database {outcome.database}" + (
-            f"; previous kept as {outcome.old_database}" if outcome.old_database else ""
-        )
-        return Restored([], detail)
+        name = outcome.database
+        detail = f"database {name}"
+        if outcome.old_database:
+            detail += (
+                f"; previous kept as {outcome.old_database} (anything written to {name} "
+                "between the start of the restore and the switch is there, not in the restored "
+                "database)"
+            )
+        detail += f"; {outcome.connections_ended} open connections ended at the switch"
+        return Restored([], detail, {"connections_ended": outcome.connections_ended})
+
+
+def _switch_notes(t: pg_restore.PgTarget, old: str, *, drop_old: bool) -> tuple[str, ...]:
+    """What the switch does to the apps: their connections end, and where their writes go."""
+    if not t.exists:
+        return ()
+    db = t.endpoint.dbname
+    fate = (
+        "is dropped with it (--drop-old)"
+        if drop_old
+        else f"stays in the kept database {old}, not in the restored one"
+    )
+    return (
+        f"the switch ends every open connection to {db} ({t.connections} open now, drtool's "
+        "own not counted); the apps must reconnect",
+        f"whatever is written to {db} between the start of the restore and the switch {fate}",
+    )
