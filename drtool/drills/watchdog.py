@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -41,6 +41,8 @@ class Watchdog:
         self._phase_started = time.monotonic()
         self._started = time.monotonic()
         self._done = threading.Event()
+        # called on each progress tick (the docker runtime looks at its containers' memory)
+        self.monitor: Callable[[], None] | None = None
 
     def enter(self, phase: str) -> None:
         """The drill starts ``phase`` (logged)."""
@@ -80,6 +82,16 @@ class Watchdog:
                 now - self._started,
                 deadline - now,
             )
+            self._look()
+
+    def _look(self) -> None:
+        """Run the monitor; its failure is logged, never the end of the watch."""
+        if self.monitor is None:
+            return
+        try:
+            self.monitor()
+        except Exception as exc:  # the engine busy or gone: the drill itself will say
+            log.debug("drill %s: monitor failed: %s: %s", self.drill_id, type(exc).__name__, exc)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.expired and not self.closing:  # not once the drill is over anyway
