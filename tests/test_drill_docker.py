@@ -28,7 +28,14 @@ from support.stacks import Repository, make_repository, source_stack
 from drtool import liveness
 from drtool.config import load_config
 from drtool.drills.definition import DockerImages, DrillDefinition, ReportSettings
-from drtool.drills.runtime_docker import LABEL, cleanup_docker, docker_scratch, owner_labels
+from drtool.drills.runtime_docker import (
+    LABEL,
+    _diagnose,
+    cleanup_docker,
+    docker_scratch,
+    owner_labels,
+    watch_memory,
+)
 from drtool.endpoints import PostgresEndpoint, S3Endpoint
 from drtool.errors import SourceError
 from drtool.services.drill import run_drill
@@ -391,3 +398,39 @@ def test_an_unset_limit_is_sized_from_the_snapshot_and_the_drill_passes(
     assert limit >= 4 * BIG_VALUES + 64 and limit > 128, line
     assert "postgres 512m (the floor" in line
     assert leftovers(clean_engine) == []
+
+
+@pytest.mark.docker
+def test_a_container_sitting_at_its_memory_limit_is_warned_about_and_named(
+    clean_engine: docker.DockerClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """19.12: the watchdog's tick samples a drill container's memory: one holding 61 MiB of
+    tmpfs data (which counts against the limit and cannot be dropped) under a 64m limit is
+    warned about while it runs, and named with the setting to raise when the drill fails."""
+    require_image(clean_engine, BASE_IMAGE)
+    drill_id = "20250101T000000Z-0004"
+    clean_engine.containers.run(
+        BASE_IMAGE,
+        ["sh", "-c", "head -c 61m /dev/zero > /data/fill && touch /data/done && sleep 600"],
+        labels={LABEL: drill_id, f"{LABEL}.role": "minio"},
+        name=f"drtool-drill-{drill_id}-minio",
+        tmpfs={"/data": "rw"},
+        mem_limit="64m",
+        detach=True,
+    )
+    container = clean_engine.containers.get(f"drtool-drill-{drill_id}-minio")
+    deadline = time.monotonic() + PATIENCE
+    while container.exec_run(["test", "-e", "/data/done"]).exit_code != 0:
+        assert time.monotonic() < deadline, container.logs()
+        time.sleep(0.2)
+    with caplog.at_level(logging.WARNING, logger="drtool.drills.runtime_docker"):
+        watch_memory(drill_id)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "the minio scratch container was at" in w
+        and "% of its 64m memory limit; raise docker.minio_memory" in w
+        for w in warned
+    ), warned
+    (found,) = _diagnose(clean_engine, drill_id, sample=True)
+    assert found.role == "minio" and found.memory
+    assert "raise docker.minio_memory" in found.message()

@@ -2,7 +2,8 @@
 
 One drill gets one ``internal=True`` bridge network and three containers on it (PostgreSQL,
 Redis, MinIO), all labelled ``drtool.drill=<drill id>``, with the definition's memory limits
-(the production ones by default) and their data in the containers' own writable layers,
+(sized from the snapshot when unset: :mod:`drtool.drills.sizing`; the production defaults when
+started without a snapshot) and their data in the containers' own writable layers,
 removed with them (``data = "tmpfs"`` keeps it in memory instead: faster, but tmpfs pages
 count against the memory limit, so a production-sized limit cannot hold a large database).
 Nothing is published: drtool reaches the containers at their
