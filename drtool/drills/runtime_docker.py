@@ -426,8 +426,6 @@ def _exhaustion(container: Any, *, sample: bool) -> Exhaustion | None:
     if state.get("Status") in ("exited", "dead"):
         if code == KILLED:
             return Exhaustion(role, f"was killed (exit code {KILLED}, as for memory){at}", True)
-        log.warning("docker: the drill's %s container stopped; its log ends:\n%s", role,
-                    _logs_tail(container))  # fmt: skip
         return Exhaustion(role, f"stopped (exit code {code})", False)
     if sample and state.get("Running"):
         use = memory_use(container)
@@ -453,8 +451,10 @@ def watch_memory(drill_id: str) -> None:
             found = _exhaustion(container, sample=True)
             if found is None:
                 continue
-            log.warning("drill %s: %s", drill_id, found.message())
-            _SEEN.setdefault(drill_id, {})[found.role] = found
+            seen = _SEEN.setdefault(drill_id, {})
+            if seen.get(found.role) != found:  # once per state, not on every tick
+                log.warning("drill %s: %s", drill_id, found.message())
+            seen[found.role] = found
     finally:
         client.close()
 
@@ -469,6 +469,9 @@ def _diagnose(client: Any, drill_id: str, *, sample: bool) -> list[Exhaustion]:
         now = _exhaustion(container, sample=sample)
         if now is not None:
             found[now.role] = now  # its state at the end says more than an earlier sample
+            if not now.memory:  # stopped for another reason: what it said last tells why
+                log.warning("docker: the drill's %s container stopped; its log ends:\n%s",
+                            now.role, _logs_tail(container))  # fmt: skip
     return [found[role] for role in sorted(found)]
 
 
