@@ -385,6 +385,7 @@ class Exhaustion:
     role: str
     cause: str  # e.g. "was killed for memory (OOM) at its 256m limit"
     memory: bool  # raising the container's memory limit is the fix
+    final: bool = True  # the container is gone for this drill (killed, stopped), not just full
 
     def message(self) -> str:
         fix = f"; raise docker.{self.role}_memory" if self.memory else ""
@@ -432,17 +433,22 @@ def _exhaustion(container: Any, *, sample: bool) -> Exhaustion | None:
         if use is not None and use[0] >= NEAR_LIMIT * use[1]:
             share = 100 * use[0] / use[1]
             return Exhaustion(
-                role, f"was at {share:.0f} % of its {human_limit(use[1])} memory limit", True
+                role,
+                f"was at {share:.0f} % of its {human_limit(use[1])} memory limit",
+                True,
+                final=False,
             )
     return None
 
 
-def watch_memory(drill_id: str) -> None:
+def watch_memory(drill_id: str) -> str | None:
     """One look at a running drill's containers (the watchdog's progress tick).
 
     Each one at >= 95 % of its memory limit, killed or stopped, gets a warning now (not
     minutes later as a network timeout) and is remembered for the failure's message.
+    Returns why the drill cannot pass any more (a container killed or stopped), else None.
     """
+    fatal: list[str] = []
     client = _engine(timeout=10)
     try:
         for container in client.containers.list(
@@ -455,8 +461,11 @@ def watch_memory(drill_id: str) -> None:
             if seen.get(found.role) != found:  # once per state, not on every tick
                 log.warning("drill %s: %s", drill_id, found.message())
             seen[found.role] = found
+            if found.final:
+                fatal.append(found.message())
     finally:
         client.close()
+    return "; ".join(fatal) or None
 
 
 def _diagnose(client: Any, drill_id: str, *, sample: bool) -> list[Exhaustion]:
@@ -540,6 +549,10 @@ def _teardown_after(drill_id: str, exc: BaseException, client: Any | None) -> Dr
         exc.add_note(f"teardown after the failure also failed: {cleanup.message}")
         log.warning("%s", cleanup.message)
         return None
+    if not found:
+        return None
+    said = str(exc) if isinstance(exc, DrillDeadline) else ""
+    found = [e for e in found if e.message() not in said]  # the watchdog's stop names some
     if not found:
         return None
     cause = "docker: " + "; ".join(e.message() for e in found)
