@@ -8,6 +8,8 @@ killed outright leaves containers that ``drtool drill cleanup`` removes.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import socket
 import subprocess
@@ -26,10 +28,18 @@ from support.stacks import Repository, make_repository, source_stack
 from drtool import liveness
 from drtool.config import load_config
 from drtool.drills.definition import DockerImages, DrillDefinition, ReportSettings
-from drtool.drills.runtime_docker import LABEL, cleanup_docker, docker_scratch, owner_labels
+from drtool.drills.runtime_docker import (
+    LABEL,
+    _diagnose,
+    cleanup_docker,
+    docker_scratch,
+    owner_labels,
+    watch_memory,
+)
 from drtool.endpoints import PostgresEndpoint, S3Endpoint
 from drtool.errors import SourceError
 from drtool.services.drill import run_drill
+from drtool.sources.redis_client import connect as connect_redis
 
 IMAGES = DockerImages(postgres_image=POSTGRES_IMAGE, redis_image=REDIS_IMAGE, minio_image=S3_IMAGE)
 PATIENCE = 300.0
@@ -62,6 +72,27 @@ def world(
     """2,000 messages and 20 attachments, one snapshot, and an operator config."""
     directory = tmp_path_factory.mktemp("drill-docker")
     with source_stack(directory, pg_server, s3_server) as source:
+        repo = make_repository(directory / "repo", source)
+        snapshot_id = repo.backup()
+        yield World(repo, snapshot_id, repo.operator_config(directory / "operator.toml"))
+
+
+BIG_VALUES = 48  # 1 MiB values of random bytes: a 48 MiB RDB, ~50 MiB in Redis's memory
+
+
+@pytest.fixture(scope="module")
+def big_redis_world(
+    tmp_path_factory: pytest.TempPathFactory,
+    images: DockerImages,
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+) -> Iterator[World]:
+    """The seed plus 48 MiB of incompressible Redis values, one snapshot."""
+    directory = tmp_path_factory.mktemp("drill-docker-big")
+    with source_stack(directory, pg_server, s3_server) as source:
+        with connect_redis(source.redis) as client:
+            for n in range(BIG_VALUES):
+                client.set(f"bulk:{n}", os.urandom(1024 * 1024))
         repo = make_repository(directory / "repo", source)
         snapshot_id = repo.backup()
         yield World(repo, snapshot_id, repo.operator_config(directory / "operator.toml"))
@@ -314,3 +345,98 @@ def test_history_names_the_cause_of_a_drill_that_failed_with_an_error(
     (row,) = [line for line in table.stdout.splitlines() if drill_id in line]
     assert "FAIL" in row and "not on this engine" in row
     assert leftovers(clean_engine) == []
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_scratch_container_killed_for_memory_is_named_with_the_setting_to_raise(
+    big_redis_world: World, clean_engine: docker.DockerClient, tmp_path: Path
+) -> None:
+    """19.12: a Redis container whose limit cannot hold the snapshot is OOM-killed part-way;
+    the drill's error names it and the setting, not the connection the kill broke."""
+    spec = DrillDefinition(
+        runtime="docker",
+        components=("redis",),
+        docker=replace(IMAGES, redis_memory="32m"),
+        report=ReportSettings(dir=str(tmp_path / "reports")),
+    )
+    report = run_drill(load_config(big_redis_world.config, {}), home=tmp_path / "home", spec=spec)
+    assert report.passed is False
+    cause = (
+        "the redis scratch container was killed for memory (OOM) at its 32m limit; "
+        "raise docker.redis_memory"
+    )
+    # the watchdog's tick stops the drill once it sees the kill; if the restore fails first,
+    # the teardown names the cause ahead of the step's own (network) error
+    assert report.error.startswith(
+        (f"docker: {cause}", "the drill was stopped while restoring snapshot")
+    ), report.error
+    assert cause in report.error, report.error
+    stored = json.loads((tmp_path / "reports" / f"{report.drill_id}.json").read_text())
+    assert "raise docker.redis_memory" in stored["error"]
+    assert leftovers(clean_engine) == []
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_an_unset_limit_is_sized_from_the_snapshot_and_the_drill_passes(
+    big_redis_world: World,
+    clean_engine: docker.DockerClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """19.12: with no ``redis_memory`` in the definition the limit grows with the snapshot's
+    RDB (above the 128m floor), and the drill that a fixed small limit failed passes."""
+    spec = DrillDefinition(
+        runtime="docker",
+        components=("redis",),
+        docker=IMAGES,  # no *_memory set: sized from the snapshot
+        report=ReportSettings(dir=str(tmp_path / "reports")),
+    )
+    with caplog.at_level(logging.INFO, logger="drtool.drills.sizing"):
+        report = run_drill(
+            load_config(big_redis_world.config, {}), home=tmp_path / "home", spec=spec
+        )
+    assert report.error == "" and report.passed, report.error
+    (line,) = [r.getMessage() for r in caplog.records if "scratch memory limits" in r.getMessage()]
+    redis_part = next(p for p in line.split("; ") if "redis " in p)
+    limit = int(redis_part.split("redis ")[1].split("m ")[0])
+    assert limit >= 4 * BIG_VALUES + 64 and limit > 128, line
+    assert "postgres 512m (the floor" in line
+    assert leftovers(clean_engine) == []
+
+
+@pytest.mark.docker
+def test_a_container_sitting_at_its_memory_limit_is_warned_about_and_named(
+    clean_engine: docker.DockerClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """19.12: the watchdog's tick samples a drill container's memory: one holding 61 MiB of
+    tmpfs data (which counts against the limit and cannot be dropped) under a 64m limit is
+    warned about while it runs, and named with the setting to raise when the drill fails."""
+    require_image(clean_engine, BASE_IMAGE)
+    drill_id = "20250101T000000Z-0004"
+    clean_engine.containers.run(
+        BASE_IMAGE,
+        ["sh", "-c", "head -c 61m /dev/zero > /data/fill && touch /data/done && sleep 600"],
+        labels={LABEL: drill_id, f"{LABEL}.role": "minio"},
+        name=f"drtool-drill-{drill_id}-minio",
+        tmpfs={"/data": "rw"},
+        mem_limit="64m",
+        detach=True,
+    )
+    container = clean_engine.containers.get(f"drtool-drill-{drill_id}-minio")
+    deadline = time.monotonic() + PATIENCE
+    while container.exec_run(["test", "-e", "/data/done"]).exit_code != 0:
+        assert time.monotonic() < deadline, container.logs()
+        time.sleep(0.2)
+    with caplog.at_level(logging.WARNING, logger="drtool.drills.runtime_docker"):
+        watch_memory(drill_id)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "the minio scratch container was at" in w
+        and "% of its 64m memory limit; raise docker.minio_memory" in w
+        for w in warned
+    ), warned
+    (found,) = _diagnose(clean_engine, drill_id, sample=True)
+    assert found.role == "minio" and found.memory
+    assert "raise docker.minio_memory" in found.message()

@@ -17,7 +17,7 @@ sample_rooms = 10
 postgres_image = "postgres:16-alpine"
 redis_image = "redis:7-alpine"
 minio_image = "minio/minio"
-postgres_memory = "512m"       # the production limits by default
+postgres_memory = "512m"       # unset: sized from the snapshot (floor: 512m, 128m, 256m)
 data = "disk"                  # or "tmpfs": faster, but the data then counts against the limits
 
 [report]
@@ -43,6 +43,7 @@ from drtool.stores.registry import COMPONENTS
 from drtool.typed_load import build, problem
 
 _WINDOW = re.compile(r"^random-within:(\d+)([hd])$")
+_MEMORY = re.compile(r"^\d+[bkmg]?$", re.IGNORECASE)
 
 
 def _components(where: str, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -66,6 +67,13 @@ def _positive(where: str, value: float) -> float:
     return value
 
 
+def _memory(where: str, value: str) -> str:
+    """A Docker memory limit (``256m``, ``2g``), or ``""``: sized from the snapshot."""
+    if value and not _MEMORY.match(value):
+        raise problem(where, 'expected a memory limit such as "256m" or "2g", or ""', value)
+    return value
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Limits a drill must meet."""
@@ -81,9 +89,11 @@ class DockerImages:
     postgres_image: str = "postgres:16-alpine"
     redis_image: str = "redis:7-alpine"
     minio_image: str = "minio/minio"
-    postgres_memory: str = "512m"
-    redis_memory: str = "128m"
-    minio_memory: str = "256m"
+    # "": sized from the snapshot's manifest at drill time (drills/sizing.py), never below the
+    # production defaults 512m / 128m / 256m; a value set here always wins
+    postgres_memory: str = field(default="", metadata={"check": _memory})
+    redis_memory: str = field(default="", metadata={"check": _memory})
+    minio_memory: str = field(default="", metadata={"check": _memory})
     data: Literal["disk", "tmpfs"] = (
         "disk"  # "disk": the container's own layer, removed with it; "tmpfs": in memory
     )

@@ -2,7 +2,8 @@
 
 One drill gets one ``internal=True`` bridge network and three containers on it (PostgreSQL,
 Redis, MinIO), all labelled ``drtool.drill=<drill id>``, with the definition's memory limits
-(the production ones by default) and their data in the containers' own writable layers,
+(sized from the snapshot when unset: :mod:`drtool.drills.sizing`; the production defaults when
+started without a snapshot) and their data in the containers' own writable layers,
 removed with them (``data = "tmpfs"`` keeps it in memory instead: faster, but tmpfs pages
 count against the memory limit, so a production-sized limit cannot hold a large database).
 Nothing is published: drtool reaches the containers at their
@@ -61,6 +62,8 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from drtool import liveness
 from drtool.drills.definition import DockerImages
+from drtool.drills.sizing import FLOOR_MIB, human_limit
+from drtool.drills.watchdog import DrillDeadline
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import DrtoolError, SourceError
 from drtool.runtime.procs import deferred_interrupts
@@ -87,6 +90,8 @@ S3_PORT = 9000
 READY_TIMEOUT = 120.0
 POLL_SECONDS = 0.25
 LOG_TAIL = 20
+NEAR_LIMIT = 0.95  # memory use at or above this share of the limit: exhausted
+KILLED = 137  # 128 + SIGKILL: what the kernel's OOM killer leaves as the exit code
 _CONTAINER_ID = re.compile(r"(?:docker[-/]|containers/)([0-9a-f]{64})")
 _SHORT_ID = re.compile(r"[0-9a-f]{12,64}")
 
@@ -125,11 +130,15 @@ def _services(images: DockerImages, pg: str, rd: str, s3: tuple[str, str]) -> li
     """
     options = [arg for opt in PG_OPTIONS for arg in ("-c", opt)]
     in_memory = images.data == "tmpfs"
+    memory = {
+        role: str(getattr(images, f"{role}_memory")) or f"{floor}m"  # unsized: the floor
+        for role, floor in FLOOR_MIB.items()
+    }
     return [
         _Service(
             "postgres",
             images.postgres_image,
-            images.postgres_memory,
+            memory["postgres"],
             {
                 "POSTGRES_USER": PG_USER,
                 "POSTGRES_PASSWORD": pg,
@@ -143,7 +152,7 @@ def _services(images: DockerImages, pg: str, rd: str, s3: tuple[str, str]) -> li
         _Service(
             "redis",
             images.redis_image,
-            images.redis_memory,
+            memory["redis"],
             {"REDIS_PASSWORD": rd},
             ["sh", "-c", REDIS_COMMAND],
             "/data" if in_memory else None,
@@ -152,7 +161,7 @@ def _services(images: DockerImages, pg: str, rd: str, s3: tuple[str, str]) -> li
         _Service(
             "minio",
             images.minio_image,
-            images.minio_memory,
+            memory["minio"],
             {"MINIO_ROOT_USER": s3[0], "MINIO_ROOT_PASSWORD": s3[1]},
             ["server", "/data"],
             "/data" if in_memory else None,
@@ -364,36 +373,137 @@ def _remove(client: Any, label: str) -> list[str]:
     return removed
 
 
-def _out_of_memory(client: Any, label: str) -> list[str]:
-    """The roles of the labelled containers the kernel killed for their memory limit."""
-    killed = []
+@dataclass(frozen=True)
+class Exhaustion:
+    """A scratch container that ran out of memory (or stopped), said as the operator fixes it.
+
+    A container at its memory limit does not fail loudly: the server inside stalls or is
+    killed, and the step talking to it fails with a network error that blames the wrong
+    thing (issue 19.12). This names the container and the setting to raise instead.
+    """
+
+    role: str
+    cause: str  # e.g. "was killed for memory (OOM) at its 256m limit"
+    memory: bool  # raising the container's memory limit is the fix
+    final: bool = True  # the container is gone for this drill (killed, stopped), not just full
+
+    def message(self) -> str:
+        fix = f"; raise docker.{self.role}_memory" if self.memory else ""
+        return f"the {self.role} scratch container {self.cause}{fix}"
+
+
+# drill id -> role -> memory at its limit, seen by the watchdog's ticks while the drill ran
+_SEEN: dict[str, dict[str, Exhaustion]] = {}
+
+
+def memory_use(container: Any) -> tuple[int, int] | None:
+    """(bytes in use, limit) of a running container from one stats sample, or None.
+
+    Page cache the kernel can drop (inactive files) does not count, as in ``docker stats``:
+    with ``data = "disk"`` the restored files pass through the cache without exhausting it.
+    """
+    try:
+        stats = container.stats(stream=False, one_shot=True)
+    except (DockerException, OSError):
+        return None
+    memory = stats.get("memory_stats") or {}
+    usage, limit = int(memory.get("usage") or 0), int(memory.get("limit") or 0)
+    if not usage or not limit:
+        return None
+    detail = memory.get("stats") or {}
+    cache = int(detail.get("total_inactive_file", detail.get("inactive_file", 0)) or 0)
+    return max(0, usage - cache), limit
+
+
+def _exhaustion(container: Any, *, sample: bool) -> Exhaustion | None:
+    """What exhausted ``container``: killed for memory, stopped, or (``sample``) at its limit."""
+    role = str(container.labels.get(f"{LABEL}.role", container.name))
+    state = container.attrs.get("State", {})
+    limit = int(container.attrs.get("HostConfig", {}).get("Memory") or 0)
+    at = f" at its {human_limit(limit)} limit" if limit else ""
+    code = int(state.get("ExitCode") or 0)
+    if state.get("OOMKilled"):
+        return Exhaustion(role, f"was killed for memory (OOM){at}", True)
+    if state.get("Status") in ("exited", "dead"):
+        if code == KILLED:
+            return Exhaustion(role, f"was killed (exit code {KILLED}, as for memory){at}", True)
+        return Exhaustion(role, f"stopped (exit code {code})", False)
+    if sample and state.get("Running"):
+        use = memory_use(container)
+        if use is not None and use[0] >= NEAR_LIMIT * use[1]:
+            share = 100 * use[0] / use[1]
+            return Exhaustion(
+                role,
+                f"was at {share:.0f} % of its {human_limit(use[1])} memory limit",
+                True,
+                final=False,
+            )
+    return None
+
+
+def watch_memory(drill_id: str) -> str | None:
+    """One look at a running drill's containers (the watchdog's progress tick).
+
+    Each one at >= 95 % of its memory limit, killed or stopped, gets a warning now (not
+    minutes later as a network timeout) and is remembered for the failure's message.
+    Returns why the drill cannot pass any more (a container killed or stopped), else None.
+    """
+    fatal: list[str] = []
+    client = _engine(timeout=10)
+    try:
+        for container in client.containers.list(
+            all=True, filters={"label": f"{LABEL}={drill_id}"}, ignore_removed=True
+        ):
+            found = _exhaustion(container, sample=True)
+            if found is None:
+                continue
+            seen = _SEEN.setdefault(drill_id, {})
+            if seen.get(found.role) != found:  # once per state, not on every tick
+                log.warning("drill %s: %s", drill_id, found.message())
+            seen[found.role] = found
+            if found.final:
+                fatal.append(found.message())
+    finally:
+        client.close()
+    return "; ".join(fatal) or None
+
+
+def _diagnose(client: Any, drill_id: str, *, sample: bool) -> list[Exhaustion]:
+    """The drill's exhausted containers, from their state now (and a stats sample when
+    ``sample``) and what the watchdog saw while it ran; one per container, by role."""
+    found = _SEEN.pop(drill_id, {})
     for container in client.containers.list(
-        all=True, filters={"label": label}, ignore_removed=True
+        all=True, filters={"label": f"{LABEL}={drill_id}"}, ignore_removed=True
     ):
-        if container.attrs.get("State", {}).get("OOMKilled"):
-            killed.append(str(container.labels.get(f"{LABEL}.role", container.name)))
-    return sorted(killed)
+        now = _exhaustion(container, sample=sample)
+        if now is not None:
+            found[now.role] = now  # its state at the end says more than an earlier sample
+            if not now.memory:  # stopped for another reason: what it said last tells why
+                log.warning("docker: the drill's %s container stopped; its log ends:\n%s",
+                            now.role, _logs_tail(container))  # fmt: skip
+    return [found[role] for role in sorted(found)]
 
 
-def _teardown(drill_id: str) -> list[str]:
+def _teardown(drill_id: str, *, failed: bool = False) -> list[Exhaustion]:
     """Remove the drill's containers and network, with Ctrl-C held until done.
 
-    Returns the roles of containers that had been killed for lack of memory.
+    Before removing, finds the containers that ran out of memory or stopped (after a
+    failure also those sitting at their memory limit) and returns them.
     """
     label = f"{LABEL}={drill_id}"
     with deferred_interrupts():
         client = _engine()
         try:
-            oom = _out_of_memory(client, label)
+            found = _diagnose(client, drill_id, sample=failed)
             removed = _remove(client, label)
         except DockerException as exc:
             raise SourceError(f"docker: teardown failed ({type(exc).__name__})") from None
         finally:
             client.close()
-    for role in oom:
-        log.warning("docker: the drill's %s container ran out of memory", role)
+    for exhausted in found:
+        log.warning("docker: %s", exhausted.message())
     log.info("docker: drill %s torn down (%s)", drill_id, ", ".join(removed) or "nothing left")
-    return oom
+    return found
 
 
 @contextmanager
@@ -408,36 +518,54 @@ def docker_scratch(
         exc_type = type(exc).__name__
         detail = exc.explanation if isinstance(exc, APIError) else exc_type
         failure: BaseException = SourceError(f"docker: drill stack did not start: {detail}")
-        _teardown_after(drill_id, failure, client)
-        raise failure from None
+        raise _teardown_after(drill_id, failure, client) or failure from None
     except BaseException as exc:
-        _teardown_after(drill_id, exc, client)
+        if (replaced := _teardown_after(drill_id, exc, client)) is not None:
+            raise replaced from None
         raise
     client.close()
     try:
         yield endpoints
     except BaseException as exc:
-        _teardown_after(drill_id, exc, None)
+        if (replaced := _teardown_after(drill_id, exc, None)) is not None:
+            raise replaced from None
         raise
     _teardown(drill_id)
 
 
-def _teardown_after(drill_id: str, exc: BaseException, client: Any | None) -> None:
-    """Tear down while ``exc`` propagates; a teardown failure becomes a note on it."""
+def _teardown_after(drill_id: str, exc: BaseException, client: Any | None) -> DrtoolError | None:
+    """Tear down while ``exc`` propagates; a teardown failure becomes a note on it.
+
+    When a container ran out of memory or stopped, that is the cause the operator can fix
+    and the failure's message (which goes into the report) leads with it; the step's own
+    error (often a network timeout) follows. A failure that is not drtool's own (a client
+    library's exception) is replaced by a SourceError naming the cause (returned).
+    """
     if client is not None:
         client.close()
     try:
-        oom = _teardown(drill_id)
+        found = _teardown(drill_id, failed=True)
     except DrtoolError as cleanup:
         exc.add_note(f"teardown after the failure also failed: {cleanup.message}")
         log.warning("%s", cleanup.message)
-        return
-    if oom and isinstance(exc, DrtoolError):
-        # the failure's message goes into the report: name the cause the operator can fix
-        exc.message += (
-            f" (docker: the {', '.join(oom)} container ran out of memory: raise [docker] "
-            f'{oom[0]}_memory, or use data = "disk" if it is "tmpfs")'
-        )
+        return None
+    if not found:
+        return None
+    said = str(exc) if isinstance(exc, DrillDeadline) else ""
+    found = [e for e in found if e.message() not in said]  # the watchdog's stop names some
+    if not found:
+        return None
+    cause = "docker: " + "; ".join(e.message() for e in found)
+    if isinstance(exc, DrtoolError):
+        exc.message = f"{cause} (the step failed with: {exc.message})"
+        exc.args = (exc.message,)
+        return None
+    if isinstance(exc, DrillDeadline):
+        exc.args = (f"{exc}; {cause}",)
+        return None
+    if isinstance(exc, Exception):
+        return SourceError(f"{cause} (the step failed with {type(exc).__name__})")
+    return None  # Ctrl-C / SIGTERM: the operator's own stop, said as such
 
 
 def owner_labels(owner: liveness.Owner, container_started: str = "") -> dict[str, str]:

@@ -5,7 +5,10 @@ silent for many minutes and then fail with a network timeout that blamed the wro
 watchdog logs the running phase every ``progress_s`` seconds, and at the deadline interrupts
 the drill in the main thread with :class:`DrillDeadline` (a real signal, SIGUSR1, so that a
 blocking read or wait returns): the drill unwinds as on Ctrl-C, its scratch stack is torn
-down, and the drill is reported failed with the phase it was stuck in.
+down, and the drill is reported failed with the phase it was stuck in. On each tick a
+runtime's monitor may look at the stack (the docker runtime: its containers' memory); when it
+reports the drill cannot pass any more (a scratch container was killed), the drill is stopped
+the same way at once, with that reason, instead of waiting for its step's retries.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -41,6 +44,10 @@ class Watchdog:
         self._phase_started = time.monotonic()
         self._started = time.monotonic()
         self._done = threading.Event()
+        # called on each progress tick (the docker runtime looks at its containers' memory);
+        # a reason it returns (a scratch container was killed) stops the drill at once
+        self.monitor: Callable[[], str | None] | None = None
+        self.stopped_for = ""
 
     def enter(self, phase: str) -> None:
         """The drill starts ``phase`` (logged)."""
@@ -80,11 +87,31 @@ class Watchdog:
                 now - self._started,
                 deadline - now,
             )
+            reason = self._look()
+            if reason and not self.closing:
+                # the drill cannot pass any more: no point waiting for its step's retries
+                self.stopped_for = f"the drill was stopped while {self.phase}: {reason}"
+                self.expired = True
+                log.error("drill %s: %s", self.drill_id, self.stopped_for)
+                if main_thread is not None:
+                    signal.pthread_kill(main_thread, DEADLINE_SIGNAL)
+                return
+
+    def _look(self) -> str | None:
+        """Run the monitor; its failure is logged, never the end of the watch."""
+        if self.monitor is None:
+            return None
+        try:
+            return self.monitor()
+        except Exception as exc:  # the engine busy or gone: the drill itself will say
+            log.debug("drill %s: monitor failed: %s: %s", self.drill_id, type(exc).__name__, exc)
+            return None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.expired and not self.closing:  # not once the drill is over anyway
             raise DrillDeadline(
-                f"the drill's deadline of {self.deadline_s:.0f} s passed while {self.phase}"
+                self.stopped_for
+                or f"the drill's deadline of {self.deadline_s:.0f} s passed while {self.phase}"
             )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from drtool.drills.report import (
     write_local,
 )
 from drtool.drills.runtime_local import cleanup_local, local_scratch
+from drtool.drills.sizing import log_sizes, size_limits
 from drtool.drills.watchdog import DrillDeadline, Watchdog, watchdog
 from drtool.endpoints import StackEndpoints
 from drtool.errors import ConfigError, DrtoolError, NotFound, UsageError
@@ -294,6 +296,8 @@ def _drill(
     phases = report.phases_s
     up = Timer()
     pg_major = snapshot_pg_major(record, spec)
+    if spec.runtime == "docker":
+        spec = _docker_sized(spec, record, report.drill_id, dog)
     dog.enter(f"starting the {spec.runtime} scratch stack")
     with scratch(home, report.drill_id, spec, pg_major) as endpoints:
         phases["up"] = round(up.elapsed(), 3)
@@ -343,6 +347,19 @@ def _drill(
     phases["down"] = round(down.elapsed(), 3)
     report.checks += _threshold_checks(spec, report)
     report.passed = all(c.passed for c in report.checks)
+
+
+def _docker_sized(
+    spec: DrillDefinition, record: catalog.SnapshotRecord, drill_id: str, dog: Watchdog
+) -> DrillDefinition:
+    """The definition with its unset container limits sized from the snapshot (logged), and
+    the watchdog looking at the containers' memory on each progress tick."""
+    from drtool.drills.runtime_docker import watch_memory  # imports docker: only here
+
+    images, sized = size_limits(spec.docker, record.manifest)
+    log_sizes(drill_id, sized)
+    dog.monitor = partial(watch_memory, drill_id)
+    return replace(spec, docker=images)
 
 
 def _data_checks(endpoints: StackEndpoints, spec: DrillDefinition) -> list[checks.CheckResult]:
