@@ -34,7 +34,10 @@ JOB = '[jobs.a]\nkind = "backup"\nevery = "1h"\n'
         (JOB + "jitter_s = -5\n", r"jobs\.a\.jitter_s: expected a whole number >= 0 \(got -5\)"),
         (JOB + "catch_up = 1\n", r"jobs\.a\.catch_up: expected true or false \(got 1\)"),
         (JOB + 'components = "redis"\n', r"components: expected a list of strings \(got 'redis'\)"),
-        (JOB + 'snapshot = "newest"\n', r"snapshot: expected one of latest, all \(got 'newest'\)"),
+        (
+            JOB + 'snapshot = "newest"\n',
+            r"snapshot: expected one of latest, all, unverified \(got 'newest'\)",
+        ),
         ('[defaults]\nretries = "x"\n' + JOB, r"defaults\.retries: expected a whole number"),
         ("[defaults]\ncolour = 1\n" + JOB, r"defaults\.colour: unknown setting"),
         ('[jobs.a]\nkind = "prune"\nevery = "1d"\nkeep = { daily = "7" }\n', r"keep\.daily: "),

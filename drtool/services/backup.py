@@ -104,11 +104,11 @@ def run_backup(
     accept_rollback: str | None = None,
 ) -> BackupResult:
     """Take, commit and verify one snapshot of ``components``."""
-    unknown = [c for c in components if c not in registry.ALL_COMPONENTS]
+    unknown = [c for c in components if c not in registry.all_components()]
     if unknown:
         raise ConfigError(
             f"backup.components: unknown {', '.join(unknown)} "
-            f"(known: {', '.join(registry.ALL_COMPONENTS)})"
+            f"(known: {', '.join(registry.all_components())})"
         )
     refuse_identity(cfg, env)
     clock = Timer()
@@ -162,7 +162,7 @@ def run_backup(
         result = BackupResult(snapshot_id, damaged_known=damaged)
         backed_up = [
             _backup_one(store, ctx, result)
-            for store in registry.BACKUP_ORDER
+            for store in registry.backup_order()
             if store.name in components
         ]
         manifest = Manifest(

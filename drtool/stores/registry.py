@@ -18,6 +18,19 @@ COMPONENTS: tuple[str, ...] = tuple(s.name for s in STORES)
 #: backed up only when named (`--component postgres-base`): never in the default set, so
 #: `latest` and drills keep meaning "every default store"
 OPTIONAL: tuple[Store, ...] = (PostgresBaseStore(),)
-#: every store in backup order (the physical base right after the logical dump)
-BACKUP_ORDER: tuple[Store, ...] = (STORES[0], OPTIONAL[0], *STORES[1:])
-ALL_COMPONENTS: tuple[str, ...] = tuple(s.name for s in BACKUP_ORDER)
+
+
+def backup_order() -> tuple[Store, ...]:
+    """Every store, default and optional, in backup order: an optional store right after the
+    default store it depends on (the physical base after the logical dump of PostgreSQL).
+
+    Computed on each call from ``STORES``, so a store added there is backed up too.
+    """
+    stores = list(STORES)
+    after = next((n + 1 for n, s in enumerate(stores) if s.name == "postgres"), len(stores))
+    return (*stores[:after], *OPTIONAL, *stores[after:])
+
+
+def all_components() -> tuple[str, ...]:
+    """The names :func:`backup_order` backs up, in that order."""
+    return tuple(s.name for s in backup_order())
