@@ -75,6 +75,16 @@ def test_hourly_rule_keeps_the_newest_of_each_hour() -> None:
     }
 
 
+def test_two_snapshots_of_one_second_keep_the_later_one() -> None:
+    """Ids order snapshots within a second (the ms in the suffix); keep-last must follow them,
+    not the input order: a tie once kept the older snapshot and forgot the newer one."""
+    first, second = new_id(T0), new_id(T0 + timedelta(milliseconds=600))
+    when = T0.replace(microsecond=0)  # catalog times come from ids: whole seconds
+    assert first < second
+    for snaps in ([(first, when), (second, when)], [(second, when), (first, when)]):
+        assert select(snaps, Policy(last=1)) == {second: ["last"]}
+
+
 def test_periods_without_snapshots_are_not_counted() -> None:
     """keep-monthly 3 keeps the newest of the last three months that *have* snapshots."""
     times = [datetime(2025, m, 10, tzinfo=UTC) for m in (1, 4, 9, 11)]

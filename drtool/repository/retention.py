@@ -62,7 +62,9 @@ def select(
     Only ids in ``verified`` count toward a rule's N (all of them when it is None).
     """
     policy.check()
-    newest_first = sorted(snapshots, key=lambda s: s[1], reverse=True)
+    # ids carry the start's millisecond (repository/ids.py): within one second of start time
+    # the larger id is the newer snapshot, so ties go to it, never to list order
+    newest_first = sorted(snapshots, key=lambda s: (s[1], s[0]), reverse=True)
     keep: dict[str, list[str]] = {}
 
     def counts(snapshot_id: str, rule: str) -> bool:
