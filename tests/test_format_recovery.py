@@ -159,6 +159,7 @@ def test_minio_recovery_script_to_a_directory_refuses_unsafe_keys(
         assert meta[key] == (content_type, metadata)
 
 
+@pytest.mark.slow
 def test_minio_recovery_script_to_s3_keeps_exact_keys_types_and_metadata(
     snapshot: tuple[Repository, Path], s3_server: S3Endpoint
 ) -> None:

@@ -219,6 +219,7 @@ def _deny_every_delete(endpoint: S3Endpoint, bucket: str) -> None:
     s3_client(endpoint).put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
 
 
+@pytest.mark.slow
 def test_a_committed_backup_whose_lock_cannot_be_removed_exits_0_and_says_so(
     tmp_path: Path,
     pg_database: PostgresEndpoint,

@@ -21,6 +21,8 @@ from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackE
 from drtool.runtime.s3server import SeaweedServer
 from drtool.s3session import s3_client
 
+pytestmark = pytest.mark.slow  # a SeaweedFS of its own and a backup/restore through the CLI
+
 
 @pytest.fixture
 def own_s3(tmp_path: Path) -> Iterator[S3Endpoint]:

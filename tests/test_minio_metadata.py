@@ -15,6 +15,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from support.cli import run_drtool
 from support.compare import bucket_objects
 from support.fault_proxy import fault_proxy
@@ -23,6 +24,8 @@ from support.stacks import make_repository
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.s3session import s3_client
 from drtool.stores.minio.backup import MTIME_SLACK
+
+pytestmark = pytest.mark.slow  # a stack, two backups and a restore through the CLI
 
 OBJECTS = 30
 

@@ -36,6 +36,8 @@ from test_drill import webhook_receiver
 
 from drtool.endpoints import PostgresEndpoint, S3Endpoint
 
+pytestmark = pytest.mark.slow  # real Prometheus, Alertmanager and four schedulers
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitoring" / "drtool-alerts.yml"
 WAIT_S = 300.0  # conditions are waited for, never timed; two drills run in parallel

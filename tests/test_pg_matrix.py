@@ -49,6 +49,8 @@ from drtool.sources.postgres import (
     restore_dump,
 )
 
+pytestmark = pytest.mark.slow  # three PostgreSQL majors, local drills on each (CI runs them all)
+
 MAJORS = pytest.mark.parametrize("pg_major", PG_MAJORS, ids=[f"pg{m}" for m in PG_MAJORS])
 SCHEMA = """
 CREATE TABLE rooms (id bigint PRIMARY KEY, name text NOT NULL, created timestamptz,

@@ -377,6 +377,7 @@ def test_flipped_byte_is_never_shown_or_restored_as_good(
     assert table_rows(target.postgres) == {}
 
 
+@pytest.mark.slow
 def test_force_into_a_bucket_says_what_it_kept_and_mirror_removes_it(
     world: World, target: StackEndpoints, tmp_path: Path
 ) -> None:
