@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from prometheus_client import generate_latest
 from support.cli import run_drtool
 from support.compare import bucket_objects
 from support.stacks import make_repository
@@ -20,6 +21,7 @@ from support.stacks import make_repository
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.runtime.s3server import SeaweedServer
 from drtool.s3session import s3_client
+from drtool.services.scheduling.metrics import Metrics
 
 pytestmark = pytest.mark.slow  # a SeaweedFS of its own and a backup/restore through the CLI
 
@@ -60,19 +62,21 @@ def test_buckets_left_out_are_named_and_star_protects_all(
     source = StackEndpoints(pg_database, redis_server, own_s3, ("attachments",))
     repo = make_repository(tmp_path / "repo", source)
 
-    backup = run_drtool("backup", "--component", "minio", config=repo.backup_config)
+    backup = run_drtool("backup", "--component", "minio", "--json", config=repo.backup_config)
     assert backup.returncode == 0, backup.stderr
     assert "2 MinIO bucket(s) not protected (not in minio.buckets): avatars, exports" in (
         backup.stderr
     )
+    assert json.loads(backup.stdout)["figures"] == {"unprotected_buckets": 2}  # the metric's
     doctor = run_drtool("doctor", "--json", config=repo.backup_config)
     row = next(r for r in json.loads(doctor.stdout) if r["name"] == "minio reachable")
     assert row["status"] == "warn" and "avatars, exports" in row["detail"], row
 
     star = _with_buckets(repo.backup_config, ["*"])
-    backup = run_drtool("backup", "--component", "minio", config=star)
+    backup = run_drtool("backup", "--component", "minio", "--json", config=star)
     assert backup.returncode == 0, backup.stderr
     assert "not protected" not in backup.stderr
+    assert json.loads(backup.stdout)["figures"] == {"unprotected_buckets": 0}
     doctor = run_drtool("doctor", "--json", config=star)
     row = next(r for r in json.loads(doctor.stdout) if r["name"] == "minio reachable")
     assert row["status"] == "pass" and "attachments, avatars, exports listed" in row["detail"]
@@ -90,3 +94,15 @@ def test_buckets_left_out_are_named_and_star_protects_all(
             assert bucket_objects(target_s3.endpoint, bucket) == bucket_objects(own_s3, bucket)
     finally:
         target_s3.stop()
+
+
+def test_the_unprotected_bucket_metric_exists_only_once_a_backup_counted_them() -> None:
+    """Issue 18.3: the metric counts them; before a MinIO backup it claims nothing (ADR 0012)."""
+    metrics = Metrics()
+    assert "drtool_unprotected_buckets" not in generate_latest(metrics.registry).decode()
+    metrics.record_figures({})  # a backup without MinIO
+    assert "drtool_unprotected_buckets" not in generate_latest(metrics.registry).decode()
+    metrics.record_figures({"unprotected_buckets": 2})
+    assert "drtool_unprotected_buckets 2.0" in generate_latest(metrics.registry).decode()
+    metrics.record_figures({"unprotected_buckets": 0})
+    assert "drtool_unprotected_buckets 0.0" in generate_latest(metrics.registry).decode()

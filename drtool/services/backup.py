@@ -62,6 +62,8 @@ class BackupResult:
     #: objects a verification found damaged (with the snapshots referencing them): this
     #: backup did not reuse them and uploaded the source's copy again where it still had it
     damaged_known: dict[str, list[str]] = field(default_factory=dict)
+    #: stores' counters for monitoring (BackedUp.figures), e.g. unprotected_buckets
+    figures: dict[str, int] = field(default_factory=dict)
 
     @property
     def verified(self) -> str:
@@ -238,6 +240,7 @@ def _backup_one(store: Store, ctx: BackupContext, result: BackupResult) -> Backe
     result.components.append(
         ComponentSummary(name, entry.plain_bytes, sum(o.size for o in entry.objects), t.seconds)
     )
+    result.figures.update(done.figures)
     store_crash_point(name)
     return replace(done, entry=entry)
 

@@ -59,6 +59,8 @@ class BackedUp:
 
     entry: ComponentEntry
     after_commit: Callable[[], None] | None = None
+    #: counters for monitoring, e.g. {"unprotected_buckets": 2} (metric drtool_backup_<name>)
+    figures: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

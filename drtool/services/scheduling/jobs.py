@@ -401,6 +401,7 @@ class JobResult:
     drill_passed: bool | None = None
     drill_rto_s: dict[str, float] = field(default_factory=dict)
     drill_rpo_s: float | None = None
+    figures: dict[str, int] = field(default_factory=dict)  # the backup's, for metrics
 
 
 def execute(spec: JobSpec, cfg: Config, *, home: Path, env: Mapping[str, str]) -> JobResult:
@@ -413,6 +414,7 @@ def execute(spec: JobSpec, cfg: Config, *, home: Path, env: Mapping[str, str]) -
             + "".join(f"; warning: {w}" for w in backup.warnings),
             plain_bytes={c.name: c.plain_bytes for c in backup.components},
             stored_bytes={c.name: c.stored_bytes for c in backup.components},
+            figures=dict(backup.figures),
         )
     if spec.kind == "prune":
         plan = prune_svc.prune(cfg, spec.keep, dry_run=False)

@@ -51,6 +51,7 @@ class Metrics:
             ["component"],
             registry=r,
         )
+        self._unprotected: Gauge | None = None
         self.snapshots = Gauge(
             "drtool_snapshots", "Snapshots in the repository by status.", ["status"], registry=r
         )
@@ -105,6 +106,20 @@ class Metrics:
             self.plain_bytes.labels(component).set(n)
         for component, n in stored.items():
             self.stored_bytes.labels(component).set(n)
+
+    def record_figures(self, figures: dict[str, int]) -> None:
+        """A backup's counters: ``drtool_unprotected_buckets`` for the MinIO buckets the
+        credential can see that no snapshot protects (absent until a MinIO backup ran)."""
+        if "unprotected_buckets" not in figures:
+            return
+        if self._unprotected is None:  # created on first use: 0 before a check would be a claim
+            self._unprotected = Gauge(
+                "drtool_unprotected_buckets",
+                "MinIO buckets the credential can see that minio.buckets leaves out "
+                "(as of the last backup of MinIO).",
+                registry=self.registry,
+            )
+        self._unprotected.set(figures["unprotected_buckets"])
 
     def record_snapshots(self, statuses: Iterable[str]) -> None:
         """The repository's snapshots counted by status (VALID, INVALID)."""

@@ -429,6 +429,7 @@ class Runner:
             spec.name, spec.kind, started + timedelta(seconds=spec.threshold_s)
         )
         self.metrics.record_sizes(result.plain_bytes, result.stored_bytes)
+        self.metrics.record_figures(result.figures)
         if result.drill_passed is not None:
             self.metrics.record_drill(
                 spec.name, result.drill_passed, result.drill_rto_s, result.drill_rpo_s

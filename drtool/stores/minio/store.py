@@ -106,7 +106,8 @@ class MinioStore:
                 bucket_backup.write_cache(path, entries)
 
         entry = ComponentEntry(NAME, tuple(objects), plain, 0.0, "", details)
-        return BackedUp(entry, after_commit=write_caches)
+        figures = {"unprotected_buckets": len(coverage.unprotected)}
+        return BackedUp(entry, after_commit=write_caches, figures=figures)
 
     def load(
         self, source: SnapshotSource, entry: ComponentEntry, target: Target
