@@ -125,8 +125,8 @@ class MinioStore:
         except (ClientError, BotoCoreError) as exc:
             raise self._error("delete", bucket, exc, key) from None
 
-    def head(self, bucket: str, key: str) -> tuple[int, ObjectMeta] | None:
-        """Size and metadata of an object, or None when it does not exist."""
+    def _head_object(self, bucket: str, key: str) -> dict[str, Any] | None:
+        """One HeadObject: the response, or None when the object does not exist."""
         try:
             r = self._s3.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
@@ -135,20 +135,22 @@ class MinioStore:
             raise self._error("head", bucket, exc, key) from None
         except BotoCoreError as exc:
             raise self._error("head", bucket, exc, key) from None
+        return dict(r)
+
+    def head(self, bucket: str, key: str) -> tuple[int, ObjectMeta] | None:
+        """Size and metadata of an object, or None when it does not exist."""
+        r = self._head_object(bucket, key)
+        if r is None:
+            return None
         return int(r["ContentLength"]), ObjectMeta(
             r.get("ContentType") or "", r.get("Metadata", {})
         )
 
     def stat(self, bucket: str, key: str) -> tuple[SourceObject, ObjectMeta] | None:
         """HEAD: the object as a listing would show it, with its metadata; None when gone."""
-        try:
-            r = self._s3.head_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise self._error("head", bucket, exc, key) from None
-        except BotoCoreError as exc:
-            raise self._error("head", bucket, exc, key) from None
+        r = self._head_object(bucket, key)
+        if r is None:
+            return None
         modified = r.get("LastModified")
         listed = SourceObject(
             key,
