@@ -184,7 +184,7 @@ def run_bench(
     def drtool_backup(name: str, component: str) -> Run:
         argv = [str(DRTOOL), "--config", str(config), "backup", "--component", component, "--json"]
         if args.py_spy:
-            profile = work / f"profile-{component}-{len(runs)}.txt"
+            profile = work / f"profile-{component}-{time.monotonic_ns()}.txt"
             spy = [args.py_spy, "record", "--format", "raw", "--rate", "200", "--subprocesses"]
             argv = [*spy, "--output", str(profile), "--", *argv]
             print(f"profiling {name} into {profile}", flush=True)

@@ -7,6 +7,7 @@ import re
 import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,40 @@ def test_help_lists_the_commands_and_the_exit_codes() -> None:
     table = result.stdout.split("Exit codes:")[1]
     for code, meaning in EXIT_CODES.items():
         assert re.search(rf"^\s+{code}\s+{re.escape(meaning[:30])}", table, re.MULTILINE), code
+
+
+def test_each_registered_help_line_is_the_commands_own() -> None:
+    """``--help`` lists commands from the registry without importing them: keep the lines true."""
+    import click
+
+    from drtool.cli.context import root
+
+    ctx = click.Context(root)
+    for name, (_, short) in REGISTERED.items():
+        command = root.get_command(ctx, name)
+        assert command is not None, name
+        assert command.get_short_help_str(limit=200) == short, name
+
+
+def test_root_help_imports_no_command_module() -> None:
+    """Start-up counts in every scheduled job: ``--help`` must not pull boto3 or psycopg."""
+    probe = (
+        "import sys\n"
+        "from drtool.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('boto3', 'psycopg', 'drtool.services') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "HEAVY []" in result.stderr, result.stderr
 
 
 def test_the_readme_exit_code_table_is_the_classes_table() -> None:

@@ -52,10 +52,12 @@ class LazyGroup(click.Group):
     """A group whose commands are imported only when used (click's documented pattern).
 
     ``drtool list`` then loads the repository code, not boto3, psycopg and every service:
-    start-up time counts in every scheduled job and every scripted call.
+    start-up time counts in every scheduled job and every scripted call. ``drtool --help``
+    lists the commands from their registered one-line help, so it imports none of them
+    (tests/test_cli.py keeps each line equal to the command's own).
     """
 
-    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy = lazy
 
@@ -67,28 +69,80 @@ class LazyGroup(click.Group):
         """Import the command's module on first use."""
         if cmd_name not in self.lazy:
             return None
-        module, _, attr = self.lazy[cmd_name].partition(":")
+        module, _, attr = self.lazy[cmd_name][0].partition(":")
         command = getattr(importlib.import_module(module), attr)
         assert isinstance(command, click.Command)
         return command
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from the registry's help lines, without importing a command."""
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, short) in self.lazy.items()])
 
-COMMANDS = {
-    "demo": "drtool.cli.demo:demo",
-    "stack": "drtool.cli.stack:stack",
-    "keys": "drtool.cli.keys:keys",
-    "init": "drtool.cli.repo:init",
-    "backup": "drtool.cli.backup:backup",
-    "list": "drtool.cli.repo:list_",
-    "show": "drtool.cli.repo:show",
-    "verify": "drtool.cli.repo:verify",
-    "restore": "drtool.cli.restore:restore",
-    "drill": "drtool.cli.drill:drill",
-    "prune": "drtool.cli.repo:prune",
-    "wal": "drtool.cli.wal:wal",
-    "unlock": "drtool.cli.repo:unlock",
-    "schedule": "drtool.cli.schedule:schedule",
-    "doctor": "drtool.cli.doctor:doctor",
+
+# name -> ("module:attribute", the one-line help `drtool --help` shows)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "drtool.cli.demo:demo",
+        "Run the main job end to end on embedded defaults, no configuration needed.",
+    ),
+    "stack": (
+        "drtool.cli.stack:stack",
+        "Run the included co-talk data stack (PostgreSQL, Redis, S3) as local processes.",
+    ),
+    "keys": (
+        "drtool.cli.keys:keys",
+        "Create key files (mode 0600; never overwritten).",
+    ),
+    "init": (
+        "drtool.cli.repo:init",
+        "Create a repository at repository.url for the configured recipients and signing key.",
+    ),
+    "backup": (
+        "drtool.cli.backup:backup",
+        "Take one snapshot of the stack: PostgreSQL, then Redis, then MinIO.",
+    ),
+    "list": (
+        "drtool.cli.repo:list_",
+        "List snapshots, oldest first, with their status and their last verification.",
+    ),
+    "show": (
+        "drtool.cli.repo:show",
+        "Show one snapshot (an id or `latest`): objects, sizes and, with an identity, "
+        "fingerprints.",
+    ),
+    "verify": (
+        "drtool.cli.repo:verify",
+        "Verify a snapshot (default: latest) or --all.",
+    ),
+    "restore": (
+        "drtool.cli.restore:restore",
+        "Restore a snapshot (an id or `latest`) into the stack or a named target.",
+    ),
+    "drill": (
+        "drtool.cli.drill:drill",
+        "Restore a snapshot into a throw-away stack and prove the messages are intact.",
+    ),
+    "prune": (
+        "drtool.cli.repo:prune",
+        "Forget snapshots outside a GFS policy, then delete data nothing references.",
+    ),
+    "wal": (
+        "drtool.cli.wal:wal",
+        "Continuous PostgreSQL protection: WAL streamed into the repository.",
+    ),
+    "unlock": (
+        "drtool.cli.repo:unlock",
+        "Remove the locks of dead holders, from any host.",
+    ),
+    "schedule": (
+        "drtool.cli.schedule:schedule",
+        "Run backups, prune, verify and drills on their schedules (the backup-cron container).",
+    ),
+    "doctor": (
+        "drtool.cli.doctor:doctor",
+        "Check the deployment: sources, tools, repository, Object Lock, clock, keys.",
+    ),
 }
 
 
