@@ -84,6 +84,20 @@ class WalConfig:
 
 
 @dataclass(frozen=True)
+class CanaryConfig:
+    """Canaries: a timed write to each store, so a restore measures what it lost.
+
+    Written by ``drtool schedule run`` every ``interval_s`` while ``enabled`` (see
+    drtool/stores/canary.py; on in the included stack's config, off by default elsewhere
+    because drtool then writes into the stores it protects).
+    """
+
+    enabled: bool = False
+    interval_s: float = 60.0
+    keep_hours: float = 24.0  # older canary rows and objects are removed
+
+
+@dataclass(frozen=True)
 class PostgresConfig:
     """The PostgreSQL server of the stack."""
 
@@ -148,6 +162,7 @@ class Config:
     redis: RedisConfig = RedisConfig()
     minio: MinioConfig = MinioConfig()
     wal: WalConfig = WalConfig()
+    canary: CanaryConfig = CanaryConfig()
     targets: Mapping[str, StackConfig] = field(default_factory=dict)
     source: str = ""  # the config file it came from, for messages
 

@@ -131,6 +131,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "drtool.cli.wal:wal",
         "Continuous PostgreSQL protection: WAL streamed into the repository.",
     ),
+    "canary": (
+        "drtool.cli.canary:canary",
+        "Canaries: a timed write to each store, so a restore measures what it lost.",
+    ),
     "unlock": (
         "drtool.cli.repo:unlock",
         "Remove the locks of dead holders, from any host.",

@@ -11,6 +11,7 @@ import click
 
 from drtool.cli.context import CliState, emit_json
 from drtool.cli.render import print_table
+from drtool.services.canary import CanaryLoop
 from drtool.services.scheduling import scheduler as svc
 from drtool.services.scheduling.jobs import load_schedules
 from drtool.services.scheduling.metrics import DEFAULT_PORT, Metrics, MetricsServer
@@ -84,12 +85,17 @@ def run(
         return
     metrics = Metrics()
     server = MetricsServer(metrics, metrics_address, metrics_port) if metrics_port else None
+    canaries = CanaryLoop(cfg) if cfg.canary.enabled else None
     try:
         runner = svc.Runner(
             specs, cfg, home=state.home, env=os.environ, metrics=metrics, grace_s=grace
         )
+        if canaries is not None:
+            canaries.start()
         runner.run()
     finally:
+        if canaries is not None:
+            canaries.close()
         if server is not None:
             server.close()
 

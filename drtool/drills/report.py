@@ -46,6 +46,9 @@ class DrillReport:
     # failure when it failed (the components' own times leave those out)
     restore_s: float = 0.0
     rpo_s: float = 0.0
+    # per restored store: the snapshot's time minus the newest canary found in it (None:
+    # no canary; drtool/stores/canary.py); what each store really lost, not the snapshot age
+    measured_rpo_s: dict[str, float | None] = field(default_factory=dict)
     phases_s: dict[str, float] = field(default_factory=dict)
     checks: list[CheckResult] = field(default_factory=list)
     pg_major: int | None = None  # the scratch PostgreSQL's major, checked equal to the snapshot's
@@ -67,7 +70,17 @@ class DrillReport:
             "rto_s": self.rto_s,
             "restore_s": self.restore_s,
             "rpo_s": self.rpo_s,
+            "measured_rpo_s": self.measured_rpo_s,
         }
+
+    def _measured_lines(self) -> list[str]:
+        if not self.measured_rpo_s:
+            return []
+        parts = [
+            f"{name} {'no canary' if value is None else f'{value:.0f} s'}"
+            for name, value in self.measured_rpo_s.items()
+        ]
+        return [f"- measured RPO (snapshot time minus newest canary): {', '.join(parts)}"]
 
     def to_json(self) -> str:
         """The full report as JSON."""
@@ -84,6 +97,7 @@ class DrillReport:
             f"- snapshot: `{self.snapshot_id}` taken {self.snapshot_time}",
             f"- started {self.started}, finished {self.finished}",
             f"- RPO (snapshot age at drill time): {self.rpo_s / 3600:.1f} h",
+            *self._measured_lines(),
             f"- RTO (the whole restore): {self.restore_s:.1f} s"
             + (" (" + ", ".join(f"{k} {v:.1f} s" for k, v in self.rto_s.items()) + ")")
             * bool(self.rto_s),
@@ -168,6 +182,18 @@ def prometheus_textfile(report: DrillReport, path: Path) -> None:
         f'drtool_drill_rto_seconds{{definition="{report.definition}",component="{k}"}} {v:.3f}'
         for k, v in report.rto_s.items()
     ]
+    measured = {k: v for k, v in report.measured_rpo_s.items() if v is not None}
+    if measured:  # absent when no store held a canary (ADR 0012), never an invented 0
+        lines += [
+            "# HELP drtool_drill_measured_rpo_seconds Snapshot time minus the newest canary "
+            "found in the restored store.",
+            "# TYPE drtool_drill_measured_rpo_seconds gauge",
+        ]
+        lines += [
+            f'drtool_drill_measured_rpo_seconds{{definition="{report.definition}",store="{k}"}}'
+            f" {v:.0f}"
+            for k, v in measured.items()
+        ]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)

@@ -19,8 +19,9 @@ from chat_stack.seed import SeedResult
 from drtool.config import load_config
 from drtool.drills.definition import DrillDefinition, ReportSettings
 from drtool.drills.report import DrillReport
-from drtool.errors import IntegrityError, NotFound
+from drtool.errors import IntegrityError, NotFound, SourceError
 from drtool.repository.catalog import SnapshotRecord
+from drtool.services import canary as canary_svc
 from drtool.services import repo as repo_svc
 from drtool.services import repo_setup as setup_svc
 from drtool.services import stack as stack_svc
@@ -106,6 +107,10 @@ def run_demo(
         backup_cfg = load_config(result.backup_config, {})
         step(f"creating the repository {repository['url']}")
         repo_svc.init_repo(backup_cfg)
+        step("writing a canary to each store (the drill measures what each store lost by it)")
+        written = canary_svc.write(backup_cfg)
+        if written.failed:
+            raise SourceError(f"demo: canary not written: {next(iter(written.failed.values()))}")
         step("backing up PostgreSQL, Redis and MinIO")
         result.backup = run_backup(
             backup_cfg, home=home, env=env, components=COMPONENTS, progress=progress

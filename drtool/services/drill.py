@@ -42,7 +42,7 @@ from drtool.repository.ids import new_id
 from drtool.runtime.binaries import pg_bin_dir, pg_major_of
 from drtool.services.restore.run import RestoreOptions, run_restore
 from drtool.sources import postgres as pg
-from drtool.stores import checks, registry
+from drtool.stores import canary, checks, registry
 from drtool.timing import Timer, timed
 
 log = logging.getLogger(__name__)
@@ -342,6 +342,7 @@ def _drill(
         with timed() as checking:
             report.checks += _data_checks(endpoints, spec)
         phases["checks"] = round(checking.seconds, 3)
+        report.measured_rpo_s = _measured_rpo(endpoints, spec, record.time)
         dog.enter("tearing the scratch stack down")
         down = Timer()
     phases["down"] = round(down.elapsed(), 3)
@@ -360,6 +361,18 @@ def _docker_sized(
     log_sizes(drill_id, sized)
     dog.monitor = partial(watch_memory, drill_id)
     return replace(spec, docker=images)
+
+
+def _measured_rpo(
+    endpoints: StackEndpoints, spec: DrillDefinition, moment: datetime
+) -> dict[str, float | None]:
+    """Per restored store: ``moment`` minus the newest canary it holds (None: no canary)."""
+    newest = canary.newest_canaries(
+        endpoints, endpoints.buckets if "minio" in spec.components else ()
+    )
+    chosen = set(spec.components)
+    restored = {n: t for n, t in newest.items() if n.split(":", 1)[0] in chosen}
+    return canary.measured_rpo(moment, restored)
 
 
 def _data_checks(endpoints: StackEndpoints, spec: DrillDefinition) -> list[checks.CheckResult]:

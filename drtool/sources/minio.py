@@ -72,10 +72,11 @@ class MinioStore:
             f"{where}: {action} failed: cannot reach the server ({type(exc).__name__})"
         )
 
-    def list_objects(self, bucket: str) -> Iterator[SourceObject]:
-        """Every object in ``bucket`` (all pages), in key order."""
+    def list_objects(self, bucket: str, prefix: str = "") -> Iterator[SourceObject]:
+        """Every object in ``bucket`` (under ``prefix``; all pages), in key order."""
         try:
-            pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            paginator = self._s3.get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=bucket, Prefix=prefix)
             for page in pages:
                 for item in page.get("Contents", []):
                     modified = item.get("LastModified")
@@ -116,6 +117,19 @@ class MinioStore:
                 ExtraArgs={"ContentType": meta.content_type, "Metadata": meta.metadata},
             )
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+            raise self._error("write", bucket, exc, key) from None
+
+    def put_bytes(self, bucket: str, key: str, data: bytes, meta: ObjectMeta) -> None:
+        """Put a small object from memory (one PutObject)."""
+        try:
+            self._s3.put_object(
+                Bucket=bucket,
+                Key=key,
+                Body=data,
+                ContentType=meta.content_type,
+                Metadata=meta.metadata,
+            )
+        except (ClientError, BotoCoreError) as exc:
             raise self._error("write", bucket, exc, key) from None
 
     def delete(self, bucket: str, key: str) -> None:

@@ -5,6 +5,7 @@ fails them in CI (``DRTOOL_REQUIRE_SERVERS=1``), so CI never passes by skipping.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
@@ -30,3 +31,10 @@ def servers_required() -> Iterator[None]:
         yield
     except MissingBinary as exc:
         skip_or_fail(str(exc))
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for an unreachable endpoint)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
