@@ -36,7 +36,7 @@ KEEP_SLOT = "lsn_proof_keep"
 _COMMIT = re.compile(r"tx:\s+(\d+), lsn: ([0-9A-F]+/[0-9A-F]+), .*desc: COMMIT\b")
 
 
-@pytest.fixture(scope="module", params=[15, 16])
+@pytest.fixture(scope="module", params=[15, pytest.param(16, marks=pytest.mark.slow)])
 def logical_pg(request: pytest.FixtureRequest, runtime_root: Path) -> Iterator[PostgresServer]:
     """A server with ``wal_level = logical`` (a restart-only setting: a server of its own)."""
     with servers_required():
