@@ -81,6 +81,7 @@ class WalConfig:
     flush_interval: float = 30.0  # seconds: close the segment (pg_switch_wal) when WAL advanced
     spool_max_bytes: int = 4 << 30  # past this the receiver pauses (the slot retains the WAL)
     restart_max_s: float = 60.0  # longest wait between pg_receivewal restarts
+    window_policy_s: float = 7 * 86400.0  # how far back PITR should reach (the alert's bound)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,11 @@ from support.docker_tier import (
 
 from chat_stack.seed import SeedSizes, seed
 from drtool import keys
+from drtool.config import Config, KeysConfig, RepositoryConfig
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
+from drtool.repository.access import Repo, open_repo
+from drtool.repository.catalog import load_snapshot
+from drtool.wal.index import load_index
 
 pytestmark = pytest.mark.docker
 
@@ -295,7 +299,36 @@ def chat_stack(
         project.down(docker_client)
 
 
-def test_backup_service_runs_as_a_container(
+def _operator_repo(
+    secrets_dir: Path, repository: dict[str, str], verify_key: str, endpoint_url: str
+) -> Repo:
+    cfg = Config(
+        repository=RepositoryConfig(
+            url=repository["url"],
+            endpoint_url=endpoint_url,
+            access_key=(secrets_dir / "repo_access_key").read_text().strip(),
+            secret_key=(secrets_dir / "repo_secret_key").read_text().strip(),
+        ),
+        keys=KeysConfig(verify_key=verify_key),
+    )
+    return open_repo(cfg)
+
+
+def _wait_for_sealed_wal(backup: Compose, repo: Repo) -> int:
+    """Segments the `wal` service sealed into the repository, once there is one (bounded)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        index = load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
+        assert not index.problems, index.problems
+        if index.segments():
+            return len(index.segments())
+        if time.monotonic() > deadline:
+            logs = backup.run("logs", "--no-color", "wal").stdout
+            pytest.fail(f"no WAL sealed by the wal service within {READY_TIMEOUT:.0f} s\n{logs}")
+        time.sleep(1)
+
+
+def test_backup_service_runs_as_a_container(  # noqa: PLR0915
     docker_client: docker.DockerClient, drtool_image: str, chat_stack: ChatStack, tmp_path: Path
 ) -> None:
     stack = chat_stack
@@ -338,6 +371,7 @@ def test_backup_service_runs_as_a_container(
                 "postgres": {"host": "postgres", "user": "cotalk", "dbname": "cotalk"},
                 "redis": {"host": "redis"},
                 "minio": {"endpoint_url": "http://minio:9000", "buckets": ["attachments"]},
+                "wal": {"flush_interval": 2.0},
             }
         )
     )
@@ -347,7 +381,7 @@ def test_backup_service_runs_as_a_container(
     override = write_override(
         tmp_path / "backup-override.yml",
         {
-            "services": {"backup": {"labels": dict(LABELS)}},
+            "services": {name: {"labels": dict(LABELS)} for name in ("backup", "wal")},
             "networks": {"cotalk-data": {"external": True, "name": stack.network}},
             "volumes": {"drtool-state": {"labels": dict(LABELS)}},
         },
@@ -362,13 +396,25 @@ def test_backup_service_runs_as_a_container(
             "DRTOOL_SECRETS_DIR": str(secrets_dir),
             # only the drill service holds the identity; this run never mounts it
             "DRTOOL_IDENTITY_FILE": str(tmp_path / "no-identity-on-the-backup-host"),
+            "DRTOOL_WAL_METRICS_HOST_PORT": "0",  # a random loopback port
         },
     )
     try:
-        # as docs/OPERATIONS.md: once `run --rm backup init`, then `run --rm backup`
+        # as docs/OPERATIONS.md: once `run --rm backup init`, then `run --rm backup`; the
+        # `wal` service streams beside it from the chat stack's PostgreSQL (its pg_hba line
+        # comes from chat_stack/postgres-init)
         backup.run("run", "--rm", "-T", "backup", "init")
+        backup.run("up", "-d", "wal")
         backup.run("run", "--rm", "-T", "backup")
-        assert backup.containers(docker_client) == []  # `run --rm` left nothing behind
+        [wal] = backup.containers(docker_client)  # `run --rm` left nothing behind
+        assert wal.labels["com.docker.compose.service"] == "wal"
+        repo = _operator_repo(
+            secrets_dir, repository, verify_key, stack.endpoints.minio.endpoint_url
+        )
+        wal_sealed = _wait_for_sealed_wal(backup, repo)
+        backup.run("stop", "wal")  # SIGTERM: seal what is closed, exit 0
+        wal.reload()
+        assert wal.attrs["State"]["ExitCode"] == 0, wal.logs().decode(errors="replace")[-4000:]
     finally:
         backup.down(docker_client)
 
@@ -397,6 +443,15 @@ def test_backup_service_runs_as_a_container(
     assert len(rows) == 1, rows
     assert rows[0]["status"] == "VALID", rows[0]
     assert sorted(rows[0]["components"]) == ["minio", "postgres", "redis"]
+    assert wal_sealed >= 1
+    # wal_level=logical and a REPLICATION role: the logical snapshot records its exact LSN
+    # (ADR 0018)
+    manifest, _, problem = load_snapshot(
+        repo.storage, rows[0]["id"], repo.verify_keys, repo.info.repo_id
+    )
+    assert manifest is not None, problem
+    details = manifest.component("postgres").details  # type: ignore[union-attr]
+    assert re.fullmatch(r"[0-9A-F]+/[0-9A-F]+", details["consistent_lsn"]), details
 
     # the seeded rows are in it (fingerprints decrypt with the operator's identity)
     shown = run_drtool(

@@ -302,7 +302,10 @@ def expected_alert(name: str, labels: dict[str, str]) -> dict[str, Any]:
         key: re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), text)
         for key, text in rule_annotations()[name].items()
     }
-    severity = {"BackupFailed": "warning", "JobOverdue": "warning", "BackupShrunk": "warning"}
+    severity = {
+        name: "warning"
+        for name in ("BackupFailed", "JobOverdue", "BackupShrunk", *WARNING_WAL_ALERTS)
+    }
     return {
         "exp_labels": {**labels, "severity": severity.get(name, "critical")},
         "exp_annotations": rendered,
@@ -382,6 +385,101 @@ def test_the_shipped_rules_on_scraped_series_with_promtool(stack: Stack, tmp_pat
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def run_promtool_tests(tmp_path: Path, groups: list[dict[str, Any]], interval: str) -> None:
+    """``promtool test rules`` of the shipped rules on ``groups`` (input series + cases)."""
+    promtool = need(PROMTOOL, "prometheus")
+    rules = tmp_path / "drtool-alerts.yml"
+    shutil.copy(RULES, rules)
+    doc = {"rule_files": [rules.name], "evaluation_interval": interval, "tests": groups}
+    test_file = tmp_path / "tests.yml"  # JSON is YAML
+    test_file.write_text(json.dumps(doc, indent=1))
+    done = subprocess.run(
+        [promtool, "test", "rules", test_file.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+WAL_LABELS = {"job": "drtool", "instance": "wal", "slot": "drtool_wal"}
+WARNING_WAL_ALERTS = ("PitrWindowShort", "WalSpoolNearBound")
+WAL_ALERTS = ("WalLagHigh", "WalSlotLost", *WARNING_WAL_ALERTS)
+DAY = 86400
+
+
+def wal_series(**values: str) -> list[dict[str, str]]:
+    """The streamer's series (``name=values`` in promtool notation, one sample a minute);
+    timestamps are promtool's clock (0 at the start). Defaults: a healthy streamer with an
+    8-day window, 10 s lag, a nearly empty spool."""
+    defaults = {
+        "drtool_wal_lag_seconds": "10+0x240",
+        "drtool_wal_spool_bytes": "1e6+0x240",
+        "drtool_wal_spool_max_bytes": "4e9+0x240",
+        "drtool_pitr_window_policy_seconds": f"{7 * DAY}+0x240",
+        "drtool_pitr_window_start_timestamp_seconds": f"{-8 * DAY}+60x240",
+        "drtool_pitr_window_end_timestamp_seconds": "0+60x240",
+        "drtool_wal_last_segment_timestamp_seconds": "0+60x240",
+    }
+    selector = ",".join(f'{k}="{v}"' for k, v in sorted(WAL_LABELS.items()))
+    return [
+        {"series": f"{name}{{{selector}}}", "values": v}
+        for name, v in {**defaults, **values}.items()
+        if v
+    ]
+
+
+def wal_case(at: str, *firing: str) -> list[dict[str, Any]]:
+    """Every WAL alert at ``at``: the ``firing`` ones fire for the streamer, the rest do not."""
+    return [
+        {
+            "eval_time": at,
+            "alertname": name,
+            "exp_alerts": [expected_alert(name, WAL_LABELS)] if name in firing else [],
+        }
+        for name in WAL_ALERTS
+    ]
+
+
+def test_the_wal_rules_with_promtool(tmp_path: Path) -> None:
+    """A healthy streamer raises nothing; lag over 5 min, a lost slot (until a later base
+    opens a new window), a window shorter than the policy or none at all, and a spool near
+    its bound each raise theirs, only when due."""
+    groups = [
+        {"input_series": wal_series(), "alert_rule_test": wal_case("3h")},
+        {  # lag 10 s, then 400 s from minute 10: pending for 2 min, then firing
+            "input_series": wal_series(drtool_wal_lag_seconds="10+0x9 400+0x200"),
+            "alert_rule_test": wal_case("11m") + wal_case("13m", "WalLagHigh"),
+        },
+        {  # lost at minute 5 inside an 8-day window; a base at minute 30 starts a new one
+            "input_series": wal_series(
+                drtool_wal_slot_lost_timestamp_seconds="_x4 300+0x200",
+                drtool_pitr_window_start_timestamp_seconds=f"{-8 * DAY}+0x29 1800+0x200",
+            ),
+            "alert_rule_test": wal_case("3m")
+            + wal_case("10m", "WalSlotLost")
+            + [{"eval_time": "35m", "alertname": "WalSlotLost", "exp_alerts": []}],
+        },
+        {  # a 1-day window against the 7-day policy: after the rule's hour
+            "input_series": wal_series(drtool_pitr_window_start_timestamp_seconds=f"{-DAY}+60x240"),
+            "alert_rule_test": wal_case("30m") + wal_case("2h", "PitrWindowShort"),
+        },
+        {  # WAL streams but no base backup is covered: no window at all
+            "input_series": wal_series(
+                drtool_pitr_window_start_timestamp_seconds="",
+                drtool_pitr_window_end_timestamp_seconds="",
+            ),
+            "alert_rule_test": wal_case("30m") + wal_case("2h", "PitrWindowShort"),
+        },
+        {  # the repository away: the spool fills to 3.5 of its 4 GB
+            "input_series": wal_series(drtool_wal_spool_bytes="1e6+0x19 3.5e9+0x200"),
+            "alert_rule_test": wal_case("25m") + wal_case("35m", "WalSpoolNearBound"),
+        },
+    ]
+    run_promtool_tests(tmp_path, [{"interval": "1m", **g} for g in groups], "1m")
 
 
 # -- Prometheus and Alertmanager, end to end ---------------------------------------------------

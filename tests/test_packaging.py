@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from drtool.services.scheduling.metrics import Metrics
+from drtool.services.scheduling.metrics import Metrics, WalMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def test_backup_compose_file_validates() -> None:
     text = (ROOT / "docker-compose.backup.yml").read_text()
     assert not re.search(r"^(version|name):", text, re.M)  # valid for Compose v1.29 and v2
     out = compose_config("docker-compose.backup.yml", {})
-    for service in ("backup:", "backup-cron:", "drill:"):
+    for service in ("backup:", "backup-cron:", "wal:", "drill:"):
         assert re.search(rf"^  {service}$", out, re.M), service
     assert "external: true" in out and "cotalk-data" in out
     assert "mem_limit: 256m" in out
@@ -60,11 +60,27 @@ def _service(out: str, name: str) -> str:
 def test_only_the_drill_service_holds_the_identity() -> None:
     out = compose_config("docker-compose.backup.yml", {})
     assert "drtool_identity" in _service(out, "drill")
-    for name in ("backup", "backup-cron"):
+    for name in ("backup", "backup-cron", "wal"):
         block = _service(out, name)
         assert "identity" not in block.lower(), name
         assert "DRTOOL_POSTGRES_PASSWORD_FILE: /run/secrets/postgres_password" in block
         assert "source: drtool_signing_key" in block
+
+
+def test_the_wal_service_streams_for_good_with_backup_cron_s_secrets_and_volume() -> None:
+    out = compose_config("docker-compose.backup.yml", {})
+    wal, cron = _service(out, "wal"), _service(out, "backup-cron")
+    assert "    - wal\n    - stream\n" in wal  # the long-running mode: no --once/--until-idle
+    assert "restart: unless-stopped" in wal
+    assert re.search(r"^    mem_limit: \d+m$", wal, re.M) and re.search(r"^    cpus: ", wal, re.M)
+    # the same secrets and config as backup-cron, the spool on the same backup volume
+    secrets = re.compile(r"^    - source: (\w+)$", re.M)
+    assert secrets.findall(wal) == secrets.findall(cron)
+    for line in ("/etc/drtool/drtool.toml:ro", "drtool-state:/var/lib/drtool:rw"):
+        assert line in wal and line in cron
+    assert "DRTOOL_METRICS_PORT: '9467'" in wal and "127.0.0.1:9467:9467/tcp" in wal
+    # its alerts watch it; the image's HEALTHCHECK (scheduled jobs) would not
+    assert "- NONE" in wal
 
 
 def test_chat_stack_compose_file_validates() -> None:
@@ -73,6 +89,15 @@ def test_chat_stack_compose_file_validates() -> None:
         {"CHAT_REDIS_PASSWORD": "x" * 16, "CHAT_S3_SECRET_KEY": "y" * 16},
     )
     assert "name: cotalk-data" in out
+    # PostgreSQL is set up for the wal service and for the snapshot LSN (ADR 0015, 0018)
+    pg = _service(out, "postgres")
+    for setting in ("wal_level=logical", "max_wal_senders=10", "max_replication_slots=10"):
+        assert f"    - {setting}\n" in pg, setting
+    assert "    - max_slot_wal_keep_size=4GB\n" in pg  # a dead streamer cannot fill the disk
+    assert re.search(r"/chat_stack/postgres-init:/docker-entrypoint-initdb.d:ro$", pg, re.M)
+    init = (ROOT / "chat_stack" / "postgres-init" / "10-drtool-replication.sh").read_text()
+    assert re.search(r"^echo \"host replication \$\{DRTOOL_REPLICATION_ROLE:-\$POSTGRES_USER\} "
+                     r"samenet scram-sha-256\" \\$", init, re.M)  # fmt: skip
 
 
 def test_dockerfile_shape() -> None:
@@ -89,8 +114,9 @@ def test_dockerfile_shape() -> None:
 
 def test_monitoring_names_only_metrics_drtool_exports() -> None:
     exported = set()
-    for family in Metrics().registry.collect():
-        exported |= {s.name for s in family.samples} | {family.name}
+    for registry in (Metrics().registry, WalMetrics().registry):
+        for family in registry.collect():
+            exported |= {s.name for s in family.samples} | {family.name}
     rules = (ROOT / "monitoring" / "drtool-alerts.yml").read_text()
     dashboard = json.loads((ROOT / "monitoring" / "drtool-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
@@ -99,3 +125,5 @@ def test_monitoring_names_only_metrics_drtool_exports() -> None:
     for alert in ("BackupMissing", "BackupFailed", "DrillFailed", "RepositoryUnreachable"):
         assert f"alert: {alert}" in rules
     assert "alert: BackupShrunk" in rules and "max_over_time(drtool_backup_stored_bytes" in rules
+    for alert in ("WalLagHigh", "WalSlotLost", "PitrWindowShort", "WalSpoolNearBound"):
+        assert f"alert: {alert}" in rules

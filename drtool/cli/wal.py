@@ -13,6 +13,7 @@ from drtool.cli.context import CliState, emit_json
 from drtool.cli.render import human_bytes, print_table
 from drtool.errors import IntegrityError
 from drtool.services import wal as svc
+from drtool.services.scheduling.metrics import WAL_DEFAULT_PORT, MetricsServer, WalMetrics
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
@@ -30,8 +31,24 @@ def wal() -> None:
     flag_value="until-idle",
     help="Receive, close the current segment, seal everything closed, exit.",
 )
+@click.option(
+    "--metrics-port",
+    envvar="DRTOOL_METRICS_PORT",
+    default=0,
+    show_default=True,
+    type=int,
+    help=f"Prometheus metrics port while streaming (0: none; the compose service sets "
+    f"{WAL_DEFAULT_PORT}; env DRTOOL_METRICS_PORT).",
+)
+@click.option(
+    "--metrics-address",
+    envvar="DRTOOL_METRICS_ADDRESS",
+    default="127.0.0.1",
+    show_default=True,
+    help="Metrics bind address (the image sets 0.0.0.0; env DRTOOL_METRICS_ADDRESS).",
+)
 @click.pass_obj
-def stream(state: CliState, mode: str | None) -> None:
+def stream(state: CliState, mode: str | None, metrics_port: int, metrics_address: str) -> None:
     """Run pg_receivewal into the spool and seal every closed segment into wal/.
 
     \b
@@ -40,19 +57,25 @@ def stream(state: CliState, mode: str | None) -> None:
     the current segment (pg_switch_wal) when WAL advanced and wal.flush_interval
     passed. SIGTERM or Ctrl-C: seal what is closed, stop pg_receivewal, exit 0.
     The role needs REPLICATION and EXECUTE on pg_switch_wal() (docs/OPERATIONS.md).
+    Metrics (lag, PITR window, spool, a lost slot) are served while it streams
+    (not with --once or --until-idle).
     """
     cfg = state.config()
     stop = threading.Event()
+    metrics = WalMetrics() if mode is None and metrics_port else None
+    server = MetricsServer(metrics, metrics_address, metrics_port) if metrics else None
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        stats = svc.run_stream(cfg, state.home, mode=mode or "forever", stop=stop)
+        stats = svc.run_stream(cfg, state.home, mode=mode or "forever", stop=stop, metrics=metrics)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if server is not None:
+            server.close()
     click.echo(
         f"sealed {stats.sealed} WAL files ({human_bytes(stats.stored_bytes)} stored), "
         f"{stats.already_stored} already stored"

@@ -21,6 +21,8 @@ from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.pipeline.seal import unseal
 from drtool.repository.access import Repo, identities_of, open_repo
+from drtool.services.scheduling.metrics import WalMetrics
+from drtool.services.wal_monitor import WalMonitor
 from drtool.wal import continuity
 from drtool.wal.index import WAL, WalEntry, WalIndex, load_index
 from drtool.wal.names import DEFAULT_SEGMENT_SIZE, is_segment
@@ -61,8 +63,11 @@ def _segment_size(index: WalIndex, spool: Spool) -> int:
     return DEFAULT_SEGMENT_SIZE
 
 
-def build_streamer(cfg: Config, home: Path) -> tuple[Streamer, Spool]:
-    """Open the repository, load and check the index, and assemble a streamer."""
+def build_streamer(
+    cfg: Config, home: Path, metrics: WalMetrics | None = None
+) -> tuple[Streamer, Spool]:
+    """Open the repository, load and check the index, and assemble a streamer (updating
+    ``metrics`` every tick when given)."""
     if cfg.keys.identity_file:
         raise ConfigError(
             "keys.identity_file: the backup host must not hold an identity (a private key); "
@@ -102,15 +107,24 @@ def build_streamer(cfg: Config, home: Path) -> tuple[Streamer, Spool]:
         spool_max_bytes=cfg.wal.spool_max_bytes,
         restart_max_s=cfg.wal.restart_max_s,
     )
+    if metrics is not None:
+        streamer.observer = WalMonitor(
+            metrics, repo, cfg.wal.slot, cfg.wal.spool_max_bytes, cfg.wal.window_policy_s
+        )
     return streamer, spool
 
 
 def run_stream(
-    cfg: Config, home: Path, *, mode: str, stop: threading.Event | None = None
+    cfg: Config,
+    home: Path,
+    *,
+    mode: str,
+    stop: threading.Event | None = None,
+    metrics: WalMetrics | None = None,
 ) -> StreamStats:
     """``mode``: ``forever`` (until ``stop``), ``once`` (seal the spool, no server) or
     ``until-idle`` (receive until caught up with a forced switch, seal, exit)."""
-    streamer, spool = build_streamer(cfg, home)
+    streamer, spool = build_streamer(cfg, home, metrics)
     if stop is not None:
         streamer.stop = stop
     with spool.locked():

@@ -3,7 +3,9 @@
 Dump: a REPEATABLE READ, READ ONLY transaction exports its snapshot; the fingerprints are
 computed in that transaction and ``pg_dump -Fc -Z0 --snapshot=ID`` dumps the same snapshot,
 so the recorded figures describe exactly the rows in the archive, whatever writers do
-meanwhile. The password reaches child processes only through ``PGPASSWORD``.
+meanwhile. With ``wal_level = logical`` that snapshot is a temporary logical slot's, and the
+slot's consistent point is recorded as the LSN the dump matches (pg_snapshot_lsn). The
+password reaches child processes only through ``PGPASSWORD``.
 
 Restore: ``pg_restore --exit-on-error`` into a database the caller created (restore beside
 the live one, switch by renaming last). Owners and privileges are kept by default (restore the
@@ -33,6 +35,7 @@ from psycopg import sql
 from drtool.endpoints import PostgresEndpoint
 from drtool.errors import SourceError
 from drtool.sources.pg_fingerprint import DatabaseProps, PgFingerprints, compute_fingerprints
+from drtool.sources.pg_snapshot_lsn import SLOT_WAIT_S, ExportedSnapshot, export_snapshot
 from drtool.sources.process import CommandFailed, child_env, command_stream, run_checked, scrub
 
 log = logging.getLogger(__name__)
@@ -175,9 +178,14 @@ class PgDump:
 
     scan: Future[PgFingerprints]
     stream: Generator[bytes, None, None]
-    snapshot: str
+    exported: ExportedSnapshot
     server_version: str
     pg_dump_version: str
+
+    @property
+    def snapshot(self) -> str:
+        """The snapshot id pg_dump imports (valid inside the ``dump()`` block)."""
+        return self.exported.snapshot
 
     @property
     def fingerprints(self) -> PgFingerprints:
@@ -221,6 +229,7 @@ def dump(
     pg_bin_dir: Path | None = None,
     timeout: float,
     read_size: int = 1 << 20,
+    slot_wait: float = SLOT_WAIT_S,
 ) -> Iterator[PgDump]:
     """Open a snapshot and yield a ``PgDump`` streaming ``pg_dump`` of it, fingerprinted.
 
@@ -228,26 +237,24 @@ def dump(
     in a thread at once and pg_dump starts on the first read of ``stream``, so the two run
     side by side. The transaction stays open until the block ends and the scan is done. On
     exit an unfinished pg_dump is killed. ``timeout`` bounds the stream (pg_dump's run time).
+    The snapshot comes from a temporary logical slot when the server allows one, and then
+    ``exported.consistent_lsn`` is the LSN whose state the dump shows exactly
+    (:mod:`drtool.sources.pg_snapshot_lsn`; ``slot_wait`` bounds the slot's wait for running
+    transactions); otherwise it is None and the reason is in ``exported.lsn_unavailable``.
     """
     pg_dump = _binary("pg_dump", pg_bin_dir)
     pg_dump_version = _tool_version(pg_dump)
     with _connect(endpoint) as conn:
         version = _server_version(conn)
         _require_client("pg_dump", _major(pg_dump_version), _major(version))
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        conn.read_only = True
-        try:
-            row = conn.execute("SELECT pg_export_snapshot()").fetchone()
-        except psycopg.Error as exc:
-            raise SourceError(f"PostgreSQL snapshot: {_one_line(exc, endpoint)}") from None
-        assert row is not None
-        argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={row[0]}"]
+        exported = export_snapshot(conn, endpoint, _major(version), wait=slot_wait)
+        argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={exported.snapshot}"]
         argv += ["--no-password", _dbname_arg(endpoint.dbname)]
         stream = _archive_stream(conn, argv, endpoint, timeout=timeout, read_size=read_size)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="drtool-fingerprint") as pool:
             scan = pool.submit(_fingerprints_in_snapshot, conn, endpoint)
             try:
-                yield PgDump(scan, stream, row[0], version, pg_dump_version)
+                yield PgDump(scan, stream, exported, version, pg_dump_version)
             except BaseException:
                 if not scan.cancel() and not scan.done():
                     conn.cancel_safe(timeout=5)  # an aborted backup need not finish the scan

@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -195,6 +196,8 @@ class Streamer:
     restart_max_s: float
     stop: threading.Event = field(default_factory=threading.Event)
     stats: StreamStats = field(default_factory=StreamStats)
+    observer: Callable[[Streamer], None] | None = None  # called every tick (the metrics)
+    slot_lost_at: float | None = None  # Unix time the slot was last found missing
     receiver: Receiver | None = None
     switcher: Switcher | None = None
     _failures: int = 0
@@ -266,6 +269,8 @@ class Streamer:
                 self.slot,
                 newest,
             )
+            self.slot_lost_at = time.time()
+            self.write_state(force=True)  # kept across a restart (the alert needs it)
         self._slot_seen = True
 
     def tend_receiver(self) -> None:
@@ -331,6 +336,7 @@ class Streamer:
                 "paused_spool_full": self._paused,
                 "repository_unreachable": self._storage_down,
                 "slot": self.slot,
+                "slot_lost_at": self.slot_lost_at,
             }
         )
 
@@ -338,6 +344,9 @@ class Streamer:
         """Stream until ``stop`` is set (SIGTERM) or, with ``until_idle``, caught up."""
         idle_target: int | None = None
         deadline = time.monotonic() + IDLE_TIMEOUT
+        if self.slot_lost_at is None:  # a loss found by an earlier run is still a loss
+            lost = (self.spool.read_state() or {}).get("slot_lost_at")
+            self.slot_lost_at = float(lost) if isinstance(lost, int | float) else None
         try:
             while not self.stop.is_set():
                 self.tend_receiver()
@@ -355,6 +364,8 @@ class Streamer:
                     else:
                         self.switcher.maybe_switch()
                 self.write_state()
+                if self.observer is not None:
+                    self.observer(self)
                 self.stop.wait(TICK)
         finally:
             if self.receiver is not None:

@@ -1,7 +1,9 @@
-"""Prometheus metrics of the scheduler, on a dedicated registry (no process-wide globals).
+"""Prometheus metrics of the scheduler and of the WAL streamer, each on a dedicated registry
+(no process-wide globals).
 
-``drtool schedule run`` serves them over HTTP (default port 9465); monitoring/ holds the alert
-rules and the Grafana dashboard that read them.
+``drtool schedule run`` serves :class:`Metrics` over HTTP (default port 9465), ``drtool wal
+stream`` serves :class:`WalMetrics` (default port 9467); monitoring/ holds the alert rules and
+the Grafana dashboard that read them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from drtool.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9465
+WAL_DEFAULT_PORT = 9467
 
 
 @dataclass
@@ -148,10 +151,79 @@ class Metrics:
             self.drill_rpo.labels(job).set(rpo)
 
 
-class MetricsServer:
-    """The HTTP endpoint serving one :class:`Metrics` registry, stopped by :meth:`close`."""
+@dataclass
+class WalMetrics:
+    """The WAL streamer's metrics, every series labelled with the replication ``slot``.
 
-    def __init__(self, metrics: Metrics, address: str, port: int) -> None:
+    A labelled gauge exports nothing until a value is set, so each series appears only once
+    what it describes happened (ADR 0012): no ``last segment`` before a segment is stored, no
+    window before a base backup is covered by unbroken WAL, no lag before the server's WAL
+    position was read, no slot loss before one.
+    """
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.last_segment = Gauge(
+            "drtool_wal_last_segment_timestamp_seconds",
+            "Unix time the newest WAL segment in the repository was sealed (committed to the "
+            "WAL index).",
+            ["slot"],
+            registry=r,
+        )
+        self.lag = Gauge(
+            "drtool_wal_lag_seconds",
+            "Age of the oldest WAL the server wrote that is not yet in the repository (0: all "
+            "of it is stored).",
+            ["slot"],
+            registry=r,
+        )
+        self.window_start = Gauge(
+            "drtool_pitr_window_start_timestamp_seconds",
+            "Earliest moment a point-in-time restore can reach: the end of the oldest base "
+            "backup followed by unbroken WAL up to the newest segment.",
+            ["slot"],
+            registry=r,
+        )
+        self.window_end = Gauge(
+            "drtool_pitr_window_end_timestamp_seconds",
+            "Latest moment a point-in-time restore can reach (the newest segment of that "
+            "unbroken WAL was sealed then; its WAL was written before).",
+            ["slot"],
+            registry=r,
+        )
+        self.window_policy = Gauge(
+            "drtool_pitr_window_policy_seconds",
+            "How far back point-in-time restore should reach (wal.window_policy_s).",
+            ["slot"],
+            registry=r,
+        )
+        self.spool_bytes = Gauge(
+            "drtool_wal_spool_bytes",
+            "Bytes in the local WAL spool (received, not yet confirmed stored).",
+            ["slot"],
+            registry=r,
+        )
+        self.spool_max_bytes = Gauge(
+            "drtool_wal_spool_max_bytes",
+            "The spool's bound (wal.spool_max_bytes): past it the receiver pauses.",
+            ["slot"],
+            registry=r,
+        )
+        self.slot_lost = Gauge(
+            "drtool_wal_slot_lost_timestamp_seconds",
+            "Unix time the streamer last found its replication slot missing although WAL had "
+            "been streamed through it (WAL written meanwhile may be lost).",
+            ["slot"],
+            registry=r,
+        )
+
+
+class MetricsServer:
+    """The HTTP endpoint serving one metrics registry, stopped by :meth:`close`."""
+
+    def __init__(self, metrics: Metrics | WalMetrics, address: str, port: int) -> None:
         try:
             server, thread = start_http_server(port, address, registry=metrics.registry)
         except OSError as exc:

@@ -48,6 +48,7 @@ class PostgresStore:
             )
             fingerprints = dump.fingerprints
             server_version = dump.server_version
+            details = dump.exported.details()  # the LSN the dump matches, or why none
         objects.append(written.entry)
         plain = written.plain_bytes
         globals_sql = pg.dump_globals(endpoint, pg_bin_dir=bin_dir, timeout=cfg.backup.timeout_s)
@@ -62,7 +63,7 @@ class PostgresStore:
             NAME, "fingerprints.json", json_chunks(prints), kind="fingerprints"
         )
         objects.append(fp.entry)
-        return BackedUp(ComponentEntry(NAME, tuple(objects), plain, 0.0, server_version))
+        return BackedUp(ComponentEntry(NAME, tuple(objects), plain, 0.0, server_version, details))
 
     def load(
         self, source: SnapshotSource, entry: ComponentEntry, target: Target
