@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -726,3 +727,146 @@ def test_the_kubernetes_alerts_with_promtool(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- the image under a rendered pod's constraints (Docker tier) ------------------------------
+
+DRTOOL_IMAGE = os.environ.get("DRTOOL_TEST_IMAGE", "drtool:ci")
+
+
+def _quantity_bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    return int(quantity[:-2]) * units[quantity[-2:]]
+
+
+def _volume_dirs(
+    pod: dict[str, Any], resources: list[Resource], namespace: str, base: Path
+) -> dict[str, Path]:
+    """A host directory per pod volume, as the kubelet would lay it out for this pod.
+
+    configMap: its data as files (the caller replaces the drtool config: the shipped one
+    names an off-site bucket); secret: a placeholder per item (the signing key a real one),
+    root's and ``defaultMode`` with the fsGroup as group; emptyDir and PVC: empty directories
+    the fsGroup may write (setgid, as the kubelet makes them).
+    """
+    gid = pod["securityContext"]["fsGroup"]
+    dirs = {}
+    for volume in pod["volumes"]:
+        path = base / volume["name"]
+        path.mkdir()
+        if "configMap" in volume:
+            prefix = volume["configMap"]["name"].rsplit("-", 1)[0]
+            for name, text in configmap(resources, namespace, prefix).items():
+                (path / name).write_text(text)
+                (path / name).chmod(0o644)
+        elif "secret" in volume:
+            items = volume["secret"].get("items")
+            names = [i["path"] for i in items] if items else ["drtool_signing_key"]
+            for name in names:
+                if name == "drtool_signing_key":
+                    (base / "verify_key").write_text(keys.write_signing_key(path / name))
+                else:
+                    (path / name).write_text("placeholder")
+                os.chown(path / name, 0, gid)
+                (path / name).chmod(volume["secret"]["defaultMode"])
+            path.chmod(0o755)
+        else:
+            os.chown(path, 0, gid)
+            path.chmod(0o2770)
+        dirs[volume["name"]] = path
+    return dirs
+
+
+@pytest.mark.docker
+def test_the_prune_cronjob_pod_runs_in_the_drtool_image_as_rendered(
+    docker_client: Any, tmp_path: Path
+) -> None:
+    """The drtool image run with the rendered drtool-prune pod's own constraints: its init
+    container's script, then its container's args (`schedule run --once prune`), as uid 10001
+    with the fsGroup, a read-only root, every capability dropped, no privilege escalation,
+    its memory limit, its volumes at their mount paths and its environment; the shipped
+    schedule, and a config for a file:// repository in the state volume. The key is copied,
+    the job reads the copy (the mounted group-readable original would stop it with exit 2),
+    succeeds, and its state lands in the state volume. No cluster: Docker plays the
+    kubelet (ADR 0024 says what that leaves unproved)."""
+    from support.docker_tier import require_image
+
+    require_image(docker_client, DRTOOL_IMAGE)
+    resources = render("base")
+    [cron] = [c for c in of_kind(resources, "CronJob") if c["metadata"]["name"] == "drtool-prune"]
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    config = '[repository]\nurl = "file:///var/lib/drtool/repo"\n'
+    dirs = _volume_dirs(pod, resources, "drtool", tmp_path)
+    # a repository for the job, created from this host, then the pod user's like the PVC
+    host_config = tmp_path / "host.toml"
+    identity = tmp_path / "identity"
+    recipient = keys.write_identity(identity, passphrase=None)
+    verify_key = (tmp_path / "verify_key").read_text()
+    keys_toml = f'[keys]\nrecipients = ["{recipient}"]\n'
+    # no verify_key in the pod's config: drtool then trusts its own signing key's, so the job
+    # reads the init container's copy of the key (a group-readable one would stop it, exit 2)
+    config += keys_toml
+    (dirs["config"] / "drtool.toml").write_text(config)
+    host_config.write_text(
+        f'[repository]\nurl = "file://{dirs["state"]}/repo"\n{keys_toml}'
+        f'verify_key = "{verify_key}"\n'
+        f'signing_key_file = "{dirs["keys-in"] / "drtool_signing_key"}"\n'
+    )
+    signing = dirs["keys-in"] / "drtool_signing_key"
+    signing.chmod(0o600)  # drtool on this host reads it as its owner for `init`
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "drtool"), "--config", str(host_config),
+         "--home", str(tmp_path / "home"), "init"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    signing.chmod(0o440)
+    subprocess.run(["chown", "-R", "10001:10001", str(dirs["state"] / "repo")], check=True)
+    context = pod["securityContext"]
+
+    def run(container: dict[str, Any]) -> tuple[int, str]:
+        ctx = {**context, **container["securityContext"]}
+        assert ctx["readOnlyRootFilesystem"] and ctx["capabilities"]["drop"] == ["ALL"]
+        assert ctx["allowPrivilegeEscalation"] is False
+        volumes = {}
+        for mount in container["volumeMounts"]:
+            source = dirs[mount["name"]]
+            if "subPath" in mount:
+                source = source / mount["subPath"]
+            mode = "ro" if mount.get("readOnly") else "rw"
+            volumes[str(source)] = {"bind": mount["mountPath"], "mode": mode}
+        argv = container.get("command", []) + container.get("args", [])
+        entrypoint = argv[0] if "command" in container else None
+        command = argv[1:] if "command" in container else argv
+        box = docker_client.containers.run(
+            DRTOOL_IMAGE,
+            command=command,
+            entrypoint=entrypoint,
+            user=f"{ctx['runAsUser']}:{ctx['runAsGroup']}",
+            group_add=[str(ctx["fsGroup"])],
+            read_only=True,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            mem_limit=_quantity_bytes(container["resources"]["limits"]["memory"]),
+            environment={e["name"]: e["value"] for e in container.get("env", [])},
+            volumes=volumes,
+            network_mode="none",
+            labels={"drtool.test": "kubernetes"},
+            detach=True,
+        )
+        try:
+            code = int(box.wait(timeout=300)["StatusCode"])
+            return code, box.logs().decode(errors="replace")
+        finally:
+            box.remove(force=True)
+
+    [init] = pod["initContainers"]
+    code, logs = run(init)
+    assert code == 0, logs
+    copy = dirs["keys"] / "drtool_signing_key"
+    assert (copy.stat().st_uid, copy.stat().st_mode & 0o777) == (UID, 0o600)
+    code, logs = run(pod["containers"][0])
+    assert code == 0, logs
+    assert "job prune: kept 0, forgot 0 snapshots" in logs
+    state = json.loads((dirs["state"] / "state" / "schedule" / "prune.json").read_text())
+    assert state["exit_code"] == 0 and state["last_success"]
