@@ -630,7 +630,8 @@ def expect(alert: str, severity: str, **labels: str) -> dict[str, Any]:
 def test_the_kubernetes_alerts_with_promtool(tmp_path: Path) -> None:
     """promtool evaluates the rules on series in kube-state-metrics' shape at 50 h: the
     postgres CronJob last succeeded 14 h ago (max 12 h), the full one never did in 50 h (max
-    48 h), redis, prune and verify are fresh; redis's newest Job failed after its last
+    48 h), verify last succeeded 49.5 h ago (max 48 h), redis and prune are fresh; the WAL
+    streamer restarts every 10 minutes; redis's newest Job failed after its last
     success, prune's failed Job is older than its success; the newest drill Job failed; the
     WAL streamer has no available replica. The drill that last passed at 1 h is overdue at
     16 days, not at 15. Without kube-state-metrics, that is what fires."""
@@ -652,7 +653,7 @@ def test_the_kubernetes_alerts_with_promtool(tmp_path: Path) -> None:
         ksm("kube_cronjob_status_last_successful_time",
             {**drtool, "cronjob": "drtool-prune"}, now - 3600, steps),
         ksm("kube_cronjob_status_last_successful_time",
-            {**drtool, "cronjob": "drtool-verify"}, now - 3600, steps),
+            {**drtool, "cronjob": "drtool-verify"}, now - 49 * 3600 - 1800, steps),
         ksm("kube_cronjob_status_last_successful_time",
             {**drill, "cronjob": "drtool-drill"}, 3600, steps),
         # Jobs: redis failed after its last success, prune before its, the drill after its
@@ -662,8 +663,10 @@ def test_the_kubernetes_alerts_with_promtool(tmp_path: Path) -> None:
         *job_series({**drill, "job_name": "drtool-drill-29990200"}, now - 3000, 1, steps),
         ksm("kube_deployment_status_replicas_available",
             {**drtool, "deployment": "drtool-wal"}, 0, steps),
-        ksm("kube_pod_container_status_restarts_total",
-            {**drtool, "pod": "drtool-wal-5d9f7c-abcde", "container": "drtool"}, 0, steps),
+        # the streamer restarts every 10 minutes
+        {"series": 'kube_pod_container_status_restarts_total{container="drtool",'
+                   'namespace="drtool",pod="drtool-wal-5d9f7c-abcde"}',
+         "values": f"0+1x{steps}"},
     ]  # fmt: skip
     at = "50h"
     tests: list[dict[str, Any]] = [
@@ -673,7 +676,9 @@ def test_the_kubernetes_alerts_with_promtool(tmp_path: Path) -> None:
             expect("DrtoolBackupOverdue", "critical", **drtool, cronjob="drtool-full",
                    kind="backup"),
         ]},
-        {"eval_time": at, "alertname": "DrtoolJobOverdue", "exp_alerts": []},
+        {"eval_time": at, "alertname": "DrtoolJobOverdue", "exp_alerts": [
+            expect("DrtoolJobOverdue", "warning", **drtool, cronjob="drtool-verify",
+                   kind="verify")]},
         {"eval_time": at, "alertname": "DrtoolDrillOverdue", "exp_alerts": []},
         {"eval_time": at, "alertname": "DrtoolJobFailed", "exp_alerts": [
             expect("DrtoolJobFailed", "warning", **drtool, cronjob="drtool-redis")]},
@@ -681,7 +686,9 @@ def test_the_kubernetes_alerts_with_promtool(tmp_path: Path) -> None:
             expect("DrtoolDrillFailed", "critical", **drill, cronjob="drtool-drill")]},
         {"eval_time": at, "alertname": "DrtoolWalStreamerDown", "exp_alerts": [
             expect("DrtoolWalStreamerDown", "critical", **drtool, deployment="drtool-wal")]},
-        {"eval_time": at, "alertname": "DrtoolWalStreamerRestarting", "exp_alerts": []},
+        {"eval_time": at, "alertname": "DrtoolWalStreamerRestarting", "exp_alerts": [
+            expect("DrtoolWalStreamerRestarting", "warning", **drtool,
+                   pod="drtool-wal-5d9f7c-abcde", container="drtool")]},
         {"eval_time": at, "alertname": "DrtoolCronJobsAbsent", "exp_alerts": []},
     ]  # fmt: skip
     # the drill's last success at 1 h: within its 15 days at 15 d, past them at 16 d
