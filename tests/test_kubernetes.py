@@ -21,17 +21,20 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
+from support.docker_tier import require_image
+from support.stacks import make_repository, source_stack
 
 from drtool import keys
 from drtool.config import load_config
 from drtool.drills.definition import parse_definition
+from drtool.endpoints import PostgresEndpoint, S3Endpoint
 from drtool.errors import ConfigError
 from drtool.services.scheduling.jobs import DAYS, RETRYABLE, JobSpec, load_schedules
 
@@ -746,98 +749,70 @@ def _quantity_bytes(quantity: str) -> int:
     return int(quantity[:-2]) * units[quantity[-2:]]
 
 
-def _volume_dirs(
-    pod: dict[str, Any], resources: list[Resource], namespace: str, base: Path
-) -> dict[str, Path]:
-    """A host directory per pod volume, as the kubelet would lay it out for this pod.
+@dataclass
+class PodOnDocker:
+    """A rendered pod's containers run by Docker in its stead (there is no kubelet here).
 
-    configMap: its data as files (the caller replaces the drtool config: the shipped one
-    names an off-site bucket); secret: a placeholder per item (the signing key a real one),
-    root's and ``defaultMode`` with the fsGroup as group; emptyDir and PVC: empty directories
-    the fsGroup may write (setgid, as the kubelet makes them).
+    Each pod volume is a host directory laid out as the kubelet would: a configMap's data as
+    files (``configs`` replaces a ConfigMap's data by name prefix: the shipped configs name an
+    off-site bucket); a secret's items as files of root, group the fsGroup, ``defaultMode``
+    (content from ``secrets`` by volume and file name, else a placeholder); an emptyDir or PVC
+    an empty directory the fsGroup may write (setgid). Each container runs with the pod's and
+    its own security context, memory limit, mounts and environment, without a network.
     """
-    gid = pod["securityContext"]["fsGroup"]
-    dirs = {}
-    for volume in pod["volumes"]:
-        path = base / volume["name"]
-        path.mkdir()
-        if "configMap" in volume:
-            prefix = volume["configMap"]["name"].rsplit("-", 1)[0]
-            for name, text in configmap(resources, namespace, prefix).items():
-                (path / name).write_text(text)
-                (path / name).chmod(0o644)
-        elif "secret" in volume:
-            items = volume["secret"].get("items")
-            names = [i["path"] for i in items] if items else ["drtool_signing_key"]
-            for name in names:
-                if name == "drtool_signing_key":
-                    (base / "verify_key").write_text(keys.write_signing_key(path / name))
-                else:
-                    (path / name).write_text("placeholder")
-                os.chown(path / name, 0, gid)
-                (path / name).chmod(volume["secret"]["defaultMode"])
-            path.chmod(0o755)
-        else:
-            os.chown(path, 0, gid)
-            path.chmod(0o2770)
-        dirs[volume["name"]] = path
-    return dirs
 
+    docker_client: Any
+    pod: dict[str, Any]
+    dirs: dict[str, Path]
+    extra_volumes: dict[str, dict[str, str]]
 
-@pytest.mark.docker
-def test_the_prune_cronjob_pod_runs_in_the_drtool_image_as_rendered(
-    docker_client: Any, tmp_path: Path
-) -> None:
-    """The drtool image run with the rendered drtool-prune pod's own constraints: its init
-    container's script, then its container's args (`schedule run --once prune`), as uid 10001
-    with the fsGroup, a read-only root, every capability dropped, no privilege escalation,
-    its memory limit, its volumes at their mount paths and its environment; the shipped
-    schedule, and a config for a file:// repository in the state volume. The key is copied,
-    the job reads the copy (the mounted group-readable original would stop it with exit 2),
-    succeeds, and its state lands in the state volume. No cluster: Docker plays the
-    kubelet (ADR 0024 says what that leaves unproved)."""
-    from support.docker_tier import require_image
+    @classmethod
+    def lay_out(
+        cls,
+        docker_client: Any,
+        resources: list[Resource],
+        cronjob: str,
+        base: Path,
+        configs: dict[str, dict[str, str]],
+        secrets: dict[str, dict[str, bytes]],
+    ) -> PodOnDocker:
+        [cron] = [c for c in of_kind(resources, "CronJob") if c["metadata"]["name"] == cronjob]
+        namespace = cron["metadata"]["namespace"]
+        pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        gid = pod["securityContext"]["fsGroup"]
+        dirs = {}
+        for volume in pod["volumes"]:
+            path = base / volume["name"]
+            path.mkdir(parents=True)
+            if "configMap" in volume:
+                prefix = volume["configMap"]["name"].rsplit("-", 1)[0]
+                data = configs.get(prefix) or configmap(resources, namespace, prefix)
+                for name, text in data.items():
+                    (path / name).write_text(text)
+                    (path / name).chmod(0o644)
+            elif "secret" in volume:
+                given = secrets.get(volume["name"], {})
+                items = volume["secret"].get("items") or [{"path": n} for n in given]
+                for item in items:
+                    target = path / item["path"]
+                    target.write_bytes(given.get(item["path"], b"placeholder"))
+                    os.chown(target, 0, gid)
+                    target.chmod(volume["secret"]["defaultMode"])
+                path.chmod(0o755)
+            else:
+                os.chown(path, 0, gid)
+                path.chmod(0o2770)
+            dirs[volume["name"]] = path
+        return cls(docker_client, pod, dirs, {})
 
-    require_image(docker_client, DRTOOL_IMAGE)
-    resources = render("base")
-    [cron] = [c for c in of_kind(resources, "CronJob") if c["metadata"]["name"] == "drtool-prune"]
-    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    config = '[repository]\nurl = "file:///var/lib/drtool/repo"\n'
-    dirs = _volume_dirs(pod, resources, "drtool", tmp_path)
-    # a repository for the job, created from this host, then the pod user's like the PVC
-    host_config = tmp_path / "host.toml"
-    identity = tmp_path / "identity"
-    recipient = keys.write_identity(identity, passphrase=None)
-    verify_key = (tmp_path / "verify_key").read_text()
-    keys_toml = f'[keys]\nrecipients = ["{recipient}"]\n'
-    # no verify_key in the pod's config: drtool then trusts its own signing key's, so the job
-    # reads the init container's copy of the key (a group-readable one would stop it, exit 2)
-    config += keys_toml
-    (dirs["config"] / "drtool.toml").write_text(config)
-    host_config.write_text(
-        f'[repository]\nurl = "file://{dirs["state"]}/repo"\n{keys_toml}'
-        f'verify_key = "{verify_key}"\n'
-        f'signing_key_file = "{dirs["keys-in"] / "drtool_signing_key"}"\n'
-    )
-    signing = dirs["keys-in"] / "drtool_signing_key"
-    signing.chmod(0o600)  # drtool on this host reads it as its owner for `init`
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "drtool"), "--config", str(host_config),
-         "--home", str(tmp_path / "home"), "init"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    signing.chmod(0o440)
-    subprocess.run(["chown", "-R", "10001:10001", str(dirs["state"] / "repo")], check=True)
-    context = pod["securityContext"]
-
-    def run(container: dict[str, Any]) -> tuple[int, str]:
-        ctx = {**context, **container["securityContext"]}
+    def run(self, container: dict[str, Any]) -> tuple[int, str]:
+        """Run ``container`` to its end: its exit code and its output."""
+        ctx = {**self.pod["securityContext"], **container["securityContext"]}
         assert ctx["readOnlyRootFilesystem"] and ctx["capabilities"]["drop"] == ["ALL"]
         assert ctx["allowPrivilegeEscalation"] is False
-        volumes = {}
+        volumes = dict(self.extra_volumes)
         for mount in container["volumeMounts"]:
-            source = dirs[mount["name"]]
+            source = self.dirs[mount["name"]]
             if "subPath" in mount:
                 source = source / mount["subPath"]
             mode = "ro" if mount.get("readOnly") else "rw"
@@ -845,7 +820,7 @@ def test_the_prune_cronjob_pod_runs_in_the_drtool_image_as_rendered(
         argv = container.get("command", []) + container.get("args", [])
         entrypoint = argv[0] if "command" in container else None
         command = argv[1:] if "command" in container else argv
-        box = docker_client.containers.run(
+        box = self.docker_client.containers.run(
             DRTOOL_IMAGE,
             command=command,
             entrypoint=entrypoint,
@@ -862,18 +837,105 @@ def test_the_prune_cronjob_pod_runs_in_the_drtool_image_as_rendered(
             detach=True,
         )
         try:
-            code = int(box.wait(timeout=300)["StatusCode"])
+            code = int(box.wait(timeout=900)["StatusCode"])
             return code, box.logs().decode(errors="replace")
         finally:
-            box.remove(force=True)
+            box.remove(force=True, v=True)  # and the image's VOLUME, which a pod has not
 
-    [init] = pod["initContainers"]
-    code, logs = run(init)
-    assert code == 0, logs
-    copy = dirs["keys"] / "drtool_signing_key"
+    def run_pod(self) -> tuple[int, str]:
+        """The init containers (each must succeed), then the one container."""
+        for init in self.pod.get("initContainers", []):
+            code, logs = self.run(init)
+            assert code == 0, logs
+        [container] = self.pod["containers"]
+        return self.run(container)
+
+
+@pytest.mark.docker
+def test_the_prune_cronjob_pod_runs_in_the_drtool_image_as_rendered(
+    docker_client: Any, tmp_path: Path
+) -> None:
+    """The drtool image run with the rendered drtool-prune pod's own constraints: its init
+    container's script, then its container's args (`schedule run --once prune`), as uid 10001
+    with the fsGroup, a read-only root, every capability dropped, no privilege escalation,
+    its memory limit, its volumes at their mount paths and its environment; the shipped
+    schedule, and a config for a file:// repository in the state volume. The key is copied,
+    the job reads the copy (the mounted group-readable original would stop it with exit 2),
+    succeeds, and its state lands in the state volume."""
+    require_image(docker_client, DRTOOL_IMAGE)
+    signing = tmp_path / "signing_key"
+    verify_key = keys.write_signing_key(signing)
+    recipient = keys.write_identity(tmp_path / "identity", passphrase=None)
+    # no verify_key in the pod's config: drtool then trusts its own signing key's, so the job
+    # reads the init container's copy of the key (a group-readable one would stop it, exit 2)
+    pod_config = (
+        f'[repository]\nurl = "file:///var/lib/drtool/repo"\n[keys]\nrecipients = ["{recipient}"]\n'
+    )
+    pod = PodOnDocker.lay_out(
+        docker_client,
+        render("base"),
+        "drtool-prune",
+        tmp_path / "pod",
+        {"drtool-config": {"drtool.toml": pod_config}},
+        {"keys-in": {"drtool_signing_key": signing.read_bytes()}},
+    )
+    state = pod.dirs["state"]
+    # the repository, created from this host, then the pod user's as on the PVC
+    host_config = tmp_path / "host.toml"
+    host_config.write_text(
+        f'[repository]\nurl = "file://{state}/repo"\n[keys]\nrecipients = ["{recipient}"]\n'
+        f'verify_key = "{verify_key}"\nsigning_key_file = "{signing}"\n'
+    )
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "drtool"), "--config", str(host_config),
+         "--home", str(tmp_path / "home"), "init"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    subprocess.run(["chown", "-R", "10001:10001", str(state / "repo")], check=True)
+    code, logs = pod.run_pod()
+    copy = pod.dirs["keys"] / "drtool_signing_key"
     assert (copy.stat().st_uid, copy.stat().st_mode & 0o777) == (UID, 0o600)
-    code, logs = run(pod["containers"][0])
     assert code == 0, logs
     assert "job prune: kept 0, forgot 0 snapshots" in logs
-    state = json.loads((dirs["state"] / "state" / "schedule" / "prune.json").read_text())
-    assert state["exit_code"] == 0 and state["last_success"]
+    job_state = json.loads((state / "state" / "schedule" / "prune.json").read_text())
+    assert job_state["exit_code"] == 0 and job_state["last_success"]
+
+
+@pytest.mark.docker
+def test_the_drill_cronjob_pod_restores_a_real_snapshot_in_its_own_pod(
+    docker_client: Any, tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint
+) -> None:
+    """The rendered drtool-drill pod, run by Docker in the test image (which, unlike the
+    production image, carries a PostgreSQL server of this machine's major and redis-server:
+    drill-image/Dockerfile's point): as uid 10001 with a read-only root, no capability and no
+    network, it copies the identity, runs `schedule run --once drill` with the rendered
+    schedule and weekly definition (runtime = "local"), restores the nightly-style snapshot
+    of a seeded stack into servers inside its own container and passes. The repository
+    (off-site S3 in the cluster) is a file:// directory mounted in."""
+    require_image(docker_client, DRTOOL_IMAGE)
+    with source_stack(tmp_path / "source", pg_server, s3_server) as source:
+        repo = make_repository(tmp_path / "repo", source)
+        snapshot = repo.backup()
+    repository = tmp_path / "repo" / "repository"
+    subprocess.run(["chown", "-R", "10001:10001", str(repository)], check=True)
+    pod = PodOnDocker.lay_out(
+        docker_client,
+        render("base"),
+        "drtool-drill",
+        tmp_path / "pod",
+        {
+            "drtool-drill-config": {
+                "drtool.toml": f'[repository]\nurl = "file:///repo"\n'
+                f'[keys]\nverify_key = "{repo.verify_key}"\n'
+            }
+        },
+        {"keys-in": {"drtool_identity": repo.identity.read_bytes()}},
+    )
+    pod.extra_volumes[str(repository)] = {"bind": "/repo", "mode": "rw"}
+    code, logs = pod.run_pod()
+    assert code == 0, logs[-4000:]
+    assert "job drill: drill passed" in logs
+    reports = list((pod.dirs["scratch"] / "reports").glob("*"))
+    assert reports, "no drill report in the pod's scratch volume"
+    assert snapshot in "".join(p.read_text() for p in reports if p.is_file())
