@@ -241,6 +241,28 @@ def test_every_resource_validates_against_the_pinned_kubernetes_schemas(
     assert not problems, "\n".join(problems)
 
 
+def test_the_schema_check_refuses_what_the_api_server_would() -> None:
+    """The pinned strict schemas catch a misspelt field, a wrong type and a missing required
+    field (the last one was a real slip in these manifests: a podFailurePolicy condition
+    pattern without its status)."""
+    [wal] = of_kind(render("base"), "Deployment")
+    [cron] = [
+        c for c in of_kind(render("base"), "CronJob") if c["metadata"]["name"] == "drtool-full"
+    ]
+    kubernetes_validate.validate(wal, K8S_VERSION, strict=True)
+    typo = json.loads(json.dumps(wal))
+    typo["spec"]["template"]["spec"]["containers"][0]["resource"] = {}
+    wrong_type = json.loads(json.dumps(wal))
+    wrong_type["spec"]["replicas"] = "1"
+    no_status = json.loads(json.dumps(cron))
+    del no_status["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"][0]["onPodConditions"][
+        0
+    ]["status"]
+    for bad in (typo, wrong_type, no_status):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
 def test_every_kustomization_is_checked() -> None:
     assert {"base", "base/backup", "base/drill", "overlays/example"} <= set(KUSTOMIZATIONS)
 
