@@ -10,22 +10,25 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
 import tomllib
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tomli_w
 from support.cli import drtool_argv, drtool_env, run_drtool
+from support.compare import assert_same_redis, bucket_objects, table_rows
 from support.fault_proxy import Rule, fault_proxy
 from support.repo_kit import T0, RepoKit, blob_id, s3_kit
+from support.stacks import make_repository, source_stack
 
 from drtool.config import load_config
-from drtool.endpoints import S3Endpoint
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import ConfigError
 from drtool.repository import catalog, chain, layout
 from drtool.repository.access import storage_for
@@ -409,3 +412,99 @@ def test_a_snapshot_pruned_before_it_was_copied_leaves_no_chain_gap(
     assert json.loads(done.stdout)["tombstones"] == 1
     verify = run_drtool("verify", "--all", "--repository", DEST, config=config)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+# -- Object Lock: the destination's own settings ------------------------------------------------
+
+
+def test_the_destinations_object_lock_applies_to_what_is_copied(
+    repo_kit: RepoKit, s3_server: S3Endpoint, tmp_path: Path
+) -> None:
+    """Source without a lock (a directory), destination a locked bucket with retain_days = 3:
+    every copied object and manifest is retained about 3 days from the copy; a blob the
+    destination already had is extended to the new snapshot's date before its manifest."""
+    kit = repo_kit
+    shared = [blob_id() for _ in range(2)]
+    kit.snapshot(T0, blobs=tuple(shared))
+    bucket = f"lock-{secrets.token_hex(6)}"
+    s3_client(s3_server).create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    dest = {
+        **s3_dest(kit, s3_server),
+        "url": f"s3://{bucket}/copy",
+        "object_lock_mode": "GOVERNANCE",
+        "retain_days": 3,
+    }
+    config = copy_config(kit, dest)
+    cfg = load_config(config, {})
+    first = run_copy(cfg, home=tmp_path, destination=DEST)
+    storage = dest_storage(config)
+    kit.snapshot(T0 + timedelta(days=1), blobs=tuple(shared))
+    later = datetime.now(UTC) + timedelta(days=10)
+    second = run_copy(cfg, home=tmp_path, destination=DEST, now=later)
+    assert len(first.copied) == len(second.copied) == 1
+    for snap, when in ((kit.snaps[0], None), (kit.snaps[1], later)):
+        manifest_until = storage.retention(layout.manifest_key(snap.snapshot_id))
+        assert manifest_until is not None
+        if when is not None:
+            assert manifest_until >= when + timedelta(days=3) - timedelta(minutes=1)
+    blob_keys = [o.key for o in kit.snaps[1].manifest.objects() if o.kind == "blob"]
+    for key in blob_keys:  # reused by the second snapshot: extended before its manifest
+        until = storage.retention(key)
+        assert until is not None and until >= later + timedelta(days=3) - timedelta(minutes=1)
+
+
+# -- restore from the copy ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_restore_from_the_copy_equals_the_source(
+    tmp_path: Path,
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    pg_database: PostgresEndpoint,
+    redis_db: RedisEndpoint,
+    s3_bucket: str,
+) -> None:
+    """A real backup (file://), copied by `drtool copy` to a bucket, restored with
+    `drtool restore --repository offsite`: tables, Redis and MinIO equal the source; the
+    copy is read, not the primary (its directory is gone by then)."""
+    with source_stack(tmp_path / "src", pg_server, s3_server) as source:
+        repo = make_repository(tmp_path / "src", source)
+        snapshot_id = repo.backup()
+        backup_doc = load_toml(repo.backup_config)
+        key_dir = tmp_path / "keys"
+        key_dir.mkdir(mode=0o700)
+        bucket = f"copy-{secrets.token_hex(6)}"
+        s3_client(s3_server).create_bucket(Bucket=bucket)
+        for name, value in (("ak", s3_server.access_key), ("sk", s3_server.secret_key)):
+            (key_dir / name).write_text(value)
+        offsite = {
+            "url": f"s3://{bucket}/copy",
+            "endpoint_url": s3_server.endpoint_url,
+            "access_key_file": str(key_dir / "ak"),
+            "secret_key_file": str(key_dir / "sk"),
+        }
+        backup_doc["repositories"] = {DEST: offsite}
+        backup_config = tmp_path / "backup-copy.toml"
+        backup_config.write_text(tomli_w.dumps(backup_doc))
+        done = copy_cli(backup_config, home=tmp_path / "home")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["copied"] == [snapshot_id]
+        target = StackEndpoints(pg_database, redis_db, s3_server, (s3_bucket,))
+        op_path = repo.operator_config(tmp_path / "op.toml", {"t": target})
+        op_doc = load_toml(op_path)
+        op_doc["repositories"] = {DEST: offsite}
+        op_path.write_text(tomli_w.dumps(op_doc))
+        shutil.rmtree(tmp_path / "src" / "repository")  # the provider is down
+        run = run_drtool(
+            "restore", "latest", "--repository", DEST, "--target", "t", "--yes", "--json",
+            config=op_path,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        result = json.loads(run.stdout)
+        assert result["snapshot_id"] == snapshot_id and result["ok"]
+        assert table_rows(target.postgres) == table_rows(source.postgres)
+        assert_same_redis(source.redis, target.redis)
+        assert bucket_objects(target.minio, s3_bucket) == bucket_objects(
+            source.minio, source.buckets[0]
+        )
