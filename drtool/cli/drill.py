@@ -68,10 +68,11 @@ def run(
 
 @drill.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@repository_option
 @click.pass_obj
-def history(state: CliState, as_json: bool) -> None:
+def history(state: CliState, as_json: bool, repository: str | None) -> None:
     """Past drills stored in the repository: result, snapshot, RTO and RPO."""
-    rows = svc.drill_history(state.config())
+    rows = svc.drill_history(state.config(repository=repository))
     if as_json:
         emit_json(rows)
         return
