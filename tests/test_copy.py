@@ -508,3 +508,35 @@ def test_restore_from_the_copy_equals_the_source(
         assert bucket_objects(target.minio, s3_bucket) == bucket_objects(
             source.minio, source.buckets[0]
         )
+
+
+def test_a_newer_source_header_and_rotation_records_are_copied_and_recheck_the_copy(
+    repo_kit: RepoKit, tmp_path: Path
+) -> None:
+    """After a key rotation at the source (a new header, records under rotations/), the next
+    copy replaces the destination's header, copies the records and checks every object the
+    destination holds again: one that differs (here: a flipped byte) is uploaded again."""
+    kit = repo_kit
+    three_snapshots(kit)
+    config = copy_config(kit, file_dest(kit))
+    cfg = load_config(config, {})
+    run_copy(cfg, home=tmp_path, destination=DEST)
+    header = json.loads(kit.storage.get_bytes(layout.REPO_FILE))
+    header["recipients"].append("age1newrecipientxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx")
+    kit.storage.put_bytes(layout.REPO_FILE, json.dumps(header).encode())
+    kit.storage.put_bytes("rotations/r1/plan.json", b'{"body": {}, "signature": ""}')
+    dest = dest_storage(config)
+    stale = kit.snaps[0].dump_key
+    data = bytearray(dest.get_bytes(stale))
+    data[-3] ^= 0x01
+    dest.put_bytes(stale, bytes(data))
+    result = run_copy(cfg, home=tmp_path, destination=DEST)
+    objects = {o.key for s in kit.snaps for o in s.manifest.objects()}
+    assert dest.get_bytes(layout.REPO_FILE) == kit.storage.get_bytes(layout.REPO_FILE)
+    assert dest.get_bytes("rotations/r1/plan.json") == kit.storage.get_bytes(
+        "rotations/r1/plan.json"
+    )
+    assert (result.uploaded, result.checked) == (1, len(objects) - 1)
+    assert dest.get_bytes(stale) == kit.storage.get_bytes(stale)
+    again = run_copy(cfg, home=tmp_path, destination=DEST)
+    assert (again.uploaded, again.checked) == (0, 0)

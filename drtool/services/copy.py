@@ -35,6 +35,8 @@ from drtool.wal import index as wal_index
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 4
+#: Where signed key-rotation records live (``drtool keys rotate``, issue 15.1, ADR 0023).
+ROTATIONS = "rotations/"
 
 
 @dataclass
@@ -100,6 +102,13 @@ def run_copy(
         )
         have = _committed(dest, src, copier)
         result.tombstones = _copy_tombstones(src, dest, present, have)
+        if _copy_rotations(src, dest, present):
+            # objects the destination holds may be the pre-rotation bytes: check them all
+            # against what the source now expects (read back; uploaded again where they differ)
+            copier.trusted.clear()
+            for record in chosen:
+                if record.snapshot_id in have and record.manifest is not None:
+                    _ensure(copier, record, result)
         for record in chosen:
             if record.snapshot_id in have or layout.manifest_key(record.snapshot_id) in present:
                 result.already += 1
@@ -171,13 +180,13 @@ def _prepare_destination(src: Repo, dest: Storage) -> bool:
                 "empty bucket prefix or directory (drtool copy makes it a copy); nothing "
                 "was written"
             )
-        if set(info.recipients) != set(src.info.recipients) or set(info.verify_keys) != set(
-            src.info.verify_keys
-        ):
-            log.warning(
-                "copy: the destination's header lists other recipients or verify keys than "
-                "the source's (a key rotation on one of them?); objects are copied as they are"
-            )
+        header = src.storage.get_bytes(layout.REPO_FILE)
+        if dest.get_bytes(layout.REPO_FILE) != header:
+            # same repository, newer header (a key rotation: recipients, verify keys and their
+            # hand-overs): the source's is the one its objects and manifests go with; readers
+            # never trust a header's keys by themselves (ADR 0014)
+            log.info("copy: the destination's header differs from the source's; replaced")
+            put_small(dest, layout.REPO_FILE, header)
         return False
     try:
         first = next(iter(dest.list()), None)
@@ -227,6 +236,32 @@ def _copy_tombstones(
         put_small(dest, key, b"")
         copied += 1
     return copied
+
+
+def _copy_rotations(src: Repo, dest: Storage, present: dict[str, ObjectInfo]) -> bool:
+    """The signed key-rotation records (``rotations/``, issue 15.1) the destination lacks.
+
+    A rotation rewrites objects' age headers at the source and records their new sizes and
+    hashes there; the destination needs the same records to expect the copied bytes.
+    True when any was copied (the destination's older objects must then be checked again).
+    """
+    copied = False
+    for obj in src.storage.list(ROTATIONS):
+        there = present.get(obj.key)
+        if there is not None and there.size == obj.size:
+            continue
+        put_small(dest, obj.key, src.storage.get_bytes(obj.key))
+        copied = True
+    return copied
+
+
+def _ensure(copier: ObjectCopier, record: catalog.SnapshotRecord, result: CopyResult) -> None:
+    """Every object of a snapshot the destination holds, checked again (after a rotation)."""
+    assert record.manifest is not None
+    try:
+        copier.ensure(Wanted(o.key, o.size, o.sha256) for o in record.manifest.objects())
+    except SourceDamaged as exc:
+        result.problems.append(f"snapshot {record.snapshot_id}: {exc}")
 
 
 def _copy_snapshot(
