@@ -121,6 +121,7 @@ def make_dest(kind: str, kit: RepoKit, request: pytest.FixtureRequest) -> dict[s
 # -- the copy and what can be done with it ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_copy_verifies_with_read_data_and_a_second_run_uploads_nothing(
     any_repo_kit: RepoKit, dest_kind: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -164,6 +165,7 @@ def test_new_snapshots_reuse_the_blobs_already_copied(repo_kit: RepoKit, tmp_pat
     assert (result.trusted, result.checked) == (3, 0)
 
 
+@pytest.mark.slow
 def test_named_snapshot_only_and_an_invalid_one_is_refused(
     repo_kit: RepoKit, tmp_path: Path
 ) -> None:
@@ -395,6 +397,7 @@ def test_wal_chunks_and_files_are_copied_in_order(repo_kit: RepoKit, tmp_path: P
     assert run_copy(load_config(config, {}), home=tmp_path, destination=DEST).wal_chunks == 0
 
 
+@pytest.mark.slow
 def test_a_snapshot_pruned_before_it_was_copied_leaves_no_chain_gap(
     repo_kit: RepoKit, tmp_path: Path
 ) -> None:
