@@ -395,6 +395,8 @@ def test_wal_chunks_and_files_are_copied_in_order(repo_kit: RepoKit, tmp_path: P
         wal_index.load_index(kit.storage, [kit.verify_key], kit.info.repo_id).entries
     )
     assert run_copy(load_config(config, {}), home=tmp_path, destination=DEST).wal_chunks == 0
+    verify = run_drtool("wal", "verify", "--repository", DEST, "--json", config=config)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 @pytest.mark.slow
