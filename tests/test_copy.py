@@ -24,7 +24,7 @@ import tomli_w
 from support.cli import drtool_argv, drtool_env, run_drtool
 from support.compare import assert_same_redis, bucket_objects, table_rows
 from support.fault_proxy import Rule, fault_proxy
-from support.repo_kit import T0, RepoKit, blob_id, s3_kit
+from support.repo_kit import T0, RepoKit, blob_id, file_kit, s3_kit
 from support.stacks import make_repository, source_stack
 
 from drtool.config import load_config
@@ -32,7 +32,8 @@ from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackE
 from drtool.errors import ConfigError
 from drtool.repository import catalog, chain, layout
 from drtool.repository.access import storage_for
-from drtool.repository.manifest import manifest_sha256
+from drtool.repository.ids import new_id
+from drtool.repository.manifest import ComponentEntry, Manifest, manifest_sha256
 from drtool.s3session import s3_client
 from drtool.services.copy import run_copy
 from drtool.storage import Storage
@@ -545,3 +546,50 @@ def test_a_newer_source_header_and_rotation_records_are_copied_and_recheck_the_c
     assert dest.get_bytes(stale) == kit.storage.get_bytes(stale)
     again = run_copy(cfg, home=tmp_path, destination=DEST)
     assert (again.uploaded, again.checked) == (0, 0)
+
+
+# -- bounded memory ----------------------------------------------------------------------------
+
+
+def _peak_rss_mib(config: Path, home: Path) -> float:
+    """Run `drtool copy` and return its peak resident memory (this child only, wait4)."""
+    proc = subprocess.Popen(
+        drtool_argv("copy", config=config, home=home),
+        env=drtool_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read() if proc.stderr else ""
+    proc.returncode = 0
+    return usage.ru_maxrss / 1024  # KiB on Linux
+
+
+@pytest.mark.slow
+def test_a_large_object_is_streamed_not_held(
+    repo_kit: RepoKit, s3_server: S3Endpoint, tmp_path: Path
+) -> None:
+    """A 160 MiB dump copied to S3 (8 MiB parts): the copy's peak memory grows by far less
+    than the object over a copy of a tiny repository (it would if the object were held)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    tiny = file_kit(small)
+    tiny.snapshot(T0)
+    baseline = _peak_rss_mib(copy_config(tiny, s3_dest(tiny, s3_server)), tmp_path)
+    kit = repo_kit
+    snapshot_id = new_id(T0)
+    writer = kit.writer(snapshot_id)
+    size = 160 << 20
+    random_mib = (secrets.token_bytes(1 << 20) for _ in range(size >> 20))  # incompressible
+    written = writer.put_snapshot_object("postgres", "dump.pgdump", random_mib, kind="pg_dump")
+    when = T0.isoformat()
+    component = ComponentEntry("postgres", (written.entry,), size, 1.0)
+    manifest = Manifest(
+        kit.info.repo_id, snapshot_id, when, when, "nas", "co-talk", "0.1.0", (component,)
+    )
+    writer.commit(manifest)
+    assert written.entry.size > size
+    config = copy_config(kit, s3_dest(kit, s3_server))
+    peak = _peak_rss_mib(config, tmp_path)
+    assert peak - baseline < 80, (baseline, peak)  # 3 parts of 8 MiB in flight, and slack
+    assert listed(config, "--repository", DEST) == {snapshot_id: "VALID"}
