@@ -331,8 +331,9 @@ def prune(
     metavar="LOCK-ID",
     help="Remove this one lock (as named in the locked error).",
 )
+@repository_option
 @click.pass_obj
-def unlock(state: CliState, everything: bool, lock_id: str | None) -> None:
+def unlock(state: CliState, everything: bool, lock_id: str | None, repository: str | None) -> None:
     """Remove the locks of dead holders, from any host.
 
     \b
@@ -340,7 +341,9 @@ def unlock(state: CliState, everything: bool, lock_id: str | None) -> None:
     boot and container), or its heartbeat stopped (anywhere). A live holder's
     lock stays: --id removes one lock by its id, --all removes every lock.
     """
-    removed = svc.unlock_repo(state.config(), everything=everything, lock_id=lock_id)
+    removed = svc.unlock_repo(
+        state.config(repository=repository), everything=everything, lock_id=lock_id
+    )
     for lock, why in removed:
         click.echo(f"removed lock of {lock.describe()}: {why}")
     if not removed:
