@@ -9,6 +9,7 @@ default. Secrets are never literal in the TOML file: a secret field ``password``
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -20,6 +21,9 @@ from drtool.errors import ConfigError
 from drtool.typed_load import check_keys, coerce
 
 SECRET = {"secret": True}
+#: The name of ``[repository]``, the one backups write to, among ``[repositories.NAME]``.
+PRIMARY = "primary"
+REPO_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
 
 
 def default_home() -> Path:
@@ -165,15 +169,47 @@ class Config:
     wal: WalConfig = WalConfig()
     canary: CanaryConfig = CanaryConfig()
     targets: Mapping[str, StackConfig] = field(default_factory=dict)
+    #: further repositories by name (``[repositories.NAME]``): copies of the primary (3-2-1)
+    repositories: Mapping[str, RepositoryConfig] = field(default_factory=dict)
+    #: which repository ``repository`` is: PRIMARY, or a name from ``repositories``
+    repository_name: str = PRIMARY
     source: str = ""  # the config file it came from, for messages
 
     def stack(self) -> StackEndpoints:
         """The configured (production) co-talk stack as endpoints."""
         return StackConfig(self.postgres, self.redis, self.minio).endpoints()
 
+    def repository_names(self) -> list[str]:
+        """Every configured repository: the primary first, then ``[repositories.*]``."""
+        return [PRIMARY, *self.repositories]
+
+    def repository_config(self, name: str) -> RepositoryConfig:
+        """The settings of repository ``name`` (PRIMARY: ``[repository]``)."""
+        if self.repository_name != PRIMARY:  # a caller bug: switch from the loaded config
+            raise ValueError("repository_config of a config already switched to a repository")
+        if name == PRIMARY:
+            return self.repository
+        if name not in self.repositories:
+            known = ", ".join(self.repository_names())
+            raise ConfigError(f"--repository: no repository named {name!r} (known: {known})")
+        return self.repositories[name]
+
+    def with_repository(self, name: str | None) -> Config:
+        """This config reading and writing repository ``name`` instead of the primary.
+
+        Every command works on ``cfg.repository``; ``--repository NAME`` swaps it here, so
+        list, verify, restore, prune and drills read a copy exactly as they read the primary
+        (same keys: a copy is the same repository, ADR 0022). None or PRIMARY: unchanged.
+        """
+        if name is None or name == self.repository_name:
+            return self
+        return replace(self, repository=self.repository_config(name), repository_name=name)
+
 
 SECTIONS: dict[str, type] = {
-    f.name: type(f.default) for f in fields(Config) if f.name not in ("source", "targets")
+    f.name: type(f.default)
+    for f in fields(Config)
+    if f.name not in ("source", "targets", "repositories", "repository_name")
 }
 STACK_SECTIONS: dict[str, type] = {f.name: type(f.default) for f in fields(StackConfig)}
 
@@ -248,7 +284,7 @@ def load_config(
             raise ConfigError(f"config: cannot read ({exc.strerror}: {path})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config: not valid TOML: {exc} (in {path})") from None
-    known = [*SECTIONS, "targets"]
+    known = [*SECTIONS, "targets", "repositories"]
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(known)})")
@@ -261,7 +297,10 @@ def load_config(
         for name, cls in SECTIONS.items()
     }
     targets = {name: _target(name, table) for name, table in data.get("targets", {}).items()}
-    return Config(**sections, targets=targets, source=str(path or ""))
+    repositories = {
+        name: _repository(name, table) for name, table in data.get("repositories", {}).items()
+    }
+    return Config(**sections, targets=targets, repositories=repositories, source=str(path or ""))
 
 
 # Variables with a section's prefix that are not settings: the compose file's own.
@@ -312,3 +351,15 @@ def _target(name: str, table: Any) -> StackConfig:
             for section, cls in STACK_SECTIONS.items()
         }
     )
+
+
+def _repository(name: str, table: Any) -> RepositoryConfig:
+    """One ``[repositories.NAME]``: the keys of ``[repository]``, secrets from ``*_file`` only."""
+    if not REPO_NAME_RE.match(name) or name == PRIMARY:
+        raise ConfigError(
+            f"repositories.{name}: a repository name is 1-41 lowercase letters, digits, '-' or "
+            f"'_', and not {PRIMARY!r} (the name of [repository]) (got {name!r})"
+        )
+    if not isinstance(table, dict):
+        raise ConfigError(f"repositories.{name}: expected a table (got {table!r})")
+    return _section_values(f"repositories.{name}", RepositoryConfig, table, {}, {})

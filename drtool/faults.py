@@ -30,6 +30,7 @@ CRASH_POINTS = (
     "after-postgres-base",  # the base backup is stored (only with --component postgres-base)
     "wal-after-upload",  # a WAL file is stored, its index chunk not yet committed
     "wal-after-index",  # the index chunk is committed, the files not yet removed from the spool
+    "copy-before-manifest",  # `drtool copy`: a snapshot's objects are copied, its manifest not
 )
 
 

@@ -89,7 +89,7 @@ def test_shipped_schedules_load() -> None:
     [
         ('[jobs.a]\nkind = "backup"\nevery = "1h"\nat = "03:00"\n', "exactly one of"),
         ('[jobs.a]\nkind = "backup"\nevery = "soon"\n', "expected a duration"),
-        ('[jobs.a]\nkind = "copy"\nevery = "1h"\n', "kind: expected one of"),
+        ('[jobs.a]\nkind = "sync"\nevery = "1h"\n', "kind: expected one of"),
         ('[jobs.a]\nkind = "backup"\nevery = "1h"\ncolour = 1\n', "colour: unknown setting"),
         ('[jobs.a]\nkind = "prune"\nevery = "1d"\nkeep = {}\n', "keeps nothing"),
         ('[jobs.a]\nkind = "backup"\nat = "25:00"\n', "expected HH:MM"),

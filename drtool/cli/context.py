@@ -27,18 +27,33 @@ class CliState:
     debug: bool
     home: Path
 
-    def config(self, flags: dict[str, dict[str, Any]] | None = None) -> Config:
-        """Load the configuration once for this command and set up logging with its secrets."""
+    def config(
+        self, flags: dict[str, dict[str, Any]] | None = None, *, repository: str | None = None
+    ) -> Config:
+        """Load the configuration once for this command and set up logging with its secrets.
+
+        ``repository`` (``--repository NAME``) makes the command work on that repository.
+        """
         cfg = load_config(self.config_path, os.environ, flags)
         setup_logging(debug=self.debug, secrets=secrets_of(cfg))
-        return cfg
+        return cfg.with_repository(repository)
+
+
+#: ``--repository NAME``: the commands that read snapshots can read any configured repository.
+repository_option = click.option(
+    "--repository",
+    "repository",
+    metavar="NAME",
+    default=None,
+    help="Work on [repositories.NAME] (a copy, `drtool copy`) instead of [repository].",
+)
 
 
 def secrets_of(cfg: Config) -> list[str]:
     """Every secret value in ``cfg`` (for log redaction)."""
     values = [
-        cfg.repository.access_key,
-        cfg.repository.secret_key,
+        *(r.access_key for r in (cfg.repository, *cfg.repositories.values())),
+        *(r.secret_key for r in (cfg.repository, *cfg.repositories.values())),
         cfg.keys.identity_passphrase,
         cfg.postgres.password,
         cfg.redis.password,
@@ -126,6 +141,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": (
         "drtool.cli.repo:prune",
         "Forget snapshots outside a GFS policy, then delete data nothing references.",
+    ),
+    "copy": (
+        "drtool.cli.copy:copy",
+        "Copy snapshots (default: every valid one the destination lacks) to another repository.",
     ),
     "wal": (
         "drtool.cli.wal:wal",

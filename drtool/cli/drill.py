@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from drtool.cli.context import CliState, emit_json
+from drtool.cli.context import CliState, emit_json, repository_option
 from drtool.cli.render import print_table
 from drtool.drills.definition import load_definition
 from drtool.errors import DrillFailed
@@ -36,8 +36,15 @@ def drill() -> None:
 )
 @click.option("--snapshot", default=None, help="latest, an id, or random-within:7d.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@repository_option
 @click.pass_obj
-def run(state: CliState, definition: Path | None, snapshot: str | None, as_json: bool) -> None:
+def run(
+    state: CliState,
+    definition: Path | None,
+    snapshot: str | None,
+    as_json: bool,
+    repository: str | None,
+) -> None:
     """Run one drill now. Exit 0 when every check passed, 6 when one failed.
 
     A drill that does not prove the snapshot it should have (a newer INVALID or DAMAGED
@@ -45,7 +52,10 @@ def run(state: CliState, definition: Path | None, snapshot: str | None, as_json:
     with its report; the check "newest snapshot drilled" says what was skipped and why.
     """
     report = svc.run_drill(
-        state.config(), home=state.home, spec=load_definition(definition), snapshot=snapshot
+        state.config(repository=repository),
+        home=state.home,
+        spec=load_definition(definition),
+        snapshot=snapshot,
     )
     if as_json:
         click.echo(report.to_json())
@@ -58,10 +68,11 @@ def run(state: CliState, definition: Path | None, snapshot: str | None, as_json:
 
 @drill.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@repository_option
 @click.pass_obj
-def history(state: CliState, as_json: bool) -> None:
+def history(state: CliState, as_json: bool, repository: str | None) -> None:
     """Past drills stored in the repository: result, snapshot, RTO and RPO."""
-    rows = svc.drill_history(state.config())
+    rows = svc.drill_history(state.config(repository=repository))
     if as_json:
         emit_json(rows)
         return

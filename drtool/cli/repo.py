@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 import click
 
-from drtool.cli.context import CliState, emit_json
+from drtool.cli.context import CliState, emit_json, repository_option
 from drtool.cli.render import human_bytes, print_table
 from drtool.errors import IntegrityError, UsageError
 from drtool.repository import layout
@@ -31,8 +31,9 @@ def init(state: CliState) -> None:
 
 @click.command(name="list")
 @json_option
+@repository_option
 @click.pass_obj
-def list_(state: CliState, as_json: bool) -> None:
+def list_(state: CliState, as_json: bool, repository: str | None) -> None:
     """List snapshots, oldest first, with their status and their last verification.
 
     \b
@@ -42,7 +43,8 @@ def list_(state: CliState, as_json: bool) -> None:
     "never verified" or "DAMAGED: <object>". INVALID and DAMAGED snapshots are never
     restored by `latest` or counted by prune.
     """
-    rows = [svc.record_summary(r) for r in svc.list_records(state.config())]
+    records = svc.list_records(state.config(repository=repository))
+    rows = [svc.record_summary(r) for r in records]
     if as_json:
         emit_json(rows)
         return
@@ -67,10 +69,11 @@ def list_(state: CliState, as_json: bool) -> None:
 @click.command()
 @click.argument("snapshot", default="latest")
 @json_option
+@repository_option
 @click.pass_obj
-def show(state: CliState, snapshot: str, as_json: bool) -> None:
+def show(state: CliState, snapshot: str, as_json: bool, repository: str | None) -> None:
     """Show one snapshot (an id or `latest`): objects, sizes and, with an identity, fingerprints."""
-    result = svc.show_snapshot(state.config(), snapshot)
+    result = svc.show_snapshot(state.config(repository=repository), snapshot)
     summary = svc.record_summary(result.record)
     m = result.record.manifest
     if as_json:
@@ -140,10 +143,12 @@ def show(state: CliState, snapshot: str, as_json: bool) -> None:
     "or total/SIZE days); decrypted with keys.identity_file, else hash-checked key-less.",
 )
 @json_option
+@repository_option
 @click.pass_obj
 def verify(
     state: CliState,
     snapshot: str | None,
+    repository: str | None,
     all_: bool,
     unverified: bool,
     read_data: bool,
@@ -169,10 +174,10 @@ def verify(
                 "--read-data-subset: reads across all snapshots; "
                 "give no SNAPSHOT, --all, --unverified or --read-data with it"
             )
-        _verify_subset(state, parse_budget(subset_budget), as_json)
+        _verify_subset(state, parse_budget(subset_budget), as_json, repository)
         return
     ref = None if all_ else svc.UNVERIFIED if unverified else (snapshot or "latest")
-    outcomes = svc.verify(state.config(), ref, read_data=read_data)
+    outcomes = svc.verify(state.config(repository=repository), ref, read_data=read_data)
     if as_json:
         emit_json([asdict(o) for o in outcomes])
     else:
@@ -192,9 +197,9 @@ def verify(
         )
 
 
-def _verify_subset(state: CliState, budget: Budget, as_json: bool) -> None:
+def _verify_subset(state: CliState, budget: Budget, as_json: bool, repository: str | None) -> None:
     """Run and render one subset verification; exit 5 when an object is damaged."""
-    out = svc.verify_subset(state.config(), budget)
+    out = svc.verify_subset(state.config(repository=repository), budget)
     if as_json:
         emit_json(asdict(out))
     else:
@@ -239,9 +244,11 @@ def _verify_subset(state: CliState, budget: Budget, as_json: bool) -> None:
     "--dry-run", is_flag=True, help="Print what would be kept and removed; change nothing."
 )
 @json_option
+@repository_option
 @click.pass_obj
 def prune(
     state: CliState,
+    repository: str | None,
     keep_last: int,
     keep_hourly: int,
     keep_daily: int,
@@ -265,7 +272,10 @@ def prune(
     """
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
     plan = prune_svc.prune(
-        state.config(), policy, dry_run=dry_run, count_unverified=count_unverified
+        state.config(repository=repository),
+        policy,
+        dry_run=dry_run,
+        count_unverified=count_unverified,
     )
     if as_json:
         emit_json(asdict(plan))
@@ -321,8 +331,9 @@ def prune(
     metavar="LOCK-ID",
     help="Remove this one lock (as named in the locked error).",
 )
+@repository_option
 @click.pass_obj
-def unlock(state: CliState, everything: bool, lock_id: str | None) -> None:
+def unlock(state: CliState, everything: bool, lock_id: str | None, repository: str | None) -> None:
     """Remove the locks of dead holders, from any host.
 
     \b
@@ -330,7 +341,9 @@ def unlock(state: CliState, everything: bool, lock_id: str | None) -> None:
     boot and container), or its heartbeat stopped (anywhere). A live holder's
     lock stays: --id removes one lock by its id, --all removes every lock.
     """
-    removed = svc.unlock_repo(state.config(), everything=everything, lock_id=lock_id)
+    removed = svc.unlock_repo(
+        state.config(repository=repository), everything=everything, lock_id=lock_id
+    )
     for lock, why in removed:
         click.echo(f"removed lock of {lock.describe()}: {why}")
     if not removed:

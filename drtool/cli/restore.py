@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from drtool.cli.context import CliState, emit_json
+from drtool.cli.context import CliState, emit_json, repository_option
 from drtool.cli.render import human_bytes, print_table
 from drtool.errors import IntegrityError, UsageError
 from drtool.services.restore.run import RestoreOptions, RestoreResult, run_restore
@@ -111,10 +111,12 @@ def _confirm(result: RestoreResult) -> bool:
     "mirror: they are removed (only under --prefix), after every snapshot object is in place.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+@repository_option
 @click.pass_obj
 def restore(
     state: CliState,
     snapshot: str,
+    repository: str | None,
     at: str | None,
     components: str,
     target: str,
@@ -146,7 +148,8 @@ def restore(
         yes=yes,
         **how,
     )
-    result = run_restore(state.config(), home=state.home, options=options, confirm=_confirm)
+    cfg = state.config(repository=repository)
+    result = run_restore(cfg, home=state.home, options=options, confirm=_confirm)
     if as_json:
         emit_json({**asdict(result), "ok": result.ok})
     elif dry_run:

@@ -9,7 +9,7 @@ from types import FrameType
 
 import click
 
-from drtool.cli.context import CliState, emit_json
+from drtool.cli.context import CliState, emit_json, repository_option
 from drtool.cli.render import human_bytes, print_table
 from drtool.errors import IntegrityError
 from drtool.services import wal as svc
@@ -118,14 +118,15 @@ def status(state: CliState, as_json: bool) -> None:
     "--read-data", is_flag=True, help="Also decrypt every WAL file (needs keys.identity_file)."
 )
 @json_option
+@repository_option
 @click.pass_obj
-def verify(state: CliState, read_data: bool, as_json: bool) -> None:
+def verify(state: CliState, read_data: bool, as_json: bool, repository: str | None) -> None:
     """Prove WAL continuity key-less: the signed index chain, every file present with its
     size and sha256, no missing segment, a history file for each timeline switch.
 
     Exits 5 naming what is wrong.
     """
-    outcome = svc.wal_verify(state.config(), read_data=read_data)
+    outcome = svc.wal_verify(state.config(repository=repository), read_data=read_data)
     if as_json:
         emit_json(asdict(outcome))
     else:

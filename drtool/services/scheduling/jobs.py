@@ -7,7 +7,12 @@ A schedule file holds ``[defaults]`` and ``[jobs.NAME]`` tables (the format is d
 - ``prune``   — :func:`drtool.services.prune.prune` with the ``keep`` policy;
 - ``verify``  — the key-less :func:`drtool.services.repo.verify` of the latest (or every)
   snapshot;
-- ``drill``   — ``drtool.services.drill.run_drill`` with the job's ``definition`` file.
+- ``drill``   — ``drtool.services.drill.run_drill`` with the job's ``definition`` file;
+- ``copy``    — :func:`drtool.services.copy.run_copy` of the primary into ``repository``
+  (a ``[repositories.NAME]`` of the config: the second copy of 3-2-1, ADR 0022).
+
+``repository`` names the repository a prune, verify or drill job works on (default the
+primary, ``[repository]``): each repository keeps its own retention and verification.
 
 Each job's state is one JSON file ``<state_dir>/schedule/<job>.json`` (last attempt, last
 success, exit code, message, duration, snapshot), written atomically after every attempt.
@@ -49,7 +54,7 @@ from drtool.typed_load import build
 
 log = logging.getLogger(__name__)
 
-KINDS = ("backup", "prune", "verify", "drill")
+KINDS = ("backup", "prune", "verify", "drill", "copy")
 DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
@@ -91,6 +96,7 @@ class JobSpec:
     snapshot: str = "latest"  # verify: "latest", "all" or "unverified"
     read_data_subset: str = ""  # verify: then also today's rotating slice (N% or SIZE)
     definition: str = ""  # drill: the drill definition file
+    repository: str = ""  # copy: the destination; prune/verify/drill: the one worked on
     source: str = ""  # the schedule file it came from
 
     @property
@@ -196,7 +202,7 @@ class _Defaults:
 class _JobTable(_Defaults):
     """``[jobs.NAME]`` as written: every key typed; :func:`_job` derives the :class:`JobSpec`."""
 
-    kind: Literal["backup", "prune", "verify", "drill"] | None = None
+    kind: Literal["backup", "prune", "verify", "drill", "copy"] | None = None
     every: str = field(default="", metadata={"check": _duration})
     at: str = field(default="", metadata={"check": _time_of_day})
     on: str = field(default="", metadata={"check": _weekday})
@@ -208,6 +214,7 @@ class _JobTable(_Defaults):
     snapshot: Literal["latest", "all", "unverified"] = "latest"
     read_data_subset: str = field(default="", metadata={"check": _subset})
     definition: str = ""
+    repository: str = ""
 
 
 def _policy(where: str, policy: Policy | None) -> Policy:
@@ -250,6 +257,15 @@ def _job(name: str, table: Any, defaults: Mapping[str, Any], source: str) -> Job
         raise ConfigError(f"{where}: give exactly one of `every` or `at` (got {sorted(table)})")
     if t.on and not t.at:
         raise ConfigError(f"{where}.on: expected a weekday with `at` (got {t.on!r})")
+    if t.kind == "copy" and not t.repository:
+        raise ConfigError(
+            f"{where}.repository: required for a copy job: the [repositories.NAME] to copy to"
+        )
+    if t.kind == "backup" and t.repository:
+        raise ConfigError(
+            f"{where}.repository: a backup writes to the primary [repository] only "
+            f"(got {t.repository!r}); copy it with a job of kind copy"
+        )
     return JobSpec(
         name=name,
         kind=t.kind,
@@ -268,6 +284,7 @@ def _job(name: str, table: Any, defaults: Mapping[str, Any], source: str) -> Job
         snapshot=t.snapshot,
         read_data_subset=t.read_data_subset,
         definition=_definition(f"{where}.definition", t.definition) if t.kind == "drill" else "",
+        repository=t.repository,
         source=source,
     )
 
@@ -402,10 +419,35 @@ class JobResult:
     drill_rto_s: dict[str, float] = field(default_factory=dict)
     drill_rpo_s: float | None = None
     figures: dict[str, int] = field(default_factory=dict)  # the backup's, for metrics
+    copy: CopyFigures | None = None  # a copy job's, for the per-repository metrics
+
+
+@dataclass(frozen=True)
+class CopyFigures:
+    """What a copy job did, exported per destination repository."""
+
+    repository: str
+    snapshots: int
+    objects: int
+    bytes: int
+    newest: str | None  # the newest snapshot the destination holds
+
+
+def check_repositories(specs: list[JobSpec], cfg: Config) -> None:
+    """Every job's ``repository`` names one of the config: refused at start, not at 04:00."""
+    for spec in specs:
+        if spec.repository:
+            try:
+                cfg.repository_config(spec.repository)
+            except ConfigError as exc:
+                raise ConfigError(f"{spec.source}: jobs.{spec.name}: {exc.message}") from None
 
 
 def execute(spec: JobSpec, cfg: Config, *, home: Path, env: Mapping[str, str]) -> JobResult:
     """Run ``spec`` once; raise on failure (a DrtoolError carries the exit code)."""
+    if spec.kind == "copy":
+        return _execute_copy(spec, cfg, home=home)
+    cfg = cfg.with_repository(spec.repository or None)
     if spec.kind == "backup":
         backup = run_backup(cfg, home=home, env=env, components=spec.components)
         return JobResult(
@@ -448,6 +490,29 @@ def _verify_subset(cfg: Config, budget: str) -> str:
     return (
         f"subset ({out.mode}) read {out.objects_read} of {out.total_objects} objects, "
         f"every object within {out.period_days} days"
+    )
+
+
+def _execute_copy(spec: JobSpec, cfg: Config, *, home: Path) -> JobResult:
+    """Copy every valid snapshot (and the WAL) the destination lacks; a snapshot that could
+    not be copied fails the job (IntegrityError) after the others were copied."""
+    from drtool.services.copy import run_copy
+
+    result = run_copy(cfg, home=home, destination=spec.repository)
+    if result.problems:
+        raise IntegrityError(f"copy to {spec.repository}: {'; '.join(result.problems)}")
+    return JobResult(
+        snapshot=result.newest,
+        message=f"copied {len(result.copied)} snapshots to {spec.repository} "
+        f"({result.uploaded} objects, {result.uploaded_bytes} bytes uploaded; "
+        f"{result.already} already there)",
+        copy=CopyFigures(
+            spec.repository,
+            len(result.copied),
+            result.uploaded,
+            result.uploaded_bytes,
+            result.newest,
+        ),
     )
 
 

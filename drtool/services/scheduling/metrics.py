@@ -85,6 +85,39 @@ class Metrics:
             ["job"],
             registry=r,
         )
+        # per destination repository of `drtool copy` (ADR 0022); labelled, so absent until a
+        # copy to that repository succeeded (ADR 0012)
+        self.copy_last_success = Gauge(
+            "drtool_copy_last_success_timestamp_seconds",
+            "Unix time of the last successful copy into the repository.",
+            ["repository"],
+            registry=r,
+        )
+        self.copy_newest = Gauge(
+            "drtool_copy_newest_snapshot_timestamp_seconds",
+            "Start time of the newest snapshot the repository holds, as of its last copy "
+            "(the copy's recovery point).",
+            ["repository"],
+            registry=r,
+        )
+        self.copy_snapshots = Gauge(
+            "drtool_copy_snapshots_copied",
+            "Snapshots the last successful copy committed into the repository.",
+            ["repository"],
+            registry=r,
+        )
+        self.copy_objects = Gauge(
+            "drtool_copy_uploaded_objects",
+            "Objects the last successful copy uploaded into the repository.",
+            ["repository"],
+            registry=r,
+        )
+        self.copy_bytes = Gauge(
+            "drtool_copy_uploaded_bytes",
+            "Bytes the last successful copy uploaded into the repository.",
+            ["repository"],
+            registry=r,
+        )
         self.deadline = Gauge(
             "drtool_job_deadline_timestamp_seconds",
             "Unix time by which the job must succeed (its last success, or since when it has "
@@ -131,6 +164,29 @@ class Metrics:
             counts[status] = counts.get(status, 0) + 1
         for status, n in counts.items():
             self.snapshots.labels(status).set(n)
+
+    def record_copy(
+        self,
+        repository: str,
+        when: datetime,
+        *,
+        newest: datetime | None = None,
+        snapshots: int | None = None,
+        objects: int | None = None,
+        size: int | None = None,
+    ) -> None:
+        """A copy into ``repository`` succeeded at ``when``; its figures when known (not
+        after a restart: only the time is persisted)."""
+        self.copy_last_success.labels(repository).set(when.timestamp())
+        if newest is not None:
+            self.copy_newest.labels(repository).set(newest.timestamp())
+        for gauge, value in (
+            (self.copy_snapshots, snapshots),
+            (self.copy_objects, objects),
+            (self.copy_bytes, size),
+        ):
+            if value is not None:
+                gauge.labels(repository).set(value)
 
     def record_deadline(self, job: str, kind: str, when: datetime) -> None:
         """``job`` (of ``kind``) must next succeed by ``when``."""

@@ -52,6 +52,7 @@ import schedule
 from drtool import liveness
 from drtool.config import Config
 from drtool.errors import DrtoolError, Interrupted, NotFound, UsageError, interrupted
+from drtool.repository.ids import id_time
 from drtool.services import repo as repo_svc
 from drtool.services.backup import state_dir as backup_state_dir
 from drtool.services.scheduling import jobs as jobs_svc
@@ -169,6 +170,7 @@ class Runner:
         # a fake pair so backoff and jitter are checked without waiting for them
         self._clock = clock
         self._pause = sleep
+        jobs_svc.check_repositories(list(specs), cfg)
         self.specs = {s.name: s for s in specs}
         self.cfg = cfg
         self.home = home
@@ -434,7 +436,17 @@ class Runner:
             self.metrics.record_drill(
                 spec.name, result.drill_passed, result.drill_rto_s, result.drill_rpo_s
             )
-        if spec.kind != "drill":
+        if result.copy is not None:
+            c = result.copy
+            self.metrics.record_copy(
+                c.repository,
+                started,
+                newest=id_time(c.newest) if c.newest else None,
+                snapshots=c.snapshots,
+                objects=c.objects,
+                size=c.bytes,
+            )
+        if spec.kind not in ("drill", "copy"):
             try:
                 records = repo_svc.list_records(self.cfg)
             except DrtoolError as exc:
@@ -450,6 +462,11 @@ class Runner:
         last = state.success_time()
         if last is not None:
             self.metrics.last_success.labels(spec.name).set(last.timestamp())
+            if spec.kind == "copy":
+                newest = state.snapshot
+                self.metrics.record_copy(
+                    spec.repository, last, newest=id_time(newest) if newest else None
+                )
         since = last or _parse_time(state.scheduled_since) or datetime.now(UTC)
         self.metrics.record_deadline(
             spec.name, spec.kind, since + timedelta(seconds=spec.threshold_s)
