@@ -78,22 +78,24 @@ def _wait_loaded(client: redis.Redis, timeout: float) -> None:
 
 @contextmanager
 def ephemeral_redis(
-    rdb_path: Path, *, binary: Path | None = None, start_timeout: float = 600.0
+    rdb_path: Path | None, *, binary: Path | None = None, start_timeout: float = 600.0
 ) -> Iterator[redis.Redis]:
-    """Load ``rdb_path`` into a private redis-server and yield a client; always stop it.
+    """Load ``rdb_path`` (None: nothing) into a private redis-server, yield a client; stop it.
 
     The server (:class:`RedisServer`: a free 127.0.0.1 port, a random password in its config
     file, no persistence, the current user) lives in a temp dir removed afterwards. A server
-    that cannot load the RDB exits: that raises SourceError with its log tail.
+    that cannot load the RDB exits: that raises SourceError with its log tail. Started empty,
+    it is where a logical dump is loaded (:mod:`drtool.sources.redis_logical`).
     """
-    rdb = Path(rdb_path).resolve()
-    if not rdb.is_file():
+    rdb = Path(rdb_path).resolve() if rdb_path is not None else None
+    if rdb is not None and not rdb.is_file():
         raise SourceError(f"RDB file {rdb_path} not found")
     workdir = Path(tempfile.mkdtemp(prefix="drtool-redis-"))
     try:
         server = RedisServer(workdir / "server", binary=binary)
         server.rdb_path.parent.mkdir(mode=0o700, parents=True)
-        server.rdb_path.symlink_to(rdb)
+        if rdb is not None:
+            server.rdb_path.symlink_to(rdb)
         server.start(timeout=start_timeout)  # stops the server again if it fails
         try:
             with contextlib.closing(connect(server.endpoint)) as client:

@@ -1,4 +1,5 @@
-"""Redis restore, online: the checked RDB is loaded into an ephemeral server, keys copied over.
+"""Redis restore, online: the checked RDB (or logical dump) is loaded into an ephemeral server,
+and its keys are copied over.
 
 Works for any reachable Redis. Into an empty target the copy uses plain RESTORE; with
 ``force`` it uses RESTORE REPLACE and then removes the target keys the snapshot does not have,
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import closing
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -44,6 +45,7 @@ from drtool.sources.redis_client import (
     scan_batches,
 )
 from drtool.sources.redis_fingerprint import RedisFingerprints, compare, fingerprint_redis
+from drtool.sources.redis_logical import logical_redis
 from drtool.stores.redis.guard import (
     PreRestoreCopy,
     check_fit,
@@ -61,16 +63,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RedisSnapshot:
-    """What a snapshot holds for Redis."""
+    """What a snapshot holds for Redis: an RDB or a logical dump (``method``), fingerprints."""
 
-    rdb: ObjectEntry
+    data: ObjectEntry
     fingerprints: RedisFingerprints
-    rdb_plain: Plain
+    plain: Plain
+    method: str = "rdb"  # or "logical" (drtool.sources.redis_logical): consistent per key
 
     @property
     def keys(self) -> int:
         """Keys in the snapshot, all dbs."""
         return sum(db.keys for db in self.fingerprints.dbs.values())
+
+    @property
+    def consistency(self) -> str:
+        """What the reports say about the snapshot's consistency."""
+        return (
+            "logical dump: consistent per key, not per instant"
+            if self.method == "logical"
+            else "RDB: one instant"
+        )
 
 
 @dataclass(frozen=True)
@@ -84,16 +96,22 @@ class RedisOutcome:
 
 
 def load(repo: Repo, m: Manifest, comp: ComponentEntry, identities: list[str]) -> RedisSnapshot:
-    """Read the component's fingerprints and find its RDB."""
+    """Read the component's fingerprints and find its RDB or logical dump."""
     by_kind = {o.kind: o for o in comp.objects}
-    if "redis_rdb" not in by_kind or "fingerprints" not in by_kind:
-        raise IntegrityError(f"snapshot {m.snapshot_id}: redis has no RDB or fingerprints")
+    data_kind = next((k for k in ("redis_rdb", "redis_logical") if k in by_kind), None)
+    if data_kind is None or "fingerprints" not in by_kind:
+        raise IntegrityError(
+            f"snapshot {m.snapshot_id}: redis has no RDB (or logical dump) or fingerprints"
+        )
+    method = "logical" if data_kind == "redis_logical" else "rdb"
     fp = by_kind["fingerprints"]
     doc = json.loads(read_object(repo, fp, snapshot_header(m, "redis", fp.kind), identities))
+    plain = doc[method]
     return RedisSnapshot(
-        by_kind["redis_rdb"],
+        by_kind[data_kind],
         RedisFingerprints.from_dict(doc["fingerprints"]),
-        Plain(int(doc["rdb"]["size"]), str(doc["rdb"]["sha256"])),
+        Plain(int(plain["size"]), str(plain["sha256"])),
+        method,
     )
 
 
@@ -106,25 +124,41 @@ def target_keys(endpoint: RedisEndpoint) -> int:
         raise SourceError(f"redis {endpoint.host}:{endpoint.port}: {redis_error(exc)}") from None
 
 
-def stage_rdb(
+def stage_data(
     repo: Repo, m: Manifest, snap: RedisSnapshot, identities: list[str], workdir: Path
 ) -> Path:
-    """Decrypt the RDB to scratch, fully checked against the snapshot's record."""
-    header = snapshot_header(m, "redis", snap.rdb.kind)
-    return stage(repo, snap.rdb, header, identities, workdir / "dump.rdb", snap.rdb_plain)
+    """Decrypt the RDB (or logical dump) to scratch, fully checked against the snapshot's record."""
+    header = snapshot_header(m, "redis", snap.data.kind)
+    name = "dump.rdb" if snap.method == "rdb" else "dump.redislogical"
+    return stage(repo, snap.data, header, identities, workdir / name, snap.plain)
+
+
+def holding(data: Path, method: str) -> AbstractContextManager[redis.Redis]:
+    """A private redis-server holding the snapshot's keys, whichever way they were taken.
+
+    Loading a logical dump checks every payload (the server verifies each DUMP's CRC), so a
+    damaged dump is refused here, before any target is touched.
+    """
+    return logical_redis(data) if method == "logical" else ephemeral_redis(data)
 
 
 def restore(
-    rdb: Path, endpoint: RedisEndpoint, *, force: bool, keep_dir: Path, stamp: str
+    data: Path,
+    endpoint: RedisEndpoint,
+    *,
+    force: bool,
+    keep_dir: Path,
+    stamp: str,
+    method: str = "rdb",
 ) -> RedisOutcome:
-    """Copy every key of the RDB to the target (see the module docstring).
+    """Copy every key of the RDB (or logical dump) to the target (see the module docstring).
 
     Before the target is touched: its keys are saved to a pre-restore copy in ``keep_dir``
     and the snapshot must fit its ``maxmemory`` (:mod:`drtool.stores.redis.guard`). A copy
     that fails part-way is undone from that copy; the error says what the target holds.
     """
     where = f"redis {endpoint.host}:{endpoint.port}"
-    with ephemeral_redis(rdb) as source, closing(connect(endpoint)) as target:
+    with holding(data, method) as source, closing(connect(endpoint)) as target:
         pre: PreRestoreCopy | None = None
         try:
             held = sum(keyspace_dbs(target).values())
