@@ -377,3 +377,39 @@ def test_a_damaged_logical_object_in_the_repository_is_refused_before_the_target
     assert run.returncode == 5 and "dump.redislogical" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
     assert redis_contents(target.endpoint) == before
+
+
+def test_the_format_pages_stock_recovery_replays_a_logical_dump(
+    source: RedisServer, target: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/FORMAT.md's snippet, run as written (host and port pointed at the target)."""
+    dump = tmp_path / "dump.redislogical"
+    dump_logical(deny_sync(source), dump, timeout=60)
+    text = (Path(__file__).parents[1] / "docs" / "FORMAT.md").read_text()
+    start = text.index("```python\n   import struct, redis")
+    block = text[start + len("```python\n") : text.index("```", start + 10)]
+    code = "\n".join(line.removeprefix("   ") for line in block.splitlines())
+    t = target.endpoint
+    code = code.replace(
+        'host="NEWHOST", port=6379', f'host="{t.host}", port={t.port}, password="{t.password}"'
+    )
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "FORMAT.md", "exec"), {})  # the documented procedure, as written
+    assert compare(fingerprint_redis(source.endpoint), fingerprint_redis(target.endpoint)) == []
+
+
+@pytest.mark.slow
+def test_doctor_says_what_the_backup_will_do_when_sync_is_denied(
+    stack: tuple[Repository, StackEndpoints, Path],
+) -> None:
+    """auto: a warning that backups fall back to the logical dump; rdb: the refusal fails."""
+    repository, _, _ = stack
+    rows = {}
+    for method in ("auto", "rdb", "logical"):
+        done = run_drtool("doctor", "--json", config=_with_method(repository, method))
+        rows[method] = {r["name"]: r for r in json.loads(done.stdout)}["redis reachable"]
+    assert rows["auto"]["status"] == "warn", rows
+    assert "logical dump" in rows["auto"]["detail"] and "fall back" in rows["auto"]["detail"]
+    assert rows["rdb"]["status"] == "fail" and "refused replication" in rows["rdb"]["detail"]
+    assert rows["logical"]["status"] == "pass", rows
+    assert "consistent per key" in rows["logical"]["detail"]

@@ -169,6 +169,30 @@ def dump_logical(
     return LogicalInfo(sink.size, sink.sha.hexdigest(), records, version or "unknown")
 
 
+def probe_logical(endpoint: RedisEndpoint, *, timeout: float = 30.0) -> str:
+    """Check that a logical dump's commands are permitted, reading at most one key; the version.
+
+    INFO, SCAN, and DUMP + PTTL of one key in MULTI/EXEC when the server holds any.
+    """
+    where = f"{endpoint.host}:{endpoint.port}"
+    try:
+        with closing(connect(endpoint, timeout=timeout)) as client:
+            version = _server_version(client)
+            for db in sorted(keyspace_dbs(client))[:1]:
+                with client_for_db(client, db) as bound:
+                    _, keys = bound.scan(0, count=10)
+                    if keys:
+                        pipe = bound.pipeline(transaction=True)
+                        pipe.dump(keys[0])
+                        pipe.pttl(keys[0])
+                        pipe.execute()
+            return version
+    except redis.RedisError as exc:
+        raise SourceError(
+            f"Redis logical dump of {where} not permitted: {redis_error(exc)}; {PERMISSIONS}"
+        ) from None
+
+
 def _server_version(client: redis.Redis) -> str:
     """``redis_version`` from INFO server (INFO keyspace is needed anyway)."""
     return str(client.info("server").get("redis_version", ""))
