@@ -108,6 +108,7 @@ class RedisConfig:
     # how the backup reads it: "rdb" over replication, "logical" (SCAN + DUMP, consistent per
     # key), "auto": the RDB, the logical dump when SYNC/PSYNC are refused (ADR 0021)
     method: Literal["auto", "rdb", "logical"] = "auto"
+    cluster: bool = False  # a Redis Cluster: host/port is any node; every master is backed up
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ def test_a_logical_dump_round_trips_every_type_with_its_ttls(
     with logical_redis(dump) as loaded:
         assert compare(live, fingerprint_redis(loaded)) == []
     out = redis_restore.restore(
-        dump, target.endpoint, force=False, keep_dir=tmp_path, stamp="t", method="logical"
+        [dump], target.endpoint, force=False, keep_dir=tmp_path, stamp="t", method="logical"
     )
     assert out.problems == [] and out.copied == 16
     restored = fingerprint_redis(target.endpoint)
@@ -216,7 +216,7 @@ def test_a_damaged_logical_dump_is_refused_before_the_target_is_touched(
     for bad, why in ((flipped, r"key b's:raw' of db 0 was refused"), (truncated, "truncated")):
         with pytest.raises(DumpDamaged, match=why) as err:
             redis_restore.restore(
-                bad, target.endpoint, force=True, keep_dir=tmp_path, stamp="t", method="logical"
+                [bad], target.endpoint, force=True, keep_dir=tmp_path, stamp="t", method="logical"
             )
         assert RAW.hex() not in str(err.value) and repr(RAW) not in str(err.value)
         assert redis_contents(target.endpoint) == before

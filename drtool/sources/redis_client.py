@@ -204,3 +204,27 @@ def copy_keys(src: redis.Redis, dst: redis.Redis, *, replace: bool, batch: int =
                     f"copying Redis keys of db {db} failed: {redis_error(exc)}", copied
                 ) from None
     return copied
+
+
+def save_as_rdb(client: redis.Redis, dest: Path) -> Path:
+    """SAVE a private server's keys (an ephemeral one, same host) and copy its RDB to ``dest``.
+
+    How a logical dump or merged cluster shards become the RDB an offline restore places.
+    """
+    try:
+        config = client.config_get("dir")
+        config.update(client.config_get("dbfilename"))
+        client.save()
+    except redis.RedisError as exc:
+        raise SourceError(
+            f"saving the loaded snapshot as an RDB failed: {redis_error(exc)}"
+        ) from None
+    saved = Path(_text(config["dir"])) / _text(config["dbfilename"])
+    tmp = dest.with_name(f".{dest.name}.part")
+    shutil.copyfile(saved, tmp)
+    tmp.replace(dest)
+    return dest
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -51,6 +51,7 @@ from drtool.sources.redis_client import (
     ephemeral_redis,
     keyspace_dbs,
     redis_error,
+    save_as_rdb,
     scan_batches,
 )
 
@@ -380,22 +381,4 @@ def logical_to_rdb(path: Path, dest: Path) -> Path:
     """Load the logical dump at ``path`` and SAVE it as the RDB ``dest`` (for an offline
     restore, which places an RDB as the server's data file)."""
     with logical_redis(path) as client:
-        try:
-            config = client.config_get("dir")
-            config.update(client.config_get("dbfilename"))
-            client.save()
-        except redis.RedisError as exc:
-            raise SourceError(
-                f"saving the logical dump as an RDB failed: {redis_error(exc)}"
-            ) from None
-        saved = Path(_text(config["dir"])) / _text(config["dbfilename"])
-        tmp = dest.with_name(f".{dest.name}.part")
-        with saved.open("rb") as src, tmp.open("wb") as out:
-            while piece := src.read(1 << 20):
-                out.write(piece)
-        os.replace(tmp, dest)
-    return dest
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        return save_as_rdb(client, dest)

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drtool.endpoints import StackEndpoints
-from drtool.errors import IntegrityError, SourceError
+from drtool.errors import IntegrityError, SourceError, UsageError
 from drtool.repository.manifest import ComponentEntry, ObjectEntry
-from drtool.sources.redis_client import connect, keyspace_dbs
+from drtool.sources.redis_client import connect, keyspace_dbs, save_as_rdb
+from drtool.sources.redis_cluster import combine, discover, fetch_shards
 from drtool.sources.redis_fingerprint import fingerprint_rdb, fingerprint_redis
 from drtool.sources.redis_logical import FORMAT as LOGICAL_FORMAT
-from drtool.sources.redis_logical import dump_logical, logical_redis, logical_to_rdb
+from drtool.sources.redis_logical import dump_logical, logical_redis
 from drtool.sources.redis_rdb import ReplicationRefused, fetch_rdb, validate_rdb
 from drtool.stores import checks
 from drtool.stores.base import (
@@ -52,6 +53,13 @@ class RedisStore:
         cfg = ctx.cfg
         method = cfg.redis.method
         with tempfile.TemporaryDirectory(dir=ctx.scratch, prefix="drtool-redis-") as tmp:
+            if cfg.redis.cluster:
+                if method == "logical":
+                    raise UsageError(
+                        "redis.cluster with redis.method = logical: a logical dump of a "
+                        "cluster is not supported yet; use auto or rdb"
+                    )
+                return self._backup_cluster(ctx, Path(tmp))
             if method != "logical":
                 try:
                     return self._backup_rdb(ctx, Path(tmp))
@@ -125,6 +133,52 @@ class RedisStore:
         )
         return BackedUp(entry)
 
+    def _backup_cluster(self, ctx: BackupContext, tmp: Path) -> BackedUp:
+        """Each master's RDB (fetched in parallel, bounded), checked, fingerprinted, uploaded;
+        the slot ranges and node ids in the manifest; fingerprints per shard and whole."""
+        cfg, writer = ctx.cfg, ctx.writer
+        endpoint = cfg.stack().redis
+        shards = discover(endpoint)
+        fetched = fetch_shards(endpoint, shards, tmp, timeout=cfg.backup.timeout_s)
+        objects, recorded, parts = [], [], []
+        version = ""
+        for i, (shard, (rdb, info)) in enumerate(zip(shards, fetched, strict=True)):
+            validate_rdb(rdb)
+            prints = fingerprint_rdb(rdb)
+            kind = f"{redis_restore.SHARD_KIND}{i}"
+            written = writer.put_snapshot_object(
+                NAME, f"shard-{i}.rdb", counting(file_chunks(rdb), NAME, ctx.progress), kind=kind
+            )
+            if written.plain_sha256 != info.sha256:
+                raise IntegrityError(
+                    f"redis: shard {i}'s RDB changed on the scratch disk between fetch and upload"
+                )
+            rdb.unlink()
+            objects.append(written.entry)
+            parts.append(prints)
+            version = version or info.redis_version
+            recorded.append(
+                {
+                    **shard.to_dict(),
+                    "kind": kind,
+                    "rdb": {"size": info.size, "sha256": info.sha256},
+                    "fingerprints": prints.to_dict(),
+                }
+            )
+        whole = {"fingerprints": combine(parts).to_dict(), "shards": recorded}
+        fp = writer.put_snapshot_object(
+            NAME, "fingerprints.json", json_chunks(whole), kind="fingerprints"
+        )
+        details = {
+            "method": "rdb",
+            "topology": "cluster",
+            "consistency": "per-shard",
+            "shards": [{"node_id": s.node_id, "slots": [list(r) for r in s.slots]} for s in shards],
+        }
+        size = sum(info.size for _, info in fetched)
+        entry = ComponentEntry(NAME, (*objects, fp.entry), size, 0.0, version, details)
+        return BackedUp(entry)
+
     def load(self, source: SnapshotSource, entry: ComponentEntry, target: Target) -> RedisRestoring:
         """Read the fingerprints; find the RDB."""
         snap = redis_restore.load(source.repo, source.manifest, entry, source.identities)
@@ -152,11 +206,11 @@ class RedisRestoring:
 
     source: SnapshotSource
     snap: redis_restore.RedisSnapshot
-    data: Path | None = None
+    data: list[Path] | None = None
 
     def reads(self) -> list[ObjectEntry]:
-        """The RDB (or logical dump)."""
-        return [self.snap.data]
+        """The RDB, logical dump or shard RDBs."""
+        return list(self.snap.data)
 
     def plan(self, target: Target) -> list[PlanItem]:
         """The target server, the keys it holds, and how they are replaced."""
@@ -165,13 +219,13 @@ class RedisRestoring:
         action = "copy keys (RESTORE REPLACE), remove keys not in the snapshot" if held else ""
         if target.placer is not None:
             action = f"stop {target.placer.where}, replace its RDB (the current one kept), start it"
-        notes = (self.snap.consistency,) if self.snap.method == "logical" else ()
+        notes = (self.snap.consistency,) if self.snap.method != "rdb" else ()
         return [
             PlanItem(
                 NAME,
                 f"{self.snap.keys:,} keys",
                 f"{r.host}:{r.port}",
-                self.snap.plain.size or 0,
+                self.snap.size,
                 f"{held:,} keys",
                 held > 0,
                 action or "copy keys (DUMP/RESTORE with TTLs)",
@@ -180,11 +234,11 @@ class RedisRestoring:
         ]
 
     def staged_bytes(self, workers: int) -> int:
-        """The RDB or logical dump (twice for a logical dump placed offline: it becomes an RDB)."""
-        return (self.snap.plain.size or 0) * (2 if self.snap.method == "logical" else 1)
+        """The RDB(s) or dump (twice when placed offline from a dump or shards: a new RDB)."""
+        return self.snap.size * (2 if self.snap.method != "rdb" else 1)
 
     def stage(self, target: Target, work: Path) -> None:
-        """Decrypt the RDB (or logical dump), checked against the snapshot's record."""
+        """Decrypt the RDB(s) or logical dump, checked against the snapshot's record."""
         s = self.source
         self.data = redis_restore.stage_data(s.repo, s.manifest, self.snap, s.identities, work)
 
@@ -203,9 +257,10 @@ class RedisRestoring:
             )
             done = f"{r.copied:,} keys copied, {r.removed:,} removed"
         else:
-            rdb = self.data
-            if self.snap.method == "logical":  # an offline restore places an RDB
-                rdb = logical_to_rdb(self.data, work / "dump.rdb")
+            rdb = self.data[0]
+            if self.snap.method != "rdb":  # an offline restore places one RDB
+                with redis_restore.holding(self.data, self.snap.method) as held:
+                    rdb = save_as_rdb(held, work / "placed.rdb")
             r = offline.restore(
                 rdb, endpoint, target.placer, force=target.force, stamp=stamp, workdir=work
             )
