@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -269,3 +270,55 @@ def test_a_cluster_snapshot_restores_into_another_cluster_each_key_on_its_slots_
             for key in client.scan_iter(count=1000):
                 slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
                 assert any(a <= slot <= b for a, b in owned[node.port]), (key, node.port)
+
+
+def test_a_backup_while_clients_write_restores_equal_to_its_snapshot(
+    clusters: list[list[ClusterNode]],
+    backed_up: tuple[Repository, str, dict[bytes, int]],
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    tmp_path: Path,
+) -> None:
+    """Writes on every master during the backup: it completes, its shards add up to its
+    whole, a restore equals it, and the keys nobody touched are all in it. (Last in the file:
+    it changes the source cluster the other tests compare with.)"""
+    repository, _, _ = backed_up
+    stop = threading.Event()
+    written = 0
+
+    def write() -> None:
+        nonlocal written
+        with _cluster(clusters[0][0]) as client:
+            while not stop.is_set():
+                client.set(f"w:{written}", "x")
+                client.delete(f"w:{written - 50}")
+                written += 1
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        done = run_drtool(
+            "backup", "--component", "redis", "--json", config=repository.backup_config
+        )
+    finally:
+        stop.set()
+        writer.join()
+    assert done.returncode == 0, done.stderr
+    assert written > 0
+    snapshot_id = json.loads(done.stdout)["snapshot_id"]
+    cfg = load_config(repository.operator_config(tmp_path / "o.toml"), {})
+    doc = svc.show_snapshot(cfg, snapshot_id).fingerprints["redis"]
+    whole = RedisFingerprints.from_dict(doc["fingerprints"])
+    shards = [RedisFingerprints.from_dict(s["fingerprints"]) for s in doc["shards"]]
+    assert compare(whole, combine(shards)) == []
+    single = RedisServer(tmp_path / "single")
+    single.start()
+    try:
+        _restore_into(repository, snapshot_id, single.endpoint, tmp_path, pg_server, s3_server)
+        assert compare(whole, fingerprint_redis(single.endpoint)) == []
+        with redis.Redis(host=HOST, port=single.port, password=single.password) as client:
+            assert client.mget([f"s:{i}" for i in range(600)]) == [
+                f"value {i}".encode() for i in range(600)
+            ]
+    finally:
+        single.stop()
