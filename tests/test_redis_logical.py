@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -413,3 +415,35 @@ def test_doctor_says_what_the_backup_will_do_when_sync_is_denied(
     assert rows["rdb"]["status"] == "fail" and "refused replication" in rows["rdb"]["detail"]
     assert rows["logical"]["status"] == "pass", rows
     assert "consistent per key" in rows["logical"]["detail"]
+
+
+@pytest.mark.slow
+def test_a_drill_of_a_logical_snapshot_says_it_is_consistent_per_key(
+    stack: tuple[Repository, StackEndpoints, Path], tmp_path: Path
+) -> None:
+    """The drill report's redis check carries the consistency of what it restored."""
+    repository, _, _ = stack
+    done = run_drtool(
+        "backup", "--component", "redis", "--json", config=_with_method(repository, "logical")
+    )
+    assert done.returncode == 0, done.stderr
+    snapshot_id = json.loads(done.stdout)["snapshot_id"]
+    home = Path(tempfile.mkdtemp(prefix="drill-"))  # short: socket paths have a length limit
+    home.chmod(0o711)
+    try:
+        definition = tmp_path / "drill.toml"
+        definition.write_text(
+            f'name = "logical"\ncomponents = ["redis"]\nsnapshot = "{snapshot_id}"\n'
+            f'[report]\ndir = "{tmp_path / "reports"}"\n'
+        )
+        run = run_drtool(
+            "drill", "run", "--definition", str(definition), "--json",
+            config=repository.operator_config(tmp_path / "op.toml"), home=home,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    redis_check = next(c for c in report["checks"] if c["name"].startswith("redis fingerprints"))
+    assert redis_check["passed"], redis_check
+    assert "consistent per key, not per instant" in redis_check["detail"]
