@@ -3,6 +3,11 @@
 Backup fetches the RDB to the scratch dir, validates and fingerprints it, then uploads it;
 restore copies its keys online (:mod:`drtool.stores.redis.restore`) or, given a placer, swaps
 the server's data file offline (:mod:`drtool.stores.redis.offline`).
+
+Two other shapes share the path (ADR 0021): a server that refuses replication gives a logical
+dump (:mod:`drtool.sources.redis_logical`, consistent per key), and a Redis Cluster one RDB
+per master (:mod:`drtool.sources.redis_cluster`). Either is loaded into a private server at
+restore time, so everything after that — guard, copy, fingerprints — is the RDB's.
 """
 
 from __future__ import annotations
