@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import ConfigError
@@ -124,6 +124,10 @@ class RedisConfig:
     password: str | None = field(default=None, repr=False, metadata=SECRET)
     tls: bool = False
     container: str = ""  # its Docker container: lets `restore --redis-mode offline` restart it
+    # how the backup reads it: "rdb" over replication, "logical" (SCAN + DUMP, consistent per
+    # key), "auto": the RDB, the logical dump when SYNC/PSYNC are refused (ADR 0021)
+    method: Literal["auto", "rdb", "logical"] = "auto"
+    cluster: bool = False  # a Redis Cluster: host/port is any node; every master is backed up
 
 
 @dataclass(frozen=True)

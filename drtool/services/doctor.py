@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Literal
 
 from drtool.config import Config
+from drtool.endpoints import RedisEndpoint
 from drtool.errors import DrtoolError, SourceError, StorageError
 from drtool.repository import catalog, layout, object_lock
 from drtool.repository.access import open_repo, storage_for
 from drtool.services.backup import refuse_identity
 from drtool.sources import postgres as pg
 from drtool.sources.minio import MinioStore, bucket_coverage, repository_bucket
-from drtool.sources.redis_rdb import probe_replication
+from drtool.sources.redis_logical import probe_logical
+from drtool.sources.redis_rdb import ReplicationRefused, probe_replication
 from drtool.storage import Storage
 from drtool.storage.base import Capabilities
 
@@ -134,14 +136,33 @@ def _redis(cfg: Config) -> tuple[Status, str]:
     docs/OPERATIONS.md recommends (+sync +psync +replconf) may not run INFO."""
     endpoint = cfg.stack().redis
     where = f"{endpoint.host}:{endpoint.port}"
+    if cfg.redis.method == "logical":
+        return _redis_logical(where, endpoint)
     try:
         version = probe_replication(endpoint)
+    except ReplicationRefused as exc:
+        if cfg.redis.method == "rdb":
+            return "fail", exc.message
+        try:  # auto: the backup falls back to a logical dump (ADR 0021)
+            _, detail = _redis_logical(where, endpoint)
+        except SourceError:
+            return "fail", exc.message
+        return "warn", f"{detail}; replication refused, so backups fall back to it"
     except SourceError as exc:
         if "authentication" in exc.message and "failed" in exc.message:
             return "fail", f"{where}: authentication failed"
         return "fail", exc.message
     shown = f"Redis {version}" if version else "Redis (version not shown: INFO not permitted)"
     return "pass", f"{where}: {shown}; replication (REPLCONF, PSYNC) permitted"
+
+
+def _redis_logical(where: str, endpoint: RedisEndpoint) -> tuple[Status, str]:
+    """The logical dump's commands (INFO, SCAN, DUMP + PTTL of one key) are permitted."""
+    version = probe_logical(endpoint)
+    return "pass", (
+        f"{where}: Redis {version}; logical dump (SCAN, DUMP, PTTL) permitted: consistent per "
+        "key, not per instant"
+    )
 
 
 def _minio(cfg: Config) -> tuple[Status, str]:

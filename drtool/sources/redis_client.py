@@ -78,22 +78,24 @@ def _wait_loaded(client: redis.Redis, timeout: float) -> None:
 
 @contextmanager
 def ephemeral_redis(
-    rdb_path: Path, *, binary: Path | None = None, start_timeout: float = 600.0
+    rdb_path: Path | None, *, binary: Path | None = None, start_timeout: float = 600.0
 ) -> Iterator[redis.Redis]:
-    """Load ``rdb_path`` into a private redis-server and yield a client; always stop it.
+    """Load ``rdb_path`` (None: nothing) into a private redis-server, yield a client; stop it.
 
     The server (:class:`RedisServer`: a free 127.0.0.1 port, a random password in its config
     file, no persistence, the current user) lives in a temp dir removed afterwards. A server
-    that cannot load the RDB exits: that raises SourceError with its log tail.
+    that cannot load the RDB exits: that raises SourceError with its log tail. Started empty,
+    it is where a logical dump is loaded (:mod:`drtool.sources.redis_logical`).
     """
-    rdb = Path(rdb_path).resolve()
-    if not rdb.is_file():
+    rdb = Path(rdb_path).resolve() if rdb_path is not None else None
+    if rdb is not None and not rdb.is_file():
         raise SourceError(f"RDB file {rdb_path} not found")
     workdir = Path(tempfile.mkdtemp(prefix="drtool-redis-"))
     try:
         server = RedisServer(workdir / "server", binary=binary)
         server.rdb_path.parent.mkdir(mode=0o700, parents=True)
-        server.rdb_path.symlink_to(rdb)
+        if rdb is not None:
+            server.rdb_path.symlink_to(rdb)
         server.start(timeout=start_timeout)  # stops the server again if it fails
         try:
             with contextlib.closing(connect(server.endpoint)) as client:
@@ -202,3 +204,27 @@ def copy_keys(src: redis.Redis, dst: redis.Redis, *, replace: bool, batch: int =
                     f"copying Redis keys of db {db} failed: {redis_error(exc)}", copied
                 ) from None
     return copied
+
+
+def save_as_rdb(client: redis.Redis, dest: Path) -> Path:
+    """SAVE a private server's keys (an ephemeral one, same host) and copy its RDB to ``dest``.
+
+    How a logical dump or merged cluster shards become the RDB an offline restore places.
+    """
+    try:
+        config = client.config_get("dir")
+        config.update(client.config_get("dbfilename"))
+        client.save()
+    except redis.RedisError as exc:
+        raise SourceError(
+            f"saving the loaded snapshot as an RDB failed: {redis_error(exc)}"
+        ) from None
+    saved = Path(_text(config["dir"])) / _text(config["dbfilename"])
+    tmp = dest.with_name(f".{dest.name}.part")
+    shutil.copyfile(saved, tmp)
+    tmp.replace(dest)
+    return dest
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

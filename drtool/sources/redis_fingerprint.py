@@ -211,17 +211,26 @@ def _value_digest(client: redis.Redis, kind: str, key: bytes, reply: Any) -> byt
     return _hash(reply)  # a string's bytes, or the DUMP of an unknown type
 
 
-def _first_reads(client: redis.Redis, keys: list[bytes], kinds: list[str]) -> list[Any]:
-    """The first read of every key: one MGET for the strings, a pipeline for the rest."""
+def _first_reads(
+    client: redis.Redis, keys: list[bytes], kinds: list[str], cluster: bool = False
+) -> list[Any]:
+    """The first read of every key: one MGET for the strings, a pipeline for the rest.
+
+    A cluster node refuses an MGET across slots (CROSSSLOT): there each string is a GET in
+    the pipeline.
+    """
+    batched = not cluster
     strings = [key for key, kind in zip(keys, kinds, strict=True) if kind == "string"]
-    values = iter(client.mget(strings) if strings else [])
+    values = iter(client.mget(strings) if strings and batched else [])
     pipe = client.pipeline(transaction=False)
     for key, kind in zip(keys, kinds, strict=True):
-        if kind not in ("string", "none"):
+        if kind == "string" and not batched:
+            pipe.get(key)
+        elif kind not in ("string", "none"):
             _queue_first_read(pipe, kind, key)
     others = iter(pipe.execute())
     return [
-        None if kind == "none" else next(values) if kind == "string" else next(others)
+        None if kind == "none" else next(values) if kind == "string" and batched else next(others)
         for kind in kinds
     ]
 
@@ -229,7 +238,9 @@ def _first_reads(client: redis.Redis, keys: list[bytes], kinds: list[str]) -> li
 KINDS = ("string", "list", "set", "zset", "hash", "stream")
 
 
-def _fingerprint_db(client: redis.Redis, db: int, modules: bool) -> DbFingerprint:
+def _fingerprint_db(
+    client: redis.Redis, db: int, modules: bool, cluster: bool = False
+) -> DbFingerprint:
     """One SCAN per type (SCAN's TYPE filter), so no per-key TYPE round trip is needed.
 
     Keys of module types (only when modules are loaded) are found by a last untyped pass.
@@ -240,7 +251,7 @@ def _fingerprint_db(client: redis.Redis, db: int, modules: bool) -> DbFingerprin
 
     def add(keys: list[bytes], kinds: list[str]) -> None:
         nonlocal total, count, with_ttl
-        replies = _first_reads(client, keys, kinds)
+        replies = _first_reads(client, keys, kinds, cluster)
         pipe = client.pipeline(transaction=False)
         for key in keys:
             pipe.pttl(key)
@@ -277,9 +288,10 @@ def fingerprint_redis(target: redis.Redis | RedisEndpoint) -> RedisFingerprints:
     try:
         dbs: dict[int, DbFingerprint] = {}
         modules = bool(client.execute_command("MODULE", "LIST"))
+        cluster = bool(int(client.info("cluster").get("cluster_enabled", 0)))
         for db in keyspace_dbs(client):
             with client_for_db(client, db) as bound:
-                dbs[db] = _fingerprint_db(bound, db, modules)
+                dbs[db] = _fingerprint_db(bound, db, modules, cluster)
         return RedisFingerprints(dbs)
     except (redis.ResponseError, redis.ConnectionError) as exc:
         raise SourceError(f"fingerprinting Redis failed: {redis_error(exc)}") from None

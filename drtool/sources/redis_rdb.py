@@ -58,6 +58,11 @@ class RdbInfo:
     rdb_version: int
 
 
+class ReplicationRefused(SourceError):
+    """The server refused the replication commands (an ACL, or a managed service that offers
+    no SYNC/PSYNC): the one failure after which a logical dump can still be taken."""
+
+
 class _Closed(SourceError):
     """The server closed the connection."""
 
@@ -183,11 +188,11 @@ def _handshake(wire: _Wire, endpoint: RedisEndpoint) -> str:
     if (msg := _error_text(wire.line())) is not None:
         if msg.startswith("NOAUTH"):
             raise SourceError(f"Redis at {wire.where} requires a password: {msg}")
-        raise SourceError(_refused("REPLCONF", msg))
+        raise ReplicationRefused(_refused("REPLCONF", msg))
     wire.command("REPLCONF", "rdb-only", "1")
     msg = _error_text(wire.line())
     if msg is not None and not msg.startswith("ERR"):  # Redis < 7 does not know rdb-only
-        raise SourceError(_refused("REPLCONF", msg))
+        raise ReplicationRefused(_refused("REPLCONF", msg))
     return version
 
 
@@ -210,7 +215,7 @@ def _start_transfer(wire: _Wire) -> bytes:
         wire.command("SYNC")
         reply = wire.line()
     if (msg := _error_text(reply)) is not None:
-        raise SourceError(_refused("SYNC", msg))
+        raise ReplicationRefused(_refused("SYNC", msg))
     if reply.startswith(b"+"):  # +FULLRESYNC <replid> <offset>
         reply = wire.line()
     if not reply.startswith(b"$"):
@@ -290,7 +295,7 @@ def probe_replication(endpoint: RedisEndpoint, *, timeout: float = 30.0) -> str:
         if (msg := _error_text(wire.line())) is not None:  # +FULLRESYNC: permitted, hang up
             wire.command("SYNC")  # the fallback fetch_rdb takes; its first line is the payload's
             if (sync_msg := _error_text(wire.line())) is not None:
-                raise SourceError(_refused("SYNC", f"{sync_msg} (PSYNC: {msg})"))
+                raise ReplicationRefused(_refused("SYNC", f"{sync_msg} (PSYNC: {msg})"))
     return version
 
 

@@ -1,4 +1,5 @@
-"""Redis restore, online: the checked RDB is loaded into an ephemeral server, keys copied over.
+"""Redis restore, online: the checked RDB (or logical dump) is loaded into an ephemeral server,
+and its keys are copied over.
 
 Works for any reachable Redis. Into an empty target the copy uses plain RESTORE; with
 ``force`` it uses RESTORE REPLACE and then removes the target keys the snapshot does not have,
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import closing
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -43,7 +44,17 @@ from drtool.sources.redis_client import (
     redis_error,
     scan_batches,
 )
+from drtool.sources.redis_cluster import (
+    cluster_client,
+    cluster_keys,
+    copy_to_cluster,
+    fingerprint_cluster,
+    is_cluster,
+    merged_redis,
+    remove_extra_in_cluster,
+)
 from drtool.sources.redis_fingerprint import RedisFingerprints, compare, fingerprint_redis
+from drtool.sources.redis_logical import logical_redis
 from drtool.stores.redis.guard import (
     PreRestoreCopy,
     check_fit,
@@ -55,22 +66,40 @@ from drtool.stores.redis.guard import (
 from drtool.stores.stage import Plain, stage
 
 BATCH = 1000
+SHARD_KIND = "redis_rdb_shard"
+"""Object kind of a cluster shard's RDB: ``redis_rdb_shard<i>``, i in slot order."""
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RedisSnapshot:
-    """What a snapshot holds for Redis."""
+    """What a snapshot holds for Redis: an RDB, a logical dump, or one RDB per cluster shard
+    (``method``: rdb, logical, cluster), and the fingerprints of the whole."""
 
-    rdb: ObjectEntry
+    data: tuple[ObjectEntry, ...]
     fingerprints: RedisFingerprints
-    rdb_plain: Plain
+    plain: tuple[Plain, ...]
+    method: str = "rdb"  # or "logical" (drtool.sources.redis_logical), "cluster"
 
     @property
     def keys(self) -> int:
         """Keys in the snapshot, all dbs."""
         return sum(db.keys for db in self.fingerprints.dbs.values())
+
+    @property
+    def size(self) -> int:
+        """Plain bytes of the RDB(s) or dump."""
+        return sum(p.size or 0 for p in self.plain)
+
+    @property
+    def consistency(self) -> str:
+        """What the reports say about the snapshot's consistency."""
+        if self.method == "logical":
+            return "logical dump: consistent per key, not per instant"
+        if self.method == "cluster":
+            return f"cluster of {len(self.data)} shards: each shard one instant, not across shards"
+        return "RDB: one instant"
 
 
 @dataclass(frozen=True)
@@ -84,47 +113,127 @@ class RedisOutcome:
 
 
 def load(repo: Repo, m: Manifest, comp: ComponentEntry, identities: list[str]) -> RedisSnapshot:
-    """Read the component's fingerprints and find its RDB."""
+    """Read the component's fingerprints and find its RDB, logical dump or shard RDBs."""
     by_kind = {o.kind: o for o in comp.objects}
-    if "redis_rdb" not in by_kind or "fingerprints" not in by_kind:
-        raise IntegrityError(f"snapshot {m.snapshot_id}: redis has no RDB or fingerprints")
-    fp = by_kind["fingerprints"]
-    doc = json.loads(read_object(repo, fp, snapshot_header(m, "redis", fp.kind), identities))
-    return RedisSnapshot(
-        by_kind["redis_rdb"],
-        RedisFingerprints.from_dict(doc["fingerprints"]),
-        Plain(int(doc["rdb"]["size"]), str(doc["rdb"]["sha256"])),
+    fp = by_kind.get("fingerprints")
+    shards = sorted(
+        (o for o in comp.objects if o.kind.startswith(SHARD_KIND)),
+        key=lambda o: int(o.kind[len(SHARD_KIND) :]),
     )
+    data_kind = next((k for k in ("redis_rdb", "redis_logical") if k in by_kind), None)
+    if fp is None or (data_kind is None and not shards):
+        raise IntegrityError(
+            f"snapshot {m.snapshot_id}: redis has no RDB (or logical dump) or fingerprints"
+        )
+    doc = json.loads(read_object(repo, fp, snapshot_header(m, "redis", fp.kind), identities))
+    prints = RedisFingerprints.from_dict(doc["fingerprints"])
+    if shards:
+        recorded = {s["kind"]: s["rdb"] for s in doc["shards"]}
+        plains = tuple(_plain(recorded[o.kind]) for o in shards)
+        return RedisSnapshot(tuple(shards), prints, plains, "cluster")
+    method = "logical" if data_kind == "redis_logical" else "rdb"
+    assert data_kind is not None
+    return RedisSnapshot((by_kind[data_kind],), prints, (_plain(doc[method]),), method)
+
+
+def _plain(record: dict[str, object]) -> Plain:
+    return Plain(int(str(record["size"])), str(record["sha256"]))
 
 
 def target_keys(endpoint: RedisEndpoint) -> int:
-    """Keys the target holds now, all dbs."""
+    """Keys the target holds now, all dbs (all masters of a cluster)."""
     try:
         with closing(connect(endpoint)) as client:
+            if is_cluster(client):
+                return cluster_keys(endpoint)
             return sum(keyspace_dbs(client).values())
     except redis.RedisError as exc:
         raise SourceError(f"redis {endpoint.host}:{endpoint.port}: {redis_error(exc)}") from None
 
 
-def stage_rdb(
+def stage_data(
     repo: Repo, m: Manifest, snap: RedisSnapshot, identities: list[str], workdir: Path
-) -> Path:
-    """Decrypt the RDB to scratch, fully checked against the snapshot's record."""
-    header = snapshot_header(m, "redis", snap.rdb.kind)
-    return stage(repo, snap.rdb, header, identities, workdir / "dump.rdb", snap.rdb_plain)
+) -> list[Path]:
+    """Decrypt the RDB(s) or logical dump to scratch, checked against the snapshot's record."""
+    names = {"rdb": "dump.rdb", "logical": "dump.redislogical"}
+    staged = []
+    for i, (obj, plain) in enumerate(zip(snap.data, snap.plain, strict=True)):
+        name = names.get(snap.method, f"shard-{i}.rdb")
+        header = snapshot_header(m, "redis", obj.kind)
+        staged.append(stage(repo, obj, header, identities, workdir / name, plain))
+    return staged
+
+
+def holding(data: list[Path], method: str) -> AbstractContextManager[redis.Redis]:
+    """A private redis-server holding the snapshot's keys, whichever way they were taken.
+
+    Loading a logical dump checks every payload (the server verifies each DUMP's CRC), so a
+    damaged dump is refused here, before any target is touched. A cluster's shards are
+    merged into one server.
+    """
+    if method == "logical":
+        return logical_redis(data[0])
+    if method == "cluster":
+        return merged_redis(data)
+    return ephemeral_redis(data[0])
+
+
+def _restore_into_cluster(
+    source: redis.Redis, endpoint: RedisEndpoint, *, force: bool
+) -> RedisOutcome:
+    """Key-level into a Redis Cluster of any shape: each key to its slot's master now.
+
+    Refused without ``force`` when the cluster holds keys. No ``maxmemory`` guard and no
+    pre-restore copy here (per-master budgets): a copy failing part-way leaves the keys
+    written so far, and says so.
+    """
+    where = f"redis cluster {endpoint.host}:{endpoint.port}"
+    held = cluster_keys(endpoint)
+    if held and not force:
+        raise UsageError(
+            f"{where}: holds {held} keys now; nothing changed, use --force to replace them"
+        )
+    try:
+        with closing(cluster_client(endpoint)) as cluster:
+            copied = copy_to_cluster(source, cluster, replace=force)
+        removed = remove_extra_in_cluster(source, endpoint) if force else 0
+    except CopyFailed as exc:
+        raise SourceError(
+            f"{where}: the restore failed part-way ({exc.message}) after writing "
+            f"{exc.copied:,} keys; the cluster is CHANGED (no pre-restore copy for a cluster "
+            "target): restore again with --force once the cause is fixed"
+        ) from None
+    except redis.RedisError as exc:
+        raise SourceError(f"{where}: {redis_error(exc)}; the cluster may be CHANGED") from None
+    loaded, restored = fingerprint_redis(source), fingerprint_cluster(endpoint)
+    if only_expired(loaded, restored):
+        loaded, restored = fingerprint_redis(source), fingerprint_cluster(endpoint)
+    return RedisOutcome(copied, removed, loaded, compare(loaded, restored))
 
 
 def restore(
-    rdb: Path, endpoint: RedisEndpoint, *, force: bool, keep_dir: Path, stamp: str
+    data: list[Path],
+    endpoint: RedisEndpoint,
+    *,
+    force: bool,
+    keep_dir: Path,
+    stamp: str,
+    method: str = "rdb",
 ) -> RedisOutcome:
-    """Copy every key of the RDB to the target (see the module docstring).
+    """Copy every key of the RDB (or logical dump) to the target (see the module docstring).
 
     Before the target is touched: its keys are saved to a pre-restore copy in ``keep_dir``
     and the snapshot must fit its ``maxmemory`` (:mod:`drtool.stores.redis.guard`). A copy
     that fails part-way is undone from that copy; the error says what the target holds.
     """
     where = f"redis {endpoint.host}:{endpoint.port}"
-    with ephemeral_redis(rdb) as source, closing(connect(endpoint)) as target:
+    with holding(data, method) as source, closing(connect(endpoint)) as target:
+        try:
+            into_cluster = is_cluster(target)
+        except redis.RedisError as exc:
+            raise SourceError(f"{where}: {redis_error(exc)}; nothing changed") from None
+        if into_cluster:
+            return _restore_into_cluster(source, endpoint, force=force)
         pre: PreRestoreCopy | None = None
         try:
             held = sum(keyspace_dbs(target).values())
