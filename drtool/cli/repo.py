@@ -30,9 +30,15 @@ def init(state: CliState) -> None:
 
 
 @click.command(name="list")
+@click.option(
+    "--last",
+    type=int,
+    metavar="N",
+    help="Only the newest N snapshots (read through the catalog index: fast at any history).",
+)
 @json_option
 @click.pass_obj
-def list_(state: CliState, as_json: bool) -> None:
+def list_(state: CliState, last: int | None, as_json: bool) -> None:
     """List snapshots, oldest first, with their status and their last verification.
 
     \b
@@ -42,7 +48,7 @@ def list_(state: CliState, as_json: bool) -> None:
     "never verified" or "DAMAGED: <object>". INVALID and DAMAGED snapshots are never
     restored by `latest` or counted by prune.
     """
-    rows = [svc.record_summary(r) for r in svc.list_records(state.config())]
+    rows = [svc.record_summary(r) for r in svc.list_records(state.config(), last)]
     if as_json:
         emit_json(rows)
         return

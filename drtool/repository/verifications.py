@@ -134,20 +134,29 @@ def latest_records(
     for sid, ks in record_keys(storage).items():
         if sid not in wanted:
             continue
-        for key in reversed(ks):
-            try:
-                rec = open_record(storage.get_bytes(key), verify_keys, name=key)
-            except NotFound:
-                continue
-            except IntegrityError as exc:
-                log.warning("verification record ignored: %s", exc.message)
-                continue
-            if rec.snapshot_id != sid or rec.repo_id != repo_id:
-                log.warning("verification record ignored: %s names another snapshot", key)
-                continue
+        rec = newest_of(storage, verify_keys, repo_id, sid, ks)
+        if rec is not None:
             result[sid] = rec
-            break
     return result
+
+
+def newest_of(
+    storage: Storage, verify_keys: list[str], repo_id: str, snapshot_id: str, ks: list[str]
+) -> Verification | None:
+    """The newest authentic record of ``snapshot_id`` among its record keys ``ks`` (sorted)."""
+    for key in reversed(ks):
+        try:
+            rec = open_record(storage.get_bytes(key), verify_keys, name=key)
+        except NotFound:
+            continue
+        except IntegrityError as exc:
+            log.warning("verification record ignored: %s", exc.message)
+            continue
+        if rec.snapshot_id != snapshot_id or rec.repo_id != repo_id:
+            log.warning("verification record ignored: %s names another snapshot", key)
+            continue
+        return rec
+    return None
 
 
 def object_states(
