@@ -262,3 +262,22 @@ def test_pages_are_compacted_every_so_often(repo_kit: RepoKit) -> None:
         index = catalog_index.read_index(repo_kit.storage, keys, rid)
         assert index is not None and index.deltas < catalog_index.COMPACT_EVERY
         assert len(index.entries) == i + 1
+
+
+def test_a_replaced_manifest_of_the_same_size_is_caught(any_repo_kit: RepoKit) -> None:
+    """The index's copy never stands in for the stored bytes where they matter: ``verify``
+    reads every manifest (and on S3 the MD5 ETag makes ``list`` read it too)."""
+    kit = any_repo_kit
+    keys, rid = [kit.verify_key], kit.info.repo_id
+    first = kit.snapshot(_now() - timedelta(minutes=2))
+    second = kit.snapshot(_now() - timedelta(minutes=1))
+    catalog.rebuild_index(kit.storage, kit.signing_key, keys, rid)
+    forged = first.stored.replace(b'"host": "nas"', b'"host": "nbs"')
+    assert len(forged) == len(first.stored) and forged != first.stored
+    kit.storage.put_bytes(layout.manifest_key(first.snapshot_id), forged)
+    outcomes = {o.snapshot_id: o.problems for o in svc.verify(kit.config(), None, read_data=False)}
+    assert any("signature" in p for p in outcomes[first.snapshot_id])
+    assert any("replaced" in p for p in outcomes[second.snapshot_id])
+    if kit.url.startswith("s3://"):
+        status = dict(_rows(catalog.list_snapshots(kit.storage, keys, rid)))
+        assert status[first.snapshot_id] == "INVALID"

@@ -170,9 +170,16 @@ def _open_stored(
     return manifest, None
 
 
-def list_snapshots(storage: Storage, verify_keys: list[str], repo_id: str) -> list[SnapshotRecord]:
-    """Every snapshot with its status, oldest first (see ``_list_all``)."""
-    return _list_all(storage, verify_keys, repo_id, _index_or_none(storage, verify_keys, repo_id))
+def list_snapshots(
+    storage: Storage, verify_keys: list[str], repo_id: str, *, use_index: bool = True
+) -> list[SnapshotRecord]:
+    """Every snapshot with its status, oldest first (see ``_list_all``).
+
+    ``use_index=False`` reads and hashes every manifest (``verify``: the chain walk must see
+    the stored bytes, not the index's copy).
+    """
+    index = _index_or_none(storage, verify_keys, repo_id) if use_index else None
+    return _list_all(storage, verify_keys, repo_id, index)
 
 
 def _list_all(
