@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 from support.cli import run_drtool
-from support.repo_kit import RepoKit
+from support.repo_kit import RepoKit, Snap, blob_id
 from support.synthetic_catalog import CountingStorage, write_history
 
 from drtool.errors import NotFound
-from drtool.repository import catalog, catalog_index, chain, layout
+from drtool.repository import catalog, catalog_index, chain, layout, verifications
 from drtool.repository.manifest import manifest_sha256
 from drtool.repository.retention import Policy
 from drtool.services import prune as prune_svc
@@ -281,3 +281,60 @@ def test_a_replaced_manifest_of_the_same_size_is_caught(any_repo_kit: RepoKit) -
     if kit.url.startswith("s3://"):
         status = dict(_rows(catalog.list_snapshots(kit.storage, keys, rid)))
         assert status[first.snapshot_id] == "INVALID"
+
+
+def test_latest_through_the_index_is_what_the_full_listing_resolves(
+    any_repo_kit: RepoKit,
+) -> None:
+    """Damage on a shared blob (the newest record of any snapshot naming it), a missing
+    object, ``--at`` and components: the bounded ``latest`` answers as ``resolve`` does."""
+    kit = any_repo_kit
+    keys, rid = [kit.verify_key], kit.info.repo_id
+    b1, b2 = blob_id(), blob_id()
+    base = _now() - timedelta(hours=5)
+    s1 = kit.snapshot(base, blobs=(b1,))
+    s2 = kit.snapshot(base + timedelta(hours=1), blobs=(b1, b2))
+    s3 = kit.snapshot(base + timedelta(hours=2))
+    s4 = kit.snapshot(base + timedelta(hours=3), blobs=(b2,))
+    catalog.rebuild_index(kit.storage, kit.signing_key, keys, rid)
+
+    def record(snap: Snap, damaged: tuple[str, ...], when: datetime) -> None:
+        rec = verifications.Verification(
+            rid, snap.snapshot_id, verifications.now_text(when), verifications.HASHES, 1, damaged
+        )
+        verifications.write_record(kit.storage, kit.signing_key, rec, when)
+
+    record(s2, (), _now() - timedelta(minutes=30))  # s2 verified intact ...
+    record(s1, (kit.blobs[b1].key,), _now() - timedelta(minutes=10))  # ... then b1 found bad
+
+    def both(at: datetime | None, components: tuple[str, ...]) -> tuple[str, str]:
+        answers = []
+        for how in ("index", "full"):
+            try:
+                if how == "index":
+                    got = catalog.find(
+                        kit.storage, keys, rid, "latest", at=at, components=components
+                    )
+                else:
+                    records = catalog.list_snapshots(kit.storage, keys, rid)
+                    got = catalog.resolve(records, "latest", at=at, components=components)
+                answers.append(got.snapshot_id)
+            except NotFound as exc:
+                answers.append(exc.message.removeprefix("snapshot: "))
+        return answers[0], answers[1]
+
+    cases = [
+        (None, ("postgres",)),
+        (None, ("postgres", "minio")),
+        (base + timedelta(hours=2, minutes=30), ("postgres", "minio")),
+        (base + timedelta(hours=2, minutes=30), ("postgres",)),
+        (base + timedelta(minutes=30), ()),
+    ]
+    seen = [both(at, comps) for at, comps in cases]
+    assert [a for a, b in seen] == [b for a, b in seen], seen
+    assert seen[1][0] == s4.snapshot_id and seen[3][0] == s3.snapshot_id
+    assert "no valid snapshot holding postgres, minio at or before" in seen[2][0]
+    kit.storage.delete(s4.dump_key)  # s4 INVALID: nothing holding MinIO is valid
+    again = both(None, ("postgres", "minio"))
+    assert again[0] == again[1] and again[0].startswith("no valid snapshot holding")
+    assert "(the newest holds postgres)" in again[0]

@@ -1,6 +1,7 @@
 """The catalog: which snapshots exist and whether each is complete and authentic.
 
-Listing reads manifests and verification records, never the data. A snapshot is VALID when its
+Listing reads manifests (or their signed copies in the catalog index, ADR 0020) and
+verification records, never the data. A snapshot is VALID when its
 manifest verifies against a trusted key, every object it names exists with the recorded size,
 and no authentic verification record found one of its objects damaged; anything else is
 INVALID (or DAMAGED) with the reason, and is never restorable or counted by retention. What
@@ -308,7 +309,14 @@ def find(
         log.info("snapshot %s passed over as latest: %s", snapshot_id, record.reason)
     when = f" at or before {at.isoformat()}" if at else ""
     what = f" holding {', '.join(components)}" if components else ""
-    raise NotFound(f"snapshot: no valid snapshot{what}{when} in the repository")
+    newest = ""
+    if components:  # as ``resolve`` says: what the newest valid snapshot holds instead
+        try:
+            held = find(storage, verify_keys, repo_id, "latest")
+            newest = f" (the newest holds {', '.join(stores(held))})"
+        except NotFound:
+            pass
+    raise NotFound(f"snapshot: no valid snapshot{what}{when} in the repository{newest}")
 
 
 def _holds(manifest: Manifest, components: Collection[str]) -> bool:
