@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -47,17 +48,30 @@ def main() -> None:
     parser.add_argument("--s3", type=int, nargs="*", default=[], metavar="N")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="drtool-bench-catalog-"))
+    try:
+        rows = measure(work, args.snapshots, args.s3)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nload average {os.getloadavg()[0]:.1f}")
+    print("| store | snapshots | operation | catalog | requests | seconds |")
+    print("|---|---|---|---|---|---|")
+    for store, n, op, mode, requests, seconds in rows:
+        print(f"| {store} | {n:,} | {op} | {mode} | {requests:,} | {seconds:.2f} |")
+
+
+def measure(work: Path, sizes: list[int], s3_sizes: list[int]) -> list[Row]:
+    """Every size on a directory, then (when asked) on a SeaweedFS bucket."""
     rows: list[Row] = []
-    for n in args.snapshots:
+    for n in sizes:
         tmp = work / f"file-{n}"
         tmp.mkdir()
         kit = file_kit(tmp)
         rows += run(kit, n, "file", root=tmp / "repo")
-    if args.s3:
+    if s3_sizes:
         server = SeaweedServer(work / "s3")
         server.start()
         try:
-            for n in args.s3:
+            for n in s3_sizes:
                 bucket = f"catalog-{uuid.uuid4().hex[:8]}"
                 s3_client(server.endpoint).create_bucket(Bucket=bucket)
                 tmp = work / f"s3-{n}"
@@ -65,11 +79,7 @@ def main() -> None:
                 rows += run(s3_kit(tmp, server.endpoint, bucket), n, "s3", root=None)
         finally:
             server.stop()
-    print(f"\nload average {os.getloadavg()[0]:.1f}")
-    print("| store | snapshots | operation | catalog | requests | seconds |")
-    print("|---|---|---|---|---|---|")
-    for store, n, op, mode, requests, seconds in rows:
-        print(f"| {store} | {n:,} | {op} | {mode} | {requests:,} | {seconds:.2f} |")
+    return rows
 
 
 def run(kit: RepoKit, n: int, store: str, *, root: Path | None) -> list[Row]:
