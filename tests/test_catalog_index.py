@@ -142,7 +142,7 @@ def test_the_index_is_a_cache_never_the_truth(
     kit = any_repo_kit
     keys, rid = [kit.verify_key], kit.info.repo_id
     now = _now()
-    write_history(kit.storage, kit.info, kit.signing_key, 30, newest=now - timedelta(hours=2))
+    write_history(kit.storage, kit.info, kit.signing_key, 10, newest=now - timedelta(hours=2))
     catalog.rebuild_index(kit.storage, kit.signing_key, keys, rid)
     truth = _view(kit)
 
