@@ -9,15 +9,19 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from support.backup_kit import make_backup_kit
 from support.cli import run_drtool
 from support.repo_kit import RepoKit, Snap, blob_id
 from support.synthetic_catalog import CountingStorage, write_history
 
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.errors import NotFound
-from drtool.repository import catalog, catalog_index, chain, layout, verifications
+from drtool.faults import EXIT_CODE
+from drtool.repository import access, catalog, catalog_index, chain, layout, verifications
 from drtool.repository.manifest import manifest_sha256
 from drtool.repository.retention import Policy
 from drtool.services import prune as prune_svc
@@ -338,3 +342,36 @@ def test_latest_through_the_index_is_what_the_full_listing_resolves(
     again = both(None, ("postgres", "minio"))
     assert again[0] == again[1] and again[0].startswith("no valid snapshot holding")
     assert "(the newest holds postgres)" in again[0]
+
+
+@pytest.mark.slow
+def test_real_backups_keep_the_index_and_a_crash_before_the_page_hides_nothing(
+    tmp_path: Path,
+    pg_database: PostgresEndpoint,
+    redis_db: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+) -> None:
+    """``drtool backup`` writes the index; killed between its manifest and its page, the
+    snapshot is still listed (``--last 1``), and the next backup links to it and indexes it."""
+    kit = make_backup_kit(tmp_path, pg_database, redis_db, s3_server, s3_bucket)
+    first = kit.backup_ok("redis")
+    repo = access.open_repo(kit.operator())
+    keys, rid = repo.verify_keys, repo.info.repo_id
+    index = catalog_index.read_index(repo.storage, keys, rid)
+    assert index is not None and set(index.entries) == {first}
+
+    crashed = kit.backup("redis", env=kit.env(DRTOOL_CRASH_AT="after-manifest"))
+    assert crashed.returncode == EXIT_CODE
+    (crashed_id,) = set(kit.listed()) - {first}
+    index = catalog_index.read_index(repo.storage, keys, rid)
+    assert index is not None and crashed_id not in index.entries  # no page for it
+    done = kit.drtool("list", "--last", "1", "--json", config=kit.operator_config)
+    assert done.returncode == 0, done.stderr
+    assert [(r["id"], r["status"]) for r in json.loads(done.stdout)] == [(crashed_id, "VALID")]
+
+    third = kit.backup_ok("redis")
+    assert kit.manifest(third).previous_id == crashed_id  # the chain link found it
+    index = catalog_index.read_index(repo.storage, keys, rid)
+    assert index is not None and {first, crashed_id, third} == set(index.entries)
+    assert index.deltas == 1
