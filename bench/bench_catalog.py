@@ -11,7 +11,9 @@ run through a storage wrapper that counts requests (a LIST page per 1,000 keys),
 - ``after``   with the signed index (one full page, written as the next backup would)
 
 ``chain link`` is the backup's ``newest_authentic``; ``restore latest`` the resolution only
-(no data read). The machine may be shared: the load average is printed with the table.
+(no data read). ``--verified`` gives every snapshot a signed verification record (a nightly
+``verify --all``): ``list`` then reads one per snapshot, eight at a time. The machine may be
+shared: the load average is printed with the table.
 """
 
 from __future__ import annotations
@@ -46,10 +48,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--snapshots", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--s3", type=int, nargs="*", default=[], metavar="N")
+    parser.add_argument(
+        "--verified", action="store_true", help="each snapshot has a verification record"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="drtool-bench-catalog-"))
     try:
-        rows = measure(work, args.snapshots, args.s3)
+        rows = measure(work, args.snapshots, args.s3, args.verified)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nload average {os.getloadavg()[0]:.1f}")
@@ -59,14 +64,14 @@ def main() -> None:
         print(f"| {store} | {n:,} | {op} | {mode} | {requests:,} | {seconds:.2f} |")
 
 
-def measure(work: Path, sizes: list[int], s3_sizes: list[int]) -> list[Row]:
+def measure(work: Path, sizes: list[int], s3_sizes: list[int], verified: bool) -> list[Row]:
     """Every size on a directory, then (when asked) on a SeaweedFS bucket."""
     rows: list[Row] = []
     for n in sizes:
         tmp = work / f"file-{n}"
         tmp.mkdir()
         kit = file_kit(tmp)
-        rows += run(kit, n, "file", root=tmp / "repo")
+        rows += run(kit, n, "file", root=tmp / "repo", verified=verified)
     if s3_sizes:
         server = SeaweedServer(work / "s3")
         server.start()
@@ -76,17 +81,21 @@ def measure(work: Path, sizes: list[int], s3_sizes: list[int]) -> list[Row]:
                 s3_client(server.endpoint).create_bucket(Bucket=bucket)
                 tmp = work / f"s3-{n}"
                 tmp.mkdir()
-                rows += run(s3_kit(tmp, server.endpoint, bucket), n, "s3", root=None)
+                kit = s3_kit(tmp, server.endpoint, bucket)
+                rows += run(kit, n, "s3", root=None, verified=verified)
         finally:
             server.stop()
     return rows
 
 
-def run(kit: RepoKit, n: int, store: str, *, root: Path | None) -> list[Row]:
+def run(kit: RepoKit, n: int, store: str, *, root: Path | None, verified: bool) -> list[Row]:
     """Write ``n`` snapshots into ``kit`` and measure each operation before and after."""
     t = time.perf_counter()
     newest = datetime.now(UTC) - timedelta(minutes=5)
-    write_history(kit.storage, kit.info, kit.signing_key, n, newest=newest, root=root)
+    when = newest + timedelta(minutes=1) if verified else None
+    write_history(
+        kit.storage, kit.info, kit.signing_key, n, newest=newest, root=root, verified=when
+    )
     print(f"{store}: {n:,} snapshots written in {time.perf_counter() - t:.1f} s", flush=True)
     keys, rid = [kit.verify_key], kit.info.repo_id
     ops: dict[str, Callable[[CountingStorage], object]] = {

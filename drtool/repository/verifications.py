@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
@@ -127,17 +128,14 @@ def latest_records(
     """The newest authentic record of each of ``snapshot_ids`` that has one.
 
     Reads newest first and stops at the first record that verifies, so the cost is one GET per
-    verified snapshot (prune removes superseded records).
+    verified snapshot (prune removes superseded records); eight at a time, so ``list`` of
+    10,000 verified snapshots is not 10,000 round trips in a row (ADR 0020).
     """
     wanted = set(snapshot_ids)
-    result: dict[str, Verification] = {}
-    for sid, ks in record_keys(storage).items():
-        if sid not in wanted:
-            continue
-        rec = newest_of(storage, verify_keys, repo_id, sid, ks)
-        if rec is not None:
-            result[sid] = rec
-    return result
+    todo = [(sid, ks) for sid, ks in record_keys(storage).items() if sid in wanted]
+    with ThreadPoolExecutor(8) as pool:
+        found = pool.map(lambda t: (t[0], newest_of(storage, verify_keys, repo_id, *t)), todo)
+        return {sid: rec for sid, rec in found if rec is not None}
 
 
 def newest_of(

@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from drtool.repository import layout
+from drtool import keys
+from drtool.repository import layout, verifications
 from drtool.repository.ids import new_id
 from drtool.repository.manifest import (
     ComponentEntry,
     Manifest,
     ObjectEntry,
+    canonical,
     manifest_sha256,
     sign_manifest,
 )
@@ -46,11 +50,14 @@ def write_history(
     step: timedelta = timedelta(hours=1),
     root: Path | None = None,
     previous: tuple[str, str] | None = None,
+    verified: datetime | None = None,
 ) -> list[tuple[str, bytes]]:
     """Write ``count`` snapshots ending at ``newest``, ``step`` apart; (id, stored manifest).
 
     ``root`` is the directory of a ``file://`` repository (written directly); None writes
-    through ``storage``. ``previous`` (id, manifest sha256) chains the first one.
+    through ``storage``. ``previous`` (id, manifest sha256) chains the first one. With
+    ``verified``, each snapshot also gets a signed verification record (intact) of that time,
+    as a nightly ``verify --all`` leaves.
     """
     out: list[tuple[str, bytes]] = []
     files: list[tuple[str, bytes]] = []
@@ -75,6 +82,8 @@ def write_history(
         stored = sign_manifest(manifest, signing_key)
         previous = (sid, manifest_sha256(stored))
         files += [(key, data), (layout.manifest_key(sid), stored)]
+        if verified is not None:
+            files.append(_record(info.repo_id, sid, signing_key, verified))
         out.append((sid, stored))
     if root is not None:
         for key, data in files:
@@ -85,6 +94,19 @@ def write_history(
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda kv: storage.put_bytes(kv[0], kv[1]), files))
     return out
+
+
+def _record(
+    repo_id: str, snapshot_id: str, signing_key: Ed25519PrivateKey, when: datetime
+) -> tuple[str, bytes]:
+    """A signed, intact verification record as ``verifications.write_record`` stores it."""
+    record = verifications.Verification(
+        repo_id, snapshot_id, verifications.now_text(when), verifications.HASHES, 1
+    )
+    body = {"format": verifications.FORMAT, **asdict(record), "damaged": []}
+    stored = {"body": body, "signature": keys.sign(signing_key, canonical(body))}
+    key = verifications.record_key(snapshot_id, when)
+    return key, json.dumps(stored, indent=1, sort_keys=True).encode()
 
 
 class CountingStorage(Storage):
