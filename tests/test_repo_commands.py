@@ -338,7 +338,8 @@ def test_prune_dry_run_then_real_run(any_repo_kit: RepoKit) -> None:
     assert any_repo_kit.keys_in_storage() == before - {
         layout.manifest_key(snaps[0].snapshot_id),
         snaps[0].dump_key,
-    } | {tombstone}  # what verify's chain walk tells a pruned snapshot from a deleted one by
+    } | {tombstone, "catalog/9999999998.json"}  # the tombstone: what verify's chain walk
+    # tells a pruned snapshot from a deleted one by; the page: the compacted index (ADR 0020)
     rows = json.loads(ok(drtool(any_repo_kit.config_file, "list", "--json")))
     assert [(r["id"], r["status"]) for r in rows] == [
         (snaps[1].snapshot_id, "VALID"),

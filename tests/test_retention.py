@@ -179,7 +179,9 @@ def test_prune_dry_run_then_real_run(any_repo_kit: RepoKit) -> None:
     tombstones = {
         chain.tombstone_key(s.snapshot_id, manifest_sha256(s.stored)) for s in history.snaps[:3]
     }
-    assert after == (before - expected_gone) | tombstones
+    # and the catalog index, compacted into one full page (ADR 0020)
+    assert {k for k in after if k.startswith("catalog/")} == {"catalog/9999999998.json"}
+    assert after - {"catalog/9999999998.json"} == (before - expected_gone) | tombstones
     assert history.shared in after  # still used by the kept snapshots
     assert read_locks(repo_kit.storage) == []
     # what is kept still lists and verifies, with the data read

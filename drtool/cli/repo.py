@@ -30,10 +30,16 @@ def init(state: CliState) -> None:
 
 
 @click.command(name="list")
+@click.option(
+    "--last",
+    type=int,
+    metavar="N",
+    help="Only the newest N snapshots (read through the catalog index: fast at any history).",
+)
 @json_option
 @repository_option
 @click.pass_obj
-def list_(state: CliState, as_json: bool, repository: str | None) -> None:
+def list_(state: CliState, last: int | None, as_json: bool, repository: str | None) -> None:
     """List snapshots, oldest first, with their status and their last verification.
 
     \b
@@ -43,7 +49,7 @@ def list_(state: CliState, as_json: bool, repository: str | None) -> None:
     "never verified" or "DAMAGED: <object>". INVALID and DAMAGED snapshots are never
     restored by `latest` or counted by prune.
     """
-    records = svc.list_records(state.config(repository=repository))
+    records = svc.list_records(state.config(repository=repository), last)
     rows = [svc.record_summary(r) for r in records]
     if as_json:
         emit_json(rows)

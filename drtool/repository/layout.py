@@ -8,6 +8,7 @@ blobs/<xx>/<blob-id>.zst.age             MinIO objects, shared across snapshots
 drills/<id>/report.json                  drill history
 verifications/<id>/<time-id>.json        signed verification records (verifications.py)
 forgotten/<id>.<manifest-sha256>         tombstones of pruned snapshots (chain.py)
+catalog/<9999999999 - seq>.json          signed catalog index pages (catalog_index.py)
 locks/<lock-id>.json                     writer locks
 ```
 """

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
@@ -127,27 +128,33 @@ def latest_records(
     """The newest authentic record of each of ``snapshot_ids`` that has one.
 
     Reads newest first and stops at the first record that verifies, so the cost is one GET per
-    verified snapshot (prune removes superseded records).
+    verified snapshot (prune removes superseded records); eight at a time, so ``list`` of
+    10,000 verified snapshots is not 10,000 round trips in a row (ADR 0020).
     """
     wanted = set(snapshot_ids)
-    result: dict[str, Verification] = {}
-    for sid, ks in record_keys(storage).items():
-        if sid not in wanted:
+    todo = [(sid, ks) for sid, ks in record_keys(storage).items() if sid in wanted]
+    with ThreadPoolExecutor(8) as pool:
+        found = pool.map(lambda t: (t[0], newest_of(storage, verify_keys, repo_id, *t)), todo)
+        return {sid: rec for sid, rec in found if rec is not None}
+
+
+def newest_of(
+    storage: Storage, verify_keys: list[str], repo_id: str, snapshot_id: str, ks: list[str]
+) -> Verification | None:
+    """The newest authentic record of ``snapshot_id`` among its record keys ``ks`` (sorted)."""
+    for key in reversed(ks):
+        try:
+            rec = open_record(storage.get_bytes(key), verify_keys, name=key)
+        except NotFound:
             continue
-        for key in reversed(ks):
-            try:
-                rec = open_record(storage.get_bytes(key), verify_keys, name=key)
-            except NotFound:
-                continue
-            except IntegrityError as exc:
-                log.warning("verification record ignored: %s", exc.message)
-                continue
-            if rec.snapshot_id != sid or rec.repo_id != repo_id:
-                log.warning("verification record ignored: %s names another snapshot", key)
-                continue
-            result[sid] = rec
-            break
-    return result
+        except IntegrityError as exc:
+            log.warning("verification record ignored: %s", exc.message)
+            continue
+        if rec.snapshot_id != snapshot_id or rec.repo_id != repo_id:
+            log.warning("verification record ignored: %s names another snapshot", key)
+            continue
+        return rec
+    return None
 
 
 def object_states(

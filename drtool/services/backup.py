@@ -189,6 +189,9 @@ def run_backup(
         result.reused_objects = len(named) - result.new_objects
         last = chain.LastCommit(repo.info.repo_id, snapshot_id, manifest_sha256(stored))
         chain.remember_commit(state_dir(cfg, home), last)
+        catalog.record_commit(
+            repo.storage, signing_key, repo.verify_keys, repo.info.repo_id, manifest, stored
+        )
         for b in backed_up:
             if b.after_commit is not None:
                 b.after_commit()

@@ -16,6 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from drtool import keys
 from drtool.config import Config
 from drtool.repository import catalog, chain, drill_log, layout, retention, verifications
 from drtool.repository.access import Repo, open_repo
@@ -66,6 +69,13 @@ def prune(
         if not dry_run:
             held.ensure_held()  # a lost lock (heartbeat failed) must not delete
             execute_prune(repo, plan, cutoff)
+            catalog.compact_index(
+                repo.storage,
+                _signer(cfg),
+                repo.verify_keys,
+                repo.info.repo_id,
+                forgot=bool(plan.forget),
+            )
     return plan
 
 
@@ -196,3 +206,8 @@ def execute_prune(repo: Repo, plan: PrunePlan, cutoff: datetime) -> None:
     }
     plan.survived = sorted(gone & listed)
     plan.done = True
+
+
+def _signer(cfg: Config) -> Ed25519PrivateKey | None:
+    """The key prune signs the compacted catalog index with (ADR 0020), when configured."""
+    return keys.load_signing_key(cfg.keys.signing_key_file) if cfg.keys.signing_key_file else None

@@ -149,14 +149,20 @@ class FileStorage(Storage):
             raise NotFound(f"{self.url}: key {key} not found")
         return ObjectInfo(key, st.st_size, last_modified=datetime.fromtimestamp(st.st_mtime, UTC))
 
-    def _walk(self, top: Path) -> Iterator[tuple[Path, str]]:
-        """Every file under ``top`` with its key; an unreadable directory raises."""
+    def _walk(self, top: Path, start: str = "") -> Iterator[tuple[Path, str]]:
+        """Every file under ``top`` with its key; an unreadable directory raises.
+
+        Only the subdirectories of ``top`` whose names begin with ``start`` are entered (a
+        listing of ``snapshots/20261205`` does not walk every snapshot's directory).
+        """
 
         def fail(e: OSError) -> None:
             where = Path(e.filename or top).relative_to(self.root).as_posix()
             raise self._error(where, "list", e)
 
-        for dirpath, _dirs, files in os.walk(top, onerror=fail):
+        for dirpath, dirs, files in os.walk(top, onerror=fail):
+            if start and Path(dirpath) == top:
+                dirs[:] = [d for d in dirs if d.startswith(start)]
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for name in files:
                 yield Path(dirpath, name), name if rel == "." else f"{rel}/{name}"
@@ -173,7 +179,7 @@ class FileStorage(Storage):
             raise self._error(prefix or ".", "list", exc) from None
         keys = sorted(
             key
-            for _p, key in (self._walk(top) if present else ())
+            for _p, key in (self._walk(top, prefix.split("/")[-1]) if present else ())
             if key.startswith(prefix) and not key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
         )
         for key in keys:

@@ -121,10 +121,16 @@ def run_restore(
     if not identities:
         raise ConfigError("keys.identity_file: restore needs the operators' identity (got none)")
     repo = open_repo(cfg)
-    records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
-    # `latest` of nothing named: of every store
+    # `latest` of nothing named: of every store; found through the catalog index (ADR 0020)
     wanted = options.components or registry.COMPONENTS
-    record = catalog.resolve(records, options.ref, at=options.at, components=wanted)
+    record = catalog.find(
+        repo.storage,
+        repo.verify_keys,
+        repo.info.repo_id,
+        options.ref,
+        at=options.at,
+        components=wanted,
+    )
     m = record.manifest
     assert m is not None  # resolve returns VALID records only
     chosen = _components(m, options.components)
