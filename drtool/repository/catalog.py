@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from drtool.errors import ConfigError, IntegrityError, NotFound
-from drtool.repository import chain, layout, verifications
+from drtool.repository import chain, layout, rotation, verifications
 from drtool.repository.ids import id_time, is_id
 from drtool.repository.manifest import Manifest, manifest_sha256, open_manifest
 from drtool.storage.base import ObjectInfo, Storage
@@ -168,9 +168,11 @@ def list_snapshots(storage: Storage, verify_keys: list[str], repo_id: str) -> li
     for prefix in (layout.SNAPSHOTS, layout.BLOBS):
         present.update((o.key, o) for o in storage.list(prefix))
     loaded = []
+    rotated = rotation.load_map(storage, verify_keys, repo_id)  # ADR 0023: headers rewritten
     for snapshot_id in snapshot_ids(storage):
         manifest, digest, problem = load_snapshot(storage, snapshot_id, verify_keys, repo_id)
         if manifest is not None:
+            manifest = rotation.apply_to_manifest(manifest, rotated)
             problem = check_objects(manifest, present)
         loaded.append((snapshot_id, manifest, digest, problem))
     manifests = {sid: m for sid, m, _, _ in loaded if m is not None}
