@@ -16,10 +16,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import tomli_w
 from support.cli import run_drtool
-from support.repo_kit import T0, RepoKit, blob_id
+from support.fault_proxy import fault_proxy
+from support.repo_kit import T0, RepoKit, blob_id, s3_kit
 
 from drtool import keys
+from drtool.endpoints import S3Endpoint
 from drtool.errors import WrongKey
 from drtool.faults import ROTATE_CRASH_POINTS
 from drtool.pipeline.age import decrypt
@@ -191,3 +194,44 @@ def test_a_rotation_killed_at_each_point_finishes_when_run_again(
     operator = kit.write_config("new-operator", identity_file=str(new_key))
     verified = run_drtool("verify", "--all", "--read-data", config=operator)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.mark.slow
+def test_s3_rotation_copies_large_payloads_server_side(
+    tmp_path: Path, s3_server: S3Endpoint, s3_bucket: str
+) -> None:
+    """A 7 MiB dump costs its header + one 5 MiB part of upload; the rest is UploadPartCopy."""
+    kit = s3_kit(tmp_path, s3_server, s3_bucket)
+    _populate(kit, big=True)
+    big = kit.snaps[-1].dump_key
+    big_size = kit.storage.head(big).size
+    assert big_size > 7 * MiB
+    new_key, new_recipient = _new_identity(kit, "new.key")
+    before = {k: kit.storage.get_bytes(k) for k in _sealed_objects(kit)}
+    repository_bytes = sum(o.size for o in kit.storage.list())
+
+    with fault_proxy(s3_server.endpoint_url) as proxy:
+        sections = {
+            **kit.sections,
+            "repository": {**kit.sections["repository"], "endpoint_url": proxy.endpoint_url},
+        }
+        config = tmp_path / "via-proxy.toml"
+        config.write_text(tomli_w.dumps(sections))
+        done = run_drtool(
+            "keys", "rotate", "--add-recipient", new_recipient, "--remove-recipient",
+            kit.recipient, config=config,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        bodies = list(proxy.bodies)
+
+    _check_rotated(kit, new_key, before)
+    big_path = "/" + s3_bucket + "/drtool/" + big
+    big_puts = [(m, t, n) for m, t, n in bodies if t.startswith(big_path) and m == "PUT"]
+    copied = [t for m, t, n in big_puts if "partNumber=" in t and n == 0]
+    uploaded = sum(n for _, _, n in big_puts)
+    assert copied, big_puts  # UploadPartCopy: the rest of the payload never left the server
+    assert 5 * MiB < uploaded < 5 * MiB + 4096  # the header and the first 5 MiB part
+    sent = sum(n for _, _, n in bodies)
+    small = sum(n for k, n in ((k, len(v)) for k, v in before.items()) if k != big)
+    assert sent < 5 * MiB + small + 256 * 1024  # records, lock and header are small
+    print(f"repository {repository_bytes} B, rotation uploaded {sent} B")
