@@ -45,9 +45,32 @@ def generate(path: Path, passphrase: bool) -> None:
 
 @keys.command(name="signing-key")
 @click.argument("path", type=click.Path(path_type=Path))
-def signing_key(path: Path) -> None:
-    """Write a new Ed25519 manifest signing key to PATH and print its verify key."""
-    click.echo(keyfiles.write_signing_key(path))
+@click.option(
+    "--rotate",
+    is_flag=True,
+    help="Replace the configured keys.signing_key_file by the new key in the repository.",
+)
+@click.pass_obj
+def signing_key(state: CliState, path: Path, rotate: bool) -> None:
+    """Write a new Ed25519 manifest signing key to PATH and print its verify key.
+
+    \b
+    With --rotate (on the backup host): the current key (keys.signing_key_file) signs the
+    hand-over to the new one in drtool-repo.json, and the new key vouches for the old one's
+    period. Manifests signed by the old key stay valid up to now; one it signs later is
+    INVALID. Readers pinning either verify key keep working. Then set
+    keys.signing_key_file to PATH and keys.verify_key to the printed key.
+    """
+    if not rotate:
+        click.echo(keyfiles.write_signing_key(path))
+        return
+    done = rotate_svc.rotate_signing_key(state.config(), str(path))
+    click.echo(done.new_verify_key)
+    click.echo(
+        f"signing key rotated at {done.at}: set keys.signing_key_file = {path} and "
+        f"keys.verify_key = {done.new_verify_key} (backup host and every reader)",
+        err=True,
+    )
 
 
 @keys.command(name="verify-key")

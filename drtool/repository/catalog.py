@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from drtool.errors import ConfigError, IntegrityError, NotFound
-from drtool.repository import chain, layout, rotation, verifications
+from drtool.repository import chain, layout, rotation, signing_keys, verifications
 from drtool.repository.ids import id_time, is_id
 from drtool.repository.manifest import Manifest, manifest_sha256, open_manifest
 from drtool.storage.base import ObjectInfo, Storage
@@ -94,12 +94,12 @@ def trusted_verify_keys(info: layout.RepoInfo, pinned: str, own: str = "") -> li
     write the repository can add one there and sign a forged snapshot with it (issue 18.8,
     docs/decisions/0014-verify-key-pinning.md). Without either, reading fails closed.
     """
-    if pinned:
-        if pinned not in info.verify_keys:
-            log.warning("the configured verify key is not listed in the repository header")
-        return [pinned]
-    if own:
-        return [own]
+    anchor = pinned or own
+    if pinned and pinned not in info.verify_keys:
+        log.warning("the configured verify key is not listed in the repository header")
+    if anchor:  # plus the keys it handed over to or vouched for (signing_keys.py, ADR 0023)
+        periods = signing_keys.trusted(info.repo_id, list(info.signing_keys), [anchor])
+        return [anchor, *sorted(k for k in periods if k != anchor)]
     header = ", ".join(info.verify_keys) or "none"
     raise ConfigError(
         "keys.verify_key: not set; drtool does not trust the keys in the repository header "
@@ -141,7 +141,11 @@ def unverified_object_keys(storage: Storage, snapshot_id: str) -> set[str]:
 
 
 def load_snapshot(
-    storage: Storage, snapshot_id: str, verify_keys: list[str], repo_id: str
+    storage: Storage,
+    snapshot_id: str,
+    verify_keys: list[str],
+    repo_id: str,
+    periods: dict[str, signing_keys.Period] | None = None,
 ) -> tuple[Manifest | None, str | None, str | None]:
     """Read and verify one manifest: (manifest, its stored sha256, problem)."""
     name = layout.manifest_key(snapshot_id)
@@ -155,7 +159,20 @@ def load_snapshot(
         return None, manifest_sha256(stored), str(exc)
     if manifest.snapshot_id != snapshot_id or manifest.repo_id != repo_id:
         return None, manifest_sha256(stored), f"{name}: belongs to another snapshot or repository"
+    late = signing_keys.late_signature(stored, periods, name=name) if periods else None
+    if late:
+        return None, manifest_sha256(stored), late
     return manifest, manifest_sha256(stored), None
+
+
+def _key_periods(
+    storage: Storage, verify_keys: list[str], repo_id: str
+) -> dict[str, signing_keys.Period] | None:
+    """Validity periods of the trusted keys, when a signing-key rotation made them several."""
+    if len(verify_keys) < 2:
+        return None
+    info = layout.read_repo_info(storage)
+    return signing_keys.trusted(repo_id, list(info.signing_keys), verify_keys[:1])
 
 
 def list_snapshots(storage: Storage, verify_keys: list[str], repo_id: str) -> list[SnapshotRecord]:
@@ -169,8 +186,11 @@ def list_snapshots(storage: Storage, verify_keys: list[str], repo_id: str) -> li
         present.update((o.key, o) for o in storage.list(prefix))
     loaded = []
     rotated = rotation.load_map(storage, verify_keys, repo_id)  # ADR 0023: headers rewritten
+    periods = _key_periods(storage, verify_keys, repo_id)
     for snapshot_id in snapshot_ids(storage):
-        manifest, digest, problem = load_snapshot(storage, snapshot_id, verify_keys, repo_id)
+        manifest, digest, problem = load_snapshot(
+            storage, snapshot_id, verify_keys, repo_id, periods
+        )
         if manifest is not None:
             manifest = rotation.apply_to_manifest(manifest, rotated)
             problem = check_objects(manifest, present)

@@ -55,10 +55,15 @@ class RepoInfo:
     created: str
     recipients: tuple[str, ...]
     verify_keys: tuple[str, ...]
+    # signing-key rotations with validity periods (signing_keys.py); absent before the first
+    signing_keys: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> bytes:
         """The stored form."""
-        return json.dumps(asdict(self), indent=2).encode()
+        data = asdict(self)
+        if not self.signing_keys:
+            del data["signing_keys"]
+        return json.dumps(data, indent=2).encode()
 
 
 def new_repo_info(recipients: list[str], verify_key: str) -> RepoInfo:
@@ -111,4 +116,5 @@ def read_repo_info(storage: Storage) -> RepoInfo:
         created=str(data["created"]),
         recipients=tuple(data["recipients"]),
         verify_keys=tuple(data["verify_keys"]),
+        signing_keys=tuple(e for e in data.get("signing_keys") or () if isinstance(e, dict)),
     )

@@ -32,8 +32,8 @@ from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError, UsageError, WrongKey
 from drtool.faults import crash_point
 from drtool.pipeline.age import Rewrapped, parse_recipient, recipient_fingerprint, rewrap
-from drtool.repository import catalog, layout, rotation
-from drtool.repository.access import Repo, identities_of, open_repo
+from drtool.repository import catalog, layout, rotation, signing_keys
+from drtool.repository.access import Repo, identities_of, open_repo, storage_for
 from drtool.repository.locks import repository_lock
 from drtool.storage.base import ObjectInfo, Storage
 from drtool.wal.index import WAL, load_index
@@ -358,3 +358,46 @@ def _rotate_batch(
     result.rewritten += len(planned)
     result.recognised += len(recognised)
     return latest
+
+
+@dataclass(frozen=True)
+class SigningRotation:
+    """A finished signing-key rotation."""
+
+    old_verify_key: str
+    new_verify_key: str
+    at: str
+
+
+def rotate_signing_key(cfg: Config, new_path: str) -> SigningRotation:
+    """Replace the backup host's signing key by a new one written to ``new_path``.
+
+    The header gets a ``signing_keys`` entry both keys sign (signing_keys.py): readers that
+    pinned the old verify key trust the new one and vice versa; manifests of the old key stay
+    valid up to now, its later ones do not. Needs the current key (keys.signing_key_file).
+    """
+    if not cfg.keys.signing_key_file:
+        raise ConfigError(
+            "keys.signing_key_file: not set; the current signing key must sign its successor "
+            "(run this on the backup host)"
+        )
+    old = keys.load_signing_key(cfg.keys.signing_key_file)
+    old_text = keys.verify_key_text(old.public_key())
+    storage = storage_for(cfg)
+    info = layout.read_repo_info(storage)
+    current = info.signing_keys[-1]["key"] if info.signing_keys else None
+    if (current or old_text) != old_text or old_text not in info.verify_keys:
+        raise ConfigError(
+            "keys.signing_key_file: not the repository's current signing key; only the current "
+            "key can hand over to a new one"
+        )
+    with repository_lock(storage, "signing-key"):
+        new_text = keys.write_signing_key(new_path)
+        new = keys.load_signing_key(new_path)
+        at = datetime.now(UTC).isoformat(timespec="seconds")
+        entries = signing_keys.endorse(info.repo_id, list(info.signing_keys), old, new, at)
+        updated = replace(
+            info, signing_keys=tuple(entries), verify_keys=(*info.verify_keys, new_text)
+        )
+        storage.put_bytes(layout.REPO_FILE, updated.to_json())
+    return SigningRotation(old_text, new_text, at)
