@@ -49,6 +49,7 @@ class DrillReport:
     phases_s: dict[str, float] = field(default_factory=dict)
     checks: list[CheckResult] = field(default_factory=list)
     pg_major: int | None = None  # the scratch PostgreSQL's major, checked equal to the snapshot's
+    keys_proven: list[str] = field(default_factory=list)  # recipients (public) that decrypted
 
     def summary(self) -> dict[str, Any]:
         """The key-less summary kept in the clear: no figure that describes the data."""
@@ -67,6 +68,7 @@ class DrillReport:
             "rto_s": self.rto_s,
             "restore_s": self.restore_s,
             "rpo_s": self.rpo_s,
+            "keys_proven": self.keys_proven,  # public recipients; doctor's "proven in N days"
         }
 
     def to_json(self) -> str:

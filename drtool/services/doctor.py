@@ -21,8 +21,10 @@ from typing import Literal
 
 from drtool.config import Config
 from drtool.errors import DrtoolError, SourceError, StorageError
+from drtool.pipeline.age import recipient_fingerprint
 from drtool.repository import catalog, layout, object_lock
 from drtool.repository.access import open_repo, storage_for
+from drtool.services import key_proof
 from drtool.services.backup import refuse_identity
 from drtool.sources import postgres as pg
 from drtool.sources.minio import MinioStore, bucket_coverage, repository_bucket
@@ -88,6 +90,7 @@ def run_doctor(
             checks.append(Check(name, "warn", f"skipped: {why}"))
     checks.append(_run("scratch free space", lambda: _scratch(cfg)))
     checks.append(_run("key file permissions", lambda: _key_files(cfg)))
+    checks.append(_run("every recipient proven", lambda: _recipients_proven(cfg, clock())))
     return checks
 
 
@@ -257,3 +260,26 @@ def _key_files(cfg: Config) -> tuple[Status, str]:
     if loose:
         return "fail", f"{'; '.join(loose)}: chmod 600"
     return "pass", f"{', '.join(paths)}: 600"
+
+
+def _recipients_proven(cfg: Config, now: datetime) -> tuple[Status, str]:
+    """Each header recipient decrypted a sample in a drill within keys.prove_within_days.
+
+    A recipient nobody proved may be a key nobody holds any more (key_proof.py, ADR 0023).
+    """
+    storage = storage_for(cfg)
+    info = layout.read_repo_info(storage)
+    proven = key_proof.last_proven(storage)
+    limit = timedelta(days=cfg.keys.prove_within_days)
+    stale = []
+    for recipient in info.recipients:
+        when = proven.get(recipient)
+        if when is None or now - when > limit:
+            since = "never" if when is None else f"last {when:%Y-%m-%d}"
+            stale.append(f"{recipient_fingerprint(recipient)} ({since})")
+    if stale:
+        return "warn", (
+            f"not proven by a drill in {cfg.keys.prove_within_days} days: {', '.join(stale)}; "
+            "run drtool drill run --identity FILE for each"
+        )
+    return "pass", f"{len(info.recipients)} recipient(s) proven within {limit.days} days"

@@ -37,9 +37,10 @@ from drtool.errors import ConfigError, DrtoolError, NotFound, UsageError
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import seal
 from drtool.repository import catalog, drill_log, layout
-from drtool.repository.access import Repo, open_repo
+from drtool.repository.access import Repo, identities_of, open_repo
 from drtool.repository.ids import new_id
 from drtool.runtime.binaries import pg_bin_dir, pg_major_of
+from drtool.services import key_proof
 from drtool.services.restore.run import RestoreOptions, run_restore
 from drtool.sources import postgres as pg
 from drtool.stores import checks, registry
@@ -261,6 +262,7 @@ def run_drill(
         log.info(
             "drill %s of snapshot %s on the %s runtime", drill_id, record.snapshot_id, spec.runtime
         )
+        _prove_keys(cfg, repo, spec, record, report)
         try:
             with watchdog(drill_id, deadline_s or default_deadline(spec)) as dog:
                 _drill(cfg, home, spec, record, report, scratch, dog)
@@ -347,6 +349,25 @@ def _drill(
     phases["down"] = round(down.elapsed(), 3)
     report.checks += _threshold_checks(spec, report)
     report.passed = all(c.passed for c in report.checks)
+
+
+def _prove_keys(
+    cfg: Config,
+    repo: Repo,
+    spec: DrillDefinition,
+    record: catalog.SnapshotRecord,
+    report: DrillReport,
+) -> None:
+    """Decrypt a sample object with each identity given (key_proof.py); a check either way."""
+    try:
+        proof = key_proof.prove_keys(
+            repo, record, [Path(p) for p in spec.identities], identities_of(cfg)
+        )
+    except DrtoolError as exc:
+        report.checks.append(checks.CheckResult(key_proof.CHECK_NAME, False, exc.message))
+        return
+    report.checks.append(proof.check(required=bool(spec.identities)))
+    report.keys_proven = proof.proven
 
 
 def _docker_sized(

@@ -1,0 +1,105 @@
+"""Every key proven (issue 15.3, ADR 0023): a drill decrypts a sample object with each
+identity given and reports the recipients nobody proved; `drtool doctor` warns about a
+recipient not proven within keys.prove_within_days.
+
+The drills here stop at the scratch stack (a stand-in that refuses): the key proof runs
+before it, on the real repository and the real identity files, and is what is checked.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from support.cli import run_drtool
+from support.repo_kit import RepoKit
+
+from drtool import keys
+from drtool.drills.definition import DrillDefinition, ReportSettings
+from drtool.drills.report import DrillReport
+from drtool.endpoints import StackEndpoints
+from drtool.errors import UsageError
+from drtool.repository import drill_log, layout
+from drtool.services import doctor
+from drtool.services.drill import run_drill
+from drtool.services.key_proof import CHECK_NAME
+
+
+def _no_scratch(
+    home: Path, drill_id: str, spec: DrillDefinition, pg_major: int | None
+) -> AbstractContextManager[StackEndpoints]:
+    raise UsageError("test: no scratch stack; only the key proof runs")
+
+
+def _with_escrow(kit: RepoKit) -> Path:
+    """A repository encrypted to the operator and an escrow key (added by a rotation)."""
+    kit.snapshot(datetime.now(UTC) - timedelta(hours=1))
+    escrow = kit.tmp / "keys" / "escrow.key"
+    recipient = keys.write_identity(escrow, passphrase=None)
+    done = run_drtool("keys", "rotate", "--add-recipient", recipient, config=kit.config_file)
+    assert done.returncode == 0, done.stderr
+    return escrow
+
+
+def _drill(kit: RepoKit, *identities: Path) -> DrillReport:
+    spec = DrillDefinition(
+        components=("postgres",),
+        identities=tuple(map(str, identities)),
+        report=ReportSettings(dir=str(kit.tmp / "reports")),
+    )
+    return run_drill(kit.config(), home=kit.tmp / "home", spec=spec, scratch=_no_scratch)
+
+
+def _proof(report: DrillReport) -> tuple[bool, str]:
+    check = next(c for c in report.checks if c.name == CHECK_NAME)
+    return check.passed, check.detail
+
+
+def test_a_drill_proves_both_identities_and_records_it(repo_kit: RepoKit) -> None:
+    kit = repo_kit
+    escrow = _with_escrow(kit)
+    report = _drill(kit, kit.identity_file, escrow)
+    passed, detail = _proof(report)
+    assert passed, detail
+    header = layout.read_repo_info(kit.storage).recipients
+    assert len(header) == 2 and sorted(report.keys_proven) == sorted(header)
+    stored = drill_log.read_summaries(kit.storage)[-1]
+    assert len(stored["keys_proven"]) == 2  # in the repository's clear summary, for doctor
+
+
+def test_a_drill_fails_when_an_identity_cannot_decrypt_or_a_recipient_is_not_proven(
+    repo_kit: RepoKit,
+) -> None:
+    kit = repo_kit
+    escrow = _with_escrow(kit)
+    stranger = kit.tmp / "keys" / "stranger.key"
+    keys.write_identity(stranger, passphrase=None)
+
+    report = _drill(kit, escrow, stranger)
+    passed, detail = _proof(report)
+    assert not passed and str(stranger) in detail and "cannot decrypt" in detail
+    assert CHECK_NAME in report.summary()["failed_checks"]
+
+    only_operator = _drill(kit, kit.identity_file)  # the escrow key was never tried
+    passed, detail = _proof(only_operator)
+    assert not passed and "not proven" in detail
+    assert only_operator.keys_proven == [kit.recipient]
+
+
+def test_doctor_warns_about_a_recipient_not_proven_recently(repo_kit: RepoKit) -> None:
+    kit = repo_kit
+    escrow = _with_escrow(kit)
+    cfg = kit.config()
+    status, detail = doctor._recipients_proven(cfg, datetime.now(UTC))
+    assert status == "warn" and "never" in detail
+
+    _drill(kit, kit.identity_file, escrow)
+    status, detail = doctor._recipients_proven(cfg, datetime.now(UTC))
+    assert status == "pass", detail
+    later = datetime.now(UTC) + timedelta(days=cfg.keys.prove_within_days + 1)
+    status, detail = doctor._recipients_proven(cfg, later)
+    assert status == "warn" and "last " in detail
+    summaries = json.dumps(drill_log.read_summaries(kit.storage))
+    assert "AGE-SECRET-KEY" not in summaries
