@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from support.backup_kit import make_backup_kit
 from support.cli import run_drtool
 from support.fault_proxy import fault_proxy
 from support.repo_kit import T0, RepoKit, blob_id, s3_kit
 
 from drtool import keys
-from drtool.endpoints import S3Endpoint
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.errors import WrongKey
 from drtool.faults import ROTATE_CRASH_POINTS
 from drtool.pipeline.age import decrypt
@@ -235,3 +236,35 @@ def test_s3_rotation_copies_large_payloads_server_side(
     small = sum(n for k, n in ((k, len(v)) for k, v in before.items()) if k != big)
     assert sent < 5 * MiB + small + 256 * 1024  # records, lock and header are small
     print(f"repository {repository_bytes} B, rotation uploaded {sent} B")
+
+
+@pytest.mark.slow
+def test_after_a_rotation_the_next_backup_reuses_every_blob(
+    tmp_path: Path,
+    pg_database: PostgresEndpoint,
+    redis_db: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+) -> None:
+    """A real backup, a rotation that adds a recipient (every blob's size changes), then the
+    runbook's next step (keys.recipients on the backup host) and a backup: nothing re-uploaded."""
+    kit = make_backup_kit(tmp_path, pg_database, redis_db, s3_server, s3_bucket)
+    first = kit.backup_ok()
+    attachments = dict(kit.manifest(first).component("minio").details[kit.bucket])  # type: ignore[union-attr]
+    escrow = tmp_path / "escrow.key"
+    escrow_recipient = keys.write_identity(escrow, passphrase=None)
+    rotator = kit.write_config("rotator", keys={"identity_file": str(kit.identity_file)})
+    done = kit.drtool("keys", "rotate", "--add-recipient", escrow_recipient, config=rotator)
+    assert done.returncode == 0, done.stderr
+
+    recipients = list(layout.read_repo_info(kit.storage()).recipients)
+    assert recipients[-1] == escrow_recipient and len(recipients) == 2
+    kit.backup_config = kit.write_config("after-rotation", keys={"recipients": recipients})
+    second = kit.backup_ok()
+    details = kit.manifest(second).component("minio").details[kit.bucket]  # type: ignore[union-attr]
+    assert details == {"uploaded": 0, "reused": attachments["uploaded"]}
+    verified = kit.verify_all()
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    # the new snapshot's own objects were sealed for both recipients: the escrow key opens them
+    dump = kit.storage().get_bytes(f"snapshots/{second}/postgres/dump.pgdump.zst.age")
+    assert _decrypts(dump, escrow, "dump")
