@@ -91,7 +91,7 @@ def test_a_drill_fails_when_an_identity_cannot_decrypt_or_a_recipient_is_not_pro
 def test_doctor_warns_about_a_recipient_not_proven_recently(repo_kit: RepoKit) -> None:
     kit = repo_kit
     escrow = _with_escrow(kit)
-    cfg = kit.config()
+    cfg = kit.config(recipients=list(layout.read_repo_info(kit.storage).recipients))
     status, detail = doctor._recipients_proven(cfg, datetime.now(UTC))
     assert status == "warn" and "never" in detail
 
@@ -103,3 +103,12 @@ def test_doctor_warns_about_a_recipient_not_proven_recently(repo_kit: RepoKit) -
     assert status == "warn" and "last " in detail
     summaries = json.dumps(drill_log.read_summaries(kit.storage))
     assert "AGE-SECRET-KEY" not in summaries
+
+
+def test_doctor_warns_when_the_backup_hosts_recipients_are_not_the_headers(
+    repo_kit: RepoKit,
+) -> None:
+    kit = repo_kit
+    _with_escrow(kit)  # the header now lists two recipients, the config still one
+    status, detail = doctor._recipients_proven(kit.config(), datetime.now(UTC))
+    assert status == "warn" and "keys.recipients differ from the repository header" in detail

@@ -277,9 +277,18 @@ def _recipients_proven(cfg: Config, now: datetime) -> tuple[Status, str]:
         if when is None or now - when > limit:
             since = "never" if when is None else f"last {when:%Y-%m-%d}"
             stale.append(f"{recipient_fingerprint(recipient)} ({since})")
+    problems = []
+    if cfg.keys.recipients and set(cfg.keys.recipients) != set(info.recipients):
+        header = ", ".join(recipient_fingerprint(r) for r in info.recipients)
+        problems.append(
+            f"keys.recipients differ from the repository header ({header}): new objects are "
+            "sealed for the configured ones; after a key rotation set them to the header's"
+        )
     if stale:
-        return "warn", (
+        problems.append(
             f"not proven by a drill in {cfg.keys.prove_within_days} days: {', '.join(stale)}; "
             "run drtool drill run --identity FILE for each"
         )
+    if problems:
+        return "warn", "; ".join(problems)
     return "pass", f"{len(info.recipients)} recipient(s) proven within {limit.days} days"
