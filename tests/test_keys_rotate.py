@@ -12,7 +12,7 @@ import hashlib
 import json
 import secrets
 import subprocess
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from drtool.pipeline.age import decrypt
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import seal_bytes
 from drtool.repository import layout
+from drtool.s3session import s3_client
 from drtool.wal.index import WalEntry, append_chunk, load_index, object_key
 
 MiB = 1 << 20
@@ -268,3 +269,39 @@ def test_after_a_rotation_the_next_backup_reuses_every_blob(
     # the new snapshot's own objects were sealed for both recipients: the escrow key opens them
     dump = kit.storage().get_bytes(f"snapshots/{second}/postgres/dump.pgdump.zst.age")
     assert _decrypts(dump, escrow, "dump")
+
+
+@pytest.mark.slow
+def test_object_lock_keeps_the_old_versions_and_the_rotation_says_until_when(
+    tmp_path: Path, s3_server: S3Endpoint
+) -> None:
+    """On an Object Lock bucket the old versions (old headers) stay: the removed key still
+    opens them, the new versions carry the same retention, and the output names the date."""
+    bucket = f"lock-{secrets.token_hex(6)}"
+    admin = s3_client(s3_server)
+    admin.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    kit = s3_kit(tmp_path, s3_server, bucket)
+    kit.sections["repository"]["object_lock_mode"] = "GOVERNANCE"
+    kit.config_file.write_text(tomli_w.dumps(kit.sections))
+    kit.snapshot(T0, dump=b"PGDMP" + secrets.token_bytes(7 * MiB))  # the copy path too
+    until = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0)
+    for key in _sealed_objects(kit):
+        admin.put_object_retention(
+            Bucket=bucket,
+            Key=f"drtool/{key}",
+            Retention={"Mode": "GOVERNANCE", "RetainUntilDate": until},
+        )
+    new_key, new_recipient = _new_identity(kit, "new.key")
+
+    done = _rotate(kit, "--add-recipient", new_recipient, "--remove-recipient", kit.recipient)
+    assert done.returncode == 0, done.stderr
+    assert f"stay until {until.isoformat()}" in done.stdout, done.stdout
+    for key in _sealed_objects(kit):
+        versions = admin.list_object_versions(Bucket=bucket, Prefix=f"drtool/{key}")["Versions"]
+        assert len(versions) == 2, key
+        old = next(v for v in versions if not v["IsLatest"])
+        raw = b"".join(kit.storage.get(key, version_id=old["VersionId"]))
+        assert _decrypts(raw, kit.identity_file, key)  # the removed key: until the date
+        assert _decrypts(kit.storage.get_bytes(key), new_key, key)
+        assert not _decrypts(kit.storage.get_bytes(key), kit.identity_file, key)
+        assert kit.storage.retention(key) == until  # the new version is locked as long
