@@ -112,3 +112,13 @@ def test_doctor_warns_when_the_backup_hosts_recipients_are_not_the_headers(
     _with_escrow(kit)  # the header now lists two recipients, the config still one
     status, detail = doctor._recipients_proven(kit.config(), datetime.now(UTC))
     assert status == "warn" and "keys.recipients differ from the repository header" in detail
+
+
+def test_a_drill_without_identities_records_the_configured_one_and_adds_no_check(
+    repo_kit: RepoKit,
+) -> None:
+    kit = repo_kit
+    _with_escrow(kit)
+    report = _drill(kit)
+    assert CHECK_NAME not in [c.name for c in report.checks]
+    assert report.keys_proven == [kit.recipient]
