@@ -24,7 +24,7 @@ from support.repo_kit import T0, RepoKit, blob_id, s3_kit
 
 from drtool import keys
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
-from drtool.errors import WrongKey
+from drtool.errors import IntegrityError, WrongKey
 from drtool.faults import ROTATE_CRASH_POINTS
 from drtool.pipeline.age import decrypt
 from drtool.pipeline.header import InnerHeader
@@ -305,3 +305,17 @@ def test_object_lock_keeps_the_old_versions_and_the_rotation_says_until_when(
         assert _decrypts(kit.storage.get_bytes(key), new_key, key)
         assert not _decrypts(kit.storage.get_bytes(key), kit.identity_file, key)
         assert kit.storage.retention(key) == until  # the new version is locked as long
+
+
+def test_a_header_rewrite_whose_result_differs_from_the_prediction_replaces_nothing(
+    any_repo_kit: RepoKit,
+) -> None:
+    """The object changed between the read and the rewrite: the old object stays, whole."""
+    kit = any_repo_kit
+    snap = kit.snapshot(T0)
+    key = snap.dump_key
+    before = kit.storage.get_bytes(key)
+    info = kit.storage.head(key)
+    with pytest.raises(IntegrityError, match="changed while its header was rewritten"):
+        kit.storage.rewrite_head(key, b"new header", 10, source=info, expect_sha256="0" * 64)
+    assert kit.storage.get_bytes(key) == before

@@ -180,6 +180,9 @@ def _rotate_locked(
         seq += 1
         batch = [(t, listed[t.key]) for t in todo[start : start + size]]
         until = _rotate_batch(storage, identities, signing_key, plan, state, seq, batch, result)
+        log.info(
+            "rotation %s: %d of %d objects done", plan.rotation_id, start + len(batch), len(todo)
+        )
         if until is not None and (latest is None or until > latest):
             latest = until
     if latest is not None:

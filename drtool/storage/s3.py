@@ -343,7 +343,12 @@ class S3Storage(Storage):
         size = source.size
         if size - skip <= MIN_PART:
             return super().rewrite_head(
-                key, head, skip, source=source, retain_until=retain_until, expect_sha256=None
+                key,
+                head,
+                skip,
+                source=source,
+                retain_until=retain_until,
+                expect_sha256=expect_sha256,
             )
         full = self._key(key)
         version: dict[str, Any] = {"VersionId": source.version_id} if source.version_id else {}
