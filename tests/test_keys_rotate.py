@@ -113,6 +113,7 @@ def _check_rotated(kit: RepoKit, new_key: Path, before: dict[str, bytes]) -> Non
         assert not _decrypts(raw, kit.identity_file, key), key
 
 
+@pytest.mark.slow  # ~5-7 s: five drtool runs
 def test_rotate_replaces_a_recipient_and_everything_still_verifies(any_repo_kit: RepoKit) -> None:
     kit = any_repo_kit
     _populate(kit)
