@@ -14,7 +14,7 @@ from support.cli import run_drtool
 from support.repo_kit import T0, RepoKit
 
 from drtool import keys
-from drtool.repository import layout, signing_keys
+from drtool.repository import catalog, layout, rotation, signing_keys
 
 
 def _statuses(kit: RepoKit, verify_key: str) -> dict[str, tuple[str, str]]:
@@ -108,3 +108,33 @@ def test_rotation_refuses_a_signing_key_that_is_not_the_current_one(repo_kit: Re
     assert again.returncode == 2 and "current signing key" in again.stderr
     assert "Traceback" not in again.stderr
     assert not (kit.tmp / "keys" / "k3.key").exists()
+
+
+def test_rotation_records_a_retired_key_signs_after_its_retirement_are_ignored(
+    repo_kit: RepoKit,
+) -> None:
+    """A leaked retired key must not make other bytes "expected" through a rotation record."""
+    kit = repo_kit
+    snap = kit.snapshot(T0)
+    old_key = kit.signing_key
+    new_path = kit.tmp / "keys" / "signing-2.key"
+    done = run_drtool("keys", "signing-key", "--rotate", str(new_path), config=kit.config_file)
+    assert done.returncode == 0, done.stderr
+    new_key = keys.load_signing_key(new_path)
+    info = layout.read_repo_info(kit.storage)
+    entry = snap.manifest.objects()[0]
+    plan = rotation.Plan("r1", info.repo_id, T0.isoformat(), "x", info.recipients, info.recipients)
+    change = rotation.Change(entry.key, entry.size, entry.sha256, entry.size, "f" * 64)
+    trusted = catalog.trusted_verify_keys(info, kit.verify_key)
+    assert len(trusted) == 2
+
+    for signer, applied in ((old_key, False), (new_key, True)):
+        kit.storage.put_bytes(
+            rotation.plan_key("r1"), rotation.sign_record(rotation.plan_body(plan), signer)
+        )
+        kit.storage.put_bytes(
+            rotation.batch_key("r1", 1, "done"),
+            rotation.sign_record(rotation.batch_body(plan, 1, "done", [change]), signer),
+        )
+        rmap = rotation.load_map(kit.storage, trusted, info.repo_id)
+        assert bool(rmap) is applied

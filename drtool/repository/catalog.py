@@ -165,16 +165,6 @@ def load_snapshot(
     return manifest, manifest_sha256(stored), None
 
 
-def _key_periods(
-    storage: Storage, verify_keys: list[str], repo_id: str
-) -> dict[str, signing_keys.Period] | None:
-    """Validity periods of the trusted keys, when a signing-key rotation made them several."""
-    if len(verify_keys) < 2:
-        return None
-    info = layout.read_repo_info(storage)
-    return signing_keys.trusted(repo_id, list(info.signing_keys), verify_keys[:1])
-
-
 def list_snapshots(storage: Storage, verify_keys: list[str], repo_id: str) -> list[SnapshotRecord]:
     """Every snapshot with its status, oldest first.
 
@@ -186,7 +176,7 @@ def list_snapshots(storage: Storage, verify_keys: list[str], repo_id: str) -> li
         present.update((o.key, o) for o in storage.list(prefix))
     loaded = []
     rotated = rotation.load_map(storage, verify_keys, repo_id)  # ADR 0023: headers rewritten
-    periods = _key_periods(storage, verify_keys, repo_id)
+    periods = signing_keys.periods_of(storage, verify_keys, repo_id)
     for snapshot_id in snapshot_ids(storage):
         manifest, digest, problem = load_snapshot(
             storage, snapshot_id, verify_keys, repo_id, periods

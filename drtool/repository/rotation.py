@@ -26,12 +26,14 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drtool import keys
 from drtool.errors import ConfigError, IntegrityError, NotFound
+from drtool.repository import signing_keys
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry, canonical
 from drtool.storage.base import Storage
 
@@ -81,14 +83,23 @@ class Plan:
 
 
 def sign_record(body: dict[str, Any], signing_key: Ed25519PrivateKey) -> bytes:
-    """The stored form of a record: body plus Ed25519 signature over its canonical JSON."""
-    body = {"format": FORMAT, **body}
+    """The stored form of a record: body plus Ed25519 signature over its canonical JSON.
+
+    ``time`` (when it was signed) lets readers refuse a record a retired signing key made
+    after its retirement (signing_keys.py).
+    """
+    body = {"format": FORMAT, "time": datetime.now(UTC).isoformat(timespec="microseconds"), **body}
     stored = {"body": body, "signature": keys.sign(signing_key, canonical(body))}
     return json.dumps(stored, indent=1, sort_keys=True, ensure_ascii=False).encode()
 
 
 def open_record(
-    stored: bytes, verify_keys: list[str], repo_id: str, *, name: str
+    stored: bytes,
+    verify_keys: list[str],
+    repo_id: str,
+    *,
+    name: str,
+    periods: dict[str, signing_keys.Period] | None = None,
 ) -> dict[str, Any]:
     """The body of a record signed by one of ``verify_keys`` for this repository."""
     try:
@@ -111,6 +122,8 @@ def open_record(
         raise IntegrityError(f"{name}: rotation record format unknown")
     if body.get("repo_id") != repo_id:
         raise IntegrityError(f"{name}: belongs to another repository")
+    if not signing_keys.signer_within_period(body, signature, periods, body.get("time")):
+        raise IntegrityError(f"{name}: signed by a retired signing key after its retirement")
     return body
 
 
@@ -141,7 +154,7 @@ def plan_body(plan: Plan) -> dict[str, Any]:
 def plan_of(body: dict[str, Any], *, name: str) -> Plan:
     """A plan from its record body."""
     try:
-        fields = {k: v for k, v in body.items() if k not in ("format", "kind")}
+        fields = {k: v for k, v in body.items() if k not in ("format", "kind", "time")}
         fields["recipients_before"] = tuple(fields["recipients_before"])
         fields["recipients_after"] = tuple(fields["recipients_after"])
         return Plan(**fields)
@@ -171,24 +184,32 @@ def read_rotations(storage: Storage, verify_keys: list[str], repo_id: str) -> li
         if len(parts) == 3 and parts[2].endswith(".json"):
             by_rotation.setdefault(parts[1], []).append(parts[2])
     states = []
+    periods = signing_keys.periods_of(storage, verify_keys, repo_id) if by_rotation else None
     for rotation_id in sorted(by_rotation):
         names = sorted(by_rotation[rotation_id])
         if "plan.json" in names:
-            state = _read_rotation(storage, verify_keys, repo_id, rotation_id, names)
+            state = _read_rotation(storage, verify_keys, repo_id, rotation_id, names, periods)
             if state is not None:
                 states.append(state)
     return states
 
 
 def _read_rotation(
-    storage: Storage, verify_keys: list[str], repo_id: str, rotation_id: str, names: list[str]
+    storage: Storage,
+    verify_keys: list[str],
+    repo_id: str,
+    rotation_id: str,
+    names: list[str],
+    periods: dict[str, signing_keys.Period] | None,
 ) -> RotationState | None:
     """One rotation's authentic records (None when its plan is not authentic)."""
     state: RotationState | None = None
     for file in ["plan.json", *(n for n in names if n != "plan.json")]:
         key = f"{ROTATIONS}{rotation_id}/{file}"
         try:
-            body = open_record(storage.get_bytes(key), verify_keys, repo_id, name=key)
+            body = open_record(
+                storage.get_bytes(key), verify_keys, repo_id, name=key, periods=periods
+            )
         except NotFound:
             continue
         except IntegrityError as exc:

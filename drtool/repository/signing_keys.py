@@ -26,7 +26,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drtool import keys
 from drtool.errors import ConfigError, IntegrityError
+from drtool.repository import layout
 from drtool.repository.manifest import canonical
+from drtool.storage.base import Storage
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +147,38 @@ def late_signature(stored: bytes, periods: dict[str, Period], *, name: str) -> s
             f"({period.not_before or 'start'} .. {period.not_after})"
         )
     return None
+
+
+def periods_of(storage: Storage, verify_keys: list[str], repo_id: str) -> dict[str, Period] | None:
+    """Validity periods of the trusted keys (from the header), when a rotation made them several.
+
+    ``verify_keys[0]`` is the pinned key (catalog.trusted_verify_keys); None when one key only.
+    """
+    if len(verify_keys) < 2:
+        return None
+    info = layout.read_repo_info(storage)
+    return trusted(repo_id, list(info.signing_keys), verify_keys[:1])
+
+
+def signer_within_period(
+    body: dict[str, Any], signature: str, periods: dict[str, Period] | None, when: Any
+) -> bool:
+    """Whether the key that signed ``body`` was current at ``when`` (True without periods).
+
+    A record a retired key signs must carry a time inside that key's period: otherwise a
+    leaked retired key could sign new records (rotation records, like manifests).
+    """
+    if not periods:
+        return True
+    for key, period in periods.items():
+        try:
+            keys.verify_signature(keys.parse_verify_key(key), canonical(body), signature)
+        except (IntegrityError, ConfigError):
+            continue
+        if period.not_after is None and period.not_before is None:
+            return True
+        try:
+            return isinstance(when, str) and period.covers(when)
+        except ValueError:
+            return False
+    return True

@@ -89,10 +89,11 @@ def rotate(cfg: Config, add: list[str], remove: list[str]) -> RotateResult:
     signing_key = keys.load_signing_key(cfg.keys.signing_key_file)
     repo = open_repo(cfg)
     own = keys.verify_key_text(signing_key.public_key())
-    if own not in repo.verify_keys:
+    current = repo.info.signing_keys[-1]["key"] if repo.info.signing_keys else own
+    if own not in repo.verify_keys or own != current:
         raise ConfigError(
-            "keys.signing_key_file: its verify key is not the pinned keys.verify_key; records "
-            "signed with it would be ignored by every reader"
+            "keys.signing_key_file: not the repository's current, trusted signing key (pinned "
+            "keys.verify_key, or handed over to); records signed with it would be ignored"
         )
     with repository_lock(repo.storage, "rotate") as held:
         return _rotate_locked(repo, identities, signing_key, add, remove, held.ensure_held)
@@ -397,7 +398,9 @@ def rotate_signing_key(cfg: Config, new_path: str) -> SigningRotation:
     with repository_lock(storage, "signing-key"):
         new_text = keys.write_signing_key(new_path)
         new = keys.load_signing_key(new_path)
-        at = datetime.now(UTC).isoformat(timespec="seconds")
+        # to the microsecond: a manifest finished earlier in the same second stays inside the
+        # old key's period, a record signed a moment later falls outside it
+        at = datetime.now(UTC).isoformat(timespec="microseconds")
         entries = signing_keys.endorse(info.repo_id, list(info.signing_keys), old, new, at)
         updated = replace(
             info, signing_keys=tuple(entries), verify_keys=(*info.verify_keys, new_text)
