@@ -135,14 +135,21 @@ def changes_of(body: dict[str, Any], *, name: str) -> list[Change]:
         raise IntegrityError(f"{name}: rotation record is malformed ({exc})") from None
 
 
-def batch_body(plan: Plan, seq: int, state: str, changes: Iterable[Change]) -> dict[str, Any]:
-    """The body of batch ``seq``'s ``intent`` or ``done`` record."""
+def batch_body(
+    plan: Plan, seq: int, state: str, changes: Iterable[Change], retained_until: str | None = None
+) -> dict[str, Any]:
+    """The body of batch ``seq``'s ``intent`` or ``done`` record.
+
+    ``retained_until``: the latest Object Lock date of the versions the batch replaced (they
+    keep the old headers until then), so a resumed run still reports it.
+    """
     return {
         "kind": state,
         "repo_id": plan.repo_id,
         "rotation_id": plan.rotation_id,
         "seq": seq,
         "entries": [asdict(c) for c in changes],
+        "retained_until": retained_until,
     }
 
 
@@ -171,6 +178,7 @@ class RotationState:
     intents: dict[str, list[Change]] = field(default_factory=dict)
     last_seq: int = 0
     finished: dict[str, Any] | None = None
+    retained_until: str | None = None  # the latest of the done batches' ``retained_until``
 
 
 def read_rotations(storage: Storage, verify_keys: list[str], repo_id: str) -> list[RotationState]:
@@ -223,6 +231,9 @@ def _read_rotation(
             state.finished = body
         elif body.get("kind") in ("intent", "done"):
             state.last_seq = max(state.last_seq, int(body.get("seq", 0)))
+            until = body.get("retained_until")
+            if body["kind"] == "done" and isinstance(until, str):
+                state.retained_until = max(state.retained_until or until, until)
             for change in changes_of(body, name=key):
                 if body["kind"] == "done":
                     state.done[change.key] = change

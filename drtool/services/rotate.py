@@ -99,6 +99,13 @@ def rotate(cfg: Config, add: list[str], remove: list[str]) -> RotateResult:
         return _rotate_locked(repo, identities, signing_key, add, remove, held.ensure_held)
 
 
+def _batch_size() -> int:
+    raw = os.environ.get(BATCH_ENV, str(BATCH))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{BATCH_ENV}: expected a whole number above 0 (got {raw!r})")
+    return int(raw)
+
+
 def _target_recipients(before: list[str], add: list[str], remove: list[str]) -> list[str]:
     gone = {r.strip() for r in remove}
     unknown = sorted(gone - set(before))
@@ -130,7 +137,12 @@ def _rotate_locked(
     if state is not None and list(state.plan.recipients_after) == header:
         # killed after the header update: only the closing record is missing
         result = RotateResult(
-            state.plan.rotation_id, list(state.plan.recipients_before), header, resumed=True
+            state.plan.rotation_id,
+            list(state.plan.recipients_before),
+            header,
+            resumed=True,
+            old_versions_until=state.retained_until,
+            versioned=storage.versioned(),
         )
         _finish(storage, signing_key, state.plan, result)
         return result
@@ -174,8 +186,8 @@ def _rotate_locked(
         else:
             todo.append(target)
     seq = state.last_seq
-    latest: datetime | None = None
-    size = max(1, int(os.environ.get(BATCH_ENV, BATCH)))
+    latest = datetime.fromisoformat(state.retained_until) if state.retained_until else None
+    size = _batch_size()
     for start in range(0, len(todo), size):
         ensure_held()  # a lost lock (heartbeat failed): stop before rewriting more
         seq += 1
@@ -354,9 +366,11 @@ def _rotate_batch(
             crash_point("rotate-after-object")
     changes = [*recognised, *(c for _, c in planned)]
     if changes:
+        until = latest.isoformat(timespec="seconds") if latest else None
+        body = rotation.batch_body(plan, seq, "done", changes, retained_until=until)
         storage.put_bytes(
             rotation.batch_key(plan.rotation_id, seq, "done"),
-            rotation.sign_record(rotation.batch_body(plan, seq, "done", changes), signing_key),
+            rotation.sign_record(body, signing_key),
         )
         crash_point("rotate-after-done")
     result.rewritten += len(planned)
