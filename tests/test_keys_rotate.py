@@ -323,3 +323,15 @@ def test_a_header_rewrite_whose_result_differs_from_the_prediction_replaces_noth
     with pytest.raises(IntegrityError, match="changed while its header was rewritten"):
         kit.storage.rewrite_head(key, b"new header", 10, source=info, expect_sha256="0" * 64)
     assert kit.storage.get_bytes(key) == before
+
+
+def test_a_wrong_identity_is_refused_before_anything_is_written(repo_kit: RepoKit) -> None:
+    kit = repo_kit
+    kit.snapshot(T0)
+    stranger, _ = _new_identity(kit, "stranger.key")
+    _, new_recipient = _new_identity(kit, "new.key")
+    config = kit.write_config("stranger", identity_file=str(stranger))
+    done = run_drtool("keys", "rotate", "--add-recipient", new_recipient, config=config)
+    assert done.returncode == 12, done.stderr  # wrong or missing key
+    assert "no identity matches" in done.stderr and "Traceback" not in done.stderr
+    assert not [k for k in kit.keys_in_storage() if k.startswith("rotations/")]

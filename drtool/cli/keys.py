@@ -22,6 +22,11 @@ def keys() -> None:
     Put the printed recipient in keys.recipients and the verify key in keys.verify_key
     (every config that reads the repository must pin it: the keys listed in the repository
     header are never trusted; `drtool keys verify-key signing.key` prints it again).
+
+    \b
+    Later (docs/OPERATIONS.md, "Key runbooks"):
+      drtool keys rotate --add-recipient age1... --remove-recipient age1...
+      drtool keys signing-key --rotate new-signing.key     on the NAS
     """
 
 

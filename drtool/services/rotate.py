@@ -157,6 +157,7 @@ def _rotate_locked(
     else:
         if after == header:
             raise UsageError("nothing to change: the repository already has these recipients")
+        _probe(repo, identities, after)
         plan = rotation.Plan(
             rotation_id=f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}",
             repo_id=repo_id,
@@ -205,6 +206,19 @@ def _rotate_locked(
     storage.put_bytes(layout.REPO_FILE, info.to_json())
     _finish(storage, signing_key, plan, result)
     return result
+
+
+def _probe(repo: Repo, identities: list[str], after: list[str]) -> None:
+    """Before anything is written: the identity opens the smallest object (WrongKey if not).
+
+    Without this a wrong identity would leave a started rotation that only it can resume.
+    """
+    objects = [o for o in repo.storage.list(layout.SNAPSHOTS) if o.key.endswith(".age")]
+    if not objects:
+        return
+    sample = min(objects, key=lambda o: (o.size, o.key))
+    head = b"".join(repo.storage.get(sample.key))[:_HEAD_BYTES]
+    rewrap(head, identities, after, name=sample.key)
 
 
 def _finish(
