@@ -9,10 +9,12 @@ before it, on the real repository and the real identity files, and is what is ch
 from __future__ import annotations
 
 import json
+import tempfile
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from support.cli import run_drtool
 from support.repo_kit import RepoKit
 
@@ -122,3 +124,29 @@ def test_a_drill_without_identities_records_the_configured_one_and_adds_no_check
     report = _drill(kit)
     assert CHECK_NAME not in [c.name for c in report.checks]
     assert report.keys_proven == [kit.recipient]
+
+
+@pytest.mark.slow
+def test_drill_run_takes_identities_on_the_command_line(repo_kit: RepoKit) -> None:
+    """`drtool drill run --identity A --identity B`: the flags reach the key proof (the
+    synthetic snapshot's dump then fails to restore into the scratch stack: exit 6)."""
+    kit = repo_kit
+    escrow = _with_escrow(kit)
+    stranger = kit.tmp / "keys" / "stranger.key"
+    keys.write_identity(stranger, passphrase=None)
+    definition = kit.tmp / "drill.toml"
+    definition.write_text(f'components = ["postgres"]\n[report]\ndir = "{kit.tmp / "reports"}"\n')
+    # short (socket paths) and enterable by the postgres user, as tests/test_drill.py's home
+    with tempfile.TemporaryDirectory(prefix="drill-") as home:
+        Path(home).chmod(0o711)
+        done = run_drtool(
+            "drill", "run", "--definition", str(definition),
+            "--identity", str(escrow), "--identity", str(stranger), "--json",
+            config=kit.config_file, home=Path(home),
+        )  # fmt: skip
+    assert done.returncode == 6, done.stderr
+    report = json.loads(done.stdout)
+    assert "fingerprints" in report["error"] or "restore" in report["error"], report["error"]
+    proof = next(c for c in report["checks"] if c["name"] == CHECK_NAME)
+    assert not proof["passed"] and str(stranger) in proof["detail"]
+    assert sorted(report["keys_proven"]) == sorted(layout.read_repo_info(kit.storage).recipients)
