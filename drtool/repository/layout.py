@@ -116,5 +116,11 @@ def read_repo_info(storage: Storage) -> RepoInfo:
         created=str(data["created"]),
         recipients=tuple(data["recipients"]),
         verify_keys=tuple(data["verify_keys"]),
-        signing_keys=tuple(e for e in data.get("signing_keys") or () if isinstance(e, dict)),
+        signing_keys=_entries(data.get("signing_keys")),
     )
+
+
+def _entries(value: Any) -> tuple[dict[str, Any], ...]:
+    """The header's ``signing_keys`` entries; anything malformed is dropped (never trusted:
+    an entry counts only once both keys' signatures verify, signing_keys.py)."""
+    return tuple(e for e in value if isinstance(e, dict)) if isinstance(value, list) else ()
