@@ -62,6 +62,8 @@ class KeysConfig:
     verify_key: str = ""
     identity_file: str = ""
     identity_passphrase: str | None = field(default=None, repr=False, metadata=SECRET)
+    # `drtool doctor` warns when a recipient was not proven by a drill for this long (ADR 0023)
+    prove_within_days: int = 30
 
 
 @dataclass(frozen=True)

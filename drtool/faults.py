@@ -23,6 +23,13 @@ BACKUP_CRASH_POINTS = (
     "before-manifest",  # every data object stored and confirmed, the manifest not yet written
     "after-manifest",  # the manifest is written (committed), not yet read back
 )
+#: The crash points of `drtool keys rotate` (ADR 0023), in the order a batch reaches them.
+ROTATE_CRASH_POINTS = (
+    "rotate-after-intent",  # a batch's intent record is written, no object rewritten yet
+    "rotate-after-object",  # the first object of a batch is rewritten, its done record not
+    "rotate-after-done",  # a batch's done record is written (the next batch not started)
+    "rotate-before-header",  # every object rewritten, the repository header not yet updated
+)
 #: Every crash point: a restore's too.
 CRASH_POINTS = (
     *BACKUP_CRASH_POINTS,
@@ -31,6 +38,7 @@ CRASH_POINTS = (
     "wal-after-upload",  # a WAL file is stored, its index chunk not yet committed
     "wal-after-index",  # the index chunk is committed, the files not yet removed from the spool
     "copy-before-manifest",  # `drtool copy`: a snapshot's objects are copied, its manifest not
+    *ROTATE_CRASH_POINTS,
 )
 
 

@@ -33,6 +33,7 @@ NAMES = [
     "clock skew",
     "scratch free space",
     "key file permissions",
+    "every recipient proven",
 ]
 
 

@@ -74,7 +74,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ),
         (
             '[reports]\ndir = "x"\n',
-            "reports: unknown setting (known: components, docker, name, ",
+            "reports: unknown setting (known: components, docker, identities, name, ",
         ),
         (
             "thresholds = 5\n",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -35,6 +36,13 @@ def drill() -> None:
     help="Drill definition TOML (e.g. restore_drills/weekly.toml); defaults without one.",
 )
 @click.option("--snapshot", default=None, help="latest, an id, or random-within:7d.")
+@click.option(
+    "--identity",
+    "identities",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="An identity file to prove (repeatable; one per recipient, e.g. the escrow key).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @repository_option
 @click.pass_obj
@@ -42,6 +50,7 @@ def run(
     state: CliState,
     definition: Path | None,
     snapshot: str | None,
+    identities: tuple[Path, ...],
     as_json: bool,
     repository: str | None,
 ) -> None:
@@ -51,11 +60,11 @@ def run(
     snapshot passed over, no valid snapshot, an invalid one named) is a failed drill too,
     with its report; the check "newest snapshot drilled" says what was skipped and why.
     """
+    spec = load_definition(definition)
+    if identities:
+        spec = replace(spec, identities=(*spec.identities, *map(str, identities)))
     report = svc.run_drill(
-        state.config(repository=repository),
-        home=state.home,
-        spec=load_definition(definition),
-        snapshot=snapshot,
+        state.config(repository=repository), home=state.home, spec=spec, snapshot=snapshot
     )
     if as_json:
         click.echo(report.to_json())

@@ -5,6 +5,7 @@ name = "weekly"
 snapshot = "latest"            # an id, "latest", or "random-within:7d"
 runtime = "local"              # "local" (server processes) or "docker"
 components = ["postgres", "redis", "minio"]
+identities = []                # identity files, one per recipient: each must decrypt a sample
 
 [thresholds]
 max_rto_s = 900                # total restore time allowed
@@ -118,6 +119,8 @@ class DrillDefinition:
     runtime: Literal["local", "docker"] = "local"
     components: tuple[str, ...] = field(default=COMPONENTS, metadata={"check": _components})
     sample_rooms: int = 10
+    # identity files to prove (one per recipient: operators', escrow); issue 15.3, ADR 0023
+    identities: tuple[str, ...] = ()
     thresholds: Thresholds = field(default_factory=Thresholds)
     docker: DockerImages = field(default_factory=DockerImages)
     report: ReportSettings = field(default_factory=ReportSettings)

@@ -52,6 +52,7 @@ class DrillReport:
     phases_s: dict[str, float] = field(default_factory=dict)
     checks: list[CheckResult] = field(default_factory=list)
     pg_major: int | None = None  # the scratch PostgreSQL's major, checked equal to the snapshot's
+    keys_proven: list[str] = field(default_factory=list)  # recipients (public) that decrypted
 
     def summary(self) -> dict[str, Any]:
         """The key-less summary kept in the clear: no figure that describes the data."""
@@ -71,6 +72,7 @@ class DrillReport:
             "restore_s": self.restore_s,
             "rpo_s": self.rpo_s,
             "measured_rpo_s": self.measured_rpo_s,
+            "keys_proven": self.keys_proven,  # public recipients; doctor's "proven in N days"
         }
 
     def _measured_lines(self) -> list[str]:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drtool.errors import ConfigError, DrtoolError, IntegrityError, NotFound
-from drtool.repository import catalog_index, chain, layout, verifications
+from drtool.repository import catalog_index, chain, layout, rotation, signing_keys, verifications
 from drtool.repository.catalog_index import Entry, Index, IndexUnusable
 from drtool.repository.ids import id_time, is_id
 from drtool.repository.manifest import Manifest, manifest_sha256, open_manifest
@@ -98,12 +98,12 @@ def trusted_verify_keys(info: layout.RepoInfo, pinned: str, own: str = "") -> li
     write the repository can add one there and sign a forged snapshot with it (issue 18.8,
     docs/decisions/0014-verify-key-pinning.md). Without either, reading fails closed.
     """
-    if pinned:
-        if pinned not in info.verify_keys:
-            log.warning("the configured verify key is not listed in the repository header")
-        return [pinned]
-    if own:
-        return [own]
+    anchor = pinned or own
+    if pinned and pinned not in info.verify_keys:
+        log.warning("the configured verify key is not listed in the repository header")
+    if anchor:  # plus the keys it handed over to or vouched for (signing_keys.py, ADR 0023)
+        periods = signing_keys.trusted(info.repo_id, list(info.signing_keys), [anchor])
+        return [anchor, *sorted(k for k in periods if k != anchor)]
     header = ", ".join(info.verify_keys) or "none"
     raise ConfigError(
         "keys.verify_key: not set; drtool does not trust the keys in the repository header "
@@ -145,7 +145,11 @@ def unverified_object_keys(storage: Storage, snapshot_id: str) -> set[str]:
 
 
 def load_snapshot(
-    storage: Storage, snapshot_id: str, verify_keys: list[str], repo_id: str
+    storage: Storage,
+    snapshot_id: str,
+    verify_keys: list[str],
+    repo_id: str,
+    periods: dict[str, signing_keys.Period] | None = None,
 ) -> tuple[Manifest | None, str | None, str | None]:
     """Read and verify one manifest: (manifest, its stored sha256, problem)."""
     name = layout.manifest_key(snapshot_id)
@@ -153,12 +157,16 @@ def load_snapshot(
         stored = storage.get_bytes(name)
     except NotFound:
         return None, None, "manifest missing"
-    manifest, problem = _open_stored(stored, snapshot_id, verify_keys, repo_id)
+    manifest, problem = _open_stored(stored, snapshot_id, verify_keys, repo_id, periods)
     return manifest, manifest_sha256(stored), problem
 
 
 def _open_stored(
-    stored: bytes, snapshot_id: str, verify_keys: list[str], repo_id: str
+    stored: bytes,
+    snapshot_id: str,
+    verify_keys: list[str],
+    repo_id: str,
+    periods: dict[str, signing_keys.Period] | None = None,
 ) -> tuple[Manifest | None, str | None]:
     """A stored manifest checked: signature, snapshot and repository; (manifest, problem)."""
     name = layout.manifest_key(snapshot_id)
@@ -168,6 +176,9 @@ def _open_stored(
         return None, str(exc)
     if manifest.snapshot_id != snapshot_id or manifest.repo_id != repo_id:
         return None, f"{name}: belongs to another snapshot or repository"
+    late = signing_keys.late_signature(stored, periods, name=name) if periods else None
+    if late:
+        return None, late
     return manifest, None
 
 
@@ -200,6 +211,10 @@ def _list_all(
     listed = catalog_index.manifests_listed(list(present.values()))
     entries = index.entries if index is not None else {}
     loaded = []
+    rotated = rotation.load_map(storage, verify_keys, repo_id)  # ADR 0023: headers rewritten
+    periods = signing_keys.periods_of(storage, verify_keys, repo_id)
+    if rotated or periods:
+        entries = {}  # the index's copies predate the rotation (see _index_or_none)
     for snapshot_id in sorted(listed):
         entry = entries.get(snapshot_id)
         manifest: Manifest | None
@@ -207,8 +222,11 @@ def _list_all(
         if entry is not None and entry.matches(listed[snapshot_id]):
             manifest, digest, problem = entry.manifest, entry.sha256, None
         else:
-            manifest, digest, problem = load_snapshot(storage, snapshot_id, verify_keys, repo_id)
+            manifest, digest, problem = load_snapshot(
+                storage, snapshot_id, verify_keys, repo_id, periods
+            )
         if manifest is not None:
+            manifest = rotation.apply_to_manifest(manifest, rotated)
             problem = check_objects(manifest, present)
         loaded.append((snapshot_id, manifest, digest, problem))
     manifests = {sid: m for sid, m, _, _ in loaded if m is not None}
@@ -324,7 +342,17 @@ def _holds(manifest: Manifest, components: Collection[str]) -> bool:
 
 
 def _index_or_none(storage: Storage, verify_keys: list[str], repo_id: str) -> Index | None:
-    """The catalog index, or None: none yet (quietly), or not trustworthy (a warning)."""
+    """The catalog index, or None: none yet (quietly), or not trustworthy (a warning).
+
+    Not used either once keys were rotated (ADR 0023): the index's manifest copies name the
+    objects as they were before their headers were rewritten, and a manifest signed by a
+    retired key is judged by its stored signature; the full listing applies both.
+    """
+    if rotation.load_map(storage, verify_keys, repo_id) or signing_keys.periods_of(
+        storage, verify_keys, repo_id
+    ):
+        log.debug("catalog index not used: keys were rotated (ADR 0023)")
+        return None
     try:
         return catalog_index.read_index(storage, verify_keys, repo_id)
     except IndexUnusable as exc:

@@ -56,10 +56,15 @@ class RepoInfo:
     created: str
     recipients: tuple[str, ...]
     verify_keys: tuple[str, ...]
+    # signing-key rotations with validity periods (signing_keys.py); absent before the first
+    signing_keys: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> bytes:
         """The stored form."""
-        return json.dumps(asdict(self), indent=2).encode()
+        data = asdict(self)
+        if not self.signing_keys:
+            del data["signing_keys"]
+        return json.dumps(data, indent=2).encode()
 
 
 def new_repo_info(recipients: list[str], verify_key: str) -> RepoInfo:
@@ -112,4 +117,11 @@ def read_repo_info(storage: Storage) -> RepoInfo:
         created=str(data["created"]),
         recipients=tuple(data["recipients"]),
         verify_keys=tuple(data["verify_keys"]),
+        signing_keys=_entries(data.get("signing_keys")),
     )
+
+
+def _entries(value: Any) -> tuple[dict[str, Any], ...]:
+    """The header's ``signing_keys`` entries; anything malformed is dropped (never trusted:
+    an entry counts only once both keys' signatures verify, signing_keys.py)."""
+    return tuple(e for e in value if isinstance(e, dict)) if isinstance(value, list) else ()

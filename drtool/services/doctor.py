@@ -22,8 +22,10 @@ from typing import Literal
 from drtool.config import Config
 from drtool.endpoints import RedisEndpoint
 from drtool.errors import DrtoolError, SourceError, StorageError
+from drtool.pipeline.age import recipient_fingerprint
 from drtool.repository import catalog, layout, object_lock
 from drtool.repository.access import open_repo, storage_for
+from drtool.services import key_proof
 from drtool.services.backup import refuse_identity
 from drtool.sources import postgres as pg
 from drtool.sources.minio import MinioStore, bucket_coverage, repository_bucket
@@ -90,6 +92,7 @@ def run_doctor(
             checks.append(Check(name, "warn", f"skipped: {why}"))
     checks.append(_run("scratch free space", lambda: _scratch(cfg)))
     checks.append(_run("key file permissions", lambda: _key_files(cfg)))
+    checks.append(_run("every recipient proven", lambda: _recipients_proven(cfg, clock())))
     return checks
 
 
@@ -278,3 +281,35 @@ def _key_files(cfg: Config) -> tuple[Status, str]:
     if loose:
         return "fail", f"{'; '.join(loose)}: chmod 600"
     return "pass", f"{', '.join(paths)}: 600"
+
+
+def _recipients_proven(cfg: Config, now: datetime) -> tuple[Status, str]:
+    """Each header recipient decrypted a sample in a drill within keys.prove_within_days.
+
+    A recipient nobody proved may be a key nobody holds any more (key_proof.py, ADR 0023).
+    """
+    storage = storage_for(cfg)
+    info = layout.read_repo_info(storage)
+    proven = key_proof.last_proven(storage)
+    limit = timedelta(days=cfg.keys.prove_within_days)
+    stale = []
+    for recipient in info.recipients:
+        when = proven.get(recipient)
+        if when is None or now - when > limit:
+            since = "never" if when is None else f"last {when:%Y-%m-%d}"
+            stale.append(f"{recipient_fingerprint(recipient)} ({since})")
+    problems = []
+    if cfg.keys.recipients and set(cfg.keys.recipients) != set(info.recipients):
+        header = ", ".join(recipient_fingerprint(r) for r in info.recipients)
+        problems.append(
+            f"keys.recipients differ from the repository header ({header}): new objects are "
+            "sealed for the configured ones; after a key rotation set them to the header's"
+        )
+    if stale:
+        problems.append(
+            f"not proven by a drill in {cfg.keys.prove_within_days} days: {', '.join(stale)}; "
+            "run drtool drill run --identity FILE for each"
+        )
+    if problems:
+        return "warn", "; ".join(problems)
+    return "pass", f"{len(info.recipients)} recipient(s) proven within {limit.days} days"

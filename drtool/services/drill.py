@@ -37,9 +37,10 @@ from drtool.errors import ConfigError, DrtoolError, NotFound, UsageError
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import seal
 from drtool.repository import catalog, drill_log, layout
-from drtool.repository.access import Repo, open_repo
+from drtool.repository.access import Repo, identities_of, open_repo
 from drtool.repository.ids import new_id
 from drtool.runtime.binaries import pg_bin_dir, pg_major_of
+from drtool.services import key_proof
 from drtool.services.restore.run import RestoreOptions, run_restore
 from drtool.sources import postgres as pg
 from drtool.stores import canary, checks, registry
@@ -261,6 +262,7 @@ def run_drill(
         log.info(
             "drill %s of snapshot %s on the %s runtime", drill_id, record.snapshot_id, spec.runtime
         )
+        _prove_keys(cfg, repo, spec, record, report)
         try:
             with watchdog(drill_id, deadline_s or default_deadline(spec)) as dog:
                 _drill(cfg, home, spec, record, report, scratch, dog)
@@ -348,6 +350,33 @@ def _drill(
     phases["down"] = round(down.elapsed(), 3)
     report.checks += _threshold_checks(spec, report)
     report.passed = all(c.passed for c in report.checks)
+
+
+def _prove_keys(
+    cfg: Config,
+    repo: Repo,
+    spec: DrillDefinition,
+    record: catalog.SnapshotRecord,
+    report: DrillReport,
+) -> None:
+    """Decrypt a sample object with each identity given (key_proof.py).
+
+    With identities given it is a check of the drill; without, only the configured identity
+    is tried and recorded as proven (the restore itself fails if it cannot decrypt).
+    """
+    try:
+        proof = key_proof.prove_keys(
+            repo, record, [Path(p) for p in spec.identities], identities_of(cfg)
+        )
+    except DrtoolError as exc:
+        if spec.identities:
+            report.checks.append(checks.CheckResult(key_proof.CHECK_NAME, False, exc.message))
+        else:
+            log.warning("drill %s: key proof skipped: %s", report.drill_id, exc.message)
+        return
+    if spec.identities:
+        report.checks.append(proof.check(required=True))
+    report.keys_proven = proof.proven
 
 
 def _docker_sized(

@@ -7,13 +7,14 @@ and prefix (S3) or base directory (file). See docs/decisions/0002-storage-interf
 from __future__ import annotations
 
 import builtins
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar, Literal
 
-from drtool.errors import NotFound
+from drtool.errors import IntegrityError, NotFound
 
 #: File names with this prefix are in-progress writes of the file backend; no key may use it.
 TEMP_PREFIX = ".tmp-"
@@ -110,6 +111,42 @@ class Storage(ABC):
     ) -> ObjectInfo:
         """Store ``data`` under ``key`` (see :meth:`put`)."""
         return self.put(key, [data], retain_until=retain_until, expected_size=len(data))
+
+    def rewrite_head(
+        self,
+        key: str,
+        head: bytes,
+        skip: int,
+        *,
+        source: ObjectInfo,
+        retain_until: datetime | None = None,
+        expect_sha256: str | None = None,
+    ) -> ObjectInfo:
+        """Replace the first ``skip`` bytes of ``key`` by ``head``; the rest stays byte-identical.
+
+        Key rotation (ADR 0023) rewrites only an age header this way. Atomic like :meth:`put`:
+        readers see the old or the new object. This default streams the object through
+        (a directory: temp file + rename); ``expect_sha256`` is checked before the new object
+        replaces the old one (on a mismatch nothing is replaced). S3 overrides it to copy large
+        payloads server-side.
+        """
+
+        def body() -> Iterator[bytes]:
+            digest = hashlib.sha256(head)
+            seen = 0
+            yield head
+            for piece in self.get(key, version_id=source.version_id):
+                start = max(0, skip - seen)
+                seen += len(piece)
+                if start < len(piece):
+                    rest = piece[start:]
+                    digest.update(rest)
+                    yield rest
+            if expect_sha256 is not None and digest.hexdigest() != expect_sha256:
+                raise IntegrityError(f"{key}: changed while its header was rewritten; not replaced")
+
+        size = len(head) + source.size - skip
+        return self.put(key, body(), retain_until=retain_until, expected_size=size)
 
     @abstractmethod
     def get(self, key: str, *, version_id: str | None = None) -> Iterator[bytes]:

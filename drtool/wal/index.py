@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drtool import keys
 from drtool.errors import ConfigError, IntegrityError, NotFound
+from drtool.repository import rotation
 from drtool.repository.manifest import canonical
 from drtool.storage.base import Storage
 
@@ -203,6 +204,11 @@ def load_index(storage: Storage, verify_keys: list[str], repo_id: str) -> WalInd
         expected_previous = hashlib.sha256(stored).hexdigest()
         index.last_seq, index.last_sha256 = seq, expected_previous
         index.chunks += 1
+    rotated = rotation.load_map(storage, verify_keys, repo_id)  # ADR 0023: headers rewritten
+    for name, entry in index.entries.items():
+        size, sha256 = rotated.current(entry.key, entry.size, entry.sha256)
+        if (size, sha256) != (entry.size, entry.sha256):
+            index.entries[name] = replace(entry, size=size, sha256=sha256)
     return index
 
 

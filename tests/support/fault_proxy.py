@@ -184,6 +184,7 @@ class _Handler(socketserver.StreamRequestHandler):
             else:
                 body = self.rfile.read(int(_header(headers, "Content-Length", "0")))
                 forward_raw = raw + body
+            proxy._count(method, target, len(body))
             if rule is not None and rule.request_body is not None:
                 forward_raw = _encode(start, headers, rule.request_body(body))
             if rule is not None and rule.delay:
@@ -205,6 +206,7 @@ class _Handler(socketserver.StreamRequestHandler):
                     self.wfile.flush()
                     _reset(self.connection)
                     return
+            proxy._count_received(len(answer.body))
             self._send(_encode(answer.start, answer.headers, answer.body, keep_length=True))
 
     def _send(self, data: bytes) -> None:
@@ -280,6 +282,9 @@ class FaultProxy:
         self.upstream = (parts.hostname, parts.port)
         self.rules: list[Rule] = []
         self.seen: list[tuple[str, str]] = []
+        #: request body bytes per request ``(method, target, bytes)``, and answer body bytes
+        self.bodies: list[tuple[str, str, int]] = []
+        self.received_bytes = 0
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
@@ -299,6 +304,20 @@ class FaultProxy:
         """Back to a transparent proxy."""
         with self._lock:
             self.rules.clear()
+
+    @property
+    def sent_bytes(self) -> int:
+        """Request body bytes forwarded (uploads), every request counted."""
+        with self._lock:
+            return sum(n for _, _, n in self.bodies)
+
+    def _count(self, method: str, target: str, size: int) -> None:
+        with self._lock:
+            self.bodies.append((method, target, size))
+
+    def _count_received(self, size: int) -> None:
+        with self._lock:
+            self.received_bytes += size
 
     def _take(self, method: str, target: str) -> Rule | None:
         with self._lock:

@@ -7,12 +7,13 @@ its content type and metadata and reads each one back (:mod:`drtool.stores.minio
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from drtool import keys
 from drtool.endpoints import StackEndpoints
-from drtool.repository import layout
+from drtool.repository import catalog, layout, rotation
 from drtool.repository.manifest import ComponentEntry, ObjectEntry
 from drtool.repository.minio_index import IndexEntry
 from drtool.sources import minio as s3_source
@@ -47,6 +48,7 @@ class MinioStore:
         endpoints = ctx.cfg.stack()
         store = s3_source.MinioStore(endpoints.minio)
         stored_blobs = {o.key: o.size for o in ctx.storage.list(layout.BLOBS)}
+        rotated = _rotation_map(ctx)
         objects: list[ObjectEntry] = []
         blobs: dict[str, ObjectEntry] = {}
         caches: list[tuple[Path, list[IndexEntry]]] = []
@@ -70,7 +72,7 @@ class MinioStore:
                 store,
                 bucket,
                 ctx.writer,
-                previous=bucket_backup.read_cache(path),
+                previous=_rotated(bucket_backup.read_cache(path), rotated),
                 stored_blobs=stored_blobs,
                 damaged=ctx.damaged,
                 on_object=lambda n: ctx.progress(NAME, n),
@@ -223,3 +225,29 @@ class MinioRestoring:
             )
         counts = {f"extra_objects_{fate}": n for fate, n in extra.items()}
         return Restored(problems, "; ".join(parts), counts)
+
+
+def _rotation_map(ctx: BackupContext) -> rotation.RotationMap:
+    """The blobs a key rotation re-wrapped (ADR 0023), from records this host's key trusts."""
+    own = keys.verify_key_text(ctx.writer.signing_key.public_key())
+    trusted = catalog.trusted_verify_keys(ctx.writer.repo, "", own)
+    return rotation.load_map(ctx.storage, trusted, ctx.writer.repo.repo_id)
+
+
+def _rotated(
+    previous: dict[str, IndexEntry], rotated: rotation.RotationMap
+) -> dict[str, IndexEntry]:
+    """The host's cached index with each blob's stored size and sha256 as rotated.
+
+    A rotation rewrites a blob's header, so its size and hash change: without this the next
+    backup would see every blob as changed and upload every attachment again.
+    """
+    if not rotated:
+        return previous
+    out = {}
+    for key, entry in previous.items():
+        size, sha256 = rotated.current(
+            layout.blob_key(entry.blob), entry.blob_size, entry.blob_sha256
+        )
+        out[key] = replace(entry, blob_size=size, blob_sha256=sha256)
+    return out
