@@ -1,0 +1,221 @@
+"""``drtool restore --at|--lsn --component postgres --into DIR`` and WAL retention, for real.
+
+One history per PostgreSQL major (Debian's 15, the PyPI wheel's 16): a streamer runs, a base
+backup is taken, transaction A commits, the target (a moment and a WAL position) is read,
+transaction B commits, and the WAL holding B is sealed. A restore to the target must hold A and
+not B, exactly, on both targets; the source keeps running untouched. Then the refusals: a
+target before the oldest base and after the newest WAL (exit 10, the window named, nothing
+created), a deleted and a bit-flipped segment (exit 5 before anything is created, naming it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from support.cli import run_drtool
+from support.wal_kit import (
+    SEG,
+    WalKit,
+    admin,
+    make_kit,
+    start_wal_server,
+    stop_streamer,
+    wait_for,
+    write_rows,
+)
+
+from drtool.config import load_config
+from drtool.endpoints import PostgresEndpoint
+from drtool.wal.names import parse_lsn, parse_segment, segment_of_lsn
+
+pytestmark = pytest.mark.slow
+
+
+def base_backup(kit: WalKit) -> str:
+    """A ``postgres-base`` snapshot through the library (the CLI path is tested elsewhere)."""
+    from drtool.services.backup import run_backup
+
+    cfg = load_config(kit.config, {})
+    return run_backup(cfg, home=kit.root, env={}, components=("postgres-base",)).snapshot_id
+
+
+def one(conn: psycopg.Connection[Any], query: str) -> str:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+@dataclass
+class History:
+    """What happened on the source, and where it is stored."""
+
+    kit: WalKit
+    base: str
+    before_base: datetime  # a moment before the oldest base backup finished
+    at: datetime  # after A committed, before B did
+    lsn: str  # the WAL position after A's commit, before B's
+    scratch: Path  # a directory the postgres user can enter, for restored data dirs
+
+    def restore(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_drtool(
+            "restore", "--component", "postgres", "--yes", *args, config=self.kit.operator
+        )
+
+    def new_dir(self) -> Path:
+        return self.scratch / f"restored-{uuid.uuid4().hex[:6]}"
+
+
+def record_history(kit: WalKit, scratch: Path) -> History:
+    ep = kit.server.endpoint
+    write_rows(ep)
+    proc = kit.start()
+    try:
+        wait_for("the streamer to seal", lambda: len(kit.segments()) >= 1)
+        with admin(ep) as conn:
+            before_base = datetime.fromisoformat(one(conn, "SELECT clock_timestamp()"))
+        time.sleep(1.1)  # the base's snapshot finishes strictly later (ids have 1 s steps)
+        base = base_backup(kit)
+        with admin(ep) as conn:
+            conn.execute("CREATE TABLE marks (note text)")
+            conn.execute("INSERT INTO marks VALUES ('A')")
+            at = datetime.fromisoformat(one(conn, "SELECT clock_timestamp()"))
+            lsn = one(conn, "SELECT pg_current_wal_insert_lsn()")
+            time.sleep(0.05)  # B's commit time is strictly after the target
+            conn.execute("INSERT INTO marks VALUES ('B')")
+            end = parse_lsn(one(conn, "SELECT pg_current_wal_insert_lsn()"))
+        needed = segment_of_lsn(end, 1, SEG).segno
+        wait_for(
+            "the segment holding B sealed",
+            lambda: any(parse_segment(n, SEG).segno >= needed for n in kit.segments()),
+        )
+        assert stop_streamer(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return History(kit, base, before_base, at, lsn, scratch)
+
+
+@pytest.fixture(scope="module", params=[15, 16], ids=["pg15", "pg16"])
+def history(
+    request: pytest.FixtureRequest, runtime_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[History]:
+    server = start_wal_server(runtime_root, request.param)
+    kits = make_kit(tmp_path_factory.mktemp(f"pitr{request.param}"), server)
+    kit = next(kits)
+    scratch = runtime_root / f"pitr-{uuid.uuid4().hex[:6]}"  # the postgres user can enter it
+    scratch.mkdir(mode=0o711)
+    try:
+        yield record_history(kit, scratch)
+    finally:
+        next(kits, None)
+        server.stop()
+
+
+def restored_notes(result: subprocess.CompletedProcess[str], password: str) -> list[str]:
+    """The notes the restored copy holds; then it is stopped."""
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    data_dir = Path(out["data_dir"])
+    ep = PostgresEndpoint("127.0.0.1", out["port"], "postgres", "cotalk", password)
+    try:
+        with admin(ep) as conn:
+            assert one(conn, "SELECT pg_is_in_recovery()") == "False"
+            return [str(r[0]) for r in conn.execute("SELECT note FROM marks ORDER BY note")]
+    finally:
+        subprocess.run(
+            [out["pg_ctl"], "-D", str(data_dir), "-m", "fast", "-w", "stop"],
+            user="postgres",
+            check=True,
+            capture_output=True,
+        )
+
+
+def test_restore_at_a_moment_lands_between_two_transactions(history: History) -> None:
+    into = history.new_dir()
+    result = history.restore("--at", history.at.isoformat(), "--into", str(into), "--json")
+    assert restored_notes(result, history.kit.server.password) == ["A"]
+    out = json.loads(result.stdout)
+    assert out["base_snapshot"] == history.base
+    reached = datetime.fromisoformat(out["reached_time"])
+    assert reached <= history.at  # A's commit, the last one replayed
+    assert into.stat().st_mode & 0o777 == 0o700
+    assert not list(history.scratch.glob(".*staging*")), "the staged WAL is removed"
+    # the source kept running, untouched: both transactions, still writable, not in recovery
+    with admin(history.kit.server.endpoint) as conn:
+        assert [r[0] for r in conn.execute("SELECT note FROM marks ORDER BY note")] == ["A", "B"]
+        assert one(conn, "SELECT pg_is_in_recovery()") == "False"
+        conn.execute("INSERT INTO walt (body) VALUES ('still writable')")
+
+
+def test_restore_to_an_lsn_lands_between_two_transactions(history: History) -> None:
+    into = history.new_dir()
+    result = history.restore("--lsn", history.lsn, "--into", str(into), "--json")
+    assert restored_notes(result, history.kit.server.password) == ["A"]
+    out = json.loads(result.stdout)
+    assert parse_lsn(out["reached_lsn"]) <= parse_lsn(history.lsn)
+
+
+def test_a_moment_outside_the_window_is_refused_naming_it_and_nothing_is_created(
+    history: History,
+) -> None:
+    for moment in (history.before_base, datetime.now(UTC) + timedelta(hours=1)):
+        into = history.new_dir()
+        result = history.restore("--at", moment.isoformat(), "--into", str(into))
+        assert result.returncode == 10, result.stderr
+        assert "the window is" in result.stderr and "Traceback" not in result.stderr
+        assert not into.exists()
+        assert not list(history.scratch.glob(f".{into.name}*"))
+    naive = history.at.replace(tzinfo=None).isoformat()
+    result = history.restore("--at", naive, "--into", str(history.new_dir()))
+    assert result.returncode == 2 and "zone" in result.stderr
+
+
+def _first_needed_segment(history: History) -> str:
+    segments = history.kit.segments()
+    needed = segment_of_lsn(parse_lsn(history.lsn), 1, SEG).name(SEG)
+    return next(n for n in segments if n[8:] >= needed[8:])
+
+
+@pytest.mark.parametrize("damage", ["deleted", "bit-flipped"])
+def test_a_damaged_segment_is_refused_before_anything_is_created(
+    history: History, damage: str
+) -> None:
+    name = _first_needed_segment(history)
+    stored = history.kit.repo_dir / f"wal/{name[:8]}/{name}.zst.age"
+    saved = history.kit.root / "saved-segment"
+    shutil.copy2(stored, saved)
+    try:
+        if damage == "deleted":
+            stored.unlink()
+        else:
+            raw = bytearray(stored.read_bytes())
+            raw[len(raw) // 2] ^= 0x04
+            stored.write_bytes(bytes(raw))
+        into = history.new_dir()
+        result = history.restore("--at", history.at.isoformat(), "--into", str(into))
+        assert result.returncode == 5, result.stderr
+        assert name in result.stderr and "Traceback" not in result.stderr
+        assert not into.exists()
+        assert not list(history.scratch.glob(f".{into.name}*"))
+    finally:
+        shutil.copy2(saved, stored)
+
+
+def test_restore_into_a_non_empty_directory_is_refused(history: History) -> None:
+    into = history.new_dir()
+    into.mkdir()
+    (into / "keep-me").write_text("x")
+    result = history.restore("--at", history.at.isoformat(), "--into", str(into))
+    assert result.returncode == 2 and "not an empty directory" in result.stderr
+    assert [p.name for p in into.iterdir()] == ["keep-me"]
