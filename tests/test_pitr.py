@@ -35,9 +35,12 @@ from support.wal_kit import (
     write_rows,
 )
 
+from drtool import keys
 from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint
+from drtool.repository.access import open_repo
 from drtool.wal.names import parse_lsn, parse_segment, segment_of_lsn
+from drtool.wal.pruned import append_pruned, load_pruned
 
 pytestmark = pytest.mark.slow
 
@@ -94,9 +97,10 @@ def record_history(kit: WalKit, scratch: Path) -> History:
             time.sleep(0.05)  # B's commit time is strictly after the target
             conn.execute("INSERT INTO marks VALUES ('B')")
             end = parse_lsn(one(conn, "SELECT pg_current_wal_insert_lsn()"))
-        needed = segment_of_lsn(end, 1, SEG).segno
+        needed = segment_of_lsn(end, 1, SEG).segno + 1  # and one after it (the gap test)
+        write_rows(ep)
         wait_for(
-            "the segment holding B sealed",
+            "the segment after B's sealed",
             lambda: any(parse_segment(n, SEG).segno >= needed for n in kit.segments()),
         )
         assert stop_streamer(proc) == 0
@@ -210,6 +214,37 @@ def test_a_damaged_segment_is_refused_before_anything_is_created(
         assert not list(history.scratch.glob(f".{into.name}*"))
     finally:
         shutil.copy2(saved, stored)
+
+
+def test_a_gap_before_the_target_names_the_missing_segment_and_the_latest_moment(
+    history: History,
+) -> None:
+    """A gap the index itself shows (as a dropped slot leaves): made here by a signed removal
+    record for the segment holding the target, which the index then lacks."""
+    kit = history.kit
+    name = _first_needed_segment(history)
+    repo = open_repo(load_config(kit.operator, {}))
+    chain = load_pruned(repo.storage, repo.verify_keys, repo.info.repo_id)
+    key = append_pruned(
+        repo.storage,
+        chain,
+        repo_id=repo.info.repo_id,
+        signing_key=keys.load_signing_key(kit.root / "keys" / "signing.key"),
+        host="test",
+        created=datetime.now(UTC).isoformat(),
+        floor_segment=name,
+        base_snapshot=history.base,
+        removed=[name],
+    )
+    try:
+        into = history.new_dir()
+        result = history.restore("--at", history.at.isoformat(), "--into", str(into))
+        assert result.returncode == 10, (result.stderr, name, kit.segments(), history.lsn)
+        assert f"WAL segment {name} is missing" in result.stderr
+        assert "the latest reachable moment is" in result.stderr
+        assert not into.exists()
+    finally:
+        (kit.repo_dir / key).unlink()
 
 
 def test_restore_into_a_non_empty_directory_is_refused(history: History) -> None:

@@ -7,14 +7,18 @@ shown and confirmed; then, in a staging directory beside the new data directory,
 tar and every WAL file up to the target (plus a margin) are fetched, authenticated, decrypted
 and checked against the signed records (sizes, sha256, each segment's cluster and position)
 BEFORE the data directory is created. Then: extract, recovery settings, the same-major
-``pg_ctl``; if the staged WAL ended before PostgreSQL found the target, more is staged (each
-file checked the same way) and recovery continues; at the end of the WAL held it recovers to
-that end and says so. The result names the moment and WAL position reached. The running
-cluster is never touched: the copy runs on its own loopback port with archiving off.
+``pg_ctl``; if the staged WAL ended before PostgreSQL found the target (for a moment, which
+segment holds it is estimated from sealed times), more is staged, each file checked the same
+way, and recovery continues; should one of those fail its checks, the new data directory is
+removed before the error (nothing is left, the running cluster was never involved). At the
+end of the WAL held it recovers to that end and says so. The result names the moment and WAL
+position reached. The running cluster is never touched: the copy runs on its own loopback
+port with archiving off.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -26,7 +30,7 @@ from typing import Any
 import psycopg
 
 from drtool.config import Config
-from drtool.errors import ConfigError, NotFound, SourceError, UsageError
+from drtool.errors import ConfigError, IntegrityError, NotFound, SourceError, UsageError
 from drtool.repository import catalog
 from drtool.repository.access import Repo, identities_of, open_repo, snapshot_header
 from drtool.runtime.binaries import MissingBinary, pg_bin_dir, pg_major_of
@@ -38,6 +42,7 @@ from drtool.wal.fetch import fetch_checked
 from drtool.wal.index import WalEntry, load_index
 
 RECOVERY_TIMEOUT_S = 3600.0
+log_ = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -218,7 +223,16 @@ def _stage_and_recover(
         log.touch()
         pitr_recover.chown_tree(log)
         result.log = str(log)
-        _recover(chosen, stager, bin_dir, into, log, options, result)
+        try:
+            _recover(chosen, stager, bin_dir, into, log, options, result)
+        except (IntegrityError, NotFound):
+            # WAL staged on demand failed its checks, or a gap stops recovery short of the
+            # target: the copy cannot be completed, so nothing of it is left behind (it never
+            # served anything)
+            pitr_recover.stop(bin_dir, into)
+            shutil.rmtree(into, ignore_errors=True)
+            log.unlink(missing_ok=True)
+            raise
         pitr_recover.remove_recovery_block(into)
         result.reached_time, result.reached_lsn = _reached(cfg, result.port, log)
     finally:
@@ -260,6 +274,17 @@ def _recover(
         if settings.target_time is None and settings.target_lsn is None:
             raise SourceError(f"restore to a moment: recovery failed: {outcome.log_tail}")
         last = chosen.run[-1]
+        if chosen.missing is not None:
+            raise NotFound(
+                f"restore to {chosen.target.describe()}: WAL segment {chosen.missing} is "
+                f"missing (a gap in the WAL from base backup {chosen.base.snapshot_id}); the "
+                f"latest reachable moment is {last.sealed} (through segment {last.name})"
+            )
+        log_.warning(
+            "the WAL held ends before %s: restoring to its end (segment %s)",
+            chosen.target.describe(),
+            last.name,
+        )
         result.notes.append(
             f"the WAL held ends before {chosen.target.describe()} was reached: restored to "
             f"its end (segment {last.name}, sealed {last.sealed})"

@@ -68,6 +68,7 @@ class PitrPlan:
     history: list[WalEntry]
     window: str
     segment_size: int
+    missing: str | None = None  # the first segment absent after ``run`` (a gap), if any
 
     def staged_first(self) -> list[WalEntry]:
         """The segments staged before recovery starts."""
@@ -175,6 +176,8 @@ def plan(records: list[SnapshotRecord], index: WalIndex, target: Target) -> Pitr
 
     if target.at is not None:
         upto = next((i for i, e in enumerate(run) if _sealed(e) >= target.at), None)
+        while upto is not None and upto + 1 < len(run) and run[upto + 1].sealed == run[upto].sealed:
+            upto += 1  # sealed in one batch: any of them may hold the moment
     else:
         upto = next((i for i, e in enumerate(run) if _end_lsn(e, size) > lsn), None)
         if upto is None and run and _end_lsn(run[-1], size) == lsn:
@@ -194,4 +197,5 @@ def plan(records: list[SnapshotRecord], index: WalIndex, target: Target) -> Pitr
         for e in index.entries.values()
         if is_history(e.name) and timeline_of(e.name) >= base.timeline
     ]
-    return PitrPlan(base, target, run, min(len(run), upto + 1 + MARGIN), history, window, size)
+    stage_count = min(len(run), upto + 1 + MARGIN)
+    return PitrPlan(base, target, run, stage_count, history, window, size, missing)
