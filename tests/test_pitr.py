@@ -42,8 +42,6 @@ from drtool.repository.access import open_repo
 from drtool.wal.names import parse_lsn, parse_segment, segment_of_lsn
 from drtool.wal.pruned import append_pruned, load_pruned
 
-pytestmark = pytest.mark.slow
-
 
 def base_backup(kit: WalKit) -> str:
     """A ``postgres-base`` snapshot through the library (the CLI path is tested elsewhere)."""
@@ -145,6 +143,7 @@ def restored_notes(result: subprocess.CompletedProcess[str], password: str) -> l
         )
 
 
+@pytest.mark.slow
 def test_restore_at_a_moment_lands_between_two_transactions(history: History) -> None:
     into = history.new_dir()
     result = history.restore("--at", history.at.isoformat(), "--into", str(into), "--json")
@@ -162,6 +161,7 @@ def test_restore_at_a_moment_lands_between_two_transactions(history: History) ->
         conn.execute("INSERT INTO walt (body) VALUES ('still writable')")
 
 
+@pytest.mark.slow
 def test_restore_to_an_lsn_lands_between_two_transactions(history: History) -> None:
     into = history.new_dir()
     result = history.restore("--lsn", history.lsn, "--into", str(into), "--json")
@@ -170,6 +170,7 @@ def test_restore_to_an_lsn_lands_between_two_transactions(history: History) -> N
     assert parse_lsn(out["reached_lsn"]) <= parse_lsn(history.lsn)
 
 
+@pytest.mark.slow
 def test_a_moment_outside_the_window_is_refused_naming_it_and_nothing_is_created(
     history: History,
 ) -> None:
@@ -191,6 +192,7 @@ def _first_needed_segment(history: History) -> str:
     return next(n for n in segments if n[8:] >= needed[8:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["deleted", "bit-flipped"])
 def test_a_damaged_segment_is_refused_before_anything_is_created(
     history: History, damage: str
@@ -216,6 +218,7 @@ def test_a_damaged_segment_is_refused_before_anything_is_created(
         shutil.copy2(saved, stored)
 
 
+@pytest.mark.slow
 def test_a_gap_before_the_target_names_the_missing_segment_and_the_latest_moment(
     history: History,
 ) -> None:
@@ -247,6 +250,7 @@ def test_a_gap_before_the_target_names_the_missing_segment_and_the_latest_moment
         (kit.repo_dir / key).unlink()
 
 
+@pytest.mark.slow
 def test_restore_into_a_non_empty_directory_is_refused(history: History) -> None:
     into = history.new_dir()
     into.mkdir()
@@ -254,3 +258,32 @@ def test_restore_into_a_non_empty_directory_is_refused(history: History) -> None
     result = history.restore("--at", history.at.isoformat(), "--into", str(into))
     assert result.returncode == 2 and "not an empty directory" in result.stderr
     assert [p.name for p in into.iterdir()] == ["keep-me"]
+
+
+def test_a_restore_to_a_moment_refuses_target_and_force_before_reading_anything(
+    tmp_path: Path,
+) -> None:
+    """--into is the only place it goes: --target/--force (a running database) are refused."""
+    for extra in (["--target", "staging"], ["--force"]):
+        result = run_drtool(
+            "restore",
+            "--component",
+            "postgres",
+            "--at",
+            "2026-12-05T10:00:00Z",
+            "--into",
+            str(tmp_path / "new"),
+            *extra,
+            config=tmp_path / "absent.toml",
+        )
+        assert result.returncode == 2 and "new data directory (--into DIR) only" in result.stderr
+        assert not (tmp_path / "new").exists()
+    result = run_drtool(
+        "restore",
+        "--component",
+        "postgres",
+        "--at",
+        "2026-12-05T10:00:00Z",
+        config=tmp_path / "absent.toml",
+    )
+    assert result.returncode == 2 and "add --into DIR" in result.stderr

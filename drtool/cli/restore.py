@@ -251,6 +251,12 @@ def restore(
     """
     chosen = tuple(c.strip() for c in components.split(",") if c.strip())
     if lsn is not None or into is not None:
+        if target or force:
+            raise UsageError(
+                "restore to a moment: it goes into a new data directory (--into DIR) only; "
+                "--target/--force replace a running database and are for snapshot restores "
+                "(to put the copy in production's place, see docs/OPERATIONS.md); nothing changed"
+            )
         _restore_to_moment(state, snapshot, at, lsn, into, port, chosen, dry_run, yes, as_json)
         return
     if at is not None and chosen == ("postgres",):
