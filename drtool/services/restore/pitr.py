@@ -76,6 +76,7 @@ class PitrResult:
     seconds: float = 0.0
     pg_ctl: str = ""
     log: str = ""
+    recovery_starts: int = 0  # more than 1: recovery asked for more WAL than staged first
     notes: list[str] = field(default_factory=list)
 
 
@@ -258,6 +259,7 @@ def _recover(
     )
     while True:
         pitr_recover.write_settings(into, settings)
+        result.recovery_starts += 1
         outcome = pitr_recover.start_and_wait(bin_dir, into, log, timeout=RECOVERY_TIMEOUT_S)
         if outcome.promoted:
             return
