@@ -146,6 +146,10 @@ def restored_notes(result: subprocess.CompletedProcess[str], password: str) -> l
 @pytest.mark.slow
 def test_restore_at_a_moment_lands_between_two_transactions(history: History) -> None:
     into = history.new_dir()
+    dry = history.restore("--at", history.at.isoformat(), "--into", str(into), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert history.base in dry.stdout and "stored size and sha256 match" in dry.stdout
+    assert not into.exists()
     result = history.restore("--at", history.at.isoformat(), "--into", str(into), "--json")
     assert restored_notes(result, history.kit.server.password) == ["A"]
     out = json.loads(result.stdout)

@@ -98,6 +98,10 @@ def _restore_to_moment(
         return
     if dry_run:
         _show_pitr_plan(result)
+        click.echo(
+            f"{result.hash_checked} objects the restore reads first (the base and its WAL): "
+            "stored size and sha256 match the signed records"
+        )
         return
     print_table(
         f"PostgreSQL restored to {result.target} into {result.data_dir} in {result.seconds:.1f} s",

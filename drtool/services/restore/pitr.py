@@ -18,6 +18,7 @@ port with archiving off.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -32,10 +33,16 @@ import psycopg
 from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError, NotFound, SourceError, UsageError
 from drtool.repository import catalog
-from drtool.repository.access import Repo, identities_of, open_repo, snapshot_header
+from drtool.repository.access import (
+    Repo,
+    identities_of,
+    open_repo,
+    snapshot_header,
+    stored_problem,
+)
 from drtool.runtime.binaries import MissingBinary, pg_bin_dir, pg_major_of
 from drtool.runtime.procs import free_port_block
-from drtool.services.restore import pitr_plan, pitr_recover
+from drtool.services.restore import pitr_plan, pitr_prefetch, pitr_recover
 from drtool.stores.stage import Plain, check_free_space, stage
 from drtool.timing import Timer
 from drtool.wal.fetch import fetch_checked
@@ -76,6 +83,7 @@ class PitrResult:
     seconds: float = 0.0
     pg_ctl: str = ""
     log: str = ""
+    hash_checked: int = 0  # dry run: objects whose stored size and sha256 were checked
     recovery_starts: int = 0  # more than 1: recovery asked for more WAL than staged first
     notes: list[str] = field(default_factory=list)
 
@@ -149,12 +157,38 @@ def run_pitr(
         pg_ctl=str(bin_dir / "pg_ctl"),
     )
     if options.dry_run:
+        result.hash_checked = _hash_check(repo, chosen)
         return result
     if not options.yes and not confirm(result):
         raise UsageError("restore: not confirmed; nothing changed")
     _stage_and_recover(cfg, repo, identities, chosen, bin_dir, into, options, result)
     result.seconds = round(clock.elapsed(), 3)
     return result
+
+
+def _hash_check(repo: Repo, chosen: pitr_plan.PitrPlan) -> int:
+    """Dry run: the key-less check of the base and the WAL first staged (stored sha256)."""
+    entry = next(o for o in chosen.base.component.objects if o.kind == "pg_basebackup")
+    problems = [p for p in [stored_problem(repo, entry)] if p]
+    wal = chosen.history + chosen.staged_first()
+    for e in wal:
+        digest, size = hashlib.sha256(), 0
+        try:
+            for chunk in repo.storage.get(e.key):
+                digest.update(chunk)
+                size += len(chunk)
+        except NotFound:
+            problems.append(f"{e.key}: missing from the repository (WAL {e.name})")
+            continue
+        problem = e.mismatch(size, digest.hexdigest())
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise IntegrityError(
+            f"restore --dry-run: {len(problems)} of {len(wal) + 1} objects damaged: "
+            + "; ".join(problems)
+        )
+    return len(wal) + 1
 
 
 @dataclass
@@ -219,7 +253,11 @@ def _stage_and_recover(
         stager.fetch(chosen.history + chosen.staged_first())
         # everything read so far is authentic: only now is anything created for PostgreSQL
         result.port = options.port or free_port_block((0,), set())
-        pitr_recover.extract(tar, into, timeout=RECOVERY_TIMEOUT_S)
+        try:
+            pitr_recover.extract(tar, into, timeout=RECOVERY_TIMEOUT_S)
+        except BaseException:
+            shutil.rmtree(into, ignore_errors=True)  # ours, new, and of no use half-extracted
+            raise
         tar.unlink()
         log.touch()
         pitr_recover.chown_tree(log)
@@ -249,49 +287,64 @@ def _recover(
     options: PitrOptions,
     result: PitrResult,
 ) -> None:
-    """Start recovery; stage more WAL while PostgreSQL has not found the target in it."""
-    staged = chosen.stage_count
+    """Recover while the rest of the run is staged alongside (pitr_prefetch); at the end of
+    an unbroken run without the target, recover to the end of the WAL held, saying so."""
+    command = pitr_prefetch.write_script(stager.staging, chosen.run)
+    pitr_recover.chown_tree(stager.staging)
+    prefetcher = pitr_prefetch.Prefetcher(
+        stager.staging, chosen.run, chosen.stage_count, stager.fetch
+    )
     settings = pitr_recover.RecoverySettings(
         stager.wal_dir,
         result.port,
         target_time=options.at.isoformat() if options.at is not None else None,
         target_lsn=options.lsn,
+        restore_command=command,
     )
-    while True:
-        pitr_recover.write_settings(into, settings)
-        result.recovery_starts += 1
-        outcome = pitr_recover.start_and_wait(bin_dir, into, log, timeout=RECOVERY_TIMEOUT_S)
-        if outcome.promoted:
-            return
-        if not outcome.not_reached:
-            raise SourceError(
-                f"restore to a moment: PostgreSQL stopped during recovery ({into} kept; "
-                f"its log: {log}): {outcome.log_tail}"
+    prefetcher.start()
+    try:
+        while True:
+            pitr_recover.write_settings(into, settings)
+            result.recovery_starts += 1
+            outcome = pitr_recover.start_and_wait(bin_dir, into, log, timeout=RECOVERY_TIMEOUT_S)
+            if outcome.promoted:
+                return
+            if not outcome.not_reached:
+                raise SourceError(
+                    f"restore to a moment: PostgreSQL stopped during recovery ({into} kept; "
+                    f"its log: {log}): {outcome.log_tail}"
+                )
+            prefetcher.stop()
+            if prefetcher.error is not None:
+                raise prefetcher.error  # recovery needed what failed its checks
+            if settings.target_time is None and settings.target_lsn is None:
+                raise SourceError(f"restore to a moment: recovery failed: {outcome.log_tail}")
+            _end_of_wal(chosen, result)
+            settings = pitr_recover.RecoverySettings(
+                stager.wal_dir, result.port, restore_command=command
             )
-        if staged < len(chosen.run):
-            more = chosen.run[staged : staged + max(1, staged)]
-            stager.fetch(more)
-            staged += len(more)
-            continue
-        if settings.target_time is None and settings.target_lsn is None:
-            raise SourceError(f"restore to a moment: recovery failed: {outcome.log_tail}")
-        last = chosen.run[-1]
-        if chosen.missing is not None:
-            raise NotFound(
-                f"restore to {chosen.target.describe()}: WAL segment {chosen.missing} is "
-                f"missing (a gap in the WAL from base backup {chosen.base.snapshot_id}); the "
-                f"latest reachable moment is {last.sealed} (through segment {last.name})"
-            )
-        log_.warning(
-            "the WAL held ends before %s: restoring to its end (segment %s)",
-            chosen.target.describe(),
-            last.name,
+    finally:
+        prefetcher.stop()
+
+
+def _end_of_wal(chosen: pitr_plan.PitrPlan, result: PitrResult) -> None:
+    """The whole run replayed without reaching the target: a gap is an error; else say so."""
+    last = chosen.run[-1]
+    if chosen.missing is not None:
+        raise NotFound(
+            f"restore to {chosen.target.describe()}: WAL segment {chosen.missing} is "
+            f"missing (a gap in the WAL from base backup {chosen.base.snapshot_id}); the "
+            f"latest reachable moment is {last.sealed} (through segment {last.name})"
         )
-        result.notes.append(
-            f"the WAL held ends before {chosen.target.describe()} was reached: restored to "
-            f"its end (segment {last.name}, sealed {last.sealed})"
-        )
-        settings = pitr_recover.RecoverySettings(stager.wal_dir, result.port)
+    log_.warning(
+        "the WAL held ends before %s: restoring to its end (segment %s)",
+        chosen.target.describe(),
+        last.name,
+    )
+    result.notes.append(
+        f"the WAL held ends before {chosen.target.describe()} was reached: restored to "
+        f"its end (segment {last.name}, sealed {last.sealed})"
+    )
 
 
 def _reached(cfg: Config, port: int, log: Path) -> tuple[str | None, str | None]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -90,10 +91,11 @@ class RecoverySettings:
     port: int
     target_time: str | None = None
     target_lsn: str | None = None
+    restore_command: str | None = None  # default: cp from ``wal_dir``
 
     def lines(self) -> list[str]:
         """The block's settings (``None`` target: recover to the end of the staged WAL)."""
-        cp = f"cp {self.wal_dir}/%f %p"
+        cp = self.restore_command or f"cp {shlex.quote(str(self.wal_dir))}/%f %p"  # a shell runs it
         out = [
             f"restore_command = {_quote(cp)}",
             "recovery_target_action = 'promote'",
