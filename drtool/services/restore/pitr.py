@@ -7,13 +7,13 @@ shown and confirmed; then, in a staging directory beside the new data directory,
 tar and every WAL file up to the target (plus a margin) are fetched, authenticated, decrypted
 and checked against the signed records (sizes, sha256, each segment's cluster and position)
 BEFORE the data directory is created. Then: extract, recovery settings, the same-major
-``pg_ctl``; if the staged WAL ended before PostgreSQL found the target (for a moment, which
-segment holds it is estimated from sealed times), more is staged, each file checked the same
-way, and recovery continues; should one of those fail its checks, the new data directory is
-removed before the error (nothing is left, the running cluster was never involved). At the
-end of the WAL held it recovers to that end and says so. The result names the moment and WAL
-position reached. The running cluster is never touched: the copy runs on its own loopback
-port with archiving off.
+``pg_ctl``, while the rest of the run is staged alongside (pitr_prefetch: for a moment, which
+segment holds it is only estimated from sealed times), each file checked the same way before
+PostgreSQL can read it; should one it needed fail its checks, or a gap stop it short, the new
+data directory is removed before the error (nothing is left, the running cluster was never
+involved). At the end of an unbroken run it recovers to the end of the WAL held and says so.
+The result names the moment and WAL position reached. The running cluster is never touched:
+the copy runs on its own loopback port with archiving off.
 """
 
 from __future__ import annotations
