@@ -250,8 +250,10 @@ def restore(
     \b
     To a moment: `--at TIME` (with its zone) or `--lsn LSN`, `--component
     postgres --into DIR`: the newest base backup before it plus the WAL up to
-    it, all checked before DIR is created, recovered and promoted in DIR on a
-    free port. Outside the window (or behind a WAL gap): exit 10, naming it.
+    it, each file checked before PostgreSQL reads it (the base and the WAL to
+    the target before DIR is created), recovered and promoted in DIR on a
+    free port. Outside the window (or behind a WAL gap): exit 10, naming it;
+    a damaged file: exit 5, naming it, DIR not left behind.
     """
     chosen = tuple(c.strip() for c in components.split(",") if c.strip())
     if lsn is not None or into is not None:
