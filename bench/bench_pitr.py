@@ -258,7 +258,7 @@ def _drtool(root: Path, operator: Path, target: str, password: str) -> tuple[flo
     out = json.loads(done.stdout)
     print(
         f"drtool: {out['segments_staged']} segments staged, {out['recovery_starts']} recovery "
-        f"start(s), reached {out['reached_time']}",
+        f"start(s), reached {out['reached_time']}, phases {out['phases']}",
         file=sys.stderr,
     )
     rows = _count(int(out["port"]), password)

@@ -84,7 +84,9 @@ class PitrResult:
     pg_ctl: str = ""
     log: str = ""
     hash_checked: int = 0  # dry run: objects whose stored size and sha256 were checked
-    recovery_starts: int = 0  # more than 1: recovery asked for more WAL than staged first
+    recovery_starts: int = 0  # more than 1: recovered again, to the end of the WAL held
+    #: seconds of each phase: stage (base + first WAL, checked), extract, recover
+    phases: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -248,9 +250,11 @@ def _stage_and_recover(
         wal_dir = staging / "wal"
         wal_dir.mkdir()
         tar = staging / "base.tar"
+        clock = Timer()
         _stage_base(repo, base, identities, tar)
         stager = _Stager(repo, identities, wal_dir, staging, size, base.system_identifier, result)
         stager.fetch(chosen.history + chosen.staged_first())
+        result.phases["stage"] = round(clock.elapsed(), 3)
         # everything read so far is authentic: only now is anything created for PostgreSQL
         result.port = options.port or free_port_block((0,), set())
         try:
@@ -259,6 +263,7 @@ def _stage_and_recover(
             shutil.rmtree(into, ignore_errors=True)  # ours, new, and of no use half-extracted
             raise
         tar.unlink()
+        result.phases["extract"] = round(clock.elapsed() - result.phases["stage"], 3)
         log.touch()
         pitr_recover.chown_tree(log)
         result.log = str(log)
@@ -272,6 +277,7 @@ def _stage_and_recover(
             shutil.rmtree(into, ignore_errors=True)
             log.unlink(missing_ok=True)
             raise
+        result.phases["recover"] = round(clock.elapsed() - sum(result.phases.values()), 3)
         pitr_recover.remove_recovery_block(into)
         result.reached_time, result.reached_lsn = _reached(cfg, result.port, log)
     finally:
