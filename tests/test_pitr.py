@@ -124,23 +124,33 @@ def history(
         server.stop()
 
 
-def restored_notes(result: subprocess.CompletedProcess[str], password: str) -> list[str]:
-    """The notes the restored copy holds; then it is stopped."""
+def restored_notes(
+    result: subprocess.CompletedProcess[str], password: str, *, restart: bool = False
+) -> list[str]:
+    """The notes the restored copy holds (after a plain ``pg_ctl restart`` when ``restart``:
+    the copy must not need the staged WAL, long gone); then it is stopped."""
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     data_dir = Path(out["data_dir"])
     ep = PostgresEndpoint("127.0.0.1", out["port"], "postgres", "cotalk", password)
+
+    def pg_ctl(*args: str) -> None:
+        subprocess.run(
+            [out["pg_ctl"], "-D", str(data_dir), "-m", "fast", "-w", *args],
+            user="postgres",
+            check=True,
+            capture_output=True,
+            cwd=data_dir.parent,
+        )
+
     try:
+        if restart:
+            pg_ctl("-l", out["log"], "restart")
         with admin(ep) as conn:
             assert one(conn, "SELECT pg_is_in_recovery()") == "False"
             return [str(r[0]) for r in conn.execute("SELECT note FROM marks ORDER BY note")]
     finally:
-        subprocess.run(
-            [out["pg_ctl"], "-D", str(data_dir), "-m", "fast", "-w", "stop"],
-            user="postgres",
-            check=True,
-            capture_output=True,
-        )
+        pg_ctl("stop")
 
 
 @pytest.mark.slow
@@ -169,7 +179,8 @@ def test_restore_at_a_moment_lands_between_two_transactions(history: History) ->
 def test_restore_to_an_lsn_lands_between_two_transactions(history: History) -> None:
     into = history.new_dir()
     result = history.restore("--lsn", history.lsn, "--into", str(into), "--json")
-    assert restored_notes(result, history.kit.server.password) == ["A"]
+    assert restored_notes(result, history.kit.server.password, restart=True) == ["A"]
+    assert "recovery_target" not in (into / "postgresql.auto.conf").read_text()
     out = json.loads(result.stdout)
     assert parse_lsn(out["reached_lsn"]) <= parse_lsn(history.lsn)
 

@@ -24,6 +24,7 @@ from support.wal_kit import (  # noqa: F401 (fixtures)
     write_rows,
 )
 
+from drtool import keys
 from drtool.config import load_config
 from drtool.repository import catalog
 from drtool.repository.access import open_repo
@@ -31,7 +32,7 @@ from drtool.repository.retention import Policy
 from drtool.services import prune as prune_svc
 from drtool.wal import continuity
 from drtool.wal.names import parse_segment
-from drtool.wal.pruned import PRUNED_PREFIX
+from drtool.wal.pruned import PRUNED_PREFIX, append_pruned, load_pruned
 
 pytestmark = pytest.mark.slow
 
@@ -105,6 +106,24 @@ def test_prune_removes_wal_before_the_oldest_kept_base_and_never_opens_a_gap(kit
     # the removal record is what makes the removal legitimate: without it, segments are missing
     records = sorted((kit.repo_dir / PRUNED_PREFIX).iterdir())
     assert len(records) == 1
+    # a record signed by a key nobody pinned cannot make a deletion look planned
+    forged = kit.root / "keys" / "forger.key"
+    keys.write_signing_key(forged)
+    repo = open_repo(load_config(kit.operator, {}))
+    append_pruned(
+        repo.storage,
+        load_pruned(repo.storage, repo.verify_keys, repo.info.repo_id),
+        repo_id=repo.info.repo_id,
+        signing_key=keys.load_signing_key(forged),
+        host="forger",
+        created="2026-12-05T00:00:00+00:00",
+        floor_segment=after[-1],
+        base_snapshot=second,
+        removed=[after[0]],
+    )
+    verify = run_drtool("wal", "verify", config=kit.operator)
+    assert verify.returncode == 5 and "signature does not verify" in verify.stderr + verify.stdout
+    (kit.repo_dir / PRUNED_PREFIX / "0000000002.json").unlink()
     records[0].unlink()
     verify = run_drtool("wal", "verify", config=kit.operator)
     assert verify.returncode == 5
