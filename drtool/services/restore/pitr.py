@@ -372,14 +372,3 @@ def _reached(cfg: Config, port: int, log: Path) -> tuple[str | None, str | None]
         return None, None
     moment = row[0].isoformat() if row[0] is not None else None
     return moment, row[1]
-
-
-def window(cfg: Config) -> str:
-    """The recoverable window, for ``wal status``-like messages."""
-    repo = open_repo(cfg)
-    index = load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
-    records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
-    if index.segment_size is None:
-        raise NotFound("the repository holds no WAL")
-    bases = pitr_plan.bases_of(records, index.segment_size)
-    return pitr_plan.window_text(bases, index, index.segment_size)
