@@ -68,7 +68,7 @@ def test_shipped_schedules_load() -> None:
     assert specs["postgres"].every_s == 6 * 3600 and specs["postgres"].components == ("postgres",)
     assert specs["redis"].every_s == 3600 and specs["redis"].threshold_s == 2 * 3600
     assert (specs["full"].at, specs["full"].timezone) == ("03:00", "Asia/Seoul")
-    assert specs["full"].components == ("postgres", "redis", "minio")
+    assert specs["full"].components == ("postgres", "redis", "minio", "postgres-base")
     assert specs["prune"].keep.daily == 7
     assert specs["verify"].kind == "verify" and specs["verify"].snapshot == "unverified"
     assert specs["verify"].read_data_subset == "4%"  # issue 18.9: every object within 25 days

@@ -14,176 +14,29 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
-from conftest import servers_required
-from support.cli import DRTOOL, run_drtool
+from support.cli import run_drtool
+from support.wal_kit import (  # noqa: F401 (fixtures)
+    SEG,
+    WAIT_S,
+    WalKit,
+    kit_fixture,
+    stop_streamer,
+    wait_for,
+    wal_pg_fixture,
+    write_rows,
+)
+from support.wal_kit import admin as _admin
 
-from drtool import keys
 from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint
-from drtool.pipeline.seal import unseal
 from drtool.repository.access import open_repo
 from drtool.runtime.pgserver import PostgresServer
-from drtool.services import repo as repo_svc
-from drtool.services.stack import write_config
 from drtool.wal import continuity
-from drtool.wal.index import IndexChunk, WalEntry, WalIndex, load_index
+from drtool.wal.index import IndexChunk, WalEntry, WalIndex
 from drtool.wal.names import SegmentId, history_name
-from drtool.wal.sealer import wal_header
-from drtool.wal.spool import Spool
-
-WAIT_S = 120.0
-SEG = 16 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def wal_pg(runtime_root: Path) -> Iterator[PostgresServer]:
-    """A PostgreSQL 15 of this module's own: slots and restarts disturb no other test.
-
-    initdb's default pg_hba.conf already has ``host replication all 127.0.0.1/32``, and
-    wal_level=replica and max_wal_senders=10 are the defaults: nothing more is needed.
-    """
-    with servers_required():
-        server = PostgresServer(
-            runtime_root / f"pgwal-{uuid.uuid4().hex[:6]}",
-            major=15,
-            settings={"fsync": "off", "synchronous_commit": "off"},
-        )
-    server.start()
-    yield server
-    server.stop()
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    """Poll ``predicate`` until truthy; fail naming ``what`` (a bound, not a timing check)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-@dataclass
-class WalKit:
-    """A repository, a backup-host config streaming from ``wal_pg`` and an operator config."""
-
-    root: Path
-    server: PostgresServer
-    config: Path
-    operator: Path
-    identity: Path
-    slot: str
-
-    @property
-    def repo_dir(self) -> Path:
-        return self.root / "repository"
-
-    @property
-    def spool(self) -> Spool:
-        return Spool(self.root / "spool")
-
-    @property
-    def log(self) -> Path:
-        return self.root / "stream.log"
-
-    def index(self) -> WalIndex:
-        cfg = load_config(self.operator, {})
-        repo = open_repo(cfg)
-        return load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
-
-    def segments(self) -> list[str]:
-        return sorted(e.name for e in self.index().segments())
-
-    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
-        with self.log.open("ab") as log:
-            return subprocess.Popen(
-                [DRTOOL, "--config", str(self.config), "wal", "stream", *args],
-                env={**clean, **(env or {})},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-
-    def decrypt(self, entry: WalEntry) -> bytes:
-        ids = keys.load_identities(self.identity, None)
-        raw = (self.repo_dir / entry.key).read_bytes()
-        return b"".join(
-            unseal([raw], identities=ids, expected=wal_header(self.repo_id(), entry.name), name="x")
-        )
-
-    def repo_id(self) -> str:
-        return open_repo(load_config(self.operator, {})).info.repo_id
-
-
-@pytest.fixture
-def kit(tmp_path: Path, wal_pg: PostgresServer) -> Iterator[WalKit]:
-    (tmp_path / "keys").mkdir(mode=0o700)
-    identity = tmp_path / "keys" / "operator.key"
-    recipient = keys.write_identity(identity, passphrase=None)
-    verify_key = keys.write_signing_key(tmp_path / "keys" / "signing.key")
-    password = tmp_path / "keys" / "pg-password"
-    password.write_text(wal_pg.password)
-    password.chmod(0o600)
-    slot = f"t_{uuid.uuid4().hex[:10]}"
-    ep = wal_pg.endpoint
-    url = (tmp_path / "repository").as_uri()
-    postgres = {"host": ep.host, "port": ep.port, "user": ep.user, "dbname": ep.dbname}
-    config = write_config(
-        tmp_path / "backup.toml",
-        {
-            "repository": {"url": url},
-            "keys": {
-                "recipients": [recipient],
-                "signing_key_file": str(tmp_path / "keys" / "signing.key"),
-                "verify_key": verify_key,
-            },
-            "postgres": {**postgres, "password_file": str(password)},
-            "wal": {
-                "spool_dir": str(tmp_path / "spool"),
-                "slot": slot,
-                "flush_interval": 1.0,
-                "restart_max_s": 2.0,
-            },
-        },
-        "a test WAL streamer",
-    )
-    operator = write_config(
-        tmp_path / "operator.toml",
-        {
-            "repository": {"url": url},
-            "keys": {"identity_file": str(identity), "verify_key": verify_key},
-            "wal": {"spool_dir": str(tmp_path / "spool")},
-        },
-        "a test operator",
-    )
-    repo_svc.init_repo(load_config(config, {}))
-    yield WalKit(tmp_path, wal_pg, config, operator, identity, slot)
-    with _admin(ep) as conn:  # a forgotten slot would pin WAL on the module's server
-        conn.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-            "WHERE NOT active AND slot_name LIKE 't\\_%' OR slot_name LIKE 'ref\\_%'"
-        )
-
-
-def _admin(ep: PostgresEndpoint) -> psycopg.Connection[Any]:
-    return psycopg.connect(**ep.connect_kwargs(), autocommit=True)
-
-
-def write_rows(ep: PostgresEndpoint) -> None:
-    """Commit some rows: WAL for --until-idle to close and seal."""
-    with _admin(ep) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS walt (id bigserial, body text)")
-        conn.execute("INSERT INTO walt (body) SELECT md5(g::text) FROM generate_series(1, 1000) g")
 
 
 class Writer:
@@ -245,11 +98,6 @@ class Reference:
             check=False,
             capture_output=True,
         )
-
-
-def stop_streamer(proc: subprocess.Popen[bytes]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(60)
 
 
 def assert_byte_equal(kit: WalKit, reference: Path, minimum: int) -> int:

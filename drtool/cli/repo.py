@@ -308,6 +308,8 @@ def prune(
     click.echo(
         f"{verb} {forgotten} snapshots, {deleted} objects, {plan.stale_uploads} stale uploads"
     )
+    if plan.wal.note:
+        click.echo(f"WAL: {plan.wal.note}")
     if plan.survived:
         click.echo(
             f"warning: {len(plan.survived)} objects are still stored after their delete "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,6 +13,7 @@ import click
 from drtool.cli.context import CliState, emit_json, repository_option
 from drtool.cli.render import human_bytes, print_table
 from drtool.errors import IntegrityError, UsageError
+from drtool.services.restore.pitr import PitrOptions, PitrResult, run_pitr
 from drtool.services.restore.run import RestoreOptions, RestoreResult, run_restore
 from drtool.stores.registry import COMPONENTS
 
@@ -26,6 +28,99 @@ def _parse_at(value: str | None) -> datetime | None:
             f"--at: not an ISO time, e.g. 2026-11-25T02:00:00Z (got {value})"
         ) from None
     return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _parse_moment(value: str) -> datetime:
+    """A point-in-time target: ISO 8601 with its zone (a naive time is refused, not guessed)."""
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(
+            f"--at: not an ISO time, e.g. 2026-11-25T02:00:00Z (got {value})"
+        ) from None
+    if at.tzinfo is None:
+        raise UsageError(
+            f"--at: a restore to a moment needs the time with its zone, e.g. {value}Z for UTC "
+            f"or {value}+01:00 (got {value})"
+        )
+    return at
+
+
+def _show_pitr_plan(result: PitrResult) -> None:
+    print_table(
+        f"restore plan: PostgreSQL at {result.target} -> new data directory {result.data_dir}"
+        + (" (dry run, nothing changed)" if result.dry_run else ""),
+        ["base backup (snapshot)", "base finished", "WAL segments first staged", "window"],
+        [[result.base_snapshot, result.base_finished, result.segments_planned, result.window]],
+    )
+
+
+def _confirm_pitr(result: PitrResult) -> bool:
+    if not sys.stdin.isatty():
+        raise UsageError("restore: not a terminal, so nothing to confirm with; pass --yes")
+    _show_pitr_plan(result)
+    typed = click.prompt(
+        f"Type {result.data_dir!r} to restore into it", default="", show_default=False
+    )
+    return bool(typed == result.data_dir)
+
+
+def _restore_to_moment(
+    state: CliState,
+    snapshot: str,
+    at: str | None,
+    lsn: str | None,
+    into: str | None,
+    port: int | None,
+    components: tuple[str, ...],
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    if snapshot != "latest":
+        raise UsageError(f"--at/--lsn with --into: a moment, not a snapshot id (got {snapshot})")
+    if components != ("postgres",):
+        raise UsageError(
+            "restore to a moment: PostgreSQL only, pass --component postgres "
+            f"(got {','.join(components)})"
+        )
+    options = PitrOptions(
+        at=_parse_moment(at) if at is not None else None,
+        lsn=lsn,
+        into=Path(into) if into else None,
+        dry_run=dry_run,
+        yes=yes,
+        port=port,
+    )
+    result = run_pitr(state.config(), options=options, confirm=_confirm_pitr)
+    if as_json:
+        emit_json(asdict(result))
+        return
+    if dry_run:
+        _show_pitr_plan(result)
+        click.echo(
+            f"{result.hash_checked} objects the restore reads first (the base and its WAL): "
+            "stored size and sha256 match the signed records"
+        )
+        return
+    print_table(
+        f"PostgreSQL restored to {result.target} into {result.data_dir} in {result.seconds:.1f} s",
+        ["reached (last commit replayed)", "WAL position", "port", "segments staged"],
+        [
+            [
+                result.reached_time or "?",
+                result.reached_lsn or "?",
+                result.port,
+                result.segments_staged,
+            ]
+        ],
+    )
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(
+        f"the copy runs on 127.0.0.1:{result.port}; stop it with: "
+        f"{result.pg_ctl} -D {result.data_dir} stop (as the postgres user)"
+    )
 
 
 def _show_plan(result: RestoreResult) -> None:
@@ -60,8 +155,21 @@ def _confirm(result: RestoreResult) -> bool:
     "--at",
     "at",
     metavar="TIME",
-    help="With `latest`: the newest snapshot not after TIME (ISO, UTC if no zone).",
+    help="With `latest`: the newest snapshot not after TIME (ISO, UTC if no zone). With "
+    "--into: restore PostgreSQL to exactly that moment (base backup + WAL; the zone is required).",
 )
+@click.option(
+    "--lsn",
+    metavar="LSN",
+    help="With --into: restore PostgreSQL to that WAL position (e.g. 16/B374D848).",
+)
+@click.option(
+    "--into",
+    metavar="DIR",
+    help="Restore to a moment (--at/--lsn, --component postgres) into this NEW data directory; "
+    "the copy starts on a free loopback port, the running cluster is not touched.",
+)
+@click.option("--port", type=int, default=None, help="With --into: the copy's port (default free).")
 @click.option(
     "--component",
     "components",
@@ -118,6 +226,9 @@ def restore(
     snapshot: str,
     repository: str | None,
     at: str | None,
+    lsn: str | None,
+    into: str | None,
+    port: int | None,
     components: str,
     target: str,
     dry_run: bool,
@@ -137,11 +248,34 @@ def restore(
     Afterwards the target's fingerprints are compared with the snapshot's:
     exit 0 only when all match, 5 on a mismatch. Objects in a bucket that the
     snapshot lacks are kept and counted, or removed with --minio-mode mirror.
+
+    \b
+    To a moment: `--at TIME` (with its zone) or `--lsn LSN`, `--component
+    postgres --into DIR`: the newest base backup before it plus the WAL up to
+    it, each file checked before PostgreSQL reads it (the base and the WAL to
+    the target before DIR is created), recovered and promoted in DIR on a
+    free port. Outside the window (or behind a WAL gap): exit 10, naming it;
+    a damaged file: exit 5, naming it, DIR not left behind.
     """
+    chosen = tuple(c.strip() for c in components.split(",") if c.strip())
+    if lsn is not None or into is not None:
+        if target or force:
+            raise UsageError(
+                "restore to a moment: it goes into a new data directory (--into DIR) only; "
+                "--target/--force replace a running database and are for snapshot restores "
+                "(to put the copy in production's place, see docs/OPERATIONS.md); nothing changed"
+            )
+        _restore_to_moment(state, snapshot, at, lsn, into, port, chosen, dry_run, yes, as_json)
+        return
+    if at is not None and chosen == ("postgres",):
+        raise UsageError(
+            "--at with --component postgres: for a restore to that exact moment add --into DIR "
+            "(a new data directory); for an older logical snapshot, name it by id (drtool list)"
+        )
     options = RestoreOptions(
         ref=snapshot,
         at=_parse_at(at),
-        components=tuple(c.strip() for c in components.split(",") if c.strip()),
+        components=chosen,
         target=target,
         dry_run=dry_run,
         force=force,

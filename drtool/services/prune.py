@@ -8,6 +8,9 @@ Retention must never delete the last good copy: a snapshot counts toward the kee
 when a signed verification record (ADR 0013) or a passed drill says its data is intact (unless
 ``count_unverified``), and whatever the policy, prune keeps the newest snapshot proven by a
 read-data verification or a drill, and the newest verified snapshot of every store.
+
+WAL (``drtool wal stream``) is pruned with the snapshots: every segment from the oldest kept
+base backup's start onward stays, older ones go (drtool/services/wal_prune.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -24,6 +28,8 @@ from drtool.repository import catalog, chain, drill_log, layout, retention, veri
 from drtool.repository.access import Repo, open_repo
 from drtool.repository.locks import repository_lock
 from drtool.repository.manifest import manifest_sha256
+from drtool.services.wal_prune import WalPrunePlan, execute_wal, plan_wal
+from drtool.wal.index import WAL
 
 
 @dataclass
@@ -44,6 +50,8 @@ class PrunePlan:
     versioned: bool = False
     #: keys the storage still lists after their delete (reported, never claimed deleted)
     survived: list[str] = field(default_factory=list)
+    #: WAL retention: segments older than the oldest kept base backup
+    wal: WalPrunePlan = field(default_factory=WalPrunePlan)
 
 
 def prune(
@@ -68,10 +76,11 @@ def prune(
         defer_retained(repo, plan, now or datetime.now(UTC))
         if not dry_run:
             held.ensure_held()  # a lost lock (heartbeat failed) must not delete
-            execute_prune(repo, plan, cutoff)
+            signer = _signer(cfg)
+            execute_prune(repo, plan, cutoff, signer)
             catalog.compact_index(
                 repo.storage,
-                _signer(cfg),
+                signer,
                 repo.verify_keys,
                 repo.info.repo_id,
                 forgot=bool(plan.forget),
@@ -126,6 +135,7 @@ def plan_prune(
             if o.key.startswith(forgotten_records)
         ]
     plan.stale_uploads = len(repo.storage.stale_uploads(cutoff))
+    plan.wal = plan_wal(repo, records, set(keep))
     return plan
 
 
@@ -144,9 +154,9 @@ def defer_retained(repo: Repo, plan: PrunePlan, now: datetime) -> None:
         return
     plan.versioned = storage.versioned()
     manifests = [layout.manifest_key(sid) for sid in plan.forget]
-    keys = manifests + plan.garbage
+    planned = manifests + plan.garbage + plan.wal.keys
     with ThreadPoolExecutor(8) as pool:
-        dates = dict(zip(keys, pool.map(storage.retention, keys), strict=True))
+        dates = dict(zip(planned, pool.map(storage.retention, planned), strict=True))
     retained = {k: d for k, d in dates.items() if d is not None and d > now}
     for sid, key in zip(list(plan.forget), manifests, strict=True):
         if key in retained:
@@ -162,6 +172,12 @@ def defer_retained(repo: Repo, plan: PrunePlan, now: datetime) -> None:
         else:
             kept.append(key)
     plan.garbage = kept
+    held_wal = [key for key in plan.wal.keys if key in retained]
+    for key in held_wal:
+        plan.deferred[key] = retained[key].isoformat(timespec="seconds")
+    names = {key.rsplit("/", 1)[-1].split(".", 1)[0] for key in held_wal}
+    plan.wal.keys = [key for key in plan.wal.keys if key not in retained]
+    plan.wal.remove = [name for name in plan.wal.remove if name not in names]
 
 
 def _anchors(verified: list[catalog.SnapshotRecord], drilled: str | None) -> list[tuple[str, str]]:
@@ -185,8 +201,15 @@ def _anchors(verified: list[catalog.SnapshotRecord], drilled: str | None) -> lis
     return anchors
 
 
-def execute_prune(repo: Repo, plan: PrunePlan, cutoff: datetime) -> None:
-    """Delete what ``plan`` names: manifests first (a snapshot disappears whole), then data.
+def execute_prune(
+    repo: Repo,
+    plan: PrunePlan,
+    cutoff: datetime,
+    signing_key: Ed25519PrivateKey | None = None,
+) -> None:
+    """Delete what ``plan`` names: manifests first (a snapshot disappears whole), then data,
+    then WAL older than the oldest kept base backup (recorded first, signed by
+    ``signing_key``; without one, WAL stays).
 
     Each forgotten manifest leaves a tombstone first, so ``verify``'s chain walk can tell a
     pruned snapshot from a deleted one.
@@ -200,9 +223,11 @@ def execute_prune(repo: Repo, plan: PrunePlan, cutoff: datetime) -> None:
     for key in plan.garbage:
         repo.storage.delete(key)
     repo.storage.abort_stale_uploads(cutoff)
+    execute_wal(repo, plan.wal, signing_key)
     gone = {layout.manifest_key(sid) for sid in plan.forget} | set(plan.garbage)
+    gone |= set(plan.wal.keys)
     listed = {
-        o.key for prefix in (layout.SNAPSHOTS, layout.BLOBS) for o in repo.storage.list(prefix)
+        o.key for prefix in (layout.SNAPSHOTS, layout.BLOBS, WAL) for o in repo.storage.list(prefix)
     }
     plan.survived = sorted(gone & listed)
     plan.done = True

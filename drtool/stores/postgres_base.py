@@ -35,10 +35,11 @@ def _counting(chunks: Iterable[bytes], progress: Callable[[str, int], None]) -> 
 
 
 class PostgresBaseStore:
-    """Backed up only when asked for by name (registry.OPTIONAL); not restorable by itself.
+    """Backed up only when asked for by name (registry.OPTIONAL); not restored by itself.
 
-    Point-in-time restore (base + WAL) is the next step of issue 12; until then a logical
-    restore passes over this component, and drills do not check it.
+    A base backup is restored together with the WAL, to a moment: ``drtool restore --at|--lsn
+    --component postgres --into DIR`` (drtool/services/restore/pitr.py, ADR 0017). A snapshot
+    restore passes over this component, and drills do not check it yet.
     """
 
     name = NAME

@@ -28,6 +28,7 @@ from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.repository import rotation
 from drtool.repository.manifest import canonical
 from drtool.storage.base import Storage
+from drtool.wal.pruned import PrunedChain, load_pruned
 
 INDEX_FORMAT = "drtool-wal-index/1"
 WAL = "wal/"
@@ -137,6 +138,8 @@ class WalIndex:
     last_sha256: str | None = None
     chunks: int = 0
     problems: list[str] = field(default_factory=list)
+    #: names a signed removal record (drtool/wal/pruned.py) says prune removed: not expected
+    removed: dict[str, str] = field(default_factory=dict)
 
     def add(self, chunk: IndexChunk, *, key: str) -> None:
         """Take a chunk's entries; a name seen before with other bytes is a problem."""
@@ -209,7 +212,16 @@ def load_index(storage: Storage, verify_keys: list[str], repo_id: str) -> WalInd
         size, sha256 = rotated.current(entry.key, entry.size, entry.sha256)
         if (size, sha256) != (entry.size, entry.sha256):
             index.entries[name] = replace(entry, size=size, sha256=sha256)
+    _apply_removals(index, load_pruned(storage, verify_keys, repo_id))
     return index
+
+
+def _apply_removals(index: WalIndex, pruned: PrunedChain) -> None:
+    """Drop what signed removal records name; their problems become the index's."""
+    index.problems += pruned.problems
+    for name, record in pruned.removed.items():
+        if index.entries.pop(name, None) is not None:
+            index.removed[name] = record
 
 
 def append_chunk(

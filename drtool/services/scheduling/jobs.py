@@ -49,7 +49,7 @@ from drtool.repository.subset import parse_budget
 from drtool.services import prune as prune_svc
 from drtool.services import repo as repo_svc
 from drtool.services.backup import run_backup
-from drtool.stores.registry import COMPONENTS
+from drtool.stores.registry import COMPONENTS, all_components
 from drtool.typed_load import build
 
 log = logging.getLogger(__name__)
@@ -164,10 +164,11 @@ def _weekday(where: str, value: str) -> str:
 
 
 def _components(where: str, value: tuple[str, ...]) -> tuple[str, ...]:
-    """Some of the stores, at least one."""
-    unknown = [c for c in value if c not in COMPONENTS]
+    """Some of the stores (the optional ``postgres-base`` too), at least one."""
+    known = all_components()
+    unknown = [c for c in value if c not in known]
     if unknown or not value:
-        raise ConfigError(f"{where}: expected some of {', '.join(COMPONENTS)} (got {value})")
+        raise ConfigError(f"{where}: expected some of {', '.join(known)} (got {value})")
     return value
 
 

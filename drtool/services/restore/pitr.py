@@ -1,0 +1,374 @@
+"""``drtool restore --at TIME|--lsn LSN --component postgres --into DIR``: a moment, not a snapshot.
+
+Order (docs/decisions/0017-pitr-restore-and-wal-retention.md): the signed WAL index and the
+snapshot list are read; the base backup and the WAL run are chosen (pitr_plan: a target
+outside the window, or behind a gap, is refused here, with nothing created); the plan is
+shown and confirmed; then, in a staging directory beside the new data directory, the base
+tar and every WAL file up to the target (plus a margin) are fetched, authenticated, decrypted
+and checked against the signed records (sizes, sha256, each segment's cluster and position)
+BEFORE the data directory is created. Then: extract, recovery settings, the same-major
+``pg_ctl``, while the rest of the run is staged alongside (pitr_prefetch: for a moment, which
+segment holds it is only estimated from sealed times), each file checked the same way before
+PostgreSQL can read it; should one it needed fail its checks, or a gap stop it short, the new
+data directory is removed before the error (nothing is left, the running cluster was never
+involved). At the end of an unbroken run it recovers to the end of the WAL held and says so.
+The result names the moment and WAL position reached. The running cluster is never touched:
+the copy runs on its own loopback port with archiving off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from drtool.config import Config
+from drtool.errors import ConfigError, IntegrityError, NotFound, SourceError, UsageError
+from drtool.repository import catalog
+from drtool.repository.access import (
+    Repo,
+    identities_of,
+    open_repo,
+    snapshot_header,
+    stored_problem,
+)
+from drtool.runtime.binaries import MissingBinary, pg_bin_dir, pg_major_of
+from drtool.runtime.procs import free_port_block
+from drtool.services.restore import pitr_plan, pitr_prefetch, pitr_recover
+from drtool.stores.stage import Plain, check_free_space, stage
+from drtool.timing import Timer
+from drtool.wal.fetch import fetch_checked
+from drtool.wal.index import WalEntry, load_index
+
+RECOVERY_TIMEOUT_S = 3600.0
+log_ = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PitrOptions:
+    """Where to, and to which moment or position."""
+
+    at: datetime | None = None
+    lsn: str | None = None
+    into: Path | None = None
+    dry_run: bool = False
+    yes: bool = False
+    port: int | None = None
+
+
+@dataclass
+class PitrResult:
+    """The plan and, unless a dry run, what the restore reached."""
+
+    target: str
+    base_snapshot: str
+    base_finished: str
+    window: str
+    data_dir: str
+    dry_run: bool
+    segments_planned: int
+    port: int = 0
+    segments_staged: int = 0
+    staged_bytes: int = 0
+    reached_time: str | None = None  # the last transaction replayed (its commit time)
+    reached_lsn: str | None = None
+    seconds: float = 0.0
+    pg_ctl: str = ""
+    log: str = ""
+    hash_checked: int = 0  # dry run: objects whose stored size and sha256 were checked
+    recovery_starts: int = 0  # more than 1: recovered again, to the end of the WAL held
+    #: seconds of each phase: stage (base + first WAL, checked), extract, recover
+    phases: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def check_options(options: PitrOptions) -> None:
+    """Exactly one target; a time with its zone; a new (absent or empty) data directory."""
+    if (options.at is None) == (options.lsn is None):
+        raise UsageError("restore to a moment: give --at TIME or --lsn LSN (one of them)")
+    if options.at is not None and options.at.tzinfo is None:
+        raise UsageError(
+            f"--at: give the time with its zone, e.g. 2026-11-25T02:00:00Z or +01:00 "
+            f"(got {options.at.isoformat()})"
+        )
+    if options.lsn is not None:
+        try:
+            pitr_plan.parse_lsn(options.lsn)
+        except ValueError:
+            raise UsageError(
+                f"--lsn: not a WAL position like 16/B374D848 (got {options.lsn})"
+            ) from None
+    if options.into is None:
+        raise UsageError(
+            "restore to a moment: --into DIR is required (a new data directory; the running "
+            "cluster is never replaced by a point-in-time restore)"
+        )
+    into = options.into
+    if into.exists() and (not into.is_dir() or any(into.iterdir())):
+        raise UsageError(f"--into: {into} exists and is not an empty directory; nothing changed")
+    if not into.parent.is_dir():
+        raise UsageError(f"--into: {into.parent} does not exist")
+
+
+def run_pitr(
+    cfg: Config, *, options: PitrOptions, confirm: Callable[[PitrResult], bool]
+) -> PitrResult:
+    """Plan, confirm, stage and check everything, then recover into ``options.into``."""
+    clock = Timer()
+    check_options(options)
+    assert options.into is not None
+    into = options.into.resolve() if options.into.exists() else options.into.absolute()
+    identities = identities_of(cfg)
+    if not identities:
+        raise ConfigError("keys.identity_file: restore needs the operators' identity (got none)")
+    repo = open_repo(cfg)
+    index = load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
+    records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+    target = pitr_plan.Target(options.at, options.lsn)
+    chosen = pitr_plan.plan(records, index, target)
+    base = chosen.base
+    major = pg_major_of(base.component.source_version)
+    try:
+        bin_dir = pg_bin_dir(major=major) if major is not None else None
+    except MissingBinary as exc:
+        raise MissingBinary(
+            f"restore to a moment: a physical restore needs the base backup's major "
+            f"(PostgreSQL {major}); {exc.message}"
+        ) from None
+    if bin_dir is None:
+        raise SourceError(
+            f"restore to a moment: the base backup records no PostgreSQL version "
+            f"({base.component.source_version!r})"
+        )
+    result = PitrResult(
+        target.describe(),
+        base.snapshot_id,
+        base.finished.isoformat(),
+        chosen.window,
+        str(into),
+        options.dry_run,
+        chosen.stage_count,
+        pg_ctl=str(bin_dir / "pg_ctl"),
+    )
+    if options.dry_run:
+        result.hash_checked = _hash_check(repo, chosen)
+        return result
+    if not options.yes and not confirm(result):
+        raise UsageError("restore: not confirmed; nothing changed")
+    _stage_and_recover(cfg, repo, identities, chosen, bin_dir, into, options, result)
+    result.seconds = round(clock.elapsed(), 3)
+    return result
+
+
+def _hash_check(repo: Repo, chosen: pitr_plan.PitrPlan) -> int:
+    """Dry run: the key-less check of the base and the WAL first staged (stored sha256)."""
+    entry = next(o for o in chosen.base.component.objects if o.kind == "pg_basebackup")
+    problems = [p for p in [stored_problem(repo, entry)] if p]
+    wal = chosen.history + chosen.staged_first()
+    for e in wal:
+        digest, size = hashlib.sha256(), 0
+        try:
+            for chunk in repo.storage.get(e.key):
+                digest.update(chunk)
+                size += len(chunk)
+        except NotFound:
+            problems.append(f"{e.key}: missing from the repository (WAL {e.name})")
+            continue
+        problem = e.mismatch(size, digest.hexdigest())
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise IntegrityError(
+            f"restore --dry-run: {len(problems)} of {len(wal) + 1} objects damaged: "
+            + "; ".join(problems)
+        )
+    return len(wal) + 1
+
+
+@dataclass
+class _Stager:
+    """Fetches checked WAL into the staging directory and counts it."""
+
+    repo: Repo
+    identities: list[str]
+    wal_dir: Path
+    staging: Path
+    segment_size: int
+    system_identifier: str
+    result: PitrResult
+
+    def fetch(self, entries: list[WalEntry]) -> None:
+        for e in entries:
+            fetch_checked(
+                self.repo.storage,
+                self.repo.info.repo_id,
+                e,
+                self.identities,
+                list(self.repo.info.recipients),
+                self.wal_dir,
+                segment_size=self.segment_size,
+                system_identifier=self.system_identifier,
+            )
+            self.result.segments_staged += 1 if e.kind == "segment" else 0
+            self.result.staged_bytes += e.plain_size
+        pitr_recover.chown_tree(self.staging)
+
+
+def _stage_base(repo: Repo, base: pitr_plan.Base, identities: list[str], tar: Path) -> None:
+    """The base tar, decrypted and checked against the manifest (size, sha256)."""
+    comp = base.component
+    entry = next(o for o in comp.objects if o.kind == "pg_basebackup")
+    plain = Plain(comp.plain_bytes, str(comp.details.get("plain_sha256") or "") or None)
+    header = snapshot_header(base.manifest, pitr_plan.BASE, entry.kind)
+    stage(repo, entry, header, identities, tar, plain)
+
+
+def _stage_and_recover(
+    cfg: Config,
+    repo: Repo,
+    identities: list[str],
+    chosen: pitr_plan.PitrPlan,
+    bin_dir: Path,
+    into: Path,
+    options: PitrOptions,
+    result: PitrResult,
+) -> None:
+    """Stage and check everything, then create, recover and promote ``into``."""
+    base, size = chosen.base, chosen.segment_size
+    check_free_space(into.parent, base.component.plain_bytes * 2 + size * (chosen.stage_count + 1))
+    staging = Path(tempfile.mkdtemp(dir=into.parent, prefix=f".{into.name}.staging-"))
+    log = into.parent / f"{into.name}.restore.log"
+    try:
+        wal_dir = staging / "wal"
+        wal_dir.mkdir()
+        tar = staging / "base.tar"
+        clock = Timer()
+        _stage_base(repo, base, identities, tar)
+        stager = _Stager(repo, identities, wal_dir, staging, size, base.system_identifier, result)
+        stager.fetch(chosen.history + chosen.staged_first())
+        result.phases["stage"] = round(clock.elapsed(), 3)
+        # everything read so far is authentic: only now is anything created for PostgreSQL
+        result.port = options.port or free_port_block((0,), set())
+        try:
+            pitr_recover.extract(tar, into, timeout=RECOVERY_TIMEOUT_S)
+        except BaseException:
+            shutil.rmtree(into, ignore_errors=True)  # ours, new, and of no use half-extracted
+            raise
+        tar.unlink()
+        result.phases["extract"] = round(clock.elapsed() - result.phases["stage"], 3)
+        log.touch()
+        pitr_recover.chown_tree(log)
+        result.log = str(log)
+        try:
+            _recover(chosen, stager, bin_dir, into, log, options, result)
+        except (IntegrityError, NotFound):
+            # WAL staged on demand failed its checks, or a gap stops recovery short of the
+            # target: the copy cannot be completed, so nothing of it is left behind (it never
+            # served anything)
+            pitr_recover.stop(bin_dir, into)
+            shutil.rmtree(into, ignore_errors=True)
+            log.unlink(missing_ok=True)
+            raise
+        result.phases["recover"] = round(clock.elapsed() - sum(result.phases.values()), 3)
+        pitr_recover.remove_recovery_block(into)
+        result.reached_time, result.reached_lsn = _reached(cfg, result.port, log)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _recover(
+    chosen: pitr_plan.PitrPlan,
+    stager: _Stager,
+    bin_dir: Path,
+    into: Path,
+    log: Path,
+    options: PitrOptions,
+    result: PitrResult,
+) -> None:
+    """Recover while the rest of the run is staged alongside (pitr_prefetch); at the end of
+    an unbroken run without the target, recover to the end of the WAL held, saying so."""
+    command = pitr_prefetch.write_script(stager.staging, chosen.run)
+    pitr_recover.chown_tree(stager.staging)
+    prefetcher = pitr_prefetch.Prefetcher(
+        stager.staging, chosen.run, chosen.stage_count, stager.fetch
+    )
+    settings = pitr_recover.RecoverySettings(
+        stager.wal_dir,
+        result.port,
+        target_time=options.at.isoformat() if options.at is not None else None,
+        target_lsn=options.lsn,
+        restore_command=command,
+    )
+    prefetcher.start()
+    try:
+        while True:
+            pitr_recover.write_settings(into, settings)
+            result.recovery_starts += 1
+            outcome = pitr_recover.start_and_wait(bin_dir, into, log, timeout=RECOVERY_TIMEOUT_S)
+            if outcome.promoted:
+                return
+            if not outcome.not_reached:
+                raise SourceError(
+                    f"restore to a moment: PostgreSQL stopped during recovery ({into} kept; "
+                    f"its log: {log}): {outcome.log_tail}"
+                )
+            prefetcher.stop()
+            if prefetcher.error is not None:
+                raise prefetcher.error  # recovery needed what failed its checks
+            if settings.target_time is None and settings.target_lsn is None:
+                raise SourceError(f"restore to a moment: recovery failed: {outcome.log_tail}")
+            _end_of_wal(chosen, result)
+            settings = pitr_recover.RecoverySettings(
+                stager.wal_dir, result.port, restore_command=command
+            )
+    finally:
+        prefetcher.stop()
+
+
+def _end_of_wal(chosen: pitr_plan.PitrPlan, result: PitrResult) -> None:
+    """The whole run replayed without reaching the target: a gap is an error; else say so."""
+    last = chosen.run[-1]
+    if chosen.missing is not None:
+        raise NotFound(
+            f"restore to {chosen.target.describe()}: WAL segment {chosen.missing} is "
+            f"missing (a gap in the WAL from base backup {chosen.base.snapshot_id}); the "
+            f"latest reachable moment is {last.sealed} (through segment {last.name})"
+        )
+    log_.warning(
+        "the WAL held ends before %s: restoring to its end (segment %s)",
+        chosen.target.describe(),
+        last.name,
+    )
+    result.notes.append(
+        f"the WAL held ends before {chosen.target.describe()} was reached: restored to "
+        f"its end (segment {last.name}, sealed {last.sealed})"
+    )
+
+
+def _reached(cfg: Config, port: int, log: Path) -> tuple[str | None, str | None]:
+    """The last replayed transaction's commit time and the last replayed WAL position.
+
+    Asked of the restored server as the configured role (the copy has the source's roles);
+    if that fails, the commit time PostgreSQL logged at the end of recovery.
+    """
+    ep = cfg.stack().postgres
+    kwargs: dict[str, Any] = {**ep.connect_kwargs(), "host": "127.0.0.1", "port": port}
+    try:
+        with psycopg.connect(**kwargs, connect_timeout=10, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn()::text"
+            ).fetchone()
+    except psycopg.Error:
+        return pitr_recover.last_transaction_from_log(log), None
+    if row is None:
+        return None, None
+    moment = row[0].isoformat() if row[0] is not None else None
+    return moment, row[1]
