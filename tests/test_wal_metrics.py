@@ -17,16 +17,16 @@ from datetime import datetime
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_wal_stream import (  # noqa: F401  (kit and wal_pg are fixtures)
+from support.wal_kit import (  # noqa: F401  (kit_fixture and wal_pg_fixture are fixtures)
     WalKit,
-    _admin,
-    _base_backup,
-    kit,
+    kit_fixture,
     stop_streamer,
     wait_for,
-    wal_pg,
+    wal_pg_fixture,
     write_rows,
 )
+from support.wal_kit import admin as _admin
+from test_wal_stream import _base_backup
 
 from drtool.config import load_config
 from drtool.repository import catalog
@@ -66,7 +66,7 @@ def newest_sealed(wal: WalKit) -> float:
 
 @pytest.mark.slow
 def test_the_streamer_exports_lag_window_spool_and_a_lost_slot(  # noqa: PLR0915
-    kit: WalKit,  # noqa: F811
+    kit: WalKit,
 ) -> None:
     write_rows(kit.server.endpoint)
     port = free_port()
