@@ -64,11 +64,12 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) 
 
 def test_shipped_schedules_load() -> None:
     specs = {s.name: s for s in jobs_svc.load_schedules(ROOT / "schedules")}
-    assert list(specs) == ["postgres", "redis", "full", "prune", "verify", "drill"]
+    assert list(specs) == ["postgres", "redis", "full", "base", "prune", "verify", "drill"]
     assert specs["postgres"].every_s == 6 * 3600 and specs["postgres"].components == ("postgres",)
     assert specs["redis"].every_s == 3600 and specs["redis"].threshold_s == 2 * 3600
     assert (specs["full"].at, specs["full"].timezone) == ("03:00", "Asia/Seoul")
-    assert specs["full"].components == ("postgres", "redis", "minio", "postgres-base")
+    assert specs["full"].components == ("postgres", "redis", "minio")
+    assert (specs["base"].at, specs["base"].components) == ("03:30", ("postgres-base",))
     assert specs["prune"].keep.daily == 7
     assert specs["verify"].kind == "verify" and specs["verify"].snapshot == "unverified"
     assert specs["verify"].read_data_subset == "4%"  # issue 18.9: every object within 25 days
@@ -81,7 +82,7 @@ def test_shipped_schedules_load() -> None:
     scheduler = schedule.Scheduler()
     for spec in specs.values():
         svc.add_job(scheduler, spec, lambda: None)
-    assert len(scheduler.get_jobs()) == 6 and not schedule.get_jobs()  # never the default one
+    assert len(scheduler.get_jobs()) == 7 and not schedule.get_jobs()  # never the default one
 
 
 @pytest.mark.parametrize(
