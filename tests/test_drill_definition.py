@@ -7,6 +7,7 @@ needs no server.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,10 @@ ROOT = Path(__file__).resolve().parent.parent
             'snapshot = "random-within:soon"\n',
             "snapshot: expected latest, an id or random-within:<N>d",
         ),
+        (
+            'snapshot = "pitr:latest"\n',
+            "snapshot: expected pitr:lsn-of-latest or pitr:random-within:<N>d|h",
+        ),
     ],
 )
 def test_a_mistyped_definition_fails_at_load_naming_the_field(
@@ -117,3 +122,10 @@ def test_the_shipped_definition_loads() -> None:
 def test_a_missing_definition_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_definition(tmp_path / "nope.toml")
+
+
+def test_pitr_choices_load_with_their_window() -> None:
+    from drtool.drills.definition import DrillDefinition
+
+    assert DrillDefinition(snapshot="pitr:random-within:2d").window() == timedelta(days=2)
+    assert DrillDefinition(snapshot="pitr:lsn-of-latest").window() is None

@@ -2,7 +2,9 @@
 
 ```toml
 name = "weekly"
-snapshot = "latest"            # an id, "latest", or "random-within:7d"
+snapshot = "latest"            # an id, "latest", or "random-within:7d"; or PostgreSQL from a
+                               # base backup + WAL: "pitr:lsn-of-latest" (must equal the newest
+                               # logical snapshot's fingerprints) or "pitr:random-within:7d"
 runtime = "local"              # "local" (server processes) or "docker"
 components = ["postgres", "redis", "minio"]
 identities = []                # identity files, one per recipient: each must decrypt a sample
@@ -55,9 +57,14 @@ def _components(where: str, value: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _snapshot(where: str, value: str) -> str:
-    """``latest``, an id, or ``random-within:<N>d|h``."""
+    """``latest``, an id, ``random-within:<N>d|h``, ``pitr:lsn-of-latest`` or
+    ``pitr:random-within:<N>d|h`` (PostgreSQL from a base backup and the WAL)."""
     if value.startswith("random") and not _WINDOW.match(value):
         raise problem(where, "expected latest, an id or random-within:<N>d", value)
+    if value.startswith("pitr:") and not (
+        value == "pitr:lsn-of-latest" or _WINDOW.match(value.removeprefix("pitr:"))
+    ):
+        raise problem(where, "expected pitr:lsn-of-latest or pitr:random-within:<N>d|h", value)
     return value
 
 
@@ -127,7 +134,7 @@ class DrillDefinition:
 
     def window(self) -> timedelta | None:
         """For ``random-within:Nd`` the window to pick from, else None."""
-        match = _WINDOW.match(self.snapshot)
+        match = _WINDOW.match(self.snapshot.removeprefix("pitr:"))
         if not match:
             return None
         amount = int(match.group(1))

@@ -40,7 +40,7 @@ from drtool.repository import catalog, drill_log, layout
 from drtool.repository.access import Repo, identities_of, open_repo
 from drtool.repository.ids import new_id
 from drtool.runtime.binaries import pg_bin_dir, pg_major_of
-from drtool.services import key_proof
+from drtool.services import key_proof, pitr_drill
 from drtool.services.restore.run import RestoreOptions, run_restore
 from drtool.sources import postgres as pg
 from drtool.stores import canary, checks, registry
@@ -231,6 +231,8 @@ def run_drill(
     if not cfg.keys.identity_file:
         raise ConfigError("keys.identity_file: a drill decrypts, it needs the operators' identity")
     now = now or datetime.now(UTC)
+    if pitr_drill.is_pitr(snapshot or spec.snapshot):
+        return _pitr(cfg, home, replace(spec, snapshot=snapshot or spec.snapshot), now)
     repo = open_repo(cfg)
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
     choice = choose_snapshot(records, spec, snapshot, now)
@@ -278,6 +280,33 @@ def run_drill(
             report.passed = False
     report.finished = datetime.now(UTC).isoformat(timespec="seconds")
     _publish(repo, spec, report)
+    return report
+
+
+def _pitr(cfg: Config, home: Path, spec: DrillDefinition, now: datetime) -> DrillReport:
+    """A drill of the physical chain (services/pitr_drill.py): PostgreSQL only, into a new
+    data directory; reported, stored and published like every drill."""
+    drill_id = new_id(now)
+    report = DrillReport(
+        drill_id=drill_id,
+        definition=spec.name,
+        runtime="local",
+        snapshot_id=spec.snapshot,
+        snapshot_time="",
+        started=now.isoformat(timespec="seconds"),
+    )
+    try:
+        choice = pitr_drill.choose(cfg, spec.snapshot, spec.window(), now)
+        report.snapshot_id = choice.snapshot_id or spec.snapshot
+        report.snapshot_time = (choice.at or now).isoformat(timespec="seconds")
+        log.info("drill %s: %s (%s)", drill_id, spec.snapshot, choice.lsn or choice.at)
+        with watchdog(drill_id, default_deadline(spec)):
+            pitr_drill.run_pitr_drill(cfg, home, choice, report)
+    except DrtoolError as exc:
+        report.error = exc.message
+        report.passed = False
+    report.finished = datetime.now(UTC).isoformat(timespec="seconds")
+    _publish(open_repo(cfg), spec, report)
     return report
 
 

@@ -1,0 +1,181 @@
+"""Physical-chain drills: ``snapshot = "pitr:lsn-of-latest"`` or ``"pitr:random-within:7d"``.
+
+``pitr:lsn-of-latest`` restores PostgreSQL from a base backup plus the streamed WAL to the
+``consistent_lsn`` recorded with the newest logical snapshot (ADR 0018) and compares the
+copy's fingerprints with that snapshot's: the physical and the logical chains check each
+other, row for row. Equality is exact by construction (the LSN is the consistent point of the
+slot whose snapshot the dump used), so any difference is a defect of one of the chains, not
+noise. ``pitr:random-within:W`` restores to a random moment of the window (at most ``W``
+back) and checks the copy as the app would read it: it starts, its latest messages read, and
+its newest canary says how much the copy lost before the moment (ADR 0026).
+
+Both restore into a new data directory under the drill's work directory, on a free loopback
+port (``run_pitr``: everything staged and checked before the directory is created), and stop
+and remove the copy afterwards whatever happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import psycopg
+
+from drtool.config import Config
+from drtool.drills.report import DrillReport
+from drtool.endpoints import StackEndpoints
+from drtool.errors import NotFound
+from drtool.repository import catalog
+from drtool.repository.access import identities_of, open_repo
+from drtool.services.restore import pitr_plan, pitr_recover
+from drtool.services.restore.pitr import PitrOptions, PitrResult, run_pitr
+from drtool.sources.pg_fingerprint import compare, compute_fingerprints
+from drtool.stores import canary, checks
+from drtool.stores.postgres import restore as pg_restore
+from drtool.timing import Timer
+from drtool.wal.index import load_index
+
+log = logging.getLogger(__name__)
+
+LSN_OF_LATEST = "pitr:lsn-of-latest"
+RANDOM_PREFIX = "pitr:random-within:"
+
+
+@dataclass(frozen=True)
+class PitrChoice:
+    """What a ``pitr:`` drill restores to."""
+
+    lsn: str | None = None
+    at: datetime | None = None
+    snapshot_id: str = ""  # lsn-of-latest: the logical snapshot whose LSN it is
+    window: str = ""
+
+
+def is_pitr(choice: str) -> bool:
+    """Whether a drill's snapshot choice is a point-in-time one."""
+    return choice.startswith("pitr:")
+
+
+def choose(cfg: Config, choice: str, window: timedelta | None, now: datetime) -> PitrChoice:
+    """The LSN of the newest logical snapshot recording one, or a random moment of the window.
+
+    NotFound when there is nothing to drill (no snapshot with a consistent LSN; no base
+    backup followed by WAL): a drill that cannot prove what it should fails with a report.
+    """
+    repo = open_repo(cfg)
+    records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+    if choice == LSN_OF_LATEST:
+        for record in reversed(records):
+            comp = record.manifest.component("postgres") if record.manifest else None
+            if record.valid and comp is not None and comp.details.get("consistent_lsn"):
+                return PitrChoice(
+                    lsn=str(comp.details["consistent_lsn"]), snapshot_id=record.snapshot_id
+                )
+        raise NotFound(
+            "pitr:lsn-of-latest: no valid snapshot records a consistent LSN (the source needs "
+            "wal_level = logical and a REPLICATION role: ADR 0018)"
+        )
+    index = load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
+    size = index.segment_size
+    bases = pitr_plan.bases_of(records, size) if size else []
+    if not bases or size is None:
+        raise NotFound("pitr:random-within: no base backup with WAL in the repository")
+    run, _ = pitr_plan.run_from(index, bases[-1], size)
+    end = datetime.fromisoformat(run[-1].sealed) if run else bases[-1].finished
+    start = bases[0].finished
+    if window is not None:
+        start = max(start, now - window)
+    if end <= start:
+        raise NotFound(
+            f"pitr:random-within: the window {pitr_plan.window_text(bases, index, size)} holds "
+            "no moment within the drill's range"
+        )
+    moment = start + (end - start) * random.SystemRandom().random()
+    return PitrChoice(at=moment, window=pitr_plan.window_text(bases, index, size))
+
+
+def run_pitr_drill(cfg: Config, home: Path, choice: PitrChoice, report: DrillReport) -> None:
+    """Restore to the choice, check the copy, fill ``report`` (checks, RTO, measured RPO)."""
+    work = Path(tempfile.mkdtemp(prefix=f"pitr-{report.drill_id}-", dir=home))
+    work.chmod(0o711)  # the copy's server runs as the postgres user when we are root
+    result: PitrResult | None = None
+    clock = Timer()
+    try:
+        options = PitrOptions(at=choice.at, lsn=choice.lsn, into=work / "data", yes=True)
+        result = run_pitr(cfg, options=options, confirm=lambda r: True)
+        report.restore_s = report.phases_s["restore"] = round(clock.elapsed(), 3)
+        report.rto_s["postgres"] = report.restore_s
+        endpoints = _copy_endpoints(cfg, result.port)
+        report.checks.append(
+            checks.CheckResult(
+                "restored to the moment",
+                True,
+                f"{result.target}: reached {result.reached_time or '?'} "
+                f"(LSN {result.reached_lsn or '?'}) from base {result.base_snapshot}",
+            )
+        )
+        if choice.lsn is not None:
+            report.checks.append(_fingerprints_equal(cfg, choice, endpoints))
+        else:
+            report.checks.append(_messages_readable(endpoints))
+            assert choice.at is not None
+            newest = canary.newest_canaries(endpoints, ())
+            report.measured_rpo_s = canary.measured_rpo(choice.at, {"postgres": newest["postgres"]})
+    finally:
+        if result is not None and result.pg_ctl:
+            pitr_recover.stop(Path(result.pg_ctl).parent, work / "data")
+        shutil.rmtree(work, ignore_errors=True)
+    report.passed = all(c.passed for c in report.checks)
+
+
+def _copy_endpoints(cfg: Config, port: int) -> StackEndpoints:
+    """The configured stack with PostgreSQL pointed at the restored copy (same roles)."""
+    stack = cfg.stack()
+    return replace(stack, postgres=replace(stack.postgres, host="127.0.0.1", port=port))
+
+
+def _messages_readable(endpoints: StackEndpoints) -> checks.CheckResult:
+    """The copy answers the app's queries: rooms, messages, the newest message of the busiest
+    room. PostgreSQL only: the attachments of a moment are the whole-stack restore's part."""
+    with psycopg.connect(**endpoints.postgres.connect_kwargs(), connect_timeout=10) as conn:
+        rooms = conn.execute("SELECT count(*) FROM chat_rooms").fetchone()
+        messages = conn.execute("SELECT count(*), max(created_at) FROM messages").fetchone()
+    n_rooms = int(rooms[0]) if rooms else 0
+    n_messages, newest = (int(messages[0]), messages[1]) if messages else (0, None)
+    return checks.CheckResult(
+        "messages readable at the moment",
+        n_messages > 0,
+        f"{n_rooms} rooms, {n_messages} messages, the newest written {newest}",
+        {"rooms": n_rooms, "messages": n_messages},
+    )
+
+
+def _fingerprints_equal(
+    cfg: Config, choice: PitrChoice, endpoints: StackEndpoints
+) -> checks.CheckResult:
+    """The copy at the logical snapshot's LSN against that snapshot's fingerprints."""
+    repo = open_repo(cfg)
+    record = catalog.find(repo.storage, repo.verify_keys, repo.info.repo_id, choice.snapshot_id)
+    assert record.manifest is not None
+    comp = record.manifest.component("postgres")
+    assert comp is not None
+    expected = pg_restore.load(repo, record.manifest, comp, identities_of(cfg)).fingerprints
+    with psycopg.connect(**endpoints.postgres.connect_kwargs(), connect_timeout=10) as conn:
+        actual = compute_fingerprints(conn)
+    problems = compare(expected, actual)
+    tables = len(expected.tables)
+    rows = sum(fp.rows for fp in expected.tables.values())
+    name = f"physical chain at {choice.snapshot_id}'s LSN equals its fingerprints"
+    if problems:
+        return checks.CheckResult(
+            name,
+            False,
+            f"{len(problems)} difference(s) at LSN {choice.lsn}: {problems[0]}",
+            examples=problems[: checks.MAX_EXAMPLES],
+        )
+    return checks.CheckResult(name, True, f"{tables} tables, {rows} rows equal at LSN {choice.lsn}")
