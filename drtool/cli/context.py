@@ -83,6 +83,7 @@ COMMANDS = {
     "show": "drtool.cli.repo:show",
     "verify": "drtool.cli.repo:verify",
     "restore": "drtool.cli.restore:restore",
+    "restore-entity": "drtool.cli.entity:restore_entity",
     "drill": "drtool.cli.drill:drill",
     "prune": "drtool.cli.repo:prune",
     "wal": "drtool.cli.wal:wal",
