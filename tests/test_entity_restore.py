@@ -363,3 +363,98 @@ def test_bad_input_is_one_line_nothing_changed(world: World, tmp_path: Path) -> 
     assert run.returncode == 12, run.stderr
     assert run.stderr.count("\n") == 1
     assert table_rows(world.stack.postgres) == before
+
+
+def test_a_missing_parent_is_named_and_nothing_changes(world: World) -> None:
+    room = _busiest_room_with_attachments(world)
+    user = int(
+        world.sql("SELECT min(user_id) FROM chat_room_members WHERE room_id = %s", (room,))[0][0]
+    )
+    world.sql("DELETE FROM chat_rooms WHERE id = %s", (room,))  # the user's room is gone too
+    world.sql("DELETE FROM messages WHERE sender_id = %s", (user,))
+    before = table_rows(world.stack.postgres)
+    dry = world.run("user", str(user), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert (
+        f"blocked: chat_room_members(room_id) -> chat_rooms(id): chat_rooms {room} missing "
+        "in production" in dry.stdout
+    )
+    run = world.run("user", str(user), "--yes")
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and "restore the parent first" in run.stderr
+    assert table_rows(world.stack.postgres) == before
+    assert not any((world.home / "state" / "entity-journals").glob("*.json"))
+
+
+def test_an_object_with_other_bytes_is_never_overwritten(world: World) -> None:
+    room = _busiest_room_with_attachments(world)
+    keys_ = _delete_room(world, room)
+    s3 = s3_client(world.stack.minio)
+    s3.put_object(Bucket=world.stack.buckets[0], Key=keys_[0], Body=b"someone else's bytes")
+    run = world.run("room", str(room), "--yes")
+    assert run.returncode == 0, run.stderr
+    assert f"{len(keys_) - 1} objects added" in run.stdout
+    got = s3.get_object(Bucket=world.stack.buckets[0], Key=keys_[0])["Body"].read()
+    assert got == b"someone else's bytes"
+    dry = world.run("room", str(room), "--dry-run")
+    assert f"object {keys_[0]}: conflict" in dry.stdout
+
+
+def test_undo_refuses_to_cascade_into_rows_written_since(world: World) -> None:
+    room = _busiest_room_with_attachments(world)
+    _delete_room(world, room)
+    run = world.run("room", str(room), "--yes")
+    assert run.returncode == 0, run.stderr
+    sender = world.sql("SELECT min(user_id) FROM chat_room_members WHERE room_id = %s", (room,))
+    world.sql(
+        "INSERT INTO messages (room_id, sender_id, content, created_at) "
+        "VALUES (%s, %s, 'written after the restore', now())",
+        (room, sender[0][0]),
+    )
+    before = table_rows(world.stack.postgres)
+    undo = world.run("--undo", run.stdout.split("journal: ")[1].split(" ")[0], "--yes")
+    assert undo.returncode == 2
+    assert "depend on the restored rows" in undo.stderr and "messages (1)" in undo.stderr
+    assert table_rows(world.stack.postgres) == before
+
+
+def test_sequences_move_forward_past_restored_ids_never_back(world: World) -> None:
+    room = _busiest_room_with_attachments(world)
+    top = world.sql("SELECT max(id) FROM messages WHERE room_id = %s", (room,))[0][0]
+    _delete_room(world, room)
+    world.sql("SELECT setval('messages_id_seq', 1)")  # as after a botched migration
+    run = world.run("room", str(room), "--yes")
+    assert run.returncode == 0, run.stderr
+    assert f"sequence messages_id_seq moved forward to {top}" in run.stdout
+    assert world.sql("SELECT last_value, is_called FROM messages_id_seq") == [(top, True)]
+
+
+def test_killed_before_the_commit_the_journal_already_lists_what_undo_removes(
+    world: World,
+) -> None:
+    room = _busiest_room_with_attachments(world)
+    _delete_room(world, room)
+    before = (table_rows(world.stack.postgres), _all_derived(world))
+    objects = bucket_objects(world.stack.minio, world.stack.buckets[0])
+    crashed = run_drtool(
+        "restore-entity",
+        "room",
+        str(room),
+        "--yes",
+        config=world.config,
+        home=world.home,
+        extra_env={"DRTOOL_CRASH_AT": "entity-before-commit"},
+    )
+    assert crashed.returncode == 137
+    assert (table_rows(world.stack.postgres), _all_derived(world)) == before  # not committed
+    [journal] = (world.home / "state" / "entity-journals").glob("*.json")
+    doc = json.loads(journal.read_text())
+    assert doc["status"] == "applying" and doc["objects"]["added"]  # the objects were put
+    assert bucket_objects(world.stack.minio, world.stack.buckets[0]) != objects
+    undo = world.run("--undo", str(journal), "--yes")
+    assert undo.returncode == 0, undo.stderr
+    assert bucket_objects(world.stack.minio, world.stack.buckets[0]) == objects
+    assert (table_rows(world.stack.postgres), _all_derived(world)) == before
+    assert not [
+        db for db in world.sql("SELECT datname FROM pg_database") if "_entity_" in db[0]
+    ]  # the scratch database was dropped before the merge began

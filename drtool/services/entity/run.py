@@ -45,6 +45,7 @@ from chat_stack.entity_map import ENTITIES, OBJECTS, EntityMap
 from drtool.config import Config
 from drtool.endpoints import PostgresEndpoint, StackEndpoints
 from drtool.errors import ConfigError, SourceError, UsageError
+from drtool.faults import crash_point
 from drtool.repository import catalog
 from drtool.repository.access import identities_of, open_repo
 from drtool.repository.minio_index import IndexEntry
@@ -449,6 +450,7 @@ def _apply(
         doc["sequences"] = result.sequences
         doc["objects"]["added"] = added
         journal.write(path, doc)
+        crash_point("entity-before-commit")
         prod.commit()
     except BaseException:
         with suppress(Exception):
