@@ -4,9 +4,11 @@ Order of a restore:
 
 1. the snapshot resolves to a VALID one (signed manifest, objects present); its PostgreSQL
    dump is decrypted into the scratch dir, fully authenticated against the manifest, and
-   ``pg_restore``\\ d into a scratch database on the production server (dropped afterwards);
-2. the entity map must cover both schemas (the snapshot's and production's), else nothing
-   happens;
+   ``pg_restore``\\ d into a scratch database on the production server (tables and rows only:
+   no indexes, constraints or triggers, no rows of tables outside the closure; dropped
+   afterwards);
+2. the entity map must cover production's schema, else nothing happens (the snapshot's
+   closure tables must have production's columns);
 3. the closure is selected in the scratch database and streamed into temporary tables of one
    production transaction, compared row by row (insert / conflict / identical), its foreign
    keys and unique values checked; the attachment objects it names are compared with the
@@ -51,6 +53,7 @@ from drtool.repository.access import identities_of, open_repo
 from drtool.repository.minio_index import IndexEntry
 from drtool.services.backup import state_dir
 from drtool.services.entity import closure, journal, objects, redis_keys
+from drtool.services.entity import scratch as scratch_db
 from drtool.sources import postgres as pg
 from drtool.sources.minio import MinioStore
 from drtool.sources.redis_client import connect as redis_connect
@@ -169,8 +172,13 @@ def _scratch_database(
     cfg: Config,
     jobs: int,
     stamp: str,
+    others: frozenset[str],
 ) -> Iterator[str]:
-    """The snapshot's dump, authenticated and restored into a scratch database; dropped after."""
+    """The snapshot's dump, authenticated and restored into a scratch database; dropped after.
+
+    Only what extraction reads is restored (see :mod:`drtool.services.entity.scratch`);
+    ``others``: tables whose rows it does not need.
+    """
     bin_dir = Path(cfg.postgres.bin_dir) if cfg.postgres.bin_dir else None
     staged = pg_restore.stage_files(
         source.repo,
@@ -182,6 +190,9 @@ def _scratch_database(
     )
     admin = pg_restore.admin(endpoint)
     name = f"{endpoint.dbname[:36]}_entity_{stamp}"
+    toc = pg.archive_list(staged.dump, bin_dir, timeout=float(cfg.backup.timeout_s))
+    wanted = work / "extraction.list"
+    wanted.write_text(scratch_db.extraction_list(toc, others), encoding="utf-8")
     pg.create_database(admin, name, snap.fingerprints.database)
     try:
         pg.restore_dump(
@@ -193,6 +204,7 @@ def _scratch_database(
             timeout=float(cfg.backup.timeout_s),
             keep_owners=False,
             version_checked=True,
+            use_list=wanted,
         )
         staged.dump.unlink()
         yield name
@@ -323,9 +335,11 @@ def _restore_in(
 ) -> EntityResult:
     """Plan inside production's transaction, then (unless a dry run) journal and apply."""
     prefer = options.prefer == "snapshot"
-    staged = _scratch_database(source, snap, endpoints.postgres, work, cfg, options.jobs, stamp)
+    others = frozenset(t for e in ENTITIES.values() for t in e.tables) - set(entity.tables)
+    staged = _scratch_database(
+        source, snap, endpoints.postgres, work, cfg, options.jobs, stamp, others
+    )
     with staged as db, _connect(endpoints.postgres, db) as scratch:
-        _coverage(scratch, "snapshot's")
         closure.select_closure(scratch, entity, options.entity_id)
         schemas = closure.copy_closure(scratch, prod, entity)
     tables = closure.compare(prod, entity, schemas, prefer_snapshot=prefer)
