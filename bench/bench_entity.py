@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--attachments", type=int, default=500)
     parser.add_argument("--room-messages", type=int, default=10_000)
+    parser.add_argument("--debug", action="store_true", help="drtool's phase logs on stderr")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="drtool-bench-"))
     home.chmod(0o711)
@@ -72,6 +73,7 @@ def main() -> None:
         ).operator_config
         room, size = _room_of_size(src.endpoints.postgres, args.room_messages)
         base = [str(DRTOOL), "--config", str(operator_cfg), "--home", str(home)]
+        base += ["--debug"] if args.debug else []
         load = os.getloadavg()[0]
         entity = measure([*base, "restore-entity", "room", str(room), "--yes"])
         full = [*base, "restore", "--target", "benchdst", "--yes", "--json", "--force"]

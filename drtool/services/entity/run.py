@@ -31,6 +31,7 @@ docs/decisions/0019-entity-restore.md.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -56,12 +57,15 @@ from drtool.services.entity import closure, journal, objects, redis_keys
 from drtool.services.entity import scratch as scratch_db
 from drtool.sources import postgres as pg
 from drtool.sources.minio import MinioStore
+from drtool.sources.process import scrub
 from drtool.sources.redis_client import connect as redis_connect
 from drtool.stores.base import SnapshotSource
 from drtool.stores.minio import restore as bucket_restore
 from drtool.stores.postgres import restore as pg_restore
 from drtool.stores.stage import check_free_space, scratch_dir, scratch_error
-from drtool.timing import Timer
+from drtool.timing import Timer, timed
+
+log = logging.getLogger(__name__)
 
 WORKERS = 4
 PREFER = ("production", "snapshot")
@@ -154,7 +158,8 @@ def _connect(endpoint: PostgresEndpoint, dbname: str | None = None) -> psycopg.C
         )
     except psycopg.Error as exc:
         where = f"{endpoint.host}:{endpoint.port}/{dbname or endpoint.dbname}"
-        raise SourceError(f"cannot connect to PostgreSQL {where}: {_first_line(exc)}") from None
+        why = scrub(_first_line(exc), (endpoint.password,) if endpoint.password else ())
+        raise SourceError(f"cannot connect to PostgreSQL {where}: {why}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -180,14 +185,16 @@ def _scratch_database(
     ``others``: tables whose rows it does not need.
     """
     bin_dir = Path(cfg.postgres.bin_dir) if cfg.postgres.bin_dir else None
-    staged = pg_restore.stage_files(
-        source.repo,
-        source.manifest,
-        replace(snap, globals_sql=None),
-        source.identities,
-        work,
-        bin_dir,
-    )
+    with timed() as t:
+        staged = pg_restore.stage_files(
+            source.repo,
+            source.manifest,
+            replace(snap, globals_sql=None),
+            source.identities,
+            work,
+            bin_dir,
+        )
+    log.debug("restore-entity: dump decrypted and checked in %.1f s", t.seconds)
     admin = pg_restore.admin(endpoint)
     name = f"{endpoint.dbname[:36]}_entity_{stamp}"
     toc = pg.archive_list(staged.dump, bin_dir, timeout=float(cfg.backup.timeout_s))
@@ -195,17 +202,19 @@ def _scratch_database(
     wanted.write_text(scratch_db.extraction_list(toc, others), encoding="utf-8")
     pg.create_database(admin, name, snap.fingerprints.database)
     try:
-        pg.restore_dump(
-            staged.dump,
-            admin,
-            name,
-            jobs=jobs,
-            pg_bin_dir=bin_dir,
-            timeout=float(cfg.backup.timeout_s),
-            keep_owners=False,
-            version_checked=True,
-            use_list=wanted,
-        )
+        with timed() as t:
+            pg.restore_dump(
+                staged.dump,
+                admin,
+                name,
+                jobs=jobs,
+                pg_bin_dir=bin_dir,
+                timeout=float(cfg.backup.timeout_s),
+                keep_owners=False,
+                version_checked=True,
+                use_list=wanted,
+            )
+        log.debug("restore-entity: tables and rows loaded into %s in %.1f s", name, t.seconds)
         staged.dump.unlink()
         yield name
     finally:
@@ -293,6 +302,7 @@ def run_restore_entity(
     try:
         with prod:
             _coverage(prod, "production")
+            prod.rollback()  # no transaction open in production while the snapshot is staged
             try:
                 with tempfile.TemporaryDirectory(dir=scratch, prefix="drtool-entity-") as work:
                     result = _restore_in(
@@ -339,10 +349,13 @@ def _restore_in(
     staged = _scratch_database(
         source, snap, endpoints.postgres, work, cfg, options.jobs, stamp, others
     )
-    with staged as db, _connect(endpoints.postgres, db) as scratch:
+    with staged as db, _connect(endpoints.postgres, db) as scratch, timed() as t:
         closure.select_closure(scratch, entity, options.entity_id)
         schemas = closure.copy_closure(scratch, prod, entity)
-    tables = closure.compare(prod, entity, schemas, prefer_snapshot=prefer)
+    log.debug("restore-entity: closure extracted in %.1f s", t.seconds)
+    with timed() as t:
+        tables = closure.compare(prod, entity, schemas, prefer_snapshot=prefer)
+    log.debug("restore-entity: rows compared with production in %.1f s", t.seconds)
     object_plan = None
     store = MinioStore(endpoints.minio, max_pool=WORKERS * 2)
     if bucket is not None and OBJECTS.table in entity.tables:
@@ -424,6 +437,7 @@ def _apply(
 ) -> None:
     """Journal, objects, rows (one transaction), sequences, commit, Redis; journal each step."""
     prefer = plan.prefer == "snapshot"
+    clock = Timer()
     rows = {}
     for t in plan.tables:
         inserted, replaced = closure.journal_rows(prod, t.table, schemas[t.table])
@@ -453,6 +467,7 @@ def _apply(
     }
     journal.write(path, doc)
     result.journal = path
+    log.debug("restore-entity: journal %s written in %.1f s", path, clock.elapsed())
     added: list[dict[str, object]] = []
     try:
         if plan.objects and plan.objects.restore:
@@ -466,6 +481,7 @@ def _apply(
         journal.write(path, doc)
         crash_point("entity-before-commit")
         prod.commit()
+        log.debug("restore-entity: objects put and rows committed at %.1f s", clock.elapsed())
     except BaseException:
         with suppress(Exception):
             prod.rollback()
@@ -490,6 +506,7 @@ def _apply(
 
     changes = redis_keys.rebuild(redis, wanted, record)
     result.keys_changed = sum(1 for c in changes if c.before != c.after)
+    log.debug("restore-entity: Redis keys rebuilt at %.1f s", clock.elapsed())
     doc["status"] = "applied"
     journal.write(path, doc)
 
