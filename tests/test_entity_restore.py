@@ -458,3 +458,19 @@ def test_killed_before_the_commit_the_journal_already_lists_what_undo_removes(
     assert not [
         db for db in world.sql("SELECT datname FROM pg_database") if "_entity_" in db[0]
     ]  # the scratch database was dropped before the merge began
+
+
+def test_a_production_schema_the_map_does_not_cover_is_refused(world: World) -> None:
+    room = _busiest_room_with_attachments(world)
+    _delete_room(world, room)
+    world.sql(
+        "CREATE TABLE reactions (message_id bigint, message_created_at timestamptz, "
+        "emoji text, FOREIGN KEY (message_id, message_created_at) "
+        "REFERENCES messages (id, created_at) ON DELETE CASCADE)"
+    )
+    before = table_rows(world.stack.postgres)
+    run = world.run("room", str(room), "--yes")
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1
+    assert "does not cover the production schema: table reactions is in no entity" in run.stderr
+    assert table_rows(world.stack.postgres) == before

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -201,6 +202,7 @@ def _scratch_database(
     wanted = work / "extraction.list"
     wanted.write_text(scratch_db.extraction_list(toc, others), encoding="utf-8")
     pg.create_database(admin, name, snap.fingerprints.database)
+    flusher = ThreadPoolExecutor(max_workers=1)
     try:
         with timed() as t:
             pg.restore_dump(
@@ -216,8 +218,13 @@ def _scratch_database(
             )
         log.debug("restore-entity: tables and rows loaded into %s in %.1f s", name, t.seconds)
         staged.dump.unlink()
+        # DROP DATABASE waits for a checkpoint, which would then write the whole scratch load
+        # while nothing else runs; one started now does that disk work beside the extraction
+        # (the same trick as the full restore's; a login that may not run it skips it)
+        flusher.submit(pg.checkpoint, admin)
         yield name
     finally:
+        flusher.shutdown(wait=True)
         with suppress(SourceError):
             pg.drop_database(admin, name)
 
