@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pty
 import stat
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-from support.cli import run_drtool
+from support.cli import drtool_argv, drtool_env, run_drtool
 from support.compare import bucket_objects, table_rows
 from support.stacks import Repository, make_repository, source_stack
 
@@ -474,3 +477,34 @@ def test_a_production_schema_the_map_does_not_cover_is_refused(world: World) -> 
     assert run.stderr.count("\n") == 1
     assert "does not cover the production schema: table reactions is in no entity" in run.stderr
     assert table_rows(world.stack.postgres) == before
+
+
+def _on_a_terminal(world: World, answer: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``restore-entity ARGS`` with a pseudo-terminal as stdin, answering ``answer``."""
+    primary, secondary = pty.openpty()
+    try:
+        os.write(primary, answer.encode() + b"\n")
+        return subprocess.run(
+            drtool_argv("restore-entity", *args, config=world.config, home=world.home),
+            stdin=secondary,
+            capture_output=True,
+            text=True,
+            env=drtool_env(),
+            timeout=600,
+        )
+    finally:
+        os.close(primary)
+        os.close(secondary)
+
+
+def test_a_terminal_shows_the_plan_and_asks(world: World) -> None:
+    room = _busiest_room_with_attachments(world)
+    _delete_room(world, room)
+    before = table_rows(world.stack.postgres)
+    no = _on_a_terminal(world, "n", "room", str(room))
+    assert no.returncode == 2 and "not confirmed; nothing changed" in no.stderr
+    assert "restore-entity plan: room" in no.stdout and f"Merge room {room}" in no.stdout
+    assert table_rows(world.stack.postgres) == before
+    yes = _on_a_terminal(world, "y", "room", str(room))
+    assert yes.returncode == 0, yes.stderr
+    assert f"restored room {room}" in yes.stdout
