@@ -4,10 +4,12 @@ back from a snapshot, merged into a production stack that kept being written to.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pty
+import socket
 import stat
 import subprocess
 import threading
@@ -508,3 +510,25 @@ def test_a_terminal_shows_the_plan_and_asks(world: World) -> None:
     yes = _on_a_terminal(world, "y", "room", str(room))
     assert yes.returncode == 0, yes.stderr
     assert f"restored room {room}" in yes.stdout
+
+
+def test_an_unreachable_redis_fails_before_any_change(world: World, tmp_path: Path) -> None:
+    room = _busiest_room_with_attachments(world)
+    _delete_room(world, room)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    stack = dataclasses.replace(
+        world.stack, redis=dataclasses.replace(world.stack.redis, port=port)
+    )
+    config = dataclasses.replace(world.repo, source=stack).operator_config(
+        tmp_path / "noredis" / "op.toml"
+    )
+    before = table_rows(world.stack.postgres)
+    objects = bucket_objects(world.stack.minio, world.stack.buckets[0])
+    run = run_drtool("restore-entity", "room", str(room), "--yes", config=config, home=world.home)
+    assert run.returncode == 3, run.stderr
+    assert run.stderr.count("\n") == 1 and f"Redis at 127.0.0.1:{port}" in run.stderr
+    assert "nothing changed" in run.stderr
+    assert table_rows(world.stack.postgres) == before
+    assert bucket_objects(world.stack.minio, world.stack.buckets[0]) == objects

@@ -43,6 +43,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from redis.exceptions import RedisError
 
 from chat_stack import entity_map
 from chat_stack.entity_map import ENTITIES, OBJECTS, EntityMap
@@ -332,6 +333,11 @@ def run_restore_entity(
         raise SourceError(
             f"restore-entity: PostgreSQL: {_first_line(exc)}; nothing changed"
         ) from None
+    except RedisError as exc:
+        r = endpoints.redis
+        raise SourceError(
+            f"restore-entity: Redis at {r.host}:{r.port}: {_first_line(exc)}; nothing changed"
+        ) from None
     result.seconds = clock.elapsed()
     return result
 
@@ -402,6 +408,7 @@ def _restore_in(
             return result
         if not options.yes and not confirm(plan):
             raise UsageError("restore-entity: not confirmed; nothing changed")
+        redis.ping()  # an unreachable Redis fails here, before any change
         _apply(cfg, home, plan, entity, schemas, source, store, prod, redis, work, stamp, result)
     finally:
         redis.close()
@@ -452,26 +459,7 @@ def _apply(
     path = journal.journal_dir(state_dir(cfg, home)) / f"{stamp}-{plan.kind}-{plan.entity_id}.json"
     if path.exists():
         path = path.with_name(f"{path.stem}-{datetime.now(UTC):%f}.json")
-    doc: dict[str, Any] = {
-        "format": journal.FORMAT,
-        "status": "applying",
-        "kind": plan.kind,
-        "id": plan.entity_id,
-        "snapshot": plan.snapshot_id,
-        "prefer": plan.prefer,
-        "created": datetime.now(UTC).isoformat(),
-        "tables": list(entity.tables),
-        "rows": rows,
-        "sequences": [],
-        "objects": {
-            "bucket": plan.objects.bucket if plan.objects else "",
-            "added": [
-                {"key": e.key, "size": e.size, "sha256": e.sha256}
-                for e in (plan.objects.restore if plan.objects else [])
-            ],
-        },
-        "redis": [],
-    }
+    doc = _journal_doc(plan, entity, rows)
     journal.write(path, doc)
     result.journal = path
     log.debug("restore-entity: journal %s written in %.1f s", path, clock.elapsed())
@@ -504,18 +492,56 @@ def _apply(
     result.objects_added = len(added)
     doc["status"] = "rows committed"
     journal.write(path, doc)
-    with prod.transaction():
-        wanted = redis_keys.wanted_values(prod, plan.rooms)
+    changes = _rebuild_keys(prod, redis, plan, doc, path)
+    result.keys_changed = sum(1 for c in changes if c.before != c.after)
+    log.debug("restore-entity: Redis keys rebuilt at %.1f s", clock.elapsed())
+    doc["status"] = "applied"
+    journal.write(path, doc)
+
+
+def _journal_doc(plan: EntityPlan, entity: EntityMap, rows: dict[str, Any]) -> dict[str, Any]:
+    """The journal before anything changes: every row to write, every object to put."""
+    return {
+        "format": journal.FORMAT,
+        "status": "applying",
+        "kind": plan.kind,
+        "id": plan.entity_id,
+        "snapshot": plan.snapshot_id,
+        "prefer": plan.prefer,
+        "created": datetime.now(UTC).isoformat(),
+        "tables": list(entity.tables),
+        "rows": rows,
+        "sequences": [],
+        "objects": {
+            "bucket": plan.objects.bucket if plan.objects else "",
+            "added": [
+                {"key": e.key, "size": e.size, "sha256": e.sha256}
+                for e in (plan.objects.restore if plan.objects else [])
+            ],
+        },
+        "redis": [],
+    }
+
+
+def _rebuild_keys(
+    prod: psycopg.Connection[Any], redis: Any, plan: EntityPlan, doc: dict[str, Any], path: Path
+) -> list[redis_keys.KeyChange]:
+    """After the commit: the derived keys from the merged rows, journaled before the MULTI."""
 
     def record(changes: list[redis_keys.KeyChange]) -> None:
         doc["redis"] = [c.to_dict() for c in changes]
         journal.write(path, doc)
 
-    changes = redis_keys.rebuild(redis, wanted, record)
-    result.keys_changed = sum(1 for c in changes if c.before != c.after)
-    log.debug("restore-entity: Redis keys rebuilt at %.1f s", clock.elapsed())
-    doc["status"] = "applied"
-    journal.write(path, doc)
+    try:
+        with prod.transaction():
+            wanted = redis_keys.wanted_values(prod, plan.rooms)
+        return redis_keys.rebuild(redis, wanted, record)
+    except (psycopg.Error, RedisError, SourceError) as exc:
+        raise SourceError(
+            f"restore-entity: the rows and objects are restored (journal {path}) but the Redis "
+            f"keys were not rebuilt ({_first_line(exc)}); run the same restore again to rebuild "
+            "them, or undo it with --undo"
+        ) from None
 
 
 def run_undo(
