@@ -532,3 +532,31 @@ def test_an_unreachable_redis_fails_before_any_change(world: World, tmp_path: Pa
     assert "nothing changed" in run.stderr
     assert table_rows(world.stack.postgres) == before
     assert bucket_objects(world.stack.minio, world.stack.buckets[0]) == objects
+
+
+def test_a_deleted_account_comes_back_unless_its_username_was_taken(world: World) -> None:
+    user = int(
+        world.sql("SELECT sender_id FROM messages GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1")[0][
+            0
+        ]
+    )
+    rows_at_backup = _rows_of(world, USER, user)
+    [(username,)] = world.sql("SELECT username FROM users WHERE id = %s", (user,))
+    world.sql("DELETE FROM messages WHERE sender_id = %s", (user,))
+    world.sql("UPDATE chat_rooms SET created_by = 1 WHERE created_by = %s", (user,))
+    world.sql("DELETE FROM users WHERE id = %s", (user,))  # friendships, memberships cascade
+    world.sql(
+        "INSERT INTO users (username, display_name, email, created_at) "
+        "VALUES (%s, 'Someone else', 'else@example.com', now())",
+        (username,),
+    )
+    before = table_rows(world.stack.postgres)
+    run = world.run("user", str(user), "--yes")
+    assert run.returncode == 2
+    assert f"users(username): held by another row in production (e.g. {username})" in run.stderr
+    assert table_rows(world.stack.postgres) == before
+
+    world.sql("DELETE FROM users WHERE username = %s", (username,))
+    run = world.run("user", str(user), "--yes")
+    assert run.returncode == 0, run.stderr
+    assert _rows_of(world, USER, user) == rows_at_backup
