@@ -342,6 +342,12 @@ def test_dry_run_changes_nothing(world: World) -> None:
     plan = _plan_table(run.stdout)
     assert set(plan) == set(ROOM.tables)
     assert int(plan["messages"][1]) == int(plan["messages"][0]) > 0  # all to insert
+    as_json = json.loads(world.run("room", str(room), "--dry-run", "--json").stdout)
+    assert as_json["dry_run"] is True and as_json["journal"] is None
+    counts = {t["table"]: t for t in as_json["plan"]["tables"]}
+    assert counts["messages"]["insert"] == int(plan["messages"][1])
+    assert as_json["plan"]["keys_to_change"] > 0
+    assert (table_rows(world.stack.postgres), _all_derived(world)) == before
 
 
 def test_bad_input_is_one_line_nothing_changed(world: World, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ docs/decisions/0019-entity-restore.md.
 from __future__ import annotations
 
 import logging
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -198,7 +199,15 @@ def _scratch_database(
         )
     log.debug("restore-entity: dump decrypted and checked in %.1f s", t.seconds)
     admin = pg_restore.admin(endpoint)
-    name = f"{endpoint.dbname[:36]}_entity_{stamp}"
+    prefix = f"{endpoint.dbname[:30]}_entity_"
+    leftovers = _databases_like(prod_admin=admin, prefix=prefix)
+    if leftovers:
+        log.warning(
+            "scratch databases of another or an interrupted restore-entity: %s (drop them with "
+            "DROP DATABASE once no restore-entity runs)",
+            ", ".join(leftovers),
+        )
+    name = f"{prefix}{stamp}_{secrets.token_hex(2)}"  # two runs in one second do not collide
     toc = pg.archive_list(staged.dump, bin_dir, timeout=float(cfg.backup.timeout_s))
     wanted = work / "extraction.list"
     wanted.write_text(scratch_db.extraction_list(toc, others), encoding="utf-8")
@@ -228,6 +237,15 @@ def _scratch_database(
         flusher.shutdown(wait=True)
         with suppress(SourceError):
             pg.drop_database(admin, name)
+
+
+def _databases_like(*, prod_admin: PostgresEndpoint, prefix: str) -> list[str]:
+    """Databases whose name starts with ``prefix`` (leftovers of killed runs)."""
+    with _connect(prod_admin) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s) ORDER BY 1", (prefix,)
+        ).fetchall()
+    return [str(r[0]) for r in rows]
 
 
 def _bucket_index(
