@@ -12,6 +12,7 @@ from chat_stack import entity_map
 from chat_stack.entity_map import ENTITIES, ROOM, USER
 from chat_stack.schema import TABLES, schema_sql
 from drtool.endpoints import PostgresEndpoint
+from drtool.services.entity.closure import schema_of
 
 REACTIONS = """
 CREATE TABLE reactions (
@@ -82,3 +83,17 @@ def test_closure_tables_are_ordered_parents_first() -> None:
 def test_every_schema_table_is_in_an_entity() -> None:
     owned = {t for e in ENTITIES.values() for t in e.tables} | set(entity_map.OUTSIDE)
     assert owned == set(TABLES)
+
+
+def test_the_live_schema_names_each_closure_tables_key_parents_and_sequences(
+    pg_database: PostgresEndpoint,
+) -> None:
+    """What the merge reads from production: keys to match, parents to check, ids to advance."""
+    with _load(pg_database, schema_sql()) as conn:
+        rooms, messages = schema_of(conn, "chat_rooms"), schema_of(conn, "messages")
+        users = schema_of(conn, "users")
+    assert rooms.key == ("id",) and rooms.sequences == (("id", "chat_rooms_id_seq"),)
+    assert rooms.parents == ((("created_by",), "users", ("id",)),)
+    assert messages.key == ("id", "created_at")
+    assert messages.sequences == (("id", "messages_id_seq"),)  # a nextval() default
+    assert users.uniques == (("email",), ("username",))
