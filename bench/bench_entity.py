@@ -1,6 +1,6 @@
 """Benchmark ``drtool restore-entity room`` against a full ``drtool restore`` of the same snapshot.
 
-Usage: python bench/bench_entity.py [--messages 1000000] [--attachments 500] [--room-messages 10000]
+Usage: python bench/bench_entity.py [--messages 1000000] [--attachments 2000] [--room-messages 10000]
 
 Two local stacks (production and a restore target) are started under a temp home; production
 is seeded and backed up (bench/repo_setup.py). The room whose message count is closest to
@@ -46,7 +46,7 @@ def main() -> None:
     """Seed, back up, delete a room, restore it; restore the whole snapshot; print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=1_000_000)
-    parser.add_argument("--attachments", type=int, default=500)
+    parser.add_argument("--attachments", type=int, default=2000)  # the README's 1 M snapshot
     parser.add_argument("--room-messages", type=int, default=10_000)
     parser.add_argument("--debug", action="store_true", help="drtool's phase logs on stderr")
     args = parser.parse_args()
