@@ -1,6 +1,6 @@
 """Benchmark ``drtool restore-entity room`` against a full ``drtool restore`` of the same snapshot.
 
-Usage: python bench/bench_entity.py [--messages 1000000] [--attachments 2000] [--room-messages 10000]
+Usage: python bench/bench_entity.py [--messages 1000000] [--attachments 2000] [--room-messages N]
 
 Two local stacks (production and a restore target) are started under a temp home; production
 is seeded and backed up (bench/repo_setup.py). The room whose message count is closest to
