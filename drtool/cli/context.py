@@ -134,6 +134,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "drtool.cli.restore:restore",
         "Restore a snapshot (an id or `latest`) into the stack or a named target.",
     ),
+    "restore-entity": (
+        "drtool.cli.entity:restore_entity",
+        "Restore one room or one user from a snapshot into production, merged.",
+    ),
     "drill": (
         "drtool.cli.drill:drill",
         "Restore a snapshot into a throw-away stack and prove the messages are intact.",

@@ -563,12 +563,14 @@ def restore_dump(
     timeout: float,
     keep_owners: bool = True,
     version_checked: bool = False,
+    use_list: Path | None = None,
 ) -> None:
     """``pg_restore --exit-on-error -j jobs`` of a seekable archive file into ``dbname``.
 
     Checks the versions first (``version_checked``: the caller already ran
-    :func:`pg_restore_version_check` on this file). Failures raise ``SourceError`` with
-    pg_restore's stderr tail; warnings of a successful run are logged.
+    :func:`pg_restore_version_check` on this file). ``use_list``: only the entries of this
+    table of contents (``pg_restore -L``; see :func:`archive_list`). Failures raise
+    ``SourceError`` with pg_restore's stderr tail; warnings of a successful run are logged.
     """
     if not version_checked:
         pg_restore_version_check(archive_path, pg_bin_dir)
@@ -576,6 +578,8 @@ def restore_dump(
     argv += ["--no-password", _dbname_arg(dbname)]
     if not keep_owners:
         argv += ["--no-owner", "--no-privileges"]
+    if use_list is not None:
+        argv += [f"--use-list={use_list}"]
     run_checked(
         [*argv, str(archive_path)],
         env=_tool_env(endpoint, "drtool-pg_restore"),
@@ -583,6 +587,12 @@ def restore_dump(
         name="pg_restore",
         secrets=_secrets(endpoint),
     )
+
+
+def archive_list(archive_path: Path, pg_bin_dir: Path | None = None, *, timeout: float) -> str:
+    """``pg_restore -l``: the archive's table of contents, one entry a line (for ``use_list``)."""
+    argv = [_binary("pg_restore", pg_bin_dir), "--list", str(archive_path)]
+    return run_checked(argv, env=child_env({}), timeout=timeout, name="pg_restore --list")
 
 
 # --- databases ----------------------------------------------------------------------------
