@@ -98,6 +98,16 @@ class CanaryConfig:
 
 
 @dataclass(frozen=True)
+class CaptureConfig:
+    """``drtool capture run``: continuous attachment capture (ADR 0025)."""
+
+    enabled: bool = False  # informational for schedulers; `capture run` runs when started
+    interval_s: float = 60.0  # seconds between rounds
+    gap_timeout_s: float = 3600.0  # an id not committed after this is dropped (rolled back)
+    bucket: str = ""  # the attachments' bucket; "" = the first of minio.buckets
+
+
+@dataclass(frozen=True)
 class PostgresConfig:
     """The PostgreSQL server of the stack."""
 
@@ -163,6 +173,7 @@ class Config:
     minio: MinioConfig = MinioConfig()
     wal: WalConfig = WalConfig()
     canary: CanaryConfig = CanaryConfig()
+    capture: CaptureConfig = CaptureConfig()
     targets: Mapping[str, StackConfig] = field(default_factory=dict)
     source: str = ""  # the config file it came from, for messages
 
