@@ -1,0 +1,343 @@
+"""Continuous attachment capture against real PostgreSQL, S3 (SeaweedFS) and a file
+repository: rows followed by id (late commits included), the bucket never listed, nothing
+uploaded twice, the chain verified key-less, captured blobs kept by prune and reused by the
+next MinIO backup, and the bucket as it was at a moment restored after a source deletion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from support.cli import run_drtool, start_drtool
+from support.stacks import Repository, make_repository, source_stack
+
+from chat_stack.seed import SeedSizes
+from drtool import keys
+from drtool.capture import chain as capture_chain
+from drtool.capture.at import bucket_at, restore_bucket_at
+from drtool.capture.capturer import Capturer
+from drtool.capture.state import load_state
+from drtool.config import load_config
+from drtool.endpoints import PostgresEndpoint, S3Endpoint, StackEndpoints
+from drtool.repository import retention
+from drtool.repository.access import Repo, open_repo, read_object
+from drtool.s3session import s3_client
+from drtool.services.capture import build_capturer
+from drtool.services.prune import plan_prune
+from drtool.sources.minio import MinioStore
+
+TINY = SeedSizes(users=5, rooms=2, messages=40, attachments=3)
+WAIT_S = 60.0
+
+
+@dataclass
+class Kit:
+    """A seeded source stack, a repository backing it up, and a restore-side config."""
+
+    stack: StackEndpoints
+    repository: Repository
+    operator: Path
+    tmp: Path
+
+    @property
+    def bucket(self) -> str:
+        return self.stack.buckets[0]
+
+    def cfg(self) -> Any:
+        return load_config(self.repository.backup_config, {})
+
+    def capturer(self, **kw: Any) -> Capturer:
+        return build_capturer(self.cfg(), self.repository.directory, **kw)
+
+    def repo(self) -> Repo:
+        return open_repo(load_config(self.operator, {}))
+
+    def identities(self) -> list[str]:
+        return keys.load_identities(self.repository.identity, None)
+
+    def blob_files(self) -> set[str]:
+        root = self.repository.directory / "repository"
+        return {str(p.relative_to(root)) for p in (root / "blobs").rglob("*.zst.age")}
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(**self.stack.postgres.connect_kwargs())
+
+
+@pytest.fixture
+def kit(tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint) -> Iterator[Kit]:
+    with source_stack(tmp_path / "src", pg_server, s3_server, TINY) as stack:
+        repository = make_repository(tmp_path / "bk", stack)
+        operator = repository.operator_config(tmp_path / "op" / "drtool.toml")
+        yield Kit(stack, repository, operator, tmp_path)
+
+
+def put_object(kit: Kit, key: str, data: bytes, meta: dict[str, str] | None = None) -> None:
+    s3_client(kit.stack.minio).put_object(
+        Bucket=kit.bucket,
+        Key=key,
+        Body=data,
+        ContentType="image/png",
+        Metadata=meta or {"origin": "test"},
+    )
+
+
+def insert_row(conn: psycopg.Connection[Any], key: str, data: bytes) -> int:
+    """An attachment row for ``key`` on an existing message (not committed here)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO attachments (room_id, message_id, message_created_at, uploader_id, "
+            "object_key, original_filename, size_bytes, sha256, content_type, created_at) "
+            "SELECT room_id, id, created_at, sender_id, %s, 'f.png', %s, %s, 'image/png', now() "
+            "FROM messages ORDER BY id LIMIT 1 RETURNING id",
+            (key, len(data), hashlib.sha256(data).hexdigest()),
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def add_attachment(kit: Kit, key: str | None = None, size: int = 3000) -> tuple[str, bytes]:
+    """An object and its committed row."""
+    key = key or f"att/{uuid.uuid4().hex}.png"
+    data = uuid.uuid4().bytes * (size // 16)
+    put_object(kit, key, data)
+    with kit.connect() as conn:
+        insert_row(conn, key, data)
+    return key, data
+
+
+def journaled(kit: Kit) -> dict[str, capture_chain.Captured]:
+    """Every journal entry (decrypted with the identity), newest per key."""
+    repo, identities = kit.repo(), kit.identities()
+    found = capture_chain.load_chain(repo.storage, repo.verify_keys, repo.info.repo_id)
+    assert found.problems == []
+    out: dict[str, capture_chain.Captured] = {}
+    for _, record in found.records:
+        header = capture_chain.journal_header(repo.info.repo_id, record.seq)
+        data = read_object(
+            repo, record.journal.entry(capture_chain.JOURNAL_KIND), header, identities
+        )
+        for e in capture_chain.decode_journal(data, name=record.journal.key):
+            out[e.key] = e
+    return out
+
+
+def count_s3_calls(store: MinioStore) -> list[str]:
+    """The S3 operations ``store`` sends from now on, by name (a botocore event hook)."""
+    calls: list[str] = []
+
+    def seen(model: Any, **_: Any) -> None:
+        calls.append(model.name)
+
+    store._s3.meta.events.register("before-call.s3", seen)
+    return calls
+
+
+def test_late_commits_below_captured_ids_are_not_missed_and_the_bucket_is_never_listed(
+    kit: Kit,
+) -> None:
+    capturer = kit.capturer()
+    calls = count_s3_calls(capturer.store)
+    with kit.connect() as conn:
+        capturer.run_round(conn)  # first run: starts at the newest id
+    start = load_state(capturer.state_file()).high
+    assert start is not None
+    # three writers hold their inserts open; a fourth commits a higher id first
+    held = [kit.connect() for _ in range(3)]
+    late: dict[int, tuple[str, bytes]] = {}
+    for conn in held:
+        key, data = f"late/{uuid.uuid4().hex}.png", uuid.uuid4().bytes * 100
+        put_object(kit, key, data)
+        late[insert_row(conn, key, data)] = (key, data)
+    early_key, _ = add_attachment(kit)
+    with kit.connect() as conn:
+        first = capturer.run_round(conn)
+    assert first.captured == 1
+    state = load_state(capturer.state_file())
+    assert set(state.missing) == set(late)  # every open id is owed, none forgotten
+    assert all(i < (state.high or 0) for i in late)
+    for conn in held[:2]:  # two commit late, one rolls back
+        conn.commit()
+        conn.close()
+    held[2].rollback()
+    held[2].close()
+    with kit.connect() as conn:
+        second = capturer.run_round(conn)
+    assert second.captured == 2
+    found = journaled(kit)
+    committed = [late[i][0] for i in sorted(late)[:2]]
+    assert set(found) == {early_key, *committed}
+    for i in sorted(late)[:2]:
+        key, data = late[i]
+        assert found[key].sha256 == hashlib.sha256(data).hexdigest()
+        assert found[key].metadata == {"origin": "test"}
+    # the rolled-back id is still owed until the gap timeout drops it
+    assert set(load_state(capturer.state_file()).missing) == {sorted(late)[2]}
+    with kit.connect() as conn:
+        later = capturer.run_round(conn, now=datetime.now(UTC) + timedelta(hours=2))
+    assert later.captured == 0
+    final = load_state(capturer.state_file())
+    assert final.missing == {} and final.gaps_dropped == 1
+    assert not any(c.startswith("List") for c in calls), calls
+    assert set(calls) <= {"HeadObject", "GetObject"}
+
+
+def test_an_object_not_yet_uploaded_is_captured_when_it_appears(kit: Kit) -> None:
+    capturer = kit.capturer()
+    with kit.connect() as conn:
+        capturer.run_round(conn)
+    key, data = f"slow/{uuid.uuid4().hex}.png", b"x" * 5000
+    with kit.connect() as conn:
+        insert_row(conn, key, data)  # the row commits before the object is uploaded
+    with kit.connect() as conn:
+        assert capturer.run_round(conn).absent == 1
+    put_object(kit, key, data)
+    with kit.connect() as conn:
+        assert capturer.run_round(conn).captured == 1
+    assert journaled(kit)[key].size == 5000
+    assert load_state(capturer.state_file()).absent == {}
+
+
+def test_a_round_killed_before_its_commit_is_redone_without_a_second_upload(
+    kit: Kit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    capturer = kit.capturer(from_start=True)
+    keys_added = [add_attachment(kit)[0] for _ in range(3)]
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt("killed before the chain record")
+
+    monkeypatch.setattr(capture_chain, "append_record", crash)
+    with kit.connect() as conn, pytest.raises(KeyboardInterrupt):
+        capturer.run_round(conn)
+    uploaded = kit.blob_files()
+    assert len(uploaded) == TINY.attachments + 3
+    monkeypatch.undo()
+    capturer = kit.capturer(from_start=True)
+    with kit.connect() as conn:
+        again = capturer.run_round(conn)
+    assert (again.uploaded, again.reused) == (0, TINY.attachments + 3)
+    assert kit.blob_files() == uploaded
+    assert set(keys_added) <= set(journaled(kit))
+
+
+@pytest.mark.slow
+def test_capture_run_killed_and_restarted_neither_misses_nor_uploads_twice(kit: Kit) -> None:
+    env = {"DRTOOL_CAPTURE_INTERVAL_S": "0.2"}
+    args = ("capture", "run")
+    cfg, home = kit.repository.backup_config, kit.repository.directory
+    state_file = kit.capturer().state_file()
+
+    def wait_captured(n: int) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if state_file.exists() and load_state(state_file).captured >= n:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"fewer than {n} captured")
+
+    proc = start_drtool(*args, "--from-start", config=cfg, home=home, extra_env=env)
+    wait_captured(TINY.attachments)
+    for _ in range(4):
+        add_attachment(kit)
+    proc.send_signal(signal.SIGKILL)  # wherever the round is
+    proc.wait(timeout=30)
+    for _ in range(3):
+        add_attachment(kit)
+    proc = start_drtool(*args, config=cfg, home=home, extra_env=env)
+    try:
+        wait_captured(TINY.attachments + 7)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    objects = list(MinioStore(kit.stack.minio).list_objects(kit.bucket))
+    assert len(objects) == TINY.attachments + 7
+    assert set(journaled(kit)) == {o.key for o in objects}
+    assert len(kit.blob_files()) == len(objects)  # each object stored once
+    done = run_drtool("capture", "status", "--json", config=cfg, home=home)
+    assert done.returncode == 0 and '"missing": 0' in done.stdout
+
+
+def test_the_next_minio_backup_reuses_captured_blobs_and_prune_keeps_them(kit: Kit) -> None:
+    capturer = kit.capturer(from_start=True)
+    with kit.connect() as conn:
+        capturer.run_round(conn)
+    captured = kit.blob_files()
+    assert len(captured) == TINY.attachments
+    # no snapshot references them yet: prune (grace passed) must still keep them
+    repo = kit.repo()
+    far = datetime.now(UTC) + timedelta(days=30)
+    plan = plan_prune(repo, retention.Policy(last=1), far)
+    assert not set(plan.garbage) & captured
+    assert set(plan.garbage) == set()
+    kit.repository.backup(components=("minio",))
+    assert kit.blob_files() == captured  # the snapshot uploaded nothing again
+    add_attachment(kit)
+    kit.repository.backup(components=("minio",))
+    assert len(kit.blob_files()) == TINY.attachments + 1
+
+
+@pytest.mark.slow
+def test_capture_verify_names_a_removed_record_and_a_damaged_blob(kit: Kit) -> None:
+    cfg, home = kit.repository.backup_config, kit.repository.directory
+    capturer = kit.capturer()
+    with kit.connect() as conn:
+        capturer.run_round(conn)
+        for _ in range(2):
+            add_attachment(kit)
+            capturer.run_round(conn)
+    root = kit.repository.directory / "repository"
+    ok = run_drtool("capture", "verify", config=cfg, home=home)
+    assert ok.returncode == 0, ok.stderr
+    full = run_drtool("capture", "verify", "--read-data", config=kit.operator, home=home)
+    assert full.returncode == 0, full.stderr
+    blob = root / sorted(kit.blob_files())[0]
+    raw = bytearray(blob.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    blob.write_bytes(bytes(raw))
+    bad = run_drtool("capture", "verify", config=cfg, home=home)
+    assert bad.returncode == 5 and blob.name in bad.stdout + bad.stderr
+    (root / capture_chain.chain_key(1)).unlink()
+    gone = run_drtool("capture", "verify", config=cfg, home=home)
+    assert gone.returncode == 5
+    assert "capture chain record 2 found where 1 was expected" in gone.stdout
+    refused = run_drtool("capture", "run", "--once", config=cfg, home=home)
+    assert refused.returncode == 5 and "nothing appended" in refused.stderr
+
+
+def test_bucket_at_restores_an_object_deleted_from_the_source_after_its_capture(
+    kit: Kit, s3_server: S3Endpoint
+) -> None:
+    kit.repository.backup(components=("minio",))
+    capturer = kit.capturer()
+    with kit.connect() as conn:
+        capturer.run_round(conn)
+    key, data = add_attachment(kit)
+    with kit.connect() as conn:
+        assert capturer.run_round(conn).captured == 1
+    moment = datetime.now(UTC)
+    MinioStore(kit.stack.minio).delete(kit.bucket, key)
+    repo, identities = kit.repo(), kit.identities()
+    state = bucket_at(repo, identities, kit.bucket, moment)
+    assert key in {e.key for e in state.entries} and state.from_journal == 1
+
+    target = f"at-{uuid.uuid4().hex[:10]}"
+    (kit.tmp / "work").mkdir()
+    store = MinioStore(dataclasses.replace(s3_server))
+    outcome, problems = restore_bucket_at(repo, identities, state, store, target, kit.tmp / "work")
+    assert problems == [] and outcome.uploaded == TINY.attachments + 1
+    meta, stream = store.read(target, key)
+    assert b"".join(stream) == data
+    assert (meta.content_type, meta.metadata) == ("image/png", {"origin": "test"})
