@@ -101,7 +101,7 @@ class CanaryConfig:
 class CaptureConfig:
     """``drtool capture run``: continuous attachment capture (ADR 0025)."""
 
-    enabled: bool = False  # informational for schedulers; `capture run` runs when started
+    enabled: bool = True  # false: `capture run` exits 0 at once (one switch for a service)
     interval_s: float = 60.0  # seconds between rounds
     gap_timeout_s: float = 3600.0  # an id not committed after this is dropped (rolled back)
     bucket: str = ""  # the attachments' bucket; "" = the first of minio.buckets

@@ -315,6 +315,9 @@ def test_capture_verify_names_a_removed_record_and_a_damaged_blob(kit: Kit) -> N
     assert "capture chain record 2 found where 1 was expected" in gone.stdout
     refused = run_drtool("capture", "run", "--once", config=cfg, home=home)
     assert refused.returncode == 5 and "nothing appended" in refused.stderr
+    off = {"DRTOOL_CAPTURE_ENABLED": "false"}
+    skipped = run_drtool("capture", "run", "--once", config=cfg, home=home, extra_env=off)
+    assert skipped.returncode == 0 and "capture.enabled = false" in skipped.stderr
 
 
 def test_bucket_at_restores_an_object_deleted_from_the_source_after_its_capture(

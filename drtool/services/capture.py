@@ -127,6 +127,9 @@ def run_capture(
     recorded as the state's ``last_error``; the next round retries from the same state.
     Returns the totals of the rounds run.
     """
+    if not cfg.capture.enabled:
+        log.warning("attachment capture is off (capture.enabled = false); nothing to do")
+        return RoundResult()
     capturer = build_capturer(cfg, home, from_start=from_start)
     endpoint = cfg.stack().postgres
     stop = stop or threading.Event()
