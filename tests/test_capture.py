@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import random
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -203,10 +205,18 @@ def test_an_object_not_yet_uploaded_is_captured_when_it_appears(kit: Kit) -> Non
     with kit.connect() as conn:
         assert capturer.run_round(conn).absent == 1
     put_object(kit, key, data)
+    never = f"never/{uuid.uuid4().hex}.png"
+    with kit.connect() as conn:
+        never_id = insert_row(conn, never, data)  # its object is never uploaded
     with kit.connect() as conn:
         assert capturer.run_round(conn).captured == 1
     assert journaled(kit)[key].size == 5000
-    assert load_state(capturer.state_file()).absent == {}
+    assert set(load_state(capturer.state_file()).absent) == {never_id}
+    with kit.connect() as conn:
+        late = capturer.run_round(conn, now=datetime.now(UTC) + timedelta(hours=2))
+    assert late.lost == [never_id] and late.problems
+    state = load_state(capturer.state_file())
+    assert state.absent == {} and state.objects_lost == 1
 
 
 def test_a_round_killed_before_its_commit_is_redone_without_a_second_upload(
@@ -344,3 +354,45 @@ def test_bucket_at_restores_an_object_deleted_from_the_source_after_its_capture(
     meta, stream = store.read(target, key)
     assert b"".join(stream) == data
     assert (meta.content_type, meta.metadata) == ("image/png", {"origin": "test"})
+
+
+@pytest.mark.slow
+def test_concurrent_writers_committing_late_lose_no_row(kit: Kit) -> None:
+    """Writers that hold their insert open for a random while, as rounds run back to back."""
+    capturer = kit.capturer()
+    with kit.connect() as conn:
+        capturer.run_round(conn)
+    committed: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def writer(seed: int) -> None:
+        rnd = random.Random(seed)
+        with kit.connect() as conn:
+            while not stop.is_set():
+                key, data = f"c{seed}/{uuid.uuid4().hex}.png", rnd.randbytes(500)
+                put_object(kit, key, data)
+                insert_row(conn, key, data)
+                time.sleep(rnd.uniform(0, 0.3))  # the id is taken, the commit comes later
+                if rnd.random() < 0.1:
+                    conn.rollback()
+                    continue
+                conn.commit()
+                with lock:
+                    committed.append(key)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    with kit.connect() as conn:
+        for _ in range(15):
+            capturer.run_round(conn)
+            time.sleep(0.1)
+        stop.set()
+        for t in threads:
+            t.join()
+        capturer.run_round(conn)
+    found = journaled(kit)
+    assert len(committed) > 20
+    assert set(committed) <= set(found)
+    assert {k for k in found if k.startswith("c")} == set(committed)

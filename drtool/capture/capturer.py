@@ -27,7 +27,7 @@ import psycopg
 
 from drtool.capture import cache
 from drtool.capture import chain as capture_chain
-from drtool.capture.follow import Row, follow, start_high
+from drtool.capture.follow import Row, follow, owed_too_long, start_high
 from drtool.capture.state import CaptureState, load_state, save_state, state_path
 from drtool.errors import IntegrityError, NotFound
 from drtool.repository import layout
@@ -49,6 +49,8 @@ class RoundResult:
     reused: int = 0
     absent: int = 0  # rows whose object was not there (retried next round)
     seq: int | None = None  # the chain record written, if any
+    lost: list[int] = field(default_factory=list)  # rows whose object never appeared
+    more: bool = False  # a full batch was read: the next round should not wait
     problems: list[str] = field(default_factory=list)
 
 
@@ -83,7 +85,7 @@ class Capturer:
             log.info("attachment capture: starting after id %d", state.high)
         followed = follow(conn, state, now, gap_timeout=self.gap_timeout)
         conn.rollback()  # no transaction stays open between rounds
-        result = RoundResult(rows=len(followed.rows))
+        result = RoundResult(rows=len(followed.rows), more=followed.more)
         entries = self._capture(followed.rows, state, now, result)
         if entries:
             result.seq = self._commit(entries, now)
@@ -91,11 +93,12 @@ class Capturer:
         state.captured += result.captured
         state.uploaded += result.uploaded
         state.gaps_dropped += followed.gaps_dropped
-        state.objects_lost += len(followed.objects_lost)
-        if followed.objects_lost:
+        result.lost += followed.objects_lost
+        state.objects_lost += len(result.lost)
+        if result.lost:
             result.problems.append(
-                f"{len(followed.objects_lost)} attachment rows whose object never appeared "
-                f"in {self.bucket} within {self.gap_timeout} (ids {followed.objects_lost[:5]})"
+                f"{len(result.lost)} attachment rows whose object never appeared "
+                f"in {self.bucket} within {self.gap_timeout} (ids {sorted(result.lost)[:5]})"
             )
         state.last_round = now.isoformat()
         state.last_error = "; ".join(result.problems)
@@ -114,8 +117,12 @@ class Capturer:
         for row in rows:
             entry = self._one(row, captured.get(row.object_key) or snapshot.get(row.object_key))
             if entry is None:
-                state.absent.setdefault(row.id, now.isoformat())
-                result.absent += 1
+                first = state.absent.setdefault(row.id, now.isoformat())
+                if owed_too_long(first, now, self.gap_timeout):
+                    del state.absent[row.id]  # its object never appeared: given up, counted
+                    result.lost.append(row.id)
+                else:
+                    result.absent += 1
                 continue
             state.absent.pop(row.id, None)
             new, e = entry

@@ -50,6 +50,7 @@ class Followed:
     rows: list[Row]
     gaps_dropped: int
     objects_lost: list[int]
+    more: bool = False  # the batch was full: more new rows are waiting
 
 
 def start_high(conn: psycopg.Connection[Any]) -> int:
@@ -103,12 +104,12 @@ def follow(
             del state.missing[gap]
         gaps_dropped += over
     found_ids = {r.id for r in found}
-    lost = [
+    lost = [  # the row itself went away (deleted) and stayed gone
         i
         for i, first in state.absent.items()
-        if i not in found_ids and _old(first, now, gap_timeout)
+        if i not in found_ids and owed_too_long(first, now, gap_timeout)
     ]
-    for i in lost:  # the row itself went away (deleted) and stayed gone
+    for i in lost:
         del state.absent[i]
     if gaps_dropped:
         log.warning(
@@ -116,10 +117,12 @@ def follow(
             gaps_dropped,
             gap_timeout,
         )
-    return Followed(sorted(found + new, key=lambda r: r.id), gaps_dropped, lost)
+    rows = sorted(found + new, key=lambda r: r.id)
+    return Followed(rows, gaps_dropped, lost, more=len(new) >= batch)
 
 
-def _old(first: str, now: datetime, timeout: timedelta) -> bool:
+def owed_too_long(first: str, now: datetime, timeout: timedelta) -> bool:
+    """Whether an id first noticed at ``first`` has been owed longer than ``timeout``."""
     try:
         return now - datetime.fromisoformat(first) > timeout
     except ValueError:
@@ -128,7 +131,7 @@ def _old(first: str, now: datetime, timeout: timedelta) -> bool:
 
 def _expire(owed: dict[int, str], now: datetime, timeout: timedelta) -> int:
     """Drop the ids owed for longer than ``timeout``; how many."""
-    expired = [i for i, first in owed.items() if _old(first, now, timeout)]
+    expired = [i for i, first in owed.items() if owed_too_long(first, now, timeout)]
     for i in expired:
         del owed[i]
     return len(expired)

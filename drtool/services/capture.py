@@ -146,7 +146,10 @@ def run_capture(
                 try:
                     if conn is None or conn.closed:
                         conn = _connect(endpoint)
-                    _add(total, capturer.run_round(conn))
+                    one = capturer.run_round(conn)
+                    _add(total, one)
+                    if one.more and not once and not stop.is_set():
+                        continue  # catching up: the next batch at once
                 except (DrtoolError, psycopg.Error) as exc:
                     error = _pg_error(endpoint, exc) if isinstance(exc, psycopg.Error) else exc
                     if once:
@@ -172,6 +175,7 @@ def _add(total: RoundResult, one: RoundResult) -> None:
     total.absent = one.absent
     total.seq = one.seq if one.seq is not None else total.seq
     total.problems += one.problems
+    total.lost += one.lost
 
 
 def _record_error(capturer: Capturer, error: str) -> None:
