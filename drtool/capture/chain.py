@@ -35,6 +35,8 @@ CHAIN_FORMAT = "drtool-capture-chain/1"
 CAPTURE = "capture/"
 CHAIN_PREFIX = "capture/chain/"
 JOURNAL_PREFIX = "capture/journal/"
+PRUNED_KEY = "capture/pruned.json"
+PRUNED_FORMAT = "drtool-capture-pruned/1"
 COMPONENT = "capture"
 JOURNAL_KIND = "capture_journal"
 
@@ -144,6 +146,43 @@ def open_record(stored: bytes, verify_keys: list[str], *, name: str) -> ChainRec
     return ChainRecord.from_dict(body, name=name)
 
 
+@dataclass(frozen=True)
+class Pruned:
+    """The signed marker ``capture/pruned.json``: records up to ``upto_seq`` were removed.
+
+    The chain then starts at ``upto_seq + 1``, whose ``previous_sha256`` must be
+    ``upto_sha256``: a removed head is told from a deleted one by this signature alone.
+    """
+
+    repo_id: str
+    upto_seq: int
+    upto_sha256: str
+    created: str
+    host: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what is signed)."""
+        return {"format": PRUNED_FORMAT, **asdict(self)}
+
+
+def read_pruned(storage: Storage, verify_keys: list[str], repo_id: str) -> Pruned | None:
+    """The marker, checked; None when the chain was never pruned."""
+    try:
+        stored = storage.get_bytes(PRUNED_KEY)
+    except NotFound:
+        return None
+    body = open_body(stored, verify_keys, name=PRUNED_KEY, what="a capture prune marker")
+    try:
+        if body.get("format") != PRUNED_FORMAT:
+            raise IntegrityError(f"{PRUNED_KEY}: format {body.get('format')!r} unknown")
+        marker = Pruned(**{k: v for k, v in body.items() if k != "format"})
+    except TypeError as exc:
+        raise IntegrityError(f"{PRUNED_KEY}: malformed ({exc})") from None
+    if marker.repo_id != repo_id:
+        raise IntegrityError(f"{PRUNED_KEY}: belongs to repository {marker.repo_id}")
+    return marker
+
+
 @dataclass
 class Chain:
     """The chain as read: its records in order, its end, and what is wrong with it."""
@@ -167,11 +206,20 @@ def load_chain(storage: Storage, verify_keys: list[str], repo_id: str) -> Chain:
     append to a chain with any. Storage errors raise.
     """
     chain = Chain(repo_id)
+    try:
+        pruned = read_pruned(storage, verify_keys, repo_id)
+    except IntegrityError as exc:
+        chain.problems.append(str(exc))
+        pruned = None
+    start = pruned.upto_seq if pruned else 0
     found = sorted(
-        (seq, o.key) for o in storage.list(CHAIN_PREFIX) if (seq := _seq_of(o.key)) is not None
+        (seq, o.key)
+        for o in storage.list(CHAIN_PREFIX)
+        if (seq := _seq_of(o.key)) is not None and seq > start  # older: a prune's leftovers
     )
-    expected_previous: str | None = None
-    for position, (seq, key) in enumerate(found, start=1):
+    expected_previous: str | None = pruned.upto_sha256 if pruned else None
+    chain.last_seq, chain.last_sha256 = start, expected_previous
+    for position, (seq, key) in enumerate(found, start=start + 1):
         if seq != position:
             chain.problems.append(
                 f"{key}: capture chain record {seq} found where {position} was expected "

@@ -120,3 +120,27 @@ def verify(state: CliState, read_data: bool, as_json: bool) -> None:
             click.echo(f"problem: {problem}")
     if outcome.problems:
         raise IntegrityError(f"capture verify: {outcome.problems[0]}")
+
+
+@capture.command()
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@click.pass_obj
+def prune(state: CliState, dry_run: bool) -> None:
+    """Remove the journal captured before the oldest valid MinIO snapshot started.
+
+    A signed marker (capture/pruned.json) records where the chain now starts, so
+    `capture verify` still proves it. Run it after `drtool prune`; `drtool prune`
+    then sweeps the blobs no snapshot reuses.
+    """
+    result = svc.capture_prune(state.config(), dry_run=dry_run)
+    if result.oldest_snapshot is None:
+        click.echo("no valid MinIO snapshot: the whole journal is needed, nothing removed")
+    elif result.upto_seq is None:
+        click.echo(f"nothing captured before snapshot {result.oldest_snapshot} started")
+    else:
+        verb = "removed" if result.done else "would remove"
+        click.echo(
+            f"{verb} chain records up to {result.upto_seq} and their journals "
+            f"({len(result.removed)} objects): captured before snapshot "
+            f"{result.oldest_snapshot} started"
+        )

@@ -23,6 +23,7 @@ import psycopg
 
 from drtool import keys
 from drtool.capture.capturer import Capturer, RoundResult, checked_chain
+from drtool.capture.retention import JournalPrune, prune_journal
 from drtool.capture.state import load_state, save_state, state_path
 from drtool.capture.verify import CaptureVerifyOutcome, verify_capture
 from drtool.config import Config
@@ -220,3 +221,17 @@ def capture_verify(cfg: Config, *, read_data: bool) -> CaptureVerifyOutcome:
             "capture verify: the repository holds no capture (is `drtool capture run` running?)"
         )
     return outcome
+
+
+def capture_prune(cfg: Config, *, dry_run: bool) -> JournalPrune:
+    """Remove the chain's head that no kept MinIO snapshot needs (signing key required)."""
+    if not cfg.keys.signing_key_file:
+        raise ConfigError(
+            "keys.signing_key_file: a signing key is needed to sign the prune marker "
+            "(see `drtool keys signing-key`)"
+        )
+    repo = open_repo(cfg)
+    signing_key = keys.load_signing_key(Path(cfg.keys.signing_key_file))
+    return prune_journal(
+        repo, signing_key, host=socket.gethostname(), now=datetime.now(UTC), dry_run=dry_run
+    )
