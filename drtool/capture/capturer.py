@@ -66,6 +66,7 @@ class Capturer:
     gap_timeout: timedelta
     chain: capture_chain.Chain
     from_start: bool = False
+    _snapshot_mtime: int | None = field(default=-1, repr=False)  # -1: not read yet
 
     @property
     def repo_id(self) -> str:
@@ -90,6 +91,9 @@ class Capturer:
         if entries:
             result.seq = self._commit(entries, now)
             state.seq = result.seq
+        state.cache_offset = cache.size_of(
+            cache.captured_path(self.state_dir, self.repo_id, self.bucket)
+        )
         state.captured += result.captured
         state.uploaded += result.uploaded
         state.gaps_dropped += followed.gaps_dropped
@@ -109,10 +113,8 @@ class Capturer:
         self, rows: list[Row], state: CaptureState, now: datetime, result: RoundResult
     ) -> list[capture_chain.Captured]:
         captured_path = cache.captured_path(self.state_dir, self.repo_id, self.bucket)
-        captured = cache.read_captured(captured_path)
-        snapshot = read_cache(cache_path(self.state_dir, self.repo_id, self.bucket))
-        for key in cache.taken_over(captured, snapshot):
-            del captured[key]
+        snapshot = self._snapshot_changed(captured_path, state)
+        captured = cache.read_tail(captured_path, state.cache_offset)
         out: list[capture_chain.Captured] = []
         for row in rows:
             entry = self._one(row, captured.get(row.object_key) or snapshot.get(row.object_key))
@@ -146,8 +148,35 @@ class Capturer:
                 )
             )
         if out:  # before the journal: a redone round reuses these blobs
-            cache.write_captured(captured_path, captured)
+            fresh = [captured[c.key] for c in out]
+            cache.append_captured(captured_path, fresh)
         return out
+
+    def _snapshot_changed(self, captured_path: Path, state: CaptureState) -> dict[str, IndexEntry]:
+        """The MinIO backup's cache when it changed since this process last read it, else {}.
+
+        Then (about once a day) the captured entries the snapshot took over are dropped from
+        the capture's cache, which is rewritten; its committed offset becomes its new size.
+        """
+        path = cache_path(self.state_dir, self.repo_id, self.bucket)
+        try:
+            mtime: int | None = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime == self._snapshot_mtime:
+            return {}
+        self._snapshot_mtime = mtime
+        snapshot = read_cache(path)
+        captured = cache.read_captured(captured_path)
+        gone = cache.taken_over(captured, snapshot)
+        if gone:
+            pending = cache.read_tail(captured_path, state.cache_offset)
+            for key in gone:
+                if key not in pending:  # an uncommitted round's entry stays
+                    del captured[key]
+            cache.write_captured(captured_path, captured)
+            state.cache_offset = 0  # everything left is read back by the next lookups
+        return snapshot
 
     def _one(self, row: Row, known: IndexEntry | None) -> tuple[bool, IndexEntry] | None:
         """(uploaded?, entry) for the row's object; None when the object is not there."""

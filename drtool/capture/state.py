@@ -26,6 +26,7 @@ class CaptureState:
     missing: dict[int, str] = field(default_factory=dict)  # id -> first noticed (ISO)
     absent: dict[int, str] = field(default_factory=dict)  # row seen, object not (yet)
     seq: int = 0  # the last chain record this host committed
+    cache_offset: int = 0  # the captured cache's size when the last round committed
     last_round: str = ""
     last_error: str = ""
     captured: int = 0  # objects captured in all rounds
