@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 from support.cli import run_drtool, start_drtool
-from support.stacks import Repository, make_repository, source_stack
+from support.stacks import Repository, make_repository, source_stack, stack_sections
 
 from chat_stack.seed import SeedSizes
 from drtool import keys
@@ -38,6 +38,7 @@ from drtool.repository.access import Repo, open_repo, read_object
 from drtool.s3session import s3_client
 from drtool.services.capture import build_capturer
 from drtool.services.prune import plan_prune
+from drtool.services.repo_setup import set_up_repository
 from drtool.sources.minio import MinioStore
 
 TINY = SeedSizes(users=5, rooms=2, messages=40, attachments=3)
@@ -70,8 +71,7 @@ class Kit:
         return keys.load_identities(self.repository.identity, None)
 
     def blob_files(self) -> set[str]:
-        root = self.repository.directory / "repository"
-        return {str(p.relative_to(root)) for p in (root / "blobs").rglob("*.zst.age")}
+        return {o.key for o in self.repo().storage.list("blobs/")}
 
     def connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(**self.stack.postgres.connect_kwargs())
@@ -83,6 +83,35 @@ def kit(tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint) -> I
         repository = make_repository(tmp_path / "bk", stack)
         operator = repository.operator_config(tmp_path / "op" / "drtool.toml")
         yield Kit(stack, repository, operator, tmp_path)
+
+
+@pytest.fixture(params=["file", "s3"])
+def any_kit(request: pytest.FixtureRequest, kit: Kit, s3_server: S3Endpoint) -> Kit:
+    """``kit``, its repository on a file:// directory or in an S3 bucket."""
+    if request.param == "file":
+        return kit
+    bucket = f"repo-{uuid.uuid4().hex[:10]}"
+    s3_client(s3_server).create_bucket(Bucket=bucket)
+    secrets = kit.tmp / "s3repo-secrets"
+    secrets.mkdir(mode=0o700)
+    (secrets / "ak").write_text(s3_server.access_key)
+    (secrets / "sk").write_text(s3_server.secret_key)
+    directory = kit.tmp / "s3repo"
+    setup = set_up_repository(
+        directory,
+        {
+            "url": f"s3://{bucket}/drtool",
+            "endpoint_url": s3_server.endpoint_url,
+            "access_key_file": str(secrets / "ak"),
+            "secret_key_file": str(secrets / "sk"),
+        },
+        stores=stack_sections(kit.stack, directory / "secrets"),
+        state_dir=directory / "state",
+    )
+    repository = Repository(
+        directory, kit.stack, setup.keys.identity_file, setup.keys.verify_key, setup.backup_config
+    )
+    return Kit(kit.stack, repository, setup.operator_config, kit.tmp)
 
 
 def put_object(kit: Kit, key: str, data: bytes, meta: dict[str, str] | None = None) -> None:
@@ -221,8 +250,9 @@ def test_an_object_not_yet_uploaded_is_captured_when_it_appears(kit: Kit) -> Non
 
 
 def test_a_round_killed_before_its_commit_is_redone_without_a_second_upload(
-    kit: Kit, monkeypatch: pytest.MonkeyPatch
+    any_kit: Kit, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    kit = any_kit
     capturer = kit.capturer(from_start=True)
     keys_added = [add_attachment(kit)[0] for _ in range(3)]
 
@@ -337,8 +367,9 @@ def test_capture_verify_names_a_removed_record_and_a_damaged_blob(kit: Kit) -> N
 
 
 def test_bucket_at_restores_an_object_deleted_from_the_source_after_its_capture(
-    kit: Kit, s3_server: S3Endpoint
+    any_kit: Kit, s3_server: S3Endpoint
 ) -> None:
+    kit = any_kit
     kit.repository.backup(components=("minio",))
     capturer = kit.capturer()
     with kit.connect() as conn:
