@@ -28,13 +28,14 @@ from chat_stack.seed import SeedSizes
 from drtool import keys
 from drtool.capture import chain as capture_chain
 from drtool.capture.at import bucket_at, restore_bucket_at
-from drtool.capture.cache import captured_path, read_captured
+from drtool.capture.cache import append_captured, captured_path, read_captured, read_tail
 from drtool.capture.capturer import Capturer
 from drtool.capture.state import load_state
 from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint, S3Endpoint, StackEndpoints
 from drtool.repository import retention
 from drtool.repository.access import Repo, open_repo, read_object
+from drtool.repository.minio_index import IndexEntry
 from drtool.s3session import s3_client
 from drtool.services.capture import build_capturer
 from drtool.services.prune import plan_prune
@@ -472,3 +473,17 @@ def test_capture_prune_removes_the_head_behind_a_signed_marker_and_the_chain_sti
     (root / capture_chain.PRUNED_KEY).write_bytes(b'{"body": {}, "signature": "x"}')
     forged = run_drtool("capture", "verify", config=cfg, home=home)
     assert forged.returncode == 5 and "pruned.json" in forged.stdout
+
+
+def test_a_cache_line_torn_by_a_kill_is_cut_off_before_the_next_append(tmp_path: Path) -> None:
+    path = tmp_path / "b.captured.jsonl"
+
+    def entry(key: str) -> IndexEntry:
+        return IndexEntry(key, 1, "etag", "0" * 64, "image/png", {}, "ab" * 16, 2, "1" * 64)
+
+    append_captured(path, [entry("a")])
+    with open(path, "ab") as f:
+        f.write(b'{"key": "torn-by-a-kill')
+    assert set(read_tail(path, 0)) == {"a"}
+    append_captured(path, [entry("b")])
+    assert set(read_captured(path)) == {"a", "b"}  # what the next MinIO backup reads

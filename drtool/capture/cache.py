@@ -54,9 +54,18 @@ def taken_over(captured: dict[str, IndexEntry], snapshot: dict[str, IndexEntry])
 
 
 def append_captured(path: Path, entries: list[IndexEntry]) -> int:
-    """Append ``entries`` (flushed to disk); the file's size after."""
+    """Append ``entries`` (flushed to disk); the file's size after.
+
+    A line torn by a kill mid-append is cut off first: every reader parses the file whole.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as f:
+    with open(path, "ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        start = max(0, end - 65536)  # a line is a few KiB at most (key, metadata)
+        f.seek(start)
+        tail = f.read()
+        if tail and not tail.endswith(b"\n"):
+            f.truncate(start + tail.rfind(b"\n") + 1)
         f.write(b"".join(encode_index(entries)))
         f.flush()
         os.fsync(f.fileno())
@@ -81,7 +90,8 @@ def read_tail(path: Path, offset: int) -> dict[str, IndexEntry]:
             data = f.read()
     except FileNotFoundError:
         return {}
+    data = data[: data.rfind(b"\n") + 1]  # a line torn by a kill is not an entry
     try:
         return {e.key: e for e in decode_index(data)}
     except (ValueError, TypeError):
-        return {}  # a torn last line: those objects are read again, nothing is lost
+        return {}  # damaged: those objects are read again, nothing is lost

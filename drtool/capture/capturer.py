@@ -5,7 +5,8 @@ Order within a round, so a kill at any point neither loses nor uploads twice:
 1. the rows (drtool/capture/follow.py) are read, each object HEAD then GET into a blob —
    unless the capture's cache or the MinIO backup's cache already holds the same key, ETag
    and size with its blob still stored;
-2. the capture cache is written (a redone round now finds those blobs: no second upload);
+2. each uploaded blob is appended to the capture cache at once (a redone round finds it:
+   no second upload; only a kill in the instant between an upload and its append costs one);
 3. the sealed journal, then the signed chain record (the commit);
 4. the state (``high``, the ids still owed) is replaced last.
 
@@ -132,6 +133,8 @@ class Capturer:
             result.uploaded += new
             result.reused += not new
             captured[e.key] = e
+            if new:  # at once: a kill right after the upload must not upload it again
+                cache.append_captured(captured_path, [e])
             out.append(
                 capture_chain.Captured(
                     captured_at=datetime.now(UTC).isoformat(),
@@ -147,9 +150,6 @@ class Capturer:
                     blob_sha256=e.blob_sha256,
                 )
             )
-        if out:  # before the journal: a redone round reuses these blobs
-            fresh = [captured[c.key] for c in out]
-            cache.append_captured(captured_path, fresh)
         return out
 
     def _snapshot_changed(self, captured_path: Path, state: CaptureState) -> dict[str, IndexEntry]:
