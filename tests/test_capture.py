@@ -310,6 +310,9 @@ def test_capture_run_killed_and_restarted_neither_misses_nor_uploads_twice(kit: 
     assert len(kit.blob_files()) == len(objects)  # each object stored once
     done = run_drtool("capture", "status", "--json", config=cfg, home=home)
     assert done.returncode == 0 and '"missing": 0' in done.stdout
+    human = run_drtool("capture", "status", config=cfg, home=home)
+    assert human.returncode == 0 and "0 ids not committed yet" in human.stdout
+    assert f"captured {TINY.attachments + 7} objects" in human.stdout
 
 
 def test_the_next_minio_backup_reuses_captured_blobs_and_prune_keeps_them(kit: Kit) -> None:
