@@ -105,6 +105,16 @@ class CanaryConfig:
 
 
 @dataclass(frozen=True)
+class CaptureConfig:
+    """``drtool capture run``: continuous attachment capture (ADR 0025)."""
+
+    enabled: bool = True  # false: `capture run` exits 0 at once (one switch for a service)
+    interval_s: float = 60.0  # seconds between rounds
+    gap_timeout_s: float = 3600.0  # an id not committed after this is dropped (rolled back)
+    bucket: str = ""  # the attachments' bucket; "" = the first of minio.buckets
+
+
+@dataclass(frozen=True)
 class PostgresConfig:
     """The PostgreSQL server of the stack."""
 
@@ -174,6 +184,7 @@ class Config:
     minio: MinioConfig = MinioConfig()
     wal: WalConfig = WalConfig()
     canary: CanaryConfig = CanaryConfig()
+    capture: CaptureConfig = CaptureConfig()
     targets: Mapping[str, StackConfig] = field(default_factory=dict)
     #: further repositories by name (``[repositories.NAME]``): copies of the primary (3-2-1)
     repositories: Mapping[str, RepositoryConfig] = field(default_factory=dict)

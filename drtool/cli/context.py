@@ -158,6 +158,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "drtool.cli.canary:canary",
         "Canaries: a timed write to each store, so a restore measures what it lost.",
     ),
+    "capture": (
+        "drtool.cli.capture:capture",
+        "Continuous attachment capture: new attachment objects sealed into the repository.",
+    ),
     "unlock": (
         "drtool.cli.repo:unlock",
         "Remove the locks of dead holders, from any host.",

@@ -68,6 +68,11 @@ class SnapshotWriter:
         log.debug("stored %s (%d bytes)", key, info.size)
         return Written(entry, sealed.plain.size, sealed.plain.sha256)
 
+    def put_sealed(self, key: str, chunks: Iterable[bytes], header: InnerHeader) -> Written:
+        """Put an object outside the snapshot's own prefix (the capture journal), sealed and
+        bound to ``header`` like every other; its stored size is confirmed."""
+        return self._put(key, chunks, header)
+
     def put_snapshot_object(
         self, component: str, name: str, chunks: Iterable[bytes], *, kind: str
     ) -> Written:

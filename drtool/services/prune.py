@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drtool import keys
+from drtool.capture.chain import referenced_blobs as capture_refs
 from drtool.config import Config
 from drtool.repository import catalog, chain, drill_log, layout, retention, verifications
 from drtool.repository.access import Repo, open_repo
@@ -117,6 +118,7 @@ def plan_prune(
     # they are evidence for an operator to look at, so their data stays too.
     for sid in invalid:
         referenced |= catalog.unverified_object_keys(repo.storage, sid)
+    referenced |= capture_refs(repo.storage)  # blobs the attachment capture journaled
     protected = tuple(layout.snapshot_prefix(sid) for sid in invalid)
     for prefix in (layout.SNAPSHOTS, layout.BLOBS):
         for obj in repo.storage.list(prefix):

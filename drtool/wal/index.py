@@ -17,16 +17,14 @@ must not hold. It confirms a guess of a whole 16 MiB segment, nothing more.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from drtool import keys
-from drtool.errors import ConfigError, IntegrityError, NotFound
+from drtool.errors import IntegrityError, NotFound
 from drtool.repository import rotation
-from drtool.repository.manifest import canonical
+from drtool.repository.signed import open_body, sign_body
 from drtool.storage.base import Storage
 from drtool.wal.pruned import PrunedChain, load_pruned
 
@@ -99,31 +97,12 @@ class IndexChunk:
 
 def sign_chunk(chunk: IndexChunk, signing_key: Ed25519PrivateKey) -> bytes:
     """The stored form: the body and an Ed25519 signature over its canonical JSON."""
-    body = chunk.to_dict()
-    stored = {"body": body, "signature": keys.sign(signing_key, canonical(body))}
-    return json.dumps(stored, indent=1, sort_keys=True, ensure_ascii=False).encode()
+    return sign_body(chunk.to_dict(), signing_key)
 
 
 def open_chunk(stored: bytes, verify_keys: list[str], *, name: str) -> IndexChunk:
     """Parse a stored chunk and verify its signature against any of ``verify_keys``."""
-    try:
-        doc = json.loads(stored)
-        body, signature = doc["body"], doc["signature"]
-    except (ValueError, KeyError, TypeError):
-        raise IntegrityError(f"{name}: not a WAL index chunk (unreadable JSON)") from None
-    if not verify_keys:
-        raise IntegrityError(f"{name}: no verify key configured to check its signature")
-    last = ""
-    for verify_key in verify_keys:
-        try:
-            keys.verify_signature(
-                keys.parse_verify_key(verify_key), canonical(body), signature, name=name
-            )
-            break
-        except (IntegrityError, ConfigError) as exc:
-            last = str(exc)
-    else:
-        raise IntegrityError(f"{name}: signature does not verify ({last})")
+    body = open_body(stored, verify_keys, name=name, what="a WAL index chunk")
     return IndexChunk.from_dict(body, name=name)
 
 

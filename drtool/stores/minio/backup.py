@@ -70,6 +70,14 @@ def cache_path(state_dir: Path, repo_id: str, bucket: str) -> Path:
     return state_dir / "minio-index" / repo_id / f"{bucket}.jsonl"
 
 
+def captured_path(state_dir: Path, repo_id: str, bucket: str) -> Path:
+    """Where ``drtool capture`` keeps the objects it captured since (drtool/capture/cache.py).
+
+    The next backup merges them into its previous index, so it reuses their blobs.
+    """
+    return state_dir / "minio-index" / repo_id / f"{bucket}.captured.jsonl"
+
+
 def read_cache(path: Path) -> dict[str, IndexEntry]:
     """The cached index by key (empty when there is none or it is unreadable)."""
     try:

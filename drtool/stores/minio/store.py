@@ -68,11 +68,15 @@ class MinioStore:
             log.warning("%s", left_out)
         for bucket in coverage.protected:
             path = bucket_backup.cache_path(ctx.state, ctx.writer.repo.repo_id, bucket)
+            captured = bucket_backup.captured_path(ctx.state, ctx.writer.repo.repo_id, bucket)
             result = bucket_backup.snapshot_bucket(
                 store,
                 bucket,
                 ctx.writer,
-                previous=_rotated(bucket_backup.read_cache(path), rotated),
+                # objects `drtool capture` stored since: their blobs are reused, not uploaded
+                previous=_rotated(
+                    bucket_backup.read_cache(path) | bucket_backup.read_cache(captured), rotated
+                ),
                 stored_blobs=stored_blobs,
                 damaged=ctx.damaged,
                 on_object=lambda n: ctx.progress(NAME, n),
