@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import tomli_w
 from support.cli import run_drtool, start_drtool
 from support.stacks import Repository, make_repository, source_stack, stack_sections
 
@@ -33,6 +35,8 @@ from drtool.capture.capturer import Capturer
 from drtool.capture.state import load_state
 from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint, S3Endpoint, StackEndpoints
+from drtool.errors import WrongKey
+from drtool.pipeline.age import decrypt
 from drtool.repository import retention
 from drtool.repository.access import Repo, open_repo, read_object
 from drtool.repository.minio_index import IndexEntry
@@ -490,3 +494,43 @@ def test_a_cache_line_torn_by_a_kill_is_cut_off_before_the_next_append(tmp_path:
     assert set(read_tail(path, 0)) == {"a"}
     append_captured(path, [entry("b")])
     assert set(read_captured(path)) == {"a", "b"}  # what the next MinIO backup reads
+
+
+@pytest.mark.slow
+def test_a_key_rotation_rewraps_the_captured_journal_and_blobs(kit: Kit) -> None:
+    """The capture's journals and the blobs only its chain names are rotated too, and the
+    chain still verifies key-less (its records keep naming the bytes they were written with)."""
+    capturer = kit.capturer()
+    with kit.connect() as conn:
+        capturer.run_round(conn)
+        add_attachment(kit)
+        capturer.run_round(conn)
+    repo = kit.repo()
+    chained = capture_chain.load_chain(repo.storage, repo.verify_keys, repo.info.repo_id)
+    objects = [s.key for _, r in chained.records for s in (r.journal, *r.blobs)]
+    assert objects, "the round captured nothing"
+    new_key = kit.tmp / "new.key"
+    new_recipient = keys.write_identity(new_key, passphrase=None)
+    backup = tomllib.loads(kit.repository.backup_config.read_text())
+    both = tomllib.loads(kit.operator.read_text())
+    both["keys"]["signing_key_file"] = backup["keys"]["signing_key_file"]
+    rotating = kit.tmp / "rotate.toml"
+    rotating.write_text(tomli_w.dumps(both))
+    rotating.chmod(0o600)
+    (old_recipient,) = backup["keys"]["recipients"]
+    done = run_drtool(
+        "keys", "rotate", "--add-recipient", new_recipient, "--remove-recipient", old_recipient,
+        config=rotating,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for key in objects:
+        raw = repo.storage.get_bytes(key)
+        assert b"".join(decrypt([raw], keys.load_identities(new_key, None), name=key)), key
+        with pytest.raises(WrongKey):
+            b"".join(decrypt([raw], kit.identities(), name=key))
+    verified = run_drtool("capture", "verify", config=kit.repository.backup_config)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    both["keys"]["identity_file"] = str(new_key)
+    rotating.write_text(tomli_w.dumps(both))
+    read = run_drtool("capture", "verify", "--read-data", config=rotating)
+    assert read.returncode == 0, read.stdout + read.stderr

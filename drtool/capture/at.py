@@ -92,7 +92,7 @@ def journal_since(
         header = chain.journal_header(repo.info.repo_id, record.seq)
         data = read_object(repo, record.journal.entry(chain.JOURNAL_KIND), header, identities)
         blobs = {b.key: b for b in record.blobs}
-        for c in chain.decode_journal(data, name=record.journal.key):
+        for c in map(found.current, chain.decode_journal(data, name=record.journal.key)):
             at = _time(c.captured_at)
             if not after < at <= until:
                 continue

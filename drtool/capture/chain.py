@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drtool.errors import IntegrityError, NotFound
 from drtool.pipeline.header import InnerHeader
+from drtool.repository import layout, rotation
 from drtool.repository.manifest import ObjectEntry
 from drtool.repository.signed import open_body, sign_body
 from drtool.storage.base import Storage
@@ -192,6 +193,16 @@ class Chain:
     last_seq: int = 0
     last_sha256: str | None = None
     problems: list[str] = field(default_factory=list)
+    rotated: rotation.RotationMap = field(default_factory=rotation.RotationMap)
+
+    def current(self, entry: Captured) -> Captured:
+        """A journal entry with its blob's stored size and sha256 after key rotations."""
+        size, sha256 = self.rotated.current(
+            layout.blob_key(entry.blob), entry.blob_size, entry.blob_sha256
+        )
+        if (size, sha256) == (entry.blob_size, entry.blob_sha256):
+            return entry
+        return replace(entry, blob_size=size, blob_sha256=sha256)
 
 
 def _seq_of(key: str) -> int | None:
@@ -250,7 +261,24 @@ def load_chain(storage: Storage, verify_keys: list[str], repo_id: str) -> Chain:
         chain.records.append((key, record))
         expected_previous = digest
         chain.last_seq, chain.last_sha256 = seq, digest
+    chain.rotated = rotation.load_map(storage, verify_keys, repo_id)  # ADR 0023
+    chain.records = [(key, _current(record, chain.rotated)) for key, record in chain.records]
     return chain
+
+
+def _current(record: ChainRecord, rotated: rotation.RotationMap) -> ChainRecord:
+    """The record with the stored size and sha256 its objects have after key rotations.
+
+    A rotation rewrites only the age header of the journal and the blobs; the signed record
+    keeps naming the bytes it was written with, and the rotation's signed records say what
+    they became (as for manifests and the WAL index).
+    """
+
+    def now(s: Stored) -> Stored:
+        size, sha256 = rotated.current(s.key, s.size, s.sha256)
+        return s if (size, sha256) == (s.size, s.sha256) else replace(s, size=size, sha256=sha256)
+
+    return replace(record, journal=now(record.journal), blobs=tuple(now(b) for b in record.blobs))
 
 
 def append_record(

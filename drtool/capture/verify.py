@@ -43,7 +43,7 @@ def verify_capture(repo: Repo, identities: list[str]) -> CaptureVerifyOutcome:
             if problem:
                 outcome.problems.append(f"{key}: blob {problem}")
         if identities and not problem_for(outcome, journal.key):
-            outcome.problems += _read_journal(repo, identities, key, record, outcome)
+            outcome.problems += _read_journal(repo, identities, key, record, outcome, found)
     return outcome
 
 
@@ -58,11 +58,12 @@ def _read_journal(
     key: str,
     record: chain.ChainRecord,
     outcome: CaptureVerifyOutcome,
+    found: chain.Chain,
 ) -> list[str]:
     header = chain.journal_header(repo.info.repo_id, record.seq)
     try:
         data = read_object(repo, record.journal.entry(chain.JOURNAL_KIND), header, identities)
-        entries = chain.decode_journal(data, name=record.journal.key)
+        entries = [found.current(e) for e in chain.decode_journal(data, name=record.journal.key)]
     except IntegrityError as exc:
         return [str(exc)]
     named = {(b.key, b.size, b.sha256) for b in record.blobs}

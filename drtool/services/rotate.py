@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drtool import keys
+from drtool.capture import chain as capture_chain
 from drtool.config import Config
 from drtool.errors import ConfigError, IntegrityError, UsageError, WrongKey
 from drtool.faults import crash_point
@@ -237,10 +238,11 @@ def _finish(
 
 
 def _targets(repo: Repo, result: RotateResult) -> tuple[list[Target], dict[str, ObjectInfo]]:
-    """Every object an authentic manifest or the WAL index names, as it must be now."""
+    """Every object an authentic manifest, the WAL index or the capture chain names, as it
+    must be now."""
     storage = repo.storage
     listed: dict[str, ObjectInfo] = {}
-    for prefix in (layout.SNAPSHOTS, layout.BLOBS, WAL):
+    for prefix in (layout.SNAPSHOTS, layout.BLOBS, WAL, capture_chain.CAPTURE):
         listed.update((o.key, o) for o in storage.list(prefix))
     wanted: dict[str, Target] = {}
     for record in catalog.list_snapshots(storage, repo.verify_keys, repo.info.repo_id):
@@ -253,6 +255,12 @@ def _targets(repo: Repo, result: RotateResult) -> tuple[list[Target], dict[str, 
     for entry in load_index(storage, repo.verify_keys, repo.info.repo_id).entries.values():
         if entry.key in listed:
             wanted.setdefault(entry.key, Target(entry.key, entry.size, entry.sha256))
+    # the attachment capture's journals and the blobs only its chain names (ADR 0025)
+    chain = capture_chain.load_chain(storage, repo.verify_keys, repo.info.repo_id)
+    for _, chained in chain.records:
+        for stored in (chained.journal, *chained.blobs):
+            if stored.key in listed:
+                wanted.setdefault(stored.key, Target(stored.key, stored.size, stored.sha256))
     result.unreferenced = sum(1 for k in listed if k.endswith(".age") and k not in wanted)
     return sorted(wanted.values(), key=lambda t: t.key), listed
 
