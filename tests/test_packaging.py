@@ -83,6 +83,19 @@ def test_the_wal_service_streams_for_good_with_backup_cron_s_secrets_and_volume(
     assert "- NONE" in wal
 
 
+def test_the_capture_service_runs_for_good_with_backup_cron_s_secrets_and_volume() -> None:
+    out = compose_config("docker-compose.backup.yml", {})
+    capture, cron = _service(out, "capture"), _service(out, "backup-cron")
+    assert "    - capture\n    - run\n" in capture  # the loop, not --once
+    assert "restart: unless-stopped" in capture
+    assert re.search(r"^    mem_limit: \d+m$", capture, re.M)
+    secrets = re.compile(r"^    - source: (\w+)$", re.M)
+    assert secrets.findall(capture) == secrets.findall(cron)  # no identity
+    for line in ("/etc/drtool/drtool.toml:ro", "drtool-state:/var/lib/drtool:rw"):
+        assert line in capture
+    assert "- NONE" in capture
+
+
 def test_chat_stack_compose_file_validates() -> None:
     out = compose_config(
         "chat_stack/docker-compose.yml",
