@@ -15,15 +15,13 @@ races the streamer for the index's next sequence number.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from drtool import keys
-from drtool.errors import ConfigError, IntegrityError, NotFound
-from drtool.repository.manifest import canonical
+from drtool.errors import IntegrityError, NotFound
+from drtool.repository.signed import open_body, sign_body
 from drtool.storage.base import Storage
 
 PRUNED_FORMAT = "drtool-wal-pruned/1"
@@ -54,22 +52,7 @@ class PrunedRecord:
 
 
 def _open(stored: bytes, verify_keys: list[str], *, name: str) -> PrunedRecord:
-    try:
-        doc = json.loads(stored)
-        body, signature = doc["body"], doc["signature"]
-    except (ValueError, KeyError, TypeError):
-        raise IntegrityError(f"{name}: not a WAL removal record (unreadable JSON)") from None
-    last = "no verify key configured"
-    for verify_key in verify_keys:
-        try:
-            keys.verify_signature(
-                keys.parse_verify_key(verify_key), canonical(body), signature, name=name
-            )
-            break
-        except (IntegrityError, ConfigError) as exc:
-            last = str(exc)
-    else:
-        raise IntegrityError(f"{name}: signature does not verify ({last})")
+    body = open_body(stored, verify_keys, name=name, what="a WAL removal record")
     try:
         if body.get("format") != PRUNED_FORMAT:
             raise IntegrityError(f"{name}: WAL removal format {body.get('format')!r} unknown")
@@ -146,13 +129,7 @@ def append_pruned(
     key = record_key(seq)
     if storage.exists(key):
         raise IntegrityError(f"{key}: WAL removal record {seq} already exists (a second prune?)")
-    body = record.to_dict()
-    stored = json.dumps(
-        {"body": body, "signature": keys.sign(signing_key, canonical(body))},
-        indent=1,
-        sort_keys=True,
-        ensure_ascii=False,
-    ).encode()
+    stored = sign_body(record.to_dict(), signing_key)
     storage.put_bytes(key, stored)
     for name in removed:
         chain.removed[name] = key
