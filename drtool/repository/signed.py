@@ -1,8 +1,9 @@
 """Signed plaintext JSON records: a body and an Ed25519 signature over its canonical form.
 
-The WAL index chunks (drtool/wal/index.py), prune's WAL removal records (drtool/wal/pruned.py)
-and the attachment capture chain (drtool/capture/chain.py) are stored this way: readable and provable without an identity,
-forged or altered only with the backup host's signing key.
+The WAL index chunks (drtool/wal/index.py), prune's WAL removal records
+(drtool/wal/pruned.py) and the attachment capture chain (drtool/capture/chain.py) are stored
+this way: readable and provable without an identity, forged or altered only with the backup
+host's signing key.
 """
 
 from __future__ import annotations

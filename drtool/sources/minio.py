@@ -7,6 +7,7 @@ user metadata.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,17 @@ class MinioStore:
             )
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             raise self._error("write", bucket, exc, key) from None
+
+    def digest(self, bucket: str, key: str) -> tuple[int, str] | None:
+        """Size and sha256 of an object as read back (streamed); None when it does not exist."""
+        if self.head(bucket, key) is None:
+            return None
+        _, stream = self.read(bucket, key)
+        sha256, size = hashlib.sha256(), 0
+        for chunk in stream:
+            sha256.update(chunk)
+            size += len(chunk)
+        return size, sha256.hexdigest()
 
     def put_bytes(self, bucket: str, key: str, data: bytes, meta: ObjectMeta) -> None:
         """Put a small object from memory (one PutObject)."""

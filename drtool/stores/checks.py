@@ -8,7 +8,6 @@ messages): reported with figures, never a failure.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,18 +40,6 @@ def _connect_pg(endpoints: StackEndpoints) -> psycopg.Connection[Any]:
     return psycopg.connect(**endpoints.postgres.connect_kwargs())
 
 
-def _object_sha256(store: MinioStore, bucket: str, key: str) -> tuple[int, str] | None:
-    """Size and sha256 of an object as read back, or None when it is missing."""
-    if store.head(bucket, key) is None:
-        return None
-    _, stream = store.read(bucket, key)
-    digest, size = hashlib.sha256(), 0
-    for chunk in stream:
-        digest.update(chunk)
-        size += len(chunk)
-    return size, digest.hexdigest()
-
-
 def attachments_have_objects(endpoints: StackEndpoints, *, workers: int = 4) -> CheckResult:
     """Every attachment row has its object, with the row's size and sha256."""
     bucket = endpoints.buckets[0]
@@ -60,7 +47,7 @@ def attachments_have_objects(endpoints: StackEndpoints, *, workers: int = 4) -> 
         rows = conn.execute("SELECT object_key, size_bytes, sha256 FROM attachments").fetchall()
     store = MinioStore(endpoints.minio, max_pool=workers * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        found = list(pool.map(lambda r: _object_sha256(store, bucket, r[0]), rows))
+        found = list(pool.map(lambda r: store.digest(bucket, r[0]), rows))
     missing, different = [], []
     for (key, size, sha), got in zip(rows, found, strict=True):
         if got is None:
@@ -179,7 +166,7 @@ def latest_messages_readable(
                     problems.append(f"room {room_id} message {row[0]}: unreadable row")
                 if row[5] is not None:
                     files += 1
-                    got = _object_sha256(store, bucket, row[5])
+                    got = store.digest(bucket, row[5])
                     if got != (row[6], row[7]):
                         problems.append(
                             f"room {room_id} message {row[0]}: file {row[5]} not intact"

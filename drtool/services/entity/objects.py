@@ -16,7 +16,6 @@ Undo deletes an added object only while it still has the bytes the restore put t
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,18 +46,6 @@ class ObjectPlan:
         return sum(e.size for e in self.restore)
 
 
-def object_sha256(store: MinioStore, bucket: str, key: str) -> tuple[int, str] | None:
-    """Size and sha256 of an object as read back; None when it does not exist."""
-    if store.head(bucket, key) is None:
-        return None
-    _, stream = store.read(bucket, key)
-    digest, size = hashlib.sha256(), 0
-    for chunk in stream:
-        digest.update(chunk)
-        size += len(chunk)
-    return size, digest.hexdigest()
-
-
 def plan_objects(
     store: MinioStore,
     bucket: str,
@@ -72,7 +59,7 @@ def plan_objects(
     in_snapshot = [k for k in wanted if k in index]
     plan.not_in_snapshot = [k for k in wanted if k not in index]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        found = list(pool.map(lambda k: object_sha256(store, bucket, k), in_snapshot))
+        found = list(pool.map(lambda k: store.digest(bucket, k), in_snapshot))
     for key, got in zip(in_snapshot, found, strict=True):
         entry = index[key]
         if got is None:
@@ -125,7 +112,7 @@ def remove_objects(
 
     def one(item: dict[str, object]) -> str | None:
         key = str(item["key"])
-        got = object_sha256(store, bucket, key)
+        got = store.digest(bucket, key)
         if got is None:
             return None
         if got != (item["size"], item["sha256"]):
