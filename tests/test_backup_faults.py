@@ -164,13 +164,16 @@ def redis_without_sync(tmp_path: Path) -> Iterator[RedisEndpoint]:
         proc.wait(10)
 
 
-def test_redis_refusing_sync_fails_the_run(
+def test_redis_refusing_sync_fails_the_run_when_the_rdb_method_is_required(
     base: Baseline, redis_without_sync: RedisEndpoint
 ) -> None:
+    """With ``redis.method = "rdb"`` a refused SYNC fails the run (the default ``auto`` falls
+    back to a logical dump: tests/test_redis_logical.py)."""
     secret = base.kit.tmp / "nosync-password"
     secret.write_text(redis_without_sync.password or "")
     config = base.kit.write_config(
-        "nosync", redis={"port": redis_without_sync.port, "password_file": str(secret)}
+        "nosync",
+        redis={"port": redis_without_sync.port, "password_file": str(secret), "method": "rdb"},
     )
     message = one_error(base.kit.backup("redis", config=config), 3)
     assert "Redis refused replication (SYNC)" in message

@@ -12,6 +12,7 @@ slot's consistent point must pass it every time.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import threading
@@ -27,6 +28,7 @@ from psycopg import sql
 from support.backup_kit import make_backup_kit
 
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+from drtool.runtime import binaries
 from drtool.runtime.pgserver import PostgresServer
 from drtool.sources import postgres as pg
 from drtool.wal.names import parse_lsn
@@ -288,8 +290,14 @@ def test_a_backup_records_the_consistent_lsn_in_the_manifest(
     tmp_path: Path,
 ) -> None:
     kit = make_backup_kit(tmp_path, logical_db, redis_db, s3_server, s3_bucket)
+    # pg_dump of the server's major (the kit's default is the host's, which may be older)
+    bin_dir = str(binaries.pg_bin_dir(major=logical_pg.major))
+    config = kit.write_config(f"pg{logical_pg.major}", postgres={"bin_dir": bin_dir})
     before = parse_lsn(_one(logical_db, "SELECT pg_current_wal_lsn()::text"))
-    details = kit.manifest(kit.backup_ok("postgres")).component("postgres").details  # type: ignore[union-attr]
+    done = kit.backup("postgres", config=config)
+    assert done.returncode == 0, done.stderr
+    snapshot_id = json.loads(done.stdout)["snapshot_id"]
+    details = kit.manifest(snapshot_id).component("postgres").details  # type: ignore[union-attr]
     after = parse_lsn(_one(logical_db, "SELECT pg_current_wal_lsn()::text"))
     assert before <= parse_lsn(details["consistent_lsn"]) <= after
     assert details["timeline"] == 1
