@@ -124,6 +124,8 @@ class PostgresConfig:
     dbname: str = "cotalk"
     password: str | None = field(default=None, repr=False, metadata=SECRET)
     bin_dir: str = ""
+    # a streaming standby as the source: the dump is refused when its replay lags more
+    max_standby_lag_s: float = 300.0
 
 
 @dataclass(frozen=True)

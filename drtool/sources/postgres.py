@@ -131,6 +131,48 @@ def server_version(endpoint: PostgresEndpoint) -> int:
         return _major(_server_version(conn))
 
 
+@dataclass(frozen=True)
+class ServerRole:
+    """Whether the source is a primary or a streaming standby, and how far behind it is.
+
+    A standby's lag is 0 while its WAL receiver streams and it has replayed all it received;
+    otherwise (replay behind, or the receiver not streaming) it is the age of the last
+    transaction it replayed, since nothing says the primary is idle.
+    """
+
+    standby: bool
+    replayed_lsn: str | None = None  # the primary's WAL position the standby had replayed
+    lag_s: float = 0.0
+
+    def details(self, when: str) -> dict[str, Any]:
+        """Manifest details of one check (``when``: before / after the dump)."""
+        if not self.standby:
+            return {}
+        return {f"replayed_lsn_{when}": self.replayed_lsn, f"standby_lag_s_{when}": self.lag_s}
+
+
+_ROLE_SQL = """
+SELECT pg_is_in_recovery(),
+       pg_last_wal_replay_lsn()::text,
+       pg_last_wal_receive_lsn() IS NOT NULL
+         AND pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()
+         AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'),
+       extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())
+"""
+
+
+def server_role(endpoint: PostgresEndpoint) -> ServerRole:
+    """Primary or standby, with the standby's replayed position and lag (a short session)."""
+    with _connect(endpoint, autocommit=True) as conn:
+        row = conn.execute(_ROLE_SQL).fetchone()
+    assert row is not None
+    in_recovery, replayed, caught_up, age = row
+    if not in_recovery:
+        return ServerRole(False)
+    lag = 0.0 if caught_up else float(age) if age is not None else float("inf")
+    return ServerRole(True, replayed, round(lag, 1))
+
+
 def client_version(binary: str | Path) -> int:
     """The major version a PostgreSQL client binary reports with ``--version``."""
     return _major(_tool_version(str(binary)))

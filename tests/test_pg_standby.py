@@ -1,0 +1,123 @@
+"""A PostgreSQL streaming standby as the source (issue 16.3), with a real primary and standby.
+
+The primary (PostgreSQL 15 of the module's own) gets rows; a standby is made with
+``pg_basebackup -R`` and started; ``drtool backup --component postgres`` reads from the standby
+only: the manifest says which server it was and the primary's WAL position the standby had
+replayed, and the dump holds the primary's rows. With the standby's replay paused while the
+primary writes, its lag grows past ``postgres.max_standby_lag_s`` and the backup is refused in
+one line with nothing stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from support.cli import run_drtool
+from support.wal_kit import admin, make_kit, start_wal_server, wait_for
+
+from drtool.config import load_config
+from drtool.repository import catalog
+from drtool.repository.access import open_repo
+from drtool.runtime.pgserver import PostgresServer
+from drtool.wal.names import parse_lsn
+
+pytestmark = pytest.mark.slow  # a primary, a base backup and a standby
+
+
+@pytest.fixture(scope="module")
+def primary(runtime_root: Path) -> Iterator[PostgresServer]:
+    server = start_wal_server(runtime_root, 15)
+    with admin(server.endpoint) as conn:
+        conn.execute("CREATE TABLE rows_on_primary (id bigserial PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO rows_on_primary (note) SELECT 'p' FROM generate_series(1, 500)")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def standby(runtime_root: Path, primary: PostgresServer) -> Iterator[PostgresServer]:
+    base = runtime_root / f"standby-{uuid.uuid4().hex[:6]}"
+    base.mkdir(mode=0o700)
+    env = {**os.environ, **primary.endpoint.libpq_env()}
+    tool = str(primary.bin_dir / "pg_basebackup")
+    subprocess.run(
+        [tool, "-D", str(base / "data"), "-R", "-X", "stream", "-c", "fast", "--no-password"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(["chown", "-R", "postgres:postgres", str(base)], check=True)
+    server = PostgresServer(base, password=primary.password, major=15)
+    server.start(timeout=120)
+    yield server
+    server.stop()
+
+
+def _caught_up(primary: PostgresServer, standby: PostgresServer) -> bool:
+    with admin(primary.endpoint) as p, admin(standby.endpoint) as s:
+        sent = p.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        replayed = s.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()
+    assert sent is not None and replayed is not None
+    return parse_lsn(str(replayed[0])) >= parse_lsn(str(sent[0]))
+
+
+def test_a_standby_is_the_source_and_the_manifest_says_so(
+    tmp_path: Path, primary: PostgresServer, standby: PostgresServer
+) -> None:
+    kit = next(make_kit(tmp_path, standby))
+    wait_for("the standby to catch up", lambda: _caught_up(primary, standby))
+    done = run_drtool("backup", "--component", "postgres", "--json", config=kit.config)
+    assert done.returncode == 0, done.stderr
+    snapshot_id = json.loads(done.stdout)["snapshot_id"]
+    cfg = load_config(kit.operator, {})
+    repo = open_repo(cfg)
+    record = catalog.find(repo.storage, repo.verify_keys, repo.info.repo_id, snapshot_id)
+    assert record.manifest is not None
+    comp = record.manifest.component("postgres")
+    assert comp is not None
+    details = comp.details
+    assert details["source_role"] == "standby"
+    assert details["source"] == f"{standby.endpoint.host}:{standby.endpoint.port}"
+    assert details["standby_lag_s_before"] == 0.0 and details["standby_lag_s_after"] == 0.0
+    with admin(primary.endpoint) as conn:
+        now = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert now is not None
+    assert 0 < parse_lsn(details["replayed_lsn_before"]) <= parse_lsn(str(now[0]))
+    # the primary never served the dump: no drtool session there
+    with admin(primary.endpoint) as conn:
+        seen = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'drtool'"
+        ).fetchone()
+    assert seen == (0,)
+
+
+def test_a_standby_lagging_past_the_limit_is_refused_and_nothing_is_stored(
+    tmp_path: Path, primary: PostgresServer, standby: PostgresServer
+) -> None:
+    kit = next(make_kit(tmp_path, standby))
+    strict = kit.config.read_text().replace("[postgres]\n", "[postgres]\nmax_standby_lag_s = 1\n")
+    kit.config.write_text(strict)
+    with psycopg.connect(**standby.endpoint.connect_kwargs(), autocommit=True) as conn:
+        conn.execute("SELECT pg_wal_replay_pause()")
+    try:
+        with admin(primary.endpoint) as conn:
+            conn.execute("INSERT INTO rows_on_primary (note) VALUES ('after the pause')")
+        time.sleep(2.5)  # the standby's last replayed transaction is now older than 1 s
+        done = run_drtool("backup", "--component", "postgres", config=kit.config)
+    finally:
+        with psycopg.connect(**standby.endpoint.connect_kwargs(), autocommit=True) as conn:
+            conn.execute("SELECT pg_wal_replay_resume()")
+    assert done.returncode == 3, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "is a standby whose replay lags" in last and "max_standby_lag_s = 1" in last
+    assert "Traceback" not in done.stderr
+    repo = open_repo(load_config(kit.operator, {}))
+    assert catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id) == []
