@@ -50,6 +50,11 @@ def test_signing_key_rotation_keeps_old_and_new_manifests_valid(repo_kit: RepoKi
         assert found[new_snap.snapshot_id][0] == "VALID"
         status, problem = found[forged.snapshot_id]
         assert status == "INVALID" and "retired signing key" in problem
+        # nor is the forgery the backup's chain link (else a rollback would pass unseen)
+        info = layout.read_repo_info(kit.storage)
+        trusted = catalog.trusted_verify_keys(info, pinned, "")
+        previous = catalog.newest_authentic(kit.storage, trusted, info.repo_id)
+        assert previous is not None and previous.snapshot_id == new_snap.snapshot_id
 
     # the hash chain over the rotation verifies (old -> new); the forged one is named
     operator = kit.write_config("verify", verify_key=new_verify)

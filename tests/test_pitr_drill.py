@@ -15,19 +15,22 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
 import pytest
 from support.servers import servers_required
 from support.stacks import SMALL
-from support.wal_kit import SEG, make_kit, stop_streamer, wait_for, write_rows
+from support.wal_kit import SEG, WalKit, make_kit, stop_streamer, wait_for, write_rows
 
 from chat_stack.seed import seed
 from drtool.config import load_config
 from drtool.drills.definition import DrillDefinition, ReportSettings
 from drtool.drills.report import DrillReport
 from drtool.endpoints import RedisEndpoint, S3Endpoint, StackEndpoints
+from drtool.repository import drill_log
+from drtool.repository.access import open_repo
 from drtool.runtime.pgserver import PostgresServer
 from drtool.services.backup import run_backup
 from drtool.services.drill import run_drill
@@ -67,18 +70,10 @@ def _insert_until(stop: threading.Event, conninfo: dict[str, object]) -> None:
             conn.execute("INSERT INTO busy (note) VALUES ('x')")
 
 
-def test_pitr_drills_check_the_physical_chain_against_the_logical_snapshot(
-    tmp_path: Path,
-    home: Path,
-    logical_pg: PostgresServer,
-    redis_db: RedisEndpoint,
-    s3_server: S3Endpoint,
-    s3_bucket: str,
-) -> None:
-    kit = next(make_kit(tmp_path, logical_pg))
-    ep = logical_pg.endpoint
-    stack = StackEndpoints(ep, redis_db, s3_server, (s3_bucket,))
-    seed(stack, SMALL, 7, progress=False)  # co-talk's schema and messages to read back
+def _history(kit: WalKit, stack: StackEndpoints) -> tuple[str, str]:
+    """Stream; a base backup; a canary; a logical snapshot under three committing writers;
+    more WAL sealed. Returns the logical snapshot's id and a WAL position after it."""
+    ep = stack.postgres
     write_rows(ep)
     proc = kit.start()
     try:
@@ -113,6 +108,21 @@ def test_pitr_drills_check_the_physical_chain_against_the_logical_snapshot(
     finally:
         if proc.poll() is None:
             proc.kill()
+    return logical.snapshot_id, later
+
+
+def test_pitr_drills_check_the_physical_chain_against_the_logical_snapshot(
+    tmp_path: Path,
+    home: Path,
+    logical_pg: PostgresServer,
+    redis_db: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+) -> None:
+    kit = next(make_kit(tmp_path, logical_pg))
+    stack = StackEndpoints(logical_pg.endpoint, redis_db, s3_server, (s3_bucket,))
+    seed(stack, SMALL, 7, progress=False)  # co-talk's schema and messages to read back
+    logical_id, later = _history(kit, stack)
 
     operator = load_config(kit.operator, {})
     spec = DrillDefinition(
@@ -121,12 +131,13 @@ def test_pitr_drills_check_the_physical_chain_against_the_logical_snapshot(
     report = run_drill(operator, home=home, spec=spec)
     assert report.error == "" and report.passed, [c for c in report.checks if not c.passed]
     (equal,) = [c for c in report.checks if "equals its fingerprints" in c.name]
-    assert equal.passed and logical.snapshot_id in equal.name
+    assert equal.passed and logical_id in equal.name
     assert "rows equal at LSN" in equal.detail
 
     # the same check at a later position differs: it can fail
     wrong = DrillReport("x", "pitr", "local", "", "", "")
-    run_pitr_drill(operator, home, PitrChoice(lsn=later, snapshot_id=logical.snapshot_id), wrong)
+    at_later = PitrChoice(datetime.now(UTC), lsn=later, snapshot_id=logical_id)
+    run_pitr_drill(operator, home, at_later, wrong)
     (differs,) = [c for c in wrong.checks if "equals its fingerprints" in c.name]
     assert not differs.passed and not wrong.passed
     assert "difference" in differs.detail
@@ -137,6 +148,12 @@ def test_pitr_drills_check_the_physical_chain_against_the_logical_snapshot(
     assert [c.name for c in report.checks] == [
         "restored to the moment",
         "messages readable at the moment",
+        "RTO within threshold",
+        "RPO within threshold",
     ]
+    # a physical-chain drill proves base + WAL, not a snapshot: it never counts as one's drill
+    repo = open_repo(operator)
+    assert report.snapshot_id == "pitr:random-within:1d"
+    assert logical_id not in drill_log.drilled(repo.storage)
     assert set(report.measured_rpo_s) == {"postgres"}
     assert not list(home.iterdir())  # the copies were stopped and removed

@@ -253,8 +253,12 @@ def newest_authentic(
     """
     index, ids = _candidates(storage, verify_keys, repo_id)
     entries = index.entries if index is not None else {}
+    # without an index (keys were rotated, ADR 0023) a retired key's late signature must fail
+    periods = signing_keys.periods_of(storage, verify_keys, repo_id) if index is None else None
     for snapshot_id in ids:
-        record = _read_checked(storage, snapshot_id, entries.get(snapshot_id), verify_keys, repo_id)
+        record = _read_checked(
+            storage, snapshot_id, entries.get(snapshot_id), verify_keys, repo_id, periods
+        )
         if record is None:
             continue
         if record.manifest is not None:
@@ -388,7 +392,12 @@ def _candidates(
 
 
 def _read_checked(
-    storage: Storage, snapshot_id: str, entry: Entry | None, verify_keys: list[str], repo_id: str
+    storage: Storage,
+    snapshot_id: str,
+    entry: Entry | None,
+    verify_keys: list[str],
+    repo_id: str,
+    periods: dict[str, signing_keys.Period] | None = None,
 ) -> SnapshotRecord | None:
     """One snapshot's stored manifest, checked; None when it is gone (forgotten or deleted).
 
@@ -407,7 +416,7 @@ def _read_checked(
         return SnapshotRecord(snapshot_id, entry.manifest, digest, None)
     if entry is not None:
         log.warning("snapshot %s: its manifest differs from the catalog index's copy", snapshot_id)
-    manifest, problem = _open_stored(stored, snapshot_id, verify_keys, repo_id)
+    manifest, problem = _open_stored(stored, snapshot_id, verify_keys, repo_id, periods)
     return SnapshotRecord(snapshot_id, manifest, digest, problem)
 
 

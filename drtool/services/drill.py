@@ -232,7 +232,7 @@ def run_drill(
         raise ConfigError("keys.identity_file: a drill decrypts, it needs the operators' identity")
     now = now or datetime.now(UTC)
     if pitr_drill.is_pitr(snapshot or spec.snapshot):
-        return _pitr(cfg, home, replace(spec, snapshot=snapshot or spec.snapshot), now)
+        return _pitr(cfg, home, replace(spec, snapshot=snapshot or spec.snapshot), now, deadline_s)
     repo = open_repo(cfg)
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
     choice = choose_snapshot(records, spec, snapshot, now)
@@ -283,9 +283,16 @@ def run_drill(
     return report
 
 
-def _pitr(cfg: Config, home: Path, spec: DrillDefinition, now: datetime) -> DrillReport:
+def _pitr(
+    cfg: Config, home: Path, spec: DrillDefinition, now: datetime, deadline_s: float | None
+) -> DrillReport:
     """A drill of the physical chain (services/pitr_drill.py): PostgreSQL only, into a new
-    data directory; reported, stored and published like every drill."""
+    data directory; reported, stored and published like every drill.
+
+    Its ``snapshot_id`` is the choice (``pitr:lsn-of-latest``), never a snapshot's id: the
+    drill restored a base backup and WAL, not that snapshot, so it must not count as that
+    snapshot's drill for retention (drill_log.drilled).
+    """
     drill_id = new_id(now)
     report = DrillReport(
         drill_id=drill_id,
@@ -297,13 +304,25 @@ def _pitr(cfg: Config, home: Path, spec: DrillDefinition, now: datetime) -> Dril
     )
     try:
         choice = pitr_drill.choose(cfg, spec.snapshot, spec.window(), now)
-        report.snapshot_id = choice.snapshot_id or spec.snapshot
-        report.snapshot_time = (choice.at or now).isoformat(timespec="seconds")
+        report.snapshot_time = (choice.at or choice.newest).isoformat(timespec="seconds")
+        # how old the newest thing this drill proves is: the logical snapshot, or the
+        # window's end (the newest moment restorable)
+        report.rpo_s = round((now - choice.newest).total_seconds(), 1)
         log.info("drill %s: %s (%s)", drill_id, spec.snapshot, choice.lsn or choice.at)
-        with watchdog(drill_id, default_deadline(spec)):
+        with watchdog(drill_id, deadline_s or default_deadline(spec)) as dog:
+            dog.enter(f"restoring PostgreSQL to {choice.lsn or choice.at} (base + WAL)")
             pitr_drill.run_pitr_drill(cfg, home, choice, report)
+        report.checks += _threshold_checks(spec, report)
+        report.passed = all(c.passed for c in report.checks)
+    except DrillDeadline as exc:
+        report.error = str(exc)
+        report.passed = False
     except DrtoolError as exc:
         report.error = exc.message
+        report.passed = False
+    except Exception as exc:  # a bug or an unexpected library error: still a reported failure
+        log.exception("drill %s: unexpected error", drill_id)
+        report.error = f"internal error: {type(exc).__name__}: {exc}"
         report.passed = False
     report.finished = datetime.now(UTC).isoformat(timespec="seconds")
     _publish(open_repo(cfg), spec, report)

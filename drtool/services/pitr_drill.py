@@ -29,9 +29,10 @@ import psycopg
 from drtool.config import Config
 from drtool.drills.report import DrillReport
 from drtool.endpoints import StackEndpoints
-from drtool.errors import NotFound
+from drtool.errors import DrtoolError, NotFound
 from drtool.repository import catalog
 from drtool.repository.access import identities_of, open_repo
+from drtool.runtime.binaries import pg_bin_dir
 from drtool.services.restore import pitr_plan, pitr_recover
 from drtool.services.restore.pitr import PitrOptions, PitrResult, run_pitr
 from drtool.sources.pg_fingerprint import compare, compute_fingerprints
@@ -50,6 +51,7 @@ RANDOM_PREFIX = "pitr:random-within:"
 class PitrChoice:
     """What a ``pitr:`` drill restores to."""
 
+    newest: datetime  # the logical snapshot's time, or the window's end
     lsn: str | None = None
     at: datetime | None = None
     snapshot_id: str = ""  # lsn-of-latest: the logical snapshot whose LSN it is
@@ -74,7 +76,9 @@ def choose(cfg: Config, choice: str, window: timedelta | None, now: datetime) ->
             comp = record.manifest.component("postgres") if record.manifest else None
             if record.valid and comp is not None and comp.details.get("consistent_lsn"):
                 return PitrChoice(
-                    lsn=str(comp.details["consistent_lsn"]), snapshot_id=record.snapshot_id
+                    record.time,
+                    lsn=str(comp.details["consistent_lsn"]),
+                    snapshot_id=record.snapshot_id,
                 )
         raise NotFound(
             "pitr:lsn-of-latest: no valid snapshot records a consistent LSN (the source needs "
@@ -96,7 +100,7 @@ def choose(cfg: Config, choice: str, window: timedelta | None, now: datetime) ->
             "no moment within the drill's range"
         )
     moment = start + (end - start) * random.SystemRandom().random()
-    return PitrChoice(at=moment, window=pitr_plan.window_text(bases, index, size))
+    return PitrChoice(end, at=moment, window=pitr_plan.window_text(bases, index, size))
 
 
 def run_pitr_drill(cfg: Config, home: Path, choice: PitrChoice, report: DrillReport) -> None:
@@ -127,10 +131,25 @@ def run_pitr_drill(cfg: Config, home: Path, choice: PitrChoice, report: DrillRep
             newest = canary.newest_canaries(endpoints, ())
             report.measured_rpo_s = canary.measured_rpo(choice.at, {"postgres": newest["postgres"]})
     finally:
-        if result is not None and result.pg_ctl:
-            pitr_recover.stop(Path(result.pg_ctl).parent, work / "data")
+        _stop_copy(work / "data", result)
         shutil.rmtree(work, ignore_errors=True)
     report.passed = all(c.passed for c in report.checks)
+
+
+def _stop_copy(data: Path, result: PitrResult | None) -> None:
+    """Stop the restored copy if a server runs on it, whatever stopped the drill (a deadline
+    can strike while recovery runs, before ``run_pitr`` returned its result)."""
+    if not (data / "postmaster.pid").exists():
+        return
+    if result is not None and result.pg_ctl:
+        bin_dir = Path(result.pg_ctl).parent
+    else:
+        try:
+            bin_dir = pg_bin_dir(major=int((data / "PG_VERSION").read_text().strip()))
+        except (OSError, ValueError, DrtoolError):
+            log.error("pitr drill: cannot find pg_ctl to stop the copy in %s", data)
+            return
+    pitr_recover.stop(bin_dir, data)
 
 
 def _copy_endpoints(cfg: Config, port: int) -> StackEndpoints:
