@@ -173,3 +173,15 @@ def test_canary_write_with_a_store_down_exits_3_naming_it(
     assert result.returncode == 3
     assert result.stderr.strip().splitlines()[-1] == "error: canary not written to redis"
     assert "Traceback" not in result.stderr
+
+
+def test_minio_unreachable_fails_only_its_canary(stack: StackEndpoints, tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    repo = make_repository(
+        tmp_path / "repo", replace(stack, minio=replace(stack.minio, endpoint_url=dead))
+    )
+    result = run_drtool("canary", "write", config=repo.backup_config)
+    assert result.returncode == 3
+    assert result.stderr.strip().splitlines()[-1] == "error: canary not written to minio"
+    found = canary.newest_canaries(stack, ())
+    assert found["postgres"] is not None and found["redis"] is not None

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from support.repo_kit import T0, RepoKit, Snap, blob_id
 
-from drtool.errors import Locked, StorageError, UsageError
+from drtool import keys
+from drtool.config import load_config
+from drtool.errors import ConfigError, Locked, StorageError, UsageError
 from drtool.repository import chain, drill_log, layout
 from drtool.repository.ids import new_id
 from drtool.repository.locks import read_locks, repository_lock
@@ -120,6 +122,24 @@ def test_bad_policy_refused_before_touching_a_repository(repo_kit: RepoKit) -> N
 
 
 # -- prune ------------------------------------------------------------------------------------
+
+
+def test_prune_with_a_signing_key_the_repository_does_not_trust_deletes_nothing(
+    repo_kit: RepoKit,
+) -> None:
+    """Prune signs WAL removal records and the catalog index: with a key no reader trusts,
+    those records would stop the WAL streamer and every later prune; refused up front."""
+    for day in range(3):
+        repo_kit.snapshot(T0 + timedelta(days=day))
+    stranger = repo_kit.tmp / "keys" / "stranger.key"
+    keys.write_signing_key(stranger)
+    config = repo_kit.write_config("stranger", signing_key_file=str(stranger))
+    before = repo_kit.keys_in_storage()
+    with pytest.raises(ConfigError, match="not a signing key this repository trusts"):
+        prune_svc.prune(
+            load_config(config, {}), Policy(last=1), dry_run=False, count_unverified=True
+        )
+    assert repo_kit.keys_in_storage() == before
 
 
 @dataclass

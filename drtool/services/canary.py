@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from drtool.config import Config
 from drtool.endpoints import StackEndpoints
-from drtool.errors import ConfigError
+from drtool.errors import ConfigError, DrtoolError
 from drtool.sources import minio as s3_source
 from drtool.stores import canary
 
@@ -39,21 +39,33 @@ def check_settings(cfg: Config) -> None:
 
 
 def write(cfg: Config, *, now: datetime | None = None) -> canary.CanaryWrite:
-    """One canary into each store of the configured stack."""
+    """One canary into each store of the configured stack.
+
+    MinIO unreachable (its buckets cannot even be listed) fails only MinIO's canaries: the
+    PostgreSQL and Redis ones are still written.
+    """
     check_settings(cfg)
     endpoints = cfg.stack()
-    return canary.write_canaries(
-        endpoints,
-        protected_buckets(cfg, endpoints),
-        now=now,
-        keep=timedelta(hours=cfg.canary.keep_hours),
+    try:
+        buckets: tuple[str, ...] = protected_buckets(cfg, endpoints)
+        unlisted = None
+    except DrtoolError as exc:
+        buckets, unlisted = (), exc.message
+    result = canary.write_canaries(
+        endpoints, buckets, now=now, keep=timedelta(hours=cfg.canary.keep_hours)
     )
+    if unlisted is not None:
+        result.failed["minio"] = unlisted
+    return result
 
 
 def newest(cfg: Config, endpoints: StackEndpoints | None = None) -> dict[str, datetime | None]:
     """The newest canary of each store of ``endpoints`` (default: the configured stack)."""
     endpoints = endpoints or cfg.stack()
-    return canary.newest_canaries(endpoints, endpoints.buckets)
+    buckets = endpoints.buckets
+    if s3_source.ALL_BUCKETS in buckets:  # ["*"]: the buckets a backup protects
+        buckets = protected_buckets(cfg, endpoints)
+    return canary.newest_canaries(endpoints, buckets)
 
 
 class CanaryLoop:

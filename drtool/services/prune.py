@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from drtool import keys
 from drtool.capture.chain import referenced_blobs as capture_refs
 from drtool.config import Config
+from drtool.errors import ConfigError
 from drtool.repository import catalog, chain, drill_log, layout, retention, verifications
 from drtool.repository.access import Repo, open_repo
 from drtool.repository.locks import repository_lock
@@ -74,9 +75,9 @@ def prune(
     with repository_lock(repo.storage, "prune") as held:
         plan = plan_prune(repo, policy, cutoff, count_unverified=count_unverified)
         defer_retained(repo, plan, now or datetime.now(UTC))
+        signer = _signer(cfg, repo)
         if not dry_run:
             held.ensure_held()  # a lost lock (heartbeat failed) must not delete
-            signer = _signer(cfg)
             execute_prune(repo, plan, cutoff, signer)
             catalog.compact_index(
                 repo.storage,
@@ -234,6 +235,19 @@ def execute_prune(
     plan.done = True
 
 
-def _signer(cfg: Config) -> Ed25519PrivateKey | None:
-    """The key prune signs the compacted catalog index with (ADR 0020), when configured."""
-    return keys.load_signing_key(cfg.keys.signing_key_file) if cfg.keys.signing_key_file else None
+def _signer(cfg: Config, repo: Repo) -> Ed25519PrivateKey | None:
+    """The key prune signs WAL removal records and the catalog index with, when configured.
+
+    Refused when the repository does not trust it (an operator-side key, a wrong file): a
+    record nobody can verify would stop the WAL streamer and every later WAL prune.
+    """
+    if not cfg.keys.signing_key_file:
+        return None
+    signer = keys.load_signing_key(cfg.keys.signing_key_file)
+    if keys.verify_key_text(signer.public_key()) not in repo.verify_keys:
+        raise ConfigError(
+            f"keys.signing_key_file: {cfg.keys.signing_key_file} is not a signing key this "
+            "repository trusts (its verify key is not pinned or handed over); prune signs "
+            "records with it, nothing deleted"
+        )
+    return signer
