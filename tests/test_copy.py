@@ -38,6 +38,7 @@ from drtool.s3session import s3_client
 from drtool.services.copy import run_copy
 from drtool.storage import Storage
 from drtool.wal import index as wal_index
+from drtool.wal.pruned import append_pruned, load_pruned
 
 DEST = "offsite"
 
@@ -397,6 +398,27 @@ def test_wal_chunks_and_files_are_copied_in_order(repo_kit: RepoKit, tmp_path: P
     )
     assert run_copy(load_config(config, {}), home=tmp_path, destination=DEST).wal_chunks == 0
     verify = run_drtool("wal", "verify", "--repository", DEST, "--json", config=config)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+    # the source prunes segment 1 (signed removal record, then the object): a new copy
+    # destination gets the record and never asks for the file
+    removed = "000000010000000000000001"
+    append_pruned(
+        kit.storage,
+        load_pruned(kit.storage, [kit.verify_key], kit.info.repo_id),
+        repo_id=kit.info.repo_id,
+        signing_key=kit.signing_key,
+        host="nas",
+        created="2026-12-06T00:00:00+00:00",
+        floor_segment="000000010000000000000002",
+        base_snapshot="-",
+        removed=[removed],
+    )
+    kit.storage.delete(wal_index.object_key(removed))
+    config2 = copy_config(kit, {"url": (kit.tmp / "second" / "repo").as_uri()})
+    result = run_copy(load_config(config2, {}), home=tmp_path, destination=DEST)
+    assert (result.wal_chunks, result.problems) == (2, [])
+    verify = run_drtool("wal", "verify", "--repository", DEST, "--json", config=config2)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from drtool.config import PRIMARY, Config
 from drtool.errors import ConfigError, IntegrityError, NotFound, UsageError
 from drtool.faults import crash_point
-from drtool.repository import catalog, chain, layout, object_lock
+from drtool.repository import catalog, chain, layout, object_lock, rotation
 from drtool.repository.access import Repo, open_repo, storage_for
 from drtool.repository.copying import ObjectCopier, SourceDamaged, Wanted, put_small
 from drtool.repository.locks import HeldLock, repository_lock
@@ -31,6 +31,7 @@ from drtool.services.backup import state_dir
 from drtool.storage.base import ObjectInfo, Storage
 from drtool.timing import Timer
 from drtool.wal import index as wal_index
+from drtool.wal.pruned import PRUNED_PREFIX, load_pruned
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ def run_copy(
         )
         have = _committed(dest, src, copier)
         result.tombstones = _copy_tombstones(src, dest, present, have)
-        if _copy_rotations(src, dest, present):
+        rotated = _copy_rotations(src, dest, present)
+        if rotated:
             # objects the destination holds may be the pre-rotation bytes: check them all
             # against what the source now expects (read back; uploaded again where they differ)
             copier.trusted.clear()
@@ -115,7 +117,7 @@ def run_copy(
                 continue
             _copy_snapshot(src, dest, record, copier, lock, retain_until, cache, margin, result)
         if not snapshots:
-            _copy_wal(src, dest, present, copier, lock, retain_until, result)
+            _copy_wal(src, dest, present, copier, lock, retain_until, result, recheck=rotated)
         if cache is not None:
             cache.save(now)
     stats = copier.stats
@@ -322,12 +324,27 @@ def _copy_wal(
     lock: HeldLock,
     retain_until: datetime | None,
     result: CopyResult,
+    *,
+    recheck: bool = False,
 ) -> None:
     """The WAL index chunks in sequence, each after the WAL files it names (checked).
 
     Stops at the first chunk that does not verify on the source (the chain would break) or
-    that differs from the destination's chunk of the same number (the two diverged).
+    that differs from the destination's chunk of the same number (the two diverged). The
+    source's WAL removal records (prune, ADR 0017) are copied first and the files they name
+    are not asked for; a file a key rotation rewrote (ADR 0023) is expected as it is now,
+    and with ``recheck`` (rotation records just arrived) the files already on the
+    destination are checked again instead of trusted.
     """
+    rmap = rotation.load_map(src.storage, src.verify_keys, src.info.repo_id)
+    pruned = load_pruned(src.storage, src.verify_keys, src.info.repo_id)
+    if pruned.problems:
+        result.problems.append(f"WAL removal records: {pruned.problems[0]}; no WAL copied")
+        return
+    for obj in src.storage.list(PRUNED_PREFIX):
+        there = present.get(obj.key)
+        if there is None or there.size != obj.size:
+            put_small(dest, obj.key, src.storage.get_bytes(obj.key), retain_until=retain_until)
     found = sorted(
         (seq, obj.key)
         for obj in src.storage.list(wal_index.INDEX_PREFIX)
@@ -348,7 +365,11 @@ def _copy_wal(
             result.problems.append(f"WAL index: {key} does not follow the previous chunk")
             return
         previous = hashlib.sha256(stored).hexdigest()
-        entries = [Wanted(e.key, e.size, e.sha256) for e in chunk.entries]
+        entries = [
+            Wanted(e.key, *rmap.current(e.key, e.size, e.sha256))
+            for e in chunk.entries
+            if e.name not in pruned.removed
+        ]
         there = present.get(key)
         if there is not None:
             if there.size != len(stored):
@@ -356,7 +377,14 @@ def _copy_wal(
                     f"WAL index: {key} on the destination differs from the source's"
                 )
                 return
-            copier.trust([e.key for e in entries])
+            if not recheck:
+                copier.trust([e.key for e in entries])
+                continue
+            try:
+                copier.ensure(entries)
+            except SourceDamaged as exc:
+                result.problems.append(f"WAL index: {exc}; chunks from {key} on not checked")
+                return
             continue
         try:
             copier.ensure(entries)
