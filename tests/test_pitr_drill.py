@@ -65,7 +65,6 @@ def logical_pg(runtime_root: Path) -> Iterator[PostgresServer]:
 
 def _insert_until(stop: threading.Event, conninfo: dict[str, object]) -> None:
     with psycopg.connect(**conninfo, autocommit=True) as conn:  # type: ignore[arg-type]
-        conn.execute("CREATE TABLE IF NOT EXISTS busy (id bigserial, note text)")
         while not stop.is_set():
             conn.execute("INSERT INTO busy (note) VALUES ('x')")
 
@@ -81,6 +80,8 @@ def _history(kit: WalKit, stack: StackEndpoints) -> tuple[str, str]:
         cfg = load_config(kit.config, {})
         run_backup(cfg, home=kit.root, env={}, components=("postgres-base",))
         assert canary.write_canaries(stack, stack.buckets).failed == {}
+        with psycopg.connect(**ep.connect_kwargs(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE busy (id bigserial, note text)")  # once, not per writer
         stop = threading.Event()
         writers = [
             threading.Thread(target=_insert_until, args=(stop, ep.connect_kwargs()))
