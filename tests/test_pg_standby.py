@@ -11,17 +11,14 @@ one line with nothing stored.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from support.cli import run_drtool
-from support.wal_kit import admin, make_kit, start_wal_server, wait_for
+from support.wal_kit import admin, make_kit, start_standby, start_wal_server, wait_for
 
 from drtool.config import load_config
 from drtool.repository import catalog
@@ -44,19 +41,7 @@ def primary(runtime_root: Path) -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="module")
 def standby(runtime_root: Path, primary: PostgresServer) -> Iterator[PostgresServer]:
-    base = runtime_root / f"standby-{uuid.uuid4().hex[:6]}"
-    base.mkdir(mode=0o700)
-    env = {**os.environ, **primary.endpoint.libpq_env()}
-    tool = str(primary.bin_dir / "pg_basebackup")
-    subprocess.run(
-        [tool, "-D", str(base / "data"), "-R", "-X", "stream", "-c", "fast", "--no-password"],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(["chown", "-R", "postgres:postgres", str(base)], check=True)
-    server = PostgresServer(base, password=primary.password, major=15)
-    server.start(timeout=120)
+    server = start_standby(runtime_root, primary)
     yield server
     server.stop()
 

@@ -23,6 +23,7 @@ from support.wal_kit import (  # noqa: F401 (fixtures)
     WAIT_S,
     WalKit,
     kit_fixture,
+    start_standby,
     stop_streamer,
     wait_for,
     wal_pg_fixture,
@@ -467,19 +468,7 @@ def test_promotion_of_the_streamed_server_follows_the_new_timeline(
     """Streaming from a standby that is then promoted: its WAL moves to timeline 2; the
     history file is sealed and the index stays continuous across the switch."""
     primary = kit.server
-    base = runtime_root / f"standby-{uuid.uuid4().hex[:6]}"
-    base.mkdir(mode=0o700)
-    env = {**os.environ, **primary.endpoint.libpq_env()}
-    tool = str(primary.bin_dir / "pg_basebackup")
-    subprocess.run(
-        [tool, "-D", str(base / "data"), "-R", "-X", "stream", "-c", "fast", "--no-password"],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(["chown", "-R", "postgres:postgres", str(base)], check=True)
-    standby = PostgresServer(base, password=primary.password, major=15)
-    standby.start(timeout=120)
+    standby = start_standby(runtime_root, primary)
     text = kit.config.read_text().replace(f"port = {primary.port}", f"port = {standby.port}")
     kit.config.write_text(text)
     proc = kit.start()

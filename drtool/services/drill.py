@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -265,22 +265,30 @@ def run_drill(
             "drill %s of snapshot %s on the %s runtime", drill_id, record.snapshot_id, spec.runtime
         )
         _prove_keys(cfg, repo, spec, record, report)
-        try:
-            with watchdog(drill_id, deadline_s or default_deadline(spec)) as dog:
-                _drill(cfg, home, spec, record, report, scratch, dog)
-        except DrillDeadline as exc:
-            report.error = str(exc)
-            report.passed = False
-        except DrtoolError as exc:
-            report.error = exc.message
-            report.passed = False
-        except Exception as exc:  # a bug or an unexpected library error: still a reported failure
-            log.exception("drill %s: unexpected error", drill_id)
-            report.error = f"internal error: {type(exc).__name__}: {exc}"
-            report.passed = False
+        deadline = deadline_s or default_deadline(spec)
+        with _failures_reported(report), watchdog(drill_id, deadline) as dog:
+            _drill(cfg, home, spec, record, report, scratch, dog)
     report.finished = datetime.now(UTC).isoformat(timespec="seconds")
     _publish(repo, spec, report)
     return report
+
+
+@contextmanager
+def _failures_reported(report: DrillReport) -> Iterator[None]:
+    """A deadline, drtool's own errors and any unexpected error end the drill as a failed,
+    reported drill: never a traceback, never a scheduler stopped by a drill."""
+    try:
+        yield
+    except DrillDeadline as exc:
+        report.error = str(exc)
+        report.passed = False
+    except DrtoolError as exc:
+        report.error = exc.message
+        report.passed = False
+    except Exception as exc:  # a bug or an unexpected library error: still a reported failure
+        log.exception("drill %s: unexpected error", report.drill_id)
+        report.error = f"internal error: {type(exc).__name__}: {exc}"
+        report.passed = False
 
 
 def _pitr(
@@ -302,7 +310,7 @@ def _pitr(
         snapshot_time="",
         started=now.isoformat(timespec="seconds"),
     )
-    try:
+    with _failures_reported(report):
         choice = pitr_drill.choose(cfg, spec.snapshot, spec.window(), now)
         report.snapshot_time = (choice.at or choice.newest).isoformat(timespec="seconds")
         # how old the newest thing this drill proves is: the logical snapshot, or the
@@ -314,16 +322,6 @@ def _pitr(
             pitr_drill.run_pitr_drill(cfg, home, choice, report)
         report.checks += _threshold_checks(spec, report)
         report.passed = all(c.passed for c in report.checks)
-    except DrillDeadline as exc:
-        report.error = str(exc)
-        report.passed = False
-    except DrtoolError as exc:
-        report.error = exc.message
-        report.passed = False
-    except Exception as exc:  # a bug or an unexpected library error: still a reported failure
-        log.exception("drill %s: unexpected error", drill_id)
-        report.error = f"internal error: {type(exc).__name__}: {exc}"
-        report.passed = False
     report.finished = datetime.now(UTC).isoformat(timespec="seconds")
     _publish(open_repo(cfg), spec, report)
     return report

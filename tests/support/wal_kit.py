@@ -61,6 +61,24 @@ def wal_pg_fixture(runtime_root: Path) -> Iterator[PostgresServer]:
     server.stop()
 
 
+def start_standby(runtime_root: Path, primary: PostgresServer) -> PostgresServer:
+    """A streaming standby of ``primary`` (``pg_basebackup -R``), started: the caller stops it."""
+    base = runtime_root / f"standby-{uuid.uuid4().hex[:6]}"
+    base.mkdir(mode=0o700)
+    env = {**os.environ, **primary.endpoint.libpq_env()}
+    tool = str(primary.bin_dir / "pg_basebackup")
+    subprocess.run(
+        [tool, "-D", str(base / "data"), "-R", "-X", "stream", "-c", "fast", "--no-password"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(["chown", "-R", "postgres:postgres", str(base)], check=True)
+    standby = PostgresServer(base, password=primary.password, major=primary.major)
+    standby.start(timeout=120)
+    return standby
+
+
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
     """Poll ``predicate`` until truthy; fail naming ``what`` (a bound, not a timing check)."""
     deadline = time.monotonic() + timeout
