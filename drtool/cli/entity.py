@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import click
 
 from drtool.cli.context import CliState, emit_json
-from drtool.cli.render import human_bytes, print_table
+from drtool.cli.render import human_bytes, print_table, require_terminal
 from drtool.errors import UsageError
 from drtool.services.entity.run import (
     EntityOptions,
@@ -65,17 +64,13 @@ def _show_plan(plan: EntityPlan, dry_run: bool) -> None:
 
 def _confirm(plan: EntityPlan) -> bool:
     """Show the plan; on a terminal, the operator says yes."""
-    if not sys.stdin.isatty():
-        raise UsageError("restore-entity: not a terminal, so nothing to confirm with; pass --yes")
+    require_terminal("restore-entity")
     _show_plan(plan, False)
     return click.confirm(f"Merge {plan.kind} {plan.entity_id} into production?", default=False)
 
 
 def _confirm_undo(doc: dict[str, Any]) -> bool:
-    if not sys.stdin.isatty():
-        raise UsageError(
-            "restore-entity --undo: not a terminal, so nothing to confirm with; pass --yes"
-        )
+    require_terminal("restore-entity --undo")
     rows = sum(len(p.get("inserted", [])) for p in doc["rows"].values())
     return click.confirm(
         f"Undo the restore of {doc.get('kind')} {doc.get('id')} ({rows} rows, "

@@ -5,8 +5,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+import click
 from rich.console import Console
 from rich.table import Table
+
+from drtool.errors import UsageError
 
 # Off a terminal (cron logs, pipes, scripts) rich assumes 80 columns and cuts cells with "…";
 # there a table takes the width it needs instead.
@@ -43,3 +46,15 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def require_terminal(command: str) -> None:
+    """A confirmation needs a terminal; without one the operator must pass ``--yes``."""
+    if not sys.stdin.isatty():
+        raise UsageError(f"{command}: not a terminal, so nothing to confirm with; pass --yes")
+
+
+def typed_confirmation(name: str) -> bool:
+    """The operator types the name of what is about to be replaced (a typo says no)."""
+    typed = click.prompt(f"Type {name!r} to restore into it", default="", show_default=False)
+    return bool(typed == name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import click
 
 from drtool.cli.context import CliState, emit_json, repository_option
-from drtool.cli.render import human_bytes, print_table
+from drtool.cli.render import human_bytes, print_table, require_terminal, typed_confirmation
 from drtool.errors import IntegrityError, UsageError
 from drtool.services.restore.pitr import PitrOptions, PitrResult, run_pitr
 from drtool.services.restore.run import RestoreOptions, RestoreResult, run_restore
@@ -56,13 +55,9 @@ def _show_pitr_plan(result: PitrResult) -> None:
 
 
 def _confirm_pitr(result: PitrResult) -> bool:
-    if not sys.stdin.isatty():
-        raise UsageError("restore: not a terminal, so nothing to confirm with; pass --yes")
+    require_terminal("restore")
     _show_pitr_plan(result)
-    typed = click.prompt(
-        f"Type {result.data_dir!r} to restore into it", default="", show_default=False
-    )
-    return bool(typed == result.data_dir)
+    return typed_confirmation(result.data_dir)
 
 
 def _restore_to_moment(
@@ -140,13 +135,9 @@ def _show_plan(result: RestoreResult) -> None:
 
 def _confirm(result: RestoreResult) -> bool:
     """Show the plan; on a terminal, the operator types the target's name."""
-    if not sys.stdin.isatty():
-        raise UsageError("restore: not a terminal, so nothing to confirm with; pass --yes")
+    require_terminal("restore")
     _show_plan(result)
-    typed = click.prompt(
-        f"Type {result.target!r} to restore into it", default="", show_default=False
-    )
-    return bool(typed == result.target)
+    return typed_confirmation(result.target)
 
 
 @click.command()
