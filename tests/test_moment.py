@@ -12,22 +12,40 @@ bytes, content type and metadata, and nothing of the message committed after the
 from __future__ import annotations
 
 import hashlib
+import shutil
+import threading
+import tomllib
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
-from support.stacks import make_repository, source_stack
+import pytest
+from support.stacks import make_repository, source_stack, stack_sections
+from support.wal_kit import WalKit, make_kit, start_wal_server, stop_streamer, wait_for, write_rows
 
 from chat_stack.seed import SeedSizes
+from chat_stack.traffic import run_traffic
 from drtool.config import load_config
+from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
+from drtool.drills.runtime_local import local_scratch
 from drtool.endpoints import PostgresEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import NotFound
 from drtool.repository import catalog
 from drtool.repository.access import open_repo
+from drtool.runtime.pgserver import PostgresServer
 from drtool.s3session import s3_client
+from drtool.services.backup import run_backup
 from drtool.services.capture import build_capturer
+from drtool.services.drill import run_drill
 from drtool.services.restore import moment
+from drtool.services.stack import write_config
+from drtool.sources.minio import MinioStore
+from drtool.stores import canary
 from drtool.wal.index import WalIndex
 
 TINY = SeedSizes(users=5, rooms=2, messages=40, attachments=3)
@@ -139,3 +157,185 @@ def test_max_skew_defaults_to_the_schedules_redis_interval(tmp_path: Path) -> No
     assert limit == moment.FALLBACK_MAX_SKEW_S and "no schedule read" in why
     cfg = load_config(None, {"DRTOOL_RESTORE_MAX_SKEW_S": "120"})
     assert moment.max_skew(cfg) == (120.0, "restore.max_skew_s")
+
+
+# -- the drill at a moment, with traffic (slow: streaming, base backup, physical restore) --
+
+
+@pytest.fixture
+def wal_server(runtime_root: Path) -> Iterator[PostgresServer]:
+    server = start_wal_server(runtime_root, 15)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def home(runtime_root: Path) -> Iterator[Path]:
+    """A work directory the postgres user can enter (the restored copy runs as it)."""
+    directory = runtime_root / f"moment-{uuid.uuid4().hex[:6]}"
+    directory.mkdir(mode=0o711)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _with_stack(path: Path, stack: StackEndpoints, extra: dict[str, Any]) -> None:
+    """Add the stack's Redis and MinIO (and ``extra``) to a config written by make_kit."""
+    doc = tomllib.loads(path.read_text())
+    sections = stack_sections(stack, path.parent / "secrets")
+    doc.update({k: v for k, v in sections.items() if k != "postgres"}, **extra)
+    write_config(path, doc, "a test of one moment")
+
+
+def _traffic(stack: StackEndpoints, stop: threading.Event) -> threading.Thread:
+    thread = threading.Thread(target=run_traffic, args=(stack, 20.0, 3600.0, 11, stop))
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_a_drill_at_a_moment_restores_the_three_stores_to_it_and_fails_on_skew(
+    tmp_path: Path, home: Path, wal_server: PostgresServer, s3_server: S3Endpoint
+) -> None:
+    with source_stack(tmp_path / "src", wal_server.endpoint, s3_server, TINY) as stack:
+        (tmp_path / "kit").mkdir()
+        kits = make_kit(tmp_path / "kit", wal_server)
+        kit = next(kits)
+        _with_stack(kit.config, stack, {})
+        _with_stack(kit.operator, stack, {"restore": {"max_skew_s": 3600}})
+        for path in (kit.config, kit.operator):  # the source's own database
+            doc = tomllib.loads(path.read_text())
+            doc["postgres"]["dbname"] = stack.postgres.dbname
+            write_config(path, doc, "a test of one moment")
+        h = _history(kit, stack)
+        before_id, before_key, before_data = h.before
+        after_id, after_key, _ = h.after
+        at = h.at
+
+        inspected: dict[str, Any] = {}
+
+        @contextmanager
+        def inspecting(
+            home: Path, drill_id: str, spec: DrillDefinition, major: int | None
+        ) -> Iterator[StackEndpoints]:
+            """The local scratch stack, read before it is torn down."""
+            with local_scratch(home, drill_id, major) as scratch:
+                yield scratch
+                inspected.update(_inspect(home, scratch, stack, (before_id, after_id)))
+                store = MinioStore(scratch.minio)
+                meta, body = store.read(scratch.buckets[0], before_key)
+                inspected["before_object"] = (b"".join(body), meta.content_type, meta.metadata)
+                inspected["after_object"] = store.digest(scratch.buckets[0], after_key)
+
+        operator = load_config(kit.operator, {})
+        spec = DrillDefinition(
+            name="moment",
+            snapshot=f"pitr:at:{at.isoformat()}",
+            report=ReportSettings(dir=str(tmp_path / "reports")),
+        )
+        report = run_drill(operator, home=home, spec=spec, scratch=inspecting)
+        assert report.error == "" and report.passed, [c for c in report.checks if not c.passed]
+        # the message just before the moment is there with its file; the one after is not
+        assert inspected["messages"] == {before_id}
+        assert inspected["before_object"] == (before_data, "image/png", {"origin": "before"})
+        assert inspected["after_object"] is None
+        checks = {c.name: c for c in report.checks}
+        files = checks["attachments have their objects"].figures
+        assert files["missing"] == 0 and files["different"] == 0
+        assert files["rows"] == inspected["attachment_rows"] > TINY.attachments + 1
+        assert checks["redis points to existing rows"].figures["dangling"] == 0
+        skew = checks["skew within threshold"].figures
+        bucket = moment.bucket_store(stack.buckets[0])
+        assert skew["postgres"]["skew_s"] == 0.0 and skew[bucket]["skew_s"] == 0.0
+        assert skew["redis"]["skew_s"] > 0
+        measured = report.measured_rpo_s
+        assert set(measured) == {"postgres", "redis", f"minio:{stack.buckets[0]}"}
+        # the PostgreSQL canary was written after the snapshot's: it bounds PostgreSQL closer
+        assert measured["postgres"] is not None and measured["redis"] is not None
+        assert measured["postgres"] < measured["redis"]
+        assert "measured RPO within threshold" in checks
+        assert not list(home.glob("pitr-*"))  # the copy was stopped and removed
+
+        # the same moment with a skew limit below Redis's: the drill fails naming Redis
+        limit = skew["redis"]["skew_s"] / 2
+        tight = replace(spec, thresholds=Thresholds(max_skew_s=limit))
+        failed = run_drill(operator, home=home, spec=tight)
+        assert not failed.passed
+        assert [c.name for c in failed.checks if not c.passed] == ["skew within threshold"]
+        (over,) = [c for c in failed.checks if not c.passed]
+        assert over.detail.startswith("redis beyond the limit")
+
+
+@dataclass
+class History:
+    """The moment, the message with an attachment just before it and the one just after."""
+
+    at: datetime
+    before: tuple[int, str, bytes]
+    after: tuple[int, str, bytes]
+
+
+def _history(kit: WalKit, stack: StackEndpoints) -> History:
+    """Stream; a base backup; a canary; a Redis + MinIO snapshot; traffic while the capture
+    follows; a message with an attachment, a canary, the moment, another message; the WAL
+    sealed past the moment."""
+    cfg = load_config(kit.config, {})
+    proc = kit.start()
+    stop = threading.Event()
+    traffic: threading.Thread | None = None
+    try:
+        wait_for("the streamer to seal", lambda: len(kit.segments()) >= 1)
+        run_backup(cfg, home=kit.root, env={}, components=("postgres-base",))
+        assert canary.write_canaries(stack, stack.buckets).failed == {}
+        run_backup(cfg, home=kit.root, env={}, components=("redis", "minio"))
+        capturer = build_capturer(cfg, kit.root)
+        with psycopg.connect(**stack.postgres.connect_kwargs()) as conn:
+            capturer.run_round(conn)
+            traffic = _traffic(stack, stop)  # messages, some with attachments
+            wait_for("traffic", lambda: _attachments(stack) > TINY.attachments)
+            capturer.run_round(conn)
+            assert canary.write_canaries(stack, stack.buckets).failed == {}
+            before = post_with_attachment(stack, "before")
+            at = datetime.now(UTC)
+            after = post_with_attachment(stack, "after")
+            seen = _attachments(stack)
+            wait_for("more traffic", lambda: _attachments(stack) > seen)
+            stop.set()
+            traffic.join()
+            # the object of the message just before the moment is read only now, after it
+            assert capturer.run_round(conn).captured >= 2
+        write_rows(stack.postgres)
+        wait_for(
+            "WAL sealed after the moment",
+            lambda: any(datetime.fromisoformat(e.sealed) > at for e in kit.index().segments()),
+        )
+        assert stop_streamer(proc) == 0
+    finally:
+        stop.set()
+        if traffic is not None:
+            traffic.join()
+        if proc.poll() is None:
+            proc.kill()
+
+    return History(at, before, after)
+
+
+def _attachments(stack: StackEndpoints) -> int:
+    with psycopg.connect(**stack.postgres.connect_kwargs()) as conn:
+        row = conn.execute("SELECT count(*) FROM attachments").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _inspect(
+    home: Path, scratch: StackEndpoints, source: StackEndpoints, ids: tuple[int, int]
+) -> dict[str, Any]:
+    """The restored copy's rows: which of ``ids`` exist, and how many attachment rows."""
+    (pid,) = home.glob("pitr-*/data/postmaster.pid")
+    port = int(pid.read_text().splitlines()[3])
+    ep = replace(source.postgres, host="127.0.0.1", port=port)
+    with psycopg.connect(**ep.connect_kwargs()) as conn:
+        found = {
+            r[0] for r in conn.execute("SELECT id FROM messages WHERE id = ANY(%s)", (list(ids),))
+        }
+        rows = conn.execute("SELECT count(*) FROM attachments").fetchone()
+    assert rows is not None
+    return {"messages": found, "attachment_rows": int(rows[0])}

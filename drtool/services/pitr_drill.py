@@ -27,6 +27,7 @@ from pathlib import Path
 import psycopg
 
 from drtool.config import Config
+from drtool.drills.definition import moment_of
 from drtool.drills.report import DrillReport
 from drtool.endpoints import StackEndpoints
 from drtool.errors import DrtoolError, NotFound
@@ -84,6 +85,9 @@ def choose(cfg: Config, choice: str, window: timedelta | None, now: datetime) ->
             "pitr:lsn-of-latest: no valid snapshot records a consistent LSN (the source needs "
             "wal_level = logical and a REPLICATION role: ADR 0018)"
         )
+    at = moment_of(choice)
+    if at is not None:  # an explicit moment: the planner says whether the window holds it
+        return PitrChoice(at, at=at)
     index = load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
     size = index.segment_size
     bases = pitr_plan.bases_of(records, size) if size else []
@@ -131,12 +135,12 @@ def run_pitr_drill(cfg: Config, home: Path, choice: PitrChoice, report: DrillRep
             newest = canary.newest_canaries(endpoints, ())
             report.measured_rpo_s = canary.measured_rpo(choice.at, {"postgres": newest["postgres"]})
     finally:
-        _stop_copy(work / "data", result)
+        stop_copy(work / "data", result)
         shutil.rmtree(work, ignore_errors=True)
     report.passed = all(c.passed for c in report.checks)
 
 
-def _stop_copy(data: Path, result: PitrResult | None) -> None:
+def stop_copy(data: Path, result: PitrResult | None) -> None:
     """Stop the restored copy if a server runs on it, whatever stopped the drill (a deadline
     can strike while recovery runs, before ``run_pitr`` returned its result)."""
     if not (data / "postmaster.pid").exists():
