@@ -12,7 +12,9 @@ bytes, content type and metadata, and nothing of the message committed after the
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import subprocess
 import threading
 import tomllib
 import uuid
@@ -25,6 +27,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from support.cli import run_drtool
 from support.stacks import make_repository, source_stack, stack_sections
 from support.wal_kit import WalKit, make_kit, start_wal_server, stop_streamer, wait_for, write_rows
 
@@ -33,11 +36,11 @@ from chat_stack.traffic import run_traffic
 from drtool.config import load_config
 from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
 from drtool.drills.runtime_local import local_scratch
-from drtool.endpoints import PostgresEndpoint, S3Endpoint, StackEndpoints
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import NotFound
 from drtool.repository import catalog
 from drtool.repository.access import open_repo
-from drtool.runtime.pgserver import PostgresServer
+from drtool.runtime.redisserver import RedisServer
 from drtool.s3session import s3_client
 from drtool.services.backup import run_backup
 from drtool.services.capture import build_capturer
@@ -45,6 +48,7 @@ from drtool.services.drill import run_drill
 from drtool.services.restore import moment
 from drtool.services.stack import write_config
 from drtool.sources.minio import MinioStore
+from drtool.sources.redis_client import connect as connect_redis
 from drtool.stores import canary
 from drtool.wal.index import WalIndex
 
@@ -163,13 +167,6 @@ def test_max_skew_defaults_to_the_schedules_redis_interval(tmp_path: Path) -> No
 
 
 @pytest.fixture
-def wal_server(runtime_root: Path) -> Iterator[PostgresServer]:
-    server = start_wal_server(runtime_root, 15)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def home(runtime_root: Path) -> Iterator[Path]:
     """A work directory the postgres user can enter (the restored copy runs as it)."""
     directory = runtime_root / f"moment-{uuid.uuid4().hex[:6]}"
@@ -192,77 +189,99 @@ def _traffic(stack: StackEndpoints, stop: threading.Event) -> threading.Thread:
     return thread
 
 
+@dataclass
+class Scene:
+    """A PostgreSQL 15 streaming into a repository, its seeded stack, and the history."""
+
+    kit: WalKit
+    stack: StackEndpoints
+    history: History
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def scene(
+    runtime_root: Path, tmp_path_factory: pytest.TempPathFactory, s3_server: S3Endpoint
+) -> Iterator[Scene]:
+    """Built once for the module's slow tests: streaming, backups, capture, traffic."""
+    root = tmp_path_factory.mktemp("moment")
+    server = start_wal_server(runtime_root, 15)
+    try:
+        with source_stack(root / "src", server.endpoint, s3_server, TINY) as stack:
+            (root / "kit").mkdir()
+            kit = next(make_kit(root / "kit", server))
+            _with_stack(kit.config, stack, {})
+            _with_stack(kit.operator, stack, {"restore": {"max_skew_s": 3600}})
+            for path in (kit.config, kit.operator):  # the source's own database
+                doc = tomllib.loads(path.read_text())
+                doc["postgres"]["dbname"] = stack.postgres.dbname
+                write_config(path, doc, "a test of one moment")
+            yield Scene(kit, stack, _history(kit, stack), root)
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 def test_a_drill_at_a_moment_restores_the_three_stores_to_it_and_fails_on_skew(
-    tmp_path: Path, home: Path, wal_server: PostgresServer, s3_server: S3Endpoint
+    tmp_path: Path, home: Path, scene: Scene
 ) -> None:
-    with source_stack(tmp_path / "src", wal_server.endpoint, s3_server, TINY) as stack:
-        (tmp_path / "kit").mkdir()
-        kits = make_kit(tmp_path / "kit", wal_server)
-        kit = next(kits)
-        _with_stack(kit.config, stack, {})
-        _with_stack(kit.operator, stack, {"restore": {"max_skew_s": 3600}})
-        for path in (kit.config, kit.operator):  # the source's own database
-            doc = tomllib.loads(path.read_text())
-            doc["postgres"]["dbname"] = stack.postgres.dbname
-            write_config(path, doc, "a test of one moment")
-        h = _history(kit, stack)
-        before_id, before_key, before_data = h.before
-        after_id, after_key, _ = h.after
-        at = h.at
+    kit, stack, h = scene.kit, scene.stack, scene.history
+    before_id, before_key, before_data = h.before
+    after_id, after_key, _ = h.after
+    at = h.at
 
-        inspected: dict[str, Any] = {}
+    inspected: dict[str, Any] = {}
 
-        @contextmanager
-        def inspecting(
-            home: Path, drill_id: str, spec: DrillDefinition, major: int | None
-        ) -> Iterator[StackEndpoints]:
-            """The local scratch stack, read before it is torn down."""
-            with local_scratch(home, drill_id, major) as scratch:
-                yield scratch
-                inspected.update(_inspect(home, scratch, stack, (before_id, after_id)))
-                store = MinioStore(scratch.minio)
-                meta, body = store.read(scratch.buckets[0], before_key)
-                inspected["before_object"] = (b"".join(body), meta.content_type, meta.metadata)
-                inspected["after_object"] = store.digest(scratch.buckets[0], after_key)
+    @contextmanager
+    def inspecting(
+        home: Path, drill_id: str, spec: DrillDefinition, major: int | None
+    ) -> Iterator[StackEndpoints]:
+        """The local scratch stack, read before it is torn down."""
+        with local_scratch(home, drill_id, major) as scratch:
+            yield scratch
+            inspected.update(_inspect(home, scratch, stack, (before_id, after_id)))
+            store = MinioStore(scratch.minio)
+            meta, body = store.read(scratch.buckets[0], before_key)
+            inspected["before_object"] = (b"".join(body), meta.content_type, meta.metadata)
+            inspected["after_object"] = store.digest(scratch.buckets[0], after_key)
 
-        operator = load_config(kit.operator, {})
-        spec = DrillDefinition(
-            name="moment",
-            snapshot=f"pitr:at:{at.isoformat()}",
-            report=ReportSettings(dir=str(tmp_path / "reports")),
-        )
-        report = run_drill(operator, home=home, spec=spec, scratch=inspecting)
-        assert report.error == "" and report.passed, [c for c in report.checks if not c.passed]
-        # the message just before the moment is there with its file; the one after is not
-        assert inspected["messages"] == {before_id}
-        assert inspected["before_object"] == (before_data, "image/png", {"origin": "before"})
-        assert inspected["after_object"] is None
-        checks = {c.name: c for c in report.checks}
-        files = checks["attachments have their objects"].figures
-        assert files["missing"] == 0 and files["different"] == 0
-        assert files["rows"] == inspected["attachment_rows"] > TINY.attachments + 1
-        assert checks["redis points to existing rows"].figures["dangling"] == 0
-        skew = checks["skew within threshold"].figures
-        bucket = moment.bucket_store(stack.buckets[0])
-        assert skew["postgres"]["skew_s"] == 0.0 and skew[bucket]["skew_s"] == 0.0
-        assert skew["redis"]["skew_s"] > 0
-        measured = report.measured_rpo_s
-        assert set(measured) == {"postgres", "redis", f"minio:{stack.buckets[0]}"}
-        # the PostgreSQL canary was written after the snapshot's: it bounds PostgreSQL closer
-        assert measured["postgres"] is not None and measured["redis"] is not None
-        assert measured["postgres"] < measured["redis"]
-        assert "measured RPO within threshold" in checks
-        assert not list(home.glob("pitr-*"))  # the copy was stopped and removed
+    operator = load_config(kit.operator, {})
+    spec = DrillDefinition(
+        name="moment",
+        snapshot=f"pitr:at:{at.isoformat()}",
+        report=ReportSettings(dir=str(tmp_path / "reports")),
+    )
+    report = run_drill(operator, home=home, spec=spec, scratch=inspecting)
+    assert report.error == "" and report.passed, [c for c in report.checks if not c.passed]
+    # the message just before the moment is there with its file; the one after is not
+    assert inspected["messages"] == {before_id}
+    assert inspected["before_object"] == (before_data, "image/png", {"origin": "before"})
+    assert inspected["after_object"] is None
+    checks = {c.name: c for c in report.checks}
+    files = checks["attachments have their objects"].figures
+    assert files["missing"] == 0 and files["different"] == 0
+    assert files["rows"] == inspected["attachment_rows"] > TINY.attachments + 1
+    assert checks["redis points to existing rows"].figures["dangling"] == 0
+    skew = checks["skew within threshold"].figures
+    bucket = moment.bucket_store(stack.buckets[0])
+    assert skew["postgres"]["skew_s"] == 0.0 and skew[bucket]["skew_s"] == 0.0
+    assert skew["redis"]["skew_s"] > 0
+    measured = report.measured_rpo_s
+    assert set(measured) == {"postgres", "redis", f"minio:{stack.buckets[0]}"}
+    # the PostgreSQL canary was written after the snapshot's: it bounds PostgreSQL closer
+    assert measured["postgres"] is not None and measured["redis"] is not None
+    assert measured["postgres"] < measured["redis"]
+    assert "measured RPO within threshold" in checks
+    assert not list(home.glob("pitr-*"))  # the copy was stopped and removed
 
-        # the same moment with a skew limit below Redis's: the drill fails naming Redis
-        limit = skew["redis"]["skew_s"] / 2
-        tight = replace(spec, thresholds=Thresholds(max_skew_s=limit))
-        failed = run_drill(operator, home=home, spec=tight)
-        assert not failed.passed
-        assert [c.name for c in failed.checks if not c.passed] == ["skew within threshold"]
-        (over,) = [c for c in failed.checks if not c.passed]
-        assert over.detail.startswith("redis beyond the limit")
+    # the same moment with a skew limit below Redis's: the drill fails naming Redis
+    limit = skew["redis"]["skew_s"] / 2
+    tight = replace(spec, thresholds=Thresholds(max_skew_s=limit))
+    failed = run_drill(operator, home=home, spec=tight)
+    assert not failed.passed
+    assert [c.name for c in failed.checks if not c.passed] == ["skew within threshold"]
+    (over,) = [c for c in failed.checks if not c.passed]
+    assert over.detail.startswith("redis beyond the limit")
 
 
 @dataclass
@@ -339,3 +358,106 @@ def _inspect(
         rows = conn.execute("SELECT count(*) FROM attachments").fetchone()
     assert rows is not None
     return {"messages": found, "attachment_rows": int(rows[0])}
+
+
+@pytest.mark.slow
+def test_restore_at_a_moment_puts_the_whole_stack_into_a_second_stack_with_counts(
+    home: Path, scene: Scene, second: tuple[RedisServer, str, Path], s3_server: S3Endpoint
+) -> None:
+    stack, h = scene.stack, scene.history
+    before_id, before_key, before_data = h.before
+    after_id, after_key, _ = h.after
+    at = h.at.isoformat()
+    redis_server, bucket, config = second
+    into = home / "data"
+    store = MinioStore(s3_server)
+
+    def restore(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return run_drtool(
+            "restore", "--at", at, "--target", "second", "--yes", *args, config=config, **kw
+        )
+
+    copy: dict[str, Any] = {}
+    try:
+        # a skew beyond the limit: one line naming Redis, exit 10, nothing created
+        refused = restore("--into", str(into), extra_env={"DRTOOL_RESTORE_MAX_SKEW_S": "0.5"})
+        assert refused.returncode == 10, refused.stderr
+        (line,) = refused.stderr.strip().splitlines()
+        assert "redis by" in line and "--accept-skew" in line
+        assert not into.exists() and redis_keys(redis_server.endpoint) == 0
+        assert list(store.list_objects(bucket)) == []
+        # the plan alone
+        dry = restore("--into", str(into), "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "effective moment" in dry.stdout and "redis" in dry.stdout
+        assert not into.exists()
+
+        done = restore("--into", str(into), "--json")
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+        copy = out["pitr"]
+        assert out["ok"] and out["buckets"] == {stack.buckets[0]: bucket}
+        assert {p["store"] for p in out["plan"]} == {
+            "postgres",
+            "redis",
+            moment.bucket_store(stack.buckets[0]),
+        }
+        checks = {c["name"]: c["figures"] for c in out["checks"]}
+        files = checks["attachments have their objects"]
+        assert files["rows"] > TINY.attachments + 1 and files["missing"] == 0
+        assert checks["redis points to existing rows"]["dangling"] == 0
+        assert out["measured_rpo_s"]["postgres"] is not None
+        ep = replace(stack.postgres, host="127.0.0.1", port=copy["port"])
+        with psycopg.connect(**ep.connect_kwargs()) as conn:
+            rows = conn.execute(
+                "SELECT id FROM messages WHERE id = ANY(%s)", ([before_id, after_id],)
+            ).fetchall()
+        assert {r[0] for r in rows} == {before_id}
+        meta, body = store.read(bucket, before_key)
+        assert (b"".join(body), meta.content_type, meta.metadata) == (
+            before_data,
+            "image/png",
+            {"origin": "before"},
+        )
+        assert store.digest(bucket, after_key) is None
+        assert redis_keys(redis_server.endpoint) > 0
+
+        # the second stack now holds data: without --force nothing is touched
+        again = home / "again"
+        busy = restore("--into", str(again))
+        assert busy.returncode == 2 and "not empty" in busy.stderr
+        assert not again.exists()
+    finally:
+        if copy:
+            subprocess.run(
+                [copy["pg_ctl"], "-D", copy["data_dir"], "-m", "fast", "-w", "stop"],
+                check=False,
+                capture_output=True,
+            )
+
+
+@pytest.fixture
+def second(
+    tmp_path: Path, scene: Scene, s3_server: S3Endpoint
+) -> Iterator[tuple[RedisServer, str, Path]]:
+    """A second stack: its own redis-server and bucket (PostgreSQL goes to a new data
+    directory), as ``[targets.second]`` of an operator config."""
+    server = RedisServer(tmp_path / "redis-second")
+    server.start()
+    bucket = f"second-{uuid.uuid4().hex[:10]}"
+    s3_client(s3_server).create_bucket(Bucket=bucket)
+    stack = StackEndpoints(scene.stack.postgres, server.endpoint, s3_server, (bucket,))
+    config = tmp_path / "operator.toml"
+    doc = tomllib.loads(scene.kit.operator.read_text())
+    doc["targets"] = {"second": stack_sections(stack, tmp_path / "secrets")}
+    write_config(config, doc, "an operator with a second stack")
+    yield server, bucket, config
+    server.stop()
+
+
+def redis_keys(endpoint: RedisEndpoint) -> int:
+    client = connect_redis(endpoint)
+    try:
+        return int(client.dbsize())
+    finally:
+        client.close()
