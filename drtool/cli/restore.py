@@ -77,8 +77,8 @@ def _restore_to_moment(
         raise UsageError(f"--at/--lsn with --into: a moment, not a snapshot id (got {snapshot})")
     if components != ("postgres",):
         raise UsageError(
-            "restore to a moment: PostgreSQL only, pass --component postgres "
-            f"(got {','.join(components)})"
+            "restore to a moment: PostgreSQL alone (--component postgres) or the whole stack "
+            f"(no --component, with --at); not {','.join(components)}"
         )
     options = PitrOptions(
         at=_parse_moment(at) if at is not None else None,

@@ -21,6 +21,7 @@ store's effective moment and refuses before anything is touched; then:
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -154,7 +155,7 @@ def restore_stack_at(
                 force=force,
             )
         finally:
-            work.rmdir()
+            shutil.rmtree(work, ignore_errors=True)  # never hides the restore's own error
         result.seconds[f"minio:{bucket}"] = round(clock.elapsed(), 3)
         result.buckets[bucket] = target_bucket
         result.problems += problems
