@@ -284,6 +284,30 @@ def test_a_drill_at_a_moment_restores_the_three_stores_to_it_and_fails_on_skew(
     assert over.detail.startswith("redis beyond the limit")
 
 
+@pytest.mark.slow
+def test_a_drill_of_a_random_moment_restores_the_whole_stack_where_every_store_has_a_copy(
+    tmp_path: Path, home: Path, scene: Scene
+) -> None:
+    """``pitr:random-within`` with the default components: a moment after the first Redis
+    and bucket copies (the base backup is older than them here), the whole stack drilled."""
+    operator = load_config(scene.kit.operator, {})
+    spec = DrillDefinition(
+        name="moment-random",
+        snapshot="pitr:random-within:1d",
+        report=ReportSettings(dir=str(tmp_path / "reports")),
+    )
+    report = run_drill(operator, home=home, spec=spec)
+    assert report.error == "" and report.passed, [c for c in report.checks if not c.passed]
+    names = [c.name for c in report.checks]
+    assert names[:2] == ["skew within threshold", "restored to the moment"]
+    assert {"attachments have their objects", "redis points to existing rows"} <= set(names)
+    assert set(report.measured_rpo_s) == {
+        "postgres",
+        "redis",
+        moment.bucket_store(scene.stack.buckets[0]),
+    }
+
+
 @dataclass
 class History:
     """The moment, the message with an attachment just before it and the one just after."""

@@ -323,7 +323,7 @@ def _pitr(
         started=now.isoformat(timespec="seconds"),
     )
     with _failures_reported(report):
-        choice = pitr_drill.choose(cfg, spec.snapshot, spec.window(), now)
+        choice = pitr_drill.choose(cfg, spec.snapshot, spec.window(), now, spec.components)
         report.snapshot_time = (choice.at or choice.newest).isoformat(timespec="seconds")
         # how old the newest thing this drill proves is: the logical snapshot, or the
         # window's end (the newest moment restorable)
@@ -375,6 +375,7 @@ def _moment(
     try:
         up = Timer()
         pg_major = pg_major_of(plan.pitr.base.component.source_version)
+        report.pg_major = pg_major
         dog.enter(f"starting the {spec.runtime} scratch stack")
         with scratch(home, report.drill_id, spec, pg_major) as endpoints:
             phases["up"] = round(up.elapsed(), 3)

@@ -34,6 +34,7 @@ from drtool.errors import DrtoolError, NotFound
 from drtool.repository import catalog
 from drtool.repository.access import identities_of, open_repo
 from drtool.runtime.binaries import pg_bin_dir
+from drtool.services.restore import moment as moment_plan
 from drtool.services.restore import pitr_plan, pitr_recover
 from drtool.services.restore.pitr import PitrOptions, PitrResult, run_pitr
 from drtool.sources.pg_fingerprint import compare, compute_fingerprints
@@ -64,8 +65,18 @@ def is_pitr(choice: str) -> bool:
     return choice.startswith("pitr:")
 
 
-def choose(cfg: Config, choice: str, window: timedelta | None, now: datetime) -> PitrChoice:
+def choose(
+    cfg: Config,
+    choice: str,
+    window: timedelta | None,
+    now: datetime,
+    components: tuple[str, ...] = ("postgres",),
+) -> PitrChoice:
     """The LSN of the newest logical snapshot recording one, or a random moment of the window.
+
+    For the whole stack (``components`` beyond postgres) the random moment is drawn from the
+    part of the window where Redis and the buckets have a copy too (ADR 0027): a drill of
+    the window, not of the days before the first snapshot.
 
     NotFound when there is nothing to drill (no snapshot with a consistent LSN; no base
     backup followed by WAL): a drill that cannot prove what it should fails with a report.
@@ -96,6 +107,9 @@ def choose(cfg: Config, choice: str, window: timedelta | None, now: datetime) ->
     run, _ = pitr_plan.run_from(index, bases[-1], size)
     end = datetime.fromisoformat(run[-1].sealed) if run else bases[-1].finished
     start = bases[0].finished
+    others = moment_plan.earliest_reachable(records, components)
+    if others is not None:
+        start = max(start, others)
     if window is not None:
         start = max(start, now - window)
     if end <= start:

@@ -199,6 +199,24 @@ def component_window(record: SnapshotRecord, name: str) -> tuple[datetime, datet
     return None
 
 
+def earliest_reachable(records: list[SnapshotRecord], stores: tuple[str, ...]) -> datetime | None:
+    """The first moment at which each of ``stores`` (redis, minio) has a copy: the end of the
+    oldest valid snapshot's Redis part, the start of the oldest valid MinIO snapshot. None
+    when none of them is named, or one has no copy at all (the plan then names it)."""
+    found: list[datetime] = []
+    for store in stores:
+        if store == REDIS:
+            ends = [w[1] for r in records if r.valid and (w := component_window(r, REDIS))]
+        elif store == MINIO:
+            ends = [r.time for r in records if r.valid and _bucket_names(r)]
+        else:
+            continue
+        if not ends:
+            return None
+        found.append(min(ends))
+    return max(found, default=None)
+
+
 def _redis(records: list[SnapshotRecord], moment: datetime) -> StoreMoment:
     best: tuple[datetime, SnapshotRecord] | None = None
     for record in records:
