@@ -33,6 +33,7 @@ from support.wal_kit import WalKit, make_kit, start_wal_server, stop_streamer, w
 
 from chat_stack.seed import SeedSizes
 from chat_stack.traffic import run_traffic
+from drtool.cli.restore import _show_stack_result
 from drtool.config import load_config
 from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
 from drtool.drills.runtime_local import local_scratch
@@ -45,11 +46,13 @@ from drtool.s3session import s3_client
 from drtool.services.backup import run_backup
 from drtool.services.capture import build_capturer
 from drtool.services.drill import run_drill
-from drtool.services.restore import moment
+from drtool.services.restore import moment, stack_at
+from drtool.services.restore.pitr import PitrResult
 from drtool.services.stack import write_config
 from drtool.sources.minio import MinioStore
 from drtool.sources.redis_client import connect as connect_redis
 from drtool.stores import canary
+from drtool.stores.checks import CheckResult
 from drtool.wal.index import WalIndex
 
 TINY = SeedSizes(users=5, rooms=2, messages=40, attachments=3)
@@ -260,8 +263,10 @@ def test_a_drill_at_a_moment_restores_the_three_stores_to_it_and_fails_on_skew(
     checks = {c.name: c for c in report.checks}
     files = checks["attachments have their objects"].figures
     assert files["missing"] == 0 and files["different"] == 0
-    assert files["rows"] == inspected["attachment_rows"] > TINY.attachments + 1
-    assert checks["redis points to existing rows"].figures["dangling"] == 0
+    assert files["present"] == files["rows"] == inspected["attachment_rows"]
+    assert files["rows"] > TINY.attachments + 1
+    references = checks["redis points to existing rows"].figures
+    assert references["dangling"] == 0 and references["existing"] > 0
     skew = checks["skew within threshold"].figures
     bucket = moment.bucket_store(stack.buckets[0])
     assert skew["postgres"]["skew_s"] == 0.0 and skew[bucket]["skew_s"] == 0.0
@@ -428,8 +433,10 @@ def test_restore_at_a_moment_puts_the_whole_stack_into_a_second_stack_with_count
         }
         checks = {c["name"]: c["figures"] for c in out["checks"]}
         files = checks["attachments have their objects"]
-        assert files["rows"] > TINY.attachments + 1 and files["missing"] == 0
-        assert checks["redis points to existing rows"]["dangling"] == 0
+        assert files["rows"] == files["present"] > TINY.attachments + 1
+        assert files["missing"] == 0
+        references = checks["redis points to existing rows"]
+        assert references["dangling"] == 0 and references["existing"] > 0
         assert out["measured_rpo_s"]["postgres"] is not None
         ep = replace(stack.postgres, host="127.0.0.1", port=copy["port"])
         with psycopg.connect(**ep.connect_kwargs()) as conn:
@@ -485,3 +492,28 @@ def redis_keys(endpoint: RedisEndpoint) -> int:
         return int(client.dbsize())
     finally:
         client.close()
+
+
+def test_the_whole_stack_result_is_printed_with_each_stores_figures(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The human result of `restore --at` (the slow test reads the JSON one)."""
+    at = datetime(2026, 12, 5, 10, 0, tzinfo=UTC)
+    plan = moment.MomentPlan(at, 3600.0, "given")
+    plan.stores = [
+        moment.StoreMoment("postgres", at, "base X + WAL", 0.0),
+        moment.StoreMoment("redis", at - timedelta(minutes=20), "snapshot Y", 1200.0),
+        moment.StoreMoment("minio:attachments", at, "snapshot Y + capture journal", 0.0),
+    ]
+    result = stack_at.StackAtResult(at.isoformat())
+    result.pitr = PitrResult(at.isoformat(), "X", "", "", "/data", False, 1, port=5999)
+    result.pitr.reached_time = (at - timedelta(seconds=1)).isoformat()
+    result.measured_rpo_s = {"postgres": 30.0, "redis": None}
+    result.seconds = {"postgres": 3.0, "redis": 1.0, "minio:attachments": 2.0}
+    result.checks = [
+        CheckResult("attachments have their objects", True, "9 attachment rows; 9 present")
+    ]
+    _show_stack_result(plan, result)
+    out = capsys.readouterr().out
+    assert "1200.0" in out and "no canary" in out and "9 present" in out
+    assert "127.0.0.1:5999" in out and result.pitr.reached_time in out
