@@ -119,8 +119,9 @@ class RestoreConfig:
     """Restoring the whole stack to one moment (docs/decisions/0027-one-moment-restore.md)."""
 
     # the largest skew (the moment asked minus a store's effective moment) a restore to a
-    # moment accepts without --accept-skew; 0: the interval of the schedule's most frequent
-    # backup job holding Redis (Redis is the store a moment cannot reach more closely)
+    # moment accepts without --accept-skew; 0: the interval (plus its jitter) of the
+    # schedule's most frequent backup job holding Redis (Redis is the store a moment cannot
+    # reach more closely)
     max_skew_s: float = 0.0
 
 

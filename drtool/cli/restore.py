@@ -288,7 +288,7 @@ def _confirm(result: RestoreResult) -> bool:
     "--accept-skew",
     is_flag=True,
     help="Restore to a moment (the whole stack) even when a store is further behind the "
-    "moment than restore.max_skew_s (default: the schedule's Redis interval).",
+    "moment than restore.max_skew_s (default: the schedule's Redis interval plus its jitter).",
 )
 @click.option(
     "--drop-old", is_flag=True, help="Drop the replaced PostgreSQL database instead of keeping it."

@@ -18,9 +18,9 @@ is than the moment asked for:
   rows it read were committed before it), else the snapshot's start.
 
 A store whose skew exceeds ``max_skew`` is named and the plan refuses (exit 10) unless told
-to accept it. The default limit is the interval of the schedule's most frequent backup job
-holding Redis: the RDB is the store a moment cannot reach more closely, and a restore that
-is further apart than one Redis interval means a backup did not run (docs/decisions/0027).
+to accept it. The default limit is the interval (plus its jitter) of the schedule's most
+frequent backup job holding Redis: the RDB is the store a moment cannot reach more closely, and a restore that
+is further apart than that means a backup did not run (docs/decisions/0027).
 Nothing here reads a byte of data: the signed snapshot list, WAL index and capture chain only.
 """
 
@@ -119,7 +119,8 @@ class MomentPlan:
 
 
 def default_max_skew(schedule_dir: Path) -> tuple[float, str]:
-    """The period of the most frequent backup job holding Redis in ``schedule_dir``.
+    """The period of the most frequent backup job holding Redis in ``schedule_dir``, plus its
+    ``jitter_s`` (a run may start that much late, so two RDBs can be that much further apart).
 
     Falls back to one hour (the included schedule's Redis job) when no schedule can be read,
     and says so: the operator restoring on another host may not have the schedule files.
@@ -130,12 +131,16 @@ def default_max_skew(schedule_dir: Path) -> tuple[float, str]:
         why = exc.message.split(";")[0]
         return FALLBACK_MAX_SKEW_S, f"default 1h: no schedule read ({why})"
     periods = [
-        (job.period_s, job.name) for job in jobs if job.kind == "backup" and REDIS in job.components
+        (job.period_s + job.jitter_s, job.period_s, job.jitter_s, job.name)
+        for job in jobs
+        if job.kind == "backup" and REDIS in job.components
     ]
     if not periods:
         return FALLBACK_MAX_SKEW_S, f"default 1h: no backup job holds redis in {schedule_dir}"
-    period, name = min(periods)
-    return float(period), f"the Redis job {name}'s interval in {schedule_dir}"
+    limit, period, jitter, name = min(periods)
+    return float(limit), (
+        f"the Redis job {name}'s interval {period} s + its jitter {jitter} s in {schedule_dir}"
+    )
 
 
 def max_skew(cfg: Config, override: float | None = None) -> tuple[float, str]:
