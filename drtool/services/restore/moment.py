@@ -19,8 +19,8 @@ is than the moment asked for:
 
 A store whose skew exceeds ``max_skew`` is named and the plan refuses (exit 10) unless told
 to accept it. The default limit is the interval (plus its jitter) of the schedule's most
-frequent backup job holding Redis: the RDB is the store a moment cannot reach more closely, and a restore that
-is further apart than that means a backup did not run (docs/decisions/0027).
+frequent backup job holding Redis: the RDB is the store a moment cannot reach more closely,
+and a restore further apart than that means a backup did not run (docs/decisions/0027).
 Nothing here reads a byte of data: the signed snapshot list, WAL index and capture chain only.
 """
 
