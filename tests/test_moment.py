@@ -314,6 +314,38 @@ def test_a_drill_of_a_random_moment_restores_the_whole_stack_where_every_store_h
     }
 
 
+@pytest.mark.slow
+def test_a_drill_at_the_windows_end_restores_every_row_committed_before_it(
+    tmp_path: Path, home: Path, scene: Scene
+) -> None:
+    """The newest moment the WAL reaches (the last sealed segment): the message after the
+    history's moment is there too, with its object (journaled by the last round)."""
+    end = max(datetime.fromisoformat(e.sealed) for e in scene.kit.index().segments())
+    after_id, after_key, _ = scene.history.after
+    seen: dict[str, Any] = {}
+
+    @contextmanager
+    def inspecting(
+        home: Path, drill_id: str, spec: DrillDefinition, major: int | None
+    ) -> Iterator[StackEndpoints]:
+        with local_scratch(home, drill_id, major) as scratch:
+            yield scratch
+            seen.update(_inspect(home, scratch, scene.stack, (after_id,)))
+            seen["after_object"] = MinioStore(scratch.minio).digest(scratch.buckets[0], after_key)
+
+    operator = load_config(scene.kit.operator, {})
+    spec = DrillDefinition(
+        name="moment-end",
+        snapshot=f"pitr:at:{end.isoformat()}",
+        report=ReportSettings(dir=str(tmp_path / "reports")),
+    )
+    report = run_drill(operator, home=home, spec=spec, scratch=inspecting)
+    assert report.error == "" and report.passed, [c for c in report.checks if not c.passed]
+    assert seen["messages"] == {after_id} and seen["after_object"] is not None
+    checks = {c.name: c for c in report.checks}
+    assert checks["attachments have their objects"].figures["missing"] == 0
+
+
 @dataclass
 class History:
     """The moment, the message with an attachment just before it and the one just after."""
@@ -375,7 +407,7 @@ def _attachments(stack: StackEndpoints) -> int:
 
 
 def _inspect(
-    home: Path, scratch: StackEndpoints, source: StackEndpoints, ids: tuple[int, int]
+    home: Path, scratch: StackEndpoints, source: StackEndpoints, ids: tuple[int, ...]
 ) -> dict[str, Any]:
     """The restored copy's rows: which of ``ids`` exist, and how many attachment rows."""
     (pid,) = home.glob("pitr-*/data/postmaster.pid")
