@@ -152,6 +152,35 @@ def test_the_plan_names_each_stores_effective_moment_and_refuses_a_skew_beyond_t
         assert tight.refusal(accept_skew=True) is None
 
 
+@pytest.mark.slow  # three CLI runs and a backup: about 12 s
+def test_restore_at_refuses_in_one_line_before_touching_anything(
+    tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint
+) -> None:
+    """No WAL for PostgreSQL, a time without its zone, --accept-skew elsewhere: one line,
+    non-zero, no data directory, the Redis and bucket targets untouched."""
+    with source_stack(tmp_path / "src", pg_server, s3_server, TINY) as stack:
+        repository = make_repository(tmp_path / "bk", stack)
+        repository.backup(components=("redis", "minio"))
+        config = repository.operator_config(tmp_path / "op" / "drtool.toml")
+        into = tmp_path / "data"
+        keys = redis_keys(stack.redis)
+        objects = len(list(MinioStore(stack.minio).list_objects(stack.buckets[0])))
+        at = datetime.now(UTC).isoformat()
+        cases = [
+            (("--at", at, "--into", str(into), "--yes"), 10, "holds no WAL"),
+            (("--at", at[:19], "--into", str(into)), 2, "with its zone"),
+            (("--at", at, "--accept-skew"), 2, "only for the whole stack"),
+        ]
+        for args, code, why in cases:
+            result = run_drtool("restore", *args, config=config)
+            assert result.returncode == code, result.stderr
+            (line,) = result.stderr.strip().splitlines()
+            assert why in line
+            assert not into.exists()
+        assert redis_keys(stack.redis) == keys
+        assert len(list(MinioStore(stack.minio).list_objects(stack.buckets[0]))) == objects
+
+
 def test_max_skew_defaults_to_the_schedules_redis_interval(tmp_path: Path) -> None:
     # the included schedule: jobs.redis every 1h, jitter_s = 120 (a run may start that late)
     limit, why = moment.default_max_skew(Path(__file__).parents[1] / "schedules")
