@@ -115,6 +115,17 @@ class CaptureConfig:
 
 
 @dataclass(frozen=True)
+class RestoreConfig:
+    """Restoring the whole stack to one moment (docs/decisions/0027-one-moment-restore.md)."""
+
+    # the largest skew (the moment asked minus a store's effective moment) a restore to a
+    # moment accepts without --accept-skew; 0: the interval (plus its jitter) of the
+    # schedule's most frequent backup job holding Redis (Redis is the store a moment cannot
+    # reach more closely)
+    max_skew_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class PostgresConfig:
     """The PostgreSQL server of the stack."""
 
@@ -187,6 +198,7 @@ class Config:
     wal: WalConfig = WalConfig()
     canary: CanaryConfig = CanaryConfig()
     capture: CaptureConfig = CaptureConfig()
+    restore: RestoreConfig = RestoreConfig()
     targets: Mapping[str, StackConfig] = field(default_factory=dict)
     #: further repositories by name (``[repositories.NAME]``): copies of the primary (3-2-1)
     repositories: Mapping[str, RepositoryConfig] = field(default_factory=dict)

@@ -178,6 +178,7 @@ def test_a_missing_attachment_object_is_caught(
     failed = check(report, "attachments have their objects")
     assert failed["passed"] is False
     assert failed["figures"]["missing"] == 1
+    assert failed["figures"]["present"] == failed["figures"]["rows"] - 1  # counts, not a flag
     assert failed["examples"] == [f"missing object {key}"]
     for name in CHECKS[:3]:
         assert check(report, name)["passed"] is True, name

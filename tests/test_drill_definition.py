@@ -89,6 +89,14 @@ ROOT = Path(__file__).resolve().parent.parent
             'snapshot = "pitr:latest"\n',
             "snapshot: expected pitr:lsn-of-latest or pitr:random-within:<N>d|h",
         ),
+        (
+            'snapshot = "pitr:at:2026-12-05T10:00:00"\n',
+            "snapshot: expected pitr:at:<ISO time with its zone>",
+        ),
+        (
+            "[thresholds]\nmax_skew_s = -1\n",
+            "thresholds.max_skew_s: expected a number of 0 or more",
+        ),
     ],
 )
 def test_a_mistyped_definition_fails_at_load_naming_the_field(

@@ -12,8 +12,9 @@ import click
 from drtool.cli.context import CliState, emit_json, repository_option
 from drtool.cli.render import human_bytes, print_table, require_terminal, typed_confirmation
 from drtool.errors import IntegrityError, UsageError
-from drtool.services.restore.pitr import PitrOptions, PitrResult, run_pitr
-from drtool.services.restore.run import RestoreOptions, RestoreResult, run_restore
+from drtool.services.restore import moment, stack_at
+from drtool.services.restore.pitr import PitrOptions, PitrResult, check_options, run_pitr
+from drtool.services.restore.run import PRODUCTION, RestoreOptions, RestoreResult, run_restore
 from drtool.stores.registry import COMPONENTS
 
 
@@ -76,8 +77,8 @@ def _restore_to_moment(
         raise UsageError(f"--at/--lsn with --into: a moment, not a snapshot id (got {snapshot})")
     if components != ("postgres",):
         raise UsageError(
-            "restore to a moment: PostgreSQL only, pass --component postgres "
-            f"(got {','.join(components)})"
+            "restore to a moment: PostgreSQL alone (--component postgres) or the whole stack "
+            f"(no --component, with --at); not {','.join(components)}"
         )
     options = PitrOptions(
         at=_parse_moment(at) if at is not None else None,
@@ -115,6 +116,102 @@ def _restore_to_moment(
     click.echo(
         f"the copy runs on 127.0.0.1:{result.port}; stop it with: "
         f"{result.pg_ctl} -D {result.data_dir} stop (as the postgres user)"
+    )
+
+
+def _show_moment_plan(plan: moment.MomentPlan, into: str, target: str, dry_run: bool) -> None:
+    where = {"postgres": f"new data directory {into}"}
+    print_table(
+        f"restore plan: the stack at {plan.moment.isoformat()} (max skew "
+        f"{plan.max_skew_s:.0f} s: {plan.max_skew_from})"
+        + (" (dry run, nothing changed)" if dry_run else ""),
+        ["store", "effective moment", "skew (s)", "restored from", "into"],
+        [
+            [
+                s.store,
+                s.effective.isoformat() if s.effective else f"none: {s.error}",
+                "" if s.skew_s is None else f"{s.skew_s:.1f}",
+                s.source,
+                where.get(s.store, target or PRODUCTION),
+            ]
+            for s in plan.stores
+        ],
+    )
+
+
+def _restore_stack_to_moment(
+    state: CliState,
+    repository: str | None,
+    at: str,
+    into: str,
+    *,
+    target: str,
+    force: bool,
+    yes: bool,
+    dry_run: bool,
+    accept_skew: bool,
+    port: int | None,
+    as_json: bool,
+) -> None:
+    """The whole stack at one moment (ADR 0027): plan, refusal, confirmation, restore, the
+    invariants with counts. Exit 5 when a read-back or an invariant fails."""
+    when = _parse_moment(at)
+    check_options(PitrOptions(at=when, into=Path(into)))
+    cfg = state.config(repository=repository)
+    plan = moment.plan_moment(cfg, when)
+    if not as_json:
+        _show_moment_plan(plan, into, target, dry_run)
+    refusal = plan.refusal(accept_skew=accept_skew)
+    if refusal is not None:
+        raise refusal
+    stack_at.check_targets(cfg, state.home, plan, target, force=force)
+    if dry_run:
+        if as_json:
+            emit_json({"plan": [asdict(s) for s in plan.stores], "dry_run": True})
+        return
+    if not yes:
+        require_terminal("restore")
+        if not typed_confirmation(target or PRODUCTION):
+            raise UsageError("restore: not confirmed; nothing changed")
+    result = stack_at.restore_stack_at(
+        cfg, home=state.home, plan=plan, into=Path(into), target=target, force=force, port=port
+    )
+    if as_json:
+        emit_json({**asdict(result), "plan": [asdict(s) for s in plan.stores], "ok": result.ok})
+    else:
+        _show_stack_result(plan, result)
+    if not result.ok:
+        failed = [c.detail for c in result.checks if not c.passed] + result.problems
+        raise IntegrityError(f"restore to {result.moment}: {failed[0]}")
+
+
+def _show_stack_result(plan: moment.MomentPlan, result: stack_at.StackAtResult) -> None:
+    pitr = result.pitr
+    assert pitr is not None
+    print_table(
+        f"the stack restored to {result.moment}",
+        ["store", "effective moment", "skew (s)", "measured RPO (s)", "seconds (RTO)"],
+        [
+            [
+                s.store,
+                pitr.reached_time or "?" if s.store == "postgres" else s.effective,
+                s.skew_s,
+                result.measured_rpo_s.get(s.store, "no canary"),
+                result.seconds.get(s.store, ""),
+            ]
+            for s in plan.stores
+        ],
+    )
+    print_table(
+        "cross-store invariants at the moment",
+        ["check", "result", "counts"],
+        [[c.name, "PASS" if c.passed else "FAIL", c.detail] for c in result.checks],
+    )
+    for problem in result.problems[:5]:
+        click.echo(f"read back: {problem}")
+    click.echo(
+        f"PostgreSQL runs on 127.0.0.1:{pitr.port}; stop it with: "
+        f"{pitr.pg_ctl} -D {pitr.data_dir} stop (as the postgres user)"
     )
 
 
@@ -157,8 +254,9 @@ def _confirm(result: RestoreResult) -> bool:
 @click.option(
     "--into",
     metavar="DIR",
-    help="Restore to a moment (--at/--lsn, --component postgres) into this NEW data directory; "
-    "the copy starts on a free loopback port, the running cluster is not touched.",
+    help="Restore to a moment (--at/--lsn) into this NEW data directory; the copy starts on a "
+    "free loopback port, the running cluster is not touched. With --at and no --component: "
+    "the whole stack at that moment (Redis and the buckets into --target).",
 )
 @click.option("--port", type=int, default=None, help="With --into: the copy's port (default free).")
 @click.option(
@@ -186,6 +284,12 @@ def _confirm(result: RestoreResult) -> bool:
     help="Restore into a non-empty target (PostgreSQL: beside it, switched last).",
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+@click.option(
+    "--accept-skew",
+    is_flag=True,
+    help="Restore to a moment (the whole stack) even when a store is further behind the "
+    "moment than restore.max_skew_s (default: the schedule's Redis interval plus its jitter).",
+)
 @click.option(
     "--drop-old", is_flag=True, help="Drop the replaced PostgreSQL database instead of keeping it."
 )
@@ -226,7 +330,7 @@ def restore(
     force: bool,
     yes: bool,
     as_json: bool,
-    **how: Any,  # per-store options: drop_old, jobs, redis_mode, prefix, minio_mode
+    **how: Any,  # per-store options: drop_old, jobs, redis_mode, prefix, minio_mode; accept_skew
 ) -> None:
     """Restore a snapshot (an id or `latest`) into the stack or a named target.
 
@@ -247,8 +351,38 @@ def restore(
     the target before DIR is created), recovered and promoted in DIR on a
     free port. Outside the window (or behind a WAL gap): exit 10, naming it;
     a damaged file: exit 5, naming it, DIR not left behind.
+
+    \b
+    The whole stack to a moment: `--at TIME --into DIR` without --component:
+    PostgreSQL as above, Redis from the newest RDB taken before TIME, each
+    bucket as it was at TIME (snapshot + capture journal), Redis and the
+    buckets into --target (production only with the usual confirmation and
+    --force for a target holding data). The plan names each store's
+    effective moment and skew; a skew above restore.max_skew_s (default:
+    the schedule's Redis interval) stops it (exit 10) unless --accept-skew.
+    The result counts the cross-store invariants; exit 5 when one fails.
     """
     chosen = tuple(c.strip() for c in components.split(",") if c.strip())
+    accept_skew = bool(how.pop("accept_skew"))
+    if accept_skew and (into is None or at is None):
+        raise UsageError("--accept-skew: only for the whole stack to a moment (--at with --into)")
+    if into is not None and lsn is None and at is not None and set(chosen) == set(COMPONENTS):
+        if snapshot != "latest":
+            raise UsageError(f"--at with --into: a moment, not a snapshot id (got {snapshot})")
+        _restore_stack_to_moment(
+            state,
+            repository,
+            at,
+            into,
+            target=target,
+            force=force,
+            yes=yes,
+            dry_run=dry_run,
+            accept_skew=accept_skew,
+            port=port,
+            as_json=as_json,
+        )
+        return
     if lsn is not None or into is not None:
         if target or force:
             raise UsageError(

@@ -4,14 +4,20 @@
 name = "weekly"
 snapshot = "latest"            # an id, "latest", or "random-within:7d"; or PostgreSQL from a
                                # base backup + WAL: "pitr:lsn-of-latest" (must equal the newest
-                               # logical snapshot's fingerprints) or "pitr:random-within:7d"
+                               # logical snapshot's fingerprints) or "pitr:random-within:7d" /
+                               # "pitr:at:2026-12-05T10:00:00Z" (a moment: with components
+                               # beyond postgres, the whole stack at that moment, ADR 0027)
 runtime = "local"              # "local" (server processes) or "docker"
 components = ["postgres", "redis", "minio"]
 identities = []                # identity files, one per recipient: each must decrypt a sample
 
 [thresholds]
 max_rto_s = 900                # total restore time allowed
-max_rpo_s = 93600              # maximum snapshot age (26 h)
+max_rpo_s = 93600              # maximum snapshot age (26 h); for a drill of the whole stack
+                               # at a moment: each store's canary-measured RPO
+max_skew_s = 0                 # a drill at a moment: the largest skew (the moment minus a
+                               # store's effective moment); 0 = restore.max_skew_s or the
+                               # schedule's Redis interval (ADR 0027)
 
 [checks]
 sample_rooms = 10
@@ -36,7 +42,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,10 +67,34 @@ def _snapshot(where: str, value: str) -> str:
     ``pitr:random-within:<N>d|h`` (PostgreSQL from a base backup and the WAL)."""
     if value.startswith("random") and not _WINDOW.match(value):
         raise problem(where, "expected latest, an id or random-within:<N>d", value)
+    if value.startswith("pitr:at:"):
+        if moment_of(value) is None:
+            raise problem(where, "expected pitr:at:<ISO time with its zone>", value)
+        return value
     if value.startswith("pitr:") and not (
         value == "pitr:lsn-of-latest" or _WINDOW.match(value.removeprefix("pitr:"))
     ):
-        raise problem(where, "expected pitr:lsn-of-latest or pitr:random-within:<N>d|h", value)
+        raise problem(
+            where,
+            "expected pitr:lsn-of-latest or pitr:random-within:<N>d|h (or pitr:at:<time>)",
+            value,
+        )
+    return value
+
+
+def moment_of(value: str) -> datetime | None:
+    """The moment of ``pitr:at:<ISO>`` (with its zone), None when it is not one."""
+    try:
+        at = datetime.fromisoformat(value.removeprefix("pitr:at:"))
+    except ValueError:
+        return None
+    return at if value.startswith("pitr:at:") and at.tzinfo is not None else None
+
+
+def _not_negative(where: str, value: float) -> float:
+    """A limit of zero or more (0: the default chosen elsewhere)."""
+    if value < 0:
+        raise problem(where, "expected a number of 0 or more", value)
     return value
 
 
@@ -88,6 +118,8 @@ class Thresholds:
 
     max_rto_s: float = field(default=900.0, metadata={"check": _positive})
     max_rpo_s: float = field(default=26 * 3600.0, metadata={"check": _positive})
+    # 0: restore.max_skew_s, else the schedule's Redis interval (services/restore/moment.py)
+    max_skew_s: float = field(default=0.0, metadata={"check": _not_negative})
 
 
 @dataclass(frozen=True)

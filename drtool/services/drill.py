@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
@@ -41,7 +43,10 @@ from drtool.repository.access import Repo, identities_of, open_repo
 from drtool.repository.ids import new_id
 from drtool.runtime.binaries import pg_bin_dir, pg_major_of
 from drtool.services import key_proof, pitr_drill
+from drtool.services.restore import moment as moment_plan
+from drtool.services.restore.pitr import PitrResult
 from drtool.services.restore.run import RestoreOptions, run_restore
+from drtool.services.restore.stack_at import restore_stack_at
 from drtool.sources import postgres as pg
 from drtool.stores import canary, checks, registry
 from drtool.timing import Timer, timed
@@ -232,7 +237,8 @@ def run_drill(
         raise ConfigError("keys.identity_file: a drill decrypts, it needs the operators' identity")
     now = now or datetime.now(UTC)
     if pitr_drill.is_pitr(snapshot or spec.snapshot):
-        return _pitr(cfg, home, replace(spec, snapshot=snapshot or spec.snapshot), now, deadline_s)
+        spec = replace(spec, snapshot=snapshot or spec.snapshot)
+        return _pitr(cfg, home, spec, now, deadline_s, scratch)
     repo = open_repo(cfg)
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
     choice = choose_snapshot(records, spec, snapshot, now)
@@ -292,10 +298,16 @@ def _failures_reported(report: DrillReport) -> Iterator[None]:
 
 
 def _pitr(
-    cfg: Config, home: Path, spec: DrillDefinition, now: datetime, deadline_s: float | None
+    cfg: Config,
+    home: Path,
+    spec: DrillDefinition,
+    now: datetime,
+    deadline_s: float | None,
+    scratch: Scratch = _scratch,
 ) -> DrillReport:
-    """A drill of the physical chain (services/pitr_drill.py): PostgreSQL only, into a new
-    data directory; reported, stored and published like every drill.
+    """A drill of the physical chain (services/pitr_drill.py), reported, stored and published
+    like every drill: PostgreSQL alone into a new data directory, or, for a moment with more
+    stores than PostgreSQL, the whole stack at that moment (:func:`_moment`).
 
     Its ``snapshot_id`` is the choice (``pitr:lsn-of-latest``), never a snapshot's id: the
     drill restored a base backup and WAL, not that snapshot, so it must not count as that
@@ -311,20 +323,127 @@ def _pitr(
         started=now.isoformat(timespec="seconds"),
     )
     with _failures_reported(report):
-        choice = pitr_drill.choose(cfg, spec.snapshot, spec.window(), now)
+        choice = pitr_drill.choose(cfg, spec.snapshot, spec.window(), now, spec.components)
         report.snapshot_time = (choice.at or choice.newest).isoformat(timespec="seconds")
         # how old the newest thing this drill proves is: the logical snapshot, or the
         # window's end (the newest moment restorable)
         report.rpo_s = round((now - choice.newest).total_seconds(), 1)
         log.info("drill %s: %s (%s)", drill_id, spec.snapshot, choice.lsn or choice.at)
+        whole = choice.at is not None and set(spec.components) != {"postgres"}
         with watchdog(drill_id, deadline_s or default_deadline(spec)) as dog:
-            dog.enter(f"restoring PostgreSQL to {choice.lsn or choice.at} (base + WAL)")
-            pitr_drill.run_pitr_drill(cfg, home, choice, report)
-        report.checks += _threshold_checks(spec, report)
+            if whole:
+                assert choice.at is not None
+                _moment(cfg, home, spec, choice.at, report, scratch, dog)
+            else:
+                dog.enter(f"restoring PostgreSQL to {choice.lsn or choice.at} (base + WAL)")
+                pitr_drill.run_pitr_drill(cfg, home, choice, report)
+        report.checks += _threshold_checks(spec, report, measured=whole)
         report.passed = all(c.passed for c in report.checks)
     report.finished = datetime.now(UTC).isoformat(timespec="seconds")
     _publish(open_repo(cfg), spec, report)
     return report
+
+
+def _moment(
+    cfg: Config,
+    home: Path,
+    spec: DrillDefinition,
+    at: datetime,
+    report: DrillReport,
+    scratch: Scratch,
+    dog: Watchdog,
+) -> None:
+    """The whole stack at one moment into the scratch stack (services/restore/stack_at.py):
+    PostgreSQL by WAL into a new data directory, Redis and the buckets per the plan into the
+    scratch servers; then the drill's data checks at the moment (cross-store invariants with
+    counts), the canaries' measured RPO per store and the skew against its threshold.
+
+    The plan is checked before anything starts; a store that cannot reach the moment fails
+    the drill with the planner's message. A skew above the threshold does not stop the drill
+    (the restore still proves the rest) but fails its check, naming the store.
+    """
+    phases = report.phases_s
+    plan = moment_plan.plan_moment(cfg, at, max_skew_s=spec.thresholds.max_skew_s or None)
+    report.checks.append(_skew_check(plan))
+    refusal = plan.refusal(accept_skew=True)
+    if refusal is not None:
+        raise refusal
+    assert plan.pitr is not None
+    work = Path(tempfile.mkdtemp(prefix=f"pitr-{report.drill_id}-", dir=home))
+    work.chmod(0o711)  # the copy's server runs as the postgres user when we are root
+    copies: list[PitrResult] = []
+    try:
+        up = Timer()
+        pg_major = pg_major_of(plan.pitr.base.component.source_version)
+        report.pg_major = pg_major
+        dog.enter(f"starting the {spec.runtime} scratch stack")
+        with scratch(home, report.drill_id, spec, pg_major) as endpoints:
+            phases["up"] = round(up.elapsed(), 3)
+            guard_production(endpoints, cfg.stack())
+            target = f"drill-{report.drill_id}"
+            drill_cfg = replace(cfg, targets={**cfg.targets, target: scratch_target(endpoints)})
+            dog.enter(f"restoring the stack to {at.isoformat()}")
+            restoring = Timer()
+            try:
+                result = restore_stack_at(
+                    drill_cfg,
+                    home=home,
+                    plan=plan,
+                    into=work / "data",
+                    target=target,
+                    on_postgres=copies,
+                    check=lambda eps: _data_checks(eps, spec),
+                )
+            finally:
+                report.restore_s = phases["restore"] = round(restoring.elapsed(), 3)
+            report.rto_s.update(result.seconds)
+            pitr = result.pitr
+            assert pitr is not None
+            report.checks.append(
+                checks.CheckResult(
+                    "restored to the moment",
+                    not result.problems,
+                    f"PostgreSQL reached {pitr.reached_time or '?'} from base "
+                    f"{pitr.base_snapshot}; Redis from {result.redis_snapshot}; buckets "
+                    f"{', '.join(result.buckets)} as at the moment"
+                    + (
+                        f"; {len(result.problems)} read-back differences" if result.problems else ""
+                    ),
+                    examples=result.problems[: checks.MAX_EXAMPLES],
+                )
+            )
+            report.checks += result.checks
+            report.measured_rpo_s = result.measured_rpo_s
+            down = Timer()
+        phases["down"] = round(down.elapsed(), 3)
+    finally:
+        pitr_drill.stop_copy(work / "data", copies[0] if copies else None)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _skew_check(plan: moment_plan.MomentPlan) -> checks.CheckResult:
+    """Each store's effective moment and skew against the limit; the stores over it named."""
+    over = plan.over_skew()
+    figures: dict[str, Any] = {
+        s.store: {
+            "effective": s.effective.isoformat() if s.effective else None,
+            "skew_s": s.skew_s,
+            "source": s.source,
+        }
+        for s in plan.stores
+    }
+    figures["max_skew_s"] = plan.max_skew_s
+    limit = f"limit {plan.max_skew_s:.0f} s, {plan.max_skew_from}"
+    detail = f"skew {plan.skew_text() or 'unknown'} ({limit})"
+    if over:
+        detail = f"{', '.join(s.store for s in over)} beyond the limit: " + detail
+    return checks.CheckResult(
+        "skew within threshold",
+        not over and all(s.effective is not None for s in plan.stores),
+        detail,
+        figures,
+        [f"{s.store}: {s.skew_s:.0f} s behind ({s.source})" for s in over],
+    )
 
 
 def _drill(
@@ -461,9 +580,15 @@ def _data_checks(endpoints: StackEndpoints, spec: DrillDefinition) -> list[check
     ]
 
 
-def _threshold_checks(spec: DrillDefinition, report: DrillReport) -> list[checks.CheckResult]:
+def _threshold_checks(
+    spec: DrillDefinition, report: DrillReport, *, measured: bool = False
+) -> list[checks.CheckResult]:
+    """RTO against its limit; RPO as the snapshot's age, or (``measured``: a drill at a
+    moment) as each store's canary-measured RPO."""
     rto = report.restore_s  # the whole restore, not only the components' own times
     limits = spec.thresholds
+    if measured:
+        return [_rto_check(rto, limits.max_rto_s), _measured_rpo_check(report, limits.max_rpo_s)]
     return [
         checks.CheckResult(
             "RTO within threshold",
@@ -478,6 +603,36 @@ def _threshold_checks(spec: DrillDefinition, report: DrillReport) -> list[checks
             {"rpo_s": report.rpo_s, "max_rpo_s": limits.max_rpo_s},
         ),
     ]
+
+
+def _rto_check(rto: float, limit: float) -> checks.CheckResult:
+    return checks.CheckResult(
+        "RTO within threshold",
+        rto <= limit,
+        f"restore took {rto:.1f} s (limit {limit:.0f} s)",
+        {"rto_s": rto, "max_rto_s": limit},
+    )
+
+
+def _measured_rpo_check(report: DrillReport, limit: float) -> checks.CheckResult:
+    """Each store's measured RPO (the moment minus its newest canary) within ``max_rpo_s``.
+
+    A store without a canary is named as not measured (canaries off), never counted as 0.
+    """
+    measured = {k: v for k, v in report.measured_rpo_s.items() if v is not None}
+    unmeasured = sorted(k for k, v in report.measured_rpo_s.items() if v is None)
+    over = {k: v for k, v in measured.items() if v > limit}
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(measured.items())) or "none measured"
+    detail = f"measured RPO {parts} (limit {limit:.0f} s)"
+    if unmeasured:
+        detail += f"; no canary in {', '.join(unmeasured)}"
+    return checks.CheckResult(
+        "measured RPO within threshold",
+        not over,
+        detail,
+        {"measured_rpo_s": report.measured_rpo_s, "max_rpo_s": limit},
+        [f"{k}: {v:.0f} s" for k, v in over.items()],
+    )
 
 
 def _publish(repo: Repo, spec: DrillDefinition, report: DrillReport) -> None:

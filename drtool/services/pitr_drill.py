@@ -27,12 +27,14 @@ from pathlib import Path
 import psycopg
 
 from drtool.config import Config
+from drtool.drills.definition import moment_of
 from drtool.drills.report import DrillReport
 from drtool.endpoints import StackEndpoints
 from drtool.errors import DrtoolError, NotFound
 from drtool.repository import catalog
 from drtool.repository.access import identities_of, open_repo
 from drtool.runtime.binaries import pg_bin_dir
+from drtool.services.restore import moment as moment_plan
 from drtool.services.restore import pitr_plan, pitr_recover
 from drtool.services.restore.pitr import PitrOptions, PitrResult, run_pitr
 from drtool.sources.pg_fingerprint import compare, compute_fingerprints
@@ -63,8 +65,18 @@ def is_pitr(choice: str) -> bool:
     return choice.startswith("pitr:")
 
 
-def choose(cfg: Config, choice: str, window: timedelta | None, now: datetime) -> PitrChoice:
+def choose(
+    cfg: Config,
+    choice: str,
+    window: timedelta | None,
+    now: datetime,
+    components: tuple[str, ...] = ("postgres",),
+) -> PitrChoice:
     """The LSN of the newest logical snapshot recording one, or a random moment of the window.
+
+    For the whole stack (``components`` beyond postgres) the random moment is drawn from the
+    part of the window where Redis and the buckets have a copy too (ADR 0027): a drill of
+    the window, not of the days before the first snapshot.
 
     NotFound when there is nothing to drill (no snapshot with a consistent LSN; no base
     backup followed by WAL): a drill that cannot prove what it should fails with a report.
@@ -84,6 +96,9 @@ def choose(cfg: Config, choice: str, window: timedelta | None, now: datetime) ->
             "pitr:lsn-of-latest: no valid snapshot records a consistent LSN (the source needs "
             "wal_level = logical and a REPLICATION role: ADR 0018)"
         )
+    at = moment_of(choice)
+    if at is not None:  # an explicit moment: the planner says whether the window holds it
+        return PitrChoice(at, at=at)
     index = load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
     size = index.segment_size
     bases = pitr_plan.bases_of(records, size) if size else []
@@ -92,6 +107,9 @@ def choose(cfg: Config, choice: str, window: timedelta | None, now: datetime) ->
     run, _ = pitr_plan.run_from(index, bases[-1], size)
     end = datetime.fromisoformat(run[-1].sealed) if run else bases[-1].finished
     start = bases[0].finished
+    others = moment_plan.earliest_reachable(records, components)
+    if others is not None:
+        start = max(start, others)
     if window is not None:
         start = max(start, now - window)
     if end <= start:
@@ -131,12 +149,12 @@ def run_pitr_drill(cfg: Config, home: Path, choice: PitrChoice, report: DrillRep
             newest = canary.newest_canaries(endpoints, ())
             report.measured_rpo_s = canary.measured_rpo(choice.at, {"postgres": newest["postgres"]})
     finally:
-        _stop_copy(work / "data", result)
+        stop_copy(work / "data", result)
         shutil.rmtree(work, ignore_errors=True)
     report.passed = all(c.passed for c in report.checks)
 
 
-def _stop_copy(data: Path, result: PitrResult | None) -> None:
+def stop_copy(data: Path, result: PitrResult | None) -> None:
     """Stop the restored copy if a server runs on it, whatever stopped the drill (a deadline
     can strike while recovery runs, before ``run_pitr`` returned its result)."""
     if not (data / "postmaster.pid").exists():

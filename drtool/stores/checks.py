@@ -57,11 +57,18 @@ def attachments_have_objects(endpoints: StackEndpoints, *, workers: int = 4) -> 
                 f"{key}: {got[0]} bytes sha256 {got[1][:12]}, row says {size} {sha[:12]}"
             )
     problems = [f"missing object {k}" for k in missing] + different
+    present = len(rows) - len(missing) - len(different)
     return CheckResult(
         "attachments have their objects",
         not problems,
-        f"{len(rows)} attachment rows; {len(missing)} objects missing, {len(different)} differ",
-        {"rows": len(rows), "missing": len(missing), "different": len(different)},
+        f"{len(rows)} attachment rows; {present} objects present, {len(missing)} missing, "
+        f"{len(different)} differ",
+        {
+            "rows": len(rows),
+            "present": present,
+            "missing": len(missing),
+            "different": len(different),
+        },
         problems[:MAX_EXAMPLES],
     )
 
@@ -86,7 +93,7 @@ def redis_points_to_existing_rows(endpoints: StackEndpoints) -> CheckResult:
     client = connect_redis(endpoints.redis)
     problems: list[str] = []
     skew = {"users": 0, "rooms": 0, "messages": 0}
-    counters = 0
+    counters = missing_refs = 0
     try:
         for key in _scan(client, redis_layout.UNREAD_PATTERN):
             user_id = redis_layout.user_id_of_unread(key)
@@ -103,6 +110,7 @@ def redis_points_to_existing_rows(endpoints: StackEndpoints) -> CheckResult:
                         skew["rooms"] += 1
                     else:
                         problems.append(f"{key}: room {room_id} does not exist")
+                        missing_refs += 1
         recent_ids = 0
         for key in _scan(client, redis_layout.RECENT_PATTERN):
             room_id = redis_layout.room_id_of_recent(key)
@@ -116,15 +124,24 @@ def redis_points_to_existing_rows(endpoints: StackEndpoints) -> CheckResult:
                         skew["messages"] += 1
                     else:
                         problems.append(f"{key}: message {message_id} does not exist")
+                        missing_refs += 1
     finally:
         client.close()
+    # counters and recent-list ids naming a row that exists (the rest: dangling or newer)
+    existing = counters + recent_ids - missing_refs - skew["rooms"] - skew["messages"]
     return CheckResult(
         "redis points to existing rows",
         not problems,
-        f"{counters} unread counters, {recent_ids} recent-list ids; "
-        f"{len(problems)} dangling; newer than the PostgreSQL snapshot (skew): "
+        f"{counters} unread counters, {recent_ids} recent-list ids; {existing} point to "
+        f"existing rows, {len(problems)} dangling; newer than the PostgreSQL snapshot (skew): "
         f"{skew['users']} users, {skew['rooms']} rooms, {skew['messages']} messages",
-        {"counters": counters, "recent_ids": recent_ids, "dangling": len(problems), "skew": skew},
+        {
+            "counters": counters,
+            "recent_ids": recent_ids,
+            "existing": existing,
+            "dangling": len(problems),
+            "skew": skew,
+        },
         problems[:MAX_EXAMPLES],
     )
 

@@ -75,11 +75,7 @@ def load(
     """
     indexes = [o for o in comp.objects if o.kind == "minio_index"]
     sources = [o.key.rsplit("/", 1)[-1].removesuffix(INDEX_SUFFIX) for o in indexes]
-    mapping = (
-        dict(zip(sources, target_buckets, strict=True))
-        if len(target_buckets) == len(sources) and target_buckets != (ALL_BUCKETS,)
-        else {b: b for b in sources}
-    )
+    mapping = bucket_mapping(sources, target_buckets)
     manifest_blobs = {o.key: o for o in comp.objects if o.kind == "blob"}
     result = []
     for obj, bucket in zip(indexes, sources, strict=True):
@@ -91,6 +87,14 @@ def load(
         chosen = [e for e in entries if e.key.startswith(prefix)]
         result.append(BucketSnapshot(bucket, mapping[bucket], chosen, prefix))
     return result
+
+
+def bucket_mapping(sources: list[str], target_buckets: tuple[str, ...]) -> dict[str, str]:
+    """Source bucket -> target bucket: by position when the target lists as many as there are
+    sources, else (and for ``buckets = ["*"]``) by name."""
+    if len(target_buckets) == len(sources) and target_buckets != (ALL_BUCKETS,):
+        return dict(zip(sources, target_buckets, strict=True))
+    return {b: b for b in sources}
 
 
 def held_objects(store: MinioStore, bucket: str) -> int | None:

@@ -1,0 +1,300 @@
+"""One moment across the three stores: where each store can be put back, and how far apart.
+
+A restore to a moment T brings back PostgreSQL exactly at T (its WAL replays to the
+microsecond), but Redis only from an RDB (taken by a scheduled backup) and the bucket from a
+listing snapshot plus the objects the capture journaled since. Each store therefore has its
+own **effective moment**, and the **skew** (T minus it) says how much older that store's copy
+is than the moment asked for:
+
+- PostgreSQL: T itself when the WAL window reaches it; otherwise the PITR planner's own
+  refusal (outside the window, behind a gap: exit 10) is the plan's;
+- Redis: the newest valid snapshot whose Redis part was taken entirely at or before T; its
+  effective moment is when that part *started* (the RDB holds every write before it), and
+  the manifest's start plus the durations of the parts before Redis says when that was;
+- each bucket: the newest valid snapshot holding it started at or before T (the base of
+  :func:`drtool.capture.at.bucket_at`); T itself when the capture journal covers T (a round
+  of that bucket captured at or after T: the capture was following the rows past the moment),
+  else the start of the newest round captured after that snapshot and at or before T (the
+  rows it read were committed before it), else the snapshot's start.
+
+A store whose skew exceeds ``max_skew`` is named and the plan refuses (exit 10) unless told
+to accept it. The default limit is the interval (plus its jitter) of the schedule's most
+frequent backup job holding Redis: the RDB is the store a moment cannot reach more closely,
+and a restore further apart than that means a backup did not run (docs/decisions/0027).
+Nothing here reads a byte of data: the signed snapshot list, WAL index and capture chain only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from drtool.capture import chain as capture_chain
+from drtool.config import Config
+from drtool.errors import DrtoolError, IntegrityError, NotFound
+from drtool.repository import catalog
+from drtool.repository.access import Repo, open_repo
+from drtool.repository.catalog import SnapshotRecord
+from drtool.services.restore import pitr_plan
+from drtool.services.scheduling.jobs import load_schedules
+from drtool.wal.index import WalIndex, load_index
+
+log = logging.getLogger(__name__)
+
+POSTGRES, REDIS, MINIO = "postgres", "redis", "minio"
+INDEX_SUFFIX = ".index.zst.age"
+#: when no schedule can be read: the included schedule's Redis job (schedules/default.toml)
+FALLBACK_MAX_SKEW_S = 3600.0
+#: a manifest's ``started`` is written to the second: the true start may be up to this later
+STARTED_PRECISION = timedelta(seconds=1)
+
+
+def bucket_store(bucket: str) -> str:
+    """The name a bucket goes by in plans and reports (as its canary does)."""
+    return f"{MINIO}:{bucket}"
+
+
+@dataclass(frozen=True)
+class StoreMoment:
+    """One store's effective moment for the moment asked, and where it comes from."""
+
+    store: str  # postgres, redis or minio:<bucket>
+    effective: datetime | None  # None: the store cannot be restored to the moment (``error``)
+    source: str  # what it is restored from, for people
+    skew_s: float | None = None
+    snapshot_id: str = ""  # Redis and buckets: the snapshot restored from
+    error: str = ""
+
+
+@dataclass
+class MomentPlan:
+    """Every store's effective moment for ``moment``, the skew limit and where it came from."""
+
+    moment: datetime
+    max_skew_s: float
+    max_skew_from: str
+    stores: list[StoreMoment] = field(default_factory=list)
+    pitr: pitr_plan.PitrPlan | None = None
+    pitr_error: DrtoolError | None = None
+
+    def store(self, name: str) -> StoreMoment:
+        """The entry of store ``name``."""
+        return next(s for s in self.stores if s.store == name)
+
+    def buckets(self) -> list[StoreMoment]:
+        """The buckets' entries."""
+        return [s for s in self.stores if s.store.startswith(f"{MINIO}:")]
+
+    def over_skew(self) -> list[StoreMoment]:
+        """The stores whose skew exceeds the limit."""
+        return [s for s in self.stores if s.skew_s is not None and s.skew_s > self.max_skew_s]
+
+    def skew_text(self) -> str:
+        """``redis 5400 s, minio:attachments 30 s`` (the largest first)."""
+        found = sorted(
+            (s for s in self.stores if s.skew_s is not None), key=lambda s: -(s.skew_s or 0)
+        )
+        return ", ".join(f"{s.store} {s.skew_s:.0f} s" for s in found)
+
+    def refusal(self, *, accept_skew: bool) -> DrtoolError | None:
+        """Why the restore must not start, if it must not: a store that cannot reach the
+        moment at all (PostgreSQL's window first), then a skew above the limit."""
+        if self.pitr_error is not None:
+            return self.pitr_error
+        unreachable = [s for s in self.stores if s.effective is None]
+        if unreachable:
+            return NotFound(f"restore to {self.moment.isoformat()}: {unreachable[0].error}")
+        over = self.over_skew()
+        if over and not accept_skew:
+            named = ", ".join(f"{s.store} by {s.skew_s:.0f} s ({s.source})" for s in over)
+            return NotFound(
+                f"restore to {self.moment.isoformat()}: {named} behind the moment, more than "
+                f"max_skew {self.max_skew_s:.0f} s ({self.max_skew_from}); nothing changed, "
+                "pass --accept-skew to restore anyway"
+            )
+        return None
+
+
+def default_max_skew(schedule_dir: Path) -> tuple[float, str]:
+    """The period of the most frequent backup job holding Redis in ``schedule_dir``, plus its
+    ``jitter_s`` (a run may start that much late, so two RDBs can be that much further apart).
+
+    Falls back to one hour (the included schedule's Redis job) when no schedule can be read,
+    and says so: the operator restoring on another host may not have the schedule files.
+    """
+    try:
+        jobs = load_schedules(schedule_dir)
+    except DrtoolError as exc:
+        why = exc.message.split(";")[0]
+        return FALLBACK_MAX_SKEW_S, f"default 1h: no schedule read ({why})"
+    periods = [
+        (job.period_s + job.jitter_s, job.period_s, job.jitter_s, job.name)
+        for job in jobs
+        if job.kind == "backup" and REDIS in job.components
+    ]
+    if not periods:
+        return FALLBACK_MAX_SKEW_S, f"default 1h: no backup job holds redis in {schedule_dir}"
+    limit, period, jitter, name = min(periods)
+    return float(limit), (
+        f"the Redis job {name}'s interval {period} s + its jitter {jitter} s in {schedule_dir}"
+    )
+
+
+def max_skew(cfg: Config, override: float | None = None) -> tuple[float, str]:
+    """The limit and where it came from: given, ``restore.max_skew_s``, or the schedule's."""
+    if override:
+        return override, "given"
+    if cfg.restore.max_skew_s > 0:
+        return cfg.restore.max_skew_s, "restore.max_skew_s"
+    return default_max_skew(Path(os.environ.get("DRTOOL_SCHEDULE_DIR", "schedules")))
+
+
+def plan_moment(cfg: Config, moment: datetime, *, max_skew_s: float | None = None) -> MomentPlan:
+    """Read the repository's signed records and plan ``moment`` for every store."""
+    repo = open_repo(cfg)
+    records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+    index = load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
+    limit, why = max_skew(cfg, max_skew_s)
+    return plan_from(repo, records, index, moment, limit, why)
+
+
+def plan_from(
+    repo: Repo,
+    records: list[SnapshotRecord],
+    index: WalIndex,
+    moment: datetime,
+    limit: float,
+    why: str,
+) -> MomentPlan:
+    """The plan from records already read (one way for the restore and the drill)."""
+    plan = MomentPlan(moment, limit, why)
+    try:
+        plan.pitr = pitr_plan.plan(records, index, pitr_plan.Target(at=moment))
+        base = plan.pitr.base
+        plan.stores.append(
+            StoreMoment(POSTGRES, moment, f"base {base.snapshot_id} + WAL", 0.0, base.snapshot_id)
+        )
+    except (NotFound, IntegrityError) as exc:
+        plan.pitr_error = exc
+        plan.stores.append(StoreMoment(POSTGRES, None, "base + WAL", error=exc.message))
+    plan.stores.append(_redis(records, moment))
+    plan.stores += _buckets(repo, records, moment)
+    return plan
+
+
+def component_window(record: SnapshotRecord, name: str) -> tuple[datetime, datetime] | None:
+    """When component ``name`` of the snapshot was taken, at the earliest and the latest.
+
+    Components are backed up one after another in the manifest's order, each with its
+    measured duration: from the start plus the durations before it, to that plus its own
+    (plus the start's rounding to the second).
+    """
+    m = record.manifest
+    if m is None:
+        return None
+    start = datetime.fromisoformat(m.started)
+    for comp in m.components:
+        if comp.name == name:
+            end = start + timedelta(seconds=comp.duration_s) + STARTED_PRECISION
+            return start, end
+        start += timedelta(seconds=comp.duration_s)
+    return None
+
+
+def earliest_reachable(records: list[SnapshotRecord], stores: tuple[str, ...]) -> datetime | None:
+    """The first moment at which each of ``stores`` (redis, minio) has a copy: the end of the
+    oldest valid snapshot's Redis part, the start of the oldest valid MinIO snapshot. None
+    when none of them is named, or one has no copy at all (the plan then names it)."""
+    found: list[datetime] = []
+    for store in stores:
+        if store == REDIS:
+            ends = [w[1] for r in records if r.valid and (w := component_window(r, REDIS))]
+        elif store == MINIO:
+            ends = [r.time for r in records if r.valid and _bucket_names(r)]
+        else:
+            continue
+        if not ends:
+            return None
+        found.append(min(ends))
+    return max(found, default=None)
+
+
+def _redis(records: list[SnapshotRecord], moment: datetime) -> StoreMoment:
+    best: tuple[datetime, SnapshotRecord] | None = None
+    for record in records:
+        window = component_window(record, REDIS) if record.valid else None
+        if window is None or window[1] > moment:
+            continue
+        if best is None or window[0] > best[0]:
+            best = (window[0], record)
+    if best is None:
+        return StoreMoment(
+            REDIS,
+            None,
+            "snapshot",
+            error=f"no valid snapshot holds a Redis RDB taken before {moment.isoformat()}",
+        )
+    start, record = best
+    skew = round((moment - start).total_seconds(), 1)
+    return StoreMoment(REDIS, start, f"snapshot {record.snapshot_id}", skew, record.snapshot_id)
+
+
+def _bucket_names(record: SnapshotRecord) -> list[str]:
+    comp = record.manifest.component(MINIO) if record.manifest else None
+    return [
+        o.key.rsplit("/", 1)[-1].removesuffix(INDEX_SUFFIX)
+        for o in (comp.objects if comp else ())
+        if o.kind == "minio_index"
+    ]
+
+
+def _buckets(repo: Repo, records: list[SnapshotRecord], moment: datetime) -> list[StoreMoment]:
+    """Every bucket the newest MinIO snapshot at or before the moment holds (bucket_at's base),
+    with what the capture journal adds (its signed chain records only, no journal read)."""
+    bases: dict[str, SnapshotRecord] = {}
+    for record in records:
+        if record.valid and record.time <= moment:
+            for bucket in _bucket_names(record):
+                if bucket not in bases or record.time > bases[bucket].time:
+                    bases[bucket] = record
+    if not bases:
+        return [
+            StoreMoment(
+                MINIO,
+                None,
+                "snapshot",
+                error=f"no valid snapshot of a bucket started at or before {moment.isoformat()}",
+            )
+        ]
+    found = capture_chain.load_chain(repo.storage, repo.verify_keys, repo.info.repo_id)
+    if found.problems:
+        raise IntegrityError(
+            f"capture chain: {found.problems[0]} (run `drtool capture verify`); nothing restored"
+        )
+    plans = []
+    for bucket, base in sorted(bases.items()):
+        rounds = [
+            r
+            for _, r in found.records
+            if r.bucket == bucket and datetime.fromisoformat(r.last_captured) > base.time
+        ]
+        covered = any(datetime.fromisoformat(r.last_captured) >= moment for r in rounds)
+        before = [
+            datetime.fromisoformat(r.first_captured)
+            for r in rounds
+            if datetime.fromisoformat(r.first_captured) <= moment
+        ]
+        source = f"snapshot {base.snapshot_id}"
+        if covered:
+            effective, source = moment, f"{source} + capture journal (covers the moment)"
+        elif before and max(before) > base.time:
+            effective = max(before)
+            source += " + capture journal (ends before the moment)"
+        else:
+            effective = base.time
+        skew = round(max(0.0, (moment - effective).total_seconds()), 1)
+        plans.append(StoreMoment(bucket_store(bucket), effective, source, skew, base.snapshot_id))
+    return plans
