@@ -199,6 +199,15 @@ def _confirm(result: RestoreResult) -> bool:
     "its RDB, start it (a local stack, or redis.container of the target; exact, no mix).",
 )
 @click.option(
+    "--redis-node-dir",
+    "redis_node_dirs",
+    multiple=True,
+    metavar="DIR",
+    help="With --redis-mode offline and a Redis Cluster snapshot: the data dir (nodes.conf, "
+    "dump.rdb) of each STOPPED node of a cluster with the snapshot's slot ranges; each gets "
+    "its shard's RDB. Repeat for every master (and replica).",
+)
+@click.option(
     "--prefix", default="", metavar="P", help="MinIO: only objects whose key starts with P."
 )
 @click.option(
@@ -226,7 +235,7 @@ def restore(
     force: bool,
     yes: bool,
     as_json: bool,
-    **how: Any,  # per-store options: drop_old, jobs, redis_mode, prefix, minio_mode
+    **how: Any,  # per-store options: drop_old, jobs, redis_mode, redis_node_dirs, prefix, ...
 ) -> None:
     """Restore a snapshot (an id or `latest`) into the stack or a named target.
 

@@ -111,6 +111,8 @@ class Target:
     pg_bin_dir: Path | None = None
     timeout: float = 3600.0
     placer: Placer | None = None  # set for an offline Redis restore
+    #: an offline Redis Cluster restore: the stopped nodes' data dirs (RDB per node)
+    redis_node_dirs: tuple[Path, ...] = ()
     minio_mode: str = "merge"  # or "mirror": remove objects under the prefix the snapshot lacks
     keep_dir: Path | None = None  # where copies that outlive the restore are kept (scratch)
 

@@ -55,6 +55,8 @@ class RestoreOptions:
     redis_mode: str = "online"  # or "offline": restart the server with the RDB
     prefix: str = ""
     minio_mode: str = "merge"  # or "mirror": remove objects under the prefix the snapshot lacks
+    #: offline into a stopped Redis Cluster: each node's data dir (an RDB per node)
+    redis_node_dirs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -145,9 +147,10 @@ def run_restore(
         pg_bin_dir=Path(cfg.postgres.bin_dir) if cfg.postgres.bin_dir else None,
         timeout=float(cfg.backup.timeout_s),
         keep_dir=scratch_dir(cfg),
+        redis_node_dirs=tuple(Path(d).absolute() for d in options.redis_node_dirs),
     )
     restoring = _load(SnapshotSource(repo, m, identities), chosen, target)
-    if "redis" in restoring and options.redis_mode == "offline":
+    if "redis" in restoring and options.redis_mode == "offline" and not options.redis_node_dirs:
         placer = redis_placer(cfg, home, options.target, target.endpoints.redis)
         target = replace(target, placer=placer)
     result = RestoreResult(m.snapshot_id, options.target or PRODUCTION, options.dry_run, [])
@@ -204,6 +207,11 @@ def _check_options(options: RestoreOptions) -> None:
         raise UsageError(f"--minio-mode: merge or mirror (got {options.minio_mode})")
     if options.jobs < 1:
         raise UsageError(f"--jobs: must be at least 1 (got {options.jobs})")
+    if options.redis_node_dirs and options.redis_mode != "offline":
+        raise UsageError(
+            "--redis-node-dir: places RDBs into stopped cluster nodes, add --redis-mode offline "
+            "(online copies keys into the running cluster)"
+        )
     if options.at is not None and options.ref != "latest":
         raise UsageError(f"--at: picks among snapshots, not with a snapshot id (got {options.ref})")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from drtool.endpoints import StackEndpoints
 from drtool.errors import IntegrityError, SourceError, UsageError
 from drtool.repository.manifest import ComponentEntry, ObjectEntry
-from drtool.sources.redis_client import connect, keyspace_dbs, save_as_rdb
+from drtool.sources.redis_client import connect, ephemeral_redis, keyspace_dbs, save_as_rdb
 from drtool.sources.redis_cluster import combine, discover, fetch_shards
-from drtool.sources.redis_fingerprint import fingerprint_rdb, fingerprint_redis
+from drtool.sources.redis_fingerprint import compare, fingerprint_rdb, fingerprint_redis
 from drtool.sources.redis_logical import FORMAT as LOGICAL_FORMAT
 from drtool.sources.redis_logical import dump_logical, logical_redis
 from drtool.sources.redis_rdb import ReplicationRefused, fetch_rdb, validate_rdb
@@ -37,8 +37,9 @@ from drtool.stores.base import (
     SnapshotSource,
     Target,
 )
-from drtool.stores.redis import offline
+from drtool.stores.redis import cluster_offline, offline
 from drtool.stores.redis import restore as redis_restore
+from drtool.stores.redis.cluster_offline import NodeDir
 from drtool.stores.streams import counting, file_chunks, json_chunks
 
 NAME = "redis"
@@ -212,13 +213,48 @@ class RedisRestoring:
     source: SnapshotSource
     snap: redis_restore.RedisSnapshot
     data: list[Path] | None = None
+    nodes: tuple[list[NodeDir], list[int]] | None = None  # offline into a cluster's node dirs
 
     def reads(self) -> list[ObjectEntry]:
         """The RDB, logical dump or shard RDBs."""
         return list(self.snap.data)
 
+    def _node_dirs(self, target: Target) -> tuple[list[NodeDir], list[int]]:
+        """The stopped nodes of an offline cluster restore, each matched to its shard."""
+        if self.nodes is None:
+            if self.snap.method != "cluster":
+                raise UsageError(
+                    f"--redis-node-dir: snapshot {self.source.manifest.snapshot_id} holds one "
+                    "Redis server, not a cluster; restore it with --redis-mode offline into a "
+                    "local stack or container, or online; nothing changed"
+                )
+            nodes = [cluster_offline.read_node_dir(d) for d in target.redis_node_dirs]
+            for node in nodes:
+                cluster_offline.check_down(node)
+            shards = cluster_offline.match([r for r, _ in self.snap.shards], nodes)
+            self.nodes = (nodes, shards)
+        return self.nodes
+
+    def _plan_nodes(self, target: Target) -> PlanItem:
+        nodes, _ = self._node_dirs(target)
+        had = sum(1 for n in nodes if n.rdb.exists())
+        masters = sum(1 for n in nodes if n.master)
+        return PlanItem(
+            NAME,
+            f"{self.snap.keys:,} keys in {len(self.snap.shards)} shards",
+            f"{masters} masters + {len(nodes) - masters} replicas, stopped",
+            self.snap.size,
+            f"{had} of {len(nodes)} nodes have an RDB",
+            had > 0,
+            "place each shard's RDB in the data dir of the node owning its slots (the current "
+            "one kept as dump.rdb.pre_restore_<time>); start the nodes afterwards",
+            (self.snap.consistency,),
+        )
+
     def plan(self, target: Target) -> list[PlanItem]:
         """The target server, the keys it holds, and how they are replaced."""
+        if target.redis_node_dirs:
+            return [self._plan_nodes(target)]
         r = target.endpoints.redis
         held = redis_restore.target_keys(r)
         action = "copy keys (RESTORE REPLACE), remove keys not in the snapshot" if held else ""
@@ -251,6 +287,8 @@ class RedisRestoring:
         """Copy the keys (or swap the data file), then compare fingerprints with the snapshot's."""
         assert self.data is not None  # stage came first
         endpoint = target.endpoints.redis
+        if target.redis_node_dirs:
+            return self._restore_nodes(target, stamp)
         if target.placer is None:
             r = redis_restore.restore(
                 self.data,
@@ -272,3 +310,31 @@ class RedisRestoring:
             done = f"RDB of {r.copied:,} keys placed, {r.removed:,} keys replaced"
         expired = redis_restore.expired_since_backup(self.snap, r)
         return Restored(r.problems, f"{done}, {expired:,} expired (TTL); {self.snap.consistency}")
+
+    def _restore_nodes(self, target: Target, stamp: str) -> Restored:
+        """Each shard's staged RDB checked in a private server against its recorded
+        fingerprints, then placed into its stopped node(s) (cluster_offline.py)."""
+        assert self.data is not None
+        nodes, shards = self._node_dirs(target)
+        problems: list[str] = []
+        expired = 0
+        pairs = zip(self.data, self.snap.shards, strict=True)
+        for i, (rdb, (ranges, recorded)) in enumerate(pairs):
+            with ephemeral_redis(rdb) as server:
+                loaded = fingerprint_redis(server)
+            expired += sum(d.keys for d in recorded.dbs.values())
+            expired -= sum(d.keys for d in loaded.dbs.values())
+            if not redis_restore.only_expired(recorded, loaded):
+                where = f"shard {i} (slots {cluster_offline.format_ranges(ranges)})"
+                problems += [f"{where}: {p}" for p in compare(recorded, loaded)]
+        if problems:
+            return Restored(problems, "nothing placed: a shard's RDB differs from its record")
+        placed = cluster_offline.place_all(self.data, self.snap.plain, nodes, shards, stamp)
+        return Restored(
+            [],
+            f"RDBs of {len(self.snap.shards)} shards, each loaded and equal to its record, "
+            f"placed into {placed.nodes} stopped nodes ({len(placed.kept)} previous RDBs kept "
+            f"as dump.rdb.pre_restore_{stamp}), {expired:,} expired (TTL); start the nodes "
+            f"now (not started nor compared by this run: docs/OPERATIONS.md); "
+            f"{self.snap.consistency}",
+        )
