@@ -11,7 +11,9 @@ data dir beside ``dump.rdb``, the layout the offline cluster restore expects
 
 from __future__ import annotations
 
+import json
 import secrets
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,11 +22,12 @@ import redis
 
 from drtool.endpoints import RedisEndpoint
 from drtool.errors import SourceError
-from drtool.runtime.procs import HOST, free_port_block, write_secret
+from drtool.runtime.procs import HOST, Daemon, free_port_block, write_secret
 from drtool.runtime.redisserver import RedisServer
 from drtool.runtime.server import Launch
 
 BUS_OFFSET = 10000
+STATE_FILE = "cluster.json"
 Ranges = Sequence[tuple[int, int]]
 
 
@@ -87,6 +90,7 @@ class LocalCluster:
                 node = ClusterNodeServer(base_dir / f"node{i}", port=port, password=password)
                 nodes.append(node)
                 node.start(timeout=timeout)
+                cluster.record(base_dir)
             for epoch, (node, ranges) in enumerate(zip(nodes, shards, strict=True), start=1):
                 with cls._client(node) as client:
                     for start, end in ranges:
@@ -102,6 +106,14 @@ class LocalCluster:
             cluster.stop()
             raise
         return cluster
+
+    def record(self, base_dir: Path) -> None:
+        """The nodes' pids in ``base_dir/cluster.json`` (no secrets), so that another process
+        can stop them (:func:`stop_recorded`, e.g. ``drtool drill cleanup`` after a kill -9)."""
+        state = [node.daemon.to_state() for node in self.nodes if node.daemon is not None]
+        tmp = base_dir / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(base_dir / STATE_FILE)  # a reader sees the old list or the new one
 
     @staticmethod
     def _client(node: ClusterNodeServer) -> redis.Redis:
@@ -143,3 +155,15 @@ class LocalCluster:
         for node in self.nodes:
             node.start(timeout=timeout)
         self.wait_ok(timeout)
+
+
+def stop_recorded(base_dir: Path) -> int:
+    """Stop the nodes a :class:`LocalCluster` recorded in ``base_dir`` (a reused pid is left
+    alone); how many were recorded. For a cluster whose owner died before stopping it."""
+    try:
+        state = json.loads((base_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return 0
+    for entry in state:
+        Daemon.from_state(entry).stop(signal.SIGTERM, 15.0, "Redis Cluster node")
+    return len(state)
