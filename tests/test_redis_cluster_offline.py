@@ -4,8 +4,9 @@ Real 3-master clusters of ``redis-server --cluster-enabled yes`` on loopback
 (:class:`drtool.runtime.rediscluster.LocalCluster`): the source is backed up by ``drtool
 backup`` while a client writes; a second cluster with the same slot ranges (other node ids)
 is stopped, restored with ``--redis-mode offline --redis-node-dir ...``, started, and must
-then hold exactly the snapshot, per shard and whole. A running node, a cluster of another
-shape and a missing master are refused in one line with nothing changed.
+then hold exactly the snapshot, per shard and whole (its replica gets its master's shard). A
+running node, a cluster of another shape and a missing master are refused in one line with
+nothing changed.
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ def _client(cluster: LocalCluster) -> RedisCluster:
 
 @pytest.fixture(scope="module")
 def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalCluster]]:
-    """The source, a target of the same ranges, and one of another shape (two masters)."""
+    """The source, a target of the same ranges (with a replica), and one of another shape."""
     base = tmp_path_factory.mktemp("offline-clusters")
     made: dict[str, LocalCluster] = {}
     try:
         made["source"] = LocalCluster.up(base / "source", THREE, password=PASSWORD)
         made["target"] = LocalCluster.up(base / "target", THREE, password=PASSWORD)
+        made["target"].add_replica(0)  # nodes[3] replicates nodes[0]
         made["other"] = LocalCluster.up(
             base / "other", [((0, 8191),), ((8192, 16383),)], password=PASSWORD
         )
@@ -139,11 +141,17 @@ def test_a_running_node_is_refused_and_nothing_changes(
 ) -> None:
     repository, snapshot_id, _ = snapshot
     target = clusters["target"]
+    before = [_files(node.rdb_path.parent) for node in target.nodes]
     run = _restore(repository, snapshot_id, _dirs(target), tmp_path, pg_server, s3_server, target)
     assert run.returncode == 2, run.stderr
     assert "is running" in run.stderr and "stop every node" in run.stderr
     assert "Traceback" not in run.stderr
-    assert not any(node.rdb_path.exists() for node in target.nodes)
+    assert [_files(node.rdb_path.parent) for node in target.nodes] == before
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    """The RDB files of a data dir (the replica's full sync wrote one)."""
+    return {f.name: f.read_bytes() for f in directory.glob("*.rdb*")}
 
 
 def test_a_cluster_of_another_shape_is_refused_pointing_at_the_key_level_restore(
@@ -202,7 +210,9 @@ def test_same_shape_restore_places_each_shards_rdb_and_the_started_cluster_equal
     run = _restore(repository, snapshot_id, _dirs(target), tmp_path, pg_server, s3_server, target)
     assert run.returncode == 0, run.stderr
     detail = json.loads(run.stdout)["components"][0]["detail"]
-    assert "placed into 3 stopped nodes" in detail and "3 previous RDBs kept" in detail
+    assert "placed into 4 stopped nodes" in detail and "4 previous RDBs kept" in detail
+    # the replica got its master's shard, byte for byte
+    assert target.nodes[3].rdb_path.read_bytes() == target.nodes[0].rdb_path.read_bytes()
     for node in target.nodes:
         assert len(list(node.rdb_path.parent.glob("dump.rdb.pre_restore_*"))) == 1
     target.start()
@@ -218,3 +228,10 @@ def test_same_shape_restore_places_each_shards_rdb_and_the_started_cluster_equal
     with _client(target) as client:
         assert client.get("old:1") is None
         assert client.get("s:1999") == b"value 1999"
+    replica, master = target.nodes[3], target.nodes[0]
+    with (
+        redis.Redis(host=HOST, port=replica.port, password=PASSWORD) as r,
+        redis.Redis(host=HOST, port=master.port, password=PASSWORD) as m,
+    ):
+        assert r.info("replication")["role"] == "slave"
+        assert r.dbsize() == m.dbsize() > 0

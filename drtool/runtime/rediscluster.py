@@ -63,7 +63,8 @@ class ClusterNodeServer(RedisServer):
 class LocalCluster:
     """Masters on free loopback ports, one per slot-range set, sharing one password."""
 
-    def __init__(self, nodes: list[ClusterNodeServer]) -> None:
+    def __init__(self, base_dir: Path, nodes: list[ClusterNodeServer]) -> None:
+        self.base_dir = base_dir
         self.nodes = nodes
 
     @classmethod
@@ -82,7 +83,7 @@ class LocalCluster:
         password = password or secrets.token_urlsafe(24)
         taken: set[int] = set()
         nodes: list[ClusterNodeServer] = []
-        cluster = cls(nodes)
+        cluster = cls(base_dir, nodes)
         try:
             for i, _ in enumerate(shards):
                 port = free_port_block((0, BUS_OFFSET), taken)
@@ -90,7 +91,7 @@ class LocalCluster:
                 node = ClusterNodeServer(base_dir / f"node{i}", port=port, password=password)
                 nodes.append(node)
                 node.start(timeout=timeout)
-                cluster.record(base_dir)
+                cluster.record()
             for epoch, (node, ranges) in enumerate(zip(nodes, shards, strict=True), start=1):
                 with cls._client(node) as client:
                     for start, end in ranges:
@@ -107,13 +108,48 @@ class LocalCluster:
             raise
         return cluster
 
-    def record(self, base_dir: Path) -> None:
+    def record(self) -> None:
         """The nodes' pids in ``base_dir/cluster.json`` (no secrets), so that another process
         can stop them (:func:`stop_recorded`, e.g. ``drtool drill cleanup`` after a kill -9)."""
+        base_dir = self.base_dir
         state = [node.daemon.to_state() for node in self.nodes if node.daemon is not None]
         tmp = base_dir / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(base_dir / STATE_FILE)  # a reader sees the old list or the new one
+
+    def add_replica(self, master: int, timeout: float = 60.0) -> ClusterNodeServer:
+        """Start a node that replicates master ``master`` (index in :attr:`nodes`); it is
+        appended to :attr:`nodes` and its sync waited for."""
+        taken = {p for node in self.nodes for p in node.ports}
+        port = free_port_block((0, BUS_OFFSET), taken)
+        first = self.nodes[0]
+        directory = self.base_dir / f"node{len(self.nodes)}"
+        node = ClusterNodeServer(directory, port=port, password=first.password)
+        self.nodes.append(node)
+        node.start(timeout=timeout)
+        self.record()
+        try:
+            with self._client(self.nodes[master]) as leader:
+                master_id = leader.execute_command("CLUSTER", "MYID").decode()
+            with self._client(node) as client:
+                client.execute_command("CLUSTER", "MEET", HOST, first.port)
+                deadline = time.monotonic() + timeout
+                while True:  # REPLICATE needs the master known first
+                    try:
+                        client.execute_command("CLUSTER", "REPLICATE", master_id)
+                        break
+                    except redis.ResponseError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.1)
+                while client.info("replication").get("master_link_status") != "up":
+                    if time.monotonic() > deadline:
+                        raise SourceError(f"local Redis Cluster: replica {port} never synced")
+                    time.sleep(0.1)
+            self.wait_ok(timeout)
+        except redis.RedisError as exc:
+            raise SourceError(f"local Redis Cluster: adding a replica: {exc}") from None
+        return node
 
     @staticmethod
     def _client(node: ClusterNodeServer) -> redis.Redis:

@@ -172,6 +172,13 @@ def match(snapshot: Sequence[Ranges], nodes: Sequence[NodeDir]) -> list[int]:
                 "restore needs the same slot ranges; restore key-level into the running "
                 "cluster instead (--redis-mode online); nothing changed"
             )
+    for node in nodes:
+        if node.slots not in wanted:
+            raise UsageError(
+                f"--redis-node-dir: {node.name} owns no shard's slots (a master without "
+                "slots?); give the dirs of the masters owning slots and their replicas; "
+                "nothing changed"
+            )
     given = {n.slots for n in nodes if n.master}
     missing = [r for r in wanted if r not in given]
     if missing:
