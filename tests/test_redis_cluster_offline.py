@@ -11,6 +11,7 @@ nothing changed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import tomllib
@@ -181,6 +182,43 @@ def test_a_cluster_of_another_shape_is_refused_pointing_at_the_key_level_restore
         other.start()
     with _client(other) as client:
         assert client.get("mine") == b"kept"
+
+
+def test_the_shards_rdbs_are_written_to_a_directory_for_nodes_on_other_hosts(
+    clusters: dict[str, LocalCluster],
+    snapshot: tuple[Repository, str, dict[str, Any]],
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    tmp_path: Path,
+) -> None:
+    repository, snapshot_id, recorded = snapshot
+    operator = repository.operator_config(
+        tmp_path / "op.toml",
+        {"t": StackEndpoints(pg_server, clusters["target"].endpoint, s3_server, ("unused",))},
+    )
+    out = tmp_path / "rdbs"
+    out.mkdir()
+
+    def write(*extra: str) -> Any:
+        return run_drtool(
+            "restore", snapshot_id, "--target", "t", "--component", "redis", "--redis-mode",
+            "offline", "--redis-rdb-dir", str(out), "--yes", "--json", *extra, config=operator,
+        )  # fmt: skip
+
+    run = write()
+    assert run.returncode == 0, run.stderr
+    names = ["shard-0-slots-0-5460.rdb", "shard-1-slots-5461-10922.rdb",
+             "shard-2-slots-10923-16383.rdb"]  # fmt: skip
+    assert sorted(f.name for f in out.iterdir()) == sorted(names)
+    for name, shard in zip(names, recorded["shards"], strict=True):
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == shard["rdb"]["sha256"]
+    again = write()  # the files are there now: a non-empty target
+    assert again.returncode == 2 and "--force" in again.stderr, again.stderr
+    online = run_drtool(
+        "restore", snapshot_id, "--target", "t", "--component", "redis",
+        "--redis-rdb-dir", str(out), "--yes", config=operator,
+    )  # fmt: skip
+    assert online.returncode == 2 and "--redis-mode offline" in online.stderr
 
 
 def test_same_shape_restore_places_each_shards_rdb_and_the_started_cluster_equals_the_snapshot(

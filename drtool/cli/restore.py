@@ -208,6 +208,13 @@ def _confirm(result: RestoreResult) -> bool:
     "its shard's RDB. Repeat for every master (and replica).",
 )
 @click.option(
+    "--redis-rdb-dir",
+    default="",
+    metavar="DIR",
+    help="With --redis-mode offline and a Redis Cluster snapshot: write each shard's checked "
+    "RDB into DIR as shard-<i>-slots-<ranges>.rdb, for nodes on other hosts (you place them).",
+)
+@click.option(
     "--prefix", default="", metavar="P", help="MinIO: only objects whose key starts with P."
 )
 @click.option(

@@ -113,6 +113,8 @@ class Target:
     placer: Placer | None = None  # set for an offline Redis restore
     #: an offline Redis Cluster restore: the stopped nodes' data dirs (RDB per node)
     redis_node_dirs: tuple[Path, ...] = ()
+    #: or the directory its shards' RDBs are written to, for nodes on other hosts
+    redis_rdb_dir: Path | None = None
     minio_mode: str = "merge"  # or "mirror": remove objects under the prefix the snapshot lacks
     keep_dir: Path | None = None  # where copies that outlive the restore are kept (scratch)
 

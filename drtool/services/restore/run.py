@@ -57,6 +57,7 @@ class RestoreOptions:
     minio_mode: str = "merge"  # or "mirror": remove objects under the prefix the snapshot lacks
     #: offline into a stopped Redis Cluster: each node's data dir (an RDB per node)
     redis_node_dirs: tuple[str, ...] = ()
+    redis_rdb_dir: str = ""  # or: write each shard's RDB there, for the operator to place
 
 
 @dataclass
@@ -148,9 +149,11 @@ def run_restore(
         timeout=float(cfg.backup.timeout_s),
         keep_dir=scratch_dir(cfg),
         redis_node_dirs=tuple(Path(d).absolute() for d in options.redis_node_dirs),
+        redis_rdb_dir=Path(options.redis_rdb_dir).absolute() if options.redis_rdb_dir else None,
     )
     restoring = _load(SnapshotSource(repo, m, identities), chosen, target)
-    if "redis" in restoring and options.redis_mode == "offline" and not options.redis_node_dirs:
+    per_node = options.redis_node_dirs or options.redis_rdb_dir
+    if "redis" in restoring and options.redis_mode == "offline" and not per_node:
         placer = redis_placer(cfg, home, options.target, target.endpoints.redis)
         target = replace(target, placer=placer)
     result = RestoreResult(m.snapshot_id, options.target or PRODUCTION, options.dry_run, [])
@@ -207,10 +210,12 @@ def _check_options(options: RestoreOptions) -> None:
         raise UsageError(f"--minio-mode: merge or mirror (got {options.minio_mode})")
     if options.jobs < 1:
         raise UsageError(f"--jobs: must be at least 1 (got {options.jobs})")
-    if options.redis_node_dirs and options.redis_mode != "offline":
+    if options.redis_node_dirs and options.redis_rdb_dir:
+        raise UsageError("--redis-node-dir or --redis-rdb-dir, not both")
+    if (options.redis_node_dirs or options.redis_rdb_dir) and options.redis_mode != "offline":
         raise UsageError(
-            "--redis-node-dir: places RDBs into stopped cluster nodes, add --redis-mode offline "
-            "(online copies keys into the running cluster)"
+            "--redis-node-dir/--redis-rdb-dir: an RDB per cluster node, add --redis-mode "
+            "offline (online copies keys into the running cluster)"
         )
     if options.at is not None and options.ref != "latest":
         raise UsageError(f"--at: picks among snapshots, not with a snapshot id (got {options.ref})")

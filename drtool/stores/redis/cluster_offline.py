@@ -232,3 +232,32 @@ def _sha256(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def shard_file(directory: Path, index: int, ranges: Ranges) -> Path:
+    """Where ``--redis-rdb-dir`` writes a shard's RDB: its index and slots in the name."""
+    return directory / f"shard-{index}-slots-{format_ranges(ranges)}.rdb"
+
+
+def write_shard_files(
+    rdbs: Sequence[Path], plains: Sequence[Plain], layout: Sequence[Ranges], directory: Path
+) -> list[Path]:
+    """Each shard's RDB into ``directory`` (for nodes that are not on this host: the operator
+    copies each to the node owning its slots), read back against the snapshot's sha256; the
+    files written are removed again if one fails."""
+    if not directory.is_dir():
+        raise UsageError(f"--redis-rdb-dir {directory}: not a directory; nothing changed")
+    written: list[Path] = []
+    try:
+        for i, (rdb, plain, ranges) in enumerate(zip(rdbs, plains, layout, strict=True)):
+            dest = shard_file(directory, i, ranges)
+            place_file(rdb, dest)
+            written.append(dest)
+            if _sha256(dest) != plain.sha256:
+                raise IntegrityError(f"{dest}: the written RDB reads back different bytes")
+    except (OSError, IntegrityError) as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        why = exc.message if isinstance(exc, IntegrityError) else str(exc)
+        raise SourceError(f"redis: writing the shards' RDBs failed ({why}); none left") from None
+    return written

@@ -219,15 +219,18 @@ class RedisRestoring:
         """The RDB, logical dump or shard RDBs."""
         return list(self.snap.data)
 
+    def _require_cluster(self, option: str) -> None:
+        if self.snap.method != "cluster":
+            raise UsageError(
+                f"{option}: snapshot {self.source.manifest.snapshot_id} holds one Redis "
+                "server, not a cluster; restore it with --redis-mode offline into a local "
+                "stack or container, or online; nothing changed"
+            )
+
     def _node_dirs(self, target: Target) -> tuple[list[NodeDir], list[int]]:
         """The stopped nodes of an offline cluster restore, each matched to its shard."""
         if self.nodes is None:
-            if self.snap.method != "cluster":
-                raise UsageError(
-                    f"--redis-node-dir: snapshot {self.source.manifest.snapshot_id} holds one "
-                    "Redis server, not a cluster; restore it with --redis-mode offline into a "
-                    "local stack or container, or online; nothing changed"
-                )
+            self._require_cluster("--redis-node-dir")
             nodes = [cluster_offline.read_node_dir(d) for d in target.redis_node_dirs]
             for node in nodes:
                 cluster_offline.check_down(node)
@@ -251,10 +254,31 @@ class RedisRestoring:
             (self.snap.consistency,),
         )
 
+    def _plan_files(self, directory: Path) -> PlanItem:
+        self._require_cluster("--redis-rdb-dir")
+        files = [
+            cluster_offline.shard_file(directory, i, ranges)
+            for i, (ranges, _) in enumerate(self.snap.shards)
+        ]
+        there = sum(1 for f in files if f.exists())
+        return PlanItem(
+            NAME,
+            f"{self.snap.keys:,} keys in {len(files)} shards",
+            str(directory),
+            self.snap.size,
+            f"{there} of the {len(files)} files",
+            there > 0,
+            "write each shard's RDB as shard-<i>-slots-<ranges>.rdb, to be placed by you "
+            "into the stopped node owning those slots",
+            (self.snap.consistency,),
+        )
+
     def plan(self, target: Target) -> list[PlanItem]:
         """The target server, the keys it holds, and how they are replaced."""
         if target.redis_node_dirs:
             return [self._plan_nodes(target)]
+        if target.redis_rdb_dir is not None:
+            return [self._plan_files(target.redis_rdb_dir)]
         r = target.endpoints.redis
         held = redis_restore.target_keys(r)
         action = "copy keys (RESTORE REPLACE), remove keys not in the snapshot" if held else ""
@@ -289,6 +313,8 @@ class RedisRestoring:
         endpoint = target.endpoints.redis
         if target.redis_node_dirs:
             return self._restore_nodes(target, stamp)
+        if target.redis_rdb_dir is not None:
+            return self._restore_files(target.redis_rdb_dir)
         if target.placer is None:
             r = redis_restore.restore(
                 self.data,
@@ -311,11 +337,10 @@ class RedisRestoring:
         expired = redis_restore.expired_since_backup(self.snap, r)
         return Restored(r.problems, f"{done}, {expired:,} expired (TTL); {self.snap.consistency}")
 
-    def _restore_nodes(self, target: Target, stamp: str) -> Restored:
-        """Each shard's staged RDB checked in a private server against its recorded
-        fingerprints, then placed into its stopped node(s) (cluster_offline.py)."""
-        assert self.data is not None
-        nodes, shards = self._node_dirs(target)
+    def _check_shards(self) -> tuple[list[str], int]:
+        """Each staged shard RDB loaded in a private server and compared with its recorded
+        fingerprints: (differences, keys whose TTL ran out since the backup)."""
+        assert self.data is not None  # stage came first
         problems: list[str] = []
         expired = 0
         pairs = zip(self.data, self.snap.shards, strict=True)
@@ -327,6 +352,14 @@ class RedisRestoring:
             if not redis_restore.only_expired(recorded, loaded):
                 where = f"shard {i} (slots {cluster_offline.format_ranges(ranges)})"
                 problems += [f"{where}: {p}" for p in compare(recorded, loaded)]
+        return problems, expired
+
+    def _restore_nodes(self, target: Target, stamp: str) -> Restored:
+        """Each shard's staged RDB checked, then placed into its stopped node(s)
+        (cluster_offline.py)."""
+        assert self.data is not None
+        nodes, shards = self._node_dirs(target)
+        problems, expired = self._check_shards()
         if problems:
             return Restored(problems, "nothing placed: a shard's RDB differs from its record")
         placed = cluster_offline.place_all(self.data, self.snap.plain, nodes, shards, stamp)
@@ -337,4 +370,20 @@ class RedisRestoring:
             f"as dump.rdb.pre_restore_{stamp}), {expired:,} expired (TTL); start the nodes "
             f"now (not started nor compared by this run: docs/OPERATIONS.md); "
             f"{self.snap.consistency}",
+        )
+
+    def _restore_files(self, directory: Path) -> Restored:
+        """Each shard's staged RDB checked, then written into ``directory`` for the operator."""
+        assert self.data is not None
+        problems, expired = self._check_shards()
+        if problems:
+            return Restored(problems, "nothing written: a shard's RDB differs from its record")
+        layout = [ranges for ranges, _ in self.snap.shards]
+        files = cluster_offline.write_shard_files(self.data, self.snap.plain, layout, directory)
+        return Restored(
+            [],
+            f"RDBs of {len(files)} shards, each loaded and equal to its record, written to "
+            f"{directory} ({', '.join(f.name for f in files)}), {expired:,} expired (TTL); "
+            "copy each as dump.rdb into the stopped node owning its slots, then start them "
+            f"(docs/OPERATIONS.md); {self.snap.consistency}",
         )
