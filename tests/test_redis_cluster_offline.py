@@ -3,7 +3,8 @@
 Real 3-master clusters of ``redis-server --cluster-enabled yes`` on loopback
 (:class:`drtool.runtime.rediscluster.LocalCluster`): the source is backed up by ``drtool
 backup`` while a client writes; a second cluster with the same slot ranges (other node ids)
-is stopped, restored with ``--redis-mode offline --redis-node-dir ...``, started, and must
+is stopped, restored with ``--redis-mode offline --redis-node-dir ... --redis-wait-started``,
+started when the restore says so (it then compares each master with its shard), and must
 then hold exactly the snapshot, per shard and whole (its replica gets its master's shard). A
 running node, a cluster of another shape and a missing master are refused in one line with
 nothing changed.
@@ -23,7 +24,7 @@ import pytest
 import redis
 import tomli_w
 from redis.cluster import ClusterNode, RedisCluster
-from support.cli import run_drtool
+from support.cli import run_drtool, start_drtool
 from support.stacks import Repository, make_repository
 
 from drtool.config import load_config
@@ -118,15 +119,22 @@ def _restore(
     pg: PostgresEndpoint,
     s3: S3Endpoint,
     target: LocalCluster,
+    *,
+    wait_started: float = 0,
 ) -> Any:
+    """``drtool restore --redis-mode offline --redis-node-dir ...``; with ``wait_started``
+    started in the background (the caller starts the nodes when told, then waits)."""
     operator = repository.operator_config(
         tmp_path / "op.toml", {"t": StackEndpoints(pg, target.endpoint, s3, ("unused",))}
     )
     args = [a for d in dirs for a in ("--redis-node-dir", str(d))]
-    return run_drtool(
+    argv = [
         "restore", snapshot_id, "--target", "t", "--component", "redis", "--redis-mode",
-        "offline", *args, "--force", "--yes", "--json", config=operator,
-    )  # fmt: skip
+        "offline", *args, "--force", "--yes", "--json",
+    ]  # fmt: skip
+    if wait_started:
+        return start_drtool(*argv, "--redis-wait-started", str(wait_started), config=operator)
+    return run_drtool(*argv, config=operator)
 
 
 def _dirs(cluster: LocalCluster) -> list[Path]:
@@ -245,15 +253,29 @@ def test_same_shape_restore_places_each_shards_rdb_and_the_started_cluster_equal
     )
     assert partial.returncode == 2 and "no master's data dir" in partial.stderr, partial.stderr
     assert not list(target.nodes[0].rdb_path.parent.glob("*.pre_restore_*"))
-    run = _restore(repository, snapshot_id, _dirs(target), tmp_path, pg_server, s3_server, target)
-    assert run.returncode == 0, run.stderr
-    detail = json.loads(run.stdout)["components"][0]["detail"]
-    assert "placed into 4 stopped nodes" in detail and "4 previous RDBs kept" in detail
+    proc = _restore(
+        repository, snapshot_id, _dirs(target), tmp_path, pg_server, s3_server, target,
+        wait_started=300,
+    )  # fmt: skip
+    told = []
+    for line in proc.stderr:  # the restore says when the nodes are to be started
+        told.append(line)
+        if "start the nodes now" in line:
+            break
+    else:
+        pytest.fail(f"the restore never said to start the nodes: {''.join(told)}")
     # the replica got its master's shard, byte for byte
     assert target.nodes[3].rdb_path.read_bytes() == target.nodes[0].rdb_path.read_bytes()
     for node in target.nodes:
         assert len(list(node.rdb_path.parent.glob("dump.rdb.pre_restore_*"))) == 1
     target.start()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, "".join(told) + err
+    result = json.loads(out)["components"][0]
+    assert result["problems"] == []
+    detail = result["detail"]
+    assert "placed into 4 stopped nodes" in detail and "4 previous RDBs kept" in detail
+    assert "started, each master's fingerprints compared" in detail
     whole = RedisFingerprints.from_dict(recorded["fingerprints"])
     assert compare(whole, fingerprint_cluster(target.endpoint)) == []
     by_slots = {
@@ -273,3 +295,31 @@ def test_same_shape_restore_places_each_shards_rdb_and_the_started_cluster_equal
     ):
         assert r.info("replication")["role"] == "slave"
         assert r.dbsize() == m.dbsize() > 0
+
+
+def test_a_node_that_starts_without_its_shard_fails_the_comparison(
+    clusters: dict[str, LocalCluster],
+    snapshot: tuple[Repository, str, dict[str, Any]],
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    tmp_path: Path,
+) -> None:
+    """The placed RDB of one master is gone before it starts (a wrong volume, a cleanup):
+    the restore that waits for the nodes must exit 5 naming that shard, not pass."""
+    repository, snapshot_id, _ = snapshot
+    target = clusters["target"]
+    target.stop()
+    proc = _restore(
+        repository, snapshot_id, _dirs(target), tmp_path, pg_server, s3_server, target,
+        wait_started=300,
+    )  # fmt: skip
+    told = []
+    for line in proc.stderr:
+        told.append(line)
+        if "start the nodes now" in line:
+            break
+    target.nodes[1].rdb_path.unlink()
+    target.start()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 5, "".join(told) + err
+    assert "shard 1 (slots 5461-10922)" in err and "Traceback" not in err

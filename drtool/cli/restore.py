@@ -208,6 +208,14 @@ def _confirm(result: RestoreResult) -> bool:
     "its shard's RDB. Repeat for every master (and replica).",
 )
 @click.option(
+    "--redis-wait-started",
+    type=float,
+    default=0.0,
+    metavar="SECONDS",
+    help="With --redis-node-dir: once the RDBs are placed, wait up to SECONDS for you to start "
+    "the nodes, then compare each master with its shard (exit 5 on a difference).",
+)
+@click.option(
     "--redis-rdb-dir",
     default="",
     metavar="DIR",

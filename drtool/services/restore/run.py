@@ -58,6 +58,7 @@ class RestoreOptions:
     #: offline into a stopped Redis Cluster: each node's data dir (an RDB per node)
     redis_node_dirs: tuple[str, ...] = ()
     redis_rdb_dir: str = ""  # or: write each shard's RDB there, for the operator to place
+    redis_wait_started: float = 0.0  # node dirs: wait for the nodes to be started, compare
 
 
 @dataclass
@@ -150,6 +151,7 @@ def run_restore(
         keep_dir=scratch_dir(cfg),
         redis_node_dirs=tuple(Path(d).absolute() for d in options.redis_node_dirs),
         redis_rdb_dir=Path(options.redis_rdb_dir).absolute() if options.redis_rdb_dir else None,
+        redis_wait_s=options.redis_wait_started,
     )
     restoring = _load(SnapshotSource(repo, m, identities), chosen, target)
     per_node = options.redis_node_dirs or options.redis_rdb_dir
@@ -210,6 +212,10 @@ def _check_options(options: RestoreOptions) -> None:
         raise UsageError(f"--minio-mode: merge or mirror (got {options.minio_mode})")
     if options.jobs < 1:
         raise UsageError(f"--jobs: must be at least 1 (got {options.jobs})")
+    if options.redis_wait_started and not options.redis_node_dirs:
+        raise UsageError("--redis-wait-started: with --redis-node-dir only")
+    if options.redis_wait_started < 0:
+        raise UsageError(f"--redis-wait-started: seconds, >= 0 (got {options.redis_wait_started})")
     if options.redis_node_dirs and options.redis_rdb_dir:
         raise UsageError("--redis-node-dir or --redis-rdb-dir, not both")
     if (options.redis_node_dirs or options.redis_rdb_dir) and options.redis_mode != "offline":

@@ -24,14 +24,24 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import logging
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
+
+from drtool.endpoints import RedisEndpoint
 from drtool.errors import IntegrityError, SourceError, UsageError
+from drtool.sources.redis_client import connect
+from drtool.sources.redis_cluster import discover, node_endpoint
+from drtool.sources.redis_fingerprint import RedisFingerprints, compare, fingerprint_redis
 from drtool.stores.redis.offline import keep_aside, place_file, put_file_back
 from drtool.stores.stage import Plain
+
+log = logging.getLogger(__name__)
 
 NODES_CONF = "nodes.conf"
 RDB_NAME = "dump.rdb"
@@ -261,3 +271,54 @@ def write_shard_files(
         why = exc.message if isinstance(exc, IntegrityError) else str(exc)
         raise SourceError(f"redis: writing the shards' RDBs failed ({why}); none left") from None
     return written
+
+
+def compare_started(
+    endpoint: RedisEndpoint, loaded: Sequence[tuple[Ranges, RedisFingerprints]], wait_s: float
+) -> list[str]:
+    """Wait up to ``wait_s`` for the operator to start the nodes, then compare each master
+    with the fingerprints of the shard RDB it loaded: the differences (or why none could be
+    taken). Ready means every master says ``cluster_state:ok`` and none is loading; a
+    cluster that goes down while being read (a node still joining) is read again."""
+    where = f"redis cluster {endpoint.host}:{endpoint.port}"
+    deadline = time.monotonic() + wait_s
+    last = "not answering"
+    while time.monotonic() < deadline:
+        try:
+            masters = _ready_masters(endpoint)
+            if masters is not None:
+                return _differences(where, masters, loaded)
+            last = "cluster_state not ok, or a master still loading"
+        except (redis.RedisError, SourceError) as exc:
+            last = exc.message if isinstance(exc, SourceError) else type(exc).__name__
+        time.sleep(0.5)
+    return [f"{where} not ready within {wait_s:g} s ({last}): the placed RDBs not compared"]
+
+
+def _differences(
+    where: str,
+    masters: dict[Ranges, RedisEndpoint],
+    loaded: Sequence[tuple[Ranges, RedisFingerprints]],
+) -> list[str]:
+    problems = []
+    for i, (ranges, prints) in enumerate(loaded):
+        master = masters.get(tuple(sorted(ranges)))
+        name = f"shard {i} (slots {format_ranges(ranges)})"
+        if master is None:
+            problems.append(f"{name}: no master of {where} owns exactly these slots now")
+            continue
+        problems += [f"{name}: {p}" for p in compare(prints, fingerprint_redis(master))]
+    return problems
+
+
+def _ready_masters(endpoint: RedisEndpoint) -> dict[Ranges, RedisEndpoint] | None:
+    masters = {}
+    for shard in discover(endpoint, timeout=5):
+        node = node_endpoint(endpoint, shard)
+        with connect(node, timeout=5, decode=True) as client:
+            if client.cluster("info")["cluster_state"] != "ok":
+                return None
+            if int(client.info("persistence")["loading"]):
+                return None
+        masters[tuple(sorted(shard.slots))] = node
+    return masters

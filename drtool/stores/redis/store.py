@@ -23,7 +23,12 @@ from drtool.errors import IntegrityError, SourceError, UsageError
 from drtool.repository.manifest import ComponentEntry, ObjectEntry
 from drtool.sources.redis_client import connect, ephemeral_redis, keyspace_dbs, save_as_rdb
 from drtool.sources.redis_cluster import combine, discover, fetch_shards
-from drtool.sources.redis_fingerprint import compare, fingerprint_rdb, fingerprint_redis
+from drtool.sources.redis_fingerprint import (
+    RedisFingerprints,
+    compare,
+    fingerprint_rdb,
+    fingerprint_redis,
+)
 from drtool.sources.redis_logical import FORMAT as LOGICAL_FORMAT
 from drtool.sources.redis_logical import dump_logical, logical_redis
 from drtool.sources.redis_rdb import ReplicationRefused, fetch_rdb, validate_rdb
@@ -337,45 +342,67 @@ class RedisRestoring:
         expired = redis_restore.expired_since_backup(self.snap, r)
         return Restored(r.problems, f"{done}, {expired:,} expired (TTL); {self.snap.consistency}")
 
-    def _check_shards(self) -> tuple[list[str], int]:
+    def _check_shards(self) -> tuple[list[str], int, list[RedisFingerprints]]:
         """Each staged shard RDB loaded in a private server and compared with its recorded
-        fingerprints: (differences, keys whose TTL ran out since the backup)."""
+        fingerprints: (differences, keys whose TTL ran out since the backup, the loaded
+        fingerprints)."""
         assert self.data is not None  # stage came first
         problems: list[str] = []
         expired = 0
+        prints = []
         pairs = zip(self.data, self.snap.shards, strict=True)
         for i, (rdb, (ranges, recorded)) in enumerate(pairs):
             with ephemeral_redis(rdb) as server:
                 loaded = fingerprint_redis(server)
+            prints.append(loaded)
             expired += sum(d.keys for d in recorded.dbs.values())
             expired -= sum(d.keys for d in loaded.dbs.values())
             if not redis_restore.only_expired(recorded, loaded):
                 where = f"shard {i} (slots {cluster_offline.format_ranges(ranges)})"
                 problems += [f"{where}: {p}" for p in compare(recorded, loaded)]
-        return problems, expired
+        return problems, expired, prints
 
     def _restore_nodes(self, target: Target, stamp: str) -> Restored:
         """Each shard's staged RDB checked, then placed into its stopped node(s)
         (cluster_offline.py)."""
         assert self.data is not None
         nodes, shards = self._node_dirs(target)
-        problems, expired = self._check_shards()
+        problems, expired, loaded = self._check_shards()
         if problems:
             return Restored(problems, "nothing placed: a shard's RDB differs from its record")
         placed = cluster_offline.place_all(self.data, self.snap.plain, nodes, shards, stamp)
-        return Restored(
-            [],
+        done = (
             f"RDBs of {len(self.snap.shards)} shards, each loaded and equal to its record, "
             f"placed into {placed.nodes} stopped nodes ({len(placed.kept)} previous RDBs kept "
-            f"as dump.rdb.pre_restore_{stamp}), {expired:,} expired (TTL); start the nodes "
-            f"now (not started nor compared by this run: docs/OPERATIONS.md); "
+            f"as dump.rdb.pre_restore_{stamp}), {expired:,} expired (TTL)"
+        )
+        if not target.redis_wait_s:
+            return Restored(
+                [],
+                f"{done}; start the nodes now (not started nor compared by this run: "
+                f"docs/OPERATIONS.md); {self.snap.consistency}",
+            )
+        r = target.endpoints.redis
+        log.warning(
+            "redis: the RDBs are placed; start the nodes now (waiting up to %g s for the "
+            "cluster at %s:%s to compare it)",
+            target.redis_wait_s,
+            r.host,
+            r.port,
+        )
+        pairs = zip(self.snap.shards, loaded, strict=True)
+        layout = [(ranges, prints) for (ranges, _), prints in pairs]
+        problems = cluster_offline.compare_started(r, layout, target.redis_wait_s)
+        return Restored(
+            problems,
+            f"{done}; started, each master's fingerprints compared with its shard's; "
             f"{self.snap.consistency}",
         )
 
     def _restore_files(self, directory: Path) -> Restored:
         """Each shard's staged RDB checked, then written into ``directory`` for the operator."""
         assert self.data is not None
-        problems, expired = self._check_shards()
+        problems, expired, _ = self._check_shards()
         if problems:
             return Restored(problems, "nothing written: a shard's RDB differs from its record")
         layout = [ranges for ranges, _ in self.snap.shards]
