@@ -2,7 +2,9 @@
 
 Backup fetches the RDB to the scratch dir, validates and fingerprints it, then uploads it;
 restore copies its keys online (:mod:`drtool.stores.redis.restore`) or, given a placer, swaps
-the server's data file offline (:mod:`drtool.stores.redis.offline`).
+the server's data file offline (:mod:`drtool.stores.redis.offline`); a cluster snapshot goes
+offline an RDB per stopped node of a cluster of its shape
+(:mod:`drtool.stores.redis.cluster_offline`).
 
 Two other shapes share the path (ADR 0021): a server that refuses replication gives a logical
 dump (:mod:`drtool.sources.redis_logical`, consistent per key), and a Redis Cluster one RDB
