@@ -160,7 +160,7 @@ def test_a_running_node_is_refused_and_nothing_changes(
 
 def _files(directory: Path) -> dict[str, bytes]:
     """The RDB files of a data dir (the replica's full sync wrote one)."""
-    return {f.name: f.read_bytes() for f in directory.glob("*.rdb*")}
+    return {f.name: f.read_bytes() for f in directory.glob("*.rdb*") if f.is_file()}
 
 
 def test_a_cluster_of_another_shape_is_refused_pointing_at_the_key_level_restore(
@@ -323,3 +323,31 @@ def test_a_node_that_starts_without_its_shard_fails_the_comparison(
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 5, "".join(told) + err
     assert "shard 1 (slots 5461-10922)" in err and "Traceback" not in err
+
+
+def test_a_placement_failing_on_the_last_node_puts_every_node_back(
+    clusters: dict[str, LocalCluster],
+    snapshot: tuple[Repository, str, dict[str, Any]],
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    tmp_path: Path,
+) -> None:
+    """The last node's RDB cannot be written (its temp name is taken by a directory: a
+    write error even as root): the nodes already given their shard get their previous RDB
+    back, and the run fails in one line saying so."""
+    repository, snapshot_id, _ = snapshot
+    target = clusters["target"]
+    target.stop()
+    blocker = target.nodes[-1].rdb_path.with_name(".dump.rdb.restoring")
+    blocker.mkdir()
+    before = [_files(node.rdb_path.parent) for node in target.nodes]
+    try:
+        run = _restore(
+            repository, snapshot_id, _dirs(target), tmp_path, pg_server, s3_server, target
+        )
+        assert run.returncode == 3, run.stderr
+        assert "every node's previous RDB is back" in run.stderr and "Traceback" not in run.stderr
+        assert [_files(node.rdb_path.parent) for node in target.nodes] == before
+    finally:
+        blocker.rmdir()
+        target.start()
