@@ -1,19 +1,16 @@
 """Redis Cluster as a source: masters discovered, each one's RDB, restored into any shape.
 
-Two real 3-master clusters of ``redis-server --cluster-enabled yes`` on free loopback ports
-(built with ``redis-cli --cluster create``), and a single redis-server: the source cluster is
-backed up through ``drtool backup`` (``redis.cluster = true``) and restored key-level into a
-single node and into the other cluster; the fingerprints must equal the snapshot's, per shard
-and for the whole, and TTLs must be kept.
+Two real 3-master clusters of ``redis-server --cluster-enabled yes`` on free loopback
+ports (:class:`drtool.runtime.rediscluster.LocalCluster`), and a single redis-server: the
+source cluster is backed up through ``drtool backup`` (``redis.cluster = true``) and restored
+key-level into a single node and into the other cluster; the fingerprints must equal the
+snapshot's, per shard and for the whole, and TTLs must be kept.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import threading
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +26,10 @@ from support.stacks import Repository, make_repository
 
 from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
-from drtool.runtime.procs import HOST, free_port_block, write_secret
+from drtool.runtime.procs import HOST
+from drtool.runtime.rediscluster import ClusterNodeServer as ClusterNode
+from drtool.runtime.rediscluster import LocalCluster
 from drtool.runtime.redisserver import RedisServer
-from drtool.runtime.server import Launch
 from drtool.services import repo as svc
 from drtool.sources.redis_cluster import combine, discover, fingerprint_cluster
 from drtool.sources.redis_fingerprint import RedisFingerprints, compare, fingerprint_redis
@@ -43,61 +41,21 @@ TTL_MS = 3_600_000
 TTL_TOLERANCE_MS = 120_000
 
 
-class ClusterNode(RedisServer):
-    """A redis-server with ``cluster-enabled yes``; its bus port is its port + 10000."""
-
-    def _prepare(self) -> Launch:
-        launch = super()._prepare()
-        conf = self.base_dir / "redis.conf"
-        extra = [
-            "cluster-enabled yes",
-            f'cluster-config-file "{self.base_dir / "nodes.conf"}"',
-            "cluster-node-timeout 5000",
-            f'masterauth "{self.password}"',
-            "",
-        ]
-        write_secret(conf, conf.read_text() + "\n".join(extra))
-        return launch
+THREE = [((0, 5460),), ((5461, 10922),), ((10923, 16383),)]
 
 
 @pytest.fixture(scope="module")
 def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[list[ClusterNode]]]:
     """Two 3-master clusters (the source and a target)."""
     base = tmp_path_factory.mktemp("clusters")
-    taken: set[int] = set()
-    made: list[list[ClusterNode]] = []
+    made: list[LocalCluster] = []
     try:
         for c in range(2):
-            nodes = []
-            for i in range(3):
-                port = free_port_block((0, 10000), taken)
-                taken |= {port, port + 10000}
-                node = ClusterNode(base / f"c{c}n{i}", port=port, password=PASSWORD)
-                nodes.append(node)
-                node.start()
-            made.append(nodes)
-            subprocess.run(
-                ["redis-cli", "--cluster", "create", *[f"{HOST}:{n.port}" for n in nodes],
-                 "--cluster-yes"],
-                check=True, capture_output=True, timeout=120,
-                env={**os.environ, "REDISCLI_AUTH": PASSWORD},
-            )  # fmt: skip
-            for node in nodes:
-                _wait_ok(node)
-        yield made
+            made.append(LocalCluster.up(base / f"c{c}", THREE, password=PASSWORD))
+        yield [cluster.nodes for cluster in made]
     finally:
-        for nodes in made:
-            for node in nodes:
-                node.stop()
-
-
-def _wait_ok(node: ClusterNode) -> None:
-    with redis.Redis(host=HOST, port=node.port, password=PASSWORD) as client:
-        for _ in range(600):
-            if client.cluster("info")["cluster_state"] == "ok":
-                return
-            time.sleep(0.1)
-    raise AssertionError(f"cluster node {node.port} never reached cluster_state:ok")
+        for cluster in made:
+            cluster.stop()
 
 
 def _cluster(node: ClusterNode) -> RedisCluster:

@@ -303,6 +303,30 @@ def _confirm(result: RestoreResult) -> bool:
     "its RDB, start it (a local stack, or redis.container of the target; exact, no mix).",
 )
 @click.option(
+    "--redis-node-dir",
+    "redis_node_dirs",
+    multiple=True,
+    metavar="DIR",
+    help="With --redis-mode offline and a Redis Cluster snapshot: the data dir (nodes.conf, "
+    "dump.rdb) of each STOPPED node of a cluster with the snapshot's slot ranges; each gets "
+    "its shard's RDB. Repeat for every master (and replica).",
+)
+@click.option(
+    "--redis-wait-started",
+    type=float,
+    default=0.0,
+    metavar="SECONDS",
+    help="With --redis-node-dir: once the RDBs are placed, wait up to SECONDS for you to start "
+    "the nodes, then compare each master with its shard (exit 5 on a difference).",
+)
+@click.option(
+    "--redis-rdb-dir",
+    default="",
+    metavar="DIR",
+    help="With --redis-mode offline and a Redis Cluster snapshot: write each shard's checked "
+    "RDB into DIR as shard-<i>-slots-<ranges>.rdb, for nodes on other hosts (you place them).",
+)
+@click.option(
     "--prefix", default="", metavar="P", help="MinIO: only objects whose key starts with P."
 )
 @click.option(
@@ -330,7 +354,7 @@ def restore(
     force: bool,
     yes: bool,
     as_json: bool,
-    **how: Any,  # per-store options: drop_old, jobs, redis_mode, prefix, minio_mode; accept_skew
+    **how: Any,  # per-store options (redis_mode, redis_node_dirs, prefix, ...); accept_skew
 ) -> None:
     """Restore a snapshot (an id or `latest`) into the stack or a named target.
 

@@ -19,6 +19,10 @@ from drtool import liveness
 from drtool.endpoints import StackEndpoints
 from drtool.errors import DrtoolError
 from drtool.runtime.local import LocalStack
+from drtool.runtime.rediscluster import stop_recorded
+
+SCRATCH_CLUSTER = "redis-cluster"
+"""Where, in a drill's stack dir, a Redis Cluster snapshot's scratch cluster lives."""
 
 
 def drills_dir(home: Path) -> Path:
@@ -81,6 +85,7 @@ def cleanup_local(home: Path) -> tuple[list[str], list[str]]:
             kept.append(f"local stack {directory.name}: {why}")
             continue
         try:
+            stop_recorded(directory / SCRATCH_CLUSTER)  # a cluster drill's scratch cluster
             LocalStack.load(directory).down()
         except DrtoolError:
             continue

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from drtool.config import Config, MinioConfig, PostgresConfig, RedisConfig, StackConfig
+from drtool.drills.cluster import cluster_shape, scratch_redis, shard_checks
 from drtool.drills.definition import DrillDefinition
 from drtool.drills.report import (
     DrillReport,
@@ -31,7 +32,7 @@ from drtool.drills.report import (
     send_webhook,
     write_local,
 )
-from drtool.drills.runtime_local import cleanup_local, local_scratch
+from drtool.drills.runtime_local import cleanup_local, drills_dir, local_scratch
 from drtool.drills.sizing import log_sizes, size_limits
 from drtool.drills.watchdog import DrillDeadline, Watchdog, watchdog
 from drtool.endpoints import StackEndpoints
@@ -466,7 +467,12 @@ def _drill(
     if spec.runtime == "docker":
         spec = _docker_sized(spec, record, report.drill_id, dog)
     dog.enter(f"starting the {spec.runtime} scratch stack")
-    with scratch(home, report.drill_id, spec, pg_major) as endpoints:
+    # a Redis Cluster snapshot on the local runtime: a scratch cluster of its shape (ADR 0021)
+    shape = cluster_shape(record, spec)
+    with (
+        scratch(home, report.drill_id, spec, pg_major) as stack,
+        scratch_redis(drills_dir(home) / report.drill_id, stack, shape) as endpoints,
+    ):
         phases["up"] = round(up.elapsed(), 3)
         guard_production(endpoints, cfg.stack())
         check_scratch_major(endpoints, pg_major)
@@ -507,6 +513,8 @@ def _drill(
             )
         dog.enter("checking the restored data")
         with timed() as checking:
+            if shape is not None:
+                report.checks += shard_checks(cfg, record, endpoints)
             report.checks += _data_checks(endpoints, spec)
         phases["checks"] = round(checking.seconds, 3)
         report.measured_rpo_s = _measured_rpo(endpoints, spec, record.time)

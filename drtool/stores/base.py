@@ -111,6 +111,12 @@ class Target:
     pg_bin_dir: Path | None = None
     timeout: float = 3600.0
     placer: Placer | None = None  # set for an offline Redis restore
+    #: an offline Redis Cluster restore: the stopped nodes' data dirs (RDB per node)
+    redis_node_dirs: tuple[Path, ...] = ()
+    #: or the directory its shards' RDBs are written to, for nodes on other hosts
+    redis_rdb_dir: Path | None = None
+    #: with redis_node_dirs: seconds to wait for the operator to start the nodes and compare
+    redis_wait_s: float = 0.0
     minio_mode: str = "merge"  # or "mirror": remove objects under the prefix the snapshot lacks
     keep_dir: Path | None = None  # where copies that outlive the restore are kept (scratch)
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
 from chat_stack import redis_layout
-from drtool.endpoints import StackEndpoints
+from drtool.endpoints import RedisEndpoint, StackEndpoints
 from drtool.sources.minio import MinioStore
 from drtool.sources.redis_client import connect as connect_redis
+from drtool.sources.redis_cluster import discover, is_cluster, node_endpoint
 
 MAX_EXAMPLES = 5
 LATEST_PAGE = 50
@@ -78,6 +80,14 @@ def _scan(client: Any, pattern: str) -> Iterator[str]:
         yield key.decode() if isinstance(key, bytes) else key
 
 
+def _redis_nodes(endpoint: RedisEndpoint) -> list[RedisEndpoint]:
+    """The server itself, or every master of a Redis Cluster (a SCAN sees one node's keys)."""
+    with closing(connect_redis(endpoint)) as client:
+        if not is_cluster(client):
+            return [endpoint]
+    return [node_endpoint(endpoint, shard) for shard in discover(endpoint)]
+
+
 def redis_points_to_existing_rows(endpoints: StackEndpoints) -> CheckResult:
     """Unread counters and recent lists name users, rooms and messages that exist.
 
@@ -90,43 +100,43 @@ def redis_points_to_existing_rows(endpoints: StackEndpoints) -> CheckResult:
         message_ids = {r[0] for r in conn.execute("SELECT id FROM messages")}
     max_user, max_room = max(users, default=0), max(rooms, default=0)
     max_message = max(message_ids, default=0)
-    client = connect_redis(endpoints.redis)
     problems: list[str] = []
     skew = {"users": 0, "rooms": 0, "messages": 0}
-    counters = missing_refs = 0
-    try:
-        for key in _scan(client, redis_layout.UNREAD_PATTERN):
-            user_id = redis_layout.user_id_of_unread(key)
-            if user_id not in users:
-                if user_id > max_user:
-                    skew["users"] += 1
-                else:
-                    problems.append(f"{key}: user {user_id} does not exist")
-            for room in client.hkeys(key):
-                counters += 1
-                room_id = int(room)
-                if room_id not in rooms:
-                    if room_id > max_room:
-                        skew["rooms"] += 1
+    counters = recent_ids = missing_refs = 0
+    for node in _redis_nodes(endpoints.redis):  # a cluster: each master's own keys
+        client = connect_redis(node)
+        try:
+            for key in _scan(client, redis_layout.UNREAD_PATTERN):
+                user_id = redis_layout.user_id_of_unread(key)
+                if user_id not in users:
+                    if user_id > max_user:
+                        skew["users"] += 1
                     else:
-                        problems.append(f"{key}: room {room_id} does not exist")
-                        missing_refs += 1
-        recent_ids = 0
-        for key in _scan(client, redis_layout.RECENT_PATTERN):
-            room_id = redis_layout.room_id_of_recent(key)
-            if room_id not in rooms and room_id <= max_room:
-                problems.append(f"{key}: room {room_id} does not exist")
-            for raw in client.lrange(key, 0, -1):
-                recent_ids += 1
-                message_id = int(raw)
-                if message_id not in message_ids:
-                    if message_id > max_message:
-                        skew["messages"] += 1
-                    else:
-                        problems.append(f"{key}: message {message_id} does not exist")
-                        missing_refs += 1
-    finally:
-        client.close()
+                        problems.append(f"{key}: user {user_id} does not exist")
+                for room in client.hkeys(key):
+                    counters += 1
+                    room_id = int(room)
+                    if room_id not in rooms:
+                        if room_id > max_room:
+                            skew["rooms"] += 1
+                        else:
+                            problems.append(f"{key}: room {room_id} does not exist")
+                            missing_refs += 1
+            for key in _scan(client, redis_layout.RECENT_PATTERN):
+                room_id = redis_layout.room_id_of_recent(key)
+                if room_id not in rooms and room_id <= max_room:
+                    problems.append(f"{key}: room {room_id} does not exist")
+                for raw in client.lrange(key, 0, -1):
+                    recent_ids += 1
+                    message_id = int(raw)
+                    if message_id not in message_ids:
+                        if message_id > max_message:
+                            skew["messages"] += 1
+                        else:
+                            problems.append(f"{key}: message {message_id} does not exist")
+                            missing_refs += 1
+        finally:
+            client.close()
     # counters and recent-list ids naming a row that exists (the rest: dangling or newer)
     existing = counters + recent_ids - missing_refs - skew["rooms"] - skew["messages"]
     return CheckResult(

@@ -55,6 +55,10 @@ class RestoreOptions:
     redis_mode: str = "online"  # or "offline": restart the server with the RDB
     prefix: str = ""
     minio_mode: str = "merge"  # or "mirror": remove objects under the prefix the snapshot lacks
+    #: offline into a stopped Redis Cluster: each node's data dir (an RDB per node)
+    redis_node_dirs: tuple[str, ...] = ()
+    redis_rdb_dir: str = ""  # or: write each shard's RDB there, for the operator to place
+    redis_wait_started: float = 0.0  # node dirs: wait for the nodes to be started, compare
 
 
 @dataclass
@@ -145,9 +149,13 @@ def run_restore(
         pg_bin_dir=Path(cfg.postgres.bin_dir) if cfg.postgres.bin_dir else None,
         timeout=float(cfg.backup.timeout_s),
         keep_dir=scratch_dir(cfg),
+        redis_node_dirs=tuple(Path(d).absolute() for d in options.redis_node_dirs),
+        redis_rdb_dir=Path(options.redis_rdb_dir).absolute() if options.redis_rdb_dir else None,
+        redis_wait_s=options.redis_wait_started,
     )
     restoring = _load(SnapshotSource(repo, m, identities), chosen, target)
-    if "redis" in restoring and options.redis_mode == "offline":
+    per_node = options.redis_node_dirs or options.redis_rdb_dir
+    if "redis" in restoring and options.redis_mode == "offline" and not per_node:
         placer = redis_placer(cfg, home, options.target, target.endpoints.redis)
         target = replace(target, placer=placer)
     result = RestoreResult(m.snapshot_id, options.target or PRODUCTION, options.dry_run, [])
@@ -204,6 +212,17 @@ def _check_options(options: RestoreOptions) -> None:
         raise UsageError(f"--minio-mode: merge or mirror (got {options.minio_mode})")
     if options.jobs < 1:
         raise UsageError(f"--jobs: must be at least 1 (got {options.jobs})")
+    if options.redis_wait_started and not options.redis_node_dirs:
+        raise UsageError("--redis-wait-started: with --redis-node-dir only")
+    if options.redis_wait_started < 0:
+        raise UsageError(f"--redis-wait-started: seconds, >= 0 (got {options.redis_wait_started})")
+    if options.redis_node_dirs and options.redis_rdb_dir:
+        raise UsageError("--redis-node-dir or --redis-rdb-dir, not both")
+    if (options.redis_node_dirs or options.redis_rdb_dir) and options.redis_mode != "offline":
+        raise UsageError(
+            "--redis-node-dir/--redis-rdb-dir: an RDB per cluster node, add --redis-mode "
+            "offline (online copies keys into the running cluster)"
+        )
     if options.at is not None and options.ref != "latest":
         raise UsageError(f"--at: picks among snapshots, not with a snapshot id (got {options.ref})")
 

@@ -41,6 +41,33 @@ READY_TIMEOUT = 600.0  # a large RDB takes a while to load
 POLL = 0.2
 
 
+def keep_aside(data_file: Path, stamp: str) -> Path | None:
+    """Rename a server's data file to ``<file>.pre_restore_<stamp>`` (None: there was none)."""
+    if not data_file.exists():
+        return None
+    kept = data_file.with_name(f"{data_file.name}.pre_restore_{stamp}")
+    data_file.replace(kept)
+    return kept
+
+
+def place_file(rdb: Path, data_file: Path) -> None:
+    """Copy ``rdb`` beside ``data_file`` (fsynced), then rename it over: the server finds the
+    old file or the new one, never part of one."""
+    tmp = data_file.with_name(f".{data_file.name}.restoring")
+    shutil.copyfile(rdb, tmp)
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, data_file)
+
+
+def put_file_back(data_file: Path, kept: Path | None) -> None:
+    """Undo :func:`keep_aside` + :func:`place_file`: the kept file back, or none at all."""
+    if kept is not None:
+        kept.replace(data_file)
+    else:
+        data_file.unlink(missing_ok=True)
+
+
 @dataclass
 class LocalPlacer:
     """The redis-server of a local stack (``drtool stack``)."""
@@ -59,25 +86,15 @@ class LocalPlacer:
 
     def keep_current(self, stamp: str, workdir: Path) -> None:
         """Rename the data file to ``<file>.pre_restore_<stamp>``."""
-        current = self.stack.redis.rdb_path
-        if current.exists():
-            self.kept = current.with_name(f"{current.name}.pre_restore_{stamp}")
-            current.replace(self.kept)
+        self.kept = keep_aside(self.stack.redis.rdb_path, stamp)
 
     def place(self, rdb: Path) -> None:
         """Copy beside the data file, then rename over it."""
-        target = self.stack.redis.rdb_path
-        tmp = target.with_name(f".{target.name}.restoring")
-        shutil.copyfile(rdb, tmp)
-        os.replace(tmp, target)
+        place_file(rdb, self.stack.redis.rdb_path)
 
     def put_back(self) -> None:
         """Rename the kept file back (or remove the placed one when there was none)."""
-        target = self.stack.redis.rdb_path
-        if self.kept is not None:
-            self.kept.replace(target)
-        else:
-            target.unlink(missing_ok=True)
+        put_file_back(self.stack.redis.rdb_path, self.kept)
 
     def start(self) -> None:
         """Start redis-server and record its new pid in the stack's state."""

@@ -81,6 +81,8 @@ class RedisSnapshot:
     fingerprints: RedisFingerprints
     plain: tuple[Plain, ...]
     method: str = "rdb"  # or "logical" (drtool.sources.redis_logical), "cluster"
+    #: a cluster's shards, in object order: each one's slot ranges and fingerprints
+    shards: tuple[tuple[tuple[tuple[int, int], ...], RedisFingerprints], ...] = ()
 
     @property
     def keys(self) -> int:
@@ -128,9 +130,16 @@ def load(repo: Repo, m: Manifest, comp: ComponentEntry, identities: list[str]) -
     doc = json.loads(read_object(repo, fp, snapshot_header(m, "redis", fp.kind), identities))
     prints = RedisFingerprints.from_dict(doc["fingerprints"])
     if shards:
-        recorded = {s["kind"]: s["rdb"] for s in doc["shards"]}
-        plains = tuple(_plain(recorded[o.kind]) for o in shards)
-        return RedisSnapshot(tuple(shards), prints, plains, "cluster")
+        recorded = {s["kind"]: s for s in doc["shards"]}
+        plains = tuple(_plain(recorded[o.kind]["rdb"]) for o in shards)
+        layout = tuple(
+            (
+                tuple((int(a), int(b)) for a, b in recorded[o.kind]["slots"]),
+                RedisFingerprints.from_dict(recorded[o.kind]["fingerprints"]),
+            )
+            for o in shards
+        )
+        return RedisSnapshot(tuple(shards), prints, plains, "cluster", layout)
     method = "logical" if data_kind == "redis_logical" else "rdb"
     assert data_kind is not None
     return RedisSnapshot((by_kind[data_kind],), prints, (_plain(doc[method]),), method)

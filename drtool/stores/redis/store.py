@@ -2,7 +2,9 @@
 
 Backup fetches the RDB to the scratch dir, validates and fingerprints it, then uploads it;
 restore copies its keys online (:mod:`drtool.stores.redis.restore`) or, given a placer, swaps
-the server's data file offline (:mod:`drtool.stores.redis.offline`).
+the server's data file offline (:mod:`drtool.stores.redis.offline`); a cluster snapshot goes
+offline an RDB per stopped node of a cluster of its shape
+(:mod:`drtool.stores.redis.cluster_offline`).
 
 Two other shapes share the path (ADR 0021): a server that refuses replication gives a logical
 dump (:mod:`drtool.sources.redis_logical`, consistent per key), and a Redis Cluster one RDB
@@ -21,9 +23,14 @@ from pathlib import Path
 from drtool.endpoints import StackEndpoints
 from drtool.errors import IntegrityError, SourceError, UsageError
 from drtool.repository.manifest import ComponentEntry, ObjectEntry
-from drtool.sources.redis_client import connect, keyspace_dbs, save_as_rdb
+from drtool.sources.redis_client import connect, ephemeral_redis, keyspace_dbs, save_as_rdb
 from drtool.sources.redis_cluster import combine, discover, fetch_shards
-from drtool.sources.redis_fingerprint import fingerprint_rdb, fingerprint_redis
+from drtool.sources.redis_fingerprint import (
+    RedisFingerprints,
+    compare,
+    fingerprint_rdb,
+    fingerprint_redis,
+)
 from drtool.sources.redis_logical import FORMAT as LOGICAL_FORMAT
 from drtool.sources.redis_logical import dump_logical, logical_redis
 from drtool.sources.redis_rdb import ReplicationRefused, fetch_rdb, validate_rdb
@@ -37,8 +44,9 @@ from drtool.stores.base import (
     SnapshotSource,
     Target,
 )
-from drtool.stores.redis import offline
+from drtool.stores.redis import cluster_offline, offline
 from drtool.stores.redis import restore as redis_restore
+from drtool.stores.redis.cluster_offline import NodeDir
 from drtool.stores.streams import counting, file_chunks, json_chunks
 
 NAME = "redis"
@@ -212,13 +220,72 @@ class RedisRestoring:
     source: SnapshotSource
     snap: redis_restore.RedisSnapshot
     data: list[Path] | None = None
+    nodes: tuple[list[NodeDir], list[int]] | None = None  # offline into a cluster's node dirs
 
     def reads(self) -> list[ObjectEntry]:
         """The RDB, logical dump or shard RDBs."""
         return list(self.snap.data)
 
+    def _require_cluster(self, option: str) -> None:
+        if self.snap.method != "cluster":
+            raise UsageError(
+                f"{option}: snapshot {self.source.manifest.snapshot_id} holds one Redis "
+                "server, not a cluster; restore it with --redis-mode offline into a local "
+                "stack or container, or online; nothing changed"
+            )
+
+    def _node_dirs(self, target: Target) -> tuple[list[NodeDir], list[int]]:
+        """The stopped nodes of an offline cluster restore, each matched to its shard."""
+        if self.nodes is None:
+            self._require_cluster("--redis-node-dir")
+            nodes = [cluster_offline.read_node_dir(d) for d in target.redis_node_dirs]
+            for node in nodes:
+                cluster_offline.check_down(node)
+            shards = cluster_offline.match([r for r, _ in self.snap.shards], nodes)
+            self.nodes = (nodes, shards)
+        return self.nodes
+
+    def _plan_nodes(self, target: Target) -> PlanItem:
+        nodes, _ = self._node_dirs(target)
+        had = sum(1 for n in nodes if n.rdb.exists())
+        masters = sum(1 for n in nodes if n.master)
+        return PlanItem(
+            NAME,
+            f"{self.snap.keys:,} keys in {len(self.snap.shards)} shards",
+            f"{masters} masters + {len(nodes) - masters} replicas, stopped",
+            self.snap.size,
+            f"{had} of {len(nodes)} nodes have an RDB",
+            had > 0,
+            "place each shard's RDB in the data dir of the node owning its slots (the current "
+            "one kept as dump.rdb.pre_restore_<time>); start the nodes afterwards",
+            (self.snap.consistency,),
+        )
+
+    def _plan_files(self, directory: Path) -> PlanItem:
+        self._require_cluster("--redis-rdb-dir")
+        files = [
+            cluster_offline.shard_file(directory, i, ranges)
+            for i, (ranges, _) in enumerate(self.snap.shards)
+        ]
+        there = sum(1 for f in files if f.exists())
+        return PlanItem(
+            NAME,
+            f"{self.snap.keys:,} keys in {len(files)} shards",
+            str(directory),
+            self.snap.size,
+            f"{there} of the {len(files)} files",
+            there > 0,
+            "write each shard's RDB as shard-<i>-slots-<ranges>.rdb, to be placed by you "
+            "into the stopped node owning those slots",
+            (self.snap.consistency,),
+        )
+
     def plan(self, target: Target) -> list[PlanItem]:
         """The target server, the keys it holds, and how they are replaced."""
+        if target.redis_node_dirs:
+            return [self._plan_nodes(target)]
+        if target.redis_rdb_dir is not None:
+            return [self._plan_files(target.redis_rdb_dir)]
         r = target.endpoints.redis
         held = redis_restore.target_keys(r)
         action = "copy keys (RESTORE REPLACE), remove keys not in the snapshot" if held else ""
@@ -251,6 +318,10 @@ class RedisRestoring:
         """Copy the keys (or swap the data file), then compare fingerprints with the snapshot's."""
         assert self.data is not None  # stage came first
         endpoint = target.endpoints.redis
+        if target.redis_node_dirs:
+            return self._restore_nodes(target, stamp)
+        if target.redis_rdb_dir is not None:
+            return self._restore_files(target.redis_rdb_dir)
         if target.placer is None:
             r = redis_restore.restore(
                 self.data,
@@ -272,3 +343,76 @@ class RedisRestoring:
             done = f"RDB of {r.copied:,} keys placed, {r.removed:,} keys replaced"
         expired = redis_restore.expired_since_backup(self.snap, r)
         return Restored(r.problems, f"{done}, {expired:,} expired (TTL); {self.snap.consistency}")
+
+    def _check_shards(self) -> tuple[list[str], int, list[RedisFingerprints]]:
+        """Each staged shard RDB loaded in a private server and compared with its recorded
+        fingerprints: (differences, keys whose TTL ran out since the backup, the loaded
+        fingerprints)."""
+        assert self.data is not None  # stage came first
+        problems: list[str] = []
+        expired = 0
+        prints = []
+        pairs = zip(self.data, self.snap.shards, strict=True)
+        for i, (rdb, (ranges, recorded)) in enumerate(pairs):
+            with ephemeral_redis(rdb) as server:
+                loaded = fingerprint_redis(server)
+            prints.append(loaded)
+            expired += sum(d.keys for d in recorded.dbs.values())
+            expired -= sum(d.keys for d in loaded.dbs.values())
+            if not redis_restore.only_expired(recorded, loaded):
+                where = f"shard {i} (slots {cluster_offline.format_ranges(ranges)})"
+                problems += [f"{where}: {p}" for p in compare(recorded, loaded)]
+        return problems, expired, prints
+
+    def _restore_nodes(self, target: Target, stamp: str) -> Restored:
+        """Each shard's staged RDB checked, then placed into its stopped node(s)
+        (cluster_offline.py)."""
+        assert self.data is not None
+        nodes, shards = self._node_dirs(target)
+        problems, expired, loaded = self._check_shards()
+        if problems:
+            return Restored(problems, "nothing placed: a shard's RDB differs from its record")
+        placed = cluster_offline.place_all(self.data, self.snap.plain, nodes, shards, stamp)
+        done = (
+            f"RDBs of {len(self.snap.shards)} shards, each loaded and equal to its record, "
+            f"placed into {placed.nodes} stopped nodes ({len(placed.kept)} previous RDBs kept "
+            f"as dump.rdb.pre_restore_{stamp}), {expired:,} expired (TTL)"
+        )
+        if not target.redis_wait_s:
+            return Restored(
+                [],
+                f"{done}; start the nodes now (not started nor compared by this run: "
+                f"docs/OPERATIONS.md); {self.snap.consistency}",
+            )
+        r = target.endpoints.redis
+        log.warning(
+            "redis: the RDBs are placed; start the nodes now (waiting up to %g s for the "
+            "cluster at %s:%s to compare it)",
+            target.redis_wait_s,
+            r.host,
+            r.port,
+        )
+        pairs = zip(self.snap.shards, loaded, strict=True)
+        layout = [(ranges, prints) for (ranges, _), prints in pairs]
+        problems = cluster_offline.compare_started(r, layout, target.redis_wait_s)
+        return Restored(
+            problems,
+            f"{done}; started, each master's fingerprints compared with its shard's; "
+            f"{self.snap.consistency}",
+        )
+
+    def _restore_files(self, directory: Path) -> Restored:
+        """Each shard's staged RDB checked, then written into ``directory`` for the operator."""
+        assert self.data is not None
+        problems, expired, _ = self._check_shards()
+        if problems:
+            return Restored(problems, "nothing written: a shard's RDB differs from its record")
+        layout = [ranges for ranges, _ in self.snap.shards]
+        files = cluster_offline.write_shard_files(self.data, self.snap.plain, layout, directory)
+        return Restored(
+            [],
+            f"RDBs of {len(files)} shards, each loaded and equal to its record, written to "
+            f"{directory} ({', '.join(f.name for f in files)}), {expired:,} expired (TTL); "
+            "copy each as dump.rdb into the stopped node owning its slots, then start them "
+            f"(docs/OPERATIONS.md); {self.snap.consistency}",
+        )
