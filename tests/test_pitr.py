@@ -19,9 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
 from support.cli import run_drtool
 from support.wal_kit import (
@@ -29,6 +27,8 @@ from support.wal_kit import (
     WalKit,
     admin,
     make_kit,
+    one,
+    restored_notes,
     start_wal_server,
     stop_streamer,
     wait_for,
@@ -37,7 +37,6 @@ from support.wal_kit import (
 
 from drtool import keys
 from drtool.config import load_config
-from drtool.endpoints import PostgresEndpoint
 from drtool.repository.access import open_repo
 from drtool.wal.names import parse_lsn, parse_segment, segment_of_lsn
 from drtool.wal.pruned import append_pruned, load_pruned
@@ -49,12 +48,6 @@ def base_backup(kit: WalKit) -> str:
 
     cfg = load_config(kit.config, {})
     return run_backup(cfg, home=kit.root, env={}, components=("postgres-base",)).snapshot_id
-
-
-def one(conn: psycopg.Connection[Any], query: str) -> str:
-    row = conn.execute(query).fetchone()
-    assert row is not None
-    return str(row[0])
 
 
 @dataclass
@@ -122,35 +115,6 @@ def history(
     finally:
         next(kits, None)
         server.stop()
-
-
-def restored_notes(
-    result: subprocess.CompletedProcess[str], password: str, *, restart: bool = False
-) -> list[str]:
-    """The notes the restored copy holds (after a plain ``pg_ctl restart`` when ``restart``:
-    the copy must not need the staged WAL, long gone); then it is stopped."""
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
-    data_dir = Path(out["data_dir"])
-    ep = PostgresEndpoint("127.0.0.1", out["port"], "postgres", "cotalk", password)
-
-    def pg_ctl(*args: str) -> None:
-        subprocess.run(
-            [out["pg_ctl"], "-D", str(data_dir), "-m", "fast", "-w", *args],
-            user="postgres",
-            check=True,
-            capture_output=True,
-            cwd=data_dir.parent,
-        )
-
-    try:
-        if restart:
-            pg_ctl("-l", out["log"], "restart")
-        with admin(ep) as conn:
-            assert one(conn, "SELECT pg_is_in_recovery()") == "False"
-            return [str(r[0]) for r in conn.execute("SELECT note FROM marks ORDER BY note")]
-    finally:
-        pg_ctl("stop")
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ operator config; :func:`make_kit` builds one for any server (other majors).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -150,8 +151,13 @@ def kit_fixture(tmp_path: Path, wal_pg: PostgresServer) -> Iterator[WalKit]:
     yield from make_kit(tmp_path, wal_pg)
 
 
-def make_kit(tmp_path: Path, wal_pg: PostgresServer) -> Iterator[WalKit]:
-    """Keys, a repository and the two configs for ``wal_pg``; drops the test slots after."""
+def make_kit(
+    tmp_path: Path, wal_pg: PostgresServer, repository: dict[str, Any] | None = None
+) -> Iterator[WalKit]:
+    """Keys, a repository and the two configs for ``wal_pg``; drops the test slots after.
+
+    ``repository``: the ``[repository]`` section (e.g. an S3 bucket with Object Lock);
+    default a directory (``WalKit.repo_dir``)."""
     (tmp_path / "keys").mkdir(mode=0o700)
     identity = tmp_path / "keys" / "operator.key"
     recipient = keys.write_identity(identity, passphrase=None)
@@ -161,12 +167,12 @@ def make_kit(tmp_path: Path, wal_pg: PostgresServer) -> Iterator[WalKit]:
     password.chmod(0o600)
     slot = f"t_{uuid.uuid4().hex[:10]}"
     ep = wal_pg.endpoint
-    url = (tmp_path / "repository").as_uri()
+    section = repository or {"url": (tmp_path / "repository").as_uri()}
     postgres = {"host": ep.host, "port": ep.port, "user": ep.user, "dbname": ep.dbname}
     config = write_config(
         tmp_path / "backup.toml",
         {
-            "repository": {"url": url},
+            "repository": section,
             "keys": {
                 "recipients": [recipient],
                 "signing_key_file": str(tmp_path / "keys" / "signing.key"),
@@ -185,7 +191,7 @@ def make_kit(tmp_path: Path, wal_pg: PostgresServer) -> Iterator[WalKit]:
     operator = write_config(
         tmp_path / "operator.toml",
         {
-            "repository": {"url": url},
+            "repository": section,
             "keys": {"identity_file": str(identity), "verify_key": verify_key},
             "postgres": {**postgres, "password_file": str(password)},
             "wal": {"spool_dir": str(tmp_path / "spool")},
@@ -215,3 +221,38 @@ def write_rows(ep: PostgresEndpoint) -> None:
 def stop_streamer(proc: subprocess.Popen[bytes]) -> int:
     proc.send_signal(signal.SIGTERM)
     return proc.wait(60)
+
+
+def one(conn: psycopg.Connection[Any], query: str) -> str:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def restored_notes(
+    result: subprocess.CompletedProcess[str], password: str, *, restart: bool = False
+) -> list[str]:
+    """The notes the restored copy holds (after a plain ``pg_ctl restart`` when ``restart``:
+    the copy must not need the staged WAL, long gone); then it is stopped."""
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    data_dir = Path(out["data_dir"])
+    ep = PostgresEndpoint("127.0.0.1", out["port"], "postgres", "cotalk", password)
+
+    def pg_ctl(*args: str) -> None:
+        subprocess.run(
+            [out["pg_ctl"], "-D", str(data_dir), "-m", "fast", "-w", *args],
+            user="postgres",
+            check=True,
+            capture_output=True,
+            cwd=data_dir.parent,
+        )
+
+    try:
+        if restart:
+            pg_ctl("-l", out["log"], "restart")
+        with admin(ep) as conn:
+            assert one(conn, "SELECT pg_is_in_recovery()") == "False"
+            return [str(r[0]) for r in conn.execute("SELECT note FROM marks ORDER BY note")]
+    finally:
+        pg_ctl("stop")

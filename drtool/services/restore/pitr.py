@@ -46,6 +46,7 @@ from drtool.services.restore import pitr_plan, pitr_prefetch, pitr_recover
 from drtool.stores.stage import Plain, check_free_space, stage
 from drtool.timing import Timer
 from drtool.wal.fetch import fetch_checked
+from drtool.wal.history import Branch, parse_history
 from drtool.wal.index import WalEntry, load_index
 
 RECOVERY_TIMEOUT_S = 3600.0
@@ -204,10 +205,12 @@ class _Stager:
     segment_size: int
     system_identifier: str
     result: PitrResult
+    #: each timeline's history, read from its staged history file (staged before segments)
+    branches: dict[int, list[Branch]] = field(default_factory=dict)
 
     def fetch(self, entries: list[WalEntry]) -> None:
         for e in entries:
-            fetch_checked(
+            path = fetch_checked(
                 self.repo.storage,
                 self.repo.info.repo_id,
                 e,
@@ -216,7 +219,10 @@ class _Stager:
                 self.wal_dir,
                 segment_size=self.segment_size,
                 system_identifier=self.system_identifier,
+                branches=self.branches.get(e.timeline),
             )
+            if e.kind == "history":
+                self.branches[e.timeline] = parse_history(path.read_text(), name=e.name)
             self.result.segments_staged += 1 if e.kind == "segment" else 0
             self.result.staged_bytes += e.plain_size
         pitr_recover.chown_tree(self.staging)
