@@ -65,13 +65,13 @@ def _restore_to_moment(
     snapshot: str,
     at: str | None,
     lsn: str | None,
-    into: str | None,
-    port: int | None,
+    where: tuple[str | None, str | None, int | None],  # --into, --into-volume, --port
     components: tuple[str, ...],
     dry_run: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
+    into, into_volume, port = where
     if snapshot != "latest":
         raise UsageError(f"--at/--lsn with --into: a moment, not a snapshot id (got {snapshot})")
     if components != ("postgres",):
@@ -83,6 +83,7 @@ def _restore_to_moment(
         at=_parse_moment(at) if at is not None else None,
         lsn=lsn,
         into=Path(into) if into else None,
+        into_volume=into_volume,
         dry_run=dry_run,
         yes=yes,
         port=port,
@@ -112,6 +113,12 @@ def _restore_to_moment(
     )
     for note in result.notes:
         click.echo(f"note: {note}")
+    if result.volume:
+        click.echo(
+            f"volume {result.volume} holds the promoted data directory (stopped); mount it at "
+            f"/var/lib/postgresql/data of a {result.image} container (docs/OPERATIONS.md)"
+        )
+        return
     click.echo(
         f"the copy runs on 127.0.0.1:{result.port}; stop it with: "
         f"{result.pg_ctl} -D {result.data_dir} stop (as the postgres user)"
@@ -159,6 +166,14 @@ def _confirm(result: RestoreResult) -> bool:
     metavar="DIR",
     help="Restore to a moment (--at/--lsn, --component postgres) into this NEW data directory; "
     "the copy starts on a free loopback port, the running cluster is not touched.",
+)
+@click.option(
+    "--into-volume",
+    "into_volume",
+    metavar="NAME",
+    help="Restore to a moment into this NEW Docker volume instead (the Docker deployment): "
+    "recovered and promoted in a throw-away container of postgres.image (the base backup's "
+    "major), then stopped; no existing volume or container is touched.",
 )
 @click.option("--port", type=int, default=None, help="With --into: the copy's port (default free).")
 @click.option(
@@ -226,7 +241,7 @@ def restore(
     force: bool,
     yes: bool,
     as_json: bool,
-    **how: Any,  # per-store options: drop_old, jobs, redis_mode, prefix, minio_mode
+    **how: Any,  # into_volume, and per-store options: drop_old, jobs, redis_mode, prefix, ...
 ) -> None:
     """Restore a snapshot (an id or `latest`) into the stack or a named target.
 
@@ -246,22 +261,28 @@ def restore(
     it, each file checked before PostgreSQL reads it (the base and the WAL to
     the target before DIR is created), recovered and promoted in DIR on a
     free port. Outside the window (or behind a WAL gap): exit 10, naming it;
-    a damaged file: exit 5, naming it, DIR not left behind.
+    a damaged file: exit 5, naming it, DIR not left behind. `--into-volume
+    NAME` instead of `--into DIR`: the same into a new Docker volume, recovered
+    with postgres.image's server in throw-away containers, then stopped.
     """
     chosen = tuple(c.strip() for c in components.split(",") if c.strip())
-    if lsn is not None or into is not None:
+    into_volume: str | None = how.pop("into_volume")
+    if lsn is not None or into is not None or into_volume is not None:
         if target or force:
             raise UsageError(
-                "restore to a moment: it goes into a new data directory (--into DIR) only; "
+                "restore to a moment: it goes into a new data directory (--into DIR) only, or "
+                "a new Docker volume (--into-volume NAME); "
                 "--target/--force replace a running database and are for snapshot restores "
                 "(to put the copy in production's place, see docs/OPERATIONS.md); nothing changed"
             )
-        _restore_to_moment(state, snapshot, at, lsn, into, port, chosen, dry_run, yes, as_json)
+        where = (into, into_volume, port)
+        _restore_to_moment(state, snapshot, at, lsn, where, chosen, dry_run, yes, as_json)
         return
     if at is not None and chosen == ("postgres",):
         raise UsageError(
             "--at with --component postgres: for a restore to that exact moment add --into DIR "
-            "(a new data directory); for an older logical snapshot, name it by id (drtool list)"
+            "(a new data directory) or --into-volume NAME (a new Docker volume); for an older "
+            "logical snapshot, name it by id (drtool list)"
         )
     options = RestoreOptions(
         ref=snapshot,

@@ -97,9 +97,8 @@ def _describe(plan: WalPrunePlan, deferred: int = 0, behind: int = 0) -> None:
         f"{plan.base_snapshot}, the oldest kept); {len(plan.keys)} older WAL objects to remove"
     )
     if deferred:
-        plan.note += (
-            f"; {deferred} deferred that Object Lock retains"
-            + (f", and the {behind} after them (no gap is opened)" if behind else "")
+        plan.note += f"; {deferred} deferred that Object Lock retains" + (
+            f", and the {behind} after them (no gap is opened)" if behind else ""
         )
 
 
