@@ -55,7 +55,9 @@ def volumes(docker_client: docker.DockerClient) -> Iterator[list[str]]:
             docker_client.volumes.get(name).remove(force=True)
 
 
-def _restore(history: History, image: str, volume: str) -> subprocess.CompletedProcess[str]:
+def _restore(
+    history: History, image: str, volume: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
     return run_drtool(
         "restore",
         "--component",
@@ -66,6 +68,7 @@ def _restore(history: History, image: str, volume: str) -> subprocess.CompletedP
         history.at.isoformat(),
         "--into-volume",
         volume,
+        *extra,
         config=history.kit.operator,
         extra_env={"DRTOOL_POSTGRES_IMAGE": image},
     )
@@ -83,6 +86,21 @@ def _files(client: docker.DockerClient, volume: str) -> str:
         remove=True,
     )
     return bytes(out).decode()
+
+
+def _production_volume(client: docker.DockerClient, name: str) -> str:
+    """An existing volume standing for the chat stack's ``pgdata``; returns its listing."""
+    client.volumes.create(name, labels=LABELS)
+    client.containers.run(
+        POSTGRES_IMAGE,
+        ["-c", "echo production > /v/marker && mkdir /v/base && echo 1 > /v/base/x"],
+        entrypoint=["sh"],
+        volumes={name: {"bind": "/v", "mode": "rw"}},
+        network_mode="none",
+        labels=LABELS,
+        remove=True,
+    )
+    return _files(client, name)
 
 
 def _notes(client: docker.DockerClient, volume: str, password: str) -> list[str]:
@@ -126,17 +144,7 @@ def test_restore_to_a_moment_into_a_new_docker_volume(
     configured = f"drtool-test-configured-{uuid.uuid4().hex[:8]}"
     fresh = f"drtool-test-pitr-{uuid.uuid4().hex[:8]}"
     volumes += [configured, fresh]
-    docker_client.volumes.create(configured, labels=LABELS)
-    docker_client.containers.run(
-        POSTGRES_IMAGE,
-        ["-c", "echo production > /v/marker && mkdir /v/base && echo 1 > /v/base/x"],
-        entrypoint=["sh"],
-        volumes={configured: {"bind": "/v", "mode": "rw"}},
-        network_mode="none",
-        labels=LABELS,
-        remove=True,
-    )
-    before = _files(docker_client, configured)
+    before = _production_volume(docker_client, configured)
 
     # the configured volume (any existing one) is refused by name, untouched
     result = _restore(history, POSTGRES_IMAGE, configured)
@@ -151,6 +159,14 @@ def test_restore_to_a_moment_into_a_new_docker_volume(
         assert "runs PostgreSQL 16, the base backup is PostgreSQL 15" in result.stderr
         with pytest.raises(NotFound):
             docker_client.volumes.get(fresh)
+
+    # a dry run: the plan and the stored hashes, nothing created
+    dry = _restore(history, POSTGRES_IMAGE, fresh, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    planned = json.loads(dry.stdout)
+    assert planned["data_dir"] == f"docker volume {fresh}" and planned["hash_checked"] > 0
+    with pytest.raises(NotFound):
+        docker_client.volumes.get(fresh)
 
     # a bit-flipped segment: refused (exit 5, naming it) before any volume is created
     needed = segment_of_lsn(parse_lsn(history.lsn), 1, SEG).segno

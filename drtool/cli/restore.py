@@ -46,8 +46,9 @@ def _parse_moment(value: str) -> datetime:
 
 
 def _show_pitr_plan(result: PitrResult) -> None:
+    where = f"new {result.data_dir}" if result.volume else f"new data directory {result.data_dir}"
     print_table(
-        f"restore plan: PostgreSQL at {result.target} -> new data directory {result.data_dir}"
+        f"restore plan: PostgreSQL at {result.target} -> {where}"
         + (" (dry run, nothing changed)" if result.dry_run else ""),
         ["base backup (snapshot)", "base finished", "WAL segments first staged", "window"],
         [[result.base_snapshot, result.base_finished, result.segments_planned, result.window]],
@@ -57,7 +58,7 @@ def _show_pitr_plan(result: PitrResult) -> None:
 def _confirm_pitr(result: PitrResult) -> bool:
     require_terminal("restore")
     _show_pitr_plan(result)
-    return typed_confirmation(result.data_dir)
+    return typed_confirmation(result.volume or result.data_dir)
 
 
 def _restore_to_moment(
@@ -101,12 +102,17 @@ def _restore_to_moment(
         return
     print_table(
         f"PostgreSQL restored to {result.target} into {result.data_dir} in {result.seconds:.1f} s",
-        ["reached (last commit replayed)", "WAL position", "port", "segments staged"],
+        [
+            "reached (last commit replayed)",
+            "WAL position",
+            "image" if result.volume else "port",
+            "segments staged",
+        ],
         [
             [
                 result.reached_time or "?",
                 result.reached_lsn or "?",
-                result.port,
+                result.image if result.volume else result.port,
                 result.segments_staged,
             ]
         ],
