@@ -22,7 +22,8 @@ import hashlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -425,7 +426,7 @@ def _run_into_volume(
         check_free_space(scratch, chosen.base.component.plain_bytes + wal_bytes)
         staging = Path(tempfile.mkdtemp(dir=scratch, prefix=".pitr-staging-"))
         restore = pitr_volume.VolumeRestore(target)
-        try:
+        with pitr_volume.docker_errors(), _removed(staging), restore.abandoned_on_failure():
             wal_dir = staging / "wal"
             wal_dir.mkdir()
             tar = staging / "base.tar"
@@ -444,15 +445,19 @@ def _run_into_volume(
             result.phases["recover"] = round(clock.elapsed() - result.phases["stage"], 3)
             result.reached_time, result.reached_lsn = restore.reached(cfg.stack().postgres)
             restore.finish()
-        except BaseException:
-            restore.abandon()  # nothing half-made is left: the new volume goes too
-            raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     finally:
         target.client.close()
     result.seconds = round(clock.elapsed(), 3)
     return result
+
+
+@contextmanager
+def _removed(path: Path) -> Iterator[None]:
+    """``path`` (the staging directory) is removed on the way out, however it is left."""
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _drop(wal_dir: Path, entries: list[WalEntry]) -> None:

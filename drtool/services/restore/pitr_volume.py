@@ -38,7 +38,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from docker.errors import DockerException, ImageNotFound, NotFound
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from drtool.drills.runtime_docker import PG_DATA, engine, ensure_image, logs_tail
 from drtool.endpoints import PostgresEndpoint
@@ -72,6 +72,16 @@ PROMOTED = (
     f"test ! -e {PG_DATA}/recovery.signal && test -e {PG_DATA}/postmaster.pid "
     f"&& sed -n 8p {PG_DATA}/postmaster.pid"
 )
+
+
+@contextlib.contextmanager
+def docker_errors() -> Iterator[None]:
+    """The engine's own errors as one line (exit 3), never a traceback."""
+    try:
+        yield
+    except DockerException as exc:
+        detail = exc.explanation if isinstance(exc, APIError) else type(exc).__name__
+        raise SourceError(f"docker: restore to a moment into a volume failed: {detail}") from None
 
 
 def check_volume_name(name: str) -> None:
@@ -119,23 +129,27 @@ class VolumeTarget:
         check_volume_name(volume)
         client = engine()
         try:
-            client.volumes.get(volume)
-        except NotFound:
-            pass
-        else:
+            with docker_errors():
+                try:
+                    client.volumes.get(volume)
+                except NotFound:
+                    pass
+                else:
+                    raise UsageError(
+                        f"--into-volume: volume {volume} exists; a restore to a moment creates "
+                        "a new one (the running cluster's volume is never written); nothing "
+                        "changed"
+                    )
+                major = image_major(client, image)
+            if major != base_major:
+                raise ConfigError(
+                    f"postgres.image: {image} runs PostgreSQL {major}, the base backup is "
+                    f"PostgreSQL {base_major} (physical files do not cross majors); set "
+                    f"postgres.image to a PostgreSQL {base_major} image"
+                )
+        except BaseException:
             client.close()
-            raise UsageError(
-                f"--into-volume: volume {volume} exists; a restore to a moment creates a new "
-                "one (the running cluster's volume is never written); nothing changed"
-            )
-        major = image_major(client, image)
-        if major != base_major:
-            client.close()
-            raise ConfigError(
-                f"postgres.image: {image} runs PostgreSQL {major}, the base backup is "
-                f"PostgreSQL {base_major} (physical files do not cross majors); set "
-                f"postgres.image to a PostgreSQL {base_major} image"
-            )
+            raise
         return cls(client, image, volume, major)
 
 
@@ -279,6 +293,15 @@ class VolumeRestore:
             self.container.remove(force=True)
             self.container = None
         self._remove_wal_volume()
+
+    @contextlib.contextmanager
+    def abandoned_on_failure(self) -> Iterator[None]:
+        """Whatever ends the block early (an error, Ctrl-C) removes what was made."""
+        try:
+            yield
+        except BaseException:
+            self.abandon()  # nothing half-made is left: the new volume goes too
+            raise
 
     def abandon(self) -> None:
         """After a failure: remove everything this restore made, the new volume too."""
