@@ -133,8 +133,9 @@ def defer_locked(
     go = ordered[:first_held]
     behind = len(ordered) - first_held - len(held)
     names = {_name_of(key) for key in go}
+    kept = [name for name in plan.remove if name not in names]
     plan.remove = [name for name in plan.remove if name in names]
-    plan.kept_segments += len(plan.keys) - len(go)
+    plan.kept_segments += len(kept)  # index segments only (stray uploads are not counted)
     plan.keys = go
     if plan.floor_segment is not None:
         _describe(plan, len(held), behind)
