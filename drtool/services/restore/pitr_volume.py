@@ -195,9 +195,15 @@ class VolumeRestore:
     def populate(self, base_tar: Path, wal: list[Path]) -> None:
         """Create both volumes; extract the checked base and copy the staged WAL into them."""
         client = self.target.client
-        client.volumes.create(self.target.volume, labels=self.labels)
-        self.created = True
-        client.volumes.create(self.wal_volume, labels=self.labels)
+        for name in (self.target.volume, self.wal_volume):
+            # creating an existing volume returns it: only our label proves it is new
+            made = client.volumes.create(name, labels=self.labels)
+            if (made.attrs.get("Labels") or {}).get(LABEL) != self.run_id:
+                raise UsageError(
+                    f"--into-volume: volume {name} appeared while the restore was staged "
+                    "(another restore?); it was not written; nothing changed"
+                )
+            self.created = self.created or name == self.target.volume
         prep = client.containers.create(
             self.target.image,
             ["-c", PREPARE],
