@@ -137,6 +137,9 @@ class PostgresConfig:
     bin_dir: str = ""
     # a streaming standby as the source: the dump is refused when its replay lags more
     max_standby_lag_s: float = 300.0
+    # the server's Docker image (chat_stack/docker-compose.yml): `restore --into-volume`
+    # recovers with it, so its major must be the base backup's
+    image: str = "postgres:16-alpine"
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ BAD_CONFIGS = [
     pytest.param(
         '[postgres]\nhots = "x"\n',
         "error: postgres.hots: unknown setting (known: bin_dir, dbname, host, "
-        "max_standby_lag_s, password_file, port, user)",
+        "image, max_standby_lag_s, password_file, port, user)",
         id="unknown-key",
     ),
     pytest.param(

@@ -12,100 +12,29 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
 from support.cli import run_drtool
 from support.wal_kit import (
     SEG,
-    WalKit,
+    History,
     admin,
     make_kit,
+    one,
+    record_history,
+    restored_notes,
     start_wal_server,
-    stop_streamer,
-    wait_for,
-    write_rows,
 )
 
 from drtool import keys
 from drtool.config import load_config
-from drtool.endpoints import PostgresEndpoint
 from drtool.repository.access import open_repo
-from drtool.wal.names import parse_lsn, parse_segment, segment_of_lsn
+from drtool.wal.names import parse_lsn, segment_of_lsn
 from drtool.wal.pruned import append_pruned, load_pruned
-
-
-def base_backup(kit: WalKit) -> str:
-    """A ``postgres-base`` snapshot through the library (the CLI path is tested elsewhere)."""
-    from drtool.services.backup import run_backup
-
-    cfg = load_config(kit.config, {})
-    return run_backup(cfg, home=kit.root, env={}, components=("postgres-base",)).snapshot_id
-
-
-def one(conn: psycopg.Connection[Any], query: str) -> str:
-    row = conn.execute(query).fetchone()
-    assert row is not None
-    return str(row[0])
-
-
-@dataclass
-class History:
-    """What happened on the source, and where it is stored."""
-
-    kit: WalKit
-    base: str
-    before_base: datetime  # a moment before the oldest base backup finished
-    at: datetime  # after A committed, before B did
-    lsn: str  # the WAL position after A's commit, before B's
-    scratch: Path  # a directory the postgres user can enter, for restored data dirs
-
-    def restore(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_drtool(
-            "restore", "--component", "postgres", "--yes", *args, config=self.kit.operator
-        )
-
-    def new_dir(self) -> Path:
-        return self.scratch / f"restored-{uuid.uuid4().hex[:6]}"
-
-
-def record_history(kit: WalKit, scratch: Path) -> History:
-    ep = kit.server.endpoint
-    write_rows(ep)
-    proc = kit.start()
-    try:
-        wait_for("the streamer to seal", lambda: len(kit.segments()) >= 1)
-        with admin(ep) as conn:
-            before_base = datetime.fromisoformat(one(conn, "SELECT clock_timestamp()"))
-        time.sleep(1.1)  # the base's snapshot finishes strictly later (ids have 1 s steps)
-        base = base_backup(kit)
-        with admin(ep) as conn:
-            conn.execute("CREATE TABLE marks (note text)")
-            conn.execute("INSERT INTO marks VALUES ('A')")
-            at = datetime.fromisoformat(one(conn, "SELECT clock_timestamp()"))
-            lsn = one(conn, "SELECT pg_current_wal_insert_lsn()")
-            time.sleep(0.05)  # B's commit time is strictly after the target
-            conn.execute("INSERT INTO marks VALUES ('B')")
-            end = parse_lsn(one(conn, "SELECT pg_current_wal_insert_lsn()"))
-        needed = segment_of_lsn(end, 1, SEG).segno + 1  # and one after it (the gap test)
-        write_rows(ep)
-        wait_for(
-            "the segment after B's sealed",
-            lambda: any(parse_segment(n, SEG).segno >= needed for n in kit.segments()),
-        )
-        assert stop_streamer(proc) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return History(kit, base, before_base, at, lsn, scratch)
 
 
 @pytest.fixture(scope="module", params=[15, 16], ids=["pg15", "pg16"])
@@ -122,35 +51,6 @@ def history(
     finally:
         next(kits, None)
         server.stop()
-
-
-def restored_notes(
-    result: subprocess.CompletedProcess[str], password: str, *, restart: bool = False
-) -> list[str]:
-    """The notes the restored copy holds (after a plain ``pg_ctl restart`` when ``restart``:
-    the copy must not need the staged WAL, long gone); then it is stopped."""
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
-    data_dir = Path(out["data_dir"])
-    ep = PostgresEndpoint("127.0.0.1", out["port"], "postgres", "cotalk", password)
-
-    def pg_ctl(*args: str) -> None:
-        subprocess.run(
-            [out["pg_ctl"], "-D", str(data_dir), "-m", "fast", "-w", *args],
-            user="postgres",
-            check=True,
-            capture_output=True,
-            cwd=data_dir.parent,
-        )
-
-    try:
-        if restart:
-            pg_ctl("-l", out["log"], "restart")
-        with admin(ep) as conn:
-            assert one(conn, "SELECT pg_is_in_recovery()") == "False"
-            return [str(r[0]) for r in conn.execute("SELECT note FROM marks ORDER BY note")]
-    finally:
-        pg_ctl("stop")
 
 
 @pytest.mark.slow

@@ -47,8 +47,9 @@ def _parse_moment(value: str) -> datetime:
 
 
 def _show_pitr_plan(result: PitrResult) -> None:
+    where = f"new {result.data_dir}" if result.volume else f"new data directory {result.data_dir}"
     print_table(
-        f"restore plan: PostgreSQL at {result.target} -> new data directory {result.data_dir}"
+        f"restore plan: PostgreSQL at {result.target} -> {where}"
         + (" (dry run, nothing changed)" if result.dry_run else ""),
         ["base backup (snapshot)", "base finished", "WAL segments first staged", "window"],
         [[result.base_snapshot, result.base_finished, result.segments_planned, result.window]],
@@ -58,7 +59,7 @@ def _show_pitr_plan(result: PitrResult) -> None:
 def _confirm_pitr(result: PitrResult) -> bool:
     require_terminal("restore")
     _show_pitr_plan(result)
-    return typed_confirmation(result.data_dir)
+    return typed_confirmation(result.volume or result.data_dir)
 
 
 def _restore_to_moment(
@@ -66,13 +67,13 @@ def _restore_to_moment(
     snapshot: str,
     at: str | None,
     lsn: str | None,
-    into: str | None,
-    port: int | None,
+    where: tuple[str | None, str | None, int | None],  # --into, --into-volume, --port
     components: tuple[str, ...],
     dry_run: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
+    into, into_volume, port = where
     if snapshot != "latest":
         raise UsageError(f"--at/--lsn with --into: a moment, not a snapshot id (got {snapshot})")
     if components != ("postgres",):
@@ -84,6 +85,7 @@ def _restore_to_moment(
         at=_parse_moment(at) if at is not None else None,
         lsn=lsn,
         into=Path(into) if into else None,
+        into_volume=into_volume,
         dry_run=dry_run,
         yes=yes,
         port=port,
@@ -101,18 +103,29 @@ def _restore_to_moment(
         return
     print_table(
         f"PostgreSQL restored to {result.target} into {result.data_dir} in {result.seconds:.1f} s",
-        ["reached (last commit replayed)", "WAL position", "port", "segments staged"],
+        [
+            "reached (last commit replayed)",
+            "WAL position",
+            "image" if result.volume else "port",
+            "segments staged",
+        ],
         [
             [
                 result.reached_time or "?",
                 result.reached_lsn or "?",
-                result.port,
+                result.image if result.volume else result.port,
                 result.segments_staged,
             ]
         ],
     )
     for note in result.notes:
         click.echo(f"note: {note}")
+    if result.volume:
+        click.echo(
+            f"volume {result.volume} holds the promoted data directory (stopped); mount it at "
+            f"/var/lib/postgresql/data of a {result.image} container (docs/OPERATIONS.md)"
+        )
+        return
     click.echo(
         f"the copy runs on 127.0.0.1:{result.port}; stop it with: "
         f"{result.pg_ctl} -D {result.data_dir} stop (as the postgres user)"
@@ -258,6 +271,14 @@ def _confirm(result: RestoreResult) -> bool:
     "free loopback port, the running cluster is not touched. With --at and no --component: "
     "the whole stack at that moment (Redis and the buckets into --target).",
 )
+@click.option(
+    "--into-volume",
+    "into_volume",
+    metavar="NAME",
+    help="Restore to a moment into this NEW Docker volume instead (the Docker deployment): "
+    "recovered and promoted in a throw-away container of postgres.image (the base backup's "
+    "major), then stopped; no existing volume or container is touched.",
+)
 @click.option("--port", type=int, default=None, help="With --into: the copy's port (default free).")
 @click.option(
     "--component",
@@ -354,7 +375,7 @@ def restore(
     force: bool,
     yes: bool,
     as_json: bool,
-    **how: Any,  # per-store options (redis_mode, redis_node_dirs, prefix, ...); accept_skew
+    **how: Any,  # into_volume, per-store options (redis_mode, redis_node_dirs, ...); accept_skew
 ) -> None:
     """Restore a snapshot (an id or `latest`) into the stack or a named target.
 
@@ -374,7 +395,9 @@ def restore(
     it, each file checked before PostgreSQL reads it (the base and the WAL to
     the target before DIR is created), recovered and promoted in DIR on a
     free port. Outside the window (or behind a WAL gap): exit 10, naming it;
-    a damaged file: exit 5, naming it, DIR not left behind.
+    a damaged file: exit 5, naming it, DIR not left behind. `--into-volume
+    NAME` instead of `--into DIR`: the same into a new Docker volume, recovered
+    with postgres.image's server in throw-away containers, then stopped.
 
     \b
     The whole stack to a moment: `--at TIME --into DIR` without --component:
@@ -388,6 +411,7 @@ def restore(
     """
     chosen = tuple(c.strip() for c in components.split(",") if c.strip())
     accept_skew = bool(how.pop("accept_skew"))
+    into_volume: str | None = how.pop("into_volume")
     if accept_skew and (into is None or at is None):
         raise UsageError("--accept-skew: only for the whole stack to a moment (--at with --into)")
     if into is not None and lsn is None and at is not None and set(chosen) == set(COMPONENTS):
@@ -407,19 +431,22 @@ def restore(
             as_json=as_json,
         )
         return
-    if lsn is not None or into is not None:
+    if lsn is not None or into is not None or into_volume is not None:
         if target or force:
             raise UsageError(
-                "restore to a moment: it goes into a new data directory (--into DIR) only; "
+                "restore to a moment: it goes into a new data directory (--into DIR) only, or "
+                "a new Docker volume (--into-volume NAME); "
                 "--target/--force replace a running database and are for snapshot restores "
                 "(to put the copy in production's place, see docs/OPERATIONS.md); nothing changed"
             )
-        _restore_to_moment(state, snapshot, at, lsn, into, port, chosen, dry_run, yes, as_json)
+        where = (into, into_volume, port)
+        _restore_to_moment(state, snapshot, at, lsn, where, chosen, dry_run, yes, as_json)
         return
     if at is not None and chosen == ("postgres",):
         raise UsageError(
             "--at with --component postgres: for a restore to that exact moment add --into DIR "
-            "(a new data directory); for an older logical snapshot, name it by id (drtool list)"
+            "(a new data directory) or --into-volume NAME (a new Docker volume); for an older "
+            "logical snapshot, name it by id (drtool list)"
         )
     options = RestoreOptions(
         ref=snapshot,

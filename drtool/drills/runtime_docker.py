@@ -96,7 +96,7 @@ _CONTAINER_ID = re.compile(r"(?:docker[-/]|containers/)([0-9a-f]{64})")
 _SHORT_ID = re.compile(r"[0-9a-f]{12,64}")
 
 
-def _engine(timeout: int = 60) -> Any:
+def engine(timeout: int = 60) -> Any:
     """A client of the engine named by the environment (``DOCKER_HOST`` or the socket)."""
     try:
         client = docker.from_env(timeout=timeout)
@@ -169,7 +169,7 @@ def _services(images: DockerImages, pg: str, rd: str, s3: tuple[str, str]) -> li
     ]
 
 
-def _ensure_image(client: Any, image: str) -> None:
+def ensure_image(client: Any, image: str) -> None:
     """The image exists locally, or is pulled (the SDK's create does not pull)."""
     try:
         client.images.get(image)
@@ -185,7 +185,7 @@ def _ensure_image(client: Any, image: str) -> None:
         ) from None
 
 
-def _logs_tail(container: Any) -> str:
+def logs_tail(container: Any) -> str:
     try:
         return bytes(container.logs(tail=LOG_TAIL)).decode(errors="replace").strip()
     except DockerException:
@@ -206,7 +206,7 @@ def _wait_ready(role: str, container: Any, probe: Callable[[], object], deadline
             state = container.status
             raise SourceError(
                 f"docker: the drill's {role} container ({container.name}, {state}) did not get "
-                f"ready (last probe: {last}); its log ends:\n{_logs_tail(container)}"
+                f"ready (last probe: {last}); its log ends:\n{logs_tail(container)}"
             )
         time.sleep(POLL_SECONDS)
 
@@ -270,7 +270,7 @@ class _Scratch:
         s3_keys = (f"drtool{secrets.token_hex(6)}", secrets.token_urlsafe(24))
         services = _services(images, pg_password, redis_password, s3_keys)
         for service in services:
-            _ensure_image(self.client, service.image)
+            ensure_image(self.client, service.image)
         network = self.client.networks.create(
             self.name, driver="bridge", internal=True, labels=dict(self.labels)
         )
@@ -449,7 +449,7 @@ def watch_memory(drill_id: str) -> str | None:
     Returns why the drill cannot pass any more (a container killed or stopped), else None.
     """
     fatal: list[str] = []
-    client = _engine(timeout=10)
+    client = engine(timeout=10)
     try:
         for container in client.containers.list(
             all=True, filters={"label": f"{LABEL}={drill_id}"}, ignore_removed=True
@@ -480,7 +480,7 @@ def _diagnose(client: Any, drill_id: str, *, sample: bool) -> list[Exhaustion]:
             found[now.role] = now  # its state at the end says more than an earlier sample
             if not now.memory:  # stopped for another reason: what it said last tells why
                 log.warning("docker: the drill's %s container stopped; its log ends:\n%s",
-                            now.role, _logs_tail(container))  # fmt: skip
+                            now.role, logs_tail(container))  # fmt: skip
     return [found[role] for role in sorted(found)]
 
 
@@ -492,7 +492,7 @@ def _teardown(drill_id: str, *, failed: bool = False) -> list[Exhaustion]:
     """
     label = f"{LABEL}={drill_id}"
     with deferred_interrupts():
-        client = _engine()
+        client = engine()
         try:
             found = _diagnose(client, drill_id, sample=failed)
             removed = _remove(client, label)
@@ -511,7 +511,7 @@ def docker_scratch(
     drill_id: str, images: DockerImages, *, timeout: float = READY_TIMEOUT
 ) -> Iterator[StackEndpoints]:
     """A fresh container stack for one drill, always torn down (also when startup fails)."""
-    client = _engine()
+    client = engine()
     try:
         endpoints = _Scratch(client, drill_id).up(images, timeout)
     except DockerException as exc:
@@ -641,7 +641,7 @@ def cleanup_docker() -> tuple[list[str], list[str]]:
     Returns (what was removed, each kept drill with why); ([], []) when no engine answers.
     """
     try:
-        client = _engine(timeout=10)
+        client = engine(timeout=10)
     except SourceError as exc:
         log.info("%s; no containers to clean up", exc.message)
         return [], []

@@ -29,6 +29,7 @@ from drtool.repository import catalog, chain, drill_log, layout, retention, veri
 from drtool.repository.access import Repo, open_repo
 from drtool.repository.locks import repository_lock
 from drtool.repository.manifest import manifest_sha256
+from drtool.services import wal_prune
 from drtool.services.wal_prune import WalPrunePlan, execute_wal, plan_wal
 from drtool.wal.index import WAL
 
@@ -174,12 +175,7 @@ def defer_retained(repo: Repo, plan: PrunePlan, now: datetime) -> None:
         else:
             kept.append(key)
     plan.garbage = kept
-    held_wal = [key for key in plan.wal.keys if key in retained]
-    for key in held_wal:
-        plan.deferred[key] = retained[key].isoformat(timespec="seconds")
-    names = {key.rsplit("/", 1)[-1].split(".", 1)[0] for key in held_wal}
-    plan.wal.keys = [key for key in plan.wal.keys if key not in retained]
-    plan.wal.remove = [name for name in plan.wal.remove if name not in names]
+    plan.deferred.update(wal_prune.defer_locked(plan.wal, retained, set(plan.deferred)))
 
 
 def _anchors(verified: list[catalog.SnapshotRecord], drilled: str | None) -> list[tuple[str, str]]:

@@ -96,6 +96,7 @@ def build_streamer(
         host=socket.gethostname(),
         segment_size=_segment_size(index, spool),
         level=cfg.backup.compression_level,
+        retain_days=cfg.repository.retain_days,
     )
     streamer = Streamer(
         sealer=sealer,

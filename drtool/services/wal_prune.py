@@ -38,6 +38,9 @@ class WalPrunePlan:
     kept_segments: int = 0
     note: str = ""
     record: str | None = None  # the removal record written (after execution)
+    segment_size: int = DEFAULT_SEGMENT_SIZE
+    #: every valid base backup's start segment, by snapshot (a deferred one lowers the floor)
+    starts: dict[str, str] = field(default_factory=dict)
 
 
 def _name_of(key: str) -> str | None:
@@ -59,7 +62,14 @@ def plan_wal(repo: Repo, records: list[catalog.SnapshotRecord], keep: set[str]) 
         for c in r.manifest.components
         if c.name == BASE and is_segment(str(c.details.get("start_segment", "")))
     ]
-    plan = WalPrunePlan()
+    plan = WalPrunePlan(segment_size=size)
+    plan.starts = {
+        r.snapshot_id: str(c.details["start_segment"])
+        for r in records
+        if r.valid and r.manifest is not None
+        for c in r.manifest.components
+        if c.name == BASE and is_segment(str(c.details.get("start_segment", "")))
+    }
     if not bases:
         plan.kept_segments = len(index.segments())
         plan.note = "no base backup is kept: all WAL kept (a restore to a moment needs one)"
@@ -77,11 +87,59 @@ def plan_wal(repo: Repo, records: list[catalog.SnapshotRecord], keep: set[str]) 
             if name in index.entries:
                 plan.remove.append(name)
     plan.kept_segments = len(index.segments()) - len(plan.remove)
-    plan.note = (
-        f"WAL from {plan.floor_segment} on kept (the start of base backup {base_snapshot}, "
-        f"the oldest kept); {len(plan.keys)} older WAL objects to remove"
-    )
+    _describe(plan)
     return plan
+
+
+def _describe(plan: WalPrunePlan, deferred: int = 0, behind: int = 0) -> None:
+    plan.note = (
+        f"WAL from {plan.floor_segment} on kept (the start of base backup "
+        f"{plan.base_snapshot}, the oldest kept); {len(plan.keys)} older WAL objects to remove"
+    )
+    if deferred:
+        plan.note += f"; {deferred} deferred that Object Lock retains" + (
+            f", and the {behind} after them (no gap is opened)" if behind else ""
+        )
+
+
+def _segno(plan: WalPrunePlan, key: str) -> int:
+    name = _name_of(key)
+    assert name is not None  # planned keys are segment keys
+    return parse_segment(name, plan.segment_size).segno
+
+
+def defer_locked(
+    plan: WalPrunePlan, retained: dict[str, datetime], deferred_snapshots: set[str]
+) -> dict[str, str]:
+    """Take out of ``plan`` the WAL that Object Lock retains, and the WAL it needs kept.
+
+    Only a prefix of the WAL may go, or a gap opens in what stays: the first retained segment
+    (in WAL order) and every planned one after it are kept (a lowered ``retain_days`` can
+    leave older segments locked longer than newer ones). A forgotten snapshot deferred whole
+    because its manifest is retained stays listed, so if it is a base backup its WAL stays
+    too: the floor drops to its start. Returns the retained keys with their dates (ISO).
+    """
+    size = plan.segment_size
+    for sid in sorted(deferred_snapshots & set(plan.starts)):
+        start = parse_segment(plan.starts[sid], size).segno
+        if plan.floor_segment is None or start < parse_segment(plan.floor_segment, size).segno:
+            plan.floor_segment, plan.base_snapshot = plan.starts[sid], sid
+    floor = parse_segment(plan.floor_segment, size).segno if plan.floor_segment else None
+    ordered = sorted(plan.keys, key=lambda k: _segno(plan, k))
+    if floor is not None:
+        ordered = [k for k in ordered if _segno(plan, k) < floor]
+    first_held = next((i for i, key in enumerate(ordered) if key in retained), len(ordered))
+    held = {key: retained[key].isoformat(timespec="seconds") for key in ordered if key in retained}
+    go = ordered[:first_held]
+    behind = len(ordered) - first_held - len(held)
+    names = {_name_of(key) for key in go}
+    kept = [name for name in plan.remove if name not in names]
+    plan.remove = [name for name in plan.remove if name in names]
+    plan.kept_segments += len(kept)  # index segments only (stray uploads are not counted)
+    plan.keys = go
+    if plan.floor_segment is not None:
+        _describe(plan, len(held), behind)
+    return held
 
 
 def execute_wal(repo: Repo, plan: WalPrunePlan, signing_key: Ed25519PrivateKey | None) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from drtool.errors import IntegrityError, NotFound
 from drtool.pipeline.seal import unseal
 from drtool.storage.base import Storage
+from drtool.wal.history import Branch, timeline_at
 from drtool.wal.index import WalEntry
 from drtool.wal.names import is_segment, parse_segment
 from drtool.wal.sealer import wal_header
@@ -28,8 +29,16 @@ _LONG_HEADER = struct.Struct("<HHIQI4xQII")
 XLP_LONG_HEADER = 0x0002
 
 
-def check_segment_header(path: Path, name: str, segment_size: int, system_identifier: str) -> None:
-    """The segment's long page header names ``system_identifier`` and this segment's position."""
+def check_segment_header(
+    path: Path,
+    name: str,
+    segment_size: int,
+    system_identifier: str,
+    branches: list[Branch] | None = None,
+) -> None:
+    """The segment's long page header names ``system_identifier``, this segment's position,
+    and the timeline its start lies on: its own, or, for the segment a promotion landed in,
+    the parent its timeline's history (``branches``) says it branched from."""
     with path.open("rb") as f:
         head = f.read(_LONG_HEADER.size)
     if len(head) < _LONG_HEADER.size:
@@ -42,8 +51,12 @@ def check_segment_header(path: Path, name: str, segment_size: int, system_identi
         or seg_size != (segment_size)
     ):
         raise IntegrityError(f"WAL segment {name}: its page header does not match its name")
-    if tli != seg.timeline:
-        raise IntegrityError(f"WAL segment {name}: its page header names timeline {tli}")
+    expected = timeline_at(seg.segno * segment_size, seg.timeline, branches or [])
+    if tli != expected:
+        raise IntegrityError(
+            f"WAL segment {name}: its page header names timeline {tli}, its timeline's "
+            f"history says {expected}"
+        )
     if str(sysid) != system_identifier:
         raise IntegrityError(
             f"WAL segment {name} belongs to the cluster with system identifier {sysid}, the "
@@ -115,12 +128,16 @@ def fetch_checked(
     *,
     segment_size: int,
     system_identifier: str,
+    branches: list[Branch] | None = None,
 ) -> Path:
-    """:func:`fetch`, then (for a segment) its page header; the file is removed if wrong."""
+    """:func:`fetch`, then (for a segment) its page header; the file is removed if wrong.
+
+    ``branches``: the parsed history of the segment's timeline (none for timeline 1).
+    """
     path = fetch(storage, repo_id, entry, identities, recipients_hint, dest_dir)
     if is_segment(entry.name):
         try:
-            check_segment_header(path, entry.name, segment_size, system_identifier)
+            check_segment_header(path, entry.name, segment_size, system_identifier, branches)
         except IntegrityError:
             path.unlink(missing_ok=True)
             raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -212,8 +213,11 @@ def append_chunk(
     host: str,
     created: str,
     segment_size: int,
+    retain_until: datetime | None = None,
 ) -> str:
     """Commit ``entries`` as the next chunk; the in-memory index follows. Returns its key.
+
+    ``retain_until``: the chunk's Object Lock retention (as long as the files it names).
 
     Refuses to overwrite: an existing chunk with the next sequence number means another
     writer appended (two streamers on one repository), which this one must not hide.
@@ -235,7 +239,7 @@ def append_chunk(
             "repository (run only one `drtool wal stream` per repository)"
         )
     stored = sign_chunk(chunk, signing_key)
-    storage.put_bytes(key, stored)
+    storage.put_bytes(key, stored, retain_until=retain_until)
     index.add(chunk, key=key)
     index.last_seq, index.last_sha256 = seq, hashlib.sha256(stored).hexdigest()
     index.chunks += 1

@@ -16,7 +16,7 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -78,6 +78,15 @@ class Sealer:
     host: str
     segment_size: int
     level: int = 3
+    #: ``repository.retain_days``: each WAL file and index chunk is stored with Object Lock
+    #: retention until ``now + retain_days`` (ADR 0007, as a snapshot's objects are), so WAL
+    #: is as protected as the base backups it extends; 0: none
+    retain_days: int = 0
+
+    def _retain_until(self) -> datetime | None:
+        if not self.retain_days:
+            return None
+        return datetime.now(UTC) + timedelta(days=self.retain_days)
 
     def _upload(self, path: Path, plain_size: int, plain_sha256: str) -> WalEntry:
         name = path.name
@@ -88,7 +97,9 @@ class Sealer:
             recipients=self.recipients,
             level=self.level,
         )
-        info = self.storage.put(key, sealed.stream, expected_size=plain_size)
+        info = self.storage.put(
+            key, sealed.stream, expected_size=plain_size, retain_until=self._retain_until()
+        )
         if info.size != sealed.stored.size:
             raise IntegrityError(f"{key}: stored {info.size} bytes, sent {sealed.stored.size}")
         if (sealed.plain.size, sealed.plain.sha256) != (plain_size, plain_sha256):
@@ -153,6 +164,7 @@ class Sealer:
             host=self.host,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             segment_size=self.segment_size,
+            retain_until=self._retain_until(),
         )
         crash_point("wal-after-index")
         self.spool.remove(paths)

@@ -6,6 +6,7 @@ operator config; :func:`make_kit` builds one for any server (other majors).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,10 @@ from drtool.runtime.pgserver import PostgresServer
 from drtool.services import repo as repo_svc
 from drtool.services.stack import write_config
 from drtool.wal.index import WalEntry, WalIndex, load_index
+from drtool.wal.names import parse_lsn, parse_segment, segment_of_lsn
 from drtool.wal.sealer import wal_header
 from drtool.wal.spool import Spool
-from support.cli import DRTOOL
+from support.cli import DRTOOL, run_drtool
 from support.servers import servers_required
 
 WAIT_S = 120.0
@@ -150,8 +153,13 @@ def kit_fixture(tmp_path: Path, wal_pg: PostgresServer) -> Iterator[WalKit]:
     yield from make_kit(tmp_path, wal_pg)
 
 
-def make_kit(tmp_path: Path, wal_pg: PostgresServer) -> Iterator[WalKit]:
-    """Keys, a repository and the two configs for ``wal_pg``; drops the test slots after."""
+def make_kit(
+    tmp_path: Path, wal_pg: PostgresServer, repository: dict[str, Any] | None = None
+) -> Iterator[WalKit]:
+    """Keys, a repository and the two configs for ``wal_pg``; drops the test slots after.
+
+    ``repository``: the ``[repository]`` section (e.g. an S3 bucket with Object Lock);
+    default a directory (``WalKit.repo_dir``)."""
     (tmp_path / "keys").mkdir(mode=0o700)
     identity = tmp_path / "keys" / "operator.key"
     recipient = keys.write_identity(identity, passphrase=None)
@@ -161,12 +169,12 @@ def make_kit(tmp_path: Path, wal_pg: PostgresServer) -> Iterator[WalKit]:
     password.chmod(0o600)
     slot = f"t_{uuid.uuid4().hex[:10]}"
     ep = wal_pg.endpoint
-    url = (tmp_path / "repository").as_uri()
+    section = repository or {"url": (tmp_path / "repository").as_uri()}
     postgres = {"host": ep.host, "port": ep.port, "user": ep.user, "dbname": ep.dbname}
     config = write_config(
         tmp_path / "backup.toml",
         {
-            "repository": {"url": url},
+            "repository": section,
             "keys": {
                 "recipients": [recipient],
                 "signing_key_file": str(tmp_path / "keys" / "signing.key"),
@@ -185,7 +193,7 @@ def make_kit(tmp_path: Path, wal_pg: PostgresServer) -> Iterator[WalKit]:
     operator = write_config(
         tmp_path / "operator.toml",
         {
-            "repository": {"url": url},
+            "repository": section,
             "keys": {"identity_file": str(identity), "verify_key": verify_key},
             "postgres": {**postgres, "password_file": str(password)},
             "wal": {"spool_dir": str(tmp_path / "spool")},
@@ -215,3 +223,97 @@ def write_rows(ep: PostgresEndpoint) -> None:
 def stop_streamer(proc: subprocess.Popen[bytes]) -> int:
     proc.send_signal(signal.SIGTERM)
     return proc.wait(60)
+
+
+def one(conn: psycopg.Connection[Any], query: str) -> str:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def restored_notes(
+    result: subprocess.CompletedProcess[str], password: str, *, restart: bool = False
+) -> list[str]:
+    """The notes the restored copy holds (after a plain ``pg_ctl restart`` when ``restart``:
+    the copy must not need the staged WAL, long gone); then it is stopped."""
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    data_dir = Path(out["data_dir"])
+    ep = PostgresEndpoint("127.0.0.1", out["port"], "postgres", "cotalk", password)
+
+    def pg_ctl(*args: str) -> None:
+        subprocess.run(
+            [out["pg_ctl"], "-D", str(data_dir), "-m", "fast", "-w", *args],
+            user="postgres",
+            check=True,
+            capture_output=True,
+            cwd=data_dir.parent,
+        )
+
+    try:
+        if restart:
+            pg_ctl("-l", out["log"], "restart")
+        with admin(ep) as conn:
+            assert one(conn, "SELECT pg_is_in_recovery()") == "False"
+            return [str(r[0]) for r in conn.execute("SELECT note FROM marks ORDER BY note")]
+    finally:
+        pg_ctl("stop")
+
+
+def base_backup(kit: WalKit) -> str:
+    """A ``postgres-base`` snapshot through the library (the CLI path is tested elsewhere)."""
+    from drtool.services.backup import run_backup
+
+    cfg = load_config(kit.config, {})
+    return run_backup(cfg, home=kit.root, env={}, components=("postgres-base",)).snapshot_id
+
+
+@dataclass
+class History:
+    """What happened on the source, and where it is stored."""
+
+    kit: WalKit
+    base: str
+    before_base: datetime  # a moment before the oldest base backup finished
+    at: datetime  # after A committed, before B did
+    lsn: str  # the WAL position after A's commit, before B's
+    scratch: Path  # a directory the postgres user can enter, for restored data dirs
+
+    def restore(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_drtool(
+            "restore", "--component", "postgres", "--yes", *args, config=self.kit.operator
+        )
+
+    def new_dir(self) -> Path:
+        return self.scratch / f"restored-{uuid.uuid4().hex[:6]}"
+
+
+def record_history(kit: WalKit, scratch: Path) -> History:
+    ep = kit.server.endpoint
+    write_rows(ep)
+    proc = kit.start()
+    try:
+        wait_for("the streamer to seal", lambda: len(kit.segments()) >= 1)
+        with admin(ep) as conn:
+            before_base = datetime.fromisoformat(one(conn, "SELECT clock_timestamp()"))
+        time.sleep(1.1)  # the base's snapshot finishes strictly later (ids have 1 s steps)
+        base = base_backup(kit)
+        with admin(ep) as conn:
+            conn.execute("CREATE TABLE marks (note text)")
+            conn.execute("INSERT INTO marks VALUES ('A')")
+            at = datetime.fromisoformat(one(conn, "SELECT clock_timestamp()"))
+            lsn = one(conn, "SELECT pg_current_wal_insert_lsn()")
+            time.sleep(0.05)  # B's commit time is strictly after the target
+            conn.execute("INSERT INTO marks VALUES ('B')")
+            end = parse_lsn(one(conn, "SELECT pg_current_wal_insert_lsn()"))
+        needed = segment_of_lsn(end, 1, SEG).segno + 1  # and one after it (the gap test)
+        write_rows(ep)
+        wait_for(
+            "the segment after B's sealed",
+            lambda: any(parse_segment(n, SEG).segno >= needed for n in kit.segments()),
+        )
+        assert stop_streamer(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return History(kit, base, before_base, at, lsn, scratch)

@@ -22,7 +22,8 @@ import hashlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -42,10 +43,11 @@ from drtool.repository.access import (
 )
 from drtool.runtime.binaries import MissingBinary, pg_bin_dir, pg_major_of
 from drtool.runtime.procs import free_port_block
-from drtool.services.restore import pitr_plan, pitr_prefetch, pitr_recover
+from drtool.services.restore import pitr_plan, pitr_prefetch, pitr_recover, pitr_volume
 from drtool.stores.stage import Plain, check_free_space, stage
 from drtool.timing import Timer
 from drtool.wal.fetch import fetch_checked
+from drtool.wal.history import Branch, parse_history
 from drtool.wal.index import WalEntry, load_index
 
 RECOVERY_TIMEOUT_S = 3600.0
@@ -59,6 +61,7 @@ class PitrOptions:
     at: datetime | None = None
     lsn: str | None = None
     into: Path | None = None
+    into_volume: str | None = None  # a new Docker volume, recovered with postgres.image
     dry_run: bool = False
     yes: bool = False
     port: int | None = None
@@ -83,6 +86,8 @@ class PitrResult:
     seconds: float = 0.0
     pg_ctl: str = ""
     log: str = ""
+    volume: str = ""  # --into-volume: the new Docker volume holding the data directory
+    image: str = ""  # --into-volume: the image that recovered it
     hash_checked: int = 0  # dry run: objects whose stored size and sha256 were checked
     recovery_starts: int = 0  # more than 1: recovered again, to the end of the WAL held
     #: seconds of each phase: stage (base + first WAL, checked), extract, recover
@@ -106,12 +111,19 @@ def check_options(options: PitrOptions) -> None:
             raise UsageError(
                 f"--lsn: not a WAL position like 16/B374D848 (got {options.lsn})"
             ) from None
-    if options.into is None:
+    if (options.into is None) == (options.into_volume is None):
         raise UsageError(
-            "restore to a moment: --into DIR is required (a new data directory; the running "
-            "cluster is never replaced by a point-in-time restore)"
+            "restore to a moment: give --into DIR (a new data directory) or --into-volume NAME "
+            "(a new Docker volume), one of them; the running cluster is never replaced by a "
+            "point-in-time restore"
         )
+    if options.into_volume is not None:
+        pitr_volume.check_volume_name(options.into_volume)
+        if options.port is not None:
+            raise UsageError("--port: only with --into DIR (the volume's copy is stopped)")
+        return
     into = options.into
+    assert into is not None
     if into.exists() and (not into.is_dir() or any(into.iterdir())):
         raise UsageError(f"--into: {into} exists and is not an empty directory; nothing changed")
     if not into.parent.is_dir():
@@ -121,11 +133,10 @@ def check_options(options: PitrOptions) -> None:
 def run_pitr(
     cfg: Config, *, options: PitrOptions, confirm: Callable[[PitrResult], bool]
 ) -> PitrResult:
-    """Plan, confirm, stage and check everything, then recover into ``options.into``."""
+    """Plan, confirm, stage and check everything, then recover into ``options.into`` (or a
+    new Docker volume, ``options.into_volume``)."""
     clock = Timer()
     check_options(options)
-    assert options.into is not None
-    into = options.into.resolve() if options.into.exists() else options.into.absolute()
     identities = identities_of(cfg)
     if not identities:
         raise ConfigError("keys.identity_file: restore needs the operators' identity (got none)")
@@ -136,28 +147,24 @@ def run_pitr(
     chosen = pitr_plan.plan(records, index, target)
     base = chosen.base
     major = pg_major_of(base.component.source_version)
+    if major is None:
+        raise SourceError(
+            f"restore to a moment: the base backup records no PostgreSQL version "
+            f"({base.component.source_version!r})"
+        )
+    if options.into_volume is not None:
+        return _run_into_volume(cfg, repo, identities, chosen, major, options, confirm, clock)
+    assert options.into is not None
+    into = options.into.resolve() if options.into.exists() else options.into.absolute()
     try:
-        bin_dir = pg_bin_dir(major=major) if major is not None else None
+        bin_dir = pg_bin_dir(major=major)
     except MissingBinary as exc:
         raise MissingBinary(
             f"restore to a moment: a physical restore needs the base backup's major "
             f"(PostgreSQL {major}); {exc.message}"
         ) from None
-    if bin_dir is None:
-        raise SourceError(
-            f"restore to a moment: the base backup records no PostgreSQL version "
-            f"({base.component.source_version!r})"
-        )
-    result = PitrResult(
-        target.describe(),
-        base.snapshot_id,
-        base.finished.isoformat(),
-        chosen.window,
-        str(into),
-        options.dry_run,
-        chosen.stage_count,
-        pg_ctl=str(bin_dir / "pg_ctl"),
-    )
+    result = _result(chosen, str(into), options)
+    result.pg_ctl = str(bin_dir / "pg_ctl")
     if options.dry_run:
         result.hash_checked = _hash_check(repo, chosen)
         return result
@@ -166,6 +173,18 @@ def run_pitr(
     _stage_and_recover(cfg, repo, identities, chosen, bin_dir, into, options, result)
     result.seconds = round(clock.elapsed(), 3)
     return result
+
+
+def _result(chosen: pitr_plan.PitrPlan, where: str, options: PitrOptions) -> PitrResult:
+    return PitrResult(
+        chosen.target.describe(),
+        chosen.base.snapshot_id,
+        chosen.base.finished.isoformat(),
+        chosen.window,
+        where,
+        options.dry_run,
+        chosen.stage_count,
+    )
 
 
 def _hash_check(repo: Repo, chosen: pitr_plan.PitrPlan) -> int:
@@ -204,10 +223,12 @@ class _Stager:
     segment_size: int
     system_identifier: str
     result: PitrResult
+    #: each timeline's history, read from its staged history file (staged before segments)
+    branches: dict[int, list[Branch]] = field(default_factory=dict)
 
     def fetch(self, entries: list[WalEntry]) -> None:
         for e in entries:
-            fetch_checked(
+            path = fetch_checked(
                 self.repo.storage,
                 self.repo.info.repo_id,
                 e,
@@ -216,7 +237,10 @@ class _Stager:
                 self.wal_dir,
                 segment_size=self.segment_size,
                 system_identifier=self.system_identifier,
+                branches=self.branches.get(e.timeline),
             )
+            if e.kind == "history":
+                self.branches[e.timeline] = parse_history(path.read_text(), name=e.name)
             self.result.segments_staged += 1 if e.kind == "segment" else 0
             self.result.staged_bytes += e.plain_size
         pitr_recover.chown_tree(self.staging)
@@ -372,3 +396,115 @@ def _reached(cfg: Config, port: int, log: Path) -> tuple[str | None, str | None]
         return None, None
     moment = row[0].isoformat() if row[0] is not None else None
     return moment, row[1]
+
+
+def _run_into_volume(
+    cfg: Config,
+    repo: Repo,
+    identities: list[str],
+    chosen: pitr_plan.PitrPlan,
+    major: int,
+    options: PitrOptions,
+    confirm: Callable[[PitrResult], bool],
+    clock: Timer,
+) -> PitrResult:
+    """``--into-volume``: the same staging and checks; recovery in containers of
+    ``postgres.image`` (pitr_volume.py). The volume is created only after the checks."""
+    assert options.into_volume is not None
+    target = pitr_volume.VolumeTarget.open(options.into_volume, cfg.postgres.image, major)
+    try:
+        result = _result(chosen, f"docker volume {options.into_volume}", options)
+        result.volume, result.image = options.into_volume, target.image
+        if options.dry_run:
+            result.hash_checked = _hash_check(repo, chosen)
+            return result
+        if not options.yes and not confirm(result):
+            raise UsageError("restore: not confirmed; nothing changed")
+        scratch = Path(cfg.backup.scratch_dir or tempfile.gettempdir())
+        size = chosen.segment_size
+        wal_bytes = size * (chosen.stage_count + 1)
+        check_free_space(scratch, chosen.base.component.plain_bytes + wal_bytes)
+        staging = Path(tempfile.mkdtemp(dir=scratch, prefix=".pitr-staging-"))
+        restore = pitr_volume.VolumeRestore(target)
+        with pitr_volume.docker_errors(), _removed(staging), restore.abandoned_on_failure():
+            wal_dir = staging / "wal"
+            wal_dir.mkdir()
+            tar = staging / "base.tar"
+            _stage_base(repo, chosen.base, identities, tar)
+            stager = _Stager(
+                repo, identities, wal_dir, staging, size, chosen.base.system_identifier, result
+            )
+            first = chosen.history + chosen.staged_first()
+            stager.fetch(first)
+            result.phases["stage"] = round(clock.elapsed(), 3)
+            # everything read so far is authentic: only now is a volume created
+            restore.populate(tar, [wal_dir / e.name for e in first])
+            tar.unlink()
+            _drop(wal_dir, first)
+            _recover_volume(chosen, stager, restore, options, result)
+            result.phases["recover"] = round(clock.elapsed() - result.phases["stage"], 3)
+            result.reached_time, result.reached_lsn = restore.reached(cfg.stack().postgres)
+            restore.finish()
+    finally:
+        target.client.close()
+    result.seconds = round(clock.elapsed(), 3)
+    return result
+
+
+@contextmanager
+def _removed(path: Path) -> Iterator[None]:
+    """``path`` (the staging directory) is removed on the way out, however it is left."""
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _drop(wal_dir: Path, entries: list[WalEntry]) -> None:
+    """Staged WAL already copied into the volume: the local copy is not needed any more."""
+    for e in entries:
+        (wal_dir / e.name).unlink(missing_ok=True)
+
+
+def _recover_volume(
+    chosen: pitr_plan.PitrPlan,
+    stager: _Stager,
+    restore: pitr_volume.VolumeRestore,
+    options: PitrOptions,
+    result: PitrResult,
+) -> None:
+    """Recover in the container; when the staged WAL ended before the target, stage more of
+    the run (checked the same way; 8, 16, 32 ... segments) and start again; at the end of an
+    unbroken run, recover to the end of the WAL held, saying so (as for a directory).
+
+    No on-demand staging while PostgreSQL replays here (pitr_prefetch needs the staged
+    directory shared with the server): a short first estimate costs a replay from the base.
+    """
+    settings = pitr_recover.RecoverySettings(
+        Path(pitr_volume.WAL_DIR),
+        0,
+        target_time=options.at.isoformat() if options.at is not None else None,
+        target_lsn=options.lsn,
+    )
+    staged, chunk = chosen.stage_count, pitr_prefetch.LOOKAHEAD
+    while True:
+        outcome = restore.recover(settings.pairs(), timeout=RECOVERY_TIMEOUT_S)
+        result.recovery_starts += 1
+        if outcome.promoted:
+            return
+        if not outcome.not_reached:
+            raise SourceError(
+                f"restore to a moment: PostgreSQL stopped during recovery in volume "
+                f"{restore.target.volume}: {outcome.log_tail}"
+            )
+        if staged < len(chosen.run):
+            more = chosen.run[staged : staged + chunk]
+            staged, chunk = staged + len(more), chunk * 2
+            stager.fetch(more)
+            restore.add_wal([stager.wal_dir / e.name for e in more])
+            _drop(stager.wal_dir, more)
+            continue
+        if settings.target_time is None and settings.target_lsn is None:
+            raise SourceError(f"restore to a moment: recovery failed: {outcome.log_tail}")
+        _end_of_wal(chosen, result)
+        settings = pitr_recover.RecoverySettings(Path(pitr_volume.WAL_DIR), 0)

@@ -93,24 +93,28 @@ class RecoverySettings:
     target_lsn: str | None = None
     restore_command: str | None = None  # default: cp from ``wal_dir``
 
-    def lines(self) -> list[str]:
-        """The block's settings (``None`` target: recover to the end of the staged WAL)."""
+    def pairs(self) -> list[tuple[str, str]]:
+        """The settings, unquoted (``None`` target: recover to the end of the staged WAL)."""
         cp = self.restore_command or f"cp {shlex.quote(str(self.wal_dir))}/%f %p"  # a shell runs it
         out = [
-            f"restore_command = {_quote(cp)}",
-            "recovery_target_action = 'promote'",
-            "recovery_target_timeline = 'latest'",
-            "logging_collector = off",
-            "log_destination = 'stderr'",
-            "log_timezone = 'UTC'",
+            ("restore_command", cp),
+            ("recovery_target_action", "promote"),
+            ("recovery_target_timeline", "latest"),
+            ("logging_collector", "off"),
+            ("log_destination", "stderr"),
+            ("log_timezone", "UTC"),
         ]
         if self.target_time is not None:
-            out += [f"recovery_target_time = {_quote(self.target_time)}"]
-            out += ["recovery_target_inclusive = on"]
+            out += [("recovery_target_time", self.target_time)]
+            out += [("recovery_target_inclusive", "on")]
         elif self.target_lsn is not None:
-            out += [f"recovery_target_lsn = {_quote(self.target_lsn)}"]
-            out += ["recovery_target_inclusive = off"]
+            out += [("recovery_target_lsn", self.target_lsn)]
+            out += [("recovery_target_inclusive", "off")]
         return out
+
+    def lines(self) -> list[str]:
+        """The block's settings, as ``postgresql.auto.conf`` lines."""
+        return [f"{key} = {_quote(value)}" for key, value in self.pairs()]
 
 
 def kept_lines(port: int) -> list[str]:
@@ -269,7 +273,12 @@ _LAST_TX = re.compile(r"last completed transaction was at log time (\S+ \S+)")
 def last_transaction_from_log(log: Path) -> str | None:
     """PostgreSQL's own end-of-recovery line (log_timezone is UTC during recovery)."""
     try:
-        found = _LAST_TX.findall(log.read_text(errors="replace"))
+        return last_transaction_in(log.read_text(errors="replace"))
     except OSError:
         return None
+
+
+def last_transaction_in(text: str) -> str | None:
+    """The moment of PostgreSQL's last "last completed transaction was at log time" line."""
+    found = _LAST_TX.findall(text)
     return found[-1] if found else None

@@ -1,0 +1,344 @@
+"""Restore to a moment into a NEW Docker volume, with the chat stack's own PostgreSQL image.
+
+The Docker deployment has no PostgreSQL server binaries beside drtool (the drtool image holds
+the clients only), and the chat stack's data lives in a named volume. So the restored data
+directory is a new volume the operator can later mount in place of the old one, and the
+recovery runs in throw-away containers of the configured image (``postgres.image``, the
+chat stack's ``postgres:16-alpine``): the server that will run the data is the one that
+replays it, so its major is checked against the base backup's first (physical files never
+cross majors) and a mismatch is refused before anything is read or created.
+
+Order (ADR 0031): the volume name is checked to be new and the image's major to match; the
+base and the first WAL are staged and checked on drtool's side exactly as for ``--into DIR``
+(pitr.py); only then is the volume created. A preparation container (root, no network)
+receives the verified base tar (``put_archive`` extracts it into the volume, streamed) and the
+staged WAL (into a second, temporary volume), hands the data directory to ``postgres`` (0700)
+and creates ``recovery.signal``. The recovery container (user ``postgres``, no network,
+``postgres -D`` with the recovery settings as ``-c`` options, so nothing of them is written
+into the volume) replays to the target and promotes; drtool sees the promotion as for a
+directory (``recovery.signal`` gone, ``postmaster.pid`` ``ready``), asks the server what it
+reached, and stops it (SIGINT: a fast shutdown, a clean checkpoint). The containers and the
+WAL volume are removed; the data volume stays, labelled. On any failure before the end both
+volumes and every container of this restore are removed: nothing is left half-made. Nothing
+else is touched: an existing volume (the configured one included) is refused by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import secrets
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+
+from drtool.drills.runtime_docker import PG_DATA, engine, ensure_image, logs_tail
+from drtool.endpoints import PostgresEndpoint
+from drtool.errors import ConfigError, SourceError, UsageError
+from drtool.services.restore.pitr_recover import NOT_REACHED, Outcome, last_transaction_in
+
+log = logging.getLogger(__name__)
+
+LABEL = "drtool.pitr"
+VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")  # Docker's own rule for volume names
+WAL_DIR = "/drtool-wal"
+SOCKET_DIR = "/tmp"  # the image's /var/run/postgresql need not be writable by postgres
+_MAJOR = re.compile(r"\(PostgreSQL\) (\d+)")
+POLL_S = 0.3
+STOP_TIMEOUT_S = 120
+
+PREPARE = f"""set -e
+chown -R postgres:postgres {PG_DATA}
+chmod 0700 {PG_DATA}
+if [ ! -e {PG_DATA}/postgresql.conf ]; then
+  echo '# written by drtool: the base backup held no postgresql.conf' > {PG_DATA}/postgresql.conf
+fi
+if [ ! -e {PG_DATA}/pg_hba.conf ]; then
+  printf '# written by drtool: the base backup held no pg_hba.conf\\nlocal all all peer\\n\
+host all all 127.0.0.1/32 scram-sha-256\\n' > {PG_DATA}/pg_hba.conf
+fi
+touch {PG_DATA}/recovery.signal
+chown postgres:postgres {PG_DATA}/postgresql.conf {PG_DATA}/pg_hba.conf {PG_DATA}/recovery.signal
+"""
+PROMOTED = (
+    f"test ! -e {PG_DATA}/recovery.signal && test -e {PG_DATA}/postmaster.pid "
+    f"&& sed -n 8p {PG_DATA}/postmaster.pid"
+)
+
+
+@contextlib.contextmanager
+def docker_errors() -> Iterator[None]:
+    """The engine's own errors as one line (exit 3), never a traceback."""
+    try:
+        yield
+    except DockerException as exc:
+        detail = exc.explanation if isinstance(exc, APIError) else type(exc).__name__
+        raise SourceError(f"docker: restore to a moment into a volume failed: {detail}") from None
+
+
+def check_volume_name(name: str) -> None:
+    """Docker's volume name rule, checked before anything is read."""
+    if not VOLUME_NAME.fullmatch(name):
+        raise UsageError(
+            f"--into-volume: {name!r} is not a Docker volume name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)"
+        )
+
+
+def image_major(client: Any, image: str) -> int:
+    """The PostgreSQL major of ``image``'s server (``postgres -V`` in a throw-away container)."""
+    ensure_image(client, image)
+    try:
+        out = client.containers.run(
+            image,
+            ["-V"],
+            entrypoint=["postgres"],
+            network_mode="none",
+            remove=True,
+            labels={LABEL: "probe"},
+        )
+    except (DockerException, ImageNotFound) as exc:
+        raise SourceError(
+            f"postgres.image: {image} does not run `postgres -V` ({type(exc).__name__})"
+        ) from None
+    found = _MAJOR.search(bytes(out).decode(errors="replace"))
+    if found is None:
+        raise SourceError(f"postgres.image: {image} has no PostgreSQL server (`postgres -V`)")
+    return int(found.group(1))
+
+
+@dataclass
+class VolumeTarget:
+    """The engine, the image and the new volume's name, checked before any byte is staged."""
+
+    client: Any
+    image: str
+    volume: str
+    major: int
+
+    @classmethod
+    def open(cls, volume: str, image: str, base_major: int) -> VolumeTarget:
+        """Refuse an existing volume and an image of another major than the base's."""
+        check_volume_name(volume)
+        client = engine()
+        try:
+            with docker_errors():
+                try:
+                    client.volumes.get(volume)
+                except NotFound:
+                    pass
+                else:
+                    raise UsageError(
+                        f"--into-volume: volume {volume} exists; a restore to a moment creates "
+                        "a new one (the running cluster's volume is never written); nothing "
+                        "changed"
+                    )
+                major = image_major(client, image)
+            if major != base_major:
+                raise ConfigError(
+                    f"postgres.image: {image} runs PostgreSQL {major}, the base backup is "
+                    f"PostgreSQL {base_major} (physical files do not cross majors); set "
+                    f"postgres.image to a PostgreSQL {base_major} image"
+                )
+        except BaseException:
+            client.close()
+            raise
+        return cls(client, image, volume, major)
+
+
+def _wal_tar(files: list[Path]) -> Iterator[bytes]:
+    """A tar of ``files`` (flat, 0644), streamed in pieces: the WAL for ``put_archive``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w|") as tar:
+        for path in files:
+            info = tar.gettarinfo(str(path), arcname=path.name)
+            info.mode, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, "", ""
+            with path.open("rb") as f:
+                tar.addfile(info, f)
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+@dataclass
+class VolumeRestore:
+    """The volumes and containers of one restore into a new volume, and their clean-up."""
+
+    target: VolumeTarget
+    run_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    container: Any = None
+    created: bool = False
+    _settings: list[tuple[str, str]] | None = None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {LABEL: self.run_id}
+
+    @property
+    def wal_volume(self) -> str:
+        return f"{self.target.volume}-drtool-wal-{self.run_id}"
+
+    def _mounts(self) -> dict[str, dict[str, str]]:
+        return {
+            self.target.volume: {"bind": PG_DATA, "mode": "rw"},
+            self.wal_volume: {"bind": WAL_DIR, "mode": "rw"},
+        }
+
+    def populate(self, base_tar: Path, wal: list[Path]) -> None:
+        """Create both volumes; extract the checked base and copy the staged WAL into them."""
+        client = self.target.client
+        for name in (self.target.volume, self.wal_volume):
+            # creating an existing volume returns it: only our label proves it is new
+            made = client.volumes.create(name, labels=self.labels)
+            if (made.attrs.get("Labels") or {}).get(LABEL) != self.run_id:
+                raise UsageError(
+                    f"--into-volume: volume {name} appeared while the restore was staged "
+                    "(another restore?); it was not written; nothing changed"
+                )
+            self.created = self.created or name == self.target.volume
+        prep = client.containers.create(
+            self.target.image,
+            ["-c", PREPARE],
+            entrypoint=["sh"],
+            user="root",
+            network_mode="none",
+            volumes=self._mounts(),
+            labels=self.labels,
+            name=f"drtool-pitr-{self.run_id}-prepare",
+        )
+        try:
+            with base_tar.open("rb") as f:
+                if not prep.put_archive(PG_DATA, f):
+                    raise SourceError(f"docker: the base backup could not be put into {PG_DATA}")
+            self._put_wal(prep, wal)
+            prep.start()
+            status = prep.wait(timeout=STOP_TIMEOUT_S)
+            if status.get("StatusCode") != 0:
+                raise SourceError(
+                    f"docker: preparing volume {self.target.volume} failed: {logs_tail(prep)}"
+                )
+        finally:
+            prep.remove(force=True)
+
+    def _put_wal(self, container: Any, wal: list[Path]) -> None:
+        if wal and not container.put_archive(WAL_DIR, _wal_tar(wal)):
+            raise SourceError("docker: the staged WAL could not be copied into its volume")
+
+    def add_wal(self, wal: list[Path]) -> None:
+        """More checked WAL for the next start (into the stopped recovery container)."""
+        assert self.container is not None
+        self._put_wal(self.container, wal)
+
+    def recover(self, settings: list[tuple[str, str]], *, timeout: float) -> Outcome:
+        """Start recovery with ``settings`` and wait until promoted or stopped."""
+        client = self.target.client
+        if self.container is None or settings != self._settings:
+            if self.container is not None:
+                self.container.remove(force=True)
+            self._settings = settings
+            self.container = client.containers.create(
+                self.target.image,
+                ["-D", PG_DATA, *_args(settings)],
+                entrypoint=["postgres"],
+                user="postgres",
+                network_mode="none",
+                volumes=self._mounts(),
+                labels=self.labels,
+                name=f"drtool-pitr-{self.run_id}-recover",
+                stop_signal="SIGINT",
+            )
+        container = self.container
+        offset = len(bytes(container.logs()))
+        container.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            container.reload()
+            if container.status in ("exited", "dead"):
+                fresh = bytes(container.logs())[offset:].decode(errors="replace")
+                return Outcome(False, NOT_REACHED in fresh, logs_tail(container))
+            code, out = container.exec_run(["sh", "-c", PROMOTED], user="postgres")
+            if code == 0 and bytes(out).strip() == b"ready":
+                return Outcome(True)
+            time.sleep(POLL_S)
+        container.stop(timeout=STOP_TIMEOUT_S)
+        raise SourceError(
+            f"restore to a moment: recovery in volume {self.target.volume} did not finish "
+            f"within {timeout:.0f} s: {logs_tail(container)}"
+        )
+
+    def reached(self, endpoint: PostgresEndpoint) -> tuple[str | None, str | None]:
+        """The last replayed commit and WAL position, asked inside the container as the
+        configured role (the copy has the source's roles); else PostgreSQL's log line."""
+        assert self.container is not None
+        query = "SELECT pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn()"
+        argv = ["psql", "-h", "127.0.0.1", "-U", endpoint.user, "-d", endpoint.dbname]
+        argv += ["-X", "-A", "-t", "-F", "|", "-c", query]
+        env = {"PGPASSWORD": endpoint.password or "", "PGCONNECT_TIMEOUT": "10"}
+        code, out = self.container.exec_run(argv, user="postgres", environment=env)
+        fields = bytes(out).decode(errors="replace").strip().split("|")
+        if code == 0 and len(fields) == 2:
+            moment = fields[0] or None
+            with contextlib.suppress(ValueError):  # psql's text form, as the local path gives it
+                moment = datetime.fromisoformat(fields[0]).isoformat() if moment else None
+            return moment, fields[1] or None
+        text = bytes(self.container.logs()).decode(errors="replace")
+        return last_transaction_in(text), None
+
+    def finish(self) -> None:
+        """Stop the promoted server (a clean shutdown), remove the containers and WAL."""
+        if self.container is not None:
+            self.container.stop(timeout=STOP_TIMEOUT_S)
+            self.container.remove(force=True)
+            self.container = None
+        self._remove_wal_volume()
+
+    @contextlib.contextmanager
+    def abandoned_on_failure(self) -> Iterator[None]:
+        """Whatever ends the block early (an error, Ctrl-C) removes what was made."""
+        try:
+            yield
+        except BaseException:
+            self.abandon()  # nothing half-made is left: the new volume goes too
+            raise
+
+    def abandon(self) -> None:
+        """After a failure: remove everything this restore made, the new volume too."""
+        try:
+            if self.container is not None:
+                self.container.remove(force=True)
+                self.container = None
+            self._remove_wal_volume()
+            if self.created:
+                self.target.client.volumes.get(self.target.volume).remove(force=True)
+        except DockerException as exc:
+            log.warning(
+                "docker: cleaning up after the failed restore failed (%s); remove what is "
+                "labelled %s=%s by hand",
+                type(exc).__name__,
+                LABEL,
+                self.run_id,
+            )
+
+    def _remove_wal_volume(self) -> None:
+        with contextlib.suppress(NotFound):
+            self.target.client.volumes.get(self.wal_volume).remove(force=True)
+
+
+def _args(settings: list[tuple[str, str]]) -> list[str]:
+    """The recovery settings and the copy's isolation, as ``postgres`` options."""
+    kept = [
+        ("listen_addresses", "127.0.0.1"),
+        ("port", "5432"),  # the source's own port may be in its configuration
+        ("unix_socket_directories", SOCKET_DIR),
+        ("archive_mode", "off"),
+        ("primary_conninfo", ""),
+    ]
+    return [arg for key, value in [*kept, *settings] for arg in ("-c", f"{key}={value}")]
