@@ -499,10 +499,11 @@ def report(
         print(f"{tool:26} {first / MB:9.1f} {more / MB:10.1f} {more / first:7.1%} {wall:7.2f}")
     borg = table.median(BACKUPS[2])
     dr, restores = table.median(BACKUPS[3]), [table.median(n) for n in RESTORES]
-    best_peer = min(restores[:3] + restores[4:])
+    best_pipe = min(restores[1], restores[2], restores[4])  # the streams: age, borg, restic
     print(
         f"\ndrtool backup / borg = {dr / borg:.2f} (target <= 0.9); drtool restore / best peer "
-        f"pipeline = {restores[3] / best_peer:.2f} (target <= 0.9); plain dump "
+        f"pipeline = {restores[3] / best_pipe:.2f} (target <= 0.9), / pg_restore -j2 of a "
+        f"local file = {restores[3] / restores[0]:.2f}; plain dump "
         f"{plain.extra.get('plain', 0) / MB:.0f} MB"
     )
 
