@@ -1,6 +1,6 @@
 """Start-up cost: ``drtool --help`` and a backup's time to its first byte.
 
-Usage: python bench/bench_startup.py [--rounds 5]
+Usage: python bench/bench_startup.py [--rounds 5] [--baseline OTHER_DRTOOL]
 
 Every scheduled job and every scripted call pays Python's start and drtool's imports before
 it does any work. Measured here, each as the median and min of ``--rounds`` runs:
@@ -10,6 +10,8 @@ it does any work. Measured here, each as the median and min of ``--rounds`` runs
 - ``backup: first byte``: from the process start of ``drtool backup --component postgres``
   until ``pg_dump`` is running (its first byte follows within milliseconds), polled every
   2 ms in /proc, for a ``file://`` and an ``s3://`` repository (SeaweedFS on loopback);
+- ``CPU s until then``: the CPU the drtool process had used at that moment (/proc, 10 ms
+  ticks): on a shared machine the wall time waits for a core, the CPU time does not;
 - ``backup: whole``: the same backup's wall time, for scale.
 
 The imports the backup command pulls are listed with their cumulative ``-X importtime``.
@@ -67,21 +69,31 @@ def _children_named(pid: int, name: str) -> bool:
     return False
 
 
-def time_to_first_byte(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Seconds until ``pg_dump`` runs under the process, and until the process ends."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (its own, not its children's)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_to_first_byte(argv: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Seconds until ``pg_dump`` runs under the process, the CPU seconds the process had used
+    by then (what the wall time is on an idle machine, within the 10 ms tick), and the seconds
+    until the process ends."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = float("nan")
+    first = cpu = float("nan")
     while proc.poll() is None:
         if _children_named(proc.pid, "pg_dump"):
             first = time.perf_counter() - start
+            cpu = _cpu_seconds(proc.pid)
             break
         time.sleep(0.002)
     _, err = proc.communicate()
     whole = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {err.decode()[-500:]}")
-    return first, whole
+    return first, cpu, whole
 
 
 def wall(argv: list[str], env: dict[str, str]) -> float:
@@ -148,6 +160,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", metavar="FILE", help="also write cProfile stats of one file:// backup"
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="DRTOOL",
+        help="another drtool executable (an older checkout) measured in the same rounds",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="drtool-bench-startup-"))
@@ -170,28 +187,35 @@ def main() -> None:
         def add(name: str, measure: Callable[[], float]) -> None:
             rows.setdefault(name, []).append(measure())
 
-        drtool = str(DRTOOL)
+        drtools = [("", str(DRTOOL))]
+        if args.baseline:
+            drtools.append(("baseline ", args.baseline))
         for _ in range(args.rounds):  # interleaved, so a burst of load hits every variant
             add("python -c pass (floor)", lambda: wall([sys.executable, "-c", "pass"], env))
-            add("drtool --help", lambda: wall([drtool, "--help"], env))
-            add("drtool list --help", lambda: wall([drtool, "list", "--help"], env))
-            for scheme, config in configs.items():
-                argv = [drtool, "--config", str(config), "backup", "--component", "postgres"]
-                first, whole = time_to_first_byte(argv, env)
-                rows.setdefault(f"backup {scheme}: first byte (pg_dump runs)", []).append(first)
-                rows.setdefault(f"backup {scheme}: whole", []).append(whole)
+            for tag, drtool in drtools:
+                rows.setdefault(f"{tag}drtool --help", []).append(wall([drtool, "--help"], env))
+                rows.setdefault(f"{tag}drtool list --help", []).append(
+                    wall([drtool, "list", "--help"], env)
+                )
+                for scheme, config in configs.items():
+                    argv = [drtool, "--config", str(config), "backup", "--component", "postgres"]
+                    first, cpu, whole = time_to_first_byte(argv, env)
+                    name = f"{tag}backup {scheme}"
+                    rows.setdefault(f"{name}: first byte (pg_dump runs)", []).append(first)
+                    rows.setdefault(f"{name}: CPU s until then", []).append(cpu)
+                    rows.setdefault(f"{name}: whole", []).append(whole)
 
         if args.profile:
-            argv = [sys.executable, "-m", "cProfile", "-o", args.profile, drtool]
+            argv = [sys.executable, "-m", "cProfile", "-o", args.profile, str(DRTOOL)]
             argv += ["--config", str(configs["file://"]), "backup", "--component", "postgres"]
             subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
 
         load = os.getloadavg()
         print(f"\nload average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} CPUs")
-        print(f"{'variant':44} {'median s':>9} {'min s':>7}")
-        print("-" * 62)
+        print(f"{'variant':54} {'median s':>9} {'min s':>7}")
+        print("-" * 72)
         for name, values in rows.items():
-            print(f"{name:44} {statistics.median(values):9.3f} {min(values):7.3f}")
+            print(f"{name:54} {statistics.median(values):9.3f} {min(values):7.3f}")
         print("\nimports of `drtool backup` (cumulative ms, top-level packages):")
         for name, ms in imports("drtool.cli.backup"):
             print(f"  {name:20} {ms:7.1f}")

@@ -118,7 +118,7 @@ def test_a_store_added_to_the_registry_alone_is_backed_up_and_restored(
     source, target = tmp_path / "notes-source.txt", tmp_path / "notes-restored.txt"
     source.write_text("the fourth store\n" * 1000)
     notes: Store = NotesStore(source, target)
-    monkeypatch.setattr(registry, "STORES", (*registry.STORES, notes))
+    monkeypatch.setattr(registry, "STORES", registry.STORES.plus(notes))
     # COMPONENTS is derived from STORES when the registry is imported
     monkeypatch.setattr(registry, "COMPONENTS", (*registry.COMPONENTS, "notes"))
     stack = StackEndpoints(pg_server, redis_server, s3_server, ("unused",))

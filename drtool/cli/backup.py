@@ -7,22 +7,18 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import click
-from rich.progress import (
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TransferSpeedColumn,
-)
 
 from drtool.cli.context import CliState, emit_json
 from drtool.cli.render import human_bytes, print_table
 from drtool.services.backup import Progress as ProgressFn
 from drtool.services.backup import run_backup
 from drtool.stores.registry import COMPONENTS
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 
 @contextmanager
@@ -31,6 +27,15 @@ def progress_reporter(enabled: bool) -> Iterator[ProgressFn]:
     if not enabled:
         yield lambda component, n: None
         return
+    # rich's progress costs 25 ms to import: only a terminal draws bars (scheduled runs do not)
+    from rich.progress import (
+        DownloadColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),

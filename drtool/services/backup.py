@@ -162,11 +162,8 @@ def run_backup(
             damaged=frozenset(damaged),
         )
         result = BackupResult(snapshot_id, damaged_known=damaged)
-        backed_up = [
-            _backup_one(store, ctx, result)
-            for store in registry.backup_order()
-            if store.name in components
-        ]
+        # only the chosen stores are imported: a PostgreSQL backup loads no boto3 or redis
+        backed_up = [_backup_one(store, ctx, result) for store in registry.backup_order(components)]
         manifest = Manifest(
             repo_id=repo.info.repo_id,
             snapshot_id=snapshot_id,

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from drtool.config import Config
 from drtool.endpoints import StackEndpoints
@@ -34,7 +34,9 @@ from drtool.repository.access import Repo
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
 from drtool.repository.writer import SnapshotWriter
 from drtool.storage.base import Storage
-from drtool.stores.checks import CheckResult
+
+if TYPE_CHECKING:  # the checks import psycopg: a store module that runs none need not
+    from drtool.stores.checks import CheckResult
 
 Progress = Callable[[str, int], None]
 

@@ -19,9 +19,9 @@ import psycopg
 
 from chat_stack import redis_layout
 from drtool.endpoints import RedisEndpoint, StackEndpoints
-from drtool.sources.minio import MinioStore
-from drtool.sources.redis_client import connect as connect_redis
-from drtool.sources.redis_cluster import discover, is_cluster, node_endpoint
+
+# boto3 and redis are imported by the checks that use them, when a drill runs them: the
+# PostgreSQL store imports this module, and a backup of PostgreSQL alone needs neither
 
 MAX_EXAMPLES = 5
 LATEST_PAGE = 50
@@ -47,6 +47,8 @@ def attachments_have_objects(endpoints: StackEndpoints, *, workers: int = 4) -> 
     bucket = endpoints.buckets[0]
     with _connect_pg(endpoints) as conn:
         rows = conn.execute("SELECT object_key, size_bytes, sha256 FROM attachments").fetchall()
+    from drtool.sources.minio import MinioStore
+
     store = MinioStore(endpoints.minio, max_pool=workers * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         found = list(pool.map(lambda r: store.digest(bucket, r[0]), rows))
@@ -82,6 +84,9 @@ def _scan(client: Any, pattern: str) -> Iterator[str]:
 
 def _redis_nodes(endpoint: RedisEndpoint) -> list[RedisEndpoint]:
     """The server itself, or every master of a Redis Cluster (a SCAN sees one node's keys)."""
+    from drtool.sources.redis_client import connect as connect_redis
+    from drtool.sources.redis_cluster import discover, is_cluster, node_endpoint
+
     with closing(connect_redis(endpoint)) as client:
         if not is_cluster(client):
             return [endpoint]
@@ -100,6 +105,8 @@ def redis_points_to_existing_rows(endpoints: StackEndpoints) -> CheckResult:
         message_ids = {r[0] for r in conn.execute("SELECT id FROM messages")}
     max_user, max_room = max(users, default=0), max(rooms, default=0)
     max_message = max(message_ids, default=0)
+    from drtool.sources.redis_client import connect as connect_redis
+
     problems: list[str] = []
     skew = {"users": 0, "rooms": 0, "messages": 0}
     counters = recent_ids = missing_refs = 0
@@ -171,6 +178,8 @@ def latest_messages_readable(
 ) -> CheckResult:
     """The latest 50 messages of sampled rooms, read as the app reads them, with their files."""
     bucket = endpoints.buckets[0]
+    from drtool.sources.minio import MinioStore
+
     store = MinioStore(endpoints.minio)
     with _connect_pg(endpoints) as conn:
         room_ids = [r[0] for r in conn.execute("SELECT id FROM chat_rooms ORDER BY id")]
