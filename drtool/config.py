@@ -126,6 +126,11 @@ class PostgresConfig:
     bin_dir: str = ""
     # a streaming standby as the source: the dump is refused when its replay lags more
     max_standby_lag_s: float = 300.0
+    # the backup's fingerprint scan: connections on the dump's snapshot, one partition each
+    fingerprint_workers: int = 2
+    # a partition proved unchanged since the last committed snapshot is not hashed again, for
+    # at most this many days since it was last hashed (0: hash everything; ADR 0029)
+    fingerprint_reuse_days: float = 7.0
 
 
 @dataclass(frozen=True)
