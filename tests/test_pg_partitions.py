@@ -254,7 +254,11 @@ def test_backups_skip_unchanged_months_and_catch_one_changed_row(kit: BackupKit)
     assert months == 7  # six seeded months and the default partition
     assert _scan_details(kit, first)["partitions_reused"] == 0
 
-    second = kit.backup_ok("postgres")
+    done = kit.backup("postgres")
+    assert done.returncode == 0, done.stderr
+    second = json.loads(done.stdout)["snapshot_id"]
+    detail = json.loads(done.stdout)["components"][0]["detail"]
+    assert f"{months} partitions proved unchanged since snapshot {first} and reused" in detail
     assert _scan_details(kit, second)["partitions_reused"] == months
     assert _scan_details(kit, second)["proved_unchanged_since"] == first
     assert _recorded(kit, second) == serial(ep)

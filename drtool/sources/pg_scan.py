@@ -306,6 +306,17 @@ class ScanResult:
             }
         }
 
+    def summary(self) -> str:
+        """The backup summary's line: what was hashed now and what was reused, from where."""
+        if not self.reused:
+            return f"fingerprints: {self.scanned} tables or partitions hashed"
+        sources = ", ".join(f"{n} hashed in {s}" for s, n in sorted(self.hashed_in.items()))
+        return (
+            f"fingerprints: {self.scanned} tables or partitions hashed; {self.reused} partitions "
+            f"proved unchanged since snapshot {self.baseline} and reused, not hashed again "
+            f"({sources})"
+        )
+
     def next_baseline(self, repo_id: str, snapshot_id: str, now: float) -> Baseline | None:
         """What the next backup may reuse once ``snapshot_id`` is committed (None: nothing)."""
         if self.history is None:

@@ -69,14 +69,7 @@ class PostgresStore:
         after = _role_checked(endpoint, cfg.postgres.max_standby_lag_s, "after")
         for partition, why in sorted(scanned.not_reused.items()):
             log.debug("partition %s hashed: %s", partition, why)
-        if scanned.reused:
-            log.info(
-                "postgres: %d partitions proved unchanged since snapshot %s, their fingerprints "
-                "reused (not hashed again); %d tables or partitions hashed",
-                scanned.reused,
-                scanned.baseline,
-                scanned.scanned,
-            )
+        log.info("postgres %s", scanned.summary())
         details = {
             **details,
             **scanned.details(),
@@ -108,7 +101,7 @@ class PostgresStore:
                 save_baseline(state_file, next_baseline)
 
         entry = ComponentEntry(NAME, tuple(objects), plain, 0.0, server_version, details)
-        return BackedUp(entry, after_commit=remember_partitions)
+        return BackedUp(entry, after_commit=remember_partitions, detail=scanned.summary())
 
     def load(
         self, source: SnapshotSource, entry: ComponentEntry, target: Target
