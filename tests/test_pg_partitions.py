@@ -22,6 +22,7 @@ from support.backup_kit import BackupKit, make_backup_kit
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
 from drtool.sources.pg_scan import Baseline, PartitionScan, ScanResult
+from drtool.stores.postgres.restore import fingerprints_of
 
 MONTHS = """
 CREATE TABLE rooms (id bigint PRIMARY KEY, name text NOT NULL, meta jsonb);
@@ -283,3 +284,22 @@ def test_backups_skip_unchanged_months_and_catch_one_changed_row(kit: BackupKit)
         "public.messages_y2025m03"
     ]
     assert kit.verify_all().returncode == 0
+
+
+def test_a_restored_copy_is_fingerprinted_in_parallel_the_way_the_snapshot_recorded(
+    months: PostgresEndpoint,
+) -> None:
+    """The restore's proof scan (jobs > 1) hashes each table as the snapshot did (format 1:
+    every row's text) and gives the serial scan's figures."""
+    doc = serial(months).to_dict()
+    for fp in [*doc["tables"].values(), *(f for r in doc["rooms"].values() for f in r.values())]:
+        del fp["row_hash"]  # format 1 had none: every row's text
+    text_only = PgFingerprints.from_dict(
+        {"format": 1, "tables": doc["tables"], "rooms": doc["rooms"]}
+    )
+    with _connect(months) as conn:
+        expected = compute_fingerprints(conn, like=text_only)
+    got = fingerprints_of(months, months.dbname, text_only, workers=2)
+    assert {fp.row_hash for fp in got.tables.values()} == {"text"}
+    assert got.tables == expected.tables and got.rooms == expected.rooms
+    assert fingerprints_of(months, months.dbname, serial(months), workers=2) == serial(months)

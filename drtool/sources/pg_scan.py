@@ -541,7 +541,11 @@ class PartitionScan:
         workers: int = 2,
         baseline: Baseline | None = None,
         max_reuse_age_s: float = 7 * 86400.0,
+        like: PgFingerprints | None = None,
     ) -> None:
+        """``like``: hash each table the way these (a snapshot's) fingerprints recorded, as
+        :func:`~drtool.sources.pg_fingerprint.compute_fingerprints` does for a restored copy."""
+        self._like = like
         self._connect, self._snapshot = connect, snapshot
         self._workers = max(1, workers)
         self._baseline, self._max_age = baseline, max_reuse_age_s
@@ -610,7 +614,8 @@ class PartitionScan:
                 if rows == old.figures.rows and newer == 0:
                     return unit, old.figures, old.hashed_in, old.hashed_at, None
                 why = "rows were written since" if newer else "rows were deleted since"
-        hashes = [RECORD, TEXT]
+        recorded = self._like.tables.get(unit.table) if self._like else None
+        hashes = [recorded.row_hash] if recorded else [RECORD, TEXT]
         return unit, _hash_unit(cur, unit, hashes), None, None, why
 
 
