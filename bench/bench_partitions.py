@@ -13,6 +13,7 @@ CPU the PostgreSQL server spent meanwhile. Variants:
 - ``scan parallel``  one unit per partition, 2 connections on one exported snapshot
 - ``scan (2), months reused`` the same again with the first's baseline: every partition
                      proved unchanged (count and ``xmin`` read, no hashing), ADR 0029
+- ``drtool backup (before)`` with ``--before DRTOOL``: that drtool's backup (the serial scan)
 - ``drtool backup 1st`` ``drtool backup --component postgres``: every partition hashed
 - ``drtool backup 2nd`` the same, nothing changed: partitions proved unchanged, reused
 - ``drtool backup 3rd`` after one row of an old month was updated: that month hashed again
@@ -120,6 +121,11 @@ def main() -> None:
     parser.add_argument("--months", type=int, default=24)
     parser.add_argument("--growth", type=float, default=0.1)
     parser.add_argument("--keep", action="store_true", help="leave the temp dir")
+    parser.add_argument(
+        "--before",
+        metavar="DRTOOL",
+        help="also time this drtool's backup first (e.g. main's: the serial scan)",
+    )
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="drtool-bench-part-"))
@@ -168,6 +174,10 @@ def run_bench(args: argparse.Namespace, home: Path, stack: LocalStack) -> tuple[
         runs.append(run)
     backup = ["--config", str(setup.backup_config), "--home", str(home), "backup"]
     backup += ["--component", "postgres", "--json"]
+    if args.before:
+        run, _ = measure("drtool backup (before)", [args.before, *backup])
+        run.extra["note"] = f"{args.before}: the serial scan"
+        runs.append(run)
     for label in ("1st", "2nd"):
         run, _ = drtool_run(f"drtool backup {label}", backup)
         runs.append(run)
