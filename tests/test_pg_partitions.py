@@ -285,6 +285,15 @@ def test_backups_skip_unchanged_months_and_catch_one_changed_row(kit: BackupKit)
     ]
     assert kit.verify_all().returncode == 0
 
+    # the proof's baseline: the backup host's own, 0600, the last committed snapshot's
+    [state] = kit.tmp.rglob("pg-partitions-*.json")
+    assert state.stat().st_mode & 0o777 == 0o600
+    assert json.loads(state.read_text())["snapshot_id"] == fourth
+    state.write_text("{not json")  # damaged or lost: everything hashed, nothing guessed
+    fifth = kit.backup_ok("postgres")
+    assert _scan_details(kit, fifth)["partitions_reused"] == 0
+    assert _recorded(kit, fifth) == serial(ep)
+
 
 def test_a_restored_copy_is_fingerprinted_in_parallel_the_way_the_snapshot_recorded(
     months: PostgresEndpoint,
