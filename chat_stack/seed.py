@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import itertools
+import math
 import random
 import sys
 import time
@@ -53,7 +54,6 @@ from drtool.s3session import s3_client
 SEED_START = date(2025, 1, 1)
 SEED_MONTHS = 6
 BASE = datetime(SEED_START.year, SEED_START.month, SEED_START.day, tzinfo=UTC)
-SPAN_US = int((month_start(SEED_START, SEED_MONTHS) - SEED_START).total_seconds() * 1_000_000)
 MIN_OBJECT = 1024
 MAX_OBJECT = 2 * 1024 * 1024
 UPLOAD_THREADS = 4
@@ -90,6 +90,11 @@ class SeedSizes:
     rooms: int
     messages: int
     attachments: int
+    #: months the messages span from SEED_START (one partition each)
+    months: int = SEED_MONTHS
+    #: month-on-month growth of the message rate (0.1: each month 10 % more than the last), so
+    #: recent months are larger as in a growing chat service; 0 spreads them evenly
+    growth: float = 0.0
 
     def validate(self) -> None:
         """Raise a UsageError (exit 2) naming the first nonsense size."""
@@ -98,6 +103,10 @@ class SeedSizes:
                 raise UsageError(f"--{name} must be >= 0 (got {value})")
             if value > LIMITS.get(name, LIMITS["messages"]):
                 raise UsageError(f"--{name} is too large (got {value})")
+        if self.months < 1:
+            raise UsageError(f"--months must be >= 1 (got {self.months})")
+        if not 0.0 <= self.growth <= 10.0:  # also refuses nan
+            raise UsageError(f"--growth must be between 0 and 10 (got {self.growth})")
         if self.users < 2:
             raise UsageError(f"--users must be >= 2 for anyone to chat (got {self.users})")
         if self.messages > 0 and self.rooms < 1:
@@ -191,6 +200,24 @@ def _at(offset_us: int) -> datetime:
     return BASE + timedelta(microseconds=offset_us)
 
 
+def span_us(months: int) -> int:
+    """Microseconds from SEED_START to the end of its ``months``-th month."""
+    return int((month_start(SEED_START, months) - SEED_START).total_seconds() * 1_000_000)
+
+
+def time_offset(fraction: float, months: int, growth: float) -> int:
+    """Where the message at ``fraction`` (0..1) of all messages falls, in us after SEED_START.
+
+    The message rate grows by ``growth`` a month, an exponential density over the span: the
+    inverse of its cumulative distribution maps evenly spaced fractions (message ids, in time
+    order) to times, so the ids stay in time order and month m holds about (1+growth)**m as
+    many messages as the first.
+    """
+    k = months * math.log1p(growth)
+    share = fraction if k < 1e-12 else math.log1p(fraction * math.expm1(k)) / k
+    return int(share * span_us(months))
+
+
 def _copy(cur: psycopg.Cursor, table: str, rows: Iterable[Sequence[Any]]) -> int:
     """COPY rows (in the order of ``COLUMNS[table]``) into a table; returns how many."""
     statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
@@ -272,6 +299,8 @@ def _message_rows(
     rooms: Sequence[_Room],
     found: list[_Attachment],
     on_attachment: Callable[[_Attachment], None],
+    months: int = SEED_MONTHS,
+    growth: float = 0.0,
 ) -> Iterator[tuple[int, int, int, str, str, datetime, datetime | None]]:
     """Message rows in id (= time) order; records each room's messages and the attachments."""
     rng = random.Random(f"{seed}:messages")
@@ -279,11 +308,10 @@ def _message_rows(
     chosen = set(att_rng.sample(range(count), attachments))
     cumulative = list(itertools.accumulate(1 / rank**0.8 for rank in range(1, len(rooms) + 1)))
     total = cumulative[-1] if cumulative else 0.0
-    slot = SPAN_US / max(count, 1)
     for index in range(count):
         room = rooms[min(bisect.bisect(cumulative, rng.random() * total), len(rooms) - 1)]
         sender = room.members[int(len(room.members) * rng.random() ** 2)]
-        created = _at(int((index + rng.random()) * slot))
+        created = _at(time_offset((index + rng.random()) / max(count, 1), months, growth))
         message_id = index + 1
         if index in chosen:
             kind = "attachment"
@@ -359,14 +387,14 @@ class _Uploader:
 
 
 def _receipts(
-    seed: int, rooms: Sequence[_Room]
+    seed: int, rooms: Sequence[_Room], months: int = SEED_MONTHS, growth: float = 0.0
 ) -> tuple[list[tuple[int, int, int | None, datetime]], dict[int, dict[int, int]]]:
     """Read receipts per member and the unread counters they imply (user -> room -> count).
 
     A member has read at least up to their own last message; 60 % are fully caught up.
     """
     rng = random.Random(f"{seed}:receipts")
-    slot = SPAN_US / max(sum(len(room.message_ids) for room in rooms), 1)
+    count = max(sum(len(room.message_ids) for room in rooms), 1)
     rows: list[tuple[int, int, int | None, datetime]] = []
     unread: dict[int, dict[int, int]] = {}
     for room in rooms:
@@ -379,8 +407,9 @@ def _receipts(
                     lag = 1 + int(rng.expovariate(1 / 15))
                     read = max(room.last_post.get(user, -1), len(ids) - 1 - lag)
             if read >= 0:
-                # The message's time lies in its slot; reading happens up to an hour later.
-                seen = _at(int(ids[read] * slot) + rng.randrange(3_600_000_000))
+                # Reading happens up to an hour after the message was sent.
+                at = time_offset(ids[read] / count, months, growth)
+                seen = _at(at + rng.randrange(3_600_000_000))
                 rows.append((room.id, user, ids[read], seen))
             else:
                 rows.append((room.id, user, None, joined))
@@ -510,7 +539,14 @@ def _load_postgres(
     attachments: list[_Attachment] = []
     task = bar.add_task("messages", total=sizes.messages)
     rows = _message_rows(
-        seed, sizes.messages, sizes.attachments, rooms, attachments, uploader.submit
+        seed,
+        sizes.messages,
+        sizes.attachments,
+        rooms,
+        attachments,
+        uploader.submit,
+        sizes.months,
+        sizes.growth,
     )
     with deferred_indexes_and_foreign_keys(cur.connection, "messages"):
         counts["messages"] = _copy(cur, "messages", _advancing(rows, bar, task))
@@ -520,7 +556,7 @@ def _load_postgres(
         "attachments",
         (a.row(size, digest) for a, (size, digest) in zip(attachments, stored, strict=True)),
     )
-    receipts, unread = _receipts(seed, rooms)
+    receipts, unread = _receipts(seed, rooms, sizes.months, sizes.growth)
     counts["read_receipts"] = _copy(cur, "read_receipts", receipts)
     return _Loaded(counts, rooms, stored, unread)
 
@@ -551,7 +587,7 @@ def seed(
         ):
             if where:
                 _wipe(conn, client, s3, bucket)
-            apply_schema(conn, SEED_START, SEED_MONTHS)
+            apply_schema(conn, SEED_START, sizes.months)
             loaded = _load_postgres(cur, seed, sizes, uploader, bar)
             _sync_sequences(conn)
         conn.execute("ANALYZE")
@@ -582,6 +618,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rooms", type=int, default=100, help="chat rooms [100]")
     parser.add_argument("--messages", type=int, default=100_000, help="messages [100000]")
     parser.add_argument("--attachments", type=int, default=200, help="attachments [200]")
+    parser.add_argument(
+        "--months", type=int, default=SEED_MONTHS, help=f"months of history [{SEED_MONTHS}]"
+    )
+    parser.add_argument(
+        "--growth",
+        type=float,
+        default=0.0,
+        help="month-on-month growth of the message rate, e.g. 0.1 for recent months larger [0]",
+    )
     parser.add_argument("--seed", type=int, default=1, help="random seed [1]")
     parser.add_argument("--force", action="store_true", help="wipe existing chat data first")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -594,7 +639,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
 
     def body() -> None:
-        sizes = SeedSizes(args.users, args.rooms, args.messages, args.attachments)
+        sizes = SeedSizes(
+            args.users, args.rooms, args.messages, args.attachments, args.months, args.growth
+        )
         sizes.validate()
         endpoints = endpoints_from(args)
         show = sys.stderr.isatty() and not args.no_progress

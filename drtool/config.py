@@ -140,6 +140,11 @@ class PostgresConfig:
     # the server's Docker image (chat_stack/docker-compose.yml): `restore --into-volume`
     # recovers with it, so its major must be the base backup's
     image: str = "postgres:16-alpine"
+    # the backup's fingerprint scan: connections on the dump's snapshot, one partition each
+    fingerprint_workers: int = 2
+    # a partition proved unchanged since the last committed snapshot is not hashed again, for
+    # at most this many days since it was last hashed (0: hash everything; ADR 0029)
+    fingerprint_reuse_days: float = 7.0
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +22,15 @@ from psycopg import sql
 
 from chat_stack import redis_layout
 from chat_stack.schema import TABLES, apply_schema
-from chat_stack.seed import SEED_MONTHS, SEED_START, SeedResult, SeedSizes, seed
+from chat_stack.seed import (
+    SEED_MONTHS,
+    SEED_START,
+    SeedResult,
+    SeedSizes,
+    _at,
+    seed,
+    time_offset,
+)
 from chat_stack.stores import connect_redis
 from chat_stack.traffic import run_traffic
 from drtool.endpoints import (
@@ -239,6 +248,9 @@ def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> An
         ["--rooms", "0", "--messages", "10"],
         ["--users", "lots"],
         ["--users", "10", "--rooms", "2000000"],
+        ["--months", "0"],
+        ["--growth", "nan"],
+        ["--growth", "-0.5"],
     ],
 )
 def test_seed_rejects_nonsense_sizes(args: list[str]) -> None:
@@ -256,6 +268,19 @@ def test_traffic_rejects_nonsense_pace(args: list[str]) -> None:
     done = run_module("chat_stack.traffic", *args)
     assert (done.returncode, done.stderr.count("\n")) == (2, 1)
     assert done.stderr.startswith("error: --")
+
+
+def test_seed_times_grow_month_on_month_and_stay_in_id_order() -> None:
+    """--growth 0.1: each month about 10 % more messages than the one before (issue 16.4)."""
+    n, months = 24_000, 24
+    times = [_at(time_offset((i + 0.5) / n, months, 0.1)) for i in range(n)]
+    assert times == sorted(times)
+    per_month = Counter((t.year, t.month) for t in times)
+    assert len(per_month) == months and min(per_month) == (2025, 1)
+    counts = [per_month[k] for k in sorted(per_month)]
+    assert counts[-1] > 8 * counts[0]  # 1.1 ** 23 = 8.95, months of unequal length aside
+    even = Counter((t.year, t.month) for t in (_at(time_offset(i / n, 6, 0.0)) for i in range(n)))
+    assert max(even.values()) < 1.15 * min(even.values())  # 0: even (28 to 31 days)
 
 
 def test_redis_key_names_round_trip() -> None:

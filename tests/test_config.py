@@ -173,8 +173,8 @@ BAD_CONFIGS = [
     ),
     pytest.param(
         '[postgres]\nhots = "x"\n',
-        "error: postgres.hots: unknown setting (known: bin_dir, dbname, host, "
-        "image, max_standby_lag_s, password_file, port, user)",
+        "error: postgres.hots: unknown setting (known: bin_dir, dbname, fingerprint_reuse_days, "
+        "fingerprint_workers, host, image, max_standby_lag_s, password_file, port, user)",
         id="unknown-key",
     ),
     pytest.param(

@@ -111,3 +111,6 @@ def backup(state: CliState, components: str, as_json: bool, accept_rollback: str
             for c in result.components
         ],
     )
+    for c in result.components:
+        if c.detail:
+            click.echo(f"{c.name}: {c.detail}")

@@ -238,7 +238,9 @@ def _backup_one(store: Store, ctx: BackupContext, result: BackupResult) -> Backe
         done = store.backup(ctx)
     entry = replace(done.entry, duration_s=round(t.seconds, 3))
     result.components.append(
-        ComponentSummary(name, entry.plain_bytes, sum(o.size for o in entry.objects), t.seconds)
+        ComponentSummary(
+            name, entry.plain_bytes, sum(o.size for o in entry.objects), t.seconds, done.detail
+        )
     )
     result.figures.update(done.figures)
     store_crash_point(name)

@@ -26,6 +26,12 @@ comment, privileges (``datacl`` exploded; grantors left out: a restore grants as
 and the settings of ``ALTER DATABASE ... SET`` and ``ALTER ROLE ... IN DATABASE ... SET``
 (``pg_db_role_setting``). The restore re-creates them and a restored copy must show the same.
 Snapshots of formats 1 and 2 have none recorded; they are compared on their tables only.
+
+Format 4 adds ``partitions``: the figures of each leaf partition of a partitioned table (the
+backup's parallel scan reads them one by one, :mod:`drtool.sources.pg_scan`), and for a
+partition whose figures were reused because it was proved unchanged (ADR 0029), the snapshot
+whose scan hashed its rows and the one the proof compared against. Restores still compare the
+tables and rooms; the partitions say how the figures were obtained.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from psycopg import sql
 
 from drtool.errors import SourceError
 
-FORMAT = 3
+FORMAT = 4
 RECORD, TEXT = "record", "text"  # the row hashes, see the module docstring
 _MOD = 1 << 64
 _MAX_ROOM_DIFFS = 10
@@ -51,13 +57,26 @@ _PINNED_SETTINGS = {
     "extra_float_digits": "1",
     "bytea_output": "hex",
 }
-_ROW_HASHES = {
+_ROW_HASH_OF = {
     # r.*: a column may be named r. hash_record_extended combines the column hashes linearly
     # (h * 31 + next), so a plain sum over rows would not notice values swapped between rows;
     # hashing its result once more makes each row's term depend on the whole row.
-    RECORD: sql.SQL("hashint8extended(hash_record_extended(r.*, 0), 0)"),
-    TEXT: sql.SQL("hashtextextended(ROW(r.*)::text, 0)"),
+    RECORD: "hashint8extended(hash_record_extended({row}, 0), 0)",
+    TEXT: "hashtextextended(({row})::text, 0)",
 }
+_ROW_HASHES = {
+    RECORD: sql.SQL(_ROW_HASH_OF[RECORD]).format(row=sql.SQL("r.*")),
+    TEXT: sql.SQL(_ROW_HASH_OF[TEXT]).format(row=sql.SQL("ROW(r.*)")),
+}
+
+
+def row_hash_sql(row_hash: str, row: sql.Composable | None) -> sql.Composable:
+    """The row hash of ``row`` (an expression of the table's row type; None: the scanned row)."""
+    if row is None:
+        return _ROW_HASHES[row_hash]
+    return sql.SQL(_ROW_HASH_OF[row_hash]).format(row=row)
+
+
 _NULL_ROOM = "<null>"
 
 _TABLES_SQL = """
@@ -106,6 +125,47 @@ class Fingerprint:
             str(data["digest"]),
             None if max_id is None else int(max_id),
             row_hash,
+        )
+
+
+@dataclass(frozen=True)
+class PartitionPrint:
+    """A leaf partition's part of its table's figures, and where they came from.
+
+    ``hashed_in`` None: this snapshot's scan hashed its rows. Otherwise the figures were copied
+    from snapshot ``hashed_in``, the partition having been proved unchanged since snapshot
+    ``proved_since`` (ADR 0029): not freshly checked, and reported as such.
+    """
+
+    table: str
+    rows: int
+    digest: str
+    max_id: int | None = None
+    hashed_in: str | None = None
+    proved_since: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form."""
+        return {
+            "table": self.table,
+            "rows": self.rows,
+            "digest": self.digest,
+            "max_id": self.max_id,
+            "hashed_in": self.hashed_in,
+            "proved_since": self.proved_since,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PartitionPrint:
+        """Inverse of ``to_dict``."""
+        max_id, hashed, since = data.get("max_id"), data.get("hashed_in"), data.get("proved_since")
+        return cls(
+            str(data["table"]),
+            int(data["rows"]),
+            str(data["digest"]),
+            None if max_id is None else int(max_id),
+            None if hashed is None else str(hashed),
+            None if since is None else str(since),
         )
 
 
@@ -231,12 +291,15 @@ def database_props(cur: psycopg.Cursor[Any]) -> DatabaseProps:
 
 @dataclass(frozen=True)
 class PgFingerprints:
-    """Fingerprints of one database: per table, per room of each ``messages`` table, and the
-    database's own properties (None in snapshots of formats 1 and 2)."""
+    """Fingerprints of one database: per table, per room of each ``messages`` table, the
+    database's own properties (None in snapshots of formats 1 and 2) and, from format 4, per
+    leaf partition (empty when the serial scan made them, or in older snapshots)."""
 
     tables: dict[str, Fingerprint]
     rooms: dict[str, dict[str, Fingerprint]] = field(default_factory=dict)
     database: DatabaseProps | None = None
+    # how the figures were obtained, not what they are: left out of ==
+    partitions: dict[str, PartitionPrint] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form."""
@@ -250,12 +313,14 @@ class PgFingerprints:
         }
         if self.database is not None:
             doc["database"] = self.database.to_dict()
+        if self.partitions:
+            doc["partitions"] = {n: p.to_dict() for n, p in self.partitions.items()}
         return doc
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PgFingerprints:
         """Inverse of ``to_dict`` (format 1 hashed every row's text); ``ValueError`` if unknown."""
-        if data.get("format") not in (1, 2, FORMAT):
+        if data.get("format") not in (1, 2, 3, FORMAT):
             raise ValueError(f"unsupported fingerprint format {data.get('format')!r}")
         default = TEXT if data["format"] == 1 else RECORD
         try:
@@ -269,6 +334,10 @@ class PgFingerprints:
                     for n, rs in data["rooms"].items()
                 },
                 database=DatabaseProps.from_dict(data["database"]) if "database" in data else None,
+                partitions={
+                    str(n): PartitionPrint.from_dict(p)
+                    for n, p in data.get("partitions", {}).items()
+                },
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"malformed fingerprints: {exc!r}") from None

@@ -1,7 +1,7 @@
 """PostgreSQL: a snapshot-consistent streaming dump with fingerprints, and restore primitives.
 
 Dump: a REPEATABLE READ, READ ONLY transaction exports its snapshot; the fingerprints are
-computed in that transaction and ``pg_dump -Fc -Z0 --snapshot=ID`` dumps the same snapshot,
+computed on that snapshot and ``pg_dump -Fc -Z0 --snapshot=ID`` dumps the same snapshot,
 so the recorded figures describe exactly the rows in the archive, whatever writers do
 meanwhile. With ``wal_level = logical`` that snapshot is a temporary logical slot's, and the
 slot's consistent point is recorded as the LSN the dump matches (pg_snapshot_lsn). The
@@ -34,7 +34,8 @@ from psycopg import sql
 
 from drtool.endpoints import PostgresEndpoint
 from drtool.errors import SourceError
-from drtool.sources.pg_fingerprint import DatabaseProps, PgFingerprints, compute_fingerprints
+from drtool.sources.pg_fingerprint import DatabaseProps, PgFingerprints
+from drtool.sources.pg_scan import Baseline, PartitionScan, ScanResult
 from drtool.sources.pg_snapshot_lsn import SLOT_WAIT_S, ExportedSnapshot, export_snapshot
 from drtool.sources.process import CommandFailed, child_env, command_stream, run_checked, scrub
 
@@ -212,13 +213,14 @@ def _tool_env(endpoint: PostgresEndpoint, app: str) -> dict[str, str]:
 class PgDump:
     """One snapshot-consistent dump: its fingerprints and its ``-Fc`` archive stream.
 
-    The fingerprint scan runs in a thread on the exporting transaction while pg_dump streams
-    (two server backends, one pass each): ``fingerprints`` waits for it and stays valid after
-    the block. ``stream`` must be consumed inside the ``dump()`` block; it raises
-    ``SourceError`` at its end if pg_dump failed, timed out or wrote no archive.
+    The fingerprint scan (:mod:`drtool.sources.pg_scan`: one unit per table or partition,
+    ``fingerprint_workers`` backends that import the exported snapshot) runs in a thread while
+    pg_dump streams: ``fingerprints`` waits for it and stays valid after the block. ``stream``
+    must be consumed inside the ``dump()`` block; it raises ``SourceError`` at its end if
+    pg_dump failed, timed out or wrote no archive.
     """
 
-    scan: Future[PgFingerprints]
+    scan: Future[ScanResult]
     stream: Generator[bytes, None, None]
     exported: ExportedSnapshot
     server_version: str
@@ -232,6 +234,11 @@ class PgDump:
     @property
     def fingerprints(self) -> PgFingerprints:
         """The snapshot's fingerprints (waits for the scan; raises its SourceError)."""
+        return self.scan.result().fingerprints
+
+    @property
+    def scanned(self) -> ScanResult:
+        """The scan: fingerprints, what was reused, the next baseline (waits for it)."""
         return self.scan.result()
 
 
@@ -272,17 +279,22 @@ def dump(
     timeout: float,
     read_size: int = 1 << 20,
     slot_wait: float = SLOT_WAIT_S,
+    fingerprint_workers: int = 2,
+    baseline: Baseline | None = None,
+    reuse_max_age_s: float = 7 * 86400.0,
 ) -> Iterator[PgDump]:
     """Open a snapshot and yield a ``PgDump`` streaming ``pg_dump`` of it, fingerprinted.
 
-    On entry the exporting transaction opens; its fingerprint scan (one pass per table) starts
-    in a thread at once and pg_dump starts on the first read of ``stream``, so the two run
-    side by side. The transaction stays open until the block ends and the scan is done. On
-    exit an unfinished pg_dump is killed. ``timeout`` bounds the stream (pg_dump's run time).
-    The snapshot comes from a temporary logical slot when the server allows one, and then
-    ``exported.consistent_lsn`` is the LSN whose state the dump shows exactly
-    (:mod:`drtool.sources.pg_snapshot_lsn`; ``slot_wait`` bounds the slot's wait for running
-    transactions); otherwise it is None and the reason is in ``exported.lsn_unavailable``.
+    On entry the exporting transaction opens; its fingerprint scan starts in a thread at once
+    (``fingerprint_workers`` connections on the exported snapshot; partitions ``baseline``
+    proves unchanged are not hashed again, see ADR 0029) and pg_dump starts on the first read
+    of ``stream``, so they run side by side. The transaction stays open until the block ends
+    and the scan is done. On exit an unfinished pg_dump is killed. ``timeout`` bounds the
+    stream (pg_dump's run time). The snapshot comes from a temporary logical slot when the
+    server allows one, and then ``exported.consistent_lsn`` is the LSN whose state the dump
+    shows exactly (:mod:`drtool.sources.pg_snapshot_lsn`; ``slot_wait`` bounds the slot's wait
+    for running transactions); otherwise it is None and the reason is in
+    ``exported.lsn_unavailable``.
     """
     pg_dump = _binary("pg_dump", pg_bin_dir)
     pg_dump_version = _tool_version(pg_dump)
@@ -293,27 +305,30 @@ def dump(
         argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={exported.snapshot}"]
         argv += ["--no-password", _dbname_arg(endpoint.dbname)]
         stream = _archive_stream(conn, argv, endpoint, timeout=timeout, read_size=read_size)
+        scanner = PartitionScan(
+            lambda: _connect(endpoint),
+            exported.snapshot,
+            workers=fingerprint_workers,
+            baseline=baseline,
+            max_reuse_age_s=reuse_max_age_s,
+        )
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="drtool-fingerprint") as pool:
-            scan = pool.submit(_fingerprints_in_snapshot, conn, endpoint)
+            scan = pool.submit(_fingerprints_in_snapshot, scanner, endpoint)
             try:
                 yield PgDump(scan, stream, exported, version, pg_dump_version)
             except BaseException:
                 if not scan.cancel() and not scan.done():
-                    conn.cancel_safe(timeout=5)  # an aborted backup need not finish the scan
+                    scanner.cancel()  # an aborted backup need not finish the scan
                 raise
             finally:
                 if getgeneratorstate(stream) != GEN_CREATED:
                     stream.close()
-                wait([scan])  # the transaction must outlive the scan that runs in it
+                wait([scan])  # the exported snapshot must outlive the scan that imports it
 
 
-def _fingerprints_in_snapshot(
-    conn: psycopg.Connection[Any], endpoint: PostgresEndpoint
-) -> PgFingerprints:
+def _fingerprints_in_snapshot(scanner: PartitionScan, endpoint: PostgresEndpoint) -> ScanResult:
     try:
-        # it runs beside pg_dump: parallel workers would only take the dump's cores
-        conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
-        return compute_fingerprints(conn)
+        return scanner.run()
     except psycopg.Error as exc:
         raise SourceError(f"PostgreSQL fingerprints: {_one_line(exc, endpoint)}") from None
 

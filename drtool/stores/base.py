@@ -63,6 +63,8 @@ class BackedUp:
     after_commit: Callable[[], None] | None = None
     #: counters for monitoring, e.g. {"unprotected_buckets": 2} (metric drtool_backup_<name>)
     figures: dict[str, int] = field(default_factory=dict)
+    #: one line for the backup's summary, e.g. which fingerprints were reused, not checked
+    detail: str = ""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ Backup streams ``pg_dump`` into the writer and fingerprints the same snapshot of
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from drtool.errors import SourceError
 from drtool.repository.manifest import ComponentEntry, ObjectEntry
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import compute_fingerprints
+from drtool.sources.pg_scan import baseline_path, load_baseline, save_baseline
 from drtool.stores import checks
 from drtool.stores.base import (
     BackedUp,
@@ -30,6 +33,7 @@ from drtool.stores.postgres import restore as pg_restore
 from drtool.stores.streams import counting, json_chunks
 
 NAME = "postgres"
+log = logging.getLogger(__name__)
 
 
 class PostgresStore:
@@ -44,16 +48,31 @@ class PostgresStore:
         bin_dir = Path(cfg.postgres.bin_dir) if cfg.postgres.bin_dir else None
         objects: list[ObjectEntry] = []
         before = _role_checked(endpoint, cfg.postgres.max_standby_lag_s, "before")
-        with pg.dump(endpoint, pg_bin_dir=bin_dir, timeout=cfg.backup.timeout_s) as dump:
+        reuse_days = cfg.postgres.fingerprint_reuse_days
+        state_file = baseline_path(ctx.state, writer.repo.repo_id, endpoint.dbname)
+        baseline = load_baseline(state_file, writer.repo.repo_id) if reuse_days > 0 else None
+        with pg.dump(
+            endpoint,
+            pg_bin_dir=bin_dir,
+            timeout=cfg.backup.timeout_s,
+            fingerprint_workers=max(1, cfg.postgres.fingerprint_workers),
+            baseline=baseline,
+            reuse_max_age_s=reuse_days * 86400.0,
+        ) as dump:
             written = writer.put_snapshot_object(
                 NAME, "dump.pgdump", counting(dump.stream, NAME, ctx.progress), kind="pg_dump"
             )
-            fingerprints = dump.fingerprints
+            scanned = dump.scanned
+            fingerprints = scanned.fingerprints
             server_version = dump.server_version
             details = dump.exported.details()  # the LSN the dump matches, or why none
         after = _role_checked(endpoint, cfg.postgres.max_standby_lag_s, "after")
+        for partition, why in sorted(scanned.not_reused.items()):
+            log.debug("partition %s hashed: %s", partition, why)
+        log.info("postgres %s", scanned.summary())
         details = {
             **details,
+            **scanned.details(),
             "source": f"{endpoint.host}:{endpoint.port}",
             "source_role": "standby" if before.standby else "primary",
             **before.details("before"),
@@ -73,7 +92,16 @@ class PostgresStore:
             NAME, "fingerprints.json", json_chunks(prints), kind="fingerprints"
         )
         objects.append(fp.entry)
-        return BackedUp(ComponentEntry(NAME, tuple(objects), plain, 0.0, server_version, details))
+        next_baseline = scanned.next_baseline(writer.repo.repo_id, writer.snapshot_id, time.time())
+
+        def remember_partitions() -> None:
+            # only once the snapshot is committed and read back: a baseline is a verified
+            # snapshot's figures, never those of a backup that failed later
+            if next_baseline is not None and reuse_days > 0:
+                save_baseline(state_file, next_baseline)
+
+        entry = ComponentEntry(NAME, tuple(objects), plain, 0.0, server_version, details)
+        return BackedUp(entry, after_commit=remember_partitions, detail=scanned.summary())
 
     def load(
         self, source: SnapshotSource, entry: ComponentEntry, target: Target

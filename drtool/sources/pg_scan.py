@@ -1,0 +1,663 @@
+"""The backup's fingerprint scan: one unit per table or leaf partition, in parallel, on the
+dump's exported snapshot, with proved-unchanged partitions reused (ADR 0029).
+
+The serial scan (:func:`drtool.sources.pg_fingerprint.compute_fingerprints`) reads a
+partitioned table through its parent in one backend: at 10 M messages that one query is the
+backup's critical path. Here every leaf partition is a unit of its own, run by ``workers``
+connections that each import the dump's snapshot (``SET TRANSACTION SNAPSHOT``), so all units
+see exactly the rows pg_dump writes. Per-unit counts and sums are added up per table and per
+room (the digest is a sum modulo 2**64, so it splits over partitions exactly), and each row is
+hashed in its table's row type, so the figures are the serial scan's, bit for bit.
+
+A partition whose content the previous committed snapshot recorded, and which this snapshot
+provably did not change, is not hashed again: its figures are copied and marked as reused,
+with the snapshot that last hashed them. What proves it is in ADR 0029 and
+:func:`_unchanged_sql`: the same relation file and columns on the same database history,
+the same row count, and no row version written by a transaction the baseline snapshot did not
+see (a scan of ``xmin`` alone, about a third of the hashing's cost).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from drtool.errors import SourceError
+from drtool.sources.pg_fingerprint import (
+    _MOD,
+    _NULL_ROOM,
+    _PINNED_SETTINGS,
+    RECORD,
+    TEXT,
+    Fingerprint,
+    PartitionPrint,
+    PgFingerprints,
+    database_props,
+    row_hash_sql,
+)
+
+log = logging.getLogger(__name__)
+
+BASELINE_FORMAT = "drtool-pg-baseline/1"
+#: a baseline older than this many transactions is not trusted (32-bit xid comparisons)
+_XID_WINDOW = (1 << 31) - 10_000_000
+
+_TABLES_SQL = """
+SELECT format('%I.%I', n.nspname, c.relname), c.oid, c.relkind = 'p', c.relname,
+       EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'room_id'
+               AND NOT a.attisdropped),
+       EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'id'
+               AND NOT a.attisdropped AND a.atttypid IN ('int2'::regtype, 'int4'::regtype,
+                                                          'int8'::regtype))
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence <> 't'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1
+"""
+
+# a relation's columns as the row hash sees them (name, type, modifier, collation, dropped,
+# the value rows written before ADD COLUMN ... DEFAULT read as): equal text, equal rows
+_COLUMNS_SQL = """
+SELECT coalesce(string_agg(format('%%s %%I %%s %%s %%s %%s %%s', a.attnum, a.attname, a.atttypid,
+                                  a.atttypmod, a.attcollation, a.attisdropped,
+                                  a.attmissingval::text), ', ' ORDER BY a.attnum), '')
+FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0
+"""
+
+_LEAVES_SQL = """
+SELECT format('%%I.%%I', n.nspname, c.relname), c.oid, c.relfilenode, c.relkind,
+       pg_relation_size(c.oid)
+FROM pg_partition_tree(%s::oid) t JOIN pg_class c ON c.oid = t.relid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE t.isleaf
+"""
+
+_HISTORY_SQL = """
+SELECT (SELECT system_identifier::text FROM pg_control_system()),
+       (SELECT timeline_id FROM pg_control_checkpoint()),
+       (SELECT oid FROM pg_database WHERE datname = current_database()),
+       pg_snapshot_xmin(pg_current_snapshot())::text,
+       pg_snapshot_xmax(pg_current_snapshot())::text
+"""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One relation the scan reads with ``FROM ONLY``: a plain table or a leaf partition."""
+
+    table: str  # the table whose fingerprint it adds to (the partitioned parent)
+    relation: str  # what is read
+    oid: int
+    relfilenode: int
+    columns: str  # _COLUMNS_SQL of the relation and of its table
+    rooms: bool
+    has_id: bool
+    partition: bool
+    row: sql.Composable | None  # the row in its table's row type; None: as read (same layout)
+    size: int = 0
+    only: bool = True  # FROM ONLY (a partitioned parent read whole: without)
+
+
+@dataclass(frozen=True)
+class UnitPrint:
+    """One unit's figures: rows, sum of row hashes, max(id), per room (rows, sum, max(id))."""
+
+    rows: int
+    total: int
+    max_id: int | None
+    row_hash: str
+    rooms: dict[str, tuple[int, int, int | None]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the baseline file)."""
+        return {
+            "rows": self.rows,
+            "total": str(self.total),
+            "max_id": self.max_id,
+            "row_hash": self.row_hash,
+            "rooms": None
+            if self.rooms is None
+            else {r: [n, str(t), m] for r, (n, t, m) in self.rooms.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UnitPrint:
+        """Inverse of ``to_dict``."""
+        rooms = data.get("rooms")
+        return cls(
+            int(data["rows"]),
+            int(data["total"]),
+            None if data.get("max_id") is None else int(data["max_id"]),
+            str(data["row_hash"]),
+            None
+            if rooms is None
+            else {
+                str(r): (int(n), int(t), None if m is None else int(m))
+                for r, (n, t, m) in rooms.items()
+            },
+        )
+
+
+@dataclass(frozen=True)
+class History:
+    """Where and when a snapshot was taken: what a reuse must find unchanged (ADR 0029)."""
+
+    system_identifier: str
+    timeline: int
+    database_oid: int
+    xmin: int  # the snapshot's xmin and xmax as 64-bit transaction ids
+    xmax: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "system_identifier": self.system_identifier,
+            "timeline": self.timeline,
+            "database_oid": self.database_oid,
+            "xmin": self.xmin,
+            "xmax": self.xmax,
+        }
+
+
+@dataclass(frozen=True)
+class BaselineUnit:
+    """A partition as a committed snapshot recorded it."""
+
+    oid: int
+    relfilenode: int
+    columns: str
+    figures: UnitPrint
+    hashed_in: str  # the snapshot whose scan hashed these rows
+    hashed_at: float  # when (Unix time)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The partitions of the last committed snapshot, for the next backup to reuse."""
+
+    repo_id: str
+    snapshot_id: str
+    history: History
+    units: dict[str, BaselineUnit]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form of the state file."""
+        return {
+            "format": BASELINE_FORMAT,
+            "repo_id": self.repo_id,
+            "snapshot_id": self.snapshot_id,
+            "history": self.history.to_dict(),
+            "units": {
+                name: {
+                    "oid": u.oid,
+                    "relfilenode": u.relfilenode,
+                    "columns": u.columns,
+                    "figures": u.figures.to_dict(),
+                    "hashed_in": u.hashed_in,
+                    "hashed_at": u.hashed_at,
+                }
+                for name, u in self.units.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Baseline:
+        """Inverse of ``to_dict``; ValueError when it is not one."""
+        if data.get("format") != BASELINE_FORMAT:
+            raise ValueError(f"not a {BASELINE_FORMAT} file")
+        try:
+            h = data["history"]
+            return cls(
+                str(data["repo_id"]),
+                str(data["snapshot_id"]),
+                History(
+                    str(h["system_identifier"]),
+                    int(h["timeline"]),
+                    int(h["database_oid"]),
+                    int(h["xmin"]),
+                    int(h["xmax"]),
+                ),
+                {
+                    str(name): BaselineUnit(
+                        int(u["oid"]),
+                        int(u["relfilenode"]),
+                        str(u["columns"]),
+                        UnitPrint.from_dict(u["figures"]),
+                        str(u["hashed_in"]),
+                        float(u["hashed_at"]),
+                    )
+                    for name, u in data["units"].items()
+                },
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed baseline: {exc!r}") from None
+
+
+def baseline_path(state: Path, repo_id: str, dbname: str) -> Path:
+    """The backup host's baseline file of one repository and database."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in dbname)
+    return state / f"pg-partitions-{repo_id}-{safe}.json"
+
+
+def load_baseline(path: Path, repo_id: str) -> Baseline | None:
+    """The baseline in ``path``, or None (missing, unreadable or another repository's)."""
+    try:
+        baseline = Baseline.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: ignored (%s); every partition is hashed", path, exc)
+        return None
+    return baseline if baseline.repo_id == repo_id else None
+
+
+def save_baseline(path: Path, baseline: Baseline) -> None:
+    """Write the baseline atomically, mode 0600 (it holds per-room row counts)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(baseline.to_dict(), fh, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class ScanResult:
+    """The scan's fingerprints, what was reused, and what the next backup may reuse."""
+
+    fingerprints: PgFingerprints
+    scanned: int = 0
+    reused: int = 0
+    baseline: str | None = None  # the snapshot the reused partitions were proved unchanged since
+    hashed_in: dict[str, int] = field(default_factory=dict)  # reused: snapshot that hashed -> n
+    not_reused: dict[str, str] = field(default_factory=dict)  # partition -> why hashed again
+    workers: int = 1
+    history: History | None = None
+    units: dict[str, tuple[Unit, UnitPrint, str | None, float | None]] = field(
+        default_factory=dict
+    )  # partition -> (unit, figures, hashed in (None: this snapshot), hashed at)
+
+    def details(self) -> dict[str, Any]:
+        """The manifest's summary (docs/FORMAT.md): counts and baseline ids, no content."""
+        return {
+            "fingerprint_scan": {
+                "workers": self.workers,
+                "units_hashed": self.scanned,
+                "partitions_reused": self.reused,
+                "proved_unchanged_since": self.baseline if self.reused else None,
+                "reused_hashed_in": dict(sorted(self.hashed_in.items())),
+            }
+        }
+
+    def summary(self) -> str:
+        """The backup summary's line: what was hashed now and what was reused, from where."""
+        if not self.reused:
+            return f"fingerprints: {self.scanned} tables or partitions hashed"
+        sources = ", ".join(f"{n} hashed in {s}" for s, n in sorted(self.hashed_in.items()))
+        return (
+            f"fingerprints: {self.scanned} tables or partitions hashed; {self.reused} partitions "
+            f"proved unchanged since snapshot {self.baseline} and reused, not hashed again "
+            f"({sources})"
+        )
+
+    def next_baseline(self, repo_id: str, snapshot_id: str, now: float) -> Baseline | None:
+        """What the next backup may reuse once ``snapshot_id`` is committed (None: nothing)."""
+        if self.history is None:
+            return None
+        return Baseline(
+            repo_id,
+            snapshot_id,
+            self.history,
+            {
+                name: BaselineUnit(
+                    unit.oid,
+                    unit.relfilenode,
+                    unit.columns,
+                    figures,
+                    hashed_in or snapshot_id,
+                    now if hashed_at is None else hashed_at,
+                )
+                for name, (unit, figures, hashed_in, hashed_at) in self.units.items()
+            },
+        )
+
+
+def _columns(cur: psycopg.Cursor[Any], oid: int) -> str:
+    row = cur.execute(_COLUMNS_SQL, (oid,)).fetchone()
+    return str(row[0]) if row else ""
+
+
+def plan_units(cur: psycopg.Cursor[Any]) -> list[Unit]:
+    """Every unit of the database, the biggest first (they are handed out in this order)."""
+    units: list[Unit] = []
+    for name, oid, partitioned, relname, has_room, has_id in cur.execute(_TABLES_SQL).fetchall():
+        rooms = relname == "messages" and bool(has_room)
+        whole = Unit(name, name, oid, 0, "", rooms, has_id, False, None, only=not partitioned)
+        if not partitioned:
+            units.append(whole)
+            continue
+        leaves = cur.execute(_LEAVES_SQL, (oid,)).fetchall()
+        if not leaves or any(kind != "r" for _, _, _, kind, _ in leaves):
+            units.append(whole)  # no partitions, or foreign ones: the parent, as the serial scan
+            continue
+        parent_columns = _columns(cur, oid)
+        parent_names = [
+            r[0]
+            for r in cur.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 "
+                "AND NOT attisdropped ORDER BY attnum",
+                (oid,),
+            ).fetchall()
+        ]
+        parent_type = sql.SQL(name)  # format('%I.%I') quoted it already
+        for leaf, leaf_oid, relfilenode, _, size in leaves:
+            columns = _columns(cur, leaf_oid)
+            same_layout = _layout(columns) == _layout(parent_columns) and "true" not in (
+                _dropped(columns) + _dropped(parent_columns)
+            )
+            row: sql.Composable | None = (
+                None
+                if same_layout
+                else sql.SQL("ROW({})::{}").format(
+                    sql.SQL(", ").join(sql.SQL("r.") + sql.Identifier(c) for c in parent_names),
+                    parent_type,
+                )
+            )
+            units.append(
+                Unit(
+                    name,
+                    leaf,
+                    leaf_oid,
+                    relfilenode,
+                    f"{columns} | {parent_columns}",
+                    rooms,
+                    has_id,
+                    True,
+                    row,
+                    size,
+                )
+            )
+    return sorted(units, key=lambda u: -u.size)
+
+
+def _layout(columns: str) -> list[str]:
+    """Number, name and type of each column (what decides the row's hash)."""
+    return [" ".join(col.split(" ")[:3]) for col in columns.split(", ") if col]
+
+
+def _dropped(columns: str) -> list[str]:
+    return [col.split(" ")[5] for col in columns.split(", ") if col]
+
+
+def _hash_unit(cur: psycopg.Cursor[Any], unit: Unit, hashes: list[str]) -> UnitPrint:
+    """Hash every row of ``unit`` (first of ``hashes`` its column types allow)."""
+    src = sql.SQL("{}{} AS r").format(sql.SQL("ONLY " if unit.only else ""), sql.SQL(unit.relation))
+    for i, row_hash in enumerate(hashes):
+        expr = row_hash_sql(row_hash, unit.row)
+        if unit.rooms:
+            max_id = sql.SQL("max(r.id)" if unit.has_id else "NULL::bigint")
+            query = sql.SQL(
+                "SELECT r.room_id::text, count(*), sum({h}), {m} FROM {src} GROUP BY r.room_id"
+            ).format(h=expr, m=max_id, src=src)
+        else:
+            query = sql.SQL("SELECT count(*), sum({h}) FROM {src}").format(h=expr, src=src)
+        try:
+            with cur.connection.transaction():
+                found = cur.execute(query).fetchall()
+        except psycopg.errors.UndefinedFunction:
+            if i == len(hashes) - 1:
+                raise
+            continue  # "could not identify an extended hash function for type ..."
+        if not unit.rooms:
+            return UnitPrint(int(found[0][0]), int(found[0][1] or 0) % _MOD, None, row_hash)
+        rooms = {
+            _NULL_ROOM if room is None else str(room): (
+                int(n),
+                int(total or 0) % _MOD,
+                None if top is None else int(top),
+            )
+            for room, n, total, top in found
+        }
+        ids = [top for _, _, top in rooms.values() if top is not None]
+        return UnitPrint(
+            sum(n for n, _, _ in rooms.values()),
+            sum(t for _, t, _ in rooms.values()) % _MOD,
+            max(ids) if ids else None,
+            row_hash,
+            rooms,
+        )
+    raise AssertionError("no row hash")  # pragma: no cover
+
+
+def _unchanged_sql(unit: Unit, baseline_xmin32: int) -> sql.Composed:
+    """Rows, and rows written by a transaction the baseline snapshot may not have seen.
+
+    ``age(xmin)`` is the distance from the next transaction id to the row version's inserting
+    transaction (raw: freezing keeps it). A version the baseline could not see was inserted by
+    a transaction at or after the baseline's xmin, so its age is at most the baseline xmin's
+    age; ids that wrapped or are not normal give an age <= that too or INT_MAX (frozen long
+    ago) — the former only cost a rescan.
+    """
+    return sql.SQL(
+        "SELECT count(*), count(*) FILTER (WHERE age(r.xmin) <= age({x}::xid)) FROM ONLY {t} AS r"
+    ).format(x=sql.Literal(str(baseline_xmin32)), t=sql.SQL(unit.relation))
+
+
+def _why_not_reusable(
+    unit: Unit,
+    old: BaselineUnit | None,
+    baseline: Baseline,
+    history: History,
+    max_age_s: float,
+    now: float,
+) -> str | None:
+    """Why ``unit`` must be hashed again before any row is read, or None (then check rows)."""
+    if old is None:
+        return "not in the baseline"
+    b = baseline.history
+    if (b.system_identifier, b.timeline, b.database_oid) != (
+        history.system_identifier,
+        history.timeline,
+        history.database_oid,
+    ):
+        return "another server, timeline or database"
+    if history.xmin < b.xmax:
+        # this snapshot might not see every transaction the baseline saw (a standby behind
+        # the baseline's server, a transaction still open): the proof needs it to
+        return "a transaction older than the baseline runs"
+    if history.xmax - b.xmin > _XID_WINDOW:
+        return "too many transactions since the baseline"
+    if (old.oid, old.relfilenode, old.columns) != (unit.oid, unit.relfilenode, unit.columns):
+        return "the relation was rewritten or its columns changed"
+    if now - old.hashed_at > max_age_s:
+        return "last hashed too long ago"
+    return None
+
+
+def _history(cur: psycopg.Cursor[Any]) -> History | None:
+    """This snapshot's history, or None when the login may not read it (no reuse then)."""
+    try:
+        with cur.connection.transaction():
+            row = cur.execute(_HISTORY_SQL).fetchone()
+    except psycopg.errors.InsufficientPrivilege as exc:
+        log.info("partition fingerprints are not reused: %s", " ".join(str(exc).split()))
+        return None
+    assert row is not None
+    sysid, timeline, db_oid, xmin, xmax = row
+    if sysid is None or timeline is None:
+        return None
+    return History(str(sysid), int(timeline), int(db_oid), int(xmin), int(xmax))
+
+
+@contextmanager
+def _pool(
+    connect: Callable[[], psycopg.Connection[Any]], snapshot: str, workers: int
+) -> Iterator[tuple[queue.Queue[psycopg.Connection[Any]], list[psycopg.Connection[Any]]]]:
+    """``workers`` connections, each in a read-only transaction on ``snapshot``."""
+    conns: list[psycopg.Connection[Any]] = []
+    free: queue.Queue[psycopg.Connection[Any]] = queue.Queue()
+    try:
+        for _ in range(workers):
+            conn = connect()
+            conns.append(conn)
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            for setting, value in _PINNED_SETTINGS.items():
+                conn.execute("SELECT set_config(%s, %s, true)", (setting, value))
+            # beside pg_dump: the workers are the parallelism; a gather would only compete
+            conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+            free.put(conn)
+        yield free, conns
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+class PartitionScan:
+    """The parallel scan of one exported snapshot (run it once; ``cancel`` from any thread)."""
+
+    def __init__(
+        self,
+        connect: Callable[[], psycopg.Connection[Any]],
+        snapshot: str,
+        *,
+        workers: int = 2,
+        baseline: Baseline | None = None,
+        max_reuse_age_s: float = 7 * 86400.0,
+        like: PgFingerprints | None = None,
+    ) -> None:
+        """``like``: hash each table the way these (a snapshot's) fingerprints recorded, as
+        :func:`~drtool.sources.pg_fingerprint.compute_fingerprints` does for a restored copy."""
+        self._like = like
+        self._connect, self._snapshot = connect, snapshot
+        self._workers = max(1, workers)
+        self._baseline, self._max_age = baseline, max_reuse_age_s
+        self._conns: list[psycopg.Connection[Any]] = []
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop the running queries (an aborted backup need not finish the scan)."""
+        self._cancelled.set()
+        for conn in list(self._conns):
+            with suppress(Exception):  # best effort: the connection may be closing
+                conn.cancel_safe(timeout=5)
+
+    def run(self) -> ScanResult:
+        """Plan, scan (or prove unchanged) every unit, add them up."""
+        with _pool(self._connect, self._snapshot, self._workers) as (free, conns):
+            self._conns = conns
+            main = free.get()
+            with main.cursor() as cur:
+                units = plan_units(cur)
+                history = _history(cur)
+                database = database_props(cur)
+            free.put(main)
+            result = ScanResult(PgFingerprints({}), workers=self._workers, history=history)
+            result.baseline = self._baseline.snapshot_id if self._baseline else None
+            now = time.time()
+
+            def one(unit: Unit) -> tuple[Unit, UnitPrint, str | None, float | None, str | None]:
+                if self._cancelled.is_set():
+                    raise SourceError("fingerprint scan cancelled")
+                conn = free.get()
+                try:
+                    with conn.cursor() as cur:
+                        return self._unit(cur, unit, history, now)
+                finally:
+                    free.put(conn)
+
+            with ThreadPoolExecutor(self._workers, thread_name_prefix="drtool-fp") as pool:
+                done = list(pool.map(one, units))
+        per_table: dict[str, list[UnitPrint]] = {}
+        for unit, figures, hashed_in, hashed_at, why in done:
+            per_table.setdefault(unit.table, []).append(figures)
+            if unit.partition:
+                result.units[unit.relation] = (unit, figures, hashed_in, hashed_at)
+            if hashed_in is None:
+                result.scanned += 1
+                if why is not None and unit.partition:
+                    result.not_reused[unit.relation] = why
+            else:
+                result.reused += 1
+                result.hashed_in[hashed_in] = result.hashed_in.get(hashed_in, 0) + 1
+        result.fingerprints = _merge(per_table, database, result)
+        return result
+
+    def _unit(
+        self, cur: psycopg.Cursor[Any], unit: Unit, history: History | None, now: float
+    ) -> tuple[Unit, UnitPrint, str | None, float | None, str | None]:
+        baseline = self._baseline
+        why: str | None = "no baseline"
+        if unit.partition and baseline is not None and history is not None:
+            old = baseline.units.get(unit.relation)
+            why = _why_not_reusable(unit, old, baseline, history, self._max_age, now)
+            if why is None and old is not None:
+                row = cur.execute(_unchanged_sql(unit, baseline.history.xmin % (1 << 32)))
+                rows, newer = row.fetchone() or (0, 0)
+                if rows == old.figures.rows and newer == 0:
+                    return unit, old.figures, old.hashed_in, old.hashed_at, None
+                why = "rows were written since" if newer else "rows were deleted since"
+        recorded = self._like.tables.get(unit.table) if self._like else None
+        hashes = [recorded.row_hash] if recorded else [RECORD, TEXT]
+        return unit, _hash_unit(cur, unit, hashes), None, None, why
+
+
+def _merge(
+    per_table: dict[str, list[UnitPrint]], database: Any, result: ScanResult
+) -> PgFingerprints:
+    """Add the units up per table and per room, as the serial scan reports them."""
+    tables: dict[str, Fingerprint] = {}
+    rooms: dict[str, dict[str, Fingerprint]] = {}
+    for table, prints in sorted(per_table.items()):
+        hashes = {p.row_hash for p in prints}
+        if len(hashes) != 1:
+            raise SourceError(f"fingerprints: partitions of {table} hashed differently")
+        row_hash = hashes.pop()
+        ids = [p.max_id for p in prints if p.max_id is not None]
+        tables[table] = Fingerprint(
+            sum(p.rows for p in prints),
+            f"{sum(p.total for p in prints) % _MOD:016x}",
+            max(ids) if ids else None,
+            row_hash,
+        )
+        if prints[0].rooms is None:
+            continue
+        merged: dict[str, tuple[int, int, int | None]] = {}
+        for p in prints:
+            for room, (n, total, top) in (p.rooms or {}).items():
+                m_n, m_total, m_top = merged.get(room, (0, 0, None))
+                tops = [t for t in (m_top, top) if t is not None]
+                merged[room] = (m_n + n, (m_total + total) % _MOD, max(tops) if tops else None)
+        rooms[table] = {
+            room: Fingerprint(n, f"{total:016x}", top, row_hash)
+            for room, (n, total, top) in merged.items()
+        }
+    partitions = {
+        name: PartitionPrint(
+            unit.table,
+            figures.rows,
+            f"{figures.total:016x}",
+            figures.max_id,
+            hashed_in,
+            None if hashed_in is None else result.baseline,
+        )
+        for name, (unit, figures, hashed_in, _) in sorted(result.units.items())
+    }
+    return PgFingerprints(tables, rooms, database, partitions)

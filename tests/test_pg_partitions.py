@@ -1,0 +1,314 @@
+"""The backup's fingerprint scan per partition (issue 16.4, ADR 0029), against real servers.
+
+Parallel units on one exported snapshot must give the serial scan's figures exactly; a
+partition is reused only when it is proved unchanged, and every way a row can change since the
+baseline (an update, a delete, a transaction still open when the baseline was taken, an
+update whose new row version was frozen since) is caught by the next scan.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from support.backup_kit import BackupKit, make_backup_kit
+
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
+from drtool.sources.pg_scan import Baseline, PartitionScan, ScanResult
+from drtool.stores.postgres.restore import fingerprints_of
+
+MONTHS = """
+CREATE TABLE rooms (id bigint PRIMARY KEY, name text NOT NULL, meta jsonb);
+CREATE TABLE messages (id bigint NOT NULL, room_id bigint, body text, gone int,
+                       sent_at timestamptz NOT NULL) PARTITION BY RANGE (sent_at);
+ALTER TABLE messages DROP COLUMN gone;
+CREATE TABLE messages_m1 PARTITION OF messages
+    FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+CREATE TABLE messages_m2 PARTITION OF messages
+    FOR VALUES FROM ('2026-02-01') TO ('2026-03-01') PARTITION BY HASH (room_id);
+CREATE TABLE messages_m2a PARTITION OF messages_m2 FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+CREATE TABLE messages_m2b PARTITION OF messages_m2 FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+-- created on its own, columns in another order, then attached
+CREATE TABLE messages_m3 (sent_at timestamptz NOT NULL, body text, room_id bigint,
+                          id bigint NOT NULL);
+ALTER TABLE messages ATTACH PARTITION messages_m3
+    FOR VALUES FROM ('2026-03-01') TO ('2026-04-01');
+CREATE TABLE messages_rest PARTITION OF messages DEFAULT;
+-- a partitioned table whose rows have no hash function (json): hashed as text
+CREATE TABLE events (at date NOT NULL, doc json) PARTITION BY RANGE (at);
+CREATE TABLE events_a PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+CREATE TABLE events_b PARTITION OF events FOR VALUES FROM ('2026-02-01') TO ('2026-03-01');
+INSERT INTO rooms SELECT i, 'room ' || i, jsonb_build_object('k', i) FROM generate_series(1, 9) i;
+INSERT INTO messages (id, room_id, body, sent_at)
+    SELECT i, CASE WHEN i % 50 = 0 THEN NULL ELSE 1 + i % 9 END, 'msg ' || i,
+           '2026-01-01'::timestamptz + i * interval '1 h'
+    FROM generate_series(1, 2400) i;  -- January to the end of April: four months and the rest
+INSERT INTO events SELECT '2026-01-01'::date + i % 50, json_build_object('i', i)
+    FROM generate_series(1, 300) i;
+"""
+
+
+def _connect(ep: PostgresEndpoint, **kw: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(**ep.connect_kwargs(), **kw)
+
+
+@pytest.fixture
+def months(pg_database: PostgresEndpoint) -> PostgresEndpoint:
+    with _connect(pg_database) as conn:
+        conn.execute(MONTHS)
+    return pg_database
+
+
+def serial(ep: PostgresEndpoint) -> PgFingerprints:
+    with _connect(ep) as conn:
+        return compute_fingerprints(conn)
+
+
+@contextmanager
+def exported(ep: PostgresEndpoint) -> Iterator[str]:
+    """An exported snapshot, valid while the block runs."""
+    with _connect(ep) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert row is not None
+        yield str(row[0])
+
+
+def scan(
+    ep: PostgresEndpoint, baseline: Baseline | None = None, workers: int = 2, **kw: Any
+) -> ScanResult:
+    with exported(ep) as snapshot:
+        return PartitionScan(
+            lambda: _connect(ep), snapshot, workers=workers, baseline=baseline, **kw
+        ).run()
+
+
+def run(ep: PostgresEndpoint, statement: str) -> None:
+    with _connect(ep, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def hashed(result: ScanResult) -> set[str]:
+    """The partitions this scan hashed (not reused)."""
+    return {n for n, p in result.fingerprints.partitions.items() if p.hashed_in is None}
+
+
+def test_parallel_scan_equals_the_serial_scan(months: PostgresEndpoint) -> None:
+    expected = serial(months)
+    for workers in (1, 2, 3):
+        got = scan(months, workers=workers)
+        assert got.fingerprints.tables == expected.tables
+        assert got.fingerprints.rooms == expected.rooms
+        assert got.fingerprints.database == expected.database
+    assert expected.tables["public.events"].row_hash == "text"  # json: the text fallback
+    assert set(got.fingerprints.partitions) == {
+        "public.messages_m1",
+        "public.messages_m2a",
+        "public.messages_m2b",
+        "public.messages_m3",
+        "public.messages_rest",
+        "public.events_a",
+        "public.events_b",
+    }
+    parts = got.fingerprints.partitions
+    assert sum(p.rows for p in parts.values() if p.table == "public.messages") == 2400
+    assert got.scanned == 8 and got.reused == 0  # rooms and the seven partitions
+    assert got.details()["fingerprint_scan"]["partitions_reused"] == 0
+
+
+def test_fingerprints_of_format_3_still_compare_and_format_4_round_trips(
+    months: PostgresEndpoint,
+) -> None:
+    got = scan(months).fingerprints
+    doc = json.loads(json.dumps(got.to_dict()))
+    assert doc["format"] == 4 and "partitions" in doc
+    assert PgFingerprints.from_dict(doc).partitions == got.partitions
+    old = {k: v for k, v in doc.items() if k != "partitions"} | {"format": 3}
+    assert PgFingerprints.from_dict(old) == serial(months)  # a snapshot written before
+
+
+def test_unchanged_partitions_are_reused_and_one_changed_row_is_caught(
+    months: PostgresEndpoint,
+) -> None:
+    first = scan(months)
+    base = first.next_baseline("repo", "snap-1", time.time())
+    assert base is not None
+    second = scan(months, base)
+    assert second.reused == 7 and hashed(second) == set()
+    assert second.fingerprints == first.fingerprints
+    reused = second.fingerprints.partitions["public.messages_m1"]
+    assert (reused.hashed_in, reused.proved_since) == ("snap-1", "snap-1")
+
+    base2 = second.next_baseline("repo", "snap-2", time.time())
+    assert base2 is not None
+    run(months, "UPDATE messages SET body = 'edited' WHERE id = 10")  # January
+    third = scan(months, base2)
+    assert hashed(third) == {"public.messages_m1"}
+    assert third.fingerprints == serial(months)
+    assert third.fingerprints.tables != first.fingerprints.tables
+    assert third.fingerprints.partitions["public.messages_m2a"].hashed_in == "snap-1"
+    assert third.fingerprints.partitions["public.messages_m2a"].proved_since == "snap-2"
+
+    base3 = third.next_baseline("repo", "snap-3", time.time())
+    assert base3 is not None
+    run(months, "DELETE FROM messages WHERE id = 1000")  # February
+    fourth = scan(months, base3)
+    assert len(hashed(fourth)) == 1 and hashed(fourth) <= {
+        "public.messages_m2a",
+        "public.messages_m2b",
+    }
+    assert fourth.fingerprints == serial(months)
+    assert fourth.not_reused[hashed(fourth).pop()] == "rows were deleted since"
+
+
+def test_a_change_open_while_the_baseline_was_taken_is_caught(months: PostgresEndpoint) -> None:
+    """Its rows were written before the baseline's snapshot, committed after it."""
+    with _connect(months) as writer:
+        writer.execute("UPDATE messages SET body = 'late' WHERE id = 20")
+        writer.execute("DELETE FROM messages WHERE id = 1500")  # March: the attached one
+        base = scan(months).next_baseline("repo", "snap-1", time.time())
+        writer.commit()
+    assert base is not None
+    after = scan(months, base)
+    assert {"public.messages_m1", "public.messages_m3"} <= hashed(after)
+    assert after.fingerprints == serial(months)
+
+
+def test_a_frozen_new_row_version_is_still_caught(months: PostgresEndpoint) -> None:
+    """Freezing keeps the raw xmin the proof reads (PostgreSQL >= 9.4)."""
+    base = scan(months).next_baseline("repo", "snap-1", time.time())
+    assert base is not None
+    run(months, "DELETE FROM messages WHERE id = 5")
+    run(months, "INSERT INTO messages (id, room_id, body, sent_at) "
+                "VALUES (5, 1, 'replaced', '2026-01-01 05:00+00')")  # fmt: skip
+    run(months, "VACUUM (FREEZE) messages_m1")
+    after = scan(months, base)
+    assert hashed(after) == {"public.messages_m1"}
+    assert after.not_reused["public.messages_m1"] == "rows were written since"
+    assert after.fingerprints == serial(months)
+
+
+def test_no_reuse_past_its_age_or_across_a_rewrite_or_while_an_older_transaction_runs(
+    months: PostgresEndpoint,
+) -> None:
+    base = scan(months).next_baseline("repo", "snap-1", time.time())
+    assert base is not None
+    aged = scan(months, base, max_reuse_age_s=0.0)
+    assert aged.reused == 0 and set(aged.not_reused.values()) == {"last hashed too long ago"}
+
+    with _connect(months) as old:
+        old.execute("SELECT txid_current()")  # an xid, then a later one completes: the
+        run(months, "SELECT txid_current()")  # baseline sees the later, not the open one
+        base = scan(months).next_baseline("repo", "snap-1", time.time())
+        assert base is not None
+        held = scan(months, base)  # may not see all the baseline saw: no proof
+        assert held.reused == 0
+        assert set(held.not_reused.values()) == {"a transaction older than the baseline runs"}
+    assert scan(months, base).reused == 7  # once it ended, nothing prevents the proof
+
+    run(months, "VACUUM FULL messages_m1")  # the same rows in a new file: hashed again
+    rewritten = scan(months, base)
+    assert rewritten.not_reused == {
+        "public.messages_m1": "the relation was rewritten or its columns changed"
+    }
+    run(months, "ALTER TABLE messages ADD COLUMN flag int DEFAULT 7")  # no rewrite, new values
+    added = scan(months, base)
+    assert added.reused == 2  # only the events partitions
+    assert added.fingerprints == serial(months)
+
+
+# -- through the backup command ------------------------------------------------------------
+
+
+@pytest.fixture
+def kit(
+    tmp_path: Path,
+    pg_database: PostgresEndpoint,
+    redis_db: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+) -> BackupKit:
+    return make_backup_kit(tmp_path, pg_database, redis_db, s3_server, s3_bucket)
+
+
+def _scan_details(kit: BackupKit, snapshot_id: str) -> dict[str, Any]:
+    entry = next(c for c in kit.manifest(snapshot_id).components if c.name == "postgres")
+    return dict(entry.details["fingerprint_scan"])
+
+
+def _recorded(kit: BackupKit, snapshot_id: str) -> PgFingerprints:
+    return PgFingerprints.from_dict(kit.fingerprints(snapshot_id)["postgres"]["fingerprints"])
+
+
+@pytest.mark.slow
+def test_backups_skip_unchanged_months_and_catch_one_changed_row(kit: BackupKit) -> None:
+    ep = kit.endpoints.postgres
+    first = kit.backup_ok("postgres")
+    months = sum(1 for p in _recorded(kit, first).partitions.values())
+    assert months == 7  # six seeded months and the default partition
+    assert _scan_details(kit, first)["partitions_reused"] == 0
+
+    done = kit.backup("postgres")
+    assert done.returncode == 0, done.stderr
+    second = json.loads(done.stdout)["snapshot_id"]
+    detail = json.loads(done.stdout)["components"][0]["detail"]
+    assert f"{months} partitions proved unchanged since snapshot {first} and reused" in detail
+    assert _scan_details(kit, second)["partitions_reused"] == months
+    assert _scan_details(kit, second)["proved_unchanged_since"] == first
+    assert _recorded(kit, second) == serial(ep)
+    assert all(p.hashed_in == first for p in _recorded(kit, second).partitions.values())
+
+    run(ep, "UPDATE messages SET content = 'edited' WHERE id = (SELECT min(id) FROM messages)")
+    third = kit.backup_ok("postgres")
+    assert _scan_details(kit, third)["partitions_reused"] == months - 1
+    recorded = _recorded(kit, third)
+    assert recorded == serial(ep)
+    assert recorded.tables["public.messages"] != _recorded(kit, second).tables["public.messages"]
+    assert [n for n, p in recorded.partitions.items() if p.hashed_in is None] == [
+        "public.messages_y2025m01"
+    ]
+
+    run(ep, "DELETE FROM messages WHERE id = (SELECT min(id) FROM messages_y2025m03)")
+    fourth = kit.backup_ok("postgres")
+    assert _scan_details(kit, fourth)["partitions_reused"] == months - 1
+    recorded = _recorded(kit, fourth)
+    assert recorded == serial(ep)
+    assert [n for n, p in recorded.partitions.items() if p.hashed_in is None] == [
+        "public.messages_y2025m03"
+    ]
+    assert kit.verify_all().returncode == 0
+
+    # the proof's baseline: the backup host's own, 0600, the last committed snapshot's
+    [state] = kit.tmp.rglob("pg-partitions-*.json")
+    assert state.stat().st_mode & 0o777 == 0o600
+    assert json.loads(state.read_text())["snapshot_id"] == fourth
+    state.write_text("{not json")  # damaged or lost: everything hashed, nothing guessed
+    fifth = kit.backup_ok("postgres")
+    assert _scan_details(kit, fifth)["partitions_reused"] == 0
+    assert _recorded(kit, fifth) == serial(ep)
+
+
+def test_a_restored_copy_is_fingerprinted_in_parallel_the_way_the_snapshot_recorded(
+    months: PostgresEndpoint,
+) -> None:
+    """The restore's proof scan (jobs > 1) hashes each table as the snapshot did (format 1:
+    every row's text) and gives the serial scan's figures."""
+    doc = serial(months).to_dict()
+    for fp in [*doc["tables"].values(), *(f for r in doc["rooms"].values() for f in r.values())]:
+        del fp["row_hash"]  # format 1 had none: every row's text
+    text_only = PgFingerprints.from_dict(
+        {"format": 1, "tables": doc["tables"], "rooms": doc["rooms"]}
+    )
+    with _connect(months) as conn:
+        expected = compute_fingerprints(conn, like=text_only)
+    got = fingerprints_of(months, months.dbname, text_only, workers=2)
+    assert {fp.row_hash for fp in got.tables.values()} == {"text"}
+    assert got.tables == expected.tables and got.rooms == expected.rooms
+    assert fingerprints_of(months, months.dbname, serial(months), workers=2) == serial(months)
