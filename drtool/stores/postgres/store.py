@@ -11,8 +11,7 @@ from pathlib import Path
 
 import psycopg
 
-from drtool.endpoints import PostgresEndpoint, StackEndpoints
-from drtool.errors import SourceError
+from drtool.endpoints import StackEndpoints
 from drtool.repository.manifest import ComponentEntry, ObjectEntry
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import compute_fingerprints
@@ -43,7 +42,8 @@ class PostgresStore:
         endpoint = cfg.stack().postgres
         bin_dir = Path(cfg.postgres.bin_dir) if cfg.postgres.bin_dir else None
         objects: list[ObjectEntry] = []
-        before = _role_checked(endpoint, cfg.postgres.max_standby_lag_s, "before")
+        max_lag = cfg.postgres.max_standby_lag_s
+        before = pg.checked_role(endpoint, max_lag, "before", "dump")
         with pg.dump(endpoint, pg_bin_dir=bin_dir, timeout=cfg.backup.timeout_s) as dump:
             written = writer.put_snapshot_object(
                 NAME, "dump.pgdump", counting(dump.stream, NAME, ctx.progress), kind="pg_dump"
@@ -51,14 +51,8 @@ class PostgresStore:
             fingerprints = dump.fingerprints
             server_version = dump.server_version
             details = dump.exported.details()  # the LSN the dump matches, or why none
-        after = _role_checked(endpoint, cfg.postgres.max_standby_lag_s, "after")
-        details = {
-            **details,
-            "source": f"{endpoint.host}:{endpoint.port}",
-            "source_role": "standby" if before.standby else "primary",
-            **before.details("before"),
-            **after.details("after"),
-        }
+        after = pg.checked_role(endpoint, max_lag, "after", "dump")
+        details = {**details, **pg.role_details(endpoint, before, after)}
         objects.append(written.entry)
         plain = written.plain_bytes
         globals_sql = pg.dump_globals(endpoint, pg_bin_dir=bin_dir, timeout=cfg.backup.timeout_s)
@@ -98,23 +92,6 @@ class PostgresStore:
                 with_files, lambda eps, rooms: checks.latest_messages_readable(eps, sample=rooms)
             ),
         )
-
-
-def _role_checked(endpoint: PostgresEndpoint, max_lag_s: float, when: str) -> pg.ServerRole:
-    """The source's role; a standby lagging more than ``max_lag_s`` fails the backup.
-
-    Checked before and after the dump: a standby is a fine source (the primary carries no
-    backup load) only while it is close to the primary; a stale copy must not be stored as
-    the newest state without anyone noticing.
-    """
-    role = pg.server_role(endpoint)
-    if role.standby and role.lag_s > max_lag_s:
-        raise SourceError(
-            f"postgres {endpoint.host}:{endpoint.port} is a standby whose replay lags "
-            f"{role.lag_s:.0f} s {when} the dump (postgres.max_standby_lag_s = {max_lag_s:.0f}); "
-            "nothing stored"
-        )
-    return role
 
 
 @dataclass

@@ -1,0 +1,196 @@
+"""Point-in-time recovery with a streaming standby as the source (issue 16.3 with issue 12).
+
+A PostgreSQL 15 primary of the module's own and a standby of it (``pg_basebackup -R``). The
+base backup is taken from the standby while the primary writes; the manifest names the
+standby, the primary's position it had replayed and the timeline; a restore to a moment
+between two transactions A and B committed on the primary afterwards holds A and not B.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from support.cli import run_drtool
+from support.wal_kit import (
+    SEG,
+    WalKit,
+    admin,
+    make_kit,
+    start_standby,
+    start_wal_server,
+    stop_streamer,
+    wait_for,
+    write_rows,
+)
+from test_pitr import one, restored_notes
+
+from drtool.config import load_config
+from drtool.repository import catalog
+from drtool.repository.access import open_repo
+from drtool.runtime.pgserver import PostgresServer
+from drtool.services.backup import run_backup
+from drtool.wal.names import parse_lsn, parse_segment, segment_of_lsn
+
+pytestmark = pytest.mark.slow  # a primary, a standby, streamers and restores
+
+
+@pytest.fixture(scope="module")
+def primary(runtime_root: Path) -> Iterator[PostgresServer]:
+    server = start_wal_server(runtime_root, 15)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def standby(runtime_root: Path, primary: PostgresServer) -> Iterator[PostgresServer]:
+    server = start_standby(runtime_root, primary)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def scratch(runtime_root: Path, tmp_path: Path) -> Path:
+    """A directory the postgres user can enter, for restored data directories."""
+    path = runtime_root / f"restored-{tmp_path.name}"
+    path.mkdir(mode=0o711)
+    return path
+
+
+def caught_up(primary: PostgresServer, standby: PostgresServer) -> bool:
+    """The standby has replayed everything the primary has written so far."""
+    with admin(primary.endpoint) as p, admin(standby.endpoint) as s:
+        sent = parse_lsn(one(p, "SELECT pg_current_wal_lsn()"))
+        replayed = parse_lsn(one(s, "SELECT pg_last_wal_replay_lsn()"))
+    return replayed >= sent
+
+
+def pointed_at(kit: WalKit, server: PostgresServer, name: str) -> Path:
+    """A copy of the kit's backup-host config whose ``[postgres]`` is ``server``."""
+    text = kit.config.read_text().replace(f"port = {kit.server.port}", f"port = {server.port}")
+    path = kit.root / name
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+class Writer:
+    """Commits rows on the primary in a thread until stopped: traffic during the base."""
+
+    def __init__(self, server: PostgresServer) -> None:
+        self.server = server
+        self.count = 0
+        self.stop = threading.Event()
+        with admin(server.endpoint) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS traffic (id bigserial, body text)")
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with admin(self.server.endpoint) as conn:
+            while not self.stop.is_set():
+                conn.execute(
+                    "INSERT INTO traffic (body) SELECT md5(g::text) FROM generate_series(1, 50) g"
+                )
+                self.count += 1
+
+    def __enter__(self) -> Writer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def base_from(config: Path, kit: WalKit) -> str:
+    """A ``postgres-base`` snapshot taken through ``config``."""
+    cfg = load_config(config, {})
+    return run_backup(cfg, home=kit.root, env={}, components=("postgres-base",)).snapshot_id
+
+
+def base_details(kit: WalKit, snapshot_id: str) -> dict[str, object]:
+    repo = open_repo(load_config(kit.operator, {}))
+    record = catalog.find(repo.storage, repo.verify_keys, repo.info.repo_id, snapshot_id)
+    assert record.manifest is not None
+    comp = record.manifest.component("postgres-base")
+    assert comp is not None
+    return dict(comp.details)
+
+
+def commit_a_and_b(primary: PostgresServer) -> tuple[datetime, int]:
+    """A, the target moment, B (all on the primary); the target and the LSN after B."""
+    with admin(primary.endpoint) as conn:
+        conn.execute("CREATE TABLE marks (note text)")
+        conn.execute("INSERT INTO marks VALUES ('A')")
+        at = datetime.fromisoformat(one(conn, "SELECT clock_timestamp()"))
+        time.sleep(0.05)  # B's commit time is strictly after the target
+        conn.execute("INSERT INTO marks VALUES ('B')")
+        end = parse_lsn(one(conn, "SELECT pg_current_wal_insert_lsn()"))
+    return at, end
+
+
+def wait_sealed_past(kit: WalKit, lsn: int) -> None:
+    needed = segment_of_lsn(lsn, 1, SEG).segno
+    wait_for(
+        "the segment holding B sealed",
+        lambda: any(parse_segment(n, SEG).segno > needed for n in kit.segments()),
+    )
+
+
+def restore_at(kit: WalKit, at: datetime, into: Path) -> list[str]:
+    result = run_drtool(
+        "restore",
+        "--component",
+        "postgres",
+        "--yes",
+        "--at",
+        at.isoformat(),
+        "--into",
+        str(into),
+        "--json",
+        config=kit.operator,
+    )
+    notes = restored_notes(result, kit.server.password)
+    assert json.loads(result.stdout)["reached_time"] is not None
+    return notes
+
+
+def test_a_base_taken_from_the_standby_while_the_primary_writes_restores_to_a_moment_exactly(
+    tmp_path: Path, primary: PostgresServer, standby: PostgresServer, scratch: Path
+) -> None:
+    kits = make_kit(tmp_path, primary)  # the WAL streams from the primary here (see below)
+    kit = next(kits)
+    write_rows(primary.endpoint)
+    proc = kit.start()
+    try:
+        wait_for("the streamer to seal", lambda: len(kit.segments()) >= 1)
+        # a base from a standby starts at its last restartpoint, i.e. the primary's last
+        # checkpoint replayed: make that one fall inside the streamed WAL
+        with admin(primary.endpoint) as conn:
+            conn.execute("CHECKPOINT")
+        wait_for("the standby to catch up", lambda: caught_up(primary, standby))
+        with Writer(primary) as writer:
+            wait_for("the writer to commit", lambda: writer.count >= 3)
+            base = base_from(pointed_at(kit, standby, "from-standby.toml"), kit)
+        assert writer.count > 3
+        at, end = commit_a_and_b(primary)
+        write_rows(primary.endpoint)
+        wait_sealed_past(kit, end)
+        assert stop_streamer(proc) == 0, kit.log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    details = base_details(kit, base)
+    assert details["source"] == f"{standby.endpoint.host}:{standby.endpoint.port}"
+    assert details["source_role"] == "standby" and details["backup_from"] == "standby"
+    assert details["timeline"] == 1
+    before, after = str(details["replayed_lsn_before"]), str(details["replayed_lsn_after"])
+    assert 0 < parse_lsn(before) <= parse_lsn(after) <= end
+    assert parse_lsn(str(details["stop_lsn"])) <= parse_lsn(after)
+    assert restore_at(kit, at, scratch / "at") == ["A"]
+    next(kits, None)
