@@ -35,6 +35,7 @@ from drtool.repository import catalog
 from drtool.repository.access import open_repo
 from drtool.runtime.pgserver import PostgresServer
 from drtool.services.backup import run_backup
+from drtool.wal import continuity
 from drtool.wal.names import parse_lsn, parse_segment, segment_of_lsn
 
 pytestmark = pytest.mark.slow  # a primary, a standby, streamers and restores
@@ -194,3 +195,116 @@ def test_a_base_taken_from_the_standby_while_the_primary_writes_restores_to_a_mo
     assert parse_lsn(str(details["stop_lsn"])) <= parse_lsn(after)
     assert restore_at(kit, at, scratch / "at") == ["A"]
     next(kits, None)
+
+
+def with_primary(kit: WalKit, primary: PostgresServer) -> None:
+    """``wal.primary_host``: the standby's primary, used only for pg_switch_wal()."""
+    text = kit.config.read_text().replace(
+        "[wal]\n",
+        f'[wal]\nprimary_host = "{primary.endpoint.host}"\nprimary_port = {primary.port}\n',
+    )
+    kit.config.write_text(text)
+
+
+def receiver_connected(kit: WalKit, server: PostgresServer) -> bool:
+    """pg_receivewal streams from ``server`` (a new slot reserves WAL once it is used)."""
+    with admin(server.endpoint) as conn:
+        row = conn.execute(
+            "SELECT 1 FROM pg_stat_replication WHERE application_name = %s",
+            (f"drtool-wal-{kit.slot}",),
+        ).fetchone()
+    return row is not None
+
+
+def status(kit: WalKit) -> dict[str, object]:
+    result = run_drtool("wal", "status", "--json", config=kit.config)
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout)["source"])
+
+
+def test_a_wal_stream_and_a_base_both_from_the_standby_restore_to_a_moment_exactly(
+    tmp_path: Path, primary: PostgresServer, standby: PostgresServer, scratch: Path
+) -> None:
+    """The primary serves neither the WAL nor the base; it is asked only to close segments
+    (``wal.primary_host``): without that the standby's segments would not close at all here
+    (1000 rows do not fill a segment), and the target would never be sealed."""
+    kits = make_kit(tmp_path, standby)
+    kit = next(kits)
+    with_primary(kit, primary)
+    proc = kit.start()
+    try:
+        wait_for("the receiver to connect", lambda: receiver_connected(kit, standby))
+        with admin(primary.endpoint) as conn:
+            conn.execute("CHECKPOINT")  # the standby's next restartpoint: the base's start
+        wait_for("the standby to catch up", lambda: caught_up(primary, standby))
+        with Writer(primary) as writer:
+            wait_for("the writer to commit", lambda: writer.count >= 3)
+            base = base_from(kit.config, kit)
+        at, end = commit_a_and_b(primary)
+        write_rows(primary.endpoint)
+        wait_sealed_past(kit, end)
+        source = status(kit)
+        assert source["server"] == f"{standby.endpoint.host}:{standby.port}"
+        assert source["role"] == "standby"
+        assert source["segments_closed_by"] == (
+            f"pg_switch_wal() on the primary {primary.endpoint.host}:{primary.port}"
+        )
+        assert stop_streamer(proc) == 0, kit.log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "ALARM" not in kit.log.read_text()
+    with admin(primary.endpoint) as conn:  # no replication connection of drtool's there
+        assert one(conn, "SELECT count(*) FROM pg_stat_replication") == "1"  # the standby's
+    details = base_details(kit, base)
+    assert details["source_role"] == "standby" and details["backup_from"] == "standby"
+    assert restore_at(kit, at, scratch / "at") == ["A"]
+    next(kits, None)
+
+
+def test_a_promoted_standby_keeps_the_stream_and_closes_its_own_segments(
+    tmp_path: Path, runtime_root: Path, primary: PostgresServer
+) -> None:
+    """After a promotion the WAL goes on in timeline 2 without a gap, and the segments are
+    closed on the promoted source itself (the configured primary is no longer switched)."""
+    standby = start_standby(runtime_root, primary)  # its own: it is promoted
+    kits = make_kit(tmp_path, standby)
+    kit = next(kits)
+    with_primary(kit, primary)
+    proc = kit.start()
+    try:
+        wait_for("the receiver to connect", lambda: receiver_connected(kit, standby))
+        write_rows(primary.endpoint)
+        wait_for("a timeline 1 segment", lambda: len(kit.segments()) >= 1)
+        with admin(standby.endpoint) as conn:
+            conn.execute("SELECT pg_promote()")
+            wait_for(
+                "the promotion",
+                lambda: conn.execute("SELECT NOT pg_is_in_recovery()").fetchone() == (True,),
+            )
+
+        def timeline_2() -> int:
+            return sum(n.startswith("00000002") for n in kit.segments())
+
+        def one_more_closed() -> None:
+            before = timeline_2()
+            write_rows(standby.endpoint)
+            wait_for("a timeline 2 segment closed", lambda: timeline_2() > before)
+
+        one_more_closed()  # no pg_switch_wal() by hand: the streamer closes them
+        one_more_closed()
+        source = status(kit)
+        assert source["role"] == "primary"
+        assert source["segments_closed_by"] == "pg_switch_wal() on the source"
+        assert stop_streamer(proc) == 0, kit.log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        next(kits, None)
+        standby.stop()
+    index = kit.index()
+    assert "00000002.history" in index.entries
+    cont = continuity.check(index)
+    assert cont.gaps == [] and cont.problems == [], [g.describe() for g in cont.gaps]
+    result = run_drtool("wal", "verify", config=kit.operator)
+    assert result.returncode == 0, result.stdout + result.stderr

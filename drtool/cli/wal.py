@@ -106,6 +106,12 @@ def status(state: CliState, as_json: bool) -> None:
         click.echo(f"gap: {gap}")
     for problem in result["problems"]:
         click.echo(f"problem: {problem}")
+    source = result["source"]
+    if source["server"]:
+        click.echo(
+            f"streaming from {source['server']} ({source['role'] or 'role unknown'}); "
+            f"segments closed by {source['segments_closed_by']}"
+        )
     spool = result["spool"]
     click.echo(
         f"spool {spool['dir']}: {human_bytes(spool['bytes'])}, "
