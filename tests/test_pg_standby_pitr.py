@@ -308,3 +308,30 @@ def test_a_promoted_standby_keeps_the_stream_and_closes_its_own_segments(
     assert cont.gaps == [] and cont.problems == [], [g.describe() for g in cont.gaps]
     result = run_drtool("wal", "verify", config=kit.operator)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_base_from_a_standby_lagging_past_the_limit_is_refused_and_nothing_is_stored(
+    tmp_path: Path, primary: PostgresServer, standby: PostgresServer
+) -> None:
+    kits = make_kit(tmp_path, standby)
+    kit = next(kits)
+    strict = kit.config.read_text().replace("[postgres]\n", "[postgres]\nmax_standby_lag_s = 1\n")
+    kit.config.write_text(strict)
+    with admin(standby.endpoint) as conn:
+        conn.execute("SELECT pg_wal_replay_pause()")
+    try:
+        with admin(primary.endpoint) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS paused (note text)")
+            conn.execute("INSERT INTO paused VALUES ('after the pause')")
+        time.sleep(2.5)  # the standby's last replayed transaction is now older than 1 s
+        done = run_drtool("backup", "--component", "postgres-base", config=kit.config)
+    finally:
+        with admin(standby.endpoint) as conn:
+            conn.execute("SELECT pg_wal_replay_resume()")
+    assert done.returncode == 3, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "is a standby whose replay lags" in last and "before the base backup" in last
+    assert "Traceback" not in done.stderr
+    repo = open_repo(load_config(kit.operator, {}))
+    assert catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id) == []
+    next(kits, None)
