@@ -126,6 +126,7 @@ def base_details(kit: WalKit, snapshot_id: str) -> dict[str, object]:
 def commit_a_and_b(primary: PostgresServer) -> tuple[datetime, int]:
     """A, the target moment, B (all on the primary); the target and the LSN after B."""
     with admin(primary.endpoint) as conn:
+        conn.execute("DROP TABLE IF EXISTS marks")  # an earlier test's, on the same primary
         conn.execute("CREATE TABLE marks (note text)")
         conn.execute("INSERT INTO marks VALUES ('A')")
         at = datetime.fromisoformat(one(conn, "SELECT clock_timestamp()"))
