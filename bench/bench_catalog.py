@@ -9,7 +9,10 @@ run through a storage wrapper that counts requests (a LIST page per 1,000 keys),
 
 - ``before``  no index: what drtool did before ADR 0020 (every manifest read; ``list --last``
   did not exist, so it is the full list cut to 5; ``latest`` resolves over the full list)
-- ``after``   with the signed index (one full page, written as the next backup would)
+- ``index``   with the signed index only (with ``--verified``: no verification summary, what
+  drtool read before the summary existed)
+- ``after``   with the signed index (one full page, written as the next backup would) and,
+  with ``--verified``, the signed verification summary ``verify`` writes
 
 ``chain link`` is the backup's ``newest_authentic``; ``restore latest`` the resolution only
 (no data read). ``--verified`` gives every snapshot a signed verification record (a nightly
@@ -57,10 +60,17 @@ def main() -> None:
     parser.add_argument(
         "--verified", action="store_true", help="each snapshot has a verification record"
     )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["before", "index", "after"],
+        default=["before", "after"],
+        help="index: the index without the verification summary (as before issue 16.5's fix)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="drtool-bench-catalog-"))
     try:
-        rows = measure(work, args.snapshots, args.s3, args.verified)
+        rows = measure(work, args.snapshots, args.s3, args.verified, tuple(args.modes))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nload average {os.getloadavg()[0]:.1f}")
@@ -71,14 +81,20 @@ def main() -> None:
         print(f"| {store} | {n:,} | {op} | {mode} | {requests:,} | {sent} | {seconds:.2f} |")
 
 
-def measure(work: Path, sizes: list[int], s3_sizes: list[int], verified: bool) -> list[Row]:
+def measure(
+    work: Path,
+    sizes: list[int],
+    s3_sizes: list[int],
+    verified: bool,
+    modes: tuple[str, ...] = ("before", "after"),
+) -> list[Row]:
     """Every size on a directory, then (when asked) on a SeaweedFS bucket."""
     rows: list[Row] = []
     for n in sizes:
         tmp = work / f"file-{n}"
         tmp.mkdir()
         kit = file_kit(tmp)
-        rows += run(kit, n, "file", root=tmp / "repo", verified=verified)
+        rows += run(kit, n, "file", root=tmp / "repo", verified=verified, modes=modes)
     if s3_sizes:
         server = SeaweedServer(work / "s3")
         server.start()
@@ -89,13 +105,21 @@ def measure(work: Path, sizes: list[int], s3_sizes: list[int], verified: bool) -
                 tmp = work / f"s3-{n}"
                 tmp.mkdir()
                 kit = s3_kit(tmp, server.endpoint, bucket)
-                rows += run(kit, n, "s3", root=None, verified=verified)
+                rows += run(kit, n, "s3", root=None, verified=verified, modes=modes)
         finally:
             server.stop()
     return rows
 
 
-def run(kit: RepoKit, n: int, store: str, *, root: Path | None, verified: bool) -> list[Row]:
+def run(
+    kit: RepoKit,
+    n: int,
+    store: str,
+    *,
+    root: Path | None,
+    verified: bool,
+    modes: tuple[str, ...] = ("before", "after"),
+) -> list[Row]:
     """Write ``n`` snapshots into ``kit`` and measure each operation before and after."""
     t = time.perf_counter()
     newest = datetime.now(UTC) - timedelta(minutes=5)
@@ -120,13 +144,15 @@ def run(kit: RepoKit, n: int, store: str, *, root: Path | None, verified: bool) 
         ),
     }
     rows: list[Row] = []
-    for mode, table in (("before", before), ("after", ops)):
-        if mode == "after":
+    tables = {"before": before, "index": ops, "after": ops}
+    for mode in modes:
+        table = tables[mode]
+        if mode != "before" and not catalog_index.page_seqs(kit.storage):
             catalog.rebuild_index(kit.storage, kit.signing_key, keys, rid)
             pages = catalog_index.page_seqs(kit.storage)
             assert len(pages) == 1, pages
-            if when is not None:  # what the verify run that left the records also writes
-                verifications.write_summary(kit.storage, kit.signing_key, keys, rid, when)
+        if mode == "after" and when is not None:  # what the verify that left them writes
+            verifications.write_summary(kit.storage, kit.signing_key, keys, rid, when)
         for op, call in table.items():
             counting = CountingStorage(kit.storage)
             sent.clear()
