@@ -12,10 +12,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from psycopg import sql
 from support.cli import run_drtool
 from support.wal_kit import (
     SEG,
@@ -336,3 +338,40 @@ def test_a_base_from_a_standby_lagging_past_the_limit_is_refused_and_nothing_is_
     repo = open_repo(load_config(kit.operator, {}))
     assert catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id) == []
     next(kits, None)
+
+
+def test_a_primary_host_of_another_cluster_is_never_switched(
+    tmp_path: Path, runtime_root: Path, primary: PostgresServer, standby: PostgresServer
+) -> None:
+    """A misconfigured ``wal.primary_host`` (another cluster) is named once and not used."""
+    other = start_wal_server(runtime_root, 15)
+    kits = make_kit(tmp_path, standby)
+    kit = next(kits)
+    try:
+        with_primary(kit, other)
+        with admin(other.endpoint) as conn:  # the same login, so only the cluster differs
+            conn.execute(
+                sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(standby.password))
+            )
+            start = one(conn, "SELECT pg_current_wal_lsn()")
+        proc = kit.start()
+        try:
+            wait_for("the receiver to connect", lambda: receiver_connected(kit, standby))
+            write_rows(primary.endpoint)  # WAL advanced: a switch would be due every second
+            wait_for("the refusal logged", lambda: "is another cluster" in kit.log.read_text())
+            wait_for(
+                "the status to say so",
+                lambda: str(status(kit)["segments_closed_by"]).startswith("nothing now"),
+            )
+            assert stop_streamer(proc) == 0, kit.log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        other_ep = replace(other.endpoint, password=standby.password)
+        with admin(other_ep) as conn:
+            now = parse_lsn(one(conn, "SELECT pg_current_wal_lsn()"))
+        assert now // SEG == parse_lsn(start) // SEG  # never switched: still the same segment
+        assert kit.log.read_text().count("is another cluster") == 1  # named once
+        next(kits, None)
+    finally:
+        other.stop()
