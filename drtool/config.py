@@ -88,6 +88,11 @@ class WalConfig:
     spool_max_bytes: int = 4 << 30  # past this the receiver pauses (the slot retains the WAL)
     restart_max_s: float = 60.0  # longest wait between pg_receivewal restarts
     window_policy_s: float = 7 * 86400.0  # how far back PITR should reach (the alert's bound)
+    # streaming from a standby (ADR 0030): its primary, connected to only for pg_switch_wal()
+    # (same role and password as [postgres]: a physical standby has the primary's roles);
+    # "" = segments close only when the primary switches by itself (archive_timeout)
+    primary_host: str = ""
+    primary_port: int = 5432
 
 
 @dataclass(frozen=True)

@@ -375,3 +375,62 @@ def test_real_backups_keep_the_index_and_a_crash_before_the_page_hides_nothing(
     index = catalog_index.read_index(repo.storage, keys, rid)
     assert index is not None and {first, crashed_id, third} == set(index.entries)
     assert index.deltas == 1
+
+
+def _s3_calls(storage: Storage) -> list[tuple[str, str]]:
+    """The S3 operations ``storage`` makes from now on, with their keys (a botocore hook)."""
+    from drtool.storage.s3 import S3Storage
+
+    assert isinstance(storage, S3Storage)
+    calls: list[tuple[str, str]] = []
+
+    def seen(model: Any, params: dict[str, Any], **_: Any) -> None:
+        calls.append((model.name, str(params.get("Key", params.get("Prefix", "")))))
+
+    storage._client.meta.events.register("before-parameter-build.s3", seen)
+    return calls
+
+
+@pytest.mark.slow
+def test_list_of_verified_snapshots_on_s3_reads_one_summary_not_a_record_each(
+    tmp_path: Path, s3_server: S3Endpoint, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every snapshot verified (the daily ``verify unverified`` leaves a record on each): ``list``
+    read one record per snapshot, 10,000 GETs (~30 s) at 10,000 on S3. Now ``verify`` leaves
+    a signed summary and ``list`` reads it: only a record newer than the summary is read; a
+    summary that does not verify is not used (the records are read, the verdicts unchanged)."""
+    from support.repo_kit import s3_kit
+
+    kit = s3_kit(tmp_path, s3_server, s3_bucket)
+    keys, rid = [kit.verify_key], kit.info.repo_id
+    history = write_history(kit.storage, kit.info, kit.signing_key, 40, newest=_now())
+    catalog.rebuild_index(kit.storage, kit.signing_key, keys, rid)
+    outcomes = svc.verify(kit.config(), "unverified", read_data=False)
+    assert len(outcomes) == 40 and all(o.recorded for o in outcomes)
+    newest_id = history[-1][0]
+    later = datetime.now(UTC) + timedelta(seconds=5)  # a record the summary does not hold
+    fresh = verifications.Verification(rid, newest_id, verifications.now_text(later), "hashes", 1)
+    fresh_key = verifications.write_record(kit.storage, kit.signing_key, fresh, later)
+
+    calls = _s3_calls(kit.storage)
+    records = catalog.list_snapshots(kit.storage, keys, rid)
+    assert [r.status for r in records] == ["VALID"] * 40, {r.status for r in records}
+    assert all(r.verification is not None for r in records)
+    assert records[-1].verification == fresh
+    record_gets = [k for op, k in calls if op == "GetObject" and "verifications/" in k]
+    summaries = [k for k in record_gets if k.startswith(f"drtool/{verifications.SUMMARY_PREFIX}")]
+    assert len(summaries) == 1 and record_gets == [*summaries, f"drtool/{fresh_key}"], record_gets
+    seen = {r.snapshot_id: r.verification for r in records}
+
+    # a newer summary signed by a key nobody trusts: not used, every record read instead
+    from drtool import keys as key_mod
+
+    key_mod.write_signing_key(tmp_path / "forged.key")
+    other = key_mod.load_signing_key(tmp_path / "forged.key")
+    verifications.write_summary(kit.storage, other, keys, rid, later + timedelta(seconds=5))
+    calls.clear()
+    with caplog.at_level(logging.WARNING):
+        again = catalog.list_snapshots(kit.storage, keys, rid)
+    assert {r.snapshot_id: r.verification for r in again} == seen
+    assert "verification summary" in caplog.text and "not used" in caplog.text
+    assert len([k for op, k in calls if op == "GetObject" and "verifications/" in k]) == 41

@@ -552,6 +552,7 @@ def test_the_tar_watcher_reads_label_and_manifest_as_the_stream_passes(fmt: str)
         "checkpoint_lsn": "0/5000060",
         "timeline": 1,
         "stop_lsn": "0/5000100",
+        "backup_from": "primary",  # a label without BACKUP FROM (older servers): a primary's
     }
     truncated = TarWatcher()
     b"".join(truncated.wrap([raw[: len(raw) // 2]]))

@@ -57,6 +57,8 @@ def stream(state: CliState, mode: str | None, metrics_port: int, metrics_address
     the current segment (pg_switch_wal) when WAL advanced and wal.flush_interval
     passed. SIGTERM or Ctrl-C: seal what is closed, stop pg_receivewal, exit 0.
     The role needs REPLICATION and EXECUTE on pg_switch_wal() (docs/OPERATIONS.md).
+    From a standby, wal.primary_host names its primary, used only to close
+    segments (ADR 0030).
     Metrics (lag, PITR window, spool, a lost slot) are served while it streams
     (not with --once or --until-idle).
     """
@@ -106,6 +108,12 @@ def status(state: CliState, as_json: bool) -> None:
         click.echo(f"gap: {gap}")
     for problem in result["problems"]:
         click.echo(f"problem: {problem}")
+    source = result["source"]
+    if source["server"]:
+        click.echo(
+            f"streaming from {source['server']} ({source['role'] or 'role unknown'}); "
+            f"segments closed by {source['segments_closed_by']}"
+        )
     spool = result["spool"]
     click.echo(
         f"spool {spool['dir']}: {human_bytes(spool['bytes'])}, "

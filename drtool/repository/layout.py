@@ -7,6 +7,7 @@ snapshots/<id>/<component>/<name>.age    age(zstd(data)) objects of one snapshot
 blobs/<xx>/<blob-id>.zst.age             MinIO objects, shared across snapshots
 drills/<id>/report.json                  drill history
 verifications/<id>/<time-id>.json        signed verification records (verifications.py)
+verifications/summary/<time-id>.json     signed summary of every snapshot's newest record
 forgotten/<id>.<manifest-sha256>         tombstones of pruned snapshots (chain.py)
 catalog/<9999999999 - seq>.json          signed catalog index pages (catalog_index.py)
 locks/<lock-id>.json                     writer locks

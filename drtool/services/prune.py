@@ -137,6 +137,7 @@ def plan_prune(
             for o in repo.storage.list(verifications.PREFIX)
             if o.key.startswith(forgotten_records)
         ]
+    plan.garbage += verifications.old_summaries(repo.storage)  # the newest one says it all
     plan.stale_uploads = len(repo.storage.stale_uploads(cutoff))
     plan.wal = plan_wal(repo, records, set(keep))
     return plan

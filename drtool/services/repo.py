@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drtool import keys
 from drtool.config import Config
-from drtool.errors import ConfigError, IntegrityError, NotFound, UsageError
+from drtool.errors import ConfigError, IntegrityError, NotFound, StorageError, UsageError
 from drtool.pipeline.header import InnerHeader
 from drtool.pipeline.seal import unseal
 from drtool.repository import catalog, chain, layout, object_lock, subset, verifications
@@ -194,8 +194,19 @@ def verify(
             outcome.recorded = verifications.write_record(repo.storage, signer, checked, when)
     if signer is None:
         log.info("verification not recorded: no keys.signing_key_file configured to sign it")
+    elif any(o.recorded for o in outcomes):
+        _write_summary(repo, signer, when)
     _add_chain_problems(repo, records, outcomes)
     return outcomes
+
+
+def _write_summary(repo: Repo, signer: Ed25519PrivateKey, when: datetime) -> None:
+    """The signed summary of every snapshot's newest record (``list`` reads it instead of one
+    record per snapshot); a failure costs only speed, so it is a warning."""
+    try:
+        verifications.write_summary(repo.storage, signer, repo.verify_keys, repo.info.repo_id, when)
+    except (StorageError, NotFound) as exc:
+        log.warning("verification summary not written (%s); list reads the records", exc)
 
 
 @dataclass
@@ -289,6 +300,8 @@ def verify_subset(
                 subset=True,
             )
             outcome.recorded.append(verifications.write_record(repo.storage, signer, checked, when))
+        if outcome.recorded:
+            _write_summary(repo, signer, when)
     return outcome
 
 

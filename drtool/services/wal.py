@@ -11,13 +11,14 @@ import hashlib
 import logging
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from drtool import keys
 from drtool.config import Config
+from drtool.endpoints import PostgresEndpoint
 from drtool.errors import ConfigError, IntegrityError, NotFound
 from drtool.pipeline.seal import unseal
 from drtool.repository.access import Repo, identities_of, open_repo
@@ -107,12 +108,22 @@ def build_streamer(
         flush_interval=cfg.wal.flush_interval,
         spool_max_bytes=cfg.wal.spool_max_bytes,
         restart_max_s=cfg.wal.restart_max_s,
+        primary=_primary_of(cfg),
     )
     if metrics is not None:
         streamer.observer = WalMonitor(
             metrics, repo, cfg.wal.slot, cfg.wal.spool_max_bytes, cfg.wal.window_policy_s
         )
     return streamer, spool
+
+
+def _primary_of(cfg: Config) -> PostgresEndpoint | None:
+    """``wal.primary_host``: the standby source's primary, with ``[postgres]``'s role (a
+    physical standby has its primary's roles and passwords), used only for pg_switch_wal()."""
+    if not cfg.wal.primary_host:
+        return None
+    source = cfg.stack().postgres
+    return replace(source, host=cfg.wal.primary_host, port=cfg.wal.primary_port)
 
 
 def run_stream(
@@ -153,7 +164,13 @@ def wal_status(cfg: Config, home: Path) -> dict[str, Any]:
     if cont.last is not None:
         sealed = datetime.fromisoformat(cont.last.sealed)
         lag = max(0.0, (datetime.now(UTC) - sealed).total_seconds())
+    state = spool.read_state() or {}
     return {
+        "source": {  # as the streamer last reported it (its heartbeat in the spool)
+            "server": state.get("source"),
+            "role": state.get("source_role"),
+            "segments_closed_by": state.get("segments_closed_by"),
+        },
         "window": {"from": _entry_view(cont.first), "to": _entry_view(cont.last)},
         "oldest": _entry_view(cont.oldest),
         "segments": cont.segments,
@@ -166,7 +183,7 @@ def wal_status(cfg: Config, home: Path) -> dict[str, Any]:
             "bytes": spool.size(),
             "closed_waiting": len(spool.closed()),
             "receiving": spool.partial(),
-            "streamer": spool.read_state(),
+            "streamer": state or None,
         },
     }
 

@@ -110,6 +110,7 @@ class BaseBackupInfo:
     checkpoint_lsn: str
     system_identifier: str
     server_version: str
+    backup_from: str = "primary"  # the label's BACKUP FROM: "standby" when taken on a replica
 
     def to_dict(self) -> dict[str, Any]:
         """For the manifest's component details."""
@@ -120,6 +121,7 @@ class BaseBackupInfo:
             "start_segment": self.start_segment,
             "checkpoint_lsn": self.checkpoint_lsn,
             "system_identifier": self.system_identifier,
+            "backup_from": self.backup_from,
         }
 
 
@@ -129,6 +131,7 @@ def parse_label_and_manifest(label: bytes, manifest_tail: bytes) -> dict[str, An
     start = re.search(r"^START WAL LOCATION: (\S+) \(file ([0-9A-F]{24})\)", text, re.M)
     checkpoint = re.search(r"^CHECKPOINT LOCATION: (\S+)", text, re.M)
     timeline = re.search(r"^START TIMELINE: (\d+)", text, re.M)
+    taken_from = re.search(r"^BACKUP FROM: (\w+)", text, re.M)
     ranges = re.search(rb'"WAL-Ranges": (\[.*?\])', manifest_tail, re.S)
     if not (start and checkpoint and timeline):
         raise SourceError("pg_basebackup: backup_label lacks the start location or timeline")
@@ -147,6 +150,7 @@ def parse_label_and_manifest(label: bytes, manifest_tail: bytes) -> dict[str, An
         "checkpoint_lsn": checkpoint.group(1),
         "timeline": int(timeline.group(1)),
         "stop_lsn": stop,
+        "backup_from": taken_from.group(1) if taken_from else "primary",
     }
 
 

@@ -174,6 +174,35 @@ def server_role(endpoint: PostgresEndpoint) -> ServerRole:
     return ServerRole(True, replayed, round(lag, 1))
 
 
+def checked_role(endpoint: PostgresEndpoint, max_lag_s: float, when: str, what: str) -> ServerRole:
+    """The source's role; a standby lagging more than ``max_lag_s`` fails the backup.
+
+    Checked before and after the dump and the base backup (``what``): a standby is a fine
+    source (the primary carries no backup load) only while it is close to the primary; a
+    stale copy must not be stored as the newest state without anyone noticing.
+    """
+    role = server_role(endpoint)
+    if role.standby and role.lag_s > max_lag_s:
+        raise SourceError(
+            f"postgres {endpoint.host}:{endpoint.port} is a standby whose replay lags "
+            f"{role.lag_s:.0f} s {when} the {what} (postgres.max_standby_lag_s = "
+            f"{max_lag_s:.0f}); nothing stored"
+        )
+    return role
+
+
+def role_details(
+    endpoint: PostgresEndpoint, before: ServerRole, after: ServerRole
+) -> dict[str, Any]:
+    """The manifest details naming the server a component came from (docs/FORMAT.md)."""
+    return {
+        "source": f"{endpoint.host}:{endpoint.port}",
+        "source_role": "standby" if before.standby else "primary",
+        **before.details("before"),
+        **after.details("after"),
+    }
+
+
 def client_version(binary: str | Path) -> int:
     """The major version a PostgreSQL client binary reports with ``--version``."""
     return _major(_tool_version(str(binary)))

@@ -87,52 +87,150 @@ def receivewal_binary(bin_dir: str, major: int) -> Path:
 
 @dataclass
 class Switcher:
-    """Closes the current segment when WAL advanced and the flush interval passed."""
+    """Closes the current segment when WAL advanced and the flush interval passed.
+
+    ``pg_switch_wal()`` runs on the server that inserts the WAL: the source itself while it is
+    a primary; while it is a streaming standby (where the function cannot run) its primary,
+    when ``wal.primary_host`` names it (ADR 0030), through a plain session used for nothing
+    else. The source's role is read at every check, so after a promotion the switch moves to
+    the promoted source by itself. A primary of another cluster (system identifiers differ)
+    is never switched. Without a primary, a standby's segments close when its primary
+    switches on its own (``archive_timeout``, or full segments).
+    """
 
     endpoint: PostgresEndpoint
     interval: float
+    primary: PostgresEndpoint | None = None
     last_switch: float = field(default_factory=time.monotonic)
     last_lsn: str | None = None
     denied: bool = False
+    role: str | None = None  # the source's role when last read: "primary" or "standby"
     _conn: psycopg.Connection[Any] | None = None
+    _primary_conn: psycopg.Connection[Any] | None = None
+    _primary_problem: str | None = None  # why the primary is not used now (logged once)
+    _warned_alone: bool = False
 
     def _conn_or_new(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             self._conn = _connect(self.endpoint)
         return self._conn
 
-    def insert_lsn(self) -> str:
-        """The server's current WAL insert position ("" on a standby: it inserts none)."""
+    def _primary_problem_once(self, problem: str | None) -> None:
+        if problem is not None and problem != self._primary_problem:
+            log.error("%s", problem)
+        elif problem is None and self._primary_problem is not None:
+            log.warning("the primary answers again: segments close on time again")
+        self._primary_problem = problem
+
+    def _primary_or_none(self, system_id: str) -> psycopg.Connection[Any] | None:
+        """The session on the configured primary, checked to be the source's cluster."""
+        assert self.primary is not None
+        where = f"{self.primary.host}:{self.primary.port}"
+        if self._primary_conn is None or self._primary_conn.closed:
+            try:
+                conn = _connect(self.primary)
+                row = conn.execute(
+                    "SELECT pg_is_in_recovery(), "
+                    "(SELECT system_identifier::text FROM pg_control_system())"
+                ).fetchone()
+            except psycopg.Error as exc:
+                self._primary_problem_once(
+                    f"cannot reach the primary {where} (wal.primary_host) to close segments: "
+                    f"{_one_line(exc, self.primary)}; segments close only when full meanwhile"
+                )
+                return None
+            assert row is not None
+            if row[0] or str(row[1]) != system_id:
+                conn.close()
+                what = "is itself in recovery" if row[0] else "is another cluster"
+                self._primary_problem_once(
+                    f"wal.primary_host {where} {what} (system identifier {row[1]}, the "
+                    f"source's {system_id}): it is not switched; segments close only when full"
+                )
+                return None
+            self._primary_conn = conn
+        self._primary_problem_once(None)
+        return self._primary_conn
+
+    def _writer(self) -> psycopg.Connection[Any] | None:
+        """The session on the server whose WAL is streamed and that inserts it, or None."""
         row = (
             self._conn_or_new()
             .execute(
-                "SELECT CASE WHEN pg_is_in_recovery() THEN '' "
-                "ELSE pg_current_wal_insert_lsn()::text END"
+                "SELECT pg_is_in_recovery(), "
+                "(SELECT system_identifier::text FROM pg_control_system())"
             )
             .fetchone()
         )
+        assert row is not None
+        if not row[0]:
+            self.role = "primary"
+            self._close_primary()
+            return self._conn
+        self.role = "standby"
+        if self.primary is None:
+            if not self._warned_alone:
+                log.warning(
+                    "the source %s:%s is a standby, where pg_switch_wal() cannot run, and "
+                    "wal.primary_host is not set: segments close only when its primary "
+                    "switches (set archive_timeout there, or wal.primary_host; ADR 0030)",
+                    self.endpoint.host,
+                    self.endpoint.port,
+                )
+                self._warned_alone = True
+            return None
+        return self._primary_or_none(str(row[1]))
+
+    def closed_by(self) -> str:
+        """How segments close now, for ``wal status``."""
+        if self.role == "primary":
+            return "pg_switch_wal() on the source"
+        if self.role is None:
+            return "unknown yet"
+        if self.primary is None:
+            return "the primary's own switches only (wal.primary_host unset)"
+        where = f"{self.primary.host}:{self.primary.port}"
+        if self._primary_problem is not None:
+            return f"nothing now: the primary {where} is not usable ({self._primary_problem})"
+        return f"pg_switch_wal() on the primary {where}"
+
+    def insert_lsn(self) -> str:
+        """The WAL insert position of the server that inserts the source's WAL ("" when
+        no such server is reachable: a standby without a usable ``wal.primary_host``)."""
+        writer = self._writer()
+        if writer is None:
+            return ""
+        row = writer.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
         assert row is not None
         return str(row[0])
 
     def switch(self) -> str | None:
         """``pg_switch_wal()``: the end of the closed segment, None when refused or unreachable."""
+        where = self.endpoint
         try:
-            row = self._conn_or_new().execute("SELECT pg_switch_wal()::text").fetchone()
+            writer = self._writer()
+            if writer is None:
+                return None
+            if writer is self._primary_conn and self.primary is not None:
+                where = self.primary
+            row = writer.execute("SELECT pg_switch_wal()::text").fetchone()
             assert row is not None
             self.last_lsn = self.insert_lsn()
         except psycopg.errors.InsufficientPrivilege:
             if not self.denied:
                 log.error(
-                    "pg_switch_wal() is not permitted for %s: segments close only when full "
-                    "(RPO unbounded on a quiet server); GRANT EXECUTE ON FUNCTION pg_switch_wal() "
-                    "TO %s",
-                    self.endpoint.user,
-                    self.endpoint.user,
+                    "pg_switch_wal() is not permitted for %s on %s:%s: segments close only "
+                    "when full (RPO unbounded on a quiet server); GRANT EXECUTE ON FUNCTION "
+                    "pg_switch_wal() TO %s",
+                    where.user,
+                    where.host,
+                    where.port,
+                    where.user,
                 )
             self.denied = True
             return None
         except psycopg.Error as exc:
-            log.warning("pg_switch_wal() failed: %s", _one_line(exc, self.endpoint))
+            log.warning("pg_switch_wal() failed: %s", _one_line(exc, where))
             self.close()
             return None
         finally:
@@ -150,7 +248,7 @@ class Switcher:
             self.close()
             self.last_switch = time.monotonic()
             return
-        if current == "":  # a standby: segments close when its primary switches
+        if current == "":  # a standby without a usable primary: it switches on its own
             self.last_switch = time.monotonic()
             return
         if current != self.last_lsn:
@@ -158,11 +256,17 @@ class Switcher:
         else:
             self.last_switch = time.monotonic()
 
+    def _close_primary(self) -> None:
+        if self._primary_conn is not None:
+            self._primary_conn.close()
+            self._primary_conn = None
+
     def close(self) -> None:
-        """Drop the connection (a new one is made on the next use)."""
+        """Drop the connections (new ones are made on the next use)."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._close_primary()
 
 
 @dataclass
@@ -194,6 +298,7 @@ class Streamer:
     flush_interval: float
     spool_max_bytes: int
     restart_max_s: float
+    primary: PostgresEndpoint | None = None  # wal.primary_host: closes a standby's segments
     stop: threading.Event = field(default_factory=threading.Event)
     stats: StreamStats = field(default_factory=StreamStats)
     observer: Callable[[Streamer], None] | None = None  # called every tick (the metrics)
@@ -251,7 +356,12 @@ class Streamer:
         self.stats.receiver_starts += 1
         self._started_at = time.monotonic()
         if self.switcher is None:
-            self.switcher = Switcher(self.endpoint, self.flush_interval)
+            self.switcher = Switcher(self.endpoint, self.flush_interval, self.primary)
+        try:
+            self.switcher.insert_lsn()  # reads the source's role now (status, the warning)
+        except psycopg.Error as exc:
+            log.warning("cannot read the WAL position: %s", _one_line(exc, self.endpoint))
+            self.switcher.close()
 
     def _check_slot(self) -> None:
         """Alarm when the slot this streamer used vanished: WAL between may be lost."""
@@ -337,6 +447,9 @@ class Streamer:
                 "repository_unreachable": self._storage_down,
                 "slot": self.slot,
                 "slot_lost_at": self.slot_lost_at,
+                "source": f"{self.endpoint.host}:{self.endpoint.port}",
+                "source_role": self.switcher.role if self.switcher else None,
+                "segments_closed_by": self.switcher.closed_by() if self.switcher else None,
             }
         )
 
@@ -389,6 +502,11 @@ class Streamer:
             return target
         if target is None:
             end = self.switcher.switch()
+            if end is None and self.switcher.role == "standby" and self.switcher.primary is None:
+                raise SourceError(
+                    "wal stream --until-idle: the source is a standby and wal.primary_host is "
+                    "not set: nothing can close its current segment (ADR 0030)"
+                )
             if end is None:
                 return None
             size = self.sealer.segment_size  # wait for the whole closed segment, to its end

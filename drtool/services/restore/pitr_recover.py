@@ -165,6 +165,9 @@ def write_settings(data_dir: Path, settings: RecoverySettings) -> None:
         text += "\n".join([KEPT, *kept_lines(settings.port)]) + "\n"
     text += "\n".join([BEGIN, *settings.lines(), END]) + "\n"
     auto.write_text(text)
+    # a base taken on a streaming standby carries its standby.signal: with it the copy would
+    # stay a standby waiting for WAL for ever instead of promoting at the target
+    (data_dir / "standby.signal").unlink(missing_ok=True)
     (data_dir / "recovery.signal").touch()
     chown_tree(data_dir)  # only the files written here are not yet postgres's: cheap enough
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import psycopg
 
-from drtool.endpoints import PostgresEndpoint, StackEndpoints
-from drtool.errors import SourceError
+from drtool.endpoints import StackEndpoints
 from drtool.repository.manifest import ComponentEntry, ObjectEntry
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import compute_fingerprints
@@ -47,7 +46,8 @@ class PostgresStore:
         endpoint = cfg.stack().postgres
         bin_dir = Path(cfg.postgres.bin_dir) if cfg.postgres.bin_dir else None
         objects: list[ObjectEntry] = []
-        before = _role_checked(endpoint, cfg.postgres.max_standby_lag_s, "before")
+        max_lag = cfg.postgres.max_standby_lag_s
+        before = pg.checked_role(endpoint, max_lag, "before", "dump")
         reuse_days = cfg.postgres.fingerprint_reuse_days
         state_file = baseline_path(ctx.state, writer.repo.repo_id, endpoint.dbname)
         baseline = load_baseline(state_file, writer.repo.repo_id) if reuse_days > 0 else None
@@ -66,18 +66,11 @@ class PostgresStore:
             fingerprints = scanned.fingerprints
             server_version = dump.server_version
             details = dump.exported.details()  # the LSN the dump matches, or why none
-        after = _role_checked(endpoint, cfg.postgres.max_standby_lag_s, "after")
+        after = pg.checked_role(endpoint, max_lag, "after", "dump")
         for partition, why in sorted(scanned.not_reused.items()):
             log.debug("partition %s hashed: %s", partition, why)
         log.info("postgres %s", scanned.summary())
-        details = {
-            **details,
-            **scanned.details(),
-            "source": f"{endpoint.host}:{endpoint.port}",
-            "source_role": "standby" if before.standby else "primary",
-            **before.details("before"),
-            **after.details("after"),
-        }
+        details = {**details, **scanned.details(), **pg.role_details(endpoint, before, after)}
         objects.append(written.entry)
         plain = written.plain_bytes
         globals_sql = pg.dump_globals(endpoint, pg_bin_dir=bin_dir, timeout=cfg.backup.timeout_s)
@@ -126,23 +119,6 @@ class PostgresStore:
                 with_files, lambda eps, rooms: checks.latest_messages_readable(eps, sample=rooms)
             ),
         )
-
-
-def _role_checked(endpoint: PostgresEndpoint, max_lag_s: float, when: str) -> pg.ServerRole:
-    """The source's role; a standby lagging more than ``max_lag_s`` fails the backup.
-
-    Checked before and after the dump: a standby is a fine source (the primary carries no
-    backup load) only while it is close to the primary; a stale copy must not be stored as
-    the newest state without anyone noticing.
-    """
-    role = pg.server_role(endpoint)
-    if role.standby and role.lag_s > max_lag_s:
-        raise SourceError(
-            f"postgres {endpoint.host}:{endpoint.port} is a standby whose replay lags "
-            f"{role.lag_s:.0f} s {when} the dump (postgres.max_standby_lag_s = {max_lag_s:.0f}); "
-            "nothing stored"
-        )
-    return role
 
 
 @dataclass
