@@ -114,7 +114,7 @@ def test_the_plan_names_each_stores_effective_moment_and_refuses_a_skew_beyond_t
         def plan(at: datetime, limit: float = 3600.0) -> moment.MomentPlan:
             return moment.plan_from(repo, records, empty, at, limit, "given")
 
-        bucket = moment.bucket_store(stack.buckets[0])
+        bucket = canary.minio_name(stack.buckets[0])
         # a moment before the capture's round: the journal covers it, the bucket reaches it;
         # the snapshot's Redis part had not ended then: no RDB to restore
         before = record.time + timedelta(microseconds=1)
@@ -150,6 +150,53 @@ def test_the_plan_names_each_stores_effective_moment_and_refuses_a_skew_beyond_t
         assert isinstance(refusal, NotFound)
         assert "redis by" in refusal.message and "--accept-skew" in refusal.message
         assert tight.refusal(accept_skew=True) is None
+
+
+def test_buckets_map_onto_the_target_in_the_configs_order_never_sorted(
+    tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint
+) -> None:
+    """minio.buckets = [src-…, aaa-…] (not sorted) onto a target's [copy-a, copy-b]: each
+    bucket goes where the snapshot restore puts it, the attachments' bucket is the one the
+    checks read, and the plan table names each bucket's target."""
+    with source_stack(tmp_path / "src", pg_server, s3_server, TINY) as source:
+        client = s3_client(s3_server)
+        other, first, second = (f"{p}-{uuid.uuid4().hex[:8]}" for p in ("aaa", "copy-a", "copy-b"))
+        for bucket in (other, first, second):
+            client.create_bucket(Bucket=bucket)
+        client.put_object(Bucket=other, Key="avatar.png", Body=b"avatar")
+        stack = replace(source, buckets=(source.buckets[0], other))
+        repository = make_repository(tmp_path / "bk", stack)
+        repository.backup(components=("redis", "minio"))
+        config = repository.operator_config(
+            tmp_path / "op" / "drtool.toml", {"copy": replace(stack, buckets=(first, second))}
+        )
+        cfg = load_config(config, {})
+        repo = open_repo(cfg)
+        records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+        at = datetime.now(UTC) + timedelta(minutes=5)
+        plan = moment.plan_from(repo, records, WalIndex(repo.info.repo_id), at, 3600.0, "given")
+        assert [b.store for b in plan.buckets()] == [
+            canary.minio_name(stack.buckets[0]),
+            canary.minio_name(other),
+        ]
+        mapping = stack_at.check_targets(cfg, tmp_path, plan, "copy", force=True)
+        assert mapping == {stack.buckets[0]: first, other: second}
+        assert stack_at.attachments_first(cfg, mapping) == (first, second)
+        shown = run_drtool(
+            "restore",
+            "--at",
+            at.isoformat(),
+            "--into",
+            str(tmp_path / "d"),
+            "--target",
+            "copy",
+            "--dry-run",
+            config=config,
+        )
+        assert shown.returncode == 10  # no WAL: the plan is shown, then refused
+        rows = {line.split()[0]: line for line in shown.stdout.splitlines() if "minio:" in line}
+        assert f"copy bucket {first}" in rows[canary.minio_name(stack.buckets[0])]
+        assert f"copy bucket {second}" in rows[canary.minio_name(other)]
 
 
 @pytest.mark.slow  # three CLI runs and a backup: about 12 s
@@ -298,7 +345,7 @@ def test_a_drill_at_a_moment_restores_the_three_stores_to_it_and_fails_on_skew(
     references = checks["redis points to existing rows"].figures
     assert references["dangling"] == 0 and references["existing"] > 0
     skew = checks["skew within threshold"].figures
-    bucket = moment.bucket_store(stack.buckets[0])
+    bucket = canary.minio_name(stack.buckets[0])
     assert skew["postgres"]["skew_s"] == 0.0 and skew[bucket]["skew_s"] == 0.0
     assert skew["redis"]["skew_s"] > 0
     measured = report.measured_rpo_s
@@ -339,7 +386,7 @@ def test_a_drill_of_a_random_moment_restores_the_whole_stack_where_every_store_h
     assert set(report.measured_rpo_s) == {
         "postgres",
         "redis",
-        moment.bucket_store(scene.stack.buckets[0]),
+        canary.minio_name(scene.stack.buckets[0]),
     }
 
 
@@ -493,7 +540,7 @@ def test_restore_at_a_moment_puts_the_whole_stack_into_a_second_stack_with_count
         assert {p["store"] for p in out["plan"]} == {
             "postgres",
             "redis",
-            moment.bucket_store(stack.buckets[0]),
+            canary.minio_name(stack.buckets[0]),
         }
         checks = {c["name"]: c["figures"] for c in out["checks"]}
         files = checks["attachments have their objects"]

@@ -14,7 +14,14 @@ from drtool.cli.render import human_bytes, print_table, require_terminal, typed_
 from drtool.errors import IntegrityError, UsageError
 from drtool.services.restore import moment, stack_at
 from drtool.services.restore.pitr import PitrOptions, PitrResult, check_options, run_pitr
-from drtool.services.restore.run import PRODUCTION, RestoreOptions, RestoreResult, run_restore
+from drtool.services.restore.run import (
+    PRODUCTION,
+    RestoreOptions,
+    RestoreResult,
+    run_restore,
+    target_endpoints,
+)
+from drtool.stores import canary
 from drtool.stores.registry import COMPONENTS
 
 
@@ -119,8 +126,13 @@ def _restore_to_moment(
     )
 
 
-def _show_moment_plan(plan: moment.MomentPlan, into: str, target: str, dry_run: bool) -> None:
+def _show_moment_plan(
+    plan: moment.MomentPlan, into: str, target: str, dry_run: bool, buckets: dict[str, str]
+) -> None:
     where = {"postgres": f"new data directory {into}"}
+    where.update(
+        {canary.minio_name(b): f"{target or PRODUCTION} bucket {t}" for b, t in buckets.items()}
+    )
     print_table(
         f"restore plan: the stack at {plan.moment.isoformat()} (max skew "
         f"{plan.max_skew_s:.0f} s: {plan.max_skew_from})"
@@ -160,7 +172,8 @@ def _restore_stack_to_moment(
     cfg = state.config(repository=repository)
     plan = moment.plan_moment(cfg, when)
     if not as_json:
-        _show_moment_plan(plan, into, target, dry_run)
+        buckets = stack_at.bucket_targets(plan, target_endpoints(cfg, state.home, target))
+        _show_moment_plan(plan, into, target, dry_run, buckets)
     refusal = plan.refusal(accept_skew=accept_skew)
     if refusal is not None:
         raise refusal

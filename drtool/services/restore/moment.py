@@ -40,21 +40,17 @@ from drtool.repository.access import Repo, open_repo
 from drtool.repository.catalog import SnapshotRecord
 from drtool.services.restore import pitr_plan
 from drtool.services.scheduling.jobs import load_schedules
+from drtool.stores import canary
+from drtool.stores.minio.restore import bucket_names
 from drtool.wal.index import WalIndex, load_index
 
 log = logging.getLogger(__name__)
 
 POSTGRES, REDIS, MINIO = "postgres", "redis", "minio"
-INDEX_SUFFIX = ".index.zst.age"
 #: when no schedule can be read: the included schedule's Redis job (schedules/default.toml)
 FALLBACK_MAX_SKEW_S = 3600.0
 #: a manifest's ``started`` is written to the second: the true start may be up to this later
 STARTED_PRECISION = timedelta(seconds=1)
-
-
-def bucket_store(bucket: str) -> str:
-    """The name a bucket goes by in plans and reports (as its canary does)."""
-    return f"{MINIO}:{bucket}"
 
 
 @dataclass(frozen=True)
@@ -243,23 +239,17 @@ def _redis(records: list[SnapshotRecord], moment: datetime) -> StoreMoment:
 
 
 def _bucket_names(record: SnapshotRecord) -> list[str]:
-    comp = record.manifest.component(MINIO) if record.manifest else None
-    return [
-        o.key.rsplit("/", 1)[-1].removesuffix(INDEX_SUFFIX)
-        for o in (comp.objects if comp else ())
-        if o.kind == "minio_index"
-    ]
+    return bucket_names(record.manifest.component(MINIO) if record.manifest else None)
 
 
 def _buckets(repo: Repo, records: list[SnapshotRecord], moment: datetime) -> list[StoreMoment]:
     """Every bucket the newest MinIO snapshot at or before the moment holds (bucket_at's base),
     with what the capture journal adds (its signed chain records only, no journal read)."""
-    bases: dict[str, SnapshotRecord] = {}
-    for record in records:
+    bases: dict[str, SnapshotRecord] = {}  # in the newest snapshot's (the config's) order
+    for record in sorted(records, key=lambda r: r.time, reverse=True):
         if record.valid and record.time <= moment:
             for bucket in _bucket_names(record):
-                if bucket not in bases or record.time > bases[bucket].time:
-                    bases[bucket] = record
+                bases.setdefault(bucket, record)
     if not bases:
         return [
             StoreMoment(
@@ -275,7 +265,7 @@ def _buckets(repo: Repo, records: list[SnapshotRecord], moment: datetime) -> lis
             f"capture chain: {found.problems[0]} (run `drtool capture verify`); nothing restored"
         )
     plans = []
-    for bucket, base in sorted(bases.items()):
+    for bucket, base in bases.items():  # never sorted: the order maps onto the target
         rounds = [
             r
             for _, r in found.records
@@ -296,5 +286,7 @@ def _buckets(repo: Repo, records: list[SnapshotRecord], moment: datetime) -> lis
         else:
             effective = base.time
         skew = round(max(0.0, (moment - effective).total_seconds()), 1)
-        plans.append(StoreMoment(bucket_store(bucket), effective, source, skew, base.snapshot_id))
+        plans.append(
+            StoreMoment(canary.minio_name(bucket), effective, source, skew, base.snapshot_id)
+        )
     return plans

@@ -32,8 +32,9 @@ import psycopg
 from drtool.capture.at import BucketAt, bucket_at, journal_since, restore_bucket_at
 from drtool.config import Config
 from drtool.endpoints import StackEndpoints
-from drtool.errors import UsageError
+from drtool.errors import ConfigError, UsageError
 from drtool.repository.access import Repo, identities_of, open_repo
+from drtool.services.capture import capture_bucket
 from drtool.services.restore.moment import MomentPlan
 from drtool.services.restore.pitr import PitrOptions, PitrResult, run_pitr
 from drtool.services.restore.run import RestoreOptions, run_restore, target_endpoints
@@ -70,10 +71,13 @@ def check_targets(
     cfg: Config, home: Path, plan: MomentPlan, target: str, *, force: bool
 ) -> dict[str, str]:
     """Refuse, before anything is touched, a non-empty Redis or bucket target without
-    ``force`` (the snapshot restore's rule); return the bucket mapping source -> target."""
+    ``force`` (the snapshot restore's rule); return the bucket mapping source -> target.
+
+    The plan lists the buckets in the snapshot's (the config's) order, so they map onto the
+    target's buckets as the snapshot restore maps them: by position, never sorted.
+    """
     endpoints = target_endpoints(cfg, home, target)
-    sources = [b.store.split(":", 1)[1] for b in plan.buckets()]
-    mapping = bucket_mapping(sources, endpoints.buckets)
+    mapping = bucket_targets(plan, endpoints)
     busy = []
     keys = target_keys(endpoints.redis)
     if keys:
@@ -89,6 +93,12 @@ def check_targets(
             "changed, use --force to replace it"
         )
     return mapping
+
+
+def bucket_targets(plan: MomentPlan, endpoints: StackEndpoints) -> dict[str, str]:
+    """Each planned bucket -> the target bucket it is restored into (the snapshot restore's
+    :func:`bucket_mapping` over the plan's order, which is the snapshot's)."""
+    return bucket_mapping([b.store.split(":", 1)[1] for b in plan.buckets()], endpoints.buckets)
 
 
 def restore_stack_at(
@@ -168,13 +178,24 @@ def restore_stack_at(
             state.from_journal,
             outcome.uploaded,
         )
-    at_moment = replace(endpoints, buckets=tuple(mapping.values()) or endpoints.buckets)
+    at_moment = replace(endpoints, buckets=attachments_first(cfg, mapping) or endpoints.buckets)
     result.checks = (check or invariants)(at_moment)
     newest = canary.newest_canaries(at_moment, at_moment.buckets)
     source_of = {canary.minio_name(t): canary.minio_name(b) for b, t in mapping.items()}
     named = {source_of.get(store, store): found for store, found in newest.items()}
     result.measured_rpo_s = canary.measured_rpo(plan.moment, named)  # as the plan names them
     return result
+
+
+def attachments_first(cfg: Config, mapping: dict[str, str]) -> tuple[str, ...]:
+    """The target buckets, the attachments' first: the checks read the attachment rows'
+    objects from the first bucket, which must be where ``capture.bucket`` was restored."""
+    try:
+        attachments = mapping.get(capture_bucket(cfg), "")
+    except ConfigError:  # buckets = ["*"] and no capture.bucket: the mapping's order
+        attachments = ""
+    rest = [t for t in mapping.values() if t != attachments]
+    return tuple([attachments, *rest] if attachments else rest)
 
 
 def moment_endpoints(cfg: Config, home: Path, target: str, port: int) -> StackEndpoints:
