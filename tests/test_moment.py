@@ -39,7 +39,7 @@ from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
 from drtool.drills.runtime_local import local_scratch
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import NotFound
-from drtool.repository import catalog
+from drtool.repository import catalog, part_times
 from drtool.repository.access import open_repo
 from drtool.runtime.redisserver import RedisServer
 from drtool.s3session import s3_client
@@ -197,6 +197,49 @@ def test_buckets_map_onto_the_target_in_the_configs_order_never_sorted(
         rows = {line.split()[0]: line for line in shown.stdout.splitlines() if "minio:" in line}
         assert f"copy bucket {first}" in rows[canary.minio_name(stack.buckets[0])]
         assert f"copy bucket {second}" in rows[canary.minio_name(other)]
+
+
+def test_redis_is_never_restored_from_an_rdb_taken_after_the_moment(
+    tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint
+) -> None:
+    """A backup whose parts start long after its ``started`` (the lock, the repository and
+    the rollback check come first, none counted in a duration): the manifest records when
+    each part ran, so a moment between ``started`` and the Redis part never gets that RDB;
+    a manifest without those times is bounded by ``finished`` minus the later parts."""
+    with source_stack(tmp_path / "src", pg_server, s3_server, TINY) as stack:
+        repository = make_repository(tmp_path / "bk", stack)
+        began = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+        repository.backup(now=began, components=("redis", "minio"))
+        cfg = load_config(repository.operator_config(tmp_path / "op" / "drtool.toml"), {})
+        repo = open_repo(cfg)
+        (record,) = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+        assert record.manifest is not None
+        redis_part = record.manifest.component("redis")
+        assert redis_part is not None and redis_part.started and redis_part.ended
+        window = moment.component_window(record, "redis")
+        assert window is not None and window[0] > began + timedelta(minutes=9)
+        empty = WalIndex(repo.info.repo_id)
+        between = began + timedelta(minutes=5)  # after `started`, before the RDB was taken
+        plan = moment.plan_from(repo, [record], empty, between, 3600.0, "given")
+        assert plan.store("redis").effective is None
+        # the same manifest as an older drtool wrote it: no part times
+        old = replace(
+            record.manifest,
+            components=tuple(
+                replace(c, started=None, ended=None) for c in record.manifest.components
+            ),
+        )
+        assert "started" not in json.dumps(old.to_dict()["components"])
+        start, end = part_times.part_window(old, "redis") or (between, between)
+        assert start == began and end >= window[1] - timedelta(seconds=1)
+        assert end > between
+        legacy = replace(record, manifest=old)
+        assert (
+            moment.plan_from(repo, [legacy], empty, between, 3600.0, "given")
+            .store("redis")
+            .effective
+            is None
+        )
 
 
 @pytest.mark.slow  # three CLI runs and a backup: about 12 s

@@ -8,9 +8,9 @@ is than the moment asked for:
 
 - PostgreSQL: T itself when the WAL window reaches it; otherwise the PITR planner's own
   refusal (outside the window, behind a gap: exit 10) is the plan's;
-- Redis: the newest valid snapshot whose Redis part was taken entirely at or before T; its
-  effective moment is when that part *started* (the RDB holds every write before it), and
-  the manifest's start plus the durations of the parts before Redis says when that was;
+- Redis: the newest valid snapshot whose Redis part had surely ended at or before T; its
+  effective moment is when that part *started* (the RDB holds every write before it): the
+  manifest records both (older manifests: conservative bounds, repository/part_times.py);
 - each bucket: the newest valid snapshot holding it started at or before T (the base of
   :func:`drtool.capture.at.bucket_at`); T itself when the capture journal covers T (a round
   of that bucket captured at or after T: the capture was following the rows past the moment),
@@ -29,13 +29,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from drtool.capture import chain as capture_chain
 from drtool.config import Config
 from drtool.errors import DrtoolError, IntegrityError, NotFound
-from drtool.repository import catalog
+from drtool.repository import catalog, part_times
 from drtool.repository.access import Repo, open_repo
 from drtool.repository.catalog import SnapshotRecord
 from drtool.services.restore import pitr_plan
@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 POSTGRES, REDIS, MINIO = "postgres", "redis", "minio"
 #: when no schedule can be read: the included schedule's Redis job (schedules/default.toml)
 FALLBACK_MAX_SKEW_S = 3600.0
-#: a manifest's ``started`` is written to the second: the true start may be up to this later
-STARTED_PRECISION = timedelta(seconds=1)
 
 
 @dataclass(frozen=True)
@@ -182,22 +180,9 @@ def plan_from(
 
 
 def component_window(record: SnapshotRecord, name: str) -> tuple[datetime, datetime] | None:
-    """When component ``name`` of the snapshot was taken, at the earliest and the latest.
-
-    Components are backed up one after another in the manifest's order, each with its
-    measured duration: from the start plus the durations before it, to that plus its own
-    (plus the start's rounding to the second).
-    """
-    m = record.manifest
-    if m is None:
-        return None
-    start = datetime.fromisoformat(m.started)
-    for comp in m.components:
-        if comp.name == name:
-            end = start + timedelta(seconds=comp.duration_s) + STARTED_PRECISION
-            return start, end
-        start += timedelta(seconds=comp.duration_s)
-    return None
+    """When part ``name`` of a snapshot was taken, at the earliest and the latest (None: the
+    snapshot lacks it, or its manifest was not read): :func:`part_times.part_window`."""
+    return part_times.part_window(record.manifest, name) if record.manifest else None
 
 
 def earliest_reachable(records: list[SnapshotRecord], stores: tuple[str, ...]) -> datetime | None:
