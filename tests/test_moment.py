@@ -33,19 +33,21 @@ from support.wal_kit import WalKit, make_kit, start_wal_server, stop_streamer, w
 
 from chat_stack.seed import SeedSizes
 from chat_stack.traffic import run_traffic
+from drtool.capture.at import bucket_at, bucket_bases
 from drtool.cli.restore import _show_stack_result
 from drtool.config import load_config
 from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
+from drtool.drills.report import DrillReport
 from drtool.drills.runtime_local import local_scratch
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import NotFound
 from drtool.repository import catalog, part_times
-from drtool.repository.access import open_repo
+from drtool.repository.access import identities_of, open_repo
 from drtool.runtime.redisserver import RedisServer
 from drtool.s3session import s3_client
 from drtool.services.backup import run_backup
 from drtool.services.capture import build_capturer
-from drtool.services.drill import run_drill
+from drtool.services.drill import _measured_rpo_check, run_drill
 from drtool.services.restore import moment, stack_at
 from drtool.services.restore.pitr import PitrResult
 from drtool.services.stack import write_config
@@ -115,15 +117,19 @@ def test_the_plan_names_each_stores_effective_moment_and_refuses_a_skew_beyond_t
             return moment.plan_from(repo, records, empty, at, limit, "given")
 
         bucket = canary.minio_name(stack.buckets[0])
-        # a moment before the capture's round: the journal covers it, the bucket reaches it;
-        # the snapshot's Redis part had not ended then: no RDB to restore
-        before = record.time + timedelta(microseconds=1)
+        # a moment after the listing, before the capture's round: the journal covers it, the
+        # bucket reaches it
+        listed = moment.component_window(record, "minio")
+        assert listed is not None
+        before = listed[1] + timedelta(microseconds=1)
         at_before = plan(before)
         assert at_before.store(bucket).effective == before
         assert at_before.store(bucket).skew_s == 0.0
         assert "covers the moment" in at_before.store(bucket).source
-        assert at_before.store("redis").effective is None
-        assert "no valid snapshot holds a Redis RDB" in at_before.store("redis").error
+        # while the snapshot ran: its Redis part had not ended
+        during = record.time + timedelta(microseconds=1)
+        assert plan(during).store("redis").effective is None
+        assert "no valid snapshot holds a Redis RDB" in plan(during).store("redis").error
 
         # after every round: the bucket reaches the last round's start, no further; Redis
         # the snapshot's Redis part
@@ -199,7 +205,7 @@ def test_buckets_map_onto_the_target_in_the_configs_order_never_sorted(
         assert f"copy bucket {second}" in rows[canary.minio_name(other)]
 
 
-def test_redis_is_never_restored_from_an_rdb_taken_after_the_moment(
+def test_no_part_taken_after_the_moment_is_used_for_it(
     tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint
 ) -> None:
     """A backup whose parts start long after its ``started`` (the lock, the repository and
@@ -240,6 +246,15 @@ def test_redis_is_never_restored_from_an_rdb_taken_after_the_moment(
             .effective
             is None
         )
+        # the bucket: listed after the moment, so not its base either (one rule for the
+        # plan and bucket_at), although the snapshot started before it
+        unreachable = [s.store for s in plan.stores if s.effective is None]
+        assert unreachable == ["postgres", "redis", "minio"]
+        assert "listed a bucket before" in plan.store("minio").error
+        assert bucket_bases([record], between) == {}
+        with pytest.raises(NotFound, match="no valid snapshot listed it"):
+            bucket_at(repo, identities_of(cfg), stack.buckets[0], between)
+        assert set(bucket_bases([record], datetime.now(UTC))) == {stack.buckets[0]}
 
 
 @pytest.mark.slow  # three CLI runs and a backup: about 12 s
@@ -671,3 +686,18 @@ def test_the_whole_stack_result_is_printed_with_each_stores_figures(
     out = capsys.readouterr().out
     assert "1200.0" in out and "no canary" in out and "9 present" in out
     assert "127.0.0.1:5999" in out and result.pitr.reached_time in out
+
+
+def test_the_measured_rpo_check_fails_unproven_and_past_the_moment() -> None:
+    """Canaries off: "not proven", never a pass with nothing measured; a canary newer than
+    the moment: "past the moment", never an RPO of 0."""
+    report = DrillReport("d", "moment", "local", "", "", "")
+    report.measured_rpo_s = {"postgres": None, "redis": None}
+    off = _measured_rpo_check(report, 3600.0)
+    assert not off.passed and off.detail.startswith("not proven")
+    report.measured_rpo_s = {"postgres": 3.0, "redis": -12.0}
+    past = _measured_rpo_check(report, 3600.0)
+    assert not past.passed and "past the moment: redis" in past.detail
+    report.measured_rpo_s = {"postgres": 3.0, "redis": 40.0, "minio:b": None}
+    ok = _measured_rpo_check(report, 3600.0)
+    assert ok.passed and "no canary in minio:b" in ok.detail

@@ -625,21 +625,29 @@ def _rto_check(rto: float, limit: float) -> checks.CheckResult:
 def _measured_rpo_check(report: DrillReport, limit: float) -> checks.CheckResult:
     """Each store's measured RPO (the moment minus its newest canary) within ``max_rpo_s``.
 
-    A store without a canary is named as not measured (canaries off), never counted as 0.
+    A store without a canary is named as not measured, never counted as 0; with no canary
+    at all (canaries off) the check fails as "not proven"; a canary newer than the moment
+    (the store holds data from past it) fails it too, named "past the moment".
     """
     measured = {k: v for k, v in report.measured_rpo_s.items() if v is not None}
     unmeasured = sorted(k for k, v in report.measured_rpo_s.items() if v is None)
-    over = {k: v for k, v in measured.items() if v > limit}
-    parts = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(measured.items())) or "none measured"
-    detail = f"measured RPO {parts} (limit {limit:.0f} s)"
-    if unmeasured:
+    over = [f"{k}: {v:.0f} s" for k, v in measured.items() if v > limit]
+    past = canary.past_the_moment(measured)
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(measured.items()))
+    if not measured:  # canaries off: nothing proves the RPO, which is not a pass
+        detail = "not proven: no store holds a canary (canaries off?)"
+    else:
+        detail = f"measured RPO {parts} (limit {limit:.0f} s)"
+        if past:
+            detail += f"; past the moment: {', '.join(p.split(':')[0] for p in past)}"
+    if unmeasured and measured:
         detail += f"; no canary in {', '.join(unmeasured)}"
     return checks.CheckResult(
         "measured RPO within threshold",
-        not over,
+        bool(measured) and not over and not past,
         detail,
         {"measured_rpo_s": report.measured_rpo_s, "max_rpo_s": limit},
-        [f"{k}: {v:.0f} s" for k, v in over.items()],
+        [*over, *past],
     )
 
 

@@ -11,11 +11,12 @@ is than the moment asked for:
 - Redis: the newest valid snapshot whose Redis part had surely ended at or before T; its
   effective moment is when that part *started* (the RDB holds every write before it): the
   manifest records both (older manifests: conservative bounds, repository/part_times.py);
-- each bucket: the newest valid snapshot holding it started at or before T (the base of
-  :func:`drtool.capture.at.bucket_at`); T itself when the capture journal covers T (a round
-  of that bucket captured at or after T: the capture was following the rows past the moment),
+- each bucket: the newest valid snapshot whose MinIO part (the listing) had ended at or
+  before T (:func:`drtool.capture.at.bucket_bases`, the base of ``bucket_at`` too); T
+  itself when the capture journal covers T (a caught-up round of that bucket captured at or
+  after T: the capture was following the rows past the moment),
   else the start of the newest round captured after that snapshot and at or before T (the
-  rows it read were committed before it), else the snapshot's start.
+  rows it read were committed before it), else the start of the snapshot's MinIO part.
 
 A store whose skew exceeds ``max_skew`` is named and the plan refuses (exit 10) unless told
 to accept it. The default limit is the interval (plus its jitter) of the schedule's most
@@ -33,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 
 from drtool.capture import chain as capture_chain
+from drtool.capture.at import bucket_bases
 from drtool.config import Config
 from drtool.errors import DrtoolError, IntegrityError, NotFound
 from drtool.repository import catalog, part_times
@@ -41,7 +43,6 @@ from drtool.repository.catalog import SnapshotRecord
 from drtool.services.restore import pitr_plan
 from drtool.services.scheduling.jobs import load_schedules
 from drtool.stores import canary
-from drtool.stores.minio.restore import bucket_names
 from drtool.wal.index import WalIndex, load_index
 
 log = logging.getLogger(__name__)
@@ -187,20 +188,22 @@ def component_window(record: SnapshotRecord, name: str) -> tuple[datetime, datet
 
 def earliest_reachable(records: list[SnapshotRecord], stores: tuple[str, ...]) -> datetime | None:
     """The first moment at which each of ``stores`` (redis, minio) has a copy: the end of the
-    oldest valid snapshot's Redis part, the start of the oldest valid MinIO snapshot. None
+    oldest valid snapshot's Redis part, and of its MinIO part (the listing). None
     when none of them is named, or one has no copy at all (the plan then names it)."""
     found: list[datetime] = []
     for store in stores:
-        if store == REDIS:
-            ends = [w[1] for r in records if r.valid and (w := component_window(r, REDIS))]
-        elif store == MINIO:
-            ends = [r.time for r in records if r.valid and _bucket_names(r)]
-        else:
+        if store not in (REDIS, MINIO):
             continue
+        ends = [w[1] for r in records if r.valid and (w := component_window(r, store))]
         if not ends:
             return None
         found.append(min(ends))
     return max(found, default=None)
+
+
+def _minio_started(record: SnapshotRecord) -> datetime:
+    window = component_window(record, MINIO)
+    return window[0] if window else record.time
 
 
 def _redis(records: list[SnapshotRecord], moment: datetime) -> StoreMoment:
@@ -223,25 +226,17 @@ def _redis(records: list[SnapshotRecord], moment: datetime) -> StoreMoment:
     return StoreMoment(REDIS, start, f"snapshot {record.snapshot_id}", skew, record.snapshot_id)
 
 
-def _bucket_names(record: SnapshotRecord) -> list[str]:
-    return bucket_names(record.manifest.component(MINIO) if record.manifest else None)
-
-
 def _buckets(repo: Repo, records: list[SnapshotRecord], moment: datetime) -> list[StoreMoment]:
-    """Every bucket the newest MinIO snapshot at or before the moment holds (bucket_at's base),
-    with what the capture journal adds (its signed chain records only, no journal read)."""
-    bases: dict[str, SnapshotRecord] = {}  # in the newest snapshot's (the config's) order
-    for record in sorted(records, key=lambda r: r.time, reverse=True):
-        if record.valid and record.time <= moment:
-            for bucket in _bucket_names(record):
-                bases.setdefault(bucket, record)
+    """Every bucket with a base at the moment (:func:`bucket_bases`, as ``bucket_at``
+    chooses it), with what the capture journal adds (its signed chain records only)."""
+    bases = {b: record for b, (record, _) in bucket_bases(records, moment).items()}
     if not bases:
         return [
             StoreMoment(
                 MINIO,
                 None,
                 "snapshot",
-                error=f"no valid snapshot of a bucket started at or before {moment.isoformat()}",
+                error=f"no valid snapshot listed a bucket before {moment.isoformat()}",
             )
         ]
     found = capture_chain.load_chain(repo.storage, repo.verify_keys, repo.info.repo_id)
@@ -263,13 +258,14 @@ def _buckets(repo: Repo, records: list[SnapshotRecord], moment: datetime) -> lis
             if datetime.fromisoformat(r.first_captured) <= moment
         ]
         source = f"snapshot {base.snapshot_id}"
+        listed = _minio_started(base)
         if covered:
             effective, source = moment, f"{source} + capture journal (covers the moment)"
-        elif before and max(before) > base.time:
+        elif before and max(before) > listed:
             effective = max(before)
             source += " + capture journal (ends before the moment)"
-        else:
-            effective = base.time
+        else:  # the listing started then: every object older than that is in it
+            effective = listed
         skew = round(max(0.0, (moment - effective).total_seconds()), 1)
         plans.append(
             StoreMoment(canary.minio_name(bucket), effective, source, skew, base.snapshot_id)

@@ -184,6 +184,7 @@ def restore_stack_at(
     source_of = {canary.minio_name(t): canary.minio_name(b) for b, t in mapping.items()}
     named = {source_of.get(store, store): found for store, found in newest.items()}
     result.measured_rpo_s = canary.measured_rpo(plan.moment, named)  # as the plan names them
+    result.problems += canary.past_the_moment(result.measured_rpo_s)
     return result
 
 
