@@ -632,7 +632,7 @@ def _measured_rpo_check(report: DrillReport, limit: float) -> checks.CheckResult
     measured = {k: v for k, v in report.measured_rpo_s.items() if v is not None}
     unmeasured = sorted(k for k, v in report.measured_rpo_s.items() if v is None)
     over = [f"{k}: {v:.0f} s" for k, v in measured.items() if v > limit]
-    past = canary.past_the_moment(measured)
+    past = canary.past_the_moment(report.measured_rpo_s)
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(measured.items()))
     if not measured:  # canaries off: nothing proves the RPO, which is not a pass
         detail = "not proven: no store holds a canary (canaries off?)"
