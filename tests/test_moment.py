@@ -257,24 +257,31 @@ def test_no_part_taken_after_the_moment_is_used_for_it(
         assert set(bucket_bases([record], datetime.now(UTC))) == {stack.buckets[0]}
 
 
-@pytest.mark.slow  # three CLI runs and a backup: about 12 s
+@pytest.mark.slow  # six CLI runs and a backup: about 20 s
 def test_restore_at_refuses_in_one_line_before_touching_anything(
     tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint
 ) -> None:
-    """No WAL for PostgreSQL, a time without its zone, --accept-skew elsewhere: one line,
-    non-zero, no data directory, the Redis and bucket targets untouched."""
+    """No WAL for PostgreSQL, a time without its zone, --accept-skew elsewhere, no --target,
+    a per-store option: one line, non-zero, no data directory, Redis and the bucket
+    untouched."""
     with source_stack(tmp_path / "src", pg_server, s3_server, TINY) as stack:
         repository = make_repository(tmp_path / "bk", stack)
         repository.backup(components=("redis", "minio"))
-        config = repository.operator_config(tmp_path / "op" / "drtool.toml")
+        config = repository.operator_config(tmp_path / "op" / "drtool.toml", {"copy": stack})
         into = tmp_path / "data"
         keys = redis_keys(stack.redis)
         objects = len(list(MinioStore(stack.minio).list_objects(stack.buckets[0])))
         at = datetime.now(UTC).isoformat()
+        whole = ("--at", at, "--into", str(into), "--yes")
         cases = [
-            (("--at", at, "--into", str(into), "--yes"), 10, "holds no WAL"),
-            (("--at", at[:19], "--into", str(into)), 2, "with its zone"),
+            ((*whole, "--target", "copy"), 10, "holds no WAL"),
+            (("--at", at[:19], "--into", str(into), "--target", "copy"), 2, "with its zone"),
             (("--at", at, "--accept-skew"), 2, "only for the whole stack"),
+            # production's Redis and buckets rolled back, its PostgreSQL left at now: never
+            (whole, 2, "name --target"),
+            # a per-store option the moment restore would not honour: refused, not ignored
+            ((*whole, "--target", "copy", "--minio-mode", "mirror"), 2, "--minio-mode"),
+            ((*whole, "--target", "copy", "--redis-mode", "offline", "--jobs", "4"), 2, "--jobs"),
         ]
         for args, code, why in cases:
             result = run_drtool("restore", *args, config=config)
@@ -634,6 +641,48 @@ def test_restore_at_a_moment_puts_the_whole_stack_into_a_second_stack_with_count
                 check=False,
                 capture_output=True,
             )
+
+
+@pytest.mark.slow
+def test_a_whole_stack_restore_failing_after_postgresql_stops_the_copy_and_says_so(
+    home: Path, scene: Scene, second: tuple[RedisServer, str, Path]
+) -> None:
+    """The second stack's Redis refuses every write (maxmemory reached): the restore fails
+    after the PostgreSQL copy runs; the copy is stopped, DIR removed, one line names what
+    was already restored (nothing outside DIR here: Redis was the next store)."""
+    redis_server, _, config = second
+    client = connect_redis(redis_server.endpoint)
+    try:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")
+    finally:
+        client.close()
+    into = home / "data"
+    failed = run_drtool(
+        "restore",
+        "--at",
+        scene.history.at.isoformat(),
+        "--target",
+        "second",
+        "--yes",
+        "--into",
+        str(into),
+        config=config,
+    )
+    assert failed.returncode != 0
+    (line,) = failed.stderr.strip().splitlines()
+    assert "already restored before the failure: nothing outside the data directory" in line
+    assert f"copy was stopped and {into} removed" in line
+    assert not into.exists()
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _names(p, str(into))]
+
+
+def _names(cmdline: Path, text: str) -> bool:
+    """Whether a process's command line names ``text`` (it may exit while being read)."""
+    try:
+        return text.encode() in cmdline.read_bytes()
+    except OSError:
+        return False
 
 
 @pytest.fixture

@@ -111,6 +111,7 @@ def restore_stack_at(
     force: bool = False,
     port: int | None = None,
     on_postgres: list[PitrResult] | None = None,
+    changed: list[str] | None = None,
     check: Callable[[StackEndpoints], list[checks.CheckResult]] | None = None,
 ) -> StackAtResult:
     """Restore every store of ``plan`` (already confirmed, refusal checked by the caller).
@@ -118,8 +119,10 @@ def restore_stack_at(
     ``target``: the ``[targets.NAME]`` (or local stack) for Redis and the buckets; ''
     is production, which the caller allows only under the plan/confirmation/--force rules.
     ``on_postgres`` receives the PostgreSQL copy as soon as it runs, so a caller can stop it
-    whatever fails afterwards. ``check`` runs on the restored stack (default
-    :func:`invariants`; a drill passes its own data checks, which include them).
+    whatever fails afterwards; ``changed`` is told each store as soon as it is in place
+    (``redis into second``), so a caller can say what a failure left changed. ``check``
+    runs on the restored stack (default :func:`invariants`; a drill passes its own data
+    checks, which include them).
     """
     mapping = check_targets(cfg, home, plan, target, force=force)
     result = StackAtResult(plan.moment.isoformat())
@@ -132,6 +135,7 @@ def restore_stack_at(
     if on_postgres is not None:
         on_postgres.append(result.pitr)
     result.seconds["postgres"] = round(clock.elapsed(), 3)
+    done = changed if changed is not None else []
     endpoints = moment_endpoints(cfg, home, target, result.pitr.port)
     redis = plan.store("redis")
     clock = Timer()
@@ -144,6 +148,7 @@ def restore_stack_at(
         confirm=lambda r: True,
     )
     result.seconds["redis"] = round(clock.elapsed(), 3)
+    done.append(f"redis into {target or 'production'} (its keys replaced)")
     result.redis_snapshot = redis.snapshot_id
     result.redis_detail = "; ".join(c.detail for c in restored.components)
     result.problems += [p for c in restored.components for p in c.problems]
@@ -168,6 +173,7 @@ def restore_stack_at(
             shutil.rmtree(work, ignore_errors=True)  # never hides the restore's own error
         result.seconds[f"minio:{bucket}"] = round(clock.elapsed(), 3)
         result.buckets[bucket] = target_bucket
+        done.append(f"bucket {bucket} into {target_bucket}")
         result.problems += problems
         log.info(
             "bucket %s at %s into %s: %d objects (%d from the journal), %d uploaded",
