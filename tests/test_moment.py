@@ -33,6 +33,8 @@ from support.wal_kit import WalKit, make_kit, start_wal_server, stop_streamer, w
 
 from chat_stack.seed import SeedSizes
 from chat_stack.traffic import run_traffic
+from drtool.capture import capturer as capturer_module
+from drtool.capture import chain as capture_chain
 from drtool.capture.at import bucket_at, bucket_bases
 from drtool.cli.restore import _show_stack_result
 from drtool.config import load_config
@@ -255,6 +257,50 @@ def test_no_part_taken_after_the_moment_is_used_for_it(
         with pytest.raises(NotFound, match="no valid snapshot listed it"):
             bucket_at(repo, identities_of(cfg), stack.buckets[0], between)
         assert set(bucket_bases([record], datetime.now(UTC))) == {stack.buckets[0]}
+
+
+def test_only_caught_up_rounds_prove_a_bucket_reaches_the_moment(
+    tmp_path: Path,
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A quiet capture still proves coverage (a signed heartbeat record); a round that left
+    an object owed does not, although it captured another object after the moment."""
+    monkeypatch.setattr(capturer_module, "HEARTBEAT", timedelta(0))  # every idle round
+    with source_stack(tmp_path / "src", pg_server, s3_server, TINY) as stack:
+        repository = make_repository(tmp_path / "bk", stack)
+        repository.backup(components=("redis", "minio"))
+        capturer = build_capturer(load_config(repository.backup_config, {}), repository.directory)
+        cfg = load_config(repository.operator_config(tmp_path / "op" / "drtool.toml"), {})
+        repo = open_repo(cfg)
+        records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+        bucket = canary.minio_name(stack.buckets[0])
+
+        def plan(at: datetime) -> moment.StoreMoment:
+            empty = WalIndex(repo.info.repo_id)
+            return moment.plan_from(repo, records, empty, at, 3600.0, "given").store(bucket)
+
+        with psycopg.connect(**stack.postgres.connect_kwargs()) as conn:
+            assert capturer.run_round(conn).caught_up  # the position; a heartbeat
+            quiet = datetime.now(UTC)
+            heartbeat = capturer.run_round(conn)  # nothing new: a heartbeat after the moment
+            assert heartbeat.captured == 0 and heartbeat.seq is not None
+            assert (plan(quiet).effective, plan(quiet).skew_s) == (quiet, 0.0)
+
+            post_with_attachment(stack, "present")
+            _, owed_key, _ = post_with_attachment(stack, "owed")
+            MinioStore(stack.minio).delete(stack.buckets[0], owed_key)  # its object: not yet
+            owed_at = datetime.now(UTC)
+            owed = capturer.run_round(conn)
+            assert owed.captured == 1 and owed.absent == 1 and not owed.caught_up
+        chain = capture_chain.load_chain(repo.storage, repo.verify_keys, repo.info.repo_id)
+        assert [r.caught_up for _, r in chain.records] == [True, True, False]
+        assert datetime.fromisoformat(chain.records[-1][1].last_captured) > owed_at
+        reached = plan(owed_at)
+        assert "ends before the moment" in reached.source
+        assert reached.effective == datetime.fromisoformat(chain.records[1][1].created)
+        assert reached.skew_s is not None and reached.skew_s > 0
 
 
 @pytest.mark.slow  # six CLI runs and a backup: about 20 s

@@ -13,10 +13,12 @@ is than the moment asked for:
   manifest records both (older manifests: conservative bounds, repository/part_times.py);
 - each bucket: the newest valid snapshot whose MinIO part (the listing) had ended at or
   before T (:func:`drtool.capture.at.bucket_bases`, the base of ``bucket_at`` too); T
-  itself when the capture journal covers T (a caught-up round of that bucket captured at or
-  after T: the capture was following the rows past the moment),
-  else the start of the newest round captured after that snapshot and at or before T (the
-  rows it read were committed before it), else the start of the snapshot's MinIO part.
+  itself when the capture journal covers T (a round of that bucket that had caught up
+  started at or after T: it read every row committed before it), else the start of the
+  newest caught-up round after the listing and at or before T, else the start of the
+  snapshot's MinIO part. Rounds that left rows unread (a full batch) or ids owed, and
+  records written before that was recorded, prove nothing; an idle capture commits a
+  heartbeat record every few minutes so a quiet period still proves coverage.
 
 A store whose skew exceeds ``max_skew`` is named and the plan refuses (exit 10) unless told
 to accept it. The default limit is the interval (plus its jitter) of the schedule's most
@@ -246,17 +248,15 @@ def _buckets(repo: Repo, records: list[SnapshotRecord], moment: datetime) -> lis
         )
     plans = []
     for bucket, base in bases.items():  # never sorted: the order maps onto the target
-        rounds = [
-            r
+        # only rounds that had caught up prove coverage: every row committed before the
+        # round's start (``created``) was read; a full batch or an owed id proves nothing
+        starts = [
+            datetime.fromisoformat(r.created)
             for _, r in found.records
-            if r.bucket == bucket and datetime.fromisoformat(r.last_captured) > base.time
+            if r.bucket == bucket and r.proves_coverage
         ]
-        covered = any(datetime.fromisoformat(r.last_captured) >= moment for r in rounds)
-        before = [
-            datetime.fromisoformat(r.first_captured)
-            for r in rounds
-            if datetime.fromisoformat(r.first_captured) <= moment
-        ]
+        covered = any(start >= moment for start in starts)
+        before = [start for start in starts if start <= moment]
         source = f"snapshot {base.snapshot_id}"
         listed = _minio_started(base)
         if covered:
