@@ -42,7 +42,7 @@ from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
 from drtool.drills.report import DrillReport
 from drtool.drills.runtime_local import local_scratch
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
-from drtool.errors import NotFound
+from drtool.errors import ConfigError, NotFound
 from drtool.repository import catalog, part_times
 from drtool.repository.access import identities_of, open_repo
 from drtool.runtime.redisserver import RedisServer
@@ -113,6 +113,9 @@ def test_the_plan_names_each_stores_effective_moment_and_refuses_a_skew_beyond_t
         (record,) = records
         redis_window = moment.component_window(record, "redis")
         assert redis_window is not None
+        # the schedule's default limit gets the Redis part's duration as a margin
+        span = (redis_window[1] - redis_window[0]).total_seconds()
+        assert moment.redis_margin(records) == round(span, 1)
         empty = WalIndex(repo.info.repo_id)
 
         def plan(at: datetime, limit: float = 3600.0) -> moment.MomentPlan:
@@ -352,6 +355,8 @@ def test_max_skew_defaults_to_the_schedules_redis_interval(tmp_path: Path) -> No
     assert limit == moment.FALLBACK_MAX_SKEW_S and "no schedule read" in why
     cfg = load_config(None, {"DRTOOL_RESTORE_MAX_SKEW_S": "120"})
     assert moment.max_skew(cfg) == (120.0, "restore.max_skew_s")
+    with pytest.raises(ConfigError, match=r"restore.max_skew_s: must be 0 .* \(got -5\)"):
+        load_config(None, {"DRTOOL_RESTORE_MAX_SKEW_S": "-5"})
 
 
 # -- the drill at a moment, with traffic (slow: streaming, base backup, physical restore) --

@@ -12,7 +12,6 @@ import json
 import logging
 import random
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
@@ -370,8 +369,7 @@ def _moment(
     if refusal is not None:
         raise refusal
     assert plan.pitr is not None
-    work = Path(tempfile.mkdtemp(prefix=f"pitr-{report.drill_id}-", dir=home))
-    work.chmod(0o711)  # the copy's server runs as the postgres user when we are root
+    work = pitr_drill.work_dir(home, report.drill_id)
     copies: list[PitrResult] = []
     try:
         up = Timer()
@@ -395,8 +393,11 @@ def _moment(
                     on_postgres=copies,
                     check=lambda eps: _data_checks(eps, spec),
                 )
-            finally:
+            finally:  # a failure: the time up to it
                 report.restore_s = phases["restore"] = round(restoring.elapsed(), 3)
+            # the RTO is the restore's own time; the data checks after it are a phase
+            phases["checks"] = round(report.restore_s - result.restore_s, 3)
+            report.restore_s = phases["restore"] = result.restore_s
             report.rto_s.update(result.seconds)
             pitr = result.pitr
             assert pitr is not None
@@ -598,12 +599,7 @@ def _threshold_checks(
     if measured:
         return [_rto_check(rto, limits.max_rto_s), _measured_rpo_check(report, limits.max_rpo_s)]
     return [
-        checks.CheckResult(
-            "RTO within threshold",
-            rto <= limits.max_rto_s,
-            f"restore took {rto:.1f} s (limit {limits.max_rto_s:.0f} s)",
-            {"rto_s": rto, "max_rto_s": limits.max_rto_s},
-        ),
+        _rto_check(rto, limits.max_rto_s),
         checks.CheckResult(
             "RPO within threshold",
             report.rpo_s <= limits.max_rpo_s,

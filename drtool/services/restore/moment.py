@@ -155,7 +155,26 @@ def plan_moment(cfg: Config, moment: datetime, *, max_skew_s: float | None = Non
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
     index = load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
     limit, why = max_skew(cfg, max_skew_s)
+    if not max_skew_s and cfg.restore.max_skew_s <= 0:  # the schedule's: plus the margin
+        margin = redis_margin(records)
+        if margin:
+            limit, why = limit + margin, f"{why} + the longest Redis part {margin:.0f} s"
     return plan_from(repo, records, index, moment, limit, why)
+
+
+def redis_margin(records: list[SnapshotRecord]) -> float:
+    """The longest Redis part of the valid snapshots, in seconds.
+
+    Just before the next RDB's part ends, the moment still gets the previous RDB: its skew
+    is then one interval (plus jitter) plus that part's duration, and the schedule's limit
+    alone would refuse a healthy schedule there.
+    """
+    spans = [
+        (w[1] - w[0]).total_seconds()
+        for r in records
+        if r.valid and (w := component_window(r, REDIS))
+    ]
+    return round(max(spans, default=0.0), 1)
 
 
 def plan_from(

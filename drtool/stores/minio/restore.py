@@ -94,12 +94,6 @@ def index_bucket(key: str) -> str:
     return key.rsplit("/", 1)[-1].removesuffix(INDEX_SUFFIX)
 
 
-def bucket_names(comp: ComponentEntry | None) -> list[str]:
-    """The buckets a snapshot's MinIO part holds, in the manifest's (the config's) order:
-    the order the snapshot restore maps them onto a target's buckets by position."""
-    return [index_bucket(o.key) for o in (comp.objects if comp else ()) if o.kind == "minio_index"]
-
-
 def bucket_mapping(sources: list[str], target_buckets: tuple[str, ...]) -> dict[str, str]:
     """Source bucket -> target bucket: by position when the target lists as many as there are
     sources, else (and for ``buckets = ["*"]``) by name."""
