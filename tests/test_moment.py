@@ -31,6 +31,7 @@ from support.cli import run_drtool
 from support.stacks import make_repository, source_stack, stack_sections
 from support.wal_kit import WalKit, make_kit, start_wal_server, stop_streamer, wait_for, write_rows
 
+from chat_stack import redis_layout
 from chat_stack.seed import SeedSizes
 from chat_stack.traffic import run_traffic
 from drtool.capture import capturer as capturer_module
@@ -55,7 +56,7 @@ from drtool.services.restore.pitr import PitrResult
 from drtool.services.stack import write_config
 from drtool.sources.minio import MinioStore
 from drtool.sources.redis_client import connect as connect_redis
-from drtool.stores import canary
+from drtool.stores import canary, checks
 from drtool.stores.checks import CheckResult
 from drtool.wal.index import WalIndex
 
@@ -801,3 +802,33 @@ def test_the_measured_rpo_check_fails_unproven_and_past_the_moment() -> None:
     report.measured_rpo_s = {"postgres": 3.0, "redis": 40.0, "minio:b": None}
     ok = _measured_rpo_check(report, 3600.0)
     assert ok.passed and "no canary in minio:b" in ok.detail
+
+
+def test_redis_references_add_up_and_redis_older_than_postgresql_is_skew_at_a_moment(
+    tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint
+) -> None:
+    """A counter and a recent-list id naming rows below PostgreSQL's largest that do not
+    exist (deleted after the RDB, in a restore to a moment) and one above it (newer): every
+    reference counted once; dangling after a snapshot restore, older skew at a moment."""
+    with source_stack(tmp_path / "src", pg_server, s3_server, TINY) as stack:
+        with psycopg.connect(**stack.postgres.connect_kwargs()) as conn:
+            row = conn.execute("SELECT min(id), max(id) FROM chat_rooms").fetchone()
+            user = conn.execute("SELECT min(id) FROM users").fetchone()
+        assert row is not None and user is not None
+        room, top = row
+        client = connect_redis(stack.redis)
+        try:
+            client.hset(redis_layout.unread_key(user[0]), mapping={"0": 1, str(top + 100): 1})
+            client.lpush(redis_layout.recent_key(room), "0")
+        finally:
+            client.close()
+        for older in (False, True):
+            found = checks.redis_points_to_existing_rows(stack, redis_older=older)
+            f = found.figures
+            assert f["existing"] + f["dangling"] + f["newer"] + f["older"] == f["references"]
+            assert f["references"] == f["counters"] + f["recent_ids"]
+            assert f["newer"] >= 1
+            if older:
+                assert found.passed and (f["older"], f["dangling"]) == (2, 0), found.detail
+            else:
+                assert not found.passed and (f["older"], f["dangling"]) == (0, 2), found.detail

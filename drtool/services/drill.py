@@ -391,7 +391,7 @@ def _moment(
                     into=work / "data",
                     target=target,
                     on_postgres=copies,
-                    check=lambda eps: _data_checks(eps, spec),
+                    check=lambda eps: _data_checks(eps, spec, at_moment=True),
                 )
             finally:  # a failure: the time up to it
                 report.restore_s = phases["restore"] = round(restoring.elapsed(), 3)
@@ -578,11 +578,14 @@ def _measured_rpo(
     return canary.measured_rpo(moment, restored)
 
 
-def _data_checks(endpoints: StackEndpoints, spec: DrillDefinition) -> list[checks.CheckResult]:
-    """The stores' application checks whose stores were all restored, in the registry's order."""
+def _data_checks(
+    endpoints: StackEndpoints, spec: DrillDefinition, *, at_moment: bool = False
+) -> list[checks.CheckResult]:
+    """The stores' application checks whose stores were all restored, in the registry's
+    order; ``at_moment``: a restore to a moment, each check's variant for it when it has one."""
     chosen = set(spec.components)
     return [
-        check.run(endpoints, spec.sample_rooms)
+        ((at_moment and check.at_moment) or check.run)(endpoints, spec.sample_rooms)
         for store in registry.STORES
         for check in store.drill_checks()
         if check.needs <= chosen

@@ -247,5 +247,5 @@ def invariants(endpoints: StackEndpoints) -> list[checks.CheckResult]:
     """The cross-store invariants at the moment, with counts: the drill's own checks."""
     return [
         checks.attachments_have_objects(endpoints),
-        checks.redis_points_to_existing_rows(endpoints),
+        checks.redis_points_to_existing_rows(endpoints, redis_older=True),
     ]
