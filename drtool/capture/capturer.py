@@ -39,7 +39,7 @@ from drtool.stores.minio.backup import cache_path, read_cache
 
 log = logging.getLogger(__name__)
 
-#: an idle capture commits a heartbeat record at most this often (one per process start)
+#: an idle capture commits a heartbeat record at most this often
 HEARTBEAT = timedelta(minutes=5)
 
 
@@ -72,7 +72,6 @@ class Capturer:
     chain: capture_chain.Chain
     from_start: bool = False
     _snapshot_mtime: int | None = field(default=-1, repr=False)  # -1: not read yet
-    _last_commit: datetime | None = field(default=None, repr=False)  # by this process
 
     @property
     def repo_id(self) -> str:
@@ -95,9 +94,9 @@ class Capturer:
         result = RoundResult(rows=len(followed.rows), more=followed.more)
         entries = self._capture(followed.rows, state, now, result)
         result.caught_up = not followed.more and not state.missing and not state.absent
-        if entries or (result.caught_up and self._heartbeat_due(now)):
+        if entries or (result.caught_up and _heartbeat_due(state, now)):
             result.seq = self._commit(entries, now, caught_up=result.caught_up)
-            state.seq = result.seq
+            state.seq, state.last_commit = result.seq, now.isoformat()
         state.cache_offset = cache.size_of(
             cache.captured_path(self.state_dir, self.repo_id, self.bucket)
         )
@@ -231,12 +230,6 @@ class Capturer:
         except NotFound:
             return False
 
-    def _heartbeat_due(self, now: datetime) -> bool:
-        """A caught-up round that captured nothing still commits a (heartbeat) record when
-        this process committed none for :data:`HEARTBEAT`: a restore to a moment in a quiet
-        period needs a signed proof that the capture was following then (ADR 0027)."""
-        return self._last_commit is None or now - self._last_commit >= HEARTBEAT
-
     def _commit(
         self, entries: list[capture_chain.Captured], now: datetime, *, caught_up: bool
     ) -> int:
@@ -278,8 +271,16 @@ class Capturer:
             len(entries),
             capture_chain.chain_key(seq),
         )
-        self._last_commit = now
         return seq
+
+
+def _heartbeat_due(state: CaptureState, now: datetime) -> bool:
+    """A caught-up round that captured nothing still commits a (heartbeat) record when none
+    was committed for :data:`HEARTBEAT`: a restore to a moment in a quiet period needs a
+    signed proof that the capture was following then (ADR 0027)."""
+    if not state.last_commit:
+        return True
+    return now - datetime.fromisoformat(state.last_commit) >= HEARTBEAT
 
 
 def checked_chain(storage: Any, verify_keys: list[str], repo_id: str) -> capture_chain.Chain:
