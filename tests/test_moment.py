@@ -305,6 +305,14 @@ def test_only_caught_up_rounds_prove_a_bucket_reaches_the_moment(
         assert "ends before the moment" in reached.source
         assert reached.effective == datetime.fromisoformat(chain.records[1][1].created)
         assert reached.skew_s is not None and reached.skew_s > 0
+        # another process (`capture run --once` from cron) within 5 minutes: no heartbeat,
+        # the state remembers the last commit
+        monkeypatch.setattr(capturer_module, "HEARTBEAT", timedelta(minutes=5))
+        s3_client(stack.minio).put_object(Bucket=stack.buckets[0], Key=owed_key, Body=b"late")
+        again = build_capturer(load_config(repository.backup_config, {}), repository.directory)
+        with psycopg.connect(**stack.postgres.connect_kwargs()) as conn:
+            assert again.run_round(conn).caught_up  # the owed object arrived: captured
+            assert again.run_round(conn).seq is None  # idle, a commit just now: no heartbeat
 
 
 @pytest.mark.slow  # six CLI runs and a backup: about 20 s
@@ -454,6 +462,8 @@ def test_a_drill_at_a_moment_restores_the_three_stores_to_it_and_fails_on_skew(
     assert inspected["messages"] == {before_id}
     assert inspected["before_object"] == (before_data, "image/png", {"origin": "before"})
     assert inspected["after_object"] is None
+    # the RTO is the restore's own time: the data checks after it are their own phase
+    assert report.phases_s["restore"] == report.restore_s and "checks" in report.phases_s
     checks = {c.name: c for c in report.checks}
     files = checks["attachments have their objects"].figures
     assert files["missing"] == 0 and files["different"] == 0
