@@ -168,7 +168,7 @@ BAD_CONFIGS = [
     pytest.param(
         '[databse]\nhost = "x"\n',
         "error: databse: unknown section (known: repository, keys, backup, postgres, redis, "
-        "minio, wal, canary, capture, targets, repositories)",
+        "minio, wal, canary, capture, restore, targets, repositories)",
         id="unknown-section",
     ),
     pytest.param(
