@@ -340,6 +340,11 @@ def load_config(
         name: _section_values(name, cls, data.get(name, {}), env, flags.get(name, {}))
         for name, cls in SECTIONS.items()
     }
+    if sections["restore"].max_skew_s < 0:  # a negative limit would refuse every moment
+        raise ConfigError(
+            f"restore.max_skew_s: must be 0 (the schedule's Redis interval) or more seconds "
+            f"(got {sections['restore'].max_skew_s:g})"
+        )
     targets = {name: _target(name, table) for name, table in data.get("targets", {}).items()}
     repositories = {
         name: _repository(name, table) for name, table in data.get("repositories", {}).items()

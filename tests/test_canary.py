@@ -77,7 +77,10 @@ def test_no_canary_measures_none_never_zero(stack: StackEndpoints) -> None:
     measured = canary.measured_rpo(T0 + timedelta(seconds=90), canary.newest_canaries(stack, ()))
     assert measured == {"postgres": 90.0, "redis": 90.0}
     # written after the moment (clock skew): nothing lost, not a negative loss
-    assert canary.measured_rpo(T0 - timedelta(seconds=5), {"redis": T0}) == {"redis": 0.0}
+    # a canary newer than the moment: past it, never 0 ("nothing lost")
+    past = canary.measured_rpo(T0 - timedelta(seconds=5), {"redis": T0})
+    assert past == {"redis": -5.0}
+    assert canary.past_the_moment(past) == ["redis: its newest canary is 5.0 s past the moment"]
 
 
 def test_a_store_that_is_down_is_named_and_the_others_are_still_written(

@@ -451,29 +451,29 @@ def test_capture_prune_removes_the_head_behind_a_signed_marker_and_the_chain_sti
     root = kit.repository.directory / "repository"
     capturer = kit.capturer()
     with kit.connect() as conn:
-        capturer.run_round(conn)
+        capturer.run_round(conn)  # record 1: a heartbeat (the capture follows, nothing new)
         old_key, _ = add_attachment(kit)
-        capturer.run_round(conn)  # record 1: before the snapshot
+        capturer.run_round(conn)  # record 2: before the snapshot
     dry = run_drtool("capture", "prune", "--dry-run", config=cfg, home=home)
     assert dry.returncode == 0 and "no valid MinIO snapshot" in dry.stdout
     time.sleep(1.1)  # the snapshot's id has whole seconds
     kit.repository.backup(components=("minio",))
     new_key, _ = add_attachment(kit)
     with kit.connect() as conn:
-        capturer.run_round(conn)  # record 2: after it
+        capturer.run_round(conn)  # record 3: after it
     dry = run_drtool("capture", "prune", "--dry-run", config=cfg, home=home)
-    assert dry.returncode == 0 and "would remove chain records up to 1" in dry.stdout
-    assert (root / capture_chain.chain_key(1)).exists()
+    assert dry.returncode == 0 and "would remove chain records up to 2" in dry.stdout
+    assert (root / capture_chain.chain_key(2)).exists()
     done = run_drtool("capture", "prune", config=cfg, home=home)
-    assert done.returncode == 0 and "removed chain records up to 1" in done.stdout
-    assert not (root / capture_chain.chain_key(1)).exists()
-    assert not (root / capture_chain.journal_key(1)).exists()
+    assert done.returncode == 0 and "removed chain records up to 2" in done.stdout
+    assert not (root / capture_chain.chain_key(2)).exists()
+    assert not (root / capture_chain.journal_key(2)).exists()
     ok = run_drtool("capture", "verify", "--read-data", config=kit.operator, home=home)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     add_attachment(kit)
     appended = run_drtool("capture", "run", "--once", config=cfg, home=home)
     assert appended.returncode == 0, appended.stderr
-    assert (root / capture_chain.chain_key(3)).exists()
+    assert (root / capture_chain.chain_key(4)).exists()
     state = bucket_at(kit.repo(), kit.identities(), kit.bucket, datetime.now(UTC))
     keys_now = {e.key for e in state.entries}
     assert {old_key, new_key} <= keys_now  # the old one from the snapshot, the new captured

@@ -31,27 +31,32 @@ from support.cli import run_drtool
 from support.stacks import make_repository, source_stack, stack_sections
 from support.wal_kit import WalKit, make_kit, start_wal_server, stop_streamer, wait_for, write_rows
 
+from chat_stack import redis_layout
 from chat_stack.seed import SeedSizes
 from chat_stack.traffic import run_traffic
+from drtool.capture import capturer as capturer_module
+from drtool.capture import chain as capture_chain
+from drtool.capture.at import bucket_at, bucket_bases
 from drtool.cli.restore import _show_stack_result
 from drtool.config import load_config
 from drtool.drills.definition import DrillDefinition, ReportSettings, Thresholds
+from drtool.drills.report import DrillReport
 from drtool.drills.runtime_local import local_scratch
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
-from drtool.errors import NotFound
-from drtool.repository import catalog
-from drtool.repository.access import open_repo
+from drtool.errors import ConfigError, NotFound
+from drtool.repository import catalog, part_times
+from drtool.repository.access import identities_of, open_repo
 from drtool.runtime.redisserver import RedisServer
 from drtool.s3session import s3_client
 from drtool.services.backup import run_backup
 from drtool.services.capture import build_capturer
-from drtool.services.drill import run_drill
+from drtool.services.drill import _measured_rpo_check, run_drill
 from drtool.services.restore import moment, stack_at
 from drtool.services.restore.pitr import PitrResult
 from drtool.services.stack import write_config
 from drtool.sources.minio import MinioStore
 from drtool.sources.redis_client import connect as connect_redis
-from drtool.stores import canary
+from drtool.stores import canary, checks
 from drtool.stores.checks import CheckResult
 from drtool.wal.index import WalIndex
 
@@ -109,21 +114,28 @@ def test_the_plan_names_each_stores_effective_moment_and_refuses_a_skew_beyond_t
         (record,) = records
         redis_window = moment.component_window(record, "redis")
         assert redis_window is not None
+        # the schedule's default limit gets the Redis part's duration as a margin
+        span = (redis_window[1] - redis_window[0]).total_seconds()
+        assert moment.redis_margin(records) == round(span, 1)
         empty = WalIndex(repo.info.repo_id)
 
         def plan(at: datetime, limit: float = 3600.0) -> moment.MomentPlan:
             return moment.plan_from(repo, records, empty, at, limit, "given")
 
-        bucket = moment.bucket_store(stack.buckets[0])
-        # a moment before the capture's round: the journal covers it, the bucket reaches it;
-        # the snapshot's Redis part had not ended then: no RDB to restore
-        before = record.time + timedelta(microseconds=1)
+        bucket = canary.minio_name(stack.buckets[0])
+        # a moment after the listing, before the capture's round: the journal covers it, the
+        # bucket reaches it
+        listed = moment.component_window(record, "minio")
+        assert listed is not None
+        before = listed[1] + timedelta(microseconds=1)
         at_before = plan(before)
         assert at_before.store(bucket).effective == before
         assert at_before.store(bucket).skew_s == 0.0
         assert "covers the moment" in at_before.store(bucket).source
-        assert at_before.store("redis").effective is None
-        assert "no valid snapshot holds a Redis RDB" in at_before.store("redis").error
+        # while the snapshot ran: its Redis part had not ended
+        during = record.time + timedelta(microseconds=1)
+        assert plan(during).store("redis").effective is None
+        assert "no valid snapshot holds a Redis RDB" in plan(during).store("redis").error
 
         # after every round: the bucket reaches the last round's start, no further; Redis
         # the snapshot's Redis part
@@ -152,24 +164,182 @@ def test_the_plan_names_each_stores_effective_moment_and_refuses_a_skew_beyond_t
         assert tight.refusal(accept_skew=True) is None
 
 
-@pytest.mark.slow  # three CLI runs and a backup: about 12 s
-def test_restore_at_refuses_in_one_line_before_touching_anything(
+def test_buckets_map_onto_the_target_in_the_configs_order_never_sorted(
     tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint
 ) -> None:
-    """No WAL for PostgreSQL, a time without its zone, --accept-skew elsewhere: one line,
-    non-zero, no data directory, the Redis and bucket targets untouched."""
+    """minio.buckets = [src-…, aaa-…] (not sorted) onto a target's [copy-a, copy-b]: each
+    bucket goes where the snapshot restore puts it, the attachments' bucket is the one the
+    checks read, and the plan table names each bucket's target."""
+    with source_stack(tmp_path / "src", pg_server, s3_server, TINY) as source:
+        client = s3_client(s3_server)
+        other, first, second = (f"{p}-{uuid.uuid4().hex[:8]}" for p in ("aaa", "copy-a", "copy-b"))
+        for bucket in (other, first, second):
+            client.create_bucket(Bucket=bucket)
+        client.put_object(Bucket=other, Key="avatar.png", Body=b"avatar")
+        stack = replace(source, buckets=(source.buckets[0], other))
+        repository = make_repository(tmp_path / "bk", stack)
+        repository.backup(components=("redis", "minio"))
+        config = repository.operator_config(
+            tmp_path / "op" / "drtool.toml", {"copy": replace(stack, buckets=(first, second))}
+        )
+        cfg = load_config(config, {})
+        repo = open_repo(cfg)
+        records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+        at = datetime.now(UTC) + timedelta(minutes=5)
+        plan = moment.plan_from(repo, records, WalIndex(repo.info.repo_id), at, 3600.0, "given")
+        assert [b.store for b in plan.buckets()] == [
+            canary.minio_name(stack.buckets[0]),
+            canary.minio_name(other),
+        ]
+        mapping = stack_at.check_targets(cfg, tmp_path, plan, "copy", force=True)
+        assert mapping == {stack.buckets[0]: first, other: second}
+        assert stack_at.attachments_first(cfg, mapping) == (first, second)
+        shown = run_drtool(
+            "restore",
+            "--at",
+            at.isoformat(),
+            "--into",
+            str(tmp_path / "d"),
+            "--target",
+            "copy",
+            "--dry-run",
+            config=config,
+        )
+        assert shown.returncode == 10  # no WAL: the plan is shown, then refused
+        rows = {line.split()[0]: line for line in shown.stdout.splitlines() if "minio:" in line}
+        assert f"copy bucket {first}" in rows[canary.minio_name(stack.buckets[0])]
+        assert f"copy bucket {second}" in rows[canary.minio_name(other)]
+
+
+def test_no_part_taken_after_the_moment_is_used_for_it(
+    tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint
+) -> None:
+    """A backup whose parts start long after its ``started`` (the lock, the repository and
+    the rollback check come first, none counted in a duration): the manifest records when
+    each part ran, so a moment between ``started`` and the Redis part never gets that RDB;
+    a manifest without those times is bounded by ``finished`` minus the later parts."""
+    with source_stack(tmp_path / "src", pg_server, s3_server, TINY) as stack:
+        repository = make_repository(tmp_path / "bk", stack)
+        began = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+        repository.backup(now=began, components=("redis", "minio"))
+        cfg = load_config(repository.operator_config(tmp_path / "op" / "drtool.toml"), {})
+        repo = open_repo(cfg)
+        (record,) = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+        assert record.manifest is not None
+        redis_part = record.manifest.component("redis")
+        assert redis_part is not None and redis_part.started and redis_part.ended
+        window = moment.component_window(record, "redis")
+        assert window is not None and window[0] > began + timedelta(minutes=9)
+        empty = WalIndex(repo.info.repo_id)
+        between = began + timedelta(minutes=5)  # after `started`, before the RDB was taken
+        plan = moment.plan_from(repo, [record], empty, between, 3600.0, "given")
+        assert plan.store("redis").effective is None
+        # the same manifest as an older drtool wrote it: no part times
+        old = replace(
+            record.manifest,
+            components=tuple(
+                replace(c, started=None, ended=None) for c in record.manifest.components
+            ),
+        )
+        assert "started" not in json.dumps(old.to_dict()["components"])
+        start, end = part_times.part_window(old, "redis") or (between, between)
+        assert start == began and end >= window[1] - timedelta(seconds=1)
+        assert end > between
+        legacy = replace(record, manifest=old)
+        assert (
+            moment.plan_from(repo, [legacy], empty, between, 3600.0, "given")
+            .store("redis")
+            .effective
+            is None
+        )
+        # the bucket: listed after the moment, so not its base either (one rule for the
+        # plan and bucket_at), although the snapshot started before it
+        unreachable = [s.store for s in plan.stores if s.effective is None]
+        assert unreachable == ["postgres", "redis", "minio"]
+        assert "listed a bucket before" in plan.store("minio").error
+        assert bucket_bases([record], between) == {}
+        with pytest.raises(NotFound, match="no valid snapshot listed it"):
+            bucket_at(repo, identities_of(cfg), stack.buckets[0], between)
+        assert set(bucket_bases([record], datetime.now(UTC))) == {stack.buckets[0]}
+
+
+def test_only_caught_up_rounds_prove_a_bucket_reaches_the_moment(
+    tmp_path: Path,
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A quiet capture still proves coverage (a signed heartbeat record); a round that left
+    an object owed does not, although it captured another object after the moment."""
+    monkeypatch.setattr(capturer_module, "HEARTBEAT", timedelta(0))  # every idle round
     with source_stack(tmp_path / "src", pg_server, s3_server, TINY) as stack:
         repository = make_repository(tmp_path / "bk", stack)
         repository.backup(components=("redis", "minio"))
-        config = repository.operator_config(tmp_path / "op" / "drtool.toml")
+        capturer = build_capturer(load_config(repository.backup_config, {}), repository.directory)
+        cfg = load_config(repository.operator_config(tmp_path / "op" / "drtool.toml"), {})
+        repo = open_repo(cfg)
+        records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
+        bucket = canary.minio_name(stack.buckets[0])
+
+        def plan(at: datetime) -> moment.StoreMoment:
+            empty = WalIndex(repo.info.repo_id)
+            return moment.plan_from(repo, records, empty, at, 3600.0, "given").store(bucket)
+
+        with psycopg.connect(**stack.postgres.connect_kwargs()) as conn:
+            assert capturer.run_round(conn).caught_up  # the position; a heartbeat
+            quiet = datetime.now(UTC)
+            heartbeat = capturer.run_round(conn)  # nothing new: a heartbeat after the moment
+            assert heartbeat.captured == 0 and heartbeat.seq is not None
+            assert (plan(quiet).effective, plan(quiet).skew_s) == (quiet, 0.0)
+
+            post_with_attachment(stack, "present")
+            _, owed_key, _ = post_with_attachment(stack, "owed")
+            MinioStore(stack.minio).delete(stack.buckets[0], owed_key)  # its object: not yet
+            owed_at = datetime.now(UTC)
+            owed = capturer.run_round(conn)
+            assert owed.captured == 1 and owed.absent == 1 and not owed.caught_up
+        chain = capture_chain.load_chain(repo.storage, repo.verify_keys, repo.info.repo_id)
+        assert [r.caught_up for _, r in chain.records] == [True, True, False]
+        assert datetime.fromisoformat(chain.records[-1][1].last_captured) > owed_at
+        reached = plan(owed_at)
+        assert "ends before the moment" in reached.source
+        assert reached.effective == datetime.fromisoformat(chain.records[1][1].created)
+        assert reached.skew_s is not None and reached.skew_s > 0
+        # another process (`capture run --once` from cron) within 5 minutes: no heartbeat,
+        # the state remembers the last commit
+        monkeypatch.setattr(capturer_module, "HEARTBEAT", timedelta(minutes=5))
+        s3_client(stack.minio).put_object(Bucket=stack.buckets[0], Key=owed_key, Body=b"late")
+        again = build_capturer(load_config(repository.backup_config, {}), repository.directory)
+        with psycopg.connect(**stack.postgres.connect_kwargs()) as conn:
+            assert again.run_round(conn).caught_up  # the owed object arrived: captured
+            assert again.run_round(conn).seq is None  # idle, a commit just now: no heartbeat
+
+
+@pytest.mark.slow  # six CLI runs and a backup: about 20 s
+def test_restore_at_refuses_in_one_line_before_touching_anything(
+    tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint
+) -> None:
+    """No WAL for PostgreSQL, a time without its zone, --accept-skew elsewhere, no --target,
+    a per-store option: one line, non-zero, no data directory, Redis and the bucket
+    untouched."""
+    with source_stack(tmp_path / "src", pg_server, s3_server, TINY) as stack:
+        repository = make_repository(tmp_path / "bk", stack)
+        repository.backup(components=("redis", "minio"))
+        config = repository.operator_config(tmp_path / "op" / "drtool.toml", {"copy": stack})
         into = tmp_path / "data"
         keys = redis_keys(stack.redis)
         objects = len(list(MinioStore(stack.minio).list_objects(stack.buckets[0])))
         at = datetime.now(UTC).isoformat()
+        whole = ("--at", at, "--into", str(into), "--yes")
         cases = [
-            (("--at", at, "--into", str(into), "--yes"), 10, "holds no WAL"),
-            (("--at", at[:19], "--into", str(into)), 2, "with its zone"),
+            ((*whole, "--target", "copy"), 10, "holds no WAL"),
+            (("--at", at[:19], "--into", str(into), "--target", "copy"), 2, "with its zone"),
             (("--at", at, "--accept-skew"), 2, "only for the whole stack"),
+            # production's Redis and buckets rolled back, its PostgreSQL left at now: never
+            (whole, 2, "name --target"),
+            # a per-store option the moment restore would not honour: refused, not ignored
+            ((*whole, "--target", "copy", "--minio-mode", "mirror"), 2, "--minio-mode"),
+            ((*whole, "--target", "copy", "--redis-mode", "offline", "--jobs", "4"), 2, "--jobs"),
         ]
         for args, code, why in cases:
             result = run_drtool("restore", *args, config=config)
@@ -194,6 +364,8 @@ def test_max_skew_defaults_to_the_schedules_redis_interval(tmp_path: Path) -> No
     assert limit == moment.FALLBACK_MAX_SKEW_S and "no schedule read" in why
     cfg = load_config(None, {"DRTOOL_RESTORE_MAX_SKEW_S": "120"})
     assert moment.max_skew(cfg) == (120.0, "restore.max_skew_s")
+    with pytest.raises(ConfigError, match=r"restore.max_skew_s: must be 0 .* \(got -5\)"):
+        load_config(None, {"DRTOOL_RESTORE_MAX_SKEW_S": "-5"})
 
 
 # -- the drill at a moment, with traffic (slow: streaming, base backup, physical restore) --
@@ -290,6 +462,8 @@ def test_a_drill_at_a_moment_restores_the_three_stores_to_it_and_fails_on_skew(
     assert inspected["messages"] == {before_id}
     assert inspected["before_object"] == (before_data, "image/png", {"origin": "before"})
     assert inspected["after_object"] is None
+    # the RTO is the restore's own time: the data checks after it are their own phase
+    assert report.phases_s["restore"] == report.restore_s and "checks" in report.phases_s
     checks = {c.name: c for c in report.checks}
     files = checks["attachments have their objects"].figures
     assert files["missing"] == 0 and files["different"] == 0
@@ -298,7 +472,7 @@ def test_a_drill_at_a_moment_restores_the_three_stores_to_it_and_fails_on_skew(
     references = checks["redis points to existing rows"].figures
     assert references["dangling"] == 0 and references["existing"] > 0
     skew = checks["skew within threshold"].figures
-    bucket = moment.bucket_store(stack.buckets[0])
+    bucket = canary.minio_name(stack.buckets[0])
     assert skew["postgres"]["skew_s"] == 0.0 and skew[bucket]["skew_s"] == 0.0
     assert skew["redis"]["skew_s"] > 0
     measured = report.measured_rpo_s
@@ -339,7 +513,7 @@ def test_a_drill_of_a_random_moment_restores_the_whole_stack_where_every_store_h
     assert set(report.measured_rpo_s) == {
         "postgres",
         "redis",
-        moment.bucket_store(scene.stack.buckets[0]),
+        canary.minio_name(scene.stack.buckets[0]),
     }
 
 
@@ -493,7 +667,7 @@ def test_restore_at_a_moment_puts_the_whole_stack_into_a_second_stack_with_count
         assert {p["store"] for p in out["plan"]} == {
             "postgres",
             "redis",
-            moment.bucket_store(stack.buckets[0]),
+            canary.minio_name(stack.buckets[0]),
         }
         checks = {c["name"]: c["figures"] for c in out["checks"]}
         files = checks["attachments have their objects"]
@@ -529,6 +703,48 @@ def test_restore_at_a_moment_puts_the_whole_stack_into_a_second_stack_with_count
                 check=False,
                 capture_output=True,
             )
+
+
+@pytest.mark.slow
+def test_a_whole_stack_restore_failing_after_postgresql_stops_the_copy_and_says_so(
+    home: Path, scene: Scene, second: tuple[RedisServer, str, Path]
+) -> None:
+    """The second stack's Redis refuses every write (maxmemory reached): the restore fails
+    after the PostgreSQL copy runs; the copy is stopped, DIR removed, one line names what
+    was already restored (nothing outside DIR here: Redis was the next store)."""
+    redis_server, _, config = second
+    client = connect_redis(redis_server.endpoint)
+    try:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")
+    finally:
+        client.close()
+    into = home / "data"
+    failed = run_drtool(
+        "restore",
+        "--at",
+        scene.history.at.isoformat(),
+        "--target",
+        "second",
+        "--yes",
+        "--into",
+        str(into),
+        config=config,
+    )
+    assert failed.returncode != 0
+    (line,) = failed.stderr.strip().splitlines()
+    assert "already restored before the failure: nothing outside the data directory" in line
+    assert f"copy was stopped and {into} removed" in line
+    assert not into.exists()
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _names(p, str(into))]
+
+
+def _names(cmdline: Path, text: str) -> bool:
+    """Whether a process's command line names ``text`` (it may exit while being read)."""
+    try:
+        return text.encode() in cmdline.read_bytes()
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -581,3 +797,48 @@ def test_the_whole_stack_result_is_printed_with_each_stores_figures(
     out = capsys.readouterr().out
     assert "1200.0" in out and "no canary" in out and "9 present" in out
     assert "127.0.0.1:5999" in out and result.pitr.reached_time in out
+
+
+def test_the_measured_rpo_check_fails_unproven_and_past_the_moment() -> None:
+    """Canaries off: "not proven", never a pass with nothing measured; a canary newer than
+    the moment: "past the moment", never an RPO of 0."""
+    report = DrillReport("d", "moment", "local", "", "", "")
+    report.measured_rpo_s = {"postgres": None, "redis": None}
+    off = _measured_rpo_check(report, 3600.0)
+    assert not off.passed and off.detail.startswith("not proven")
+    report.measured_rpo_s = {"postgres": 3.0, "redis": -12.0}
+    past = _measured_rpo_check(report, 3600.0)
+    assert not past.passed and "past the moment: redis" in past.detail
+    report.measured_rpo_s = {"postgres": 3.0, "redis": 40.0, "minio:b": None}
+    ok = _measured_rpo_check(report, 3600.0)
+    assert ok.passed and "no canary in minio:b" in ok.detail
+
+
+def test_redis_references_add_up_and_redis_older_than_postgresql_is_skew_at_a_moment(
+    tmp_path: Path, pg_server: PostgresEndpoint, s3_server: S3Endpoint
+) -> None:
+    """A counter and a recent-list id naming rows below PostgreSQL's largest that do not
+    exist (deleted after the RDB, in a restore to a moment) and one above it (newer): every
+    reference counted once; dangling after a snapshot restore, older skew at a moment."""
+    with source_stack(tmp_path / "src", pg_server, s3_server, TINY) as stack:
+        with psycopg.connect(**stack.postgres.connect_kwargs()) as conn:
+            row = conn.execute("SELECT min(id), max(id) FROM chat_rooms").fetchone()
+            user = conn.execute("SELECT min(id) FROM users").fetchone()
+        assert row is not None and user is not None
+        room, top = row
+        client = connect_redis(stack.redis)
+        try:
+            client.hset(redis_layout.unread_key(user[0]), mapping={"0": 1, str(top + 100): 1})
+            client.lpush(redis_layout.recent_key(room), "0")
+        finally:
+            client.close()
+        for older in (False, True):
+            found = checks.redis_points_to_existing_rows(stack, redis_older=older)
+            f = found.figures
+            assert f["existing"] + f["dangling"] + f["newer"] + f["older"] == f["references"]
+            assert f["references"] == f["counters"] + f["recent_ids"]
+            assert f["newer"] >= 1
+            if older:
+                assert found.passed and (f["older"], f["dangling"]) == (2, 0), found.detail
+            else:
+                assert not found.passed and (f["older"], f["dangling"]) == (0, 2), found.detail

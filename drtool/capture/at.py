@@ -1,6 +1,6 @@
 """The bucket as it was at a moment: the newest snapshot index before it plus the journal.
 
-``bucket_at`` takes the newest valid MinIO snapshot started at or before the moment and lays
+``bucket_at`` takes the newest valid MinIO snapshot whose listing had ended by the moment and lays
 over it every object the capture journaled after that snapshot started and up to the moment
 (the newest capture per key wins). A deletion is not journaled (rows are followed, not the
 bucket), so an object deleted after the moment is still there: the state at the moment, as
@@ -18,11 +18,12 @@ from drtool.capture import chain
 from drtool.errors import IntegrityError, NotFound
 from drtool.repository import catalog
 from drtool.repository.access import Repo, read_object, snapshot_header
+from drtool.repository.manifest import ObjectEntry
 from drtool.repository.minio_index import IndexEntry, decode_index
+from drtool.repository.part_times import part_window
 from drtool.sources.minio import MinioStore
 from drtool.stores.minio import restore as bucket_restore
-
-INDEX_SUFFIX = ".index.zst.age"
+from drtool.stores.minio.restore import index_bucket
 
 
 @dataclass(frozen=True)
@@ -40,24 +41,38 @@ def _time(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
+def bucket_bases(
+    records: list[catalog.SnapshotRecord], moment: datetime
+) -> dict[str, tuple[catalog.SnapshotRecord, ObjectEntry]]:
+    """Each bucket's base for ``moment``: the newest valid snapshot whose MinIO part had
+    ENDED at or before it, and that snapshot's index of the bucket.
+
+    The listing runs after PostgreSQL and Redis, so a snapshot started before the moment
+    may list the bucket after it (objects written after the moment). Buckets come in the
+    newest base's manifest order (the config's): the order they map onto a target's.
+    One way for :func:`bucket_at` and the plan (services/restore/moment.py).
+    """
+    bases: dict[str, tuple[catalog.SnapshotRecord, ObjectEntry]] = {}
+    for record in sorted(records, key=lambda r: r.time, reverse=True):
+        if not record.valid or record.manifest is None:
+            continue
+        window = part_window(record.manifest, "minio")
+        if window is None or window[1] > moment:
+            continue
+        comp = record.manifest.component("minio")
+        for obj in comp.objects if comp else ():
+            if obj.kind == "minio_index":
+                bases.setdefault(index_bucket(obj.key), (record, obj))
+    return bases
+
+
 def bucket_at(repo: Repo, identities: list[str], bucket: str, moment: datetime) -> BucketAt:
     """``bucket`` at ``moment``; NotFound when no valid snapshot of it is that old."""
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
-    base = None
-    for record in records:
-        if not record.valid or record.manifest is None or record.time > moment:
-            continue
-        comp = record.manifest.component("minio")
-        index = [
-            o
-            for o in (comp.objects if comp else ())
-            if o.kind == "minio_index" and o.key.endswith(f"/{bucket}{INDEX_SUFFIX}")
-        ]
-        if index and (base is None or record.time > base[0].time):
-            base = (record, index[0])
+    base = bucket_bases(records, moment).get(bucket)
     if base is None:
         raise NotFound(
-            f"minio bucket {bucket}: no valid snapshot started at or before "
+            f"minio bucket {bucket}: no valid snapshot listed it before "
             f"{moment.isoformat()} (captured objects alone are not the bucket)"
         )
     record, obj = base

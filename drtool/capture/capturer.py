@@ -39,6 +39,9 @@ from drtool.stores.minio.backup import cache_path, read_cache
 
 log = logging.getLogger(__name__)
 
+#: an idle capture commits a heartbeat record at most this often
+HEARTBEAT = timedelta(minutes=5)
+
 
 @dataclass
 class RoundResult:
@@ -52,6 +55,7 @@ class RoundResult:
     seq: int | None = None  # the chain record written, if any
     lost: list[int] = field(default_factory=list)  # rows whose object never appeared
     more: bool = False  # a full batch was read: the next round should not wait
+    caught_up: bool = False  # every row committed before the round was read, nothing owed
     problems: list[str] = field(default_factory=list)
 
 
@@ -89,9 +93,10 @@ class Capturer:
         conn.rollback()  # no transaction stays open between rounds
         result = RoundResult(rows=len(followed.rows), more=followed.more)
         entries = self._capture(followed.rows, state, now, result)
-        if entries:
-            result.seq = self._commit(entries, now)
-            state.seq = result.seq
+        result.caught_up = not followed.more and not state.missing and not state.absent
+        if entries or (result.caught_up and _heartbeat_due(state, now)):
+            result.seq = self._commit(entries, now, caught_up=result.caught_up)
+            state.seq, state.last_commit = result.seq, now.isoformat()
         state.cache_offset = cache.size_of(
             cache.captured_path(self.state_dir, self.repo_id, self.bucket)
         )
@@ -225,8 +230,11 @@ class Capturer:
         except NotFound:
             return False
 
-    def _commit(self, entries: list[capture_chain.Captured], now: datetime) -> int:
-        """Write the sealed journal and the signed chain record that commits it."""
+    def _commit(
+        self, entries: list[capture_chain.Captured], now: datetime, *, caught_up: bool
+    ) -> int:
+        """Write the sealed journal and the signed chain record that commits it (a heartbeat:
+        an empty journal, first/last captured = the round's start)."""
         seq = self.chain.last_seq + 1
         header = capture_chain.journal_header(self.repo_id, seq)
         journal = self.writer.put_sealed(
@@ -247,8 +255,9 @@ class Capturer:
                 journal.entry.key, journal.entry.size, journal.entry.sha256
             ),
             blobs=tuple(blobs[b] for b in sorted(blobs)),
-            first_captured=min(e.captured_at for e in entries),
-            last_captured=max(e.captured_at for e in entries),
+            first_captured=min((e.captured_at for e in entries), default=now.isoformat()),
+            last_captured=max((e.captured_at for e in entries), default=now.isoformat()),
+            caught_up=caught_up,
         )
         capture_chain.append_record(
             self.writer.storage,
@@ -263,6 +272,15 @@ class Capturer:
             capture_chain.chain_key(seq),
         )
         return seq
+
+
+def _heartbeat_due(state: CaptureState, now: datetime) -> bool:
+    """A caught-up round that captured nothing still commits a (heartbeat) record when none
+    was committed for :data:`HEARTBEAT`: a restore to a moment in a quiet period needs a
+    signed proof that the capture was following then (ADR 0027)."""
+    if not state.last_commit:
+        return True
+    return now - datetime.fromisoformat(state.last_commit) >= HEARTBEAT
 
 
 def checked_chain(storage: Any, verify_keys: list[str], repo_id: str) -> capture_chain.Chain:

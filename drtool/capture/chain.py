@@ -1,6 +1,8 @@
 """The capture journal in the repository: sealed journals, proved by a signed chain.
 
-Each round that captured something writes two objects:
+Each round that captured something writes two objects (and a round that captured nothing
+writes them as a heartbeat, an empty journal, at most every few minutes, so a quiet period
+still proves the capture was following):
 
 * ``capture/journal/<seq:010d>.jsonl.zst.age``: the captured entries (capture time, bucket,
   key, ETag, size, sha256, content type, metadata, blob id, blob size and sha256), one JSON
@@ -115,10 +117,22 @@ class ChainRecord:
     blobs: tuple[Stored, ...]
     first_captured: str
     last_captured: str
+    #: the round had caught up: no full batch left rows unread, no id or object still owed;
+    #: only such a round proves every row committed before ``created`` was read. None: a
+    #: record written before this was recorded (proves nothing about coverage).
+    caught_up: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what is signed)."""
-        return {"format": CHAIN_FORMAT, **asdict(self)}
+        body = {"format": CHAIN_FORMAT, **asdict(self)}
+        if body["caught_up"] is None:  # as an older drtool wrote it
+            del body["caught_up"]
+        return body
+
+    @property
+    def proves_coverage(self) -> bool:
+        """Every attachment row committed before ``created`` was read by this round."""
+        return self.caught_up is True
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, name: str) -> ChainRecord:

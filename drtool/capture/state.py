@@ -28,6 +28,7 @@ class CaptureState:
     seq: int = 0  # the last chain record this host committed
     cache_offset: int = 0  # the captured cache's size when the last round committed
     last_round: str = ""
+    last_commit: str = ""  # the last round that committed a chain record (heartbeats: ADR 0027)
     last_error: str = ""
     captured: int = 0  # objects captured in all rounds
     uploaded: int = 0  # of them, blobs uploaded (the rest reused)

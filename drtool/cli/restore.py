@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from drtool.cli.context import CliState, emit_json, repository_option
 from drtool.cli.render import human_bytes, print_table, require_terminal, typed_confirmation
-from drtool.errors import IntegrityError, UsageError
+from drtool.config import Config
+from drtool.errors import DrtoolError, IntegrityError, UsageError
+from drtool.services.pitr_drill import stop_copy
 from drtool.services.restore import moment, stack_at
 from drtool.services.restore.pitr import PitrOptions, PitrResult, check_options, run_pitr
-from drtool.services.restore.run import PRODUCTION, RestoreOptions, RestoreResult, run_restore
+from drtool.services.restore.run import (
+    PRODUCTION,
+    RestoreOptions,
+    RestoreResult,
+    run_restore,
+    target_endpoints,
+)
+from drtool.stores import canary
 from drtool.stores.registry import COMPONENTS
 
 
@@ -132,8 +143,13 @@ def _restore_to_moment(
     )
 
 
-def _show_moment_plan(plan: moment.MomentPlan, into: str, target: str, dry_run: bool) -> None:
+def _show_moment_plan(
+    plan: moment.MomentPlan, into: str, target: str, dry_run: bool, buckets: dict[str, str]
+) -> None:
     where = {"postgres": f"new data directory {into}"}
+    where.update(
+        {canary.minio_name(b): f"{target or PRODUCTION} bucket {t}" for b, t in buckets.items()}
+    )
     print_table(
         f"restore plan: the stack at {plan.moment.isoformat()} (max skew "
         f"{plan.max_skew_s:.0f} s: {plan.max_skew_from})"
@@ -173,7 +189,8 @@ def _restore_stack_to_moment(
     cfg = state.config(repository=repository)
     plan = moment.plan_moment(cfg, when)
     if not as_json:
-        _show_moment_plan(plan, into, target, dry_run)
+        buckets = stack_at.bucket_targets(plan, target_endpoints(cfg, state.home, target))
+        _show_moment_plan(plan, into, target, dry_run, buckets)
     refusal = plan.refusal(accept_skew=accept_skew)
     if refusal is not None:
         raise refusal
@@ -186,9 +203,7 @@ def _restore_stack_to_moment(
         require_terminal("restore")
         if not typed_confirmation(target or PRODUCTION):
             raise UsageError("restore: not confirmed; nothing changed")
-    result = stack_at.restore_stack_at(
-        cfg, home=state.home, plan=plan, into=Path(into), target=target, force=force, port=port
-    )
+    result = _stack_or_clean_up(cfg, state, plan, Path(into), target, force=force, port=port)
     if as_json:
         emit_json({**asdict(result), "plan": [asdict(s) for s in plan.stores], "ok": result.ok})
     else:
@@ -196,6 +211,71 @@ def _restore_stack_to_moment(
     if not result.ok:
         failed = [c.detail for c in result.checks if not c.passed] + result.problems
         raise IntegrityError(f"restore to {result.moment}: {failed[0]}")
+
+
+def _whole_stack_options(target: str, how: dict[str, Any]) -> None:
+    """Refuse, before anything is read, what the whole-stack restore to a moment would not
+    honour: no --target (Redis and the buckets of production would go back to the moment
+    while production PostgreSQL stays at now: the copy goes to --into only), and any
+    per-store option of the snapshot restore (the moment restore has one way per store)."""
+    if not target:
+        raise UsageError(
+            "restore --at with --into (the whole stack): name --target; without it the "
+            "production Redis and buckets would be rolled back to the moment while production "
+            "PostgreSQL stays at now (the copy goes to --into only); nothing changed"
+        )
+    ctx = click.get_current_context()
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    given = [
+        flags.get(name, name)
+        for name in how
+        if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+    ]
+    if given:
+        raise UsageError(
+            f"restore --at with --into (the whole stack): {', '.join(sorted(given))} not "
+            "supported there (Redis online, buckets merged in full); nothing changed"
+        )
+
+
+def _stack_or_clean_up(
+    cfg: Config,
+    state: CliState,
+    plan: moment.MomentPlan,
+    into: Path,
+    target: str,
+    *,
+    force: bool,
+    port: int | None,
+) -> stack_at.StackAtResult:
+    """The whole-stack restore; when it fails, the PostgreSQL copy is stopped and the data
+    directory this run filled is removed, and the error names the stores already replaced
+    (they are not put back: the operator must know what changed)."""
+    copies: list[PitrResult] = []
+    restored: list[str] = []
+    try:
+        return stack_at.restore_stack_at(
+            cfg,
+            home=state.home,
+            plan=plan,
+            into=into,
+            target=target,
+            force=force,
+            port=port,
+            on_postgres=copies,
+            changed=restored,
+        )
+    except BaseException as exc:
+        stop_copy(into, copies[0] if copies else None)
+        if into.exists():  # check_options allowed only an absent or empty directory
+            shutil.rmtree(into, ignore_errors=True)
+        if not isinstance(exc, DrtoolError):
+            raise
+        changed = "; ".join(restored) or "nothing outside the data directory"
+        raise type(exc)(
+            f"{exc.message}; already restored before the failure: {changed}; the PostgreSQL "
+            f"copy was stopped and {into} removed"
+        ) from None
 
 
 def _show_stack_result(plan: moment.MomentPlan, result: stack_at.StackAtResult) -> None:
@@ -403,8 +483,10 @@ def restore(
     The whole stack to a moment: `--at TIME --into DIR` without --component:
     PostgreSQL as above, Redis from the newest RDB taken before TIME, each
     bucket as it was at TIME (snapshot + capture journal), Redis and the
-    buckets into --target (production only with the usual confirmation and
-    --force for a target holding data). The plan names each store's
+    buckets into --target, which is required (production's PostgreSQL would
+    stay at now; --force for a target holding data; the per-store options
+    above are refused there). On a failure the copy is stopped, DIR removed,
+    and the error names what was already replaced. The plan names each store's
     effective moment and skew; a skew above restore.max_skew_s (default:
     the schedule's Redis interval) stops it (exit 10) unless --accept-skew.
     The result counts the cross-store invariants; exit 5 when one fails.
@@ -417,6 +499,7 @@ def restore(
     if into is not None and lsn is None and at is not None and set(chosen) == set(COMPONENTS):
         if snapshot != "latest":
             raise UsageError(f"--at with --into: a moment, not a snapshot id (got {snapshot})")
+        _whole_stack_options(target, how)
         _restore_stack_to_moment(
             state,
             repository,

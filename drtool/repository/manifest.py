@@ -50,6 +50,10 @@ class ComponentEntry:
     duration_s: float
     source_version: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    #: when this part started and ended (ISO 8601 UTC, to the microsecond); None in
+    #: manifests written before they were recorded (and then left out of the body)
+    started: str | None = None
+    ended: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,12 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain JSON-ready dict."""
-        return {"format": MANIFEST_FORMAT, **asdict(self)}
+        body = asdict(self)
+        for comp in body["components"]:  # an older manifest's body stays byte-identical
+            for name in ("started", "ended"):
+                if comp[name] is None:
+                    del comp[name]
+        return {"format": MANIFEST_FORMAT, **body}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

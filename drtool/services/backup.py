@@ -233,10 +233,17 @@ def _backup_one(store: Store, ctx: BackupContext, result: BackupResult) -> Backe
     """Back up one store, timed; its entry carries the duration, the summary its figures."""
     name = store.name
     snapshot_id = ctx.writer.snapshot_id
+    started = datetime.now(UTC)
     with timed() as t:
         log.info("backing up %s", name, extra={"snapshot": snapshot_id, "component": name})
         done = store.backup(ctx)
-    entry = replace(done.entry, duration_s=round(t.seconds, 3))
+    # when the part ran, for a restore to a moment (repository/part_times.py)
+    entry = replace(
+        done.entry,
+        duration_s=round(t.seconds, 3),
+        started=started.isoformat(),
+        ended=datetime.now(UTC).isoformat(),
+    )
     result.components.append(
         ComponentSummary(
             name, entry.plain_bytes, sum(o.size for o in entry.objects), t.seconds, done.detail

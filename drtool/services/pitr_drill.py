@@ -20,7 +20,7 @@ import logging
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from drtool.runtime.binaries import pg_bin_dir
 from drtool.services.restore import moment as moment_plan
 from drtool.services.restore import pitr_plan, pitr_recover
 from drtool.services.restore.pitr import PitrOptions, PitrResult, run_pitr
+from drtool.services.restore.stack_at import moment_endpoints
 from drtool.sources.pg_fingerprint import compare, compute_fingerprints
 from drtool.stores import canary, checks
 from drtool.stores.postgres import restore as pg_restore
@@ -123,8 +124,7 @@ def choose(
 
 def run_pitr_drill(cfg: Config, home: Path, choice: PitrChoice, report: DrillReport) -> None:
     """Restore to the choice, check the copy, fill ``report`` (checks, RTO, measured RPO)."""
-    work = Path(tempfile.mkdtemp(prefix=f"pitr-{report.drill_id}-", dir=home))
-    work.chmod(0o711)  # the copy's server runs as the postgres user when we are root
+    work = work_dir(home, report.drill_id)
     result: PitrResult | None = None
     clock = Timer()
     try:
@@ -132,7 +132,7 @@ def run_pitr_drill(cfg: Config, home: Path, choice: PitrChoice, report: DrillRep
         result = run_pitr(cfg, options=options, confirm=lambda r: True)
         report.restore_s = report.phases_s["restore"] = round(clock.elapsed(), 3)
         report.rto_s["postgres"] = report.restore_s
-        endpoints = _copy_endpoints(cfg, result.port)
+        endpoints = moment_endpoints(cfg, home, "", result.port)
         report.checks.append(
             checks.CheckResult(
                 "restored to the moment",
@@ -154,6 +154,14 @@ def run_pitr_drill(cfg: Config, home: Path, choice: PitrChoice, report: DrillRep
     report.passed = all(c.passed for c in report.checks)
 
 
+def work_dir(home: Path, drill_id: str) -> Path:
+    """A new directory under ``home`` for the copy's data directory (``work/data``), which
+    the postgres user can enter: the copy's server runs as that user when we are root."""
+    work = Path(tempfile.mkdtemp(prefix=f"pitr-{drill_id}-", dir=home))
+    work.chmod(0o711)
+    return work
+
+
 def stop_copy(data: Path, result: PitrResult | None) -> None:
     """Stop the restored copy if a server runs on it, whatever stopped the drill (a deadline
     can strike while recovery runs, before ``run_pitr`` returned its result)."""
@@ -168,12 +176,6 @@ def stop_copy(data: Path, result: PitrResult | None) -> None:
             log.error("pitr drill: cannot find pg_ctl to stop the copy in %s", data)
             return
     pitr_recover.stop(bin_dir, data)
-
-
-def _copy_endpoints(cfg: Config, port: int) -> StackEndpoints:
-    """The configured stack with PostgreSQL pointed at the restored copy (same roles)."""
-    stack = cfg.stack()
-    return replace(stack, postgres=replace(stack.postgres, host="127.0.0.1", port=port))
 
 
 def _messages_readable(endpoints: StackEndpoints) -> checks.CheckResult:

@@ -198,10 +198,20 @@ def _newest_object(store: MinioStore, bucket: str) -> datetime | None:
 def measured_rpo(moment: datetime, newest: dict[str, datetime | None]) -> dict[str, float | None]:
     """Seconds each store lost before ``moment`` by its newest canary (None: no canary).
 
-    Negative values are clamped to 0: a canary written after the moment (clock skew between
-    the writer and the moment's source) means nothing was lost, not a gain.
+    A negative value is a canary written after the moment: the store holds data from past
+    the moment (a copy taken too late, or a clock skew) — never clamped to 0, which would
+    read as "nothing lost"; :func:`past_the_moment` names such stores for the checks.
     """
     return {
-        name: None if found is None else round(max(0.0, (moment - found).total_seconds()), 1)
+        name: None if found is None else round((moment - found).total_seconds(), 1)
         for name, found in newest.items()
     }
+
+
+def past_the_moment(measured: dict[str, float | None]) -> list[str]:
+    """``redis: its newest canary is 12 s past the moment`` for each store holding one."""
+    return [
+        f"{name}: its newest canary is {-value:.1f} s past the moment"
+        for name, value in sorted(measured.items())
+        if value is not None and value < 0
+    ]

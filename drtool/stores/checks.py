@@ -93,70 +93,84 @@ def _redis_nodes(endpoint: RedisEndpoint) -> list[RedisEndpoint]:
     return [node_endpoint(endpoint, shard) for shard in discover(endpoint)]
 
 
-def redis_points_to_existing_rows(endpoints: StackEndpoints) -> CheckResult:
+REDIS_REFERENCES = "redis points to existing rows"
+
+
+def redis_points_to_existing_rows(
+    endpoints: StackEndpoints, *, redis_older: bool = False
+) -> CheckResult:
     """Unread counters and recent lists name users, rooms and messages that exist.
 
-    A reference to an id above the largest one in PostgreSQL was created after the
-    PostgreSQL snapshot: counted as skew. A missing id below it is a failure.
+    Every reference (a counter's room, a recent list's message) is counted once, as
+    ``existing``, ``newer`` (an id above PostgreSQL's largest: written after the PostgreSQL
+    copy, skew), ``older`` or ``dangling``; the four add up to ``references``. A missing id
+    below the largest is ``dangling`` (a failure) when Redis was copied after PostgreSQL (a
+    snapshot). In a restore to a moment (``redis_older``) Redis comes from an RDB taken
+    *before* the moment, so a row deleted between the RDB and the moment leaves a reference
+    that is ``older`` skew, not a failure. A key naming a missing user or room (not a
+    reference) is counted in ``dangling_keys`` by the same rule.
     """
     with _connect_pg(endpoints) as conn:
         users = {r[0] for r in conn.execute("SELECT id FROM users")}
         rooms = {r[0] for r in conn.execute("SELECT id FROM chat_rooms")}
         message_ids = {r[0] for r in conn.execute("SELECT id FROM messages")}
-    max_user, max_room = max(users, default=0), max(rooms, default=0)
-    max_message = max(message_ids, default=0)
+    largest = {
+        "users": max(users, default=0),
+        "rooms": max(rooms, default=0),
+        "messages": max(message_ids, default=0),
+    }
+    exists = {"users": users, "rooms": rooms, "messages": message_ids}
     from drtool.sources.redis_client import connect as connect_redis
 
     problems: list[str] = []
-    skew = {"users": 0, "rooms": 0, "messages": 0}
-    counters = recent_ids = missing_refs = 0
+    skew = {"users": 0, "rooms": 0, "messages": 0}  # newer than PostgreSQL, by kind
+    refs = {"existing": 0, "newer": 0, "older": 0, "dangling": 0}
+    keys = {"existing": 0, "newer": 0, "older": 0, "dangling": 0}  # keys, not references
+
+    def judge(kind: str, ident: int, where: str, tally: dict[str, int]) -> None:
+        if ident in exists[kind]:
+            tally["existing"] += 1
+        elif ident > largest[kind]:
+            skew[kind] += 1
+            tally["newer"] += 1
+        elif redis_older:
+            tally["older"] += 1
+        else:
+            tally["dangling"] += 1
+            problems.append(f"{where}: {kind[:-1]} {ident} does not exist")
+
+    counters = recent_ids = 0
     for node in _redis_nodes(endpoints.redis):  # a cluster: each master's own keys
         client = connect_redis(node)
         try:
             for key in _scan(client, redis_layout.UNREAD_PATTERN):
-                user_id = redis_layout.user_id_of_unread(key)
-                if user_id not in users:
-                    if user_id > max_user:
-                        skew["users"] += 1
-                    else:
-                        problems.append(f"{key}: user {user_id} does not exist")
+                judge("users", redis_layout.user_id_of_unread(key), key, keys)
                 for room in client.hkeys(key):
                     counters += 1
-                    room_id = int(room)
-                    if room_id not in rooms:
-                        if room_id > max_room:
-                            skew["rooms"] += 1
-                        else:
-                            problems.append(f"{key}: room {room_id} does not exist")
-                            missing_refs += 1
+                    judge("rooms", int(room), key, refs)
             for key in _scan(client, redis_layout.RECENT_PATTERN):
-                room_id = redis_layout.room_id_of_recent(key)
-                if room_id not in rooms and room_id <= max_room:
-                    problems.append(f"{key}: room {room_id} does not exist")
+                judge("rooms", redis_layout.room_id_of_recent(key), key, keys)
                 for raw in client.lrange(key, 0, -1):
                     recent_ids += 1
-                    message_id = int(raw)
-                    if message_id not in message_ids:
-                        if message_id > max_message:
-                            skew["messages"] += 1
-                        else:
-                            problems.append(f"{key}: message {message_id} does not exist")
-                            missing_refs += 1
+                    judge("messages", int(raw), key, refs)
         finally:
             client.close()
-    # counters and recent-list ids naming a row that exists (the rest: dangling or newer)
-    existing = counters + recent_ids - missing_refs - skew["rooms"] - skew["messages"]
+    older = (
+        f", older than the moment (deleted after the RDB): {refs['older']}" if redis_older else ""
+    )
     return CheckResult(
-        "redis points to existing rows",
+        REDIS_REFERENCES,
         not problems,
-        f"{counters} unread counters, {recent_ids} recent-list ids; {existing} point to "
-        f"existing rows, {len(problems)} dangling; newer than the PostgreSQL snapshot (skew): "
-        f"{skew['users']} users, {skew['rooms']} rooms, {skew['messages']} messages",
+        f"{counters} unread counters, {recent_ids} recent-list ids: {refs['existing']} point "
+        f"to existing rows, {refs['dangling']} dangling, newer than PostgreSQL (skew): "
+        f"{refs['newer']}{older}; keys naming a missing user or room: {keys['dangling']}",
         {
             "counters": counters,
             "recent_ids": recent_ids,
-            "existing": existing,
-            "dangling": len(problems),
+            "references": counters + recent_ids,
+            **refs,
+            "dangling_keys": keys["dangling"],
+            "older_keys": keys["older"],
             "skew": skew,
         },
         problems[:MAX_EXAMPLES],

@@ -8,14 +8,17 @@ is than the moment asked for:
 
 - PostgreSQL: T itself when the WAL window reaches it; otherwise the PITR planner's own
   refusal (outside the window, behind a gap: exit 10) is the plan's;
-- Redis: the newest valid snapshot whose Redis part was taken entirely at or before T; its
-  effective moment is when that part *started* (the RDB holds every write before it), and
-  the manifest's start plus the durations of the parts before Redis says when that was;
-- each bucket: the newest valid snapshot holding it started at or before T (the base of
-  :func:`drtool.capture.at.bucket_at`); T itself when the capture journal covers T (a round
-  of that bucket captured at or after T: the capture was following the rows past the moment),
-  else the start of the newest round captured after that snapshot and at or before T (the
-  rows it read were committed before it), else the snapshot's start.
+- Redis: the newest valid snapshot whose Redis part had surely ended at or before T; its
+  effective moment is when that part *started* (the RDB holds every write before it): the
+  manifest records both (older manifests: conservative bounds, repository/part_times.py);
+- each bucket: the newest valid snapshot whose MinIO part (the listing) had ended at or
+  before T (:func:`drtool.capture.at.bucket_bases`, the base of ``bucket_at`` too); T
+  itself when the capture journal covers T (a round of that bucket that had caught up
+  started at or after T: it read every row committed before it), else the start of the
+  newest caught-up round after the listing and at or before T, else the start of the
+  snapshot's MinIO part. Rounds that left rows unread (a full batch) or ids owed, and
+  records written before that was recorded, prove nothing; an idle capture commits a
+  heartbeat record every few minutes so a quiet period still proves coverage.
 
 A store whose skew exceeds ``max_skew`` is named and the plan refuses (exit 10) unless told
 to accept it. The default limit is the interval (plus its jitter) of the schedule's most
@@ -29,32 +32,26 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from drtool.capture import chain as capture_chain
+from drtool.capture.at import bucket_bases
 from drtool.config import Config
 from drtool.errors import DrtoolError, IntegrityError, NotFound
-from drtool.repository import catalog
+from drtool.repository import catalog, part_times
 from drtool.repository.access import Repo, open_repo
 from drtool.repository.catalog import SnapshotRecord
 from drtool.services.restore import pitr_plan
 from drtool.services.scheduling.jobs import load_schedules
+from drtool.stores import canary
 from drtool.wal.index import WalIndex, load_index
 
 log = logging.getLogger(__name__)
 
 POSTGRES, REDIS, MINIO = "postgres", "redis", "minio"
-INDEX_SUFFIX = ".index.zst.age"
 #: when no schedule can be read: the included schedule's Redis job (schedules/default.toml)
 FALLBACK_MAX_SKEW_S = 3600.0
-#: a manifest's ``started`` is written to the second: the true start may be up to this later
-STARTED_PRECISION = timedelta(seconds=1)
-
-
-def bucket_store(bucket: str) -> str:
-    """The name a bucket goes by in plans and reports (as its canary does)."""
-    return f"{MINIO}:{bucket}"
 
 
 @dataclass(frozen=True)
@@ -158,7 +155,26 @@ def plan_moment(cfg: Config, moment: datetime, *, max_skew_s: float | None = Non
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
     index = load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
     limit, why = max_skew(cfg, max_skew_s)
+    if not max_skew_s and cfg.restore.max_skew_s <= 0:  # the schedule's: plus the margin
+        margin = redis_margin(records)
+        if margin:
+            limit, why = limit + margin, f"{why} + the longest Redis part {margin:.0f} s"
     return plan_from(repo, records, index, moment, limit, why)
+
+
+def redis_margin(records: list[SnapshotRecord]) -> float:
+    """The longest Redis part of the valid snapshots, in seconds.
+
+    Just before the next RDB's part ends, the moment still gets the previous RDB: its skew
+    is then one interval (plus jitter) plus that part's duration, and the schedule's limit
+    alone would refuse a healthy schedule there.
+    """
+    spans = [
+        (w[1] - w[0]).total_seconds()
+        for r in records
+        if r.valid and (w := component_window(r, REDIS))
+    ]
+    return round(max(spans, default=0.0), 1)
 
 
 def plan_from(
@@ -186,40 +202,29 @@ def plan_from(
 
 
 def component_window(record: SnapshotRecord, name: str) -> tuple[datetime, datetime] | None:
-    """When component ``name`` of the snapshot was taken, at the earliest and the latest.
-
-    Components are backed up one after another in the manifest's order, each with its
-    measured duration: from the start plus the durations before it, to that plus its own
-    (plus the start's rounding to the second).
-    """
-    m = record.manifest
-    if m is None:
-        return None
-    start = datetime.fromisoformat(m.started)
-    for comp in m.components:
-        if comp.name == name:
-            end = start + timedelta(seconds=comp.duration_s) + STARTED_PRECISION
-            return start, end
-        start += timedelta(seconds=comp.duration_s)
-    return None
+    """When part ``name`` of a snapshot was taken, at the earliest and the latest (None: the
+    snapshot lacks it, or its manifest was not read): :func:`part_times.part_window`."""
+    return part_times.part_window(record.manifest, name) if record.manifest else None
 
 
 def earliest_reachable(records: list[SnapshotRecord], stores: tuple[str, ...]) -> datetime | None:
     """The first moment at which each of ``stores`` (redis, minio) has a copy: the end of the
-    oldest valid snapshot's Redis part, the start of the oldest valid MinIO snapshot. None
+    oldest valid snapshot's Redis part, and of its MinIO part (the listing). None
     when none of them is named, or one has no copy at all (the plan then names it)."""
     found: list[datetime] = []
     for store in stores:
-        if store == REDIS:
-            ends = [w[1] for r in records if r.valid and (w := component_window(r, REDIS))]
-        elif store == MINIO:
-            ends = [r.time for r in records if r.valid and _bucket_names(r)]
-        else:
+        if store not in (REDIS, MINIO):
             continue
+        ends = [w[1] for r in records if r.valid and (w := component_window(r, store))]
         if not ends:
             return None
         found.append(min(ends))
     return max(found, default=None)
+
+
+def _minio_started(record: SnapshotRecord) -> datetime:
+    window = component_window(record, MINIO)
+    return window[0] if window else record.time
 
 
 def _redis(records: list[SnapshotRecord], moment: datetime) -> StoreMoment:
@@ -242,31 +247,17 @@ def _redis(records: list[SnapshotRecord], moment: datetime) -> StoreMoment:
     return StoreMoment(REDIS, start, f"snapshot {record.snapshot_id}", skew, record.snapshot_id)
 
 
-def _bucket_names(record: SnapshotRecord) -> list[str]:
-    comp = record.manifest.component(MINIO) if record.manifest else None
-    return [
-        o.key.rsplit("/", 1)[-1].removesuffix(INDEX_SUFFIX)
-        for o in (comp.objects if comp else ())
-        if o.kind == "minio_index"
-    ]
-
-
 def _buckets(repo: Repo, records: list[SnapshotRecord], moment: datetime) -> list[StoreMoment]:
-    """Every bucket the newest MinIO snapshot at or before the moment holds (bucket_at's base),
-    with what the capture journal adds (its signed chain records only, no journal read)."""
-    bases: dict[str, SnapshotRecord] = {}
-    for record in records:
-        if record.valid and record.time <= moment:
-            for bucket in _bucket_names(record):
-                if bucket not in bases or record.time > bases[bucket].time:
-                    bases[bucket] = record
+    """Every bucket with a base at the moment (:func:`bucket_bases`, as ``bucket_at``
+    chooses it), with what the capture journal adds (its signed chain records only)."""
+    bases = {b: record for b, (record, _) in bucket_bases(records, moment).items()}
     if not bases:
         return [
             StoreMoment(
                 MINIO,
                 None,
                 "snapshot",
-                error=f"no valid snapshot of a bucket started at or before {moment.isoformat()}",
+                error=f"no valid snapshot listed a bucket before {moment.isoformat()}",
             )
         ]
     found = capture_chain.load_chain(repo.storage, repo.verify_keys, repo.info.repo_id)
@@ -275,26 +266,27 @@ def _buckets(repo: Repo, records: list[SnapshotRecord], moment: datetime) -> lis
             f"capture chain: {found.problems[0]} (run `drtool capture verify`); nothing restored"
         )
     plans = []
-    for bucket, base in sorted(bases.items()):
-        rounds = [
-            r
+    for bucket, base in bases.items():  # never sorted: the order maps onto the target
+        # only rounds that had caught up prove coverage: every row committed before the
+        # round's start (``created``) was read; a full batch or an owed id proves nothing
+        starts = [
+            datetime.fromisoformat(r.created)
             for _, r in found.records
-            if r.bucket == bucket and datetime.fromisoformat(r.last_captured) > base.time
+            if r.bucket == bucket and r.proves_coverage
         ]
-        covered = any(datetime.fromisoformat(r.last_captured) >= moment for r in rounds)
-        before = [
-            datetime.fromisoformat(r.first_captured)
-            for r in rounds
-            if datetime.fromisoformat(r.first_captured) <= moment
-        ]
+        covered = any(start >= moment for start in starts)
+        before = [start for start in starts if start <= moment]
         source = f"snapshot {base.snapshot_id}"
+        listed = _minio_started(base)
         if covered:
             effective, source = moment, f"{source} + capture journal (covers the moment)"
-        elif before and max(before) > base.time:
+        elif before and max(before) > listed:
             effective = max(before)
             source += " + capture journal (ends before the moment)"
-        else:
-            effective = base.time
+        else:  # the listing started then: every object older than that is in it
+            effective = listed
         skew = round(max(0.0, (moment - effective).total_seconds()), 1)
-        plans.append(StoreMoment(bucket_store(bucket), effective, source, skew, base.snapshot_id))
+        plans.append(
+            StoreMoment(canary.minio_name(bucket), effective, source, skew, base.snapshot_id)
+        )
     return plans

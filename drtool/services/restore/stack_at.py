@@ -32,8 +32,9 @@ import psycopg
 from drtool.capture.at import BucketAt, bucket_at, journal_since, restore_bucket_at
 from drtool.config import Config
 from drtool.endpoints import StackEndpoints
-from drtool.errors import UsageError
+from drtool.errors import ConfigError, UsageError
 from drtool.repository.access import Repo, identities_of, open_repo
+from drtool.services.capture import capture_bucket
 from drtool.services.restore.moment import MomentPlan
 from drtool.services.restore.pitr import PitrOptions, PitrResult, run_pitr
 from drtool.services.restore.run import RestoreOptions, run_restore, target_endpoints
@@ -56,6 +57,7 @@ class StackAtResult:
     redis_detail: str = ""
     buckets: dict[str, str] = field(default_factory=dict)  # source bucket -> target bucket
     seconds: dict[str, float] = field(default_factory=dict)  # per store (RTO)
+    restore_s: float = 0.0  # all stores restored and read back, before the checks (RTO)
     checks: list[checks.CheckResult] = field(default_factory=list)
     measured_rpo_s: dict[str, float | None] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # read-back differences
@@ -70,10 +72,13 @@ def check_targets(
     cfg: Config, home: Path, plan: MomentPlan, target: str, *, force: bool
 ) -> dict[str, str]:
     """Refuse, before anything is touched, a non-empty Redis or bucket target without
-    ``force`` (the snapshot restore's rule); return the bucket mapping source -> target."""
+    ``force`` (the snapshot restore's rule); return the bucket mapping source -> target.
+
+    The plan lists the buckets in the snapshot's (the config's) order, so they map onto the
+    target's buckets as the snapshot restore maps them: by position, never sorted.
+    """
     endpoints = target_endpoints(cfg, home, target)
-    sources = [b.store.split(":", 1)[1] for b in plan.buckets()]
-    mapping = bucket_mapping(sources, endpoints.buckets)
+    mapping = bucket_targets(plan, endpoints)
     busy = []
     keys = target_keys(endpoints.redis)
     if keys:
@@ -91,6 +96,12 @@ def check_targets(
     return mapping
 
 
+def bucket_targets(plan: MomentPlan, endpoints: StackEndpoints) -> dict[str, str]:
+    """Each planned bucket -> the target bucket it is restored into (the snapshot restore's
+    :func:`bucket_mapping` over the plan's order, which is the snapshot's)."""
+    return bucket_mapping([b.store.split(":", 1)[1] for b in plan.buckets()], endpoints.buckets)
+
+
 def restore_stack_at(
     cfg: Config,
     *,
@@ -101,6 +112,7 @@ def restore_stack_at(
     force: bool = False,
     port: int | None = None,
     on_postgres: list[PitrResult] | None = None,
+    changed: list[str] | None = None,
     check: Callable[[StackEndpoints], list[checks.CheckResult]] | None = None,
 ) -> StackAtResult:
     """Restore every store of ``plan`` (already confirmed, refusal checked by the caller).
@@ -108,12 +120,14 @@ def restore_stack_at(
     ``target``: the ``[targets.NAME]`` (or local stack) for Redis and the buckets; ''
     is production, which the caller allows only under the plan/confirmation/--force rules.
     ``on_postgres`` receives the PostgreSQL copy as soon as it runs, so a caller can stop it
-    whatever fails afterwards. ``check`` runs on the restored stack (default
-    :func:`invariants`; a drill passes its own data checks, which include them).
+    whatever fails afterwards; ``changed`` is told each store as soon as it is in place
+    (``redis into second``), so a caller can say what a failure left changed. ``check``
+    runs on the restored stack (default :func:`invariants`; a drill passes its own data
+    checks, which include them).
     """
     mapping = check_targets(cfg, home, plan, target, force=force)
     result = StackAtResult(plan.moment.isoformat())
-    clock = Timer()
+    whole = clock = Timer()
     result.pitr = run_pitr(
         cfg,
         options=PitrOptions(at=plan.moment, into=into, yes=True, port=port),
@@ -122,6 +136,7 @@ def restore_stack_at(
     if on_postgres is not None:
         on_postgres.append(result.pitr)
     result.seconds["postgres"] = round(clock.elapsed(), 3)
+    done = changed if changed is not None else []
     endpoints = moment_endpoints(cfg, home, target, result.pitr.port)
     redis = plan.store("redis")
     clock = Timer()
@@ -134,6 +149,7 @@ def restore_stack_at(
         confirm=lambda r: True,
     )
     result.seconds["redis"] = round(clock.elapsed(), 3)
+    done.append(f"redis into {target or 'production'} (its keys replaced)")
     result.redis_snapshot = redis.snapshot_id
     result.redis_detail = "; ".join(c.detail for c in restored.components)
     result.problems += [p for c in restored.components for p in c.problems]
@@ -158,6 +174,7 @@ def restore_stack_at(
             shutil.rmtree(work, ignore_errors=True)  # never hides the restore's own error
         result.seconds[f"minio:{bucket}"] = round(clock.elapsed(), 3)
         result.buckets[bucket] = target_bucket
+        done.append(f"bucket {bucket} into {target_bucket}")
         result.problems += problems
         log.info(
             "bucket %s at %s into %s: %d objects (%d from the journal), %d uploaded",
@@ -168,13 +185,26 @@ def restore_stack_at(
             state.from_journal,
             outcome.uploaded,
         )
-    at_moment = replace(endpoints, buckets=tuple(mapping.values()) or endpoints.buckets)
+    at_moment = replace(endpoints, buckets=attachments_first(cfg, mapping) or endpoints.buckets)
+    result.restore_s = round(whole.elapsed(), 3)  # the RTO: the checks are not restoring
     result.checks = (check or invariants)(at_moment)
     newest = canary.newest_canaries(at_moment, at_moment.buckets)
     source_of = {canary.minio_name(t): canary.minio_name(b) for b, t in mapping.items()}
     named = {source_of.get(store, store): found for store, found in newest.items()}
     result.measured_rpo_s = canary.measured_rpo(plan.moment, named)  # as the plan names them
+    result.problems += canary.past_the_moment(result.measured_rpo_s)
     return result
+
+
+def attachments_first(cfg: Config, mapping: dict[str, str]) -> tuple[str, ...]:
+    """The target buckets, the attachments' first: the checks read the attachment rows'
+    objects from the first bucket, which must be where ``capture.bucket`` was restored."""
+    try:
+        attachments = mapping.get(capture_bucket(cfg), "")
+    except ConfigError:  # buckets = ["*"] and no capture.bucket: the mapping's order
+        attachments = ""
+    rest = [t for t in mapping.values() if t != attachments]
+    return tuple([attachments, *rest] if attachments else rest)
 
 
 def moment_endpoints(cfg: Config, home: Path, target: str, port: int) -> StackEndpoints:
@@ -217,5 +247,5 @@ def invariants(endpoints: StackEndpoints) -> list[checks.CheckResult]:
     """The cross-store invariants at the moment, with counts: the drill's own checks."""
     return [
         checks.attachments_have_objects(endpoints),
-        checks.redis_points_to_existing_rows(endpoints),
+        checks.redis_points_to_existing_rows(endpoints, redis_older=True),
     ]

@@ -74,7 +74,7 @@ def load(
     for ``buckets = ["*"]``) by name.
     """
     indexes = [o for o in comp.objects if o.kind == "minio_index"]
-    sources = [o.key.rsplit("/", 1)[-1].removesuffix(INDEX_SUFFIX) for o in indexes]
+    sources = [index_bucket(o.key) for o in indexes]
     mapping = bucket_mapping(sources, target_buckets)
     manifest_blobs = {o.key: o for o in comp.objects if o.kind == "blob"}
     result = []
@@ -87,6 +87,11 @@ def load(
         chosen = [e for e in entries if e.key.startswith(prefix)]
         result.append(BucketSnapshot(bucket, mapping[bucket], chosen, prefix))
     return result
+
+
+def index_bucket(key: str) -> str:
+    """The bucket a snapshot's index object holds (``.../<bucket>.index.zst.age``)."""
+    return key.rsplit("/", 1)[-1].removesuffix(INDEX_SUFFIX)
 
 
 def bucket_mapping(sources: list[str], target_buckets: tuple[str, ...]) -> dict[str, str]:

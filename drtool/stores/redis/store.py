@@ -209,6 +209,7 @@ class RedisStore:
             DrillCheck(
                 frozenset({"postgres", NAME}),
                 lambda eps, _rooms: checks.redis_points_to_existing_rows(eps),
+                lambda eps, _rooms: checks.redis_points_to_existing_rows(eps, redis_older=True),
             ),
         )
 
