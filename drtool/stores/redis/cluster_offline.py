@@ -149,12 +149,16 @@ def check_loads_rdb(node: NodeDir) -> None:
     (Redis loads the AOF instead when appendonly is on) or another RDB (a ``dbfilename``
     other than dump.rdb), as the single-server offline restore refuses an AOF target. The
     RDBs kept by an earlier restore (``*.pre_restore_*``) are not loaded and pass."""
+    try:
+        names = sorted(p.name for p in node.directory.iterdir())
+    except OSError as exc:
+        raise UsageError(f"{node.name}: cannot list its data dir ({exc.strerror})") from None
     found = [
-        p.name
-        for p in sorted(node.directory.iterdir())
-        if p.name == "appendonlydir"
-        or p.name.endswith(".aof")
-        or (p.name.endswith(".rdb") and p.name != RDB_NAME and ".pre_restore_" not in p.name)
+        name
+        for name in names
+        if name == "appendonlydir"
+        or name.endswith(".aof")
+        or (name.endswith(".rdb") and name != RDB_NAME and ".pre_restore_" not in name)
     ]
     if found:
         raise UsageError(
