@@ -34,6 +34,7 @@ ROTATE_CRASH_POINTS = (
 CRASH_POINTS = (
     *BACKUP_CRASH_POINTS,
     "restore-before-switch",  # the PostgreSQL copy is loaded and verified, not yet switched in
+    "redis-rdb-swap",  # an offline Redis restore: the old RDB kept, the new one not renamed in
     "entity-before-commit",  # restore-entity: journal written, objects put, rows not committed
     "after-postgres-base",  # the base backup is stored (only with --component postgres-base)
     "wal-after-upload",  # a WAL file is stored, its index chunk not yet committed

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -25,15 +27,20 @@ import redis
 import tomli_w
 from redis.cluster import ClusterNode, RedisCluster
 from support.cli import run_drtool, start_drtool
+from support.servers import free_port
 from support.stacks import Repository, make_repository
 
 from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint, S3Endpoint, StackEndpoints
+from drtool.errors import SourceError
 from drtool.runtime.procs import HOST
 from drtool.runtime.rediscluster import LocalCluster
 from drtool.services import repo as svc
 from drtool.sources.redis_cluster import discover, fingerprint_cluster
 from drtool.sources.redis_fingerprint import RedisFingerprints, compare, fingerprint_redis
+from drtool.stores.redis.cluster_offline import NodeDir, _put_back, holding_locks, read_node_dir
+from drtool.stores.redis.offline import place_file
+from drtool.stores.redis.shards import check_shards, masters_by_slots
 
 pytestmark = pytest.mark.slow  # three clusters of servers, drtool runs
 
@@ -47,13 +54,15 @@ def _client(cluster: LocalCluster) -> RedisCluster:
 
 @pytest.fixture(scope="module")
 def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalCluster]]:
-    """The source, a target of the same ranges (with a replica), and one of another shape."""
+    """The source, a target of the same ranges (with a replica), a twin of the target (same
+    ranges, other node ids), and one of another shape."""
     base = tmp_path_factory.mktemp("offline-clusters")
     made: dict[str, LocalCluster] = {}
     try:
         made["source"] = LocalCluster.up(base / "source", THREE, password=PASSWORD)
         made["target"] = LocalCluster.up(base / "target", THREE, password=PASSWORD)
         made["target"].add_replica(0)  # nodes[3] replicates nodes[0]
+        made["twin"] = LocalCluster.up(base / "twin", THREE, password=PASSWORD)  # same shape
         made["other"] = LocalCluster.up(
             base / "other", [((0, 8191),), ((8192, 16383),)], password=PASSWORD
         )
@@ -158,6 +167,104 @@ def test_a_running_node_is_refused_and_nothing_changes(
     assert [_files(node.rdb_path.parent) for node in target.nodes] == before
 
 
+def test_a_running_node_is_found_by_its_data_dir_when_its_lock_is_free(
+    clusters: dict[str, LocalCluster],
+    snapshot: tuple[Repository, str, dict[str, Any]],
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    tmp_path: Path,
+) -> None:
+    """Redis >= 7.2 renames a new nodes.conf over the one it locked, so a running node's
+    lock is not on the current file and its port may be elsewhere: a redis-server working
+    in the data dir (cwd) is found all the same (the local redis-server here is 7.0)."""
+    repository, snapshot_id, _ = snapshot
+    target = clusters["target"]
+    target.stop()
+    data = target.nodes[1].rdb_path.parent
+    before = [_files(node.rdb_path.parent) for node in target.nodes]
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(free_port()), "--bind", HOST, "--dir", str(data),
+         "--dbfilename", "elsewhere.rdb", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_cwd(server.pid, data)
+        run = _restore(
+            repository, snapshot_id, _dirs(target), tmp_path, pg_server, s3_server, target
+        )
+        assert run.returncode == 2, run.stderr
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "is running" in lines[0], run.stderr
+        assert f"pid {server.pid}" in lines[0]
+        assert [_files(node.rdb_path.parent) for node in target.nodes] == before
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        target.start()
+
+
+def _wait_cwd(pid: int, directory: Path) -> None:
+    """Until the process has changed into ``directory`` (redis-server does at start)."""
+    for _ in range(200):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") == str(directory.resolve()):
+                return
+        except OSError:
+            pass
+        threading.Event().wait(0.05)
+    pytest.fail(f"pid {pid} never worked in {directory}")
+
+
+def test_a_node_cannot_start_while_the_restore_holds_the_locks(
+    clusters: dict[str, LocalCluster],
+) -> None:
+    """The swap runs with every nodes.conf locked: a node started meanwhile refuses to run
+    (Redis: the cluster config file is already used by another node)."""
+    target = clusters["target"]
+    target.stop()
+    try:
+        nodes = [read_node_dir(d) for d in _dirs(target)]
+        with holding_locks(nodes):
+            with pytest.raises(SourceError):
+                target.nodes[0].start(timeout=30)
+            assert not target.nodes[0].running
+    finally:
+        target.start()
+
+
+def test_a_node_dir_of_another_cluster_of_the_same_shape_is_refused(
+    clusters: dict[str, LocalCluster],
+    snapshot: tuple[Repository, str, dict[str, Any]],
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    tmp_path: Path,
+) -> None:
+    """A mistyped dir (the twin's node, same slot ranges, other ids) must not be overwritten."""
+    repository, snapshot_id, _ = snapshot
+    target, twin = clusters["target"], clusters["twin"]
+    target.stop()
+    twin.stop()
+    dirs = _dirs(target)
+    dirs[1] = twin.nodes[1].rdb_path.parent
+    before = [_files(d) for d in [*_dirs(target), *_dirs(twin)]]
+    try:
+        run = _restore(repository, snapshot_id, dirs, tmp_path, pg_server, s3_server, target)
+        assert run.returncode == 2, run.stderr
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "not of the same cluster" in lines[0], run.stderr
+        assert [_files(d) for d in [*_dirs(target), *_dirs(twin)]] == before
+        # a replica the nodes know but whose dir is not given: named, refused
+        run = _restore(
+            repository, snapshot_id, _dirs(target)[:3], tmp_path, pg_server, s3_server, target
+        )
+        assert run.returncode == 2 and "no data dir given for the replicas" in run.stderr
+        assert str(target.nodes[3].port) in run.stderr
+        assert [_files(d) for d in [*_dirs(target), *_dirs(twin)]] == before
+    finally:
+        twin.start()
+        target.start()
+
+
 def _files(directory: Path) -> dict[str, bytes]:
     """The RDB files of a data dir (the replica's full sync wrote one)."""
     return {f.name: f.read_bytes() for f in directory.glob("*.rdb*") if f.is_file()}
@@ -227,6 +334,66 @@ def test_the_shards_rdbs_are_written_to_a_directory_for_nodes_on_other_hosts(
         "--redis-rdb-dir", str(out), "--yes", config=operator,
     )  # fmt: skip
     assert online.returncode == 2 and "--redis-mode offline" in online.stderr
+
+
+def test_a_bad_rdb_dir_or_one_without_redis_is_refused_at_plan_time(
+    clusters: dict[str, LocalCluster],
+    snapshot: tuple[Repository, str, dict[str, Any]],
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    tmp_path: Path,
+) -> None:
+    """A missing --redis-rdb-dir is refused by the plan (a dry run already), not after the
+    other stores were restored; --redis-rdb-dir without redis among the components too."""
+    repository, snapshot_id, _ = snapshot
+    operator = repository.operator_config(
+        tmp_path / "op.toml",
+        {"t": StackEndpoints(pg_server, clusters["target"].endpoint, s3_server, ("unused",))},
+    )
+    missing = tmp_path / "no-such-dir"
+    for extra in (("--component", "redis", "--dry-run"), ("--component", "postgres")):
+        run = run_drtool(
+            "restore", snapshot_id, "--target", "t", "--redis-mode", "offline",
+            "--redis-rdb-dir", str(missing), "--yes", *extra, config=operator,
+        )  # fmt: skip
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        assert run.returncode == 2 and len(lines) == 1, run.stderr
+        assert "--redis-rdb-dir" in lines[0]
+    assert not missing.exists()
+
+
+def test_a_node_dir_with_an_aof_or_another_rdb_is_refused(
+    clusters: dict[str, LocalCluster],
+    snapshot: tuple[Repository, str, dict[str, Any]],
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    tmp_path: Path,
+) -> None:
+    """The node would load its AOF (appendonly) or another dbfilename, not the placed
+    dump.rdb: refused in one line, nothing changed."""
+    repository, snapshot_id, _ = snapshot
+    target = clusters["target"]
+    target.stop()
+    data = target.nodes[2].rdb_path.parent
+    try:
+        for extra in (data / "appendonlydir", data / "mine.rdb"):
+            if extra.suffix:
+                extra.write_bytes(b"REDIS0009")
+            else:
+                extra.mkdir()
+            before = [_files(node.rdb_path.parent) for node in target.nodes]
+            try:
+                run = _restore(
+                    repository, snapshot_id, _dirs(target), tmp_path, pg_server, s3_server, target
+                )
+                lines = [line for line in run.stderr.splitlines() if line.strip()]
+                assert run.returncode == 2 and len(lines) == 1, run.stderr
+                assert extra.name in lines[0] and "appendonly no" in lines[0]
+                assert [_files(node.rdb_path.parent) for node in target.nodes] == before
+            finally:
+                extra.rmdir() if extra.is_dir() else extra.unlink()
+    finally:
+        target.start()
 
 
 def test_same_shape_restore_places_each_shards_rdb_and_the_started_cluster_equals_the_snapshot(
@@ -351,3 +518,119 @@ def test_a_placement_failing_on_the_last_node_puts_every_node_back(
     finally:
         blocker.rmdir()
         target.start()
+
+
+def test_a_kill_mid_swap_leaves_every_dump_rdb_whole(
+    clusters: dict[str, LocalCluster],
+    snapshot: tuple[Repository, str, dict[str, Any]],
+    pg_server: PostgresEndpoint,
+    s3_server: S3Endpoint,
+    tmp_path: Path,
+) -> None:
+    """kill -9 (the test-only crash point) once the first node's new RDB is written beside and
+    its old one kept, before the rename: that node's dump.rdb is still its whole previous file
+    (it used to be renamed away first: a node started then had no RDB), kept beside too."""
+    repository, snapshot_id, _ = snapshot
+    target = clusters["target"]
+    for node in target.nodes:
+        with redis.Redis(host=HOST, port=node.port, password=PASSWORD) as one:
+            one.save()
+    target.stop()
+    before = [node.rdb_path.read_bytes() for node in target.nodes]
+    earlier = set(target.nodes[0].rdb_path.parent.glob("dump.rdb.pre_restore_*"))
+    operator = repository.operator_config(
+        tmp_path / "op.toml",
+        {"t": StackEndpoints(pg_server, target.endpoint, s3_server, ("unused",))},
+    )
+    args = [a for d in _dirs(target) for a in ("--redis-node-dir", str(d))]
+    try:
+        run = run_drtool(
+            "restore", snapshot_id, "--target", "t", "--component", "redis", "--redis-mode",
+            "offline", *args, "--force", "--yes", config=operator,
+            extra_env={"DRTOOL_CRASH_AT": "redis-rdb-swap"},
+        )  # fmt: skip
+        assert run.returncode == 137, run.stderr
+        assert [node.rdb_path.read_bytes() for node in target.nodes] == before
+        kept = list(set(target.nodes[0].rdb_path.parent.glob("dump.rdb.pre_restore_*")) - earlier)
+        assert len(kept) == 1 and kept[0].read_bytes() == before[0]
+    finally:
+        for left in set(target.nodes[0].rdb_path.parent.glob("*.pre_restore_*")) - earlier:
+            left.unlink()
+        for node in target.nodes:
+            node.rdb_path.with_name(".dump.rdb.restoring").unlink(missing_ok=True)
+        target.start()
+
+
+def test_the_per_shard_check_counts_keys_expired_since_and_fails_others(
+    clusters: dict[str, LocalCluster],
+) -> None:
+    """The check run on the started nodes (and by a drill's scratch cluster): keys whose TTL
+    ran out since the fingerprints were taken are counted, not failed (as the single-server
+    restore and the staged-shard check treat them); a key lost without a TTL still fails."""
+    twin = clusters["twin"]
+    with _client(twin) as client:
+        for i in range(30):
+            client.set(f"stay:{i}", "v")
+            client.set(f"brief:{i}", "v", px=300)
+    masters = masters_by_slots(twin.endpoint, ready=True)
+    assert masters is not None
+    expected = [(ranges, fingerprint_redis(node)) for ranges, node in sorted(masters.items())]
+    with _client(twin) as client:
+        for _ in range(400):  # until every brief key is gone (expiry, not a timing assertion)
+            if not any(client.exists(f"brief:{i}") for i in range(30)):
+                break
+            threading.Event().wait(0.05)
+    checks = check_shards(masters, expected, "the twin")
+    assert [c.problems for c in checks] == [[], [], []]
+    assert sum(c.expired for c in checks) == 30
+    with _client(twin) as client:
+        client.delete("stay:0")
+    checks = check_shards(masters, expected, "the twin")
+    assert sum(1 for c in checks if c.problems) == 1
+
+
+def _node(directory: Path, node_id: str) -> NodeDir:
+    directory.mkdir()
+    return NodeDir(directory, node_id, HOST, 1, True, ((0, 16383),), {}, "", {})
+
+
+def test_a_failing_put_back_tries_every_node_and_names_how_each_is_left(tmp_path: Path) -> None:
+    """One node's kept RDB vanished (an operator's cleanup): its put-back fails, the other
+    node's is still done, and the failure names the node left with the restored RDB."""
+    a, b = _node(tmp_path / "a", "a" * 40), _node(tmp_path / "b", "b" * 40)
+    for node in (a, b):
+        node.rdb.write_bytes(b"old " + node.node_id.encode())
+    kept = [place_file_from_bytes(tmp_path, node.rdb, b"new") for node in (a, b)]
+    assert kept[0] is not None and kept[1] is not None
+    kept[1].unlink()
+    left = _put_back([(a, kept[0]), (b, kept[1])])
+    assert a.rdb.read_bytes() == b"old " + a.node_id.encode()  # attempted after b failed
+    assert len(left) == 1 and left[0].startswith(b.name)
+    assert "the restored RDB still placed" in left[0]
+
+
+def place_file_from_bytes(tmp_path: Path, data_file: Path, data: bytes) -> Path | None:
+    source = tmp_path / "new.rdb"
+    source.write_bytes(data)
+    return place_file(source, data_file, "20260101_000000")
+
+
+def test_the_placed_rdb_gets_the_old_files_mode_and_owner(tmp_path: Path) -> None:
+    """drtool as root with umask 077 must not leave an RDB the redis user cannot read."""
+    data = tmp_path / "dump.rdb"
+    data.write_bytes(b"old")
+    data.chmod(0o640)
+    owner = (os.getuid(), os.getgid())
+    if os.geteuid() == 0:
+        os.chown(data, 4242, 4343)
+        owner = (4242, 4343)
+    old_mask = os.umask(0o077)
+    try:
+        place_file_from_bytes(tmp_path, data, b"new")
+    finally:
+        os.umask(old_mask)
+    st = data.stat()
+    assert data.read_bytes() == b"new"
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o640, *owner)
+    assert not list(tmp_path.glob(".dump.rdb.restoring"))
+    assert (tmp_path / "dump.rdb.pre_restore_20260101_000000").read_bytes() == b"old"

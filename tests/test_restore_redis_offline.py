@@ -119,7 +119,9 @@ class _Corrupting(LocalPlacer):
     """Places a damaged file instead of the RDB: the server cannot load it and exits."""
 
     def place(self, rdb: Path) -> None:
-        self.stack.redis.rdb_path.write_bytes(b"REDIS0011" + secrets.token_bytes(500))
+        damaged = rdb.with_name("damaged.rdb")
+        damaged.write_bytes(b"REDIS0011" + secrets.token_bytes(500))
+        super().place(damaged)
 
 
 def test_a_server_that_does_not_come_up_gets_its_data_back(

@@ -24,10 +24,9 @@ from drtool.endpoints import StackEndpoints
 from drtool.repository import catalog
 from drtool.repository.access import identities_of, open_repo
 from drtool.runtime.rediscluster import LocalCluster
-from drtool.sources.redis_cluster import discover, node_endpoint
-from drtool.sources.redis_fingerprint import compare, fingerprint_redis
 from drtool.stores.checks import MAX_EXAMPLES, CheckResult
 from drtool.stores.redis import restore as redis_restore
+from drtool.stores.redis.shards import check_shards, masters_by_slots
 
 Shape = list[tuple[tuple[int, int], ...]]
 
@@ -69,32 +68,23 @@ def shard_checks(
     assert comp is not None
     repo = open_repo(cfg)
     snap = redis_restore.load(repo, record.manifest, comp, identities_of(cfg))
-    masters = {tuple(sorted(s.slots)): s for s in discover(endpoints.redis)}
+    masters = masters_by_slots(endpoints.redis, ready=False)
+    assert masters is not None  # not asked to wait for readiness
     results = []
-    for i, (ranges, recorded) in enumerate(snap.shards):
-        slots = ",".join(f"{a}-{b}" for a, b in ranges)
-        name = f"redis shard {i} (slots {slots}) fingerprints equal the snapshot's"
-        master = masters.get(tuple(sorted(ranges)))
-        if master is None:
-            results.append(CheckResult(name, False, "no scratch master owns exactly these slots"))
-            continue
-        live = fingerprint_redis(node_endpoint(endpoints.redis, master))
-        problems = compare(recorded, live)
-        keys = sum(d.keys for d in live.dbs.values())
-        expired = sum(d.keys for d in recorded.dbs.values()) - keys
-        if problems and redis_restore.only_expired(recorded, live):
-            detail = f"{keys:,} keys; {expired:,} with a TTL expired since the backup"
-            results.append(CheckResult(name, True, detail, {"keys": keys, "expired": expired}))
-            continue
-        results.append(
-            CheckResult(
-                name,
-                not problems,
-                f"{keys:,} keys on {master.host}:{master.port}"
-                if not problems
-                else "; ".join(problems[:3]),
-                {"keys": keys},
-                problems[:MAX_EXAMPLES],
+    for check in check_shards(masters, snap.shards, "the scratch cluster"):
+        name = f"redis {check.name} fingerprints equal the snapshot's"
+        if check.master is None or check.problems:
+            detail = "; ".join(check.problems[:3])
+            examples = check.problems[:MAX_EXAMPLES]
+            results.append(CheckResult(name, False, detail, {"keys": check.keys}, examples))
+        elif check.expired:
+            detail = f"{check.keys:,} keys; {check.expired:,} with a TTL expired since the backup"
+            results.append(
+                CheckResult(name, True, detail, {"keys": check.keys, "expired": check.expired})
             )
-        )
+        else:
+            where = f"{check.master.host}:{check.master.port}"
+            results.append(
+                CheckResult(name, True, f"{check.keys:,} keys on {where}", {"keys": check.keys})
+            )
     return results

@@ -26,3 +26,12 @@ class Meter:
     def sha256(self) -> str:
         """Hex SHA-256 of the bytes seen so far."""
         return self._hash.hexdigest()
+
+
+def measure(chunks: Iterable[bytes]) -> tuple[int, str]:
+    """Byte count and hex SHA-256 of a whole stream (e.g. a file read in chunks): the one way
+    a file written or kept is checked against a recorded sha256."""
+    meter = Meter()
+    for _ in meter.wrap(chunks):
+        pass
+    return meter.size, meter.sha256

@@ -12,7 +12,6 @@ name of a committed entry and other bytes is an integrity error: the WAL history
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from drtool.errors import IntegrityError
 from drtool.faults import crash_point
 from drtool.pipeline.header import InnerHeader
+from drtool.pipeline.meter import measure
 from drtool.pipeline.seal import seal
 from drtool.storage.base import Storage
 from drtool.wal.index import WalEntry, WalIndex, append_chunk, object_key
@@ -47,14 +47,6 @@ def _read(path: Path) -> Iterator[bytes]:
     with path.open("rb") as f:
         while piece := f.read(READ_SIZE):
             yield piece
-
-
-def _digest(path: Path) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    for piece in _read(path):
-        digest.update(piece)
-        size += len(piece)
-    return size, digest.hexdigest()
 
 
 @dataclass
@@ -127,7 +119,7 @@ class Sealer:
         batch_paths: list[Path] = []
         done: list[Path] = []
         for path in self.spool.closed():
-            plain_size, plain_sha256 = _digest(path)
+            plain_size, plain_sha256 = measure(_read(path))
             committed = self.index.entries.get(path.name)
             if committed is not None:
                 if (committed.plain_size, committed.plain_sha256) != (plain_size, plain_sha256):

@@ -155,6 +155,11 @@ def run_restore(
     )
     restoring = _load(SnapshotSource(repo, m, identities), chosen, target)
     per_node = options.redis_node_dirs or options.redis_rdb_dir
+    if per_node and "redis" not in restoring:
+        raise UsageError(
+            f"--redis-node-dir/--redis-rdb-dir: snapshot {m.snapshot_id} has no Redis to "
+            "restore; nothing changed"
+        )
     if "redis" in restoring and options.redis_mode == "offline" and not per_node:
         placer = redis_placer(cfg, home, options.target, target.endpoints.redis)
         target = replace(target, placer=placer)
@@ -222,6 +227,12 @@ def _check_options(options: RestoreOptions) -> None:
         raise UsageError(
             "--redis-node-dir/--redis-rdb-dir: an RDB per cluster node, add --redis-mode "
             "offline (online copies keys into the running cluster)"
+        )
+    per_node = options.redis_node_dirs or options.redis_rdb_dir
+    if per_node and options.components and "redis" not in options.components:
+        raise UsageError(
+            "--redis-node-dir/--redis-rdb-dir: for a Redis restore, and redis is not "
+            f"among --component {','.join(options.components)}; nothing changed"
         )
     if options.at is not None and options.ref != "latest":
         raise UsageError(f"--at: picks among snapshots, not with a snapshot id (got {options.ref})")

@@ -14,10 +14,12 @@ data is put back and the server started again, and the restore fails saying so.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
 import shutil
+import stat
 import tarfile
 import time
 from contextlib import closing
@@ -29,6 +31,7 @@ import redis
 
 from drtool.endpoints import RedisEndpoint
 from drtool.errors import SourceError, UsageError
+from drtool.faults import crash_point
 from drtool.runtime.local import LocalStack
 from drtool.sources.redis_client import connect, ephemeral_redis, keyspace_dbs, redis_error
 from drtool.sources.redis_fingerprint import compare, fingerprint_redis
@@ -41,29 +44,78 @@ READY_TIMEOUT = 600.0  # a large RDB takes a while to load
 POLL = 0.2
 
 
-def keep_aside(data_file: Path, stamp: str) -> Path | None:
-    """Rename a server's data file to ``<file>.pre_restore_<stamp>`` (None: there was none)."""
-    if not data_file.exists():
-        return None
-    kept = data_file.with_name(f"{data_file.name}.pre_restore_{stamp}")
-    data_file.replace(kept)
+def place_file(rdb: Path, data_file: Path, keep_stamp: str | None = None) -> Path | None:
+    """Swap ``rdb`` in as ``data_file``, so that ``data_file`` is at every moment the whole old
+    file or the whole new one, never part of one nor missing (a node started meanwhile, or a
+    crash, finds a loadable file).
+
+    The new bytes are copied beside (with the old file's mode and owner) and fsynced; with
+    ``keep_stamp`` the old file gets a second name, ``<file>.pre_restore_<stamp>`` (a hard
+    link: no copy; a copy where links are not supported), returned; then the new file is
+    renamed over ``data_file``, after which the kept name is the old bytes' only one. The
+    temp file (and a kept name not yet needed) is removed when anything fails, an interrupt
+    too.
+    """
+    tmp = data_file.with_name(f".{data_file.name}.restoring")
+    kept: Path | None = None
+    try:
+        shutil.copyfile(rdb, tmp)
+        _same_mode_and_owner(data_file, tmp)
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        if keep_stamp is not None and data_file.exists():
+            kept = data_file.with_name(f"{data_file.name}.pre_restore_{keep_stamp}")
+            _second_name(data_file, kept)
+        crash_point("redis-rdb-swap")
+        os.replace(tmp, data_file)
+    except BaseException:
+        if not tmp.is_dir():
+            tmp.unlink(missing_ok=True)
+        if kept is not None:
+            kept.unlink(missing_ok=True)  # data_file is still the old file
+        raise
+    _fsync_dir(data_file.parent)
     return kept
 
 
-def place_file(rdb: Path, data_file: Path) -> None:
-    """Copy ``rdb`` beside ``data_file`` (fsynced), then rename it over: the server finds the
-    old file or the new one, never part of one."""
-    tmp = data_file.with_name(f".{data_file.name}.restoring")
-    shutil.copyfile(rdb, tmp)
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, data_file)
+def _second_name(data_file: Path, kept: Path) -> None:
+    kept.unlink(missing_ok=True)  # a restore of the same second before: its file is the same
+    try:
+        os.link(data_file, kept)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        shutil.copy2(data_file, kept)
+
+
+def _same_mode_and_owner(old: Path, new: Path) -> None:
+    """The new file as readable as the old one: drtool may run as root with umask 077 while
+    the server runs as ``redis``, which must still read its RDB."""
+    try:
+        st = old.stat()
+    except FileNotFoundError:
+        return
+    os.chmod(new, stat.S_IMODE(st.st_mode))
+    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+        os.chown(new, st.st_uid, st.st_gid)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def put_file_back(data_file: Path, kept: Path | None) -> None:
-    """Undo :func:`keep_aside` + :func:`place_file`: the kept file back, or none at all."""
+    """Undo :func:`place_file`: the kept file renamed back over the data file (atomically),
+    or the placed one removed when there was none."""
     if kept is not None:
-        kept.replace(data_file)
+        if data_file.exists() and os.path.samefile(kept, data_file):
+            kept.unlink()  # not replaced yet: both names are the old file (rename is a no-op)
+        else:
+            os.replace(kept, data_file)
     else:
         data_file.unlink(missing_ok=True)
 
@@ -74,6 +126,7 @@ class LocalPlacer:
 
     stack: LocalStack
     kept: Path | None = None
+    stamp: str = ""
 
     @property
     def where(self) -> str:
@@ -85,12 +138,13 @@ class LocalPlacer:
         self.stack.redis.stop()
 
     def keep_current(self, stamp: str, workdir: Path) -> None:
-        """Rename the data file to ``<file>.pre_restore_<stamp>``."""
-        self.kept = keep_aside(self.stack.redis.rdb_path, stamp)
+        """Nothing yet: :meth:`place` keeps the data file as ``<file>.pre_restore_<stamp>``
+        while it swaps the new one in (the data file never missing)."""
+        self.stamp = stamp
 
     def place(self, rdb: Path) -> None:
-        """Copy beside the data file, then rename over it."""
-        place_file(rdb, self.stack.redis.rdb_path)
+        """Copy beside the data file, keep the old one, rename the new one over it."""
+        self.kept = place_file(rdb, self.stack.redis.rdb_path, self.stamp)
 
     def put_back(self) -> None:
         """Rename the kept file back (or remove the placed one when there was none)."""

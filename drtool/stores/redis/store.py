@@ -242,6 +242,7 @@ class RedisRestoring:
             nodes = [cluster_offline.read_node_dir(d) for d in target.redis_node_dirs]
             for node in nodes:
                 cluster_offline.check_down(node)
+                cluster_offline.check_loads_rdb(node)
             shards = cluster_offline.match([r for r, _ in self.snap.shards], nodes)
             self.nodes = (nodes, shards)
         return self.nodes
@@ -264,6 +265,7 @@ class RedisRestoring:
 
     def _plan_files(self, directory: Path) -> PlanItem:
         self._require_cluster("--redis-rdb-dir")
+        cluster_offline.check_writable_dir(directory)  # before any store is restored
         files = [
             cluster_offline.shard_file(directory, i, ranges)
             for i, (ranges, _) in enumerate(self.snap.shards)
@@ -395,12 +397,15 @@ class RedisRestoring:
         )
         pairs = zip(self.snap.shards, loaded, strict=True)
         layout = [(ranges, prints) for (ranges, _), prints in pairs]
-        problems = cluster_offline.compare_started(r, layout, target.redis_wait_s)
-        return Restored(
-            problems,
-            f"{done}; started, each master's fingerprints compared with its shard's; "
-            f"{self.snap.consistency}",
-        )
+        started = cluster_offline.compare_started(r, layout, target.redis_wait_s)
+        if not started.compared:
+            checked = "not compared (the cluster was not ready in time)"
+        else:
+            checked = (
+                f"started, each master's fingerprints compared with its shard's, "
+                f"{started.expired:,} more expired (TTL) since"
+            )
+        return Restored(started.problems, f"{done}; {checked}; {self.snap.consistency}")
 
     def _restore_files(self, directory: Path) -> Restored:
         """Each shard's staged RDB checked, then written into ``directory`` for the operator."""
