@@ -30,11 +30,7 @@ from support.wal_kit import (
     start_wal_server,
 )
 
-from drtool import keys
-from drtool.config import load_config
-from drtool.repository.access import open_repo
 from drtool.wal.names import parse_lsn, segment_of_lsn
-from drtool.wal.pruned import append_pruned, load_pruned
 
 
 @pytest.fixture(scope="module", params=[15, 16], ids=["pg15", "pg16"])
@@ -141,19 +137,7 @@ def test_a_gap_before_the_target_names_the_missing_segment_and_the_latest_moment
     record for the segment holding the target, which the index then lacks."""
     kit = history.kit
     name = _first_needed_segment(history)
-    repo = open_repo(load_config(kit.operator, {}))
-    chain = load_pruned(repo.storage, repo.verify_keys, repo.info.repo_id)
-    key = append_pruned(
-        repo.storage,
-        chain,
-        repo_id=repo.info.repo_id,
-        signing_key=keys.load_signing_key(kit.root / "keys" / "signing.key"),
-        host="test",
-        created=datetime.now(UTC).isoformat(),
-        floor_segment=name,
-        base_snapshot=history.base,
-        removed=[name],
-    )
+    record = kit.forget(name, history.base)
     try:
         into = history.new_dir()
         result = history.restore("--at", history.at.isoformat(), "--into", str(into))
@@ -162,7 +146,7 @@ def test_a_gap_before_the_target_names_the_missing_segment_and_the_latest_moment
         assert "the latest reachable moment is" in result.stderr
         assert not into.exists()
     finally:
-        (kit.repo_dir / key).unlink()
+        record.unlink()
 
 
 @pytest.mark.slow

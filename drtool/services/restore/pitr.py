@@ -11,7 +11,8 @@ BEFORE the data directory is created. Then: extract, recovery settings, the same
 segment holds it is only estimated from sealed times), each file checked the same way before
 PostgreSQL can read it; should one it needed fail its checks, or a gap stop it short, the new
 data directory is removed before the error (nothing is left, the running cluster was never
-involved). At the end of an unbroken run it recovers to the end of the WAL held and says so.
+involved). At the end of an unbroken run it recovers to the end of the WAL held and says where
+the server's recovery ended (short of the last segment held is an error, nothing kept).
 The result names the moment and WAL position reached. The running cluster is never touched:
 the copy runs on its own loopback port with archiving off.
 """
@@ -46,9 +47,10 @@ from drtool.runtime.procs import free_port_block
 from drtool.services.restore import pitr_plan, pitr_prefetch, pitr_recover, pitr_volume
 from drtool.stores.stage import Plain, check_free_space, stage
 from drtool.timing import Timer
-from drtool.wal.fetch import fetch_checked
+from drtool.wal.fetch import fetch_checked, read_histories
 from drtool.wal.history import Branch, parse_history
 from drtool.wal.index import WalEntry, load_index
+from drtool.wal.names import is_history, parse_lsn, parse_segment
 
 RECOVERY_TIMEOUT_S = 3600.0
 log_ = logging.getLogger(__name__)
@@ -144,7 +146,14 @@ def run_pitr(
     index = load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
     target = pitr_plan.Target(options.at, options.lsn)
-    chosen = pitr_plan.plan(records, index, target)
+    histories = read_histories(
+        repo.storage,
+        repo.info.repo_id,
+        [e for e in index.entries.values() if is_history(e.name)],
+        identities,
+        list(repo.info.recipients),
+    )
+    chosen = pitr_plan.plan(records, index, target, histories)
     base = chosen.base
     major = pg_major_of(base.component.source_version)
     if major is None:
@@ -240,7 +249,8 @@ class _Stager:
                 branches=self.branches.get(e.timeline),
             )
             if e.kind == "history":
-                self.branches[e.timeline] = parse_history(path.read_text(), name=e.name)
+                text = path.read_text(errors="replace")
+                self.branches[e.timeline] = parse_history(text, name=e.name)
             self.result.segments_staged += 1 if e.kind == "segment" else 0
             self.result.staged_bytes += e.plain_size
         pitr_recover.chown_tree(self.staging)
@@ -292,7 +302,12 @@ def _stage_and_recover(
         pitr_recover.chown_tree(log)
         result.log = str(log)
         try:
-            _recover(chosen, stager, bin_dir, into, log, options, result)
+            to_end = _recover(chosen, stager, bin_dir, into, log, options, result)
+            result.phases["recover"] = round(clock.elapsed() - sum(result.phases.values()), 3)
+            pitr_recover.remove_recovery_block(into)
+            result.reached_time, result.reached_lsn = _reached(cfg, result.port, log)
+            if to_end:
+                _end_of_wal(chosen, result)
         except (IntegrityError, NotFound):
             # WAL staged on demand failed its checks, or a gap stops recovery short of the
             # target: the copy cannot be completed, so nothing of it is left behind (it never
@@ -301,9 +316,6 @@ def _stage_and_recover(
             shutil.rmtree(into, ignore_errors=True)
             log.unlink(missing_ok=True)
             raise
-        result.phases["recover"] = round(clock.elapsed() - sum(result.phases.values()), 3)
-        pitr_recover.remove_recovery_block(into)
-        result.reached_time, result.reached_lsn = _reached(cfg, result.port, log)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -316,9 +328,9 @@ def _recover(
     log: Path,
     options: PitrOptions,
     result: PitrResult,
-) -> None:
+) -> bool:
     """Recover while the rest of the run is staged alongside (pitr_prefetch); at the end of
-    an unbroken run without the target, recover to the end of the WAL held, saying so."""
+    an unbroken run without the target, recover to the end of the WAL held (True then)."""
     command = pitr_prefetch.write_script(stager.staging, chosen.run)
     pitr_recover.chown_tree(stager.staging)
     prefetcher = pitr_prefetch.Prefetcher(
@@ -332,13 +344,14 @@ def _recover(
         restore_command=command,
     )
     prefetcher.start()
+    to_end = False
     try:
         while True:
             pitr_recover.write_settings(into, settings)
             result.recovery_starts += 1
             outcome = pitr_recover.start_and_wait(bin_dir, into, log, timeout=RECOVERY_TIMEOUT_S)
             if outcome.promoted:
-                return
+                return to_end
             if not outcome.not_reached:
                 raise SourceError(
                     f"restore to a moment: PostgreSQL stopped during recovery ({into} kept; "
@@ -349,7 +362,8 @@ def _recover(
                 raise prefetcher.error  # recovery needed what failed its checks
             if settings.target_time is None and settings.target_lsn is None:
                 raise SourceError(f"restore to a moment: recovery failed: {outcome.log_tail}")
-            _end_of_wal(chosen, result)
+            _no_gap(chosen)
+            to_end = True
             settings = pitr_recover.RecoverySettings(
                 stager.wal_dir, result.port, restore_command=command
             )
@@ -357,23 +371,40 @@ def _recover(
         prefetcher.stop()
 
 
-def _end_of_wal(chosen: pitr_plan.PitrPlan, result: PitrResult) -> None:
-    """The whole run replayed without reaching the target: a gap is an error; else say so."""
-    last = chosen.run[-1]
+def _no_gap(chosen: pitr_plan.PitrPlan) -> None:
+    """The whole run replayed without reaching the target: a gap after it is an error."""
     if chosen.missing is not None:
+        last = chosen.run[-1]
         raise NotFound(
             f"restore to {chosen.target.describe()}: WAL segment {chosen.missing} is "
             f"missing (a gap in the WAL from base backup {chosen.base.snapshot_id}); the "
             f"latest reachable moment is {last.sealed} (through segment {last.name})"
         )
+
+
+def _end_of_wal(chosen: pitr_plan.PitrPlan, result: PitrResult) -> None:
+    """Recovered to the end of the WAL held: say where the server's recovery ended (its own
+    answer, not the plan's). Ending before the last segment held is an error: PostgreSQL
+    did not read WAL the plan holds, so the copy is not what was planned."""
+    last = chosen.run[-1]
+    last_start = parse_segment(last.name, chosen.segment_size).segno * chosen.segment_size
+    reached = result.reached_lsn
+    if reached is not None and parse_lsn(reached) < last_start:
+        raise NotFound(
+            f"restore to {chosen.target.describe()}: PostgreSQL's recovery ended at LSN "
+            f"{reached}, before the last WAL segment held ({last.name}) of the unbroken run "
+            f"from base backup {chosen.base.snapshot_id}; nothing kept (`drtool wal verify`)"
+        )
+    where = f"LSN {reached}" if reached is not None else "the server did not say its LSN"
     log_.warning(
-        "the WAL held ends before %s: restoring to its end (segment %s)",
+        "the WAL held ends before %s: restored to the end recovery reached (%s)",
         chosen.target.describe(),
-        last.name,
+        where,
     )
     result.notes.append(
-        f"the WAL held ends before {chosen.target.describe()} was reached: restored to "
-        f"its end (segment {last.name}, sealed {last.sealed})"
+        f"the WAL held ends before {chosen.target.describe()} was reached: restored to the "
+        f"end recovery reached ({where}, last transaction {result.reached_time}); the WAL "
+        f"held runs through segment {last.name}, sealed {last.sealed}"
     )
 
 
@@ -472,7 +503,7 @@ def _recover_volume(
     restore: pitr_volume.VolumeRestore,
     options: PitrOptions,
     result: PitrResult,
-) -> None:
+) -> bool:
     """Recover in the container; when the staged WAL ended before the target, stage more of
     the run (checked the same way; 8, 16, 32 ... segments) and start again; at the end of an
     unbroken run, recover to the end of the WAL held, saying so (as for a directory).
@@ -487,11 +518,12 @@ def _recover_volume(
         target_lsn=options.lsn,
     )
     staged, chunk = chosen.stage_count, pitr_prefetch.LOOKAHEAD
+    to_end = False
     while True:
         outcome = restore.recover(settings.pairs(), timeout=RECOVERY_TIMEOUT_S)
         result.recovery_starts += 1
         if outcome.promoted:
-            return
+            return to_end
         if not outcome.not_reached:
             raise SourceError(
                 f"restore to a moment: PostgreSQL stopped during recovery in volume "
@@ -506,5 +538,6 @@ def _recover_volume(
             continue
         if settings.target_time is None and settings.target_lsn is None:
             raise SourceError(f"restore to a moment: recovery failed: {outcome.log_tail}")
-        _end_of_wal(chosen, result)
+        _no_gap(chosen)
+        to_end = True
         settings = pitr_recover.RecoverySettings(Path(pitr_volume.WAL_DIR), 0)
