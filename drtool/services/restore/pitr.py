@@ -89,7 +89,8 @@ class PitrResult:
     pg_ctl: str = ""
     log: str = ""
     volume: str = ""  # --into-volume: the new Docker volume holding the data directory
-    image: str = ""  # --into-volume: the image that recovered it
+    image: str = ""  # --into-volume: the image that recovered it (as configured)
+    image_id: str = ""  # --into-volume: that image's id, which every container ran
     hash_checked: int = 0  # dry run: objects whose stored size and sha256 were checked
     recovery_starts: int = 0  # more than 1: recovered again, to the end of the WAL held
     #: seconds of each phase: stage (base + first WAL, checked), extract, recover
@@ -162,7 +163,7 @@ def run_pitr(
             f"({base.component.source_version!r})"
         )
     if options.into_volume is not None:
-        return _run_into_volume(cfg, repo, identities, chosen, major, options, confirm, clock)
+        return _run_into_volume(cfg, repo, identities, chosen, options, confirm, clock)
     assert options.into is not None
     into = options.into.resolve() if options.into.exists() else options.into.absolute()
     try:
@@ -434,7 +435,6 @@ def _run_into_volume(
     repo: Repo,
     identities: list[str],
     chosen: pitr_plan.PitrPlan,
-    major: int,
     options: PitrOptions,
     confirm: Callable[[PitrResult], bool],
     clock: Timer,
@@ -442,10 +442,12 @@ def _run_into_volume(
     """``--into-volume``: the same staging and checks; recovery in containers of
     ``postgres.image`` (pitr_volume.py). The volume is created only after the checks."""
     assert options.into_volume is not None
-    target = pitr_volume.VolumeTarget.open(options.into_volume, cfg.postgres.image, major)
+    build = chosen.base.component.source_version
+    target = pitr_volume.VolumeTarget.open(options.into_volume, cfg.postgres.image, build)
     try:
         result = _result(chosen, f"docker volume {options.into_volume}", options)
         result.volume, result.image = options.into_volume, target.image
+        result.image_id = target.image_id
         if options.dry_run:
             result.hash_checked = _hash_check(repo, chosen)
             return result
@@ -469,13 +471,18 @@ def _run_into_volume(
             stager.fetch(first)
             result.phases["stage"] = round(clock.elapsed(), 3)
             # everything read so far is authentic: only now is a volume created
-            restore.populate(tar, [wal_dir / e.name for e in first])
+            restore.populate(tar, [wal_dir / e.name for e in first], timeout=RECOVERY_TIMEOUT_S)
             tar.unlink()
             _drop(wal_dir, first)
-            _recover_volume(chosen, stager, restore, options, result)
+            to_end = _recover_volume(chosen, stager, restore, options, result)
             result.phases["recover"] = round(clock.elapsed() - result.phases["stage"], 3)
             result.reached_time, result.reached_lsn = restore.reached(cfg.stack().postgres)
-            restore.finish()
+            if to_end:
+                _end_of_wal(chosen, result)
+            note = restore.finish()
+            if note is not None:
+                log_.warning("%s", note)
+                result.notes.append(note)
     finally:
         target.client.close()
     result.seconds = round(clock.elapsed(), 3)
@@ -509,7 +516,8 @@ def _recover_volume(
     unbroken run, recover to the end of the WAL held, saying so (as for a directory).
 
     No on-demand staging while PostgreSQL replays here (pitr_prefetch needs the staged
-    directory shared with the server): a short first estimate costs a replay from the base.
+    directory shared with the server): a short first estimate costs a replay from the last
+    restartpoint the previous start made (the base's checkpoint when it made none).
     """
     settings = pitr_recover.RecoverySettings(
         Path(pitr_volume.WAL_DIR),
