@@ -259,6 +259,7 @@ def _two_histories(kit: WalKit, runtime_root: Path) -> tuple[str, datetime]:
     try:
         _connected(kit, standby.endpoint)
         with admin(primary.endpoint) as conn:
+            conn.execute("DROP TABLE IF EXISTS marks")  # the module's server: another test's
             conn.execute("CREATE TABLE marks (note text)")
             conn.execute("SELECT pg_switch_wal()")
         base = run_backup(
