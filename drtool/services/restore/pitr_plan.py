@@ -242,7 +242,8 @@ def plan(
         )
     base = fitting[-1]
     followed = followed_from(base, index, size, histories)
-    _check_on_history(base, followed, target)
+    if histories is not None:  # an estimate cannot tell where inside a segment a switch lay
+        _check_on_history(base, followed, target)
     run, missing = run_from(index, base, size, histories)
 
     def reachable() -> str:

@@ -31,6 +31,8 @@ END = "# --- end of drtool restore to a moment ---"
 KEPT = "# --- drtool restore to a moment: the restored copy's own settings ---"
 NOT_REACHED = "recovery ended before configured recovery target was reached"
 SYSTEM_USER = "postgres"
+#: what a promoted copy is asked (a directory's over TCP, a volume's inside its container)
+REACHED_SQL = "SELECT pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn()::text"
 
 
 def run_as_kwargs() -> dict[str, object]:

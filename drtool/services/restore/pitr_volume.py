@@ -52,6 +52,7 @@ from drtool.endpoints import PostgresEndpoint
 from drtool.errors import ConfigError, SourceError, UsageError
 from drtool.services.restore.pitr_recover import (
     NOT_REACHED,
+    REACHED_SQL,
     Outcome,
     last_transaction_in,
     promoted_by,
@@ -322,9 +323,8 @@ class VolumeRestore:
         socket as the configured role (the copy has the source's roles; drtool's hba file
         trusts local connections, so no password is needed or passed); else the log line."""
         assert self.container is not None
-        query = "SELECT pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn()"
         argv = ["psql", "-h", SOCKET_DIR, "-U", endpoint.user, "-d", endpoint.dbname]
-        argv += ["-X", "-A", "-t", "-F", "|", "-c", query]
+        argv += ["-X", "-A", "-t", "-F", "|", "-c", REACHED_SQL]
         env = {"PGCONNECT_TIMEOUT": "10"}
         code, out = self.container.exec_run(argv, user="postgres", environment=env)
         fields = bytes(out).decode(errors="replace").strip().split("|")
