@@ -330,5 +330,7 @@ def test_a_gap_on_the_followed_timeline_is_named_though_the_abandoned_one_holds_
     assert result.returncode == 10, result.stderr
     assert "only WAL of timeline 1 after it was left" in result.stderr, result.stderr
     assert not (scratch / "restored").exists()
-    notes, _ = restore(at)
+    notes, out = restore(at)
     assert [n for n in notes if n != "filler"] == ["A", "B", "C", "D", "E"]
+    said = " ".join(out["notes"])  # both histories held the moment: which one was restored
+    assert "timeline 1 also holds WAL after it was left" in said, out["notes"]

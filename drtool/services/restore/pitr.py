@@ -194,6 +194,7 @@ def _result(chosen: pitr_plan.PitrPlan, where: str, options: PitrOptions) -> Pit
         where,
         options.dry_run,
         chosen.stage_count,
+        notes=list(chosen.notes),
     )
 
 

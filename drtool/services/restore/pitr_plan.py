@@ -23,7 +23,7 @@ held, an estimate; the restore itself reads them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from drtool.errors import IntegrityError, NotFound
@@ -80,6 +80,7 @@ class PitrPlan:
     segment_size: int
     missing: str | None = None  # the first segment absent after ``run`` (a gap), if any
     followed: Followed | None = None  # the timeline recovery follows, and its history
+    notes: list[str] = field(default_factory=list)  # said with the plan and the result
 
     def staged_first(self) -> list[WalEntry]:
         """The segments staged before recovery starts."""
@@ -276,7 +277,9 @@ def plan(
         if is_history(e.name) and timeline_of(e.name) >= base.timeline
     ]
     stage_count = min(len(run), upto + 1 + MARGIN)
-    return PitrPlan(base, target, run, stage_count, history, window, size, missing, followed)
+    chosen = PitrPlan(base, target, run, stage_count, history, window, size, missing, followed)
+    chosen.notes += _also_abandoned(index, base, followed, size, target, run[upto])
+    return chosen
 
 
 def _check_on_history(base: Base, followed: Followed, target: Target) -> None:
@@ -311,6 +314,36 @@ def _refuse_abandoned(
                 f"{followed.timeline} (the newest), so a moment on an abandoned timeline cannot "
                 f"be chosen; the latest reachable moment is {reachable}"
             )
+
+
+def _also_abandoned(
+    index: WalIndex, base: Base, followed: Followed, size: int, target: Target, at: WalEntry
+) -> list[str]:
+    """The target reached along the followed timeline while an abandoned timeline's WAL after
+    its switch also reaches it: two histories held that moment; say which one is restored."""
+    seg = parse_segment(at.name, size).segno
+    notes = []
+    dropped = abandoned(index, base, followed, size)
+    for timeline in sorted({e.timeline for e in dropped}):
+        end = followed.end_of(timeline)
+        tail = [
+            e
+            for e in dropped
+            if e.timeline == timeline
+            and (
+                _sealed(e) >= target.at
+                if target.at is not None
+                else _end_lsn(e, size) > parse_lsn(str(target.lsn))
+            )
+        ]
+        if end is not None and seg >= end // size and tail:
+            notes.append(
+                f"timeline {timeline} also holds WAL after it was left at LSN {_lsn(end)} "
+                f"(through segment {max(e.name for e in tail)}): {target.describe()} is "
+                f"restored along timeline {followed.timeline}, the newest (recovery follows "
+                f"it; a moment on timeline {timeline} after the switch cannot be chosen)"
+            )
+    return notes
 
 
 def _lsn(value: int) -> str:
