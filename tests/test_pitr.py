@@ -30,11 +30,9 @@ from support.wal_kit import (
     start_wal_server,
 )
 
-from drtool import keys
-from drtool.config import load_config
-from drtool.repository.access import open_repo
+from drtool.errors import IntegrityError
+from drtool.wal.history import Branch, Followed, parse_history
 from drtool.wal.names import parse_lsn, segment_of_lsn
-from drtool.wal.pruned import append_pruned, load_pruned
 
 
 @pytest.fixture(scope="module", params=[15, 16], ids=["pg15", "pg16"])
@@ -141,19 +139,7 @@ def test_a_gap_before_the_target_names_the_missing_segment_and_the_latest_moment
     record for the segment holding the target, which the index then lacks."""
     kit = history.kit
     name = _first_needed_segment(history)
-    repo = open_repo(load_config(kit.operator, {}))
-    chain = load_pruned(repo.storage, repo.verify_keys, repo.info.repo_id)
-    key = append_pruned(
-        repo.storage,
-        chain,
-        repo_id=repo.info.repo_id,
-        signing_key=keys.load_signing_key(kit.root / "keys" / "signing.key"),
-        host="test",
-        created=datetime.now(UTC).isoformat(),
-        floor_segment=name,
-        base_snapshot=history.base,
-        removed=[name],
-    )
+    record = kit.forget(name, history.base)
     try:
         into = history.new_dir()
         result = history.restore("--at", history.at.isoformat(), "--into", str(into))
@@ -162,7 +148,7 @@ def test_a_gap_before_the_target_names_the_missing_segment_and_the_latest_moment
         assert "the latest reachable moment is" in result.stderr
         assert not into.exists()
     finally:
-        (kit.repo_dir / key).unlink()
+        record.unlink()
 
 
 @pytest.mark.slow
@@ -202,3 +188,25 @@ def test_a_restore_to_a_moment_refuses_target_and_force_before_reading_anything(
         config=tmp_path / "absent.toml",
     )
     assert result.returncode == 2 and "add --into DIR" in result.stderr
+
+
+def test_a_history_file_whose_timelines_or_switch_points_go_back_is_refused() -> None:
+    """As PostgreSQL's readTimeLineHistory: increasing timelines below the file's own, and
+    switch points that never go back; anything else is not a history (exit 5), never a
+    wrong run."""
+    good = "1\t0/5000000\tno recovery target specified\n2\t0/7000000\tx\n"
+    assert parse_history(good, name="00000003.history") == [
+        Branch(1, 0x5000000),
+        Branch(2, 0x7000000),
+    ]
+    for bad in (
+        "2\t0/5000000\tx\n1\t0/7000000\tx\n",  # timelines go back
+        "1\t0/7000000\tx\n2\t0/5000000\tx\n",  # switch points go back
+        "1\t0/5000000\tx\n3\t0/7000000\tx\n",  # not below the file's own timeline
+    ):
+        with pytest.raises(IntegrityError):
+            parse_history(bad, name="00000003.history")
+    followed = Followed(3, (Branch(1, 0x5000000 + 10), Branch(2, 0x7000000)))
+    size = 0x1000000
+    assert [followed.timeline_for(n, size) for n in (4, 5, 6, 7, 8)] == [1, 2, 2, 3, 3]
+    assert followed.end_of(1) == 0x500000A and followed.end_of(3) is None

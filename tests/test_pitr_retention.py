@@ -37,6 +37,7 @@ from drtool.repository.retention import Policy
 from drtool.runtime.pgserver import PostgresServer
 from drtool.s3session import s3_client
 from drtool.services import prune as prune_svc
+from drtool.services import wal_prune
 from drtool.wal import continuity
 from drtool.wal.names import parse_segment
 from drtool.wal.pruned import PRUNED_PREFIX, append_pruned, load_pruned
@@ -257,3 +258,16 @@ def test_prune_defers_wal_that_object_lock_retains_and_removes_it_once_expired(
         assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:
         next(kits, None)
+
+
+def test_deferring_keeps_the_note_of_a_plan_that_removes_nothing() -> None:
+    """plan_wal's early notes (no base kept, the index has problems) plan no removal; a base
+    deferred under Object Lock used to set a floor and overwrite them with "WAL from … on
+    kept; 0 older WAL objects to remove", hiding why nothing goes."""
+    for note in (
+        "no base backup is kept: all WAL kept (a restore to a moment needs one)",
+        "the WAL index has problems (x): all WAL kept",
+    ):
+        plan = wal_prune.WalPrunePlan(note=note, starts={"s1": "000000010000000000000003"})
+        assert wal_prune.defer_locked(plan, {}, {"s1"}) == {}
+        assert plan.note == note and plan.floor_segment is None and plan.keys == []

@@ -39,6 +39,7 @@ from support.wal_kit import (  # noqa: F401 (fixtures)
 
 from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint
+from drtool.runtime.pgserver import PostgresServer
 from drtool.services.backup import run_backup
 from drtool.wal import continuity
 from drtool.wal.names import parse_lsn, parse_segment
@@ -219,3 +220,117 @@ def test_restore_across_a_failover_after_the_streamer_was_pointed_at_the_new_pri
     notes, out = restore(at_tl1)
     assert notes == ["A"]
     assert parse_lsn(out["reached_lsn"]) < switch
+
+
+def _switch_segments(ep: PostgresEndpoint, count: int) -> None:
+    """``count`` segment switches, each after a commit: whole segments on ``ep``'s timeline."""
+    with admin(ep) as conn:
+        for _ in range(count):
+            conn.execute("INSERT INTO marks VALUES ('filler')")
+            conn.execute("SELECT pg_switch_wal()")
+
+
+def _abandoned_tail(primary: PostgresServer, switch_seg: int) -> list[Path]:
+    """The old primary's timeline-1 segments after the switch segment, complete ones only
+    (not the one being written, nor recycled files renamed ahead of it)."""
+    with admin(primary.endpoint) as conn:
+        current = one(conn, "SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
+    now = parse_segment(current, SEG).segno
+    return sorted(
+        p
+        for p in (primary.data_dir / "pg_wal").iterdir()
+        if p.name.startswith("00000001")
+        and len(p.name) == 24
+        and switch_seg < parse_segment(p.name, SEG).segno < now
+    )
+
+
+def _two_histories(kit: WalKit, runtime_root: Path) -> tuple[str, datetime]:
+    """The base, A and B on timeline 1, the promotion, C and D on timeline 2 (streamed through
+    the standby); then both go on: whole segments on timeline 1 (the old primary, never
+    streamed), and on timeline 2 a moment between E and F (returned, with the base)."""
+    primary = kit.server
+    standby = start_standby(runtime_root, primary)
+    stream_config = kit.root / "stream-from-standby.toml"
+    stream_config.write_text(
+        kit.config.read_text().replace(f"port = {primary.port}", f"port = {standby.port}")
+    )
+    proc = replace(kit, config=stream_config).start()
+    try:
+        _connected(kit, standby.endpoint)
+        with admin(primary.endpoint) as conn:
+            conn.execute("DROP TABLE IF EXISTS marks")  # the module's server: another test's
+            conn.execute("CREATE TABLE marks (note text)")
+            conn.execute("SELECT pg_switch_wal()")
+        base = run_backup(
+            load_config(kit.config, {}), home=kit.root, env={}, components=("postgres-base",)
+        ).snapshot_id
+        _commit_a_and_b(primary.endpoint, standby.endpoint)
+        _promote_and_commit_c_and_d(standby.endpoint)
+        _switch_segments(primary.endpoint, 3)  # timeline 1 goes on: the abandoned tail
+        _switch_segments(standby.endpoint, 2)
+        with admin(standby.endpoint) as conn:
+            conn.execute("INSERT INTO marks VALUES ('E')")
+            at = datetime.fromisoformat(one(conn, "SELECT clock_timestamp()"))
+            time.sleep(0.05)
+            conn.execute("INSERT INTO marks VALUES ('F')")
+            end = parse_lsn(one(conn, "SELECT pg_current_wal_insert_lsn()"))
+        _switch_segments(standby.endpoint, 1)
+        _wait_sealed_past(kit, standby.endpoint, end)
+        assert stop_streamer(proc) == 0, kit.log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        standby.stop()
+    return base, at
+
+
+def test_a_gap_on_the_followed_timeline_is_named_though_the_abandoned_one_holds_that_segment(
+    kit: WalKit, runtime_root: Path
+) -> None:
+    """Recovery follows the newest timeline and never reads an older timeline's file after a
+    newer one's. The old primary goes on writing timeline 1 after the standby's promotion (its
+    segments past the switch are sealed into the repository: an abandoned tail), and the
+    timeline-2 copy of the segment after the switch is gone: a moment after it is refused
+    naming 00000002…, not served short (before: the timeline-1 copy counted as present, the
+    plan showed no gap and recovery ended in the switch segment, exit 0). A moment only the
+    abandoned tail reaches is refused naming timeline 1; with the segment back, the moment is
+    restored along timeline 2."""
+    primary = kit.server
+    base, at = _two_histories(kit, runtime_root)
+    switch_seg = _switch_point(kit) // SEG
+    time.sleep(1.1)  # sealed times have 1 s steps: the tail is sealed after this moment
+    with admin(primary.endpoint) as conn:
+        after_tl2 = datetime.fromisoformat(one(conn, "SELECT clock_timestamp()"))
+    time.sleep(1.1)
+    tail = _abandoned_tail(primary, switch_seg)
+    assert len(tail) >= 2, tail
+    assert kit.seal(tail) == [p.name for p in tail]
+    gone = f"00000002{tail[0].name[8:]}"  # timeline 2's copy of the segment after the switch
+    assert gone in kit.segments() and tail[0].name in kit.segments()
+    restore = _restorer(kit, runtime_root, base)
+    scratch = runtime_root / f"pitr-gap-{uuid.uuid4().hex[:6]}"
+    scratch.mkdir(mode=0o711)
+    record = kit.forget(gone, base)
+    try:
+        into = scratch / "restored"
+        result = run_drtool(
+            "restore", "--component", "postgres", "--yes", "--at", at.isoformat(),
+            "--into", str(into), config=kit.operator,
+        )  # fmt: skip
+        assert result.returncode == 10, result.stderr
+        assert f"WAL segment {gone} is missing" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and not into.exists()
+    finally:
+        record.unlink()
+    result = run_drtool(
+        "restore", "--component", "postgres", "--yes", "--at", after_tl2.isoformat(),
+        "--into", str(scratch / "restored"), config=kit.operator,
+    )  # fmt: skip
+    assert result.returncode == 10, result.stderr
+    assert "only WAL of timeline 1 after it was left" in result.stderr, result.stderr
+    assert not (scratch / "restored").exists()
+    notes, out = restore(at)
+    assert [n for n in notes if n != "filler"] == ["A", "B", "C", "D", "E"]
+    said = " ".join(out["notes"])  # both histories held the moment: which one was restored
+    assert "timeline 1 also holds WAL after it was left" in said, out["notes"]

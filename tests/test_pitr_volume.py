@@ -17,7 +17,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ def volumes(docker_client: docker.DockerClient) -> Iterator[list[str]]:
 
 
 def _restore(
-    history: History, image: str, volume: str, *extra: str
+    history: History, image: str, volume: str, *extra: str, config: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return run_drtool(
         "restore",
@@ -69,7 +69,7 @@ def _restore(
         "--into-volume",
         volume,
         *extra,
-        config=history.kit.operator,
+        config=config or history.kit.operator,
         extra_env={"DRTOOL_POSTGRES_IMAGE": image},
     )
 
@@ -118,10 +118,12 @@ def _notes(client: docker.DockerClient, volume: str, password: str) -> list[str]
     )
     try:
         argv = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "cotalk", "-XAt"]
+        wait_for_log = "database system was shut down at"  # a clean stop: no crash recovery
         argv += ["-c", "SELECT pg_is_in_recovery(); SELECT note FROM marks ORDER BY note"]
         for _ in range(200):
             code, out = container.exec_run(argv, environment={"PGPASSWORD": password})
             if code == 0:
+                assert wait_for_log in bytes(container.logs()).decode(), "not a clean stop"
                 lines = bytes(out).decode().split()
                 assert lines[0] == "f", lines  # promoted: not a standby
                 return lines[1:]
@@ -134,17 +136,39 @@ def _notes(client: docker.DockerClient, volume: str, password: str) -> list[str]
         container.remove(force=True)
 
 
-def test_restore_to_a_moment_into_a_new_docker_volume(
-    kit: WalKit, runtime_root: Path, docker_client: docker.DockerClient, volumes: list[str]
+def _probe_volumes_left(client: docker.DockerClient, since: datetime) -> tuple[int, list[str]]:
+    """The image probes run since ``since`` (containers labelled ``drtool.pitr=probe``) and
+    the volumes mounted into them that still exist (the image declares a VOLUME: a probe run
+    with ``remove=True`` left its anonymous volume behind)."""
+    until = datetime.now(UTC) + timedelta(seconds=1)
+    window = {"since": since, "until": until, "decode": True}
+    probes = {
+        e["Actor"]["ID"]
+        for e in client.events(
+            **window, filters={"type": "container", "event": "create", "label": f"{LABEL}=probe"}
+        )
+    }
+    mounted = {
+        e["Actor"]["ID"]
+        for e in client.events(**window, filters={"type": "volume", "event": "mount"})
+        if e["Actor"]["Attributes"].get("container") in probes
+    }
+    left = []
+    for name in sorted(mounted):
+        with contextlib.suppress(NotFound):
+            left.append(client.volumes.get(name).name)
+    return len(probes), left
+
+
+def _refused_before_anything_is_created(
+    history: History, docker_client: docker.DockerClient, configured: str, fresh: str
 ) -> None:
-    require_image(docker_client, POSTGRES_IMAGE)
-    scratch = runtime_root / f"pitr-vol-{uuid.uuid4().hex[:6]}"
-    scratch.mkdir(mode=0o711)
-    history = record_history(kit, scratch)
-    configured = f"drtool-test-configured-{uuid.uuid4().hex[:8]}"
-    fresh = f"drtool-test-pitr-{uuid.uuid4().hex[:8]}"
-    volumes += [configured, fresh]
-    before = _production_volume(docker_client, configured)
+    """A bad name, an existing volume, another major, a dry run, a bit-flipped segment:
+    each refused (or only planned) with no volume of ``fresh``'s name created."""
+    kit = history.kit
+    # a one-character name is not a Docker volume name: refused before anything is read
+    result = _restore(history, POSTGRES_IMAGE, "x")
+    assert result.returncode == 2 and "not a Docker volume name" in result.stderr
 
     # the configured volume (any existing one) is refused by name, untouched
     result = _restore(history, POSTGRES_IMAGE, configured)
@@ -156,12 +180,17 @@ def test_restore_to_a_moment_into_a_new_docker_volume(
         result = _restore(history, POSTGRES16_IMAGE, fresh)
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().count("\n") == 0, result.stderr
-        assert "runs PostgreSQL 16, the base backup is PostgreSQL 15" in result.stderr
+        assert "runs PostgreSQL 16." in result.stderr, result.stderr
+        assert "the base backup was taken with PostgreSQL 15." in result.stderr
         with pytest.raises(NotFound):
             docker_client.volumes.get(fresh)
 
-    # a dry run: the plan and the stored hashes, nothing created
+    # a dry run: the plan and the stored hashes, nothing created (the image's probe leaves
+    # no volume behind either)
+    since = datetime.now(UTC) - timedelta(seconds=1)
     dry = _restore(history, POSTGRES_IMAGE, fresh, "--dry-run")
+    probes, left = _probe_volumes_left(docker_client, since)
+    assert probes >= 1 and left == [], left
     assert dry.returncode == 0, dry.stderr
     planned = json.loads(dry.stdout)
     assert planned["data_dir"] == f"docker volume {fresh}" and planned["hash_checked"] > 0
@@ -182,9 +211,36 @@ def test_restore_to_a_moment_into_a_new_docker_volume(
     with pytest.raises(NotFound):
         docker_client.volumes.get(fresh)
 
-    result = _restore(history, POSTGRES_IMAGE, fresh)
+
+def test_restore_to_a_moment_into_a_new_docker_volume(
+    kit: WalKit, runtime_root: Path, docker_client: docker.DockerClient, volumes: list[str]
+) -> None:
+    require_image(docker_client, POSTGRES_IMAGE)
+    scratch = runtime_root / f"pitr-vol-{uuid.uuid4().hex[:6]}"
+    scratch.mkdir(mode=0o711)
+    history = record_history(kit, scratch)
+    configured = f"drtool-test-configured-{uuid.uuid4().hex[:8]}"
+    fresh = f"drtool-test-pitr-{uuid.uuid4().hex[:8]}"
+    volumes += [configured, fresh]
+    before = _production_volume(docker_client, configured)
+
+    _refused_before_anything_is_created(history, docker_client, configured, fresh)
+
+    # no password configured: drtool's psql uses the container's socket (trust, its own hba
+    # file in the WAL volume), so the reached position is still asked of the server
+    no_password = kit.root / "operator-no-password.toml"
+    no_password.write_text(
+        "\n".join(
+            line
+            for line in kit.operator.read_text().splitlines()
+            if not line.startswith("password_file")
+        )
+    )
+    result = _restore(history, POSTGRES_IMAGE, fresh, config=no_password)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
+    assert out["image_id"].startswith("sha256:")
+    assert not any("shut down" in n for n in out["notes"]), out["notes"]
     assert out["volume"] == fresh and out["image"] == POSTGRES_IMAGE
     assert out["base_snapshot"] == history.base
     reached = datetime.fromisoformat(out["reached_time"])

@@ -337,7 +337,9 @@ def _confirm(result: RestoreResult) -> bool:
     "at",
     metavar="TIME",
     help="With `latest`: the newest snapshot not after TIME (ISO, UTC if no zone). With "
-    "--into: restore PostgreSQL to exactly that moment (base backup + WAL; the zone is required).",
+    "--into: restore PostgreSQL to exactly that moment (base backup + WAL; the zone is required). "
+    "After a failover it follows the newest timeline: a moment on another timeline cannot be "
+    "chosen.",
 )
 @click.option(
     "--lsn",
@@ -357,7 +359,7 @@ def _confirm(result: RestoreResult) -> bool:
     metavar="NAME",
     help="Restore to a moment into this NEW Docker volume instead (the Docker deployment): "
     "recovered and promoted in a throw-away container of postgres.image (the base backup's "
-    "major), then stopped; no existing volume or container is touched.",
+    "PostgreSQL build), then stopped; no existing volume or container is touched.",
 )
 @click.option("--port", type=int, default=None, help="With --into: the copy's port (default free).")
 @click.option(

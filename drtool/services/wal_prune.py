@@ -119,15 +119,17 @@ def defer_locked(
     because its manifest is retained stays listed, so if it is a base backup its WAL stays
     too: the floor drops to its start. Returns the retained keys with their dates (ISO).
     """
+    if plan.floor_segment is None:
+        return {}  # nothing planned (no base kept, or the index has problems): its note stays
     size = plan.segment_size
     for sid in sorted(deferred_snapshots & set(plan.starts)):
         start = parse_segment(plan.starts[sid], size).segno
         if plan.floor_segment is None or start < parse_segment(plan.floor_segment, size).segno:
             plan.floor_segment, plan.base_snapshot = plan.starts[sid], sid
-    floor = parse_segment(plan.floor_segment, size).segno if plan.floor_segment else None
-    ordered = sorted(plan.keys, key=lambda k: _segno(plan, k))
-    if floor is not None:
-        ordered = [k for k in ordered if _segno(plan, k) < floor]
+    floor = parse_segment(plan.floor_segment, size).segno
+    ordered = [
+        k for k in sorted(plan.keys, key=lambda k: _segno(plan, k)) if _segno(plan, k) < floor
+    ]
     first_held = next((i for i, key in enumerate(ordered) if key in retained), len(ordered))
     held = {key: retained[key].isoformat(timespec="seconds") for key in ordered if key in retained}
     go = ordered[:first_held]
@@ -137,8 +139,7 @@ def defer_locked(
     plan.remove = [name for name in plan.remove if name in names]
     plan.kept_segments += len(kept)  # index segments only (stray uploads are not counted)
     plan.keys = go
-    if plan.floor_segment is not None:
-        _describe(plan, len(held), behind)
+    _describe(plan, len(held), behind)
     return held
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from drtool.errors import IntegrityError, NotFound
 from drtool.pipeline.seal import unseal
 from drtool.storage.base import Storage
-from drtool.wal.history import Branch, timeline_at
+from drtool.wal.history import Branch, parse_history, timeline_at
 from drtool.wal.index import WalEntry
 from drtool.wal.names import is_segment, parse_segment
 from drtool.wal.sealer import wal_header
@@ -142,3 +143,21 @@ def fetch_checked(
             path.unlink(missing_ok=True)
             raise
     return path
+
+
+def read_histories(
+    storage: Storage,
+    repo_id: str,
+    entries: list[WalEntry],
+    identities: list[str],
+    recipients_hint: list[str],
+) -> dict[int, list[Branch]]:
+    """The history files ``entries``, fetched and checked as :func:`fetch` does, parsed (by
+    timeline): what a plan needs to know which timeline's WAL recovery will read."""
+    out: dict[int, list[Branch]] = {}
+    with tempfile.TemporaryDirectory(prefix="drtool-history-") as tmp:
+        for entry in entries:
+            path = fetch(storage, repo_id, entry, identities, recipients_hint, Path(tmp))
+            out[entry.timeline] = parse_history(path.read_text(errors="replace"), name=entry.name)
+            path.unlink()
+    return out

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,8 @@ from drtool.services import repo as repo_svc
 from drtool.services.stack import write_config
 from drtool.wal.index import WalEntry, WalIndex, load_index
 from drtool.wal.names import parse_lsn, parse_segment, segment_of_lsn
-from drtool.wal.sealer import wal_header
+from drtool.wal.pruned import append_pruned, load_pruned
+from drtool.wal.sealer import Sealer, wal_header
 from drtool.wal.spool import Spool
 from support.cli import DRTOOL, run_drtool
 from support.servers import servers_required
@@ -145,6 +148,44 @@ class WalKit:
 
     def repo_id(self) -> str:
         return open_repo(load_config(self.operator, {})).info.repo_id
+
+    def forget(self, name: str, base: str) -> Path:
+        """A signed removal record for WAL file ``name`` (as prune writes): the index then
+        lacks it, a gap as a dropped slot leaves. Returns the record's file (delete it to undo)."""
+        repo = open_repo(load_config(self.operator, {}))
+        chain = load_pruned(repo.storage, repo.verify_keys, repo.info.repo_id)
+        key = append_pruned(
+            repo.storage,
+            chain,
+            repo_id=repo.info.repo_id,
+            signing_key=keys.load_signing_key(self.root / "keys" / "signing.key"),
+            host="test",
+            created=datetime.now(UTC).isoformat(),
+            floor_segment=name,
+            base_snapshot=base,
+            removed=[name],
+        )
+        return self.repo_dir / key
+
+    def seal(self, files: list[Path]) -> list[str]:
+        """Seal WAL ``files`` (copied out of a server's pg_wal) into the repository as the
+        streamer does (the backup host's config and signing key); returns their names."""
+        cfg = load_config(self.config, {})
+        repo = open_repo(cfg)
+        spool = self.root / f"extra-spool-{uuid.uuid4().hex[:6]}"
+        spool.mkdir()
+        for path in files:
+            shutil.copyfile(path, spool / path.name)
+        report = Sealer(
+            storage=repo.storage,
+            index=load_index(repo.storage, repo.verify_keys, repo.info.repo_id),
+            spool=Spool(spool),
+            recipients=list(cfg.keys.recipients),
+            signing_key=keys.load_signing_key(Path(cfg.keys.signing_key_file)),
+            host=socket.gethostname(),
+            segment_size=SEG,
+        ).seal_pending()
+        return report.sealed
 
 
 @pytest.fixture(name="kit")

@@ -11,7 +11,8 @@ BEFORE the data directory is created. Then: extract, recovery settings, the same
 segment holds it is only estimated from sealed times), each file checked the same way before
 PostgreSQL can read it; should one it needed fail its checks, or a gap stop it short, the new
 data directory is removed before the error (nothing is left, the running cluster was never
-involved). At the end of an unbroken run it recovers to the end of the WAL held and says so.
+involved). At the end of an unbroken run it recovers to the end of the WAL held and says where
+the server's recovery ended (short of the last segment held is an error, nothing kept).
 The result names the moment and WAL position reached. The running cluster is never touched:
 the copy runs on its own loopback port with archiving off.
 """
@@ -27,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
@@ -46,9 +47,10 @@ from drtool.runtime.procs import free_port_block
 from drtool.services.restore import pitr_plan, pitr_prefetch, pitr_recover, pitr_volume
 from drtool.stores.stage import Plain, check_free_space, stage
 from drtool.timing import Timer
-from drtool.wal.fetch import fetch_checked
+from drtool.wal.fetch import fetch_checked, read_histories
 from drtool.wal.history import Branch, parse_history
 from drtool.wal.index import WalEntry, load_index
+from drtool.wal.names import is_history, parse_lsn, parse_segment
 
 RECOVERY_TIMEOUT_S = 3600.0
 log_ = logging.getLogger(__name__)
@@ -87,7 +89,8 @@ class PitrResult:
     pg_ctl: str = ""
     log: str = ""
     volume: str = ""  # --into-volume: the new Docker volume holding the data directory
-    image: str = ""  # --into-volume: the image that recovered it
+    image: str = ""  # --into-volume: the image that recovered it (as configured)
+    image_id: str = ""  # --into-volume: that image's id, which every container ran
     hash_checked: int = 0  # dry run: objects whose stored size and sha256 were checked
     recovery_starts: int = 0  # more than 1: recovered again, to the end of the WAL held
     #: seconds of each phase: stage (base + first WAL, checked), extract, recover
@@ -144,7 +147,14 @@ def run_pitr(
     index = load_index(repo.storage, repo.verify_keys, repo.info.repo_id)
     records = catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id)
     target = pitr_plan.Target(options.at, options.lsn)
-    chosen = pitr_plan.plan(records, index, target)
+    histories = read_histories(
+        repo.storage,
+        repo.info.repo_id,
+        [e for e in index.entries.values() if is_history(e.name)],
+        identities,
+        list(repo.info.recipients),
+    )
+    chosen = pitr_plan.plan(records, index, target, histories)
     base = chosen.base
     major = pg_major_of(base.component.source_version)
     if major is None:
@@ -153,7 +163,7 @@ def run_pitr(
             f"({base.component.source_version!r})"
         )
     if options.into_volume is not None:
-        return _run_into_volume(cfg, repo, identities, chosen, major, options, confirm, clock)
+        return _run_into_volume(cfg, repo, identities, chosen, options, confirm, clock)
     assert options.into is not None
     into = options.into.resolve() if options.into.exists() else options.into.absolute()
     try:
@@ -184,6 +194,7 @@ def _result(chosen: pitr_plan.PitrPlan, where: str, options: PitrOptions) -> Pit
         where,
         options.dry_run,
         chosen.stage_count,
+        notes=list(chosen.notes),
     )
 
 
@@ -240,7 +251,8 @@ class _Stager:
                 branches=self.branches.get(e.timeline),
             )
             if e.kind == "history":
-                self.branches[e.timeline] = parse_history(path.read_text(), name=e.name)
+                text = path.read_text(errors="replace")
+                self.branches[e.timeline] = parse_history(text, name=e.name)
             self.result.segments_staged += 1 if e.kind == "segment" else 0
             self.result.staged_bytes += e.plain_size
         pitr_recover.chown_tree(self.staging)
@@ -253,6 +265,42 @@ def _stage_base(repo: Repo, base: pitr_plan.Base, identities: list[str], tar: Pa
     plain = Plain(comp.plain_bytes, str(comp.details.get("plain_sha256") or "") or None)
     header = snapshot_header(base.manifest, pitr_plan.BASE, entry.kind)
     stage(repo, entry, header, identities, tar, plain)
+
+
+@contextmanager
+def _staged(
+    repo: Repo,
+    identities: list[str],
+    chosen: pitr_plan.PitrPlan,
+    parent: Path,
+    prefix: str,
+    result: PitrResult,
+) -> Iterator[tuple[_Stager, Path, list[WalEntry]]]:
+    """A staging directory in ``parent`` holding the base tar and the first WAL, fetched and
+    checked (nothing is created for PostgreSQL before this); removed on the way out, however
+    it is left. One way for a directory and a volume."""
+    clock = Timer()
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    try:
+        wal_dir = staging / "wal"
+        wal_dir.mkdir()
+        tar = staging / "base.tar"
+        _stage_base(repo, chosen.base, identities, tar)
+        stager = _Stager(
+            repo,
+            identities,
+            wal_dir,
+            staging,
+            chosen.segment_size,
+            chosen.base.system_identifier,
+            result,
+        )
+        first = chosen.history + chosen.staged_first()
+        stager.fetch(first)
+        result.phases["stage"] = round(clock.elapsed(), 3)
+        yield stager, tar, first
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _stage_and_recover(
@@ -268,17 +316,10 @@ def _stage_and_recover(
     """Stage and check everything, then create, recover and promote ``into``."""
     base, size = chosen.base, chosen.segment_size
     check_free_space(into.parent, base.component.plain_bytes * 2 + size * (chosen.stage_count + 1))
-    staging = Path(tempfile.mkdtemp(dir=into.parent, prefix=f".{into.name}.staging-"))
     log = into.parent / f"{into.name}.restore.log"
-    try:
-        wal_dir = staging / "wal"
-        wal_dir.mkdir()
-        tar = staging / "base.tar"
-        clock = Timer()
-        _stage_base(repo, base, identities, tar)
-        stager = _Stager(repo, identities, wal_dir, staging, size, base.system_identifier, result)
-        stager.fetch(chosen.history + chosen.staged_first())
-        result.phases["stage"] = round(clock.elapsed(), 3)
+    clock = Timer()
+    prefix = f".{into.name}.staging-"
+    with _staged(repo, identities, chosen, into.parent, prefix, result) as (stager, tar, _):
         # everything read so far is authentic: only now is anything created for PostgreSQL
         result.port = options.port or free_port_block((0,), set())
         try:
@@ -292,7 +333,24 @@ def _stage_and_recover(
         pitr_recover.chown_tree(log)
         result.log = str(log)
         try:
-            _recover(chosen, stager, bin_dir, into, log, options, result)
+            command = pitr_prefetch.write_script(stager.staging, chosen.run)
+            pitr_recover.chown_tree(stager.staging)
+            prefetcher = pitr_prefetch.Prefetcher(
+                stager.staging, chosen.run, chosen.stage_count, stager.fetch
+            )
+            prefetcher.start()
+            try:
+                recovery = _DirRecovery(
+                    stager, bin_dir, into, log, result.port, command, prefetcher
+                )
+                to_end = _recover(chosen, recovery, options, result)
+            finally:
+                prefetcher.stop()
+            result.phases["recover"] = round(clock.elapsed() - sum(result.phases.values()), 3)
+            pitr_recover.remove_recovery_block(into)
+            result.reached_time, result.reached_lsn = _reached(cfg, result.port, log)
+            if to_end:
+                _end_of_wal(chosen, result)
         except (IntegrityError, NotFound):
             # WAL staged on demand failed its checks, or a gap stops recovery short of the
             # target: the copy cannot be completed, so nothing of it is left behind (it never
@@ -301,79 +359,175 @@ def _stage_and_recover(
             shutil.rmtree(into, ignore_errors=True)
             log.unlink(missing_ok=True)
             raise
-        result.phases["recover"] = round(clock.elapsed() - sum(result.phases.values()), 3)
-        pitr_recover.remove_recovery_block(into)
-        result.reached_time, result.reached_lsn = _reached(cfg, result.port, log)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+
+class _Recovery(Protocol):
+    """Where recovery runs (a new directory, a new Docker volume): what the one loop needs."""
+
+    @property
+    def where(self) -> str:
+        """For messages: what is left and where its log is."""
+        ...
+
+    def settings(
+        self, target_time: str | None, target_lsn: str | None
+    ) -> pitr_recover.RecoverySettings:
+        """The recovery settings there (no target: to the end of the WAL held)."""
+        ...
+
+    def start(self, settings: pitr_recover.RecoverySettings) -> pitr_recover.Outcome:
+        """Start recovery with ``settings`` and wait until promoted or stopped."""
+        ...
+
+    def more(self) -> bool:
+        """After a start that ended short: stage more of the run for the next start (checked
+        as the first); False when none is left. Raises a staging failure recovery needed."""
+        ...
 
 
 def _recover(
-    chosen: pitr_plan.PitrPlan,
-    stager: _Stager,
-    bin_dir: Path,
-    into: Path,
-    log: Path,
-    options: PitrOptions,
-    result: PitrResult,
-) -> None:
-    """Recover while the rest of the run is staged alongside (pitr_prefetch); at the end of
-    an unbroken run without the target, recover to the end of the WAL held, saying so."""
-    command = pitr_prefetch.write_script(stager.staging, chosen.run)
-    pitr_recover.chown_tree(stager.staging)
-    prefetcher = pitr_prefetch.Prefetcher(
-        stager.staging, chosen.run, chosen.stage_count, stager.fetch
-    )
-    settings = pitr_recover.RecoverySettings(
-        stager.wal_dir,
-        result.port,
-        target_time=options.at.isoformat() if options.at is not None else None,
-        target_lsn=options.lsn,
-        restore_command=command,
-    )
-    prefetcher.start()
-    try:
-        while True:
-            pitr_recover.write_settings(into, settings)
-            result.recovery_starts += 1
-            outcome = pitr_recover.start_and_wait(bin_dir, into, log, timeout=RECOVERY_TIMEOUT_S)
-            if outcome.promoted:
-                return
-            if not outcome.not_reached:
-                raise SourceError(
-                    f"restore to a moment: PostgreSQL stopped during recovery ({into} kept; "
-                    f"its log: {log}): {outcome.log_tail}"
-                )
-            prefetcher.stop()
-            if prefetcher.error is not None:
-                raise prefetcher.error  # recovery needed what failed its checks
-            if settings.target_time is None and settings.target_lsn is None:
-                raise SourceError(f"restore to a moment: recovery failed: {outcome.log_tail}")
-            _end_of_wal(chosen, result)
-            settings = pitr_recover.RecoverySettings(
-                stager.wal_dir, result.port, restore_command=command
+    chosen: pitr_plan.PitrPlan, recovery: _Recovery, options: PitrOptions, result: PitrResult
+) -> bool:
+    """Recover to the target; a start that ended short of it gets more of the run and starts
+    again; at the end of an unbroken run, recover to the end of the WAL held (True then); a
+    gap after the run is an error."""
+    at = options.at.isoformat() if options.at is not None else None
+    settings = recovery.settings(at, options.lsn)
+    to_end = False
+    while True:
+        outcome = recovery.start(settings)
+        result.recovery_starts += 1
+        if outcome.promoted:
+            return to_end
+        if not outcome.not_reached:
+            raise SourceError(
+                f"restore to a moment: PostgreSQL stopped during recovery ({recovery.where}): "
+                f"{outcome.log_tail}"
             )
-    finally:
-        prefetcher.stop()
+        if recovery.more():
+            continue
+        if settings.target_time is None and settings.target_lsn is None:
+            raise SourceError(f"restore to a moment: recovery failed: {outcome.log_tail}")
+        _no_gap(chosen)
+        to_end = True
+        settings = recovery.settings(None, None)
 
 
-def _end_of_wal(chosen: pitr_plan.PitrPlan, result: PitrResult) -> None:
-    """The whole run replayed without reaching the target: a gap is an error; else say so."""
-    last = chosen.run[-1]
+@dataclass
+class _DirRecovery:
+    """Recovery in a new data directory with the local ``pg_ctl``, the rest of the run staged
+    alongside while PostgreSQL replays (pitr_prefetch)."""
+
+    stager: _Stager
+    bin_dir: Path
+    into: Path
+    log: Path
+    port: int
+    command: str
+    prefetcher: pitr_prefetch.Prefetcher
+
+    @property
+    def where(self) -> str:
+        return f"{self.into} kept; its log: {self.log}"
+
+    def settings(
+        self, target_time: str | None, target_lsn: str | None
+    ) -> pitr_recover.RecoverySettings:
+        return pitr_recover.RecoverySettings(
+            self.stager.wal_dir,
+            self.port,
+            target_time=target_time,
+            target_lsn=target_lsn,
+            restore_command=self.command,
+        )
+
+    def start(self, settings: pitr_recover.RecoverySettings) -> pitr_recover.Outcome:
+        pitr_recover.write_settings(self.into, settings)
+        return pitr_recover.start_and_wait(
+            self.bin_dir, self.into, self.log, timeout=RECOVERY_TIMEOUT_S
+        )
+
+    def more(self) -> bool:
+        """Staging ran alongside until the run ended or a file failed its checks (recovery
+        only runs short once it has): nothing more to stage."""
+        self.prefetcher.stop()
+        if self.prefetcher.error is not None:
+            raise self.prefetcher.error  # recovery needed what failed its checks
+        return False
+
+
+@dataclass
+class _VolumeRecovery:
+    """Recovery in containers of ``postgres.image`` (pitr_volume). No on-demand staging while
+    PostgreSQL replays (pitr_prefetch needs the staged directory shared with the server): a
+    start that ended short gets the next 8, 16, 32 ... segments; it resumes from the last
+    restartpoint the previous start made (the base's checkpoint when it made none)."""
+
+    chosen: pitr_plan.PitrPlan
+    stager: _Stager
+    restore: pitr_volume.VolumeRestore
+    staged: int
+    chunk: int = pitr_prefetch.LOOKAHEAD
+
+    @property
+    def where(self) -> str:
+        return f"in volume {self.restore.target.volume}"
+
+    def settings(
+        self, target_time: str | None, target_lsn: str | None
+    ) -> pitr_recover.RecoverySettings:
+        wal = Path(pitr_volume.WAL_DIR)
+        return pitr_recover.RecoverySettings(wal, 0, target_time=target_time, target_lsn=target_lsn)
+
+    def start(self, settings: pitr_recover.RecoverySettings) -> pitr_recover.Outcome:
+        return self.restore.recover(settings.pairs(), timeout=RECOVERY_TIMEOUT_S)
+
+    def more(self) -> bool:
+        run = self.chosen.run
+        if self.staged >= len(run):
+            return False
+        more = run[self.staged : self.staged + self.chunk]
+        self.staged, self.chunk = self.staged + len(more), self.chunk * 2
+        self.stager.fetch(more)
+        self.restore.add_wal([self.stager.wal_dir / e.name for e in more])
+        _drop(self.stager.wal_dir, more)
+        return True
+
+
+def _no_gap(chosen: pitr_plan.PitrPlan) -> None:
+    """The whole run replayed without reaching the target: a gap after it is an error."""
     if chosen.missing is not None:
+        last = chosen.run[-1]
         raise NotFound(
             f"restore to {chosen.target.describe()}: WAL segment {chosen.missing} is "
             f"missing (a gap in the WAL from base backup {chosen.base.snapshot_id}); the "
             f"latest reachable moment is {last.sealed} (through segment {last.name})"
         )
+
+
+def _end_of_wal(chosen: pitr_plan.PitrPlan, result: PitrResult) -> None:
+    """Recovered to the end of the WAL held: say where the server's recovery ended (its own
+    answer, not the plan's). Ending before the last segment held is an error: PostgreSQL
+    did not read WAL the plan holds, so the copy is not what was planned."""
+    last = chosen.run[-1]
+    last_start = parse_segment(last.name, chosen.segment_size).segno * chosen.segment_size
+    reached = result.reached_lsn
+    if reached is not None and parse_lsn(reached) < last_start:
+        raise NotFound(
+            f"restore to {chosen.target.describe()}: PostgreSQL's recovery ended at LSN "
+            f"{reached}, before the last WAL segment held ({last.name}) of the unbroken run "
+            f"from base backup {chosen.base.snapshot_id}; nothing kept (`drtool wal verify`)"
+        )
+    where = f"LSN {reached}" if reached is not None else "the server did not say its LSN"
     log_.warning(
-        "the WAL held ends before %s: restoring to its end (segment %s)",
+        "the WAL held ends before %s: restored to the end recovery reached (%s)",
         chosen.target.describe(),
-        last.name,
+        where,
     )
     result.notes.append(
-        f"the WAL held ends before {chosen.target.describe()} was reached: restored to "
-        f"its end (segment {last.name}, sealed {last.sealed})"
+        f"the WAL held ends before {chosen.target.describe()} was reached: restored to the "
+        f"end recovery reached ({where}, last transaction {result.reached_time}); the WAL "
+        f"held runs through segment {last.name}, sealed {last.sealed}"
     )
 
 
@@ -387,9 +541,7 @@ def _reached(cfg: Config, port: int, log: Path) -> tuple[str | None, str | None]
     kwargs: dict[str, Any] = {**ep.connect_kwargs(), "host": "127.0.0.1", "port": port}
     try:
         with psycopg.connect(**kwargs, connect_timeout=10, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn()::text"
-            ).fetchone()
+            row = conn.execute(pitr_recover.REACHED_SQL).fetchone()
     except psycopg.Error:
         return pitr_recover.last_transaction_from_log(log), None
     if row is None:
@@ -403,7 +555,6 @@ def _run_into_volume(
     repo: Repo,
     identities: list[str],
     chosen: pitr_plan.PitrPlan,
-    major: int,
     options: PitrOptions,
     confirm: Callable[[PitrResult], bool],
     clock: Timer,
@@ -411,100 +562,51 @@ def _run_into_volume(
     """``--into-volume``: the same staging and checks; recovery in containers of
     ``postgres.image`` (pitr_volume.py). The volume is created only after the checks."""
     assert options.into_volume is not None
-    target = pitr_volume.VolumeTarget.open(options.into_volume, cfg.postgres.image, major)
+    build = chosen.base.component.source_version
+    target = pitr_volume.VolumeTarget.open(options.into_volume, cfg.postgres.image, build)
     try:
         result = _result(chosen, f"docker volume {options.into_volume}", options)
         result.volume, result.image = options.into_volume, target.image
+        result.image_id = target.image_id
         if options.dry_run:
             result.hash_checked = _hash_check(repo, chosen)
             return result
         if not options.yes and not confirm(result):
             raise UsageError("restore: not confirmed; nothing changed")
         scratch = Path(cfg.backup.scratch_dir or tempfile.gettempdir())
-        size = chosen.segment_size
-        wal_bytes = size * (chosen.stage_count + 1)
+        wal_bytes = chosen.segment_size * (chosen.stage_count + 1)
         check_free_space(scratch, chosen.base.component.plain_bytes + wal_bytes)
-        staging = Path(tempfile.mkdtemp(dir=scratch, prefix=".pitr-staging-"))
         restore = pitr_volume.VolumeRestore(target)
-        with pitr_volume.docker_errors(), _removed(staging), restore.abandoned_on_failure():
-            wal_dir = staging / "wal"
-            wal_dir.mkdir()
-            tar = staging / "base.tar"
-            _stage_base(repo, chosen.base, identities, tar)
-            stager = _Stager(
-                repo, identities, wal_dir, staging, size, chosen.base.system_identifier, result
-            )
-            first = chosen.history + chosen.staged_first()
-            stager.fetch(first)
-            result.phases["stage"] = round(clock.elapsed(), 3)
+        phases = Timer()
+        with (
+            pitr_volume.docker_errors(),
+            restore.abandoned_on_failure(),
+            _staged(repo, identities, chosen, scratch, ".pitr-staging-", result) as staged,
+        ):
+            stager, tar, first = staged
             # everything read so far is authentic: only now is a volume created
-            restore.populate(tar, [wal_dir / e.name for e in first])
+            restore.populate(
+                tar, [stager.wal_dir / e.name for e in first], timeout=RECOVERY_TIMEOUT_S
+            )
             tar.unlink()
-            _drop(wal_dir, first)
-            _recover_volume(chosen, stager, restore, options, result)
-            result.phases["recover"] = round(clock.elapsed() - result.phases["stage"], 3)
+            _drop(stager.wal_dir, first)
+            recovery = _VolumeRecovery(chosen, stager, restore, chosen.stage_count)
+            to_end = _recover(chosen, recovery, options, result)
+            result.phases["recover"] = round(phases.elapsed() - result.phases["stage"], 3)
             result.reached_time, result.reached_lsn = restore.reached(cfg.stack().postgres)
-            restore.finish()
+            if to_end:
+                _end_of_wal(chosen, result)
+            note = restore.finish()
+            if note is not None:
+                log_.warning("%s", note)
+                result.notes.append(note)
     finally:
         target.client.close()
     result.seconds = round(clock.elapsed(), 3)
     return result
 
 
-@contextmanager
-def _removed(path: Path) -> Iterator[None]:
-    """``path`` (the staging directory) is removed on the way out, however it is left."""
-    try:
-        yield
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def _drop(wal_dir: Path, entries: list[WalEntry]) -> None:
     """Staged WAL already copied into the volume: the local copy is not needed any more."""
     for e in entries:
         (wal_dir / e.name).unlink(missing_ok=True)
-
-
-def _recover_volume(
-    chosen: pitr_plan.PitrPlan,
-    stager: _Stager,
-    restore: pitr_volume.VolumeRestore,
-    options: PitrOptions,
-    result: PitrResult,
-) -> None:
-    """Recover in the container; when the staged WAL ended before the target, stage more of
-    the run (checked the same way; 8, 16, 32 ... segments) and start again; at the end of an
-    unbroken run, recover to the end of the WAL held, saying so (as for a directory).
-
-    No on-demand staging while PostgreSQL replays here (pitr_prefetch needs the staged
-    directory shared with the server): a short first estimate costs a replay from the base.
-    """
-    settings = pitr_recover.RecoverySettings(
-        Path(pitr_volume.WAL_DIR),
-        0,
-        target_time=options.at.isoformat() if options.at is not None else None,
-        target_lsn=options.lsn,
-    )
-    staged, chunk = chosen.stage_count, pitr_prefetch.LOOKAHEAD
-    while True:
-        outcome = restore.recover(settings.pairs(), timeout=RECOVERY_TIMEOUT_S)
-        result.recovery_starts += 1
-        if outcome.promoted:
-            return
-        if not outcome.not_reached:
-            raise SourceError(
-                f"restore to a moment: PostgreSQL stopped during recovery in volume "
-                f"{restore.target.volume}: {outcome.log_tail}"
-            )
-        if staged < len(chosen.run):
-            more = chosen.run[staged : staged + chunk]
-            staged, chunk = staged + len(more), chunk * 2
-            stager.fetch(more)
-            restore.add_wal([stager.wal_dir / e.name for e in more])
-            _drop(stager.wal_dir, more)
-            continue
-        if settings.target_time is None and settings.target_lsn is None:
-            raise SourceError(f"restore to a moment: recovery failed: {outcome.log_tail}")
-        _end_of_wal(chosen, result)
-        settings = pitr_recover.RecoverySettings(Path(pitr_volume.WAL_DIR), 0)

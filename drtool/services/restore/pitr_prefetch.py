@@ -2,15 +2,16 @@
 
 Which segment holds a moment is only estimated before recovery (sealed times bound close times
 from above), so the first staged set may be short. Restarting recovery with more WAL replays
-everything again; instead, a thread goes on staging the run in order, each file fetched and
-checked exactly like the first ones (drtool/wal/fetch.py) and renamed into the staged
-directory only then, at most ``LOOKAHEAD`` segments ahead of the one PostgreSQL last asked
-for. ``restore_command`` is a small shell script: for a planned name it waits until the file
-is there (or staging has ended), then copies it; any other name fails at once, as a plain
-``cp`` would (PostgreSQL probes for history files that do not exist). When staging ends (the
-run is exhausted, or a file failed its checks) it marks the end, so a missing file ends
-recovery the way a missing file in an archive does; the error is raised by the caller only if
-recovery needed what failed.
+again from the last restartpoint (from the base when the replay was shorter than
+``checkpoint_timeout`` and ``max_wal_size``); instead, a thread goes on staging the run in
+order, each file fetched and checked exactly like the first ones (drtool/wal/fetch.py) and
+renamed into the staged directory only then, at most ``LOOKAHEAD`` segments ahead of the one
+PostgreSQL last asked for. ``restore_command`` is a small shell script: for a planned name it
+waits until the file is there (or staging has ended), then copies it; any other name fails at
+once, as a plain ``cp`` would (PostgreSQL probes for history files that do not exist). When
+staging ends (the run is exhausted, or a file failed its checks) it marks the end, so a
+missing file ends recovery the way a missing file in an archive does; the error is raised by
+the caller only if recovery needed what failed.
 """
 
 from __future__ import annotations

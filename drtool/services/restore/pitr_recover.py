@@ -31,6 +31,8 @@ END = "# --- end of drtool restore to a moment ---"
 KEPT = "# --- drtool restore to a moment: the restored copy's own settings ---"
 NOT_REACHED = "recovery ended before configured recovery target was reached"
 SYSTEM_USER = "postgres"
+#: what a promoted copy is asked (a directory's over TCP, a volume's inside its container)
+REACHED_SQL = "SELECT pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn()::text"
 
 
 def run_as_kwargs() -> dict[str, object]:
@@ -187,21 +189,27 @@ class Outcome:
     log_tail: str = ""
 
 
-def _promoted(data_dir: Path) -> bool:
+def promoted_by(signal_present: bool, pid_file: str | None) -> bool:
     """Recovery ended and the server accepts connections as a primary.
 
     Not ``pg_controldata``: the base backup's pg_control says "in production" before replay
     starts. PostgreSQL removes ``recovery.signal`` when it leaves archive recovery, and the
     postmaster writes ``ready`` (not ``standby``) into line 8 of postmaster.pid once it
-    accepts connections after that.
+    accepts connections after that. One rule for a directory and a volume (pitr_volume reads
+    the same two files inside its container).
     """
-    if (data_dir / "recovery.signal").exists():
+    if signal_present or pid_file is None:
         return False
-    try:
-        lines = (data_dir / "postmaster.pid").read_text().split("\n")
-    except OSError:
-        return False
+    lines = pid_file.split("\n")
     return len(lines) > 7 and lines[7].strip() == "ready"
+
+
+def _promoted(data_dir: Path) -> bool:
+    try:
+        pid_file: str | None = (data_dir / "postmaster.pid").read_text()
+    except OSError:
+        pid_file = None
+    return promoted_by((data_dir / "recovery.signal").exists(), pid_file)
 
 
 def _postmaster_alive(data_dir: Path) -> bool:

@@ -5,19 +5,25 @@ the clients only), and the chat stack's data lives in a named volume. So the res
 directory is a new volume the operator can later mount in place of the old one, and the
 recovery runs in throw-away containers of the configured image (``postgres.image``, the
 chat stack's ``postgres:16-alpine``): the server that will run the data is the one that
-replays it, so its major is checked against the base backup's first (physical files never
-cross majors) and a mismatch is refused before anything is read or created.
+replays it, so its build (``postgres -V``: version and packager) is checked against the base
+backup's ``source_version`` first (physical files never cross majors, and a data directory
+carries its libc's collation order: a Debian build's indexes are not an Alpine build's) and
+a difference is refused before anything is read or created. The image is resolved to its id
+once, and every container of the restore runs that id (a tag moved meanwhile changes
+nothing).
 
-Order (ADR 0031): the volume name is checked to be new and the image's major to match; the
+Order (ADR 0031): the volume name is checked to be new and the image's build to match; the
 base and the first WAL are staged and checked on drtool's side exactly as for ``--into DIR``
 (pitr.py); only then is the volume created. A preparation container (root, no network)
 receives the verified base tar (``put_archive`` extracts it into the volume, streamed) and the
 staged WAL (into a second, temporary volume), hands the data directory to ``postgres`` (0700)
-and creates ``recovery.signal``. The recovery container (user ``postgres``, no network,
-``postgres -D`` with the recovery settings as ``-c`` options, so nothing of them is written
-into the volume) replays to the target and promotes; drtool sees the promotion as for a
-directory (``recovery.signal`` gone, ``postmaster.pid`` ``ready``), asks the server what it
-reached, and stops it (SIGINT: a fast shutdown, a clean checkpoint). The containers and the
+and creates ``recovery.signal``; into the WAL volume it writes an hba file of its own (local
+``trust`` only). The recovery container (user ``postgres``, no network, ``postgres -D`` with
+the recovery settings and ``hba_file`` as ``-c`` options, so nothing of them is written into
+the volume) replays to the target and promotes; drtool sees the promotion as for a directory
+(``recovery.signal`` gone, ``postmaster.pid`` ``ready``), asks the server what it reached
+over the container's own socket (no password is needed, none is passed), and stops it
+(SIGINT: a fast shutdown, a clean checkpoint; checked, else said). The containers and the
 WAL volume are removed; the data volume stays, labelled. On any failure before the end both
 volumes and every container of this restore are removed: nothing is left half-made. Nothing
 else is touched: an existing volume (the configured one included) is refused by name.
@@ -38,22 +44,31 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import APIError, DockerException, NotFound
+from requests.exceptions import RequestException
 
 from drtool.drills.runtime_docker import PG_DATA, engine, ensure_image, logs_tail
 from drtool.endpoints import PostgresEndpoint
 from drtool.errors import ConfigError, SourceError, UsageError
-from drtool.services.restore.pitr_recover import NOT_REACHED, Outcome, last_transaction_in
+from drtool.services.restore.pitr_recover import (
+    NOT_REACHED,
+    REACHED_SQL,
+    Outcome,
+    last_transaction_in,
+    promoted_by,
+)
 
 log = logging.getLogger(__name__)
 
 LABEL = "drtool.pitr"
-VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")  # Docker's own rule for volume names
+VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")  # Docker's own rule for volume names
 WAL_DIR = "/drtool-wal"
+HBA_FILE = f"{WAL_DIR}/drtool-hba.conf"  # local trust, for drtool's own psql; never in the data
 SOCKET_DIR = "/tmp"  # the image's /var/run/postgresql need not be writable by postgres
-_MAJOR = re.compile(r"\(PostgreSQL\) (\d+)")
+_BUILD = re.compile(r"\(PostgreSQL\) (\S.*)")
 POLL_S = 0.3
 STOP_TIMEOUT_S = 120
+SHUT_DOWN = "database system is shut down"
 
 PREPARE = f"""set -e
 chown -R postgres:postgres {PG_DATA}
@@ -67,10 +82,14 @@ host all all 127.0.0.1/32 scram-sha-256\\n' > {PG_DATA}/pg_hba.conf
 fi
 touch {PG_DATA}/recovery.signal
 chown postgres:postgres {PG_DATA}/postgresql.conf {PG_DATA}/pg_hba.conf {PG_DATA}/recovery.signal
+echo 'local all all trust' > {HBA_FILE}
+chown postgres:postgres {HBA_FILE}
+chmod 0600 {HBA_FILE}
 """
-PROMOTED = (
-    f"test ! -e {PG_DATA}/recovery.signal && test -e {PG_DATA}/postmaster.pid "
-    f"&& sed -n 8p {PG_DATA}/postmaster.pid"
+#: the two files pitr_recover.promoted_by reads, as one exec inside the recovery container
+PROBE = (
+    f"if [ -e {PG_DATA}/recovery.signal ]; then echo signal; else echo none; fi; "
+    f"cat {PG_DATA}/postmaster.pid 2>/dev/null || true"
 )
 
 
@@ -82,50 +101,66 @@ def docker_errors() -> Iterator[None]:
     except DockerException as exc:
         detail = exc.explanation if isinstance(exc, APIError) else type(exc).__name__
         raise SourceError(f"docker: restore to a moment into a volume failed: {detail}") from None
+    except RequestException as exc:  # the engine did not answer in time (a read timeout)
+        raise SourceError(
+            f"docker: restore to a moment into a volume failed: the engine did not answer "
+            f"({type(exc).__name__})"
+        ) from None
 
 
 def check_volume_name(name: str) -> None:
     """Docker's volume name rule, checked before anything is read."""
     if not VOLUME_NAME.fullmatch(name):
         raise UsageError(
-            f"--into-volume: {name!r} is not a Docker volume name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)"
+            f"--into-volume: {name!r} is not a Docker volume name ([a-zA-Z0-9][a-zA-Z0-9_.-]+)"
         )
 
 
-def image_major(client: Any, image: str) -> int:
-    """The PostgreSQL major of ``image``'s server (``postgres -V`` in a throw-away container)."""
+def image_build(client: Any, image: str) -> tuple[str, str]:
+    """``image``'s id and its server's build (``postgres -V``: ``16.4``, ``15.18 (Debian
+    15.18-0+deb12u1)``, as ``server_version`` says), from a throw-away container removed with
+    its anonymous volumes (the image declares one at the data directory)."""
     ensure_image(client, image)
     try:
-        out = client.containers.run(
-            image,
+        image_id = str(client.images.get(image).id)
+        probe = client.containers.create(
+            image_id,
             ["-V"],
             entrypoint=["postgres"],
             network_mode="none",
-            remove=True,
             labels={LABEL: "probe"},
+            tmpfs={PG_DATA: ""},
         )
-    except (DockerException, ImageNotFound) as exc:
+        try:
+            probe.start()
+            probe.wait(timeout=STOP_TIMEOUT_S)
+            out = bytes(probe.logs())
+        finally:
+            probe.remove(v=True, force=True)
+    except (DockerException, RequestException) as exc:
         raise SourceError(
             f"postgres.image: {image} does not run `postgres -V` ({type(exc).__name__})"
         ) from None
-    found = _MAJOR.search(bytes(out).decode(errors="replace"))
+    found = _BUILD.search(out.decode(errors="replace"))
     if found is None:
         raise SourceError(f"postgres.image: {image} has no PostgreSQL server (`postgres -V`)")
-    return int(found.group(1))
+    return image_id, found.group(1).strip()
 
 
 @dataclass
 class VolumeTarget:
-    """The engine, the image and the new volume's name, checked before any byte is staged."""
+    """The engine, the image (by id) and the new volume's name, checked before any byte is
+    staged."""
 
     client: Any
-    image: str
+    image: str  # as configured, for messages
+    image_id: str  # what every container runs
     volume: str
-    major: int
+    build: str
 
     @classmethod
-    def open(cls, volume: str, image: str, base_major: int) -> VolumeTarget:
-        """Refuse an existing volume and an image of another major than the base's."""
+    def open(cls, volume: str, image: str, base_build: str) -> VolumeTarget:
+        """Refuse an existing volume and an image of another build than the base's."""
         check_volume_name(volume)
         client = engine()
         try:
@@ -140,17 +175,18 @@ class VolumeTarget:
                         "a new one (the running cluster's volume is never written); nothing "
                         "changed"
                     )
-                major = image_major(client, image)
-            if major != base_major:
+                image_id, build = image_build(client, image)
+            if build != base_build.strip():
                 raise ConfigError(
-                    f"postgres.image: {image} runs PostgreSQL {major}, the base backup is "
-                    f"PostgreSQL {base_major} (physical files do not cross majors); set "
-                    f"postgres.image to a PostgreSQL {base_major} image"
+                    f"postgres.image: {image} runs PostgreSQL {build}, the base backup was "
+                    f"taken with PostgreSQL {base_build.strip()} (a data directory needs the "
+                    "same major, and the same libc for its collations); set postgres.image "
+                    "to an image of that build"
                 )
         except BaseException:
             client.close()
             raise
-        return cls(client, image, volume, major)
+        return cls(client, image, image_id, volume, build)
 
 
 def _wal_tar(files: list[Path]) -> Iterator[bytes]:
@@ -192,8 +228,9 @@ class VolumeRestore:
             self.wal_volume: {"bind": WAL_DIR, "mode": "rw"},
         }
 
-    def populate(self, base_tar: Path, wal: list[Path]) -> None:
-        """Create both volumes; extract the checked base and copy the staged WAL into them."""
+    def populate(self, base_tar: Path, wal: list[Path], *, timeout: float) -> None:
+        """Create both volumes; extract the checked base and copy the staged WAL into them
+        (``timeout``: for the preparation, whose ``chown -R`` grows with the base)."""
         client = self.target.client
         for name in (self.target.volume, self.wal_volume):
             # creating an existing volume returns it: only our label proves it is new
@@ -205,7 +242,7 @@ class VolumeRestore:
                 )
             self.created = self.created or name == self.target.volume
         prep = client.containers.create(
-            self.target.image,
+            self.target.image_id,
             ["-c", PREPARE],
             entrypoint=["sh"],
             user="root",
@@ -220,7 +257,7 @@ class VolumeRestore:
                     raise SourceError(f"docker: the base backup could not be put into {PG_DATA}")
             self._put_wal(prep, wal)
             prep.start()
-            status = prep.wait(timeout=STOP_TIMEOUT_S)
+            status = prep.wait(timeout=timeout)
             if status.get("StatusCode") != 0:
                 raise SourceError(
                     f"docker: preparing volume {self.target.volume} failed: {logs_tail(prep)}"
@@ -245,7 +282,7 @@ class VolumeRestore:
                 self.container.remove(force=True)
             self._settings = settings
             self.container = client.containers.create(
-                self.target.image,
+                self.target.image_id,
                 ["-D", PG_DATA, *_args(settings)],
                 entrypoint=["postgres"],
                 user="postgres",
@@ -264,8 +301,15 @@ class VolumeRestore:
             if container.status in ("exited", "dead"):
                 fresh = bytes(container.logs())[offset:].decode(errors="replace")
                 return Outcome(False, NOT_REACHED in fresh, logs_tail(container))
-            code, out = container.exec_run(["sh", "-c", PROMOTED], user="postgres")
-            if code == 0 and bytes(out).strip() == b"ready":
+            try:
+                code, out = container.exec_run(["sh", "-c", PROBE], user="postgres")
+            except (APIError, NotFound):
+                # PostgreSQL exited between the reload and the exec (409: not running):
+                # the next reload sees it stopped and reads its log
+                time.sleep(POLL_S)
+                continue
+            signal, _, pid_file = bytes(out).decode(errors="replace").partition("\n")
+            if code == 0 and promoted_by(signal != "none", pid_file or None):
                 return Outcome(True)
             time.sleep(POLL_S)
         container.stop(timeout=STOP_TIMEOUT_S)
@@ -275,13 +319,13 @@ class VolumeRestore:
         )
 
     def reached(self, endpoint: PostgresEndpoint) -> tuple[str | None, str | None]:
-        """The last replayed commit and WAL position, asked inside the container as the
-        configured role (the copy has the source's roles); else PostgreSQL's log line."""
+        """The last replayed commit and WAL position, asked inside the container over its
+        socket as the configured role (the copy has the source's roles; drtool's hba file
+        trusts local connections, so no password is needed or passed); else the log line."""
         assert self.container is not None
-        query = "SELECT pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn()"
-        argv = ["psql", "-h", "127.0.0.1", "-U", endpoint.user, "-d", endpoint.dbname]
-        argv += ["-X", "-A", "-t", "-F", "|", "-c", query]
-        env = {"PGPASSWORD": endpoint.password or "", "PGCONNECT_TIMEOUT": "10"}
+        argv = ["psql", "-h", SOCKET_DIR, "-U", endpoint.user, "-d", endpoint.dbname]
+        argv += ["-X", "-A", "-t", "-F", "|", "-c", REACHED_SQL]
+        env = {"PGCONNECT_TIMEOUT": "10"}
         code, out = self.container.exec_run(argv, user="postgres", environment=env)
         fields = bytes(out).decode(errors="replace").strip().split("|")
         if code == 0 and len(fields) == 2:
@@ -292,13 +336,24 @@ class VolumeRestore:
         text = bytes(self.container.logs()).decode(errors="replace")
         return last_transaction_in(text), None
 
-    def finish(self) -> None:
-        """Stop the promoted server (a clean shutdown), remove the containers and WAL."""
+    def finish(self) -> str | None:
+        """Stop the promoted server, remove the containers and WAL. A clean shutdown is
+        checked (exit 0 and PostgreSQL's own "shut down" line), else the note saying so."""
+        note = None
         if self.container is not None:
             self.container.stop(timeout=STOP_TIMEOUT_S)
+            status = self.container.wait(timeout=STOP_TIMEOUT_S)
+            tail = bytes(self.container.logs(tail=20)).decode(errors="replace")
+            if status.get("StatusCode") != 0 or SHUT_DOWN not in tail:
+                note = (
+                    f"the restored server in volume {self.target.volume} did not shut down "
+                    f"cleanly (exit {status.get('StatusCode')}): its first start will run "
+                    "crash recovery (the promoted data is kept)"
+                )
             self.container.remove(force=True)
             self.container = None
         self._remove_wal_volume()
+        return note
 
     @contextlib.contextmanager
     def abandoned_on_failure(self) -> Iterator[None]:
@@ -340,5 +395,6 @@ def _args(settings: list[tuple[str, str]]) -> list[str]:
         ("unix_socket_directories", SOCKET_DIR),
         ("archive_mode", "off"),
         ("primary_conninfo", ""),
+        ("hba_file", HBA_FILE),
     ]
     return [arg for key, value in [*kept, *settings] for arg in ("-c", f"{key}={value}")]
