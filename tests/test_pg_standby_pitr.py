@@ -197,6 +197,10 @@ def test_a_base_taken_from_the_standby_while_the_primary_writes_restores_to_a_mo
     assert 0 < parse_lsn(before) <= parse_lsn(after) <= end
     assert parse_lsn(str(details["stop_lsn"])) <= parse_lsn(after)
     assert restore_at(kit, at, scratch / "at") == ["A"]
+    # the standby's connection to its primary (and the password in it) is not carried over
+    settings = (scratch / "at" / "postgresql.auto.conf").read_text()
+    conninfo = [line for line in settings.splitlines() if line.startswith("primary_conninfo")]
+    assert conninfo == ["primary_conninfo = ''"] and primary.password not in settings
     next(kits, None)
 
 

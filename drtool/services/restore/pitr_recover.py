@@ -130,6 +130,17 @@ def kept_lines(port: int) -> list[str]:
     ]
 
 
+# a base taken on a standby carries the standby's connection to its primary (with its
+# password, when one was given): blanking it later in the file would leave the secret in the
+# copy, so the lines go
+_REPLICATION_LINE = re.compile(r"^\s*(primary_conninfo|primary_slot_name)\s*=")
+
+
+def _without_replication(text: str) -> str:
+    kept = [line for line in text.splitlines() if not _REPLICATION_LINE.match(line)]
+    return "\n".join(kept) + "\n"
+
+
 def _auto_conf(data_dir: Path) -> Path:
     return data_dir / "postgresql.auto.conf"
 
@@ -162,7 +173,7 @@ def write_settings(data_dir: Path, settings: RecoverySettings) -> None:
             "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n"
         )
     auto = _auto_conf(data_dir)
-    text = _without_block(auto.read_text() if auto.exists() else "")
+    text = _without_replication(_without_block(auto.read_text() if auto.exists() else ""))
     if KEPT not in text:
         text += "\n".join([KEPT, *kept_lines(settings.port)]) + "\n"
     text += "\n".join([BEGIN, *settings.lines(), END]) + "\n"

@@ -17,8 +17,10 @@ base and the first WAL are staged and checked on drtool's side exactly as for ``
 (pitr.py); only then is the volume created. A preparation container (root, no network)
 receives the verified base tar (``put_archive`` extracts it into the volume, streamed) and the
 staged WAL (into a second, temporary volume), hands the data directory to ``postgres`` (0700)
-and creates ``recovery.signal``; into the WAL volume it writes an hba file of its own (local
-``trust`` only). The recovery container (user ``postgres``, no network, ``postgres -D`` with
+and creates ``recovery.signal`` (a standby's base loses its ``standby.signal`` and its
+``primary_conninfo``/``primary_slot_name`` lines, which may carry a password); into the WAL
+volume it writes an hba file of its own (local ``trust`` only). The recovery container (user
+``postgres``, no network, ``postgres -D`` with
 the recovery settings and ``hba_file`` as ``-c`` options, so nothing of them is written into
 the volume) replays to the target and promotes; drtool sees the promotion as for a directory
 (``recovery.signal`` gone, ``postmaster.pid`` ``ready``), asks the server what it reached
@@ -79,6 +81,11 @@ fi
 if [ ! -e {PG_DATA}/pg_hba.conf ]; then
   printf '# written by drtool: the base backup held no pg_hba.conf\\nlocal all all peer\\n\
 host all all 127.0.0.1/32 scram-sha-256\\n' > {PG_DATA}/pg_hba.conf
+fi
+rm -f {PG_DATA}/standby.signal
+if [ -e {PG_DATA}/postgresql.auto.conf ]; then
+  sed -i -E '/^[[:space:]]*(primary_conninfo|primary_slot_name)[[:space:]]*=/d' \
+    {PG_DATA}/postgresql.auto.conf
 fi
 touch {PG_DATA}/recovery.signal
 chown postgres:postgres {PG_DATA}/postgresql.conf {PG_DATA}/pg_hba.conf {PG_DATA}/recovery.signal
