@@ -92,6 +92,7 @@ class Phase:
     attachment_rows: int = 0
     attachment_mb: float = 0.0
     rpo_samples: list[float] = field(default_factory=list)
+    rounds: list[tuple[float, int]] = field(default_factory=list)  # (seconds, objects)
     missed: int = 0
     uploaded: int = 0
     capture_cpu_s: float = 0.0
@@ -126,7 +127,13 @@ class Sealed:
         self.keys: set[str] = set()
         self.newest: datetime | None = None
 
-    def refresh(self) -> None:
+    def refresh(self) -> list[tuple[float, int]]:
+        """Read the records committed since the last call; (seconds, objects) of each round.
+
+        A round's seconds run from its start (the record's ``created``) to its last object
+        captured (``last_captured``): the time spent reading and sealing, without the journal.
+        """
+        rounds: list[tuple[float, int]] = []
         found = capture_chain.load_chain(
             self.repo.storage, self.repo.verify_keys, self.repo.info.repo_id
         )
@@ -149,6 +156,11 @@ class Sealed:
             if row and row[0] and (self.newest is None or row[0] > self.newest):
                 self.newest = row[0]
             self.seen.add(record.seq)
+            took = datetime.fromisoformat(record.last_captured) - datetime.fromisoformat(
+                record.created
+            )
+            rounds.append((took.total_seconds(), len(keys)))
+        return rounds
 
 
 def source_newest(conn: psycopg.Connection[Any], s3: Any, bucket: str, since: datetime) -> Any:
@@ -223,7 +235,7 @@ def rclone_round(
     return dict(sorted(counts.items()))
 
 
-def run_phase(
+def run_phase(  # noqa: PLR0915
     args: argparse.Namespace,
     work: Path,
     ep: StackEndpoints,
@@ -240,7 +252,7 @@ def run_phase(
     config.chmod(0o600)
     counts_file = work / f"counts-{number}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRTOOL_")}
-    env["DRTOOL_HOME"] = str(work / "home")
+    env |= {"DRTOOL_HOME": str(work / "home")}
     state_file = state_path(work / "state", sealed.repo.info.repo_id)
     phase.load_start = load_average()
     started_at = datetime.now(UTC)
@@ -270,7 +282,7 @@ def run_phase(
             conn.autocommit = True
             while traffic.is_alive():
                 newest = source_newest(conn, s3, bucket, traffic_start)
-                sealed.refresh()
+                phase.rounds += sealed.refresh()
                 if newest is not None:
                     covered = max(sealed.newest or traffic_start, traffic_start)
                     phase.rpo_samples.append(max(0.0, (newest - covered).total_seconds()))
@@ -281,6 +293,7 @@ def run_phase(
         phase.capture_cpu_s = cpu_s(capture.pid) - cpu0
         phase.capture_rss_mib = hwm_mib(capture.pid)
         phase.uploaded = load_state(state_file).uploaded - uploaded0
+        phase.rounds += sealed.refresh()
     finally:
         capture.send_signal(signal.SIGTERM)
         capture.wait(120)
@@ -297,7 +310,6 @@ def run_phase(
 
 def missed(sealed: Sealed, ep: StackEndpoints, since: datetime) -> int:
     """The attachment rows written since ``since`` whose object no sealed journal names."""
-    sealed.refresh()
     with psycopg.connect(**ep.postgres.connect_kwargs()) as conn:
         rows = conn.execute(
             "SELECT object_key FROM attachments WHERE created_at >= %s", (since,)
@@ -382,6 +394,12 @@ def print_table(args: argparse.Namespace, phases: list[Phase]) -> None:
         ("attachments RPO p50 s", [fmt(p.rpo(50)) for p in phases]),
         ("attachments RPO p99 s (target <= 90)", [fmt(p.rpo(99)) for p in phases]),
         ("attachments RPO max s", [fmt(max(p.rpo_samples, default=None)) for p in phases]),
+        ("capture rounds: objects per round p50",
+         [fmt(statistics.median([n for _, n in p.rounds]) if p.rounds else None, ".0f")
+          for p in phases]),
+        ("capture rounds: seconds reading+sealing p50 / max",
+         [f"{fmt(statistics.median([t for t, _ in p.rounds]) if p.rounds else None)} / "
+          f"{fmt(max((t for t, _ in p.rounds), default=None))}" for p in phases]),
         ("rows missed by the capture", [str(p.missed) for p in phases]),
         ("blobs uploaded", [f"{p.uploaded:,}" for p in phases]),
         ("capture CPU-s (% of a core)",
