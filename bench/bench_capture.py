@@ -457,7 +457,8 @@ def main() -> None:
         stack.down()
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
-        print(json.dumps([asdict(p) for p in phases], indent=1, default=str))
+        doc = {"parameters": vars(args), "phases": [asdict(p) for p in phases]}
+        print(json.dumps(doc, indent=1, default=str))
     else:
         print_table(args, phases)
     print(f"end: {load_average()}")
