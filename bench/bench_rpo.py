@@ -43,6 +43,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from procstat import children, cpu_s, hwm_mib, load_average  # noqa: E402
 from repo_setup import DRTOOL  # noqa: E402
 
 from chat_stack.seed import SeedSizes, seed  # noqa: E402
@@ -55,7 +56,6 @@ from drtool.services.restore.pitr_recover import stop as stop_copy  # noqa: E402
 from drtool.services.stack import stack_config  # noqa: E402
 from drtool.wal.index import load_index  # noqa: E402
 
-TICKS = os.sysconf("SC_CLK_TCK")
 NEWEST = "SELECT max(created_at), count(*) FROM messages"
 
 
@@ -76,30 +76,6 @@ class Loss:
         if self.restored_newest is None:
             return None
         return max(0.0, (self.source_newest - self.restored_newest).total_seconds())
-
-
-def cpu_s(pid: int) -> float:
-    """User+sys seconds of ``pid`` and its children (/proc)."""
-    total = 0.0
-    for p in [pid, *children(pid)]:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / TICKS
-    return total
-
-
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def hwm_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def newest(conninfo: dict[str, object]) -> tuple[datetime, int]:
@@ -223,10 +199,9 @@ def run_bench(args: argparse.Namespace, work: Path, stack: LocalStack) -> None: 
     for loss in losses:
         restore(loss, with_wal(operator, loss.repo.as_uri()), scratch, env, conninfo)
 
-    load = os.getloadavg()
     print(
         f"\n{args.rate:.0f} messages/s for {elapsed / 60:.1f} min, {len(losses)} losses; "
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} CPUs"
+        f"{load_average()}"
     )
     print(f"{'loss':6} {'source newest':>26} {'restored newest':>26} {'RPO s':>7} {'restore s':>9}")
     for i, loss in enumerate(losses):

@@ -2,7 +2,9 @@
 
 ``python -m chat_stack.traffic --rate 50 --duration 60`` (Ctrl-C or SIGTERM stops it cleanly)
 
-Each message: its attachment object (about 1 in 20) is uploaded first, then the message, the
+Each message: its attachment object (about 1 in 20 of 1 KiB-256 KiB by default;
+``--attachment-share`` and ``--attachment-bytes MIN-MAX`` change the mix, e.g. the capture
+benchmark's 10 % of 100 KB-5 MB) is uploaded first, then the message, the
 attachment row and the sender's read receipt are committed, then Redis is updated (unread
 counters of the other members, the room's recent list, presence, rate limit). Messages due in
 the same tick share one transaction and one Redis MULTI.
@@ -51,6 +53,25 @@ MAX_RATE = 100_000.0
 
 
 @dataclass(frozen=True)
+class AttachmentMix:
+    """Which share of messages carries an attachment, and its size range (log-uniform)."""
+
+    share: float = ATTACHMENT_SHARE
+    min_bytes: int = 1024
+    max_bytes: int = MAX_OBJECT
+
+    def check(self) -> None:
+        """Raise a UsageError (exit 2) unless 0 <= share <= 1 and 1 <= min <= max."""
+        if not 0 <= self.share <= 1:
+            raise UsageError(f"--attachment-share must be between 0 and 1 (got {self.share:g})")
+        if not 1 <= self.min_bytes <= self.max_bytes:
+            raise UsageError(
+                "--attachment-bytes must be MIN-MAX with 1 <= MIN <= MAX "
+                f"(got {self.min_bytes}-{self.max_bytes})"
+            )
+
+
+@dataclass(frozen=True)
 class TrafficStats:
     """What a traffic run wrote."""
 
@@ -81,12 +102,12 @@ def _load_rooms(conn: psycopg.Connection) -> list[tuple[int, list[int]]]:
 
 
 def _upload(
-    client: Any, bucket: str, rng: random.Random, room_id: int, sender: int
+    client: Any, bucket: str, rng: random.Random, room_id: int, sender: int, mix: AttachmentMix
 ) -> dict[str, Any]:
     """Upload a new attachment object; returns the fields of its row."""
     file_type = rng.choice(generate.FILE_TYPES)
     filename = generate.file_name(rng, file_type)
-    size = generate.log_uniform_size(rng, 1024, MAX_OBJECT)
+    size = generate.log_uniform_size(rng, mix.min_bytes, mix.max_bytes)
     token = secrets.randbits(64)  # unique across runs, unlike the seeded choices
     data = generate.attachment_bytes(token, 0, size, file_type)
     digest = generate.sha256_hex(data)
@@ -178,6 +199,7 @@ def _write_batch(
     rooms: Sequence[tuple[int, list[int]]],
     weights: Sequence[int],
     count: int,
+    mix: AttachmentMix,
 ) -> tuple[int, int]:
     """Write ``count`` messages (objects, then rows, then Redis); returns attachments, bytes."""
     plans = []
@@ -185,8 +207,8 @@ def _write_batch(
     for room_id, members in rng.choices(rooms, cum_weights=weights, k=count):
         sender = rng.choice(members)
         upload = None
-        if rng.random() < ATTACHMENT_SHARE:
-            upload = _upload(s3, bucket, rng, room_id, sender)
+        if rng.random() < mix.share:
+            upload = _upload(s3, bucket, rng, room_id, sender, mix)
             attachments, size = attachments + 1, size + upload["size_bytes"]
         others = [user for user in members if user != sender]
         reader = rng.choice(others) if others and rng.random() < READ_SHARE else None
@@ -218,12 +240,14 @@ def run_traffic(
     duration: float,
     seed: int,
     stop_event: threading.Event,
+    mix: AttachmentMix = AttachmentMix(),
 ) -> TrafficStats:
     """Write about ``rate`` messages/s for ``duration`` seconds or until ``stop_event`` is set.
 
     The batch in flight is finished before returning, so the stores stay consistent.
     """
     check_pace(rate, duration)
+    mix.check()
     rng = random.Random(seed)
     bucket = endpoints.buckets[0]
     s3 = s3_client(endpoints.minio)
@@ -246,7 +270,7 @@ def run_traffic(
                 stop_event.wait(min((messages - elapsed * rate) / rate, duration - elapsed))
                 continue
             new_attachments, new_size = _write_batch(
-                conn, client, s3, bucket, rng, rooms, weights, due
+                conn, client, s3, bucket, rng, rooms, weights, due, mix
             )
             messages, attachments, size = (
                 messages + due,
@@ -256,12 +280,34 @@ def run_traffic(
     return TrafficStats(messages, attachments, size, time.monotonic() - started)
 
 
+def _byte_range(text: str) -> tuple[int, int]:
+    """``MIN-MAX`` in bytes (checked by :meth:`AttachmentMix.check`)."""
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX in bytes (got {text!r})") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     """The command line of ``python -m chat_stack.traffic``."""
     parser = OneLineParser(prog="python -m chat_stack.traffic", description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=20.0, help="messages per second [20]")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds to run [60]")
     parser.add_argument("--seed", type=int, default=1, help="random seed [1]")
+    parser.add_argument(
+        "--attachment-share",
+        type=float,
+        default=ATTACHMENT_SHARE,
+        help=f"share of messages with an attachment [{ATTACHMENT_SHARE}]",
+    )
+    parser.add_argument(
+        "--attachment-bytes",
+        type=_byte_range,
+        default=(1024, MAX_OBJECT),
+        metavar="MIN-MAX",
+        help=f"attachment sizes, log-uniform [1024-{MAX_OBJECT}]",
+    )
     add_connection_options(parser)
     return parser
 
@@ -276,10 +322,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def body() -> None:
         check_pace(args.rate, args.duration)
+        mix = AttachmentMix(args.attachment_share, *args.attachment_bytes)
+        mix.check()
         endpoints = endpoints_from(args)
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
-        stats = run_traffic(endpoints, args.rate, args.duration, args.seed, stop)
+        stats = run_traffic(endpoints, args.rate, args.duration, args.seed, stop, mix)
         rate = stats.messages / stats.seconds if stats.seconds else 0.0
         print(
             f"wrote {stats.messages} messages ({rate:.1f}/s), {stats.attachments} attachments "

@@ -41,7 +41,7 @@ from drtool.repository import retention
 from drtool.repository.access import Repo, open_repo, read_object
 from drtool.repository.minio_index import IndexEntry
 from drtool.s3session import s3_client
-from drtool.services.capture import build_capturer
+from drtool.services.capture import build_capturer, run_capture
 from drtool.services.prune import plan_prune
 from drtool.services.repo_setup import set_up_repository
 from drtool.sources.minio import MinioStore
@@ -228,6 +228,31 @@ def test_late_commits_below_captured_ids_are_not_missed_and_the_bucket_is_never_
     assert final.missing == {} and final.gaps_dropped == 1
     assert not any(c.startswith("List") for c in calls), calls
     assert set(calls) <= {"HeadObject", "GetObject"}
+
+
+class CountedStop(threading.Event):
+    """A stop event that records each wait asked for (never sleeps) and stops after ``n``."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.waits = n, list[float | None]()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return len(self.waits) >= self.n
+
+
+def test_rounds_start_every_interval_however_long_a_round_takes(kit: Kit) -> None:
+    # the clock is read at a round's start and before the wait: the first round "takes"
+    # 45 s, the second 90 s (longer than the 60 s interval); the rounds themselves are real
+    ticks = iter([100.0, 145.0, 200.0, 290.0])
+    stop = CountedStop(2)
+    assert kit.cfg().capture.interval_s == 60
+    run_capture(
+        kit.cfg(), kit.repository.directory, once=False, stop=stop, clock=lambda: next(ticks)
+    )
+    assert stop.waits == [15.0, 0.0]  # not a whole interval after each round
+    assert load_state(kit.capturer().state_file()).last_round
 
 
 def test_an_object_not_yet_uploaded_is_captured_when_it_appears(kit: Kit) -> None:

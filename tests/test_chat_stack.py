@@ -262,7 +262,15 @@ def test_seed_rejects_nonsense_sizes(args: list[str]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "args", [["--rate", "0"], ["--rate", "nan"], ["--duration", "-1"], ["--duration", "inf"]]
+    "args",
+    [
+        ["--rate", "0"],
+        ["--rate", "nan"],
+        ["--duration", "-1"],
+        ["--duration", "inf"],
+        ["--attachment-share", "1.5"],
+        ["--attachment-bytes", "5000-100"],
+    ],
 )
 def test_traffic_rejects_nonsense_pace(args: list[str]) -> None:
     done = run_module("chat_stack.traffic", *args)
