@@ -59,6 +59,7 @@ from drtool.sources.redis_client import connect as connect_redis
 from drtool.stores import canary, checks
 from drtool.stores.checks import CheckResult
 from drtool.wal.index import WalIndex
+from drtool.wal.names import parse_lsn, parse_segment
 
 TINY = SeedSizes(users=5, rooms=2, messages=40, attachments=3)
 
@@ -561,7 +562,7 @@ class History:
 def _history(kit: WalKit, stack: StackEndpoints) -> History:
     """Stream; a base backup; a canary; a Redis + MinIO snapshot; traffic while the capture
     follows; a message with an attachment, a canary, the moment, another message; the WAL
-    sealed past the moment."""
+    sealed past that message's commit."""
     cfg = load_config(kit.config, {})
     proc = kit.start()
     stop = threading.Event()
@@ -581,6 +582,7 @@ def _history(kit: WalKit, stack: StackEndpoints) -> History:
             before = post_with_attachment(stack, "before")
             at = datetime.now(UTC)
             after = post_with_attachment(stack, "after")
+            after_lsn = _wal_inserted(stack)  # past the commit of the message after the moment
             seen = _attachments(stack)
             wait_for("more traffic", lambda: _attachments(stack) > seen)
             stop.set()
@@ -588,10 +590,10 @@ def _history(kit: WalKit, stack: StackEndpoints) -> History:
             # the object of the message just before the moment is read only now, after it
             assert capturer.run_round(conn).captured >= 2
         write_rows(stack.postgres)
-        wait_for(
-            "WAL sealed after the moment",
-            lambda: any(datetime.fromisoformat(e.sealed) > at for e in kit.index().segments()),
-        )
+        # a segment *sealed* after the moment may have been closed before it (the sealer runs
+        # behind the switches on a loaded machine): only the segment holding the commit after
+        # the moment proves the WAL reaches it, and lets recovery stop at the moment
+        wait_for("WAL sealed past the moment", lambda: _wal_reaches(kit, after_lsn))
         assert stop_streamer(proc) == 0
     finally:
         stop.set()
@@ -601,6 +603,24 @@ def _history(kit: WalKit, stack: StackEndpoints) -> History:
             proc.kill()
 
     return History(at, before, after)
+
+
+def _wal_inserted(stack: StackEndpoints) -> int:
+    """The source's WAL insert position: past every commit made so far (the write position
+    may lag behind it, synchronous_commit is off)."""
+    with psycopg.connect(**stack.postgres.connect_kwargs()) as conn:
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    assert row is not None
+    return parse_lsn(str(row[0]))
+
+
+def _wal_reaches(kit: WalKit, lsn: int) -> bool:
+    """Whether the repository holds the segment with WAL position ``lsn`` (sealed past it)."""
+    index = kit.index()
+    size = index.segment_size
+    return size is not None and any(
+        (parse_segment(e.name, size).segno + 1) * size > lsn for e in index.segments()
+    )
 
 
 def _attachments(stack: StackEndpoints) -> int:
