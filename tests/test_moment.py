@@ -548,6 +548,12 @@ def test_a_drill_at_the_windows_end_restores_every_row_committed_before_it(
     assert seen["messages"] == {after_id} and seen["after_object"] is not None
     checks = {c.name: c for c in report.checks}
     assert checks["attachments have their objects"].figures["missing"] == 0
+    # a sealed time is after the WAL it holds ends: recovery stops at the end of the WAL
+    # held, and PostgreSQL's skew is counted from its last replayed transaction, never 0
+    postgres = checks["skew within threshold"].figures["postgres"]
+    assert "end of the WAL held" in postgres["source"], postgres
+    assert postgres["skew_s"] is not None and postgres["skew_s"] > 0
+    assert postgres["effective"] < end.isoformat()
 
 
 @dataclass

@@ -281,6 +281,10 @@ def _stack_or_clean_up(
 def _show_stack_result(plan: moment.MomentPlan, result: stack_at.StackAtResult) -> None:
     pitr = result.pitr
     assert pitr is not None
+    if not pitr.target_reached:  # PostgreSQL's skew from what its recovery reached
+        plan = plan.postgres_short_of_the_moment(pitr.reached_time)
+        for note in pitr.notes:
+            click.echo(f"note: {note}")
     print_table(
         f"the stack restored to {result.moment}",
         ["store", "effective moment", "skew (s)", "measured RPO (s)", "seconds (RTO)"],

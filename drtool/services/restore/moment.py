@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -84,6 +84,31 @@ class MomentPlan:
     def buckets(self) -> list[StoreMoment]:
         """The buckets' entries."""
         return [s for s in self.stores if s.store.startswith(f"{MINIO}:")]
+
+    def postgres_short_of_the_moment(self, reached_time: str | None) -> MomentPlan:
+        """This plan with PostgreSQL's effective moment replaced by what its recovery reached.
+
+        The WAL window's end is the newest segment's *sealed* time, which can be seconds after
+        the WAL it holds ends: recovery then stops at the end of the WAL held, and the copy is
+        as at its last replayed transaction. Its skew is counted from there (an unreadable
+        time is no effective moment, which fails a skew check), never shown as 0.
+        """
+        try:
+            reached = datetime.fromisoformat(reached_time) if reached_time else None
+        except ValueError:
+            reached = None
+        stores = [
+            replace(
+                s,
+                effective=reached,
+                skew_s=(self.moment - reached).total_seconds() if reached else None,
+                source=f"{s.source}; recovery ended at the end of the WAL held, before the moment",
+            )
+            if s.store == POSTGRES
+            else s
+            for s in self.stores
+        ]
+        return replace(self, stores=stores)
 
     def over_skew(self) -> list[StoreMoment]:
         """The stores whose skew exceeds the limit."""

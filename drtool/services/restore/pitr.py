@@ -93,6 +93,9 @@ class PitrResult:
     image_id: str = ""  # --into-volume: that image's id, which every container ran
     hash_checked: int = 0  # dry run: objects whose stored size and sha256 were checked
     recovery_starts: int = 0  # more than 1: recovered again, to the end of the WAL held
+    #: False: the WAL held ended before the target (a sealed time does not prove a segment's
+    #: WAL reaches the moment), so the copy is as at ``reached_time``, not at the target
+    target_reached: bool = True
     #: seconds of each phase: stage (base + first WAL, checked), extract, recover
     phases: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -519,6 +522,7 @@ def _end_of_wal(chosen: pitr_plan.PitrPlan, result: PitrResult) -> None:
             f"from base backup {chosen.base.snapshot_id}; nothing kept (`drtool wal verify`)"
         )
     where = f"LSN {reached}" if reached is not None else "the server did not say its LSN"
+    result.target_reached = False
     log_.warning(
         "the WAL held ends before %s: restored to the end recovery reached (%s)",
         chosen.target.describe(),
