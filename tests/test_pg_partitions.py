@@ -312,3 +312,35 @@ def test_a_restored_copy_is_fingerprinted_in_parallel_the_way_the_snapshot_recor
     assert {fp.row_hash for fp in got.tables.values()} == {"text"}
     assert got.tables == expected.tables and got.rooms == expected.rooms
     assert fingerprints_of(months, months.dbname, serial(months), workers=2) == serial(months)
+
+
+def test_a_type_altered_under_unchanged_rows_is_caught(pg_database: PostgresEndpoint) -> None:
+    """``ALTER TYPE`` changes what a row hashes to with no new row version (same xmin, same
+    relation file): a partition with a column of a type that is not built in is hashed again."""
+    run(pg_database, """
+        CREATE TYPE pair AS (a int, b text);
+        CREATE TYPE mood AS ENUM ('sad', 'happy');
+        CREATE TABLE notes (at date NOT NULL, p pair, m mood, doc json) PARTITION BY RANGE (at);
+        CREATE TABLE notes_a PARTITION OF notes FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+        CREATE TABLE plain (at date NOT NULL, doc json) PARTITION BY RANGE (at);
+        CREATE TABLE plain_a PARTITION OF plain FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+        INSERT INTO notes SELECT '2026-01-01'::date + i % 20, ROW(i, 'x' || i)::pair,
+                                 'happy', json_build_object('i', i)
+            FROM generate_series(1, 50) i;
+        INSERT INTO plain SELECT '2026-01-01'::date + i % 20, json_build_object('i', i)
+            FROM generate_series(1, 50) i;
+    """)  # fmt: skip
+    base = scan(pg_database).next_baseline("repo", "snap-1", time.time())
+    assert base is not None
+    assert serial(pg_database).tables["public.notes"].row_hash == "text"
+    for change in (
+        "ALTER TYPE pair ADD ATTRIBUTE c int",
+        "ALTER TYPE mood RENAME VALUE 'happy' TO 'glad'",
+    ):
+        before = serial(pg_database)
+        run(pg_database, change)
+        assert serial(pg_database).tables["public.notes"] != before.tables["public.notes"]
+        after = scan(pg_database, base)
+        assert after.fingerprints == serial(pg_database), change
+        assert hashed(after) == {"public.notes_a"}  # the built-in one is still reused
+        assert after.not_reused["public.notes_a"].startswith("a column's type is not built in")

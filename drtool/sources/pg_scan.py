@@ -79,6 +79,20 @@ SELECT coalesce(string_agg(format('%%s %%I %%s %%s %%s %%s %%s', a.attnum, a.att
 FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0
 """
 
+# columns whose values can change with no new row version: a type or collation that a user can
+# ALTER (ADD ATTRIBUTE to a composite, RENAME VALUE of an enum, a domain, a range, an
+# extension's type) changes what a row hashes to while xmin and the relation file stay; the
+# rule is coarse on purpose (any type or collation not built in, any composite, enum, domain,
+# range or multirange, also as an array's element): such a partition is always hashed again
+_CUSTOM_TYPES_SQL = """
+SELECT count(*) FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_type e ON e.oid = t.typelem
+WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+  AND (t.oid >= 16384 OR t.typtype IN ('c', 'e', 'd', 'r', 'm')
+       OR e.oid >= 16384 OR e.typtype IN ('c', 'e', 'd', 'r', 'm')
+       OR a.attcollation >= 16384)
+"""
+
 _LEAVES_SQL = """
 SELECT format('%%I.%%I', n.nspname, c.relname), c.oid, c.relfilenode, c.relkind,
        pg_relation_size(c.oid)
@@ -111,6 +125,7 @@ class Unit:
     row: sql.Composable | None  # the row in its table's row type; None: as read (same layout)
     size: int = 0
     only: bool = True  # FROM ONLY (a partitioned parent read whole: without)
+    custom_types: bool = False  # a column's type or collation is not built in: no reuse
 
 
 @dataclass(frozen=True)
@@ -392,9 +407,15 @@ def plan_units(cur: psycopg.Cursor[Any]) -> list[Unit]:
                     True,
                     row,
                     size,
+                    custom_types=_has_custom_types(cur, leaf_oid),
                 )
             )
     return sorted(units, key=lambda u: -u.size)
+
+
+def _has_custom_types(cur: psycopg.Cursor[Any], oid: int) -> bool:
+    row = cur.execute(_CUSTOM_TYPES_SQL, (oid,)).fetchone()
+    return bool(row and row[0])
 
 
 def _layout(columns: str) -> list[str]:
@@ -484,6 +505,8 @@ def _why_not_reusable(
         return "a transaction older than the baseline runs"
     if history.xmax - b.xmin > _XID_WINDOW:
         return "too many transactions since the baseline"
+    if unit.custom_types:
+        return "a column's type is not built in (it can change with no new row version)"
     if (old.oid, old.relfilenode, old.columns) != (unit.oid, unit.relfilenode, unit.columns):
         return "the relation was rewritten or its columns changed"
     if now - old.hashed_at > max_age_s:
