@@ -9,7 +9,10 @@ update whose new row version was frozen since) is caught by the next scan.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,9 +20,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from conftest import servers_required
 from support.backup_kit import BackupKit, make_backup_kit
 
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+from drtool.runtime.pgserver import PostgresServer
 from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
 from drtool.sources.pg_scan import Baseline, PartitionScan, ScanResult
 from drtool.stores.postgres.restore import fingerprints_of
@@ -344,3 +349,52 @@ def test_a_type_altered_under_unchanged_rows_is_caught(pg_database: PostgresEndp
         assert after.fingerprints == serial(pg_database), change
         assert hashed(after) == {"public.notes_a"}  # the built-in one is still reused
         assert after.not_reused["public.notes_a"].startswith("a column's type is not built in")
+
+
+def _burn_xids(ep: PostgresEndpoint, n: int) -> None:
+    with _connect(ep, autocommit=True) as conn:
+        for _ in range(n):
+            conn.execute("SELECT txid_current()")
+
+
+@pytest.mark.slow
+def test_a_rewound_server_with_the_same_count_is_caught(runtime_root: Path) -> None:
+    """A server reverted to a copy of its files (a VM snapshot, a base restored without a new
+    timeline) keeps its system id and timeline; a row rewritten there by a transaction older
+    than the baseline's xmin, with as many rows as before, is caught by the digest of the row
+    versions: the count and the xmin scan alone reused it."""
+    with servers_required():
+        server = PostgresServer(
+            runtime_root / f"pgrewind-{uuid.uuid4().hex[:6]}",
+            major=15,
+            settings={"fsync": "off", "synchronous_commit": "off"},
+        )
+    server.start()
+    saved = server.base_dir / "saved"
+    try:
+        ep = server.endpoint
+        with _connect(ep) as conn:
+            conn.execute(MONTHS)
+        server.stop()
+        subprocess.run(["cp", "-a", str(server.data_dir), str(saved)], check=True)
+        server.start()
+        _burn_xids(ep, 20)  # the baseline's xmin is past the xids the rewound server reuses
+        first = scan(ep)
+        base = first.next_baseline("repo", "snap-1", time.time())
+        assert base is not None
+        server.stop()
+        shutil.rmtree(server.data_dir)
+        subprocess.run(["cp", "-a", str(saved), str(server.data_dir)], check=True)
+        server.start()  # the same system id, the same timeline, the xid counter rewound
+        run(ep, "UPDATE messages SET body = 'another history' WHERE id = 10")  # January
+        _burn_xids(ep, 40)  # past the baseline's xmax
+        run(ep, "SELECT pg_switch_wal()")  # and its WAL position
+        after = scan(ep, base)
+        assert after.history is not None
+        assert after.history.timeline == base.history.timeline
+        assert after.history.xmin > base.history.xmax
+        assert after.fingerprints == serial(ep)
+        assert hashed(after) == {"public.messages_m1"}
+        assert after.not_reused["public.messages_m1"].startswith("other row versions")
+    finally:
+        server.stop()

@@ -51,7 +51,7 @@ from drtool.sources.pg_fingerprint import (
 
 log = logging.getLogger(__name__)
 
-BASELINE_FORMAT = "drtool-pg-baseline/1"
+BASELINE_FORMAT = "drtool-pg-baseline/2"
 #: a baseline older than this many transactions is not trusted (32-bit xid comparisons)
 _XID_WINDOW = (1 << 31) - 10_000_000
 
@@ -101,13 +101,25 @@ JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE t.isleaf
 """
 
+# the timeline is the one WAL is written (primary) or received (standby) on now, not the last
+# checkpoint's (pg_control_checkpoint() lags a promotion until its first checkpoint); a standby
+# without a WAL receiver, or a login that may not read it, gives NULL: no reuse
 _HISTORY_SQL = """
 SELECT (SELECT system_identifier::text FROM pg_control_system()),
-       (SELECT timeline_id FROM pg_control_checkpoint()),
+       CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver)
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+       END,
        (SELECT oid FROM pg_database WHERE datname = current_database()),
        pg_snapshot_xmin(pg_current_snapshot())::text,
-       pg_snapshot_xmax(pg_current_snapshot())::text
+       pg_snapshot_xmax(pg_current_snapshot())::text,
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn()
+        END - '0/0'::pg_lsn)::text
 """
+
+#: a digest of a partition's row versions, (ctid, xmin) of each, summed modulo 2**64: two
+#: scans that find the same sum found the same set of row versions (short of a 64-bit
+#: collision), whatever the history in between; it is what "the same count" alone is not
+_VERSIONS = sql.SQL("sum(hashtextextended(r.ctid::text || r.xmin::text, 0))")
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,7 @@ class UnitPrint:
     max_id: int | None
     row_hash: str
     rooms: dict[str, tuple[int, int, int | None]] | None = None
+    versions: int | None = None  # _VERSIONS of a partition (None: not computed, no reuse)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (the baseline file)."""
@@ -145,6 +158,7 @@ class UnitPrint:
             "total": str(self.total),
             "max_id": self.max_id,
             "row_hash": self.row_hash,
+            "versions": None if self.versions is None else str(self.versions),
             "rooms": None
             if self.rooms is None
             else {r: [n, str(t), m] for r, (n, t, m) in self.rooms.items()},
@@ -165,6 +179,7 @@ class UnitPrint:
                 str(r): (int(n), int(t), None if m is None else int(m))
                 for r, (n, t, m) in rooms.items()
             },
+            None if data.get("versions") is None else int(data["versions"]),
         )
 
 
@@ -177,6 +192,7 @@ class History:
     database_oid: int
     xmin: int  # the snapshot's xmin and xmax as 64-bit transaction ids
     xmax: int
+    lsn: int  # the WAL position written (primary) or replayed (standby), in bytes
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -186,6 +202,7 @@ class History:
             "database_oid": self.database_oid,
             "xmin": self.xmin,
             "xmax": self.xmax,
+            "lsn": self.lsn,
         }
 
 
@@ -246,6 +263,7 @@ class Baseline:
                     int(h["database_oid"]),
                     int(h["xmin"]),
                     int(h["xmax"]),
+                    int(h["lsn"]),
                 ),
                 {
                     str(name): BaselineUnit(
@@ -428,17 +446,21 @@ def _dropped(columns: str) -> list[str]:
 
 
 def _hash_unit(cur: psycopg.Cursor[Any], unit: Unit, hashes: list[str]) -> UnitPrint:
-    """Hash every row of ``unit`` (first of ``hashes`` its column types allow)."""
+    """Hash every row of ``unit`` (first of ``hashes`` its column types allow); of a partition
+    also the digest of its row versions, in the same pass (what a later reuse compares)."""
     src = sql.SQL("{}{} AS r").format(sql.SQL("ONLY " if unit.only else ""), sql.SQL(unit.relation))
+    versions = _VERSIONS if unit.partition else sql.SQL("NULL::numeric")
     for i, row_hash in enumerate(hashes):
         expr = row_hash_sql(row_hash, unit.row)
         if unit.rooms:
             max_id = sql.SQL("max(r.id)" if unit.has_id else "NULL::bigint")
             query = sql.SQL(
-                "SELECT r.room_id::text, count(*), sum({h}), {m} FROM {src} GROUP BY r.room_id"
-            ).format(h=expr, m=max_id, src=src)
+                "SELECT r.room_id::text, count(*), sum({h}), {m}, {v} FROM {src} GROUP BY r.room_id"
+            ).format(h=expr, m=max_id, v=versions, src=src)
         else:
-            query = sql.SQL("SELECT count(*), sum({h}) FROM {src}").format(h=expr, src=src)
+            query = sql.SQL("SELECT NULL, count(*), sum({h}), NULL, {v} FROM {src}").format(
+                h=expr, v=versions, src=src
+            )
         try:
             with cur.connection.transaction():
                 found = cur.execute(query).fetchall()
@@ -446,15 +468,17 @@ def _hash_unit(cur: psycopg.Cursor[Any], unit: Unit, hashes: list[str]) -> UnitP
             if i == len(hashes) - 1:
                 raise
             continue  # "could not identify an extended hash function for type ..."
+        digest = sum(int(v or 0) for *_, v in found) % _MOD if unit.partition else None
         if not unit.rooms:
-            return UnitPrint(int(found[0][0]), int(found[0][1] or 0) % _MOD, None, row_hash)
+            _, n, total, _, _ = found[0]
+            return UnitPrint(int(n), int(total or 0) % _MOD, None, row_hash, versions=digest)
         rooms = {
             _NULL_ROOM if room is None else str(room): (
                 int(n),
                 int(total or 0) % _MOD,
                 None if top is None else int(top),
             )
-            for room, n, total, top in found
+            for room, n, total, top, _ in found
         }
         ids = [top for _, _, top in rooms.values() if top is not None]
         return UnitPrint(
@@ -463,12 +487,14 @@ def _hash_unit(cur: psycopg.Cursor[Any], unit: Unit, hashes: list[str]) -> UnitP
             max(ids) if ids else None,
             row_hash,
             rooms,
+            digest,
         )
     raise AssertionError("no row hash")  # pragma: no cover
 
 
 def _unchanged_sql(unit: Unit, baseline_xmin32: int) -> sql.Composed:
-    """Rows, and rows written by a transaction the baseline snapshot may not have seen.
+    """Rows, rows written by a transaction the baseline snapshot may not have seen, and the
+    digest of the row versions (the set of (ctid, xmin) must be the baseline's).
 
     ``age(xmin)`` is the distance from the next transaction id to the row version's inserting
     transaction (raw: freezing keeps it). A version the baseline could not see was inserted by
@@ -477,8 +503,9 @@ def _unchanged_sql(unit: Unit, baseline_xmin32: int) -> sql.Composed:
     ago) — the former only cost a rescan.
     """
     return sql.SQL(
-        "SELECT count(*), count(*) FILTER (WHERE age(r.xmin) <= age({x}::xid)) FROM ONLY {t} AS r"
-    ).format(x=sql.Literal(str(baseline_xmin32)), t=sql.SQL(unit.relation))
+        "SELECT count(*), count(*) FILTER (WHERE age(r.xmin) <= age({x}::xid)), {v} "
+        "FROM ONLY {t} AS r"
+    ).format(x=sql.Literal(str(baseline_xmin32)), v=_VERSIONS, t=sql.SQL(unit.relation))
 
 
 def _why_not_reusable(
@@ -499,6 +526,8 @@ def _why_not_reusable(
         history.database_oid,
     ):
         return "another server, timeline or database"
+    if history.lsn < b.lsn:
+        return "the WAL position is behind the baseline's (a standby behind, or a rewound server)"
     if history.xmin < b.xmax:
         # this snapshot might not see every transaction the baseline saw (a standby behind
         # the baseline's server, a transaction still open): the proof needs it to
@@ -523,10 +552,10 @@ def _history(cur: psycopg.Cursor[Any]) -> History | None:
         log.info("partition fingerprints are not reused: %s", " ".join(str(exc).split()))
         return None
     assert row is not None
-    sysid, timeline, db_oid, xmin, xmax = row
-    if sysid is None or timeline is None:
+    sysid, timeline, db_oid, xmin, xmax, lsn = row
+    if sysid is None or timeline is None or lsn is None:
         return None
-    return History(str(sysid), int(timeline), int(db_oid), int(xmin), int(xmax))
+    return History(str(sysid), int(timeline), int(db_oid), int(xmin), int(xmax), int(lsn))
 
 
 @contextmanager
@@ -633,10 +662,17 @@ class PartitionScan:
             why = _why_not_reusable(unit, old, baseline, history, self._max_age, now)
             if why is None and old is not None:
                 row = cur.execute(_unchanged_sql(unit, baseline.history.xmin % (1 << 32)))
-                rows, newer = row.fetchone() or (0, 0)
-                if rows == old.figures.rows and newer == 0:
+                rows, newer, versions = row.fetchone() or (0, 0, None)
+                same = old.figures.versions == int(versions or 0) % _MOD
+                if rows == old.figures.rows and newer == 0 and same:
                     return unit, old.figures, old.hashed_in, old.hashed_at, None
-                why = "rows were written since" if newer else "rows were deleted since"
+                why = (
+                    "rows were written since"
+                    if newer
+                    else "rows were deleted since"
+                    if rows != old.figures.rows
+                    else "other row versions than the baseline's (a rewound history?)"
+                )
         recorded = self._like.tables.get(unit.table) if self._like else None
         hashes = [recorded.row_hash] if recorded else [RECORD, TEXT]
         return unit, _hash_unit(cur, unit, hashes), None, None, why
