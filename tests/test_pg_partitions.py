@@ -398,3 +398,34 @@ def test_a_rewound_server_with_the_same_count_is_caught(runtime_root: Path) -> N
         assert after.not_reused["public.messages_m1"].startswith("other row versions")
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_an_edited_or_stale_baseline_file_is_not_trusted(kit: BackupKit) -> None:
+    """The baseline's figures are copied into a snapshot unread: the file must be the one the
+    last committed snapshot's signed manifest records, else every partition is hashed."""
+    ep = kit.endpoints.postgres
+    kit.backup_ok("postgres")
+    [state] = kit.tmp.rglob("pg-partitions-*.json")
+    first_file = state.read_text()
+    doc = json.loads(first_file)
+    figures = doc["units"]["public.messages_y2025m01"]["figures"]
+    figures["total"] = str((int(figures["total"]) + 1) % 2**64)  # one digest, hand-edited
+    state.write_text(json.dumps(doc))
+    second = kit.backup_ok("postgres")
+    assert _scan_details(kit, second)["partitions_reused"] == 0
+    assert _recorded(kit, second) == serial(ep)
+
+    third = kit.backup_ok("postgres")  # the file the second wrote: trusted, all reused
+    assert _scan_details(kit, third)["partitions_reused"] == 7
+    state.write_text(first_file)  # an older snapshot's own file, put back
+    fourth = kit.backup_ok("postgres")
+    assert _scan_details(kit, fourth)["partitions_reused"] == 0
+    assert _recorded(kit, fourth) == serial(ep)
+
+
+def test_a_baseline_hashed_in_the_future_is_not_trusted(months: PostgresEndpoint) -> None:
+    base = scan(months).next_baseline("repo", "snap-1", time.time() + 86400)
+    assert base is not None
+    later = scan(months, base)
+    assert later.reused == 0 and set(later.not_reused.values()) == {"last hashed too long ago"}

@@ -19,6 +19,7 @@ see (a scan of ``xmin`` alone, about a third of the hashing's cost).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -246,6 +247,12 @@ class Baseline:
                 for name, u in self.units.items()
             },
         }
+
+    def sha256(self) -> str:
+        """The hash the snapshot's signed manifest records of it (``baseline_sha256``): a
+        baseline file is trusted only when it is the one its snapshot committed."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Baseline:
@@ -538,7 +545,7 @@ def _why_not_reusable(
         return "a column's type is not built in (it can change with no new row version)"
     if (old.oid, old.relfilenode, old.columns) != (unit.oid, unit.relfilenode, unit.columns):
         return "the relation was rewritten or its columns changed"
-    if now - old.hashed_at > max_age_s:
+    if not 0.0 <= now - old.hashed_at <= max_age_s:  # a time in the future: not trusted either
         return "last hashed too long ago"
     return None
 
