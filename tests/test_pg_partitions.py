@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 import pytest
@@ -429,3 +429,61 @@ def test_a_baseline_hashed_in_the_future_is_not_trusted(months: PostgresEndpoint
     assert base is not None
     later = scan(months, base)
     assert later.reused == 0 and set(later.not_reused.values()) == {"last hashed too long ago"}
+
+
+def test_the_leaves_are_the_exported_snapshots(months: PostgresEndpoint) -> None:
+    """A partition detached after the snapshot was exported is still one of its leaves: the
+    dump (its catalog read in the snapshot) holds it under its table, so must the scan."""
+    expected = serial(months)
+    with exported(months) as snapshot:
+        run(months, "ALTER TABLE messages DETACH PARTITION messages_m1")
+        got = PartitionScan(lambda: _connect(months), snapshot, workers=2).run()
+    assert "public.messages_m1" in got.fingerprints.partitions
+    assert got.fingerprints.tables == expected.tables
+    assert got.fingerprints.rooms == expected.rooms
+
+
+class _Counting(psycopg.Cursor[Any]):
+    """Counts the hashing queries (``sum(...)`` over a relation) the scan sends."""
+
+    hashed: ClassVar[list[str]] = []
+
+    def execute(self, query: Any, *args: Any, **kw: Any) -> Any:
+        text = query.as_string(self) if isinstance(query, psycopg.sql.Composable) else query
+        if "count(*), sum(" in str(text):
+            _Counting.hashed.append(str(text))
+        return super().execute(query, *args, **kw)
+
+
+def test_a_failed_unit_fails_the_scan_without_running_the_queued_ones(
+    pg_database: PostgresEndpoint,
+) -> None:
+    """While the biggest unit runs, the next one fails (its table recorded as hashed in a way
+    its rows cannot be): no queued unit starts and the running one is cancelled (before, the
+    scan waited for the biggest, and the other worker ran every queued unit meanwhile)."""
+    run(pg_database, """
+        CREATE TABLE big (at date NOT NULL, doc json) PARTITION BY RANGE (at);
+        CREATE TABLE big_a PARTITION OF big FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+        INSERT INTO big SELECT '2026-01-01'::date + i % 20,
+                               json_build_object('i', i, 'pad', repeat('x', 100))
+            FROM generate_series(1, 200000) i;
+        CREATE TABLE bad (at date NOT NULL, doc json) PARTITION BY RANGE (at);
+        CREATE TABLE bad_a PARTITION OF bad FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+        INSERT INTO bad SELECT '2026-01-01', json_build_object('i', i)
+            FROM generate_series(1, 2000) i;
+        CREATE TABLE small (at date NOT NULL, n int) PARTITION BY RANGE (at);
+    """)  # fmt: skip
+    for i in range(1, 7):
+        run(pg_database, f"CREATE TABLE small_{i} PARTITION OF small FOR VALUES FROM "
+                         f"('2026-0{i}-01') TO ('2026-0{i + 1}-01'); "
+                         f"INSERT INTO small VALUES ('2026-0{i}-02', {i})")  # fmt: skip
+    doc = serial(pg_database).to_dict()
+    doc["tables"]["public.bad"]["row_hash"] = "record"  # json has no hash function
+    like = PgFingerprints.from_dict(doc)
+    _Counting.hashed = []
+    with exported(pg_database) as snapshot, pytest.raises(psycopg.errors.UndefinedFunction):
+        PartitionScan(
+            lambda: _connect(pg_database, cursor_factory=_Counting), snapshot, workers=2, like=like
+        ).run()
+    started = sorted(q.rsplit(" FROM ONLY ", 1)[1] for q in _Counting.hashed)
+    assert started == ["public.bad_a AS r", "public.big_a AS r"]

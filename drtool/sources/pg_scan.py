@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,13 +71,13 @@ WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence <> '
 ORDER BY 1
 """
 
-# a relation's columns as the row hash sees them (name, type, modifier, collation, dropped,
-# the value rows written before ADD COLUMN ... DEFAULT read as): equal text, equal rows
+# a relation's columns as the row hash sees them (number, name, type, modifier, collation,
+# dropped, the value rows written before ADD COLUMN ... DEFAULT read as): equal rows, equal
+# rows hashed; read as rows, compared as tuples (a name is never parsed out of a string)
 _COLUMNS_SQL = """
-SELECT coalesce(string_agg(format('%%s %%I %%s %%s %%s %%s %%s', a.attnum, a.attname, a.atttypid,
-                                  a.atttypmod, a.attcollation, a.attisdropped,
-                                  a.attmissingval::text), ', ' ORDER BY a.attnum), '')
-FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0
+SELECT a.attnum, a.attname::text, a.atttypid::int8, a.atttypmod, a.attcollation::int8,
+       a.attisdropped, a.attmissingval::text
+FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0 ORDER BY a.attnum
 """
 
 # columns whose values can change with no new row version: a type or collation that a user can
@@ -94,12 +94,20 @@ WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
        OR a.attcollation >= 16384)
 """
 
+# the leaves of a partitioned table as the exported snapshot sees them: pg_inherits read in
+# the transaction (pg_partition_tree() reads the current catalog: a partition attached or
+# detached since the snapshot would be missed or added)
 _LEAVES_SQL = """
+WITH RECURSIVE tree(relid) AS (
+    SELECT %s::oid
+    UNION ALL
+    SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.relid
+)
 SELECT format('%%I.%%I', n.nspname, c.relname), c.oid, c.relfilenode, c.relkind,
        pg_relation_size(c.oid)
-FROM pg_partition_tree(%s::oid) t JOIN pg_class c ON c.oid = t.relid
+FROM tree JOIN pg_class c ON c.oid = tree.relid
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE t.isleaf
+WHERE c.relkind <> 'p'
 """
 
 # the timeline is the one WAL is written (primary) or received (standby) on now, not the last
@@ -131,7 +139,7 @@ class Unit:
     relation: str  # what is read
     oid: int
     relfilenode: int
-    columns: str  # _COLUMNS_SQL of the relation and of its table
+    columns: str  # _COLUMNS_SQL of the relation and of its table, as JSON
     rooms: bool
     has_id: bool
     partition: bool
@@ -379,9 +387,11 @@ class ScanResult:
         )
 
 
-def _columns(cur: psycopg.Cursor[Any], oid: int) -> str:
-    row = cur.execute(_COLUMNS_SQL, (oid,)).fetchone()
-    return str(row[0]) if row else ""
+Column = tuple[int, str, int, int, int, bool, str | None]
+
+
+def _columns(cur: psycopg.Cursor[Any], oid: int) -> list[Column]:
+    return [tuple(r) for r in cur.execute(_COLUMNS_SQL, (oid,)).fetchall()]
 
 
 def plan_units(cur: psycopg.Cursor[Any]) -> list[Unit]:
@@ -409,8 +419,8 @@ def plan_units(cur: psycopg.Cursor[Any]) -> list[Unit]:
         parent_type = sql.SQL(name)  # format('%I.%I') quoted it already
         for leaf, leaf_oid, relfilenode, _, size in leaves:
             columns = _columns(cur, leaf_oid)
-            same_layout = _layout(columns) == _layout(parent_columns) and "true" not in (
-                _dropped(columns) + _dropped(parent_columns)
+            same_layout = [c[:3] for c in columns] == [c[:3] for c in parent_columns] and not any(
+                c[5] for c in columns + parent_columns
             )
             row: sql.Composable | None = (
                 None
@@ -426,7 +436,7 @@ def plan_units(cur: psycopg.Cursor[Any]) -> list[Unit]:
                     leaf,
                     leaf_oid,
                     relfilenode,
-                    f"{columns} | {parent_columns}",
+                    json.dumps([columns, parent_columns]),
                     rooms,
                     has_id,
                     True,
@@ -441,15 +451,6 @@ def plan_units(cur: psycopg.Cursor[Any]) -> list[Unit]:
 def _has_custom_types(cur: psycopg.Cursor[Any], oid: int) -> bool:
     row = cur.execute(_CUSTOM_TYPES_SQL, (oid,)).fetchone()
     return bool(row and row[0])
-
-
-def _layout(columns: str) -> list[str]:
-    """Number, name and type of each column (what decides the row's hash)."""
-    return [" ".join(col.split(" ")[:3]) for col in columns.split(", ") if col]
-
-
-def _dropped(columns: str) -> list[str]:
-    return [col.split(" ")[5] for col in columns.split(", ") if col]
 
 
 def _hash_unit(cur: psycopg.Cursor[Any], unit: Unit, hashes: list[str]) -> UnitPrint:
@@ -610,6 +611,7 @@ class PartitionScan:
         self._baseline, self._max_age = baseline, max_reuse_age_s
         self._conns: list[psycopg.Connection[Any]] = []
         self._cancelled = threading.Event()
+        self._lock = threading.Lock()
 
     def cancel(self) -> None:
         """Stop the running queries (an aborted backup need not finish the scan)."""
@@ -632,6 +634,8 @@ class PartitionScan:
             result.baseline = self._baseline.snapshot_id if self._baseline else None
             now = time.time()
 
+            first_error: list[BaseException] = []
+
             def one(unit: Unit) -> tuple[Unit, UnitPrint, str | None, float | None, str | None]:
                 if self._cancelled.is_set():
                     raise SourceError("fingerprint scan cancelled")
@@ -639,11 +643,26 @@ class PartitionScan:
                 try:
                     with conn.cursor() as cur:
                         return self._unit(cur, unit, history, now)
+                except BaseException as exc:
+                    with self._lock:
+                        if not first_error:
+                            first_error.append(exc)
+                    self._cancelled.set()  # no other unit starts (the queue is the scan)
+                    raise
                 finally:
                     free.put(conn)
 
             with ThreadPoolExecutor(self._workers, thread_name_prefix="drtool-fp") as pool:
-                done = list(pool.map(one, units))
+                futures = [pool.submit(one, unit) for unit in units]
+                wait(futures, return_when=FIRST_EXCEPTION)
+                if first_error:
+                    # the first failure fails the scan: queued units never start, running
+                    # queries are cancelled (not waited for, which is the whole scan)
+                    for f in futures:
+                        f.cancel()
+                    self.cancel()
+                    raise first_error[0]
+                done = [f.result() for f in futures]
         per_table: dict[str, list[UnitPrint]] = {}
         for unit, figures, hashed_in, hashed_at, why in done:
             per_table.setdefault(unit.table, []).append(figures)
