@@ -215,6 +215,10 @@ class History:
         }
 
 
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class BaselineUnit:
     """A partition as a committed snapshot recorded it."""
@@ -238,29 +242,37 @@ class Baseline:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form of the state file."""
-        return {
+        return json.loads("".join(self.chunks()))
+
+    def chunks(self) -> Iterator[str]:
+        """The state file's canonical JSON (sorted keys, no spaces), a partition at a time:
+        written and hashed without a second copy of every partition's room figures."""
+        head = {
             "format": BASELINE_FORMAT,
+            "history": self.history.to_dict(),
             "repo_id": self.repo_id,
             "snapshot_id": self.snapshot_id,
-            "history": self.history.to_dict(),
-            "units": {
-                name: {
-                    "oid": u.oid,
-                    "relfilenode": u.relfilenode,
-                    "columns": u.columns,
-                    "figures": u.figures.to_dict(),
-                    "hashed_in": u.hashed_in,
-                    "hashed_at": u.hashed_at,
-                }
-                for name, u in self.units.items()
-            },
         }
+        yield _canonical(head)[:-1] + ',"units":{'
+        for i, (name, u) in enumerate(sorted(self.units.items())):
+            unit = {
+                "oid": u.oid,
+                "relfilenode": u.relfilenode,
+                "columns": u.columns,
+                "figures": u.figures.to_dict(),
+                "hashed_in": u.hashed_in,
+                "hashed_at": u.hashed_at,
+            }
+            yield ("," if i else "") + _canonical(name) + ":" + _canonical(unit)
+        yield "}}"
 
     def sha256(self) -> str:
         """The hash the snapshot's signed manifest records of it (``baseline_sha256``): a
         baseline file is trusted only when it is the one its snapshot committed."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk.encode())
+        return digest.hexdigest()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Baseline:
@@ -320,7 +332,8 @@ def save_baseline(path: Path, baseline: Baseline) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump(baseline.to_dict(), fh, sort_keys=True)
+        for chunk in baseline.chunks():
+            fh.write(chunk)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
