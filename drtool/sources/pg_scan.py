@@ -12,9 +12,11 @@ hashed in its table's row type, so the figures are the serial scan's, bit for bi
 A partition whose content the previous committed snapshot recorded, and which this snapshot
 provably did not change, is not hashed again: its figures are copied and marked as reused,
 with the snapshot that last hashed them. What proves it is in ADR 0029 and
-:func:`_unchanged_sql`: the same relation file and columns on the same database history,
-the same row count, and no row version written by a transaction the baseline snapshot did not
-see (a scan of ``xmin`` alone, about a third of the hashing's cost).
+:func:`_unchanged_sql`: a baseline file the last snapshot's signed manifest records, the
+same relation file and columns (of built-in types only) on the same database history, the
+same row count, no row version written by a transaction the baseline snapshot did not see,
+and the same set of row versions (a digest of ``(ctid, xmin)``): a scan of system columns,
+no row hashing.
 """
 
 from __future__ import annotations
