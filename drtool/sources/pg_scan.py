@@ -43,6 +43,7 @@ from drtool.sources.pg_fingerprint import (
     _MOD,
     _NULL_ROOM,
     _PINNED_SETTINGS,
+    _TABLES_SQL,
     RECORD,
     TEXT,
     Fingerprint,
@@ -57,21 +58,6 @@ log = logging.getLogger(__name__)
 BASELINE_FORMAT = "drtool-pg-baseline/2"
 #: a baseline older than this many transactions is not trusted (32-bit xid comparisons)
 _XID_WINDOW = (1 << 31) - 10_000_000
-
-_TABLES_SQL = """
-SELECT format('%I.%I', n.nspname, c.relname), c.oid, c.relkind = 'p', c.relname,
-       EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'room_id'
-               AND NOT a.attisdropped),
-       EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'id'
-               AND NOT a.attisdropped AND a.atttypid IN ('int2'::regtype, 'int4'::regtype,
-                                                          'int8'::regtype))
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence <> 't'
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                  AND d.objid = c.oid AND d.deptype = 'e')
-ORDER BY 1
-"""
 
 # a relation's columns as the row hash sees them (number, name, type, modifier, collation,
 # dropped, the value rows written before ADD COLUMN ... DEFAULT read as): equal rows, equal
@@ -412,7 +398,7 @@ def _columns(cur: psycopg.Cursor[Any], oid: int) -> list[Column]:
 def plan_units(cur: psycopg.Cursor[Any]) -> list[Unit]:
     """Every unit of the database, the biggest first (they are handed out in this order)."""
     units: list[Unit] = []
-    for name, oid, partitioned, relname, has_room, has_id in cur.execute(_TABLES_SQL).fetchall():
+    for name, oid, _, relname, partitioned, has_room, has_id in cur.execute(_TABLES_SQL).fetchall():
         rooms = relname == "messages" and bool(has_room)
         whole = Unit(name, name, oid, 0, "", rooms, has_id, False, None, only=not partitioned)
         if not partitioned:
