@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from conftest import servers_required
 from support.backup_kit import BackupKit, make_backup_kit
+from support.wal_kit import start_standby, start_wal_server, wait_for
 
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
 from drtool.runtime.pgserver import PostgresServer
@@ -487,3 +488,42 @@ def test_a_failed_unit_fails_the_scan_without_running_the_queued_ones(
         ).run()
     started = sorted(q.rsplit(" FROM ONLY ", 1)[1] for q in _Counting.hashed)
     assert started == ["public.bad_a AS r", "public.big_a AS r"]
+
+
+@pytest.mark.slow
+def test_a_standby_reads_its_received_timeline_and_a_promotion_is_a_new_history(
+    runtime_root: Path,
+) -> None:
+    """On a standby the timeline is the WAL receiver's; promoted, it is the one WAL is now
+    written on (not the last checkpoint's): a baseline taken before is not reused after."""
+    primary = start_wal_server(runtime_root, 15)
+    standby: PostgresServer | None = None
+    try:
+        with _connect(primary.endpoint) as conn:
+            conn.execute(MONTHS)
+        standby = start_standby(runtime_root, primary)
+        ep = standby.endpoint
+        wait_for("the standby to replay the months", lambda: _rows(ep) == 2400)
+        before = scan(ep)
+        assert before.history is not None and before.history.timeline == 1
+        base = before.next_baseline("repo", "snap-1", time.time())
+        assert base is not None
+        assert scan(ep, base).reused == 7  # the standby's own proof works
+        run(ep, "SELECT pg_promote(true)")
+        after = scan(ep, base)
+        assert after.history is not None and after.history.timeline == 2
+        assert after.reused == 0
+        assert set(after.not_reused.values()) == {"another server, timeline or database"}
+    finally:
+        if standby is not None:
+            standby.stop()
+        primary.stop()
+
+
+def _rows(ep: PostgresEndpoint) -> int:
+    try:
+        with _connect(ep) as conn:
+            row = conn.execute("SELECT count(*) FROM messages").fetchone()
+    except psycopg.errors.UndefinedTable:
+        return 0
+    return int(row[0]) if row else 0
