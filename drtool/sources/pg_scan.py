@@ -140,45 +140,62 @@ class Unit:
 
 @dataclass(frozen=True)
 class UnitPrint:
-    """One unit's figures: rows, sum of row hashes, max(id), per room (rows, sum, max(id))."""
+    """One unit's figures: rows, sum of row hashes, max(id), per room (rows, sum, max(id)).
+
+    The per-room figures are kept as their compact JSON text (``{"room": [rows, "sum",
+    max_id]}``), decoded only to be added up: the scan and the baseline hold one per
+    (partition, room) pair, and text is about a fifth of the memory of the decoded dicts.
+    """
 
     rows: int
     total: int
     max_id: int | None
     row_hash: str
-    rooms: dict[str, tuple[int, int, int | None]] | None = None
+    rooms: str | None = None  # pack_rooms() of the per-room figures; None: not by room
     versions: int | None = None  # _VERSIONS of a partition (None: not computed, no reuse)
 
+    def room_figures(self) -> dict[str, tuple[int, int, int | None]]:
+        """The per-room figures, decoded; ValueError when the text is not theirs."""
+        if self.rooms is None:
+            return {}
+        try:
+            return {
+                str(r): (int(n), int(t), None if m is None else int(m))
+                for r, (n, t, m) in json.loads(self.rooms).items()
+            }
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed room figures: {exc!r}") from None
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (the baseline file)."""
+        """JSON form (the baseline file; ``rooms`` stays a string in it)."""
         return {
             "rows": self.rows,
             "total": str(self.total),
             "max_id": self.max_id,
             "row_hash": self.row_hash,
             "versions": None if self.versions is None else str(self.versions),
-            "rooms": None
-            if self.rooms is None
-            else {r: [n, str(t), m] for r, (n, t, m) in self.rooms.items()},
+            "rooms": self.rooms,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UnitPrint:
         """Inverse of ``to_dict``."""
         rooms = data.get("rooms")
+        if rooms is not None and not isinstance(rooms, str):
+            raise ValueError("room figures are not packed")
         return cls(
             int(data["rows"]),
             int(data["total"]),
             None if data.get("max_id") is None else int(data["max_id"]),
             str(data["row_hash"]),
-            None
-            if rooms is None
-            else {
-                str(r): (int(n), int(t), None if m is None else int(m))
-                for r, (n, t, m) in rooms.items()
-            },
+            rooms,
             None if data.get("versions") is None else int(data["versions"]),
         )
+
+
+def pack_rooms(rooms: dict[str, tuple[int, int, int | None]]) -> str:
+    """The compact JSON text of per-room figures (see :class:`UnitPrint`)."""
+    return json.dumps({r: [n, str(t), m] for r, (n, t, m) in rooms.items()}, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -496,7 +513,7 @@ def _hash_unit(cur: psycopg.Cursor[Any], unit: Unit, hashes: list[str]) -> UnitP
             sum(t for _, t, _ in rooms.values()) % _MOD,
             max(ids) if ids else None,
             row_hash,
-            rooms,
+            pack_rooms(rooms),
             digest,
         )
     raise AssertionError("no row hash")  # pragma: no cover
@@ -684,6 +701,8 @@ class PartitionScan:
         self, cur: psycopg.Cursor[Any], unit: Unit, history: History | None, now: float
     ) -> tuple[Unit, UnitPrint, str | None, float | None, str | None]:
         baseline = self._baseline
+        recorded = self._like.tables.get(unit.table) if self._like else None
+        hashes = [recorded.row_hash] if recorded else [RECORD, TEXT]
         why: str | None = "no baseline"
         if unit.partition and baseline is not None and history is not None:
             old = baseline.units.get(unit.relation)
@@ -693,6 +712,10 @@ class PartitionScan:
                 rows, newer, versions = row.fetchone() or (0, 0, None)
                 same = old.figures.versions == int(versions or 0) % _MOD
                 if rows == old.figures.rows and newer == 0 and same:
+                    try:
+                        old.figures.room_figures()  # decodes, or the baseline is damaged
+                    except ValueError:
+                        return unit, _hash_unit(cur, unit, hashes), None, None, "baseline damaged"
                     return unit, old.figures, old.hashed_in, old.hashed_at, None
                 why = (
                     "rows were written since"
@@ -701,8 +724,6 @@ class PartitionScan:
                     if rows != old.figures.rows
                     else "other row versions than the baseline's (a rewound history?)"
                 )
-        recorded = self._like.tables.get(unit.table) if self._like else None
-        hashes = [recorded.row_hash] if recorded else [RECORD, TEXT]
         return unit, _hash_unit(cur, unit, hashes), None, None, why
 
 
@@ -728,7 +749,7 @@ def _merge(
             continue
         merged: dict[str, tuple[int, int, int | None]] = {}
         for p in prints:
-            for room, (n, total, top) in (p.rooms or {}).items():
+            for room, (n, total, top) in p.room_figures().items():
                 m_n, m_total, m_top = merged.get(room, (0, 0, None))
                 tops = [t for t in (m_top, top) if t is not None]
                 merged[room] = (m_n + n, (m_total + total) % _MOD, max(tops) if tops else None)
