@@ -712,10 +712,6 @@ class PartitionScan:
                 rows, newer, versions = row.fetchone() or (0, 0, None)
                 same = old.figures.versions == int(versions or 0) % _MOD
                 if rows == old.figures.rows and newer == 0 and same:
-                    try:
-                        old.figures.room_figures()  # decodes, or the baseline is damaged
-                    except ValueError:
-                        return unit, _hash_unit(cur, unit, hashes), None, None, "baseline damaged"
                     return unit, old.figures, old.hashed_in, old.hashed_at, None
                 why = (
                     "rows were written since"
@@ -749,7 +745,11 @@ def _merge(
             continue
         merged: dict[str, tuple[int, int, int | None]] = {}
         for p in prints:
-            for room, (n, total, top) in p.room_figures().items():
+            try:
+                figures = p.room_figures()  # decoded once, here (reused: the baseline's)
+            except ValueError as exc:  # the baseline is bound to its manifest: a bug, not data
+                raise SourceError(f"fingerprints of {table}: {exc}") from None
+            for room, (n, total, top) in figures.items():
                 m_n, m_total, m_top = merged.get(room, (0, 0, None))
                 tops = [t for t in (m_top, top) if t is not None]
                 merged[room] = (m_n + n, (m_total + total) % _MOD, max(tops) if tops else None)
