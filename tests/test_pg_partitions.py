@@ -9,17 +9,23 @@ update whose new row version was frozen since) is caught by the next scan.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 import pytest
+from conftest import servers_required
 from support.backup_kit import BackupKit, make_backup_kit
+from support.wal_kit import start_standby, start_wal_server, wait_for
 
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+from drtool.runtime.pgserver import PostgresServer
 from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
 from drtool.sources.pg_scan import Baseline, PartitionScan, ScanResult
 from drtool.stores.postgres.restore import fingerprints_of
@@ -311,4 +317,216 @@ def test_a_restored_copy_is_fingerprinted_in_parallel_the_way_the_snapshot_recor
     got = fingerprints_of(months, months.dbname, text_only, workers=2)
     assert {fp.row_hash for fp in got.tables.values()} == {"text"}
     assert got.tables == expected.tables and got.rooms == expected.rooms
-    assert fingerprints_of(months, months.dbname, serial(months), workers=2) == serial(months)
+    for workers in (1, 2):  # one path: a one-worker scan is the serial scan's figures
+        assert fingerprints_of(months, months.dbname, serial(months), workers=workers) == serial(
+            months
+        )
+
+
+def test_a_type_altered_under_unchanged_rows_is_caught(pg_database: PostgresEndpoint) -> None:
+    """``ALTER TYPE`` changes what a row hashes to with no new row version (same xmin, same
+    relation file): a partition with a column of a type that is not built in is hashed again."""
+    run(pg_database, """
+        CREATE TYPE pair AS (a int, b text);
+        CREATE TYPE mood AS ENUM ('sad', 'happy');
+        CREATE TABLE notes (at date NOT NULL, p pair, m mood, doc json) PARTITION BY RANGE (at);
+        CREATE TABLE notes_a PARTITION OF notes FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+        CREATE TABLE plain (at date NOT NULL, doc json) PARTITION BY RANGE (at);
+        CREATE TABLE plain_a PARTITION OF plain FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+        INSERT INTO notes SELECT '2026-01-01'::date + i % 20, ROW(i, 'x' || i)::pair,
+                                 'happy', json_build_object('i', i)
+            FROM generate_series(1, 50) i;
+        INSERT INTO plain SELECT '2026-01-01'::date + i % 20, json_build_object('i', i)
+            FROM generate_series(1, 50) i;
+    """)  # fmt: skip
+    base = scan(pg_database).next_baseline("repo", "snap-1", time.time())
+    assert base is not None
+    assert serial(pg_database).tables["public.notes"].row_hash == "text"
+    for change in (
+        "ALTER TYPE pair ADD ATTRIBUTE c int",
+        "ALTER TYPE mood RENAME VALUE 'happy' TO 'glad'",
+    ):
+        before = serial(pg_database)
+        run(pg_database, change)
+        assert serial(pg_database).tables["public.notes"] != before.tables["public.notes"]
+        after = scan(pg_database, base)
+        assert after.fingerprints == serial(pg_database), change
+        assert hashed(after) == {"public.notes_a"}  # the built-in one is still reused
+        assert after.not_reused["public.notes_a"].startswith("a column's type is not built in")
+
+
+def _burn_xids(ep: PostgresEndpoint, n: int) -> None:
+    with _connect(ep, autocommit=True) as conn:
+        for _ in range(n):
+            conn.execute("SELECT txid_current()")
+
+
+@pytest.mark.slow
+def test_a_rewound_server_with_the_same_count_is_caught(runtime_root: Path) -> None:
+    """A server reverted to a copy of its files (a VM snapshot, a base restored without a new
+    timeline) keeps its system id and timeline; a row rewritten there by a transaction older
+    than the baseline's xmin, with as many rows as before, is caught by the digest of the row
+    versions: the count and the xmin scan alone reused it."""
+    with servers_required():
+        server = PostgresServer(
+            runtime_root / f"pgrewind-{uuid.uuid4().hex[:6]}",
+            major=15,
+            settings={"fsync": "off", "synchronous_commit": "off"},
+        )
+    server.start()
+    saved = server.base_dir / "saved"
+    try:
+        ep = server.endpoint
+        with _connect(ep) as conn:
+            conn.execute(MONTHS)
+        server.stop()
+        subprocess.run(["cp", "-a", str(server.data_dir), str(saved)], check=True)
+        server.start()
+        _burn_xids(ep, 20)  # the baseline's xmin is past the xids the rewound server reuses
+        first = scan(ep)
+        base = first.next_baseline("repo", "snap-1", time.time())
+        assert base is not None
+        server.stop()
+        shutil.rmtree(server.data_dir)
+        subprocess.run(["cp", "-a", str(saved), str(server.data_dir)], check=True)
+        server.start()  # the same system id, the same timeline, the xid counter rewound
+        run(ep, "UPDATE messages SET body = 'another history' WHERE id = 10")  # January
+        _burn_xids(ep, 40)  # past the baseline's xmax
+        run(ep, "SELECT pg_switch_wal()")  # and its WAL position
+        after = scan(ep, base)
+        assert after.history is not None
+        assert after.history.timeline == base.history.timeline
+        assert after.history.xmin > base.history.xmax
+        assert after.fingerprints == serial(ep)
+        assert hashed(after) == {"public.messages_m1"}
+        assert after.not_reused["public.messages_m1"].startswith("other row versions")
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_an_edited_or_stale_baseline_file_is_not_trusted(kit: BackupKit) -> None:
+    """The baseline's figures are copied into a snapshot unread: the file must be the one the
+    last committed snapshot's signed manifest records, else every partition is hashed."""
+    ep = kit.endpoints.postgres
+    kit.backup_ok("postgres")
+    [state] = kit.tmp.rglob("pg-partitions-*.json")
+    first_file = state.read_text()
+    doc = json.loads(first_file)
+    figures = doc["units"]["public.messages_y2025m01"]["figures"]
+    figures["total"] = str((int(figures["total"]) + 1) % 2**64)  # one digest, hand-edited
+    state.write_text(json.dumps(doc))
+    second = kit.backup_ok("postgres")
+    assert _scan_details(kit, second)["partitions_reused"] == 0
+    assert _recorded(kit, second) == serial(ep)
+
+    third = kit.backup_ok("postgres")  # the file the second wrote: trusted, all reused
+    assert _scan_details(kit, third)["partitions_reused"] == 7
+    state.write_text(first_file)  # an older snapshot's own file, put back
+    fourth = kit.backup_ok("postgres")
+    assert _scan_details(kit, fourth)["partitions_reused"] == 0
+    assert _recorded(kit, fourth) == serial(ep)
+
+
+def test_a_baseline_hashed_in_the_future_is_not_trusted(months: PostgresEndpoint) -> None:
+    base = scan(months).next_baseline("repo", "snap-1", time.time() + 86400)
+    assert base is not None
+    later = scan(months, base)
+    assert later.reused == 0 and set(later.not_reused.values()) == {"last hashed too long ago"}
+
+
+def test_the_leaves_are_the_exported_snapshots(months: PostgresEndpoint) -> None:
+    """A partition detached after the snapshot was exported is still one of its leaves: the
+    dump (its catalog read in the snapshot) holds it under its table, so must the scan."""
+    expected = serial(months)
+    with exported(months) as snapshot:
+        run(months, "ALTER TABLE messages DETACH PARTITION messages_m1")
+        got = PartitionScan(lambda: _connect(months), snapshot, workers=2).run()
+    assert "public.messages_m1" in got.fingerprints.partitions
+    assert got.fingerprints.tables == expected.tables
+    assert got.fingerprints.rooms == expected.rooms
+
+
+class _Counting(psycopg.Cursor[Any]):
+    """Counts the hashing queries (``sum(...)`` over a relation) the scan sends."""
+
+    hashed: ClassVar[list[str]] = []
+
+    def execute(self, query: Any, *args: Any, **kw: Any) -> Any:
+        text = query.as_string(self) if isinstance(query, psycopg.sql.Composable) else query
+        if "count(*), sum(" in str(text):
+            _Counting.hashed.append(str(text))
+        return super().execute(query, *args, **kw)
+
+
+def test_a_failed_unit_fails_the_scan_without_running_the_queued_ones(
+    pg_database: PostgresEndpoint,
+) -> None:
+    """While the biggest unit runs, the next one fails (its table recorded as hashed in a way
+    its rows cannot be): no queued unit starts and the running one is cancelled (before, the
+    scan waited for the biggest, and the other worker ran every queued unit meanwhile)."""
+    run(pg_database, """
+        CREATE TABLE big (at date NOT NULL, doc json) PARTITION BY RANGE (at);
+        CREATE TABLE big_a PARTITION OF big FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+        INSERT INTO big SELECT '2026-01-01'::date + i % 20,
+                               json_build_object('i', i, 'pad', repeat('x', 100))
+            FROM generate_series(1, 200000) i;
+        CREATE TABLE bad (at date NOT NULL, doc json) PARTITION BY RANGE (at);
+        CREATE TABLE bad_a PARTITION OF bad FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+        INSERT INTO bad SELECT '2026-01-01', json_build_object('i', i)
+            FROM generate_series(1, 2000) i;
+        CREATE TABLE small (at date NOT NULL, n int) PARTITION BY RANGE (at);
+    """)  # fmt: skip
+    for i in range(1, 7):
+        run(pg_database, f"CREATE TABLE small_{i} PARTITION OF small FOR VALUES FROM "
+                         f"('2026-0{i}-01') TO ('2026-0{i + 1}-01'); "
+                         f"INSERT INTO small VALUES ('2026-0{i}-02', {i})")  # fmt: skip
+    doc = serial(pg_database).to_dict()
+    doc["tables"]["public.bad"]["row_hash"] = "record"  # json has no hash function
+    like = PgFingerprints.from_dict(doc)
+    _Counting.hashed = []
+    with exported(pg_database) as snapshot, pytest.raises(psycopg.errors.UndefinedFunction):
+        PartitionScan(
+            lambda: _connect(pg_database, cursor_factory=_Counting), snapshot, workers=2, like=like
+        ).run()
+    started = sorted(q.rsplit(" FROM ONLY ", 1)[1] for q in _Counting.hashed)
+    assert started == ["public.bad_a AS r", "public.big_a AS r"]
+
+
+@pytest.mark.slow
+def test_a_standby_reads_its_received_timeline_and_a_promotion_is_a_new_history(
+    runtime_root: Path,
+) -> None:
+    """On a standby the timeline is the WAL receiver's; promoted, it is the one WAL is now
+    written on (not the last checkpoint's): a baseline taken before is not reused after."""
+    primary = start_wal_server(runtime_root, 15)
+    standby: PostgresServer | None = None
+    try:
+        with _connect(primary.endpoint) as conn:
+            conn.execute(MONTHS)
+        standby = start_standby(runtime_root, primary)
+        ep = standby.endpoint
+        wait_for("the standby to replay the months", lambda: _rows(ep) == 2400)
+        before = scan(ep)
+        assert before.history is not None and before.history.timeline == 1
+        base = before.next_baseline("repo", "snap-1", time.time())
+        assert base is not None
+        assert scan(ep, base).reused == 7  # the standby's own proof works
+        run(ep, "SELECT pg_promote(true)")
+        after = scan(ep, base)
+        assert after.history is not None and after.history.timeline == 2
+        assert after.reused == 0
+        assert set(after.not_reused.values()) == {"another server, timeline or database"}
+    finally:
+        if standby is not None:
+            standby.stop()
+        primary.stop()
+
+
+def _rows(ep: PostgresEndpoint) -> int:
+    try:
+        with _connect(ep) as conn:
+            row = conn.execute("SELECT count(*) FROM messages").fetchone()
+    except psycopg.errors.UndefinedTable:
+        return 0
+    return int(row[0]) if row else 0

@@ -160,6 +160,7 @@ def run_backup(
             state=state_dir(cfg, home),
             progress=progress,
             damaged=frozenset(damaged),
+            previous=previous.manifest if previous is not None else None,
         )
         result = BackupResult(snapshot_id, damaged_known=damaged)
         # only the chosen stores are imported: a PostgreSQL backup loads no boto3 or redis

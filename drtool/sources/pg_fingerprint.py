@@ -79,8 +79,10 @@ def row_hash_sql(row_hash: str, row: sql.Composable | None) -> sql.Composable:
 
 _NULL_ROOM = "<null>"
 
+# every user table (not a partition, a temporary table or an extension's): the serial scan
+# and the per-partition scan (pg_scan.py) plan from this one query
 _TABLES_SQL = """
-SELECT format('%I.%I', n.nspname, c.relname), n.nspname, c.relname, c.relkind = 'p',
+SELECT format('%I.%I', n.nspname, c.relname), c.oid, n.nspname, c.relname, c.relkind = 'p',
        EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'room_id'
                AND NOT a.attisdropped),
        EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'id'
@@ -365,7 +367,7 @@ def compute_fingerprints(
     with conn.transaction(), conn.cursor() as cur:
         for setting, value in _PINNED_SETTINGS.items():
             cur.execute("SELECT set_config(%s, %s, true)", (setting, value))
-        catalog = {row[0]: row[1:] for row in cur.execute(_TABLES_SQL).fetchall()}
+        catalog = {row[0]: row[2:] for row in cur.execute(_TABLES_SQL).fetchall()}
         wanted = sorted(catalog) if tables is None else list(tables)
         for name in wanted:
             if name not in catalog:

@@ -12,13 +12,16 @@ hashed in its table's row type, so the figures are the serial scan's, bit for bi
 A partition whose content the previous committed snapshot recorded, and which this snapshot
 provably did not change, is not hashed again: its figures are copied and marked as reused,
 with the snapshot that last hashed them. What proves it is in ADR 0029 and
-:func:`_unchanged_sql`: the same relation file and columns on the same database history,
-the same row count, and no row version written by a transaction the baseline snapshot did not
-see (a scan of ``xmin`` alone, about a third of the hashing's cost).
+:func:`_unchanged_sql`: a baseline file the last snapshot's signed manifest records, the
+same relation file and columns (of built-in types only) on the same database history, the
+same row count, no row version written by a transaction the baseline snapshot did not see,
+and the same set of row versions (a digest of ``(ctid, xmin)``): a scan of system columns,
+no row hashing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ from drtool.sources.pg_fingerprint import (
     _MOD,
     _NULL_ROOM,
     _PINNED_SETTINGS,
+    _TABLES_SQL,
     RECORD,
     TEXT,
     Fingerprint,
@@ -51,49 +55,69 @@ from drtool.sources.pg_fingerprint import (
 
 log = logging.getLogger(__name__)
 
-BASELINE_FORMAT = "drtool-pg-baseline/1"
+BASELINE_FORMAT = "drtool-pg-baseline/2"
 #: a baseline older than this many transactions is not trusted (32-bit xid comparisons)
 _XID_WINDOW = (1 << 31) - 10_000_000
 
-_TABLES_SQL = """
-SELECT format('%I.%I', n.nspname, c.relname), c.oid, c.relkind = 'p', c.relname,
-       EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'room_id'
-               AND NOT a.attisdropped),
-       EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'id'
-               AND NOT a.attisdropped AND a.atttypid IN ('int2'::regtype, 'int4'::regtype,
-                                                          'int8'::regtype))
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence <> 't'
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                  AND d.objid = c.oid AND d.deptype = 'e')
-ORDER BY 1
-"""
-
-# a relation's columns as the row hash sees them (name, type, modifier, collation, dropped,
-# the value rows written before ADD COLUMN ... DEFAULT read as): equal text, equal rows
+# a relation's columns as the row hash sees them (number, name, type, modifier, collation,
+# dropped, the value rows written before ADD COLUMN ... DEFAULT read as): equal rows, equal
+# rows hashed; read as rows, compared as tuples (a name is never parsed out of a string)
 _COLUMNS_SQL = """
-SELECT coalesce(string_agg(format('%%s %%I %%s %%s %%s %%s %%s', a.attnum, a.attname, a.atttypid,
-                                  a.atttypmod, a.attcollation, a.attisdropped,
-                                  a.attmissingval::text), ', ' ORDER BY a.attnum), '')
-FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0
+SELECT a.attnum, a.attname::text, a.atttypid::int8, a.atttypmod, a.attcollation::int8,
+       a.attisdropped, a.attmissingval::text
+FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0 ORDER BY a.attnum
 """
 
+# columns whose values can change with no new row version: a type or collation that a user can
+# ALTER (ADD ATTRIBUTE to a composite, RENAME VALUE of an enum, a domain, a range, an
+# extension's type) changes what a row hashes to while xmin and the relation file stay; the
+# rule is coarse on purpose (any type or collation not built in, any composite, enum, domain,
+# range or multirange, also as an array's element): such a partition is always hashed again
+_CUSTOM_TYPES_SQL = """
+SELECT count(*) FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_type e ON e.oid = t.typelem
+WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+  AND (t.oid >= 16384 OR t.typtype IN ('c', 'e', 'd', 'r', 'm')
+       OR e.oid >= 16384 OR e.typtype IN ('c', 'e', 'd', 'r', 'm')
+       OR a.attcollation >= 16384)
+"""
+
+# the leaves of a partitioned table as the exported snapshot sees them: pg_inherits read in
+# the transaction (pg_partition_tree() reads the current catalog: a partition attached or
+# detached since the snapshot would be missed or added)
 _LEAVES_SQL = """
+WITH RECURSIVE tree(relid) AS (
+    SELECT %s::oid
+    UNION ALL
+    SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.relid
+)
 SELECT format('%%I.%%I', n.nspname, c.relname), c.oid, c.relfilenode, c.relkind,
        pg_relation_size(c.oid)
-FROM pg_partition_tree(%s::oid) t JOIN pg_class c ON c.oid = t.relid
+FROM tree JOIN pg_class c ON c.oid = tree.relid
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE t.isleaf
+WHERE c.relkind <> 'p'
 """
 
+# the timeline is the one WAL is written (primary) or received (standby) on now, not the last
+# checkpoint's (pg_control_checkpoint() lags a promotion until its first checkpoint); a standby
+# without a WAL receiver, or a login that may not read it, gives NULL: no reuse
 _HISTORY_SQL = """
 SELECT (SELECT system_identifier::text FROM pg_control_system()),
-       (SELECT timeline_id FROM pg_control_checkpoint()),
+       CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver)
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+       END,
        (SELECT oid FROM pg_database WHERE datname = current_database()),
        pg_snapshot_xmin(pg_current_snapshot())::text,
-       pg_snapshot_xmax(pg_current_snapshot())::text
+       pg_snapshot_xmax(pg_current_snapshot())::text,
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn()
+        END - '0/0'::pg_lsn)::text
 """
+
+#: a digest of a partition's row versions, (ctid, xmin) of each, summed modulo 2**64: two
+#: scans that find the same sum found the same set of row versions (short of a chance 64-bit
+#: collision), whatever the history in between; it is what "the same count" alone is not
+#: (hash_record_extended over (tid, xid): under half the cost of hashing their text forms)
+_VERSIONS = sql.SQL("sum(hash_record_extended(ROW(r.ctid, r.xmin), 0))")
 
 
 @dataclass(frozen=True)
@@ -104,53 +128,74 @@ class Unit:
     relation: str  # what is read
     oid: int
     relfilenode: int
-    columns: str  # _COLUMNS_SQL of the relation and of its table
+    columns: str  # _COLUMNS_SQL of the relation and of its table, as JSON
     rooms: bool
     has_id: bool
     partition: bool
     row: sql.Composable | None  # the row in its table's row type; None: as read (same layout)
     size: int = 0
     only: bool = True  # FROM ONLY (a partitioned parent read whole: without)
+    custom_types: bool = False  # a column's type or collation is not built in: no reuse
 
 
 @dataclass(frozen=True)
 class UnitPrint:
-    """One unit's figures: rows, sum of row hashes, max(id), per room (rows, sum, max(id))."""
+    """One unit's figures: rows, sum of row hashes, max(id), per room (rows, sum, max(id)).
+
+    The per-room figures are kept as their compact JSON text (``{"room": [rows, "sum",
+    max_id]}``), decoded only to be added up: the scan and the baseline hold one per
+    (partition, room) pair, and text is about a fifth of the memory of the decoded dicts.
+    """
 
     rows: int
     total: int
     max_id: int | None
     row_hash: str
-    rooms: dict[str, tuple[int, int, int | None]] | None = None
+    rooms: str | None = None  # pack_rooms() of the per-room figures; None: not by room
+    versions: int | None = None  # _VERSIONS of a partition (None: not computed, no reuse)
+
+    def room_figures(self) -> dict[str, tuple[int, int, int | None]]:
+        """The per-room figures, decoded; ValueError when the text is not theirs."""
+        if self.rooms is None:
+            return {}
+        try:
+            return {
+                str(r): (int(n), int(t), None if m is None else int(m))
+                for r, (n, t, m) in json.loads(self.rooms).items()
+            }
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed room figures: {exc!r}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (the baseline file)."""
+        """JSON form (the baseline file; ``rooms`` stays a string in it)."""
         return {
             "rows": self.rows,
             "total": str(self.total),
             "max_id": self.max_id,
             "row_hash": self.row_hash,
-            "rooms": None
-            if self.rooms is None
-            else {r: [n, str(t), m] for r, (n, t, m) in self.rooms.items()},
+            "versions": None if self.versions is None else str(self.versions),
+            "rooms": self.rooms,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UnitPrint:
         """Inverse of ``to_dict``."""
         rooms = data.get("rooms")
+        if rooms is not None and not isinstance(rooms, str):
+            raise ValueError("room figures are not packed")
         return cls(
             int(data["rows"]),
             int(data["total"]),
             None if data.get("max_id") is None else int(data["max_id"]),
             str(data["row_hash"]),
-            None
-            if rooms is None
-            else {
-                str(r): (int(n), int(t), None if m is None else int(m))
-                for r, (n, t, m) in rooms.items()
-            },
+            rooms,
+            None if data.get("versions") is None else int(data["versions"]),
         )
+
+
+def pack_rooms(rooms: dict[str, tuple[int, int, int | None]]) -> str:
+    """The compact JSON text of per-room figures (see :class:`UnitPrint`)."""
+    return json.dumps({r: [n, str(t), m] for r, (n, t, m) in rooms.items()}, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -162,6 +207,7 @@ class History:
     database_oid: int
     xmin: int  # the snapshot's xmin and xmax as 64-bit transaction ids
     xmax: int
+    lsn: int  # the WAL position written (primary) or replayed (standby), in bytes
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -171,7 +217,12 @@ class History:
             "database_oid": self.database_oid,
             "xmin": self.xmin,
             "xmax": self.xmax,
+            "lsn": self.lsn,
         }
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -197,23 +248,37 @@ class Baseline:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form of the state file."""
-        return {
+        return json.loads("".join(self.chunks()))
+
+    def chunks(self) -> Iterator[str]:
+        """The state file's canonical JSON (sorted keys, no spaces), a partition at a time:
+        written and hashed without a second copy of every partition's room figures."""
+        head = {
             "format": BASELINE_FORMAT,
+            "history": self.history.to_dict(),
             "repo_id": self.repo_id,
             "snapshot_id": self.snapshot_id,
-            "history": self.history.to_dict(),
-            "units": {
-                name: {
-                    "oid": u.oid,
-                    "relfilenode": u.relfilenode,
-                    "columns": u.columns,
-                    "figures": u.figures.to_dict(),
-                    "hashed_in": u.hashed_in,
-                    "hashed_at": u.hashed_at,
-                }
-                for name, u in self.units.items()
-            },
         }
+        yield _canonical(head)[:-1] + ',"units":{'
+        for i, (name, u) in enumerate(sorted(self.units.items())):
+            unit = {
+                "oid": u.oid,
+                "relfilenode": u.relfilenode,
+                "columns": u.columns,
+                "figures": u.figures.to_dict(),
+                "hashed_in": u.hashed_in,
+                "hashed_at": u.hashed_at,
+            }
+            yield ("," if i else "") + _canonical(name) + ":" + _canonical(unit)
+        yield "}}"
+
+    def sha256(self) -> str:
+        """The hash the snapshot's signed manifest records of it (``baseline_sha256``): a
+        baseline file is trusted only when it is the one its snapshot committed."""
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk.encode())
+        return digest.hexdigest()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Baseline:
@@ -231,6 +296,7 @@ class Baseline:
                     int(h["database_oid"]),
                     int(h["xmin"]),
                     int(h["xmax"]),
+                    int(h["lsn"]),
                 ),
                 {
                     str(name): BaselineUnit(
@@ -272,7 +338,8 @@ def save_baseline(path: Path, baseline: Baseline) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump(baseline.to_dict(), fh, sort_keys=True)
+        for chunk in baseline.chunks():
+            fh.write(chunk)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -339,15 +406,17 @@ class ScanResult:
         )
 
 
-def _columns(cur: psycopg.Cursor[Any], oid: int) -> str:
-    row = cur.execute(_COLUMNS_SQL, (oid,)).fetchone()
-    return str(row[0]) if row else ""
+Column = tuple[int, str, int, int, int, bool, str | None]
+
+
+def _columns(cur: psycopg.Cursor[Any], oid: int) -> list[Column]:
+    return [tuple(r) for r in cur.execute(_COLUMNS_SQL, (oid,)).fetchall()]
 
 
 def plan_units(cur: psycopg.Cursor[Any]) -> list[Unit]:
     """Every unit of the database, the biggest first (they are handed out in this order)."""
     units: list[Unit] = []
-    for name, oid, partitioned, relname, has_room, has_id in cur.execute(_TABLES_SQL).fetchall():
+    for name, oid, _, relname, partitioned, has_room, has_id in cur.execute(_TABLES_SQL).fetchall():
         rooms = relname == "messages" and bool(has_room)
         whole = Unit(name, name, oid, 0, "", rooms, has_id, False, None, only=not partitioned)
         if not partitioned:
@@ -369,8 +438,8 @@ def plan_units(cur: psycopg.Cursor[Any]) -> list[Unit]:
         parent_type = sql.SQL(name)  # format('%I.%I') quoted it already
         for leaf, leaf_oid, relfilenode, _, size in leaves:
             columns = _columns(cur, leaf_oid)
-            same_layout = _layout(columns) == _layout(parent_columns) and "true" not in (
-                _dropped(columns) + _dropped(parent_columns)
+            same_layout = [c[:3] for c in columns] == [c[:3] for c in parent_columns] and not any(
+                c[5] for c in columns + parent_columns
             )
             row: sql.Composable | None = (
                 None
@@ -386,38 +455,39 @@ def plan_units(cur: psycopg.Cursor[Any]) -> list[Unit]:
                     leaf,
                     leaf_oid,
                     relfilenode,
-                    f"{columns} | {parent_columns}",
+                    json.dumps([columns, parent_columns]),
                     rooms,
                     has_id,
                     True,
                     row,
                     size,
+                    custom_types=_has_custom_types(cur, leaf_oid),
                 )
             )
     return sorted(units, key=lambda u: -u.size)
 
 
-def _layout(columns: str) -> list[str]:
-    """Number, name and type of each column (what decides the row's hash)."""
-    return [" ".join(col.split(" ")[:3]) for col in columns.split(", ") if col]
-
-
-def _dropped(columns: str) -> list[str]:
-    return [col.split(" ")[5] for col in columns.split(", ") if col]
+def _has_custom_types(cur: psycopg.Cursor[Any], oid: int) -> bool:
+    row = cur.execute(_CUSTOM_TYPES_SQL, (oid,)).fetchone()
+    return bool(row and row[0])
 
 
 def _hash_unit(cur: psycopg.Cursor[Any], unit: Unit, hashes: list[str]) -> UnitPrint:
-    """Hash every row of ``unit`` (first of ``hashes`` its column types allow)."""
+    """Hash every row of ``unit`` (first of ``hashes`` its column types allow); of a partition
+    also the digest of its row versions, in the same pass (what a later reuse compares)."""
     src = sql.SQL("{}{} AS r").format(sql.SQL("ONLY " if unit.only else ""), sql.SQL(unit.relation))
+    versions = _VERSIONS if unit.partition else sql.SQL("NULL::numeric")
     for i, row_hash in enumerate(hashes):
         expr = row_hash_sql(row_hash, unit.row)
         if unit.rooms:
             max_id = sql.SQL("max(r.id)" if unit.has_id else "NULL::bigint")
             query = sql.SQL(
-                "SELECT r.room_id::text, count(*), sum({h}), {m} FROM {src} GROUP BY r.room_id"
-            ).format(h=expr, m=max_id, src=src)
+                "SELECT r.room_id::text, count(*), sum({h}), {m}, {v} FROM {src} GROUP BY r.room_id"
+            ).format(h=expr, m=max_id, v=versions, src=src)
         else:
-            query = sql.SQL("SELECT count(*), sum({h}) FROM {src}").format(h=expr, src=src)
+            query = sql.SQL("SELECT NULL, count(*), sum({h}), NULL, {v} FROM {src}").format(
+                h=expr, v=versions, src=src
+            )
         try:
             with cur.connection.transaction():
                 found = cur.execute(query).fetchall()
@@ -425,15 +495,17 @@ def _hash_unit(cur: psycopg.Cursor[Any], unit: Unit, hashes: list[str]) -> UnitP
             if i == len(hashes) - 1:
                 raise
             continue  # "could not identify an extended hash function for type ..."
+        digest = sum(int(v or 0) for *_, v in found) % _MOD if unit.partition else None
         if not unit.rooms:
-            return UnitPrint(int(found[0][0]), int(found[0][1] or 0) % _MOD, None, row_hash)
+            _, n, total, _, _ = found[0]
+            return UnitPrint(int(n), int(total or 0) % _MOD, None, row_hash, versions=digest)
         rooms = {
             _NULL_ROOM if room is None else str(room): (
                 int(n),
                 int(total or 0) % _MOD,
                 None if top is None else int(top),
             )
-            for room, n, total, top in found
+            for room, n, total, top, _ in found
         }
         ids = [top for _, _, top in rooms.values() if top is not None]
         return UnitPrint(
@@ -441,13 +513,15 @@ def _hash_unit(cur: psycopg.Cursor[Any], unit: Unit, hashes: list[str]) -> UnitP
             sum(t for _, t, _ in rooms.values()) % _MOD,
             max(ids) if ids else None,
             row_hash,
-            rooms,
+            pack_rooms(rooms),
+            digest,
         )
     raise AssertionError("no row hash")  # pragma: no cover
 
 
 def _unchanged_sql(unit: Unit, baseline_xmin32: int) -> sql.Composed:
-    """Rows, and rows written by a transaction the baseline snapshot may not have seen.
+    """Rows, rows written by a transaction the baseline snapshot may not have seen, and the
+    digest of the row versions (the set of (ctid, xmin) must be the baseline's).
 
     ``age(xmin)`` is the distance from the next transaction id to the row version's inserting
     transaction (raw: freezing keeps it). A version the baseline could not see was inserted by
@@ -456,8 +530,9 @@ def _unchanged_sql(unit: Unit, baseline_xmin32: int) -> sql.Composed:
     ago) — the former only cost a rescan.
     """
     return sql.SQL(
-        "SELECT count(*), count(*) FILTER (WHERE age(r.xmin) <= age({x}::xid)) FROM ONLY {t} AS r"
-    ).format(x=sql.Literal(str(baseline_xmin32)), t=sql.SQL(unit.relation))
+        "SELECT count(*), count(*) FILTER (WHERE age(r.xmin) <= age({x}::xid)), {v} "
+        "FROM ONLY {t} AS r"
+    ).format(x=sql.Literal(str(baseline_xmin32)), v=_VERSIONS, t=sql.SQL(unit.relation))
 
 
 def _why_not_reusable(
@@ -478,15 +553,19 @@ def _why_not_reusable(
         history.database_oid,
     ):
         return "another server, timeline or database"
+    if history.lsn < b.lsn:
+        return "the WAL position is behind the baseline's (a standby behind, or a rewound server)"
     if history.xmin < b.xmax:
         # this snapshot might not see every transaction the baseline saw (a standby behind
         # the baseline's server, a transaction still open): the proof needs it to
         return "a transaction older than the baseline runs"
     if history.xmax - b.xmin > _XID_WINDOW:
         return "too many transactions since the baseline"
+    if unit.custom_types:
+        return "a column's type is not built in (it can change with no new row version)"
     if (old.oid, old.relfilenode, old.columns) != (unit.oid, unit.relfilenode, unit.columns):
         return "the relation was rewritten or its columns changed"
-    if now - old.hashed_at > max_age_s:
+    if not 0.0 <= now - old.hashed_at <= max_age_s:  # a time in the future: not trusted either
         return "last hashed too long ago"
     return None
 
@@ -500,10 +579,10 @@ def _history(cur: psycopg.Cursor[Any]) -> History | None:
         log.info("partition fingerprints are not reused: %s", " ".join(str(exc).split()))
         return None
     assert row is not None
-    sysid, timeline, db_oid, xmin, xmax = row
-    if sysid is None or timeline is None:
+    sysid, timeline, db_oid, xmin, xmax, lsn = row
+    if sysid is None or timeline is None or lsn is None:
         return None
-    return History(str(sysid), int(timeline), int(db_oid), int(xmin), int(xmax))
+    return History(str(sysid), int(timeline), int(db_oid), int(xmin), int(xmax), int(lsn))
 
 
 @contextmanager
@@ -551,6 +630,7 @@ class PartitionScan:
         self._baseline, self._max_age = baseline, max_reuse_age_s
         self._conns: list[psycopg.Connection[Any]] = []
         self._cancelled = threading.Event()
+        self._lock = threading.Lock()
 
     def cancel(self) -> None:
         """Stop the running queries (an aborted backup need not finish the scan)."""
@@ -573,6 +653,8 @@ class PartitionScan:
             result.baseline = self._baseline.snapshot_id if self._baseline else None
             now = time.time()
 
+            first_error: list[BaseException] = []
+
             def one(unit: Unit) -> tuple[Unit, UnitPrint, str | None, float | None, str | None]:
                 if self._cancelled.is_set():
                     raise SourceError("fingerprint scan cancelled")
@@ -580,11 +662,26 @@ class PartitionScan:
                 try:
                     with conn.cursor() as cur:
                         return self._unit(cur, unit, history, now)
+                except BaseException as exc:
+                    with self._lock:
+                        if not first_error:
+                            first_error.append(exc)
+                    self._cancelled.set()  # no other unit starts (the queue is the scan)
+                    raise
                 finally:
                     free.put(conn)
 
             with ThreadPoolExecutor(self._workers, thread_name_prefix="drtool-fp") as pool:
-                done = list(pool.map(one, units))
+                futures = [pool.submit(one, unit) for unit in units]
+                wait(futures, return_when=FIRST_EXCEPTION)
+                if first_error:
+                    # the first failure fails the scan: queued units never start, running
+                    # queries are cancelled (not waited for, which is the whole scan)
+                    for f in futures:
+                        f.cancel()
+                    self.cancel()
+                    raise first_error[0]
+                done = [f.result() for f in futures]
         per_table: dict[str, list[UnitPrint]] = {}
         for unit, figures, hashed_in, hashed_at, why in done:
             per_table.setdefault(unit.table, []).append(figures)
@@ -604,18 +701,25 @@ class PartitionScan:
         self, cur: psycopg.Cursor[Any], unit: Unit, history: History | None, now: float
     ) -> tuple[Unit, UnitPrint, str | None, float | None, str | None]:
         baseline = self._baseline
+        recorded = self._like.tables.get(unit.table) if self._like else None
+        hashes = [recorded.row_hash] if recorded else [RECORD, TEXT]
         why: str | None = "no baseline"
         if unit.partition and baseline is not None and history is not None:
             old = baseline.units.get(unit.relation)
             why = _why_not_reusable(unit, old, baseline, history, self._max_age, now)
             if why is None and old is not None:
                 row = cur.execute(_unchanged_sql(unit, baseline.history.xmin % (1 << 32)))
-                rows, newer = row.fetchone() or (0, 0)
-                if rows == old.figures.rows and newer == 0:
+                rows, newer, versions = row.fetchone() or (0, 0, None)
+                same = old.figures.versions == int(versions or 0) % _MOD
+                if rows == old.figures.rows and newer == 0 and same:
                     return unit, old.figures, old.hashed_in, old.hashed_at, None
-                why = "rows were written since" if newer else "rows were deleted since"
-        recorded = self._like.tables.get(unit.table) if self._like else None
-        hashes = [recorded.row_hash] if recorded else [RECORD, TEXT]
+                why = (
+                    "rows were written since"
+                    if newer
+                    else "rows were deleted since"
+                    if rows != old.figures.rows
+                    else "other row versions than the baseline's (a rewound history?)"
+                )
         return unit, _hash_unit(cur, unit, hashes), None, None, why
 
 
@@ -641,7 +745,11 @@ def _merge(
             continue
         merged: dict[str, tuple[int, int, int | None]] = {}
         for p in prints:
-            for room, (n, total, top) in (p.rooms or {}).items():
+            try:
+                figures = p.room_figures()  # decoded once, here (reused: the baseline's)
+            except ValueError as exc:  # the baseline is bound to its manifest: a bug, not data
+                raise SourceError(f"fingerprints of {table}: {exc}") from None
+            for room, (n, total, top) in figures.items():
                 m_n, m_total, m_top = merged.get(room, (0, 0, None))
                 tops = [t for t in (m_top, top) if t is not None]
                 merged[room] = (m_n + n, (m_total + total) % _MOD, max(tops) if tops else None)

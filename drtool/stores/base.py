@@ -53,6 +53,9 @@ class BackupContext:
     progress: Progress
     #: objects a signed verification found damaged: never reused (issue 18.9, healing)
     damaged: frozenset[str] = frozenset()
+    #: the newest authentic snapshot's manifest (the chain link): what a store's own state
+    #: about the last snapshot (PostgreSQL's partition baseline) must match to be trusted
+    previous: Manifest | None = None
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from drtool.repository.access import Repo, read_object, snapshot_header
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
 from drtool.runtime.binaries import pg_major_of
 from drtool.sources import postgres as pg
-from drtool.sources.pg_fingerprint import PgFingerprints, compare, compute_fingerprints
+from drtool.sources.pg_fingerprint import PgFingerprints, compare
 from drtool.sources.pg_scan import PartitionScan
 from drtool.stores.stage import Plain, stage
 
@@ -231,20 +231,19 @@ def fingerprints_of(
 ) -> PgFingerprints:
     """Fingerprints recomputed on database ``dbname`` of the target server, hashed as ``like``.
 
-    ``workers`` > 1: one unit per table or partition on that many connections sharing one
-    exported snapshot (:mod:`drtool.sources.pg_scan`): the same figures, the restore's proof
-    no longer waits for the biggest table's single scan.
+    One unit per table or partition on ``workers`` connections (one: one connection) sharing
+    one exported snapshot (:mod:`drtool.sources.pg_scan`): the serial scan's figures, the
+    restore's proof does not wait for the biggest table's single scan, and one code path
+    whatever ``workers`` is.
     """
     kwargs = endpoint.connect_kwargs(dbname)
     try:
         with psycopg.connect(**kwargs) as conn:
-            if workers <= 1:
-                return compute_fingerprints(conn, like=like)
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             row = conn.execute("SELECT pg_export_snapshot()").fetchone()
             assert row is not None
             scan = PartitionScan(
-                lambda: psycopg.connect(**kwargs), str(row[0]), workers=workers, like=like
+                lambda: psycopg.connect(**kwargs), str(row[0]), workers=max(1, workers), like=like
             )
             return scan.run().fingerprints
     except psycopg.Error as exc:

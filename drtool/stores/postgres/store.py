@@ -14,10 +14,11 @@ from pathlib import Path
 import psycopg
 
 from drtool.endpoints import StackEndpoints
-from drtool.repository.manifest import ComponentEntry, ObjectEntry
+from drtool.repository.chain import read_last_commit
+from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import compute_fingerprints
-from drtool.sources.pg_scan import baseline_path, load_baseline, save_baseline
+from drtool.sources.pg_scan import Baseline, baseline_path, load_baseline, save_baseline
 from drtool.stores import checks
 from drtool.stores.base import (
     BackedUp,
@@ -33,6 +34,36 @@ from drtool.stores.streams import counting, json_chunks
 
 NAME = "postgres"
 log = logging.getLogger(__name__)
+
+
+def _trusted(
+    baseline: Baseline | None, path: Path, state: Path, previous: Manifest | None
+) -> Baseline | None:
+    """``baseline`` when it is the one the last committed snapshot recorded, else None.
+
+    The file is the backup host's own, but a figure in it is copied into a snapshot unread:
+    it must be the newest authentic snapshot's (the chain link), that snapshot this host's
+    last commit, and the file the one whose sha256 that snapshot's signed manifest records.
+    Anything else (an edited or stale file, another host's newer snapshot): hashed again.
+    """
+    if baseline is None:
+        return None
+    last = read_last_commit(state)
+    entry = next((c for c in previous.components if c.name == NAME), None) if previous else None
+    recorded = entry.details.get("fingerprint_baseline_sha256") if entry else None
+    if previous is None or previous.snapshot_id != baseline.snapshot_id:
+        why = "not the newest authentic snapshot's"
+    elif last is None or (last.repo_id, last.snapshot_id) != (
+        baseline.repo_id,
+        baseline.snapshot_id,
+    ):
+        why = "not this host's last commit"
+    elif recorded != baseline.sha256():
+        why = "not the one its snapshot's signed manifest records"
+    else:
+        return baseline
+    log.warning("%s: ignored (%s); every partition is hashed", path, why)
+    return None
 
 
 class PostgresStore:
@@ -51,6 +82,7 @@ class PostgresStore:
         reuse_days = cfg.postgres.fingerprint_reuse_days
         state_file = baseline_path(ctx.state, writer.repo.repo_id, endpoint.dbname)
         baseline = load_baseline(state_file, writer.repo.repo_id) if reuse_days > 0 else None
+        baseline = _trusted(baseline, state_file, ctx.state, ctx.previous)
         with pg.dump(
             endpoint,
             pg_bin_dir=bin_dir,
@@ -70,6 +102,10 @@ class PostgresStore:
         for partition, why in sorted(scanned.not_reused.items()):
             log.debug("partition %s hashed: %s", partition, why)
         log.info("postgres %s", scanned.summary())
+        next_baseline = scanned.next_baseline(writer.repo.repo_id, writer.snapshot_id, time.time())
+        if next_baseline is not None and reuse_days > 0:
+            # the signed manifest binds the baseline file: the next backup trusts only this one
+            details["fingerprint_baseline_sha256"] = next_baseline.sha256()
         details = {**details, **scanned.details(), **pg.role_details(endpoint, before, after)}
         objects.append(written.entry)
         plain = written.plain_bytes
@@ -85,7 +121,6 @@ class PostgresStore:
             NAME, "fingerprints.json", json_chunks(prints), kind="fingerprints"
         )
         objects.append(fp.entry)
-        next_baseline = scanned.next_baseline(writer.repo.repo_id, writer.snapshot_id, time.time())
 
         def remember_partitions() -> None:
             # only once the snapshot is committed and read back: a baseline is a verified
