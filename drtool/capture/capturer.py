@@ -201,7 +201,12 @@ class Capturer:
             return {i: one(row) for i, row in wave}
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="capture") as pool:
             futures = {pool.submit(one, row): i for i, row in wave}
-            wait(futures, return_when=FIRST_EXCEPTION)
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # interrupted (Ctrl-C): the objects not started are dropped
+                for f in futures:
+                    f.cancel()
+                raise
             if any(f.done() and f.exception() is not None for f in futures):
                 for f in futures:
                     f.cancel()  # not started: dropped; in flight: finish and reach the cache
