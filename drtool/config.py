@@ -117,6 +117,7 @@ class CaptureConfig:
     interval_s: float = 60.0  # seconds between rounds
     gap_timeout_s: float = 3600.0  # an id not committed after this is dropped (rolled back)
     bucket: str = ""  # the attachments' bucket; "" = the first of minio.buckets
+    workers: int = 4  # objects read and sealed at once in a round (each streamed)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from drtool.capture.capturer import Capturer
 from drtool.capture.state import load_state
 from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint, S3Endpoint, StackEndpoints
-from drtool.errors import WrongKey
+from drtool.errors import DrtoolError, WrongKey
 from drtool.pipeline.age import decrypt
 from drtool.repository import retention
 from drtool.repository.access import Repo, open_repo, read_object
@@ -301,6 +301,91 @@ def test_a_round_killed_before_its_commit_is_redone_without_a_second_upload(
     assert (again.uploaded, again.reused) == (0, TINY.attachments + 3)
     assert kit.blob_files() == uploaded
     assert set(keys_added) <= set(journaled(kit))
+
+
+def journal_of_last_record(kit: Kit) -> list[capture_chain.Captured]:
+    """The entries of the chain's newest journal, in their stored order."""
+    repo = kit.repo()
+    found = capture_chain.load_chain(repo.storage, repo.verify_keys, repo.info.repo_id)
+    assert found.problems == [] and found.records
+    record = found.records[-1][1]
+    header = capture_chain.journal_header(repo.info.repo_id, record.seq)
+    data = read_object(
+        repo, record.journal.entry(capture_chain.JOURNAL_KIND), header, kit.identities()
+    )
+    return capture_chain.decode_journal(data, name=record.journal.key)
+
+
+def rows_by_id(kit: Kit) -> list[tuple[str, str]]:
+    """(object key, sha256) of every attachment row, by id (the order a round reads them)."""
+    with kit.connect() as conn:
+        return [
+            (k, h)
+            for k, h in conn.execute("SELECT object_key, sha256 FROM attachments ORDER BY id")
+        ]
+
+
+def test_a_round_reads_its_objects_at_once_and_journals_them_in_row_order(kit: Kit) -> None:
+    for _ in range(6):
+        add_attachment(kit)
+    capturer = kit.capturer(from_start=True)
+    assert capturer.workers == 4  # the default
+    second_get, gets, together = threading.Event(), list[str](), list[bool]()
+
+    def get_started(**_: Any) -> None:
+        # the first GET waits (at most 30 s) for a second one to start while it is in flight:
+        # one object at a time, the second never starts before the first is sealed
+        gets.append("GetObject")
+        if len(gets) == 1:
+            together.append(second_get.wait(30))
+        else:
+            second_get.set()
+
+    capturer.store._s3.meta.events.register("before-call.s3.GetObject", get_started)
+    with kit.connect() as conn:
+        result = capturer.run_round(conn)
+    assert together == [True], "the round's objects were read one at a time"
+    expected = rows_by_id(kit)
+    assert (result.captured, result.uploaded) == (len(expected), len(expected))
+    entries = journal_of_last_record(kit)
+    # what one object at a time journals: every row once, in row order, its bytes' sha256
+    assert [(e.key, e.sha256) for e in entries] == expected
+    assert len({e.blob for e in entries}) == len(expected) == len(kit.blob_files())
+
+
+def test_one_object_failing_mid_round_ends_the_round_and_its_redo_uploads_the_rest_once(
+    kit: Kit,
+) -> None:
+    from botocore.exceptions import EndpointConnectionError
+
+    for _ in range(10):
+        add_attachment(kit)
+    failing = rows_by_id(kit)[0][0]  # the round's first object: the rest mostly not started
+    capturer = kit.capturer(from_start=True)
+
+    def fail_one(params: dict[str, Any], **_: Any) -> None:
+        if params.get("Key") == failing:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
+    capturer.store._s3.meta.events.register("before-parameter-build.s3.GetObject", fail_one)
+    with kit.connect() as conn, pytest.raises(DrtoolError) as failed:
+        capturer.run_round(conn)
+    assert failing in str(failed.value) and "\n" not in str(failed.value)
+    assert load_state(capturer.state_file()).high is None  # the round committed nothing
+    assert capture_chain.load_chain(kit.repo().storage, [], kit.repo().info.repo_id).last_seq == 0
+    stored = kit.blob_files()  # the objects read before and beside the failing one
+    assert len(stored) < len(rows_by_id(kit))
+    capturer.store._s3.meta.events.unregister("before-parameter-build.s3.GetObject", fail_one)
+    with kit.connect() as conn:
+        again = capturer.run_round(conn)
+    assert (again.captured, again.reused) == (len(rows_by_id(kit)), len(stored))
+    assert len(kit.blob_files()) == len(rows_by_id(kit))  # each object stored once
+    assert [e.key for e in journal_of_last_record(kit)] == [k for k, _ in rows_by_id(kit)]
+    none = {"DRTOOL_CAPTURE_WORKERS": "0"}
+    cfg, home = kit.repository.backup_config, kit.repository.directory
+    bad = run_drtool("capture", "run", "--once", config=cfg, home=home, extra_env=none)
+    assert bad.returncode == 2 and "capture.workers: must be >= 1 (got 0)" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow

@@ -66,6 +66,8 @@ def build_capturer(cfg: Config, home: Path, *, from_start: bool = False) -> Capt
         raise ConfigError(
             f"capture.gap_timeout_s: must be > 0 seconds (got {cfg.capture.gap_timeout_s})"
         )
+    if cfg.capture.workers < 1:
+        raise ConfigError(f"capture.workers: must be >= 1 (got {cfg.capture.workers})")
     bucket = capture_bucket(cfg)
     repo = open_repo(cfg)
     recipients = keys.load_recipients(cfg.keys.recipients)
@@ -79,13 +81,14 @@ def build_capturer(cfg: Config, home: Path, *, from_start: bool = False) -> Capt
     )
     return Capturer(
         writer=writer,
-        store=MinioStore(cfg.stack().minio),
+        store=MinioStore(cfg.stack().minio, max_pool=max(8, cfg.capture.workers)),
         bucket=bucket,
         state_dir=state_dir(cfg, home),
         host=socket.gethostname(),
         gap_timeout=timedelta(seconds=cfg.capture.gap_timeout_s),
         chain=checked_chain(repo.storage, repo.verify_keys, repo.info.repo_id),
         from_start=from_start,
+        workers=cfg.capture.workers,
     )
 
 
