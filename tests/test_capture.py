@@ -33,12 +33,13 @@ from drtool.capture.at import bucket_at, restore_bucket_at
 from drtool.capture.cache import append_captured, captured_path, read_captured, read_tail
 from drtool.capture.capturer import Capturer
 from drtool.capture.state import load_state
-from drtool.config import load_config
+from drtool.config import CaptureConfig, load_config
 from drtool.endpoints import PostgresEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import DrtoolError, WrongKey
 from drtool.pipeline.age import decrypt
 from drtool.repository import retention
 from drtool.repository.access import Repo, open_repo, read_object
+from drtool.repository.layout import blob_key
 from drtool.repository.minio_index import IndexEntry
 from drtool.s3session import s3_client
 from drtool.services.capture import build_capturer, run_capture
@@ -389,7 +390,7 @@ def test_one_object_failing_mid_round_ends_the_round_and_its_redo_uploads_the_re
 
 
 @pytest.mark.slow
-def test_capture_run_killed_and_restarted_neither_misses_nor_uploads_twice(kit: Kit) -> None:
+def test_capture_run_killed_and_restarted_neither_misses_nor_journals_twice(kit: Kit) -> None:
     env = {"DRTOOL_CAPTURE_INTERVAL_S": "0.2"}
     args = ("capture", "run")
     cfg, home = kit.repository.backup_config, kit.repository.directory
@@ -420,8 +421,14 @@ def test_capture_run_killed_and_restarted_neither_misses_nor_uploads_twice(kit: 
     assert proc.returncode == 0, err
     objects = list(MinioStore(kit.stack.minio).list_objects(kit.bucket))
     assert len(objects) == TINY.attachments + 7
-    assert set(journaled(kit)) == {o.key for o in objects}
-    assert len(kit.blob_files()) == len(objects)  # each object stored once
+    entries = journaled(kit)
+    assert set(entries) == {o.key for o in objects}
+    # each object journaled with one stored blob; a kill between a blob's upload and its
+    # cache line may leave up to capture.workers unreferenced extras (garbage prune removes)
+    referenced = {blob_key(e.blob) for e in entries.values()}
+    stored = kit.blob_files()
+    assert len(referenced) == len(objects) and referenced <= stored
+    assert len(stored - referenced) <= CaptureConfig().workers
     done = run_drtool("capture", "status", "--json", config=cfg, home=home)
     assert done.returncode == 0 and '"missing": 0' in done.stdout
     human = run_drtool("capture", "status", config=cfg, home=home)

@@ -14,7 +14,7 @@ from click.core import ParameterSource
 from drtool.cli.context import CliState, emit_json, repository_option
 from drtool.cli.render import human_bytes, print_table, require_terminal, typed_confirmation
 from drtool.config import Config
-from drtool.errors import DrtoolError, IntegrityError, UsageError
+from drtool.errors import DrtoolError, IntegrityError, NotFound, UsageError
 from drtool.services.pitr_drill import stop_copy
 from drtool.services.restore import moment, stack_at
 from drtool.services.restore.pitr import PitrOptions, PitrResult, check_options, run_pitr
@@ -204,13 +204,26 @@ def _restore_stack_to_moment(
         if not typed_confirmation(target or PRODUCTION):
             raise UsageError("restore: not confirmed; nothing changed")
     result = _stack_or_clean_up(cfg, state, plan, Path(into), target, force=force, port=port)
+    if result.pitr is not None and not result.pitr.target_reached:
+        # recovery ended at the end of the WAL held: PostgreSQL is as at its last replayed
+        # transaction, and its skew counts from there (a sealed time overstates the window)
+        plan = plan.postgres_short_of_the_moment(result.pitr.reached_time)
+    short = [] if accept_skew else plan.over_skew()
+    ok = result.ok and not short
     if as_json:
-        emit_json({**asdict(result), "plan": [asdict(s) for s in plan.stores], "ok": result.ok})
+        emit_json({**asdict(result), "plan": [asdict(s) for s in plan.stores], "ok": ok})
     else:
         _show_stack_result(plan, result)
     if not result.ok:
         failed = [c.detail for c in result.checks if not c.passed] + result.problems
         raise IntegrityError(f"restore to {result.moment}: {failed[0]}")
+    if short:
+        raise NotFound(
+            f"restore to {result.moment}: restored, but "
+            + ", ".join(f"{s.store} is {s.skew_s:.0f} s short of the moment" for s in short)
+            + f" (beyond restore.max_skew_s {plan.max_skew_s:.0f} s: the WAL held ended "
+            "before it); the copy is kept as restored"
+        )
 
 
 def _whole_stack_options(target: str, how: dict[str, Any]) -> None:
@@ -281,10 +294,8 @@ def _stack_or_clean_up(
 def _show_stack_result(plan: moment.MomentPlan, result: stack_at.StackAtResult) -> None:
     pitr = result.pitr
     assert pitr is not None
-    if not pitr.target_reached:  # PostgreSQL's skew from what its recovery reached
-        plan = plan.postgres_short_of_the_moment(pitr.reached_time)
-        for note in pitr.notes:
-            click.echo(f"note: {note}")
+    for note in pitr.notes:  # e.g. recovery ended at the end of the WAL held
+        click.echo(f"note: {note}")
     print_table(
         f"the stack restored to {result.moment}",
         ["store", "effective moment", "skew (s)", "measured RPO (s)", "seconds (RTO)"],

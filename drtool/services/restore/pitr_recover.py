@@ -133,7 +133,7 @@ def kept_lines(port: int) -> list[str]:
 # a base taken on a standby carries the standby's connection to its primary (with its
 # password, when one was given): blanking it later in the file would leave the secret in the
 # copy, so the lines go
-_REPLICATION_LINE = re.compile(r"^\s*(primary_conninfo|primary_slot_name)\s*=")
+_REPLICATION_LINE = re.compile(r"^\s*(primary_conninfo|primary_slot_name)\s*=", re.IGNORECASE)
 
 
 def _without_replication(text: str) -> str:
@@ -172,6 +172,9 @@ def write_settings(data_dir: Path, settings: RecoverySettings) -> None:
             "# written by drtool: the base backup held no pg_hba.conf\n"
             "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n"
         )
+    conf_text = conf.read_text()
+    if _without_replication(conf_text) != conf_text.rstrip("\n") + "\n":
+        conf.write_text(_without_replication(conf_text))
     auto = _auto_conf(data_dir)
     text = _without_replication(_without_block(auto.read_text() if auto.exists() else ""))
     if KEPT not in text:

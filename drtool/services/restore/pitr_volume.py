@@ -72,6 +72,13 @@ POLL_S = 0.3
 STOP_TIMEOUT_S = 120
 SHUT_DOWN = "database system is shut down"
 
+
+def _any_case(name: str) -> str:
+    """A sed pattern matching ``name`` in any case (settings' names are case-insensitive;
+    busybox sed, in the Alpine images, has no case-insensitive address)."""
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in name)
+
+
 PREPARE = f"""set -e
 chown -R postgres:postgres {PG_DATA}
 chmod 0700 {PG_DATA}
@@ -83,10 +90,12 @@ if [ ! -e {PG_DATA}/pg_hba.conf ]; then
 host all all 127.0.0.1/32 scram-sha-256\\n' > {PG_DATA}/pg_hba.conf
 fi
 rm -f {PG_DATA}/standby.signal
-if [ -e {PG_DATA}/postgresql.auto.conf ]; then
-  sed -i -E '/^[[:space:]]*(primary_conninfo|primary_slot_name)[[:space:]]*=/d' \
-    {PG_DATA}/postgresql.auto.conf
-fi
+for conf in {PG_DATA}/postgresql.conf {PG_DATA}/postgresql.auto.conf; do
+  if [ -e "$conf" ]; then
+    sed -i -E '/^[[:space:]]*({_any_case("primary_conninfo")}|{_any_case("primary_slot_name")})\
+[[:space:]]*=/d' "$conf"
+  fi
+done
 touch {PG_DATA}/recovery.signal
 chown postgres:postgres {PG_DATA}/postgresql.conf {PG_DATA}/pg_hba.conf {PG_DATA}/recovery.signal
 echo 'local all all trust' > {HBA_FILE}
