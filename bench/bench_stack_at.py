@@ -47,6 +47,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -91,6 +93,7 @@ class Measured:
     skew_s: dict[str, float | None] = field(default_factory=dict)  # (a): the plan's
     effective: dict[str, str | None] = field(default_factory=dict)  # (a): the plan's
     checks_passed: bool | None = None
+    messages: int = 0  # rows of messages in the restored copy
 
 
 @dataclass
@@ -109,6 +112,7 @@ class Run:
     nightly_at: str = ""
     moment: str = ""
     traffic_messages: int = 0
+    source_messages: int = 0  # rows of messages in the source at T
     canary_rounds: int = 0
     canary_failures: int = 0
     at: Measured | None = None
@@ -147,6 +151,13 @@ def read_canaries(ep: StackEndpoints, moment: datetime, measured: Measured) -> N
     newest = canary.newest_canaries(ep, ep.buckets)
     measured.newest_canary = {k: v.isoformat() if v else None for k, v in newest.items()}
     measured.measured_rpo_s = canary.measured_rpo(moment, newest)
+    measured.messages = count_messages(ep)
+
+
+def count_messages(ep: StackEndpoints) -> int:
+    with psycopg.connect(**ep.postgres.connect_kwargs()) as conn:
+        row = conn.execute("SELECT count(*) FROM messages").fetchone()
+    return int(row[0]) if row else 0
 
 
 def empty_target(ep: StackEndpoints) -> None:
@@ -317,6 +328,7 @@ def run_bench(args: argparse.Namespace, work: Path, src: LocalStack, second: Loc
         canaries.join()
         moment = datetime.now(UTC)  # the loss: nothing written after it counts
         run.moment = moment.isoformat()
+        run.source_messages = count_messages(ep)
         run.traffic_messages = stats[0].messages if stats else 0
         print(f"loss at {run.moment}; waiting for the WAL and a capture round past it", flush=True)
         wait_round_after(state_file, moment, args.capture_interval * 2 + 120, capture)
@@ -360,6 +372,11 @@ def print_table(run: Run) -> None:
         ("drtool peak RSS MiB (largest process)", fmt(a.drtool_rss_mib), fmt(b.drtool_rss_mib)),
         ("PostgreSQL server CPU s", fmt(a.postgres_cpu_s), fmt(b.postgres_cpu_s)),
         ("checks passed", str(a.checks_passed), str(b.checks_passed)),
+        (
+            f"messages in the copy (source at T: {run.source_messages:,})",
+            f"{a.messages:,}",
+            f"{b.messages:,}",
+        ),
     ]
     for name, m in (("a", a), ("b", b)):
         for store, s in m.store_seconds.items():
