@@ -42,3 +42,17 @@ def load_average() -> str:
     """The 1/5/15-minute load averages and the CPU count, as one phrase for a report."""
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f}; {os.cpu_count()} CPUs"
+
+
+def cpu_tree_s(pid: int) -> float:
+    """User+sys seconds of ``pid``, of its children it has reaped (cutime/cstime) and of its
+    live children: a server's whole cost (a PostgreSQL postmaster's startup process, which
+    replays the WAL and exits, is counted through the reaped times)."""
+    total = 0.0
+    for p in [pid, *children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11 : 15 if p == pid else 13]) / TICKS
+    return total
