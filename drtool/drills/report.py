@@ -82,7 +82,7 @@ class DrillReport:
             f"{name} {'no canary' if value is None else f'{value:.0f} s'}"
             for name, value in self.measured_rpo_s.items()
         ]
-        return [f"- measured RPO (snapshot time minus newest canary): {', '.join(parts)}"]
+        return [f"- measured RPO (each part's end minus its newest canary): {', '.join(parts)}"]
 
     def to_json(self) -> str:
         """The full report as JSON."""

@@ -41,6 +41,7 @@ from drtool.pipeline.seal import seal
 from drtool.repository import catalog, drill_log, layout
 from drtool.repository.access import Repo, identities_of, open_repo
 from drtool.repository.ids import new_id
+from drtool.repository.part_times import part_window
 from drtool.runtime.binaries import pg_bin_dir, pg_major_of
 from drtool.services import key_proof, pitr_drill
 from drtool.services.restore import moment as moment_plan
@@ -526,7 +527,7 @@ def _drill(
                 report.checks += shard_checks(cfg, record, endpoints)
             report.checks += _data_checks(endpoints, spec)
         phases["checks"] = round(checking.seconds, 3)
-        report.measured_rpo_s = _measured_rpo(endpoints, spec, record.time)
+        report.measured_rpo_s = _measured_rpo(endpoints, spec, record)
         dog.enter("tearing the scratch stack down")
         down = Timer()
     phases["down"] = round(down.elapsed(), 3)
@@ -575,15 +576,25 @@ def _docker_sized(
 
 
 def _measured_rpo(
-    endpoints: StackEndpoints, spec: DrillDefinition, moment: datetime
+    endpoints: StackEndpoints, spec: DrillDefinition, record: catalog.SnapshotRecord
 ) -> dict[str, float | None]:
-    """Per restored store: ``moment`` minus the newest canary it holds (None: no canary)."""
+    """Per restored store: when its part of the snapshot ended minus the newest canary it
+    holds (None: no canary) — what a loss at that moment would have cost. The snapshot's own
+    time is its start, to the second: a canary written during the backup would read as
+    negative against it."""
     newest = canary.newest_canaries(
         endpoints, endpoints.buckets if "minio" in spec.components else ()
     )
     chosen = set(spec.components)
-    restored = {n: t for n, t in newest.items() if n.split(":", 1)[0] in chosen}
-    return canary.measured_rpo(moment, restored)
+    measured: dict[str, float | None] = {}
+    for name, found in newest.items():
+        part = name.split(":", 1)[0]
+        if part not in chosen:
+            continue
+        window = part_window(record.manifest, part) if record.manifest else None
+        moment = window[1] if window is not None else record.time
+        measured.update(canary.measured_rpo(moment, {name: found}))
+    return measured
 
 
 def _data_checks(
