@@ -373,6 +373,12 @@ def test_flipped_byte_is_never_shown_or_restored_as_good(
         doc["signature"] = keys.sign(forger, canonical(doc["body"]))
         record.write_text(json.dumps(doc))
     rows = {r["id"]: r for r in json.loads(run_drtool("list", "--json", config=config).stdout)}
+    # the forged "not damaged" records cannot clear it: the signed verification summary
+    # still says DAMAGED; without the summary, the forged records alone count for nothing
+    assert rows[world.new_id]["verified"] == f"DAMAGED: {dump_key}"
+    for summary in (copy / "verifications" / "summary").glob("*.json"):
+        summary.unlink()
+    rows = {r["id"]: r for r in json.loads(run_drtool("list", "--json", config=config).stdout)}
     assert rows[world.new_id]["verified"] == "never verified"
     assert table_rows(target.postgres) == {}
 
