@@ -10,7 +10,6 @@ snapshot's, per shard and for the whole, and TTLs must be kept.
 from __future__ import annotations
 
 import json
-import threading
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import redis
 import tomli_w
 from redis.cluster import ClusterNode as Node
 from redis.cluster import RedisCluster
+from support.backup_kit import backup_redis_while_writing
 from support.cli import run_drtool
 from support.stacks import Repository, make_repository
 
@@ -241,29 +241,9 @@ def test_a_backup_while_clients_write_restores_equal_to_its_snapshot(
     whole, a restore equals it, and the keys nobody touched are all in it. (Last in the file:
     it changes the source cluster the other tests compare with.)"""
     repository, _, _ = backed_up
-    stop = threading.Event()
-    written = 0
-
-    def write() -> None:
-        nonlocal written
-        with _cluster(clusters[0][0]) as client:
-            while not stop.is_set():
-                client.set(f"w:{written}", "x")
-                client.delete(f"w:{written - 50}")
-                written += 1
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
-        done = run_drtool(
-            "backup", "--component", "redis", "--json", config=repository.backup_config
-        )
-    finally:
-        stop.set()
-        writer.join()
-    assert done.returncode == 0, done.stderr
-    assert written > 0
-    snapshot_id = json.loads(done.stdout)["snapshot_id"]
+    snapshot_id = backup_redis_while_writing(
+        repository.backup_config, lambda: _cluster(clusters[0][0])
+    )
     cfg = load_config(repository.operator_config(tmp_path / "o.toml"), {})
     doc = svc.show_snapshot(cfg, snapshot_id).fingerprints["redis"]
     whole = RedisFingerprints.from_dict(doc["fingerprints"])

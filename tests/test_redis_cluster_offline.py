@@ -26,6 +26,7 @@ import pytest
 import redis
 import tomli_w
 from redis.cluster import ClusterNode, RedisCluster
+from support.backup_kit import backup_redis_while_writing
 from support.cli import run_drtool, start_drtool
 from support.servers import free_port
 from support.stacks import Repository, make_repository
@@ -93,29 +94,9 @@ def snapshot(
     doc: dict[str, Any] = tomllib.loads(repository.backup_config.read_text())
     doc["redis"]["cluster"] = True
     repository.backup_config.write_text(tomli_w.dumps(doc))
-    stop = threading.Event()
-    written = 0
-
-    def write() -> None:
-        nonlocal written
-        with _client(clusters["source"]) as client:
-            while not stop.is_set():
-                client.set(f"w:{written}", "x")
-                client.delete(f"w:{written - 50}")
-                written += 1
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
-        done = run_drtool(
-            "backup", "--component", "redis", "--json", config=repository.backup_config
-        )
-    finally:
-        stop.set()
-        writer.join()
-    assert done.returncode == 0, done.stderr
-    assert written > 0
-    snapshot_id = json.loads(done.stdout)["snapshot_id"]
+    snapshot_id = backup_redis_while_writing(
+        repository.backup_config, lambda: _client(clusters["source"])
+    )
     cfg = load_config(repository.operator_config(directory / "o.toml"), {})
     return repository, snapshot_id, svc.show_snapshot(cfg, snapshot_id).fingerprints["redis"]
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +35,33 @@ from support.cli import drtool_env, run_drtool
 SIZES = SeedSizes(users=50, rooms=10, messages=3000, attachments=30)
 SEED = 7
 REPO_PREFIX = "drtool"
+
+
+def backup_redis_while_writing(backup_config: Path, client: Callable[[], Any]) -> str:
+    """``drtool backup --component redis`` while a writer keeps adding keys and deleting the
+    ones 50 behind (``client()``: a context manager giving a Redis or cluster client); the
+    snapshot's id, after checking the backup succeeded with the writer running."""
+    stop = threading.Event()
+    written = 0
+
+    def write() -> None:
+        nonlocal written
+        with client() as conn:
+            while not stop.is_set():
+                conn.set(f"w:{written}", "x")
+                conn.delete(f"w:{written - 50}")
+                written += 1
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        done = run_drtool("backup", "--component", "redis", "--json", config=backup_config)
+    finally:
+        stop.set()
+        writer.join()
+    assert done.returncode == 0, done.stderr
+    assert written > 0
+    return str(json.loads(done.stdout)["snapshot_id"])
 
 
 # -- the kit ---------------------------------------------------------------------------------
