@@ -15,7 +15,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -150,6 +150,7 @@ def test_pitr_drills_check_the_physical_chain_against_the_logical_snapshot(
     assert [c.name for c in report.checks] == [
         "restored to the moment",
         "messages readable at the moment",
+        "nothing past the moment",
         "RTO within threshold",
         "RPO within threshold",
     ]
@@ -159,3 +160,13 @@ def test_pitr_drills_check_the_physical_chain_against_the_logical_snapshot(
     assert logical_id not in drill_log.drilled(repo.storage)
     assert set(report.measured_rpo_s) == {"postgres"}
     assert not list(home.iterdir())  # the copies were stopped and removed
+
+    # a copy holding a canary stamped past the moment (a clock an hour ahead) fails the drill
+    assert canary.write_canaries(stack, (), now=datetime.now(UTC) + timedelta(hours=1)).written
+    moment = datetime.now(UTC)
+    assert kit.start("--until-idle").wait(120) == 0
+    spec = replace(spec, snapshot=f"pitr:at:{moment.isoformat()}")
+    report = run_drill(operator, home=home, spec=spec)
+    (past,) = [c for c in report.checks if c.name == "nothing past the moment"]
+    assert not past.passed and not report.passed
+    assert "postgres: its newest canary is 3600" in past.detail

@@ -232,8 +232,20 @@ def test_demo_runs_the_whole_loop(runtime_root: Path, servers_available: None) -
     assert verify.returncode == 0, verify.stderr
     listed = run_drtool("list", "--json", config=operator)
     assert listed.returncode == 0, listed.stderr
-    [record] = json.loads(listed.stdout)
+    [record, base] = json.loads(listed.stdout)
     assert (record["id"], record["status"]) == (snapshot, "VALID")
+    # continuous protection: a base backup and WAL, and a drill restoring to a moment between
+    # two canaries; the copy held the first and not the second
+    assert base["status"] == "VALID" and f"base backup {base['id']}" in result.stdout
+    assert len(re.findall(r"^# Restore drill \S+: PASSED$", result.stdout, re.MULTILINE)) == 2
+    assert re.search(
+        r"^\| nothing past the moment \| pass \| postgres: its newest canary is 1\.\d s before",
+        result.stdout,
+        re.MULTILINE,
+    )
+    assert len(list((home / "demo" / "reports").glob("*.json"))) == 2
+    wal = run_drtool("wal", "verify", config=operator)
+    assert wal.returncode == 0, wal.stderr
     # the demo host config holds recipients only, never the identity
     assert "AGE-SECRET-KEY" not in (home / "demo" / "backup.toml").read_text()
 

@@ -26,8 +26,10 @@ def demo(state: CliState, messages: int, attachments: int) -> None:
     \b
     stack up -> seed -> keys -> init a local repository -> backup
     -> verify with the identity -> list -> restore drill into a scratch
-    stack -> report -> stack down (always). Exit 6 when the drill fails.
-    Keys, configs, the repository and the report stay in <home>/demo/.
+    stack -> report -> WAL streamed, a base backup, canary, moment, canary
+    -> restore drill of PostgreSQL to that moment -> report -> stack down
+    (always). Exit 6 when a drill fails. Keys, configs, the repository and
+    the reports stay in <home>/demo/.
     """
     sizes = DemoSizes(messages=messages, attachments=attachments)
     with progress_reporter(sys.stderr.isatty()) as report:
@@ -63,10 +65,19 @@ def demo(state: CliState, messages: int, attachments: int) -> None:
         click.echo(f"snapshot {record.snapshot_id}: {'VALID' if record.valid else 'INVALID'}")
     if result.drill:
         click.echo(result.drill.to_markdown())
+    if result.base and result.moment:
+        click.echo(
+            f"base backup {result.base.snapshot_id}; restore to the moment "
+            f"{result.moment.isoformat(timespec='milliseconds')} (one canary before it, one after):"
+        )
+    if result.moment_drill:
+        click.echo(result.moment_drill.to_markdown())
     click.echo(f"demo files: {result.directory}")
     click.echo(f"  drtool --config {result.operator_config} list")
     click.echo(f"  drtool --config {result.operator_config} verify --read-data")
-    if result.drill and not result.drill.passed:
-        raise DrillFailed(
-            f"demo: the restore drill failed: {result.drill.error or 'see the report'}"
-        )
+    for what, drilled in (
+        ("restore drill", result.drill),
+        ("drill to a moment", result.moment_drill),
+    ):
+        if drilled and not drilled.passed:
+            raise DrillFailed(f"demo: the {what} failed: {drilled.error or 'see the report'}")

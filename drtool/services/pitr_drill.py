@@ -148,10 +148,30 @@ def run_pitr_drill(cfg: Config, home: Path, choice: PitrChoice, report: DrillRep
             assert choice.at is not None
             newest = canary.newest_canaries(endpoints, ())
             report.measured_rpo_s = canary.measured_rpo(choice.at, {"postgres": newest["postgres"]})
+            report.checks.append(_nothing_past_the_moment(report.measured_rpo_s))
     finally:
         stop_copy(work / "data", result)
         shutil.rmtree(work, ignore_errors=True)
     report.passed = all(c.passed for c in report.checks)
+
+
+def _nothing_past_the_moment(measured: dict[str, float | None]) -> checks.CheckResult:
+    """The copy holds no canary written after the moment: recovery stopped where it was told.
+
+    Without a canary (canaries off) nothing can be measured and the check says so, passed:
+    the measured RPO stays empty rather than 0.
+    """
+    past = canary.past_the_moment(measured)
+    value = measured.get("postgres")
+    if past:
+        detail = "; ".join(past)
+    elif value is None:
+        detail = "no canary in the copy: not measured"
+    else:
+        detail = f"postgres: its newest canary is {value:.1f} s before the moment"
+    return checks.CheckResult(
+        "nothing past the moment", not past, detail, {"measured_rpo_s": value}
+    )
 
 
 def work_dir(home: Path, drill_id: str) -> Path:
