@@ -146,8 +146,8 @@ def run_pitr_drill(cfg: Config, home: Path, choice: PitrChoice, report: DrillRep
         else:
             report.checks.append(_messages_readable(endpoints))
             assert choice.at is not None
-            newest = canary.newest_canaries(endpoints, ())
-            report.measured_rpo_s = canary.measured_rpo(choice.at, {"postgres": newest["postgres"]})
+            newest = canary.newest_postgres(endpoints)
+            report.measured_rpo_s = canary.measured_rpo(choice.at, {"postgres": newest})
             report.checks.append(_nothing_past_the_moment(report.measured_rpo_s))
     finally:
         stop_copy(work / "data", result)

@@ -143,7 +143,7 @@ def newest_canaries(
 ) -> dict[str, datetime | None]:
     """The newest canary in each store (None: the store holds none, or could not be read)."""
     found: dict[str, datetime | None] = {
-        POSTGRES: _newest_postgres(endpoints),
+        POSTGRES: newest_postgres(endpoints),
         REDIS: _newest_redis(endpoints),
     }
     store: MinioStore | None = None
@@ -153,7 +153,8 @@ def newest_canaries(
     return found
 
 
-def _newest_postgres(endpoints: StackEndpoints) -> datetime | None:
+def newest_postgres(endpoints: StackEndpoints) -> datetime | None:
+    """The newest canary in PostgreSQL alone (a drill of PostgreSQL reads no other store)."""
     try:
         with psycopg.connect(**endpoints.postgres.connect_kwargs()) as conn:
             exists = conn.execute("SELECT to_regclass(%s)", (TABLE,)).fetchone()
