@@ -21,10 +21,9 @@ from typing import Any, ClassVar
 import psycopg
 import pytest
 from conftest import servers_required
-from support.backup_kit import BackupKit, make_backup_kit
 from support.wal_kit import start_standby, start_wal_server, wait_for
 
-from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint
+from drtool.endpoints import PostgresEndpoint
 from drtool.runtime.pgserver import PostgresServer
 from drtool.sources.pg_fingerprint import PgFingerprints, compute_fingerprints
 from drtool.sources.pg_scan import Baseline, PartitionScan, ScanResult
@@ -230,77 +229,6 @@ def test_no_reuse_past_its_age_or_across_a_rewrite_or_while_an_older_transaction
     assert added.fingerprints == serial(months)
 
 
-# -- through the backup command ------------------------------------------------------------
-
-
-@pytest.fixture
-def kit(
-    tmp_path: Path,
-    pg_database: PostgresEndpoint,
-    redis_db: RedisEndpoint,
-    s3_server: S3Endpoint,
-    s3_bucket: str,
-) -> BackupKit:
-    return make_backup_kit(tmp_path, pg_database, redis_db, s3_server, s3_bucket)
-
-
-def _scan_details(kit: BackupKit, snapshot_id: str) -> dict[str, Any]:
-    entry = next(c for c in kit.manifest(snapshot_id).components if c.name == "postgres")
-    return dict(entry.details["fingerprint_scan"])
-
-
-def _recorded(kit: BackupKit, snapshot_id: str) -> PgFingerprints:
-    return PgFingerprints.from_dict(kit.fingerprints(snapshot_id)["postgres"]["fingerprints"])
-
-
-@pytest.mark.slow
-def test_backups_skip_unchanged_months_and_catch_one_changed_row(kit: BackupKit) -> None:
-    ep = kit.endpoints.postgres
-    first = kit.backup_ok("postgres")
-    months = sum(1 for p in _recorded(kit, first).partitions.values())
-    assert months == 7  # six seeded months and the default partition
-    assert _scan_details(kit, first)["partitions_reused"] == 0
-
-    done = kit.backup("postgres")
-    assert done.returncode == 0, done.stderr
-    second = json.loads(done.stdout)["snapshot_id"]
-    detail = json.loads(done.stdout)["components"][0]["detail"]
-    assert f"{months} partitions proved unchanged since snapshot {first} and reused" in detail
-    assert _scan_details(kit, second)["partitions_reused"] == months
-    assert _scan_details(kit, second)["proved_unchanged_since"] == first
-    assert _recorded(kit, second) == serial(ep)
-    assert all(p.hashed_in == first for p in _recorded(kit, second).partitions.values())
-
-    run(ep, "UPDATE messages SET content = 'edited' WHERE id = (SELECT min(id) FROM messages)")
-    third = kit.backup_ok("postgres")
-    assert _scan_details(kit, third)["partitions_reused"] == months - 1
-    recorded = _recorded(kit, third)
-    assert recorded == serial(ep)
-    assert recorded.tables["public.messages"] != _recorded(kit, second).tables["public.messages"]
-    assert [n for n, p in recorded.partitions.items() if p.hashed_in is None] == [
-        "public.messages_y2025m01"
-    ]
-
-    run(ep, "DELETE FROM messages WHERE id = (SELECT min(id) FROM messages_y2025m03)")
-    fourth = kit.backup_ok("postgres")
-    assert _scan_details(kit, fourth)["partitions_reused"] == months - 1
-    recorded = _recorded(kit, fourth)
-    assert recorded == serial(ep)
-    assert [n for n, p in recorded.partitions.items() if p.hashed_in is None] == [
-        "public.messages_y2025m03"
-    ]
-    assert kit.verify_all().returncode == 0
-
-    # the proof's baseline: the backup host's own, 0600, the last committed snapshot's
-    [state] = kit.tmp.rglob("pg-partitions-*.json")
-    assert state.stat().st_mode & 0o777 == 0o600
-    assert json.loads(state.read_text())["snapshot_id"] == fourth
-    state.write_text("{not json")  # damaged or lost: everything hashed, nothing guessed
-    fifth = kit.backup_ok("postgres")
-    assert _scan_details(kit, fifth)["partitions_reused"] == 0
-    assert _recorded(kit, fifth) == serial(ep)
-
-
 def test_a_restored_copy_is_fingerprinted_in_parallel_the_way_the_snapshot_recorded(
     months: PostgresEndpoint,
 ) -> None:
@@ -402,30 +330,6 @@ def test_a_rewound_server_with_the_same_count_is_caught(runtime_root: Path) -> N
         assert after.not_reused["public.messages_m1"].startswith("other row versions")
     finally:
         server.stop()
-
-
-@pytest.mark.slow
-def test_an_edited_or_stale_baseline_file_is_not_trusted(kit: BackupKit) -> None:
-    """The baseline's figures are copied into a snapshot unread: the file must be the one the
-    last committed snapshot's signed manifest records, else every partition is hashed."""
-    ep = kit.endpoints.postgres
-    kit.backup_ok("postgres")
-    [state] = kit.tmp.rglob("pg-partitions-*.json")
-    first_file = state.read_text()
-    doc = json.loads(first_file)
-    figures = doc["units"]["public.messages_y2025m01"]["figures"]
-    figures["total"] = str((int(figures["total"]) + 1) % 2**64)  # one digest, hand-edited
-    state.write_text(json.dumps(doc))
-    second = kit.backup_ok("postgres")
-    assert _scan_details(kit, second)["partitions_reused"] == 0
-    assert _recorded(kit, second) == serial(ep)
-
-    third = kit.backup_ok("postgres")  # the file the second wrote: trusted, all reused
-    assert _scan_details(kit, third)["partitions_reused"] == 7
-    state.write_text(first_file)  # an older snapshot's own file, put back
-    fourth = kit.backup_ok("postgres")
-    assert _scan_details(kit, fourth)["partitions_reused"] == 0
-    assert _recorded(kit, fourth) == serial(ep)
 
 
 def test_a_baseline_hashed_in_the_future_is_not_trusted(months: PostgresEndpoint) -> None:

@@ -45,6 +45,7 @@ from drtool.sources.pg_fingerprint import (
     _PINNED_SETTINGS,
     _TABLES_SQL,
     RECORD,
+    SCAN_FORMAT,
     TEXT,
     Fingerprint,
     PartitionPrint,
@@ -649,7 +650,9 @@ class PartitionScan:
                 history = _history(cur)
                 database = database_props(cur)
             free.put(main)
-            result = ScanResult(PgFingerprints({}), workers=self._workers, history=history)
+            result = ScanResult(
+                PgFingerprints({}, format=SCAN_FORMAT), workers=self._workers, history=history
+            )
             result.baseline = self._baseline.snapshot_id if self._baseline else None
             now = time.time()
 
@@ -768,4 +771,4 @@ def _merge(
         )
         for name, (unit, figures, hashed_in, _) in sorted(result.units.items())
     }
-    return PgFingerprints(tables, rooms, database, partitions)
+    return PgFingerprints(tables, rooms, database, partitions, format=SCAN_FORMAT)

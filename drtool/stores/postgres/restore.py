@@ -227,15 +227,25 @@ def apply_globals(
 
 
 def fingerprints_of(
-    endpoint: PostgresEndpoint, dbname: str, like: PgFingerprints, *, workers: int = 1
+    endpoint: PostgresEndpoint,
+    dbname: str,
+    like: PgFingerprints,
+    *,
+    workers: int = 1,
+    pg_bin_dir: Path | None = None,
+    timeout: float = 3600.0,
 ) -> PgFingerprints:
-    """Fingerprints recomputed on database ``dbname`` of the target server, hashed as ``like``.
+    """Fingerprints recomputed on database ``dbname`` of the target server, taken as ``like``.
 
-    One unit per table or partition on ``workers`` connections (one: one connection) sharing
-    one exported snapshot (:mod:`drtool.sources.pg_scan`): the serial scan's figures, the
-    restore's proof does not wait for the biggest table's single scan, and one code path
-    whatever ``workers`` is.
+    Format 5 (ADR 0033): one ``COPY ... TO STDOUT`` per table or partition, ``workers`` at a
+    time, hashed as the backup hashed the dump's COPY text. Formats 1 to 4: the row-hash scan,
+    one unit per table or partition on ``workers`` connections sharing one exported snapshot
+    (:mod:`drtool.sources.pg_scan`).
     """
+    if like.streamed:
+        return pg.copy_proof(
+            endpoint, dbname, like, workers=max(1, workers), pg_bin_dir=pg_bin_dir, timeout=timeout
+        )
     kwargs = endpoint.connect_kwargs(dbname)
     try:
         with psycopg.connect(**kwargs) as conn:
@@ -287,7 +297,9 @@ def restore(
             pg.apply_database_props(endpoint, copy, snap.fingerprints.database)
         if will_drop:
             flusher.submit(pg.checkpoint, endpoint)
-        restored = fingerprints_of(endpoint, copy, snap.fingerprints, workers=jobs)
+        restored = fingerprints_of(
+            endpoint, copy, snap.fingerprints, workers=jobs, pg_bin_dir=pg_bin_dir, timeout=timeout
+        )
         problems = compare(snap.fingerprints, restored)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
