@@ -232,13 +232,15 @@ def report(args: argparse.Namespace, runs: list[Run], dump_mb: float) -> None:
 
 
 def scan_details(operator_config: Path, home: Path) -> str:
-    """The newest snapshot's ``fingerprint_scan`` details, as ``drtool show`` prints them."""
+    """How the newest snapshot's fingerprints were made, as ``drtool show`` prints them."""
     done = subprocess.run(
         [str(DRTOOL), "--config", str(operator_config), "--home", str(home), "show", "latest",
          "--json"], capture_output=True, text=True, check=False)  # fmt: skip
     try:
         doc = json.loads(done.stdout)
         comp = next(c for c in doc["manifest"]["components"] if c["name"] == "postgres")
+        if "fingerprint_scan" not in comp["details"]:  # format 5 (ADR 0033): no scan at all
+            return f"fingerprints format {comp['details'].get('fingerprint_format')}: off the dump"
         scan = comp["details"]["fingerprint_scan"]
         return f"{scan['partitions_reused']} partitions reused, {scan['units_hashed']} hashed"
     except (ValueError, KeyError, StopIteration, TypeError):
