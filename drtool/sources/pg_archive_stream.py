@@ -41,13 +41,17 @@ DUMP_MAGIC = b"PGDMP"
 COPY_END = b"\\.\n\n\n"  # what pg_dump writes after a table's COPY rows
 _ARCH_CUSTOM = 1
 _HEADER_READ = 64 * 1024
-_MAX_TOC = 256 << 20  # a TOC this big is not one (the TOC is buffered whole)
+_MAX_TOC = 64 << 20  # a TOC this big is not one (the TOC is buffered whole)
 OFFSET_NOT_SET, OFFSET_SET, OFFSET_NO_DATA = 1, 2, 3
 BLK_DATA, BLK_BLOBS = 1, 3
 INDEXED_SINCE = (1, 12, 0)  # archives whose TOC this reader parses (PostgreSQL 9.5 and later)
 _CHUNK_HEADER = re.compile(rb"\x00....", re.DOTALL)
 _BLOCK_END = b"\x00" * 5  # a zero-length chunk (sign byte and a 4-byte zero)
 _READ = 1 << 20
+# pieces the COPY text is worked on in: 64 KiB stay in the CPU cache between the header
+# removal, the hash and the newline count (1 MiB pieces cost 2x the CPU here: 0.55 s vs
+# 0.27 s per 1 M rows)
+_PIECE = 64 << 10
 
 
 class ArchiveError(ValueError):
@@ -233,6 +237,13 @@ class ArchiveStream:
 
     def feed(self, data: bytes) -> None:
         """The next bytes of the archive (any size)."""
+        if len(data) <= _PIECE:
+            self._feed(data)
+            return
+        for i in range(0, len(data), _PIECE):
+            self._feed(data[i : i + _PIECE])
+
+    def _feed(self, data: bytes) -> None:
         if self._state == _TOC:
             self._toc += data
             self._pos += len(data)
