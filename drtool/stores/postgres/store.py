@@ -137,7 +137,8 @@ class PostgresRestoring:
         return [
             PlanItem(
                 NAME,
-                f"{tables} tables, {rows:,} rows",
+                f"{tables} tables{' and partitions' if self.snap.fingerprints.streamed else ''}, "
+                f"{rows:,} rows",
                 t.where,
                 self.snap.dump_plain.size or 0,
                 holds,
