@@ -18,6 +18,8 @@ from conftest import PgUnderTest
 from psycopg import sql
 
 from drtool.endpoints import PostgresEndpoint
+from drtool.errors import IntegrityError
+from drtool.repository.manifest import ObjectEntry
 from drtool.sources.pg_archive_stream import ArchiveError, ArchiveStream, index_archive
 from drtool.sources.pg_fingerprint import PgFingerprints, compare, compute_fingerprints
 from drtool.sources.postgres import (
@@ -27,7 +29,9 @@ from drtool.sources.postgres import (
     dump,
     restore_dump,
 )
+from drtool.stores.postgres import restore as pg_restore
 from drtool.stores.postgres.restore import fingerprints_of
+from drtool.stores.stage import Plain
 
 # the partitioned messages table of test_pg_partitions (sub-partitions, a partition attached
 # with another column order, a dropped column), and the types whose text is most at risk
@@ -279,3 +283,49 @@ def test_the_reader_refuses_what_it_cannot_read(seeded: PostgresEndpoint) -> Non
         _read(_pg_dump(seeded, "--compress=1"), 1 << 20)
     with pytest.raises(ArchiveError, match="no PGDMP header"):
         _read(b"NOTPG" + data[5:], 1 << 20)
+
+
+# -- through the store's restore -------------------------------------------------------------
+
+
+def _restore(
+    archive: Path, prints: PgFingerprints, target: PostgresEndpoint, stamp: str
+) -> pg_restore.PgOutcome:
+    """The store's restore (copy beside, proof, switch) of a staged dump and its fingerprints."""
+    snap = pg_restore.PgSnapshot(
+        ObjectEntry("dump", "pg_dump", 0, ""), None, prints, Plain(archive.stat().st_size)
+    )
+    staged = pg_restore.PgStaged(archive, None)
+    return pg_restore.restore(
+        staged,
+        snap,
+        pg_restore.inspect(target, snap),
+        stamp=stamp,
+        jobs=2,
+        drop_old=True,
+        pg_bin_dir=None,
+        timeout=120,
+    )
+
+
+def test_the_restore_proves_format_5_and_4_and_refuses_a_difference(
+    seeded: PostgresEndpoint, pg_server: PostgresEndpoint, tmp_path: Path
+) -> None:
+    archive = tmp_path / "db.pgdump"
+    streamed = _dump(seeded, archive)
+    with psycopg.connect(**seeded.connect_kwargs()) as conn:
+        scanned = PgFingerprints.from_dict(compute_fingerprints(conn).to_dict())  # format 4
+    target = replace(pg_server, dbname=seeded.dbname + "_t")
+    try:
+        assert _restore(archive, streamed, target, "s1").database == target.dbname
+        assert _restore(archive, scanned, target, "s2").database == target.dbname  # drop_old
+        doc = streamed.to_dict()
+        doc["tables"]["public.messages_m3"]["digest"] = "0" * 64
+        with pytest.raises(IntegrityError, match=r"public\.messages_m3: content digest differs"):
+            _restore(archive, PgFingerprints.from_dict(doc), target, "s3")
+        left = _run(pg_server, f"SELECT datname FROM pg_database WHERE datname LIKE "
+                               f"'{target.dbname}_%'", "postgres")  # fmt: skip
+        assert left == []  # the copy dropped; the live database untouched
+        assert compare(streamed, fingerprints_of(pg_server, target.dbname, streamed)) == []
+    finally:
+        drop_database(pg_server, target.dbname)
