@@ -329,3 +329,19 @@ def test_the_restore_proves_format_5_and_4_and_refuses_a_difference(
         assert compare(streamed, fingerprints_of(pg_server, target.dbname, streamed)) == []
     finally:
         drop_database(pg_server, target.dbname)
+
+
+def test_a_digest_difference_after_a_major_upgrade_says_so(
+    seeded: PostgresEndpoint, tmp_path: Path
+) -> None:
+    """Equal rows, other COPY text, restored into another major: the refusal names the
+    possible cause (a type's text output changed) instead of calling it damage outright."""
+    prints = _dump(seeded, tmp_path / "db.pgdump")
+    snap = pg_restore.PgSnapshot(ObjectEntry("d", "pg_dump", 0, ""), None, prints, Plain(), "15.4")
+    upgraded = pg_restore.PgTarget(seeded, True, False, 16)
+    digest = ["public.rooms: content digest differs (20 rows)"]
+    note = pg_restore._across_majors(snap, upgraded, digest)
+    assert "restored from PostgreSQL 15 into 16" in note
+    assert pg_restore._across_majors(snap, upgraded, ["public.rooms: 19 rows, expected 20"]) == ""
+    same = pg_restore.PgTarget(seeded, True, False, 15)
+    assert pg_restore._across_majors(snap, same, digest) == ""
