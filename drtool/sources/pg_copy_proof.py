@@ -34,6 +34,7 @@ from drtool.sources.pg_fingerprint import (
     Fingerprint,
     PartitionPrint,
     PgFingerprints,
+    database_props,
 )
 
 log = logging.getLogger(__name__)
@@ -181,8 +182,6 @@ def prove_by_copy(
     left out (compare() says missing); one the copy has and the snapshot not is figured with
     all its columns (compare() says unexpected).
     """
-    from drtool.sources.pg_fingerprint import database_props
-
     with conn.cursor() as cur:
         units = {u.name: u for u in copy_units(cur).values()}
         database = database_props(cur)

@@ -359,6 +359,8 @@ class PgFingerprints:
         if data.get("format") not in (1, 2, 3, 4, FORMAT):
             raise ValueError(f"unsupported fingerprint format {data.get('format')!r}")
         default = TEXT if data["format"] == 1 else RECORD
+        if data["format"] >= 5 and not data.get("copy_settings"):
+            raise ValueError("malformed fingerprints: format 5 without its copy_settings")
         try:
             return cls(
                 tables={
