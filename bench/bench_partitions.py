@@ -9,14 +9,14 @@ client CPU (user+sys of the process tree), peak RSS of its largest process, and 
 CPU the PostgreSQL server spent meanwhile. Variants:
 
 - ``floor backup``   ``pg_dump -Fc -Z0 > /dev/null``
-- ``scan serial``    the fingerprint scan through the parents, one backend (the old scan)
-- ``scan parallel``  one unit per partition, 2 connections on one exported snapshot
-- ``scan (2), months reused`` the same again with the first's baseline: every partition
-                     proved unchanged (count and ``xmin`` read, no hashing), ADR 0029
-- ``drtool backup (before)`` with ``--before DRTOOL``: that drtool's backup (the serial scan)
-- ``drtool backup 1st`` ``drtool backup --component postgres``: every partition hashed
-- ``drtool backup 2nd`` the same, nothing changed: partitions proved unchanged, reused
-- ``drtool backup 3rd`` after one row of an old month was updated: that month hashed again
+- ``scan serial``    the row-hash scan through the parents, one backend (formats 1-4)
+- ``scan parallel``  one unit per partition, 2 connections on one exported snapshot (what
+                     proves a restored format 1-4 snapshot now)
+- ``drtool backup (before)`` with ``--before DRTOOL``: that drtool's backup
+- ``drtool backup 1st`` ``drtool backup --component postgres``: fingerprints read off the
+                     dump stream (format 5, ADR 0033), no scan
+- ``drtool backup 2nd`` the same, nothing changed
+- ``drtool backup 3rd`` after one row of an old month was updated
 - ``pg_dump x2 subsets`` two ``pg_dump --snapshot`` of halves of the partitions, in parallel,
                      vs the one pg_dump of the floor (ADR 0029, decision 3)
 - ``floor restore``  ``pg_restore -j2`` of a local ``-Fc -Z0`` file into an empty database
@@ -52,14 +52,12 @@ from drtool.runtime.local import LocalStack  # noqa: E402
 from drtool.services.repo_setup import set_up_repository  # noqa: E402
 from drtool.services.stack import stack_config, stack_up  # noqa: E402
 
-# argv: conninfo, workers (0: the serial scan), a baseline file (written if missing, else used)
+# argv: conninfo, workers (0: the serial scan)
 SCAN = """
-import sys, time, psycopg
-from pathlib import Path
+import sys, psycopg
 from drtool.sources.pg_fingerprint import compute_fingerprints
-from drtool.sources.pg_scan import PartitionScan, load_baseline, save_baseline
-conninfo, workers, path = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-baseline = load_baseline(path, "bench") if path.exists() else None
+from drtool.sources.pg_scan import PartitionScan
+conninfo, workers = sys.argv[1], int(sys.argv[2])
 with psycopg.connect(conninfo) as conn:
     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
     snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
@@ -67,13 +65,9 @@ with psycopg.connect(conninfo) as conn:
     if workers == 0:
         prints = compute_fingerprints(conn)
     else:
-        scan = PartitionScan(lambda: psycopg.connect(conninfo), snapshot, workers=workers,
-                             baseline=baseline)
-        result = scan.run()
+        result = PartitionScan(lambda: psycopg.connect(conninfo), snapshot, workers=workers).run()
         prints = result.fingerprints
-        print(result.summary())
-        if baseline is None:
-            save_baseline(path, result.next_baseline("bench", "bench-1", time.time()))
+        print(f"{result.scanned} units hashed")
 print(prints.tables["public.messages"].rows)
 """
 
@@ -165,10 +159,9 @@ def run_bench(args: argparse.Namespace, home: Path, stack: LocalStack) -> tuple[
     conninfo = ep.conninfo(ep.dbname)  # the password goes by PGPASSWORD, not argv
 
     runs.append(shell("floor backup", "pg_dump -Fc -Z0 > /dev/null", env))
-    scans = (("scan serial", 0), ("scan parallel (2)", 2), ("scan (2), months reused", 2))
-    baseline = home / "scan-baseline.json"
+    scans = (("scan serial", 0), ("scan parallel (2)", 2))
     for name, workers in scans:
-        argv = [sys.executable, "-c", SCAN, conninfo, str(workers), str(baseline)]
+        argv = [sys.executable, "-c", SCAN, conninfo, str(workers)]
         run, text = measure(name, argv, env={**os.environ, **env})
         run.extra["note"] = text.splitlines()[0] if workers else ""
         runs.append(run)
@@ -232,13 +225,15 @@ def report(args: argparse.Namespace, runs: list[Run], dump_mb: float) -> None:
 
 
 def scan_details(operator_config: Path, home: Path) -> str:
-    """The newest snapshot's ``fingerprint_scan`` details, as ``drtool show`` prints them."""
+    """How the newest snapshot's fingerprints were made, as ``drtool show`` prints them."""
     done = subprocess.run(
         [str(DRTOOL), "--config", str(operator_config), "--home", str(home), "show", "latest",
          "--json"], capture_output=True, text=True, check=False)  # fmt: skip
     try:
         doc = json.loads(done.stdout)
         comp = next(c for c in doc["manifest"]["components"] if c["name"] == "postgres")
+        if "fingerprint_scan" not in comp["details"]:  # format 5 (ADR 0033): no scan at all
+            return f"fingerprints format {comp['details'].get('fingerprint_format')}: off the dump"
         scan = comp["details"]["fingerprint_scan"]
         return f"{scan['partitions_reused']} partitions reused, {scan['units_hashed']} hashed"
     except (ValueError, KeyError, StopIteration, TypeError):

@@ -146,10 +146,9 @@ class PostgresConfig:
     # the server's Docker image (chat_stack/docker-compose.yml): `restore --into-volume`
     # recovers with it, so its major must be the base backup's
     image: str = "postgres:16-alpine"
-    # the backup's fingerprint scan: connections on the dump's snapshot, one partition each
+    # no effect since fingerprint format 5 (ADR 0033: read off the dump, no scan to tune or
+    # to save); still accepted so that configs written for ADR 0029 keep loading
     fingerprint_workers: int = 2
-    # a partition proved unchanged since the last committed snapshot is not hashed again, for
-    # at most this many days since it was last hashed (0: hash everything; ADR 0029)
     fingerprint_reuse_days: float = 7.0
 
 

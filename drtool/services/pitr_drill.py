@@ -142,7 +142,8 @@ def run_pitr_drill(cfg: Config, home: Path, choice: PitrChoice, report: DrillRep
             )
         )
         if choice.lsn is not None:
-            report.checks.append(_fingerprints_equal(cfg, choice, endpoints))
+            bin_dir = Path(result.pg_ctl).parent if result.pg_ctl else None
+            report.checks.append(_fingerprints_equal(cfg, choice, endpoints, bin_dir))
         else:
             report.checks.append(_messages_readable(endpoints))
             assert choice.at is not None
@@ -215,17 +216,28 @@ def _messages_readable(endpoints: StackEndpoints) -> checks.CheckResult:
 
 
 def _fingerprints_equal(
-    cfg: Config, choice: PitrChoice, endpoints: StackEndpoints
+    cfg: Config, choice: PitrChoice, endpoints: StackEndpoints, bin_dir: Path | None
 ) -> checks.CheckResult:
-    """The copy at the logical snapshot's LSN against that snapshot's fingerprints."""
+    """The copy at the logical snapshot's LSN against that snapshot's fingerprints.
+
+    Format 5 (COPY text in pg_dump's order): the copy at that LSN holds the very heap pages
+    pg_dump read in the snapshot (a row version never moves within a heap without a rewrite,
+    which pg_dump's lock excludes, and the versions written after the LSN are invisible to
+    the snapshot), so its COPY from the first block gives the same text. Formats 1-4: the
+    row-hash scan, as before.
+    """
     repo = open_repo(cfg)
     record = catalog.find(repo.storage, repo.verify_keys, repo.info.repo_id, choice.snapshot_id)
     assert record.manifest is not None
     comp = record.manifest.component("postgres")
     assert comp is not None
     expected = pg_restore.load(repo, record.manifest, comp, identities_of(cfg)).fingerprints
-    with psycopg.connect(**endpoints.postgres.connect_kwargs(), connect_timeout=10) as conn:
-        actual = compute_fingerprints(conn)
+    if expected.streamed:
+        pg = endpoints.postgres
+        actual = pg_restore.fingerprints_of(pg, pg.dbname, expected, workers=2, pg_bin_dir=bin_dir)
+    else:
+        with psycopg.connect(**endpoints.postgres.connect_kwargs(), connect_timeout=10) as conn:
+            actual = compute_fingerprints(conn)
     problems = compare(expected, actual)
     tables = len(expected.tables)
     rows = sum(fp.rows for fp in expected.tables.values())

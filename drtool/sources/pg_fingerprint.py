@@ -32,6 +32,14 @@ backup's parallel scan reads them one by one, :mod:`drtool.sources.pg_scan`), an
 partition whose figures were reused because it was proved unchanged (ADR 0029), the snapshot
 whose scan hashed its rows and the one the proof compared against. Restores still compare the
 tables and rooms; the partitions say how the figures were obtained.
+
+Format 5 (ADR 0033) costs the database nothing: the backup reads the figures off the dump as it
+streams (:mod:`drtool.sources.pg_archive_stream`). Per table or leaf partition (every relation
+pg_dump writes a ``TABLE DATA`` block for): the COPY lines, their bytes and the sha256 of the
+COPY text, with row hash ``copy``, and the columns pg_dump copied; ``copy_settings`` are the
+session settings that make a restored copy's ``COPY ... TO STDOUT`` write the same text
+(:mod:`drtool.sources.pg_copy_proof`). No per-room figures: the drill's room checks read the
+restored database, and a figure per room would need the per-row work this format avoids.
 """
 
 from __future__ import annotations
@@ -46,8 +54,10 @@ from psycopg import sql
 
 from drtool.errors import SourceError
 
-FORMAT = 4
+FORMAT = 5
 RECORD, TEXT = "record", "text"  # the row hashes, see the module docstring
+SCAN_FORMAT = 4  # the figures of a row-hash scan (compute_fingerprints, pg_scan)
+COPY = "copy"  # format 5: sha256 of the table's COPY text, see the module docstring
 _MOD = 1 << 64
 _MAX_ROOM_DIFFS = 10
 _PINNED_SETTINGS = {
@@ -99,34 +109,48 @@ ORDER BY 1
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """Row count, order-independent digest (16 hex digits), where known ``max(id)``, row hash."""
+    """Row count, digest, where known ``max(id)``, row hash; of format 5 also the COPY text's
+    size and the columns copied.
+
+    ``row_hash`` ``record``/``text``: the digest is order-independent (16 hex digits, a sum
+    of row hashes); ``copy``: the sha256 (64 hex digits) of the COPY text, in pg_dump's order.
+    """
 
     rows: int
     digest: str
     max_id: int | None = None
     row_hash: str = RECORD
+    size: int | None = None
+    columns: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form."""
-        return {
+        doc: dict[str, Any] = {
             "rows": self.rows,
             "digest": self.digest,
             "max_id": self.max_id,
             "row_hash": self.row_hash,
         }
+        if self.row_hash == COPY:
+            doc["size"] = self.size
+            doc["columns"] = None if self.columns is None else list(self.columns)
+        return doc
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, default_hash: str = RECORD) -> Fingerprint:
         """Inverse of ``to_dict``."""
         max_id = data.get("max_id")
         row_hash = str(data.get("row_hash", default_hash))
-        if row_hash not in _ROW_HASHES:
+        if row_hash not in _ROW_HASHES and row_hash != COPY:
             raise ValueError(f"unknown row hash {row_hash!r}")
+        size, columns = data.get("size"), data.get("columns")
         return cls(
             int(data["rows"]),
             str(data["digest"]),
             None if max_id is None else int(max_id),
             row_hash,
+            None if size is None else int(size),
+            None if columns is None else tuple(str(c) for c in columns),
         )
 
 
@@ -302,11 +326,19 @@ class PgFingerprints:
     database: DatabaseProps | None = None
     # how the figures were obtained, not what they are: left out of ==
     partitions: dict[str, PartitionPrint] = field(default_factory=dict, compare=False)
+    format: int = field(default=SCAN_FORMAT, compare=False)  # FORMAT: read off the dump
+    #: format 5: the settings under which the COPY text was written (pg_dump's session)
+    copy_settings: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def streamed(self) -> bool:
+        """Format 5: figures of the dump's COPY text, proved by COPY on a restored copy."""
+        return self.format >= 5
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form."""
         doc: dict[str, Any] = {
-            "format": FORMAT,
+            "format": self.format,
             "tables": {name: fp.to_dict() for name, fp in self.tables.items()},
             "rooms": {
                 name: {room: fp.to_dict() for room, fp in rooms.items()}
@@ -317,14 +349,18 @@ class PgFingerprints:
             doc["database"] = self.database.to_dict()
         if self.partitions:
             doc["partitions"] = {n: p.to_dict() for n, p in self.partitions.items()}
+        if self.copy_settings:
+            doc["copy_settings"] = dict(self.copy_settings)
         return doc
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PgFingerprints:
         """Inverse of ``to_dict`` (format 1 hashed every row's text); ``ValueError`` if unknown."""
-        if data.get("format") not in (1, 2, 3, FORMAT):
+        if data.get("format") not in (1, 2, 3, 4, FORMAT):
             raise ValueError(f"unsupported fingerprint format {data.get('format')!r}")
         default = TEXT if data["format"] == 1 else RECORD
+        if data["format"] >= 5 and not data.get("copy_settings"):
+            raise ValueError("malformed fingerprints: format 5 without its copy_settings")
         try:
             return cls(
                 tables={
@@ -340,6 +376,8 @@ class PgFingerprints:
                     str(n): PartitionPrint.from_dict(p)
                     for n, p in data.get("partitions", {}).items()
                 },
+                format=int(data["format"]),
+                copy_settings={str(k): str(v) for k, v in data.get("copy_settings", {}).items()},
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"malformed fingerprints: {exc!r}") from None
@@ -405,7 +443,7 @@ def compute_fingerprints(
                 row_hash, found = _scan(cur, query, hashes, src=source)
                 result[name] = Fingerprint(found[0][0], _hex(found[0][1]), row_hash=row_hash)
         database = database_props(cur)
-    return PgFingerprints(tables=result, rooms=rooms, database=database)
+    return PgFingerprints(tables=result, rooms=rooms, database=database, format=SCAN_FORMAT)
 
 
 def _scan(

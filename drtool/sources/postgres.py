@@ -16,13 +16,9 @@ restoring user, for drills into a server without the production roles.
 from __future__ import annotations
 
 import logging
-import mmap
-import os
 import re
 import shutil
-import struct
 from collections.abc import Generator, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from inspect import GEN_CREATED, getgeneratorstate
@@ -34,20 +30,32 @@ from psycopg import sql
 
 from drtool.endpoints import PostgresEndpoint
 from drtool.errors import SourceError
-from drtool.sources.pg_fingerprint import DatabaseProps, PgFingerprints
-from drtool.sources.pg_scan import Baseline, PartitionScan, ScanResult
+from drtool.sources.pg_archive_stream import (
+    DUMP_MAGIC,
+    ArchiveError,
+    ArchiveHeader,
+    ArchiveStream,
+)
+from drtool.sources.pg_archive_stream import index_archive as index_archive
+from drtool.sources.pg_archive_stream import read_archive_header as read_archive_header
+from drtool.sources.pg_copy_proof import (
+    CopyUnit,
+    copy_env,
+    copy_units,
+    pg_dump_env,
+    prove_by_copy,
+    streamed_fingerprints,
+)
+from drtool.sources.pg_fingerprint import DatabaseProps, PgFingerprints, database_props
 from drtool.sources.pg_snapshot_lsn import SLOT_WAIT_S, ExportedSnapshot, export_snapshot
 from drtool.sources.process import CommandFailed, child_env, command_stream, run_checked, scrub
 
 log = logging.getLogger(__name__)
 
-DUMP_MAGIC = b"PGDMP"
 _CONNECT_TIMEOUT = 10
 _VERSION_TIMEOUT = 30.0
 _SESSION_OPTIONS = "-c statement_timeout=0 -c idle_in_transaction_session_timeout=0"
 _GLOBALS_MARK = b"PostgreSQL database cluster dump"
-_HEADER_READ = 64 * 1024
-_ARCH_CUSTOM = 1
 _USER_NS = (
     "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp)'"
 )
@@ -238,22 +246,49 @@ def _tool_env(endpoint: PostgresEndpoint, app: str) -> dict[str, str]:
 # --- dump ---------------------------------------------------------------------------------
 
 
+class _StreamPrints:
+    """The fingerprints read off the archive as it streams (see :class:`PgDump`)."""
+
+    def __init__(self, units: dict[tuple[str, str], CopyUnit], database: DatabaseProps) -> None:
+        self.reader = ArchiveStream()
+        self.units, self.database = units, database
+        self.error: ArchiveError | None = None
+        self.result: PgFingerprints | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self.error is None:
+            try:
+                self.reader.feed(chunk)
+            except ArchiveError as exc:  # reported at the end: a failed pg_dump says it first
+                self.error = exc
+
+    def finish(self) -> None:
+        if self.error is None:
+            try:
+                self.reader.finish()
+                self.result = streamed_fingerprints(self.reader, self.units, self.database)
+            except ArchiveError as exc:
+                self.error = exc
+        if self.error is not None:
+            raise SourceError(f"pg_dump archive not read: {self.error}; nothing stored")
+
+
 @dataclass(frozen=True)
 class PgDump:
-    """One snapshot-consistent dump: its fingerprints and its ``-Fc`` archive stream.
+    """One snapshot-consistent dump: its ``-Fc`` archive stream and, once read, its fingerprints.
 
-    The fingerprint scan (:mod:`drtool.sources.pg_scan`: one unit per table or partition,
-    ``fingerprint_workers`` backends that import the exported snapshot) runs in a thread while
-    pg_dump streams: ``fingerprints`` waits for it and stays valid after the block. ``stream``
-    must be consumed inside the ``dump()`` block; it raises ``SourceError`` at its end if
-    pg_dump failed, timed out or wrote no archive.
+    The fingerprints (format 5, ADR 0033) are read off ``stream`` as it passes: per table
+    and leaf partition the COPY lines, bytes and sha256 of the text; the database does no
+    work beyond pg_dump's. ``stream`` must be consumed inside the ``dump()`` block; it raises
+    ``SourceError`` at its end if pg_dump failed, timed out, wrote no archive or one that
+    cannot be read. ``fingerprints`` is valid once the stream has ended.
     """
 
-    scan: Future[ScanResult]
     stream: Generator[bytes, None, None]
     exported: ExportedSnapshot
     server_version: str
     pg_dump_version: str
+    prints: _StreamPrints
 
     @property
     def snapshot(self) -> str:
@@ -262,29 +297,29 @@ class PgDump:
 
     @property
     def fingerprints(self) -> PgFingerprints:
-        """The snapshot's fingerprints (waits for the scan; raises its SourceError)."""
-        return self.scan.result().fingerprints
-
-    @property
-    def scanned(self) -> ScanResult:
-        """The scan: fingerprints, what was reused, the next baseline (waits for it)."""
-        return self.scan.result()
+        """The dump's fingerprints (``SourceError`` before the stream has ended)."""
+        if self.prints.result is None:
+            raise SourceError("fingerprints asked for before the pg_dump stream ended")
+        return self.prints.result
 
 
 def _archive_stream(
     conn: psycopg.Connection[Any],
     argv: list[str],
     endpoint: PostgresEndpoint,
+    prints: _StreamPrints,
     *,
     timeout: float,
     read_size: int,
 ) -> Generator[bytes, None, None]:
-    """pg_dump's stream, refused unless it starts with the custom-format magic."""
+    """pg_dump's stream, refused unless it starts with the custom-format magic, read as it
+    passes (``prints``), with pg_dump's inherited session settings pinned."""
     if conn.closed:
         raise SourceError("pg_dump stream read after its dump() block: the snapshot is gone")
+    env = {**_tool_env(endpoint, "drtool-pg_dump"), **pg_dump_env(prints.database.encoding)}
     chunks = command_stream(
         argv,
-        env=_tool_env(endpoint, "drtool-pg_dump"),
+        env=env,
         timeout=timeout,
         name="pg_dump",
         min_bytes=len(DUMP_MAGIC),
@@ -297,7 +332,23 @@ def _archive_stream(
             if first and not chunk.startswith(DUMP_MAGIC):
                 raise SourceError("pg_dump output is not a custom-format archive (no PGDMP header)")
             first = False
+            prints.feed(chunk)
             yield chunk
+    prints.finish()
+
+
+def _snapshot_catalog(
+    endpoint: PostgresEndpoint, snapshot: str
+) -> tuple[dict[tuple[str, str], CopyUnit], DatabaseProps]:
+    """The tables, partitions and database properties the exported snapshot shows."""
+    try:
+        with _connect(endpoint) as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            with conn.cursor() as cur:
+                return copy_units(cur), database_props(cur)
+    except psycopg.Error as exc:
+        raise SourceError(f"PostgreSQL catalog: {_one_line(exc, endpoint)}") from None
 
 
 @contextmanager
@@ -308,21 +359,17 @@ def dump(
     timeout: float,
     read_size: int = 1 << 20,
     slot_wait: float = SLOT_WAIT_S,
-    fingerprint_workers: int = 2,
-    baseline: Baseline | None = None,
-    reuse_max_age_s: float = 7 * 86400.0,
 ) -> Iterator[PgDump]:
     """Open a snapshot and yield a ``PgDump`` streaming ``pg_dump`` of it, fingerprinted.
 
-    On entry the exporting transaction opens; its fingerprint scan starts in a thread at once
-    (``fingerprint_workers`` connections on the exported snapshot; partitions ``baseline``
-    proves unchanged are not hashed again, see ADR 0029) and pg_dump starts on the first read
-    of ``stream``, so they run side by side. The transaction stays open until the block ends
-    and the scan is done. On exit an unfinished pg_dump is killed. ``timeout`` bounds the
-    stream (pg_dump's run time). The snapshot comes from a temporary logical slot when the
-    server allows one, and then ``exported.consistent_lsn`` is the LSN whose state the dump
-    shows exactly (:mod:`drtool.sources.pg_snapshot_lsn`; ``slot_wait`` bounds the slot's wait
-    for running transactions); otherwise it is None and the reason is in
+    On entry the exporting transaction opens and the snapshot's catalog is read (its tables,
+    partitions, columns and database properties: a few catalog queries, no table read);
+    pg_dump starts on the first read of ``stream``. The transaction stays open until the
+    block ends. On exit an unfinished pg_dump is killed. ``timeout`` bounds the stream
+    (pg_dump's run time). The snapshot comes from a temporary logical slot when the server
+    allows one, and then ``exported.consistent_lsn`` is the LSN whose state the dump shows
+    exactly (:mod:`drtool.sources.pg_snapshot_lsn`; ``slot_wait`` bounds the slot's wait for
+    running transactions); otherwise it is None and the reason is in
     ``exported.lsn_unavailable``.
     """
     pg_dump = _binary("pg_dump", pg_bin_dir)
@@ -331,35 +378,48 @@ def dump(
         version = _server_version(conn)
         _require_client("pg_dump", _major(pg_dump_version), _major(version))
         exported = export_snapshot(conn, endpoint, _major(version), wait=slot_wait)
+        units, database = _snapshot_catalog(endpoint, exported.snapshot)
+        prints = _StreamPrints(units, database)
         argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={exported.snapshot}"]
         argv += ["--no-password", _dbname_arg(endpoint.dbname)]
-        stream = _archive_stream(conn, argv, endpoint, timeout=timeout, read_size=read_size)
-        scanner = PartitionScan(
-            lambda: _connect(endpoint),
-            exported.snapshot,
-            workers=fingerprint_workers,
-            baseline=baseline,
-            max_reuse_age_s=reuse_max_age_s,
+        stream = _archive_stream(conn, argv, endpoint, prints, timeout=timeout, read_size=read_size)
+        try:
+            yield PgDump(stream, exported, version, pg_dump_version, prints)
+        finally:
+            if getgeneratorstate(stream) != GEN_CREATED:
+                stream.close()
+
+
+def copy_proof(
+    endpoint: PostgresEndpoint,
+    dbname: str,
+    like: PgFingerprints,
+    *,
+    workers: int,
+    pg_bin_dir: Path | None = None,
+    timeout: float,
+) -> PgFingerprints:
+    """Format-5 fingerprints of database ``dbname`` (a restored copy), taken as ``like`` were:
+    ``COPY ... TO STDOUT`` of each table by ``psql`` under the recorded settings, ``workers``
+    at a time (:mod:`drtool.sources.pg_copy_proof`)."""
+    psql = _binary("psql", pg_bin_dir)
+    env = {**_tool_env(endpoint, "drtool-copy-proof"), **copy_env(like.copy_settings)}
+    argv = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password", _dbname_arg(dbname)]
+
+    def run_copy(statement: str) -> Iterator[bytes]:
+        return command_stream(
+            [*argv, "-c", statement],
+            env=env,
+            timeout=timeout,
+            name="psql COPY",
+            secrets=_secrets(endpoint),
         )
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="drtool-fingerprint") as pool:
-            scan = pool.submit(_fingerprints_in_snapshot, scanner, endpoint)
-            try:
-                yield PgDump(scan, stream, exported, version, pg_dump_version)
-            except BaseException:
-                if not scan.cancel() and not scan.done():
-                    scanner.cancel()  # an aborted backup need not finish the scan
-                raise
-            finally:
-                if getgeneratorstate(stream) != GEN_CREATED:
-                    stream.close()
-                wait([scan])  # the exported snapshot must outlive the scan that imports it
 
-
-def _fingerprints_in_snapshot(scanner: PartitionScan, endpoint: PostgresEndpoint) -> ScanResult:
     try:
-        return scanner.run()
+        with _connect(endpoint, dbname) as conn:
+            return prove_by_copy(conn, like, run_copy, workers=workers)
     except psycopg.Error as exc:
-        raise SourceError(f"PostgreSQL fingerprints: {_one_line(exc, endpoint)}") from None
+        raise SourceError(f"fingerprints of {dbname}: {_one_line(exc, endpoint)}") from None
 
 
 def dump_globals(
@@ -400,230 +460,6 @@ def dump_globals(
 
 
 # --- archives and restore -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ArchiveHeader:
-    """What a ``pg_dump -Fc`` archive says about itself."""
-
-    format_version: tuple[int, int, int]
-    dbname: str
-    server_version: str
-    dump_version: str
-
-
-class _HeaderReader:
-    def __init__(self, data: bytes, path: Path) -> None:
-        self._data, self._pos, self._path = data, 0, path
-        self.int_size = 4
-
-    def byte(self) -> int:
-        if self._pos >= len(self._data):
-            raise SourceError(f"{self._path}: truncated pg_dump archive header")
-        self._pos += 1
-        return self._data[self._pos - 1]
-
-    def int(self) -> int:
-        negative = self.byte()
-        value = sum(self.byte() << (8 * i) for i in range(self.int_size))
-        return -value if negative else value
-
-    def str(self) -> str:
-        raw = bytes(self.byte() for _ in range(max(self.int(), 0)))
-        return raw.decode("utf-8", "replace")
-
-
-def read_archive_header(path: Path) -> ArchiveHeader:
-    """Parse the header of a custom-format archive (``SourceError`` if it is not one)."""
-    with open(path, "rb") as fh:
-        data = fh.read(_HEADER_READ)
-    if not data.startswith(DUMP_MAGIC):
-        raise SourceError(f"{path} is not a pg_dump custom-format archive (no PGDMP header)")
-    rd = _HeaderReader(data[len(DUMP_MAGIC) :], path)
-    version = (rd.byte(), rd.byte(), rd.byte())
-    rd.int_size = rd.byte()
-    rd.byte()  # offset size
-    if version < (1, 10, 0) or rd.byte() != _ARCH_CUSTOM:
-        raise SourceError(f"{path}: unsupported archive (format {version}, not custom or too old)")
-    if version >= (1, 15, 0):
-        rd.byte()  # compression algorithm
-    else:
-        rd.int()  # compression level
-    for _ in range(7):
-        rd.int()  # creation time fields
-    return ArchiveHeader(version, rd.str(), rd.str(), rd.str())
-
-
-# Custom-format archive internals (pg_backup_archiver.h, pg_backup_custom.c).
-_OFFSET_NOT_SET, _OFFSET_SET, _OFFSET_NO_DATA = 1, 2, 3
-_BLK_DATA, _BLK_BLOBS = 1, 3
-_INDEXED_SINCE = (1, 12, 0)  # archives this parser reads (PostgreSQL 9.5 and later)
-
-
-class _ArchiveCursor:
-    """Reads the archive's integers and strings from a buffer (``IndexError`` at its end)."""
-
-    def __init__(self, data: bytes | mmap.mmap, pos: int) -> None:
-        self.data, self.pos = data, pos
-        self.int_size = 4
-        self.offset_size = 8
-        self._int: struct.Struct | None = None
-
-    def set_int_size(self, size: int) -> None:
-        self.int_size = size
-        self._int = struct.Struct("<BI") if size == 4 else None
-
-    def byte(self) -> int:
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def int(self) -> int:
-        if self._int is not None:
-            sign, value = self._int.unpack_from(self.data, self.pos)
-            self.pos += 5
-        else:
-            sign = self.byte()
-            value = int.from_bytes(self.data[self.pos : self.pos + self.int_size], "little")
-            self.pos += self.int_size
-        return -value if sign else value
-
-    def skip_str(self) -> bool:
-        """Skip a string; False when it was NULL."""
-        length = self.int()
-        if length < 0:
-            return False
-        self.pos += length
-        return True
-
-    def str(self) -> str:
-        length = self.int()
-        raw = bytes(self.data[self.pos : self.pos + max(length, 0)])
-        self.pos += max(length, 0)
-        return raw.decode("utf-8", "replace")
-
-    def skip_chunks(self) -> None:
-        """Skip length-prefixed data chunks up to the zero-length end marker."""
-        unpack, data, pos = self._int, self.data, self.pos
-        if unpack is None:
-            while (length := self.int()) != 0:
-                self.pos += length
-            return
-        unpack_from = unpack.unpack_from
-        while True:
-            sign, length = unpack_from(data, pos)
-            pos += 5
-            if length == 0:
-                break
-            if sign:
-                raise ValueError(f"negative chunk length at {pos - 5}")
-            pos += length
-        self.pos = pos
-
-
-def _toc_offsets(cur: _ArchiveCursor, version: tuple[int, int, int]) -> dict[int, tuple[int, int]]:
-    """Read the TOC: dumpId -> (offset flag, position of the flag) of each entry."""
-    entries: dict[int, tuple[int, int]] = {}
-    for _ in range(cur.int()):
-        dump_id = cur.int()
-        cur.int()  # hadDumper
-        for _ in range(4):
-            cur.skip_str()  # tableoid, oid, tag, desc
-        cur.int()  # section
-        for _ in range(5):
-            cur.skip_str()  # defn, dropStmt, copyStmt, namespace, tablespace
-        if version >= (1, 14, 0):
-            cur.skip_str()  # tableam
-        if version >= (1, 16, 0):
-            cur.int()  # relkind
-        cur.skip_str()  # owner
-        cur.skip_str()  # "false" (WITH OIDS, >= 1.9)
-        while cur.skip_str():  # dependencies, NULL-terminated
-            pass
-        flag_at = cur.pos
-        flag = cur.byte()
-        cur.pos += cur.offset_size
-        if dump_id <= 0 or dump_id in entries or flag not in (1, 2, 3):  # NOT_SET, SET, NO_DATA
-            raise ValueError(f"TOC entry {dump_id}")
-        entries[dump_id] = (flag, flag_at)
-    return entries
-
-
-def index_archive(path: Path) -> int:
-    """Record the data offsets in a custom-format archive that lacks them; return how many.
-
-    ``pg_dump -Fc`` writing to a pipe (as a streaming backup does) cannot seek back to fill in
-    where each table's data starts, and ``pg_restore -j`` then makes every worker scan the file
-    for each table (4x slower here). This walks the data blocks once and writes each one's
-    position into its TOC entry, in place: the same fixed-size fields pg_dump fills when it
-    writes to a file; nothing else changes. An archive that already has its offsets, or one
-    this parser does not understand, is left as it is (0) — pg_restore still reads it; a
-    file that is not a custom-format archive at all raises SourceError.
-    """
-    with open(path, "r+b") as fh:
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            try:
-                patches = _offset_patches(data, path)
-            except (ValueError, IndexError, struct.error) as exc:
-                log.warning(
-                    "%s: data offsets not indexed (%s); pg_restore will scan for them", path, exc
-                )
-                return 0
-        for flag_at, value in patches:
-            os.pwrite(fh.fileno(), value, flag_at)
-    return len(patches)
-
-
-def _offset_patches(data: mmap.mmap, path: Path) -> list[tuple[int, bytes]]:
-    """The (position, bytes) writes that fill in each data block's offset in the TOC.
-
-    Reads the archive header and TOC, then walks the data blocks once to find where each
-    starts. Empty when the archive already has its offsets or predates them; ValueError on
-    anything this parser does not understand (the caller then leaves the file alone).
-    """
-    version = read_archive_header(path).format_version
-    if version < _INDEXED_SINCE:
-        return []
-    cur = _ArchiveCursor(data, len(DUMP_MAGIC) + 3)
-    cur.set_int_size(cur.byte())
-    cur.offset_size = cur.byte()
-    cur.byte()  # format
-    if version >= (1, 15, 0):
-        cur.byte()  # compression algorithm
-    else:
-        cur.int()  # compression level
-    for _ in range(7):
-        cur.int()  # creation time
-    for _ in range(3):
-        cur.skip_str()  # dbname, server version, pg_dump version
-    entries = _toc_offsets(cur, version)
-    if not any(flag == _OFFSET_NOT_SET for flag, _ in entries.values()):
-        return []
-    found: dict[int, int] = {}
-    while cur.pos < len(data):
-        start = cur.pos
-        kind = cur.byte()
-        dump_id = cur.int()
-        if dump_id not in entries or dump_id in found or entries[dump_id][0] == _OFFSET_NO_DATA:
-            raise ValueError(f"data block for unexpected entry {dump_id} at {start}")
-        if kind == _BLK_DATA:
-            cur.skip_chunks()
-        elif kind == _BLK_BLOBS:
-            while cur.int() != 0:  # large object oid; 0 ends the list
-                cur.skip_chunks()
-        else:
-            raise ValueError(f"unknown block type {kind} at {start}")
-        found[dump_id] = start
-        # the pages walked so far would stay in this process's resident size (a 117 MB dump
-        # showed as a 204 MiB restore): they are page cache, let them go
-        data.madvise(mmap.MADV_DONTNEED, 0, cur.pos - cur.pos % mmap.PAGESIZE)
-    if cur.pos != len(data):
-        raise ValueError("the last data block runs past the end of the file")
-    patches = []
-    for dump_id, (flag, flag_at) in entries.items():
-        if flag == _OFFSET_NOT_SET and dump_id in found:
-            value = bytes([_OFFSET_SET]) + found[dump_id].to_bytes(cur.offset_size, "little")
-            patches.append((flag_at, value))
-    return patches
 
 
 def pg_restore_version_check(archive_path: Path, pg_bin_dir: Path | None = None) -> ArchiveHeader:

@@ -7,18 +7,15 @@ Backup streams ``pg_dump`` into the writer and fingerprints the same snapshot of
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 
 from drtool.endpoints import StackEndpoints
-from drtool.repository.chain import read_last_commit
-from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
+from drtool.repository.manifest import ComponentEntry, ObjectEntry
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import compute_fingerprints
-from drtool.sources.pg_scan import Baseline, baseline_path, load_baseline, save_baseline
 from drtool.stores import checks
 from drtool.stores.base import (
     BackedUp,
@@ -36,36 +33,6 @@ NAME = "postgres"
 log = logging.getLogger(__name__)
 
 
-def _trusted(
-    baseline: Baseline | None, path: Path, state: Path, previous: Manifest | None
-) -> Baseline | None:
-    """``baseline`` when it is the one the last committed snapshot recorded, else None.
-
-    The file is the backup host's own, but a figure in it is copied into a snapshot unread:
-    it must be the newest authentic snapshot's (the chain link), that snapshot this host's
-    last commit, and the file the one whose sha256 that snapshot's signed manifest records.
-    Anything else (an edited or stale file, another host's newer snapshot): hashed again.
-    """
-    if baseline is None:
-        return None
-    last = read_last_commit(state)
-    entry = next((c for c in previous.components if c.name == NAME), None) if previous else None
-    recorded = entry.details.get("fingerprint_baseline_sha256") if entry else None
-    if previous is None or previous.snapshot_id != baseline.snapshot_id:
-        why = "not the newest authentic snapshot's"
-    elif last is None or (last.repo_id, last.snapshot_id) != (
-        baseline.repo_id,
-        baseline.snapshot_id,
-    ):
-        why = "not this host's last commit"
-    elif recorded != baseline.sha256():
-        why = "not the one its snapshot's signed manifest records"
-    else:
-        return baseline
-    log.warning("%s: ignored (%s); every partition is hashed", path, why)
-    return None
-
-
 class PostgresStore:
     """The chat database."""
 
@@ -79,34 +46,22 @@ class PostgresStore:
         objects: list[ObjectEntry] = []
         max_lag = cfg.postgres.max_standby_lag_s
         before = pg.checked_role(endpoint, max_lag, "before", "dump")
-        reuse_days = cfg.postgres.fingerprint_reuse_days
-        state_file = baseline_path(ctx.state, writer.repo.repo_id, endpoint.dbname)
-        baseline = load_baseline(state_file, writer.repo.repo_id) if reuse_days > 0 else None
-        baseline = _trusted(baseline, state_file, ctx.state, ctx.previous)
-        with pg.dump(
-            endpoint,
-            pg_bin_dir=bin_dir,
-            timeout=cfg.backup.timeout_s,
-            fingerprint_workers=max(1, cfg.postgres.fingerprint_workers),
-            baseline=baseline,
-            reuse_max_age_s=reuse_days * 86400.0,
-        ) as dump:
+        with pg.dump(endpoint, pg_bin_dir=bin_dir, timeout=cfg.backup.timeout_s) as dump:
             written = writer.put_snapshot_object(
                 NAME, "dump.pgdump", counting(dump.stream, NAME, ctx.progress), kind="pg_dump"
             )
-            scanned = dump.scanned
-            fingerprints = scanned.fingerprints
+            fingerprints = dump.fingerprints  # read off the stream (format 5, ADR 0033)
             server_version = dump.server_version
             details = dump.exported.details()  # the LSN the dump matches, or why none
         after = pg.checked_role(endpoint, max_lag, "after", "dump")
-        for partition, why in sorted(scanned.not_reused.items()):
-            log.debug("partition %s hashed: %s", partition, why)
-        log.info("postgres %s", scanned.summary())
-        next_baseline = scanned.next_baseline(writer.repo.repo_id, writer.snapshot_id, time.time())
-        if next_baseline is not None and reuse_days > 0:
-            # the signed manifest binds the baseline file: the next backup trusts only this one
-            details["fingerprint_baseline_sha256"] = next_baseline.sha256()
-        details = {**details, **scanned.details(), **pg.role_details(endpoint, before, after)}
+        rows = sum(fp.rows for fp in fingerprints.tables.values())
+        summary = f"fingerprints of {len(fingerprints.tables)} tables and partitions, {rows} rows"
+        log.info("postgres %s (read from the dump stream)", summary)
+        details = {
+            **details,
+            "fingerprint_format": fingerprints.format,
+            **pg.role_details(endpoint, before, after),
+        }
         objects.append(written.entry)
         plain = written.plain_bytes
         globals_sql = pg.dump_globals(endpoint, pg_bin_dir=bin_dir, timeout=cfg.backup.timeout_s)
@@ -122,14 +77,8 @@ class PostgresStore:
         )
         objects.append(fp.entry)
 
-        def remember_partitions() -> None:
-            # only once the snapshot is committed and read back: a baseline is a verified
-            # snapshot's figures, never those of a backup that failed later
-            if next_baseline is not None and reuse_days > 0:
-                save_baseline(state_file, next_baseline)
-
         entry = ComponentEntry(NAME, tuple(objects), plain, 0.0, server_version, details)
-        return BackedUp(entry, after_commit=remember_partitions, detail=scanned.summary())
+        return BackedUp(entry, detail=summary)
 
     def load(
         self, source: SnapshotSource, entry: ComponentEntry, target: Target
@@ -188,7 +137,8 @@ class PostgresRestoring:
         return [
             PlanItem(
                 NAME,
-                f"{tables} tables, {rows:,} rows",
+                f"{tables} tables{' and partitions' if self.snap.fingerprints.streamed else ''}, "
+                f"{rows:,} rows",
                 t.where,
                 self.snap.dump_plain.size or 0,
                 holds,

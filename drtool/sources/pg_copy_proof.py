@@ -1,0 +1,214 @@
+"""Fingerprints of format 5 (ADR 0033): taken off the dump as it streams, proved by COPY.
+
+Backup: pg_dump runs with the session settings below made explicit (its own DateStyle,
+IntervalStyle, extra_float_digits and synchronize_seqscans, plus the TimeZone, bytea_output
+and client encoding it would otherwise inherit from the server, the database or the role),
+and :class:`~drtool.sources.pg_archive_stream.ArchiveStream` reads each ``TABLE DATA`` block's
+COPY text as it passes: rows, bytes, sha256. The database does no work beyond pg_dump's.
+
+Restore: for every table and leaf partition, ``COPY <table> (<the columns pg_dump copied>) TO
+STDOUT`` on the restored copy under the same settings, several at a time, hashed the same way.
+A freshly restored table's heap holds its rows in the dump's order (one COPY into an empty
+table), and with ``synchronize_seqscans = off`` a sequential read starts at its first block,
+so an intact copy gives the very same text. ``psql`` writes the COPY text to a pipe, read in
+large chunks, so neither side runs Python per row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from drtool.sources.pg_archive_stream import ArchiveStream
+from drtool.sources.pg_fingerprint import (
+    COPY,
+    FORMAT,
+    DatabaseProps,
+    Fingerprint,
+    PartitionPrint,
+    PgFingerprints,
+    database_props,
+)
+
+log = logging.getLogger(__name__)
+
+#: what pg_dump sets in its own session (pg_dump.c, setup_connection): a COPY of the restored
+#: copy must run under the same; the settings below it (TIME_ZONE, BYTEA_OUTPUT) pg_dump
+#: inherits, so drtool gives them to pg_dump explicitly and records them
+PG_DUMP_SESSION = {
+    "DateStyle": "ISO",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "3",
+    "synchronize_seqscans": "off",
+    "row_security": "off",  # a policy that would hide rows makes COPY fail, not shrink
+}
+TIME_ZONE = "UTC"
+BYTEA_OUTPUT = "hex"
+
+# every relation pg_dump writes a TABLE DATA block for that the fingerprints cover: tables
+# and leaf partitions (not temporary, not an extension's), with the columns COPY writes
+# (pg_dump's list: not dropped, not generated, in attnum order) and a partition's root
+_UNITS_SQL = """
+SELECT format('%I.%I', n.nspname, c.relname), n.nspname::text, c.relname::text,
+       CASE WHEN c.relispartition THEN
+           (SELECT format('%I.%I', rn.nspname, r.relname) FROM pg_class r
+            JOIN pg_namespace rn ON rn.oid = r.relnamespace
+            WHERE r.oid = pg_partition_root(c.oid)) END,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attgenerated = '' ORDER BY a.attnum),
+       pg_relation_size(c.oid)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
+"""
+
+
+@dataclass(frozen=True)
+class CopyUnit:
+    """One table or leaf partition as the catalog shows it."""
+
+    name: str  # format('%I.%I')
+    schema: str
+    table: str
+    root: str | None  # a partition's partitioned root table
+    columns: tuple[str, ...]
+    size: int = 0
+
+
+def copy_units(cur: psycopg.Cursor[Any]) -> dict[tuple[str, str], CopyUnit]:
+    """The database's tables and leaf partitions, by (schema, table)."""
+    return {
+        (schema, table): CopyUnit(name, schema, table, root, tuple(columns), int(size or 0))
+        for name, schema, table, root, columns, size in cur.execute(_UNITS_SQL).fetchall()
+    }
+
+
+def dump_session(encoding: str) -> dict[str, str]:
+    """The settings recorded with the fingerprints: pg_dump's and the inherited ones pinned."""
+    return {
+        **PG_DUMP_SESSION,
+        "TimeZone": TIME_ZONE,
+        "bytea_output": BYTEA_OUTPUT,
+        "client_encoding": encoding,
+    }
+
+
+def pg_dump_env(encoding: str) -> dict[str, str]:
+    """libpq environment that pins pg_dump's inherited settings (see :func:`dump_session`)."""
+    return {
+        "PGTZ": TIME_ZONE,
+        "PGCLIENTENCODING": encoding,
+        "PGOPTIONS": f"-c bytea_output={BYTEA_OUTPUT}",
+    }
+
+
+def streamed_fingerprints(
+    stream: ArchiveStream,
+    units: Mapping[tuple[str, str], CopyUnit],
+    database: DatabaseProps,
+) -> PgFingerprints:
+    """The fingerprints of a fully read archive: one figure per table and leaf partition.
+
+    A ``TABLE DATA`` block of a relation the catalog did not list (an extension's table) is
+    left out, as the scan of formats 1 to 4 left it out.
+    """
+    tables: dict[str, Fingerprint] = {}
+    partitions: dict[str, PartitionPrint] = {}
+    for dump_id, figures in stream.tables.items():
+        entry = stream.entries[dump_id]
+        unit = units.get((entry.namespace, entry.tag))
+        if unit is None:
+            log.debug("TABLE DATA of %s.%s not fingerprinted", entry.namespace, entry.tag)
+            continue
+        tables[unit.name] = Fingerprint(
+            figures.rows, figures.sha256, None, COPY, figures.size, unit.columns
+        )
+        if unit.root is not None:
+            partitions[unit.name] = PartitionPrint(unit.root, figures.rows, figures.sha256)
+    return PgFingerprints(
+        dict(sorted(tables.items())),
+        {},
+        database,
+        dict(sorted(partitions.items())),
+        format=FORMAT,
+        copy_settings=dump_session(database.encoding),
+    )
+
+
+def copy_env(settings: Mapping[str, str]) -> dict[str, str]:
+    """libpq environment for a ``psql`` that reads COPY text as the recorded session wrote it."""
+    options = {k: v for k, v in settings.items() if k != "client_encoding"}
+    options["statement_timeout"] = "0"
+    return {
+        "PGOPTIONS": " ".join(f"-c {k}={v}" for k, v in options.items()),
+        "PGCLIENTENCODING": settings.get("client_encoding", "UTF8"),
+    }
+
+
+CopyRunner = Callable[[str], Iterator[bytes]]
+"""Runs one ``COPY ... TO STDOUT`` statement and yields its text in large chunks."""
+
+
+def _digest(chunks: Iterable[bytes]) -> tuple[int, int, str]:
+    digest, rows, size = hashlib.sha256(), 0, 0
+    for chunk in chunks:
+        digest.update(chunk)
+        rows += chunk.count(b"\n")
+        size += len(chunk)
+    return rows, size, digest.hexdigest()
+
+
+def prove_by_copy(
+    conn: psycopg.Connection[Any],
+    like: PgFingerprints,
+    run_copy: CopyRunner,
+    *,
+    workers: int,
+) -> PgFingerprints:
+    """The restored copy's figures, taken the way ``like`` (a format-5 snapshot's) were.
+
+    ``conn`` reads the copy's catalog and properties; ``run_copy`` runs each COPY (in
+    ``workers`` threads, largest first). A table the snapshot names but the copy lacks is
+    left out (compare() says missing); one the copy has and the snapshot not is figured with
+    all its columns (compare() says unexpected).
+    """
+    with conn.cursor() as cur:
+        units = {u.name: u for u in copy_units(cur).values()}
+        database = database_props(cur)
+    statements: list[tuple[str, int, str]] = []
+    for name, unit in units.items():
+        recorded = like.tables.get(name)
+        columns = recorded.columns if recorded and recorded.columns is not None else unit.columns
+        statement = sql.SQL("COPY {} ({}) TO STDOUT").format(
+            sql.Identifier(unit.schema, unit.table),
+            sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+        )
+        if not columns:  # a table with no columns: COPY t () is not SQL
+            statement = sql.SQL("COPY {} TO STDOUT").format(sql.Identifier(unit.schema, unit.table))
+        statements.append((name, unit.size, statement.as_string(conn)))
+    statements.sort(key=lambda s: -s[1])
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="drtool-copy") as pool:
+        found = dict(
+            zip(
+                [name for name, _, _ in statements],
+                pool.map(lambda s: _digest(run_copy(s[2])), statements),
+                strict=True,
+            )
+        )
+    tables = {
+        name: Fingerprint(rows, digest, None, COPY, size, units[name].columns)
+        for name, (rows, size, digest) in sorted(found.items())
+    }
+    return PgFingerprints(
+        tables, {}, database, format=FORMAT, copy_settings=dict(like.copy_settings)
+    )
