@@ -58,7 +58,8 @@ from drtool.endpoints import PostgresEndpoint  # noqa: E402
 from drtool.runtime import binaries  # noqa: E402
 from drtool.runtime.local import LocalStack  # noqa: E402
 
-# drtool's custom-format parser (read-only use; issue 14.1's work moves it to its own module)
+# drtool's custom-format parser (read-only use; issue 14.1's work moves it to its own module:
+# only data_blocks() uses it)
 from drtool.sources.postgres import _ArchiveCursor, _offset_patches, archive_list  # noqa: E402
 
 MB = 1e6
@@ -100,43 +101,39 @@ def whole_dump(data: mmap.mmap) -> Iterator[memoryview]:
     yield memoryview(data)
 
 
-def block_offsets(data: mmap.mmap, path: Path) -> list[int]:
-    """Where each data block starts, from drtool's parser (a dump written to a pipe has none
-    in its TOC; ``_offset_patches`` finds them by walking the blocks, as ``index_archive``)."""
-    patches = _offset_patches(data, path)
-    return sorted(int.from_bytes(value[1:], "little") for _, value in patches)
+def data_blocks(data: mmap.mmap, path: Path) -> list[tuple[int, int, int]]:
+    """(start, end, dump id) of each data block, in archive order: the one use of drtool's
+    custom-format parser here. A dump written to a pipe has no offsets in its TOC:
+    ``_offset_patches`` finds them by walking the blocks, as ``index_archive`` does."""
+    starts = sorted(int.from_bytes(value[1:], "little") for _, value in _offset_patches(data, path))
+    blocks = []
+    for start, end in zip(starts, [*starts[1:], len(data)], strict=True):
+        cur = _ArchiveCursor(data, start)
+        cur.set_int_size(4)  # sizeof(int) of every platform PostgreSQL runs on
+        cur.byte()  # block type
+        blocks.append((start, end, cur.int()))
+    return blocks
 
 
 def per_toc_entry(data: mmap.mmap, path: Path) -> Iterator[memoryview]:
     """(b): the header and TOC as one unit, then each data block (a table or leaf partition)
     as one unit: the block's header (type, dump id) and its length-prefixed chunks."""
-    offsets = block_offsets(data, path)
-    ends = [*offsets[1:], len(data)]
+    blocks = data_blocks(data, path)
     view = memoryview(data)
-    yield view[: offsets[0]]
-    for start, end in zip(offsets, ends, strict=True):
+    yield view[: blocks[0][0]]
+    for start, end, _ in blocks:
         yield view[start:end]
 
 
-def block_names(data: mmap.mmap, path: Path, pg_bin_dir: Path) -> dict[int, tuple[str, int]]:
-    """Start of each data block -> (its TOC entry's name, its size), for the report."""
-    listing = archive_list(path, pg_bin_dir, timeout=600)
-    names: dict[int, str] = {}
-    for line in listing.splitlines():
-        # "3461; 0 16418 TABLE DATA public messages_2026_01 owner"
+def table_names(path: Path, pg_bin_dir: Path) -> dict[int, str]:
+    """Dump id -> schema.table of each TABLE DATA entry (``pg_restore --list``)."""
+    names = {}
+    for line in archive_list(path, pg_bin_dir, timeout=600).splitlines():
+        # "3461; 0 16418 TABLE DATA public messages_y2025m01 owner"
         m = re.match(r"^(\d+); \d+ \d+ TABLE DATA (\S+) (\S+) ", line)
         if m:
             names[int(m.group(1))] = f"{m.group(2)}.{m.group(3)}"
-    offsets = block_offsets(data, path)
-    ends = [*offsets[1:], len(data)]
-    found = {}
-    for start, end in zip(offsets, ends, strict=True):
-        cur = _ArchiveCursor(data, start)
-        cur.set_int_size(4)  # sizeof(int) of every platform PostgreSQL runs on
-        cur.byte()  # block type
-        dump_id = cur.int()
-        found[start] = (names.get(dump_id, f"dump id {dump_id}"), end - start)
-    return found
+    return names
 
 
 def cdc(avg: int) -> Callable[[mmap.mmap, Path], Iterator[bytes]]:
@@ -306,10 +303,11 @@ def main() -> None:
                 for design, split in zip(designs, splitters, strict=True):
                     design.add_day(split(data, path))
                 if n > 1:
+                    names = table_names(path, dumps.bin_dir)
                     changed = [
-                        f"{name} ({size / MB:.1f} MB)"
-                        for start, (name, size) in block_names(data, path, dumps.bin_dir).items()
-                        if hashlib.sha256(data[start : start + size]).digest() not in stored_blocks
+                        f"{names.get(dump_id, dump_id)} ({(end - start) / MB:.1f} MB)"
+                        for start, end, dump_id in data_blocks(data, path)
+                        if hashlib.sha256(data[start:end]).digest() not in stored_blocks
                     ]
                     print(f"  day {n}: TOC data entries not stored before: {', '.join(changed)}")
             if peers is not None:
