@@ -61,6 +61,7 @@ from bench_backup import Run, measure, shell  # noqa: E402
 from repo_setup import DRTOOL  # noqa: E402
 
 from chat_stack.seed import SeedSizes, seed  # noqa: E402
+from drtool.endpoints import PostgresEndpoint  # noqa: E402
 from drtool.runtime import binaries  # noqa: E402
 from drtool.runtime.local import LocalStack  # noqa: E402
 from drtool.runtime.s3server import SeaweedServer  # noqa: E402
@@ -354,11 +355,12 @@ def _stored(endpoint: Any, bucket: str, prefix: str) -> int:
     )
 
 
-def day_like_change(bench: Bench) -> tuple[int, int]:
-    """0.1 % of the most recent messages edited, then 0.9 % new ones: (edited, new)."""
+def day_like_change(ep: PostgresEndpoint) -> tuple[int, int]:
+    """0.1 % of the most recent messages edited, then 0.9 % new ones: (edited, new).
+
+    bench_dedup.py makes the same change."""
     import psycopg
 
-    ep = bench.src.endpoints.postgres
     with psycopg.connect(**ep.connect_kwargs(), autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM messages").fetchone()
         total = int(row[0]) if row else 0
@@ -457,7 +459,7 @@ def run_bench(bench: Bench) -> None:
         if n < args.rounds:  # the last round's repositories take the second day
             for name in ("piped", "gz"):
                 made[name].unlink()
-    edited, new = day_like_change(bench)
+    edited, new = day_like_change(bench.src.endpoints.postgres)
     second = incremental(bench, made)
     report(bench, seeded.objects, edited, new, second)
 

@@ -14,7 +14,9 @@ it does any work. Measured here, each as the median and min of ``--rounds`` runs
   ticks): on a shared machine the wall time waits for a core, the CPU time does not;
 - ``backup: whole``: the same backup's wall time, for scale.
 
-The imports the backup command pulls are listed with their cumulative ``-X importtime``.
+The imports the backup command pulls are listed with their cumulative ``-X importtime``, and
+the CPU until ``pg_dump`` runs is split into the backup's steps (this checkout's drtool, run
+in this interpreter with hooks that read the process's CPU time at each step; ADR 0032).
 The machine may be shared: the load average is printed with the table.
 """
 
@@ -122,6 +124,86 @@ def imports(module: str) -> list[tuple[str, float]]:
     return sorted(best.items(), key=lambda kv: -kv[1])[:8]
 
 
+# Runs `drtool ARGS` in this interpreter and prints the process's CPU seconds at each step of
+# a backup up to the start of pg_dump (getrusage: not the wall time a shared machine inflates).
+STEPS_PROBE = """
+import os, resource, subprocess, sys
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+marks = [("interpreter", cpu())]
+popen = subprocess.Popen.__init__
+def spawn(self, args, *a, **k):
+    if os.path.basename(str(args[0])) == "pg_dump" and marks[-1][0] != "pg_dump":
+        marks.append(("pg_dump", cpu()))
+        print("STEPS " + " ".join(f"{n}={c:.4f}" for n, c in marks), file=sys.stderr)
+    popen(self, args, *a, **k)
+subprocess.Popen.__init__ = spawn
+import drtool.cli
+marks.append(("cli", cpu()))
+import drtool.cli.backup as command
+marks.append(("cli.backup", cpu()))
+from drtool.stores import registry
+run_backup, named = command.run_backup, registry.Stores.named
+def run(*a, **k):
+    marks.append(("run_backup", cpu()))
+    return run_backup(*a, **k)
+def store(self, *a, **k):
+    marks.append(("repository", cpu()))
+    found = named(self, *a, **k)
+    marks.append(("store", cpu()))
+    return found
+command.run_backup, registry.Stores.named = run, store
+drtool.cli.main(sys.argv[1:])
+"""
+
+#: what each step of STEPS_PROBE covers
+STEPS = {
+    "interpreter": "interpreter start",
+    "cli": "import drtool.cli (click, the root group)",
+    "cli.backup": "import drtool.cli.backup (the backup service, repository, crypto)",
+    "run_backup": "the command's options and config",
+    "repository": "open the repository, lock, chain link, rollback check",
+    "store": "import the first store (PostgreSQL: psycopg)",
+    "pg_dump": "connect, export the snapshot, start pg_dump",
+}
+
+
+def cpu_steps(config: Path, env: dict[str, str], rounds: int) -> dict[str, float]:
+    """Median CPU seconds of each step of a PostgreSQL backup until ``pg_dump`` starts."""
+    argv = [sys.executable, "-c", STEPS_PROBE, "--config", str(config)]
+    runs: list[dict[str, float]] = []
+    for _ in range(rounds):
+        err = subprocess.run(
+            [*argv, "backup", "--component", "postgres"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=True,
+        ).stderr
+        line = next(x for x in err.splitlines() if x.startswith("STEPS "))
+        marks = dict(kv.split("=") for kv in line.split()[1:])
+        runs.append({name: float(value) for name, value in marks.items()})
+    steps, before = {}, 0.0
+    for name in STEPS:
+        steps[name] = statistics.median(r[name] for r in runs) - before
+        before = statistics.median(r[name] for r in runs)
+    return steps
+
+
+def print_steps(configs: dict[str, Path], env: dict[str, str], rounds: int) -> None:
+    """The table of :func:`cpu_steps` for each repository kind."""
+    print("\nCPU ms of each step until pg_dump runs (this drtool; median of the rounds):")
+    split = {scheme: cpu_steps(config, env, rounds) for scheme, config in configs.items()}
+    print(f"{'step':66} " + " ".join(f"{scheme:>8}" for scheme in split))
+    for name, what in STEPS.items():
+        cells = " ".join(f"{steps[name] * 1000:8.0f}" for steps in split.values())
+        print(f"{what:66} {cells}")
+    total = " ".join(f"{sum(steps.values()) * 1000:8.0f}" for steps in split.values())
+    print(f"{'CPU ms when pg_dump starts':66} {total}")
+
+
 def _configs(work: Path, stack: LocalStack, repo_server: SeaweedServer) -> dict[str, Path]:
     """A backup config per repository kind: ``file://`` and ``s3://`` (SeaweedFS)."""
     configs: dict[str, Path] = {}
@@ -216,6 +298,7 @@ def main() -> None:
         print("-" * 72)
         for name, values in rows.items():
             print(f"{name:54} {statistics.median(values):9.3f} {min(values):7.3f}")
+        print_steps(configs, env, args.rounds)
         print("\nimports of `drtool backup` (cumulative ms, top-level packages):")
         for name, ms in imports("drtool.cli.backup"):
             print(f"  {name:20} {ms:7.1f}")

@@ -8,13 +8,16 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from drtool.config import Config, default_home, load_config
 from drtool.errors import EXIT_CODES
 from drtool.logs import setup_logging
+
+if TYPE_CHECKING:
+    # loaded by the command that reads the configuration: `drtool --help` does not
+    from drtool.config import Config
 
 EXIT_TABLE = "\n".join(f"{code:>5}  {text}" for code, text in EXIT_CODES.items())
 
@@ -34,6 +37,8 @@ class CliState:
 
         ``repository`` (``--repository NAME``) makes the command work on that repository.
         """
+        from drtool.config import load_config
+
         cfg = load_config(self.config_path, os.environ, flags)
         setup_logging(debug=self.debug, secrets=secrets_of(cfg))
         return cfg.with_repository(repository)
@@ -215,6 +220,8 @@ def root(ctx: click.Context, config_path: str | None, home: Path | None, debug: 
       drtool demo                 the whole loop on a local throw-away stack
       drtool stack up             run the included co-talk stack as local processes
     """
+    from drtool.config import default_home
+
     setup_logging(debug=debug)
     ctx.obj = CliState(config_path=config_path, debug=debug, home=home or default_home())
 

@@ -11,7 +11,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from drtool.pipeline.age import decrypt, encrypt
-from drtool.pipeline.compress import compress, decompress
 from drtool.pipeline.header import InnerHeader, check_header, read_header
 from drtool.pipeline.meter import Meter
 
@@ -50,6 +49,10 @@ def seal(
     threads: int = 0,
 ) -> Sealed:
     """Compress and encrypt a stream, the inner header leading the plaintext."""
+    # zstd is imported by the first object sealed or unsealed, not at start-up: a backup's
+    # first byte (pg_dump running) does not wait for it (ADR 0032)
+    from drtool.pipeline.compress import compress
+
     plain, stored = Meter(), Meter()
     body = itertools.chain([header.to_frame()], compress(plain.wrap(chunks), level, threads))
     return Sealed(stored.wrap(encrypt(body, recipients)), plain, stored)
@@ -64,6 +67,8 @@ def unseal(
     recipients_hint: Sequence[str] = (),
 ) -> Iterator[bytes]:
     """Decrypt, check the inner header (now), and return the decompressed plaintext stream."""
+    from drtool.pipeline.compress import decompress
+
     plaintext = decrypt(chunks, identities, name=name, recipients_hint=recipients_hint)
     found, rest = read_header(plaintext, name=name)
     check_header(found, expected, name=name)
