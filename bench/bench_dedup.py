@@ -60,7 +60,8 @@ from drtool.runtime.local import LocalStack  # noqa: E402
 
 # drtool's custom-format parser (read-only use; issue 14.1's work moves it to its own module:
 # only data_blocks() uses it)
-from drtool.sources.postgres import _ArchiveCursor, _offset_patches, archive_list  # noqa: E402
+from drtool.sources.pg_archive_stream import ArchiveStream  # noqa: E402
+from drtool.sources.postgres import archive_list  # noqa: E402
 
 MB = 1e6
 KIB = 1024
@@ -103,16 +104,15 @@ def whole_dump(data: mmap.mmap) -> Iterator[memoryview]:
 
 def data_blocks(data: mmap.mmap, path: Path) -> list[tuple[int, int, int]]:
     """(start, end, dump id) of each data block, in archive order: the one use of drtool's
-    custom-format parser here. A dump written to a pipe has no offsets in its TOC:
-    ``_offset_patches`` finds them by walking the blocks, as ``index_archive`` does."""
-    starts = sorted(int.from_bytes(value[1:], "little") for _, value in _offset_patches(data, path))
-    blocks = []
-    for start, end in zip(starts, [*starts[1:], len(data)], strict=True):
-        cur = _ArchiveCursor(data, start)
-        cur.set_int_size(4)  # sizeof(int) of every platform PostgreSQL runs on
-        cur.byte()  # block type
-        blocks.append((start, end, cur.int()))
-    return blocks
+    custom-format reader here (it finds the blocks of a dump written to a pipe, whose TOC
+    has no offsets, as ``index_archive`` does)."""
+    reader = ArchiveStream(digest=False)
+    for i in range(0, len(data), 1 << 20):
+        reader.feed(data[i : i + (1 << 20)])
+    reader.finish()
+    starts = sorted((start, dump_id) for dump_id, start in reader.blocks.items())
+    ends = [start for start, _ in starts[1:]] + [len(data)]
+    return [(start, end, dump_id) for (start, dump_id), end in zip(starts, ends, strict=True)]
 
 
 def per_toc_entry(data: mmap.mmap, path: Path) -> Iterator[memoryview]:
