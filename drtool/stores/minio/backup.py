@@ -159,7 +159,7 @@ def snapshot_bucket(
     def upload_one(obj: SourceObject) -> IndexEntry:
         meta, stream = store.read(bucket, obj.key)
         blob_id = secrets.token_hex(16)
-        written = writer.put_blob(blob_id, stream)
+        written = writer.put_blob(blob_id, stream, confirm=False)
         if written.plain_bytes != obj.size:
             raise_changed(bucket, obj, written.plain_bytes)
         on_object(obj.size)
