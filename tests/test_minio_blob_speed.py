@@ -6,6 +6,8 @@
   is still refused before anything is written.
 - A blob put of a snapshot is not confirmed by a HEAD each: the commit's listing confirms its
   size and the ETag the PUT answered, so a blob stored other than sent is never committed.
+- The restore fetches and decrypts each blob once when the scratch dir has room for all of
+  them (the checked plaintext is kept for the uploads), and re-stages per upload when not.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.cli import run_drtool
@@ -25,6 +28,7 @@ from support.fault_proxy import fault_proxy
 from support.repo_kit import RepoKit, blob_id, make_repo_kit, s3_kit
 from support.stacks import make_repository
 
+from drtool.config import load_config
 from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
 from drtool.errors import IntegrityError
 from drtool.pipeline.compress import FRAME_MAGIC, PROBE_SIZE, compress
@@ -33,6 +37,8 @@ from drtool.repository import layout
 from drtool.repository.ids import new_id
 from drtool.repository.manifest import ComponentEntry, Manifest
 from drtool.s3session import s3_client
+from drtool.services.restore.run import RestoreOptions, run_restore
+from drtool.stores.minio import restore as bucket_restore
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + os.urandom(300_000)
 TEXT = b"".join(b"line %d of a log that compresses well\n" % i for i in range(8000))
@@ -163,3 +169,44 @@ def test_attachments_round_trip_raw_and_compressed_and_a_damaged_raw_blob_is_ref
     assert run.returncode == 5, run.stderr
     assert raw_blob.name.split(".")[0] in run.stderr
     assert bucket_objects(s3_server, bad) == {}  # nothing written
+
+
+@pytest.mark.slow
+def test_without_room_to_keep_every_blob_each_upload_stages_its_own(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scratch dir "lacks room": the check pass keeps nothing, every upload re-stages."""
+    client = s3_client(s3_server)
+    for i in range(5):
+        client.put_object(Bucket=s3_bucket, Key=f"rooms/{i}/photo.jpg", Body=JPEG[i:],
+                          ContentType="image/jpeg")  # fmt: skip
+    repo = make_repository(
+        tmp_path / "repo", StackEndpoints(pg_database, redis_server, s3_server, (s3_bucket,))
+    )
+    snapshot_id = repo.backup(components=("minio",))
+    bucket = f"target-{uuid.uuid4().hex[:10]}"
+    target = StackEndpoints(pg_database, redis_server, s3_server, (bucket,))
+    cfg = load_config(repo.operator_config(tmp_path / "op.toml", {"t": target}), {})
+    staged: list[dict[str, Path]] = []
+    real = bucket_restore.stage_blobs
+
+    def spy(*args: Any) -> dict[str, Path]:
+        staged.append(real(*args))
+        return staged[-1]
+
+    monkeypatch.setattr(bucket_restore, "SCRATCH_RESERVE", 1 << 60)
+    monkeypatch.setattr(bucket_restore, "stage_blobs", spy)
+    result = run_restore(
+        cfg,
+        home=tmp_path / "home",
+        options=RestoreOptions(ref=snapshot_id, components=("minio",), target="t", yes=True),
+        confirm=lambda r: True,
+    )
+    assert result.ok, result.components
+    assert staged == [{}]  # nothing kept: each upload staged (and checked) its blob itself
+    assert bucket_objects(s3_server, bucket) == bucket_objects(s3_server, s3_bucket)
