@@ -210,3 +210,22 @@ def test_without_room_to_keep_every_blob_each_upload_stages_its_own(
     assert result.ok, result.components
     assert staged == [{}]  # nothing kept: each upload staged (and checked) its blob itself
     assert bucket_objects(s3_server, bucket) == bucket_objects(s3_server, s3_bucket)
+
+
+def test_minio_workers_below_one_is_a_config_error(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    repo = make_repository(
+        tmp_path / "repo", StackEndpoints(pg_database, redis_server, s3_server, (s3_bucket,))
+    )
+    text = repo.backup_config.read_text()
+    assert text.rstrip().splitlines()[-1].startswith("state_dir")  # [backup] is the last table
+    repo.backup_config.write_text(text + "minio_workers = 0\n")
+    run = run_drtool("backup", "--component", "minio", config=repo.backup_config)
+    assert run.returncode == 2, run.stderr
+    assert "backup.minio_workers: must be >= 1 (got 0)" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -102,7 +102,7 @@ def snapshot_bucket(
     previous: dict[str, IndexEntry],
     stored_blobs: dict[str, int],
     damaged: frozenset[str] = frozenset(),
-    workers: int = 4,
+    workers: int = 8,
     on_object: Callable[[int], None] = lambda n: None,
 ) -> BucketResult:
     """Snapshot one bucket: upload new or changed objects as blobs, reuse the rest, store the index.
