@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from drtool.repository.ids import new_id
 from drtool.repository.manifest import ComponentEntry, Manifest
 from drtool.s3session import s3_client
 from drtool.services.restore.run import RestoreOptions, run_restore
+from drtool.storage.file import FileStorage
 from drtool.stores.minio import restore as bucket_restore
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + os.urandom(300_000)
@@ -172,19 +174,21 @@ def test_attachments_round_trip_raw_and_compressed_and_a_damaged_raw_blob_is_ref
 
 
 @pytest.mark.slow
-def test_without_room_to_keep_every_blob_each_upload_stages_its_own(
+@pytest.mark.parametrize("room", [True, False], ids=["room", "no-room"])
+def test_the_restore_reads_each_blob_once_when_the_scratch_dir_has_room(
     pg_database: PostgresEndpoint,
     redis_server: RedisEndpoint,
     s3_server: S3Endpoint,
     s3_bucket: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    room: bool,
 ) -> None:
-    """The scratch dir "lacks room": the check pass keeps nothing, every upload re-stages."""
+    """Blob reads from the repository: one per blob with room (the checked plaintext is kept
+    for the uploads), two without (the check pass, then each upload's own staging)."""
     client = s3_client(s3_server)
-    for i in range(5):
-        client.put_object(Bucket=s3_bucket, Key=f"rooms/{i}/photo.jpg", Body=JPEG[i:],
-                          ContentType="image/jpeg")  # fmt: skip
+    for i in range(4):
+        client.put_object(Bucket=s3_bucket, Key=f"rooms/{i}/photo.jpg", Body=JPEG[i:])
     repo = make_repository(
         tmp_path / "repo", StackEndpoints(pg_database, redis_server, s3_server, (s3_bucket,))
     )
@@ -192,15 +196,17 @@ def test_without_room_to_keep_every_blob_each_upload_stages_its_own(
     bucket = f"target-{uuid.uuid4().hex[:10]}"
     target = StackEndpoints(pg_database, redis_server, s3_server, (bucket,))
     cfg = load_config(repo.operator_config(tmp_path / "op.toml", {"t": target}), {})
-    staged: list[dict[str, Path]] = []
-    real = bucket_restore.stage_blobs
+    reads: list[str] = []
+    real_get = FileStorage.get
 
-    def spy(*args: Any) -> dict[str, Path]:
-        staged.append(real(*args))
-        return staged[-1]
+    def counting_get(self: FileStorage, key: str, **kw: Any) -> Iterator[bytes]:
+        if key.startswith(layout.BLOBS):
+            reads.append(key)
+        return real_get(self, key, **kw)
 
-    monkeypatch.setattr(bucket_restore, "SCRATCH_RESERVE", 1 << 60)
-    monkeypatch.setattr(bucket_restore, "stage_blobs", spy)
+    monkeypatch.setattr(FileStorage, "get", counting_get)
+    if not room:
+        monkeypatch.setattr(bucket_restore, "SCRATCH_RESERVE", 1 << 60)
     result = run_restore(
         cfg,
         home=tmp_path / "home",
@@ -208,7 +214,8 @@ def test_without_room_to_keep_every_blob_each_upload_stages_its_own(
         confirm=lambda r: True,
     )
     assert result.ok, result.components
-    assert staged == [{}]  # nothing kept: each upload staged (and checked) its blob itself
+    assert len(set(reads)) == 4
+    assert len(reads) == (4 if room else 8)
     assert bucket_objects(s3_server, bucket) == bucket_objects(s3_server, s3_bucket)
 
 
