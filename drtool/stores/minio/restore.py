@@ -7,10 +7,10 @@ plaintext there and the uploads read it (:func:`stage_blobs`: each blob is fetch
 decrypted once); otherwise the plaintext is discarded and each upload decrypts its blob again
 into a scratch file, checked the same way, and only then puts it. With ``force`` an object
 already in the bucket with the same size, content type, metadata and sha256 (read back) is
-skipped. Objects under the restored prefix that the
-snapshot lacks ("extra" objects) are kept and counted (``merge``, the default), or removed after
-every snapshot object is in place (``mirror``): either way the result says how many, because a
-bucket that still holds objects the snapshot never had is not the snapshot's bucket.
+skipped. Objects under the restored prefix that the snapshot lacks ("extra" objects) are kept
+and counted (``merge``, the default), or removed after every snapshot object is in place
+(``mirror``): either way the result says how many, because a bucket that still holds objects
+the snapshot never had is not the snapshot's bucket.
 """
 
 from __future__ import annotations
