@@ -1,6 +1,7 @@
 """drtool side by side with what a user would use instead: borg, restic, rclone, the stock pipe.
 
 Usage: python bench/bench_peers.py [--messages 1000000] [--attachments 2000] [--rounds 3]
+       [--minio-only] [--drtool PATH]
 
 Issue 14.6: is drtool slower than the tools it replaces, on the same work and machine? A source
 stack (PostgreSQL, Redis, SeaweedFS as MinIO), a restore target stack and a second SeaweedFS
@@ -26,7 +27,13 @@ Then a day-like change (0.9 % new messages, 0.1 % of the most recent edited) and
 of each tool that keeps history: the bytes each stores for it, as a share of its first run.
 
 MinIO: ``drtool backup --component minio`` (a fresh repository each round: a full snapshot)
-against ``rclone copy`` of the bucket to a ``crypt`` remote on the same off-site server.
+against ``rclone copy`` of the bucket to a ``crypt`` remote on the same off-site server; then
+the restore of the bucket into the (emptied, untimed) bucket of the target stack: ``drtool
+restore --component minio`` (every blob checked before the first put, every object read back)
+against ``rclone copy`` from the crypt remote. After the rounds, 1 % new objects (of the
+bucket's mean size) and a second run of each: drtool's incremental snapshot, rclone's copy
+(which lists both sides and sends only what is missing). ``--minio-only`` runs this part alone;
+``--drtool PATH`` measures another drtool build (e.g. the one before a change) with this script.
 
 Figures per run, from ``/usr/bin/time`` and /proc (bench/bench_backup.py's ``measure``): wall,
 client CPU (the command and all its descendants), server CPU (every server under the temp dir:
@@ -38,6 +45,7 @@ The peers are baselines only: they are installed here from Debian when missing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -193,7 +201,15 @@ class Bench:
 
     def drtool(self, name: str, config: Path, *args: str) -> tuple[Run, dict[str, Any]]:
         """``drtool --config C --home WORK args... --json``: the run and its JSON result."""
-        argv = [str(DRTOOL), "--config", str(config), "--home", str(self.work), *args, "--json"]
+        argv = [
+            self.args.drtool,
+            "--config",
+            str(config),
+            "--home",
+            str(self.work),
+            *args,
+            "--json",
+        ]
         self.table.loads.append(os.getloadavg()[0])
         run, stdout = measure(name, argv, env=self.drtool_env)
         return self.table.add(run), json.loads(stdout)
@@ -307,7 +323,7 @@ class Bench:
             "access_key_file": str(self.offsite_keys / "ak"),
             "secret_key_file": str(self.offsite_keys / "sk"),
         }
-        backup_cfg, _ = self.drtool_repository(
+        backup_cfg, operator_cfg = self.drtool_repository(
             f"minio-repo-{n}", f"s3://offsite/drtool-minio-{n}", offsite
         )
         run, result = self.drtool(
@@ -343,6 +359,73 @@ class Bench:
         bucket = self.src.endpoints.buckets[0]
         run = self.sh("rclone copy to a crypt remote", f"rclone copy src:{bucket} crypt:", env)
         run.stored = _stored(off, "offsite", f"rclone-{n}/")
+
+        dst = self.dst.endpoints.minio
+        target = self.dst.endpoints.buckets[0]
+        _empty_bucket(dst, target)
+        _, result = self.drtool(
+            "drtool restore --component minio (verified)",
+            operator_cfg,
+            "restore",
+            "latest",
+            "--target",
+            self.dst.name,
+            "--component",
+            "minio",
+            "--yes",
+        )
+        if not result.get("ok"):
+            raise SystemExit(f"drtool restore of the bucket failed: {result}")
+        _empty_bucket(dst, target)
+        env.update(
+            {
+                "RCLONE_CONFIG_DST_TYPE": "s3",
+                "RCLONE_CONFIG_DST_PROVIDER": "Other",
+                "RCLONE_CONFIG_DST_ACCESS_KEY_ID": dst.access_key or "",
+                "RCLONE_CONFIG_DST_SECRET_ACCESS_KEY": dst.secret_key or "",
+                "RCLONE_CONFIG_DST_ENDPOINT": dst.endpoint_url,
+                "RCLONE_CONFIG_DST_REGION": dst.region,
+                "RCLONE_CONFIG_DST_FORCE_PATH_STYLE": "true",
+            }
+        )
+        self.sh("rclone copy from the crypt remote", f"rclone copy crypt: dst:{target}", env)
+        self.minio_last = (backup_cfg, env)
+
+
+def _empty_bucket(endpoint: Any, bucket: str) -> None:
+    """Remove every object of ``bucket`` (created when missing): a restore's empty target."""
+    client = s3_client(endpoint)
+    with contextlib.suppress(client.exceptions.ClientError):  # it exists
+        client.create_bucket(Bucket=bucket)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+
+
+def minio_incremental(bench: Bench) -> list[tuple[str, float, float]]:
+    """1 % new objects, then the second run of drtool and rclone: (tool, full s, second s)."""
+    src = bench.src.endpoints.minio
+    bucket = bench.src.endpoints.buckets[0]
+    client = s3_client(src)
+    listed = [o for p in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+              for o in p.get("Contents", [])]  # fmt: skip
+    mean = sum(o["Size"] for o in listed) // max(1, len(listed))
+    rng = random.Random(14)
+    for i in range(max(1, len(listed) // 100)):
+        client.put_object(Bucket=bucket, Key=f"rooms/new/{i}.jpg", Body=rng.randbytes(mean),
+                          ContentType="image/jpeg")  # fmt: skip
+    backup_cfg, env = bench.minio_last
+    rows = []
+    run, _ = bench.drtool(
+        "drtool backup --component minio, 1 % new", backup_cfg, "backup", "--component", "minio"
+    )
+    rows.append(("drtool", bench.table.median(MINIO[0]), run.wall))
+    run = bench.sh(
+        "rclone copy to a crypt remote, 1 % new", f"rclone copy src:{bucket} crypt:", env
+    )
+    rows.append(("rclone-crypt", bench.table.median(MINIO[1]), run.wall))
+    return rows
 
 
 def _stored(endpoint: Any, bucket: str, prefix: str) -> int:
@@ -436,6 +519,10 @@ RESTORES = [
     "restore: restic dump | pg_restore",
 ]
 MINIO = ["drtool backup --component minio (full)", "rclone copy to a crypt remote"]
+MINIO_RESTORES = [
+    "drtool restore --component minio (verified)",
+    "rclone copy from the crypt remote",
+]
 
 
 def run_bench(bench: Bench) -> None:
@@ -452,23 +539,29 @@ def run_bench(bench: Bench) -> None:
     made: dict[str, Any] = {}
     for n in range(1, args.rounds + 1):
         print(f"round {n} of {args.rounds} (load {os.getloadavg()[0]:.2f})", flush=True)
-        made = bench.backups(n)
-        bench.restores(made)
+        if not args.minio_only:
+            made = bench.backups(n)
+            bench.restores(made)
         if not args.skip_minio:
             bench.minio(n)
-        if n < args.rounds:  # the last round's repositories take the second day
+        if n < args.rounds and not args.minio_only:  # the last round's take the second day
             for name in ("piped", "gz"):
                 made[name].unlink()
+    minio_second = [] if args.skip_minio else minio_incremental(bench)
+    if args.minio_only:
+        report_load(bench, seeded.objects)
+        report_minio(bench, minio_second)
+        return
     edited, new = day_like_change(bench.src.endpoints.postgres)
     second = incremental(bench, made)
     report(bench, seeded.objects, edited, new, second)
+    if not args.skip_minio:
+        report_minio(bench, minio_second)
 
 
-def report(
-    bench: Bench, objects: int, edited: int, new: int, second: list[tuple[str, int, int, float]]
-) -> None:
+def report_load(bench: Bench, objects: int) -> None:
+    """The size, the load average and what the columns mean."""
     table, args = bench.table, bench.args
-    plain = table.runs["drtool backup --component postgres"][0]
     loads = table.loads
     now = os.getloadavg()
     print(
@@ -481,17 +574,36 @@ def report(
         "CPU s: the command and its descendants; srv CPU: every server of the bench (PostgreSQL "
         "backends, SeaweedFS); RSS: the largest process, max of the rounds; stored: median"
     )
+
+
+def report_minio(bench: Bench, second: list[tuple[str, float, float]]) -> None:
+    """The bucket's snapshot and restore against rclone-crypt, and the 1 % incremental."""
+    table = bench.table
+    table.print("MinIO bucket to the off-site S3 server", MINIO)
+    drt, rcl = (table.median(n) for n in MINIO)
+    stored = statistics.median(r.stored for r in table.runs[MINIO[0]])
+    print(
+        f"drtool {stored / MB / drt:.1f} MB/s stored, rclone-crypt "
+        f"{statistics.median(r.stored for r in table.runs[MINIO[1]]) / MB / rcl:.1f} MB/s; "
+        f"drtool / rclone wall = {drt / rcl:.2f} (target <= 1.0)"
+    )
+    table.print("MinIO bucket restored into the target stack's (emptied) bucket", MINIO_RESTORES)
+    drt, rcl = (table.median(n) for n in MINIO_RESTORES)
+    print(f"drtool / rclone wall = {drt / rcl:.2f} (target <= 1.0)")
+    print(f"\n1 % new objects, second run{'':14} {'full s':>7} {'second s':>9} {'share':>7}")
+    for tool, full, more in second:
+        print(f"{tool:40} {full:7.2f} {more:9.2f} {more / full:7.1%}")
+    print("drtool's share target: <= 5 % of the full")
+
+
+def report(
+    bench: Bench, objects: int, edited: int, new: int, second: list[tuple[str, int, int, float]]
+) -> None:
+    table = bench.table
+    plain = table.runs["drtool backup --component postgres"][0]
+    report_load(bench, objects)
     table.print("PostgreSQL backup", BACKUPS)
     table.print("PostgreSQL restore", RESTORES)
-    if not args.skip_minio:
-        table.print("MinIO bucket to the off-site S3 server", MINIO)
-        drt, rcl = (table.median(n) for n in MINIO)
-        stored = statistics.median(r.stored for r in table.runs[MINIO[0]])
-        print(
-            f"drtool {stored / MB / drt:.1f} MB/s stored, rclone-crypt "
-            f"{statistics.median(r.stored for r in table.runs[MINIO[1]]) / MB / rcl:.1f} MB/s; "
-            f"drtool / rclone wall = {drt / rcl:.2f}"
-        )
     print(
         f"\nsecond day ({new:,} new messages = 0.9 %, {edited:,} recent ones edited = 0.1 %): "
         f"bytes stored by the second run"
@@ -516,6 +628,8 @@ def main() -> None:
     parser.add_argument("--attachments", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-minio", action="store_true", help="PostgreSQL only")
+    parser.add_argument("--minio-only", action="store_true", help="the MinIO part only")
+    parser.add_argument("--drtool", default=str(DRTOOL), help="the drtool to measure")
     args = parser.parse_args()
     ensure_peers()
     work = Path(tempfile.mkdtemp(prefix="drtool-bench-peers-"))

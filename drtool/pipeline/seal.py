@@ -47,14 +47,20 @@ def seal(
     recipients: Sequence[str],
     level: int = 3,
     threads: int = 0,
+    probe: bool = False,
 ) -> Sealed:
-    """Compress and encrypt a stream, the inner header leading the plaintext."""
+    """Compress and encrypt a stream, the inner header leading the plaintext.
+
+    ``probe``: data whose first 64 KiB do not compress is stored in raw zstd blocks
+    (:func:`drtool.pipeline.compress.compress`).
+    """
     # zstd is imported by the first object sealed or unsealed, not at start-up: a backup's
     # first byte (pg_dump running) does not wait for it (ADR 0032)
     from drtool.pipeline.compress import compress
 
     plain, stored = Meter(), Meter()
-    body = itertools.chain([header.to_frame()], compress(plain.wrap(chunks), level, threads))
+    packed = compress(plain.wrap(chunks), level, threads, probe=probe)
+    body = itertools.chain([header.to_frame()], packed)
     return Sealed(stored.wrap(encrypt(body, recipients)), plain, stored)
 
 

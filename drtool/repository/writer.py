@@ -50,17 +50,31 @@ class SnapshotWriter:
     retention_margin: timedelta = timedelta(days=1)
     confirmed: dict[str, ObjectInfo] = field(default_factory=dict)  # by commit, key -> stored
     written: set[str] = field(default_factory=set)  # keys this writer put (locked by the put)
+    #: puts not confirmed by a HEAD: key -> (size sent, ETag answered), checked by ``commit``
+    unconfirmed: dict[str, ObjectInfo] = field(default_factory=dict)
 
-    def _put(self, key: str, chunks: Iterable[bytes], header: InnerHeader) -> Written:
-        """Seal ``chunks`` into the object ``key`` and confirm its stored size."""
+    def _put(
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        header: InnerHeader,
+        *,
+        probe: bool = False,
+        confirm: bool = True,
+    ) -> Written:
+        """Seal ``chunks`` into the object ``key`` and confirm its stored size (now, or with
+        ``confirm=False`` by the listing of ``commit``)."""
         sealed = seal(
             chunks,
             header=header,
             recipients=list(self.recipients),
             level=self.compression_level,
             threads=self.compression_threads,
+            probe=probe,
         )
-        info = self.storage.put(key, sealed.stream, retain_until=self.retain_until)
+        info = self.storage.put(key, sealed.stream, retain_until=self.retain_until, confirm=confirm)
+        if not confirm:
+            self.unconfirmed[key] = info
         if info.size != sealed.stored.size:
             raise IntegrityError(f"{key}: stored {info.size} bytes, sent {sealed.stored.size}")
         entry = ObjectEntry(key, header.kind, info.size, sealed.stored.sha256, info.version_id)
@@ -81,10 +95,16 @@ class SnapshotWriter:
         header = InnerHeader(self.repo.repo_id, self.snapshot_id, component, kind)
         return self._put(key, chunks, header)
 
-    def put_blob(self, blob_id: str, chunks: Iterable[bytes]) -> Written:
-        """Put a shared content blob; its header binds it to its blob id instead of a snapshot."""
+    def put_blob(self, blob_id: str, chunks: Iterable[bytes], *, confirm: bool = True) -> Written:
+        """Put a shared content blob; its header binds it to its blob id instead of a snapshot.
+
+        Attachments are mostly JPEG, PNG, video: a blob whose start does not compress is stored
+        in raw zstd blocks (the probe of :func:`drtool.pipeline.compress.compress`).
+        ``confirm=False``: no HEAD after the put; only for a blob the snapshot's ``commit``
+        names (its listing confirms size and ETag, one request per 1,000 blobs).
+        """
         header = InnerHeader(self.repo.repo_id, blob_id, "minio", "blob")
-        return self._put(layout.blob_key(blob_id), chunks, header)
+        return self._put(layout.blob_key(blob_id), chunks, header, probe=True, confirm=confirm)
 
     def commit(self, manifest: Manifest) -> bytes:
         """Confirm every named object's stored size, then write the signed manifest (commit).
@@ -97,6 +117,12 @@ class SnapshotWriter:
             if info.size != obj.size:
                 raise IntegrityError(
                     f"{obj.key}: {info.size} bytes in storage, {obj.size} expected; not committed"
+                )
+            sent = self.unconfirmed.get(obj.key)
+            if sent is not None and sent.etag and info.etag and sent.etag != info.etag:
+                raise IntegrityError(
+                    f"{obj.key}: stored object (ETag {info.etag}) differs from what was sent "
+                    f"(ETag {sent.etag}); not committed"
                 )
         self._protect_reused(manifest)
         stored = sign_manifest(manifest, self.signing_key)

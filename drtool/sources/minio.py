@@ -21,6 +21,7 @@ from drtool.errors import ConfigError, DrtoolError, NotFound, SourceError
 from drtool.s3session import s3_client
 
 READ_SIZE = 1 << 20
+SINGLE_PUT = 8 << 20  # the transfer manager's multipart threshold: below it, one PutObject
 SHOWN = 20  # buckets named in the warning; the count covers all
 ALL_BUCKETS = "*"
 """``buckets = ["*"]``: every bucket the credential can see."""
@@ -109,7 +110,15 @@ class MinioStore:
             body.close()
 
     def upload(self, bucket: str, key: str, path: Path, meta: ObjectMeta) -> None:
-        """Put the file at ``path`` as an object with its content type and metadata."""
+        """Put the file at ``path`` as an object with its content type and metadata.
+
+        Up to ``SINGLE_PUT`` bytes one PutObject from memory (the transfer manager's futures
+        and threads cost more CPU than a small object's transfer); larger files go through
+        the transfer manager's multipart upload, reading the file in parts.
+        """
+        if path.stat().st_size <= SINGLE_PUT:
+            self.put_bytes(bucket, key, path.read_bytes(), meta)
+            return
         try:
             self._s3.upload_file(
                 str(path),

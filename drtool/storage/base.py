@@ -93,6 +93,7 @@ class Storage(ABC):
         *,
         retain_until: datetime | None = None,
         expected_size: int | None = None,
+        confirm: bool = True,
     ) -> ObjectInfo:
         """Store the concatenated ``chunks`` under ``key``, confirmed by a HEAD.
 
@@ -100,6 +101,10 @@ class Storage(ABC):
         multipart upload is aborted, a temp file removed). ``expected_size`` is a hint that lets
         S3 pick a part size; ``retain_until`` sets Object Lock retention where configured.
         Raises ``IntegrityError`` when the stored size differs from the bytes sent.
+
+        ``confirm=False`` skips the HEAD of a single-request upload: the result is the size
+        sent and the ETag the server answered, and the caller must confirm both later from a
+        listing (a snapshot's commit does, one request per 1,000 objects instead of one each).
         """
 
     def put_buffer(self, size: int) -> int:

@@ -91,8 +91,12 @@ class FileStorage(Storage):
         *,
         retain_until: datetime | None = None,
         expected_size: int | None = None,
+        confirm: bool = True,
     ) -> ObjectInfo:
-        """Write via a temp file, fsync, rename, fsync the dir; ``retain_until`` is ignored."""
+        """Write via a temp file, fsync, rename, fsync the dir; ``retain_until`` is ignored.
+
+        ``confirm`` changes nothing: the size is read from the renamed file either way.
+        """
         path = self._path(key)
         self._require_root()
         sent = 0

@@ -131,9 +131,12 @@ class CountingStorage(Storage):
         *,
         retain_until: datetime | None = None,
         expected_size: int | None = None,
+        confirm: bool = True,
     ) -> ObjectInfo:
         self.calls["put"] += 1
-        return self.inner.put(key, chunks, retain_until=retain_until, expected_size=expected_size)
+        return self.inner.put(
+            key, chunks, retain_until=retain_until, expected_size=expected_size, confirm=confirm
+        )
 
     def get(self, key: str, *, version_id: str | None = None) -> Iterator[bytes]:
         self.calls["get"] += 1

@@ -102,7 +102,7 @@ def snapshot_bucket(
     previous: dict[str, IndexEntry],
     stored_blobs: dict[str, int],
     damaged: frozenset[str] = frozenset(),
-    workers: int = 4,
+    workers: int = 8,
     on_object: Callable[[int], None] = lambda n: None,
 ) -> BucketResult:
     """Snapshot one bucket: upload new or changed objects as blobs, reuse the rest, store the index.
@@ -159,7 +159,7 @@ def snapshot_bucket(
     def upload_one(obj: SourceObject) -> IndexEntry:
         meta, stream = store.read(bucket, obj.key)
         blob_id = secrets.token_hex(16)
-        written = writer.put_blob(blob_id, stream)
+        written = writer.put_blob(blob_id, stream, confirm=False)
         if written.plain_bytes != obj.size:
             raise_changed(bucket, obj, written.plain_bytes)
         on_object(obj.size)

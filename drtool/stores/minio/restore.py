@@ -1,19 +1,23 @@
 """MinIO restore: every object back with its content type and metadata, in parallel.
 
-Before any upload every blob the restore needs is read, hashed and authenticated (plaintext
-discarded), so a damaged blob fails the run with the target bucket untouched. Each upload then
-decrypts its blob again into a scratch file, checked against the index (size, sha256), and
-only then puts it. With ``force`` an object already in the bucket with the same size, content
-type, metadata and sha256 (read back) is skipped. Objects under the restored prefix that the
-snapshot lacks ("extra" objects) are kept and counted (``merge``, the default), or removed after
-every snapshot object is in place (``mirror``): either way the result says how many, because a
-bucket that still holds objects the snapshot never had is not the snapshot's bucket.
+Before any upload every blob the restore needs is read, hashed, authenticated and checked
+against the index (size, sha256), so a damaged blob fails the run with the target bucket
+untouched. When the scratch dir has room for all of them, that one pass keeps the checked
+plaintext there and the uploads read it (:func:`stage_blobs`: each blob is fetched and
+decrypted once); otherwise the plaintext is discarded and each upload decrypts its blob again
+into a scratch file, checked the same way, and only then puts it. With ``force`` an object
+already in the bucket with the same size, content type, metadata and sha256 (read back) is
+skipped. Objects under the restored prefix that the snapshot lacks ("extra" objects) are kept
+and counted (``merge``, the default), or removed after every snapshot object is in place
+(``mirror``): either way the result says how many, because a bucket that still holds objects
+the snapshot never had is not the snapshot's bucket.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +33,8 @@ from drtool.stores.stage import Plain, blob_header, check_all, stage
 
 INDEX_SUFFIX = ".index.zst.age"
 MAX_PROBLEMS = 10
+#: free space left in the scratch dir after keeping every staged blob (else re-read per upload)
+SCRATCH_RESERVE = 256 * 1024 * 1024
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -135,6 +141,30 @@ def check_blobs(
     check_all(repo, [(b, blob_header(repo, b)) for b in blobs], identities, workers=workers)
 
 
+def stage_blobs(
+    repo: Repo, buckets: list[BucketSnapshot], identities: list[str], workdir: Path, workers: int
+) -> dict[str, Path]:
+    """Check every blob the restore needs; keep its plaintext in ``workdir`` if all fit.
+
+    Returns the checked scratch file of each blob key (empty when the scratch dir lacks room
+    for all of them plus :data:`SCRATCH_RESERVE`: then only :func:`check_blobs` runs, and each
+    upload stages its blob again). Either way a damaged blob raises before anything is put.
+    """
+    plain = {e.blob_entry().key: Plain(e.size, e.sha256) for b in buckets for e in b.entries}
+    needed = sum(p.size or 0 for p in plain.values())
+    if shutil.disk_usage(workdir).free < needed + SCRATCH_RESERVE:
+        check_blobs(repo, buckets, identities, workers)
+        return {}
+    blobs = blobs_needed(buckets)
+    paths = {b.key: workdir / f"blob-{i}" for i, b in enumerate(blobs)}
+
+    def one(blob: ObjectEntry) -> None:
+        stage(repo, blob, blob_header(repo, blob), identities, paths[blob.key], plain[blob.key])
+
+    _parallel(one, blobs, workers)
+    return paths
+
+
 def restore(
     repo: Repo,
     store: MinioStore,
@@ -145,8 +175,12 @@ def restore(
     force: bool,
     workers: int,
     mirror: bool = False,
+    staged: dict[str, Path] | None = None,
 ) -> BucketOutcome:
     """Put every object of ``snap`` into its target bucket (created if missing).
+
+    ``staged``: blob key -> its checked plaintext (:func:`stage_blobs`); a blob not in it is
+    staged here, into a scratch file removed after its upload.
 
     Then the extra objects (under the prefix, not in the snapshot) are counted and, with
     ``mirror``, removed: only after every snapshot object is in place, so a failed put never
@@ -165,9 +199,13 @@ def restore(
         meta = ObjectMeta(e.content_type, e.metadata)
         if force and _identical(store, snap.target, e, meta):
             return False
-        path = workdir / f"blob-{next(counter)}"
+        blob = e.blob_entry()
+        checked = (staged or {}).get(blob.key)
+        if checked is not None:
+            store.upload(snap.target, e.key, checked, meta)
+            return True
+        path = workdir / f"object-{next(counter)}"
         try:
-            blob = e.blob_entry()
             stage(repo, blob, blob_header(repo, blob), identities, path, Plain(e.size, e.sha256))
             store.upload(snap.target, e.key, path, meta)
         finally:

@@ -7,12 +7,13 @@ its content type and metadata and reads each one back (:mod:`drtool.stores.minio
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from drtool import keys
 from drtool.endpoints import StackEndpoints
+from drtool.errors import ConfigError
 from drtool.repository import catalog, layout, rotation
 from drtool.repository.manifest import ComponentEntry, ObjectEntry
 from drtool.repository.minio_index import IndexEntry
@@ -46,7 +47,10 @@ class MinioStore:
         a failed run must not make the next one reuse blobs no snapshot references.
         """
         endpoints = ctx.cfg.stack()
-        store = s3_source.MinioStore(endpoints.minio)
+        workers = ctx.cfg.backup.minio_workers
+        if workers < 1:
+            raise ConfigError(f"backup.minio_workers: must be >= 1 (got {workers})")
+        store = s3_source.MinioStore(endpoints.minio, max_pool=max(8, workers))
         stored_blobs = {o.key: o.size for o in ctx.storage.list(layout.BLOBS)}
         rotated = _rotation_map(ctx)
         objects: list[ObjectEntry] = []
@@ -79,6 +83,7 @@ class MinioStore:
                 ),
                 stored_blobs=stored_blobs,
                 damaged=ctx.damaged,
+                workers=workers,
                 on_object=lambda n: ctx.progress(NAME, n),
             )
             objects.append(result.index)
@@ -150,6 +155,8 @@ class MinioRestoring:
 
     source: SnapshotSource
     buckets: list[bucket_restore.BucketSnapshot]
+    #: blob key -> its checked plaintext in the scratch dir, kept by ``stage`` when all fit
+    staged: dict[str, Path] = field(default_factory=dict)
 
     def reads(self) -> list[ObjectEntry]:
         """Every distinct blob of the restored buckets."""
@@ -189,14 +196,17 @@ class MinioRestoring:
         return items
 
     def staged_bytes(self, workers: int) -> int:
-        """One object per worker, each the largest."""
+        """At least one object per worker, each the largest (the stage pass keeps every blob's
+        plaintext instead when the scratch dir has room for all)."""
         largest = max((e.size for b in self.buckets for e in b.entries), default=0)
         return workers * largest
 
     def stage(self, target: Target, work: Path) -> None:
-        """Read, hash and authenticate every blob needed (nothing written)."""
+        """Read, hash and authenticate every blob needed; keep the plaintext if all fit."""
         s = self.source
-        bucket_restore.check_blobs(s.repo, self.buckets, s.identities, target.workers)
+        self.staged = bucket_restore.stage_blobs(
+            s.repo, self.buckets, s.identities, work, target.workers
+        )
 
     def restore(self, target: Target, work: Path, stamp: str) -> Restored:
         """Put every object, count (mirror: remove) the extra ones, read every one back."""
@@ -215,6 +225,7 @@ class MinioRestoring:
                 force=target.force,
                 workers=target.workers,
                 mirror=target.minio_mode == "mirror",
+                staged=self.staged,
             )
             problems += bucket_restore.verify(store, b, target.workers)
             fate = "removed" if o.removed else "kept"

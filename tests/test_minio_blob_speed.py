@@ -1,0 +1,238 @@
+"""The MinIO snapshot's fast path (issue 14 item 4, ADR 0035), against real SeaweedFS.
+
+- An attachment that does not compress (JPEG, PNG, video: random-looking bytes) is stored as a
+  zstd frame of raw blocks, no compressor run; one that compresses is compressed as before.
+  Both open with the stock ``age -d | zstd -d`` and restore byte-identical; a damaged raw blob
+  is still refused before anything is written.
+- A blob put of a snapshot is not confirmed by a HEAD each: the commit's listing confirms its
+  size and the ETag the PUT answered, so a blob stored other than sent is never committed.
+- The restore fetches and decrypts each blob once when the scratch dir has room for all of
+  them (the checked plaintext is kept for the uploads), and re-stages per upload when not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.cli import run_drtool
+from support.compare import bucket_objects
+from support.fault_proxy import fault_proxy
+from support.repo_kit import RepoKit, blob_id, make_repo_kit, s3_kit
+from support.stacks import make_repository
+
+from drtool.config import load_config
+from drtool.endpoints import PostgresEndpoint, RedisEndpoint, S3Endpoint, StackEndpoints
+from drtool.errors import IntegrityError
+from drtool.pipeline.compress import FRAME_MAGIC, PROBE_SIZE, compress
+from drtool.pipeline.header import SKIPPABLE_MAGIC
+from drtool.repository import layout
+from drtool.repository.ids import new_id
+from drtool.repository.manifest import ComponentEntry, Manifest
+from drtool.s3session import s3_client
+from drtool.services.restore.run import RestoreOptions, run_restore
+from drtool.storage.file import FileStorage
+from drtool.stores.minio import restore as bucket_restore
+
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + os.urandom(300_000)
+TEXT = b"".join(b"line %d of a log that compresses well\n" % i for i in range(8000))
+
+
+def _plain_frame(kit: RepoKit, key: str) -> bytes:
+    """The object's plaintext as the stock ``age -d`` gives it: header frame + data frame."""
+    stored = b"".join(kit.storage.get(key))
+    done = subprocess.run(
+        ["age", "-d", "-i", str(kit.identity_file)], input=stored, capture_output=True, check=True
+    )
+    return done.stdout
+
+
+def _data_frame(plain: bytes) -> bytes:
+    """The zstd data frame after the inner header's skippable frame."""
+    assert plain[:4] == SKIPPABLE_MAGIC
+    return plain[8 + int.from_bytes(plain[4:8], "little") :]
+
+
+def _stock_unzstd(frame: bytes) -> bytes:
+    return subprocess.run(["zstd", "-d", "-c"], input=frame, capture_output=True, check=True).stdout
+
+
+def test_an_incompressible_blob_is_stored_raw_a_compressible_one_compressed(
+    s3_server: S3Endpoint, s3_bucket: str, tmp_path: Path
+) -> None:
+    kit = s3_kit(tmp_path, s3_server, s3_bucket)
+    writer = kit.writer("unused")
+    raw = writer.put_blob(blob_id(), [JPEG[:100_000], JPEG[100_000:]])
+    packed = writer.put_blob(blob_id(), [TEXT])
+
+    frame = _data_frame(_plain_frame(kit, raw.entry.key))
+    assert frame[:4] == FRAME_MAGIC
+    assert frame[4] == 0x00  # no content size, no checksum: written by drtool, not the compressor
+    assert (frame[6] >> 1) & 3 == 0  # the first block is a raw block
+    assert len(frame) < len(JPEG) + 20  # 3 bytes per 128 KiB block and a 6-byte header
+    assert _stock_unzstd(frame) == JPEG
+    assert (raw.plain_bytes, raw.plain_sha256) == (len(JPEG), hashlib.sha256(JPEG).hexdigest())
+
+    frame = _data_frame(_plain_frame(kit, packed.entry.key))
+    assert len(frame) < len(TEXT) // 5
+    assert _stock_unzstd(frame) == TEXT
+
+
+def test_the_probe_leaves_small_and_mixed_streams_correct() -> None:
+    """Streams shorter than the probe, empty ones, and ones cut in odd pieces round-trip."""
+    for data in (b"", b"x", os.urandom(PROBE_SIZE - 1), os.urandom(3 * 131072 + 5)):
+        pieces = [data[i : i + 70_001] for i in range(0, len(data), 70_001)] or [b""]
+        frame = b"".join(compress(pieces, probe=True))
+        assert _stock_unzstd(frame) == data
+
+
+def test_a_blob_stored_other_than_sent_is_not_committed(
+    s3_server: S3Endpoint, s3_bucket: str, tmp_path: Path
+) -> None:
+    """No HEAD after a snapshot's blob put; the commit's listing compares size and ETag."""
+    with fault_proxy(s3_server.endpoint_url) as proxy:
+        endpoint = S3Endpoint(proxy.endpoint_url, s3_server.access_key, s3_server.secret_key)
+        kit = make_repo_kit(tmp_path, f"s3://{s3_bucket}/drtool", endpoint)
+        started = datetime(2026, 1, 5, 3, 0, tzinfo=UTC)
+        snapshot_id = new_id(started)
+        writer = kit.writer(snapshot_id)
+        proxy.seen.clear()
+        written = writer.put_blob(blob_id(), [JPEG], confirm=False)
+        assert [m for m, _ in proxy.seen] == ["PUT"]  # no HEAD
+        # the server now holds other bytes of the same size (a broken disk, a racing writer)
+        full = f"drtool/{written.entry.key}"
+        stored = s3_client(s3_server).get_object(Bucket=s3_bucket, Key=full)["Body"].read()
+        s3_client(s3_server).put_object(Bucket=s3_bucket, Key=full, Body=stored[::-1])
+        manifest = Manifest(
+            repo_id=kit.info.repo_id,
+            snapshot_id=snapshot_id,
+            started=started.isoformat(timespec="seconds"),
+            finished=(started + timedelta(minutes=1)).isoformat(timespec="seconds"),
+            host="nas",
+            stack="co-talk",
+            drtool_version="0.1.0",
+            components=(ComponentEntry("minio", (written.entry,), len(JPEG), 0.1),),
+        )
+        with pytest.raises(IntegrityError, match=r"differs from what was sent.*not committed"):
+            writer.commit(manifest)
+        assert not kit.storage.exists(layout.manifest_key(snapshot_id))
+
+
+@pytest.mark.slow
+def test_attachments_round_trip_raw_and_compressed_and_a_damaged_raw_blob_is_refused(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    client = s3_client(s3_server)
+    client.put_object(Bucket=s3_bucket, Key="rooms/1/photo.jpg", Body=JPEG,
+                      ContentType="image/jpeg", Metadata={"uploader": "7"})  # fmt: skip
+    client.put_object(Bucket=s3_bucket, Key="rooms/1/log.txt", Body=TEXT, ContentType="text/plain")
+    client.put_object(Bucket=s3_bucket, Key="rooms/1/empty", Body=b"")
+    repo = make_repository(
+        tmp_path / "repo", StackEndpoints(pg_database, redis_server, s3_server, (s3_bucket,))
+    )
+    repo.backup(components=("minio",))
+    blobs = sorted((tmp_path / "repo" / "repository" / "blobs").rglob("*.zst.age"))
+    sizes = sorted(p.stat().st_size for p in blobs)
+    assert len(sizes) == 3
+    assert sizes[1] < len(TEXT) // 5  # the log compressed
+    assert len(JPEG) < sizes[2] < len(JPEG) + 1000  # the photo stored raw (+ age, header)
+
+    def restore(bucket: str) -> subprocess.CompletedProcess[str]:
+        client.create_bucket(Bucket=bucket)
+        target = StackEndpoints(pg_database, redis_server, s3_server, (bucket,))
+        config = repo.operator_config(tmp_path / f"{bucket}.toml", {"t": target})
+        return run_drtool("restore", "latest", "--target", "t", "--component", "minio",
+                          "--yes", "--json", config=config)  # fmt: skip
+
+    good = f"target-{uuid.uuid4().hex[:10]}"
+    run = restore(good)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["ok"]
+    assert bucket_objects(s3_server, good) == bucket_objects(s3_server, s3_bucket)
+
+    raw_blob = max(blobs, key=lambda p: p.stat().st_size)
+    data = bytearray(raw_blob.read_bytes())
+    data[len(data) // 2] ^= 1
+    raw_blob.write_bytes(bytes(data))
+    bad = f"target-{uuid.uuid4().hex[:10]}"
+    run = restore(bad)
+    assert run.returncode == 5, run.stderr
+    assert raw_blob.name.split(".")[0] in run.stderr
+    assert bucket_objects(s3_server, bad) == {}  # nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("room", [True, False], ids=["room", "no-room"])
+def test_the_restore_reads_each_blob_once_when_the_scratch_dir_has_room(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    room: bool,
+) -> None:
+    """Blob reads from the repository: one per blob with room (the checked plaintext is kept
+    for the uploads), two without (the check pass, then each upload's own staging)."""
+    client = s3_client(s3_server)
+    for i in range(4):
+        client.put_object(Bucket=s3_bucket, Key=f"rooms/{i}/photo.jpg", Body=JPEG[i:])
+    repo = make_repository(
+        tmp_path / "repo", StackEndpoints(pg_database, redis_server, s3_server, (s3_bucket,))
+    )
+    snapshot_id = repo.backup(components=("minio",))
+    bucket = f"target-{uuid.uuid4().hex[:10]}"
+    target = StackEndpoints(pg_database, redis_server, s3_server, (bucket,))
+    cfg = load_config(repo.operator_config(tmp_path / "op.toml", {"t": target}), {})
+    reads: list[str] = []
+    real_get = FileStorage.get
+
+    def counting_get(self: FileStorage, key: str, **kw: Any) -> Iterator[bytes]:
+        if key.startswith(layout.BLOBS):
+            reads.append(key)
+        return real_get(self, key, **kw)
+
+    monkeypatch.setattr(FileStorage, "get", counting_get)
+    if not room:
+        monkeypatch.setattr(bucket_restore, "SCRATCH_RESERVE", 1 << 60)
+    result = run_restore(
+        cfg,
+        home=tmp_path / "home",
+        options=RestoreOptions(ref=snapshot_id, components=("minio",), target="t", yes=True),
+        confirm=lambda r: True,
+    )
+    assert result.ok, result.components
+    assert len(set(reads)) == 4
+    assert len(reads) == (4 if room else 8)
+    assert bucket_objects(s3_server, bucket) == bucket_objects(s3_server, s3_bucket)
+
+
+def test_minio_workers_below_one_is_a_config_error(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    repo = make_repository(
+        tmp_path / "repo", StackEndpoints(pg_database, redis_server, s3_server, (s3_bucket,))
+    )
+    text = repo.backup_config.read_text()
+    assert text.rstrip().splitlines()[-1].startswith("state_dir")  # [backup] is the last table
+    repo.backup_config.write_text(text + "minio_workers = 0\n")
+    run = run_drtool("backup", "--component", "minio", config=repo.backup_config)
+    assert run.returncode == 2, run.stderr
+    assert "backup.minio_workers: must be >= 1 (got 0)" in run.stderr
+    assert "Traceback" not in run.stderr
