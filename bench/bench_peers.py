@@ -199,8 +199,11 @@ class Bench:
 
     # -- the measured variants ---------------------------------------------------------------
 
-    def drtool(self, name: str, config: Path, *args: str) -> tuple[Run, dict[str, Any]]:
-        """``drtool --config C --home WORK args... --json``: the run and its JSON result."""
+    def drtool(
+        self, name: str, config: Path, *args: str, env: dict[str, str] | None = None
+    ) -> tuple[Run, dict[str, Any]]:
+        """``drtool --config C --home WORK args... --json``: the run and its JSON result
+        (``env``: settings added to drtool's environment for this run)."""
         argv = [
             self.args.drtool,
             "--config",
@@ -211,7 +214,7 @@ class Bench:
             "--json",
         ]
         self.table.loads.append(os.getloadavg()[0])
-        run, stdout = measure(name, argv, env=self.drtool_env)
+        run, stdout = measure(name, argv, env={**self.drtool_env, **(env or {})})
         return self.table.add(run), json.loads(stdout)
 
     def sh(self, name: str, script: str, env: dict[str, str]) -> Run:
@@ -267,12 +270,27 @@ class Bench:
         )
         run.stored = result["components"][0]["stored_bytes"]
         run.extra["plain"] = result["components"][0]["plain_bytes"]
+        snapshot_id = result["snapshot_id"]
+        # the same with zstd compressing in its own thread (C, no GIL): on two cores the
+        # Python thread then only reads the archive, encrypts and hashes (not the default)
+        threaded_cfg, _ = self.drtool_repository(
+            f"pg-repo-{n}-mt", (self.work / f"pg-repo-{n}-mt" / "repository").as_uri(), {}
+        )
+        run, threaded = self.drtool(
+            THREADED,
+            threaded_cfg,
+            "backup",
+            "--component",
+            "postgres",
+            env={"DRTOOL_BACKUP_COMPRESSION_THREADS": "1"},
+        )
+        run.stored = threaded["components"][0]["stored_bytes"]
         return {
             "piped": piped,
             "borg": borg,
             "restic": restic,
             "gz": gz,
-            "drtool": (backup_cfg, operator_cfg, result["snapshot_id"]),
+            "drtool": (backup_cfg, operator_cfg, snapshot_id),
         }
 
     def restores(self, made: dict[str, Any]) -> None:
@@ -503,11 +521,13 @@ def incremental(bench: Bench, made: dict[str, Any]) -> list[tuple[str, int, int,
     return rows
 
 
+THREADED = "drtool backup, backup.compression_threads = 1"
 BACKUPS = [
     "floor: pg_dump -Fc -Z0 > /dev/null",
     "pg_dump -Fc -Z0 | zstd -3 | age > file",
     "borg create --compression zstd,3 (stdin)",
     "drtool backup --component postgres",
+    THREADED,
     "restic backup --stdin",
     "pg_dump -Fc (gzip-6) > file",
 ]
