@@ -18,8 +18,10 @@ repository; each round into a fresh repository, so every run is a first, full on
 - ``pg_dump -Fc`` (gzip-6) to a file; ``drtool backup --component postgres`` (fingerprints,
   zstd, age, manifest, read-back).
 
-Restore, each into a new empty database of the target server (created untimed) except drtool,
-which restores over the target's database (``--force --drop-old``) and proves the fingerprints:
+Restore, each into a new empty database of the target server (created untimed); drtool
+restores beside the target's database, emptied the same way untimed, switches it in and drops
+the old one (``--force --drop-old``: the safe swap it always does, without the cost of dropping
+a full database the peers do not pay either) and proves the fingerprints:
 ``pg_restore -j2`` of the local ``-Fc`` file, ``age -d | zstd -d | pg_restore``,
 ``borg extract --stdout | pg_restore``, ``restic dump | pg_restore``, ``drtool restore``.
 
@@ -316,6 +318,7 @@ class Bench:
             self.fresh_database("peer")
             self.sh(name, script, env)
         _, operator_cfg, snapshot = made["drtool"]
+        self.fresh_database(self.dst.endpoints.postgres.dbname)
         run, result = self.drtool(
             "drtool restore --component postgres (verified)",
             operator_cfg,
