@@ -21,7 +21,13 @@ from drtool.endpoints import PostgresEndpoint
 from drtool.errors import IntegrityError
 from drtool.repository.manifest import ObjectEntry
 from drtool.sources.pg_archive_stream import ArchiveError, ArchiveStream, index_archive
-from drtool.sources.pg_fingerprint import PgFingerprints, compare, compute_fingerprints
+from drtool.sources.pg_copy_proof import CopyUnit, copy_units, streamed_fingerprints
+from drtool.sources.pg_fingerprint import (
+    DatabaseProps,
+    PgFingerprints,
+    compare,
+    compute_fingerprints,
+)
 from drtool.sources.postgres import (
     apply_database_props,
     create_database,
@@ -65,6 +71,11 @@ INSERT INTO "Odd Name" (id, doc, at, raw, ts, d, iv, f, r, n)
            '2026-01-01'::date + i, i * interval '1 day 90 min', i / 7.0, i / 3.0, i / 11.0
     FROM generate_series(1, 300) i;
 CREATE TABLE empty_one (a int);
+-- pg_dump writes these under search_path = '': schema-qualified; so must the proof's COPY
+CREATE TYPE mood AS ENUM ('ok', 'sad');
+CREATE TABLE audit (id int, rel regclass, typ regtype, m money, mo mood);
+INSERT INTO audit VALUES (1, 'public.empty_one', 'public.mood', 12.5, 'ok'),
+                         (2, '"Odd Name"', 'int4', -3, 'sad');
 """
 
 
@@ -121,7 +132,7 @@ def test_a_dump_verifies_on_its_restored_copy(
     assert recorded.format == 5 and recorded.rooms == {}
     assert set(recorded.tables) == {
         "public.messages_m1", "public.messages_m2a", "public.messages_m2b", "public.messages_m3",
-        "public.messages_rest", 'public."Odd Name"', "public.empty_one",
+        "public.messages_rest", 'public."Odd Name"', "public.empty_one", "public.audit",
     }  # fmt: skip
     assert sum(fp.rows for n, fp in recorded.tables.items() if "messages" in n) == 2400
     assert recorded.tables['public."Odd Name"'].rows == 300
@@ -244,6 +255,63 @@ def test_a_pg15_dump_verifies_in_a_newer_major(
         drop_database(old.endpoint, name)
 
 
+def _latin1(ep: PostgresEndpoint, name: str) -> PostgresEndpoint:
+    _run(ep, f"CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0 LOCALE 'C'",
+         "postgres")  # fmt: skip
+    return replace(ep, dbname=name)
+
+
+def test_a_latin1_database_with_non_ascii_names_verifies(
+    pg_server: PostgresEndpoint, copies: Any, tmp_path: Path
+) -> None:
+    """TOC names are in pg_dump's client encoding: entries are matched to tables by oid, and
+    dump and proof run in UTF8, so "café" gets its figure and its COPY finds it."""
+    source = _latin1(pg_server, f"latin_{os.getpid()}")
+    try:
+        _run(source, """CREATE TABLE "café" ("prénom" text, n int);
+                        INSERT INTO "café" SELECT 'é' || i, i FROM generate_series(1, 50) i;
+                        CREATE TABLE plain (a int); INSERT INTO plain VALUES (1)""")  # fmt: skip
+        archive = tmp_path / "db.pgdump"
+        recorded = _dump(source, archive)
+        assert recorded.copy_settings["client_encoding"] == "UTF8"
+        assert recorded.tables['public."café"'].rows == 50
+        assert recorded.tables['public."café"'].columns == ("prénom", "n")
+        copy = copies(archive, source.dbname + "_copy", recorded)
+        assert compare(recorded, fingerprints_of(pg_server, copy, recorded, workers=2)) == []
+        _run(pg_server, """UPDATE "café" SET n = 0 WHERE n = 7""", copy)
+        assert compare(recorded, fingerprints_of(pg_server, copy, recorded, workers=2)) == [
+            'public."café": content digest differs (50 rows)'
+        ]
+    finally:
+        drop_database(pg_server, source.dbname)
+
+
+def _units(ep: PostgresEndpoint) -> dict[tuple[str, str], CopyUnit]:
+    with psycopg.connect(**ep.connect_kwargs()) as conn, conn.cursor() as cur:
+        return copy_units(cur)
+
+
+def test_a_table_with_no_data_block_fails_the_backup_unless_unlogged_on_a_standby(
+    seeded: PostgresEndpoint,
+) -> None:
+    """A catalog table the dump has no TABLE DATA for would have no figure, and a restore
+    that lost it would pass: refused, but for an unlogged table dumped from a standby
+    (pg_dump dumps none of their data there), recorded as not dumped, expected empty."""
+    _run(seeded, "CREATE UNLOGGED TABLE scratch (a int); INSERT INTO scratch VALUES (1)")
+    reader = _read(_pg_dump(seeded, "--compress=0", "--exclude-table-data=scratch"), 1 << 20)
+    units = _units(seeded)
+    props = DatabaseProps("UTF8", "C", "C")
+    with pytest.raises(ArchiveError, match=r"the dump has no data for table public\.scratch"):
+        streamed_fingerprints(reader, units, props)
+    prints = streamed_fingerprints(reader, units, props, standby=True)
+    assert prints.not_dumped == {"public.scratch": "not dumped: unlogged on a standby"}
+    assert prints.tables["public.scratch"].rows == 0
+    assert PgFingerprints.from_dict(prints.to_dict()).not_dumped == prints.not_dumped
+    _run(seeded, "ALTER TABLE scratch SET LOGGED")
+    with pytest.raises(ArchiveError, match=r"public\.scratch"):  # a logged one: never excused
+        streamed_fingerprints(reader, _units(seeded), props, standby=True)
+
+
 # -- the archive reader ----------------------------------------------------------------------
 
 
@@ -264,7 +332,7 @@ def _read(data: bytes, piece: int) -> ArchiveStream:
 def test_the_reader_gives_the_same_figures_whatever_the_pieces(seeded: PostgresEndpoint) -> None:
     data = _pg_dump(seeded, "--compress=0")
     whole = _read(data, len(data)).tables
-    assert sum(t.rows for t in whole.values()) == 2400 + 300
+    assert sum(t.rows for t in whole.values()) == 2400 + 300 + 2
     for piece in (1, 2, 3, 5, 7, 4096):  # every field and header split across feeds
         assert _read(data, piece).tables == whole
 

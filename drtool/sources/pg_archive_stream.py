@@ -81,6 +81,9 @@ class TocEntry:
     tag: str
     offset_flag: int
     flag_at: int  # position of the offset flag in the archive
+    #: the catalog object's oid (catalogId.oid: of a TABLE DATA entry, the table's pg_class
+    #: oid): names are written in pg_dump's client encoding, an oid matches whatever it is
+    oid: int = 0
 
 
 @dataclass(frozen=True)
@@ -166,8 +169,8 @@ def _parse_toc(cur: _ArchiveCursor, header: ArchiveHeader) -> dict[int, TocEntry
     for _ in range(count):
         dump_id = cur.int()
         cur.int()  # hadDumper
-        cur.str()  # tableoid
-        cur.str()  # oid
+        cur.str()  # catalogId.tableoid
+        oid = cur.str()  # catalogId.oid
         tag, desc = cur.str(), cur.str()
         cur.int()  # section
         for _ in range(3):
@@ -188,7 +191,10 @@ def _parse_toc(cur: _ArchiveCursor, header: ArchiveHeader) -> dict[int, TocEntry
         cur.pos += header.offset_size
         if dump_id <= 0 or dump_id in entries or flag not in (1, 2, 3):  # NOT_SET, SET, NO_DATA
             raise ArchiveError(f"malformed TOC entry {dump_id}")
-        entries[dump_id] = TocEntry(dump_id, desc or "", namespace or "", tag or "", flag, flag_at)
+        entries[dump_id] = TocEntry(
+            dump_id, desc or "", namespace or "", tag or "", flag, flag_at,
+            int(oid) if oid and oid.isdigit() else 0,
+        )  # fmt: skip
     return entries
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from drtool.sources.pg_archive_stream import ArchiveStream
+from drtool.sources.pg_archive_stream import ArchiveError, ArchiveStream
 from drtool.sources.pg_fingerprint import (
     COPY,
     FORMAT,
@@ -38,6 +38,7 @@ from drtool.sources.pg_fingerprint import (
 )
 
 log = logging.getLogger(__name__)
+_EMPTY = hashlib.sha256(b"").hexdigest()
 
 #: what pg_dump sets in its own session (pg_dump.c, setup_connection): a COPY of the restored
 #: copy must run under the same; the settings below it (TIME_ZONE, BYTEA_OUTPUT) pg_dump
@@ -51,6 +52,24 @@ PG_DUMP_SESSION = {
 }
 TIME_ZONE = "UTC"
 BYTEA_OUTPUT = "hex"
+#: pg_dump sets ``search_path = ''`` (regclass, regtype, regproc... columns then print
+#: schema-qualified); the proof sets it too, whatever a snapshot recorded
+SEARCH_PATH = ""
+#: why a table has a figure of an empty COPY that no dump block gave
+NOT_DUMPED_UNLOGGED = "not dumped: unlogged on a standby"
+
+
+def dump_encoding(database_encoding: str) -> str:
+    """The client encoding pg_dump writes (and the proof reads) COPY text and names in.
+
+    UTF8 for every database but SQL_ASCII (whose bytes have no encoding to convert from):
+    the TOC's names then decode as UTF-8 and the proof's COPY statement, passed to psql as
+    UTF-8 argv, means what it says (a LATIN1 table "café" spelled in UTF-8 under
+    ``PGCLIENTENCODING=LATIN1`` is a relation that does not exist). pg_restore reads the
+    archive's encoding from it and the server converts back: the dump stays restorable.
+    """
+    return "SQL_ASCII" if database_encoding.upper() == "SQL_ASCII" else "UTF8"
+
 
 # every relation pg_dump writes a TABLE DATA block for that the fingerprints cover: tables
 # and leaf partitions (not temporary, not an extension's), with the columns COPY writes
@@ -64,7 +83,7 @@ SELECT format('%I.%I', n.nspname, c.relname), n.nspname::text, c.relname::text,
        ARRAY(SELECT a.attname::text FROM pg_attribute a
              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                AND a.attgenerated = '' ORDER BY a.attnum),
-       pg_relation_size(c.oid)
+       pg_relation_size(c.oid), c.oid::bigint, c.relpersistence = 'u'
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r' AND c.relpersistence <> 't'
   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
@@ -83,13 +102,19 @@ class CopyUnit:
     root: str | None  # a partition's partitioned root table
     columns: tuple[str, ...]
     size: int = 0
+    oid: int = 0  # pg_class oid: how a TOC entry is matched (its names are in pg_dump's encoding)
+    unlogged: bool = False
 
 
 def copy_units(cur: psycopg.Cursor[Any]) -> dict[tuple[str, str], CopyUnit]:
     """The database's tables and leaf partitions, by (schema, table)."""
     return {
-        (schema, table): CopyUnit(name, schema, table, root, tuple(columns), int(size or 0))
-        for name, schema, table, root, columns, size in cur.execute(_UNITS_SQL).fetchall()
+        (schema, table): CopyUnit(
+            name, schema, table, root, tuple(columns), int(size or 0), int(oid), bool(unlogged)
+        )
+        for name, schema, table, root, columns, size, oid, unlogged in cur.execute(
+            _UNITS_SQL
+        ).fetchall()
     }
 
 
@@ -100,6 +125,7 @@ def dump_session(encoding: str) -> dict[str, str]:
         "TimeZone": TIME_ZONE,
         "bytea_output": BYTEA_OUTPUT,
         "client_encoding": encoding,
+        "search_path": SEARCH_PATH,
     }
 
 
@@ -116,17 +142,26 @@ def streamed_fingerprints(
     stream: ArchiveStream,
     units: Mapping[tuple[str, str], CopyUnit],
     database: DatabaseProps,
+    *,
+    standby: bool = False,
 ) -> PgFingerprints:
     """The fingerprints of a fully read archive: one figure per table and leaf partition.
 
-    A ``TABLE DATA`` block of a relation the catalog did not list (an extension's table) is
-    left out, as the scan of formats 1 to 4 left it out.
+    A ``TABLE DATA`` entry is matched to its catalog unit by the table's oid, never by name
+    (the TOC's names are in pg_dump's client encoding). A block of a relation the catalog
+    did not list (an extension's table) is left out, as the scan of formats 1 to 4 left it
+    out. A unit with no block fails the backup (``ArchiveError``): a table with no figure
+    would pass compare() even when the restore lost it. The one exception: on a standby
+    pg_dump dumps no data of an unlogged table; it is recorded as such, with the figure of an
+    empty COPY (its restored copy is empty), in ``not_dumped``.
     """
     tables: dict[str, Fingerprint] = {}
     partitions: dict[str, PartitionPrint] = {}
+    not_dumped: dict[str, str] = {}
+    by_oid = {unit.oid: unit for unit in units.values()}
     for dump_id, figures in stream.tables.items():
         entry = stream.entries[dump_id]
-        unit = units.get((entry.namespace, entry.tag))
+        unit = by_oid.get(entry.oid)
         if unit is None:
             log.debug("TABLE DATA of %s.%s not fingerprinted", entry.namespace, entry.tag)
             continue
@@ -135,13 +170,24 @@ def streamed_fingerprints(
         )
         if unit.root is not None:
             partitions[unit.name] = PartitionPrint(unit.root, figures.rows, figures.sha256)
+    for unit in sorted(units.values(), key=lambda u: u.name):
+        if unit.name in tables:
+            continue
+        if not (standby and unit.unlogged):
+            raise ArchiveError(f"the dump has no data for table {unit.name}")
+        log.warning("%s: %s (restored empty)", unit.name, NOT_DUMPED_UNLOGGED)
+        tables[unit.name] = Fingerprint(0, _EMPTY, None, COPY, 0, unit.columns)
+        not_dumped[unit.name] = NOT_DUMPED_UNLOGGED
+        if unit.root is not None:
+            partitions[unit.name] = PartitionPrint(unit.root, 0, _EMPTY)
     return PgFingerprints(
         dict(sorted(tables.items())),
         {},
         database,
         dict(sorted(partitions.items())),
         format=FORMAT,
-        copy_settings=dump_session(database.encoding),
+        copy_settings=dump_session(dump_encoding(database.encoding)),
+        not_dumped=not_dumped,
     )
 
 
@@ -149,6 +195,7 @@ def copy_env(settings: Mapping[str, str]) -> dict[str, str]:
     """libpq environment for a ``psql`` that reads COPY text as the recorded session wrote it."""
     options = {k: v for k, v in settings.items() if k != "client_encoding"}
     options["statement_timeout"] = "0"
+    options["search_path"] = SEARCH_PATH  # snapshots made before it was recorded need it too
     return {
         "PGOPTIONS": " ".join(f"-c {k}={v}" for k, v in options.items()),
         "PGCLIENTENCODING": settings.get("client_encoding", "UTF8"),
@@ -210,5 +257,10 @@ def prove_by_copy(
         for name, (rows, size, digest) in sorted(found.items())
     }
     return PgFingerprints(
-        tables, {}, database, format=FORMAT, copy_settings=dict(like.copy_settings)
+        tables,
+        {},
+        database,
+        format=FORMAT,
+        copy_settings=dict(like.copy_settings),
+        not_dumped=dict(like.not_dumped),
     )

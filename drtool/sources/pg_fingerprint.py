@@ -329,6 +329,9 @@ class PgFingerprints:
     format: int = field(default=SCAN_FORMAT, compare=False)  # FORMAT: read off the dump
     #: format 5: the settings under which the COPY text was written (pg_dump's session)
     copy_settings: dict[str, str] = field(default_factory=dict, compare=False)
+    #: format 5: tables pg_dump wrote no data for, and why (an unlogged table dumped from a
+    #: standby); each has the figure of an empty COPY, which its restored copy gives
+    not_dumped: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def streamed(self) -> bool:
@@ -351,6 +354,8 @@ class PgFingerprints:
             doc["partitions"] = {n: p.to_dict() for n, p in self.partitions.items()}
         if self.copy_settings:
             doc["copy_settings"] = dict(self.copy_settings)
+        if self.not_dumped:
+            doc["not_dumped"] = dict(self.not_dumped)
         return doc
 
     @classmethod
@@ -378,6 +383,7 @@ class PgFingerprints:
                 },
                 format=int(data["format"]),
                 copy_settings={str(k): str(v) for k, v in data.get("copy_settings", {}).items()},
+                not_dumped={str(k): str(v) for k, v in data.get("not_dumped", {}).items()},
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"malformed fingerprints: {exc!r}") from None

@@ -42,6 +42,7 @@ from drtool.sources.pg_copy_proof import (
     CopyUnit,
     copy_env,
     copy_units,
+    dump_encoding,
     pg_dump_env,
     prove_by_copy,
     streamed_fingerprints,
@@ -249,9 +250,15 @@ def _tool_env(endpoint: PostgresEndpoint, app: str) -> dict[str, str]:
 class _StreamPrints:
     """The fingerprints read off the archive as it streams (see :class:`PgDump`)."""
 
-    def __init__(self, units: dict[tuple[str, str], CopyUnit], database: DatabaseProps) -> None:
+    def __init__(
+        self,
+        units: dict[tuple[str, str], CopyUnit],
+        database: DatabaseProps,
+        *,
+        standby: bool = False,
+    ) -> None:
         self.reader = ArchiveStream()
-        self.units, self.database = units, database
+        self.units, self.database, self.standby = units, database, standby
         self.error: ArchiveError | None = None
         self.result: PgFingerprints | None = None
 
@@ -266,7 +273,9 @@ class _StreamPrints:
         if self.error is None:
             try:
                 self.reader.finish()
-                self.result = streamed_fingerprints(self.reader, self.units, self.database)
+                self.result = streamed_fingerprints(
+                    self.reader, self.units, self.database, standby=self.standby
+                )
             except ArchiveError as exc:
                 self.error = exc
         if self.error is not None:
@@ -316,7 +325,10 @@ def _archive_stream(
     passes (``prints``), with pg_dump's inherited session settings pinned."""
     if conn.closed:
         raise SourceError("pg_dump stream read after its dump() block: the snapshot is gone")
-    env = {**_tool_env(endpoint, "drtool-pg_dump"), **pg_dump_env(prints.database.encoding)}
+    env = {
+        **_tool_env(endpoint, "drtool-pg_dump"),
+        **pg_dump_env(dump_encoding(prints.database.encoding)),
+    }
     chunks = command_stream(
         argv,
         env=env,
@@ -339,14 +351,16 @@ def _archive_stream(
 
 def _snapshot_catalog(
     endpoint: PostgresEndpoint, snapshot: str
-) -> tuple[dict[tuple[str, str], CopyUnit], DatabaseProps]:
-    """The tables, partitions and database properties the exported snapshot shows."""
+) -> tuple[dict[tuple[str, str], CopyUnit], DatabaseProps, bool]:
+    """The tables, partitions and database properties the exported snapshot shows, and
+    whether the server is a standby (pg_dump dumps no unlogged table's data there)."""
     try:
         with _connect(endpoint) as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
             with conn.cursor() as cur:
-                return copy_units(cur), database_props(cur)
+                standby = bool(cur.execute("SELECT pg_is_in_recovery()").fetchone()[0])  # type: ignore[index]
+                return copy_units(cur), database_props(cur), standby
     except psycopg.Error as exc:
         raise SourceError(f"PostgreSQL catalog: {_one_line(exc, endpoint)}") from None
 
@@ -378,8 +392,8 @@ def dump(
         version = _server_version(conn)
         _require_client("pg_dump", _major(pg_dump_version), _major(version))
         exported = export_snapshot(conn, endpoint, _major(version), wait=slot_wait)
-        units, database = _snapshot_catalog(endpoint, exported.snapshot)
-        prints = _StreamPrints(units, database)
+        units, database, standby = _snapshot_catalog(endpoint, exported.snapshot)
+        prints = _StreamPrints(units, database, standby=standby)
         argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={exported.snapshot}"]
         argv += ["--no-password", _dbname_arg(endpoint.dbname)]
         stream = _archive_stream(conn, argv, endpoint, prints, timeout=timeout, read_size=read_size)
