@@ -41,7 +41,9 @@ DUMP_MAGIC = b"PGDMP"
 COPY_END = b"\\.\n\n\n"  # what pg_dump writes after a table's COPY rows
 _ARCH_CUSTOM = 1
 _HEADER_READ = 64 * 1024
-_MAX_TOC = 64 << 20  # a TOC this big is not one (the TOC is buffered whole)
+# the TOC is buffered whole until it parses; it is bounded by the schema, not the data (an
+# 8 MB TOC holds ~9,000 tables), so this only stops a stream that is no archive at all
+_MAX_TOC = 4 << 30
 OFFSET_NOT_SET, OFFSET_SET, OFFSET_NO_DATA = 1, 2, 3
 BLK_DATA, BLK_BLOBS = 1, 3
 INDEXED_SINCE = (1, 12, 0)  # archives whose TOC this reader parses (PostgreSQL 9.5 and later)
@@ -84,6 +86,9 @@ class TocEntry:
     #: the catalog object's oid (catalogId.oid: of a TABLE DATA entry, the table's pg_class
     #: oid): names are written in pg_dump's client encoding, an oid matches whatever it is
     oid: int = 0
+    #: the COPY statement pg_restore runs for a TABLE DATA entry (names the partition root
+    #: instead of the entry's table under --load-via-partition-root)
+    copy_stmt: str = ""
 
 
 @dataclass(frozen=True)
@@ -173,8 +178,9 @@ def _parse_toc(cur: _ArchiveCursor, header: ArchiveHeader) -> dict[int, TocEntry
         oid = cur.str()  # catalogId.oid
         tag, desc = cur.str(), cur.str()
         cur.int()  # section
-        for _ in range(3):
-            cur.str()  # defn, dropStmt, copyStmt
+        cur.str()  # defn
+        cur.str()  # dropStmt
+        copy_stmt = cur.str()
         namespace = cur.str()
         cur.str()  # tablespace
         if version >= (1, 14, 0):
@@ -193,7 +199,7 @@ def _parse_toc(cur: _ArchiveCursor, header: ArchiveHeader) -> dict[int, TocEntry
             raise ArchiveError(f"malformed TOC entry {dump_id}")
         entries[dump_id] = TocEntry(
             dump_id, desc or "", namespace or "", tag or "", flag, flag_at,
-            int(oid) if oid and oid.isdigit() else 0,
+            int(oid) if oid and oid.isdigit() else 0, copy_stmt or "",
         )  # fmt: skip
     return entries
 
@@ -229,6 +235,7 @@ class ArchiveStream:
         self.tables: dict[int, TableData] = {}
         self._state = _TOC
         self._toc = bytearray()
+        self._toc_tried = 0  # buffered TOC bytes at the last parse attempt that fell short
         self._pos = 0  # archive offset of the next byte fed
         self._pend = bytearray()  # a field split across feeds (a few bytes)
         self._skip = 0  # bytes of the current chunk still to skip
@@ -253,13 +260,29 @@ class ArchiveStream:
         if self._state == _TOC:
             self._toc += data
             self._pos += len(data)
-            end = self._parse_toc()
-            if end is None:
+            # a parse attempt reads the whole buffer again: only when it has doubled since
+            # the last one fell short, so a TOC of n bytes costs O(n) however it is fed
+            # (each 64 KiB feed re-parsing it was quadratic: 2.2 CPU-s for an 8 MB TOC)
+            if len(self._toc) < 2 * self._toc_tried:
                 return
-            rest = bytes(self._toc[end:])
-            self._pos = end
-            self._toc = bytearray()
-            data = rest
+            self._after_toc()
+            return
+        self._data(data)
+
+    def _after_toc(self, final: bool = False) -> None:
+        """Parse the buffered header and TOC; once whole, read the data bytes buffered after."""
+        end = self._parse_toc()
+        if end is None:
+            self._toc_tried = len(self._toc)
+            if final:
+                raise ArchiveError("truncated archive: it ends inside its header or TOC")
+            return
+        rest = bytes(self._toc[end:])
+        self._pos = end
+        self._toc = bytearray()
+        self._data(rest)
+
+    def _data(self, data: bytes) -> None:
         i, n = 0, len(data)
         while i < n:
             if self._state == _COPY:
@@ -277,7 +300,7 @@ class ArchiveStream:
     def finish(self) -> None:
         """The stream ended: ``ArchiveError`` unless it ended after a whole last block."""
         if self._state == _TOC:
-            raise ArchiveError("truncated archive: it ends inside its header or TOC")
+            self._after_toc(final=True)
         if self._state != _BLOCK or self._pend:
             raise ArchiveError(
                 f"truncated archive: it ends inside the data of entry {self._dump_id}"
@@ -422,6 +445,8 @@ def index_archive(path: Path) -> int:
         with open(path, "rb") as fh:
             while reader.header is None and (piece := fh.read(_READ)):
                 reader.feed(piece)
+            if reader.header is None:  # the file ended before a parse attempt was due
+                reader.finish()
             if not any(e.offset_flag == OFFSET_NOT_SET for e in reader.entries.values()):
                 return 0
             while piece := fh.read(_READ):
