@@ -21,7 +21,13 @@ from drtool.endpoints import PostgresEndpoint
 from drtool.errors import IntegrityError
 from drtool.repository.manifest import ObjectEntry
 from drtool.sources.pg_archive_stream import ArchiveError, ArchiveStream, index_archive
-from drtool.sources.pg_copy_proof import CopyUnit, copy_units, streamed_fingerprints
+from drtool.sources.pg_copy_proof import (
+    CopyUnit,
+    copy_env,
+    copy_units,
+    prove_by_copy,
+    streamed_fingerprints,
+)
 from drtool.sources.pg_fingerprint import (
     DatabaseProps,
     PgFingerprints,
@@ -35,6 +41,7 @@ from drtool.sources.postgres import (
     dump,
     restore_dump,
 )
+from drtool.sources.process import CommandFailed, command_stream
 from drtool.stores.postgres import restore as pg_restore
 from drtool.stores.postgres.restore import fingerprints_of
 from drtool.stores.stage import Plain
@@ -310,6 +317,38 @@ def test_a_table_with_no_data_block_fails_the_backup_unless_unlogged_on_a_standb
     _run(seeded, "ALTER TABLE scratch SET LOGGED")
     with pytest.raises(ArchiveError, match=r"public\.scratch"):  # a logged one: never excused
         streamed_fingerprints(reader, _units(seeded), props, standby=True)
+
+
+def test_a_failed_copy_fails_the_proof_without_running_the_queued_ones(
+    seeded: PostgresEndpoint, copies: Any, tmp_path: Path
+) -> None:
+    """The first COPY that fails ends the proof: before, the pool ran every queued COPY (each
+    psql in its own session) before the failure was raised."""
+    archive = tmp_path / "db.pgdump"
+    recorded = _dump(seeded, archive)
+    copy = copies(archive, seeded.dbname + "_copy", recorded)
+    target = replace(seeded, dbname=copy)
+    largest = _run(target, "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+                           "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
+                           "AND n.nspname = 'public' ORDER BY pg_relation_size(c.oid) DESC "
+                           "LIMIT 1")[0][0]  # fmt: skip
+    doc = recorded.to_dict()
+    doc["tables"][largest]["columns"] = ["no_such_column"]  # its COPY fails, and runs first
+    like = PgFingerprints.from_dict(doc)
+    started: list[str] = []
+    env = {**os.environ, **target.libpq_env(), **copy_env(like.copy_settings)}
+
+    def run_copy(statement: str) -> Any:
+        started.append(statement)
+        argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", copy, "-c", statement]
+        return command_stream(argv, env=env, timeout=60, name="psql COPY")
+
+    with (
+        psycopg.connect(**target.connect_kwargs()) as conn,
+        pytest.raises(CommandFailed, match="no_such_column"),
+    ):
+        prove_by_copy(conn, like, run_copy, workers=1)
+    assert len(started) == 1 and "no_such_column" in started[0]
 
 
 # -- the archive reader ----------------------------------------------------------------------

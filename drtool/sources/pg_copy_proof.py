@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,12 +207,25 @@ CopyRunner = Callable[[str], Iterator[bytes]]
 """Runs one ``COPY ... TO STDOUT`` statement and yields its text in large chunks."""
 
 
-def _digest(chunks: Iterable[bytes]) -> tuple[int, int, str]:
+class _Cancelled(Exception):
+    """Another COPY of the proof failed, or the proof was interrupted: stop this one."""
+
+
+def _digest(chunks: Iterable[bytes], cancel: threading.Event) -> tuple[int, int, str]:
+    """Rows, bytes and sha256 of one COPY's text; stops (closing ``chunks``, which kills its
+    psql) at the next chunk once ``cancel`` is set."""
     digest, rows, size = hashlib.sha256(), 0, 0
-    for chunk in chunks:
-        digest.update(chunk)
-        rows += chunk.count(b"\n")
-        size += len(chunk)
+    try:
+        for chunk in chunks:
+            if cancel.is_set():
+                raise _Cancelled
+            digest.update(chunk)
+            rows += chunk.count(b"\n")
+            size += len(chunk)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
     return rows, size, digest.hexdigest()
 
 
@@ -225,9 +239,12 @@ def prove_by_copy(
     """The restored copy's figures, taken the way ``like`` (a format-5 snapshot's) were.
 
     ``conn`` reads the copy's catalog and properties; ``run_copy`` runs each COPY (in
-    ``workers`` threads, largest first). A table the snapshot names but the copy lacks is
-    left out (compare() says missing); one the copy has and the snapshot not is figured with
-    all its columns (compare() says unexpected).
+    ``workers`` threads, largest first). The first COPY that fails, or an exception in the
+    caller's thread (Ctrl-C, SIGTERM), ends the proof at once: the queued COPYs never start
+    and the running ones stop at their next chunk, their psql killed (each runs in its own
+    session, so nothing else would stop it before the largest table was read). A table the
+    snapshot names but the copy lacks is left out (compare() says missing); one the copy has
+    and the snapshot not is figured with all its columns (compare() says unexpected).
     """
     with conn.cursor() as cur:
         units = {u.name: u for u in copy_units(cur).values()}
@@ -244,14 +261,30 @@ def prove_by_copy(
             statement = sql.SQL("COPY {} TO STDOUT").format(sql.Identifier(unit.schema, unit.table))
         statements.append((name, unit.size, statement.as_string(conn)))
     statements.sort(key=lambda s: -s[1])
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="drtool-copy") as pool:
-        found = dict(
-            zip(
-                [name for name, _, _ in statements],
-                pool.map(lambda s: _digest(run_copy(s[2])), statements),
-                strict=True,
-            )
-        )
+    cancel = threading.Event()
+
+    def one(statement: str) -> tuple[int, int, str]:
+        if cancel.is_set():
+            raise _Cancelled
+        try:
+            return _digest(run_copy(statement), cancel)
+        except BaseException:
+            cancel.set()  # here, before this worker takes the next queued COPY
+            raise
+
+    found: dict[str, tuple[int, int, str]] = {}
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="drtool-copy")
+    try:
+        futures: dict[Future[tuple[int, int, str]], str] = {
+            pool.submit(one, statement): name for name, _, statement in statements
+        }
+        for future in as_completed(futures):
+            found[futures[future]] = future.result()  # the first failure is raised
+    except BaseException:
+        cancel.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     tables = {
         name: Fingerprint(rows, digest, None, COPY, size, units[name].columns)
         for name, (rows, size, digest) in sorted(found.items())
