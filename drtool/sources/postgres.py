@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import time
 from collections.abc import Generator, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -415,7 +416,9 @@ def copy_proof(
 ) -> PgFingerprints:
     """Format-5 fingerprints of database ``dbname`` (a restored copy), taken as ``like`` were:
     ``COPY ... TO STDOUT`` of each table by ``psql`` under the recorded settings, ``workers``
-    at a time (:mod:`drtool.sources.pg_copy_proof`)."""
+    at a time (:mod:`drtool.sources.pg_copy_proof`). ``timeout`` bounds the whole proof: each
+    COPY gets what is left of it."""
+    deadline = time.monotonic() + timeout
     psql = _binary("psql", pg_bin_dir)
     env = {**_tool_env(endpoint, "drtool-copy-proof"), **copy_env(like.copy_settings)}
     argv = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password", _dbname_arg(dbname)]
@@ -424,7 +427,7 @@ def copy_proof(
         return command_stream(
             [*argv, "-c", statement],
             env=env,
-            timeout=timeout,
+            timeout=max(1.0, deadline - time.monotonic()),
             name="psql COPY",
             secrets=_secrets(endpoint),
         )
