@@ -30,6 +30,7 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,33 @@ class TableData:
     rows: int
     size: int
     sha256: str
+    #: the order-independent sum of :class:`LineSum`, for the entries asked for (else None)
+    line_sum: int | None = None
+
+
+class LineSum:
+    """Sum mod 2**64 of each line's 8-byte blake2b: a figure of a table's COPY lines that does
+    not depend on their order (rows re-routed among partitions on restore keep it, summed
+    over the tree). Per-line Python: used only for the rare trees that need it."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._partial = b""
+
+    def feed(self, text: bytes) -> None:
+        """More COPY text, cut anywhere."""
+        lines = (self._partial + text).split(b"\n")
+        self._partial = lines.pop()
+        total = self.value
+        for line in lines:
+            total += int.from_bytes(hashlib.blake2b(line, digest_size=8).digest(), "little")
+        self.value = total & 0xFFFFFFFFFFFFFFFF
+
+    def done(self) -> int:
+        """The sum (a last line without its newline counts as a line)."""
+        if self._partial:
+            self.feed(b"\n")
+        return self.value
 
 
 class _ArchiveCursor:
@@ -227,8 +255,12 @@ class ArchiveStream:
     (:attr:`blocks`, by dumpId), as :func:`index_archive` needs.
     """
 
-    def __init__(self, *, digest: bool = True) -> None:
+    def __init__(
+        self, *, digest: bool = True, per_line: Callable[[TocEntry], bool] | None = None
+    ) -> None:
         self.digest = digest
+        self._per_line = per_line  # which TABLE DATA entries also get a LineSum
+        self._lines: LineSum | None = None
         self.header: ArchiveHeader | None = None
         self.entries: dict[int, TocEntry] = {}
         self.blocks: dict[int, int] = {}
@@ -381,6 +413,7 @@ class ArchiveStream:
             self._state, self._in_blob = _COPY, False
             self._carry, self._tail = b"", b""
             self._hash, self._rows, self._size = hashlib.sha256(), 0, 0
+            self._lines = LineSum() if self._per_line and self._per_line(entry) else None
         else:
             self._state, self._in_blob = _CHUNK, False
 
@@ -409,6 +442,8 @@ class ArchiveStream:
             self._hash.update(text)
             self._rows += text.count(b"\n")
             self._size += len(text)
+            if self._lines is not None:
+                self._lines.feed(text)
         if end < 0:
             return len(data)
         if self.digest:
@@ -416,7 +451,12 @@ class ArchiveStream:
                 self._hash.update(self._tail)
                 self._rows += self._tail.count(b"\n")
                 self._size += len(self._tail)
-            self.tables[self._dump_id] = TableData(self._rows, self._size, self._hash.hexdigest())
+                if self._lines is not None:
+                    self._lines.feed(self._tail)
+            line_sum = None if self._lines is None else self._lines.done()
+            self.tables[self._dump_id] = TableData(
+                self._rows, self._size, self._hash.hexdigest(), line_sum
+            )
         self._carry, self._state = b"", _BLOCK
         return i + end + len(_BLOCK_END) - carried
 

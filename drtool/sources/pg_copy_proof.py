@@ -27,10 +27,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from drtool.sources.pg_archive_stream import ArchiveError, ArchiveStream
+from drtool.sources.pg_archive_stream import ArchiveError, ArchiveStream, LineSum, TocEntry
 from drtool.sources.pg_fingerprint import (
     COPY,
     FORMAT,
+    LINES,
     DatabaseProps,
     Fingerprint,
     PartitionPrint,
@@ -39,6 +40,7 @@ from drtool.sources.pg_fingerprint import (
 )
 
 log = logging.getLogger(__name__)
+_MOD = 1 << 64
 _EMPTY = hashlib.sha256(b"").hexdigest()
 
 #: what pg_dump sets in its own session (pg_dump.c, setup_connection): a COPY of the restored
@@ -155,10 +157,15 @@ def streamed_fingerprints(
     would pass compare() even when the restore lost it. The one exception: on a standby
     pg_dump dumps no data of an unlogged table; it is recorded as such, with the figure of an
     empty COPY (its restored copy is empty), in ``not_dumped``.
+
+    The leaves of a tree pg_dump loads via its root (:func:`loads_via_root`) are recorded at
+    the root, order-independent (``LINES``): their rows may land in other leaves on restore.
     """
     tables: dict[str, Fingerprint] = {}
     partitions: dict[str, PartitionPrint] = {}
     not_dumped: dict[str, str] = {}
+    trees: dict[str, list[int]] = {}  # root: rows, bytes, line sum
+    covered: set[str] = set()
     by_oid = {unit.oid: unit for unit in units.values()}
     for dump_id, figures in stream.tables.items():
         entry = stream.entries[dump_id]
@@ -166,13 +173,22 @@ def streamed_fingerprints(
         if unit is None:
             log.debug("TABLE DATA of %s.%s not fingerprinted", entry.namespace, entry.tag)
             continue
+        if figures.line_sum is not None and unit.root is not None:
+            tree = trees.setdefault(unit.root, [0, 0, 0])
+            tree[0] += figures.rows
+            tree[1] += figures.size
+            tree[2] = (tree[2] + figures.line_sum) % _MOD
+            covered.add(unit.name)
+            continue
         tables[unit.name] = Fingerprint(
             figures.rows, figures.sha256, None, COPY, figures.size, unit.columns
         )
         if unit.root is not None:
             partitions[unit.name] = PartitionPrint(unit.root, figures.rows, figures.sha256)
+    for root, (rows, size, line_sum) in trees.items():
+        tables[root] = Fingerprint(rows, f"{line_sum:016x}", None, LINES, size, None)
     for unit in sorted(units.values(), key=lambda u: u.name):
-        if unit.name in tables:
+        if unit.name in tables or unit.name in covered:
             continue
         if not (standby and unit.unlogged):
             raise ArchiveError(f"the dump has no data for table {unit.name}")
@@ -190,6 +206,23 @@ def streamed_fingerprints(
         copy_settings=dump_session(dump_encoding(database.encoding)),
         not_dumped=not_dumped,
     )
+
+
+def loads_via_root(units: Mapping[tuple[str, str], CopyUnit]) -> Callable[[TocEntry], bool]:
+    """Whether a ``TABLE DATA`` entry's COPY statement loads a leaf via its partition root.
+
+    pg_dump (15.3 and later) forces ``--load-via-partition-root`` for hash partitioning on an
+    enum column: the leaf's data then reads ``COPY <root> (...) FROM stdin`` and is re-routed
+    on restore, so a leaf's rows may land in another leaf. The root's name is quoted the
+    same way by pg_dump and by ``format('%I.%I')``.
+    """
+    by_oid = {unit.oid: unit for unit in units.values()}
+
+    def check(entry: TocEntry) -> bool:
+        unit = by_oid.get(entry.oid)
+        return bool(unit and unit.root and entry.copy_stmt.startswith(f"COPY {unit.root} "))
+
+    return check
 
 
 def copy_env(settings: Mapping[str, str]) -> dict[str, str]:
@@ -211,10 +244,15 @@ class _Cancelled(Exception):
     """Another COPY of the proof failed, or the proof was interrupted: stop this one."""
 
 
-def _digest(chunks: Iterable[bytes], cancel: threading.Event) -> tuple[int, int, str]:
-    """Rows, bytes and sha256 of one COPY's text; stops (closing ``chunks``, which kills its
-    psql) at the next chunk once ``cancel`` is set."""
+_Figures = tuple[int, int, str, int | None]  # rows, bytes, sha256, line sum (LINES only)
+
+
+def _digest(chunks: Iterable[bytes], cancel: threading.Event, lines: bool) -> _Figures:
+    """Rows, bytes, sha256 (and with ``lines`` the :class:`LineSum`) of one COPY's text;
+    stops (closing ``chunks``, which kills its psql) at the next chunk once ``cancel`` is
+    set."""
     digest, rows, size = hashlib.sha256(), 0, 0
+    line_sum = LineSum() if lines else None
     try:
         for chunk in chunks:
             if cancel.is_set():
@@ -222,11 +260,13 @@ def _digest(chunks: Iterable[bytes], cancel: threading.Event) -> tuple[int, int,
             digest.update(chunk)
             rows += chunk.count(b"\n")
             size += len(chunk)
+            if line_sum is not None:
+                line_sum.feed(chunk)
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
-    return rows, size, digest.hexdigest()
+    return rows, size, digest.hexdigest(), None if line_sum is None else line_sum.done()
 
 
 def prove_by_copy(
@@ -244,13 +284,19 @@ def prove_by_copy(
     and the running ones stop at their next chunk, their psql killed (each runs in its own
     session, so nothing else would stop it before the largest table was read). A table the
     snapshot names but the copy lacks is left out (compare() says missing); one the copy has
-    and the snapshot not is figured with all its columns (compare() says unexpected).
+    and the snapshot not is figured with all its columns (compare() says unexpected). A
+    tree the snapshot recorded at its root (``LINES``) is proved the same way: each of its
+    leaves copied, their line sums added up at the root.
     """
     with conn.cursor() as cur:
         units = {u.name: u for u in copy_units(cur).values()}
         database = database_props(cur)
+    by_lines = {name for name, fp in like.tables.items() if fp.row_hash == LINES}
     statements: list[tuple[str, int, str]] = []
+    tree_of: dict[str, str] = {}  # leaf: its root, for the leaves proved at the root
     for name, unit in units.items():
+        if unit.root in by_lines and name not in like.tables:
+            tree_of[name] = unit.root
         recorded = like.tables.get(name)
         columns = recorded.columns if recorded and recorded.columns is not None else unit.columns
         statement = sql.SQL("COPY {} ({}) TO STDOUT").format(
@@ -263,20 +309,20 @@ def prove_by_copy(
     statements.sort(key=lambda s: -s[1])
     cancel = threading.Event()
 
-    def one(statement: str) -> tuple[int, int, str]:
+    def one(name: str, statement: str) -> _Figures:
         if cancel.is_set():
             raise _Cancelled
         try:
-            return _digest(run_copy(statement), cancel)
+            return _digest(run_copy(statement), cancel, name in tree_of)
         except BaseException:
             cancel.set()  # here, before this worker takes the next queued COPY
             raise
 
-    found: dict[str, tuple[int, int, str]] = {}
+    found: dict[str, _Figures] = {}
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="drtool-copy")
     try:
-        futures: dict[Future[tuple[int, int, str]], str] = {
-            pool.submit(one, statement): name for name, _, statement in statements
+        futures: dict[Future[_Figures], str] = {
+            pool.submit(one, name, statement): name for name, _, statement in statements
         }
         for future in as_completed(futures):
             found[futures[future]] = future.result()  # the first failure is raised
@@ -285,12 +331,21 @@ def prove_by_copy(
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    tables = {
-        name: Fingerprint(rows, digest, None, COPY, size, units[name].columns)
-        for name, (rows, size, digest) in sorted(found.items())
-    }
+    tables: dict[str, Fingerprint] = {}
+    trees: dict[str, list[int]] = {}
+    for name, (rows, size, digest, line_sum) in found.items():
+        root = tree_of.get(name)
+        if root is None or line_sum is None:
+            tables[name] = Fingerprint(rows, digest, None, COPY, size, units[name].columns)
+            continue
+        tree = trees.setdefault(root, [0, 0, 0])
+        tree[0] += rows
+        tree[1] += size
+        tree[2] = (tree[2] + line_sum) % _MOD
+    for root, (rows, size, total) in trees.items():
+        tables[root] = Fingerprint(rows, f"{total:016x}", None, LINES, size, None)
     return PgFingerprints(
-        tables,
+        dict(sorted(tables.items())),
         {},
         database,
         format=FORMAT,

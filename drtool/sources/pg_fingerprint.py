@@ -58,6 +58,9 @@ FORMAT = 5
 RECORD, TEXT = "record", "text"  # the row hashes, see the module docstring
 SCAN_FORMAT = 4  # the figures of a row-hash scan (compute_fingerprints, pg_scan)
 COPY = "copy"  # format 5: sha256 of the table's COPY text, see the module docstring
+#: format 5, a partition tree pg_dump loads via its root (hash partitioning on an enum):
+#: order-independent, the sum mod 2**64 of each COPY line's 8-byte blake2b, at the root
+LINES = "copy-lines"
 _MOD = 1 << 64
 _MAX_ROOM_DIFFS = 10
 _PINNED_SETTINGS = {
@@ -131,7 +134,7 @@ class Fingerprint:
             "max_id": self.max_id,
             "row_hash": self.row_hash,
         }
-        if self.row_hash == COPY:
+        if self.row_hash in (COPY, LINES):
             doc["size"] = self.size
             doc["columns"] = None if self.columns is None else list(self.columns)
         return doc
@@ -141,7 +144,7 @@ class Fingerprint:
         """Inverse of ``to_dict``."""
         max_id = data.get("max_id")
         row_hash = str(data.get("row_hash", default_hash))
-        if row_hash not in _ROW_HASHES and row_hash != COPY:
+        if row_hash not in _ROW_HASHES and row_hash not in (COPY, LINES):
             raise ValueError(f"unknown row hash {row_hash!r}")
         size, columns = data.get("size"), data.get("columns")
         return cls(

@@ -44,6 +44,7 @@ from drtool.sources.pg_copy_proof import (
     copy_env,
     copy_units,
     dump_encoding,
+    loads_via_root,
     pg_dump_env,
     prove_by_copy,
     streamed_fingerprints,
@@ -258,7 +259,7 @@ class _StreamPrints:
         *,
         standby: bool = False,
     ) -> None:
-        self.reader = ArchiveStream()
+        self.reader = ArchiveStream(per_line=loads_via_root(units))
         self.units, self.database, self.standby = units, database, standby
         self.error: ArchiveError | None = None
         self.result: PgFingerprints | None = None
