@@ -11,6 +11,7 @@ one line with nothing stored.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,9 @@ from drtool.config import load_config
 from drtool.repository import catalog
 from drtool.repository.access import open_repo
 from drtool.runtime.pgserver import PostgresServer
+from drtool.sources import postgres as pg
+from drtool.sources.pg_fingerprint import compare
+from drtool.stores.postgres.restore import fingerprints_of
 from drtool.wal.names import parse_lsn
 
 pytestmark = pytest.mark.slow  # a primary, a base backup and a standby
@@ -106,3 +110,36 @@ def test_a_standby_lagging_past_the_limit_is_refused_and_nothing_is_stored(
     assert "Traceback" not in done.stderr
     repo = open_repo(load_config(kit.operator, {}))
     assert catalog.list_snapshots(repo.storage, repo.verify_keys, repo.info.repo_id) == []
+
+
+def test_an_unlogged_table_dumped_from_a_standby_is_recorded_and_its_restore_verifies(
+    tmp_path: Path, primary: PostgresServer, standby: PostgresServer
+) -> None:
+    """On a standby pg_dump writes no data of an unlogged table (no TABLE DATA entry): the
+    fingerprints record it as not dumped, expected empty, and the restored copy (which has
+    the table, empty) verifies; before, every restore was refused ("unexpected table")."""
+    with admin(primary.endpoint) as conn:
+        conn.execute("CREATE UNLOGGED TABLE scratch_u (a int)")
+        conn.execute("INSERT INTO scratch_u SELECT generate_series(1, 10)")
+    name = f"from_standby_{os.getpid()}"
+    try:
+        wait_for("the standby to catch up", lambda: _caught_up(primary, standby))
+        archive = tmp_path / "db.pgdump"
+        with pg.dump(standby.endpoint, pg_bin_dir=standby.bin_dir, timeout=120) as pgd:
+            with open(archive, "wb") as fh:
+                for chunk in pgd.stream:
+                    fh.write(chunk)
+            prints = pgd.fingerprints
+        assert prints.not_dumped == {"public.scratch_u": "not dumped: unlogged on a standby"}
+        assert prints.tables["public.scratch_u"].rows == 0
+        assert prints.tables["public.rows_on_primary"].rows >= 500
+        assert prints.database is not None
+        pg.create_database(primary.endpoint, name, prints.database)
+        pg.restore_dump(archive, primary.endpoint, name, pg_bin_dir=primary.bin_dir, timeout=120)
+        pg.apply_database_props(primary.endpoint, name, prints.database)
+        proved = fingerprints_of(primary.endpoint, name, prints, pg_bin_dir=primary.bin_dir)
+        assert compare(prints, proved) == []
+    finally:
+        pg.drop_database(primary.endpoint, name)
+        with admin(primary.endpoint) as conn:
+            conn.execute("DROP TABLE scratch_u")

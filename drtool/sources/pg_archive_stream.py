@@ -30,6 +30,7 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,9 @@ DUMP_MAGIC = b"PGDMP"
 COPY_END = b"\\.\n\n\n"  # what pg_dump writes after a table's COPY rows
 _ARCH_CUSTOM = 1
 _HEADER_READ = 64 * 1024
-_MAX_TOC = 64 << 20  # a TOC this big is not one (the TOC is buffered whole)
+# the TOC is buffered whole until it parses; it is bounded by the schema, not the data (an
+# 8 MB TOC holds ~9,000 tables), so this only stops a stream that is no archive at all
+_MAX_TOC = 4 << 30
 OFFSET_NOT_SET, OFFSET_SET, OFFSET_NO_DATA = 1, 2, 3
 BLK_DATA, BLK_BLOBS = 1, 3
 INDEXED_SINCE = (1, 12, 0)  # archives whose TOC this reader parses (PostgreSQL 9.5 and later)
@@ -81,6 +84,12 @@ class TocEntry:
     tag: str
     offset_flag: int
     flag_at: int  # position of the offset flag in the archive
+    #: the catalog object's oid (catalogId.oid: of a TABLE DATA entry, the table's pg_class
+    #: oid): names are written in pg_dump's client encoding, an oid matches whatever it is
+    oid: int = 0
+    #: the COPY statement pg_restore runs for a TABLE DATA entry (names the partition root
+    #: instead of the entry's table under --load-via-partition-root)
+    copy_stmt: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,33 @@ class TableData:
     rows: int
     size: int
     sha256: str
+    #: the order-independent sum of :class:`LineSum`, for the entries asked for (else None)
+    line_sum: int | None = None
+
+
+class LineSum:
+    """Sum mod 2**64 of each line's 8-byte blake2b: a figure of a table's COPY lines that does
+    not depend on their order (rows re-routed among partitions on restore keep it, summed
+    over the tree). Per-line Python: used only for the rare trees that need it."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._partial = b""
+
+    def feed(self, text: bytes) -> None:
+        """More COPY text, cut anywhere."""
+        lines = (self._partial + text).split(b"\n")
+        self._partial = lines.pop()
+        total = self.value
+        for line in lines:
+            total += int.from_bytes(hashlib.blake2b(line, digest_size=8).digest(), "little")
+        self.value = total & 0xFFFFFFFFFFFFFFFF
+
+    def done(self) -> int:
+        """The sum (a last line without its newline counts as a line)."""
+        if self._partial:
+            self.feed(b"\n")
+        return self.value
 
 
 class _ArchiveCursor:
@@ -166,12 +202,13 @@ def _parse_toc(cur: _ArchiveCursor, header: ArchiveHeader) -> dict[int, TocEntry
     for _ in range(count):
         dump_id = cur.int()
         cur.int()  # hadDumper
-        cur.str()  # tableoid
-        cur.str()  # oid
+        cur.str()  # catalogId.tableoid
+        oid = cur.str()  # catalogId.oid
         tag, desc = cur.str(), cur.str()
         cur.int()  # section
-        for _ in range(3):
-            cur.str()  # defn, dropStmt, copyStmt
+        cur.str()  # defn
+        cur.str()  # dropStmt
+        copy_stmt = cur.str()
         namespace = cur.str()
         cur.str()  # tablespace
         if version >= (1, 14, 0):
@@ -188,7 +225,10 @@ def _parse_toc(cur: _ArchiveCursor, header: ArchiveHeader) -> dict[int, TocEntry
         cur.pos += header.offset_size
         if dump_id <= 0 or dump_id in entries or flag not in (1, 2, 3):  # NOT_SET, SET, NO_DATA
             raise ArchiveError(f"malformed TOC entry {dump_id}")
-        entries[dump_id] = TocEntry(dump_id, desc or "", namespace or "", tag or "", flag, flag_at)
+        entries[dump_id] = TocEntry(
+            dump_id, desc or "", namespace or "", tag or "", flag, flag_at,
+            int(oid) if oid and oid.isdigit() else 0, copy_stmt or "",
+        )  # fmt: skip
     return entries
 
 
@@ -215,14 +255,19 @@ class ArchiveStream:
     (:attr:`blocks`, by dumpId), as :func:`index_archive` needs.
     """
 
-    def __init__(self, *, digest: bool = True) -> None:
+    def __init__(
+        self, *, digest: bool = True, per_line: Callable[[TocEntry], bool] | None = None
+    ) -> None:
         self.digest = digest
+        self._per_line = per_line  # which TABLE DATA entries also get a LineSum
+        self._lines: LineSum | None = None
         self.header: ArchiveHeader | None = None
         self.entries: dict[int, TocEntry] = {}
         self.blocks: dict[int, int] = {}
         self.tables: dict[int, TableData] = {}
         self._state = _TOC
         self._toc = bytearray()
+        self._toc_tried = 0  # buffered TOC bytes at the last parse attempt that fell short
         self._pos = 0  # archive offset of the next byte fed
         self._pend = bytearray()  # a field split across feeds (a few bytes)
         self._skip = 0  # bytes of the current chunk still to skip
@@ -247,13 +292,29 @@ class ArchiveStream:
         if self._state == _TOC:
             self._toc += data
             self._pos += len(data)
-            end = self._parse_toc()
-            if end is None:
+            # a parse attempt reads the whole buffer again: only when it has doubled since
+            # the last one fell short, so a TOC of n bytes costs O(n) however it is fed
+            # (each 64 KiB feed re-parsing it was quadratic: 2.2 CPU-s for an 8 MB TOC)
+            if len(self._toc) < 2 * self._toc_tried:
                 return
-            rest = bytes(self._toc[end:])
-            self._pos = end
-            self._toc = bytearray()
-            data = rest
+            self._after_toc()
+            return
+        self._data(data)
+
+    def _after_toc(self, final: bool = False) -> None:
+        """Parse the buffered header and TOC; once whole, read the data bytes buffered after."""
+        end = self._parse_toc()
+        if end is None:
+            self._toc_tried = len(self._toc)
+            if final:
+                raise ArchiveError("truncated archive: it ends inside its header or TOC")
+            return
+        rest = bytes(self._toc[end:])
+        self._pos = end
+        self._toc = bytearray()
+        self._data(rest)
+
+    def _data(self, data: bytes) -> None:
         i, n = 0, len(data)
         while i < n:
             if self._state == _COPY:
@@ -271,7 +332,7 @@ class ArchiveStream:
     def finish(self) -> None:
         """The stream ended: ``ArchiveError`` unless it ended after a whole last block."""
         if self._state == _TOC:
-            raise ArchiveError("truncated archive: it ends inside its header or TOC")
+            self._after_toc(final=True)
         if self._state != _BLOCK or self._pend:
             raise ArchiveError(
                 f"truncated archive: it ends inside the data of entry {self._dump_id}"
@@ -352,6 +413,7 @@ class ArchiveStream:
             self._state, self._in_blob = _COPY, False
             self._carry, self._tail = b"", b""
             self._hash, self._rows, self._size = hashlib.sha256(), 0, 0
+            self._lines = LineSum() if self._per_line and self._per_line(entry) else None
         else:
             self._state, self._in_blob = _CHUNK, False
 
@@ -380,6 +442,8 @@ class ArchiveStream:
             self._hash.update(text)
             self._rows += text.count(b"\n")
             self._size += len(text)
+            if self._lines is not None:
+                self._lines.feed(text)
         if end < 0:
             return len(data)
         if self.digest:
@@ -387,7 +451,12 @@ class ArchiveStream:
                 self._hash.update(self._tail)
                 self._rows += self._tail.count(b"\n")
                 self._size += len(self._tail)
-            self.tables[self._dump_id] = TableData(self._rows, self._size, self._hash.hexdigest())
+                if self._lines is not None:
+                    self._lines.feed(self._tail)
+            line_sum = None if self._lines is None else self._lines.done()
+            self.tables[self._dump_id] = TableData(
+                self._rows, self._size, self._hash.hexdigest(), line_sum
+            )
         self._carry, self._state = b"", _BLOCK
         return i + end + len(_BLOCK_END) - carried
 
@@ -416,6 +485,8 @@ def index_archive(path: Path) -> int:
         with open(path, "rb") as fh:
             while reader.header is None and (piece := fh.read(_READ)):
                 reader.feed(piece)
+            if reader.header is None:  # the file ended before a parse attempt was due
+                reader.finish()
             if not any(e.offset_flag == OFFSET_NOT_SET for e in reader.entries.values()):
                 return 0
             while piece := fh.read(_READ):

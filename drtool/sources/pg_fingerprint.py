@@ -58,6 +58,9 @@ FORMAT = 5
 RECORD, TEXT = "record", "text"  # the row hashes, see the module docstring
 SCAN_FORMAT = 4  # the figures of a row-hash scan (compute_fingerprints, pg_scan)
 COPY = "copy"  # format 5: sha256 of the table's COPY text, see the module docstring
+#: format 5, a partition tree pg_dump loads via its root (hash partitioning on an enum):
+#: order-independent, the sum mod 2**64 of each COPY line's 8-byte blake2b, at the root
+LINES = "copy-lines"
 _MOD = 1 << 64
 _MAX_ROOM_DIFFS = 10
 _PINNED_SETTINGS = {
@@ -131,7 +134,7 @@ class Fingerprint:
             "max_id": self.max_id,
             "row_hash": self.row_hash,
         }
-        if self.row_hash == COPY:
+        if self.row_hash in (COPY, LINES):
             doc["size"] = self.size
             doc["columns"] = None if self.columns is None else list(self.columns)
         return doc
@@ -141,7 +144,7 @@ class Fingerprint:
         """Inverse of ``to_dict``."""
         max_id = data.get("max_id")
         row_hash = str(data.get("row_hash", default_hash))
-        if row_hash not in _ROW_HASHES and row_hash != COPY:
+        if row_hash not in _ROW_HASHES and row_hash not in (COPY, LINES):
             raise ValueError(f"unknown row hash {row_hash!r}")
         size, columns = data.get("size"), data.get("columns")
         return cls(
@@ -329,6 +332,9 @@ class PgFingerprints:
     format: int = field(default=SCAN_FORMAT, compare=False)  # FORMAT: read off the dump
     #: format 5: the settings under which the COPY text was written (pg_dump's session)
     copy_settings: dict[str, str] = field(default_factory=dict, compare=False)
+    #: format 5: tables pg_dump wrote no data for, and why (an unlogged table dumped from a
+    #: standby); each has the figure of an empty COPY, which its restored copy gives
+    not_dumped: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def streamed(self) -> bool:
@@ -351,6 +357,8 @@ class PgFingerprints:
             doc["partitions"] = {n: p.to_dict() for n, p in self.partitions.items()}
         if self.copy_settings:
             doc["copy_settings"] = dict(self.copy_settings)
+        if self.not_dumped:
+            doc["not_dumped"] = dict(self.not_dumped)
         return doc
 
     @classmethod
@@ -378,6 +386,7 @@ class PgFingerprints:
                 },
                 format=int(data["format"]),
                 copy_settings={str(k): str(v) for k, v in data.get("copy_settings", {}).items()},
+                not_dumped={str(k): str(v) for k, v in data.get("not_dumped", {}).items()},
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"malformed fingerprints: {exc!r}") from None

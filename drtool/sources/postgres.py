@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import time
 from collections.abc import Generator, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from drtool.sources.pg_copy_proof import (
     CopyUnit,
     copy_env,
     copy_units,
+    dump_encoding,
+    loads_via_root,
     pg_dump_env,
     prove_by_copy,
     streamed_fingerprints,
@@ -249,9 +252,15 @@ def _tool_env(endpoint: PostgresEndpoint, app: str) -> dict[str, str]:
 class _StreamPrints:
     """The fingerprints read off the archive as it streams (see :class:`PgDump`)."""
 
-    def __init__(self, units: dict[tuple[str, str], CopyUnit], database: DatabaseProps) -> None:
-        self.reader = ArchiveStream()
-        self.units, self.database = units, database
+    def __init__(
+        self,
+        units: dict[tuple[str, str], CopyUnit],
+        database: DatabaseProps,
+        *,
+        standby: bool = False,
+    ) -> None:
+        self.reader = ArchiveStream(per_line=loads_via_root(units))
+        self.units, self.database, self.standby = units, database, standby
         self.error: ArchiveError | None = None
         self.result: PgFingerprints | None = None
 
@@ -266,7 +275,9 @@ class _StreamPrints:
         if self.error is None:
             try:
                 self.reader.finish()
-                self.result = streamed_fingerprints(self.reader, self.units, self.database)
+                self.result = streamed_fingerprints(
+                    self.reader, self.units, self.database, standby=self.standby
+                )
             except ArchiveError as exc:
                 self.error = exc
         if self.error is not None:
@@ -316,7 +327,10 @@ def _archive_stream(
     passes (``prints``), with pg_dump's inherited session settings pinned."""
     if conn.closed:
         raise SourceError("pg_dump stream read after its dump() block: the snapshot is gone")
-    env = {**_tool_env(endpoint, "drtool-pg_dump"), **pg_dump_env(prints.database.encoding)}
+    env = {
+        **_tool_env(endpoint, "drtool-pg_dump"),
+        **pg_dump_env(dump_encoding(prints.database.encoding)),
+    }
     chunks = command_stream(
         argv,
         env=env,
@@ -339,14 +353,16 @@ def _archive_stream(
 
 def _snapshot_catalog(
     endpoint: PostgresEndpoint, snapshot: str
-) -> tuple[dict[tuple[str, str], CopyUnit], DatabaseProps]:
-    """The tables, partitions and database properties the exported snapshot shows."""
+) -> tuple[dict[tuple[str, str], CopyUnit], DatabaseProps, bool]:
+    """The tables, partitions and database properties the exported snapshot shows, and
+    whether the server is a standby (pg_dump dumps no unlogged table's data there)."""
     try:
         with _connect(endpoint) as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
             with conn.cursor() as cur:
-                return copy_units(cur), database_props(cur)
+                standby = bool(cur.execute("SELECT pg_is_in_recovery()").fetchone()[0])  # type: ignore[index]
+                return copy_units(cur), database_props(cur), standby
     except psycopg.Error as exc:
         raise SourceError(f"PostgreSQL catalog: {_one_line(exc, endpoint)}") from None
 
@@ -378,8 +394,8 @@ def dump(
         version = _server_version(conn)
         _require_client("pg_dump", _major(pg_dump_version), _major(version))
         exported = export_snapshot(conn, endpoint, _major(version), wait=slot_wait)
-        units, database = _snapshot_catalog(endpoint, exported.snapshot)
-        prints = _StreamPrints(units, database)
+        units, database, standby = _snapshot_catalog(endpoint, exported.snapshot)
+        prints = _StreamPrints(units, database, standby=standby)
         argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={exported.snapshot}"]
         argv += ["--no-password", _dbname_arg(endpoint.dbname)]
         stream = _archive_stream(conn, argv, endpoint, prints, timeout=timeout, read_size=read_size)
@@ -401,7 +417,9 @@ def copy_proof(
 ) -> PgFingerprints:
     """Format-5 fingerprints of database ``dbname`` (a restored copy), taken as ``like`` were:
     ``COPY ... TO STDOUT`` of each table by ``psql`` under the recorded settings, ``workers``
-    at a time (:mod:`drtool.sources.pg_copy_proof`)."""
+    at a time (:mod:`drtool.sources.pg_copy_proof`). ``timeout`` bounds the whole proof: each
+    COPY gets what is left of it."""
+    deadline = time.monotonic() + timeout
     psql = _binary("psql", pg_bin_dir)
     env = {**_tool_env(endpoint, "drtool-copy-proof"), **copy_env(like.copy_settings)}
     argv = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password", _dbname_arg(dbname)]
@@ -410,7 +428,7 @@ def copy_proof(
         return command_stream(
             [*argv, "-c", statement],
             env=env,
-            timeout=timeout,
+            timeout=max(1.0, deadline - time.monotonic()),
             name="psql COPY",
             secrets=_secrets(endpoint),
         )
