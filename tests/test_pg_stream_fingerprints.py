@@ -430,17 +430,18 @@ def test_the_toc_is_parsed_a_logarithmic_number_of_times(
 
 
 @pytest.mark.slow
-def test_three_thousand_tables_back_up_and_verify(
+def test_a_thousand_tables_back_up_and_verify(
     pg_database: PostgresEndpoint, copies: Any, tmp_path: Path
 ) -> None:
-    """A TOC of thousands of entries (issue: parsed again on each feed, capped at 64 MiB)."""
-    _run(pg_database, """DO $$ BEGIN FOR i IN 1..3000 LOOP
+    """A TOC of a thousand entries (issue: parsed again on each feed, capped at 64 MiB); a
+    thousand, not more: the proof starts one psql per table, ~0.05 s each here."""
+    _run(pg_database, """DO $$ BEGIN FOR i IN 1..1000 LOOP
         EXECUTE format('CREATE TABLE t%s (a int, b text)', i);
         EXECUTE format('INSERT INTO t%s VALUES (%s, ''x'')', i, i);
     END LOOP; END $$""")  # fmt: skip
     archive = tmp_path / "db.pgdump"
     recorded = _dump(pg_database, archive)
-    assert len(recorded.tables) == 3000
+    assert len(recorded.tables) == 1000
     assert {fp.rows for fp in recorded.tables.values()} == {1}
     copy = copies(archive, pg_database.dbname + "_copy", recorded)
     assert compare(recorded, fingerprints_of(pg_database, copy, recorded, workers=2)) == []
