@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 from drtool.endpoints import PostgresEndpoint
 from drtool.errors import SourceError
 from drtool.sources.pg_fingerprint import Fingerprint, PgFingerprints, compare, compute_fingerprints
+from drtool.sources.pg_offsets import OffsetIndex, index_file
 from drtool.sources.postgres import (
     create_database,
     database_exists,
@@ -433,3 +435,26 @@ def test_index_archive_gives_a_piped_dump_the_offsets_of_a_file_dump(
     with pytest.raises(SourceError, match="unsupported archive"):
         index_archive(garbage)
     assert garbage.read_bytes() == b"PGDMP" + bytes(200)
+
+
+def test_offsets_found_while_streaming_equal_those_of_the_file_in_any_piece_sizes(
+    seeded: PostgresEndpoint, tmp_path: Path
+) -> None:
+    """A restore finds the offsets from the pieces staging writes; framing that straddles two
+    pieces (a chunk length split, a chunk running on) must not change them, and an archive
+    cut short is reported, never given offsets past its end."""
+    piped = tmp_path / "piped.dump"
+    dump_to_file(seeded, piped)
+    data = piped.read_bytes()
+    whole = index_file(piped).patches()
+    assert whole
+    for seed in range(3):
+        pick, index, at = random.Random(seed), OffsetIndex(), 0
+        while at < len(data):
+            size = pick.choice((1, 2, 3, 5, 6, 7, 64, 4096, 65_536))
+            index.feed(data[at : at + size])
+            at += size
+        assert index.patches() == whole and index.problem == ""
+    cut = OffsetIndex()
+    cut.feed(data[:-3])
+    assert cut.patches() == [] and "past the end" in cut.problem

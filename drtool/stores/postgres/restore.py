@@ -35,8 +35,10 @@ from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
 from drtool.runtime.binaries import pg_major_of
 from drtool.sources import postgres as pg
 from drtool.sources.pg_fingerprint import PgFingerprints, compare
+from drtool.sources.pg_offsets import OffsetIndex
 from drtool.sources.pg_scan import PartitionScan
 from drtool.stores.stage import Plain, stage
+from drtool.timing import Timer, timed
 
 log = logging.getLogger(__name__)
 
@@ -177,18 +179,25 @@ def stage_files(
     workdir: Path,
     pg_bin_dir: Path | None,
 ) -> PgStaged:
-    """Decrypt the dump (and globals) to scratch, fully checked; refuse an old pg_restore (R5)."""
-    dump = stage(
-        repo,
-        snap.dump,
-        snapshot_header(m, "postgres", snap.dump.kind),
-        identities,
-        workdir / "dump.pgdump",
-        snap.dump_plain,
-    )
+    """Decrypt the dump (and globals) to scratch, fully checked; refuse an old pg_restore (R5).
+
+    The dump's data offsets are found as it is written (:mod:`drtool.sources.pg_offsets`):
+    one pass over it, and the staged file is never read back or mapped.
+    """
+    offsets = OffsetIndex()
+    with timed() as t:
+        dump = stage(
+            repo,
+            snap.dump,
+            snapshot_header(m, "postgres", snap.dump.kind),
+            identities,
+            workdir / "dump.pgdump",
+            snap.dump_plain,
+            tap=offsets.feed,
+        )
     pg.pg_restore_version_check(dump, pg_bin_dir)
-    indexed = pg.index_archive(dump)  # checked above; only its TOC's data offsets are filled in
-    log.debug("postgres: %d data offsets indexed in the staged dump", indexed)
+    indexed = offsets.write_into(dump)  # checked above; only its TOC's data offsets are set
+    log.debug("postgres: dump staged in %.2f s, %d data offsets indexed", t.seconds, indexed)
     globals_path = None
     if snap.globals_sql is not None:
         header = snapshot_header(m, "postgres", snap.globals_sql.kind)
@@ -273,6 +282,7 @@ def restore(
     # fingerprint scan and the switch does that disk work meanwhile; it only flushes, and a
     # login that may not run it skips it.
     flusher = ThreadPoolExecutor(max_workers=1)
+    clock = Timer()
     try:
         pg.restore_dump(
             staged.dump,
@@ -285,10 +295,12 @@ def restore(
         )
         if snap.fingerprints.database is not None:
             pg.apply_database_props(endpoint, copy, snap.fingerprints.database)
+        log.debug("postgres: pg_restore -j %d into %s: %.2f s", jobs, copy, clock.elapsed())
         if will_drop:
             flusher.submit(pg.checkpoint, endpoint)
         restored = fingerprints_of(endpoint, copy, snap.fingerprints, workers=jobs)
         problems = compare(snap.fingerprints, restored)
+        log.debug("postgres: %s proved (fingerprints): %.2f s", copy, clock.elapsed())
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise IntegrityError(
@@ -296,6 +308,7 @@ def restore(
                 f"the live database {name} is unchanged"
             )
         ended = _switch(endpoint, copy, name, old if target.exists else None)
+        log.debug("postgres: switched: %.2f s", clock.elapsed())
     except BaseException:
         _drop_quietly(endpoint, copy)
         raise
