@@ -526,3 +526,45 @@ def test_an_empty_database_written_during_the_restore_is_kept_not_dropped(
             PostgresEndpoint(**{**target.postgres.__dict__, "dbname": "postgres"}),
             f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)',
         )
+
+
+def test_a_previous_database_that_cannot_be_dropped_is_kept_and_named_not_a_failed_restore(
+    world: World,
+    target: StackEndpoints,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The drop of the replaced database runs after the switch, off the restore's critical
+    path; when the server refuses it, the restored database is live and verified: the restore
+    succeeds, and says the previous one is kept and why.
+
+    The old restore raised after the switch (exit 3 for a restore that had succeeded). The
+    server's refusal is real: the live database is made a template just before the switch,
+    and PostgreSQL never drops a template database.
+    """
+    from drtool.stores.postgres import restore as pg_restore
+
+    admin = PostgresEndpoint(**{**target.postgres.__dict__, "dbname": "postgres"})
+    name = target.postgres.dbname
+
+    def made_a_template(point: str) -> None:
+        execute(admin, f'ALTER DATABASE "{name}" IS_TEMPLATE true')
+
+    monkeypatch.setattr(pg_restore, "crash_point", made_a_template)
+    caplog.set_level(logging.INFO, logger="drtool")
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    now = datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC)
+    opts = RestoreOptions(target="t", yes=True, components=("postgres",), drop_old=True)
+    old = f"{name}_pre_restore_20260102_030406"
+    try:
+        result = run_restore(load_config(config, {}), home=tmp_path, options=opts,
+                             confirm=lambda r: False, now=now)  # fmt: skip
+        assert result.ok
+        assert databases(target.postgres, name + "_%") == [old]
+        assert f"previous kept as {old}" in result.components[0].detail
+        assert f"the previous one kept as {old}: drop database {old}" in caplog.text
+        assert "template" in caplog.text
+    finally:
+        execute(admin, "UPDATE pg_database SET datistemplate = false WHERE datname = %s", (old,))
+        execute(admin, f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)')

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -86,6 +86,15 @@ class PgOutcome:
     database: str
     old_database: str | None
     connections_ended: int = 0  # client connections to the live database ended by the switch
+    #: the previous database being retired (dropped, or kept when it must be) after the switch,
+    #: off the restore's critical path: its result is the name kept, None when dropped
+    retiring: Future[str | None] | None = None
+
+    def retired(self) -> PgOutcome:
+        """The outcome once the previous database's drop (if any) finished."""
+        if self.retiring is None:
+            return self
+        return replace(self, old_database=self.retiring.result(), retiring=None)
 
 
 def load(repo: Repo, m: Manifest, comp: ComponentEntry, identities: list[str]) -> PgSnapshot:
@@ -281,7 +290,7 @@ def restore(
     # freshly restored copy while nothing else runs. A CHECKPOINT started beside the (CPU-bound)
     # fingerprint scan and the switch does that disk work meanwhile; it only flushes, and a
     # login that may not run it skips it.
-    flusher = ThreadPoolExecutor(max_workers=1)
+    flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drtool-pg-retire")
     clock = Timer()
     try:
         pg.restore_dump(
@@ -310,20 +319,38 @@ def restore(
         ended = _switch(endpoint, copy, name, old if target.exists else None)
         log.debug("postgres: switched: %.2f s", clock.elapsed())
     except BaseException:
+        flusher.shutdown(wait=True)
         _drop_quietly(endpoint, copy)
         raise
-    finally:
-        flusher.shutdown(wait=True)
     if not target.exists:
+        flusher.shutdown(wait=True)
         log.info("postgres: %s switched in (there was no database %s before)", name, name)
         return PgOutcome(name, None, ended)
-    why = _drop_reason(endpoint, old, drop_old=drop_old, was_empty=target.empty)
-    if why:
-        pg.drop_database(endpoint, old)
-        log.info("postgres: %s switched in; the previous one dropped (%s)", name, why)
-        return PgOutcome(name, None, ended)
+    if not will_drop:
+        flusher.shutdown(wait=True)
+        log.info("postgres: %s switched in; the previous one kept as %s", name, old)
+        return PgOutcome(name, old, ended)
+    # the restored database is live: the previous one is dropped after the CHECKPOINT (same
+    # worker), while the caller goes on; the caller waits for it before it reports
+    retiring = flusher.submit(_retire, endpoint, name, old, drop_old=drop_old)
+    flusher.shutdown(wait=False)
+    return PgOutcome(name, None, ended, retiring)
+
+
+def _retire(endpoint: PostgresEndpoint, name: str, old: str, *, drop_old: bool) -> str | None:
+    """Drop the previous database when it must go; the name kept (None: dropped). Never raises:
+    a drop that fails leaves it kept, and says so."""
+    try:
+        why = _drop_reason(endpoint, old, drop_old=drop_old, was_empty=True)
+        if why:
+            pg.drop_database(endpoint, old)
+            log.info("postgres: %s switched in; the previous one dropped (%s)", name, why)
+            return None
+    except SourceError as exc:
+        log.warning("postgres: %s switched in; the previous one kept as %s: %s", name, old, exc)
+        return old
     log.info("postgres: %s switched in; the previous one kept as %s", name, old)
-    return PgOutcome(name, old, ended)
+    return old
 
 
 def _drop_reason(endpoint: PostgresEndpoint, old: str, *, drop_old: bool, was_empty: bool) -> str:
