@@ -6,11 +6,13 @@ import json
 import logging
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -568,3 +570,43 @@ def test_a_previous_database_that_cannot_be_dropped_is_kept_and_named_not_a_fail
     finally:
         execute(admin, "UPDATE pg_database SET datistemplate = false WHERE datname = %s", (old,))
         execute(admin, f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)')
+
+
+@pytest.mark.slow
+def test_the_stores_stage_side_by_side_and_all_before_any_target_changes(
+    world: World, target: StackEndpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staging only reads the repository and writes the scratch dir, so the three stores'
+    staging overlap (their RTOs no longer add up one after another); no target is touched
+    before every one of them finished.
+
+    Each real ``stage`` first meets the others at a barrier: staged one after another (the
+    old code) the first waits alone, and the barrier's guard breaks it.
+    """
+    from drtool.stores.minio.store import MinioRestoring
+    from drtool.stores.postgres.store import PostgresRestoring
+    from drtool.stores.redis.store import RedisRestoring
+
+    meet = threading.Barrier(3, timeout=30)
+    staged: list[str] = []
+    touched_before_all_staged: list[str] = []
+    for cls in (PostgresRestoring, RedisRestoring, MinioRestoring):
+        real_stage, real_restore = cls.stage, cls.restore
+
+        def stage(self: Any, t: Any, work: Path, real: Any = real_stage, c: Any = cls) -> None:
+            meet.wait()
+            real(self, t, work)
+            staged.append(c.__name__)
+
+        def restore_(self: Any, t: Any, work: Path, stamp: str, real: Any = real_restore) -> Any:
+            if len(staged) < 3:
+                touched_before_all_staged.append(type(self).__name__)
+            return real(self, t, work, stamp)
+
+        monkeypatch.setattr(cls, "stage", stage)
+        monkeypatch.setattr(cls, "restore", restore_)
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    result = restore(world, config)
+    assert result.ok and sorted(staged) == ["MinioRestoring", "PostgresRestoring", "RedisRestoring"]
+    assert touched_before_all_staged == []
+    assert table_rows(target.postgres) == table_rows(world.repo.source.postgres)
