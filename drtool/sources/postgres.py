@@ -16,8 +16,11 @@ restoring user, for drills into a server without the production roles.
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import re
 import shutil
+import struct
 from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import closing, contextmanager
@@ -32,7 +35,6 @@ from psycopg import sql
 from drtool.endpoints import PostgresEndpoint
 from drtool.errors import SourceError
 from drtool.sources.pg_fingerprint import DatabaseProps, PgFingerprints
-from drtool.sources.pg_offsets import index_file
 from drtool.sources.pg_scan import Baseline, PartitionScan, ScanResult
 from drtool.sources.pg_snapshot_lsn import SLOT_WAIT_S, ExportedSnapshot, export_snapshot
 from drtool.sources.process import CommandFailed, child_env, command_stream, run_checked, scrub
@@ -452,16 +454,176 @@ def read_archive_header(path: Path) -> ArchiveHeader:
     return ArchiveHeader(version, rd.str(), rd.str(), rd.str())
 
 
-def index_archive(path: Path) -> int:
-    """Record the data offsets in a custom-format archive file that lacks them; how many.
+# Custom-format archive internals (pg_backup_archiver.h, pg_backup_custom.c).
+_OFFSET_NOT_SET, _OFFSET_SET, _OFFSET_NO_DATA = 1, 2, 3
+_BLK_DATA, _BLK_BLOBS = 1, 3
+_INDEXED_SINCE = (1, 12, 0)  # archives this parser reads (PostgreSQL 9.5 and later)
 
-    The file read once in pieces (:mod:`drtool.sources.pg_offsets`; a restore indexes the
-    dump while staging it instead). An archive that already has its offsets, or one the
-    parser does not understand, is left as it is (0) — pg_restore still reads it; a file
-    that is not a custom-format archive at all raises SourceError.
+
+class _ArchiveCursor:
+    """Reads the archive's integers and strings from a buffer (``IndexError`` at its end)."""
+
+    def __init__(self, data: bytes | mmap.mmap, pos: int) -> None:
+        self.data, self.pos = data, pos
+        self.int_size = 4
+        self.offset_size = 8
+        self._int: struct.Struct | None = None
+
+    def set_int_size(self, size: int) -> None:
+        self.int_size = size
+        self._int = struct.Struct("<BI") if size == 4 else None
+
+    def byte(self) -> int:
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def int(self) -> int:
+        if self._int is not None:
+            sign, value = self._int.unpack_from(self.data, self.pos)
+            self.pos += 5
+        else:
+            sign = self.byte()
+            value = int.from_bytes(self.data[self.pos : self.pos + self.int_size], "little")
+            self.pos += self.int_size
+        return -value if sign else value
+
+    def skip_str(self) -> bool:
+        """Skip a string; False when it was NULL."""
+        length = self.int()
+        if length < 0:
+            return False
+        self.pos += length
+        return True
+
+    def str(self) -> str:
+        length = self.int()
+        raw = bytes(self.data[self.pos : self.pos + max(length, 0)])
+        self.pos += max(length, 0)
+        return raw.decode("utf-8", "replace")
+
+    def skip_chunks(self) -> None:
+        """Skip length-prefixed data chunks up to the zero-length end marker."""
+        unpack, data, pos = self._int, self.data, self.pos
+        if unpack is None:
+            while (length := self.int()) != 0:
+                self.pos += length
+            return
+        unpack_from = unpack.unpack_from
+        while True:
+            sign, length = unpack_from(data, pos)
+            pos += 5
+            if length == 0:
+                break
+            if sign:
+                raise ValueError(f"negative chunk length at {pos - 5}")
+            pos += length
+        self.pos = pos
+
+
+def _toc_offsets(cur: _ArchiveCursor, version: tuple[int, int, int]) -> dict[int, tuple[int, int]]:
+    """Read the TOC: dumpId -> (offset flag, position of the flag) of each entry."""
+    entries: dict[int, tuple[int, int]] = {}
+    for _ in range(cur.int()):
+        dump_id = cur.int()
+        cur.int()  # hadDumper
+        for _ in range(4):
+            cur.skip_str()  # tableoid, oid, tag, desc
+        cur.int()  # section
+        for _ in range(5):
+            cur.skip_str()  # defn, dropStmt, copyStmt, namespace, tablespace
+        if version >= (1, 14, 0):
+            cur.skip_str()  # tableam
+        if version >= (1, 16, 0):
+            cur.int()  # relkind
+        cur.skip_str()  # owner
+        cur.skip_str()  # "false" (WITH OIDS, >= 1.9)
+        while cur.skip_str():  # dependencies, NULL-terminated
+            pass
+        flag_at = cur.pos
+        flag = cur.byte()
+        cur.pos += cur.offset_size
+        if dump_id <= 0 or dump_id in entries or flag not in (1, 2, 3):  # NOT_SET, SET, NO_DATA
+            raise ValueError(f"TOC entry {dump_id}")
+        entries[dump_id] = (flag, flag_at)
+    return entries
+
+
+def index_archive(path: Path) -> int:
+    """Record the data offsets in a custom-format archive that lacks them; return how many.
+
+    ``pg_dump -Fc`` writing to a pipe (as a streaming backup does) cannot seek back to fill in
+    where each table's data starts, and ``pg_restore -j`` then makes every worker scan the file
+    for each table (4x slower here). This walks the data blocks once and writes each one's
+    position into its TOC entry, in place: the same fixed-size fields pg_dump fills when it
+    writes to a file; nothing else changes. An archive that already has its offsets, or one
+    this parser does not understand, is left as it is (0) — pg_restore still reads it; a
+    file that is not a custom-format archive at all raises SourceError.
     """
-    read_archive_header(path)
-    return index_file(path).write_into(path)
+    with open(path, "r+b") as fh:
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                patches = _offset_patches(data, path)
+            except (ValueError, IndexError, struct.error) as exc:
+                log.warning(
+                    "%s: data offsets not indexed (%s); pg_restore will scan for them", path, exc
+                )
+                return 0
+        for flag_at, value in patches:
+            os.pwrite(fh.fileno(), value, flag_at)
+    return len(patches)
+
+
+def _offset_patches(data: mmap.mmap, path: Path) -> list[tuple[int, bytes]]:
+    """The (position, bytes) writes that fill in each data block's offset in the TOC.
+
+    Reads the archive header and TOC, then walks the data blocks once to find where each
+    starts. Empty when the archive already has its offsets or predates them; ValueError on
+    anything this parser does not understand (the caller then leaves the file alone).
+    """
+    version = read_archive_header(path).format_version
+    if version < _INDEXED_SINCE:
+        return []
+    cur = _ArchiveCursor(data, len(DUMP_MAGIC) + 3)
+    cur.set_int_size(cur.byte())
+    cur.offset_size = cur.byte()
+    cur.byte()  # format
+    if version >= (1, 15, 0):
+        cur.byte()  # compression algorithm
+    else:
+        cur.int()  # compression level
+    for _ in range(7):
+        cur.int()  # creation time
+    for _ in range(3):
+        cur.skip_str()  # dbname, server version, pg_dump version
+    entries = _toc_offsets(cur, version)
+    if not any(flag == _OFFSET_NOT_SET for flag, _ in entries.values()):
+        return []
+    found: dict[int, int] = {}
+    while cur.pos < len(data):
+        start = cur.pos
+        kind = cur.byte()
+        dump_id = cur.int()
+        if dump_id not in entries or dump_id in found or entries[dump_id][0] == _OFFSET_NO_DATA:
+            raise ValueError(f"data block for unexpected entry {dump_id} at {start}")
+        if kind == _BLK_DATA:
+            cur.skip_chunks()
+        elif kind == _BLK_BLOBS:
+            while cur.int() != 0:  # large object oid; 0 ends the list
+                cur.skip_chunks()
+        else:
+            raise ValueError(f"unknown block type {kind} at {start}")
+        found[dump_id] = start
+        # the pages walked so far would stay in this process's resident size (a 117 MB dump
+        # showed as a 204 MiB restore): they are page cache, let them go
+        data.madvise(mmap.MADV_DONTNEED, 0, cur.pos - cur.pos % mmap.PAGESIZE)
+    if cur.pos != len(data):
+        raise ValueError("the last data block runs past the end of the file")
+    patches = []
+    for dump_id, (flag, flag_at) in entries.items():
+        if flag == _OFFSET_NOT_SET and dump_id in found:
+            value = bytes([_OFFSET_SET]) + found[dump_id].to_bytes(cur.offset_size, "little")
+            patches.append((flag_at, value))
+    return patches
 
 
 def pg_restore_version_check(archive_path: Path, pg_bin_dir: Path | None = None) -> ArchiveHeader:
