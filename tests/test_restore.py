@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -80,11 +83,15 @@ def restore(world: World, config: Path, **options: object) -> RestoreResult:
 @pytest.mark.slow
 def test_round_trip_equals_the_source(world: World, target: StackEndpoints, tmp_path: Path) -> None:
     config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
-    run = run_drtool("restore", "latest", "--target", "t", "--yes", "--json", config=config)
+    run = run_drtool(
+        "--debug", "restore", "latest", "--target", "t", "--yes", "--json", config=config
+    )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["snapshot_id"] == world.new_id and result["ok"]
     assert [c["name"] for c in result["components"]] == ["postgres", "redis", "minio"]
+    # the piped dump's data offsets were found while it was staged (no second pass over it)
+    assert re.search(r"dump staged in [\d.]+ s, [1-9]\d* data offsets indexed", run.stderr)
     assert all(c["problems"] == [] and c["seconds"] > 0 for c in result["components"])
     source = world.repo.source
     assert table_rows(target.postgres) == table_rows(source.postgres)
@@ -526,3 +533,85 @@ def test_an_empty_database_written_during_the_restore_is_kept_not_dropped(
             PostgresEndpoint(**{**target.postgres.__dict__, "dbname": "postgres"}),
             f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)',
         )
+
+
+def test_a_previous_database_that_cannot_be_dropped_is_kept_and_named_not_a_failed_restore(
+    world: World,
+    target: StackEndpoints,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The drop of the replaced database runs after the switch, off the restore's critical
+    path; when the server refuses it, the restored database is live and verified: the restore
+    succeeds, and says the previous one is kept and why.
+
+    The old restore raised after the switch (exit 3 for a restore that had succeeded). The
+    server's refusal is real: the live database is made a template just before the switch,
+    and PostgreSQL never drops a template database.
+    """
+    from drtool.stores.postgres import restore as pg_restore
+
+    admin = PostgresEndpoint(**{**target.postgres.__dict__, "dbname": "postgres"})
+    name = target.postgres.dbname
+
+    def made_a_template(point: str) -> None:
+        execute(admin, f'ALTER DATABASE "{name}" IS_TEMPLATE true')
+
+    monkeypatch.setattr(pg_restore, "crash_point", made_a_template)
+    caplog.set_level(logging.INFO, logger="drtool")
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    now = datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC)
+    opts = RestoreOptions(target="t", yes=True, components=("postgres",), drop_old=True)
+    old = f"{name}_pre_restore_20260102_030406"
+    try:
+        result = run_restore(load_config(config, {}), home=tmp_path, options=opts,
+                             confirm=lambda r: False, now=now)  # fmt: skip
+        assert result.ok
+        assert databases(target.postgres, name + "_%") == [old]
+        assert f"previous kept as {old}" in result.components[0].detail
+        assert f"the previous one kept as {old}: drop database {old}" in caplog.text
+        assert "template" in caplog.text
+    finally:
+        execute(admin, "UPDATE pg_database SET datistemplate = false WHERE datname = %s", (old,))
+        execute(admin, f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)')
+
+
+@pytest.mark.slow
+def test_the_stores_stage_side_by_side_and_all_before_any_target_changes(
+    world: World, target: StackEndpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staging only reads the repository and writes the scratch dir, so the three stores'
+    staging overlap (their RTOs no longer add up one after another); no target is touched
+    before every one of them finished.
+
+    Each real ``stage`` first meets the others at a barrier: staged one after another (the
+    old code) the first waits alone, and the barrier's guard breaks it.
+    """
+    from drtool.stores.minio.store import MinioRestoring
+    from drtool.stores.postgres.store import PostgresRestoring
+    from drtool.stores.redis.store import RedisRestoring
+
+    meet = threading.Barrier(3, timeout=30)
+    staged: list[str] = []
+    touched_before_all_staged: list[str] = []
+    for cls in (PostgresRestoring, RedisRestoring, MinioRestoring):
+        real_stage, real_restore = cls.stage, cls.restore
+
+        def stage(self: Any, t: Any, work: Path, real: Any = real_stage, c: Any = cls) -> None:
+            meet.wait()
+            real(self, t, work)
+            staged.append(c.__name__)
+
+        def restore_(self: Any, t: Any, work: Path, stamp: str, real: Any = real_restore) -> Any:
+            if len(staged) < 3:
+                touched_before_all_staged.append(type(self).__name__)
+            return real(self, t, work, stamp)
+
+        monkeypatch.setattr(cls, "stage", stage)
+        monkeypatch.setattr(cls, "restore", restore_)
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    result = restore(world, config)
+    assert result.ok and sorted(staged) == ["MinioRestoring", "PostgresRestoring", "RedisRestoring"]
+    assert touched_before_all_staged == []
+    assert table_rows(target.postgres) == table_rows(world.repo.source.postgres)

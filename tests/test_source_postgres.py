@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 
 from drtool.endpoints import PostgresEndpoint
 from drtool.errors import SourceError
+from drtool.sources.pg_archive_stream import ArchiveError, ArchiveStream, write_offsets
 from drtool.sources.pg_fingerprint import Fingerprint, PgFingerprints, compare, compute_fingerprints
 from drtool.sources.postgres import (
     create_database,
@@ -35,6 +37,7 @@ from drtool.sources.postgres import (
     switch_databases,
 )
 from drtool.sources.process import CommandFailed
+from drtool.stores.postgres.restore import OffsetsWhileStaging
 from drtool.stores.postgres.restore import fingerprints_of as restored_fingerprints
 
 SCHEMA = """
@@ -439,3 +442,46 @@ def test_index_archive_gives_a_piped_dump_the_offsets_of_a_file_dump(
     with pytest.raises(SourceError, match="unsupported archive"):
         index_archive(garbage)
     assert garbage.read_bytes() == b"PGDMP" + bytes(200)
+
+
+def test_offsets_found_while_streaming_equal_those_of_the_file_in_any_piece_sizes(
+    seeded: PostgresEndpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restore finds the offsets with the one archive reader fed the pieces staging writes;
+    framing that straddles two pieces (a chunk length split, a chunk running on) must not
+    change them, and an archive cut short is reported (a warning, nothing written), never
+    given offsets past its end nor a failed staging."""
+    piped, whole = tmp_path / "piped.dump", tmp_path / "whole.dump"
+    dump_to_file(seeded, piped)
+    data = piped.read_bytes()
+    whole.write_bytes(data)
+    assert index_archive(whole) > 0
+    wanted = whole.read_bytes()
+    for seed in range(3):
+        pick, reader, at = random.Random(seed), ArchiveStream(digest=False), 0
+        while at < len(data):
+            size = pick.choice((1, 2, 3, 5, 6, 7, 64, 4096, 65_536))
+            reader.feed(data[at : at + size])
+            at += size
+        reader.finish()
+        streamed = tmp_path / f"streamed{seed}.dump"
+        streamed.write_bytes(data)
+        assert write_offsets(streamed, reader) > 0 and streamed.read_bytes() == wanted
+    cut_reader = ArchiveStream(digest=False)
+    cut_reader.feed(data[:-3])
+    with pytest.raises(ArchiveError, match="truncated"):
+        cut_reader.finish()
+    # staging's tap: the same cut stream is remembered and warned about, nothing is written
+    cut = tmp_path / "cut.dump"
+    cut.write_bytes(data[:-3])
+    tap = OffsetsWhileStaging()
+    tap.feed(data[:-3])
+    with caplog.at_level(logging.WARNING):
+        assert tap.write_into(cut) == 0
+    assert cut.read_bytes() == data[:-3] and "truncated" in tap.problem
+    assert "data offsets not indexed" in caplog.text
+    # and an error mid-stream stops the feeding instead of failing it
+    tap = OffsetsWhileStaging()
+    tap.feed(b"PGDMP" + bytes(200))
+    tap.feed(data)
+    assert tap.write_into(cut) == 0 and tap.problem and cut.read_bytes() == data[:-3]

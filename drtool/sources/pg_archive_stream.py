@@ -3,8 +3,9 @@
 A backup reads the archive as it streams from pg_dump (:class:`ArchiveStream` fed chunk by
 chunk) and takes, per ``TABLE DATA`` entry, the number of COPY lines, their bytes and a
 sha256 of their text: the fingerprints of format 5 (ADR 0033), with no second scan of the
-database. A restore walks the staged file with the same reader to fill in the data offsets a
-piped dump lacks (:func:`index_archive`), and reads the header to check versions.
+database. A restore feeds the same reader the dump as it stages it, and writes the data
+offsets a piped dump lacks (:func:`write_offsets`; :func:`index_archive` does both from a
+file); it reads the header to check versions.
 
 Layout (PostgreSQL's pg_backup_archiver.c and pg_backup_custom.c): ``PGDMP``, version, int and
 offset sizes, format, compression, creation time, database name and versions; the TOC (when
@@ -497,6 +498,16 @@ def index_archive(path: Path) -> int:
     except ArchiveError as exc:
         log.warning("%s: data offsets not indexed (%s); pg_restore will scan for them", path, exc)
         return 0
+    return write_offsets(path, reader)
+
+
+def write_offsets(path: Path, reader: ArchiveStream) -> int:
+    """Write the data offsets ``reader`` found into the archive file it read; return how many.
+
+    ``reader`` was fed the whole of ``path`` and finished without error: by
+    :func:`index_archive` from the file, or by a restore while it staged the file (one pass,
+    the file never read back). Only the TOC entries whose offset is "not set" are written.
+    """
     assert reader.header is not None
     size = reader.header.offset_size
     patches = [
@@ -504,6 +515,8 @@ def index_archive(path: Path) -> int:
         for e in reader.entries.values()
         if e.offset_flag == OFFSET_NOT_SET and e.dump_id in reader.blocks
     ]
+    if not patches:
+        return 0
     with open(path, "r+b") as fh:
         for flag_at, value in patches:
             os.pwrite(fh.fileno(), value, flag_at)

@@ -149,6 +149,10 @@ class Restored:
     problems: list[str]
     detail: str
     counts: dict[str, int] = field(default_factory=dict)  # e.g. extra_objects_kept (JSON)
+    #: work the store left running once its target was usable again (e.g. dropping the
+    #: replaced database): the restore waits for it before it reports, and this returns the
+    #: final ``detail``; the store's time (its RTO) ends before it
+    finish: Callable[[], str] | None = None
 
 
 class Restoring(Protocol):

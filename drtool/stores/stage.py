@@ -107,11 +107,26 @@ def stage(
     identities: list[str],
     dest: Path,
     plain: Plain = Plain(),
+    *,
+    tap: Callable[[bytes], object] | None = None,
 ) -> Path:
-    """Decrypt one object into the scratch file ``dest``, fully checked (see read_through)."""
+    """Decrypt one object into the scratch file ``dest``, fully checked (see read_through).
+
+    ``tap`` sees each piece as it is written (unverified until this returns): what a store
+    learns from its file in the same pass, so the file need not be read back.
+    """
     try:
         with dest.open("wb") as out:
-            read_through(repo, entry, header, identities, out.write, plain)
+            write = out.write
+            sink: Callable[[bytes], object] = write
+            if tap is not None:
+                see = tap
+
+                def sink(chunk: bytes) -> None:
+                    write(chunk)
+                    see(chunk)
+
+            read_through(repo, entry, header, identities, sink, plain)
     except OSError as exc:
         raise scratch_error(dest.parent, exc) from None
     return dest

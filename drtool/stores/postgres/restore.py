@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,9 +34,11 @@ from drtool.repository.access import Repo, read_object, snapshot_header
 from drtool.repository.manifest import ComponentEntry, Manifest, ObjectEntry
 from drtool.runtime.binaries import pg_major_of
 from drtool.sources import postgres as pg
+from drtool.sources.pg_archive_stream import ArchiveError, ArchiveStream, write_offsets
 from drtool.sources.pg_fingerprint import PgFingerprints, compare
 from drtool.sources.pg_scan import PartitionScan
 from drtool.stores.stage import Plain, stage
+from drtool.timing import Timer, timed
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,15 @@ class PgOutcome:
     database: str
     old_database: str | None
     connections_ended: int = 0  # client connections to the live database ended by the switch
+    #: the previous database being retired (dropped, or kept when it must be) after the switch,
+    #: off the restore's critical path: its result is the name kept, None when dropped
+    retiring: Future[str | None] | None = None
+
+    def retired(self) -> PgOutcome:
+        """The outcome once the previous database's drop (if any) finished."""
+        if self.retiring is None:
+            return self
+        return replace(self, old_database=self.retiring.result(), retiring=None)
 
 
 def load(repo: Repo, m: Manifest, comp: ComponentEntry, identities: list[str]) -> PgSnapshot:
@@ -177,23 +188,69 @@ def stage_files(
     workdir: Path,
     pg_bin_dir: Path | None,
 ) -> PgStaged:
-    """Decrypt the dump (and globals) to scratch, fully checked; refuse an old pg_restore (R5)."""
-    dump = stage(
-        repo,
-        snap.dump,
-        snapshot_header(m, "postgres", snap.dump.kind),
-        identities,
-        workdir / "dump.pgdump",
-        snap.dump_plain,
-    )
+    """Decrypt the dump (and globals) to scratch, fully checked; refuse an old pg_restore (R5).
+
+    The dump's data offsets are found as it is written, by the one archive reader
+    (:class:`~drtool.sources.pg_archive_stream.ArchiveStream`) fed each staged piece: one pass
+    over it, and the staged file is never read back.
+    """
+    offsets = OffsetsWhileStaging()
+    with timed() as t:
+        dump = stage(
+            repo,
+            snap.dump,
+            snapshot_header(m, "postgres", snap.dump.kind),
+            identities,
+            workdir / "dump.pgdump",
+            snap.dump_plain,
+            tap=offsets.feed,
+        )
     pg.pg_restore_version_check(dump, pg_bin_dir)
-    indexed = pg.index_archive(dump)  # checked above; only its TOC's data offsets are filled in
-    log.debug("postgres: %d data offsets indexed in the staged dump", indexed)
+    indexed = offsets.write_into(dump)  # checked above; only its TOC's data offsets are set
+    log.debug("postgres: dump staged in %.2f s, %d data offsets indexed", t.seconds, indexed)
     globals_path = None
     if snap.globals_sql is not None:
         header = snapshot_header(m, "postgres", snap.globals_sql.kind)
         globals_path = stage(repo, snap.globals_sql, header, identities, workdir / "globals.sql")
     return PgStaged(dump, globals_path)
+
+
+class OffsetsWhileStaging:
+    """The archive reader (``digest=False``: block positions only) as staging's tap.
+
+    What it cannot read (an :class:`ArchiveError`: an archive format it does not know, a
+    stream cut short) stops the feeding and is remembered, not raised: staging must not fail
+    for it, because pg_restore still reads an archive without offsets (it scans for each
+    table's data, slower). :meth:`write_into` says so in a warning and writes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.reader = ArchiveStream(digest=False)
+        self.problem = ""
+
+    def feed(self, piece: bytes) -> None:
+        if self.problem:
+            return
+        try:
+            self.reader.feed(piece)
+        except ArchiveError as exc:
+            self.problem = str(exc)
+
+    def write_into(self, path: Path) -> int:
+        """Write the offsets into the staged (and checked) ``path``; how many were written."""
+        if not self.problem:
+            try:
+                self.reader.finish()
+            except ArchiveError as exc:
+                self.problem = str(exc)
+        if self.problem:
+            log.warning(
+                "%s: data offsets not indexed (%s); pg_restore will scan for them",
+                path,
+                self.problem,
+            )
+            return 0
+        return write_offsets(path, self.reader)
 
 
 def filter_globals(text: str, existing: set[str], login_user: str) -> str:
@@ -282,7 +339,8 @@ def restore(
     # freshly restored copy while nothing else runs. A CHECKPOINT started beside the (CPU-bound)
     # fingerprint scan and the switch does that disk work meanwhile; it only flushes, and a
     # login that may not run it skips it.
-    flusher = ThreadPoolExecutor(max_workers=1)
+    flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drtool-pg-retire")
+    clock = Timer()
     try:
         pg.restore_dump(
             staged.dump,
@@ -295,12 +353,14 @@ def restore(
         )
         if snap.fingerprints.database is not None:
             pg.apply_database_props(endpoint, copy, snap.fingerprints.database)
+        log.debug("postgres: pg_restore -j %d into %s: %.2f s", jobs, copy, clock.elapsed())
         if will_drop:
             flusher.submit(pg.checkpoint, endpoint)
         restored = fingerprints_of(
             endpoint, copy, snap.fingerprints, workers=jobs, pg_bin_dir=pg_bin_dir, timeout=timeout
         )
         problems = compare(snap.fingerprints, restored)
+        log.debug("postgres: %s proved (fingerprints): %.2f s", copy, clock.elapsed())
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise IntegrityError(
@@ -308,21 +368,40 @@ def restore(
                 f"{_across_majors(snap, target, problems)}; the live database {name} is unchanged"
             )
         ended = _switch(endpoint, copy, name, old if target.exists else None)
+        log.debug("postgres: switched: %.2f s", clock.elapsed())
     except BaseException:
+        flusher.shutdown(wait=True)
         _drop_quietly(endpoint, copy)
         raise
-    finally:
-        flusher.shutdown(wait=True)
     if not target.exists:
+        flusher.shutdown(wait=True)
         log.info("postgres: %s switched in (there was no database %s before)", name, name)
         return PgOutcome(name, None, ended)
-    why = _drop_reason(endpoint, old, drop_old=drop_old, was_empty=target.empty)
-    if why:
-        pg.drop_database(endpoint, old)
-        log.info("postgres: %s switched in; the previous one dropped (%s)", name, why)
-        return PgOutcome(name, None, ended)
+    if not will_drop:
+        flusher.shutdown(wait=True)
+        log.info("postgres: %s switched in; the previous one kept as %s", name, old)
+        return PgOutcome(name, old, ended)
+    # the restored database is live: the previous one is dropped after the CHECKPOINT (same
+    # worker), while the caller goes on; the caller waits for it before it reports
+    retiring = flusher.submit(_retire, endpoint, name, old, drop_old=drop_old)
+    flusher.shutdown(wait=False)
+    return PgOutcome(name, None, ended, retiring)
+
+
+def _retire(endpoint: PostgresEndpoint, name: str, old: str, *, drop_old: bool) -> str | None:
+    """Drop the previous database when it must go; the name kept (None: dropped). Never raises:
+    a drop that fails leaves it kept, and says so."""
+    try:
+        why = _drop_reason(endpoint, old, drop_old=drop_old, was_empty=True)
+        if why:
+            pg.drop_database(endpoint, old)
+            log.info("postgres: %s switched in; the previous one dropped (%s)", name, why)
+            return None
+    except SourceError as exc:
+        log.warning("postgres: %s switched in; the previous one kept as %s: %s", name, old, exc)
+        return old
     log.info("postgres: %s switched in; the previous one kept as %s", name, old)
-    return PgOutcome(name, old, ended)
+    return old
 
 
 def _across_majors(snap: PgSnapshot, target: PgTarget, problems: list[str]) -> str:

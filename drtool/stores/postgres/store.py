@@ -174,16 +174,23 @@ class PostgresRestoring:
             timeout=target.timeout,
         )
         self.staged.dump.unlink()
-        name = outcome.database
-        detail = f"database {name}"
-        if outcome.old_database:
-            detail += (
-                f"; previous kept as {outcome.old_database} (anything written to {name} "
-                "between the start of the restore and the switch is there, not in the restored "
-                "database)"
-            )
-        detail += f"; {outcome.connections_ended} open connections ended at the switch"
-        return Restored([], detail, {"connections_ended": outcome.connections_ended})
+        counts = {"connections_ended": outcome.connections_ended}
+        if outcome.retiring is None:
+            return Restored([], _detail(outcome), counts)
+        return Restored([], _detail(outcome), counts, lambda: _detail(outcome.retired()))
+
+
+def _detail(outcome: pg_restore.PgOutcome) -> str:
+    """The restored database, the previous one if kept, the connections the switch ended."""
+    name = outcome.database
+    detail = f"database {name}"
+    if outcome.old_database:
+        detail += (
+            f"; previous kept as {outcome.old_database} (anything written to {name} "
+            "between the start of the restore and the switch is there, not in the restored "
+            "database)"
+        )
+    return detail + f"; {outcome.connections_ended} open connections ended at the switch"
 
 
 def _switch_notes(t: pg_restore.PgTarget, old: str, *, drop_old: bool) -> tuple[str, ...]:
