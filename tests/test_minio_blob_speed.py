@@ -18,6 +18,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,13 @@ from drtool.errors import IntegrityError
 from drtool.pipeline.compress import FRAME_MAGIC, PROBE_SIZE, compress
 from drtool.pipeline.header import SKIPPABLE_MAGIC
 from drtool.repository import layout
+from drtool.repository.access import storage_for
 from drtool.repository.ids import new_id
 from drtool.repository.manifest import ComponentEntry, Manifest
 from drtool.s3session import s3_client
 from drtool.services.restore.run import RestoreOptions, run_restore
 from drtool.storage.file import FileStorage
+from drtool.storage.s3 import S3Storage
 from drtool.stores.minio import restore as bucket_restore
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + os.urandom(300_000)
@@ -219,20 +222,40 @@ def test_the_restore_reads_each_blob_once_when_the_scratch_dir_has_room(
     assert bucket_objects(s3_server, bucket) == bucket_objects(s3_server, s3_bucket)
 
 
-def test_minio_workers_below_one_is_a_config_error(
+@pytest.mark.parametrize("workers", [0, 65])
+def test_minio_workers_out_of_bounds_is_a_config_error(
     pg_database: PostgresEndpoint,
     redis_server: RedisEndpoint,
     s3_server: S3Endpoint,
     s3_bucket: str,
     tmp_path: Path,
+    workers: int,
 ) -> None:
+    """Checked when the config is loaded (1..64), by any command, not only at backup start."""
     repo = make_repository(
         tmp_path / "repo", StackEndpoints(pg_database, redis_server, s3_server, (s3_bucket,))
     )
     text = repo.backup_config.read_text()
     assert text.rstrip().splitlines()[-1].startswith("state_dir")  # [backup] is the last table
-    repo.backup_config.write_text(text + "minio_workers = 0\n")
-    run = run_drtool("backup", "--component", "minio", config=repo.backup_config)
-    assert run.returncode == 2, run.stderr
-    assert "backup.minio_workers: must be >= 1 (got 0)" in run.stderr
-    assert "Traceback" not in run.stderr
+    repo.backup_config.write_text(text + f"minio_workers = {workers}\n")
+    for command in (("backup", "--component", "minio"), ("list",)):
+        run = run_drtool(*command, config=repo.backup_config)
+        assert run.returncode == 2, run.stderr
+        assert f"backup.minio_workers: must be 1 to 64 (got {workers})" in run.stderr
+        assert "Traceback" not in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_the_repository_client_pools_a_connection_per_minio_worker_part(
+    s3_server: S3Endpoint, s3_bucket: str, tmp_path: Path
+) -> None:
+    """backup.minio_workers sizes the repository's S3 client pool (it was max(10, parts + 2)),
+    so the workers' parallel blob puts do not discard and reopen connections."""
+    kit = s3_kit(tmp_path, s3_server, s3_bucket)
+    cfg = kit.config()
+    for workers in (8, 32):
+        cfg = replace(cfg, backup=replace(cfg.backup, minio_workers=workers))
+        storage = storage_for(cfg)
+        assert isinstance(storage, S3Storage)
+        pool = storage._client.meta.config.max_pool_connections  # type: ignore[attr-defined]
+        assert pool == workers * storage.options.max_concurrency + 2

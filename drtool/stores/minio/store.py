@@ -13,7 +13,6 @@ from typing import Any
 
 from drtool import keys
 from drtool.endpoints import StackEndpoints
-from drtool.errors import ConfigError
 from drtool.repository import catalog, layout, rotation
 from drtool.repository.manifest import ComponentEntry, ObjectEntry
 from drtool.repository.minio_index import IndexEntry
@@ -47,9 +46,7 @@ class MinioStore:
         a failed run must not make the next one reuse blobs no snapshot references.
         """
         endpoints = ctx.cfg.stack()
-        workers = ctx.cfg.backup.minio_workers
-        if workers < 1:
-            raise ConfigError(f"backup.minio_workers: must be >= 1 (got {workers})")
+        workers = ctx.cfg.backup.minio_workers  # 1..64, checked when the config was loaded
         store = s3_source.MinioStore(endpoints.minio, max_pool=max(8, workers))
         stored_blobs = {o.key: o.size for o in ctx.storage.list(layout.BLOBS)}
         rotated = _rotation_map(ctx)
