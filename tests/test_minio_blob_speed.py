@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from drtool.repository.ids import new_id
 from drtool.repository.manifest import ComponentEntry, Manifest
 from drtool.s3session import s3_client
 from drtool.services.restore.run import RestoreOptions, run_restore
+from drtool.sources.minio import MinioStore
 from drtool.storage.file import FileStorage
 from drtool.storage.s3 import S3Storage
 from drtool.stores.minio import restore as bucket_restore
@@ -176,6 +178,65 @@ def test_attachments_round_trip_raw_and_compressed_and_a_damaged_raw_blob_is_ref
     assert bucket_objects(s3_server, bad) == {}  # nothing written
 
 
+def _restore_counting_reads(
+    endpoints: tuple[PostgresEndpoint, RedisEndpoint, S3Endpoint, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    objects: dict[str, bytes],
+    scratch_dir: str = "",
+) -> list[str]:
+    """Back up ``objects``, restore the bucket into a new one; the blob reads it made."""
+    pg, redis, s3, source = endpoints
+    client = s3_client(s3)
+    for key, body in objects.items():
+        client.put_object(Bucket=source, Key=key, Body=body)
+    repo = make_repository(tmp_path / "repo", StackEndpoints(pg, redis, s3, (source,)))
+    snapshot_id = repo.backup(components=("minio",))
+    bucket = f"target-{uuid.uuid4().hex[:10]}"
+    target = StackEndpoints(pg, redis, s3, (bucket,))
+    cfg = load_config(repo.operator_config(tmp_path / "op.toml", {"t": target}), {})
+    if scratch_dir:
+        cfg = replace(cfg, backup=replace(cfg.backup, scratch_dir=scratch_dir))
+    reads: list[str] = []
+    real_get = FileStorage.get
+
+    def counting_get(self: FileStorage, key: str, **kw: Any) -> Iterator[bytes]:
+        if key.startswith(layout.BLOBS):
+            reads.append(key)
+        return real_get(self, key, **kw)
+
+    monkeypatch.setattr(FileStorage, "get", counting_get)
+    result = run_restore(
+        cfg,
+        home=tmp_path / "home",
+        options=RestoreOptions(ref=snapshot_id, components=("minio",), target="t", yes=True),
+        confirm=lambda r: True,
+    )
+    assert result.ok, result.components
+    assert bucket_objects(s3, bucket) == bucket_objects(s3, source)
+    return reads
+
+
+def _fake_statvfs(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """The restore's own scratch dir (``drtool-restore-*``) reports ``free`` bytes, 4 KiB
+    blocks, plenty of inodes: what a fuller disk would say, the rest of the machine as is."""
+    real = os.statvfs
+
+    def statvfs(path: Any) -> os.statvfs_result:
+        st = real(path)
+        if "drtool-restore-" not in str(path):
+            return st
+        blocks = free // 4096
+        figures = (4096, 4096, st.f_blocks, blocks, blocks, st.f_files, st.f_ffree, 10**6)
+        return os.statvfs_result((*figures, st.f_flag, st.f_namemax))
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+
+
+PHOTOS = {f"rooms/{i}/photo.jpg": JPEG[i:] for i in range(4)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("room", [True, False], ids=["room", "no-room"])
 def test_the_restore_reads_each_blob_once_when_the_scratch_dir_has_room(
@@ -189,37 +250,102 @@ def test_the_restore_reads_each_blob_once_when_the_scratch_dir_has_room(
 ) -> None:
     """Blob reads from the repository: one per blob with room (the checked plaintext is kept
     for the uploads), two without (the check pass, then each upload's own staging)."""
-    client = s3_client(s3_server)
-    for i in range(4):
-        client.put_object(Bucket=s3_bucket, Key=f"rooms/{i}/photo.jpg", Body=JPEG[i:])
-    repo = make_repository(
-        tmp_path / "repo", StackEndpoints(pg_database, redis_server, s3_server, (s3_bucket,))
-    )
-    snapshot_id = repo.backup(components=("minio",))
-    bucket = f"target-{uuid.uuid4().hex[:10]}"
-    target = StackEndpoints(pg_database, redis_server, s3_server, (bucket,))
-    cfg = load_config(repo.operator_config(tmp_path / "op.toml", {"t": target}), {})
-    reads: list[str] = []
-    real_get = FileStorage.get
-
-    def counting_get(self: FileStorage, key: str, **kw: Any) -> Iterator[bytes]:
-        if key.startswith(layout.BLOBS):
-            reads.append(key)
-        return real_get(self, key, **kw)
-
-    monkeypatch.setattr(FileStorage, "get", counting_get)
     if not room:
         monkeypatch.setattr(bucket_restore, "SCRATCH_RESERVE", 1 << 60)
-    result = run_restore(
-        cfg,
-        home=tmp_path / "home",
-        options=RestoreOptions(ref=snapshot_id, components=("minio",), target="t", yes=True),
-        confirm=lambda r: True,
-    )
-    assert result.ok, result.components
+    endpoints = (pg_database, redis_server, s3_server, s3_bucket)
+    reads = _restore_counting_reads(endpoints, tmp_path, monkeypatch, objects=PHOTOS)
     assert len(set(reads)) == 4
     assert len(reads) == (4 if room else 8)
-    assert bucket_objects(s3_server, bucket) == bucket_objects(s3_server, s3_bucket)
+
+
+@pytest.mark.slow
+def test_the_restore_keeps_no_plaintext_when_the_disk_has_room_for_it_only_once(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Free space for the bucket plus the reserve, but not twice the bucket (the target's
+    MinIO data may share that disk): the per-object path (8 reads), not keeping (the old
+    decision kept it: 4 reads, and a one-host restore could then fill the disk halfway)."""
+    bucket_bytes = sum(len(body) for body in PHOTOS.values())
+    _fake_statvfs(monkeypatch, bucket_restore.SCRATCH_RESERVE + bucket_bytes * 3 // 2)
+    endpoints = (pg_database, redis_server, s3_server, s3_bucket)
+    reads = _restore_counting_reads(endpoints, tmp_path, monkeypatch, objects=PHOTOS)
+    assert len(reads) == 8
+
+
+@pytest.mark.slow
+def test_the_restore_keeps_no_plaintext_on_tmpfs(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """backup.scratch_dir on a real tmpfs (/dev/shm): RAM beside the live stack, so each
+    upload stages its blob again (8 reads) however much it reports free."""
+    if bucket_restore.mount_type(Path("/dev/shm")) != "tmpfs":
+        pytest.skip("/dev/shm is not a tmpfs on this machine")
+    scratch = Path("/dev/shm") / f"drtool-test-{uuid.uuid4().hex[:8]}"
+    scratch.mkdir()
+    try:
+        endpoints = (pg_database, redis_server, s3_server, s3_bucket)
+        reads = _restore_counting_reads(
+            endpoints, tmp_path, monkeypatch, objects=PHOTOS, scratch_dir=str(scratch)
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert len(reads) == 8
+
+
+@pytest.mark.slow
+def test_each_kept_plaintext_is_removed_after_the_last_object_using_it_is_put(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scratch dir seen at each upload: 8 distinct blobs on 4 workers, so by the last
+    upload at least 4 were put and their files gone (the old code kept all 8 to the end)."""
+    objects = {f"rooms/{i}/photo.jpg": JPEG[i:] for i in range(8)}
+    seen: list[tuple[str, int]] = []
+    real_upload = MinioStore.upload
+
+    def watching_upload(self: MinioStore, bucket: str, key: str, path: Path, meta: Any) -> None:
+        assert path.exists(), key
+        if path.name.startswith("blob-"):
+            seen.append((key, len(list(path.parent.glob("blob-*")))))
+        real_upload(self, bucket, key, path, meta)
+
+    monkeypatch.setattr(MinioStore, "upload", watching_upload)
+    endpoints = (pg_database, redis_server, s3_server, s3_bucket)
+    reads = _restore_counting_reads(endpoints, tmp_path, monkeypatch, objects=objects)
+    assert len(reads) == 8  # kept: each blob read once
+    assert len(seen) == 8  # every object put from a kept file
+    assert seen[-1][1] <= 4  # at most 4 in flight: the others' files are gone
+
+
+def test_the_keep_decision_counts_blocks_inodes_the_other_stores_and_refuses_ram() -> None:
+    """keep_decision on statvfs figures: each file in whole blocks, inodes, the other stores'
+    scratch bytes, twice the bucket plus the reserve; never tmpfs/ramfs."""
+    reserve = bucket_restore.SCRATCH_RESERVE
+    sizes = [1] * 1000  # 1,000 one-byte blobs take 1,000 blocks of 4 KiB
+    fits = bucket_restore.ScratchFigures(reserve + 2 * 4096 * 1000, 4096, 10**6, "ext4")
+    assert bucket_restore.keep_decision(fits, sizes, 0) == ""
+    short = replace(fits, free=fits.free - 1)
+    assert "bytes free" in bucket_restore.keep_decision(short, sizes, 0)
+    assert "bytes free" in bucket_restore.keep_decision(fits, sizes, 1)  # another store's byte
+    few_inodes = replace(fits, inodes=1000 + bucket_restore.INODE_RESERVE - 1)
+    assert "inodes" in bucket_restore.keep_decision(few_inodes, sizes, 0)
+    for ram in ("tmpfs", "ramfs"):
+        assert ram in bucket_restore.keep_decision(replace(fits, fs_type=ram), sizes, 0)
+    assert bucket_restore.mount_type(Path("/proc/self")) == "proc"  # read from /proc/mounts
 
 
 @pytest.mark.parametrize("workers", [0, 65])

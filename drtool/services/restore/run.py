@@ -277,12 +277,16 @@ def _stage_then_restore(
 ) -> list[ComponentResult]:
     """Stage every store before touching any target; then restore and verify each in turn.
 
-    A store's time (its RTO) is its staging plus its restore.
+    A store's time (its RTO) is its staging plus its restore. Each store stages knowing what
+    the others need of the scratch dir (``Target.scratch_others``), so one that may keep
+    extra data there (MinIO's plaintext) never takes the room a later restore step writes in.
     """
     staged_s: dict[str, float] = {}
+    needs = {name: r.staged_bytes(target.workers) for name, r in restoring.items()}
     for name, r in restoring.items():
+        others = sum(n for other, n in needs.items() if other != name)
         with timed() as t:
-            r.stage(target, work)
+            r.stage(replace(target, scratch_others=others), work)
         staged_s[name] = t.seconds
     results = []
     for name, r in restoring.items():

@@ -7,7 +7,7 @@ its content type and metadata and reads each one back (:mod:`drtool.stores.minio
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +152,8 @@ class MinioRestoring:
 
     source: SnapshotSource
     buckets: list[bucket_restore.BucketSnapshot]
-    #: blob key -> its checked plaintext in the scratch dir, kept by ``stage`` when all fit
-    staged: dict[str, Path] = field(default_factory=dict)
+    #: each blob's checked plaintext in the scratch dir, kept by ``stage`` when safe
+    staged: bucket_restore.KeptBlobs | None = None
 
     def reads(self) -> list[ObjectEntry]:
         """Every distinct blob of the restored buckets."""
@@ -194,7 +194,8 @@ class MinioRestoring:
 
     def staged_bytes(self, workers: int) -> int:
         """At least one object per worker, each the largest (the stage pass keeps every blob's
-        plaintext instead when the scratch dir has room for all)."""
+        plaintext instead only when the scratch dir has room for it beside everything else,
+        see ``bucket_restore.keep_decision``)."""
         largest = max((e.size for b in self.buckets for e in b.entries), default=0)
         return workers * largest
 
@@ -202,7 +203,7 @@ class MinioRestoring:
         """Read, hash and authenticate every blob needed; keep the plaintext if all fit."""
         s = self.source
         self.staged = bucket_restore.stage_blobs(
-            s.repo, self.buckets, s.identities, work, target.workers
+            s.repo, self.buckets, s.identities, work, target.workers, others=target.scratch_others
         )
 
     def restore(self, target: Target, work: Path, stamp: str) -> Restored:
