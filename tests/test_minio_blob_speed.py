@@ -53,11 +53,30 @@ TEXT = b"".join(b"line %d of a log that compresses well\n" % i for i in range(80
 
 def _plain_frame(kit: RepoKit, key: str) -> bytes:
     """The object's plaintext as the stock ``age -d`` gives it: header frame + data frame."""
-    stored = b"".join(kit.storage.get(key))
+    return _age_decrypt(b"".join(kit.storage.get(key)), kit.identity_file)
+
+
+def _age_decrypt(stored: bytes, identity: Path) -> bytes:
     done = subprocess.run(
-        ["age", "-d", "-i", str(kit.identity_file)], input=stored, capture_output=True, check=True
+        ["age", "-d", "-i", str(identity)], input=stored, capture_output=True, check=True
     )
     return done.stdout
+
+
+def _block_types(frame: bytes) -> list[int]:
+    """The type of each block of a zstd frame without dictionary (0 raw, 1 RLE, 2 compressed)."""
+    assert frame[:4] == FRAME_MAGIC
+    descriptor = frame[4]
+    single_segment = (descriptor >> 5) & 1
+    fcs = (0, 2, 4, 8)[descriptor >> 6] or single_segment
+    pos, types = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3] + fcs, []
+    while True:
+        header = int.from_bytes(frame[pos : pos + 3], "little")
+        kind, size = (header >> 1) & 3, header >> 3
+        types.append(kind)
+        pos += 3 + (1 if kind == 1 else size)
+        if header & 1:
+            return types
 
 
 def _data_frame(plain: bytes) -> bytes:
@@ -152,7 +171,11 @@ def test_attachments_round_trip_raw_and_compressed_and_a_damaged_raw_blob_is_ref
     sizes = sorted(p.stat().st_size for p in blobs)
     assert len(sizes) == 3
     assert sizes[1] < len(TEXT) // 5  # the log compressed
-    assert len(JPEG) < sizes[2] < len(JPEG) + 1000  # the photo stored raw (+ age, header)
+    photo = _data_frame(_age_decrypt(max(blobs, key=lambda p: p.stat().st_size).read_bytes(),
+                                     repo.identity))  # fmt: skip
+    assert set(_block_types(photo)) == {0}  # the photo stored raw: every block a raw block
+    log = next(p for p in blobs if p.stat().st_size == sizes[1])
+    assert 2 in _block_types(_data_frame(_age_decrypt(log.read_bytes(), repo.identity)))
 
     def restore(bucket: str) -> subprocess.CompletedProcess[str]:
         client.create_bucket(Bucket=bucket)
