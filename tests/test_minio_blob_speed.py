@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -408,3 +410,56 @@ def test_the_repository_client_pools_a_connection_per_minio_worker_part(
         assert isinstance(storage, S3Storage)
         pool = storage._client.meta.config.max_pool_connections  # type: ignore[attr-defined]
         assert pool == workers * storage.options.max_concurrency + 2
+
+
+@pytest.mark.slow
+def test_a_killed_restores_scratch_dir_is_swept_by_the_next_restore(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A restore SIGKILLed with a bucket's plaintext in its scratch dir: the next restore
+    removes that dir (its owner pid is dead) and logs it; a running restore's dir, one without
+    an owner file and one from another pid namespace stay."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from drtool.stores.stage import owned_scratch\n"
+        "with owned_scratch(Path(sys.argv[1])) as d:\n"
+        "    (d / 'blob-0').write_bytes(b'plaintext' * 1000)\n"
+        "    print(d, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    killed = subprocess.Popen(
+        [sys.executable, "-c", code, str(scratch)], stdout=subprocess.PIPE, text=True
+    )
+    assert killed.stdout is not None
+    left = Path(killed.stdout.readline().strip())
+    killed.kill()
+    killed.wait()
+    assert (left / "blob-0").exists()  # SIGKILL: no cleanup ran
+    running = scratch / "drtool-restore-running"
+    running.mkdir()
+    (running / "owner").write_text((left / "owner").read_text().replace(
+        str(killed.pid), str(os.getpid())))  # fmt: skip
+    unowned = scratch / "drtool-restore-unowned"
+    unowned.mkdir()
+    foreign = scratch / "drtool-restore-foreign"
+    foreign.mkdir()
+    (foreign / "owner").write_text(f"{killed.pid} pid:[1]\n")
+    caplog.set_level(logging.WARNING)
+    endpoints = (pg_database, redis_server, s3_server, s3_bucket)
+    _restore_counting_reads(endpoints, tmp_path, monkeypatch, objects=PHOTOS,
+                            scratch_dir=str(scratch))  # fmt: skip
+    assert not left.exists()
+    assert running.exists() and unowned.exists() and foreign.exists()
+    assert sorted(p.name for p in scratch.iterdir()) == sorted(
+        ["drtool-restore-running", "drtool-restore-unowned", "drtool-restore-foreign"]
+    )  # the restore's own dir removed after it
+    assert f"removed scratch dir {left}" in caplog.text

@@ -16,7 +16,6 @@ and 0006-store-protocol.md.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -32,7 +31,13 @@ from drtool.services.stack import stack_load
 from drtool.stores import registry
 from drtool.stores.base import Placer, PlanItem, Restoring, SnapshotSource, Target
 from drtool.stores.redis.offline import LocalPlacer, container_placer
-from drtool.stores.stage import check_free_space, scratch_dir, scratch_error
+from drtool.stores.stage import (
+    check_free_space,
+    owned_scratch,
+    scratch_dir,
+    scratch_error,
+    sweep_stale,
+)
 from drtool.timing import Timer, timed
 
 PRODUCTION = "production"
@@ -179,10 +184,11 @@ def run_restore(
         raise UsageError("restore: not confirmed; nothing changed")
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%d_%H%M%S")
     scratch = scratch_dir(cfg)
+    sweep_stale(scratch)  # a killed restore's leftovers (decrypted data) first: their space too
     check_free_space(scratch, sum(r.staged_bytes(WORKERS) for r in restoring.values()))
     try:
-        with tempfile.TemporaryDirectory(dir=scratch, prefix="drtool-restore-") as work:
-            result.components = _stage_then_restore(restoring, target, Path(work), stamp)
+        with owned_scratch(scratch) as work:
+            result.components = _stage_then_restore(restoring, target, work, stamp)
     except OSError as exc:
         raise scratch_error(scratch, exc) from None
     result.seconds = clock.elapsed()
