@@ -210,14 +210,17 @@ def _restore_counting_reads(
     *,
     objects: dict[str, bytes],
     scratch_dir: str = "",
+    components: tuple[str, ...] = ("minio",),
 ) -> list[str]:
-    """Back up ``objects``, restore the bucket into a new one; the blob reads it made."""
+    """Back up ``objects``, restore the bucket into a new one; the blob reads it made.
+
+    With ``postgres`` among ``components`` the database is restored over itself (``force``)."""
     pg, redis, s3, source = endpoints
     client = s3_client(s3)
     for key, body in objects.items():
         client.put_object(Bucket=source, Key=key, Body=body)
     repo = make_repository(tmp_path / "repo", StackEndpoints(pg, redis, s3, (source,)))
-    snapshot_id = repo.backup(components=("minio",))
+    snapshot_id = repo.backup(components=components)
     bucket = f"target-{uuid.uuid4().hex[:10]}"
     target = StackEndpoints(pg, redis, s3, (bucket,))
     cfg = load_config(repo.operator_config(tmp_path / "op.toml", {"t": target}), {})
@@ -235,10 +238,13 @@ def _restore_counting_reads(
     result = run_restore(
         cfg,
         home=tmp_path / "home",
-        options=RestoreOptions(ref=snapshot_id, components=("minio",), target="t", yes=True),
+        options=RestoreOptions(
+            ref=snapshot_id, components=components, target="t", yes=True, force=True
+        ),
         confirm=lambda r: True,
     )
     assert result.ok, result.components
+    assert [c.name for c in result.components] == list(components)
     assert bucket_objects(s3, bucket) == bucket_objects(s3, source)
     return reads
 
@@ -300,6 +306,29 @@ def test_the_restore_keeps_no_plaintext_when_the_disk_has_room_for_it_only_once(
     endpoints = (pg_database, redis_server, s3_server, s3_bucket)
     reads = _restore_counting_reads(endpoints, tmp_path, monkeypatch, objects=PHOTOS)
     assert len(reads) == 8
+
+
+@pytest.mark.slow
+def test_the_restore_keeps_no_plaintext_where_the_other_stores_need_the_room(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Free space exactly twice the kept bucket (in 4 KiB blocks) plus the reserve: enough for
+    a MinIO-only restore (kept, 4 reads), not for one that also restores PostgreSQL, whose
+    dump the decision must leave room for (the per-object path, 8 reads)."""
+    kept = sum(-(-len(body) // 4096) * 4096 for body in PHOTOS.values())
+    _fake_statvfs(monkeypatch, bucket_restore.SCRATCH_RESERVE + 2 * kept)
+    endpoints = (pg_database, redis_server, s3_server, s3_bucket)
+    alone = _restore_counting_reads(endpoints, tmp_path / "alone", monkeypatch, objects=PHOTOS)
+    assert len(alone) == 4
+    with_pg = _restore_counting_reads(
+        endpoints, tmp_path / "pg", monkeypatch, objects={}, components=("postgres", "minio")
+    )
+    assert len(with_pg) == 8
 
 
 @pytest.mark.slow
