@@ -66,6 +66,10 @@ class KeysConfig:
     prove_within_days: int = 30
 
 
+#: backup.minio_workers: its bounds (each worker holds a MinIO and a repository connection)
+MINIO_WORKERS = (1, 64)
+
+
 @dataclass(frozen=True)
 class BackupConfig:
     """How backups are produced."""
@@ -75,7 +79,7 @@ class BackupConfig:
     compression_threads: int = 0
     # MinIO objects read, sealed and uploaded at once by a backup (ADR 0035: on 2 cores the
     # requests' round trips, not the CPU, idle 4; the upload buffers share one 24 MiB budget)
-    minio_workers: int = 8
+    minio_workers: int = 8  # MINIO_WORKERS bounds it (checked at load)
     scratch_dir: str = ""
     state_dir: str = ""
     timeout_s: int = 6 * 3600
@@ -343,6 +347,12 @@ def load_config(
         name: _section_values(name, cls, data.get(name, {}), env, flags.get(name, {}))
         for name, cls in SECTIONS.items()
     }
+    workers = sections["backup"].minio_workers
+    if not MINIO_WORKERS[0] <= workers <= MINIO_WORKERS[1]:  # each one holds a connection
+        raise ConfigError(
+            f"backup.minio_workers: must be {MINIO_WORKERS[0]} to {MINIO_WORKERS[1]} "
+            f"(got {workers})"
+        )
     if sections["restore"].max_skew_s < 0:  # a negative limit would refuse every moment
         raise ConfigError(
             f"restore.max_skew_s: must be 0 (the schedule's Redis interval) or more seconds "

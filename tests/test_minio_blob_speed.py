@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,11 +39,14 @@ from drtool.errors import IntegrityError
 from drtool.pipeline.compress import FRAME_MAGIC, PROBE_SIZE, compress
 from drtool.pipeline.header import SKIPPABLE_MAGIC
 from drtool.repository import layout
+from drtool.repository.access import storage_for
 from drtool.repository.ids import new_id
 from drtool.repository.manifest import ComponentEntry, Manifest
 from drtool.s3session import s3_client
 from drtool.services.restore.run import RestoreOptions, run_restore
+from drtool.sources.minio import MinioStore
 from drtool.storage.file import FileStorage
+from drtool.storage.s3 import S3Storage
 from drtool.stores.minio import restore as bucket_restore
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + os.urandom(300_000)
@@ -48,11 +55,30 @@ TEXT = b"".join(b"line %d of a log that compresses well\n" % i for i in range(80
 
 def _plain_frame(kit: RepoKit, key: str) -> bytes:
     """The object's plaintext as the stock ``age -d`` gives it: header frame + data frame."""
-    stored = b"".join(kit.storage.get(key))
+    return _age_decrypt(b"".join(kit.storage.get(key)), kit.identity_file)
+
+
+def _age_decrypt(stored: bytes, identity: Path) -> bytes:
     done = subprocess.run(
-        ["age", "-d", "-i", str(kit.identity_file)], input=stored, capture_output=True, check=True
+        ["age", "-d", "-i", str(identity)], input=stored, capture_output=True, check=True
     )
     return done.stdout
+
+
+def _block_types(frame: bytes) -> list[int]:
+    """The type of each block of a zstd frame without dictionary (0 raw, 1 RLE, 2 compressed)."""
+    assert frame[:4] == FRAME_MAGIC
+    descriptor = frame[4]
+    single_segment = (descriptor >> 5) & 1
+    fcs = (0, 2, 4, 8)[descriptor >> 6] or single_segment
+    pos, types = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3] + fcs, []
+    while True:
+        header = int.from_bytes(frame[pos : pos + 3], "little")
+        kind, size = (header >> 1) & 3, header >> 3
+        types.append(kind)
+        pos += 3 + (1 if kind == 1 else size)
+        if header & 1:
+            return types
 
 
 def _data_frame(plain: bytes) -> bytes:
@@ -147,7 +173,11 @@ def test_attachments_round_trip_raw_and_compressed_and_a_damaged_raw_blob_is_ref
     sizes = sorted(p.stat().st_size for p in blobs)
     assert len(sizes) == 3
     assert sizes[1] < len(TEXT) // 5  # the log compressed
-    assert len(JPEG) < sizes[2] < len(JPEG) + 1000  # the photo stored raw (+ age, header)
+    photo = _data_frame(_age_decrypt(max(blobs, key=lambda p: p.stat().st_size).read_bytes(),
+                                     repo.identity))  # fmt: skip
+    assert set(_block_types(photo)) == {0}  # the photo stored raw: every block a raw block
+    log = next(p for p in blobs if p.stat().st_size == sizes[1])
+    assert 2 in _block_types(_data_frame(_age_decrypt(log.read_bytes(), repo.identity)))
 
     def restore(bucket: str) -> subprocess.CompletedProcess[str]:
         client.create_bucket(Bucket=bucket)
@@ -173,6 +203,71 @@ def test_attachments_round_trip_raw_and_compressed_and_a_damaged_raw_blob_is_ref
     assert bucket_objects(s3_server, bad) == {}  # nothing written
 
 
+def _restore_counting_reads(
+    endpoints: tuple[PostgresEndpoint, RedisEndpoint, S3Endpoint, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    objects: dict[str, bytes],
+    scratch_dir: str = "",
+    components: tuple[str, ...] = ("minio",),
+) -> list[str]:
+    """Back up ``objects``, restore the bucket into a new one; the blob reads it made.
+
+    With ``postgres`` among ``components`` the database is restored over itself (``force``)."""
+    pg, redis, s3, source = endpoints
+    client = s3_client(s3)
+    for key, body in objects.items():
+        client.put_object(Bucket=source, Key=key, Body=body)
+    repo = make_repository(tmp_path / "repo", StackEndpoints(pg, redis, s3, (source,)))
+    snapshot_id = repo.backup(components=components)
+    bucket = f"target-{uuid.uuid4().hex[:10]}"
+    target = StackEndpoints(pg, redis, s3, (bucket,))
+    cfg = load_config(repo.operator_config(tmp_path / "op.toml", {"t": target}), {})
+    if scratch_dir:
+        cfg = replace(cfg, backup=replace(cfg.backup, scratch_dir=scratch_dir))
+    reads: list[str] = []
+    real_get = FileStorage.get
+
+    def counting_get(self: FileStorage, key: str, **kw: Any) -> Iterator[bytes]:
+        if key.startswith(layout.BLOBS):
+            reads.append(key)
+        return real_get(self, key, **kw)
+
+    monkeypatch.setattr(FileStorage, "get", counting_get)
+    result = run_restore(
+        cfg,
+        home=tmp_path / "home",
+        options=RestoreOptions(
+            ref=snapshot_id, components=components, target="t", yes=True, force=True
+        ),
+        confirm=lambda r: True,
+    )
+    assert result.ok, result.components
+    assert [c.name for c in result.components] == list(components)
+    assert bucket_objects(s3, bucket) == bucket_objects(s3, source)
+    return reads
+
+
+def _fake_statvfs(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """The restore's own scratch dir (``drtool-restore-*``) reports ``free`` bytes, 4 KiB
+    blocks, plenty of inodes: what a fuller disk would say, the rest of the machine as is."""
+    real = os.statvfs
+
+    def statvfs(path: Any) -> os.statvfs_result:
+        st = real(path)
+        if "drtool-restore-" not in str(path):
+            return st
+        blocks = free // 4096
+        figures = (4096, 4096, st.f_blocks, blocks, blocks, st.f_files, st.f_ffree, 10**6)
+        return os.statvfs_result((*figures, st.f_flag, st.f_namemax))
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+
+
+PHOTOS = {f"rooms/{i}/photo.jpg": JPEG[i:] for i in range(4)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("room", [True, False], ids=["room", "no-room"])
 def test_the_restore_reads_each_blob_once_when_the_scratch_dir_has_room(
@@ -186,53 +281,214 @@ def test_the_restore_reads_each_blob_once_when_the_scratch_dir_has_room(
 ) -> None:
     """Blob reads from the repository: one per blob with room (the checked plaintext is kept
     for the uploads), two without (the check pass, then each upload's own staging)."""
-    client = s3_client(s3_server)
-    for i in range(4):
-        client.put_object(Bucket=s3_bucket, Key=f"rooms/{i}/photo.jpg", Body=JPEG[i:])
-    repo = make_repository(
-        tmp_path / "repo", StackEndpoints(pg_database, redis_server, s3_server, (s3_bucket,))
-    )
-    snapshot_id = repo.backup(components=("minio",))
-    bucket = f"target-{uuid.uuid4().hex[:10]}"
-    target = StackEndpoints(pg_database, redis_server, s3_server, (bucket,))
-    cfg = load_config(repo.operator_config(tmp_path / "op.toml", {"t": target}), {})
-    reads: list[str] = []
-    real_get = FileStorage.get
-
-    def counting_get(self: FileStorage, key: str, **kw: Any) -> Iterator[bytes]:
-        if key.startswith(layout.BLOBS):
-            reads.append(key)
-        return real_get(self, key, **kw)
-
-    monkeypatch.setattr(FileStorage, "get", counting_get)
     if not room:
         monkeypatch.setattr(bucket_restore, "SCRATCH_RESERVE", 1 << 60)
-    result = run_restore(
-        cfg,
-        home=tmp_path / "home",
-        options=RestoreOptions(ref=snapshot_id, components=("minio",), target="t", yes=True),
-        confirm=lambda r: True,
-    )
-    assert result.ok, result.components
+    endpoints = (pg_database, redis_server, s3_server, s3_bucket)
+    reads = _restore_counting_reads(endpoints, tmp_path, monkeypatch, objects=PHOTOS)
     assert len(set(reads)) == 4
     assert len(reads) == (4 if room else 8)
-    assert bucket_objects(s3_server, bucket) == bucket_objects(s3_server, s3_bucket)
 
 
-def test_minio_workers_below_one_is_a_config_error(
+@pytest.mark.slow
+def test_the_restore_keeps_no_plaintext_when_the_disk_has_room_for_it_only_once(
     pg_database: PostgresEndpoint,
     redis_server: RedisEndpoint,
     s3_server: S3Endpoint,
     s3_bucket: str,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Free space for the bucket plus the reserve, but not twice the bucket (the target's
+    MinIO data may share that disk): the per-object path (8 reads), not keeping (the old
+    decision kept it: 4 reads, and a one-host restore could then fill the disk halfway)."""
+    bucket_bytes = sum(len(body) for body in PHOTOS.values())
+    _fake_statvfs(monkeypatch, bucket_restore.SCRATCH_RESERVE + bucket_bytes * 3 // 2)
+    endpoints = (pg_database, redis_server, s3_server, s3_bucket)
+    reads = _restore_counting_reads(endpoints, tmp_path, monkeypatch, objects=PHOTOS)
+    assert len(reads) == 8
+
+
+@pytest.mark.slow
+def test_the_restore_keeps_no_plaintext_where_the_other_stores_need_the_room(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Free space exactly twice the kept bucket (in 4 KiB blocks) plus the reserve: enough for
+    a MinIO-only restore (kept, 4 reads), not for one that also restores PostgreSQL, whose
+    dump the decision must leave room for (the per-object path, 8 reads)."""
+    kept = sum(-(-len(body) // 4096) * 4096 for body in PHOTOS.values())
+    _fake_statvfs(monkeypatch, bucket_restore.SCRATCH_RESERVE + 2 * kept)
+    endpoints = (pg_database, redis_server, s3_server, s3_bucket)
+    alone = _restore_counting_reads(endpoints, tmp_path / "alone", monkeypatch, objects=PHOTOS)
+    assert len(alone) == 4
+    with_pg = _restore_counting_reads(
+        endpoints, tmp_path / "pg", monkeypatch, objects={}, components=("postgres", "minio")
+    )
+    assert len(with_pg) == 8
+
+
+@pytest.mark.slow
+def test_the_restore_keeps_no_plaintext_on_tmpfs(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """backup.scratch_dir on a real tmpfs (/dev/shm): RAM beside the live stack, so each
+    upload stages its blob again (8 reads) however much it reports free."""
+    if bucket_restore.mount_type(Path("/dev/shm")) != "tmpfs":
+        pytest.skip("/dev/shm is not a tmpfs on this machine")
+    scratch = Path("/dev/shm") / f"drtool-test-{uuid.uuid4().hex[:8]}"
+    scratch.mkdir()
+    try:
+        endpoints = (pg_database, redis_server, s3_server, s3_bucket)
+        reads = _restore_counting_reads(
+            endpoints, tmp_path, monkeypatch, objects=PHOTOS, scratch_dir=str(scratch)
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert len(reads) == 8
+
+
+@pytest.mark.slow
+def test_each_kept_plaintext_is_removed_after_the_last_object_using_it_is_put(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scratch dir seen at each upload: 8 distinct blobs on 4 workers, so by the last
+    upload at least 4 were put and their files gone (the old code kept all 8 to the end)."""
+    objects = {f"rooms/{i}/photo.jpg": JPEG[i:] for i in range(8)}
+    seen: list[tuple[str, int]] = []
+    real_upload = MinioStore.upload
+
+    def watching_upload(self: MinioStore, bucket: str, key: str, path: Path, meta: Any) -> None:
+        assert path.exists(), key
+        if path.name.startswith("blob-"):
+            seen.append((key, len(list(path.parent.glob("blob-*")))))
+        real_upload(self, bucket, key, path, meta)
+
+    monkeypatch.setattr(MinioStore, "upload", watching_upload)
+    endpoints = (pg_database, redis_server, s3_server, s3_bucket)
+    reads = _restore_counting_reads(endpoints, tmp_path, monkeypatch, objects=objects)
+    assert len(reads) == 8  # kept: each blob read once
+    assert len(seen) == 8  # every object put from a kept file
+    assert seen[-1][1] <= 4  # at most 4 in flight: the others' files are gone
+
+
+def test_the_keep_decision_counts_blocks_inodes_the_other_stores_and_refuses_ram() -> None:
+    """keep_decision on statvfs figures: each file in whole blocks, inodes, the other stores'
+    scratch bytes, twice the bucket plus the reserve; never tmpfs/ramfs."""
+    reserve = bucket_restore.SCRATCH_RESERVE
+    sizes = [1] * 1000  # 1,000 one-byte blobs take 1,000 blocks of 4 KiB
+    fits = bucket_restore.ScratchFigures(reserve + 2 * 4096 * 1000, 4096, 10**6, "ext4")
+    assert bucket_restore.keep_decision(fits, sizes, 0) == ""
+    short = replace(fits, free=fits.free - 1)
+    assert "bytes free" in bucket_restore.keep_decision(short, sizes, 0)
+    assert "bytes free" in bucket_restore.keep_decision(fits, sizes, 1)  # another store's byte
+    few_inodes = replace(fits, inodes=1000 + bucket_restore.INODE_RESERVE - 1)
+    assert "inodes" in bucket_restore.keep_decision(few_inodes, sizes, 0)
+    for ram in ("tmpfs", "ramfs"):
+        assert ram in bucket_restore.keep_decision(replace(fits, fs_type=ram), sizes, 0)
+    assert bucket_restore.mount_type(Path("/proc/self")) == "proc"  # read from /proc/mounts
+
+
+@pytest.mark.parametrize("workers", [0, 65])
+def test_minio_workers_out_of_bounds_is_a_config_error(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+    workers: int,
+) -> None:
+    """Checked when the config is loaded (1..64), by any command, not only at backup start."""
     repo = make_repository(
         tmp_path / "repo", StackEndpoints(pg_database, redis_server, s3_server, (s3_bucket,))
     )
     text = repo.backup_config.read_text()
     assert text.rstrip().splitlines()[-1].startswith("state_dir")  # [backup] is the last table
-    repo.backup_config.write_text(text + "minio_workers = 0\n")
-    run = run_drtool("backup", "--component", "minio", config=repo.backup_config)
-    assert run.returncode == 2, run.stderr
-    assert "backup.minio_workers: must be >= 1 (got 0)" in run.stderr
-    assert "Traceback" not in run.stderr
+    repo.backup_config.write_text(text + f"minio_workers = {workers}\n")
+    for command in (("backup", "--component", "minio"), ("list",)):
+        run = run_drtool(*command, config=repo.backup_config)
+        assert run.returncode == 2, run.stderr
+        assert f"backup.minio_workers: must be 1 to 64 (got {workers})" in run.stderr
+        assert "Traceback" not in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_the_repository_client_pools_a_connection_per_minio_worker_part(
+    s3_server: S3Endpoint, s3_bucket: str, tmp_path: Path
+) -> None:
+    """backup.minio_workers sizes the repository's S3 client pool (it was max(10, parts + 2)),
+    so the workers' parallel blob puts do not discard and reopen connections."""
+    kit = s3_kit(tmp_path, s3_server, s3_bucket)
+    cfg = kit.config()
+    for workers in (8, 32):
+        cfg = replace(cfg, backup=replace(cfg.backup, minio_workers=workers))
+        storage = storage_for(cfg)
+        assert isinstance(storage, S3Storage)
+        pool = storage._client.meta.config.max_pool_connections  # type: ignore[attr-defined]
+        assert pool == workers * storage.options.max_concurrency + 2
+
+
+@pytest.mark.slow
+def test_a_killed_restores_scratch_dir_is_swept_by_the_next_restore(
+    pg_database: PostgresEndpoint,
+    redis_server: RedisEndpoint,
+    s3_server: S3Endpoint,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A restore SIGKILLed with a bucket's plaintext in its scratch dir: the next restore
+    removes that dir (its owner pid is dead) and logs it; a running restore's dir, one without
+    an owner file and one from another pid namespace stay."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from drtool.stores.stage import owned_scratch\n"
+        "with owned_scratch(Path(sys.argv[1])) as d:\n"
+        "    (d / 'blob-0').write_bytes(b'plaintext' * 1000)\n"
+        "    print(d, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    killed = subprocess.Popen(
+        [sys.executable, "-c", code, str(scratch)], stdout=subprocess.PIPE, text=True
+    )
+    assert killed.stdout is not None
+    left = Path(killed.stdout.readline().strip())
+    killed.kill()
+    killed.wait()
+    assert (left / "blob-0").exists()  # SIGKILL: no cleanup ran
+    running = scratch / "drtool-restore-running"
+    running.mkdir()
+    (running / "owner").write_text((left / "owner").read_text().replace(
+        str(killed.pid), str(os.getpid())))  # fmt: skip
+    unowned = scratch / "drtool-restore-unowned"
+    unowned.mkdir()
+    foreign = scratch / "drtool-restore-foreign"
+    foreign.mkdir()
+    (foreign / "owner").write_text(f"{killed.pid} pid:[1]\n")
+    caplog.set_level(logging.WARNING)
+    endpoints = (pg_database, redis_server, s3_server, s3_bucket)
+    _restore_counting_reads(endpoints, tmp_path, monkeypatch, objects=PHOTOS,
+                            scratch_dir=str(scratch))  # fmt: skip
+    assert not left.exists()
+    assert running.exists() and unowned.exists() and foreign.exists()
+    assert sorted(p.name for p in scratch.iterdir()) == sorted(
+        ["drtool-restore-running", "drtool-restore-unowned", "drtool-restore-foreign"]
+    )  # the restore's own dir removed after it
+    assert f"removed scratch dir {left}" in caplog.text

@@ -54,6 +54,7 @@ def storage_for(cfg: Config) -> Storage:
         path_style=r.path_style,
         part_size=r.part_size_mb * MiB,
         object_lock_mode=cast(Literal["GOVERNANCE", "COMPLIANCE"] | None, mode),
+        parallel_puts=cfg.backup.minio_workers,
     )
     return open_storage(r.url, options)
 

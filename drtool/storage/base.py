@@ -34,6 +34,8 @@ class StorageOptions:
     path_style: bool = True
     part_size: int = 16 * MiB  # S3 grows it to stay within 10,000 parts
     max_concurrency: int = 2  # parts in flight per upload
+    #: objects written at once by one caller (backup.minio_workers): each needs its connections
+    parallel_puts: int = 1
     retries: int = 6  # attempts per request, the first included
     object_lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] | None = None
     connect_timeout: float = 10.0

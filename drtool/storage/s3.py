@@ -138,6 +138,15 @@ def _rechunk(chunks: Iterable[bytes], size_of: Callable[[int], int]) -> Iterator
         yield buf
 
 
+def pool_size(options: StorageOptions) -> int:
+    """HTTP connections the client keeps: every parallel put's parts in flight, plus two.
+
+    ``parallel_puts`` is backup.minio_workers: with a pool smaller than the threads using it,
+    urllib3 discards the surplus connections and each put opens a fresh TLS connection.
+    """
+    return max(10, options.parallel_puts * options.max_concurrency + 2)
+
+
 def _display_endpoint(endpoint_url: str | None, region: str) -> str:
     """The endpoint without user info, query or fragment."""
     if not endpoint_url:
@@ -173,7 +182,7 @@ class S3Storage(Storage):
             retries={"mode": "standard", "total_max_attempts": 1},
             connect_timeout=options.connect_timeout,
             read_timeout=options.read_timeout,
-            max_pool_connections=max(10, options.max_concurrency + 2),
+            max_pool_connections=pool_size(options),
             tcp_keepalive=True,
         )
         self._client = s3session.new_client(

@@ -126,6 +126,9 @@ class Target:
     redis_wait_s: float = 0.0
     minio_mode: str = "merge"  # or "mirror": remove objects under the prefix the snapshot lacks
     keep_dir: Path | None = None  # where copies that outlive the restore are kept (scratch)
+    #: scratch bytes the OTHER stores of this restore stage and write (their staged_bytes):
+    #: a store that may use spare scratch space (MinIO keeping plaintext) leaves them room
+    scratch_others: int = 0
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,12 @@ ever handed to a restore target (promise 4).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,70 @@ class Plain:
 def scratch_dir(cfg: Config) -> Path:
     """The directory restores stage decrypted data in (``backup.scratch_dir`` or the temp dir)."""
     return Path(cfg.backup.scratch_dir or tempfile.gettempdir())
+
+
+SCRATCH_PREFIX = "drtool-restore-"
+#: in each scratch dir: "<pid> <pid namespace>" of the restore that made it
+OWNER_FILE = "owner"
+log = logging.getLogger(__name__)
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def owned_scratch(directory: Path) -> Iterator[Path]:
+    """A fresh ``drtool-restore-*`` dir in ``directory`` that names its owner, removed after.
+
+    A restore killed by SIGKILL or the OOM killer cannot remove its dir, which may hold a whole
+    bucket's decrypted plaintext: the owner file lets the next restore (:func:`sweep_stale`)
+    tell such a leftover from a restore still running.
+    """
+    with tempfile.TemporaryDirectory(dir=directory, prefix=SCRATCH_PREFIX) as work:
+        (Path(work) / OWNER_FILE).write_text(f"{os.getpid()} {_pid_namespace()}\n")
+        yield Path(work)
+
+
+def sweep_stale(directory: Path) -> list[Path]:
+    """Remove the ``drtool-restore-*`` dirs in ``directory`` whose owner process is dead.
+
+    Only dirs whose owner file names a pid of this pid namespace that no longer exists: a dir
+    without one (being created, or made by an older drtool) or from another namespace (a
+    container sharing the scratch dir) is left alone. Each removal is logged.
+    """
+    removed: list[Path] = []
+    here = _pid_namespace()
+    try:
+        candidates = sorted(directory.glob(f"{SCRATCH_PREFIX}*"))
+    except OSError:
+        return removed
+    for d in candidates:
+        try:
+            pid_text, _, namespace = (d / OWNER_FILE).read_text().strip().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        if namespace != here or _alive(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            log.warning("removed scratch dir %s of restore process %d, which is gone", d, pid)
+            removed.append(d)
+    return removed
 
 
 def check_free_space(directory: Path, needed: int) -> None:

@@ -17,7 +17,6 @@ and 0006-store-protocol.md.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -34,7 +33,13 @@ from drtool.services.stack import stack_load
 from drtool.stores import registry
 from drtool.stores.base import Placer, PlanItem, Restoring, SnapshotSource, Target
 from drtool.stores.redis.offline import LocalPlacer, container_placer
-from drtool.stores.stage import check_free_space, scratch_dir, scratch_error
+from drtool.stores.stage import (
+    check_free_space,
+    owned_scratch,
+    scratch_dir,
+    scratch_error,
+    sweep_stale,
+)
 from drtool.timing import Timer, timed
 
 PRODUCTION = "production"
@@ -186,10 +191,11 @@ def run_restore(
         raise UsageError("restore: not confirmed; nothing changed")
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%d_%H%M%S")
     scratch = scratch_dir(cfg)
+    sweep_stale(scratch)  # a killed restore's leftovers (decrypted data) first: their space too
     check_free_space(scratch, sum(r.staged_bytes(WORKERS) for r in restoring.values()))
     try:
-        with tempfile.TemporaryDirectory(dir=scratch, prefix="drtool-restore-") as work:
-            result.components = _stage_then_restore(restoring, target, Path(work), stamp)
+        with owned_scratch(scratch) as work:
+            result.components = _stage_then_restore(restoring, target, work, stamp)
     except OSError as exc:
         raise scratch_error(scratch, exc) from None
     result.seconds = clock.elapsed()
@@ -287,7 +293,10 @@ def _stage_then_restore(
 
     A store's time (its RTO) is its staging plus its restore up to the moment its target is
     usable; what it left running then (PostgreSQL: dropping the replaced database) overlaps
-    the next stores and is waited for, and its outcome reported, before this returns.
+    the next stores and is waited for, and its outcome reported, before this returns. Each
+    store stages knowing what the others need of the scratch dir (``Target.scratch_others``),
+    so one that may keep extra data there (MinIO's plaintext) never takes the room a later
+    restore step writes in.
     """
     staged_s = _stage_all(restoring, target, work)
     results = []
@@ -314,14 +323,17 @@ def _stage_all(restoring: dict[str, Restoring], target: Target, work: Path) -> d
     touched unless all of them staged.
     """
 
-    def one(r: Restoring) -> float:
+    needs = {name: r.staged_bytes(target.workers) for name, r in restoring.items()}
+
+    def one(name: str, r: Restoring) -> float:
+        others = sum(n for other, n in needs.items() if other != name)
         with timed() as t:
-            r.stage(target, work)
+            r.stage(replace(target, scratch_others=others), work)
         return t.seconds
 
     if len(restoring) == 1:
-        return {name: one(r) for name, r in restoring.items()}
+        return {name: one(name, r) for name, r in restoring.items()}
     with ThreadPoolExecutor(len(restoring), thread_name_prefix="drtool-stage") as pool:
-        futures = {name: pool.submit(one, r) for name, r in restoring.items()}
+        futures = {name: pool.submit(one, name, r) for name, r in restoring.items()}
         wait(futures.values())
     return {name: future.result() for name, future in futures.items()}

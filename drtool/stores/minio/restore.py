@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import shutil
+import os
+import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +37,13 @@ INDEX_SUFFIX = ".index.zst.age"
 MAX_PROBLEMS = 10
 #: free space left in the scratch dir after keeping every staged blob (else re-read per upload)
 SCRATCH_RESERVE = 256 * 1024 * 1024
+#: keep the plaintext only when the scratch dir could hold it this many times over: the target's
+#: MinIO data (and PostgreSQL's) may share that disk on a one-host stack or a drill
+KEEP_MARGIN = 2
+#: free inodes left after the kept files
+INODE_RESERVE = 1000
+#: filesystems that are RAM: keeping a bucket there takes memory beside the live stack
+RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -141,20 +150,119 @@ def check_blobs(
     check_all(repo, [(b, blob_header(repo, b)) for b in blobs], identities, workers=workers)
 
 
-def stage_blobs(
-    repo: Repo, buckets: list[BucketSnapshot], identities: list[str], workdir: Path, workers: int
-) -> dict[str, Path]:
-    """Check every blob the restore needs; keep its plaintext in ``workdir`` if all fit.
+@dataclass(frozen=True)
+class ScratchFigures:
+    """What the scratch dir's filesystem offers (``os.statvfs`` and its mount's type)."""
 
-    Returns the checked scratch file of each blob key (empty when the scratch dir lacks room
-    for all of them plus :data:`SCRATCH_RESERVE`: then only :func:`check_blobs` runs, and each
-    upload stages its blob again). Either way a damaged blob raises before anything is put.
+    free: int  # bytes an unprivileged writer may use (f_bavail * f_frsize)
+    block: int  # f_frsize: every file takes whole blocks
+    inodes: int  # f_favail
+    fs_type: str  # from /proc/mounts; "" when unknown
+
+    @classmethod
+    def of(cls, directory: Path) -> ScratchFigures:
+        """The figures of the filesystem holding ``directory``."""
+        st = os.statvfs(directory)
+        return cls(
+            st.f_bavail * st.f_frsize, st.f_frsize or 4096, st.f_favail, mount_type(directory)
+        )
+
+
+def mount_type(directory: Path) -> str:
+    """The filesystem type of the mount holding ``directory`` (longest /proc/mounts prefix)."""
+    real = str(directory.resolve())
+    best, kind = "", ""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def keep_decision(figures: ScratchFigures, sizes: list[int], others: int) -> str:
+    """'' when the plaintext of blobs of ``sizes`` may be kept in the scratch dir, else why not.
+
+    Keeping is an optimisation, never a risk: every byte the rest of the restore writes must
+    still fit afterwards. ``others``: scratch bytes the other stores of this restore stage and
+    write while restoring (their ``staged_bytes``). Each file is counted in whole filesystem
+    blocks, must leave :data:`INODE_RESERVE` inodes, and the bytes must fit
+    :data:`KEEP_MARGIN` times over plus :data:`SCRATCH_RESERVE` (the target's MinIO data may
+    share the disk). Never on tmpfs/ramfs: that is RAM beside the live stack.
+    """
+    if figures.fs_type in RAM_FILESYSTEMS:
+        return f"the scratch dir is on {figures.fs_type} (RAM)"
+    block = max(1, figures.block)
+    kept = sum(-(-size // block) * block for size in sizes)
+    if figures.inodes < len(sizes) + INODE_RESERVE:
+        return f"{figures.inodes:,} free inodes for {len(sizes):,} files"
+    needed = KEEP_MARGIN * kept + SCRATCH_RESERVE + others
+    if figures.free < needed:
+        return f"{figures.free:,} bytes free, keeping needs {needed:,}"
+    return ""
+
+
+class KeptBlobs:
+    """The checked plaintext of each blob kept in the scratch dir, removed after its last use.
+
+    Each blob is counted once per object that uses it (in every restored bucket); a file is
+    unlinked as soon as the last of them is uploaded or skipped, so the scratch dir shrinks as
+    the uploads go on instead of holding the whole bucket to the end.
+    """
+
+    def __init__(self, paths: dict[str, Path], uses: Counter[str]) -> None:
+        self.paths = paths
+        self._uses = Counter({k: uses[k] for k in paths})
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Path | None:
+        """The kept file of blob ``key``, if any."""
+        return self.paths.get(key)
+
+    def release(self, key: str) -> None:
+        """One use of blob ``key`` is done; the last one removes its file."""
+        with self._lock:
+            if key not in self._uses:
+                return
+            self._uses[key] -= 1
+            last = self._uses[key] <= 0
+            if last:
+                del self._uses[key]
+        if last:
+            self.paths[key].unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def stage_blobs(
+    repo: Repo,
+    buckets: list[BucketSnapshot],
+    identities: list[str],
+    workdir: Path,
+    workers: int,
+    *,
+    others: int = 0,
+) -> KeptBlobs:
+    """Check every blob the restore needs; keep its plaintext in ``workdir`` if safe.
+
+    Returns the checked scratch file of each blob key: empty when :func:`keep_decision` says
+    no (then only :func:`check_blobs` runs, and each upload stages its blob again). Either
+    way a damaged blob raises before anything is put.
     """
     plain = {e.blob_entry().key: Plain(e.size, e.sha256) for b in buckets for e in b.entries}
-    needed = sum(p.size or 0 for p in plain.values())
-    if shutil.disk_usage(workdir).free < needed + SCRATCH_RESERVE:
+    uses = Counter(e.blob_entry().key for b in buckets for e in b.entries)
+    sizes = [p.size or 0 for p in plain.values()]
+    if keep_decision(ScratchFigures.of(workdir), sizes, others):
         check_blobs(repo, buckets, identities, workers)
-        return {}
+        return KeptBlobs({}, uses)
     blobs = blobs_needed(buckets)
     paths = {b.key: workdir / f"blob-{i}" for i, b in enumerate(blobs)}
 
@@ -162,7 +270,7 @@ def stage_blobs(
         stage(repo, blob, blob_header(repo, blob), identities, paths[blob.key], plain[blob.key])
 
     _parallel(one, blobs, workers)
-    return paths
+    return KeptBlobs(paths, uses)
 
 
 def restore(
@@ -175,12 +283,13 @@ def restore(
     force: bool,
     workers: int,
     mirror: bool = False,
-    staged: dict[str, Path] | None = None,
+    staged: KeptBlobs | None = None,
 ) -> BucketOutcome:
     """Put every object of ``snap`` into its target bucket (created if missing).
 
-    ``staged``: blob key -> its checked plaintext (:func:`stage_blobs`); a blob not in it is
-    staged here, into a scratch file removed after its upload.
+    ``staged``: each blob's checked plaintext (:func:`stage_blobs`), released after each
+    object's upload or skip; a blob not in it is staged here, into a scratch file removed
+    after its upload.
 
     Then the extra objects (under the prefix, not in the snapshot) are counted and, with
     ``mirror``, removed: only after every snapshot object is in place, so a failed put never
@@ -196,11 +305,18 @@ def restore(
     counter = itertools.count()
 
     def one(e: IndexEntry) -> bool:
+        blob = e.blob_entry()
+        try:
+            return put(e, blob)
+        finally:
+            if staged is not None:
+                staged.release(blob.key)
+
+    def put(e: IndexEntry, blob: ObjectEntry) -> bool:
         meta = ObjectMeta(e.content_type, e.metadata)
         if force and _identical(store, snap.target, e, meta):
             return False
-        blob = e.blob_entry()
-        checked = (staged or {}).get(blob.key)
+        checked = staged.get(blob.key) if staged is not None else None
         if checked is not None:
             store.upload(snap.target, e.key, checked, meta)
             return True

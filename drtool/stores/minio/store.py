@@ -7,13 +7,12 @@ its content type and metadata and reads each one back (:mod:`drtool.stores.minio
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from drtool import keys
 from drtool.endpoints import StackEndpoints
-from drtool.errors import ConfigError
 from drtool.repository import catalog, layout, rotation
 from drtool.repository.manifest import ComponentEntry, ObjectEntry
 from drtool.repository.minio_index import IndexEntry
@@ -47,9 +46,7 @@ class MinioStore:
         a failed run must not make the next one reuse blobs no snapshot references.
         """
         endpoints = ctx.cfg.stack()
-        workers = ctx.cfg.backup.minio_workers
-        if workers < 1:
-            raise ConfigError(f"backup.minio_workers: must be >= 1 (got {workers})")
+        workers = ctx.cfg.backup.minio_workers  # 1..64, checked when the config was loaded
         store = s3_source.MinioStore(endpoints.minio, max_pool=max(8, workers))
         stored_blobs = {o.key: o.size for o in ctx.storage.list(layout.BLOBS)}
         rotated = _rotation_map(ctx)
@@ -155,8 +152,8 @@ class MinioRestoring:
 
     source: SnapshotSource
     buckets: list[bucket_restore.BucketSnapshot]
-    #: blob key -> its checked plaintext in the scratch dir, kept by ``stage`` when all fit
-    staged: dict[str, Path] = field(default_factory=dict)
+    #: each blob's checked plaintext in the scratch dir, kept by ``stage`` when safe
+    staged: bucket_restore.KeptBlobs | None = None
 
     def reads(self) -> list[ObjectEntry]:
         """Every distinct blob of the restored buckets."""
@@ -197,7 +194,8 @@ class MinioRestoring:
 
     def staged_bytes(self, workers: int) -> int:
         """At least one object per worker, each the largest (the stage pass keeps every blob's
-        plaintext instead when the scratch dir has room for all)."""
+        plaintext instead only when the scratch dir has room for it beside everything else,
+        see ``bucket_restore.keep_decision``)."""
         largest = max((e.size for b in self.buckets for e in b.entries), default=0)
         return workers * largest
 
@@ -205,7 +203,7 @@ class MinioRestoring:
         """Read, hash and authenticate every blob needed; keep the plaintext if all fit."""
         s = self.source
         self.staged = bucket_restore.stage_blobs(
-            s.repo, self.buckets, s.identities, work, target.workers
+            s.repo, self.buckets, s.identities, work, target.workers, others=target.scratch_others
         )
 
     def restore(self, target: Target, work: Path, stamp: str) -> Restored:
