@@ -122,6 +122,33 @@ def test_the_backup_command_module_imports_no_store_client() -> None:
     assert sorted(loaded & {*NOT_NEEDED, *NOT_BEFORE_THE_DUMP, "psycopg"}) == []
 
 
+def test_the_restore_command_module_loads_no_moment_seeder_or_s3_code() -> None:
+    """``drtool restore`` of a snapshot does not pay for the restore-to-a-moment code (its
+    planner, the capture journal, the PITR drill), the chat seeder or boto3: they cost
+    ~0.7 CPU-s of imports before the first byte was read (a file:// PostgreSQL restore
+    needs none of them; each loads when its path runs)."""
+    probe = (
+        "import sys\n"
+        "import drtool.cli.restore\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('drtool', 'chat_stack', 'boto'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    loaded = set(ast.literal_eval(out))
+    assert "drtool.services.restore.run" in loaded
+    heavy = {
+        "boto3",
+        "botocore",
+        "chat_stack.seed",
+        "drtool.services.pitr_drill",
+        "drtool.services.restore.moment",
+        "drtool.services.restore.stack_at",
+        "drtool.capture.at",
+    }
+    assert sorted(loaded & heavy) == []
+
+
 def test_the_component_names_import_no_store() -> None:
     """``--component``'s default and help come from the names; a store loads when used."""
     probe = (

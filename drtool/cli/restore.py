@@ -6,7 +6,7 @@ import shutil
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
@@ -15,9 +15,6 @@ from drtool.cli.context import CliState, emit_json, repository_option
 from drtool.cli.render import human_bytes, print_table, require_terminal, typed_confirmation
 from drtool.config import Config
 from drtool.errors import DrtoolError, IntegrityError, NotFound, UsageError
-from drtool.services.pitr_drill import stop_copy
-from drtool.services.restore import moment, stack_at
-from drtool.services.restore.pitr import PitrOptions, PitrResult, check_options, run_pitr
 from drtool.services.restore.run import (
     PRODUCTION,
     RestoreOptions,
@@ -25,8 +22,11 @@ from drtool.services.restore.run import (
     run_restore,
     target_endpoints,
 )
-from drtool.stores import canary
 from drtool.stores.registry import COMPONENTS
+
+if TYPE_CHECKING:  # a snapshot restore does not pay for the moment and WAL code (ADR 0032)
+    from drtool.services.restore import moment, stack_at
+    from drtool.services.restore.pitr import PitrResult
 
 
 def _parse_at(value: str | None) -> datetime | None:
@@ -84,6 +84,8 @@ def _restore_to_moment(
     yes: bool,
     as_json: bool,
 ) -> None:
+    from drtool.services.restore.pitr import PitrOptions, run_pitr
+
     into, into_volume, port = where
     if snapshot != "latest":
         raise UsageError(f"--at/--lsn with --into: a moment, not a snapshot id (got {snapshot})")
@@ -146,6 +148,8 @@ def _restore_to_moment(
 def _show_moment_plan(
     plan: moment.MomentPlan, into: str, target: str, dry_run: bool, buckets: dict[str, str]
 ) -> None:
+    from drtool.stores import canary
+
     where = {"postgres": f"new data directory {into}"}
     where.update(
         {canary.minio_name(b): f"{target or PRODUCTION} bucket {t}" for b, t in buckets.items()}
@@ -184,6 +188,9 @@ def _restore_stack_to_moment(
 ) -> None:
     """The whole stack at one moment (ADR 0027): plan, refusal, confirmation, restore, the
     invariants with counts. Exit 5 when a read-back or an invariant fails."""
+    from drtool.services.restore import moment, stack_at
+    from drtool.services.restore.pitr import PitrOptions, check_options
+
     when = _parse_moment(at)
     check_options(PitrOptions(at=when, into=Path(into)))
     cfg = state.config(repository=repository)
@@ -264,6 +271,9 @@ def _stack_or_clean_up(
     """The whole-stack restore; when it fails, the PostgreSQL copy is stopped and the data
     directory this run filled is removed, and the error names the stores already replaced
     (they are not put back: the operator must know what changed)."""
+    from drtool.services.pitr_drill import stop_copy
+    from drtool.services.restore import stack_at
+
     copies: list[PitrResult] = []
     restored: list[str] = []
     try:

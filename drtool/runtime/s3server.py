@@ -9,13 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from drtool.endpoints import S3Endpoint
 from drtool.runtime.binaries import weed_binary
 from drtool.runtime.procs import HOST, Daemon, check_socket_path, free_port_block
 from drtool.runtime.server import Launch, LocalServer
-from drtool.s3session import s3_client
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -91,6 +88,8 @@ class SeaweedServer(LocalServer):
 
     def create_bucket(self, name: str) -> None:
         """Create bucket ``name`` (no error if this server already has it)."""
+        from drtool.s3session import s3_client  # boto3 only when a bucket is made (ADR 0032)
+
         client = s3_client(self.endpoint)
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=name)
@@ -135,6 +134,10 @@ class SeaweedServer(LocalServer):
         return Launch(argv, cwd=self.base_dir, env=env)
 
     def _probe(self) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from drtool.s3session import s3_client
+
         if self._probe_client is None:
             self._probe_client = s3_client(self.endpoint, timeout=2.0, attempts=1)
         try:

@@ -9,16 +9,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
-from chat_stack.seed import SeedResult, SeedSizes
-from chat_stack.seed import seed as seed_chat_data
 from drtool.endpoints import StackEndpoints
 from drtool.errors import UsageError
 from drtool.runtime.local import LocalStack
 from drtool.stores import registry
+
+if TYPE_CHECKING:  # the seeder (psycopg, redis, boto3, rich) loads only to seed: restores
+    # and drills find stacks here without it (ADR 0032)
+    from chat_stack.seed import SeedResult
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
 
@@ -118,6 +120,9 @@ def stack_seed(
 ) -> SeedResult:
     """Seed the running stack ``name`` with deterministic chat data."""
     endpoints = stack_load(home, name).endpoints
+    from chat_stack.seed import SeedSizes
+    from chat_stack.seed import seed as seed_chat_data
+
     sizes = SeedSizes(users=users, rooms=rooms, messages=messages, attachments=attachments)
     return seed_chat_data(endpoints, sizes, seed, progress, force)
 
