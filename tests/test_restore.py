@@ -615,3 +615,69 @@ def test_the_stores_stage_side_by_side_and_all_before_any_target_changes(
     assert result.ok and sorted(staged) == ["MinioRestoring", "PostgresRestoring", "RedisRestoring"]
     assert touched_before_all_staged == []
     assert table_rows(target.postgres) == table_rows(world.repo.source.postgres)
+
+
+@pytest.mark.slow
+def test_a_damaged_blob_stops_the_dump_staged_beside_it(
+    world: World, target: StackEndpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first staging failure cancels the other stores' staging (ADR 0034): the dump being
+    decrypted beside a damaged MinIO blob stops at its next chunk instead of downloading to
+    the end before the error is shown.
+
+    The dump's stored bytes are held back until the MinIO staging has failed and, when the
+    restore has one, its shared cancel event is set: the old code (no event, every store
+    waited for) decrypts the whole dump; the fix stops it with ``stage.Cancelled``.
+    """
+    from drtool.storage.file import FileStorage
+    from drtool.stores.minio.store import MinioRestoring
+    from drtool.stores.postgres.store import PostgresRestoring
+
+    copy = tmp_path / "repository"
+    shutil.copytree(world.repo.directory / "repository", copy)
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target}, url=copy.as_uri())
+    blob = sorted((copy / "blobs").rglob("*.zst.age"))[3]
+    _flip(blob, blob.stat().st_size - 100)
+    blob_failed = threading.Event()
+    cancels: list[threading.Event] = []
+    dump_outcome: list[str] = []
+    real_get, real_pg, real_minio = FileStorage.get, PostgresRestoring.stage, MinioRestoring.stage
+
+    def get(self: Any, key: str, *, version_id: str | None = None) -> Any:
+        pieces = real_get(self, key, version_id=version_id)
+        if not key.endswith("/postgres/dump.pgdump.zst.age"):
+            return pieces
+
+        def held_back() -> Iterator[bytes]:
+            assert blob_failed.wait(60)
+            for cancel in cancels:  # the restore's shared event (none in the old code)
+                assert cancel.wait(60)
+            yield from pieces
+
+        return held_back()
+
+    def pg_stage(self: Any, t: Any, work: Path) -> None:
+        if (cancel := getattr(t, "cancel", None)) is not None:
+            cancels.append(cancel)
+        try:
+            real_pg(self, t, work)
+        except BaseException as exc:
+            dump_outcome.append(type(exc).__name__)
+            raise
+        dump_outcome.append("staged")
+
+    def minio_stage(self: Any, t: Any, work: Path) -> None:
+        try:
+            real_minio(self, t, work)
+        except BaseException:
+            blob_failed.set()
+            raise
+
+    monkeypatch.setattr(FileStorage, "get", get)
+    monkeypatch.setattr(PostgresRestoring, "stage", pg_stage)
+    monkeypatch.setattr(MinioRestoring, "stage", minio_stage)
+    with pytest.raises(IntegrityError, match="authentication failed at offset"):
+        restore(world, config)
+    assert dump_outcome == ["Cancelled"]
+    assert table_rows(target.postgres) == {}
+    assert bucket_objects(target.minio, target.buckets[0]) == {}

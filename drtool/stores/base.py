@@ -23,6 +23,7 @@ See docs/decisions/0006-store-protocol.md.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,9 @@ class Target:
     #: scratch bytes the OTHER stores of this restore stage and write (their staged_bytes):
     #: a store that may use spare scratch space (MinIO keeping plaintext) leaves them room
     scratch_others: int = 0
+    #: set by the restore when one store's staging failed or it was interrupted: the other
+    #: stores' staging stops at its next chunk (stage.Cancelled) instead of running to the end
+    cancel: threading.Event | None = None
 
 
 @dataclass(frozen=True)

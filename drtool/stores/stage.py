@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +34,20 @@ class Plain:
 
     size: int | None = None
     sha256: str | None = None
+
+
+class Cancelled(Exception):
+    """Staging stopped because another store's staging failed (or the restore was interrupted).
+
+    Raised by :func:`read_through` when the restore's shared cancel event is set: a store's
+    download stops within one chunk instead of running to its end while the first real failure
+    waits for it. The restore reports that first failure, never this.
+    """
+
+
+def _check(cancel: threading.Event | None, key: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"{key}: staging cancelled")
 
 
 def scratch_dir(cfg: Config) -> Path:
@@ -138,12 +153,16 @@ def read_through(
     identities: list[str],
     sink: Callable[[bytes], object],
     plain: Plain = Plain(),
+    *,
+    cancel: threading.Event | None = None,
 ) -> Meter:
     """Stream one object into ``sink``, checking stored and plaintext size and sha256.
 
     Each chunk reaches ``sink`` only once authenticated; a sink must still treat its bytes as
-    unverified until this returns. Returns the plaintext meter.
+    unverified until this returns. Returns the plaintext meter. ``cancel`` set: raises
+    :class:`Cancelled` before the next chunk (the restore's other stores failed).
     """
+    _check(cancel, entry.key)
     stored, out = Meter(), Meter()
     chunks: Iterable[bytes] = unseal(
         stored.wrap(repo.storage.get(entry.key)),
@@ -153,6 +172,7 @@ def read_through(
         recipients_hint=list(repo.info.recipients),
     )
     for chunk in out.wrap(chunks):
+        _check(cancel, entry.key)
         sink(chunk)
     problem = entry.mismatch(stored.size, stored.sha256)
     if problem:
@@ -176,6 +196,7 @@ def stage(
     plain: Plain = Plain(),
     *,
     tap: Callable[[bytes], object] | None = None,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """Decrypt one object into the scratch file ``dest``, fully checked (see read_through).
 
@@ -193,7 +214,7 @@ def stage(
                     write(chunk)
                     see(chunk)
 
-            read_through(repo, entry, header, identities, sink, plain)
+            read_through(repo, entry, header, identities, sink, plain, cancel=cancel)
     except OSError as exc:
         raise scratch_error(dest.parent, exc) from None
     return dest
@@ -205,11 +226,15 @@ def check_all(
     identities: list[str],
     *,
     workers: int = 4,
+    cancel: threading.Event | None = None,
 ) -> None:
-    """Read, hash and authenticate every object (plaintext discarded); the first failure raises."""
+    """Read, hash and authenticate every object (plaintext discarded); the first failure raises.
+
+    ``cancel`` is checked before each object and each chunk (see :class:`Cancelled`).
+    """
 
     def one(item: tuple[ObjectEntry, InnerHeader]) -> None:
-        read_through(repo, item[0], item[1], identities, lambda chunk: None)
+        read_through(repo, item[0], item[1], identities, lambda chunk: None, cancel=cancel)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         try:

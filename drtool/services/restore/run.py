@@ -17,8 +17,9 @@ and 0006-store-protocol.md.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,7 @@ from drtool.stores import registry
 from drtool.stores.base import Placer, PlanItem, Restoring, SnapshotSource, Target
 from drtool.stores.redis.offline import LocalPlacer, container_placer
 from drtool.stores.stage import (
+    Cancelled,
     check_free_space,
     owned_scratch,
     scratch_dir,
@@ -318,22 +320,41 @@ def _stage_all(restoring: dict[str, Restoring], target: Target, work: Path) -> d
     """Stage the stores side by side; each one's staging seconds.
 
     Staging only reads the repository and writes the scratch dir, so the stores' staging
-    overlap (the PostgreSQL dump decrypts while the MinIO blobs are read and checked). Every
-    one is waited for; then the first failure, in the stores' order, is raised: no target is
-    touched unless all of them staged.
+    overlap (the PostgreSQL dump decrypts while the MinIO blobs are read and checked). No
+    target is touched unless all of them staged. The first failure (a damaged blob found
+    after a second) or an interruption of this thread (Ctrl-C, SIGTERM, a drill's deadline)
+    sets the shared ``cancel`` event: the other stores stop at their next chunk
+    (``stage.Cancelled``) instead of downloading to the end, and are waited for (no thread
+    writes the scratch dir after this returns). Then the first real failure, in the stores'
+    order, is raised; a store's Cancelled is only the echo of it.
     """
 
     needs = {name: r.staged_bytes(target.workers) for name, r in restoring.items()}
+    cancel = target.cancel or threading.Event()
 
     def one(name: str, r: Restoring) -> float:
         others = sum(n for other, n in needs.items() if other != name)
         with timed() as t:
-            r.stage(replace(target, scratch_others=others), work)
+            r.stage(replace(target, scratch_others=others, cancel=cancel), work)
         return t.seconds
 
     if len(restoring) == 1:
         return {name: one(name, r) for name, r in restoring.items()}
-    with ThreadPoolExecutor(len(restoring), thread_name_prefix="drtool-stage") as pool:
+    pool = ThreadPoolExecutor(len(restoring), thread_name_prefix="drtool-stage")
+    futures = {}
+    try:
         futures = {name: pool.submit(one, name, r) for name, r in restoring.items()}
+        wait(futures.values(), return_when=FIRST_EXCEPTION)
+        if any(f.done() and f.exception() is not None for f in futures.values()):
+            cancel.set()
         wait(futures.values())
+    except BaseException:
+        cancel.set()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    failures = [e for f in futures.values() if (e := f.exception()) is not None]
+    real = [e for e in failures if not isinstance(e, Cancelled)]
+    if real or failures:
+        raise (real or failures)[0]
     return {name: future.result() for name, future in futures.items()}

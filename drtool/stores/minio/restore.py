@@ -143,11 +143,16 @@ def blobs_needed(buckets: list[BucketSnapshot]) -> list[ObjectEntry]:
 
 
 def check_blobs(
-    repo: Repo, buckets: list[BucketSnapshot], identities: list[str], workers: int
+    repo: Repo,
+    buckets: list[BucketSnapshot],
+    identities: list[str],
+    workers: int,
+    cancel: threading.Event | None = None,
 ) -> None:
     """Read, hash and authenticate every blob the restore needs (nothing is written)."""
     blobs = blobs_needed(buckets)
-    check_all(repo, [(b, blob_header(repo, b)) for b in blobs], identities, workers=workers)
+    items = [(b, blob_header(repo, b)) for b in blobs]
+    check_all(repo, items, identities, workers=workers, cancel=cancel)
 
 
 @dataclass(frozen=True)
@@ -250,6 +255,7 @@ def stage_blobs(
     workers: int,
     *,
     others: int = 0,
+    cancel: threading.Event | None = None,
 ) -> KeptBlobs:
     """Check every blob the restore needs; keep its plaintext in ``workdir`` if safe.
 
@@ -261,13 +267,14 @@ def stage_blobs(
     uses = Counter(e.blob_entry().key for b in buckets for e in b.entries)
     sizes = [p.size or 0 for p in plain.values()]
     if keep_decision(ScratchFigures.of(workdir), sizes, others):
-        check_blobs(repo, buckets, identities, workers)
+        check_blobs(repo, buckets, identities, workers, cancel)
         return KeptBlobs({}, uses)
     blobs = blobs_needed(buckets)
     paths = {b.key: workdir / f"blob-{i}" for i, b in enumerate(blobs)}
 
     def one(blob: ObjectEntry) -> None:
-        stage(repo, blob, blob_header(repo, blob), identities, paths[blob.key], plain[blob.key])
+        header = blob_header(repo, blob)
+        stage(repo, blob, header, identities, paths[blob.key], plain[blob.key], cancel=cancel)
 
     _parallel(one, blobs, workers)
     return KeptBlobs(paths, uses)

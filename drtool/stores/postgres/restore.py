@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -187,6 +188,7 @@ def stage_files(
     identities: list[str],
     workdir: Path,
     pg_bin_dir: Path | None,
+    cancel: threading.Event | None = None,
 ) -> PgStaged:
     """Decrypt the dump (and globals) to scratch, fully checked; refuse an old pg_restore (R5).
 
@@ -204,6 +206,7 @@ def stage_files(
             workdir / "dump.pgdump",
             snap.dump_plain,
             tap=offsets.feed,
+            cancel=cancel,
         )
     pg.pg_restore_version_check(dump, pg_bin_dir)
     indexed = offsets.write_into(dump)  # checked above; only its TOC's data offsets are set
@@ -211,7 +214,9 @@ def stage_files(
     globals_path = None
     if snap.globals_sql is not None:
         header = snapshot_header(m, "postgres", snap.globals_sql.kind)
-        globals_path = stage(repo, snap.globals_sql, header, identities, workdir / "globals.sql")
+        globals_path = stage(
+            repo, snap.globals_sql, header, identities, workdir / "globals.sql", cancel=cancel
+        )
     return PgStaged(dump, globals_path)
 
 

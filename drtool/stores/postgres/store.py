@@ -157,7 +157,7 @@ class PostgresRestoring:
         """Decrypt the dump (and globals), checked; refuse a pg_restore too old for it."""
         s = self.source
         self.staged = pg_restore.stage_files(
-            s.repo, s.manifest, self.snap, s.identities, work, target.pg_bin_dir
+            s.repo, s.manifest, self.snap, s.identities, work, target.pg_bin_dir, target.cancel
         )
 
     def restore(self, target: Target, work: Path, stamp: str) -> Restored:

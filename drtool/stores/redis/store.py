@@ -315,7 +315,9 @@ class RedisRestoring:
     def stage(self, target: Target, work: Path) -> None:
         """Decrypt the RDB(s) or logical dump, checked against the snapshot's record."""
         s = self.source
-        self.data = redis_restore.stage_data(s.repo, s.manifest, self.snap, s.identities, work)
+        self.data = redis_restore.stage_data(
+            s.repo, s.manifest, self.snap, s.identities, work, target.cancel
+        )
 
     def restore(self, target: Target, work: Path, stamp: str) -> Restored:
         """Copy the keys (or swap the data file), then compare fingerprints with the snapshot's."""
