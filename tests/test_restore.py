@@ -491,8 +491,14 @@ def test_the_log_says_an_empty_previous_database_was_dropped(
     name = target.postgres.dbname
     assert databases(target.postgres, name + "_%") == []
     said = [r.getMessage() for r in caplog.records if "switched in" in r.getMessage()]
-    assert said == [f"postgres: {name} switched in; the previous one dropped (it held nothing)"]
+    old = f"{name}_pre_restore_"
+    assert len(said) == 2 and said[0].startswith(
+        f"postgres: {name} switched in; the previous one, {old}"
+    )
+    assert said[0].endswith(", is being dropped")  # said at once, not only once dropped
+    assert said[1] == f"postgres: {name} switched in; the previous one dropped (it held nothing)"
     assert "previous kept as" not in result.components[0].detail
+    assert f"previous dropped ({old}" in result.components[0].detail
 
 
 def test_an_empty_database_written_during_the_restore_is_kept_not_dropped(
@@ -681,3 +687,40 @@ def test_a_damaged_blob_stops_the_dump_staged_beside_it(
     assert dump_outcome == ["Cancelled"]
     assert table_rows(target.postgres) == {}
     assert bucket_objects(target.minio, target.buckets[0]) == {}
+
+
+@pytest.mark.slow
+def test_a_store_failing_after_the_switch_names_the_replaced_database(
+    world: World,
+    target: StackEndpoints,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL is switched in (its empty predecessor dropped after the switch) and then the
+    MinIO restore fails: the error says PostgreSQL was already replaced, the switch was logged
+    at INFO when it happened, and the drop was waited for before the error surfaced.
+
+    The old code raised the MinIO error alone (the switch logged only at DEBUG, the drop left
+    running).
+    """
+    from drtool.errors import SourceError
+    from drtool.stores.minio.store import MinioRestoring
+
+    def unreachable(self: Any, t: Any, work: Path, stamp: str) -> Any:
+        raise SourceError("minio 127.0.0.1: connection refused")
+
+    monkeypatch.setattr(MinioRestoring, "restore", unreachable)
+    caplog.set_level(logging.INFO, logger="drtool")
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    name = target.postgres.dbname
+    with pytest.raises(SourceError) as raised:
+        restore(world, config, force=True)
+    message = str(raised.value)
+    assert message.startswith("minio 127.0.0.1: connection refused; already restored before")
+    assert f"postgres (database {name}; previous dropped ({name}_pre_restore_" in message
+    assert "redis (" in message
+    assert re.search(rf"{name} switched in; the previous one, {name}_pre_restore_\d+_\d+, is "
+                     "being dropped", caplog.text)  # fmt: skip
+    assert databases(target.postgres, name + "_%") == []  # the drop ended before the error
+    assert table_rows(target.postgres) == table_rows(world.repo.source.postgres)

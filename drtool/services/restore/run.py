@@ -26,7 +26,7 @@ from pathlib import Path
 
 from drtool.config import Config
 from drtool.endpoints import RedisEndpoint, StackEndpoints
-from drtool.errors import ConfigError, IntegrityError, NotFound, UsageError
+from drtool.errors import ConfigError, DrtoolError, IntegrityError, NotFound, UsageError
 from drtool.repository import catalog
 from drtool.repository.access import Repo, identities_of, open_repo, stored_problem
 from drtool.repository.manifest import Manifest
@@ -301,19 +301,37 @@ def _stage_then_restore(
     restore step writes in.
     """
     staged_s = _stage_all(restoring, target, work)
-    results = []
+    results: list[ComponentResult] = []
     pending: list[tuple[ComponentResult, Callable[[], str]]] = []
-    for name, r in restoring.items():
-        with timed() as t:
-            done = r.restore(target, work, stamp)
-        seconds = round(staged_s[name] + t.seconds, 3)
-        result = ComponentResult(name, seconds, done.problems, done.detail, done.counts)
-        results.append(result)
-        if done.finish is not None:
-            pending.append((result, done.finish))
+    try:
+        for name, r in restoring.items():
+            with timed() as t:
+                done = r.restore(target, work, stamp)
+            seconds = round(staged_s[name] + t.seconds, 3)
+            result = ComponentResult(name, seconds, done.problems, done.detail, done.counts)
+            results.append(result)
+            if done.finish is not None:
+                pending.append((result, done.finish))
+    except BaseException as exc:
+        _finish(pending)
+        if not results or not isinstance(exc, DrtoolError):
+            raise
+        # a later store failed after an earlier one replaced its target (PostgreSQL switched
+        # in): those are not put back, so the error must say what already changed
+        # (said on the error itself: its subclass, exit code and fields stay as they were)
+        changed = "; ".join(f"{c.name} ({c.detail})" for c in results)
+        exc.message = f"{exc.message}; already restored before the failure: {changed}"
+        exc.args = (exc.message,)
+        raise
+    _finish(pending)
+    return results
+
+
+def _finish(pending: list[tuple[ComponentResult, Callable[[], str]]]) -> None:
+    """Wait for the work the stores left running (dropping the replaced database); each
+    result's final detail. Also on a failure: no drop runs on after the restore returned."""
     for result, finish in pending:
         result.detail = finish()
-    return results
 
 
 def _stage_all(restoring: dict[str, Restoring], target: Target, work: Path) -> dict[str, float]:

@@ -90,12 +90,16 @@ class PgOutcome:
     #: the previous database being retired (dropped, or kept when it must be) after the switch,
     #: off the restore's critical path: its result is the name kept, None when dropped
     retiring: Future[str | None] | None = None
+    dropped: str | None = None  # the previous database, once dropped after the switch
 
     def retired(self) -> PgOutcome:
         """The outcome once the previous database's drop (if any) finished."""
         if self.retiring is None:
             return self
-        return replace(self, old_database=self.retiring.result(), retiring=None)
+        kept = self.retiring.result()
+        return replace(
+            self, old_database=kept, retiring=None, dropped=None if kept else self.old_database
+        )
 
 
 def load(repo: Repo, m: Manifest, comp: ComponentEntry, identities: list[str]) -> PgSnapshot:
@@ -388,9 +392,12 @@ def restore(
         return PgOutcome(name, old, ended)
     # the restored database is live: the previous one is dropped after the CHECKPOINT (same
     # worker), while the caller goes on; the caller waits for it before it reports
+    # said now, not only once the drop ended: a later store may fail meanwhile, and the
+    # operator must know the live database was already replaced
+    log.info("postgres: %s switched in; the previous one, %s, is being dropped", name, old)
     retiring = flusher.submit(_retire, endpoint, name, old, drop_old=drop_old)
     flusher.shutdown(wait=False)
-    return PgOutcome(name, None, ended, retiring)
+    return PgOutcome(name, old, ended, retiring)
 
 
 def _retire(endpoint: PostgresEndpoint, name: str, old: str, *, drop_old: bool) -> str | None:

@@ -184,7 +184,11 @@ def _detail(outcome: pg_restore.PgOutcome) -> str:
     """The restored database, the previous one if kept, the connections the switch ended."""
     name = outcome.database
     detail = f"database {name}"
-    if outcome.old_database:
+    if outcome.retiring is not None:
+        detail += f"; previous ({outcome.old_database}) being dropped"
+    elif outcome.dropped:
+        detail += f"; previous dropped ({outcome.dropped})"
+    elif outcome.old_database:
         detail += (
             f"; previous kept as {outcome.old_database} (anything written to {name} "
             "between the start of the restore and the switch is there, not in the restored "
