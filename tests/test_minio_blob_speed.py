@@ -492,3 +492,43 @@ def test_a_killed_restores_scratch_dir_is_swept_by_the_next_restore(
         ["drtool-restore-running", "drtool-restore-unowned", "drtool-restore-foreign"]
     )  # the restore's own dir removed after it
     assert f"removed scratch dir {left}" in caplog.text
+
+
+def _killed_owner(scratch: Path, *, keep: str = "") -> Path:
+    """The scratch dir of a real process that made it with owned_scratch (and wrote ``keep``
+    there), then was SIGKILLed: no cleanup ran."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from drtool.stores.stage import owned_scratch\n"
+        "with owned_scratch(Path(sys.argv[1])) as d:\n"
+        "    (d / 'blob-0').write_bytes(b'plaintext' * 1000)\n"
+        "    if sys.argv[2]:\n"
+        "        (d / sys.argv[2]).write_bytes(b'the only copy')\n"
+        "    print(d, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(scratch), keep], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    left = Path(proc.stdout.readline().strip())
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    return left
+
+
+def test_a_gone_restores_dir_holding_kept_data_is_not_swept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older drtool kept a Redis container's previous data file (``*pre_restore*``) in its
+    scratch dir: the sweep leaves such a dir, and says why, where it removed it before."""
+    from drtool.stores.stage import sweep_stale
+
+    caplog.set_level(logging.WARNING)
+    kept = _killed_owner(tmp_path, keep="dump.rdb.pre_restore_20260101_000000.tar")
+    plain = _killed_owner(tmp_path)
+    assert sweep_stale(tmp_path) == [plain]
+    assert (kept / "dump.rdb.pre_restore_20260101_000000.tar").read_bytes() == b"the only copy"
+    assert "holds kept data (dump.rdb.pre_restore_20260101_000000.tar)" in caplog.text

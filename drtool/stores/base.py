@@ -90,8 +90,13 @@ class Placer(Protocol):
     def stop(self) -> None:
         """Stop the server (it has just saved its data)."""
 
-    def keep_current(self, stamp: str, workdir: Path) -> None:
-        """Set the server's current data file aside (if it has one)."""
+    @property
+    def kept(self) -> Path | None:
+        """Where the previous data file was set aside (None: there was none)."""
+
+    def keep_current(self, stamp: str, keep_dir: Path) -> None:
+        """Set the server's current data file aside (if it has one); a copy goes to
+        ``keep_dir``, which outlives the restore (never its swept scratch dir)."""
 
     def place(self, rdb: Path) -> None:
         """Make ``rdb`` the server's data file, atomically."""

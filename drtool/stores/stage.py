@@ -112,11 +112,26 @@ def sweep_stale(directory: Path) -> list[Path]:
             continue
         if namespace != here or _alive(pid):
             continue
+        if _holds_kept_data(d):
+            continue
         shutil.rmtree(d, ignore_errors=True)
         if not d.exists():
             log.warning("removed scratch dir %s of restore process %d, which is gone", d, pid)
             removed.append(d)
     return removed
+
+
+def _holds_kept_data(d: Path) -> bool:
+    """A previous target's data set aside (``*pre_restore*``) is never swept: it may be its
+    only copy (an older drtool kept a Redis container's data file in the scratch dir)."""
+    try:
+        kept = next(iter(sorted(d.rglob("*pre_restore*"))), None)
+    except OSError:
+        kept = d  # unreadable: cannot tell, keep it
+    if kept is None:
+        return False
+    log.warning("left scratch dir %s of a gone restore: it holds kept data (%s)", d, kept.name)
+    return True
 
 
 def check_free_space(directory: Path, needed: int) -> None:

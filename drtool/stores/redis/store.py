@@ -342,10 +342,14 @@ class RedisRestoring:
             if self.snap.method != "rdb":  # an offline restore places one RDB
                 with redis_restore.holding(self.data, self.snap.method) as held:
                     rdb = save_as_rdb(held, work / "placed.rdb")
+            placer = target.placer
+            keep = target.keep_dir or work.parent
             r = offline.restore(
-                rdb, endpoint, target.placer, force=target.force, stamp=stamp, workdir=work
+                rdb, endpoint, placer, force=target.force, stamp=stamp, keep_dir=keep
             )
             done = f"RDB of {r.copied:,} keys placed, {r.removed:,} keys replaced"
+            if placer.kept is not None:
+                done += f" (the previous data kept as {placer.kept})"
         expired = redis_restore.expired_since_backup(self.snap, r)
         return Restored(r.problems, f"{done}, {expired:,} expired (TTL); {self.snap.consistency}")
 
