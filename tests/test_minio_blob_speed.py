@@ -532,3 +532,48 @@ def test_a_gone_restores_dir_holding_kept_data_is_not_swept(
     assert sweep_stale(tmp_path) == [plain]
     assert (kept / "dump.rdb.pre_restore_20260101_000000.tar").read_bytes() == b"the only copy"
     assert "holds kept data (dump.rdb.pre_restore_20260101_000000.tar)" in caplog.text
+
+
+def test_a_live_restores_dir_is_not_swept_even_when_its_pid_looks_dead(tmp_path: Path) -> None:
+    """A pid (and a namespace inode, equal in every host's initial namespace) is ambiguous on
+    a scratch dir shared between hosts: another host's live restore would look dead. Its
+    flock on the owner file is not: a dir whose owner file names a dead pid but is still held
+    by a live process stays, and goes once that process is gone (the kernel drops the lock).
+    Also swept only for this host and boot."""
+    from drtool.stores.stage import OWNER_FILE, sweep_stale
+
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from drtool.stores.stage import owned_scratch\n"
+        "with owned_scratch(Path(sys.argv[1])) as d:\n"
+        "    print(d, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        live = Path(holder.stdout.readline().strip())
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        owner = live / OWNER_FILE
+        fields = owner.read_text().split()
+        assert len(fields) == 4 and fields[0] == str(holder.pid)
+        owner.write_text(" ".join([str(dead.pid), *fields[1:]]) + "\n")  # same file, lock held
+        assert sweep_stale(tmp_path) == [] and live.exists()
+        other = _killed_owner(tmp_path)  # dead and unlocked, but another host's or boot's
+        mine = (other / OWNER_FILE).read_text().split()
+        for i in (2, 3):
+            theirs = [*mine[:i], "elsewhere", *mine[i + 1 :]]
+            (other / OWNER_FILE).write_text(" ".join(theirs) + "\n")
+            assert sweep_stale(tmp_path) == [] and other.exists()
+        holder.kill()
+        holder.wait()
+        assert sweep_stale(tmp_path) == [live]
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()

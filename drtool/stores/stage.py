@@ -9,9 +9,11 @@ ever handed to a restore target (promise 4).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -56,7 +58,8 @@ def scratch_dir(cfg: Config) -> Path:
 
 
 SCRATCH_PREFIX = "drtool-restore-"
-#: in each scratch dir: "<pid> <pid namespace>" of the restore that made it
+#: in each scratch dir: "<pid> <pid namespace> <hostname> <boot id>" of the restore that made
+#: it, which holds an exclusive flock on it for the dir's lifetime
 OWNER_FILE = "owner"
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,19 @@ def _pid_namespace() -> str:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _whoami() -> list[str]:
+    """This process's owner record: pid, pid namespace, host, boot (each without spaces)."""
+    host = socket.gethostname().replace(" ", "_") or "-"
+    return [str(os.getpid()), _pid_namespace() or "-", host, _boot_id() or "-"]
 
 
 def _alive(pid: int) -> bool:
@@ -84,37 +100,69 @@ def owned_scratch(directory: Path) -> Iterator[Path]:
 
     A restore killed by SIGKILL or the OOM killer cannot remove its dir, which may hold a whole
     bucket's decrypted plaintext: the owner file lets the next restore (:func:`sweep_stale`)
-    tell such a leftover from a restore still running.
+    tell such a leftover from a restore still running. The owner holds an exclusive flock on
+    that file while the dir lives: the kernel releases it when the process dies, whatever the
+    pid namespace or host (a pid alone is ambiguous across hosts sharing the scratch dir).
     """
     with tempfile.TemporaryDirectory(dir=directory, prefix=SCRATCH_PREFIX) as work:
-        (Path(work) / OWNER_FILE).write_text(f"{os.getpid()} {_pid_namespace()}\n")
-        yield Path(work)
+        fd = os.open(Path(work) / OWNER_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh file: nobody else holds it
+            os.write(fd, (" ".join(_whoami()) + "\n").encode())
+            yield Path(work)
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _unlocked(owner: Path) -> int | None:
+    """The owner file opened and flock'ed (an fd to close), or None: a live process holds it
+    (or it cannot be opened)."""
+    try:
+        fd = os.open(owner, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def sweep_stale(directory: Path) -> list[Path]:
-    """Remove the ``drtool-restore-*`` dirs in ``directory`` whose owner process is dead.
+    """Remove the ``drtool-restore-*`` dirs in ``directory`` whose owner process is gone.
 
-    Only dirs whose owner file names a pid of this pid namespace that no longer exists: a dir
-    without one (being created, or made by an older drtool) or from another namespace (a
-    container sharing the scratch dir) is left alone. Each removal is logged.
+    Only a dir whose owner file names this host, this boot and this pid namespace (all
+    known), a pid that no longer exists, and whose flock nobody holds: a dir without one
+    (being created, or made by an older drtool), from another namespace, host or boot (a
+    container or another machine sharing the scratch dir) is left alone, and so is a dir
+    holding kept data (``*pre_restore*``). Each removal is logged.
     """
     removed: list[Path] = []
-    here = _pid_namespace()
+    _, here, host, boot = _whoami()
+    if "-" in (here, boot):  # cannot tell this namespace or boot: never sweep
+        return removed
     try:
         candidates = sorted(directory.glob(f"{SCRATCH_PREFIX}*"))
     except OSError:
         return removed
     for d in candidates:
         try:
-            pid_text, _, namespace = (d / OWNER_FILE).read_text().strip().partition(" ")
+            pid_text, namespace, owner_host, owner_boot = (d / OWNER_FILE).read_text().split()
             pid = int(pid_text)
         except (OSError, ValueError):
             continue
-        if namespace != here or _alive(pid):
+        if (namespace, owner_host, owner_boot) != (here, host, boot) or _alive(pid):
             continue
         if _holds_kept_data(d):
             continue
-        shutil.rmtree(d, ignore_errors=True)
+        fd = _unlocked(d / OWNER_FILE)
+        if fd is None:  # its owner still runs (the pid was reused, or it is not this pid)
+            continue
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os.close(fd)
         if not d.exists():
             log.warning("removed scratch dir %s of restore process %d, which is gone", d, pid)
             removed.append(d)
