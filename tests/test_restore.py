@@ -724,3 +724,41 @@ def test_a_store_failing_after_the_switch_names_the_replaced_database(
                      "being dropped", caplog.text)  # fmt: skip
     assert databases(target.postgres, name + "_%") == []  # the drop ended before the error
     assert table_rows(target.postgres) == table_rows(world.repo.source.postgres)
+
+
+def test_a_driver_error_while_retiring_keeps_the_previous_database_not_the_results(
+    world: World,
+    target: StackEndpoints,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The replaced database's emptiness check after the switch fails with a driver error (not
+    a SourceError): the restore still succeeds, the previous database is kept and named.
+    The old ``_retire`` let it escape after every store restored: exit 1, results lost."""
+    from drtool.sources import postgres as pg
+
+    real = pg.database_is_empty
+
+    def cancelled(endpoint: PostgresEndpoint, name: str) -> bool:
+        if "_pre_restore_" in name:
+            raise psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+        return real(endpoint, name)
+
+    monkeypatch.setattr(pg, "database_is_empty", cancelled)
+    caplog.set_level(logging.INFO, logger="drtool")
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    name = target.postgres.dbname
+    old = f"{name}_pre_restore_20260102_030407"
+    now = datetime(2026, 1, 2, 3, 4, 7, tzinfo=UTC)
+    opts = RestoreOptions(target="t", yes=True, components=("postgres",))
+    try:
+        result = run_restore(load_config(config, {}), home=tmp_path, options=opts,
+                             confirm=lambda r: False, now=now)  # fmt: skip
+        assert result.ok
+        assert f"previous kept as {old}" in result.components[0].detail
+        assert f"the previous one kept as {old}: QueryCanceled: canceling statement" in caplog.text
+        assert databases(target.postgres, name + "_%") == [old]
+    finally:
+        admin = PostgresEndpoint(**{**target.postgres.__dict__, "dbname": "postgres"})
+        execute(admin, f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)')

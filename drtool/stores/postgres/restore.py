@@ -402,15 +402,18 @@ def restore(
 
 def _retire(endpoint: PostgresEndpoint, name: str, old: str, *, drop_old: bool) -> str | None:
     """Drop the previous database when it must go; the name kept (None: dropped). Never raises:
-    a drop that fails leaves it kept, and says so."""
+    it runs after every store restored, so an error here would lose the whole restore's
+    results; a drop (or the emptiness check) that fails for any reason, a driver error
+    included, leaves it kept, and says so."""
     try:
         why = _drop_reason(endpoint, old, drop_old=drop_old, was_empty=True)
         if why:
             pg.drop_database(endpoint, old)
             log.info("postgres: %s switched in; the previous one dropped (%s)", name, why)
             return None
-    except SourceError as exc:
-        log.warning("postgres: %s switched in; the previous one kept as %s: %s", name, old, exc)
+    except Exception as exc:
+        why = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
+        log.warning("postgres: %s switched in; the previous one kept as %s: %s", name, old, why)
         return old
     log.info("postgres: %s switched in; the previous one kept as %s", name, old)
     return old
