@@ -397,6 +397,11 @@ def test_the_keep_decision_counts_blocks_inodes_the_other_stores_and_refuses_ram
     assert "bytes free" in bucket_restore.keep_decision(fits, sizes, 1)  # another store's byte
     few_inodes = replace(fits, inodes=1000 + bucket_restore.INODE_RESERVE - 1)
     assert "inodes" in bucket_restore.keep_decision(few_inodes, sizes, 0)
+    # btrfs and vfat report no inodes at all (f_files == 0): nothing to check, not "0 free"
+    no_table = replace(fits, inodes=0, total_inodes=0)
+    assert bucket_restore.keep_decision(no_table, sizes, 0) == ""
+    assert "bytes free" in bucket_restore.keep_decision(replace(no_table, free=0), sizes, 0)
+    assert "inodes" in bucket_restore.keep_decision(replace(fits, inodes=0), sizes, 0)
     for ram in ("tmpfs", "ramfs"):
         assert ram in bucket_restore.keep_decision(replace(fits, fs_type=ram), sizes, 0)
     assert bucket_restore.mount_type(Path("/proc/self")) == "proc"  # read from /proc/mounts

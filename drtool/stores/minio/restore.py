@@ -163,13 +163,20 @@ class ScratchFigures:
     block: int  # f_frsize: every file takes whole blocks
     inodes: int  # f_favail
     fs_type: str  # from /proc/mounts; "" when unknown
+    #: f_files: 0 when the filesystem has no fixed inode table (btrfs, vfat report 0 inodes,
+    #: free ones included): then free inodes say nothing and are not checked
+    total_inodes: int = 1
 
     @classmethod
     def of(cls, directory: Path) -> ScratchFigures:
         """The figures of the filesystem holding ``directory``."""
         st = os.statvfs(directory)
         return cls(
-            st.f_bavail * st.f_frsize, st.f_frsize or 4096, st.f_favail, mount_type(directory)
+            st.f_bavail * st.f_frsize,
+            st.f_frsize or 4096,
+            st.f_favail,
+            mount_type(directory),
+            st.f_files,
         )
 
 
@@ -198,15 +205,16 @@ def keep_decision(figures: ScratchFigures, sizes: list[int], others: int) -> str
     Keeping is an optimisation, never a risk: every byte the rest of the restore writes must
     still fit afterwards. ``others``: scratch bytes the other stores of this restore stage and
     write while restoring (their ``staged_bytes``). Each file is counted in whole filesystem
-    blocks, must leave :data:`INODE_RESERVE` inodes, and the bytes must fit
-    :data:`KEEP_MARGIN` times over plus :data:`SCRATCH_RESERVE` (the target's MinIO data may
-    share the disk). Never on tmpfs/ramfs: that is RAM beside the live stack.
+    blocks, must leave :data:`INODE_RESERVE` inodes (unless the filesystem counts none), and
+    the bytes must fit :data:`KEEP_MARGIN` times over plus :data:`SCRATCH_RESERVE` (the
+    target's MinIO data may share the disk). Never on tmpfs/ramfs: that is RAM beside the
+    live stack.
     """
     if figures.fs_type in RAM_FILESYSTEMS:
         return f"the scratch dir is on {figures.fs_type} (RAM)"
     block = max(1, figures.block)
     kept = sum(-(-size // block) * block for size in sizes)
-    if figures.inodes < len(sizes) + INODE_RESERVE:
+    if figures.total_inodes and figures.inodes < len(sizes) + INODE_RESERVE:
         return f"{figures.inodes:,} free inodes for {len(sizes):,} files"
     needed = KEEP_MARGIN * kept + SCRATCH_RESERVE + others
     if figures.free < needed:
