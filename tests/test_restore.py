@@ -10,7 +10,7 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -499,6 +499,7 @@ def test_the_log_says_an_empty_previous_database_was_dropped(
     assert said[1] == f"postgres: {name} switched in; the previous one dropped (it held nothing)"
     assert "previous kept as" not in result.components[0].detail
     assert f"previous dropped ({old}" in result.components[0].detail
+    assert result.components[0].previous_kept == ""
 
 
 def test_an_empty_database_written_during_the_restore_is_kept_not_dropped(
@@ -576,6 +577,8 @@ def test_a_previous_database_that_cannot_be_dropped_is_kept_and_named_not_a_fail
         assert result.ok
         assert databases(target.postgres, name + "_%") == [old]
         assert f"previous kept as {old}" in result.components[0].detail
+        # the --drop-old that did not happen is in the JSON, not only in the free text
+        assert asdict(result)["components"][0]["previous_kept"] == old
         assert f"the previous one kept as {old}: drop database {old}" in caplog.text
         assert "template" in caplog.text
     finally:

@@ -163,8 +163,12 @@ class Restored:
     counts: dict[str, int] = field(default_factory=dict)  # e.g. extra_objects_kept (JSON)
     #: work the store left running once its target was usable again (e.g. dropping the
     #: replaced database): the restore waits for it before it reports, and this returns the
-    #: final ``detail``; the store's time (its RTO) ends before it
-    finish: Callable[[], str] | None = None
+    #: final outcome (its ``detail``, ``previous_kept``); the store's time (its RTO) ends
+    #: before it
+    finish: Callable[[], Restored] | None = None
+    #: the replaced data kept beside the restored one (PostgreSQL: the previous database's
+    #: name), "" when none: in the JSON, so a script sees a drop that did not happen
+    previous_kept: str = ""
 
 
 class Restoring(Protocol):

@@ -32,7 +32,7 @@ from drtool.repository.access import Repo, identities_of, open_repo, stored_prob
 from drtool.repository.manifest import Manifest
 from drtool.services.stack import stack_load
 from drtool.stores import registry
-from drtool.stores.base import Placer, PlanItem, Restoring, SnapshotSource, Target
+from drtool.stores.base import Placer, PlanItem, Restored, Restoring, SnapshotSource, Target
 from drtool.stores.redis.offline import LocalPlacer, container_placer
 from drtool.stores.stage import (
     Cancelled,
@@ -80,6 +80,9 @@ class ComponentResult:
     problems: list[str]
     detail: str
     counts: dict[str, int] = field(default_factory=dict)  # e.g. extra_objects_kept
+    #: the replaced data kept (PostgreSQL: the previous database), "" when none: a refused
+    #: --drop-old shows here, not only in ``detail``'s free text
+    previous_kept: str = ""
 
     @property
     def passed(self) -> bool:
@@ -302,13 +305,15 @@ def _stage_then_restore(
     """
     staged_s = _stage_all(restoring, target, work)
     results: list[ComponentResult] = []
-    pending: list[tuple[ComponentResult, Callable[[], str]]] = []
+    pending: list[tuple[ComponentResult, Callable[[], Restored]]] = []
     try:
         for name, r in restoring.items():
             with timed() as t:
                 done = r.restore(target, work, stamp)
             seconds = round(staged_s[name] + t.seconds, 3)
-            result = ComponentResult(name, seconds, done.problems, done.detail, done.counts)
+            result = ComponentResult(
+                name, seconds, done.problems, done.detail, done.counts, done.previous_kept
+            )
             results.append(result)
             if done.finish is not None:
                 pending.append((result, done.finish))
@@ -327,11 +332,12 @@ def _stage_then_restore(
     return results
 
 
-def _finish(pending: list[tuple[ComponentResult, Callable[[], str]]]) -> None:
+def _finish(pending: list[tuple[ComponentResult, Callable[[], Restored]]]) -> None:
     """Wait for the work the stores left running (dropping the replaced database); each
-    result's final detail. Also on a failure: no drop runs on after the restore returned."""
+    result's final outcome. Also on a failure: no drop runs on after the restore returned."""
     for result, finish in pending:
-        result.detail = finish()
+        final = finish()
+        result.detail, result.previous_kept = final.detail, final.previous_kept
 
 
 def _stage_all(restoring: dict[str, Restoring], target: Target, work: Path) -> dict[str, float]:

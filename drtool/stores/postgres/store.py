@@ -176,8 +176,13 @@ class PostgresRestoring:
         self.staged.dump.unlink()
         counts = {"connections_ended": outcome.connections_ended}
         if outcome.retiring is None:
-            return Restored([], _detail(outcome), counts)
-        return Restored([], _detail(outcome), counts, lambda: _detail(outcome.retired()))
+            return _restored(outcome, counts)
+        return Restored([], _detail(outcome), counts, lambda: _restored(outcome.retired(), counts))
+
+
+def _restored(outcome: pg_restore.PgOutcome, counts: dict[str, int]) -> Restored:
+    """The outcome once settled: its detail, and the previous database if it was kept."""
+    return Restored([], _detail(outcome), counts, previous_kept=outcome.old_database or "")
 
 
 def _detail(outcome: pg_restore.PgOutcome) -> str:
