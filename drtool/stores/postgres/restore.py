@@ -224,26 +224,53 @@ def stage_files(
     return PgStaged(dump, globals_path)
 
 
+#: the staging tap buffers an archive's header and TOC until they parse: beyond this (a TOC
+#: of ~70,000 tables) it gives up rather than hold up to the reader's own 4 GiB cap in memory
+TAP_TOC_LIMIT = 64 << 20
+#: the newest archive format (major, minor) the reader knows; a newer one is not guessed at
+KNOWN_FORMAT = (1, 16)
+
+
 class OffsetsWhileStaging:
     """The archive reader (``digest=False``: block positions only) as staging's tap.
 
     What it cannot read (an :class:`ArchiveError`: an archive format it does not know, a
     stream cut short) stops the feeding and is remembered, not raised: staging must not fail
     for it, because pg_restore still reads an archive without offsets (it scans for each
-    table's data, slower). :meth:`write_into` says so in a warning and writes nothing.
+    table's data, slower). :meth:`write_into` says so in a warning and writes nothing. The
+    same for an archive format newer than :data:`KNOWN_FORMAT` and a header and TOC still
+    unparsed after :data:`TAP_TOC_LIMIT` bytes: the memory they held is let go at once.
     """
 
     def __init__(self) -> None:
         self.reader = ArchiveStream(digest=False)
         self.problem = ""
+        self._head = b""  # the archive's first bytes, until its format version is known
+        self._fed = 0
 
     def feed(self, piece: bytes) -> None:
         if self.problem:
             return
+        if self.reader.header is None:
+            self._fed += len(piece)
+            if len(self._head) < 8:
+                self._head += piece[: 8 - len(self._head)]
+            version = tuple(self._head[5:8])
+            known = len(version) < 3 or not self._head.startswith(b"PGDMP")
+            if not known and (version[0], version[1]) > KNOWN_FORMAT:
+                self._give_up(f"archive format {version} is newer than the reader knows")
+                return
+            if self._fed > TAP_TOC_LIMIT:
+                self._give_up(f"header and TOC not parsed after {TAP_TOC_LIMIT >> 20} MiB")
+                return
         try:
             self.reader.feed(piece)
         except ArchiveError as exc:
             self.problem = str(exc)
+
+    def _give_up(self, why: str) -> None:
+        self.problem = why
+        self.reader = ArchiveStream(digest=False)  # the buffered TOC freed
 
     def write_into(self, path: Path) -> int:
         """Write the offsets into the staged (and checked) ``path``; how many were written."""
