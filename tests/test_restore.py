@@ -765,3 +765,46 @@ def test_a_driver_error_while_retiring_keeps_the_previous_database_not_the_resul
     finally:
         admin = PostgresEndpoint(**{**target.postgres.__dict__, "dbname": "postgres"})
         execute(admin, f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)')
+
+
+def test_an_interrupt_while_staging_cancels_the_other_stores(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the main thread, as the CLI gets it) while the stores stage side by
+    side: the shared cancel event is set, the staging still running stops on it (it is not
+    left downloading to its end), and the interrupt is raised once every thread stopped.
+
+    Stub stores through the real ``_stage_all``: one sends the real SIGINT, the other waits
+    for the cancel event (the old code had none: it returned as if fully staged)."""
+    import signal
+    from typing import cast
+
+    from drtool.services.restore import run
+    from drtool.stores.base import Restoring, Target
+    from drtool.stores.stage import Cancelled
+
+    both = threading.Barrier(2, timeout=30)
+    stopped: list[str] = []
+
+    class Staging:
+        def __init__(self, interrupts: bool) -> None:
+            self.interrupts = interrupts
+
+        def staged_bytes(self, workers: int) -> int:
+            return 0
+
+        def stage(self, target: Target, work: Path) -> None:
+            both.wait()
+            if self.interrupts:
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+                return
+            cancel = getattr(target, "cancel", None)
+            if cancel is not None and cancel.wait(60):
+                stopped.append("cancelled")
+                raise Cancelled("downloading: staging cancelled")
+            stopped.append("ran to its end")
+
+    stores = {"postgres": Staging(False), "minio": Staging(True)}
+    with pytest.raises(KeyboardInterrupt):
+        run._stage_all(
+            cast(dict[str, Restoring], stores), Target(cast(StackEndpoints, None)), tmp_path
+        )
+    assert stopped == ["cancelled"]
