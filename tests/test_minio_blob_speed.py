@@ -397,6 +397,11 @@ def test_the_keep_decision_counts_blocks_inodes_the_other_stores_and_refuses_ram
     assert "bytes free" in bucket_restore.keep_decision(fits, sizes, 1)  # another store's byte
     few_inodes = replace(fits, inodes=1000 + bucket_restore.INODE_RESERVE - 1)
     assert "inodes" in bucket_restore.keep_decision(few_inodes, sizes, 0)
+    # btrfs and vfat report no inodes at all (f_files == 0): nothing to check, not "0 free"
+    no_table = replace(fits, inodes=0, total_inodes=0)
+    assert bucket_restore.keep_decision(no_table, sizes, 0) == ""
+    assert "bytes free" in bucket_restore.keep_decision(replace(no_table, free=0), sizes, 0)
+    assert "inodes" in bucket_restore.keep_decision(replace(fits, inodes=0), sizes, 0)
     for ram in ("tmpfs", "ramfs"):
         assert ram in bucket_restore.keep_decision(replace(fits, fs_type=ram), sizes, 0)
     assert bucket_restore.mount_type(Path("/proc/self")) == "proc"  # read from /proc/mounts
@@ -492,3 +497,88 @@ def test_a_killed_restores_scratch_dir_is_swept_by_the_next_restore(
         ["drtool-restore-running", "drtool-restore-unowned", "drtool-restore-foreign"]
     )  # the restore's own dir removed after it
     assert f"removed scratch dir {left}" in caplog.text
+
+
+def _killed_owner(scratch: Path, *, keep: str = "") -> Path:
+    """The scratch dir of a real process that made it with owned_scratch (and wrote ``keep``
+    there), then was SIGKILLed: no cleanup ran."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from drtool.stores.stage import owned_scratch\n"
+        "with owned_scratch(Path(sys.argv[1])) as d:\n"
+        "    (d / 'blob-0').write_bytes(b'plaintext' * 1000)\n"
+        "    if sys.argv[2]:\n"
+        "        (d / sys.argv[2]).write_bytes(b'the only copy')\n"
+        "    print(d, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(scratch), keep], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    left = Path(proc.stdout.readline().strip())
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    return left
+
+
+def test_a_gone_restores_dir_holding_kept_data_is_not_swept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older drtool kept a Redis container's previous data file (``*pre_restore*``) in its
+    scratch dir: the sweep leaves such a dir, and says why, where it removed it before."""
+    from drtool.stores.stage import sweep_stale
+
+    caplog.set_level(logging.WARNING)
+    kept = _killed_owner(tmp_path, keep="dump.rdb.pre_restore_20260101_000000.tar")
+    plain = _killed_owner(tmp_path)
+    assert sweep_stale(tmp_path) == [plain]
+    assert (kept / "dump.rdb.pre_restore_20260101_000000.tar").read_bytes() == b"the only copy"
+    assert "holds kept data (dump.rdb.pre_restore_20260101_000000.tar)" in caplog.text
+
+
+def test_a_live_restores_dir_is_not_swept_even_when_its_pid_looks_dead(tmp_path: Path) -> None:
+    """A pid (and a namespace inode, equal in every host's initial namespace) is ambiguous on
+    a scratch dir shared between hosts: another host's live restore would look dead. Its
+    flock on the owner file is not: a dir whose owner file names a dead pid but is still held
+    by a live process stays, and goes once that process is gone (the kernel drops the lock).
+    Also swept only for this host and boot."""
+    from drtool.stores.stage import OWNER_FILE, sweep_stale
+
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from drtool.stores.stage import owned_scratch\n"
+        "with owned_scratch(Path(sys.argv[1])) as d:\n"
+        "    print(d, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        live = Path(holder.stdout.readline().strip())
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        owner = live / OWNER_FILE
+        fields = owner.read_text().split()
+        assert len(fields) == 4 and fields[0] == str(holder.pid)
+        owner.write_text(" ".join([str(dead.pid), *fields[1:]]) + "\n")  # same file, lock held
+        assert sweep_stale(tmp_path) == [] and live.exists()
+        other = _killed_owner(tmp_path)  # dead and unlocked, but another host's or boot's
+        mine = (other / OWNER_FILE).read_text().split()
+        for i in (2, 3):
+            theirs = [*mine[:i], "elsewhere", *mine[i + 1 :]]
+            (other / OWNER_FILE).write_text(" ".join(theirs) + "\n")
+            assert sweep_stale(tmp_path) == [] and other.exists()
+        holder.kill()
+        holder.wait()
+        assert sweep_stale(tmp_path) == [live]
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()

@@ -10,7 +10,7 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -491,8 +491,15 @@ def test_the_log_says_an_empty_previous_database_was_dropped(
     name = target.postgres.dbname
     assert databases(target.postgres, name + "_%") == []
     said = [r.getMessage() for r in caplog.records if "switched in" in r.getMessage()]
-    assert said == [f"postgres: {name} switched in; the previous one dropped (it held nothing)"]
+    old = f"{name}_pre_restore_"
+    assert len(said) == 2 and said[0].startswith(
+        f"postgres: {name} switched in; the previous one, {old}"
+    )
+    assert said[0].endswith(", is being dropped")  # said at once, not only once dropped
+    assert said[1] == f"postgres: {name} switched in; the previous one dropped (it held nothing)"
     assert "previous kept as" not in result.components[0].detail
+    assert f"previous dropped ({old}" in result.components[0].detail
+    assert result.components[0].previous_kept == ""
 
 
 def test_an_empty_database_written_during_the_restore_is_kept_not_dropped(
@@ -570,6 +577,8 @@ def test_a_previous_database_that_cannot_be_dropped_is_kept_and_named_not_a_fail
         assert result.ok
         assert databases(target.postgres, name + "_%") == [old]
         assert f"previous kept as {old}" in result.components[0].detail
+        # the --drop-old that did not happen is in the JSON, not only in the free text
+        assert asdict(result)["components"][0]["previous_kept"] == old
         assert f"the previous one kept as {old}: drop database {old}" in caplog.text
         assert "template" in caplog.text
     finally:
@@ -615,3 +624,187 @@ def test_the_stores_stage_side_by_side_and_all_before_any_target_changes(
     assert result.ok and sorted(staged) == ["MinioRestoring", "PostgresRestoring", "RedisRestoring"]
     assert touched_before_all_staged == []
     assert table_rows(target.postgres) == table_rows(world.repo.source.postgres)
+
+
+@pytest.mark.slow
+def test_a_damaged_blob_stops_the_dump_staged_beside_it(
+    world: World, target: StackEndpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first staging failure cancels the other stores' staging (ADR 0034): the dump being
+    decrypted beside a damaged MinIO blob stops at its next chunk instead of downloading to
+    the end before the error is shown.
+
+    The dump's stored bytes are held back until the MinIO staging has failed and, when the
+    restore has one, its shared cancel event is set: the old code (no event, every store
+    waited for) decrypts the whole dump; the fix stops it with ``stage.Cancelled``.
+    """
+    from drtool.storage.file import FileStorage
+    from drtool.stores.minio.store import MinioRestoring
+    from drtool.stores.postgres.store import PostgresRestoring
+
+    copy = tmp_path / "repository"
+    shutil.copytree(world.repo.directory / "repository", copy)
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target}, url=copy.as_uri())
+    blob = sorted((copy / "blobs").rglob("*.zst.age"))[3]
+    _flip(blob, blob.stat().st_size - 100)
+    blob_failed = threading.Event()
+    cancels: list[threading.Event] = []
+    dump_outcome: list[str] = []
+    real_get, real_pg, real_minio = FileStorage.get, PostgresRestoring.stage, MinioRestoring.stage
+
+    def get(self: Any, key: str, *, version_id: str | None = None) -> Any:
+        pieces = real_get(self, key, version_id=version_id)
+        if not key.endswith("/postgres/dump.pgdump.zst.age"):
+            return pieces
+
+        def held_back() -> Iterator[bytes]:
+            assert blob_failed.wait(60)
+            for cancel in cancels:  # the restore's shared event (none in the old code)
+                assert cancel.wait(60)
+            yield from pieces
+
+        return held_back()
+
+    def pg_stage(self: Any, t: Any, work: Path) -> None:
+        if (cancel := getattr(t, "cancel", None)) is not None:
+            cancels.append(cancel)
+        try:
+            real_pg(self, t, work)
+        except BaseException as exc:
+            dump_outcome.append(type(exc).__name__)
+            raise
+        dump_outcome.append("staged")
+
+    def minio_stage(self: Any, t: Any, work: Path) -> None:
+        try:
+            real_minio(self, t, work)
+        except BaseException:
+            blob_failed.set()
+            raise
+
+    monkeypatch.setattr(FileStorage, "get", get)
+    monkeypatch.setattr(PostgresRestoring, "stage", pg_stage)
+    monkeypatch.setattr(MinioRestoring, "stage", minio_stage)
+    with pytest.raises(IntegrityError, match="authentication failed at offset"):
+        restore(world, config)
+    assert dump_outcome == ["Cancelled"]
+    assert table_rows(target.postgres) == {}
+    assert bucket_objects(target.minio, target.buckets[0]) == {}
+
+
+@pytest.mark.slow
+def test_a_store_failing_after_the_switch_names_the_replaced_database(
+    world: World,
+    target: StackEndpoints,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL is switched in (its empty predecessor dropped after the switch) and then the
+    MinIO restore fails: the error says PostgreSQL was already replaced, the switch was logged
+    at INFO when it happened, and the drop was waited for before the error surfaced.
+
+    The old code raised the MinIO error alone (the switch logged only at DEBUG, the drop left
+    running).
+    """
+    from drtool.errors import SourceError
+    from drtool.stores.minio.store import MinioRestoring
+
+    def unreachable(self: Any, t: Any, work: Path, stamp: str) -> Any:
+        raise SourceError("minio 127.0.0.1: connection refused")
+
+    monkeypatch.setattr(MinioRestoring, "restore", unreachable)
+    caplog.set_level(logging.INFO, logger="drtool")
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    name = target.postgres.dbname
+    with pytest.raises(SourceError) as raised:
+        restore(world, config, force=True)
+    message = str(raised.value)
+    assert message.startswith("minio 127.0.0.1: connection refused; already restored before")
+    assert f"postgres (database {name}; previous dropped ({name}_pre_restore_" in message
+    assert "redis (" in message
+    assert re.search(rf"{name} switched in; the previous one, {name}_pre_restore_\d+_\d+, is "
+                     "being dropped", caplog.text)  # fmt: skip
+    assert databases(target.postgres, name + "_%") == []  # the drop ended before the error
+    assert table_rows(target.postgres) == table_rows(world.repo.source.postgres)
+
+
+def test_a_driver_error_while_retiring_keeps_the_previous_database_not_the_results(
+    world: World,
+    target: StackEndpoints,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The replaced database's emptiness check after the switch fails with a driver error (not
+    a SourceError): the restore still succeeds, the previous database is kept and named.
+    The old ``_retire`` let it escape after every store restored: exit 1, results lost."""
+    from drtool.sources import postgres as pg
+
+    real = pg.database_is_empty
+
+    def cancelled(endpoint: PostgresEndpoint, name: str) -> bool:
+        if "_pre_restore_" in name:
+            raise psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+        return real(endpoint, name)
+
+    monkeypatch.setattr(pg, "database_is_empty", cancelled)
+    caplog.set_level(logging.INFO, logger="drtool")
+    config = world.repo.operator_config(tmp_path / "op.toml", {"t": target})
+    name = target.postgres.dbname
+    old = f"{name}_pre_restore_20260102_030407"
+    now = datetime(2026, 1, 2, 3, 4, 7, tzinfo=UTC)
+    opts = RestoreOptions(target="t", yes=True, components=("postgres",))
+    try:
+        result = run_restore(load_config(config, {}), home=tmp_path, options=opts,
+                             confirm=lambda r: False, now=now)  # fmt: skip
+        assert result.ok
+        assert f"previous kept as {old}" in result.components[0].detail
+        assert f"the previous one kept as {old}: QueryCanceled: canceling statement" in caplog.text
+        assert databases(target.postgres, name + "_%") == [old]
+    finally:
+        admin = PostgresEndpoint(**{**target.postgres.__dict__, "dbname": "postgres"})
+        execute(admin, f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)')
+
+
+def test_an_interrupt_while_staging_cancels_the_other_stores(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the main thread, as the CLI gets it) while the stores stage side by
+    side: the shared cancel event is set, the staging still running stops on it (it is not
+    left downloading to its end), and the interrupt is raised once every thread stopped.
+
+    Stub stores through the real ``_stage_all``: one sends the real SIGINT, the other waits
+    for the cancel event (the old code had none: it returned as if fully staged)."""
+    import signal
+    from typing import cast
+
+    from drtool.services.restore import run
+    from drtool.stores.base import Restoring, Target
+    from drtool.stores.stage import Cancelled
+
+    both = threading.Barrier(2, timeout=30)
+    stopped: list[str] = []
+
+    class Staging:
+        def __init__(self, interrupts: bool) -> None:
+            self.interrupts = interrupts
+
+        def staged_bytes(self, workers: int) -> int:
+            return 0
+
+        def stage(self, target: Target, work: Path) -> None:
+            both.wait()
+            if self.interrupts:
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+                return
+            cancel = getattr(target, "cancel", None)
+            if cancel is not None and cancel.wait(60):
+                stopped.append("cancelled")
+                raise Cancelled("downloading: staging cancelled")
+            stopped.append("ran to its end")
+
+    stores = {"postgres": Staging(False), "minio": Staging(True)}
+    with pytest.raises(KeyboardInterrupt):
+        run._stage_all(
+            cast(dict[str, Restoring], stores), Target(cast(StackEndpoints, None)), tmp_path
+        )
+    assert stopped == ["cancelled"]

@@ -6,6 +6,8 @@ a Redis container (the test image; stopped and started through the Docker SDK).
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 import socket
 import tomllib
@@ -139,7 +141,7 @@ def test_a_server_that_does_not_come_up_gets_its_data_back(
             _Corrupting(target.stack),
             force=True,
             stamp="20260101_000000",
-            workdir=tmp_path,
+            keep_dir=tmp_path,
         )
     assert redis_contents(target.redis).keys() == {(0, b"live-key")}
 
@@ -197,6 +199,13 @@ def test_offline_restore_into_a_docker_container(
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert_same_redis(source.redis, endpoint)
+        # the previous data file is kept where nothing sweeps it (not a drtool-restore-* dir)
+        detail = json.loads(run.stdout)["components"][0]["detail"]
+        found = re.search(r"the previous data kept as (\S+\.tar)\)", detail)
+        assert found, detail
+        kept = Path(found[1])
+        assert kept.is_file() and not kept.parent.name.startswith("drtool-restore-")
+        kept.unlink()
         container.reload()
         assert container.status == "running"
     finally:

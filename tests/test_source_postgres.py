@@ -485,3 +485,39 @@ def test_offsets_found_while_streaming_equal_those_of_the_file_in_any_piece_size
     tap.feed(b"PGDMP" + bytes(200))
     tap.feed(data)
     assert tap.write_into(cut) == 0 and tap.problem and cut.read_bytes() == data[:-3]
+
+
+def _archive_int(value: int) -> bytes:
+    return bytes([value < 0]) + abs(value).to_bytes(4, "little")
+
+
+def test_the_staging_tap_gives_up_on_a_toc_that_never_parses_or_a_newer_format(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tap buffers the header and TOC until they parse: a TOC whose first string claims
+    100 MiB would be held up to the reader's 4 GiB cap. Beyond 64 MiB it gives up (no
+    offsets, pg_restore scans) and lets the buffer go; an archive format newer than the
+    reader knows is given up at its first bytes."""
+    from drtool.stores.postgres.restore import TAP_TOC_LIMIT
+
+    header = b"PGDMP" + bytes([1, 14, 0, 4, 8, 1]) + _archive_int(0)
+    header += b"".join(_archive_int(0) for _ in range(7))  # creation time
+    header += b"".join(_archive_int(-1) for _ in range(3))  # dbname, server, pg_dump: NULL
+    header += _archive_int(1) + _archive_int(1) + _archive_int(0)  # 1 entry, dumpId, hadDumper
+    header += _archive_int(100 << 20)  # its first string: 100 MiB
+    tap = OffsetsWhileStaging()
+    tap.feed(header)
+    piece = bytes(1 << 20)
+    for _ in range(TAP_TOC_LIMIT // len(piece) + 1):
+        tap.feed(piece)
+    assert "not parsed after 64 MiB" in tap.problem
+    assert len(tap.reader._toc) == 0  # the buffered TOC let go
+    staged = tmp_path / "staged.dump"
+    staged.write_bytes(header)
+    with caplog.at_level(logging.WARNING):
+        assert tap.write_into(staged) == 0
+    assert "data offsets not indexed" in caplog.text
+    newer = OffsetsWhileStaging()
+    newer.feed(b"PGDMP" + bytes([1, 17]))  # the version split across pieces
+    newer.feed(bytes([0, 4, 8, 1]) + bytes(100))
+    assert newer.problem == "archive format (1, 17, 0) is newer than the reader knows"

@@ -23,6 +23,7 @@ See docs/decisions/0006-store-protocol.md.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +90,13 @@ class Placer(Protocol):
     def stop(self) -> None:
         """Stop the server (it has just saved its data)."""
 
-    def keep_current(self, stamp: str, workdir: Path) -> None:
-        """Set the server's current data file aside (if it has one)."""
+    @property
+    def kept(self) -> Path | None:
+        """Where the previous data file was set aside (None: there was none)."""
+
+    def keep_current(self, stamp: str, keep_dir: Path) -> None:
+        """Set the server's current data file aside (if it has one); a copy goes to
+        ``keep_dir``, which outlives the restore (never its swept scratch dir)."""
 
     def place(self, rdb: Path) -> None:
         """Make ``rdb`` the server's data file, atomically."""
@@ -129,6 +135,9 @@ class Target:
     #: scratch bytes the OTHER stores of this restore stage and write (their staged_bytes):
     #: a store that may use spare scratch space (MinIO keeping plaintext) leaves them room
     scratch_others: int = 0
+    #: set by the restore when one store's staging failed or it was interrupted: the other
+    #: stores' staging stops at its next chunk (stage.Cancelled) instead of running to the end
+    cancel: threading.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -154,8 +163,12 @@ class Restored:
     counts: dict[str, int] = field(default_factory=dict)  # e.g. extra_objects_kept (JSON)
     #: work the store left running once its target was usable again (e.g. dropping the
     #: replaced database): the restore waits for it before it reports, and this returns the
-    #: final ``detail``; the store's time (its RTO) ends before it
-    finish: Callable[[], str] | None = None
+    #: final outcome (its ``detail``, ``previous_kept``); the store's time (its RTO) ends
+    #: before it
+    finish: Callable[[], Restored] | None = None
+    #: the replaced data kept beside the restored one (PostgreSQL: the previous database's
+    #: name), "" when none: in the JSON, so a script sees a drop that did not happen
+    previous_kept: str = ""
 
 
 class Restoring(Protocol):

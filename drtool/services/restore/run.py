@@ -17,23 +17,25 @@ and 0006-store-protocol.md.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from drtool.config import Config
 from drtool.endpoints import RedisEndpoint, StackEndpoints
-from drtool.errors import ConfigError, IntegrityError, NotFound, UsageError
+from drtool.errors import ConfigError, DrtoolError, IntegrityError, NotFound, UsageError
 from drtool.repository import catalog
 from drtool.repository.access import Repo, identities_of, open_repo, stored_problem
 from drtool.repository.manifest import Manifest
 from drtool.services.stack import stack_load
 from drtool.stores import registry
-from drtool.stores.base import Placer, PlanItem, Restoring, SnapshotSource, Target
+from drtool.stores.base import Placer, PlanItem, Restored, Restoring, SnapshotSource, Target
 from drtool.stores.redis.offline import LocalPlacer, container_placer
 from drtool.stores.stage import (
+    Cancelled,
     check_free_space,
     owned_scratch,
     scratch_dir,
@@ -78,6 +80,9 @@ class ComponentResult:
     problems: list[str]
     detail: str
     counts: dict[str, int] = field(default_factory=dict)  # e.g. extra_objects_kept
+    #: the replaced data kept (PostgreSQL: the previous database), "" when none: a refused
+    #: --drop-old shows here, not only in ``detail``'s free text
+    previous_kept: str = ""
 
     @property
     def passed(self) -> bool:
@@ -299,41 +304,81 @@ def _stage_then_restore(
     restore step writes in.
     """
     staged_s = _stage_all(restoring, target, work)
-    results = []
-    pending: list[tuple[ComponentResult, Callable[[], str]]] = []
-    for name, r in restoring.items():
-        with timed() as t:
-            done = r.restore(target, work, stamp)
-        seconds = round(staged_s[name] + t.seconds, 3)
-        result = ComponentResult(name, seconds, done.problems, done.detail, done.counts)
-        results.append(result)
-        if done.finish is not None:
-            pending.append((result, done.finish))
-    for result, finish in pending:
-        result.detail = finish()
+    results: list[ComponentResult] = []
+    pending: list[tuple[ComponentResult, Callable[[], Restored]]] = []
+    try:
+        for name, r in restoring.items():
+            with timed() as t:
+                done = r.restore(target, work, stamp)
+            seconds = round(staged_s[name] + t.seconds, 3)
+            result = ComponentResult(
+                name, seconds, done.problems, done.detail, done.counts, done.previous_kept
+            )
+            results.append(result)
+            if done.finish is not None:
+                pending.append((result, done.finish))
+    except BaseException as exc:
+        _finish(pending)
+        if not results or not isinstance(exc, DrtoolError):
+            raise
+        # a later store failed after an earlier one replaced its target (PostgreSQL switched
+        # in): those are not put back, so the error must say what already changed
+        # (said on the error itself: its subclass, exit code and fields stay as they were)
+        changed = "; ".join(f"{c.name} ({c.detail})" for c in results)
+        exc.message = f"{exc.message}; already restored before the failure: {changed}"
+        exc.args = (exc.message,)
+        raise
+    _finish(pending)
     return results
+
+
+def _finish(pending: list[tuple[ComponentResult, Callable[[], Restored]]]) -> None:
+    """Wait for the work the stores left running (dropping the replaced database); each
+    result's final outcome. Also on a failure: no drop runs on after the restore returned."""
+    for result, finish in pending:
+        final = finish()
+        result.detail, result.previous_kept = final.detail, final.previous_kept
 
 
 def _stage_all(restoring: dict[str, Restoring], target: Target, work: Path) -> dict[str, float]:
     """Stage the stores side by side; each one's staging seconds.
 
     Staging only reads the repository and writes the scratch dir, so the stores' staging
-    overlap (the PostgreSQL dump decrypts while the MinIO blobs are read and checked). Every
-    one is waited for; then the first failure, in the stores' order, is raised: no target is
-    touched unless all of them staged.
+    overlap (the PostgreSQL dump decrypts while the MinIO blobs are read and checked). No
+    target is touched unless all of them staged. The first failure (a damaged blob found
+    after a second) or an interruption of this thread (Ctrl-C, SIGTERM, a drill's deadline)
+    sets the shared ``cancel`` event: the other stores stop at their next chunk
+    (``stage.Cancelled``) instead of downloading to the end, and are waited for (no thread
+    writes the scratch dir after this returns). Then the first real failure, in the stores'
+    order, is raised; a store's Cancelled is only the echo of it.
     """
 
     needs = {name: r.staged_bytes(target.workers) for name, r in restoring.items()}
+    cancel = target.cancel or threading.Event()
 
     def one(name: str, r: Restoring) -> float:
         others = sum(n for other, n in needs.items() if other != name)
         with timed() as t:
-            r.stage(replace(target, scratch_others=others), work)
+            r.stage(replace(target, scratch_others=others, cancel=cancel), work)
         return t.seconds
 
     if len(restoring) == 1:
         return {name: one(name, r) for name, r in restoring.items()}
-    with ThreadPoolExecutor(len(restoring), thread_name_prefix="drtool-stage") as pool:
+    pool = ThreadPoolExecutor(len(restoring), thread_name_prefix="drtool-stage")
+    futures = {}
+    try:
         futures = {name: pool.submit(one, name, r) for name, r in restoring.items()}
+        wait(futures.values(), return_when=FIRST_EXCEPTION)
+        if any(f.done() and f.exception() is not None for f in futures.values()):
+            cancel.set()
         wait(futures.values())
+    except BaseException:
+        cancel.set()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    failures = [e for f in futures.values() if (e := f.exception()) is not None]
+    real = [e for e in failures if not isinstance(e, Cancelled)]
+    if real or failures:
+        raise (real or failures)[0]
     return {name: future.result() for name, future in futures.items()}

@@ -143,11 +143,16 @@ def blobs_needed(buckets: list[BucketSnapshot]) -> list[ObjectEntry]:
 
 
 def check_blobs(
-    repo: Repo, buckets: list[BucketSnapshot], identities: list[str], workers: int
+    repo: Repo,
+    buckets: list[BucketSnapshot],
+    identities: list[str],
+    workers: int,
+    cancel: threading.Event | None = None,
 ) -> None:
     """Read, hash and authenticate every blob the restore needs (nothing is written)."""
     blobs = blobs_needed(buckets)
-    check_all(repo, [(b, blob_header(repo, b)) for b in blobs], identities, workers=workers)
+    items = [(b, blob_header(repo, b)) for b in blobs]
+    check_all(repo, items, identities, workers=workers, cancel=cancel)
 
 
 @dataclass(frozen=True)
@@ -158,13 +163,20 @@ class ScratchFigures:
     block: int  # f_frsize: every file takes whole blocks
     inodes: int  # f_favail
     fs_type: str  # from /proc/mounts; "" when unknown
+    #: f_files: 0 when the filesystem has no fixed inode table (btrfs, vfat report 0 inodes,
+    #: free ones included): then free inodes say nothing and are not checked
+    total_inodes: int = 1
 
     @classmethod
     def of(cls, directory: Path) -> ScratchFigures:
         """The figures of the filesystem holding ``directory``."""
         st = os.statvfs(directory)
         return cls(
-            st.f_bavail * st.f_frsize, st.f_frsize or 4096, st.f_favail, mount_type(directory)
+            st.f_bavail * st.f_frsize,
+            st.f_frsize or 4096,
+            st.f_favail,
+            mount_type(directory),
+            st.f_files,
         )
 
 
@@ -193,15 +205,16 @@ def keep_decision(figures: ScratchFigures, sizes: list[int], others: int) -> str
     Keeping is an optimisation, never a risk: every byte the rest of the restore writes must
     still fit afterwards. ``others``: scratch bytes the other stores of this restore stage and
     write while restoring (their ``staged_bytes``). Each file is counted in whole filesystem
-    blocks, must leave :data:`INODE_RESERVE` inodes, and the bytes must fit
-    :data:`KEEP_MARGIN` times over plus :data:`SCRATCH_RESERVE` (the target's MinIO data may
-    share the disk). Never on tmpfs/ramfs: that is RAM beside the live stack.
+    blocks, must leave :data:`INODE_RESERVE` inodes (unless the filesystem counts none), and
+    the bytes must fit :data:`KEEP_MARGIN` times over plus :data:`SCRATCH_RESERVE` (the
+    target's MinIO data may share the disk). Never on tmpfs/ramfs: that is RAM beside the
+    live stack.
     """
     if figures.fs_type in RAM_FILESYSTEMS:
         return f"the scratch dir is on {figures.fs_type} (RAM)"
     block = max(1, figures.block)
     kept = sum(-(-size // block) * block for size in sizes)
-    if figures.inodes < len(sizes) + INODE_RESERVE:
+    if figures.total_inodes and figures.inodes < len(sizes) + INODE_RESERVE:
         return f"{figures.inodes:,} free inodes for {len(sizes):,} files"
     needed = KEEP_MARGIN * kept + SCRATCH_RESERVE + others
     if figures.free < needed:
@@ -250,6 +263,7 @@ def stage_blobs(
     workers: int,
     *,
     others: int = 0,
+    cancel: threading.Event | None = None,
 ) -> KeptBlobs:
     """Check every blob the restore needs; keep its plaintext in ``workdir`` if safe.
 
@@ -261,13 +275,14 @@ def stage_blobs(
     uses = Counter(e.blob_entry().key for b in buckets for e in b.entries)
     sizes = [p.size or 0 for p in plain.values()]
     if keep_decision(ScratchFigures.of(workdir), sizes, others):
-        check_blobs(repo, buckets, identities, workers)
+        check_blobs(repo, buckets, identities, workers, cancel)
         return KeptBlobs({}, uses)
     blobs = blobs_needed(buckets)
     paths = {b.key: workdir / f"blob-{i}" for i, b in enumerate(blobs)}
 
     def one(blob: ObjectEntry) -> None:
-        stage(repo, blob, blob_header(repo, blob), identities, paths[blob.key], plain[blob.key])
+        header = blob_header(repo, blob)
+        stage(repo, blob, header, identities, paths[blob.key], plain[blob.key], cancel=cancel)
 
     _parallel(one, blobs, workers)
     return KeptBlobs(paths, uses)

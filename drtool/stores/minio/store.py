@@ -203,7 +203,13 @@ class MinioRestoring:
         """Read, hash and authenticate every blob needed; keep the plaintext if all fit."""
         s = self.source
         self.staged = bucket_restore.stage_blobs(
-            s.repo, self.buckets, s.identities, work, target.workers, others=target.scratch_others
+            s.repo,
+            self.buckets,
+            s.identities,
+            work,
+            target.workers,
+            others=target.scratch_others,
+            cancel=target.cancel,
         )
 
     def restore(self, target: Target, work: Path, stamp: str) -> Restored:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -89,12 +90,16 @@ class PgOutcome:
     #: the previous database being retired (dropped, or kept when it must be) after the switch,
     #: off the restore's critical path: its result is the name kept, None when dropped
     retiring: Future[str | None] | None = None
+    dropped: str | None = None  # the previous database, once dropped after the switch
 
     def retired(self) -> PgOutcome:
         """The outcome once the previous database's drop (if any) finished."""
         if self.retiring is None:
             return self
-        return replace(self, old_database=self.retiring.result(), retiring=None)
+        kept = self.retiring.result()
+        return replace(
+            self, old_database=kept, retiring=None, dropped=None if kept else self.old_database
+        )
 
 
 def load(repo: Repo, m: Manifest, comp: ComponentEntry, identities: list[str]) -> PgSnapshot:
@@ -187,6 +192,7 @@ def stage_files(
     identities: list[str],
     workdir: Path,
     pg_bin_dir: Path | None,
+    cancel: threading.Event | None = None,
 ) -> PgStaged:
     """Decrypt the dump (and globals) to scratch, fully checked; refuse an old pg_restore (R5).
 
@@ -204,6 +210,7 @@ def stage_files(
             workdir / "dump.pgdump",
             snap.dump_plain,
             tap=offsets.feed,
+            cancel=cancel,
         )
     pg.pg_restore_version_check(dump, pg_bin_dir)
     indexed = offsets.write_into(dump)  # checked above; only its TOC's data offsets are set
@@ -211,8 +218,17 @@ def stage_files(
     globals_path = None
     if snap.globals_sql is not None:
         header = snapshot_header(m, "postgres", snap.globals_sql.kind)
-        globals_path = stage(repo, snap.globals_sql, header, identities, workdir / "globals.sql")
+        globals_path = stage(
+            repo, snap.globals_sql, header, identities, workdir / "globals.sql", cancel=cancel
+        )
     return PgStaged(dump, globals_path)
+
+
+#: the staging tap buffers an archive's header and TOC until they parse: beyond this (a TOC
+#: of ~70,000 tables) it gives up rather than hold up to the reader's own 4 GiB cap in memory
+TAP_TOC_LIMIT = 64 << 20
+#: the newest archive format (major, minor) the reader knows; a newer one is not guessed at
+KNOWN_FORMAT = (1, 16)
 
 
 class OffsetsWhileStaging:
@@ -221,20 +237,40 @@ class OffsetsWhileStaging:
     What it cannot read (an :class:`ArchiveError`: an archive format it does not know, a
     stream cut short) stops the feeding and is remembered, not raised: staging must not fail
     for it, because pg_restore still reads an archive without offsets (it scans for each
-    table's data, slower). :meth:`write_into` says so in a warning and writes nothing.
+    table's data, slower). :meth:`write_into` says so in a warning and writes nothing. The
+    same for an archive format newer than :data:`KNOWN_FORMAT` and a header and TOC still
+    unparsed after :data:`TAP_TOC_LIMIT` bytes: the memory they held is let go at once.
     """
 
     def __init__(self) -> None:
         self.reader = ArchiveStream(digest=False)
         self.problem = ""
+        self._head = b""  # the archive's first bytes, until its format version is known
+        self._fed = 0
 
     def feed(self, piece: bytes) -> None:
         if self.problem:
             return
+        if self.reader.header is None:
+            self._fed += len(piece)
+            if len(self._head) < 8:
+                self._head += piece[: 8 - len(self._head)]
+            version = tuple(self._head[5:8])
+            known = len(version) < 3 or not self._head.startswith(b"PGDMP")
+            if not known and (version[0], version[1]) > KNOWN_FORMAT:
+                self._give_up(f"archive format {version} is newer than the reader knows")
+                return
+            if self._fed > TAP_TOC_LIMIT:
+                self._give_up(f"header and TOC not parsed after {TAP_TOC_LIMIT >> 20} MiB")
+                return
         try:
             self.reader.feed(piece)
         except ArchiveError as exc:
             self.problem = str(exc)
+
+    def _give_up(self, why: str) -> None:
+        self.problem = why
+        self.reader = ArchiveStream(digest=False)  # the buffered TOC freed
 
     def write_into(self, path: Path) -> int:
         """Write the offsets into the staged (and checked) ``path``; how many were written."""
@@ -383,22 +419,28 @@ def restore(
         return PgOutcome(name, old, ended)
     # the restored database is live: the previous one is dropped after the CHECKPOINT (same
     # worker), while the caller goes on; the caller waits for it before it reports
+    # said now, not only once the drop ended: a later store may fail meanwhile, and the
+    # operator must know the live database was already replaced
+    log.info("postgres: %s switched in; the previous one, %s, is being dropped", name, old)
     retiring = flusher.submit(_retire, endpoint, name, old, drop_old=drop_old)
     flusher.shutdown(wait=False)
-    return PgOutcome(name, None, ended, retiring)
+    return PgOutcome(name, old, ended, retiring)
 
 
 def _retire(endpoint: PostgresEndpoint, name: str, old: str, *, drop_old: bool) -> str | None:
     """Drop the previous database when it must go; the name kept (None: dropped). Never raises:
-    a drop that fails leaves it kept, and says so."""
+    it runs after every store restored, so an error here would lose the whole restore's
+    results; a drop (or the emptiness check) that fails for any reason, a driver error
+    included, leaves it kept, and says so."""
     try:
         why = _drop_reason(endpoint, old, drop_old=drop_old, was_empty=True)
         if why:
             pg.drop_database(endpoint, old)
             log.info("postgres: %s switched in; the previous one dropped (%s)", name, why)
             return None
-    except SourceError as exc:
-        log.warning("postgres: %s switched in; the previous one kept as %s: %s", name, old, exc)
+    except Exception as exc:
+        why = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
+        log.warning("postgres: %s switched in; the previous one kept as %s: %s", name, old, why)
         return old
     log.info("postgres: %s switched in; the previous one kept as %s", name, old)
     return old

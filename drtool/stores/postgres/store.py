@@ -157,7 +157,7 @@ class PostgresRestoring:
         """Decrypt the dump (and globals), checked; refuse a pg_restore too old for it."""
         s = self.source
         self.staged = pg_restore.stage_files(
-            s.repo, s.manifest, self.snap, s.identities, work, target.pg_bin_dir
+            s.repo, s.manifest, self.snap, s.identities, work, target.pg_bin_dir, target.cancel
         )
 
     def restore(self, target: Target, work: Path, stamp: str) -> Restored:
@@ -176,15 +176,24 @@ class PostgresRestoring:
         self.staged.dump.unlink()
         counts = {"connections_ended": outcome.connections_ended}
         if outcome.retiring is None:
-            return Restored([], _detail(outcome), counts)
-        return Restored([], _detail(outcome), counts, lambda: _detail(outcome.retired()))
+            return _restored(outcome, counts)
+        return Restored([], _detail(outcome), counts, lambda: _restored(outcome.retired(), counts))
+
+
+def _restored(outcome: pg_restore.PgOutcome, counts: dict[str, int]) -> Restored:
+    """The outcome once settled: its detail, and the previous database if it was kept."""
+    return Restored([], _detail(outcome), counts, previous_kept=outcome.old_database or "")
 
 
 def _detail(outcome: pg_restore.PgOutcome) -> str:
     """The restored database, the previous one if kept, the connections the switch ended."""
     name = outcome.database
     detail = f"database {name}"
-    if outcome.old_database:
+    if outcome.retiring is not None:
+        detail += f"; previous ({outcome.old_database}) being dropped"
+    elif outcome.dropped:
+        detail += f"; previous dropped ({outcome.dropped})"
+    elif outcome.old_database:
         detail += (
             f"; previous kept as {outcome.old_database} (anything written to {name} "
             "between the start of the restore and the switch is there, not in the restored "

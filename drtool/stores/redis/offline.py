@@ -8,8 +8,10 @@ Before anything stops: the target must not persist with an append-only file (it 
 that instead of the RDB), and the RDB must load into an ephemeral ``redis-server`` (its
 fingerprints are what the target must show afterwards). The target's current data is saved
 (SAVE) and kept: beside the data file as ``<file>.pre_restore_<time>`` for a local stack, in
-the scratch dir for a container. When the server does not come up with the snapshot, that
-data is put back and the server started again, and the restore fails saying so.
+the keep dir (the scratch dir itself, never a restore's swept ``drtool-restore-*`` dir) for a
+container: it may be the only copy of the previous data. When the server does not come up
+with the snapshot, that data is put back and the server started again, and the restore fails
+saying so.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ class LocalPlacer:
         """Stop redis-server."""
         self.stack.redis.stop()
 
-    def keep_current(self, stamp: str, workdir: Path) -> None:
+    def keep_current(self, stamp: str, keep_dir: Path) -> None:
         """Nothing yet: :meth:`place` keeps the data file as ``<file>.pre_restore_<stamp>``
         while it swaps the new one in (the data file never missing)."""
         self.stamp = stamp
@@ -191,15 +193,18 @@ class ContainerPlacer:
         """``docker stop`` (Redis saves on SIGTERM when it has save points)."""
         self._get().stop(timeout=60)
 
-    def keep_current(self, stamp: str, workdir: Path) -> None:
-        """Copy the data file out of the stopped container into the scratch dir."""
+    def keep_current(self, stamp: str, keep_dir: Path) -> None:
+        """Copy the data file out of the stopped container into ``keep_dir``.
+
+        Not the restore's own scratch dir: that is removed after the restore (or swept after
+        a crash), and this may be the only copy of the previous data."""
         from docker.errors import NotFound
 
         try:
             stream, _ = self._get().get_archive(str(self.data_file))
         except NotFound:
             return  # no data file yet
-        self.kept = workdir / f"{self.data_file.name}.pre_restore_{stamp}.tar"
+        self.kept = keep_dir / f"redis-{self.data_file.name}.pre_restore_{stamp}.tar"
         with self.kept.open("wb") as out:
             for chunk in stream:
                 out.write(chunk)
@@ -249,9 +254,10 @@ def restore(
     *,
     force: bool,
     stamp: str,
-    workdir: Path,
+    keep_dir: Path,
 ) -> RedisOutcome:
-    """Replace the target's data with ``rdb`` (see the module docstring)."""
+    """Replace the target's data with ``rdb`` (see the module docstring); a container's
+    previous data file is kept in ``keep_dir`` (``placer.kept``)."""
     where = f"redis {endpoint.host}:{endpoint.port} ({placer.where})"
     with closing(connect(endpoint, timeout=30, decode=True)) as client:
         try:
@@ -271,7 +277,7 @@ def restore(
         except redis.RedisError as exc:
             raise SourceError(f"{where}: {redis_error(exc)}") from None
     placer.stop()
-    placer.keep_current(stamp, workdir)
+    placer.keep_current(stamp, keep_dir)
     placer.place(rdb)
     try:
         placer.start()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,12 @@ def target_keys(endpoint: RedisEndpoint) -> int:
 
 
 def stage_data(
-    repo: Repo, m: Manifest, snap: RedisSnapshot, identities: list[str], workdir: Path
+    repo: Repo,
+    m: Manifest,
+    snap: RedisSnapshot,
+    identities: list[str],
+    workdir: Path,
+    cancel: threading.Event | None = None,
 ) -> list[Path]:
     """Decrypt the RDB(s) or logical dump to scratch, checked against the snapshot's record."""
     names = {"rdb": "dump.rdb", "logical": "dump.redislogical"}
@@ -169,7 +175,7 @@ def stage_data(
     for i, (obj, plain) in enumerate(zip(snap.data, snap.plain, strict=True)):
         name = names.get(snap.method, f"shard-{i}.rdb")
         header = snapshot_header(m, "redis", obj.kind)
-        staged.append(stage(repo, obj, header, identities, workdir / name, plain))
+        staged.append(stage(repo, obj, header, identities, workdir / name, plain, cancel=cancel))
     return staged
 
 

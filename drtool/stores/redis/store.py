@@ -315,7 +315,9 @@ class RedisRestoring:
     def stage(self, target: Target, work: Path) -> None:
         """Decrypt the RDB(s) or logical dump, checked against the snapshot's record."""
         s = self.source
-        self.data = redis_restore.stage_data(s.repo, s.manifest, self.snap, s.identities, work)
+        self.data = redis_restore.stage_data(
+            s.repo, s.manifest, self.snap, s.identities, work, target.cancel
+        )
 
     def restore(self, target: Target, work: Path, stamp: str) -> Restored:
         """Copy the keys (or swap the data file), then compare fingerprints with the snapshot's."""
@@ -340,10 +342,14 @@ class RedisRestoring:
             if self.snap.method != "rdb":  # an offline restore places one RDB
                 with redis_restore.holding(self.data, self.snap.method) as held:
                     rdb = save_as_rdb(held, work / "placed.rdb")
+            placer = target.placer
+            keep = target.keep_dir or work.parent
             r = offline.restore(
-                rdb, endpoint, target.placer, force=target.force, stamp=stamp, workdir=work
+                rdb, endpoint, placer, force=target.force, stamp=stamp, keep_dir=keep
             )
             done = f"RDB of {r.copied:,} keys placed, {r.removed:,} keys replaced"
+            if placer.kept is not None:
+                done += f" (the previous data kept as {placer.kept})"
         expired = redis_restore.expired_since_backup(self.snap, r)
         return Restored(r.problems, f"{done}, {expired:,} expired (TTL); {self.snap.consistency}")
 
