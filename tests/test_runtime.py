@@ -199,10 +199,17 @@ def test_ctrl_c_during_up_stops_what_already_started(stack_dir: Path) -> None:
 
 @pytest.mark.parametrize("which", ["postgres", "s3 grpc"])
 def test_taken_port_gives_a_clear_error_and_starts_nothing(stack_dir: Path, which: str) -> None:
-    ports = StackPorts.pick()
-    taken = ports.postgres if which == "postgres" else ports.s3_base + 10003
     with socket.socket() as holder:
-        holder.bind(("127.0.0.1", taken))
+        for _ in range(20):  # a port picked free may be taken by another process before the bind
+            ports = StackPorts.pick()
+            taken = ports.postgres if which == "postgres" else ports.s3_base + 10003
+            try:
+                holder.bind(("127.0.0.1", taken))
+                break
+            except OSError:
+                continue
+        else:
+            pytest.fail("no free port block to hold a port of")
         holder.listen()
         message = f"port {taken} on 127.0.0.1 is in use"
         with pytest.raises(SourceError, match=message) as err, servers_required():
