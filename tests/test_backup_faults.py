@@ -254,6 +254,12 @@ def test_repository_going_down_mid_run_fails_and_loses_nothing(
 
         repo_server.daemon = None
         repo_server.start()
+        # SeaweedFS answers its S3 port before its volume serves reads (HTTP 500 for a few
+        # seconds under load, CI): wait until the repository reads, then judge what it holds
+        deadline = time.monotonic() + 120
+        while kit.drtool("list", "--json", config=kit.operator_config).returncode != 0:
+            assert time.monotonic() < deadline, "the restarted repository server never read"
+            time.sleep(1)
         assert_nothing_lost(b, repository_died=True)
         assert_next_backup_succeeds(b)
     finally:
